@@ -1,0 +1,126 @@
+"""Config base: frozen, keyword-only dataclasses that validate themselves.
+
+Every knob of every method lives in a subclass of :class:`Config`, declared as
+``@dataclass(frozen=True, kw_only=True)``. Subclasses validate in ``__post_init__`` with the
+``check_*`` helpers, which raise ``ValueError`` naming the field, the allowed range and the value
+given. YAML/JSON recipes map onto configs one to one: :meth:`Config.from_dict` raises on unknown
+keys, and :meth:`Config.to_dict` is what is saved beside every output.
+
+Example:
+    >>> @dataclass(frozen=True, kw_only=True)
+    ... class TuckerConfig(Config):
+    ...     rank: float = 0.25
+    ...     def __post_init__(self) -> None:
+    ...         check_range(self, "rank", self.rank, low=0.0, high=1.0, low_inclusive=False)
+    >>> TuckerConfig.from_dict({"rank": 0.5}).to_dict()
+    {'rank': 0.5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Iterable
+from typing import Any, Self
+
+from slimtorch.core.io import atomic_write_json, read_json
+
+
+def _field_name(obj: object, name: str) -> str:
+    return f"{type(obj).__name__}.{name}"
+
+
+def check_range(
+    obj: object,
+    name: str,
+    value: float | int,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional/exclusive)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{_field_name(obj, name)} must be a number, got {value!r}")
+    ok = True
+    if low is not None:
+        ok &= value >= low if low_inclusive else value > low
+    if high is not None:
+        ok &= value <= high if high_inclusive else value < high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        rng = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{_field_name(obj, name)} must be in {rng}, got {value!r}")
+
+
+def check_choice(obj: object, name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    options = list(choices)
+    if value not in options:
+        raise ValueError(
+            f"{_field_name(obj, name)} must be one of {', '.join(map(repr, options))}, "
+            f"got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base of every slimtorch config (see the module docstring)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (nested configs become dicts, tuples lists)."""
+
+        def conv(v: Any) -> Any:
+            if isinstance(v, Config):
+                return v.to_dict()
+            if isinstance(v, tuple | list):
+                return [conv(x) for x in v]
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            return v
+
+        return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s) {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(fields))}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            hint = hints.get(name)
+            if isinstance(hint, type) and issubclass(hint, Config) and isinstance(value, dict):
+                value = hint.from_dict(value)
+            elif typing.get_origin(hint) is tuple and isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the resolved config as JSON, atomically."""
+        atomic_write_json(path, {"type": type(self).__name__, "config": self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read a config written by :meth:`save` (or a bare dict of fields)."""
+        data = read_json(path)
+        if isinstance(data, dict) and "config" in data and "type" in data:
+            if data["type"] != cls.__name__:
+                raise ValueError(f"{path} holds a {data['type']}, not a {cls.__name__}")
+            data = data["config"]
+        return cls.from_dict(data)

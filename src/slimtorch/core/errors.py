@@ -1,0 +1,45 @@
+"""Project exceptions. Bad arguments raise ``ValueError``/``TypeError``; the rest raise these.
+
+Every message says what was wrong, what was expected, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SlimtorchError(Exception):
+    """Base class of every slimtorch-specific error."""
+
+
+class DataError(SlimtorchError):
+    """A dataset could not be read."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The dataset files are not where slimtorch looked, and could not be downloaded."""
+
+
+class ChecksumError(DataError):
+    """A file's checksum differs from the published one (corrupt or truncated download)."""
+
+
+class DataFormatError(DataError):
+    """A file is not in the format its name promises (bad magic number, short payload...)."""
+
+
+class ModelLoadError(SlimtorchError):
+    """A saved model directory or exported program could not be loaded."""
+
+
+class RegistryError(SlimtorchError, KeyError):
+    """A registry key was registered twice."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(SlimtorchError):
+    """A training checkpoint is missing, corrupt or does not match the run."""
+
+
+class TransformSkipError(SlimtorchError):
+    """A transform was run with ``strict=True`` and skipped one or more layers."""
