@@ -1,0 +1,174 @@
+"""The model card: what a saved model directory says about itself, and its metrics file.
+
+``config.json`` holds the architecture, the recorded transforms, the input shape, the
+normalisation, the class names and the versions; ``metrics.json`` holds results. Both are read
+here without touching the weights.
+
+Example:
+    >>> card = read_model_card("runs/lenet")
+    >>> card.architecture["name"], card.input_shape
+    ('lenet5', (1, 28, 28))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.io import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "slimtorch-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What ``config.json`` (and ``metrics.json``) say about a saved model.
+
+    Attributes:
+        architecture: ``{"name", "kwargs"}`` for ``create_model``.
+        transforms: Architecture transforms replayed after ``create_model``, in order.
+        input_shape: ``(channels, height, width)`` of one input.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation standard deviation.
+        class_names: Name of each output class.
+        dtype: Floating dtype of the weights (``"float32"``...), or ``"mixed"``.
+        torch_version: ``torch.__version__`` at save time.
+        format_version: Version of the directory format.
+        tied: Weight names saved once for several state-dict keys (alias -> saved key).
+        extra: Free-form JSON data given to ``save_model``.
+        metrics: Contents of ``metrics.json`` (empty if absent).
+    """
+
+    architecture: dict[str, Any]
+    transforms: list[dict[str, Any]]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    dtype: str
+    torch_version: str
+    format_version: int = FORMAT_VERSION
+    tied: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _backup_dir(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _resolve_dir(path: Path) -> Path:
+    if path.is_dir():
+        return path
+    backup = _backup_dir(path)
+    if backup.is_dir() and (backup / CONFIG_FILE).is_file():
+        logger.warning(
+            "%s is missing; loading the copy an interrupted save left at %s", path, backup
+        )
+        return backup
+    raise ModelLoadError(
+        f"model directory {path} does not exist; pass a directory written by save_model"
+    )
+
+
+def _read_json_file(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"{path.name} is missing from {path.parent}; {what}")
+    try:
+        data = read_json(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{path} is unreadable or not valid JSON ({exc}); re-save the model or restore the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object; re-save the model")
+    return data
+
+
+def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
+    """Read ``config.json`` and ``metrics.json`` of a model directory without the weights.
+
+    Raises:
+        ModelLoadError: A file is missing, corrupt, or of a newer format.
+
+    Example:
+        >>> read_model_card("runs/lenet").class_names[:2]
+        ('0', '1')
+    """
+    root = _resolve_dir(Path(path))
+    cfg = _read_json_file(
+        root / CONFIG_FILE,
+        "it is not a slimtorch model directory (save_model writes config.json); re-save it",
+    )
+    if cfg.get("format") != FORMAT_NAME:
+        raise ModelLoadError(
+            f"{root / CONFIG_FILE} is not a slimtorch model config (format "
+            f"{cfg.get('format')!r}, expected {FORMAT_NAME!r}); pass a directory from save_model"
+        )
+    version = cfg.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{root / CONFIG_FILE} has format_version {version!r}; this slimtorch reads up to "
+            f"{FORMAT_VERSION}; upgrade slimtorch"
+        )
+    metrics: dict[str, Any] = {}
+    if (root / METRICS_FILE).exists():
+        metrics = _read_json_file(root / METRICS_FILE, "")
+    try:
+        arch = cfg["architecture"]
+        if not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs"), dict):
+            raise TypeError("architecture needs a name and a kwargs dict")
+        return ModelCard(
+            architecture={"name": arch["name"], "kwargs": dict(arch["kwargs"])},
+            transforms=list(cfg.get("transforms", [])),
+            input_shape=tuple(int(s) for s in cfg["input_shape"]),  # type: ignore[arg-type]
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            class_names=tuple(str(c) for c in cfg["class_names"]),
+            dtype=str(cfg["dtype"]),
+            torch_version=str(cfg["torch_version"]),
+            format_version=version,
+            tied=dict(cfg.get("tied", {})),
+            extra=dict(cfg.get("extra", {})),
+            metrics=metrics,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{root / CONFIG_FILE} lacks or has a malformed field ({exc!r}); re-save the model"
+        ) from None
+
+
+def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``metrics`` into the model directory's ``metrics.json`` (atomically).
+
+    Keys in ``metrics`` replace existing ones; others are kept. Concurrent writers are not
+    serialised: the last one wins.
+
+    Returns:
+        The merged metrics.
+
+    Raises:
+        ValueError: ``metrics`` is not a dict.
+        ModelLoadError: ``path`` is not a model directory or its metrics.json is corrupt.
+
+    Example:
+        >>> update_metrics("runs/lenet", {"latency_ms": 0.4})["latency_ms"]
+        0.4
+    """
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
+    root = Path(path)
+    card = read_model_card(root)
+    merged = {**card.metrics, **metrics}
+    atomic_write_json(_resolve_dir(root) / METRICS_FILE, merged)
+    return merged

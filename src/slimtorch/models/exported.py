@@ -1,0 +1,222 @@
+"""Users' own models as ``torch.export`` programs (``.pt2`` archives), loaded without pickle.
+
+What ``torch.export.load`` unpickles (read in torch 2.13, ``torch/export/__init__.py`` and
+``torch/export/pt2_archive/_package.py``, ``torch/_export/serde/serialize.py``):
+
+* weights and constants flagged ``use_pickle`` in ``data/weights/*_weights_config.json`` /
+  ``data/constants/*_constants_config.json`` (tensor subclasses) go through
+  ``torch.load(..., weights_only=False)``, i.e. the full unpickler;
+* ``data/constants/custom_obj_*`` (TorchBind objects) go through ``torch._C._pickle_load_obj``
+  and ``data/constants/opaque_obj_*`` through ``pickle.loads``;
+* ``data/sample_inputs/*.pt`` goes through ``torch.load(weights_only=True)`` and, if that fails,
+  **falls back to** ``weights_only=False``;
+* legacy archives (``data/weights/<model>.pt``, or the pre-2.7 zip layout with a top-level
+  ``version`` and ``serialized_*.pt`` files) are unpickled the same way, and an archive that
+  fails to parse as a new one is retried as a legacy one;
+* ``data/aotinductor/`` holds compiled shared libraries that are loaded (native code).
+
+Plain weights (``use_pickle: false``) are raw bytes and the program itself is JSON. So
+:func:`load_exported` reads the archive into memory once, accepts only entries of the plain
+layout (JSON program, raw weights and tensor constants, extra text files), refuses any entry
+flagged for pickle, checks the sample inputs with the weights-only unpickler itself (so torch
+never reaches its fallback), and then hands the same bytes to ``torch.export.load``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import logging
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.io import atomic_write
+from slimtorch.models.io import as_device
+
+logger = logging.getLogger(__name__)
+
+#: Archive entries (below the archive's root folder) that load without the full unpickler.
+_ALLOWED = (
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+    "models/*.json",
+    "data/weights/weight_*",
+    "data/weights/*_weights_config.json",
+    "data/constants/tensor_*",
+    "data/constants/*_constants_config.json",
+    "data/sample_inputs/*.pt",
+    "extra/*",
+)
+
+
+def _refuse(path: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path} is refused: {why}. slimtorch never unpickles user files; re-export the model "
+        "with plain tensors (no tensor subclasses, TorchBind or opaque objects) using "
+        "slimtorch.models.save_exported or torch.export.save from torch >= 2.7"
+    )
+
+
+def _check_archive(path: Path, data: bytes) -> None:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a torch.export archive (not a zip file: {exc}); pass a file "
+            "written by torch.export.save"
+        ) from None
+    entries: dict[str, str] = {}
+    roots = set()
+    for info in infos:
+        if info.is_dir():
+            continue
+        root, sep, rest = info.filename.partition("/")
+        if not sep:
+            raise _refuse(path, f"top-level entry {info.filename!r} (legacy pickled layout)")
+        roots.add(root)
+        entries[rest] = info.filename
+    if len(roots) != 1:
+        raise _refuse(path, f"expected one archive root folder, found {sorted(roots)}")
+    for name in entries:
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in _ALLOWED):
+            raise _refuse(path, f"entry {name!r} is not part of the plain (pickle-free) layout")
+    if "archive_format" not in entries or archive.read(entries["archive_format"]) != b"pt2":
+        raise ModelLoadError(
+            f"{path} lacks the 'pt2' archive_format marker; pass a file written by "
+            "torch.export.save"
+        )
+    if "models/model.json" not in entries:
+        raise ModelLoadError(
+            f"{path} holds no program named 'model'; save it with torch.export.save(ep, path)"
+        )
+    for name, full in entries.items():
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            try:
+                config = json.loads(archive.read(full))["config"]
+                items = list(config.items())
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelLoadError(f"{path}: {name} is malformed ({exc!r})") from None
+            for key, meta in items:
+                if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+                    raise _refuse(path, f"{name} stores {key!r} as a pickle")
+                if not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
+                    raise _refuse(path, f"{name} stores {key!r} as a non-tensor object")
+        elif name.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(full)), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise _refuse(
+                    path, f"{name} needs more than the weights-only unpickler ({exc})"
+                ) from None
+
+
+def load_exported(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a ``torch.export.save`` archive as a callable module, never unpickling it.
+
+    The archive is checked first (see the module docstring for what ``torch.export.load``
+    would unpickle and how it is avoided). The returned module is the program's
+    ``ExportedProgram.module()``: it runs as exported (in eval mode if exported in eval mode)
+    and does not support ``.train()``/``.eval()``.
+
+    Args:
+        path: The ``.pt2`` file.
+        device: Where to move the module's parameters and buffers.
+
+    Returns:
+        The exported program as an ``nn.Module``.
+
+    Raises:
+        ModelLoadError: The file is missing, is not a plain torch.export archive, would need
+            the pickle unpickler, or fails to deserialise.
+
+    Example:
+        >>> module = load_exported("model.pt2")
+        >>> module(torch.randn(4, 1, 28, 28)).shape
+        torch.Size([4, 10])
+    """
+    path = Path(path)
+    dev = as_device(device)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot read exported program {path} ({exc}); pass an existing .pt2 file"
+        ) from None
+    _check_archive(path, data)
+    try:
+        with warnings.catch_warnings():
+            # Some torch versions warn that weights viewing the in-memory archive are read-only
+            # buffers; the archive bytes are private to this call, so that is harmless.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            program = torch.export.load(io.BytesIO(data))
+        module = program.module()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} could not be deserialised by torch {torch.__version__} ({exc}); export "
+            "it again with this torch version"
+        ) from exc
+    return module.to(dev)
+
+
+def save_exported(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``model`` with ``torch.export`` (in eval mode) and save it atomically.
+
+    The model is traced in eval mode (BatchNorm uses running statistics, Dropout is off) and
+    put back in its previous mode afterwards. With ``dynamic_batch`` the first dimension may
+    vary at run time; a batch of one in ``example_input`` is repeated to two for tracing,
+    since torch.export specialises dimensions of size 1.
+
+    Args:
+        model: Any exportable module.
+        example_input: One example input tensor, batch first.
+        path: Output file (``.pt2`` by convention).
+        dynamic_batch: Let the batch size vary.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> save_exported(create_model("lenet5"), torch.randn(1, 1, 28, 28), "lenet.pt2")
+        PosixPath('lenet.pt2')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
+        raise ValueError("example_input must be a tensor with a batch dimension")
+    was_training = model.training
+    model.eval()
+    try:
+        x = example_input
+        dynamic_shapes = None
+        if dynamic_batch:
+            if x.shape[0] == 1:
+                x = x.repeat(2, *([1] * (x.dim() - 1)))
+            dynamic_shapes = ({0: torch.export.Dim.DYNAMIC},)
+        program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(was_training)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.export.save(program, fh)
+
+    out = atomic_write(path, write)
+    logger.info("exported %s to %s", type(model).__name__, out)
+    return out

@@ -1,0 +1,346 @@
+"""Save and load model directories: safetensors weights, config.json, metrics.json.
+
+A model directory holds ``model.safetensors`` (the state dict), ``config.json`` (architecture,
+recorded transforms, input shape, normalisation, class names, versions) and, optionally,
+``metrics.json``. Nothing is ever unpickled.
+
+A save writes a complete sibling temporary directory, then swaps it in: the old directory is
+renamed to ``.<name>.old``, the new one to ``<name>``, and the old one is deleted. A crash
+leaves either the previous complete directory or the new one; in the instant between the two
+renames only ``.<name>.old`` exists, and :func:`load_model` (and the next save) use it.
+
+Example:
+    >>> model = create_model("lenet5")
+    >>> save_model(model, "runs/lenet", input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+    ...            class_names=[str(i) for i in range(10)], metrics={"top1": 0.99})
+    >>> model, card = load_model("runs/lenet")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.io import atomic_write, atomic_write_json, read_json
+from slimtorch.models.card import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    _backup_dir,
+    _resolve_dir,
+    read_model_card,
+)
+from slimtorch.models.registry import create_model
+from slimtorch.models.transforms import _arch, replay_transforms
+
+logger = logging.getLogger(__name__)
+
+
+def _floats(name: str, values: Sequence[float], channels: int) -> list[float]:
+    if isinstance(values, int | float):
+        values = [values]
+    vals = list(values)
+    if len(vals) not in (1, channels) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in vals
+    ):
+        raise ValueError(
+            f"{name} must be 1 or {channels} numbers (one per input channel), got {values!r}"
+        )
+    return [float(v) for v in vals]
+
+
+def _weights_dtype(model: nn.Module) -> str:
+    dtypes = {p.dtype for p in model.state_dict().values() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        return "mixed"
+    return str(dtypes.pop()).removeprefix("torch.") if dtypes else "float32"
+
+
+def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU, contiguous tensors that share no memory, plus alias -> saved key for tied ones."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[str, int]] = set()
+    for key, value in state.items():
+        t = value.detach()
+        if t.numel() > 0:
+            storage = (str(t.device), t.untyped_storage().data_ptr())
+            alias = (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if alias in seen:
+                tied[key] = seen[alias]
+                continue
+            seen[alias] = key
+            shared = storage in storages
+            storages.add(storage)
+        else:
+            shared = True
+        t = t.to("cpu")
+        # A tensor that overlaps another one (or a view of a larger buffer) gets its own copy.
+        full = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        tensors[key] = t.contiguous().clone() if shared or not full else t.contiguous()
+    return tensors, tied
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    """Parse ``device``, raising ``ValueError`` (not torch's ``RuntimeError``) when malformed.
+
+    Example:
+        >>> as_device("cuda:1").index
+        1
+    """
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})"
+        ) from None
+
+
+def _is_model_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return read_json(path / CONFIG_FILE).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    input_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to the directory ``path`` (replacing a model saved there before).
+
+    Args:
+        model: A model built by ``create_model`` (it carries ``slimtorch_arch``).
+        path: The model directory; created if missing.
+        input_shape: ``(channels, height, width)`` of one input.
+        mean: Normalisation mean, one value per channel (or one for all).
+        std: Normalisation standard deviation (> 0), one per channel (or one for all).
+        class_names: One name per output class.
+        metrics: Results to write to ``metrics.json`` (accuracy, latency ...).
+        extra: Free-form JSON data stored in ``config.json``.
+
+    Returns:
+        The model directory.
+
+    Raises:
+        ValueError: Bad arguments, a model without ``slimtorch_arch``, or ``path`` is an
+            existing file or a non-empty directory that is not a slimtorch model directory.
+
+    Example:
+        >>> save_model(create_model("mlp"), "out/mlp", input_shape=(1, 28, 28), mean=[0.5],
+        ...            std=[0.5], class_names=list("0123456789"))
+        PosixPath('out/mlp')
+    """
+    arch = _arch(model)
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(
+            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}"
+        )
+    kwargs = arch.get("kwargs", {})
+    if "in_channels" in kwargs and kwargs["in_channels"] != shape[0]:
+        raise ValueError(
+            f"input_shape has {shape[0]} channels but the model was built with in_channels="
+            f"{kwargs['in_channels']}; pass the shape the model takes"
+        )
+    mean_l = _floats("mean", mean, shape[0])
+    std_l = _floats("std", std, shape[0])
+    if any(s <= 0 for s in std_l):
+        raise ValueError(f"std must be > 0 in every channel, got {std_l}")
+    if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
+        raise ValueError(f"class_names must be a sequence of strings, got {class_names!r}")
+    names = list(class_names)
+    if "num_classes" in kwargs and len(names) != kwargs["num_classes"]:
+        raise ValueError(
+            f"{len(names)} class_names given but the model has num_classes="
+            f"{kwargs['num_classes']}; pass one name per class"
+        )
+    for label, obj in (("metrics", metrics), ("extra", extra)):
+        if obj is not None and not isinstance(obj, dict):
+            raise ValueError(f"{label} must be a dict or None, got {type(obj).__name__}")
+
+    path = Path(path)
+    backup = _backup_dir(path)
+    if not path.exists() and _is_model_dir(backup):
+        os.replace(backup, path)  # finish undoing a swap interrupted by a crash
+    if path.exists() and not _is_model_dir(path):
+        raise ValueError(
+            f"{path} exists and is not a slimtorch model directory; choose a new or empty "
+            "directory (save_model replaces the whole directory)"
+        )
+
+    tensors, tied = _unshared_state_dict(model)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "architecture": {"name": arch["name"], "kwargs": kwargs},
+        "transforms": list(arch.get("transforms", [])),
+        "input_shape": list(shape),
+        "mean": mean_l,
+        "std": std_l,
+        "class_names": names,
+        "dtype": _weights_dtype(model),
+        "torch_version": torch.__version__,
+        "tied": tied,
+        "extra": extra or {},
+    }
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()  # unlike mkdtemp, honours the umask like any other directory
+    try:
+        atomic_write(tmp / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        if metrics is not None:
+            atomic_write_json(tmp / METRICS_FILE, metrics)
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        if path.exists():
+            if backup.exists():
+                shutil.rmtree(backup)
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %s (%d tensors) to %s", arch["name"], len(tensors), path)
+    return path
+
+
+def _check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: saved {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
+        f"{tuple(expected[k].shape)} {expected[k].dtype}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape or tensors[k].dtype != expected[k].dtype
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mismatched", wrong),
+        ):
+            if items:
+                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+                parts.append(f"{label} keys: {', '.join(items[:20])}{more}")
+        raise ModelLoadError(
+            f"the weights in {where} do not fit the rebuilt architecture; "
+            + "; ".join(parts)
+            + ". Register and record (record_transform) every architecture change made "
+            "before saving, or re-save the model"
+        )
+
+
+def load_model(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelCard]:
+    """Rebuild a model saved by :func:`save_model` and load its weights, in eval mode.
+
+    Steps: ``create_model`` from the recorded architecture, replay the recorded transforms,
+    cast to the saved dtype, load ``model.safetensors`` strictly (missing, unexpected and
+    mismatched keys raise), move to ``device``.
+
+    Args:
+        path: The model directory.
+        device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
+
+    Returns:
+        ``(model, card)``.
+
+    Raises:
+        ModelLoadError: A file is missing or corrupt, or the weights do not fit.
+
+    Example:
+        >>> model, card = load_model("runs/lenet", device="cpu")
+        >>> card.input_shape
+        (1, 28, 28)
+    """
+    dev = as_device(device)
+    card = read_model_card(path)
+    root = _resolve_dir(Path(path))
+    try:
+        model = create_model(card.architecture["name"], **card.architecture["kwargs"])
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(
+            f"cannot rebuild the architecture recorded in {root / CONFIG_FILE}: {exc}; import "
+            "the module that registers the model, or re-save it"
+        ) from exc
+    replay_transforms(model, card.transforms)
+    if card.dtype != "mixed":
+        dtype = getattr(torch, card.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ModelLoadError(
+                f"{root / CONFIG_FILE} records dtype {card.dtype!r}, not a floating dtype; "
+                "re-save the model"
+            )
+        model.to(dtype)
+
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(
+            f"{WEIGHTS_FILE} is missing from {root}; restore it or re-save the model"
+        )
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(weights, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types and OSError
+        raise ModelLoadError(
+            f"{weights} is corrupt or truncated ({exc}); restore it or re-save the model"
+        ) from None
+    for alias, key in card.tied.items():
+        if key not in tensors:
+            raise ModelLoadError(
+                f"{root / CONFIG_FILE} ties {alias!r} to {key!r}, which {WEIGHTS_FILE} lacks; "
+                "re-save the model"
+            )
+        tensors[alias] = tensors[key]
+    _check_weights(model, tensors, weights)
+    model.load_state_dict(tensors, strict=True)
+    model.to(dev)
+    model.eval()
+    logger.info("loaded %s from %s", card.architecture["name"], root)
+    return model, card

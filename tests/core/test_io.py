@@ -1,0 +1,43 @@
+"""Atomic writes: content lands whole, a failing write leaves the old file, mode follows umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from slimtorch.core.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+
+def test_atomic_write_replaces_and_uses_umask(tmp_path: Path) -> None:
+    p = tmp_path / "a" / "f.txt"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask
+    assert [x.name for x in p.parent.iterdir()] == ["f.txt"]  # no temp files left
+
+
+def test_failed_write_keeps_old_file(tmp_path: Path) -> None:
+    p = tmp_path / "f.json"
+    atomic_write_json(p, {"a": 1})
+
+    def boom(tmp: str) -> None:
+        Path(tmp).write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(p, boom)
+    assert read_json(p) == {"a": 1}
+    assert [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_read_json_names_bad_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
+        read_json(p)

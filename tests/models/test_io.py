@@ -1,0 +1,234 @@
+"""Tests for slimtorch.models.io: model directories round trip, fail loudly, swap atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import slimtorch.models.io as model_io
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.models import (
+    ModelCard,
+    create_model,
+    load_model,
+    read_model_card,
+    save_model,
+    update_metrics,
+)
+
+NAMES = [str(i) for i in range(10)]
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Give BatchNorm non-trivial running statistics so a round trip has something to lose."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def _save(model: nn.Module, path: Path, **kw: object) -> Path:
+    args: dict[str, object] = {
+        "input_shape": (3, 32, 32),
+        "mean": [0.49, 0.48, 0.45],
+        "std": [0.25, 0.24, 0.26],
+        "class_names": NAMES,
+    }
+    args.update(kw)
+    return save_model(model, path, **args)  # type: ignore[arg-type]
+
+
+def test_round_trip_reproduces_outputs_and_metadata(tmp_path: Path) -> None:
+    model = _trained_like(create_model("resnet20", in_channels=3, input_size=32))
+    x = torch.randn(3, 3, 32, 32)
+    out = _save(model, tmp_path / "r20", metrics={"top1": 0.91}, extra={"dataset": "cifar10"})
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
+    loaded, card = load_model(out)
+    assert not loaded.training
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert card == ModelCard(
+        architecture={
+            "name": "resnet20",
+            "kwargs": {"num_classes": 10, "in_channels": 3, "input_size": 32},
+        },
+        transforms=[],
+        input_shape=(3, 32, 32),
+        mean=(0.49, 0.48, 0.45),
+        std=(0.25, 0.24, 0.26),
+        class_names=tuple(NAMES),
+        dtype="float32",
+        torch_version=torch.__version__,
+        extra={"dataset": "cifar10"},
+        metrics={"top1": 0.91},
+    )
+    assert loaded.slimtorch_arch == model.slimtorch_arch
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "slimtorch-model" and config["format_version"] == 1
+
+
+def test_half_precision_round_trip_keeps_dtype(tmp_path: Path) -> None:
+    model = create_model("mlp", input_size=8, hidden=[16]).half()
+    _save(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.0], std=[1.0])
+    loaded, card = load_model(tmp_path / "m")
+    assert card.dtype == "float16"
+    assert loaded.classifier.weight.dtype == torch.float16
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_overwrite_replaces_weights_and_drops_stale_metrics(tmp_path: Path) -> None:
+    first = create_model("mlp", input_size=8, hidden=[4])
+    second = create_model("mlp", input_size=8, hidden=[4])
+    kw = {"input_shape": (1, 8, 8), "mean": [0.0], "std": [1.0]}
+    _save(first, tmp_path / "m", metrics={"top1": 0.1}, **kw)
+    _save(second, tmp_path / "m", **kw)
+    loaded, card = load_model(tmp_path / "m")
+    assert card.metrics == {}
+    torch.testing.assert_close(loaded.state_dict(), second.state_dict(), rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or backup left
+
+
+def test_crash_while_writing_keeps_previous_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = {"input_shape": (1, 8, 8), "mean": [0.0], "std": [1.0]}
+    old = create_model("mlp", input_size=8, hidden=[4])
+    _save(old, tmp_path / "m", **kw)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # e.g. Ctrl-C between weights and config
+
+    monkeypatch.setattr(model_io, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(create_model("mlp", input_size=8, hidden=[4]), tmp_path / "m", **kw)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    loaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(loaded.state_dict(), old.state_dict(), rtol=0, atol=0)
+
+
+def test_crash_between_renames_is_recovered(tmp_path: Path) -> None:
+    kw = {"input_shape": (1, 8, 8), "mean": [0.0], "std": [1.0]}
+    old = create_model("mlp", input_size=8, hidden=[4])
+    _save(old, tmp_path / "m", **kw)
+    os.replace(tmp_path / "m", tmp_path / ".m.old")  # the state after the first rename
+    loaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(loaded.state_dict(), old.state_dict(), rtol=0, atol=0)
+    new = create_model("mlp", input_size=8, hidden=[4])
+    _save(new, tmp_path / "m", **kw)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_tied_weights_are_saved_once_and_retied(tmp_path: Path) -> None:
+    model = create_model("mlp", input_size=2, in_channels=1, hidden=[4], num_classes=4)
+    model.features[1].weight = model.classifier.weight  # both (4, 4): a tied pair
+    _save(
+        model,
+        tmp_path / "t",
+        input_shape=(1, 2, 2),
+        mean=[0.0],
+        std=[1.0],
+        class_names=list("abcd"),
+    )
+    stored = load_file(tmp_path / "t" / "model.safetensors")
+    assert len(stored) == len(model.state_dict()) - 1
+    card = read_model_card(tmp_path / "t")
+    assert card.tied == {"classifier.weight": "features.1.weight"}  # first key is kept
+    loaded, _ = load_model(tmp_path / "t")
+    torch.testing.assert_close(loaded.features[1].weight, model.classifier.weight)
+
+
+def test_update_metrics_merges(tmp_path: Path) -> None:
+    metrics = {"top1": 0.9, "size_mb": 1.0}
+    model = create_model("mlp", input_size=8)
+    _save(model, tmp_path / "m", input_shape=(1, 8, 8), mean=0.5, std=0.5, metrics=metrics)
+    merged = update_metrics(tmp_path / "m", {"top1": 0.95, "latency_ms": 0.4})
+    assert merged == {"top1": 0.95, "size_mb": 1.0, "latency_ms": 0.4}
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == merged
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        update_metrics(tmp_path / "nothing", {"a": 1})
+
+
+def test_corrupt_weights_file(tmp_path: Path) -> None:
+    out = _save(create_model("resnet20", in_channels=3, input_size=32), tmp_path / "r")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is corrupt or truncated"):
+        load_model(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is missing from"):
+        load_model(out)
+
+
+def test_missing_or_bad_config(tmp_path: Path) -> None:
+    out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json is unreadable or not valid JSON"):
+        load_model(out)
+    (out / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"config\.json is missing from"):
+        load_model(out)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "absent")
+
+
+def test_mismatched_weights_are_listed(tmp_path: Path) -> None:
+    out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
+    tensors = load_file(out / "model.safetensors")
+    tensors["fc2.weight"] = torch.zeros(80, 120)
+    del tensors["fc1.bias"]
+    tensors["extra.weight"] = torch.zeros(1)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="do not fit") as info:
+        load_model(out)
+    msg = str(info.value)
+    assert "missing keys: fc1.bias" in msg
+    assert "unexpected keys: extra.weight" in msg
+    assert "fc2.weight: saved (80, 120)" in msg
+
+
+def test_save_argument_checks(tmp_path: Path) -> None:
+    model = create_model("lenet5", in_channels=3, input_size=32)
+    with pytest.raises(ValueError, match="input_shape has 1 channels but the model"):
+        _save(model, tmp_path / "a", input_shape=(1, 32, 32))
+    with pytest.raises(ValueError, match="mean must be 1 or 3 numbers"):
+        _save(model, tmp_path / "a", mean=[0.1, 0.2])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        _save(model, tmp_path / "a", std=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="9 class_names given but the model has num_classes=10"):
+        _save(model, tmp_path / "a", class_names=NAMES[:9])
+    with pytest.raises(ValueError, match="has no slimtorch_arch record"):
+        _save(nn.Linear(2, 2), tmp_path / "a")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a slimtorch model directory"):
+        _save(model, tmp_path / "user")
+    assert (tmp_path / "user" / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_device_string(tmp_path: Path) -> None:
+    out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
+    with pytest.raises(ValueError, match="device must be like 'cpu', 'cuda' or 'cuda:1'"):
+        load_model(out, device="gpu0")
+
+
+@pytest.mark.gpu
+def test_load_onto_cuda_matches_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare true float32
+    model = _trained_like(create_model("resnet20", in_channels=3, input_size=32))
+    out = _save(model, tmp_path / "r")
+    loaded, _ = load_model(out, device="cuda")
+    assert next(loaded.parameters()).is_cuda
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.cuda()).cpu(), model(x), rtol=1e-3, atol=1e-3)
