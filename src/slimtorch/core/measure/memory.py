@@ -1,0 +1,164 @@
+"""Peak memory of one call, above what was in use just before it.
+
+* CUDA/ROCm (``method="cuda-allocator"``): ``torch.cuda.reset_peak_memory_stats`` then
+  ``max_memory_allocated`` minus the allocated bytes before the call. Counts tensors only, not the
+  CUDA context or the caching allocator's reserve.
+* CPU on Linux >= 4.0 (``method="rss"``): writing ``5`` to ``/proc/self/clear_refs`` resets the
+  kernel's peak resident set (``VmHWM``) to the current one; the peak is ``VmHWM`` after the call
+  minus ``VmRSS`` before. Exact, whole process (so a concurrent thread's allocations count too).
+* Elsewhere (``method="rss-sampled"``): a thread samples the resident set every millisecond;
+  a peak shorter than that can be missed.
+
+Example:
+    >>> r = measure_peak_memory(lambda: torch.ones(25_000_000), device="cpu")
+    >>> round(r.peak_bytes / 1e6)  # about 100 MB
+    100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from slimtorch.core.devices import synchronize
+
+logger = logging.getLogger(__name__)
+
+MemoryMethod = Literal["cuda-allocator", "rss", "rss-sampled"]
+
+_STATUS = Path("/proc/self/status")
+_STATM = Path("/proc/self/statm")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryResult:
+    """Peak memory of one call.
+
+    Attributes:
+        peak_bytes: Peak above the baseline (never negative).
+        baseline_bytes: Memory in use just before the call (allocated tensors or RSS).
+        method: ``"cuda-allocator"``, ``"rss"`` or ``"rss-sampled"`` (module docstring).
+        device: Where it ran.
+    """
+
+    peak_bytes: int
+    baseline_bytes: int
+    method: MemoryMethod
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _rss_now() -> int:
+    rss = _status_bytes("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    import resource  # no /proc (macOS): max RSS so far is the best there is
+
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(usage) if os.uname().sysname == "Darwin" else int(usage) * 1024
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    if _status_bytes("VmHWM") is None:
+        return False
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError as exc:
+        logger.debug("cannot reset VmHWM through %s: %s", _CLEAR_REFS, exc)
+        return False
+
+
+def _cpu_peak(call: Callable[[], Any]) -> tuple[int, int, MemoryMethod]:
+    if _reset_hwm():
+        baseline = _rss_now()
+        call()
+        hwm = _status_bytes("VmHWM")
+        if hwm is not None:
+            return max(0, hwm - baseline), baseline, "rss"
+    baseline = _rss_now()
+    peak = baseline
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_now())
+            stop.wait(0.001)
+
+    sampler = threading.Thread(target=sample, name="slimtorch-rss-sampler", daemon=True)
+    sampler.start()
+    try:
+        call()
+    finally:
+        peak = max(peak, _rss_now())
+        stop.set()
+        sampler.join()
+    return max(0, peak - baseline), baseline, "rss-sampled"
+
+
+def measure_peak_memory(
+    fn: Callable[..., Any], *args: Any, device: str | torch.device
+) -> MemoryResult:
+    """Peak memory that ``fn(*args)`` needs above what was in use before it.
+
+    The result of ``fn`` is dropped as soon as it returns. On MPS the process RSS is sampled
+    (Apple unified memory shows there).
+
+    Args:
+        fn: The callable (wrap a model as ``lambda: model(x)``, under ``torch.inference_mode``
+            if wanted).
+        *args: Its positional arguments.
+        device: The device it runs on (CUDA/ROCm use the allocator statistics).
+
+    Returns:
+        A :class:`MemoryResult`.
+
+    Example:
+        >>> measure_peak_memory(model, x, device="cuda:0").peak_bytes
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    dev = torch.device(device) if isinstance(device, str) else device
+    if not isinstance(dev, torch.device):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+
+    def call() -> None:
+        fn(*args)
+        synchronize(dev)
+
+    if dev.type == "cuda":
+        synchronize(dev)
+        baseline = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        call()
+        peak = torch.cuda.max_memory_allocated(dev)
+        return MemoryResult(max(0, peak - baseline), baseline, "cuda-allocator", str(dev))
+    peak, baseline, method = _cpu_peak(call)
+    return MemoryResult(peak, baseline, method, str(dev))

@@ -1,0 +1,65 @@
+"""Parameter counts and storage bytes of a model.
+
+Example:
+    >>> model = nn.Linear(4, 2)
+    >>> count_params(model), model_size_bytes(model)
+    (10, 40)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter elements; a parameter shared by several modules counts once.
+
+    Args:
+        model: The module.
+        trainable_only: Count only parameters with ``requires_grad``.
+
+    Example:
+        >>> count_params(nn.Linear(4, 2))
+        10
+    """
+    _check_module(model)
+    # named_parameters() removes duplicates (tied weights) by identity
+    return sum(
+        p.numel() for _, p in model.named_parameters() if p.requires_grad or not trainable_only
+    )
+
+
+def storage_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers, by dtype name (shared tensors counted once).
+
+    Example:
+        >>> m = nn.BatchNorm1d(4)  # weight, bias, running mean/var: 16 fp32; 1 int64 counter
+        >>> storage_bytes(m)
+        {'float32': 64, 'int64': 8}
+    """
+    _check_module(model)
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    tensors = [p for _, p in model.named_parameters()] + [b for _, b in model.named_buffers()]
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        key = str(t.dtype).removeprefix("torch.")
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return dict(sorted(out.items()))
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Total bytes of parameters and buffers (the sum of :func:`storage_bytes`).
+
+    Example:
+        >>> model_size_bytes(nn.Linear(4, 2))
+        40
+    """
+    return sum(storage_bytes(model).values())

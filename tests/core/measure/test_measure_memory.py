@@ -1,0 +1,60 @@
+"""Tests of slimtorch.core.measure.memory: a 200 MB allocation reads as ~200 MB."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from slimtorch.core.measure import measure_peak_memory
+from slimtorch.core.measure import memory as memory_mod
+
+MB200 = 200 * 10**6
+
+
+def alloc_200mb(hold_s: float = 0.0) -> None:
+    t = torch.ones(MB200 // 4, dtype=torch.float32)  # ones: every page is touched
+    if hold_s:
+        time.sleep(hold_s)
+    del t
+
+
+def test_cpu_peak_of_200mb() -> None:
+    r = measure_peak_memory(alloc_200mb, device="cpu")
+    assert r.method in ("rss", "rss-sampled")
+    assert abs(r.peak_bytes - MB200) < 0.1 * MB200
+    assert r.baseline_bytes > 0 and r.device == "cpu"
+
+
+def test_cpu_peak_with_args_and_nothing_allocated() -> None:
+    r = measure_peak_memory(lambda n: sum(range(n)), 100, device=torch.device("cpu"))
+    assert r.peak_bytes < 20 * 10**6
+
+
+def test_sampling_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_mod, "_reset_hwm", lambda: False)
+    r = measure_peak_memory(alloc_200mb, 0.05, device="cpu")
+    assert r.method == "rss-sampled"
+    assert abs(r.peak_bytes - MB200) < 0.1 * MB200
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="fn must be callable"):
+        measure_peak_memory(3, device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"device must be a str or torch\.device"):
+        measure_peak_memory(alloc_200mb, device=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_cuda_allocator_peak() -> None:
+    keep = torch.ones(10**6, device="cuda")  # in use before: not counted
+
+    def fn() -> None:
+        t = torch.ones(100 * 10**6 // 4, device="cuda")
+        del t
+
+    r = measure_peak_memory(fn, device="cuda:0")
+    assert r.method == "cuda-allocator"
+    assert 100 * 10**6 <= r.peak_bytes < 110 * 10**6
+    assert r.baseline_bytes >= keep.numel() * 4
