@@ -1,0 +1,237 @@
+"""Readers of CIFAR-10: the original python pickle batches and a plain ``.npz`` file.
+
+The original release (``cifar-10-python.tar.gz``, folder ``cifar-10-batches-py``) stores each
+batch as a Python pickle. Unpickling can run arbitrary code, so these files are read with a
+restricted :class:`pickle.Unpickler` whose ``find_class`` admits only the three numpy globals
+needed to rebuild an array (``_reconstruct``, ``ndarray``, ``dtype``) and refuses everything else,
+and a known file is checked against its published md5 before it is parsed at all.
+
+Dataset: Krizhevsky, "Learning Multiple Layers of Features from Tiny Images" (2009).
+
+Example:
+    >>> x, y = read_cifar_batch("cifar-10-batches-py/test_batch",
+    ...                         md5=CIFAR10_MD5["test_batch"])      # (10000, 3, 32, 32) uint8
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimtorch.core.errors import DataFormatError
+from slimtorch.data.checksum import verify_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CIFAR10_ARCHIVE_MD5",
+    "CIFAR10_CLASSES",
+    "CIFAR10_MD5",
+    "SafeUnpickler",
+    "read_cifar_batch",
+    "read_cifar_batches",
+    "read_cifar_npz",
+]
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+# Published md5 of each file of cifar-10-batches-py (https://www.cs.toronto.edu/~kriz/cifar.html)
+CIFAR10_MD5: dict[str, str] = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # cifar-10-python.tar.gz
+
+# The only globals a CIFAR batch pickle needs (numpy >= 2 renamed numpy.core to numpy._core).
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+_MAX_PICKLE_BYTES = 512 * 1024 * 1024
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays, lists, dicts, strings and numbers, and nothing
+    else: any other global (``os.system``, ``builtins.eval``...) raises
+    :class:`~slimtorch.core.errors.DataFormatError` before it is looked up.
+
+    Example:
+        >>> SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise DataFormatError(
+            f"refusing to load the global {module}.{name} from a pickle: a CIFAR batch may only "
+            f"reference {', '.join(sorted(f'{m}.{n}' for m, n in _ALLOWED_GLOBALS))}; the file "
+            "is not an original CIFAR batch (possibly malicious): do not use it"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise DataFormatError("refusing a pickle with persistent ids; not a CIFAR batch file")
+
+
+def _get(entry: dict[Any, Any], key: str) -> Any:
+    for k in (key, key.encode("latin1")):
+        if k in entry:
+            return entry[k]
+    return None
+
+
+def read_cifar_batch(
+    path: str | os.PathLike[str], *, md5: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one CIFAR python batch into ``(images, labels)``.
+
+    Args:
+        path: A ``data_batch_*`` or ``test_batch`` file.
+        md5: Published md5 of the file; when given it is checked before parsing.
+
+    Returns:
+        ``images`` uint8 ``(N, 3, 32, 32)`` and ``labels`` int64 ``(N,)``.
+
+    Raises:
+        ChecksumError: The md5 differs from ``md5``.
+        DataFormatError: The pickle references a forbidden global, or its content is not a CIFAR
+            batch (missing keys, wrong array shape, labels outside 0..9).
+
+    Example:
+        >>> x, y = read_cifar_batch("cifar-10-batches-py/data_batch_1")
+    """
+    path = Path(path)
+    if md5 is not None:
+        verify_file(path, md5=md5)
+    size = path.stat().st_size
+    if size > _MAX_PICKLE_BYTES:
+        raise DataFormatError(f"{path} has {size} bytes, far more than a CIFAR batch (~31 MB)")
+    blob = path.read_bytes()
+    try:
+        entry = SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except DataFormatError as exc:
+        raise DataFormatError(f"{path}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataFormatError(
+            f"{path} is not a readable CIFAR batch pickle ({type(exc).__name__}: {exc}); delete "
+            "it and extract cifar-10-python.tar.gz again"
+        ) from exc
+    if not isinstance(entry, dict):
+        raise DataFormatError(f"{path} holds a {type(entry).__name__}, expected a dict batch")
+    data, labels = _get(entry, "data"), _get(entry, "labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataFormatError(
+            f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
+            f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
+        )
+    if data.shape[1] != 3 * 32 * 32:
+        raise DataFormatError(f"{path}: 'data' has {data.shape[1]} columns, expected 3072")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{path}: 'labels' is not a list of ints ({exc})") from exc
+    if y.shape != (data.shape[0],):
+        raise DataFormatError(
+            f"{path}: {data.shape[0]} images but 'labels' has shape {y.shape}; expected one "
+            "label per image"
+        )
+    _check_labels(path, y)
+    x = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())
+    return x, torch.from_numpy(y)
+
+
+def read_cifar_batches(
+    paths: Sequence[str | os.PathLike[str]], *, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and concatenate several CIFAR-10 batches, checking known files' md5 first.
+
+    Args:
+        paths: Batch files, e.g. ``data_batch_1`` ... ``data_batch_5``.
+        verify: Check files whose name has a published md5 (:data:`CIFAR10_MD5`).
+
+    Returns:
+        ``images`` uint8 ``(N, 3, 32, 32)`` and ``labels`` int64 ``(N,)``.
+
+    Example:
+        >>> x, y = read_cifar_batches([folder / f"data_batch_{i}" for i in range(1, 6)])
+    """
+    if not paths:
+        raise ValueError("read_cifar_batches needs at least one batch file")
+    xs, ys = [], []
+    for p in paths:
+        md5 = CIFAR10_MD5.get(Path(p).name) if verify else None
+        x, y = read_cifar_batch(p, md5=md5)
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read CIFAR-10 from an ``.npz`` holding ``x`` uint8 ``(N, 32, 32, 3)`` and ``y`` ``(N,)``.
+
+    The file is opened with ``allow_pickle=False``, so it cannot run code.
+
+    Returns:
+        ``images`` uint8 ``(N, 3, 32, 32)`` and ``labels`` int64 ``(N,)``.
+
+    Raises:
+        DataFormatError: Missing keys, wrong dtype or shape, labels outside 0..9.
+
+    Example:
+        >>> x, y = read_cifar_npz("cifar10-train.npz")
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise DataFormatError(
+                    f"{path} lacks the array(s) {', '.join(sorted(missing))}; expected 'x' "
+                    f"(N, 32, 32, 3) uint8 and 'y' (N,), found {', '.join(npz.files) or 'none'}"
+                )
+            x, y = npz["x"], npz["y"]
+    except DataFormatError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataFormatError(
+            f"{path} is not a readable .npz without pickled objects ({exc}); save it with "
+            "np.savez(path, x=images_uint8_nhwc, y=labels)"
+        ) from exc
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise DataFormatError(
+            f"{path}: 'x' must be uint8 of shape (N, 32, 32, 3), got {x.dtype} {x.shape}"
+        )
+    y = np.asarray(y).reshape(-1) if np.asarray(y).ndim == 2 and y.shape[1] == 1 else y
+    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
+        raise DataFormatError(
+            f"{path}: 'y' must hold {x.shape[0]} integer labels of shape (N,), got "
+            f"{y.dtype} {y.shape}"
+        )
+    y = y.astype(np.int64)
+    _check_labels(path, y)
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, 3, 32, 32)
+    return images, torch.from_numpy(y)
+
+
+def _check_labels(path: Path, y: np.ndarray) -> None:
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= len(CIFAR10_CLASSES)):
+        raise DataFormatError(
+            f"{path}: labels must lie in [0, 9], found values in [{int(y.min())}, {int(y.max())}]"
+        )

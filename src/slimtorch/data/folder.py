@@ -1,0 +1,153 @@
+"""Reader of an image folder: ``root/<class_name>/*.png|jpg|jpeg|bmp``.
+
+Class names are the sub-folder names, sorted; images inside a class are read in sorted file
+order, so the same folder always gives the same dataset. Pillow is imported only when a folder
+is read.
+
+Example:
+    >>> ds = load_image_folder("pets/", channels=3, size=64)
+    >>> ds.input_shape
+    (3, 64, 64)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimtorch.core.errors import DataFormatError, DataNotFoundError
+from slimtorch.data.dataset import ImageDataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _import_pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading an image folder needs Pillow, which is not installed; install it with "
+            "`pip install pillow` or `pip install slimtorch[data]`"
+        ) from exc
+    return Image
+
+
+def _normalise_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        hw = (size, size)
+    elif isinstance(size, Sequence) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(f"size must be an int or an (height, width) pair, got {size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return hw
+
+
+def load_image_folder(
+    path: str | os.PathLike[str],
+    *,
+    channels: int = 3,
+    size: int | Sequence[int] | None = None,
+    name: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageDataset:
+    """Read ``path/<class_name>/<image>`` files into an :class:`ImageDataset`.
+
+    Args:
+        path: The root folder; each sub-folder is one class.
+        channels: 1 (grayscale, Pillow mode ``"L"``) or 3 (RGB).
+        size: Resize every image to ``size`` (int for square, or ``(height, width)``) with
+            bilinear filtering; ``None`` keeps the size, which must then be the same for all.
+        name: Dataset name (default: the folder name).
+        mean: Per-channel mean in [0, 1] units; default: computed from the images.
+        std: Per-channel std in [0, 1] units; default: computed from the images.
+        extensions: File suffixes to read (case-insensitive); other files are ignored.
+
+    Returns:
+        The dataset, images uint8 ``(N, channels, H, W)``.
+
+    Raises:
+        DataNotFoundError: ``path`` is not a folder or holds no images.
+        DataFormatError: A file cannot be decoded (the message names it), or sizes differ and
+            ``size`` was not given.
+
+    Example:
+        >>> ds = load_image_folder("flowers/", channels=3, size=(32, 32))
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    hw = _normalise_size(size)
+    root = Path(path)
+    if not root.is_dir():
+        raise DataNotFoundError(
+            f"image folder {root} does not exist or is not a folder; expected "
+            "<folder>/<class_name>/<image files>"
+        )
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        members = sorted(
+            p for p in (root / cls).iterdir() if p.is_file() and p.suffix.lower() in exts
+        )
+        if not members:
+            logger.warning("class folder %s holds no %s files", root / cls, "/".join(exts))
+        files.extend((p, label) for p in members)
+    if not files:
+        raise DataNotFoundError(
+            f"no images found under {root}; expected <folder>/<class_name>/*"
+            f"{'|*'.join(exts)} (found class folders: {', '.join(classes) or 'none'})"
+        )
+    image_mod = _import_pil()
+    mode = "L" if channels == 1 else "RGB"
+    arrays: list[np.ndarray] = []
+    for p, _ in files:
+        try:
+            with image_mod.open(p) as img:
+                img = img.convert(mode)
+                if hw is not None and (img.height, img.width) != hw:
+                    img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataFormatError(
+                f"cannot read image {p} ({type(exc).__name__}: {exc}); expected a valid "
+                f"{'/'.join(exts)} file: fix or remove it"
+            ) from exc
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arrays and arr.shape != arrays[0].shape:
+            raise DataFormatError(
+                f"image {p} is {arr.shape[1]}x{arr.shape[0]} but {files[0][0]} is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; pass size=(height, width) to "
+                "resize all images to one size"
+            )
+        arrays.append(arr)
+    images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    if mean is None or std is None:
+        x = images.to(torch.float64) / 255.0
+        est_mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+        est_std = tuple(max(s, 1e-6) for s in x.std(dim=(0, 2, 3), unbiased=False).tolist())
+    return ImageDataset(
+        name=name or root.resolve().name,
+        images=images,
+        labels=labels,
+        classes=tuple(classes),
+        mean=tuple(mean) if mean is not None else est_mean,
+        std=tuple(std) if std is not None else est_std,
+    )

@@ -1,0 +1,198 @@
+"""Find a dataset's files, download them if allowed, verify them and load them.
+
+Folders are searched in this order, and the first folder holding every file of one layout of
+the split wins:
+
+1. the ``root`` argument,
+2. the folder named by the environment variable ``SLIMTORCH_DATA``,
+3. the user cache, ``$XDG_CACHE_HOME/slimtorch/data`` (default ``~/.cache/slimtorch/data``).
+
+Below each of them both ``<folder>/<name>/<file>`` and ``<folder>/<file>`` are accepted. When
+nothing is found and ``download=True`` the files are downloaded from the official mirrors into
+the cache (verified before they get their final name). Files with published checksums are
+verified on every load (cached per process by path, size and mtime).
+
+Example:
+    >>> train = load_dataset("fashion-mnist", "train", download=False)
+    >>> train.images.shape
+    torch.Size([60000, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from slimtorch.core.errors import DataNotFoundError
+from slimtorch.data.catalog import DatasetInfo, Layout, dataset_info
+from slimtorch.data.checksum import verify_file
+from slimtorch.data.dataset import ImageDataset
+from slimtorch.data.download import download_file, extract_tar_members
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DATA_ENV_VAR", "data_cache_dir", "find_dataset_files", "load_dataset"]
+
+DATA_ENV_VAR = "SLIMTORCH_DATA"
+
+
+def data_cache_dir() -> Path:
+    """The user cache folder for datasets: ``$XDG_CACHE_HOME/slimtorch/data`` or
+    ``~/.cache/slimtorch/data``.
+
+    Example:
+        >>> data_cache_dir()
+        PosixPath('/home/me/.cache/slimtorch/data')
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimtorch" / "data"
+
+
+def _roots(root: str | os.PathLike[str] | None) -> list[Path]:
+    roots: list[Path] = []
+    if root is not None:
+        roots.append(Path(root).expanduser())
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        roots.append(Path(env).expanduser())
+    roots.append(data_cache_dir())
+    return roots
+
+
+def _candidate_folders(info: DatasetInfo, roots: Sequence[Path]) -> list[Path]:
+    folders: list[Path] = []
+    for r in roots:
+        for sub in info.subdirs:
+            folder = r / sub if sub else r
+            if folder not in folders:
+                folders.append(folder)
+    return folders
+
+
+def _check_split(info: DatasetInfo, split: str) -> None:
+    if split not in info.splits:
+        raise ValueError(
+            f"dataset {info.name!r} has no split {split!r}; valid splits: {', '.join(info.splits)}"
+        )
+
+
+def find_dataset_files(
+    name: str, split: str = "train", *, root: str | os.PathLike[str] | None = None
+) -> tuple[list[Path], Layout] | None:
+    """Locate the files of ``name``/``split`` without downloading or reading them.
+
+    Returns:
+        ``(paths, layout)`` for the first folder (in resolution order) that holds every file of
+        one layout, or ``None``.
+
+    Example:
+        >>> paths, _ = find_dataset_files("mnist", "test")
+    """
+    info = dataset_info(name)
+    _check_split(info, split)
+    for folder in _candidate_folders(info, _roots(root)):
+        for layout in info.layouts[split]:
+            paths = [folder / f.name for f in layout.files]
+            if all(p.is_file() for p in paths):
+                logger.debug("found %s/%s in %s", name, split, folder)
+                return paths, layout
+    return None
+
+
+def _download(info: DatasetInfo, split: str, mirrors: Sequence[str]) -> None:
+    target = data_cache_dir() / info.subdirs[0]
+    if info.archive is None:
+        for spec in info.layouts[split][0].files:
+            dest = target / spec.name
+            if not dest.is_file():
+                download_file([m.rstrip("/") + "/" + spec.name for m in mirrors], dest, spec)
+        return
+    # One archive holds every split: fetch it once, extract the files, drop the archive.
+    members = [f for s in info.layouts for f in info.layouts[s][0].files]
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        archive = Path(tmp) / info.archive.name
+        download_file([m.rstrip("/") + "/" + info.archive.name for m in mirrors], archive,
+                      info.archive)  # fmt: skip
+        extract_tar_members(archive, info.archive_prefix, members, target)
+
+
+def _not_found(
+    info: DatasetInfo, split: str, root: str | os.PathLike[str] | None, reason: str
+) -> DataNotFoundError:
+    folders = _candidate_folders(info, _roots(root))
+    alternatives = " | ".join(", ".join(f.name for f in lay.files) for lay in info.layouts[split])
+    searched = "\n  ".join(str(f) for f in folders)
+    return DataNotFoundError(
+        f"dataset {info.name!r} (split {split!r}) not found.\nSearched, in order:\n  {searched}\n"
+        f"Expected files (any one group): {alternatives}\n{reason}\nWhat to do: put the files "
+        f"in <folder>/{info.subdirs[0] or info.name}/ or <folder>/ and set {DATA_ENV_VAR}=<folder> "
+        "(or pass root=<folder>), or allow the download with download=True."
+    )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+) -> ImageDataset:
+    """Load a catalogued dataset split as an :class:`ImageDataset`.
+
+    Args:
+        name: One of :func:`~slimtorch.data.catalog.list_datasets` (``"mnist"``,
+            ``"fashion-mnist"``, ``"kmnist"``, ``"cifar10"``, ``"digits"``).
+        split: ``"train"`` or ``"test"``.
+        root: A folder searched before ``$SLIMTORCH_DATA`` and the cache.
+        download: Download missing files from the mirrors into the cache folder.
+        mirrors: Base URLs to download from instead of the official ones (e.g. a local
+            mirror, ``"file:///srv/mirror/mnist/"``); files are still checked against the
+            published checksums.
+
+    Returns:
+        The split, named ``"<name>/<split>"``.
+
+    Raises:
+        DataNotFoundError: The files are in none of the searched folders and could not be
+            downloaded; the message lists every folder searched and the expected file names.
+        ChecksumError: A file differs from its published checksum (nothing partial is loaded).
+        DataFormatError: A file is damaged or not in the expected format.
+
+    Example:
+        >>> test = load_dataset("mnist", "test", root="~/data", download=False)
+        >>> test.input_shape
+        (1, 28, 28)
+    """
+    info = dataset_info(name)
+    _check_split(info, split)
+    if info.build is not None:
+        return info.build(split)
+    found = find_dataset_files(name, split, root=root)
+    if found is None:
+        if not download:
+            raise _not_found(info, split, root, "Downloading is off (download=False).")
+        try:
+            _download(info, split, tuple(mirrors) if mirrors is not None else info.mirrors)
+        except DataNotFoundError as exc:
+            raise _not_found(info, split, root, f"The download failed: {exc}") from exc
+        found = find_dataset_files(name, split, root=root)
+        if found is None:  # pragma: no cover - the download wrote every file of the layout
+            raise _not_found(info, split, root, "The download did not produce the files.")
+    paths, layout = found
+    for path, spec in zip(paths, layout.files, strict=True):
+        verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+    images, labels = layout.read(paths)
+    logger.info("loaded %s/%s from %s: %d images", name, split, paths[0].parent, len(labels))
+    return ImageDataset(
+        name=f"{name}/{split}",
+        images=images,
+        labels=labels,
+        classes=info.classes,
+        mean=info.mean,
+        std=info.std,
+    )

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimtorch.core.errors import DataFormatError, DataNotFoundError
+from slimtorch.data import load_image_folder
+
+
+def _img(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (5, 4)) -> np.ndarray:
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[...] = rgb
+    arr[0, 0] = (255, 255, 255)  # a marker pixel at the top-left
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "pets"
+    _img(root / "dog" / "b.png", (0, 200, 0))
+    _img(root / "dog" / "a.png", (0, 100, 0))
+    _img(root / "cat" / "x.bmp", (10, 20, 30))
+    (root / "cat" / "notes.txt").write_text("ignored")
+    (root / "empty").mkdir()
+    return root
+
+
+def test_rgb_classes_sorted_and_pixels_exact(folder: Path) -> None:
+    ds = load_image_folder(folder)
+    assert ds.classes == ("cat", "dog", "empty")
+    assert ds.labels.tolist() == [0, 1, 1]  # cat/x.bmp, dog/a.png, dog/b.png
+    assert ds.images.shape == (3, 3, 4, 5) and ds.images.dtype == torch.uint8
+    assert ds.images[0, :, 1, 1].tolist() == [10, 20, 30]
+    assert ds.images[1, :, 2, 2].tolist() == [0, 100, 0]
+    assert ds.images[2, :, 0, 0].tolist() == [255, 255, 255]
+    assert ds.name == "pets"
+    # mean/std estimated from the images, per channel
+    x = ds.images.double() / 255
+    torch.testing.assert_close(torch.tensor(ds.mean, dtype=torch.float64), x.mean(dim=(0, 2, 3)))
+
+
+def test_grayscale_matches_pillow(folder: Path) -> None:
+    ds = load_image_folder(folder, channels=1, mean=(0.5,), std=(0.5,))
+    assert ds.input_shape == (1, 4, 5)
+    expected = np.asarray(Image.open(folder / "cat" / "x.bmp").convert("L"))
+    assert ds.images[0, 0].numpy().tolist() == expected.tolist()
+    assert ds.mean == (0.5,)
+
+
+def test_resize(folder: Path) -> None:
+    ds = load_image_folder(folder, size=(8, 6))
+    assert ds.input_shape == (3, 8, 6)
+    assert load_image_folder(folder, size=3).input_shape == (3, 3, 3)
+
+
+def test_mixed_sizes_need_size(folder: Path) -> None:
+    _img(folder / "dog" / "c.png", (1, 2, 3), size=(7, 7))
+    with pytest.raises(DataFormatError, match=r"c\.png is 7x7 .* pass size="):
+        load_image_folder(folder)
+    assert load_image_folder(folder, size=4).images.shape[0] == 4
+
+
+def test_unreadable_file_is_named(folder: Path) -> None:
+    (folder / "dog" / "broken.jpg").write_bytes(b"not really a jpeg")
+    with pytest.raises(DataFormatError, match=r"cannot read image .*broken\.jpg"):
+        load_image_folder(folder)
+
+
+def test_missing_or_empty(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+    (tmp_path / "e" / "a").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="no images found"):
+        load_image_folder(tmp_path / "e")
+
+
+def test_bad_arguments(folder: Path) -> None:
+    with pytest.raises(ValueError, match="channels must be 1"):
+        load_image_folder(folder, channels=2)
+    with pytest.raises(ValueError, match="size must be"):
+        load_image_folder(folder, size=(1, 2, 3))

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
+from slimtorch.data import data_cache_dir, find_dataset_files, load_dataset
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_CLASS_MEANS = [44.2, 19.4, 38.0, 36.1, 30.9, 32.8, 35.0, 29.2, 38.3, 31.3]
+FASHION_CLASS_MEANS = [83.0, 56.8, 96.1, 66.0, 98.3, 34.9, 84.6, 42.8, 90.2, 76.8]
+TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _class_means(images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    per_image = images.view(images.shape[0], -1).sum(1, dtype=torch.int64).double()
+    sums = torch.bincount(labels, weights=per_image, minlength=10)
+    return (sums / torch.bincount(labels, minlength=10) / images[0].numel()).tolist()
+
+
+@pytest.fixture(scope="module")
+def mnist_train(shared_data: Path):
+    return load_dataset("mnist", "train", root=shared_data, download=False)
+
+
+def test_real_mnist(mnist_train, shared_data: Path) -> None:
+    ds = mnist_train
+    assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.name == "mnist/train" and ds.classes[3] == "3"
+    assert torch.bincount(ds.labels).tolist() == MNIST_TRAIN_COUNTS
+    np.testing.assert_allclose(_class_means(ds.images, ds.labels), MNIST_CLASS_MEANS, atol=0.05)
+    test = load_dataset("mnist", "test", root=shared_data, download=False)
+    assert test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(test.labels).tolist() == MNIST_TEST_COUNTS
+
+
+def test_real_fashion_mnist(shared_data: Path) -> None:
+    ds = load_dataset("fashion-mnist", "train", root=shared_data, download=False)
+    assert ds.images.shape == (60000, 1, 28, 28)
+    assert torch.bincount(ds.labels).tolist() == [6000] * 10
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+    np.testing.assert_allclose(_class_means(ds.images, ds.labels), FASHION_CLASS_MEANS, atol=0.05)
+    assert abs(ds.images.double().mean().item() - 72.9) < 0.05
+    hist = torch.bincount(ds.images.flatten(), minlength=256).double()
+    v = torch.arange(256, dtype=torch.float64) / 255
+    mean = (hist * v).sum() / hist.sum()
+    std = ((hist * (v - mean) ** 2).sum() / hist.sum()).sqrt()
+    assert abs(mean.item() - ds.mean[0]) < 5e-4 and abs(std.item() - ds.std[0]) < 5e-4
+    test = load_dataset("fashion-mnist", "test", root=shared_data, download=False)
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_mnist_mean_std_constants(mnist_train) -> None:
+    hist = torch.bincount(mnist_train.images.flatten(), minlength=256).double()
+    v = torch.arange(256, dtype=torch.float64) / 255
+    mean = (hist * v).sum() / hist.sum()
+    std = ((hist * (v - mean) ** 2).sum() / hist.sum()).sqrt()
+    assert abs(mean.item() - mnist_train.mean[0]) < 5e-4
+    assert abs(std.item() - mnist_train.std[0]) < 5e-4
+
+
+def _copy_test_files(shared_data: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in TEST_FILES:
+        shutil.copy(shared_data / "mnist" / f, dest / f)
+    return dest
+
+
+def test_env_var_is_used(shared_data: Path, isolated: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLIMTORCH_DATA", str(shared_data))
+    assert len(load_dataset("mnist", "test", download=False)) == 10000
+
+
+def test_cache_dir_follows_xdg(isolated: Path, monkeypatch, tmp_path: Path) -> None:
+    assert data_cache_dir() == isolated
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_cache_dir() == tmp_path / "home" / ".cache" / "slimtorch" / "data"
+
+
+def _raw_mnist(folder: Path, n: int, write_idx: Callable[..., Path]) -> None:
+    write_idx(folder / "t10k-images-idx3-ubyte", np.full((n, 28, 28), n, np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)
+
+
+def test_resolution_order(
+    isolated: Path, tmp_path: Path, monkeypatch, write_idx: Callable[..., Path]
+) -> None:
+    explicit, env = tmp_path / "explicit", tmp_path / "env"
+    _raw_mnist(explicit / "mnist", 3, write_idx)  # <root>/<name>/file layout
+    _raw_mnist(env, 4, write_idx)  # <root>/file layout
+    _raw_mnist(isolated / "mnist", 5, write_idx)
+    monkeypatch.setenv("SLIMTORCH_DATA", str(env))
+
+    assert len(load_dataset("mnist", "test", root=explicit, download=False)) == 3
+    assert len(load_dataset("mnist", "test", download=False)) == 4
+    monkeypatch.delenv("SLIMTORCH_DATA")
+    assert len(load_dataset("mnist", "test", download=False)) == 5
+    found = find_dataset_files("mnist", "test", root=explicit)
+    assert found is not None and found[0][0] == explicit / "mnist" / "t10k-images-idx3-ubyte"
+    # an explicit root without the files falls through to the next folder
+    assert len(load_dataset("mnist", "test", root=tmp_path / "empty", download=False)) == 5
+
+
+def test_gz_layout_beats_raw_in_same_folder(
+    shared_data: Path, isolated: Path, tmp_path: Path, write_idx: Callable[..., Path]
+) -> None:
+    folder = _copy_test_files(shared_data, tmp_path / "r" / "mnist")
+    _raw_mnist(folder, 2, write_idx)
+    assert len(load_dataset("mnist", "test", root=tmp_path / "r", download=False)) == 10000
+
+
+def test_missing_everywhere(isolated: Path, tmp_path: Path, monkeypatch) -> None:
+    env = tmp_path / "envdata"
+    monkeypatch.setenv("SLIMTORCH_DATA", str(env))
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("kmnist", "train", root=tmp_path / "mine", download=False)
+    msg = str(info.value)
+    for folder in (tmp_path / "mine" / "kmnist", tmp_path / "mine", env / "kmnist", env,
+                   isolated / "kmnist", isolated):  # fmt: skip
+        assert f"\n  {folder}\n" in msg + "\n"
+    assert "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in msg
+    assert "SLIMTORCH_DATA" in msg and "download=False" in msg
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_flipped_byte_is_a_checksum_error(shared_data: Path, isolated: Path, tmp_path) -> None:
+    folder = _copy_test_files(shared_data, tmp_path / "c" / "mnist")
+    p = folder / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(p.read_bytes())
+    raw[2000] ^= 0x01
+    p.write_bytes(bytes(raw))
+    with pytest.raises(
+        ChecksumError, match=r"t10k-labels-idx1-ubyte\.gz has sha256 .* expected f7ae"
+    ):
+        load_dataset("mnist", "test", root=tmp_path / "c", download=False)
+
+
+def test_truncated_file_is_rejected(shared_data: Path, isolated: Path, tmp_path: Path) -> None:
+    folder = _copy_test_files(shared_data, tmp_path / "t" / "mnist")
+    p = folder / "t10k-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:100_000])
+    with pytest.raises(ChecksumError, match="has 100000 bytes, expected 1648877"):
+        load_dataset("mnist", "test", root=tmp_path / "t", download=False)
+
+
+def test_bad_magic_in_raw_layout(
+    isolated: Path, tmp_path: Path, write_idx: Callable[..., Path]
+) -> None:
+    folder = tmp_path / "m" / "mnist"
+    _raw_mnist(folder, 3, write_idx)
+    p = folder / "t10k-images-idx3-ubyte"
+    p.write_bytes(b"\x08\x03" + p.read_bytes()[2:])
+    with pytest.raises(DataFormatError, match="not an IDX file"):
+        load_dataset("mnist", "test", root=tmp_path / "m", download=False)
+
+
+def test_unknown_name_and_split(isolated: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*mnist"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="no split 'val'; valid splits: train, test"):
+        load_dataset("mnist", "val", download=False)
+
+
+def test_cifar_npz_layout(isolated: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "d" / "cifar10").mkdir(parents=True)
+    np.savez(tmp_path / "d" / "cifar10" / "cifar10-test.npz", x=x, y=np.arange(6) % 10)
+    ds = load_dataset("cifar10", "test", root=tmp_path / "d", download=False)
+    assert ds.input_shape == (3, 32, 32) and len(ds) == 6 and ds.classes[0] == "airplane"
+    assert ds.mean == (0.4914, 0.4822, 0.4465)
+
+
+def test_cifar_unofficial_batch_is_refused(isolated: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "d" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "test_batch").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ChecksumError, match="40351d587109b95175f43aff81a1287e"):
+        load_dataset("cifar10", "test", root=tmp_path / "d", download=False)
