@@ -43,3 +43,7 @@ class CheckpointError(SlimtorchError):
 
 class TransformSkipError(SlimtorchError):
     """A transform was run with ``strict=True`` and skipped one or more layers."""
+
+
+class DecompositionError(SlimtorchError):
+    """A tensor decomposition failed (NaN/Inf, divergence or no convergence within its budget)."""

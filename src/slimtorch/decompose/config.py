@@ -1,0 +1,193 @@
+"""Configs of the decompositions: one frozen, keyword-only dataclass per method.
+
+Every config has a ``rank`` spec (see :mod:`slimtorch.decompose.ranks`), ``round_to`` (round each
+rank to a multiple, e.g. 8 for hardware efficiency; 1 = off) and ``min_saving`` (the fraction of
+a layer's parameters a factorisation must save to be applied; the default 0 still requires a
+strict reduction).
+
+Example:
+    >>> TuckerConfig(rank="vbmf", round_to=8).to_dict()["rank"]
+    'vbmf'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.decompose.ranks import RankKind, RankSpec, parse_rank_spec
+
+
+def _check_int(obj: object, name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {low}, got {value!r}")
+    check_range(obj, name, value, low=low)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecomposeConfig(Config):
+    """Fields shared by every decomposition config.
+
+    Attributes:
+        rank: Rank spec: float fraction in ``(0, 1]``, int, ``"vbmf"`` or ``"energy:x"`` (each
+            method says which forms it accepts and what the fraction is of).
+        round_to: Round every rank to a multiple of this (1 = no rounding).
+        min_saving: Skip a layer unless it saves at least this fraction of its parameters.
+    """
+
+    RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy")
+    METHOD: ClassVar[str] = "decompose"
+
+    rank: float | int | str = 0.25
+    round_to: int = 1
+    min_saving: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rank_spec  # noqa: B018 - validates
+        _check_int(self, "round_to", self.round_to, 1)
+        check_range(self, "min_saving", self.min_saving, low=0.0, high=1.0, high_inclusive=False)
+
+    @property
+    def rank_spec(self) -> RankSpec:
+        """The parsed ``rank`` (raises ``ValueError`` naming the field when invalid)."""
+        return parse_rank_spec(
+            self.rank, field=f"{type(self).__name__}.rank", allowed=self.RANK_KINDS
+        )
+
+    @property
+    def method(self) -> str:
+        """Short method name for reports (``"svd"``, ``"tucker"``, ``"cp"``, ``"tt"``)."""
+        return self.METHOD
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SVDConfig(DecomposeConfig):
+    """Truncated SVD of ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers.
+
+    ``rank``: a fraction of ``min(out, in)``, an int, ``"energy:x"`` (share of ``sum s^2``
+    kept) or ``"vbmf"`` (EVBMF on the weight matrix).
+
+    Example:
+        >>> SVDConfig(rank=0.5).method
+        'svd'
+    """
+
+    METHOD: ClassVar[str] = "svd"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuckerConfig(DecomposeConfig):
+    """Tucker-2 (HOSVD + HOOI) of dense ``nn.Conv2d`` layers (Kim et al., 2016, arXiv:1511.06530).
+
+    ``rank``: a fraction of each channel count, an int for both modes, ``"energy:x"`` or
+    ``"vbmf"`` on each channel-mode unfolding.
+
+    Attributes:
+        n_iter: Maximum HOOI sweeps (0: truncated HOSVD only).
+        tol: HOOI stops when the relative error changes by less than this.
+
+    Example:
+        >>> TuckerConfig(rank=0.25, n_iter=10).n_iter
+        10
+    """
+
+    METHOD: ClassVar[str] = "tucker"
+
+    n_iter: int = 25
+    tol: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int(self, "n_iter", self.n_iter, 0)
+        check_range(self, "tol", self.tol, low=0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CPConfig(DecomposeConfig):
+    """CP by damped ALS of dense spatial ``nn.Conv2d`` layers (Lebedev et al., 2015,
+    arXiv:1412.6553).
+
+    ``rank``: an int ``R``, or a fraction of the parameter-neutral rank
+    ``C_out C_in kh kw / (C_out + C_in + kh + kw)`` (so 0.25 keeps about a quarter of the
+    parameters).
+
+    Attributes:
+        n_iter: Maximum ALS sweeps.
+        tol: Converged when the relative error changes by less than this between sweeps.
+        reg: Proximal Tikhonov damping of each ALS solve (0: plain ALS).
+        init: ``"svd"`` or ``"random"``.
+        require_convergence: A run that does not reach ``tol`` fails (and the layer is skipped).
+
+    Example:
+        >>> CPConfig(rank=16).rank_spec.kind
+        'int'
+    """
+
+    RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int")
+    METHOD: ClassVar[str] = "cp"
+
+    n_iter: int = 300
+    tol: float = 1e-4
+    reg: float = 1e-3
+    init: str = "svd"
+    require_convergence: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int(self, "n_iter", self.n_iter, 1)
+        check_range(self, "tol", self.tol, low=0.0)
+        check_range(self, "reg", self.reg, low=0.0)
+        check_choice(self, "init", self.init, ("svd", "random"))
+        check_choice(self, "require_convergence", self.require_convergence, (True, False))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TTConfig(DecomposeConfig):
+    """TT-matrix of ``nn.Linear`` layers (Novikov et al., 2015, arXiv:1509.06569).
+
+    ``rank``: an int cap on every TT rank, a fraction of each bond's full rank, or
+    ``"energy:x"`` (TT-SVD with relative error bound ``eps = sqrt(1 - x)``).
+
+    Attributes:
+        n_cores: Number of cores ``d`` when the modes are chosen automatically.
+        in_modes: Factorisation of ``in_features`` (``None``: near-equal factors, ``d`` of them).
+        out_modes: Factorisation of ``out_features`` (``None``: automatic).
+
+    Example:
+        >>> TTConfig(rank=8, n_cores=2).n_cores
+        2
+    """
+
+    RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "energy")
+    METHOD: ClassVar[str] = "tt"
+
+    n_cores: int = 3
+    in_modes: tuple[int, ...] | None = None
+    out_modes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int(self, "n_cores", self.n_cores, 2)
+        for name in ("in_modes", "out_modes"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, tuple | list)
+                or len(value) < 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+            ):
+                raise ValueError(
+                    f"TTConfig.{name} must be None or >= 2 positive ints, got {value!r}"
+                )
+            object.__setattr__(self, name, tuple(value))
+        if (self.in_modes is None) != (self.out_modes is None) or (
+            self.in_modes is not None
+            and self.out_modes is not None
+            and len(self.in_modes) != len(self.out_modes)
+        ):
+            raise ValueError(
+                "TTConfig.in_modes and TTConfig.out_modes must both be None or have one length, "
+                f"got {self.in_modes!r} and {self.out_modes!r}"
+            )

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from lowrank_data import randn
+
+from slimtorch.decompose import relative_error, truncated_svd
+
+
+def test_exact_low_rank_matrix_is_recovered(gen: torch.Generator) -> None:
+    w = randn(gen, 40, 5) @ randn(gen, 5, 30)
+    a, b = truncated_svd(w, 5)
+    assert a.shape == (40, 5) and b.shape == (5, 30)
+    assert float(relative_error(a @ b, w)) < 1e-12
+
+
+def test_error_is_the_eckart_young_tail(gen: torch.Generator) -> None:
+    w = randn(gen, 20, 12)
+    s = torch.linalg.svdvals(w)
+    a, b = truncated_svd(w, 4)
+    expected = (s[4:] ** 2).sum().sqrt() / (s**2).sum().sqrt()
+    torch.testing.assert_close(relative_error(a @ b, w), expected)
+
+
+def test_keeps_dtype_and_device(gen: torch.Generator) -> None:
+    w = randn(gen, 6, 4, dtype=torch.float32)
+    a, b = truncated_svd(w, 2)
+    assert a.dtype == b.dtype == torch.float32 and a.device == w.device
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_out_of_range_rank_raises(rank: int) -> None:
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 4\]"):
+        truncated_svd(torch.zeros(4, 6), rank)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(TypeError, match="float32 or float64"):
+        truncated_svd(torch.zeros(4, 4, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        truncated_svd(torch.zeros(2, 2, 2), 1)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        truncated_svd(torch.zeros(4, 4), 2.0)  # type: ignore[arg-type]
+
+
+def test_relative_error_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        relative_error(torch.zeros(2), torch.zeros(3))

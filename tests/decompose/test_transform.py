@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.decompose import (
+    CPConfig,
+    CPConv2d,
+    LowRankConv2d,
+    LowRankLinear,
+    SVDConfig,
+    TTConfig,
+    TTLinear,
+    TuckerConfig,
+    TuckerConv2d,
+    decompose_,
+    rebuild_decomposed,
+    set_submodule,
+)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4),
+            nn.Conv2d(32, 48, 1),
+        )
+        self.head = nn.Linear(48 * 8 * 8, 64)
+        self.out = nn.Linear(64, 10)
+        self.slimtorch_arch = {"name": "tiny"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.head(self.features(x).flatten(1))))
+
+
+@pytest.fixture
+def net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def rows(report):
+    return {r.name: r for r in report.rows}
+
+
+def test_tucker_on_selected_convs_with_flops(net: TinyNet) -> None:
+    report = decompose_(net, TuckerConfig(rank=0.5), include=["features.*"], example_input=X)
+    by = rows(report)
+    assert set(by) == {"features.0", "features.3", "features.5", "features.6"}
+    assert by["features.3"].action == "decomposed" and by["features.3"].ranks == [16, 16]
+    assert isinstance(net.features[3], TuckerConv2d)
+    assert by["features.3"].params_after < by["features.3"].params_before
+    # 32->32 3x3 stride 2 at 16x16 -> 8x8
+    assert by["features.3"].flops_before == 2 * 32 * 32 * 9 * 64
+    assert by["features.3"].flops_after == net.features[3].flops((16, 16))
+    assert by["features.5"].action == "skipped" and "groups=4" in by["features.5"].reason
+    assert by["features.6"].action == "skipped" and "would not reduce params" in (
+        by["features.6"].reason
+    )
+    assert by["features.0"].ranks == [16, 2]  # ceil(0.5 * 3)
+    assert 0 < by["features.3"].rel_error < 1
+    assert net(X).shape == (2, 10)
+    table = report.to_table()
+    assert "features.3" in table and "decomposed" in table and "groups=4" in table
+    d = report.to_dict()
+    assert d["totals"]["decomposed"] == len(report.decomposed) and len(d["layers"]) == 4
+
+
+def test_include_exclude_globs_and_type_skips(net: TinyNet) -> None:
+    report = decompose_(net, SVDConfig(rank=0.25), exclude=["features.[0-3]"])
+    by = rows(report)
+    assert set(by) == {"features.5", "features.6", "head", "out"}
+    assert "groups=4" in by["features.5"].reason
+    assert isinstance(net.features[6], LowRankConv2d) and isinstance(net.head, LowRankLinear)
+    assert by["head"].flops_before == 2 * 3072 * 64 and by["head"].flops_after == 2 * 16 * 3136
+    report = decompose_(net, SVDConfig(), include=["features.0"])
+    assert "1x1 convs only" in report.rows[0].reason
+    assert decompose_(net, SVDConfig(), include=["head*"]).rows == []  # parts are not targets
+    report = decompose_(TinyNet(), TuckerConfig(), include=["out"])
+    assert "does not handle Linear" in report.rows[0].reason
+
+
+def test_strict_raises_naming_every_skip_and_leaves_model_unchanged(net: TinyNet) -> None:
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(TransformSkipError, match=r"features\.5: .*groups=4.*features\.6"):
+        decompose_(
+            net, CPConfig(rank=0.25, require_convergence=False), strict=True, include=["features.*"]
+        )
+    assert isinstance(net.features[3], nn.Conv2d)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert "transforms" not in net.slimtorch_arch
+
+
+def test_nan_weights_and_failed_decompositions_are_skipped(net: TinyNet) -> None:
+    with torch.no_grad():
+        net.features[3].weight[0, 0, 0, 0] = float("nan")
+    report = decompose_(net, CPConfig(rank=8, n_iter=2, tol=0.0), include=["features.[03]"])
+    by = rows(report)
+    assert "NaN/Inf" in by["features.3"].reason
+    assert "DecompositionError" in by["features.0"].reason  # 2 sweeps cannot converge
+    assert isinstance(net.features[0], nn.Conv2d)
+
+
+def test_cp_and_tt_decompose_and_record(net: TinyNet) -> None:
+    cp = decompose_(
+        net, CPConfig(rank=16, n_iter=50, require_convergence=False), include=["features.3"]
+    )
+    assert isinstance(net.features[3], CPConv2d) and cp.rows[0].info["iterations"] >= 1
+    tt = decompose_(net, TTConfig(rank=8), include=["head", "out"])
+    by = rows(tt)
+    assert isinstance(net.head, TTLinear) and by["head"].info["in_modes"] == [16, 16, 12]
+    assert "cannot be split" in by["out"].reason  # 10 = 5 x 2 has no 3 modes > 1
+    transforms = net.slimtorch_arch["transforms"]
+    assert [t["name"] for t in transforms] == ["decompose.layers", "decompose.layers"]
+    assert transforms[0]["params"]["layers"]["features.3"]["kind"] == "cp"
+    assert transforms[1]["params"]["layers"]["head"]["kind"] == "tt_linear"
+
+
+def test_rebuild_loads_saved_weights_strictly(net: TinyNet, tmp_path) -> None:
+    decompose_(net, TuckerConfig(rank="vbmf", round_to=4), include=["features.3"])
+    decompose_(net, SVDConfig(rank="energy:0.8"), include=["head", "features.6"])
+    decompose_(net, TTConfig(rank=0.5, n_cores=2), include=["out"], strict=True)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    torch.manual_seed(123)
+    fresh = TinyNet().eval()
+    for entry in net.slimtorch_arch["transforms"]:
+        rebuild_decomposed(fresh, entry["params"])
+    fresh.load_state_dict(load_file(str(path)), strict=True)
+    torch.testing.assert_close(fresh(X), net(X))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="config must be a DecomposeConfig"):
+        decompose_(nn.Linear(2, 2), {"rank": 0.5})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="include must be a list of glob strings"):
+        decompose_(nn.Linear(2, 2), SVDConfig(), include="head")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is not a submodule"):
+        set_submodule(nn.Sequential(nn.Linear(2, 2)), "3", nn.Identity())
+    from slimtorch.core.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="lacks"):
+        rebuild_decomposed(nn.Sequential(), {"layers": {"x": {"kind": "cp"}}})
+
+
+def test_saved_decomposed_zoo_model_loads_through_model_directory(tmp_path) -> None:
+    """decompose_ -> save_model -> load_model replays the factorised shapes and weights."""
+    from slimtorch.decompose import TuckerConfig, decompose_
+    from slimtorch.models import create_model, load_model, save_model
+
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=28).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with pytest.raises(ValueError, match="'conv2' match no module"):
+        decompose_(model, TuckerConfig(rank=0.5), include=["conv2"])
+    report = decompose_(model, TuckerConfig(rank=0.5), include=["features.3"], example_input=x)
+    assert [r.action for r in report.rows] == ["decomposed"]
+    expected = model(x)
+    save_model(
+        model,
+        tmp_path / "m",
+        input_shape=(1, 28, 28),
+        mean=(0.5,),
+        std=(0.5,),
+        class_names=[str(i) for i in range(10)],
+    )
+    loaded, card = load_model(tmp_path / "m")
+    assert [t["name"] for t in card.transforms] == ["decompose.layers"]
+    torch.testing.assert_close(loaded(x), expected)

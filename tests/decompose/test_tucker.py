@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import tensorly as tl
+import torch
+from lowrank_data import orth, randn
+from tensorly.decomposition import partial_tucker
+
+from slimtorch.core.errors import DecompositionError
+from slimtorch.decompose import relative_error, tucker2, tucker2_to_full
+
+
+def exact_tucker2(gen: torch.Generator, c_out: int, c_in: int, r_out: int, r_in: int):
+    core = randn(gen, r_out, r_in, 3, 3)
+    return tucker2_to_full(core, orth(gen, c_out, r_out), orth(gen, c_in, r_in))
+
+
+@pytest.mark.parametrize("n_iter", [0, 10])
+def test_exact_tucker2_kernel_is_recovered(gen: torch.Generator, n_iter: int) -> None:
+    w = exact_tucker2(gen, 24, 16, 6, 5)
+    core, u_out, u_in = tucker2(w, (6, 5), n_iter=n_iter)
+    assert core.shape == (6, 5, 3, 3) and u_out.shape == (24, 6) and u_in.shape == (16, 5)
+    assert float(relative_error(tucker2_to_full(core, u_out, u_in), w)) < 1e-5
+    torch.testing.assert_close(u_out.mT @ u_out, torch.eye(6, dtype=torch.float64))
+
+
+def test_float32_input_gives_float32_factors(gen: torch.Generator) -> None:
+    w = exact_tucker2(gen, 16, 8, 4, 4).float()
+    core, u_out, u_in = tucker2(w, (4, 4))
+    assert core.dtype == u_out.dtype == u_in.dtype == torch.float32
+    assert float(relative_error(tucker2_to_full(core, u_out, u_in), w)) < 1e-4
+
+
+def test_hooi_does_not_worsen_hosvd(gen: torch.Generator) -> None:
+    w = randn(gen, 32, 24, 3, 3)
+    err_hosvd = relative_error(tucker2_to_full(*tucker2(w, (8, 6), n_iter=0)), w)
+    err_hooi = relative_error(tucker2_to_full(*tucker2(w, (8, 6), n_iter=30)), w)
+    assert float(err_hooi) <= float(err_hosvd) + 1e-12
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((32, 16, 3, 3), (8, 4)), ((20, 30, 5, 5), (5, 7))])
+def test_parity_with_tensorly_partial_tucker(
+    gen: torch.Generator, shape: tuple[int, ...], ranks: tuple[int, int]
+) -> None:
+    tl.set_backend("pytorch")
+    w = randn(gen, *shape)
+    ours = relative_error(tucker2_to_full(*tucker2(w, ranks, n_iter=50, tol=1e-10)), w)
+    (core, factors), _ = partial_tucker(w, rank=list(ranks), modes=[0, 1], n_iter_max=50, tol=1e-10)
+    theirs = relative_error(tl.tucker_to_tensor((core, factors), skip_factor=None), w)
+    assert float(ours) <= float(theirs) + 1e-6
+
+
+def test_bad_ranks_raise() -> None:
+    w = torch.zeros(8, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"ranks\[1\] \(r_in\) must be in \[1, 4\]"):
+        tucker2(w, (2, 5))
+    with pytest.raises(ValueError, match="ranks must be a pair"):
+        tucker2(w, (2,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_iter must be an int >= 0"):
+        tucker2(w, (2, 2), n_iter=-1)
+
+
+def test_nan_kernel_raises_decomposition_error() -> None:
+    w = torch.ones(4, 4, 3, 3)
+    w[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DecompositionError, match="NaN or Inf"):
+        tucker2(w, (2, 2))
