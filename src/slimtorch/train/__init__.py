@@ -1,0 +1,61 @@
+"""slimtorch.train: the one training loop, its callbacks, checkpoints, AMP and DDP.
+
+Importing this package does not initialise CUDA.
+
+Example:
+    >>> from slimtorch.train import Trainer, TrainConfig, EarlyStopping
+    >>> trainer = Trainer(model, TrainConfig(epochs=5), callbacks=[EarlyStopping()])
+    >>> history = trainer.fit(train_loader, val_loader)
+"""
+
+from __future__ import annotations
+
+from slimtorch.train.amp import AmpPlan, resolve_amp
+from slimtorch.train.callbacks import Callback, EarlyStopping
+from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
+from slimtorch.train.config import TrainConfig
+from slimtorch.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+from slimtorch.train.history import History
+from slimtorch.train.meter import Meter
+from slimtorch.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from slimtorch.train.progress import ProgressBar
+from slimtorch.train.seeding import get_rng_state, seed_everything, set_rng_state
+from slimtorch.train.trainer import Trainer
+
+__all__ = [
+    "AmpPlan",
+    "Callback",
+    "EarlyStopping",
+    "History",
+    "Meter",
+    "ProgressBar",
+    "TrainConfig",
+    "Trainer",
+    "all_reduce_sum",
+    "barrier",
+    "build_optimizer",
+    "build_scheduler",
+    "cleanup",
+    "get_local_rank",
+    "get_rank",
+    "get_rng_state",
+    "get_world_size",
+    "init_distributed",
+    "is_main_process",
+    "load_checkpoint",
+    "lr_factor",
+    "param_groups",
+    "resolve_amp",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+]

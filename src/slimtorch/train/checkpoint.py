@@ -1,0 +1,102 @@
+"""Training checkpoints: one ``checkpoint.pt`` written atomically, read with ``weights_only``.
+
+A checkpoint holds only tensors, dicts, lists, tuples, numbers, strings and ``None``, so it is
+loaded with ``torch.load(..., weights_only=True)``: opening it never runs arbitrary code.
+
+Example:
+    >>> save_checkpoint("run/checkpoint.pt", {"model": model.state_dict(), "epoch": 3})
+    >>> load_checkpoint("run/checkpoint.pt", required=("model", "epoch"))["epoch"]
+    3
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtorch.core.errors import CheckpointError
+from slimtorch.core.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "slimtorch.train.checkpoint"
+CHECKPOINT_VERSION = 1
+
+_WHAT_TO_DO = (
+    "delete or move the file to start the run from scratch, or point out_dir at a folder "
+    "holding a checkpoint written by slimtorch.train"
+)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus format markers) to ``path`` atomically.
+
+    Args:
+        path: Destination file; its folder is created.
+        state: Checkpoint-safe content (see the module docstring).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 0})
+    """
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    required: Iterable[str] = (),
+    map_location: str | torch.device | None = "cpu",
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: The checkpoint file.
+        required: Keys that must be present.
+        map_location: Where tensors are loaded (CPU by default).
+
+    Returns:
+        The stored dict.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, not a slimtorch checkpoint, of an
+            unknown version, or lacks a required key.
+
+    Example:
+        >>> state = load_checkpoint("run/checkpoint.pt", required=("model",))
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; expected a file written by a run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}: {exc}); it is corrupt, "
+            f"truncated or holds objects other than tensors and plain data; {_WHAT_TO_DO}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a slimtorch training checkpoint (expected a dict with "
+            f"format={CHECKPOINT_FORMAT!r}); {_WHAT_TO_DO}"
+        )
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {state.get('version')!r}, expected "
+            f"{CHECKPOINT_VERSION}; resume it with the slimtorch release that wrote it or "
+            f"{_WHAT_TO_DO}"
+        )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete; {_WHAT_TO_DO}"
+        )
+    return state

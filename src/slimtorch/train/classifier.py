@@ -1,0 +1,200 @@
+"""Train and evaluate an image classifier from the registries: the job behind ``slimtorch train``.
+
+It wires the data layer (device-resident loaders), the model zoo, the one :class:`Trainer` and the
+model directory format together, so the CLI stays a thin parser and Python users get the same
+job with one call.
+
+Example:
+    >>> result = train_classifier(model="lenet5", dataset="digits", out_dir="runs/demo",
+    ...                           train_config=TrainConfig(epochs=10, lr=0.05))
+    >>> result.test_metrics["accuracy"]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_dataset
+from slimtorch.models import create_model, save_model
+from slimtorch.train.callbacks import Callback
+from slimtorch.train.config import TrainConfig
+from slimtorch.train.distributed import get_rank, get_world_size, is_main_process
+from slimtorch.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+"""A run directory keeps its model directory here (beside checkpoint.pt and history.json)."""
+
+# Augmentation that suits each dataset: digits and letters must not be mirrored; clothing and
+# CIFAR objects may be. The 8x8 digits are too small to crop.
+_DEFAULT_AUGMENT: dict[str, AugmentConfig | None] = {
+    "digits": None,
+    "mnist": AugmentConfig(random_crop_padding=2),
+    "kmnist": AugmentConfig(random_crop_padding=2),
+    "fashion-mnist": AugmentConfig(random_crop_padding=2, hflip=True),
+    "cifar10": AugmentConfig(random_crop_padding=4, hflip=True),
+}
+
+
+def default_augment(dataset: str) -> AugmentConfig | None:
+    """The augmentation ``train_classifier`` uses for ``dataset`` when none is given."""
+    return _DEFAULT_AUGMENT.get(dataset)
+
+
+@dataclass
+class ClassifierRun:
+    """What :func:`train_classifier` returns."""
+
+    model: nn.Module
+    history: dict[str, Any]
+    test_metrics: dict[str, float]
+    model_dir: Path | None
+    train_seconds: float
+
+
+def make_loaders(
+    train_ds: ImageDataset,
+    test_ds: ImageDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    augment: AugmentConfig | None,
+    seed: int,
+    eval_batch_size: int = 1024,
+    channels_last: bool = False,
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """Device-resident train/test loaders; the train loader is sharded across DDP ranks.
+
+    ``batch_size`` is the global batch: each of ``world_size`` ranks gets an equal share.
+    """
+    world = get_world_size()
+    if batch_size % world:
+        raise ValueError(
+            f"batch_size must be divisible by the number of processes ({world}), got {batch_size}"
+        )
+    train_loader = DeviceLoader(
+        train_ds,
+        batch_size // world,
+        shuffle=True,
+        drop_last=True,
+        device=device,
+        augment=augment,
+        seed=seed,
+        rank=get_rank(),
+        world_size=world,
+        channels_last=channels_last,
+    )
+    test_loader = DeviceLoader(
+        test_ds,
+        eval_batch_size,
+        device=device,
+        channels_last=channels_last,
+        rank=get_rank(),
+        world_size=world,
+    )
+    return train_loader, test_loader
+
+
+def train_classifier(
+    *,
+    model: str,
+    dataset: str,
+    out_dir: str | Path | None,
+    train_config: TrainConfig,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    data_root: str | Path | None = None,
+    augment: AugmentConfig | str | None = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    download: bool = True,
+) -> ClassifierRun:
+    """Train ``model`` on ``dataset``, evaluate on its test split, save a model directory.
+
+    Args:
+        model: A registered model name (see ``slimtorch.models.list_models()``).
+        dataset: A registered dataset name (see ``slimtorch.data.list_datasets()``).
+        out_dir: The run directory: checkpoint, history and resolved configs go here, the
+            model directory goes to ``out_dir/model`` (None: keep nothing).
+        train_config: Optimiser, schedule, epochs, AMP and the rest.
+        batch_size: Global batch size (split across DDP processes).
+        device: Torch device to train on.
+        data_root: Explicit dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
+        augment: An :class:`AugmentConfig`, None for none, or ``"auto"`` for the dataset default.
+        model_kwargs: Extra architecture arguments (``width_mult``, ``hidden`` ...).
+        callbacks: Extra Trainer callbacks (QAT, pruning masks, distillation ...).
+        resume: Continue from ``out_dir/checkpoint.pt``.
+        download: Allow downloading missing dataset files.
+    """
+    device = torch.device(device)
+    train_ds = load_dataset(dataset, "train", root=data_root, download=download)
+    test_ds = load_dataset(dataset, "test", root=data_root, download=download)
+    aug = default_augment(dataset) if augment == "auto" else augment
+    if isinstance(aug, str):
+        raise ValueError(f"augment must be an AugmentConfig, None or 'auto', got {aug!r}")
+    c, h, w = train_ds.input_shape
+    if h != w:
+        raise ValueError(f"only square inputs are supported by the model zoo, got {h}x{w}")
+    net = create_model(
+        model,
+        num_classes=len(train_ds.classes),
+        in_channels=c,
+        input_size=h,
+        **(model_kwargs or {}),
+    )
+    train_loader, test_loader = make_loaders(
+        train_ds,
+        test_ds,
+        batch_size=batch_size,
+        device=device,
+        augment=aug,
+        seed=train_config.seed,
+        channels_last=train_config.channels_last,
+    )
+    trainer = Trainer(net, train_config, device=device, callbacks=callbacks, out_dir=out_dir)
+    start = time.perf_counter()
+    history = trainer.fit(train_loader, test_loader, resume=resume)
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate(test_loader)
+    test_metrics = {"accuracy": float(metrics["accuracy"]), "loss": float(metrics["loss"])}
+    model_dir = None
+    if out_dir is not None and is_main_process():
+        model_dir = save_model(
+            trainer.unwrapped_model,
+            Path(out_dir) / MODEL_SUBDIR,
+            input_shape=(c, h, w),
+            mean=train_ds.mean,
+            std=train_ds.std,
+            class_names=list(train_ds.classes),
+            metrics={
+                "test_accuracy": test_metrics["accuracy"],
+                "test_loss": test_metrics["loss"],
+                "train_seconds": seconds,
+                "epochs": train_config.epochs,
+            },
+            extra={
+                "dataset": dataset,
+                "train_config": train_config.to_dict(),
+                "batch_size": batch_size,
+                "augment": None if aug is None else aug.to_dict(),
+                "device": str(device),
+                "world_size": get_world_size(),
+            },
+        )
+    return ClassifierRun(
+        model=trainer.unwrapped_model,
+        history=history.to_dict(),
+        test_metrics=test_metrics,
+        model_dir=model_dir,
+        train_seconds=seconds,
+    )

@@ -1,0 +1,182 @@
+"""Distributed data parallel set-up from the ``torchrun`` environment.
+
+``torchrun --nproc_per_node=N script.py`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and joins the process
+group (NCCL on CUDA/ROCm, gloo otherwise). Every other function here works, as a single-process
+no-op, when no process group exists, so the same script runs with and without ``torchrun``.
+
+Example:
+    >>> init_distributed()          # False outside torchrun
+    False
+    >>> get_rank(), get_world_size(), is_main_process()
+    (0, 1, True)
+    >>> cleanup()
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"environment variable {name}={raw!r} is not an integer; it is set by torchrun, "
+            "unset it or launch with `torchrun --nproc_per_node=N`"
+        ) from exc
+
+
+def is_initialized() -> bool:
+    """Whether a process group exists.
+
+    Example:
+        >>> is_initialized()
+        False
+    """
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank (0 without a process group).
+
+    Example:
+        >>> get_rank()
+        0
+    """
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 without a process group).
+
+    Example:
+        >>> get_world_size()
+        1
+    """
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """This process's rank on its host, from ``LOCAL_RANK`` (0 when unset).
+
+    Example:
+        >>> get_local_rank()
+        0
+    """
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0, the process that writes files and logs.
+
+    Example:
+        >>> if is_main_process():
+        ...     save(...)
+    """
+    return get_rank() == 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+    """Join the process group described by the ``torchrun`` environment variables.
+
+    Does nothing and returns ``False`` when ``WORLD_SIZE`` is unset or 1. On CUDA/ROCm it also
+    selects the device ``cuda:LOCAL_RANK`` for this process.
+
+    Args:
+        backend: ``"nccl"``, ``"gloo"``...; ``None`` picks NCCL when CUDA is available, else gloo.
+        timeout_s: How long collective operations wait for the other ranks.
+
+    Returns:
+        Whether a multi-process group is initialised.
+
+    Example:
+        >>> # torchrun --nproc_per_node=2 train.py
+        >>> init_distributed()
+        True
+    """
+    if is_initialized():
+        return get_world_size() > 1
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size <= 1:
+        return False
+    missing = [k for k in _ENV_KEYS if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} are not set; expected the full "
+            "torchrun environment; launch with `torchrun --nproc_per_node=N script.py`"
+        )
+    if not dist.is_available():
+        raise RuntimeError(
+            "this PyTorch build has no torch.distributed; install a build with distributed "
+            "support or run on one process"
+        )
+    use_cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda and backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(
+        backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    logger.info(
+        "joined process group: rank %d of %d (local rank %d, backend %s)",
+        get_rank(),
+        get_world_size(),
+        get_local_rank(),
+        backend,
+    )
+    return get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op without a process group).
+
+    Example:
+        >>> barrier()
+    """
+    if not is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place and return it (unchanged without a process group).
+
+    Example:
+        >>> all_reduce_sum(torch.tensor([1.0, 2.0]))
+        tensor([1., 2.])
+    """
+    if is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup() -> None:
+    """Wait for every rank, then leave and destroy the process group, if any.
+
+    The barrier keeps a fast rank from tearing its connections down while a slower one is still
+    in a collective operation.
+
+    Example:
+        >>> cleanup()
+    """
+    if is_initialized():
+        barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,442 @@
+"""The one training loop of slimtorch.
+
+Every training-time method is a :class:`~slimtorch.train.Callback` or a loss of this
+:class:`Trainer`. A loader is any iterable of ``(inputs, targets)`` batches with ``__len__``; if it
+has ``set_epoch(e)`` it is called at the start of every epoch, and when resuming mid-epoch
+``set_start_batch(k)`` is used if present (otherwise ``k`` batches are drawn and dropped).
+
+Example:
+    >>> trainer = Trainer(model, TrainConfig(epochs=3, lr=0.05), out_dir="runs/mlp")
+    >>> history = trainer.fit(train_loader, val_loader)
+    >>> trainer.evaluate(test_loader)["accuracy"]
+    0.97
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import CheckpointError
+from slimtorch.core.io import atomic_write_json
+from slimtorch.train.amp import AmpPlan, resolve_amp
+from slimtorch.train.callbacks import Callback
+from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
+from slimtorch.train.config import TrainConfig
+from slimtorch.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    get_local_rank,
+    get_world_size,
+    is_main_process,
+)
+from slimtorch.train.history import History
+from slimtorch.train.loader import check_loader, iter_from, split_batch
+from slimtorch.train.meter import Meter
+from slimtorch.train.optim import build_optimizer, build_scheduler
+from slimtorch.train.progress import ProgressBar
+from slimtorch.train.seeding import get_rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+_REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
+
+
+class Trainer:
+    """Train and evaluate a model.
+
+    Args:
+        model: The model; :attr:`model` may be replaced by a converted copy (SyncBatchNorm).
+        config: The training config.
+        device: The device to train on; under multi-GPU DDP, ``cuda:LOCAL_RANK`` is used.
+        callbacks: Callbacks, run in this order.
+        out_dir: Folder for ``checkpoint.pt``, ``train_config.json`` and ``history.json``;
+            ``None`` writes nothing (and cannot resume).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy with the
+            config's label smoothing.
+
+    Attributes available to callbacks: ``model``, ``config``, ``device``, ``optimizer``,
+    ``scheduler``, ``scaler``, ``amp``, ``epoch`` (0-based), ``step_in_epoch`` (batches done
+    in this epoch), ``global_step`` (optimiser steps done), ``steps_per_epoch``,
+    ``should_stop``, ``history``, ``last_grad_norm`` (pre-clip norm, when clipping).
+
+    Example:
+        >>> trainer = Trainer(model, TrainConfig(epochs=2), device="cuda", out_dir="runs/a")
+        >>> trainer.fit(train_loader, val_loader, resume=True).to_dict()["val_accuracy"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        *,
+        device: str | torch.device = "cpu",
+        callbacks: Sequence[Callback] = (),
+        out_dir: str | os.PathLike[str] | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks must subclass slimtorch.train.Callback, got {type(cb).__name__}"
+                )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.callbacks: list[Callback] = list(callbacks)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.loss_fn = loss_fn
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.amp: AmpPlan | None = None
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.steps_per_epoch = 0
+        self.should_stop = False
+        self.history = History()
+        self.last_grad_norm: torch.Tensor | None = None
+        self._meter: Meter | None = None
+        self._prepared = False
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``out_dir / "checkpoint.pt"`` (``None`` without ``out_dir``)."""
+        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The trained model without any DDP wrapper (the same object as :attr:`model`)."""
+        return self.model
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether a process group with more than one rank exists."""
+        return get_world_size() > 1
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        if self.is_distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", get_local_rank())
+            torch.cuda.set_device(self.device)
+        if self.config.sync_batchnorm and self.is_distributed:
+            if self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:
+                logger.info("sync_batchnorm is ignored on %s (needs CUDA)", self.device)
+        self.model.to(self.device)
+        if self.config.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.amp = resolve_amp(self.config.amp, self.device)
+        if is_main_process():
+            logger.info("training on %s, precision %s", self.device, self.amp.name)
+        self._prepared = True
+
+    def _criterion(self) -> LossFn:
+        if self.loss_fn is None:
+            self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+        return self.loss_fn
+
+    def _to_device(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            obj = obj.to(self.device, non_blocking=True)
+            if self.config.channels_last and obj.dim() == 4:
+                obj = obj.contiguous(memory_format=torch.channels_last)
+            return obj
+        if isinstance(obj, tuple | list):
+            return type(obj)(self._to_device(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._to_device(v) for k, v in obj.items()}
+        return obj
+
+    def _callback_keys(self) -> list[str]:
+        keys: list[str] = []
+        for cb in self.callbacks:
+            key, i = cb.state_key, 1
+            while key in keys:
+                key, i = f"{cb.state_key}#{i}", i + 1
+            keys.append(key)
+        return keys
+
+    def running_metrics(self) -> dict[str, Any]:
+        """This rank's loss, accuracy and images/s so far in the current epoch (syncs the GPU).
+
+        Example:
+            >>> trainer.running_metrics()["loss"]
+        """
+        if self._meter is None:
+            return {"loss": float("nan"), "accuracy": None, "images_per_s": 0.0, "n": 0}
+        res = self._meter.result(reduce=False)
+        res["images_per_s"] = res["n"] * get_world_size() / max(self._meter.elapsed(), 1e-9)
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        if path is None or self.optimizer is None or self.scheduler is None:
+            return
+        meter = self._meter.state_dict(reduce=True) if self._meter is not None else {}
+        if is_main_process():
+            keys = self._callback_keys()
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "callbacks": {
+                    k: cb.state_dict() for k, cb in zip(keys, self.callbacks, strict=True)
+                },
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "rng": get_rng_state(),
+                "history": self.history.to_dict(),
+                "meter": meter,
+                "config": self.config.to_dict(),
+            }
+            save_checkpoint(path, state)
+            logger.debug("checkpoint written to %s at step %d", path, self.global_step)
+        barrier()
+
+    def _resume(self) -> dict[str, Any] | None:
+        path = self.checkpoint_path
+        if path is None:
+            raise ValueError("fit(resume=True) needs out_dir on the Trainer; pass out_dir=...")
+        if not path.exists():
+            logger.warning("resume=True but %s does not exist; starting from scratch", path)
+            return None
+        state = load_checkpoint(path, required=_REQUIRED)
+        if state.get("steps_per_epoch") != self.steps_per_epoch:
+            raise CheckpointError(
+                f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
+                f"epoch but the training loader has {self.steps_per_epoch}; resume with the same "
+                "data, batch size and world size, or use a new out_dir"
+            )
+        assert self.optimizer is not None and self.scheduler is not None
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
+                "the same model and TrainConfig, or use a new out_dir"
+            ) from exc
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        saved = state.get("callbacks", {})
+        for key, cb in zip(self._callback_keys(), self.callbacks, strict=True):
+            if key in saved:
+                cb.load_state_dict(saved[key])
+            else:
+                logger.warning("checkpoint has no state for callback %s", key)
+        changed = sorted(
+            k for k, v in self.config.to_dict().items() if state.get("config", {}).get(k) != v
+        )
+        if changed:
+            logger.warning("resuming with changed config fields: %s", ", ".join(changed))
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = History.from_dict(state.get("history", {}))
+        self._meter = Meter(self.device)
+        if self.step_in_epoch > 0 and state.get("meter"):
+            # the saved sums are already summed over ranks: give them to rank 0 only
+            self._meter.load_state_dict(state["meter"], counts=is_main_process())
+        logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step_in_epoch)
+        rng: dict[str, Any] = state["rng"]
+        return rng
+
+    # ------------------------------------------------------------------ loop
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _train_step(self, model: nn.Module, batch: Any, batch_idx: int) -> None:
+        assert self.optimizer is not None and self.scheduler is not None
+        assert self.amp is not None and self._meter is not None
+        inputs, targets = split_batch(self._to_device(batch))
+        self._call("on_train_batch_start", (inputs, targets), batch_idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp.autocast(self.device):
+            outputs = model(inputs)
+            loss = self._criterion()(outputs, targets)
+            for cb in self.callbacks:
+                loss = cb.compute_loss(self, inputs, outputs, targets, loss)
+        self._call("on_before_backward", loss)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._call("on_after_backward")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._call("on_before_optimizer_step", self.optimizer)
+        if self.config.grad_clip_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.last_grad_norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._call("on_after_optimizer_step")
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch = batch_idx + 1
+        loss = loss.detach()
+        self._meter.update(outputs, loss, targets)
+        self._call("on_train_batch_end", outputs.detach(), loss, batch_idx)
+
+    def _train_epoch(
+        self, model: nn.Module, loader: Any, val_loader: Any, rng: dict[str, Any] | None
+    ) -> None:
+        assert self.optimizer is not None and self._meter is not None
+        start = self.step_in_epoch
+        if rng is not None and start == 0:
+            set_rng_state(rng)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        if start == 0:
+            self._meter.reset()
+        self.model.train()
+        self._call("on_train_epoch_start")
+        batches = iter_from(loader, start)
+        if rng is not None and start > 0:
+            set_rng_state(rng)  # after the skipped batches: the step-j stream continues exactly
+        every = self.config.checkpoint_every_steps
+        for batch_idx, batch in enumerate(batches, start=start):
+            self._train_step(model, batch, batch_idx)
+            mid_epoch = self.step_in_epoch < self.steps_per_epoch
+            if every and self.global_step % every == 0 and mid_epoch:
+                self._save_checkpoint()
+            if self.should_stop and not self.is_distributed:
+                break
+        res = self._meter.result(reduce=True)
+        elapsed = self._meter.elapsed()
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "train_loss": res["loss"],
+            "train_accuracy": res["accuracy"],
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "images_per_s": res["n"] / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
+        self._call("on_train_epoch_end", dict(row))
+        every_eval = self.config.eval_every_epochs
+        last = self.epoch + 1 == self.config.epochs
+        if val_loader is not None and every_eval and ((self.epoch + 1) % every_eval == 0 or last):
+            val = self.evaluate(val_loader)
+            metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_n": val["n"]}
+            self._call("on_validation_end", metrics)
+            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        self.history.append(row)
+        if is_main_process():
+            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, row)
+        if self.is_distributed:  # every rank stops if any rank asked to
+            flag = torch.tensor([float(self.should_stop)], device=self.device)
+            self.should_stop = bool(all_reduce_sum(flag).item() > 0)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._save_checkpoint()
+        if self.out_dir is not None and is_main_process():
+            atomic_write_json(self.out_dir / "history.json", self.history.to_dict())
+
+    def fit(self, train_loader: Any, val_loader: Any = None, *, resume: bool = False) -> History:
+        """Train for ``config.epochs`` epochs (or until a callback sets ``should_stop``).
+
+        Args:
+            train_loader: Training batches (see the module docstring for the protocol).
+            val_loader: Validation batches, evaluated every ``eval_every_epochs`` epochs.
+            resume: Continue from ``out_dir/checkpoint.pt`` when it exists.
+
+        Returns:
+            The per-epoch :class:`History` (also written to ``out_dir/history.json``).
+
+        Raises:
+            CheckpointError: ``resume=True`` and the checkpoint is corrupt or does not match.
+
+        Example:
+            >>> history = Trainer(model, TrainConfig(epochs=2)).fit(train_loader)
+            >>> history.train_loss[-1] < history.train_loss[0]
+            True
+        """
+        self.steps_per_epoch = check_loader(train_loader, "train_loader")
+        if val_loader is not None:
+            check_loader(val_loader, "val_loader")
+        seed_everything(self.config.seed, self.config.deterministic)
+        self._prepare()
+        assert self.amp is not None
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.scheduler = build_scheduler(self.optimizer, self.config, self.steps_per_epoch)
+        self.scaler = self.amp.make_scaler(self.device)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.should_stop = False
+        self.history = History()
+        self._meter = Meter(self.device)
+        if self.config.progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+            self.callbacks.append(ProgressBar())
+        rng = self._resume() if resume else None
+        model: nn.Module = self.model
+        if self.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.out_dir is not None and is_main_process():
+            self.config.save(self.out_dir / "train_config.json")
+        self._call("on_fit_start")
+        try:
+            while self.epoch < self.config.epochs and not self.should_stop:
+                self._train_epoch(model, train_loader, val_loader, rng)
+                rng = None
+        finally:
+            if model is not self.model:
+                # free the DDP reducer (it holds the process group) before the group goes away
+                del model
+                gc.collect()
+        self._call("on_fit_end")
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> dict[str, Any]:
+        """Mean loss, top-1 accuracy (``None`` for non-classification) and sample count.
+
+        Under DDP each rank evaluates its shard and the sums are combined over ranks.
+
+        Example:
+            >>> trainer.evaluate(test_loader)
+            {'loss': 0.21, 'accuracy': 0.94, 'n': 10000}
+        """
+        check_loader(loader, "loader")
+        self._prepare()
+        assert self.amp is not None
+        meter = Meter(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in loader:
+                inputs, targets = split_batch(self._to_device(batch))
+                with self.amp.autocast(self.device):
+                    outputs = self.model(inputs)
+                    loss = self._criterion()(outputs, targets)
+                meter.update(outputs, loss, targets)
+        finally:
+            self.model.train(was_training)
+        return meter.result(reduce=True)

@@ -1,0 +1,219 @@
+"""Checkpoint and resume: a run killed mid-epoch resumes to exactly the uninterrupted weights."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from train_helpers import ListLoader, StartBatchLoader, make_blobs, make_mlp
+
+from slimtorch.core.errors import CheckpointError
+from slimtorch.train import (
+    Callback,
+    EarlyStopping,
+    TrainConfig,
+    Trainer,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+X, Y = make_blobs(64, seed=3)
+XV, YV = make_blobs(32, seed=4)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _KillAt(Callback):
+    """Simulates a crash: raises after optimiser step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise _Crash(f"killed at step {self.step}")
+
+
+class _Counter(Callback):
+    """Has state: the number of batches it has seen (must survive the resume)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, batch_idx: int) -> None:
+        self.seen += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = state["seen"]
+
+
+def _config(**kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        epochs=3,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
+        schedule="cosine",
+        warmup_epochs=0.5,
+        label_smoothing=0.1,
+        amp="off",
+        seed=7,
+        checkpoint_every_steps=5,
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(
+    out_dir: Path,
+    loader_cls: type[ListLoader],
+    callbacks: list[Callback],
+    *,
+    resume: bool = False,
+    model_seed: int = 0,
+    **cfg: Any,
+) -> Trainer:
+    torch.manual_seed(model_seed)
+    model = make_mlp(dropout=0.25)  # dropout: the RNG streams must be restored too
+    trainer = Trainer(model, _config(**cfg), callbacks=callbacks, out_dir=out_dir)
+    trainer.fit(loader_cls(X, Y, 8), ListLoader(XV, YV, 16, shuffle=False), resume=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("loader_cls", [ListLoader, StartBatchLoader])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_killed_mid_epoch_run_resumes_to_identical_weights(
+    tmp_path: Path, loader_cls: type[ListLoader], optimizer: str
+) -> None:
+    # 8 steps per epoch; checkpoints at global steps 5 and 10 (epoch 1, batch 2); crash at 13
+    lr = 0.05 if optimizer == "sgd" else 0.01
+    ref_counter = _Counter()
+    ref = _run(tmp_path / "ref", loader_cls, [ref_counter], optimizer=optimizer, lr=lr)
+
+    counter = _Counter()
+    with pytest.raises(_Crash):
+        _run(tmp_path / "run", loader_cls, [counter, _KillAt(13)], optimizer=optimizer, lr=lr)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 2, 10)
+
+    counter2 = _Counter()
+    kw: dict[str, Any] = {"optimizer": optimizer, "lr": lr}
+    resumed = _run(tmp_path / "run", loader_cls, [counter2], resume=True, model_seed=99, **kw)
+    assert resumed.global_step == ref.global_step == 24
+    for (name, p_ref), (_, p_res) in zip(
+        ref.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(p_res, p_ref, rtol=0, atol=0, msg=f"parameter {name}")
+    assert counter2.seen == ref_counter.seen == 24
+    h_ref, h_res = ref.history.to_dict(), resumed.history.to_dict()
+    for key in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        assert h_res[key] == pytest.approx(h_ref[key], rel=1e-12), key
+
+
+def test_resume_from_an_epoch_end_checkpoint(tmp_path: Path) -> None:
+    ref = _run(tmp_path / "ref", ListLoader, [], checkpoint_every_steps=0)
+    with pytest.raises(_Crash):
+        _run(tmp_path / "run", ListLoader, [_KillAt(19)], checkpoint_every_steps=0)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+    resumed = _run(tmp_path / "run", ListLoader, [], resume=True, checkpoint_every_steps=0)
+    for p_ref, p_res in zip(ref.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p_res, p_ref, rtol=0, atol=0)
+    assert resumed.history.epoch == [1, 2, 3]
+
+
+def test_start_batch_is_used_when_the_loader_supports_it(tmp_path: Path) -> None:
+    with pytest.raises(_Crash):
+        _run(tmp_path, StartBatchLoader, [_KillAt(13)])
+    torch.manual_seed(0)
+    loader = StartBatchLoader(X, Y, 8)
+    trainer = Trainer(make_mlp(dropout=0.25), _config(), out_dir=tmp_path)
+    trainer.fit(loader, resume=True)
+    assert loader.start_calls == [2]
+
+
+def test_early_stopping_state_is_checkpointed(tmp_path: Path) -> None:
+    stopper = EarlyStopping(patience=5)
+    _run(tmp_path, ListLoader, [stopper], epochs=2)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")["callbacks"]["EarlyStopping"]
+    assert state == {"best": stopper.best, "wait": stopper.wait, "stopped_epoch": None}
+    assert isinstance(state["best"], float)
+
+
+def test_corrupt_checkpoint_raises_checkpoint_error_with_path(tmp_path: Path) -> None:
+    _run(tmp_path, ListLoader, [], epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt could not be read.*delete or move"):
+        _run(tmp_path, ListLoader, [], resume=True, epochs=1)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("unpickled!",))
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "slimtorch.train.checkpoint", "version": 1, "x": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(path)
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(path)
+
+
+def test_foreign_or_mismatched_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a slimtorch training checkpoint"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"epoch": 0})
+    with pytest.raises(CheckpointError, match="lacks model"):
+        load_checkpoint(path, required=("model", "epoch"))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # a run with another batch size cannot continue this checkpoint
+    _run(tmp_path / "a", ListLoader, [], epochs=1)
+    trainer = Trainer(make_mlp(dropout=0.25), _config(epochs=1), out_dir=tmp_path / "a")
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        trainer.fit(ListLoader(X, Y, 16), resume=True)
+    # a different architecture does not match
+    other = Trainer(make_mlp(hidden=5), _config(), out_dir=tmp_path / "a")
+    with pytest.raises(CheckpointError, match="does not match"):
+        other.fit(ListLoader(X, Y, 8), resume=True)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    trainer = _run(tmp_path, ListLoader, [], resume=True, epochs=1)
+    assert trainer.global_step == 8
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "rng.pt"
+    save_checkpoint(path, {"rng": get_rng_state()})
+    expected = (torch.rand(3), random.random(), np.random.rand(2))
+    set_rng_state(load_checkpoint(path)["rng"])
+    torch.testing.assert_close(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    np.testing.assert_array_equal(np.random.rand(2), expected[2])

@@ -1,0 +1,96 @@
+"""Shared pieces of the slimtorch.train tests: a protocol-following loader, data, tiny models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class ListLoader:
+    """(x, y) batches of fixed tensors; reshuffles per ``set_epoch`` and can shard for DDP.
+
+    Each global batch of ``batch_size`` samples is split into ``world_size`` equal shards and
+    this loader yields shard ``rank`` (the data layer's loaders do the same).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        assert batch_size % world_size == 0
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.epochs_seen: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.epochs_seen.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.x))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.x), generator=gen)
+
+    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = idx[self.rank :: self.world_size]
+            yield self.x[idx], self.y[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(0)
+
+
+class StartBatchLoader(ListLoader):
+    """A :class:`ListLoader` that also supports ``set_start_batch`` (records the calls)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.start = 0
+        self.start_calls: list[int] = []
+
+    def set_start_batch(self, k: int) -> None:
+        self.start = k
+        self.start_calls.append(k)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self.start = self.start, 0
+        return self._batches(start)
+
+
+def make_blobs(n: int, seed: int = 0, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four well-separated Gaussian blobs (centres 5 from the origin, unit noise): separable."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(4, dim)
+    centres[0, 0], centres[1, 0], centres[2, 1], centres[3, 1] = 5.0, -5.0, 5.0, -5.0
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = centres[y] + torch.randn(n, dim, generator=gen)
+    return x, y
+
+
+def make_mlp(dim: int = 8, hidden: int = 16, classes: int = 4, dropout: float = 0.0) -> nn.Module:
+    """A tiny MLP (no BatchNorm, so DDP equals single-process training exactly)."""
+    layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, classes))
+    return nn.Sequential(*layers)
