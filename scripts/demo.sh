@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The main job: train a small model on the bundled digits, evaluate it, profile it.
+# Usage: scripts/demo.sh PYTHON   (make demo passes the venv's python)
+set -euo pipefail
+PY=${1:-python3}
+OUT=${DEMO_OUT:-runs/demo}
+THREADS=${DEMO_THREADS:-2}
+st() { "$PY" -m slimtorch.cli "$@"; }
+
+echo "== 1. devices and profiles"
+st devices
+echo
+echo "== 2. train lenet5 on the bundled 8x8 digits (CPU, $THREADS threads)"
+st train --model lenet5 --dataset digits --epochs 30 --batch-size 64 --lr 0.05 \
+  --device cpu --threads "$THREADS" --out "$OUT" --no-progress
+echo
+echo "== 3. evaluate the saved model directory"
+st eval --in "$OUT" --device cpu --threads "$THREADS"
+echo
+echo "== 4. profile it: measured here, estimated on each device profile"
+st profile --in "$OUT" --batch-size 1 --device cpu --threads "$THREADS" --json "$OUT/profile.json"
+echo
+st profile --in "$OUT" --batch-size 256 --device cpu --threads "$THREADS"
+echo
+echo "demo done: model directory in $OUT"

@@ -1,0 +1,90 @@
+"""``slimtorch devices``: the devices found here and the known device profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from slimtorch.cli.common import format_table
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("devices", help="list the devices found here and the known profiles")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--no-probe", action="store_true", help="skip measuring the cpu profile (GEMM/copy probe)"
+    )
+    p.set_defaults(handler=run)
+
+
+def _gb(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.1f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtorch.core.devices import detect_devices
+    from slimtorch.core.profiles import get_profile, list_profiles
+
+    devices = detect_devices()
+    names = [n for n in list_profiles() if not (args.no_probe and n == "cpu")]
+    profiles = [get_profile(n) for n in names]
+    if args.json:
+        from dataclasses import asdict
+
+        print(
+            json.dumps(
+                {
+                    "devices": [asdict(d) for d in devices],
+                    "profiles": [asdict(p) for p in profiles],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    rows = [
+        [
+            d.device,
+            d.kind,
+            d.name,
+            _gb(d.total_memory_bytes),
+            _gb(d.free_memory_bytes),
+            d.gfx_arch or d.compute_capability or "-",
+            "yes" if d.supports_fp16 else "no",
+            "yes" if d.supports_bf16 else "no",
+        ]
+        for d in devices
+    ]
+    print("Devices found here")
+    print(
+        format_table(["device", "kind", "name", "mem GB", "free GB", "arch", "fp16", "bf16"], rows)
+    )
+    prow = [
+        [
+            p.name,
+            f"{p.peak_flops['fp32'] / 1e12:.2f}",
+            f"{p.peak_flops['fp16'] / 1e12:.2f}",
+            f"{p.peak_flops['bf16'] / 1e12:.2f}",
+            f"{p.peak_flops['int8'] / 1e12:.2f}",
+            f"{p.memory_bandwidth / 1e9:.0f}",
+            _gb(p.memory_bytes),
+            ",".join(
+                f
+                for f, on in (
+                    ("packed-fp16", p.packed_fp16),
+                    ("int8-dot", p.int8_dot),
+                    ("tensor-cores", p.tensor_cores),
+                )
+                if on
+            )
+            or "-",
+        ]
+        for p in profiles
+    ]
+    print()
+    print("Device profiles (peak rates in TFLOP/s or TOP/s, bandwidth GB/s)")
+    print(
+        format_table(["profile", "fp32", "fp16", "bf16", "int8", "GB/s", "mem GB", "flags"], prow)
+    )
+    return 0

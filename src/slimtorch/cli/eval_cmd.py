@@ -1,0 +1,57 @@
+"""``slimtorch eval``: accuracy and loss of a saved model directory on a dataset split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from slimtorch.cli.common import DATASETS, add_device_args, apply_threads, resolve_model_dir
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate a saved model directory")
+    p.add_argument("--in", dest="model_dir", required=True, help="model directory")
+    p.add_argument(
+        "--dataset", choices=DATASETS, default=None, help="default: the dataset it was trained on"
+    )
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--data-root", default=None)
+    add_device_args(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtorch.core.devices import resolve_device
+    from slimtorch.data import DeviceLoader, load_dataset
+    from slimtorch.models import load_model
+    from slimtorch.train import TrainConfig, Trainer
+
+    apply_threads(args)
+    device = resolve_device(args.device)
+    model, card = load_model(resolve_model_dir(args.model_dir), device=device)
+    dataset = args.dataset or card.extra.get("dataset")
+    if dataset is None:
+        raise ValueError(f"{args.model_dir} does not record its dataset; pass --dataset")
+    ds = load_dataset(dataset, args.split, root=args.data_root)
+    if tuple(ds.input_shape) != tuple(card.input_shape):
+        raise ValueError(
+            f"{dataset} images are {tuple(ds.input_shape)} but the model expects "
+            f"{tuple(card.input_shape)}; pick a matching --dataset"
+        )
+    loader = DeviceLoader(ds, args.batch_size, device=device)
+    metrics = Trainer(model, TrainConfig(epochs=1), device=device).evaluate(loader)
+    print(
+        json.dumps(
+            {
+                "model_dir": args.model_dir,
+                "dataset": dataset,
+                "split": args.split,
+                "accuracy": round(float(metrics["accuracy"]), 4),
+                "loss": round(float(metrics["loss"]), 4),
+                "n": int(metrics["n"]),
+            }
+        )
+    )
+    return 0

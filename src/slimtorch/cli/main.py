@@ -1,0 +1,71 @@
+"""The ``slimtorch`` command: thin sub-commands that parse, call the public API and print.
+
+Every sub-command has ``--help``; bad arguments give a one-line error that lists the valid
+choices, and library errors are printed as ``slimtorch: error: ...`` with exit status 2.
+
+Example:
+    $ slimtorch train --model resnet20 --dataset fashion-mnist --epochs 30 --out runs/x
+    $ slimtorch eval --in runs/x
+    $ slimtorch profile --in runs/x --batch-size 1
+    $ slimtorch devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from slimtorch import __version__
+from slimtorch.core.errors import SlimtorchError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``slimtorch train: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (sub-commands registered by their modules)."""
+    from slimtorch.cli import devices_cmd, eval_cmd, profile_cmd, train_cmd
+
+    parser = _Parser(
+        prog="slimtorch",
+        description="Make models fit and run fast on the GPU you have.",
+    )
+    parser.add_argument("--version", action="version", version=f"slimtorch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for module in (train_cmd, eval_cmd, profile_cmd, devices_cmd):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``slimtorch`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (SlimtorchError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slimtorch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

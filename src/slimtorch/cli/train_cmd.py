@@ -1,0 +1,118 @@
+"""``slimtorch train``: train a zoo model on a dataset and write a model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from slimtorch.cli.common import DATASETS, MODELS, add_device_args, apply_threads
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model and write a model directory",
+        description="Train a zoo model on a dataset; writes model.safetensors, config.json, "
+        "metrics.json, history.json and a resumable checkpoint.pt to --out. Under torchrun "
+        "(python -m torch.distributed.run -m slimtorch.cli train ...) it trains data-parallel.",
+    )
+    p.add_argument("--model", required=True, choices=MODELS, help="architecture")
+    p.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default digits)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default per optimizer)"
+    )
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm")
+    p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--augment",
+        choices=("auto", "none", "crop", "flip", "crop+flip"),
+        default="auto",
+        help="on-device augmentation (auto: the dataset's default)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
+    p.add_argument("--no-download", action="store_true", help="never download dataset files")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_args(p)
+    p.set_defaults(handler=run)
+
+
+def _augment(choice: str, dataset: str) -> Any:
+    from slimtorch.data import AugmentConfig
+
+    pad = 4 if dataset == "cifar10" else 2
+    return {
+        "auto": "auto",
+        "none": None,
+        "crop": AugmentConfig(random_crop_padding=pad),
+        "flip": AugmentConfig(hflip=True),
+        "crop+flip": AugmentConfig(random_crop_padding=pad, hflip=True),
+    }[choice]
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtorch.core.devices import resolve_device
+    from slimtorch.train import TrainConfig
+    from slimtorch.train.classifier import train_classifier
+    from slimtorch.train.distributed import cleanup, init_distributed, is_main_process
+
+    distributed = init_distributed()
+    try:
+        apply_threads(args)
+        device = resolve_device(args.device)
+        lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
+        config = TrainConfig(
+            epochs=args.epochs,
+            optimizer=args.optimizer,
+            lr=lr,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing,
+            grad_clip_norm=args.grad_clip,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            seed=args.seed,
+            checkpoint_every_steps=args.checkpoint_every,
+            progress=not args.no_progress,
+        )
+        result = train_classifier(
+            model=args.model,
+            dataset=args.dataset,
+            out_dir=args.out,
+            train_config=config,
+            batch_size=args.batch_size,
+            device=device,
+            data_root=args.data_root,
+            augment=_augment(args.augment, args.dataset),
+            resume=args.resume,
+            download=not args.no_download,
+        )
+        if is_main_process():
+            summary = {
+                "model": args.model,
+                "dataset": args.dataset,
+                "test_accuracy": round(result.test_metrics["accuracy"], 4),
+                "test_loss": round(result.test_metrics["loss"], 4),
+                "train_seconds": round(result.train_seconds, 1),
+                "model_dir": str(result.model_dir),
+                "distributed": distributed,
+            }
+            print(json.dumps(summary))
+    finally:
+        cleanup()
+    return 0

@@ -1,0 +1,82 @@
+"""The CLI end to end: help, one-line errors with choices, train -> eval -> profile on digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimtorch.cli.common import DATASETS, MODELS, format_table, parse_shape
+from slimtorch.cli.main import main
+
+
+def test_static_choices_match_registries() -> None:
+    from slimtorch.data import list_datasets
+    from slimtorch.models import list_models
+
+    assert sorted(MODELS) == sorted(list_models())
+    assert set(DATASETS) <= set(list_datasets())
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "profile", "devices"])
+def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: slimtorch {command}" in capsys.readouterr().out
+
+
+def test_bad_choice_is_one_line_listing_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "resnet9000", "--out", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "resnet9000" in err and "resnet20" in err and "lenet5" in err
+
+
+def test_unknown_profile_lists_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["profile", "--model", "mlp", "--profiles", "rx581", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "rx581" in err and "rx580" in err
+
+
+def test_parse_shape_and_table() -> None:
+    assert parse_shape("3,32,32") == (3, 32, 32)
+    with pytest.raises(ValueError, match="C,H,W"):
+        parse_shape("3,32")
+    table = format_table(["a", "bb"], [[1, "xyz"]]).splitlines()
+    assert table == ["a  bb", "-  ---", "1  xyz"]
+
+
+def test_train_eval_profile_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "8", "--lr", "0.05"]
+    code = main([*args, "--batch-size", "64", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test_accuracy"] > 0.85
+    for name in ("model/model.safetensors", "model/config.json", "model/metrics.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint.pt").is_file()
+
+    assert main(["eval", "--in", str(out), "--device", "cpu"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-4)
+    assert ev["n"] == 359  # the digits test split: 20% of 1797, stratified
+
+    js = tmp_path / "profile.json"
+    args = ["profile", "--in", str(out), "--device", "cpu", "--threads", "1"]
+    assert main([*args, "--profiles", "rx580,h100-sxm", "--json", str(js)]) == 0
+    table = capsys.readouterr().out
+    assert "rx580" in table and "h100-sxm" in table
+    data = json.loads(js.read_text())
+    # mlp on 8x8: 64*256+256 + 256*128+128 + 128*10+10 parameters
+    assert json.dumps(data).count(str(64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10)) >= 1
+
+
+def test_eval_missing_directory_is_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--in", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "nope" in capsys.readouterr().err
