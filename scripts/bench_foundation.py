@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from slimtorch.core.devices import detect_devices, resolve_device, synchronize
+from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import estimate_latency, measure_latency
 from slimtorch.core.profiles import get_profile
-
-from slimtorch.core.io import atomic_write_json
 from slimtorch.data import DeviceLoader, SyntheticLoader, load_dataset
 from slimtorch.models import create_model
 from slimtorch.train import TrainConfig

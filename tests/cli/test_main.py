@@ -54,7 +54,9 @@ def test_parse_shape_and_table() -> None:
 def test_train_eval_profile_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "8", "--lr", "0.05"]
-    code = main([*args, "--batch-size", "64", "--device", "cpu", "--out", str(out), "--no-progress"])
+    code = main(
+        [*args, "--batch-size", "64", "--device", "cpu", "--out", str(out), "--no-progress"]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["test_accuracy"] > 0.85
@@ -77,6 +79,8 @@ def test_train_eval_profile_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.dumps(data).count(str(64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10)) >= 1
 
 
-def test_eval_missing_directory_is_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_missing_directory_is_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["eval", "--in", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert "nope" in capsys.readouterr().err
