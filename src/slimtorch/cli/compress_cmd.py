@@ -1,0 +1,113 @@
+"""``slimtorch compress``: decompose a trained model, fine-tune it, report before/after."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slimtorch.cli.common import DATASETS, add_device_args, apply_threads
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="factorise a trained model's layers, fine-tune, report before/after",
+        description="Low-rank factorisation (svd, tucker, cp, tt) of a saved model, then "
+        "fine-tuning; writes --out/model (a loadable model directory), report.json and "
+        "report.txt with the per-layer report and the before/after table (accuracy, params, "
+        "FLOPs, measured latency, estimated latency on the target profiles).",
+    )
+    p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--method", required=True, choices=("svd", "tucker", "cp", "tt"))
+    p.add_argument(
+        "--rank",
+        default="0.25",
+        help="fraction in (0,1], integer rank, vbmf, energy:0.9, or budget:params=0.33 "
+        "(default 0.25)",
+    )
+    p.add_argument("--include", action="append", default=None, help="layer glob (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, help="layer glob (repeatable)")
+    p.add_argument("--round-to", type=int, default=None, help="round ranks to a multiple")
+    p.add_argument(
+        "--min-speedup",
+        type=float,
+        default=None,
+        help="keep a factorised layer only if it is at least this much faster",
+    )
+    p.add_argument(
+        "--speed-on", default=None, help="measured (default) or a device profile name, e.g. rx580"
+    )
+    p.add_argument("--strict", action="store_true", help="fail instead of skipping layers")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
+    p.add_argument("--dataset", choices=DATASETS, default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--profile-batch", type=int, default=32, help="batch of the latency figures")
+    p.add_argument("--profiles", default="rx580", help="comma-separated profiles to estimate on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    add_device_args(p)
+    p.set_defaults(handler=run)
+
+
+def _rank(text: str) -> float | int | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtorch.core.devices import resolve_device
+    from slimtorch.pipeline import compress_run
+    from slimtorch.train import TrainConfig
+
+    apply_threads(args)
+    options: dict[str, Any] = {}
+    if args.round_to is not None:
+        options["round_to"] = args.round_to
+    if args.min_speedup is not None:
+        options["min_speedup"] = args.min_speedup
+    if args.speed_on is not None:
+        options["speed_on"] = args.speed_on
+    finetune = (
+        TrainConfig(
+            epochs=args.finetune_epochs,
+            lr=args.lr,
+            amp=args.amp,
+            seed=args.seed,
+            warmup_epochs=0.0,
+            progress=not args.no_progress,
+        )
+        if args.finetune_epochs > 0
+        else None
+    )
+    result = compress_run(
+        in_dir=args.model_dir,
+        out_dir=args.out,
+        method=args.method,
+        rank=_rank(args.rank),
+        method_options=options,
+        include=args.include,
+        exclude=args.exclude,
+        strict=args.strict,
+        finetune=finetune,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        data_root=args.data_root,
+        dataset=args.dataset,
+        profile_batch=args.profile_batch,
+        profiles=[p for p in args.profiles.split(",") if p],
+        threads=args.threads,
+    )
+    layers = result.report["layers"]
+    print(f"{args.method} on {args.model_dir} -> {args.out}/model")
+    done = sum(1 for r in layers["layers"] if r["action"] == "decomposed")
+    print(f"layers decomposed: {done} of {len(layers['layers'])} (see report.txt for skips)")
+    print(result.table)
+    return 0

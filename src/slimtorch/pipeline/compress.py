@@ -1,0 +1,219 @@
+"""Compress a trained model directory, fine-tune it, and report before/after.
+
+The job behind ``slimtorch compress``: load a model directory, measure it (test accuracy,
+parameters, size, FLOPs, measured latency and peak memory on the device at hand, roofline
+estimate on the target profiles), apply a transform (tensor decomposition for now), fine-tune
+with the one Trainer, measure again and write a model directory plus ``report.json``. A change
+is only called faster when the measured latency says so.
+
+Example:
+    >>> res = compress_run(in_dir="runs/base", out_dir="runs/tucker", method="tucker",
+    ...                    rank=0.25, finetune=TrainConfig(epochs=3, lr=0.01))
+    >>> print(res.table)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.io import atomic_write_json, atomic_write_text
+from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
+from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
+from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
+from slimtorch.decompose.config import DecomposeConfig
+from slimtorch.models import load_model, save_model
+from slimtorch.train import TrainConfig, Trainer
+from slimtorch.train.classifier import MODEL_SUBDIR, default_augment
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, type[DecomposeConfig]] = {
+    "svd": SVDConfig,
+    "tucker": TuckerConfig,
+    "cp": CPConfig,
+    "tt": TTConfig,
+}
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress_run` returns; ``report`` is what ``report.json`` holds."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    table: str
+    model_dir: Path | None
+
+
+def measure_model(
+    model: nn.Module,
+    test_loader: DeviceLoader,
+    input_shape: Sequence[int],
+    *,
+    device: torch.device,
+    batch_size: int,
+    profiles: Sequence[str],
+    threads: int | None,
+) -> tuple[float, ModelProfile]:
+    """Test accuracy plus the measurement profile at ``batch_size`` (one call, one device)."""
+    model.eval()
+    acc = Trainer(model, TrainConfig(epochs=1, progress=False), device=device).evaluate(
+        test_loader
+    )["accuracy"]
+    x = torch.randn(batch_size, *input_shape, device=device)
+    prof = profile_model(model, x, device=device, profiles=list(profiles), threads=threads)
+    return float(acc if acc is not None else float("nan")), prof
+
+
+def _decompose_config(method: str, rank: Any, options: dict[str, Any]) -> DecomposeConfig:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    return METHODS[method].from_dict({"rank": rank, **options})
+
+
+def _table(acc_before: float, acc_after: float, before: ModelProfile, after: ModelProfile) -> str:
+    head = f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"
+    acc = f"{'test accuracy (%)':<26} {100 * acc_before:>12.2f} {100 * acc_after:>12.2f} "
+    acc += f"{100 * (acc_after - acc_before):>+7.2f}p"
+    lines = compare_profiles(before, after).splitlines()
+    return "\n".join([head, acc, *lines[1:]])
+
+
+def compress_run(
+    *,
+    in_dir: str | Path,
+    out_dir: str | Path | None,
+    method: str,
+    rank: float | int | str,
+    method_options: dict[str, Any] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    strict: bool = False,
+    finetune: TrainConfig | None = None,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    data_root: str | Path | None = None,
+    dataset: str | None = None,
+    profile_batch: int = 32,
+    profiles: Sequence[str] = ("rx580",),
+    threads: int | None = None,
+) -> CompressResult:
+    """Decompose the model in ``in_dir``, fine-tune it, and measure before and after.
+
+    Args:
+        in_dir: A model directory (or a run directory holding one in ``model/``).
+        out_dir: Run directory for the result (``model/``, ``report.json``, fine-tune
+            checkpoint and history); None keeps nothing on disk.
+        method: ``svd``, ``tucker``, ``cp`` or ``tt``.
+        rank: Rank spec: a fraction in (0, 1], an int, or a string such as ``"vbmf"``.
+        method_options: Other fields of the method's config (``round_to``, ``n_iter`` ...).
+        include: Dotted-name globs of the layers to consider (all when None).
+        exclude: Dotted-name globs to leave alone.
+        strict: Raise instead of recording skipped layers.
+        finetune: Fine-tuning settings; None or ``epochs=0`` skips fine-tuning.
+        batch_size: Fine-tuning batch size.
+        device: Where to fine-tune and measure.
+        data_root: Dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
+        dataset: Dataset name (default: the one recorded in the model directory).
+        profile_batch: Batch size of the latency and memory measurements.
+        profiles: Device profiles to estimate latency on.
+        threads: CPU threads for the measurements.
+    """
+    device = torch.device(device)
+    in_path = Path(in_dir)
+    if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
+        in_path = in_path / MODEL_SUBDIR
+    model, card = load_model(in_path, device=device)
+    name = dataset or card.extra.get("dataset")
+    if not name:
+        raise ValueError(f"{in_path} does not record its dataset; pass dataset=...")
+    test_ds: ImageDataset = load_dataset(name, "test", root=data_root)
+    shape = tuple(card.input_shape)
+    if tuple(test_ds.input_shape) != shape:
+        raise ValueError(f"{name} images are {test_ds.input_shape}, the model expects {shape}")
+    test_loader = DeviceLoader(test_ds, 1024, device=device)
+    config = _decompose_config(method, rank, method_options or {})
+
+    acc0, prof0 = measure_model(
+        model,
+        test_loader,
+        shape,
+        device=device,
+        batch_size=profile_batch,
+        profiles=profiles,
+        threads=threads,
+    )
+    example = torch.randn(profile_batch, *shape, device=device)
+    t0 = time.perf_counter()
+    report = decompose_(
+        model, config, include=include, exclude=exclude, strict=strict, example_input=example
+    )
+    decompose_s = time.perf_counter() - t0
+    logger.info("decomposition:\n%s", report.to_table())
+    acc_mid = measure_model(
+        model, test_loader, shape, device=device, batch_size=1, profiles=(), threads=threads
+    )[0]
+
+    history: dict[str, Any] | None = None
+    if finetune is not None and finetune.epochs > 0:
+        train_ds = load_dataset(name, "train", root=data_root)
+        loader = DeviceLoader(
+            train_ds,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            device=device,
+            augment=default_augment(name),
+            seed=finetune.seed,
+        )
+        trainer = Trainer(model, finetune, device=device, out_dir=out_dir)
+        history = trainer.fit(loader, test_loader).to_dict()
+    acc1, prof1 = measure_model(
+        model,
+        test_loader,
+        shape,
+        device=device,
+        batch_size=profile_batch,
+        profiles=profiles,
+        threads=threads,
+    )
+    table = _table(acc0, acc1, prof0, prof1)
+    result: dict[str, Any] = {
+        "method": method,
+        "config": config.to_dict(),
+        "dataset": name,
+        "source": str(in_path),
+        "device": str(device),
+        "profile_batch": profile_batch,
+        "decompose_seconds": decompose_s,
+        "accuracy": {"before": acc0, "after_decompose": acc_mid, "after_finetune": acc1},
+        "before": prof0.to_dict(),
+        "after": prof1.to_dict(),
+        "layers": report.to_dict(),
+        "finetune": None if finetune is None else finetune.to_dict(),
+        "history": history,
+    }
+    model_dir = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        model_dir = save_model(
+            model,
+            out / MODEL_SUBDIR,
+            input_shape=shape,  # type: ignore[arg-type]
+            mean=card.mean,
+            std=card.std,
+            class_names=card.class_names,
+            metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
+            extra={**card.extra, "compressed_from": str(in_path), "method": method},
+        )
+        atomic_write_json(out / "report.json", result)
+        atomic_write_text(out / "report.txt", report.to_table() + "\n\n" + table + "\n")
+    return CompressResult(model=model, report=result, table=table, model_dir=model_dir)

@@ -1,0 +1,65 @@
+"""compress_run end to end on the bundled digits: report, model directory, honest ratios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.models import load_model
+from slimtorch.pipeline import compress_run
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base")
+    cfg = TrainConfig(epochs=6, lr=0.05, progress=False)
+    run = train_classifier(
+        model="mlp", dataset="digits", out_dir=out, train_config=cfg, batch_size=64
+    )
+    assert run.test_metrics["accuracy"] > 0.85
+    return out
+
+
+def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "svd"
+    res = compress_run(
+        in_dir=trained_mlp,
+        out_dir=out,
+        method="svd",
+        rank=0.25,
+        finetune=TrainConfig(epochs=2, lr=0.01, progress=False),
+        batch_size=64,
+        profile_batch=8,
+        profiles=("rx580",),
+        threads=1,
+    )
+    report = json.loads((out / "report.json").read_text())
+    rows = report["layers"]["layers"]
+    done = [r for r in rows if r["action"] == "decomposed"]
+    assert done, rows
+    # mlp on 8x8: 64->256->128->10; rank 0.25 of the 256x64 layer is 16: 16*(64+256) params
+    first = next(r for r in done if r["params_before"] == 64 * 256 + 256)
+    assert first["params_after"] == 16 * (64 + 256) + 256
+    assert report["after"]["params"] < report["before"]["params"]
+    assert set(report["accuracy"]) == {"before", "after_decompose", "after_finetune"}
+    assert report["accuracy"]["after_finetune"] > 0.8
+    assert "test accuracy (%)" in res.table and "est. rx580 (ms)" in res.table
+    assert "latency cpu (ms)" in res.table  # the measured figure is always shown
+
+    model, card = load_model(out / "model")
+    x = torch.randn(4, 1, 8, 8)
+    res.model.eval()
+    torch.testing.assert_close(model(x), res.model(x))
+    assert card.extra["method"] == "svd" and card.extra["dataset"] == "digits"
+
+
+def test_unknown_method_and_bad_rank(trained_mlp: Path) -> None:
+    with pytest.raises(ValueError, match="unknown method 'qr'; valid choices: svd, tucker"):
+        compress_run(in_dir=trained_mlp, out_dir=None, method="qr", rank=0.5)
+    with pytest.raises(ValueError, match="rank"):
+        compress_run(in_dir=trained_mlp, out_dir=None, method="svd", rank=1.5)
