@@ -181,3 +181,14 @@ def test_saved_decomposed_zoo_model_loads_through_model_directory(tmp_path) -> N
     loaded, card = load_model(tmp_path / "m")
     assert [t["name"] for t in card.transforms] == ["decompose.layers"]
     torch.testing.assert_close(loaded(x), expected)
+
+
+def test_tucker_rank_is_capped_by_the_unfolding_rank() -> None:
+    """rank=0.5 of Conv2d(3, 64, 3) asks for 32 output ranks; the (64, 27) unfolding has 27."""
+    from slimtorch.decompose import TuckerConfig, decompose_
+
+    net = nn.Sequential(nn.Conv2d(3, 64, 3))
+    report = decompose_(net, TuckerConfig(rank=0.5))
+    row = report.rows[0]
+    assert row.action == "skipped" or row.ranks[0] <= 27
+    assert "failed" not in (row.reason or "")

@@ -21,6 +21,12 @@ from slimtorch.decompose.budget import (
     RankOption,
     select_ranks_for_budget,
 )
+from slimtorch.decompose.budget_mode import (
+    LADDERS,
+    BudgetPlan,
+    LadderKind,
+    plan_budget,
+)
 from slimtorch.decompose.config import CPConfig, DecomposeConfig, SVDConfig, TTConfig, TuckerConfig
 from slimtorch.decompose.cp import CPResult, cp_als, cp_to_full
 from slimtorch.decompose.handlers import HANDLERS, Factorised, SkipLayer, split_modes
@@ -41,6 +47,8 @@ from slimtorch.decompose.ranks import (
     round_rank,
     select_mode_rank,
 )
+from slimtorch.decompose.sensitivity import approximate_weight, measure_sensitivity
+from slimtorch.decompose.speed import SpeedCheck, layer_speedup
 from slimtorch.decompose.svd import truncated_svd
 from slimtorch.decompose.transform import (
     DecomposeReport,
@@ -54,7 +62,9 @@ from slimtorch.decompose.vbmf import EVBMFResult, evbmf
 
 __all__ = [
     "HANDLERS",
+    "LADDERS",
     "LAYER_KINDS",
+    "BudgetPlan",
     "BudgetSelection",
     "CPConfig",
     "CPConv2d",
@@ -63,6 +73,7 @@ __all__ = [
     "DecomposeReport",
     "EVBMFResult",
     "Factorised",
+    "LadderKind",
     "LayerLadder",
     "LayerReport",
     "LowRankConv2d",
@@ -71,16 +82,21 @@ __all__ = [
     "RankSpec",
     "SVDConfig",
     "SkipLayer",
+    "SpeedCheck",
     "TTConfig",
     "TTLinear",
     "Tucker2Factors",
     "TuckerConfig",
     "TuckerConv2d",
+    "approximate_weight",
     "cp_als",
     "cp_to_full",
     "decompose_",
     "evbmf",
+    "layer_speedup",
+    "measure_sensitivity",
     "parse_rank_spec",
+    "plan_budget",
     "rank_from_energy",
     "rank_from_fraction",
     "rebuild_decomposed",

@@ -3,10 +3,14 @@
 Each layer offers a ladder of options (ranks, reconstruction error, params, FLOPs). Starting from
 every layer's most accurate option, the greedy loop repeatedly takes the single move, over all
 layers and all of their cheaper options, with the least (sensitivity-weighted) error increase per
-unit of cost saved, until the total cost meets the target. This is the classic greedy for the
-multiple-choice knapsack relaxation: not always optimal, but exact whenever each ladder's
-error-vs-cost curve is convex, and what Zhang et al. (2016, "Accelerating very deep convolutional
-networks for classification and detection", arXiv:1505.06798) use to spread ranks over layers.
+unit of cost saved, until the total cost meets the target. Because a move may jump several rungs
+(the dense layer's first cheaper rung is often a large step), the last moves can overshoot; a
+second pass then spends the slack left, repeatedly taking the single move to a more accurate rung
+that still fits under the target with the largest error decrease per unit of cost added. This is
+the classic greedy for the multiple-choice knapsack relaxation: not always optimal, but exact
+whenever each ladder's error-vs-cost curve is convex, and what Zhang et al. (2016, "Accelerating
+very deep convolutional networks for classification and detection", arXiv:1505.06798) use to
+spread ranks over layers.
 
 The cost of an option is ``option.params`` or ``option.flops`` (``metric``), unless a cost
 callable is given, globally or per layer: plug a latency model in there.
@@ -159,6 +163,21 @@ def select_ranks_for_budget(
         total += rung[0] - current[name][0]
         current[name] = rung
         logger.debug("budget: %s -> ranks %s (total cost %.4g)", name, rung[2].ranks, total)
+    while True:  # spend the slack: upgrades that still fit, best error decrease per cost first
+        up: tuple[float, str, tuple[float, float, RankOption]] | None = None
+        for name, rungs in ladders.items():
+            cost, err, _ = current[name]
+            for rung in rungs:
+                if rung[1] < err and total + rung[0] - cost <= target:
+                    ratio = (err - rung[1]) / max(rung[0] - cost, 1e-12)
+                    if up is None or ratio > up[0]:
+                        up = (ratio, name, rung)
+        if up is None:
+            break
+        _, name, rung = up
+        total += rung[0] - current[name][0]
+        current[name] = rung
+        logger.debug("budget: %s up to ranks %s (total cost %.4g)", name, rung[2].ranks, total)
     choices = {name: rung[2] for name, rung in current.items()}
     error = sum(rung[1] for rung in current.values())
     return BudgetSelection(choices, total, error, float(target))

@@ -3,7 +3,8 @@
 Every config has a ``rank`` spec (see :mod:`slimtorch.decompose.ranks`), ``round_to`` (round each
 rank to a multiple, e.g. 8 for hardware efficiency; 1 = off) and ``min_saving`` (the fraction of
 a layer's parameters a factorisation must save to be applied; the default 0 still requires a
-strict reduction).
+strict reduction). ``min_speedup``, ``speed_on`` and ``speed_batch`` make ``decompose_`` keep a
+factorised layer only where it runs faster (see :mod:`slimtorch.decompose.speed`).
 
 Example:
     >>> TuckerConfig(rank="vbmf", round_to=8).to_dict()["rank"]
@@ -13,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from slimtorch.core.config import Config, check_choice, check_range
@@ -30,23 +32,59 @@ class DecomposeConfig(Config):
     """Fields shared by every decomposition config.
 
     Attributes:
-        rank: Rank spec: float fraction in ``(0, 1]``, int, ``"vbmf"`` or ``"energy:x"`` (each
-            method says which forms it accepts and what the fraction is of).
+        rank: Rank spec: float fraction in ``(0, 1]``, int, ``"vbmf"``, ``"energy:x"`` or
+            ``"budget:params=x"`` / ``"budget:flops=x"`` (each method says which forms it accepts
+            and what the fraction is of).
         round_to: Round every rank to a multiple of this (1 = no rounding).
         min_saving: Skip a layer unless it saves at least this fraction of its parameters.
+        min_speedup: ``None``: no speed check. Otherwise keep a factorised layer only if the
+            original layer's time over the factorised one's is at least this (``> 0``; e.g. 1.1),
+            else restore the original and report the skip with both times. Needs
+            ``example_input`` in ``decompose_``.
+        speed_on: ``"measured"`` (time both layers on the device they are on) or a registered
+            device profile name (``"rx580"``: roofline estimate on that profile).
+        speed_batch: Batch size to time at (``None``: the batch of ``example_input``).
     """
 
-    RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy")
+    RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy", "budget")
     METHOD: ClassVar[str] = "decompose"
 
     rank: float | int | str = 0.25
     round_to: int = 1
     min_saving: float = 0.0
+    min_speedup: float | None = None
+    speed_on: str = "measured"
+    speed_batch: int | None = None
 
     def __post_init__(self) -> None:
         self.rank_spec  # noqa: B018 - validates
         _check_int(self, "round_to", self.round_to, 1)
         check_range(self, "min_saving", self.min_saving, low=0.0, high=1.0, high_inclusive=False)
+        name = type(self).__name__
+        if self.min_speedup is not None:
+            check_range(self, "min_speedup", self.min_speedup, low=0.0, low_inclusive=False)
+            if not math.isfinite(self.min_speedup):
+                raise ValueError(
+                    f"{name}.min_speedup must be None or a finite number > 0, "
+                    f"got {self.min_speedup!r}"
+                )
+        if self.speed_batch is not None:
+            _check_int(self, "speed_batch", self.speed_batch, 1)
+        if not isinstance(self.speed_on, str) or not self.speed_on:
+            raise ValueError(
+                f"{name}.speed_on must be 'measured' or a device profile name, "
+                f"got {self.speed_on!r}"
+            )
+        if self.speed_on != "measured":
+            from slimtorch.core.profiles import list_profiles  # lazy: profiles may be added late
+
+            known = list_profiles()
+            if self.speed_on not in known:
+                raise ValueError(
+                    f"{name}.speed_on must be 'measured' or one of the registered device "
+                    f"profiles ({', '.join(known)}), got {self.speed_on!r}; register the "
+                    "profile with slimtorch.core.profiles.register_profile first"
+                )
 
     @property
     def rank_spec(self) -> RankSpec:

@@ -109,11 +109,7 @@ def svd_linear(linear: nn.Module, config: SVDConfig, name: str) -> Factorised:
     rank = _svd_rank(w, config)
     after = rank * (w.shape[0] + w.shape[1]) + _bias_count(linear)
     require_saving(count_params(linear), after, config, [rank])
-    a, b = truncated_svd(w, rank)
-    bias = None if linear.bias is None else linear.bias.detach()
-    return Factorised(
-        LowRankLinear.from_factors(a, b, bias), [rank], float(relative_error(a @ b, w))
-    )
+    return build_svd(linear, rank)
 
 
 @HANDLERS.register((SVDConfig, nn.Conv2d))
@@ -129,9 +125,29 @@ def svd_conv1x1(conv: nn.Module, config: SVDConfig, name: str) -> Factorised:
     rank = _svd_rank(w, config)
     after = rank * (w.shape[0] + w.shape[1]) + _bias_count(conv)
     require_saving(count_params(conv), after, config, [rank])
-    a, b = truncated_svd(w, rank)
-    bias = None if conv.bias is None else conv.bias.detach()
-    layer = LowRankConv2d.from_factors(a, b, bias, stride=conv.stride, padding=conv.padding)
+    return build_svd(conv, rank)
+
+
+def build_svd(module: nn.Module, rank: int) -> Factorised:
+    """Truncated SVD at ``rank`` of an ``nn.Linear`` or a plain 1x1 ``nn.Conv2d`` (no checks of
+    the saving: the caller picked the rank).
+
+    Example:
+        >>> build_svd(nn.Linear(16, 8), 2).module.rank
+        2
+    """
+    bias: torch.Tensor | None
+    if isinstance(module, nn.Linear):
+        w = module.weight.detach()  # (out, in)
+        a, b = truncated_svd(w, rank)
+        bias = None if module.bias is None else module.bias.detach()
+        layer: nn.Module = LowRankLinear.from_factors(a, b, bias)
+    else:
+        conv = _plain(module, "SVDConfig")
+        w = conv.weight.detach()[:, :, 0, 0]  # (C_out, C_in)
+        a, b = truncated_svd(w, rank)
+        bias = None if conv.bias is None else conv.bias.detach()
+        layer = LowRankConv2d.from_factors(a, b, bias, stride=conv.stride, padding=conv.padding)
     return Factorised(layer, [rank], float(relative_error(a @ b, w)))
 
 
@@ -148,6 +164,24 @@ def tucker_conv(conv: nn.Module, config: TuckerConfig, name: str) -> Factorised:
     k = w3.shape[2]
     after = c_in * r_in + r_in * r_out * k + r_out * c_out + _bias_count(conv)
     require_saving(count_params(conv), after, config, [r_out, r_in])
+    return build_tucker(conv, (r_out, r_in), config)
+
+
+def build_tucker(conv: nn.Module, ranks: tuple[int, int], config: TuckerConfig) -> Factorised:
+    """Tucker-2 at ``ranks = (r_out, r_in)`` of a plain ``nn.Conv2d`` (HOOI settings from
+    ``config``; no checks of the saving: the caller picked the ranks).
+
+    Example:
+        >>> build_tucker(nn.Conv2d(8, 8, 3), (2, 4), TuckerConfig()).ranks
+        [2, 4]
+    """
+    conv = _plain(conv, "TuckerConfig")
+    w = conv.weight.detach()
+    c_out, c_in, kh, kw = w.shape
+    # A mode-n unfolding has rank at most min(rows, cols): a fraction of C_out can ask for
+    # more (e.g. Conv2d(3, 64, 3): 32 output ranks, but the (64, 27) unfolding has rank 27).
+    r_out = max(1, min(ranks[0], c_out, c_in * kh * kw))
+    r_in = max(1, min(ranks[1], c_in, c_out * kh * kw))
     core, u_out, u_in = tucker2(w, (r_out, r_in), n_iter=config.n_iter, tol=config.tol)
     bias = None if conv.bias is None else conv.bias.detach()
     layer = TuckerConv2d.from_factors(
@@ -286,4 +320,13 @@ def find_handler(config: DecomposeConfig, module: nn.Module) -> Handler:
     )
 
 
-__all__ = ["HANDLERS", "Factorised", "SkipLayer", "count_params", "find_handler", "split_modes"]
+__all__ = [
+    "HANDLERS",
+    "Factorised",
+    "SkipLayer",
+    "build_svd",
+    "build_tucker",
+    "count_params",
+    "find_handler",
+    "split_modes",
+]

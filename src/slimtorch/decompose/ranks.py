@@ -1,9 +1,10 @@
 """Rank selection: fixed fraction, energy threshold, EVBMF, rounding to a multiple.
 
 A rank spec is what a config's ``rank`` field holds: a float fraction in ``(0, 1]``, an int, or a
-string ``"vbmf"`` / ``"energy:0.9"``. :func:`parse_rank_spec` validates it once;
-:func:`select_mode_rank` turns it into a rank for one mode of one weight. Every rank returned is
-clamped to ``[1, full]``.
+string ``"vbmf"`` / ``"energy:0.9"`` / ``"budget:params=0.33"``. :func:`parse_rank_spec` validates
+it once; :func:`select_mode_rank` turns it into a rank for one mode of one weight (a budget spec is
+resolved across layers by ``decompose_``, see :mod:`slimtorch.decompose.budget_mode`). Every rank
+returned is clamped to ``[1, full]``.
 
 Example:
     >>> spec = parse_rank_spec(0.25, field="TuckerConfig.rank")
@@ -22,29 +23,33 @@ import torch
 
 from slimtorch.decompose.vbmf import evbmf
 
-RankKind = Literal["fraction", "int", "vbmf", "energy"]
+RankKind = Literal["fraction", "int", "vbmf", "energy", "budget"]
+BUDGET_METRICS = ("params", "flops")
 RankSpecInput = float | int | str
 
 
 @dataclasses.dataclass(frozen=True)
 class RankSpec:
-    """A parsed rank spec: ``kind`` and its ``value`` (fraction, rank or energy; 0 for vbmf)."""
+    """A parsed rank spec: ``kind``, its ``value`` (fraction, rank, energy or budget fraction; 0
+    for vbmf) and, for a budget, the ``metric`` it counts (``"params"`` or ``"flops"``)."""
 
     kind: RankKind
     value: float
+    metric: str | None = None
 
 
 def parse_rank_spec(
     value: object,
     *,
     field: str = "rank",
-    allowed: Iterable[RankKind] = ("fraction", "int", "vbmf", "energy"),
+    allowed: Iterable[RankKind] = ("fraction", "int", "vbmf", "energy", "budget"),
 ) -> RankSpec:
     """Validate a rank spec, raising ``ValueError`` that names ``field`` and the allowed forms.
 
     Args:
-        value: ``float`` in ``(0, 1]`` (fraction), ``int >= 1``, ``"vbmf"`` or ``"energy:x"``
-            with ``x`` in ``(0, 1]``.
+        value: ``float`` in ``(0, 1]`` (fraction), ``int >= 1``, ``"vbmf"``, ``"energy:x"``
+            with ``x`` in ``(0, 1]``, or ``"budget:params=x"`` / ``"budget:flops=x"`` with ``x``
+            in ``(0, 1]`` (the share of the targeted layers' total to keep).
         field: Name used in error messages (``"TuckerConfig.rank"``).
         allowed: The kinds this caller accepts.
 
@@ -53,7 +58,9 @@ def parse_rank_spec(
 
     Example:
         >>> parse_rank_spec("energy:0.9")
-        RankSpec(kind='energy', value=0.9)
+        RankSpec(kind='energy', value=0.9, metric=None)
+        >>> parse_rank_spec("budget:flops=0.5")
+        RankSpec(kind='budget', value=0.5, metric='flops')
     """
     allowed = tuple(allowed)
     forms = {
@@ -61,6 +68,7 @@ def parse_rank_spec(
         "int": "an int >= 1",
         "vbmf": "'vbmf'",
         "energy": "'energy:<x>' with x in (0, 1]",
+        "budget": "'budget:params=<x>' or 'budget:flops=<x>' with x in (0, 1]",
     }
     expected = ", ".join(forms[k] for k in allowed)
 
@@ -90,6 +98,17 @@ def parse_rank_spec(
             if not 0.0 < x <= 1.0:
                 raise bad("has an energy threshold outside (0, 1]")
             spec = RankSpec("energy", x)
+        elif text.startswith("budget:"):
+            metric, _, amount = text.split(":", 1)[1].partition("=")
+            if metric.strip() not in BUDGET_METRICS:
+                raise bad(f"has a budget metric {metric.strip()!r} other than params or flops")
+            try:
+                x = float(amount)
+            except ValueError:
+                raise bad("has a malformed budget fraction") from None
+            if not 0.0 < x <= 1.0:
+                raise bad("has a budget fraction outside (0, 1]")
+            spec = RankSpec("budget", x, metric.strip())
         else:
             raise bad("is not a known rank string")
     else:
@@ -161,6 +180,11 @@ def select_mode_rank(spec: RankSpec, unfolding: torch.Tensor, *, round_to: int =
         4
     """
     full = unfolding.shape[0]
+    if spec.kind == "budget":
+        raise ValueError(
+            f"a budget rank spec ({spec.metric}={spec.value}) has no per-mode rank: decompose_ "
+            "spreads it over the layers; call decompose_ or give a fraction, int or energy"
+        )
     if spec.kind == "fraction":
         rank = rank_from_fraction(full, spec.value)
     elif spec.kind == "int":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,11 +23,13 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
+from slimtorch.decompose._shapes import layer_flops, record_shapes
 from slimtorch.decompose._surgery import set_submodule
+from slimtorch.decompose.budget_mode import BudgetPlan, build_option, plan_budget
 from slimtorch.decompose.config import DecomposeConfig
 from slimtorch.decompose.handlers import Factorised, SkipLayer, count_params, find_handler
 from slimtorch.decompose.layers import LAYER_KINDS
-from slimtorch.decompose.layers._common import conv_out_hw
+from slimtorch.decompose.speed import layer_speedup
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
 TRANSFORM_NAME = "decompose.layers"
@@ -45,7 +46,9 @@ class LayerReport:
 
     FLOPs are per sample (2 x multiply-adds, bias ignored); for convs they need ``example_input``
     (``None`` otherwise), for linear layers they count the rows seen per sample (1 without an
-    example input).
+    example input). The latency fields are filled when ``config.min_speedup`` is set: the
+    original and the factorised layer's time (seconds per call at ``speed_batch``), their ratio
+    and where the figures come from (``"measured:cpu"``, ``"roofline:rx580"``).
     """
 
     name: str
@@ -59,6 +62,10 @@ class LayerReport:
     flops_before: int | None = None
     flops_after: int | None = None
     rel_error: float | None = None
+    latency_before_s: float | None = None
+    latency_after_s: float | None = None
+    speedup: float | None = None
+    speed_source: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -104,8 +111,9 @@ class DecomposeReport:
         def fmt(v: int | None) -> str:
             return "-" if v is None else f"{v:,}"
 
-        head = ("layer", "action", "method", "ranks", "params", "flops", "rel_err", "reason")
-        lines = [head]
+        head: tuple[str, ...] = ("layer", "action", "method", "ranks", "params", "flops")
+        head += ("rel_err", "speedup", "reason")
+        lines: list[tuple[str, ...]] = [head]
         for r in self.rows:
             lines.append(
                 (
@@ -116,6 +124,7 @@ class DecomposeReport:
                     f"{fmt(r.params_before)} -> {fmt(r.params_after)}",
                     f"{fmt(r.flops_before)} -> {fmt(r.flops_after)}",
                     "-" if r.rel_error is None else f"{r.rel_error:.4f}",
+                    "-" if r.speedup is None else f"{r.speedup:.2f}x",
                     r.reason or "",
                 )
             )
@@ -156,54 +165,6 @@ def _targets(
     return out
 
 
-def _record_shapes(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], example_input: Any
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    hooks = []
-    for name, module in targets:
-
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
-
-        hooks.append(module.register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes.items():
-            m.train(training)
-    return shapes
-
-
-def _flops(
-    module: nn.Module, shapes: tuple[tuple[int, ...], tuple[int, ...]] | None, batch: int
-) -> int | None:
-    """Per-sample FLOPs of ``module`` (original or factorised) given its recorded shapes."""
-    kind = getattr(module, "flops_input", None)
-    if isinstance(module, nn.Linear) or kind == "rows":
-        rows = 1 if shapes is None else math.prod(shapes[1][:-1]) // max(batch, 1)
-        if isinstance(module, nn.Linear):
-            return 2 * module.in_features * module.out_features * rows
-        return int(module.flops(rows))  # type: ignore[operator]
-    if shapes is None or len(shapes[0]) < 3:
-        return None
-    in_hw = (int(shapes[0][-2]), int(shapes[0][-1]))
-    if isinstance(module, nn.Conv2d):
-        out_hw = conv_out_hw(module, in_hw)
-        k = math.prod(module.kernel_size) * (module.in_channels // module.groups)
-        return 2 * module.out_channels * k * out_hw[0] * out_hw[1]
-    if kind == "hw":
-        return int(module.flops(in_hw))  # type: ignore[operator]
-    return None
-
-
 def decompose_(
     model: nn.Module,
     config: DecomposeConfig,
@@ -212,6 +173,7 @@ def decompose_(
     exclude: Sequence[str] | None = None,
     strict: bool = False,
     example_input: Any = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> DecomposeReport:
     """Factorise the targeted layers of ``model`` in place.
 
@@ -221,6 +183,12 @@ def decompose_(
     a layer is skipped, untouched and with its reason, when no handler fits, its weights hold
     NaN/Inf, the factorisation would not save parameters, or the decomposition fails.
 
+    With a budget rank spec (``"budget:params=0.33"``) the ranks of all targeted layers are chosen
+    together so their total meets the budget (see :mod:`slimtorch.decompose.budget_mode`). With
+    ``config.min_speedup`` set, each factorised layer is timed against the original on its real
+    input shape (:func:`~slimtorch.decompose.speed.layer_speedup`) and the original is kept,
+    with a ``"not faster"`` skip, where the speed-up falls short.
+
     Args:
         model: The model, changed in place.
         config: A :class:`~slimtorch.decompose.config.DecomposeConfig` subclass instance.
@@ -229,13 +197,18 @@ def decompose_(
         strict: Raise one :class:`~slimtorch.core.errors.TransformSkipError` naming every
             skipped layer and its reason; the model is then left unchanged.
         example_input: A tensor (or tuple of positional inputs) run once through the model, in
-            eval mode without gradients, to record the spatial sizes the FLOP counts need.
+            eval mode without gradients, to record each layer's input and output shapes (for
+            FLOP counts, FLOPs budgets and speed checks). Required with ``min_speedup``.
+        sensitivity: Budget mode only: error weight per layer name (e.g. from
+            :func:`~slimtorch.decompose.sensitivity.measure_sensitivity`).
 
     Returns:
         A :class:`DecomposeReport`.
 
     Raises:
         TypeError: ``config`` is not a ``DecomposeConfig``, or globs are not lists of strings.
+        ValueError: ``min_speedup`` without ``example_input``, ``sensitivity`` without a budget,
+            or a budget that cannot be met.
         TransformSkipError: ``strict`` and at least one targeted layer was skipped.
 
     Example:
@@ -253,12 +226,25 @@ def decompose_(
             isinstance(value, str) or not all(isinstance(p, str) for p in value)
         ):
             raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
+    if config.min_speedup is not None and example_input is None:
+        raise ValueError(
+            f"{type(config).__name__}.min_speedup={config.min_speedup} needs example_input (one "
+            "batch of real inputs) to know each layer's input shape; pass example_input or set "
+            "min_speedup=None"
+        )
+    budget = config.rank_spec.kind == "budget"
+    if sensitivity is not None and not budget:
+        raise ValueError(
+            f"sensitivity weights only a budget rank spec, but {type(config).__name__}.rank is "
+            f"{config.rank!r}; use rank='budget:params=<x>' or drop sensitivity"
+        )
     targets = _targets(model, include, exclude)
-    shapes = {} if example_input is None else _record_shapes(model, targets, example_input)
+    shapes = {} if example_input is None else record_shapes(model, targets, example_input)
     batch = 1
     if example_input is not None:
         first = example_input[0] if isinstance(example_input, tuple) else example_input
         batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 1
+    plan = plan_budget(targets, config, shapes, batch, sensitivity) if budget else None
     rows: list[LayerReport] = []
     replacements: dict[str, nn.Module] = {}
     for name, module in targets:
@@ -270,14 +256,13 @@ def decompose_(
             method=config.method,
             params_before=before,
             params_after=before,
-            flops_before=_flops(module, shapes.get(name), batch),
+            flops_before=layer_flops(module, shapes.get(name), batch),
         )
         row.flops_after = row.flops_before
         try:
-            handler = find_handler(config, module)
-            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-                raise SkipLayer("weights hold NaN/Inf; fix or re-initialise the layer first")
-            result: Factorised = handler(module, config, name)
+            result = _factorise(name, module, config, plan)
+            if config.min_speedup is not None:
+                _check_speed(row, module, result, config, shapes.get(name))
         except SkipLayer as exc:
             row.reason = str(exc)
         except Exception as exc:  # a failed decomposition skips the layer, with the reason
@@ -287,7 +272,7 @@ def decompose_(
             replacements[name] = new
             row.action, row.ranks, row.rel_error = "decomposed", result.ranks, result.rel_error
             row.params_after = count_params(new)
-            row.flops_after = _flops(new, shapes.get(name), batch)
+            row.flops_after = layer_flops(new, shapes.get(name), batch)
             row.info = result.info
         logger.info(
             "decompose %s: %s%s",
@@ -321,6 +306,49 @@ def decompose_(
         if isinstance(arch, dict):
             arch.setdefault("transforms", []).append(report.entry)
     return report
+
+
+def _factorise(
+    name: str, module: nn.Module, config: DecomposeConfig, plan: BudgetPlan | None
+) -> Factorised:
+    """The factorised layer, by the budget plan or the registered handler (``SkipLayer``: keep)."""
+    if plan is not None:
+        if name in plan.reasons:
+            raise SkipLayer(plan.reasons[name])
+        return build_option(module, config, plan.choices[name])
+    handler = find_handler(config, module)
+    if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+        raise SkipLayer("weights hold NaN/Inf; fix or re-initialise the layer first")
+    return handler(module, config, name)
+
+
+def _check_speed(
+    row: LayerReport,
+    module: nn.Module,
+    result: Factorised,
+    config: DecomposeConfig,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None,
+) -> None:
+    """Fill the row's latency fields; raise ``SkipLayer`` unless the speed-up is enough."""
+    assert config.min_speedup is not None
+    if shapes is None:
+        raise SkipLayer(
+            "speed not checked: the layer did not run on example_input, so its input shape is "
+            "unknown; kept dense (exclude it or give an input that reaches it)"
+        )
+    shape = shapes[0]
+    if config.speed_batch is not None:
+        shape = (config.speed_batch, *shape[1:])
+    check = layer_speedup(module, result.module, shape, speed_on=config.speed_on)
+    row.latency_before_s, row.latency_after_s = check.original_s, check.factorised_s
+    row.speedup, row.speed_source = check.speedup, check.source
+    if check.speedup < config.min_speedup:
+        row.info = {"tried_ranks": result.ranks, "tried_rel_error": result.rel_error}
+        raise SkipLayer(
+            f"not faster: {check.original_s * 1e6:.1f} us -> {check.factorised_s * 1e6:.1f} us "
+            f"at input {tuple(shape)} ({check.speedup:.2f}x < min_speedup {config.min_speedup}, "
+            f"{check.source}); kept dense"
+        )
 
 
 def rebuild_decomposed(model: nn.Module, params: Mapping[str, Any]) -> nn.Module:

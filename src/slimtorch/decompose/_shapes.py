@@ -1,0 +1,69 @@
+"""Shapes seen by targeted layers on an example input, and per-sample FLOPs from them.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    >>> shapes = record_shapes(net, [("1", net[1])], torch.randn(2, 3, 10, 10))
+    >>> shapes["1"], layer_flops(net[1], shapes["1"], 2)
+    (((2, 8, 8, 8), (2, 8, 6, 6)), 41472)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.decompose.layers._common import conv_out_hw
+
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]
+"""``(input shape, output shape)`` of one call of a layer."""
+
+
+def record_shapes(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], example_input: Any
+) -> dict[str, Shapes]:
+    """Run ``example_input`` once (eval mode, no gradients, modes restored) and record the input
+    and output shapes of each target's first call."""
+    shapes: dict[str, Shapes] = {}
+    hooks = []
+    for name, module in targets:
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
+
+        hooks.append(module.register_forward_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.train(training)
+    return shapes
+
+
+def layer_flops(module: nn.Module, shapes: Shapes | None, batch: int) -> int | None:
+    """Per-sample FLOPs of ``module`` (original or factorised) given its recorded shapes."""
+    kind = getattr(module, "flops_input", None)
+    if isinstance(module, nn.Linear) or kind == "rows":
+        rows = 1 if shapes is None else math.prod(shapes[1][:-1]) // max(batch, 1)
+        if isinstance(module, nn.Linear):
+            return 2 * module.in_features * module.out_features * rows
+        return int(module.flops(rows))  # type: ignore[operator]
+    if shapes is None or len(shapes[0]) < 3:
+        return None
+    in_hw = (int(shapes[0][-2]), int(shapes[0][-1]))
+    if isinstance(module, nn.Conv2d):
+        out_hw = conv_out_hw(module, in_hw)
+        k = math.prod(module.kernel_size) * (module.in_channels // module.groups)
+        return 2 * module.out_channels * k * out_hw[0] * out_hw[1]
+    if kind == "hw":
+        return int(module.flops(in_hw))  # type: ignore[operator]
+    return None
