@@ -1,0 +1,312 @@
+"""Compression that pays: decompose trained models, fine-tune, measure speed side by side.
+
+For each base model (a slimtorch model directory, trained with ``slimtorch train``) and each
+plan (method, rank spec, the device and batch the per-layer speed check runs on):
+decompose_ with ``min_speedup`` so that a layer is only factorised where it is measured faster
+on that device, fine-tune on the training device, then report test accuracy, params, FLOPs
+and latency of base and compressed models measured side by side (interleaved) on the CPU
+(fixed threads) and on the GPU over a batch curve, eager and torch.compile, with the FLOP
+ratio beside each speed-up. A ``tt`` part compresses the hidden layers of an MLP
+(784-1024-1024-10) on MNIST in the TT-matrix format.
+
+    python scripts/bench_compress.py --base runs/resnet56 --plans tucker@budget:params=0.3@cpu@32 \
+        --out results.json --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.io import atomic_write_json
+from slimtorch.core.measure import count_flops, count_params, estimate_latency, measure_latency
+from slimtorch.data import DeviceLoader, load_dataset
+from slimtorch.decompose import CPConfig, TTConfig, TuckerConfig, decompose_
+from slimtorch.models import load_model
+from slimtorch.train import TrainConfig, Trainer
+from slimtorch.train.classifier import default_augment, train_classifier
+
+log = logging.getLogger("bench_compress")
+CONFIGS = {"tucker": TuckerConfig, "cp": CPConfig, "tt": TTConfig}
+
+
+def accuracy(model: nn.Module, ds: Any, device: torch.device) -> float:
+    loader = DeviceLoader(ds, 1024, device=device)
+    model.to(device).eval()
+    res = Trainer(model, TrainConfig(epochs=1, progress=False), device=device).evaluate(loader)
+    return float(res["accuracy"])
+
+
+def finetune(model: nn.Module, name: str, device: torch.device, epochs: int, lr: float) -> None:
+    if epochs <= 0:
+        return
+    ds = load_dataset(name, "train", download=False)
+    loader = DeviceLoader(
+        ds, 256, shuffle=True, drop_last=True, device=device, augment=default_augment(name)
+    )
+    cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=5e-4, amp="auto", progress=False)
+    Trainer(model.to(device), cfg, device=device).fit(loader)
+
+
+def side_by_side(
+    a: nn.Module, b: nn.Module, x: torch.Tensor, threads: int | None, rounds: int
+) -> tuple[float, float]:
+    """Median latency of a and b, measured in alternating rounds (ABAB) on x's device."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(measure_latency(a, x, threads=threads, repeats=5, min_time_s=0.05).median_s)
+        tb.append(measure_latency(b, x, threads=threads, repeats=5, min_time_s=0.05).median_s)
+    ta.sort()
+    tb.sort()
+    return ta[len(ta) // 2], tb[len(tb) // 2]
+
+
+def speed_rows(
+    base: nn.Module,
+    comp: nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    batches: list[int],
+    threads: int | None,
+    compiled: bool,
+    rounds: int,
+    flop_ratio: float,
+) -> list[dict[str, Any]]:
+    rows = []
+    a = copy.deepcopy(base).to(device).eval()
+    b = copy.deepcopy(comp).to(device).eval()
+    if compiled:
+        a, b = torch.compile(a), torch.compile(b)
+    for batch in batches:
+        x = torch.randn(batch, *shape, device=device)
+        with torch.inference_mode():
+            try:
+                t_a, t_b = side_by_side(a, b, x, threads, rounds)
+            except torch.OutOfMemoryError:
+                log.warning("out of memory at batch %d on %s; curve stops here", batch, device)
+                torch.cuda.empty_cache()
+                break
+        rows.append(
+            {
+                "device": str(device),
+                "compiled": compiled,
+                "batch": batch,
+                "base_ms": t_a * 1e3,
+                "compressed_ms": t_b * 1e3,
+                "speedup": t_a / t_b,
+                "flop_ratio": flop_ratio,
+            }
+        )
+        log.info("speed %s", rows[-1])
+    return rows
+
+
+def run_plan(
+    base: nn.Module, card: Any, plan: str, args: argparse.Namespace, gpu: torch.device | None
+) -> dict[str, Any]:
+    method, rank, plan_dev, plan_batch = plan.split("@")
+    shape = tuple(card.input_shape)
+    name = card.extra["dataset"]
+    test = load_dataset(name, "test", download=False)
+    train_dev = gpu or torch.device("cpu")
+    speed_dev = torch.device("cuda") if plan_dev == "cuda" else torch.device("cpu")
+    comp = copy.deepcopy(base).to(speed_dev).eval()
+    rank_v: Any = float(rank) if rank.replace(".", "", 1).isdigit() else rank
+    opts: dict[str, Any] = {"rank": rank_v, "round_to": args.round_to}
+    if args.min_speedup > 0:
+        opts.update(min_speedup=args.min_speedup, speed_batch=int(plan_batch))
+    cfg = CONFIGS[method].from_dict(opts)
+    x = torch.randn(int(plan_batch), *shape, device=speed_dev)
+    t0 = time.perf_counter()
+    if speed_dev.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    report = decompose_(comp, cfg, example_input=x)
+    torch.set_num_threads(args.host_threads)
+    dec_s = time.perf_counter() - t0
+    log.info("%s\n%s", plan, report.to_table())
+    acc_dec = accuracy(comp, test, train_dev)
+    finetune(comp, name, train_dev, args.finetune_epochs, args.lr)
+    acc_ft = accuracy(comp, test, train_dev)
+    comp = comp.cpu().eval()
+    base_c = copy.deepcopy(base).cpu().eval()
+    one = torch.randn(1, *shape)
+    f0, f1 = count_flops(base_c, one).total_flops, count_flops(comp, one).total_flops
+    p0, p1 = count_params(base_c), count_params(comp)
+    xs = torch.randn(32, *shape)
+    rx0 = estimate_latency(base_c, xs, "rx580").total_s
+    rx1 = estimate_latency(comp, xs, "rx580").total_s
+    speeds = speed_rows(
+        base_c,
+        comp,
+        shape,
+        torch.device("cpu"),
+        args.cpu_batches,
+        args.threads,
+        False,
+        args.rounds,
+        f0 / f1,
+    )
+    if gpu is not None:
+        speeds += speed_rows(
+            base_c, comp, shape, gpu, args.gpu_batches, None, False, args.rounds, f0 / f1
+        )
+        if args.compile_batches:
+            speeds += speed_rows(
+                base_c, comp, shape, gpu, args.compile_batches, None, True, args.rounds, f0 / f1
+            )
+    done = [r for r in report.rows if r.action == "decomposed"]
+    return {
+        "plan": plan,
+        "method": method,
+        "rank": rank,
+        "plan_device": plan_dev,
+        "plan_batch": int(plan_batch),
+        "min_speedup": args.min_speedup,
+        "layers_decomposed": len(done),
+        "layers_targeted": len(report.rows),
+        "decompose_s": dec_s,
+        "accuracy_after_decompose": acc_dec,
+        "accuracy": acc_ft,
+        "params": [p0, p1],
+        "params_ratio": p0 / p1,
+        "flops": [f0, f1],
+        "flop_ratio": f0 / f1,
+        "rx580_est_ms_b32": [rx0 * 1e3, rx1 * 1e3],
+        "speed": speeds,
+        "layers": report.to_dict()["layers"],
+    }
+
+
+def part_tt(args: argparse.Namespace, gpu: torch.device | None) -> dict[str, Any]:
+    dev = gpu or torch.device("cpu")
+    cfg = TrainConfig(epochs=args.tt_epochs, lr=0.05, weight_decay=5e-4, progress=False)
+    run = train_classifier(
+        model="mlp",
+        dataset="mnist",
+        out_dir=None,
+        train_config=cfg,
+        batch_size=128,
+        device=dev,
+        model_kwargs={"hidden": [1024, 1024]},
+        download=False,
+    )
+    model = run.model
+    test = load_dataset("mnist", "test", download=False)
+    acc0 = accuracy(model, test, dev)
+    report = decompose_(model, TTConfig(rank=args.tt_rank), include=["features.1", "features.3"])
+    hidden0 = sum(r.params_before for r in report.rows)
+    hidden1 = sum(r.params_after for r in report.rows)
+    acc_dec = accuracy(model, test, dev)
+    finetune(model, "mnist", dev, args.finetune_epochs, args.lr)
+    acc1 = accuracy(model, test, dev)
+    return {
+        "model": "mlp 784-1024-1024-10",
+        "dataset": "mnist",
+        "tt_rank": args.tt_rank,
+        "base_epochs": args.tt_epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "accuracy_before": acc0,
+        "accuracy_after_decompose": acc_dec,
+        "accuracy": acc1,
+        "hidden_params": [hidden0, hidden1],
+        "hidden_params_ratio": hidden0 / hidden1,
+        "layers": report.to_dict()["layers"],
+    }
+
+
+def ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--base", action="append", default=[], help="base model/run directory")
+    ap.add_argument(
+        "--plans",
+        default="tucker@budget:params=0.3@cpu@32",
+        help="comma-separated method@rank@device@batch",
+    )
+    ap.add_argument("--min-speedup", type=float, default=1.05)
+    ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for CPU timings")
+    ap.add_argument("--cpu-batches", type=ints, default=[1, 32])
+    ap.add_argument("--gpu-batches", type=ints, default=[1, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--compile-batches", type=ints, default=[])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tt", action="store_true", help="also run the TT MLP part")
+    ap.add_argument("--tt-rank", type=int, default=12)
+    ap.add_argument("--tt-epochs", type=int, default=15)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args.host_threads = torch.get_num_threads()
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    result: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if gpu else "cpu only",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "command": " ".join(sys.argv),
+        "models": [],
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            result["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
+    except (OSError, StopIteration):
+        pass
+    for base_dir in args.base:
+        p = Path(base_dir)
+        p = p / "model" if (p / "model" / "config.json").is_file() else p
+        base, card = load_model(p)
+        test = load_dataset(card.extra["dataset"], "test", download=False)
+        entry: dict[str, Any] = {
+            "base": str(p),
+            "model": card.architecture["name"],
+            "dataset": card.extra["dataset"],
+            "base_accuracy": accuracy(base, test, gpu or torch.device("cpu")),
+            "plans": [],
+        }
+        for plan in args.plans.split(","):
+            entry["plans"].append(run_plan(base.cpu(), card, plan, args, gpu))
+            atomic_write_json(args.out, {**result, "models": [*result["models"], entry]})
+        result["models"].append(entry)
+    if args.tt:
+        result["tt"] = part_tt(args, gpu)
+    atomic_write_json(args.out, result)
+    for m in result["models"]:
+        for pl in m["plans"]:
+            print(
+                f"{m['model']} {pl['plan']}: acc {100 * m['base_accuracy']:.2f} -> "
+                f"{100 * pl['accuracy']:.2f}, params /{pl['params_ratio']:.2f}, "
+                f"FLOPs /{pl['flop_ratio']:.2f}, layers {pl['layers_decomposed']}/"
+                f"{pl['layers_targeted']}"
+            )
+            for s in pl["speed"]:
+                print(
+                    f"   {s['device']:<5} {'compiled' if s['compiled'] else 'eager':<8} "
+                    f"b{s['batch']:<5} {s['base_ms']:9.3f} -> {s['compressed_ms']:9.3f} ms  "
+                    f"x{s['speedup']:.2f} (FLOP ratio {s['flop_ratio']:.2f})"
+                )
+    if "tt" in result:
+        t = result["tt"]
+        print(
+            f"TT mlp: acc {100 * t['accuracy_before']:.2f} -> {100 * t['accuracy']:.2f}, "
+            f"hidden params /{t['hidden_params_ratio']:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
