@@ -207,7 +207,7 @@ def part_tt(args: argparse.Namespace, gpu: torch.device | None) -> dict[str, Any
     hidden0 = sum(r.params_before for r in report.rows)
     hidden1 = sum(r.params_after for r in report.rows)
     acc_dec = accuracy(model, test, dev)
-    finetune(model, "mnist", dev, args.finetune_epochs, args.lr)
+    finetune(model, "mnist", dev, args.tt_finetune_epochs, args.tt_lr)
     acc1 = accuracy(model, test, dev)
     return {
         "model": "mlp 784-1024-1024-10",
@@ -248,6 +248,9 @@ def main() -> None:
     ap.add_argument("--tt", action="store_true", help="also run the TT MLP part")
     ap.add_argument("--tt-rank", type=int, default=12)
     ap.add_argument("--tt-epochs", type=int, default=15)
+    ap.add_argument("--tt-finetune-epochs", type=int, default=10)
+    ap.add_argument("--tt-lr", type=float, default=0.05)
+    ap.add_argument("--skip-base-eval", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -65,3 +65,23 @@ def test_nan_kernel_raises_decomposition_error() -> None:
     w[0, 0, 0, 0] = float("nan")
     with pytest.raises(DecompositionError, match="NaN or Inf"):
         tucker2(w, (2, 2))
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [((8, 2, 1, 1), (4, 1)), ((256, 64, 1, 1), (64, 16)), ((64, 256, 1, 1), (16, 64))],
+)
+def test_tucker2_on_non_square_1x1_kernels(shape: tuple[int, ...], ranks: tuple[int, int]) -> None:
+    """r_out > r_in * k (or the reverse) leaves a tall projected unfolding: factors stay full."""
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    core, u_out, u_in = tucker2(w, ranks)
+    assert u_out.shape == (shape[0], ranks[0]) and u_in.shape == (shape[1], ranks[1])
+    eye_o = torch.eye(ranks[0], dtype=w.dtype)
+    torch.testing.assert_close(u_out.mT @ u_out, eye_o)
+    torch.testing.assert_close(u_in.mT @ u_in, torch.eye(ranks[1], dtype=w.dtype))
+    # the best rank-(r_out, r_in) approximation of a 1x1 kernel is the rank-min(r) SVD
+    approx = tucker2_to_full(core, u_out, u_in)
+    s = torch.linalg.svdvals(w[:, :, 0, 0])
+    k = min(ranks)
+    best = (s[k:] ** 2).sum().sqrt() / (s**2).sum().sqrt()
+    assert float(relative_error(approx, w)) <= float(best) + 1e-9

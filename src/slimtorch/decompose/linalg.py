@@ -69,20 +69,38 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tens
 
     For a wide matrix (rows much fewer than columns, the usual case for a kernel's channel
     unfolding) the eigen-decomposition of the small Gram matrix ``M M^T`` is cheaper than an SVD
-    of ``M``; otherwise a thin SVD is used. When ``rank`` exceeds the matrix's row count the extra
-    columns are not defined; callers keep ``rank <= rows``.
+    of ``M``; otherwise a thin SVD is used. When ``rank`` exceeds the matrix's column count
+    (a tall matrix has at most ``cols`` singular vectors, e.g. the projected unfolding of a 1x1
+    kernel in HOOI) the basis is completed with orthonormal columns orthogonal to the singular
+    vectors; they carry no energy, so the approximation is unchanged. ``rank`` must not exceed
+    the row count.
 
     Example:
         >>> leading_left_singular_vectors(torch.randn(4, 50), 2).shape
         torch.Size([4, 2])
     """
     rows, cols = matrix.shape
+    if rank > rows:
+        raise ValueError(f"rank must be <= the number of rows ({rows}), got {rank}")
     if 2 * rows <= cols:
         gram = matrix @ matrix.mT  # (rows, rows)
         _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
         return vecs[:, -rank:].flip(-1)
     u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    if rank > u.shape[1]:
+        return _complete_basis(u, rank)
     return u[:, :rank]
+
+
+def _complete_basis(u: torch.Tensor, rank: int) -> torch.Tensor:
+    """Extend orthonormal columns ``u`` (rows, c) to (rows, rank) orthonormal columns."""
+    rows, c = u.shape
+    gen = torch.Generator().manual_seed(rank)  # deterministic completion
+    extra = torch.randn(rows, rank - c, generator=gen, dtype=u.dtype).to(u.device)
+    extra = extra - u @ (u.mT @ extra)  # remove the span of u, twice for stability
+    extra = extra - u @ (u.mT @ extra)
+    q, _ = torch.linalg.qr(extra)  # (rows, rank - c)
+    return torch.cat([u, q], dim=1)
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
