@@ -250,7 +250,6 @@ def main() -> None:
     ap.add_argument("--tt-epochs", type=int, default=15)
     ap.add_argument("--tt-finetune-epochs", type=int, default=10)
     ap.add_argument("--tt-lr", type=float, default=0.05)
-    ap.add_argument("--skip-base-eval", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -22,4 +22,14 @@ st profile --in "$OUT" --batch-size 1 --device cpu --threads "$THREADS" --json "
 echo
 st profile --in "$OUT" --batch-size 256 --device cpu --threads "$THREADS"
 echo
-echo "demo done: model directory in $OUT"
+echo "== 5. compress: truncated SVD of every layer it handles (size first, no speed check), fine-tune"
+st compress --in "$OUT" --out "$OUT-svd" --method svd --rank 0.25 --finetune-epochs 10 --lr 0.02 \
+  --batch-size 64 --device cpu --threads "$THREADS" --profiles rx580,cpu --profile-batch 32 --no-progress
+echo
+echo "== 6. the same, keeping a factorised layer only where it is measured faster here"
+st compress --in "$OUT" --out "$OUT-svd-guarded" --method svd --rank 0.25 --min-speedup 1.0 \
+  --finetune-epochs 10 --lr 0.02 --batch-size 64 --device cpu --threads "$THREADS" \
+  --profiles rx580,cpu --profile-batch 32 --no-progress
+echo "per-layer decisions and measured times: $OUT-svd-guarded/report.txt"
+echo
+echo "demo done: model directories in $OUT, $OUT-svd, $OUT-svd-guarded"

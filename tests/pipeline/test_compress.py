@@ -63,3 +63,26 @@ def test_unknown_method_and_bad_rank(trained_mlp: Path) -> None:
         compress_run(in_dir=trained_mlp, out_dir=None, method="qr", rank=0.5)
     with pytest.raises(ValueError, match="rank"):
         compress_run(in_dir=trained_mlp, out_dir=None, method="svd", rank=1.5)
+
+
+def test_nothing_factorised_means_no_finetune_and_same_outputs(trained_mlp: Path) -> None:
+    """min_speedup far above reach keeps every layer dense: no fine-tuning, identical model."""
+    base, _ = load_model(trained_mlp / "model")
+    res = compress_run(
+        in_dir=trained_mlp,
+        out_dir=None,
+        method="svd",
+        rank=0.25,
+        method_options={"min_speedup": 1e6},
+        finetune=TrainConfig(epochs=2, progress=False),
+        profile_batch=8,
+        profiles=("rx580",),
+        threads=1,
+    )
+    assert res.report["history"] is None
+    rows = res.report["layers"]["layers"]
+    assert rows and all(r["action"] == "skipped" and "not faster" in r["reason"] for r in rows)
+    x = torch.randn(5, 1, 8, 8)
+    res.model.eval()
+    torch.testing.assert_close(res.model(x), base(x))
+    assert res.report["accuracy"]["after_finetune"] == res.report["accuracy"]["before"]

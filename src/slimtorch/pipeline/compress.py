@@ -163,7 +163,10 @@ def compress_run(
     )[0]
 
     history: dict[str, Any] | None = None
-    if finetune is not None and finetune.epochs > 0:
+    changed = any(r.action == "decomposed" for r in report.rows)
+    if not changed:
+        logger.info("no layer was factorised; skipping fine-tuning")
+    if changed and finetune is not None and finetune.epochs > 0:
         train_ds = load_dataset(name, "train", root=data_root)
         loader = DeviceLoader(
             train_ds,
