@@ -84,3 +84,24 @@ def test_eval_missing_directory_is_clear(
 ) -> None:
     assert main(["eval", "--in", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_profile_a_users_exported_program(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from torch import nn
+
+    from slimtorch.models import save_exported
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 2))
+    path = tmp_path / "mine.pt2"
+    save_exported(net.eval(), torch.randn(2, 3, 8, 8), path)
+    args = ["profile", "--exported", str(path), "--input-shape", "3,8,8", "--batch-size", "2"]
+    assert (
+        main([*args, "--device", "cpu", "--profiles", "rx580", "--json", str(tmp_path / "p.json")])
+        == 0
+    )
+    assert "rx580" in capsys.readouterr().out
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert str(4 * 3 * 9 + 4 + 256 * 2 + 2) in json.dumps(data)  # parameter count of the program

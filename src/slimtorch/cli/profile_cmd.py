@@ -24,6 +24,9 @@ def add_parser(sub: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--in", dest="model_dir", help="a saved model directory")
     src.add_argument("--model", choices=MODELS, help="a zoo model with random weights")
+    src.add_argument(
+        "--exported", help="your own model: a torch.export program (.pt2); pass --input-shape"
+    )
     p.add_argument("--input-shape", default="1,28,28", help="C,H,W for --model (default 1,28,28)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1)
@@ -53,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
         model, card = load_model(resolve_model_dir(args.model_dir), device=device)
         shape = tuple(card.input_shape)
         name = args.model_dir
+    elif args.exported:
+        from slimtorch.models import load_exported
+
+        shape = parse_shape(args.input_shape)
+        model = load_exported(args.exported, device=device)
+        name = args.exported
     else:
         from slimtorch.models import create_model
 
@@ -67,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     names = list_profiles() if args.profiles == "all" else args.profiles.split(",")
     for n in names:
         get_profile(n)  # unknown names fail here with the list of choices
-    model.eval()
+    if not args.exported:
+        model.eval()  # an exported program keeps the mode it was exported in
     example = torch.randn(args.batch_size, *shape, device=device)
     result = profile_model(model, example, device=device, profiles=names, threads=args.threads)
     print(f"{name}: batch {args.batch_size}, input {tuple(shape)}")

@@ -171,7 +171,8 @@ def profile_model(
     try:
         if home is not None and home != dev:
             model.to(dev)
-        model.eval()
+        for m in model.modules():  # eval mode; exported programs refuse .eval() itself
+            m.training = False
         with cpu_threads(threads):
             trace = trace_ops(model, x)
             report = flop_report_from_trace(trace)

@@ -260,7 +260,8 @@ def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -
     flags = {name: m.training for name, m in model.named_modules()}
     try:
         if eval_mode:
-            model.eval()
+            for m in model.modules():  # eval mode; exported programs refuse .eval()
+                m.training = False
         with torch.no_grad(), _Recorder(trace, stack):
             call_with(model, example_input)
     finally:
