@@ -123,10 +123,13 @@ def run_plan(
     comp = copy.deepcopy(base).to(speed_dev).eval()
     rank_v: Any = float(rank) if rank.replace(".", "", 1).isdigit() else rank
     opts: dict[str, Any] = {"rank": rank_v, "round_to": args.round_to}
+    batches = [int(b) for b in plan_batch.split("+")]
     if args.min_speedup > 0:
-        opts.update(min_speedup=args.min_speedup, speed_batch=int(plan_batch))
+        opts.update(
+            min_speedup=args.min_speedup, speed_batch=batches[0] if len(batches) == 1 else batches
+        )
     cfg = CONFIGS[method].from_dict(opts)
-    x = torch.randn(int(plan_batch), *shape, device=speed_dev)
+    x = torch.randn(batches[0], *shape, device=speed_dev)
     t0 = time.perf_counter()
     if speed_dev.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +173,7 @@ def run_plan(
         "method": method,
         "rank": rank,
         "plan_device": plan_dev,
-        "plan_batch": int(plan_batch),
+        "plan_batch": batches,
         "min_speedup": args.min_speedup,
         "layers_decomposed": len(done),
         "layers_targeted": len(report.rows),

@@ -174,3 +174,27 @@ def test_config_round_trip(tmp_path) -> None:
 def test_config_errors_name_the_field(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+MIXED = "test-decompose-speed-mixed"
+
+
+def test_several_speed_batches_keep_a_layer_only_if_faster_at_all_of_them() -> None:
+    """Slow ALU (1 GFLOP/s) plus 50 ms per kernel: a 64->64 3x3 conv on 16x16 maps costs
+    18.9 MFLOP per sample dense (1 kernel) and ~2.2 MFLOP factorised at ranks (16, 16) (3
+    kernels). Batch 1: 0.069 s dense vs ~0.152 s factorised (slower). Batch 64: 1.26 s vs
+    ~0.29 s (about 4x faster). So speed_batch=64 keeps it, (1, 64) keeps it dense."""
+    _profile(MIXED, peak=1e9, bandwidth=1e18, overhead=0.05)
+    x = torch.randn(1, 64, 16, 16)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    cfg = TuckerConfig(rank=0.25, min_speedup=1.5, speed_on=MIXED, speed_batch=64)
+    big = decompose_(copy.deepcopy(conv), cfg, example_input=x).rows[0]
+    assert big.action == "decomposed" and big.speedup == pytest.approx(4.3, rel=0.1)
+    both = decompose_(copy.deepcopy(conv), cfg.replace(speed_batch=[1, 64]), example_input=x)
+    row = both.rows[0]
+    assert row.action == "skipped" and "at input (1, 64, 16, 16)" in (row.reason or "")
+    assert row.speedup == pytest.approx(0.45, rel=0.1)
+    assert TuckerConfig.from_dict(cfg.replace(speed_batch=[1, 64]).to_dict()).speed_batch == (1, 64)
+    with pytest.raises(ValueError, match="speed_batch must not be empty"):
+        TuckerConfig(speed_batch=())

@@ -38,6 +38,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--speed-on", default=None, help="measured (default) or a device profile name, e.g. rx580"
     )
+    p.add_argument(
+        "--speed-batch",
+        default=None,
+        help="batch size(s) of the speed check, comma-separated (a layer must be faster at all)",
+    )
     p.add_argument("--strict", action="store_true", help="fail instead of skipping layers")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -75,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
         options["min_speedup"] = args.min_speedup
     if args.speed_on is not None:
         options["speed_on"] = args.speed_on
+    if args.speed_batch is not None:
+        try:
+            batches = [int(b) for b in args.speed_batch.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--speed-batch must be integers like 1,32,256, got {args.speed_batch!r}"
+            ) from None
+        options["speed_batch"] = batches[0] if len(batches) == 1 else batches
     finetune = (
         TrainConfig(
             epochs=args.finetune_epochs,

@@ -43,7 +43,9 @@ class DecomposeConfig(Config):
             ``example_input`` in ``decompose_``.
         speed_on: ``"measured"`` (time both layers on the device they are on) or a registered
             device profile name (``"rx580"``: roofline estimate on that profile).
-        speed_batch: Batch size to time at (``None``: the batch of ``example_input``).
+        speed_batch: Batch size to time at, or several (a layer is kept factorised only if it is
+            at least ``min_speedup`` faster at every one of them, so a deployment range such as
+            ``(1, 32, 256)`` sees no slow-down); ``None``: the batch of ``example_input``.
     """
 
     RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy", "budget")
@@ -54,7 +56,7 @@ class DecomposeConfig(Config):
     min_saving: float = 0.0
     min_speedup: float | None = None
     speed_on: str = "measured"
-    speed_batch: int | None = None
+    speed_batch: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.rank_spec  # noqa: B018 - validates
@@ -68,7 +70,13 @@ class DecomposeConfig(Config):
                     f"{name}.min_speedup must be None or a finite number > 0, "
                     f"got {self.min_speedup!r}"
                 )
-        if self.speed_batch is not None:
+        if isinstance(self.speed_batch, list | tuple):
+            if not self.speed_batch:
+                raise ValueError(f"{name}.speed_batch must not be empty, got {self.speed_batch!r}")
+            for b in self.speed_batch:
+                _check_int(self, "speed_batch", b, 1)
+            object.__setattr__(self, "speed_batch", tuple(self.speed_batch))
+        elif self.speed_batch is not None:
             _check_int(self, "speed_batch", self.speed_batch, 1)
         if not isinstance(self.speed_on, str) or not self.speed_on:
             raise ValueError(
