@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -80,3 +80,27 @@ def factory(device: torch.device | str | None, dtype: torch.dtype | None) -> dic
 def spec_args(spec: dict[str, Any]) -> dict[str, Any]:
     """Constructor keyword arguments from a layer spec: drop ``kind``, lists become tuples."""
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "kind"}
+
+
+class FromSpec:
+    """Mixin of the factorised layers: rebuild a layer (random init) from its ``spec()`` dict.
+
+    ``spec()`` records the constructor arguments plus a ``kind`` key naming the layer class.
+
+    Example:
+        >>> from slimtorch.decompose import LowRankLinear
+        >>> layer = LowRankLinear(64, 32, 8)
+        >>> type(LowRankLinear.from_spec(layer.spec())) is LowRankLinear
+        True
+    """
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: dict[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Build a randomly initialised layer from :meth:`spec`'s output."""
+        return cls(**spec_args(spec), device=device, dtype=dtype)  # type: ignore[call-arg]

@@ -20,17 +20,17 @@ from torch import nn
 from slimtorch.decompose.cp import CPResult, cp_als
 from slimtorch.decompose.layers._common import (
     LAYER_KINDS,
+    FromSpec,
     IntPair,
     Padding,
     chain_conv_flops,
     padding_arg,
     pair,
-    spec_args,
 )
 from slimtorch.decompose.layers.tucker_conv import check_plain_conv
 
 
-class CPConv2d(nn.Module):
+class CPConv2d(FromSpec, nn.Module):
     """1x1 conv ``C_in -> R``, ``kh x 1`` depthwise conv (``groups=R``), ``1 x kw`` depthwise
     conv, 1x1 conv ``R -> C_out`` with the original bias.
 
@@ -123,17 +123,6 @@ class CPConv2d(nn.Module):
             "dilation": [v.dilation[0], h.dilation[1]],
             "bias": self.last.bias is not None,
         }
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: dict[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> CPConv2d:
-        """Build a randomly initialised layer from :meth:`spec`'s output."""
-        return cls(**spec_args(spec), device=device, dtype=dtype)
 
     def flops(self, in_hw: tuple[int, int]) -> int:
         """FLOPs (2 x MACs) of one sample of spatial size ``in_hw``."""

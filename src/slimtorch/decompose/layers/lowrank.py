@@ -18,12 +18,12 @@ from torch import nn
 
 from slimtorch.decompose.layers._common import (
     LAYER_KINDS,
+    FromSpec,
     IntPair,
     Padding,
     chain_conv_flops,
     padding_arg,
     pair,
-    spec_args,
 )
 from slimtorch.decompose.layers.tucker_conv import check_plain_conv
 from slimtorch.decompose.svd import truncated_svd
@@ -36,7 +36,7 @@ def _check_factors(a: torch.Tensor, b: torch.Tensor) -> None:
         )
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(FromSpec, nn.Module):
     """``Linear(in -> r, no bias)`` then ``Linear(r -> out)`` with the original bias.
 
     Example:
@@ -78,18 +78,6 @@ class LowRankLinear(nn.Module):
             "rank": self.rank,
             "bias": self.last.bias is not None,
         }
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: dict[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> LowRankLinear:
-        """Build a randomly initialised layer from :meth:`spec`'s output."""
-        args = {k: v for k, v in spec.items() if k != "kind"}
-        return cls(**args, device=device, dtype=dtype)
 
     def flops(self, rows: int = 1) -> int:
         """FLOPs (2 x MACs) for ``rows`` input rows."""
@@ -136,7 +124,7 @@ class LowRankLinear(nn.Module):
         return cls.from_factors(a, b, bias)
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(FromSpec, nn.Module):
     """A 1x1 conv as ``Conv2d(C_in -> r, 1x1)`` (original stride and padding) then
     ``Conv2d(r -> C_out, 1x1)`` with the original bias.
 
@@ -193,17 +181,6 @@ class LowRankConv2d(nn.Module):
             "padding": pad if isinstance(pad, str) else list(pad),
             "bias": self.last.bias is not None,
         }
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: dict[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> LowRankConv2d:
-        """Build a randomly initialised layer from :meth:`spec`'s output."""
-        return cls(**spec_args(spec), device=device, dtype=dtype)
 
     def flops(self, in_hw: tuple[int, int]) -> int:
         """FLOPs (2 x MACs) of one sample of spatial size ``in_hw``."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.decompose.layers._common import LAYER_KINDS
+from slimtorch.decompose.layers._common import LAYER_KINDS, FromSpec
 from slimtorch.decompose.tt import tt_matrix, tt_matrix_to_full
 
 
@@ -32,7 +32,7 @@ def _modes(values: Sequence[int], name: str) -> tuple[int, ...]:
     return out
 
 
-class TTLinear(nn.Module):
+class TTLinear(FromSpec, nn.Module):
     """A linear map ``prod(in_modes) -> prod(out_modes)`` in TT-matrix format, plus bias.
 
     Args:
@@ -121,18 +121,6 @@ class TTLinear(nn.Module):
             "ranks": list(self.tt_ranks[1:-1]),
             "bias": self.bias is not None,
         }
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: dict[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TTLinear:
-        """Build a randomly initialised layer from :meth:`spec`'s output."""
-        args = {k: v for k, v in spec.items() if k != "kind"}
-        return cls(**args, device=device, dtype=dtype)
 
     def flops(self, rows: int = 1) -> int:
         """FLOPs (2 x MACs) of the core-by-core contraction for ``rows`` input rows."""

@@ -19,12 +19,12 @@ from torch import nn
 
 from slimtorch.decompose.layers._common import (
     LAYER_KINDS,
+    FromSpec,
     IntPair,
     Padding,
     chain_conv_flops,
     padding_arg,
     pair,
-    spec_args,
 )
 from slimtorch.decompose.tucker import tucker2
 
@@ -51,7 +51,7 @@ def check_plain_conv(conv: nn.Module, method: str, *, spatial: bool = False) -> 
     return conv
 
 
-class TuckerConv2d(nn.Module):
+class TuckerConv2d(FromSpec, nn.Module):
     """1x1 conv ``C_in -> r_in``, ``kh x kw`` core conv ``r_in -> r_out`` (original stride,
     padding and dilation), 1x1 conv ``r_out -> C_out`` with the original bias.
 
@@ -124,17 +124,6 @@ class TuckerConv2d(nn.Module):
             "dilation": list(self.core.dilation),
             "bias": self.last.bias is not None,
         }
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: dict[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TuckerConv2d:
-        """Build a randomly initialised layer from :meth:`spec`'s output."""
-        return cls(**spec_args(spec), device=device, dtype=dtype)
 
     def flops(self, in_hw: tuple[int, int]) -> int:
         """FLOPs (2 x MACs) of one sample of spatial size ``in_hw``."""
