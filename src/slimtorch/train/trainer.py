@@ -350,7 +350,7 @@ class Trainer:
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         self.history.append(row)
         if is_main_process():
-            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, row)
+            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, _fmt_row(row))
         if self.is_distributed:  # every rank stops if any rank asked to
             flag = torch.tensor([float(self.should_stop)], device=self.device)
             self.should_stop = bool(all_reduce_sum(flag).item() > 0)
@@ -440,3 +440,14 @@ class Trainer:
         finally:
             self.model.train(was_training)
         return meter.result(reduce=True)
+
+
+def _fmt_row(row: dict[str, Any]) -> str:
+    """``train_loss 0.312  train_accuracy 0.901 ...`` for the per-epoch log line."""
+    parts = []
+    for key, value in row.items():
+        if key == "epoch" or value is None:
+            continue
+        text = f"{value:.0f}" if key == "images_per_s" else f"{value:.4g}"
+        parts.append(f"{key} {text}")
+    return "  ".join(parts)
