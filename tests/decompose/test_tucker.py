@@ -85,3 +85,11 @@ def test_tucker2_on_non_square_1x1_kernels(shape: tuple[int, ...], ranks: tuple[
     k = min(ranks)
     best = (s[k:] ** 2).sum().sqrt() / (s**2).sum().sqrt()
     assert float(relative_error(approx, w)) <= float(best) + 1e-9
+
+
+def test_tucker2_1x1_kernel_needs_no_sweeps(gen: torch.Generator) -> None:
+    """On a 1x1 kernel the HOSVD is already optimal: n_iter changes nothing."""
+    w = randn(gen, 48, 24, 1, 1)
+    a = tucker2_to_full(*tucker2(w, (12, 6), n_iter=0))
+    b = tucker2_to_full(*tucker2(w, (12, 6), n_iter=30, tol=0.0))
+    torch.testing.assert_close(a, b)

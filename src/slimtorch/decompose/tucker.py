@@ -118,6 +118,10 @@ def tucker2(
     u_out = leading_left_singular_vectors(unfold(w, 0), r_out)  # (C_out, r_out)
     u_in = leading_left_singular_vectors(unfold(w, 1), r_in)  # (C_in, r_in)
     previous = float("inf")
+    if w.shape[2] == 1:
+        # A 1x1 kernel is a matrix: the truncated HOSVD already is the best rank-(r_out, r_in)
+        # approximation (the top min(r) singular triplets), so HOOI sweeps cannot improve it.
+        n_iter = 0
     for it in range(n_iter):
         u_out = leading_left_singular_vectors(unfold(_project(w, u_in, 1), 0), r_out)
         u_in = leading_left_singular_vectors(unfold(_project(w, u_out, 0), 1), r_in)
