@@ -174,6 +174,7 @@ def cp_als(
     converged = False
     it = 0
     for it in range(1, n_iter + 1):
+        singular = torch.zeros((), dtype=torch.bool, device=tensor.device)
         for mode in range(tensor.ndim):
             v = torch.ones_like(eye)
             for n, g in enumerate(grams):
@@ -183,19 +184,21 @@ def cp_als(
             lam = reg * torch.diagonal(v).mean()
             previous = factors[mode] * weights  # (I_n, R), the unnormalised previous factor
             rhs = (m + lam * previous).mT  # (R, I_n)
+            # No host sync here: a failed factorisation is checked once per sweep, below.
             chol, info = torch.linalg.cholesky_ex(v + lam * eye)
-            if bool(info != 0):
-                new = torch.linalg.lstsq(v + lam * eye, rhs).solution.mT
-            else:
-                new = torch.cholesky_solve(rhs, chol).mT  # (I_n, R)
+            singular = singular | (info != 0)
+            new = torch.cholesky_solve(rhs, chol).mT  # (I_n, R)
             weights = torch.linalg.vector_norm(new, dim=0)
             factors[mode] = new / weights.clamp_min(1e-30)
             grams[mode] = factors[mode].mT @ factors[mode]
         # The full reconstruction is as cheap as one MTTKRP and exact down to rounding.
-        error = float(torch.linalg.vector_norm(cp_to_full(weights, factors) - tensor) / norm_x)
-        if error != error or not bool(torch.isfinite(weights).all()):
+        error_t = torch.linalg.vector_norm(cp_to_full(weights, factors) - tensor) / norm_x
+        finite = torch.isfinite(weights).all() & ~singular
+        error, ok = torch.stack([error_t.double(), finite.double()]).tolist()  # one sync a sweep
+        if error != error or not ok:
             raise DecompositionError(
-                f"cp_als: NaN/Inf after {it} sweeps at rank {rank}; expected finite factors; "
+                f"cp_als: NaN/Inf or a singular normal matrix after {it} sweeps at rank {rank}; "
+                "expected finite factors; "
                 "raise reg (e.g. 1e-2) or lower the rank"
             )
         errors.append(error)
