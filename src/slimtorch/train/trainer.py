@@ -147,7 +147,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.amp = resolve_amp(self.config.amp, self.device)
         if is_main_process():
-            logger.info("training on %s, precision %s", self.device, self.amp.name)
+            logger.debug("running on %s, precision %s", self.device, self.amp.name)
         self._prepared = True
 
     def _criterion(self) -> LossFn:
@@ -395,6 +395,8 @@ class Trainer:
         if self.config.progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
         rng = self._resume() if resume else None
+        if is_main_process():
+            logger.info("training on %s, precision %s", self.device, self.amp.name)
         model: nn.Module = self.model
         if self.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
