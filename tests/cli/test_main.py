@@ -105,3 +105,68 @@ def test_profile_a_users_exported_program(
     assert "rx580" in capsys.readouterr().out
     data = json.loads((tmp_path / "p.json").read_text())
     assert str(4 * 3 * 9 + 4 + 256 * 2 + 2) in json.dumps(data)  # parameter count of the program
+
+
+def test_compress_distill_flags_reach_compress_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    import slimtorch.pipeline
+    from slimtorch.cli.main import build_parser
+    from slimtorch.distill import DistillConfig
+
+    base = ["compress", "--in", "a", "--out", "b", "--method", "svd"]
+    args = build_parser().parse_args(base)
+    assert args.distill is False
+    seen: dict[str, object] = {}
+
+    def fake_run(**kwargs: object) -> SimpleNamespace:
+        seen.update(kwargs)
+        return SimpleNamespace(report={"layers": {"layers": []}}, table="table")
+
+    monkeypatch.setattr(slimtorch.pipeline, "compress_run", fake_run)
+    flags = ["--distill", "--distill-temperature", "3", "--distill-alpha", "0.5"]
+    assert main([*base, *flags, "--device", "cpu"]) == 0
+    assert seen["distill"] == DistillConfig(temperature=3.0, alpha=0.5)
+    assert main([*base, "--device", "cpu"]) == 0
+    assert seen["distill"] is None
+    assert main([*base, "--distill", "--distill-alpha", "2", "--device", "cpu"]) == 2
+    assert "DistillConfig.alpha must be in [0.0, 1.0], got 2.0" in capsys.readouterr().err
+
+
+def test_train_with_teacher_distils_and_checks_the_teacher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from slimtorch.data import DeviceLoader, load_dataset
+    from slimtorch.models import create_model, load_model, save_model
+
+    torch.manual_seed(3)
+    teacher = create_model("mlp", num_classes=10, in_channels=1, input_size=8)
+    ds = load_dataset("digits", "test")
+    names = list(ds.classes)
+    card = {"input_shape": (1, 8, 8), "mean": ds.mean, "std": ds.std}
+    save_model(teacher, tmp_path / "t", class_names=names, **card)  # type: ignore[arg-type]
+    out = tmp_path / "s"
+    args = ["train", "--model", "mlp", "--epochs", "15", "--lr", "0.05", "--batch-size", "64"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(out)]
+    kd = ["--teacher", str(tmp_path / "t"), "--distill-alpha", "1", "--distill-temperature", "1"]
+    assert main([*args, *kd]) == 0
+    capsys.readouterr()
+    # alpha=1: the student learns the (untrained) teacher's answers, not the labels
+    student, _ = load_model(out / "model")
+    teacher.eval()
+    x = next(iter(DeviceLoader(ds, 1024)))[0]  # normalised test images
+    with torch.no_grad():
+        agree = (student(x).argmax(1) == teacher(x).argmax(1)).float().mean().item()
+        labels = (teacher(x).argmax(1) == ds.labels).float().mean().item()
+    # a student fitted to the labels would agree with this teacher about as often as the labels do
+    assert agree > 0.5 and labels < 0.2, (agree, labels)
+
+    wrong = create_model("mlp", num_classes=3, in_channels=1, input_size=8)
+    save_model(wrong, tmp_path / "w", class_names=names[:3], **card)  # type: ignore[arg-type]
+    assert main([*args, "--teacher", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "it predicts 3 classes, the data has 10" in err

@@ -86,3 +86,36 @@ def test_nothing_factorised_means_no_finetune_and_same_outputs(trained_mlp: Path
     res.model.eval()
     torch.testing.assert_close(res.model(x), base(x))
     assert res.report["accuracy"]["after_finetune"] == res.report["accuracy"]["before"]
+
+
+def test_compress_with_distillation_records_config_and_uses_a_frozen_teacher(
+    trained_mlp: Path, tmp_path: Path
+) -> None:
+    from slimtorch.distill import DistillConfig
+
+    out = tmp_path / "svd-kd"
+    distill = DistillConfig(temperature=2.0, alpha=0.7)
+    res = compress_run(
+        in_dir=trained_mlp,
+        out_dir=out,
+        method="svd",
+        rank=0.25,
+        finetune=TrainConfig(epochs=2, lr=0.01, progress=False),
+        batch_size=64,
+        profile_batch=8,
+        profiles=("rx580",),
+        threads=1,
+        distill=distill,
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"] == {"temperature": 2.0, "alpha": 0.7, "hints": [], "hint_weight": 1.0}
+    assert report["history"] is not None and len(report["history"]["train_loss"]) == 2
+    acc = report["accuracy"]
+    assert acc["after_finetune"] > max(0.8, acc["after_decompose"])
+    # the saved model is the student (factorised), not the dense teacher
+    assert report["after"]["params"] < report["before"]["params"]
+    assert res.report["distill"] == report["distill"]
+    with pytest.raises(TypeError, match="distill must be a DistillConfig"):
+        compress_run(
+            in_dir=trained_mlp, out_dir=None, method="svd", rank=0.25, distill={"alpha": 1}
+        )

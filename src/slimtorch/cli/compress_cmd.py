@@ -53,6 +53,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the latency figures")
     p.add_argument("--profiles", default="rx580", help="comma-separated profiles to estimate on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="fine-tune by distillation from the uncompressed model (frozen teacher)",
+    )
+    p.add_argument(
+        "--distill-temperature", type=float, default=4.0, help="softmax temperature (default 4)"
+    )
+    p.add_argument(
+        "--distill-alpha", type=float, default=0.9, help="weight of the soft loss (default 0.9)"
+    )
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
     p.set_defaults(handler=run)
@@ -69,6 +80,7 @@ def _rank(text: str) -> float | int | str:
 
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
+    from slimtorch.distill import DistillConfig
     from slimtorch.pipeline import compress_run
     from slimtorch.train import TrainConfig
 
@@ -100,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         if args.finetune_epochs > 0
         else None
     )
+    distill = (
+        DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha)
+        if args.distill
+        else None
+    )
     result = compress_run(
         in_dir=args.model_dir,
         out_dir=args.out,
@@ -117,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         profile_batch=args.profile_batch,
         profiles=[p for p in args.profiles.split(",") if p],
         threads=args.threads,
+        distill=distill,
     )
     layers = result.report["layers"]
     print(f"{args.method} on {args.model_dir} -> {args.out}/model")

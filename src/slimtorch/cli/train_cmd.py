@@ -47,6 +47,21 @@ def add_parser(sub: Any) -> None:
         "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        metavar="DIR",
+        help="saved model directory to distil from (same dataset)",
+    )
+    p.add_argument(
+        "--distill-temperature", type=float, default=4.0, help="with --teacher (default 4)"
+    )
+    p.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.9,
+        help="with --teacher: weight of the soft loss (default 0.9)",
+    )
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -62,6 +77,24 @@ def _augment(choice: str, dataset: str) -> Any:
         "flip": AugmentConfig(hflip=True),
         "crop+flip": AugmentConfig(random_crop_padding=pad, hflip=True),
     }[choice]
+
+
+def _teacher_callbacks(args: argparse.Namespace, device: Any) -> Any:
+    """A factory that loads ``--teacher`` once the data is known and checks that it fits."""
+    from slimtorch.distill import DistillationCallback, DistillConfig, load_teacher
+
+    config = DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha)
+
+    def make(train_ds: Any) -> list[Any]:
+        teacher = load_teacher(
+            args.teacher,
+            input_shape=train_ds.input_shape,
+            num_classes=len(train_ds.classes),
+            device=device,
+        )
+        return [DistillationCallback(teacher, config)]
+
+    return make
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every_steps=args.checkpoint_every,
             progress=not args.no_progress,
         )
+        callbacks = _teacher_callbacks(args, device) if args.teacher else ()
         result = train_classifier(
             model=args.model,
             dataset=args.dataset,
@@ -101,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             augment=_augment(args.augment, args.dataset),
             resume=args.resume,
             download=not args.no_download,
+            callbacks=callbacks,
         )
         if is_main_process():
             summary = {

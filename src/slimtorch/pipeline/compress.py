@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
 from slimtorch.decompose.config import DecomposeConfig
+from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.train import TrainConfig, Trainer
+from slimtorch.train import Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ def compress_run(
     profile_batch: int = 32,
     profiles: Sequence[str] = ("rx580",),
     threads: int | None = None,
+    distill: DistillConfig | None = None,
 ) -> CompressResult:
     """Decompose the model in ``in_dir``, fine-tune it, and measure before and after.
 
@@ -126,7 +129,13 @@ def compress_run(
         profile_batch: Batch size of the latency and memory measurements.
         profiles: Device profiles to estimate latency on.
         threads: CPU threads for the measurements.
+        distill: When given and fine-tuning runs, fine-tune by distillation from a frozen
+            copy of the model taken before the transform (Hinton et al. 2015,
+            arXiv:1503.02531); ``report.json`` records it under ``"distill"`` (None when no
+            distillation ran).
     """
+    if distill is not None and not isinstance(distill, DistillConfig):
+        raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
     device = torch.device(device)
     in_path = Path(in_dir)
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
@@ -151,6 +160,8 @@ def compress_run(
         profiles=profiles,
         threads=threads,
     )
+    will_finetune = finetune is not None and finetune.epochs > 0
+    teacher = copy.deepcopy(model) if distill is not None and will_finetune else None
     example = torch.randn(profile_batch, *shape, device=device)
     t0 = time.perf_counter()
     report = decompose_(
@@ -166,6 +177,11 @@ def compress_run(
     changed = any(r.action == "decomposed" for r in report.rows)
     if not changed:
         logger.info("no layer was factorised; skipping fine-tuning")
+    if distill is not None and not will_finetune:
+        logger.info("distillation needs fine-tuning epochs; none were asked for")
+    callbacks: list[Callback] = []
+    if teacher is not None and distill is not None:
+        callbacks.append(DistillationCallback(teacher, distill))
     if changed and finetune is not None and finetune.epochs > 0:
         train_ds = load_dataset(name, "train", root=data_root)
         loader = DeviceLoader(
@@ -177,7 +193,7 @@ def compress_run(
             augment=default_augment(name),
             seed=finetune.seed,
         )
-        trainer = Trainer(model, finetune, device=device, out_dir=out_dir)
+        trainer = Trainer(model, finetune, device=device, out_dir=out_dir, callbacks=callbacks)
         history = trainer.fit(loader, test_loader).to_dict()
     acc1, prof1 = measure_model(
         model,
@@ -203,6 +219,7 @@ def compress_run(
         "layers": report.to_dict(),
         "finetune": None if finetune is None else finetune.to_dict(),
         "history": history,
+        "distill": None if history is None or distill is None else distill.to_dict(),
     }
     model_dir = None
     if out_dir is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ def train_classifier(
     data_root: str | Path | None = None,
     augment: AugmentConfig | str | None = "auto",
     model_kwargs: dict[str, Any] | None = None,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] | Callable[[ImageDataset], Sequence[Callback]] = (),
     resume: bool = False,
     download: bool = True,
 ) -> ClassifierRun:
@@ -132,7 +132,9 @@ def train_classifier(
         data_root: Explicit dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
         augment: An :class:`AugmentConfig`, None for none, or ``"auto"`` for the dataset default.
         model_kwargs: Extra architecture arguments (``width_mult``, ``hidden`` ...).
-        callbacks: Extra Trainer callbacks (QAT, pruning masks, distillation ...).
+        callbacks: Extra Trainer callbacks (QAT, pruning masks, distillation ...), or a
+            function of the training dataset that returns them (called once the data is
+            loaded, e.g. to check that a distillation teacher fits its shape and classes).
         resume: Continue from ``out_dir/checkpoint.pt``.
         download: Allow downloading missing dataset files.
     """
@@ -161,7 +163,8 @@ def train_classifier(
         seed=train_config.seed,
         channels_last=train_config.channels_last,
     )
-    trainer = Trainer(net, train_config, device=device, callbacks=callbacks, out_dir=out_dir)
+    cbs = callbacks(train_ds) if callable(callbacks) else callbacks
+    trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
     start = time.perf_counter()
     history = trainer.fit(train_loader, test_loader, resume=resume)
     seconds = time.perf_counter() - start

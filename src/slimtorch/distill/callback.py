@@ -1,0 +1,190 @@
+"""Distillation as a Trainer callback: a frozen teacher's soft targets and feature hints.
+
+The student is the trainer's model. The teacher runs on the same inputs inside the trainer's
+autocast region under ``torch.no_grad()``; the loss becomes
+``(1 - alpha) * hard + alpha * T^2 * KL(teacher || student) + hint_weight * mean(hints)``
+(Hinton, Vinyals & Dean 2015, arXiv:1503.02531; FitNets, Romero et al. 2014, arXiv:1412.6550).
+
+Hint layers must produce outputs of the same shape in both models: no adapter (FitNets'
+regressor) is created, because an adapter would be a trained module outside the model, missing
+from the optimiser's schedule, the checkpoint and the saved model directory. A pair whose shapes
+differ raises ``ValueError`` at the first batch, naming both layers and shapes.
+
+Example:
+    >>> cb = DistillationCallback(teacher, DistillConfig(temperature=4.0, alpha=0.9))
+    >>> Trainer(student, TrainConfig(epochs=5), callbacks=[cb]).fit(train_loader)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slimtorch.distill.config import DistillConfig
+from slimtorch.distill.losses import hint_loss, kd_loss
+from slimtorch.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from slimtorch.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _submodule(model: nn.Module, name: str, which: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(
+            f"hint layer {name!r} is not a submodule of the {which} "
+            f"({type(model).__name__}); use a dotted name such as {', '.join(names)}"
+        ) from None
+
+
+class DistillationCallback(Callback):
+    """Train the trainer's model (the student) to match a frozen ``teacher``.
+
+    On fit start the teacher is moved to the trainer's device, put in eval mode and frozen
+    (``requires_grad=False``); it is never part of the optimiser. Forward hooks record the
+    outputs of the hint layers of both models and are removed on fit end. The callback keeps no
+    checkpoint state beyond its config (:meth:`state_dict` is empty).
+
+    Args:
+        teacher: The teacher model; must take the student's inputs and predict the same
+            classes. It must not share parameters with the student.
+        config: Temperature, ``alpha``, hint pairs and hint weight.
+
+    Example:
+        >>> teacher = copy.deepcopy(model)
+        >>> decompose_(model, TuckerConfig(rank=0.25))
+        >>> cb = DistillationCallback(teacher, DistillConfig())
+        >>> Trainer(model, TrainConfig(epochs=3, lr=0.01), callbacks=[cb]).fit(loader)
+    """
+
+    def __init__(self, teacher: nn.Module, config: DistillConfig) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if not isinstance(config, DistillConfig):
+            raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+        self.teacher = teacher
+        self.config = config
+        self._handles: list[RemovableHandle] = []
+        self._student_feats: dict[str, torch.Tensor] = {}
+        self._teacher_feats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ hooks
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._student_feats.clear()
+        self._teacher_feats.clear()
+
+    def _hook(self, store: dict[str, torch.Tensor], name: str, student: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if student and not torch.is_grad_enabled():
+                return  # evaluation passes: nothing to distil
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"hint layer {name!r} returns {type(output).__name__}, not a tensor; "
+                    "pick a layer whose output is a single tensor"
+                )
+            store[name] = output
+
+        return hook
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        student = trainer.unwrapped_model
+        if self.teacher is student:
+            raise ValueError(
+                "the teacher is the student itself; pass a frozen copy, e.g. copy.deepcopy(model)"
+            )
+        student_ids = {id(p) for p in student.parameters()}
+        if any(id(p) in student_ids for p in self.teacher.parameters()):
+            raise ValueError(
+                "the teacher shares parameters with the student; pass an independent copy, "
+                "e.g. copy.deepcopy(model) taken before the change"
+            )
+        self.teacher.to(trainer.device)
+        if trainer.config.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+        self._remove_hooks()
+        for s_name, t_name in self.config.hints:
+            s_mod = _submodule(student, s_name, "student")
+            t_mod = _submodule(self.teacher, t_name, "teacher")
+            self._handles.append(
+                s_mod.register_forward_hook(self._hook(self._student_feats, s_name, True))
+            )
+            self._handles.append(
+                t_mod.register_forward_hook(self._hook(self._teacher_feats, t_name, False))
+            )
+        if self.config.alpha == 0.0 and not self.config.hints:
+            logger.warning("distillation with alpha=0 and no hints trains on the labels only")
+        logger.info(
+            "distilling from %s: temperature %g, alpha %g, %d hint pair(s)",
+            type(self.teacher).__name__,
+            self.config.temperature,
+            self.config.alpha,
+            len(self.config.hints),
+        )
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(
+        self,
+        trainer: Trainer,
+        inputs: Any,
+        outputs: torch.Tensor,
+        targets: Any,
+        loss: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = self.config
+        if cfg.alpha == 0.0 and not cfg.hints:
+            return loss
+        # called inside the trainer's autocast region: the teacher runs in the same precision
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs)
+        total = loss
+        if cfg.alpha > 0.0:
+            soft = kd_loss(outputs, teacher_out, temperature=cfg.temperature)
+            total = (1.0 - cfg.alpha) * loss + cfg.alpha * soft
+        if cfg.hints:
+            total = total + cfg.hint_weight * self._hint_term()
+        return total
+
+    def _hint_term(self) -> torch.Tensor:
+        terms = []
+        for s_name, t_name in self.config.hints:
+            s_feat = self._student_feats.pop(s_name, None)
+            t_feat = self._teacher_feats.pop(t_name, None)
+            if s_feat is None or t_feat is None:
+                which = "student" if s_feat is None else "teacher"
+                layer = s_name if s_feat is None else t_name
+                raise ValueError(
+                    f"hint layer {layer!r} of the {which} did not run in the forward pass; "
+                    "pick a layer that every forward pass uses"
+                )
+            if s_feat.shape != t_feat.shape:
+                raise ValueError(
+                    f"hint pair ({s_name!r}, {t_name!r}) has student output "
+                    f"{tuple(s_feat.shape)} and teacher output {tuple(t_feat.shape)}; hint "
+                    "layers must produce the same shape (no adapter is trained): pick layers "
+                    "with matching outputs"
+                )
+            terms.append(hint_loss(s_feat, t_feat))
+        return torch.stack(terms).mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save: the teacher is fixed and the config is given at construction."""
+        return {}
