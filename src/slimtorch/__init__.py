@@ -11,7 +11,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"core", "data", "models", "train", "decompose", "prune", "distill", "pipeline", "cli"}
+_SUBMODULES = {
+    "core",
+    "data",
+    "models",
+    "train",
+    "decompose",
+    "prune",
+    "distill",
+    "pipeline",
+    "cli",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ is only called faster when the measured latency says so.
 Example:
     >>> res = compress_run(in_dir="runs/base", out_dir="runs/tucker", method="tucker",
     ...                    rank=0.25, finetune=TrainConfig(epochs=3, lr=0.01))
-    >>> print(res.table)
+    >>> text = res.table  # a printable table
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class FlopReport:
         """A plain text table, one row per layer.
 
         Example:
-            >>> print(count_flops(model, x).to_table())
+            >>> text = count_flops(model, x).to_table()  # a printable table
         """
         head = f"{'layer':<32} {'type':<18} {'MFLOPs':>10} {'params':>10}  output"
         lines = [head, "-" * len(head)]

@@ -5,7 +5,7 @@ Example:
     >>> before = profile_model(model, x, device="cpu", profiles=["rx580"])
     >>> prune_(model, ...)
     >>> after = profile_model(model, x, device="cpu", profiles=["rx580"])
-    >>> print(compare_profiles(before, after))
+    >>> text = compare_profiles(before, after)  # a printable table
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ModelProfile:
         """A plain text summary: header lines, then one row per profile estimate.
 
         Example:
-            >>> print(profile_model(model, x, device="cpu").to_table())
+            >>> text = profile_model(model, x, device="cpu").to_table()  # a printable table
         """
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes) or "-"
         lat = self.latency
@@ -154,7 +154,7 @@ def profile_model(
 
     Example:
         >>> p = profile_model(model, torch.randn(1, 3, 32, 32), device="cpu", profiles=["rx580"])
-        >>> print(p.to_table())
+        >>> text = p.to_table()  # a printable table
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -221,7 +221,7 @@ def compare_profiles(before: ModelProfile, after: ModelProfile) -> str:
     every profile both sides have.
 
     Example:
-        >>> print(compare_profiles(before, after))
+        >>> text = compare_profiles(before, after)  # a printable table, starting:
         metric                       before        after    ratio
         params (M)                   0.2723       0.1361    0.50x
         ...
