@@ -6,7 +6,7 @@ What ``torch.export.load`` unpickles (read in torch 2.13, ``torch/export/__init_
 * weights and constants flagged ``use_pickle`` in ``data/weights/*_weights_config.json`` /
   ``data/constants/*_constants_config.json`` (tensor subclasses) go through
   ``torch.load`` with ``weights_only=False``, i.e. the full unpickler;
-* ``data/constants/custom_obj_*`` (TorchBind objects) go through ``torch._C._pickle_load_obj``
+* ``data/constants/custom_obj_*`` (TorchBind objects) go through torch's C++ pickle reader
   and ``data/constants/opaque_obj_*`` through the ``pickle`` module's ``loads``;
 * ``data/sample_inputs/*.pt`` goes through ``torch.load(weights_only=True)`` and, if that fails,
   **falls back to** ``weights_only=False``;
