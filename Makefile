@@ -17,7 +17,7 @@ $(VENV)/.stamp-%: pyproject.toml constraints.txt scripts/constraints.py
 
 venv: $(VENV)/.stamp-dev
 
-demo: $(VENV)/.stamp-cli
+demo: $(VENV)/.stamp-demo
 	bash scripts/demo.sh $(PY)
 
 test: $(VENV)/.stamp-dev

@@ -1,8 +1,16 @@
-"""``slimtorch compress``: decompose a trained model, fine-tune it, report before/after."""
+"""``slimtorch compress``: compress a trained model, fine-tune it, report before/after.
+
+Example:
+    $ slimtorch compress --in runs/base --out runs/tucker --method tucker --rank 0.25
+    $ slimtorch compress --in runs/base --out runs/p90 --method prune --sparsity 0.9 \\
+        --scope global --gradual --finetune-epochs 20
+    $ slimtorch compress --in runs/base --out runs/x --method nm --set n=2 --set m=4
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from slimtorch.cli.common import DATASETS, add_device_args, apply_threads
@@ -11,20 +19,36 @@ from slimtorch.cli.common import DATASETS, add_device_args, apply_threads
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "compress",
-        help="factorise a trained model's layers, fine-tune, report before/after",
-        description="Low-rank factorisation (svd, tucker, cp, tt) of a saved model, then "
-        "fine-tuning; writes --out/model (a loadable model directory), report.json and "
-        "report.txt with the per-layer report and the before/after table (accuracy, params, "
-        "FLOPs, measured latency, estimated latency on the target profiles).",
+        help="compress a trained model (factorise, prune ...), fine-tune, report before/after",
+        description="Compress a saved model (low-rank factorisation: svd, tucker, cp, tt; "
+        "pruning: prune (unstructured magnitude), nm (N:M); and the other registered "
+        "methods), then fine-tune; writes --out/model (a loadable model directory), "
+        "report.json and report.txt with the per-layer report and the before/after table "
+        "(accuracy, params, FLOPs, measured latency, estimated latency on the target profiles).",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument("--out", required=True, help="output run directory")
-    p.add_argument("--method", required=True, choices=("svd", "tucker", "cp", "tt"))
+    p.add_argument("--method", required=True, choices=_methods())
     p.add_argument(
         "--rank",
-        default="0.25",
-        help="fraction in (0,1], integer rank, vbmf, energy:0.9, or budget:params=0.33 "
-        "(default 0.25)",
+        default=None,
+        help="decomposition rank: fraction in (0,1], integer rank, vbmf, energy:0.9, or "
+        "budget:params=0.33 (default 0.25)",
+    )
+    p.add_argument("--sparsity", type=float, default=None, help="prune: fraction of zeros")
+    p.add_argument("--scope", default=None, help="prune: layer or global")
+    p.add_argument(
+        "--gradual",
+        action="store_true",
+        help="prune: raise sparsity gradually during fine-tuning (Zhu & Gupta schedule)",
+    )
+    p.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any field of the method's config, value as JSON or text (repeatable)",
     )
     p.add_argument("--include", action="append", default=None, help="layer glob (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="layer glob (repeatable)")
@@ -69,6 +93,41 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _methods() -> list[str]:
+    from slimtorch.pipeline.methods import COMPRESS_METHODS
+
+    return sorted(str(n) for n in COMPRESS_METHODS.names())
+
+
+_DECOMPOSE = ("svd", "tucker", "cp", "tt")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = _value(value)
+    if args.method in _DECOMPOSE:
+        options.setdefault("rank", _rank(args.rank) if args.rank is not None else 0.25)
+    elif args.rank is not None:
+        raise ValueError(f"--rank applies to {', '.join(_DECOMPOSE)}, not {args.method}")
+    for key in ("sparsity", "scope"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.gradual:
+        options["gradual"] = True
+    return options
+
+
 def _rank(text: str) -> float | int | str:
     for cast in (int, float):
         try:
@@ -85,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from slimtorch.train import TrainConfig
 
     apply_threads(args)
-    options: dict[str, Any] = {}
+    options = _options(args)
     if args.round_to is not None:
         options["round_to"] = args.round_to
     if args.min_speedup is not None:
@@ -121,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
         in_dir=args.model_dir,
         out_dir=args.out,
         method=args.method,
-        rank=_rank(args.rank),
         method_options=options,
         include=args.include,
         exclude=args.exclude,
@@ -138,7 +196,13 @@ def run(args: argparse.Namespace) -> int:
     )
     layers = result.report["layers"]
     print(f"{args.method} on {args.model_dir} -> {args.out}/model")
-    done = sum(1 for r in layers["layers"] if r["action"] == "decomposed")
-    print(f"layers decomposed: {done} of {len(layers['layers'])} (see report.txt for skips)")
+    rows = layers.get("layers", [])
+    done = sum(1 for r in rows if r.get("action") not in ("skipped", "kept"))
+    print(f"layers changed: {done} of {len(rows)} (see report.txt for skips)")
+    finished = result.report.get("finish") or {}
+    if "storage" in finished:
+        st = finished["storage"]
+        ratio = st["dense_bytes"] / max(1, st["compact_bytes"])
+        print(f"compact storage: {st['compact_bytes']} bytes ({ratio:.2f}x smaller than dense)")
     print(result.table)
     return 0

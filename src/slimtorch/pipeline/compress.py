@@ -2,9 +2,11 @@
 
 The job behind ``slimtorch compress``: load a model directory, measure it (test accuracy,
 parameters, size, FLOPs, measured latency and peak memory on the device at hand, roofline
-estimate on the target profiles), apply a transform (tensor decomposition for now), fine-tune
-with the one Trainer, measure again and write a model directory plus ``report.json``. A change
-is only called faster when the measured latency says so.
+estimate on the target profiles), apply a method from
+:data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` (decomposition, pruning, quantization ...),
+fine-tune with the one Trainer and the callbacks the method asks for, run the method's finishing
+step, measure again and write a model directory plus ``report.json``. A change is only called
+faster when the measured latency says so.
 
 Example:
     >>> res = compress_run(in_dir="runs/base", out_dir="runs/tucker", method="tucker",
@@ -28,21 +30,13 @@ from torch import nn
 from slimtorch.core.io import atomic_write_json, atomic_write_text
 from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
-from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
-from slimtorch.decompose.config import DecomposeConfig
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
+from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest
 from slimtorch.train import Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment
 
 logger = logging.getLogger(__name__)
-
-METHODS: dict[str, type[DecomposeConfig]] = {
-    "svd": SVDConfig,
-    "tucker": TuckerConfig,
-    "cp": CPConfig,
-    "tt": TTConfig,
-}
 
 
 @dataclass
@@ -75,12 +69,6 @@ def measure_model(
     return float(acc if acc is not None else float("nan")), prof
 
 
-def _decompose_config(method: str, rank: Any, options: dict[str, Any]) -> DecomposeConfig:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-    return METHODS[method].from_dict({"rank": rank, **options})
-
-
 def _table(acc_before: float, acc_after: float, before: ModelProfile, after: ModelProfile) -> str:
     head = f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"
     acc = f"{'test accuracy (%)':<26} {100 * acc_before:>12.2f} {100 * acc_after:>12.2f} "
@@ -94,7 +82,7 @@ def compress_run(
     in_dir: str | Path,
     out_dir: str | Path | None,
     method: str,
-    rank: float | int | str,
+    rank: float | int | str | None = None,
     method_options: dict[str, Any] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -109,15 +97,17 @@ def compress_run(
     threads: int | None = None,
     distill: DistillConfig | None = None,
 ) -> CompressResult:
-    """Decompose the model in ``in_dir``, fine-tune it, and measure before and after.
+    """Compress the model in ``in_dir`` with ``method``, fine-tune it, measure before and after.
 
     Args:
         in_dir: A model directory (or a run directory holding one in ``model/``).
         out_dir: Run directory for the result (``model/``, ``report.json``, fine-tune
             checkpoint and history); None keeps nothing on disk.
-        method: ``svd``, ``tucker``, ``cp`` or ``tt``.
-        rank: Rank spec: a fraction in (0, 1], an int, or a string such as ``"vbmf"``.
-        method_options: Other fields of the method's config (``round_to``, ``n_iter`` ...).
+        method: A name in :data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` (``svd``,
+            ``tucker``, ``cp``, ``tt``, ``prune``, ``nm`` ...).
+        rank: Rank spec of the decomposition methods (a fraction in (0, 1], an int, or a
+            string such as ``"vbmf"``); same as ``method_options["rank"]``.
+        method_options: Fields of the method's config (``round_to``, ``sparsity`` ...).
         include: Dotted-name globs of the layers to consider (all when None).
         exclude: Dotted-name globs to leave alone.
         strict: Raise instead of recording skipped layers.
@@ -133,9 +123,16 @@ def compress_run(
             copy of the model taken before the transform (Hinton et al. 2015,
             arXiv:1503.02531); ``report.json`` records it under ``"distill"`` (None when no
             distillation ran).
+
+    Raises:
+        ValueError: Unknown method (the message lists the valid ones) or a bad option.
     """
     if distill is not None and not isinstance(distill, DistillConfig):
         raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
+    apply = COMPRESS_METHODS.get(method)
+    options = dict(method_options or {})
+    if rank is not None:
+        options["rank"] = rank
     device = torch.device(device)
     in_path = Path(in_dir)
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
@@ -149,7 +146,6 @@ def compress_run(
     if tuple(test_ds.input_shape) != shape:
         raise ValueError(f"{name} images are {test_ds.input_shape}, the model expects {shape}")
     test_loader = DeviceLoader(test_ds, 1024, device=device)
-    config = _decompose_config(method, rank, method_options or {})
 
     acc0, prof0 = measure_model(
         model,
@@ -161,40 +157,55 @@ def compress_run(
         threads=threads,
     )
     will_finetune = finetune is not None and finetune.epochs > 0
+    train_loader: DeviceLoader | None = None
+
+    def train_batches() -> DeviceLoader:
+        nonlocal train_loader
+        if train_loader is None:
+            train_loader = DeviceLoader(
+                load_dataset(name, "train", root=data_root),
+                batch_size,
+                shuffle=True,
+                drop_last=True,
+                device=device,
+                augment=default_augment(name),
+                seed=0 if finetune is None else finetune.seed,
+            )
+        return train_loader
+
+    steps_per_epoch = len(train_batches()) if will_finetune else 0
     teacher = copy.deepcopy(model) if distill is not None and will_finetune else None
     example = torch.randn(profile_batch, *shape, device=device)
-    t0 = time.perf_counter()
-    report = decompose_(
-        model, config, include=include, exclude=exclude, strict=strict, example_input=example
+    request = MethodRequest(
+        options=options,
+        include=include,
+        exclude=exclude,
+        strict=strict,
+        example_input=example,
+        calibration=train_batches,
+        finetune_steps=steps_per_epoch * (finetune.epochs if finetune is not None else 0),
+        steps_per_epoch=steps_per_epoch,
     )
-    decompose_s = time.perf_counter() - t0
-    logger.info("decomposition:\n%s", report.to_table())
+    t0 = time.perf_counter()
+    applied = apply(model, request)
+    transform_s = time.perf_counter() - t0
+    logger.info("%s:\n%s", method, applied.table)
     acc_mid = measure_model(
         model, test_loader, shape, device=device, batch_size=1, profiles=(), threads=threads
     )[0]
 
     history: dict[str, Any] | None = None
-    changed = any(r.action == "decomposed" for r in report.rows)
-    if not changed:
-        logger.info("no layer was factorised; skipping fine-tuning")
+    if not applied.changed:
+        logger.info("the method changed no layer; skipping fine-tuning")
     if distill is not None and not will_finetune:
         logger.info("distillation needs fine-tuning epochs; none were asked for")
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = list(applied.callbacks)
     if teacher is not None and distill is not None:
         callbacks.append(DistillationCallback(teacher, distill))
-    if changed and finetune is not None and finetune.epochs > 0:
-        train_ds = load_dataset(name, "train", root=data_root)
-        loader = DeviceLoader(
-            train_ds,
-            batch_size,
-            shuffle=True,
-            drop_last=True,
-            device=device,
-            augment=default_augment(name),
-            seed=finetune.seed,
-        )
+    if applied.changed and finetune is not None and will_finetune:
         trainer = Trainer(model, finetune, device=device, out_dir=out_dir, callbacks=callbacks)
-        history = trainer.fit(loader, test_loader).to_dict()
+        history = trainer.fit(train_batches(), test_loader).to_dict()
+    finished = applied.finish(model) if applied.finish is not None else None
     acc1, prof1 = measure_model(
         model,
         test_loader,
@@ -207,16 +218,17 @@ def compress_run(
     table = _table(acc0, acc1, prof0, prof1)
     result: dict[str, Any] = {
         "method": method,
-        "config": config.to_dict(),
+        "config": applied.config,
         "dataset": name,
         "source": str(in_path),
         "device": str(device),
         "profile_batch": profile_batch,
-        "decompose_seconds": decompose_s,
-        "accuracy": {"before": acc0, "after_decompose": acc_mid, "after_finetune": acc1},
+        "transform_seconds": transform_s,
+        "accuracy": {"before": acc0, "after_transform": acc_mid, "after_finetune": acc1},
         "before": prof0.to_dict(),
         "after": prof1.to_dict(),
-        "layers": report.to_dict(),
+        "layers": applied.report,
+        "finish": finished,
         "finetune": None if finetune is None else finetune.to_dict(),
         "history": history,
         "distill": None if history is None or distill is None else distill.to_dict(),
@@ -234,6 +246,8 @@ def compress_run(
             metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
             extra={**card.extra, "compressed_from": str(in_path), "method": method},
         )
+        if applied.artifacts is not None:
+            result["artifacts"] = applied.artifacts(model, out)
         atomic_write_json(out / "report.json", result)
-        atomic_write_text(out / "report.txt", report.to_table() + "\n\n" + table + "\n")
+        atomic_write_text(out / "report.txt", applied.table + "\n\n" + table + "\n")
     return CompressResult(model=model, report=result, table=table, model_dir=model_dir)

@@ -1,0 +1,207 @@
+"""Compression methods of the compress pipeline, registered by name.
+
+Each method turns a trained model into a compressed one in place and says what fine-tuning
+should do with it. :func:`~slimtorch.pipeline.compress.compress_run` measures before and after,
+applies the method, fine-tunes with the callbacks it asks for, runs its ``finish`` step and
+writes the report. Registering a method here is all that makes it reachable from
+``slimtorch compress --method NAME``.
+
+A method is a function ``(model, request) -> Applied``. The :class:`MethodRequest` carries the
+method's config fields as plain values (``config`` fields), the layer globs and an example input;
+the :class:`Applied` it returns holds the JSON report, a printable table, whether anything
+changed, the training callbacks the fine-tune needs (masks kept exact, gradual schedules, QAT)
+and an optional ``finish`` step run after fine-tuning (e.g. converting to int8).
+
+Example:
+    >>> sorted(COMPRESS_METHODS.names())[:3]
+    ['cp', 'nm', 'prune']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.registry import Registry
+from slimtorch.train import Callback
+
+
+@dataclasses.dataclass
+class MethodRequest:
+    """What the pipeline hands a method.
+
+    Attributes:
+        options: Fields of the method's config (``{"rank": 0.25}``, ``{"sparsity": 0.9}``).
+        include: Dotted-name globs of the layers to consider (all when None).
+        exclude: Dotted-name globs to leave alone.
+        strict: Raise instead of recording skips.
+        example_input: A batch on the model's device, for tracing and speed checks.
+        calibration: Returns an iterable of ``(inputs, targets)`` training batches on the
+            device (for methods that calibrate or score with data); None when unavailable.
+        finetune_steps: Optimiser steps the fine-tune will run (0 when it is skipped).
+        steps_per_epoch: Optimiser steps per fine-tuning epoch (0 when it is skipped).
+    """
+
+    options: dict[str, Any]
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    strict: bool = False
+    example_input: torch.Tensor | None = None
+    calibration: Callable[[], Iterable[Any]] | None = None
+    finetune_steps: int = 0
+    steps_per_epoch: int = 0
+
+
+@dataclasses.dataclass
+class Applied:
+    """What a method did.
+
+    Attributes:
+        config: The resolved config as a dict (saved in ``report.json``).
+        report: The per-layer report as a JSON-ready dict.
+        table: The per-layer report as text.
+        changed: Whether the model changed (no fine-tuning when it did not).
+        callbacks: Training callbacks the fine-tune must run with.
+        finish: Run after fine-tuning (or right away when there is none); returns extra
+            report entries (or None) and may change the model again.
+        artifacts: Run after the model directory is written, with the run directory;
+            writes extra files (e.g. compact weights) and returns report entries.
+    """
+
+    config: dict[str, Any]
+    report: dict[str, Any]
+    table: str
+    changed: bool
+    callbacks: list[Callback] = dataclasses.field(default_factory=list)
+    finish: Callable[[nn.Module], dict[str, Any] | None] | None = None
+    artifacts: Callable[[nn.Module, Path], dict[str, Any]] | None = None
+
+
+CompressMethod = Callable[[nn.Module, MethodRequest], Applied]
+
+COMPRESS_METHODS: Registry[CompressMethod] = Registry("compression method")
+
+
+def _decompose(method: str) -> CompressMethod:
+    def apply(model: nn.Module, request: MethodRequest) -> Applied:
+        from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
+
+        config_type = {"svd": SVDConfig, "tucker": TuckerConfig, "cp": CPConfig, "tt": TTConfig}
+        config = config_type[method].from_dict(request.options)
+        report = decompose_(
+            model,
+            config,
+            include=request.include,
+            exclude=request.exclude,
+            strict=request.strict,
+            example_input=request.example_input,
+        )
+        return Applied(
+            config=config.to_dict(),
+            report=report.to_dict(),
+            table=report.to_table(),
+            changed=any(r.action == "decomposed" for r in report.rows),
+        )
+
+    apply.__doc__ = f"Low-rank factorisation by {method} (slimtorch.decompose)."
+    return apply
+
+
+for _name in ("svd", "tucker", "cp", "tt"):
+    COMPRESS_METHODS.register(_name)(_decompose(_name))
+
+
+def _compact_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the state dict dense and in the smallest compact encoding."""
+    from slimtorch.prune import compact_state_dict
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    compact = compact_state_dict(state)
+    dense = sum(v.numel() * v.element_size() for v in state.values())
+    packed = sum(v.numel() * v.element_size() for v in compact.values())
+    return {"dense_bytes": dense, "compact_bytes": packed}
+
+
+COMPACT_FILE = "model.compact.safetensors"
+"""Compact weights written beside ``model/`` by the pruning methods."""
+
+
+def _write_compact(model: nn.Module, out_dir: Path) -> dict[str, Any]:
+    """Write the compact weights file and compare its size with the model's dense file."""
+    from slimtorch.prune import save_compact
+
+    path = save_compact(
+        {k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / COMPACT_FILE
+    )
+    dense = sum(f.stat().st_size for f in (out_dir / "model").glob("*.safetensors"))
+    return {
+        "compact_file": COMPACT_FILE,
+        "compact_file_bytes": path.stat().st_size,
+        "dense_file_bytes": dense,
+    }
+
+
+@COMPRESS_METHODS.register("prune")
+def _prune(model: nn.Module, request: MethodRequest) -> Applied:
+    """Unstructured magnitude pruning, one-shot or gradual (``gradual=True``).
+
+    One-shot prunes now and keeps the masks exact while fine-tuning (Han et al. 2015,
+    arXiv:1506.02626); gradual adds all-true masks now and raises sparsity on the Zhu & Gupta
+    2017 schedule (arXiv:1710.01878) over the first two thirds of the fine-tune.
+    """
+    from slimtorch.prune import GradualPruning, MagnitudeConfig, MaskCallback, prune_
+
+    options = dict(request.options)
+    gradual = bool(options.pop("gradual", False))
+    config = MagnitudeConfig.from_dict(options)
+    globs = {"include": request.include, "exclude": request.exclude}
+    callbacks: list[Callback]
+    if gradual and request.finetune_steps > 0:
+        report = prune_(
+            model, dataclasses.replace(config, sparsity=0.0), strict=request.strict, **globs
+        )
+        end = max(0, (2 * request.finetune_steps) // 3 - 1)
+        freq = max(1, request.steps_per_epoch // 4)
+        callbacks = [GradualPruning(config, 0, end, freq, **globs)]
+    else:
+        report = prune_(model, config, strict=request.strict, **globs)
+        callbacks = [MaskCallback()]
+
+    def finish(m: nn.Module) -> dict[str, Any]:
+        final = prune_(m, config, strict=False, **globs)  # exact target (no-op if reached)
+        return {"final_layers": final.to_dict(), "storage": _compact_sizes(m)}
+
+    return Applied(
+        config={**config.to_dict(), "gradual": gradual},
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=bool(report.pruned),
+        callbacks=callbacks,
+        finish=finish,
+        artifacts=_write_compact,
+    )
+
+
+@COMPRESS_METHODS.register("nm")
+def _nm(model: nn.Module, request: MethodRequest) -> Applied:
+    """N:M semi-structured magnitude pruning (2:4 by default), masks kept while fine-tuning."""
+    from slimtorch.prune import MaskCallback, NMConfig, prune_
+
+    config = NMConfig.from_dict(request.options)
+    report = prune_(
+        model, config, include=request.include, exclude=request.exclude, strict=request.strict
+    )
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=bool(report.pruned),
+        callbacks=[MaskCallback()],
+        finish=lambda m: {"storage": _compact_sizes(m)},
+        artifacts=_write_compact,
+    )
