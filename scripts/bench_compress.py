@@ -237,7 +237,8 @@ def main() -> None:
     ap.add_argument(
         "--plans",
         default="tucker@budget:params=0.3@cpu@32",
-        help="comma-separated method@rank@device@batch",
+        help="semicolon-separated method@rank@device@batch (a rank may hold commas: "
+        "budget:params=0.3,flops=0.4)",
     )
     ap.add_argument("--min-speedup", type=float, default=1.05)
     ap.add_argument("--round-to", type=int, default=1)
@@ -284,7 +285,7 @@ def main() -> None:
             "base_accuracy": accuracy(base, test, gpu or torch.device("cpu")),
             "plans": [],
         }
-        for plan in args.plans.split(","):
+        for plan in args.plans.split(";"):
             entry["plans"].append(run_plan(base.cpu(), card, plan, args, gpu))
             atomic_write_json(args.out, {**result, "models": [*result["models"], entry]})
         result["models"].append(entry)

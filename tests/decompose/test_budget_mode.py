@@ -80,6 +80,30 @@ def test_flops_budget_needs_example_input_and_is_met() -> None:
     assert report.decomposed
 
 
+def test_params_and_flops_budgets_are_met_together() -> None:
+    """One plan meets both shares; each single budget alone leaves the other unmet here."""
+    torch.manual_seed(1)
+    include = ["c1", "c2", "c4"]
+
+    def totals(rank: str) -> tuple[float, float]:
+        report = decompose_(
+            Small().eval(), TuckerConfig(rank=rank), include=include, example_input=X
+        )
+        rows = report.rows
+        params = sum(r.params_after for r in rows) / sum(r.params_before for r in rows)
+        flops = sum(r.flops_after for r in rows) / sum(r.flops_before for r in rows)
+        return params, flops
+
+    both = totals("budget:params=0.4,flops=0.6")
+    assert both[0] <= 0.4 and both[1] <= 0.6
+    p_only, f_only = totals("budget:params=0.4"), totals("budget:flops=0.6")
+    assert p_only[0] <= 0.4 and f_only[1] <= 0.6
+    with pytest.raises(ValueError, match="names the params budget twice"):
+        TuckerConfig(rank="budget:params=0.4,params=0.5")
+    with pytest.raises(ValueError, match="budget metric 'bytes'"):
+        TuckerConfig(rank="budget:params=0.4,bytes=0.5")
+
+
 def test_svd_budget_and_sensitivity_weights_shift_the_ranks() -> None:
     def mlp() -> nn.Sequential:
         torch.manual_seed(2)

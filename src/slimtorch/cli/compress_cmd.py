@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
         "--rank",
         default=None,
         help="decomposition rank: fraction in (0,1], integer rank, vbmf, energy:0.9, or "
-        "budget:params=0.33 (default 0.25)",
+        "budget:params=0.33 or budget:params=0.33,flops=0.5 (default 0.25)",
     )
     p.add_argument("--sparsity", type=float, default=None, help="prune: fraction of zeros")
     p.add_argument("--scope", default=None, help="prune: layer or global")

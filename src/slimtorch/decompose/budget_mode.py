@@ -1,8 +1,10 @@
-"""Budget mode of ``decompose_``: ``rank="budget:params=0.33"`` or ``"budget:flops=0.5"``.
+"""Budget mode of ``decompose_``: ``rank="budget:params=0.33"``, ``"budget:flops=0.5"`` or both.
 
 Instead of one rank rule for every layer, the targeted layers share one budget: the total
 parameters (or per-sample FLOPs) of the targeted layers after factorisation must be at most the
-given fraction of their total before. Kim et al. (2016, "Compression of deep convolutional neural
+given fraction of their total before. ``"budget:params=0.33,flops=0.5"`` asks for both at once:
+in a CNN the parameters sit in the late wide layers and the FLOPs in the early large maps, so
+one budget alone usually leaves the other far from its target. Kim et al. (2016, "Compression of deep convolutional neural
 networks for fast and low power mobile applications", arXiv:1511.06530) pick Tucker-2 ranks per
 layer with VBMF (``rank="vbmf"`` here) and tune the overall compression to a target; budget mode
 makes that target exact and spends it where it costs least accuracy.
@@ -300,6 +302,7 @@ def plan_budget(
     spec = config.rank_spec
     if spec.kind != "budget" or spec.metric is None:
         raise ValueError(f"{type(config).__name__}.rank must be a budget spec, got {config.rank!r}")
+    metrics = dict(spec.budgets or ((spec.metric, spec.value),))
     reasons: dict[str, str] = {}
     ladders: dict[str, list[RankOption]] = {}
     for name, module in targets:
@@ -311,7 +314,7 @@ def plan_budget(
         except SkipLayer as exc:
             reasons[name] = str(exc)
             ladders[name] = [dense_option(module, shapes.get(name), batch)]
-        if spec.metric == "flops" and any(o.flops is None for o in ladders[name]):
+        if "flops" in metrics and any(o.flops is None for o in ladders[name]):
             raise ValueError(
                 f"a FLOPs budget needs per-sample FLOPs of layer {name!r}; pass example_input "
                 "(one batch of real inputs) to decompose_, or use budget:params"
@@ -323,22 +326,24 @@ def plan_budget(
         for name, opts in ladders.items()
     ]
 
-    def cost(option: RankOption) -> float:
-        return float(option.params if spec.metric == "params" else option.flops or 0)
+    def cost(option: RankOption, metric: str) -> float:
+        return float(option.params if metric == "params" else option.flops or 0)
 
-    total = sum(cost(opts[0]) for opts in ladders.values())
-    target = spec.value * total
+    totals = {m: sum(cost(opts[0], m) for opts in ladders.values()) for m in metrics}
+    goals = {m: share * totals[m] for m, share in metrics.items()}
     try:
-        selection = select_ranks_for_budget(layers, target=target, metric=spec.metric)  # type: ignore[arg-type]
+        selection = select_ranks_for_budget(layers, targets=goals)
     except ValueError as exc:
+        wanted = " and ".join(f"{m} budget {goals[m]:,.0f} of {totals[m]:,.0f}" for m in metrics)
         raise ValueError(
-            f"{type(config).__name__}.rank {config.rank!r}: {spec.metric} budget "
-            f"{target:,.0f} of {total:,.0f} cannot be met ({exc})"
+            f"{type(config).__name__}.rank {config.rank!r}: {wanted} cannot be met ({exc})"
         ) from None
+    metric = next(iter(metrics))
+    total, target = totals[metric], goals[metric]
     logger.info(
-        "budget %s: %.4g of %.4g (target %.4g)", spec.metric, selection.total_cost, total, target
+        "budget %s: %.4g of %.4g (target %.4g)", metric, selection.total_cost, total, target
     )
-    return BudgetPlan(selection.choices, reasons, spec.metric, total, target, selection)
+    return BudgetPlan(selection.choices, reasons, "+".join(metrics), total, target, selection)
 
 
 def build_option(module: nn.Module, config: DecomposeConfig, option: RankOption) -> Factorised:

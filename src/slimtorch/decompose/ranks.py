@@ -31,11 +31,14 @@ RankSpecInput = float | int | str
 @dataclasses.dataclass(frozen=True)
 class RankSpec:
     """A parsed rank spec: ``kind``, its ``value`` (fraction, rank, energy or budget fraction; 0
-    for vbmf) and, for a budget, the ``metric`` it counts (``"params"`` or ``"flops"``)."""
+    for vbmf) and, for a budget, the ``metric`` it counts (``"params"`` or ``"flops"``); a spec
+    with several budgets (``"budget:params=0.33,flops=0.5"``) lists them all in ``budgets``
+    (``value``/``metric`` are the first)."""
 
     kind: RankKind
     value: float
     metric: str | None = None
+    budgets: tuple[tuple[str, float], ...] = ()
 
 
 def parse_rank_spec(
@@ -49,7 +52,8 @@ def parse_rank_spec(
     Args:
         value: ``float`` in ``(0, 1]`` (fraction), ``int >= 1``, ``"vbmf"``, ``"energy:x"``
             with ``x`` in ``(0, 1]``, or ``"budget:params=x"`` / ``"budget:flops=x"`` with ``x``
-            in ``(0, 1]`` (the share of the targeted layers' total to keep).
+            in ``(0, 1]`` (the share of the targeted layers' total to keep), or both at once,
+            ``"budget:params=x,flops=y"`` (every total must meet its own share).
         field: Name used in error messages (``"TuckerConfig.rank"``).
         allowed: The kinds this caller accepts.
 
@@ -58,9 +62,9 @@ def parse_rank_spec(
 
     Example:
         >>> parse_rank_spec("energy:0.9")
-        RankSpec(kind='energy', value=0.9, metric=None)
+        RankSpec(kind='energy', value=0.9, metric=None, budgets=())
         >>> parse_rank_spec("budget:flops=0.5")
-        RankSpec(kind='budget', value=0.5, metric='flops')
+        RankSpec(kind='budget', value=0.5, metric='flops', budgets=(('flops', 0.5),))
     """
     allowed = tuple(allowed)
     forms = {
@@ -68,7 +72,8 @@ def parse_rank_spec(
         "int": "an int >= 1",
         "vbmf": "'vbmf'",
         "energy": "'energy:<x>' with x in (0, 1]",
-        "budget": "'budget:params=<x>' or 'budget:flops=<x>' with x in (0, 1]",
+        "budget": "'budget:params=<x>', 'budget:flops=<x>' or 'budget:params=<x>,flops=<y>' "
+        "with x, y in (0, 1]",
     }
     expected = ", ".join(forms[k] for k in allowed)
 
@@ -99,16 +104,22 @@ def parse_rank_spec(
                 raise bad("has an energy threshold outside (0, 1]")
             spec = RankSpec("energy", x)
         elif text.startswith("budget:"):
-            metric, _, amount = text.split(":", 1)[1].partition("=")
-            if metric.strip() not in BUDGET_METRICS:
-                raise bad(f"has a budget metric {metric.strip()!r} other than params or flops")
-            try:
-                x = float(amount)
-            except ValueError:
-                raise bad("has a malformed budget fraction") from None
-            if not 0.0 < x <= 1.0:
-                raise bad("has a budget fraction outside (0, 1]")
-            spec = RankSpec("budget", x, metric.strip())
+            budgets: list[tuple[str, float]] = []
+            for part in text.split(":", 1)[1].split(","):
+                metric, _, amount = part.partition("=")
+                metric = metric.strip()
+                if metric not in BUDGET_METRICS:
+                    raise bad(f"has a budget metric {metric!r} other than params or flops")
+                if any(m == metric for m, _ in budgets):
+                    raise bad(f"names the {metric} budget twice")
+                try:
+                    x = float(amount)
+                except ValueError:
+                    raise bad("has a malformed budget fraction") from None
+                if not 0.0 < x <= 1.0:
+                    raise bad("has a budget fraction outside (0, 1]")
+                budgets.append((metric, x))
+            spec = RankSpec("budget", budgets[0][1], budgets[0][0], tuple(budgets))
         else:
             raise bad("is not a known rank string")
     else:
