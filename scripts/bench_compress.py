@@ -86,7 +86,8 @@ def speed_rows(
     a = copy.deepcopy(base).to(device).eval()
     b = copy.deepcopy(comp).to(device).eval()
     if compiled:
-        a, b = torch.compile(a), torch.compile(b)
+        mode = COMPILE_MODE[0]
+        a, b = torch.compile(a, mode=mode), torch.compile(b, mode=mode)
     for batch in batches:
         x = torch.randn(batch, *shape, device=device)
         with torch.inference_mode():
@@ -99,7 +100,7 @@ def speed_rows(
         rows.append(
             {
                 "device": str(device),
-                "compiled": compiled,
+                "compiled": compiled and (COMPILE_MODE[0] or "default"),
                 "batch": batch,
                 "base_ms": t_a * 1e3,
                 "compressed_ms": t_b * 1e3,
@@ -109,6 +110,9 @@ def speed_rows(
         )
         log.info("speed %s", rows[-1])
     return rows
+
+
+COMPILE_MODE: list[str | None] = [None]
 
 
 def run_plan(
@@ -248,6 +252,11 @@ def main() -> None:
     ap.add_argument("--cpu-batches", type=ints, default=[1, 32])
     ap.add_argument("--gpu-batches", type=ints, default=[1, 16, 64, 256, 1024, 4096])
     ap.add_argument("--compile-batches", type=ints, default=[])
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode for --compile-batches (e.g. reduce-overhead: CUDA graphs)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tt", action="store_true", help="also run the TT MLP part")
     ap.add_argument("--tt-rank", type=int, default=12)
@@ -256,6 +265,7 @@ def main() -> None:
     ap.add_argument("--tt-lr", type=float, default=0.05)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    COMPILE_MODE[0] = args.compile_mode
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args.host_threads = torch.get_num_threads()
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
