@@ -138,10 +138,22 @@ def _rank(text: str) -> float | int | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` the fine-tune runs data-parallel; rank 0 writes and prints."""
+    from slimtorch.train.distributed import cleanup, init_distributed
+
+    init_distributed()  # a no-op outside torchrun
+    try:
+        return _run(args)
+    finally:
+        cleanup()
+
+
+def _run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
     from slimtorch.distill import DistillConfig
     from slimtorch.pipeline import compress_run
     from slimtorch.train import TrainConfig
+    from slimtorch.train.distributed import is_main_process
 
     apply_threads(args)
     options = _options(args)
@@ -194,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         distill=distill,
     )
+    if not is_main_process():
+        return 0
     layers = result.report["layers"]
     print(f"{args.method} on {args.model_dir} -> {args.out}/model")
     rows = layers.get("layers", [])

@@ -34,7 +34,13 @@ from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest
 from slimtorch.train import Callback, TrainConfig, Trainer
-from slimtorch.train.classifier import MODEL_SUBDIR, default_augment
+from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
+from slimtorch.train.distributed import (
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    is_main_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +140,8 @@ def compress_run(
     if rank is not None:
         options["rank"] = rank
     device = torch.device(device)
+    if device.type == "cuda" and get_world_size() > 1:
+        device = torch.device("cuda", get_local_rank())  # one GPU per DDP process
     in_path = Path(in_dir)
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
         in_path = in_path / MODEL_SUBDIR
@@ -145,8 +153,28 @@ def compress_run(
     shape = tuple(card.input_shape)
     if tuple(test_ds.input_shape) != shape:
         raise ValueError(f"{name} images are {test_ds.input_shape}, the model expects {shape}")
-    test_loader = DeviceLoader(test_ds, 1024, device=device)
+    seed = 0 if finetune is None else finetune.seed
+    loaders: tuple[DeviceLoader, DeviceLoader] | None = None
 
+    def both_loaders() -> tuple[DeviceLoader, DeviceLoader]:
+        nonlocal loaders
+        if loaders is None:  # sharded across DDP ranks (batch_size is the global batch)
+            loaders = make_loaders(
+                load_dataset(name, "train", root=data_root),
+                test_ds,
+                batch_size=batch_size,
+                device=device,
+                augment=default_augment(name),
+                seed=seed,
+            )
+        return loaders
+
+    def train_batches() -> DeviceLoader:
+        return both_loaders()[0]
+
+    test_loader = DeviceLoader(
+        test_ds, 1024, device=device, rank=get_rank(), world_size=get_world_size()
+    )
     acc0, prof0 = measure_model(
         model,
         test_loader,
@@ -157,21 +185,6 @@ def compress_run(
         threads=threads,
     )
     will_finetune = finetune is not None and finetune.epochs > 0
-    train_loader: DeviceLoader | None = None
-
-    def train_batches() -> DeviceLoader:
-        nonlocal train_loader
-        if train_loader is None:
-            train_loader = DeviceLoader(
-                load_dataset(name, "train", root=data_root),
-                batch_size,
-                shuffle=True,
-                drop_last=True,
-                device=device,
-                augment=default_augment(name),
-                seed=0 if finetune is None else finetune.seed,
-            )
-        return train_loader
 
     steps_per_epoch = len(train_batches()) if will_finetune else 0
     teacher = copy.deepcopy(model) if distill is not None and will_finetune else None
@@ -234,7 +247,7 @@ def compress_run(
         "distill": None if history is None or distill is None else distill.to_dict(),
     }
     model_dir = None
-    if out_dir is not None:
+    if out_dir is not None and is_main_process():
         out = Path(out_dir)
         model_dir = save_model(
             model,

@@ -90,8 +90,14 @@ COMPRESS_METHODS: Registry[CompressMethod] = Registry("compression method")
 def _decompose(method: str) -> CompressMethod:
     def apply(model: nn.Module, request: MethodRequest) -> Applied:
         from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
+        from slimtorch.decompose.config import DecomposeConfig
 
-        config_type = {"svd": SVDConfig, "tucker": TuckerConfig, "cp": CPConfig, "tt": TTConfig}
+        config_type: dict[str, type[DecomposeConfig]] = {
+            "svd": SVDConfig,
+            "tucker": TuckerConfig,
+            "cp": CPConfig,
+            "tt": TTConfig,
+        }
         config = config_type[method].from_dict(request.options)
         report = decompose_(
             model,
@@ -159,21 +165,20 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
     options = dict(request.options)
     gradual = bool(options.pop("gradual", False))
     config = MagnitudeConfig.from_dict(options)
-    globs = {"include": request.include, "exclude": request.exclude}
+    inc, exc = request.include, request.exclude
     callbacks: list[Callback]
     if gradual and request.finetune_steps > 0:
-        report = prune_(
-            model, dataclasses.replace(config, sparsity=0.0), strict=request.strict, **globs
-        )
+        start = dataclasses.replace(config, sparsity=0.0)
+        report = prune_(model, start, include=inc, exclude=exc, strict=request.strict)
         end = max(0, (2 * request.finetune_steps) // 3 - 1)
         freq = max(1, request.steps_per_epoch // 4)
-        callbacks = [GradualPruning(config, 0, end, freq, **globs)]
+        callbacks = [GradualPruning(config, 0, end, freq, include=inc, exclude=exc)]
     else:
-        report = prune_(model, config, strict=request.strict, **globs)
+        report = prune_(model, config, include=inc, exclude=exc, strict=request.strict)
         callbacks = [MaskCallback()]
 
     def finish(m: nn.Module) -> dict[str, Any]:
-        final = prune_(m, config, strict=False, **globs)  # exact target (no-op if reached)
+        final = prune_(m, config, include=inc, exclude=exc)  # exact target (no-op if reached)
         return {"final_layers": final.to_dict(), "storage": _compact_sizes(m)}
 
     return Applied(

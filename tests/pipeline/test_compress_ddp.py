@@ -1,0 +1,78 @@
+"""compress_run under DDP (2 gloo processes): masks and factorised layers stay identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.models import load_model
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base")
+    cfg = TrainConfig(epochs=3, lr=0.05, progress=False)
+    train_classifier(model="mlp", dataset="digits", out_dir=out, train_config=cfg, batch_size=64)
+    return out
+
+
+def _port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("prune", {"sparsity": 0.7, "scope": "global", "gradual": True}), ("svd", {"rank": 0.25})],
+)
+def test_two_ranks_end_with_identical_weights(
+    base: Path, tmp_path: Path, method: str, options: dict[str, object]
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_port()}",
+        str(HERE / "compress_ddp_worker.py"),
+        str(base),
+        str(out),
+        method,
+        json.dumps(options),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
+    if method == "prune":
+        masks = [k for k in r0 if k.endswith("weight_mask")]
+        assert masks and all(r0[k].dtype == torch.bool for k in masks)
+        kept = sum(int(r0[k].sum()) for k in masks)
+        total = sum(r0[k].numel() for k in masks)
+        assert kept / total == pytest.approx(0.3, abs=1e-3)
+    report = json.loads((out / "report.json").read_text())  # written once, by rank 0
+    assert report["history"] is not None
+    model, _ = load_model(out / "model")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, r0[key], msg=key)
