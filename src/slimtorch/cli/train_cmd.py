@@ -62,6 +62,29 @@ def add_parser(sub: Any) -> None:
         default=0.9,
         help="with --teacher: weight of the soft loss (default 0.9)",
     )
+    p.add_argument(
+        "--sparse",
+        choices=("rigl", "set", "static"),
+        default=None,
+        help="sparse training from scratch: RigL, SET or fixed random masks",
+    )
+    p.add_argument("--sparsity", type=float, default=0.9, help="with --sparse (default 0.9)")
+    p.add_argument(
+        "--sparse-distribution",
+        choices=("erk", "uniform"),
+        default="erk",
+        help="with --sparse: per-layer densities (default erk)",
+    )
+    p.add_argument(
+        "--delta-t", type=int, default=100, help="with --sparse: steps between mask updates"
+    )
+    p.add_argument("--alpha", type=float, default=0.3, help="with --sparse: initial drop fraction")
+    p.add_argument(
+        "--t-end",
+        type=float,
+        default=0.75,
+        help="with --sparse: fraction of training after which masks stop changing",
+    )
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -77,6 +100,24 @@ def _augment(choice: str, dataset: str) -> Any:
         "flip": AugmentConfig(hflip=True),
         "crop+flip": AugmentConfig(random_crop_padding=pad, hflip=True),
     }[choice]
+
+
+def _sparse_callbacks(args: argparse.Namespace) -> list[Any]:
+    if args.sparse is None:
+        return []
+    from slimtorch.sparse import make_sparse_callback
+
+    return [
+        make_sparse_callback(
+            args.sparse,
+            args.sparsity,
+            distribution=args.sparse_distribution,
+            delta_t=args.delta_t,
+            alpha=args.alpha,
+            t_end=args.t_end,
+            seed=args.seed,
+        )
+    ]
 
 
 def _teacher_callbacks(args: argparse.Namespace, device: Any) -> Any:
@@ -123,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every_steps=args.checkpoint_every,
             progress=not args.no_progress,
         )
-        callbacks = _teacher_callbacks(args, device) if args.teacher else ()
+        teacher = _teacher_callbacks(args, device) if args.teacher else None
+        sparse = _sparse_callbacks(args)
+
+        def callbacks(train_ds: Any) -> list[Any]:
+            return [*(teacher(train_ds) if teacher else ()), *sparse]
+
         result = train_classifier(
             model=args.model,
             dataset=args.dataset,

@@ -4,6 +4,7 @@ QAT, pruning masks, dynamic sparsity, distillation, NAS, spiking nets and PINNs 
 the one :class:`~slimtorch.train.Trainer` by overriding some of these no-op hooks. The hook names
 follow PyTorch Lightning. Order within one :meth:`Trainer.fit`::
 
+    setup                                  # model not yet moved/wrapped, checkpoint not loaded
     on_fit_start
     per epoch:
         on_train_epoch_start
@@ -51,6 +52,13 @@ class Callback:
     def state_key(self) -> str:
         """Key of this callback's state in the checkpoint (class name by default)."""
         return type(self).__qualname__
+
+    def setup(self, trainer: Trainer) -> None:
+        """Before the model is moved, wrapped for DDP and a checkpoint is resumed.
+
+        Add buffers or submodules the checkpoint will hold here (e.g. sparsity masks), so
+        resuming finds them and DDP broadcasts them.
+        """
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch (after the model, optimiser and checkpoint are set up)."""

@@ -383,6 +383,7 @@ class Trainer:
         if val_loader is not None:
             check_loader(val_loader, "val_loader")
         seed_everything(self.config.seed, self.config.deterministic)
+        self._call("setup")
         self._prepare()
         assert self.amp is not None
         self.optimizer = build_optimizer(self.model, self.config)

@@ -1,0 +1,62 @@
+"""Layer selection by dotted-name globs, shared by the sparse training and sparse-kernel code."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+TARGET_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def select_layers(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Conv2d``/``nn.Linear`` layers matching ``include`` and none of ``exclude``.
+
+    Raises:
+        TypeError: a glob list is not a list of strings.
+        ValueError: a glob matches no module.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> [n for n, _ in select_layers(net, exclude=["2"])]
+        ['0']
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    for arg, globs in (("include", include), ("exclude", exclude)):
+        if globs is None:
+            continue
+        if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+            raise TypeError(f"{arg} must be a list of glob strings or None, got {globs!r}")
+        unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"{arg} pattern(s) {unmatched} match no module of {type(model).__name__}; "
+                f"module names look like {', '.join(names[:6])}, ..."
+            )
+    out: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, TARGET_TYPES):
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, g) for g in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, g) for g in exclude):
+            continue
+        out.append((name, module))
+    return out
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (raises ``TypeError`` if the module has none).
+
+    Example:
+        >>> layer_weight(nn.Linear(2, 3)).shape
+        torch.Size([3, 2])
+    """
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w

@@ -1,0 +1,70 @@
+"""The config of sparse training (static random masks, SET, RigL).
+
+Example:
+    >>> cfg = SparseTrainingConfig(sparsity=0.9, delta_t=100, alpha=0.3, t_end=0.75)
+    >>> cfg.replace(distribution="uniform").to_dict()["distribution"]
+    'uniform'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.sparse.distribution import DISTRIBUTIONS
+
+
+def _check_int(obj: object, name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {low}, got {value!r}")
+    check_range(obj, name, value, low=low)
+
+
+def _check_bool(obj: object, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(obj).__name__}.{name} must be True or False, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseTrainingConfig(Config):
+    """How sparse a model trains and how often its masks change.
+
+    Attributes:
+        sparsity: Fraction of the targeted weights that are zero throughout training, in [0, 1).
+        distribution: ``"erk"`` (Erdos-Renyi-Kernel: small layers denser, total exact) or
+            ``"uniform"`` (every sparse layer at ``sparsity``).
+        dense_first: Keep the first targeted layer dense.
+        dense_last: Keep the last targeted layer dense.
+        delta_t: Optimiser steps between mask updates (>= 1).
+        alpha: Initial drop fraction of the cosine schedule, in [0, 1].
+        t_end: Fraction of the run's optimiser steps after which masks stay fixed, in (0, 1].
+        seed: Seed of the initial random masks and of SET's random regrowth; equal on every
+            DDP rank, so the masks stay identical across ranks.
+
+    Example:
+        >>> SparseTrainingConfig(sparsity=0.8, dense_first=True).dense_first
+        True
+    """
+
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    dense_first: bool = False
+    dense_last: bool = False
+    delta_t: int = 100
+    alpha: float = 0.3
+    t_end: float = 0.75
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
+            raise ValueError(
+                f"SparseTrainingConfig.sparsity must be a number, got {self.sparsity!r}"
+            )
+        check_range(self, "sparsity", self.sparsity, low=0.0, high=1.0, high_inclusive=False)
+        check_choice(self, "distribution", self.distribution, DISTRIBUTIONS)
+        _check_bool(self, "dense_first", self.dense_first)
+        _check_bool(self, "dense_last", self.dense_last)
+        _check_int(self, "delta_t", self.delta_t, 1)
+        check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
+        check_range(self, "t_end", self.t_end, low=0.0, high=1.0, low_inclusive=False)
+        _check_int(self, "seed", self.seed, 0)

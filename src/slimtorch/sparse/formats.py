@@ -1,0 +1,439 @@
+"""Sparse storage formats, bit-exact: bitmask, CSR, block CSR (BSR) and 2:4, and the smallest pick.
+
+Bitmask and CSR come from :mod:`slimtorch.prune.storage`; this module adds:
+
+- **BSR** (block compressed sparse row; Saad 2003, "Iterative Methods for Sparse Linear
+  Systems", sec. 3.4): the tensor, seen as ``(shape[0], -1)``, is cut into ``(bh, bw)`` blocks;
+  every block holding a nonzero is kept whole, with one column index per block and row pointers
+  per block row. It pays when zeros come in blocks (structured pruning); unstructured zeros rarely
+  leave a whole block empty.
+- **2:4** (``"nm24"``): every group of 4 consecutive weights along dim 1 (the input dimension of
+  linear and conv weights, as :func:`slimtorch.prune.nm_mask` groups them) holds at most 2
+  nonzeros; the 2 kept values are stored with their 2-bit positions, packed two groups a byte.
+  That is ``0.5 * itemsize + 1/8`` bytes a weight (2.125 for float32, 1.125 for float16):
+  exactly a bitmask's cost at 50% density, never less. Its worth is the layout: it is what
+  semi-structured sparse kernels read, so ties go to the bitmask when choosing by size.
+
+"Zero" means all bits zero (as in :mod:`slimtorch.prune.storage`), so ``-0.0`` and NaN are
+values and every round trip is bit-exact. Each encoding is a dict of named tensors, ready for
+safetensors; :func:`pack_state_dict` stores a whole state dict under ``"<key>::<format>::<part>"``
+names, each tensor in the smallest allowed format.
+
+Example:
+    >>> w = torch.zeros(64, 64)
+    >>> w[:16, 16:32] = torch.randn(16, 16)
+    >>> parts = encode_bsr(w, block=(16, 16))
+    >>> int(parts["values"].shape[0]), torch.equal(decode_bsr(parts), w)
+    (1, True)
+    >>> smallest_format(w)
+    'bsr'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from slimtorch.core.io import atomic_write
+from slimtorch.prune.storage import expand_state_dict, nonzero_mask, pack_bits
+
+FORMATS = ("dense", "bitmask", "csr", "bsr", "nm24")
+BLOCKS = ((2, 2), (4, 4), (8, 8), (16, 16), (32, 32))
+SEP = "::"
+PARTS = {
+    "dense": ("dense",),
+    "bitmask": ("bitmask", "values", "shape"),
+    "csr": ("crow", "col", "values", "shape"),
+    "bsr": ("crow", "col", "values", "block", "shape"),
+    "nm24": ("values", "index", "shape"),
+}
+"""The parts each format's encoding holds."""
+Parts = dict[str, torch.Tensor]
+
+
+def _nbytes(parts: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+def _index_dtype(limit: int) -> torch.dtype:
+    if limit <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    return torch.int32 if limit <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def _shape_tensor(t: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(t.shape), dtype=torch.int64)
+
+
+def _as_2d(shape: Sequence[int]) -> tuple[int, int]:
+    rows = int(shape[0]) if len(shape) >= 2 else 1
+    return rows, (math.prod(int(s) for s in shape) // rows if rows else 0)
+
+
+def _check_tensor(t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError("a 0-d tensor has no sparse format; store it dense")
+    return t.detach().cpu().contiguous()
+
+
+def encode_bsr(t: torch.Tensor, block: tuple[int, int] | None = None) -> Parts:
+    """Block CSR of ``t`` seen as ``(shape[0], -1)``, keeping every block with a nonzero bit.
+
+    Args:
+        t: Any tensor with at least one dimension.
+        block: ``(bh, bw)``; both must divide the 2-D view. ``None`` tries :data:`BLOCKS` and
+            keeps the smallest encoding.
+
+    Returns:
+        ``{"crow", "col", "values" (nblocks, bh, bw), "block", "shape"}``.
+
+    Raises:
+        ValueError: ``block`` does not divide the 2-D view (or none of :data:`BLOCKS` does).
+
+    Example:
+        >>> sorted(encode_bsr(torch.eye(4), block=(2, 2)))
+        ['block', 'col', 'crow', 'shape', 'values']
+    """
+    t = _check_tensor(t)
+    rows, cols = _as_2d(t.shape)
+    if block is None:
+        fits = [b for b in BLOCKS if rows % b[0] == 0 and cols % b[1] == 0]
+        if not fits:
+            raise ValueError(
+                f"no block size of {BLOCKS} divides the {rows}x{cols} view of shape "
+                f"{tuple(t.shape)}; pass block= explicitly or use csr"
+            )
+        return min((encode_bsr(t, b) for b in fits), key=_nbytes)
+    bh, bw = (int(b) for b in block)
+    if bh < 1 or bw < 1 or rows % bh or cols % bw:
+        raise ValueError(
+            f"block {block} must divide the {rows}x{cols} view of shape {tuple(t.shape)}"
+        )
+    blocks = t.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2)  # (R, C, bh, bw)
+    nz = nonzero_mask(blocks).reshape(rows // bh, cols // bw, -1).any(-1)  # (R, C)
+    counts = nz.sum(1)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    col = nz.nonzero()[:, 1]  # row-major block order
+    return {
+        "crow": crow.to(_index_dtype(int(crow[-1]))),
+        "col": col.to(_index_dtype(cols // bw)),
+        "values": blocks[nz].contiguous(),  # (nblocks, bh, bw)
+        "block": torch.tensor([bh, bw], dtype=torch.int64),
+        "shape": _shape_tensor(t),
+    }
+
+
+def decode_bsr(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode_bsr`, bit-exact.
+
+    Raises:
+        ValueError: the parts are inconsistent (truncated or foreign data).
+
+    Example:
+        >>> torch.equal(decode_bsr(encode_bsr(torch.eye(4), block=(2, 2))), torch.eye(4))
+        True
+    """
+    shape = [int(s) for s in parts["shape"].tolist()]
+    bh, bw = (int(b) for b in parts["block"].tolist())
+    rows, cols = _as_2d(shape)
+    crow, col, values = parts["crow"].long(), parts["col"].long(), parts["values"]
+    n_rows = rows // bh if bh else 0
+    ok = bh > 0 and bw > 0 and rows % bh == 0 and cols % bw == 0 and crow.numel() == n_rows + 1
+    ok = ok and values.shape[1:] == (bh, bw) and int(crow[-1]) == values.shape[0] == col.numel()
+    ok = ok and bool((crow.diff() >= 0).all()) and bool(((col >= 0) & (col < cols // bw)).all())
+    if not ok:
+        raise ValueError(
+            f"BSR parts do not describe a tensor of shape {shape} with {bh}x{bw} blocks; "
+            "the data is truncated or was not written by encode_bsr"
+        )
+    dense = values.new_zeros(n_rows, cols // bw, bh, bw)
+    block_row = torch.repeat_interleave(torch.arange(n_rows), crow.diff())
+    dense[block_row, col] = values
+    return dense.transpose(1, 2).reshape(shape)
+
+
+def _encode_bitmask(t: torch.Tensor) -> Parts:
+    """The parts :func:`slimtorch.prune.storage.expand_state_dict` reads as a bitmask entry."""
+    nz = nonzero_mask(t)
+    return {"bitmask": pack_bits(nz), "values": t[nz].contiguous(), "shape": _shape_tensor(t)}
+
+
+def _encode_csr(t: torch.Tensor) -> Parts:
+    """The parts :func:`slimtorch.prune.storage.expand_state_dict` reads as a CSR entry."""
+    rows, cols = _as_2d(t.shape)
+    t2, nz = t.reshape(rows, cols), nonzero_mask(t).reshape(rows, cols)
+    counts = nz.sum(1)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return {
+        "crow": crow.to(_index_dtype(int(crow[-1]))),
+        "col": nz.nonzero()[:, 1].to(_index_dtype(cols)),  # row-major, the CSR order
+        "values": t2[nz].contiguous(),
+        "shape": _shape_tensor(t),
+    }
+
+
+def _groups(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with dim 1 last, in groups of 4: ``(G, 4)``."""
+    return t.movedim(1, -1).reshape(-1, 4)
+
+
+def is_2to4(t: torch.Tensor, *, bitwise: bool = True) -> bool:
+    """Whether every group of 4 along dim 1 has at most 2 nonzeros (and dim 1 divides by 4).
+
+    Args:
+        t: The tensor.
+        bitwise: Count ``-0.0`` as nonzero (what exact storage needs); ``False`` compares
+            values (what a kernel needs).
+
+    Example:
+        >>> is_2to4(torch.tensor([[1.0, 0.0, 2.0, 0.0]])), is_2to4(torch.ones(1, 4))
+        (True, False)
+        >>> w = torch.tensor([[1.0, -0.0, 2.0, 0.0]])
+        >>> is_2to4(w), is_2to4(w, bitwise=False)
+        (False, True)
+    """
+    if t.dim() < 2 or t.shape[1] % 4:
+        return False
+    groups = _groups(t.detach())
+    nz = nonzero_mask(groups) if bitwise else groups != 0
+    return bool((nz.sum(1) <= 2).all())
+
+
+def encode_nm24(t: torch.Tensor) -> Parts:
+    """2:4 encoding: 2 values and their 2-bit positions per group of 4 along dim 1.
+
+    Returns:
+        ``{"values" (G, 2), "index" (uint8, ceil(G/2)), "shape"}``.
+
+    Raises:
+        ValueError: ``t`` is not 2:4 sparse along dim 1 (see :func:`is_2to4`).
+
+    Example:
+        >>> parts = encode_nm24(torch.tensor([[0.0, 5.0, 0.0, 7.0]]))
+        >>> parts["values"].tolist(), parts["index"].tolist()
+        ([[5.0, 7.0]], [13])
+    """
+    t = _check_tensor(t)
+    if not is_2to4(t):
+        raise ValueError(
+            f"tensor of shape {tuple(t.shape)} is not 2:4 sparse along dim 1 (needs dim 1 "
+            "divisible by 4 and at most 2 nonzeros in every group of 4); prune it with "
+            "NMConfig(n=2, m=4) or use another format"
+        )
+    groups = _groups(t)  # (G, 4)
+    nz = nonzero_mask(groups).to(torch.int8)
+    # nonzeros first, then the lowest-index zeros; then ascending positions
+    pos = torch.sort(nz, dim=1, descending=True, stable=True).indices[:, :2]
+    pos = torch.sort(pos, dim=1).values  # (G, 2)
+    codes = (pos[:, 0] | (pos[:, 1] << 2)).to(torch.uint8)  # 4 bits a group
+    codes = torch.cat([codes, codes.new_zeros(codes.numel() % 2)]).view(-1, 2)
+    return {
+        "values": torch.gather(groups, 1, pos).contiguous(),
+        "index": (codes[:, 0] | (codes[:, 1] << 4)).contiguous(),
+        "shape": _shape_tensor(t),
+    }
+
+
+def decode_nm24(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode_nm24`, bit-exact.
+
+    Example:
+        >>> w = torch.tensor([[0.0, -0.0, 3.0, 0.0]])
+        >>> torch.equal(decode_nm24(encode_nm24(w)).view(torch.int32), w.view(torch.int32))
+        True
+    """
+    shape = [int(s) for s in parts["shape"].tolist()]
+    values, index = parts["values"], parts["index"]
+    groups = math.prod(shape) // 4
+    if len(shape) < 2 or shape[1] % 4 or values.shape != (groups, 2):
+        raise ValueError(
+            f"2:4 parts (values {tuple(values.shape)}) do not describe a tensor of shape "
+            f"{shape}; the data is truncated or was not written by encode_nm24"
+        )
+    if index.numel() != (groups + 1) // 2:
+        raise ValueError(f"2:4 index has {index.numel()} bytes, expected {(groups + 1) // 2}")
+    codes = torch.stack([index & 0xF, index >> 4], 1).reshape(-1)[:groups].long()
+    pos = torch.stack([codes & 3, codes >> 2], 1)  # (G, 2)
+    out = values.new_zeros(groups, 4)
+    out.scatter_(1, pos, values)
+    moved = [shape[0], *shape[2:], shape[1]]
+    return out.view(moved).movedim(-1, 1).contiguous()
+
+
+def encode(t: torch.Tensor, fmt: str) -> Parts:
+    """Encode ``t`` in ``fmt`` (one of :data:`FORMATS`).
+
+    Raises:
+        ValueError: unknown format, or the format does not apply to ``t``.
+
+    Example:
+        >>> sorted(encode(torch.eye(4), "csr"))
+        ['col', 'crow', 'shape', 'values']
+    """
+    t = _check_tensor(t)
+    if fmt == "dense":
+        return {"dense": t}
+    if fmt in ("bitmask", "csr"):
+        if not t.is_floating_point():
+            raise ValueError(f"{fmt} stores floating tensors; got {t.dtype}")
+        return _encode_bitmask(t) if fmt == "bitmask" else _encode_csr(t)
+    if fmt == "bsr":
+        return encode_bsr(t)
+    if fmt == "nm24":
+        return encode_nm24(t)
+    raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def decode(parts: Mapping[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    """Inverse of :func:`encode`.
+
+    Example:
+        >>> w = torch.eye(4)
+        >>> all(torch.equal(decode(encode(w, f), f), w) for f in ("dense", "csr", "bsr"))
+        True
+    """
+    if fmt in PARTS and not set(PARTS[fmt]) <= set(parts):
+        missing = sorted(set(PARTS[fmt]) - set(parts))
+        raise ValueError(
+            f"{fmt} parts {sorted(parts)} lack {missing}; the data is truncated or was not "
+            "written by encode"
+        )
+    if fmt == "dense":
+        return parts["dense"]
+    if fmt in ("bitmask", "csr"):
+        return expand_state_dict({f"t{SEP}{k}": v for k, v in parts.items()})["t"]
+    if fmt == "bsr":
+        return decode_bsr(parts)
+    if fmt == "nm24":
+        return decode_nm24(parts)
+    raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def format_nbytes(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> dict[str, int]:
+    """Bytes of ``t`` in each format of ``formats`` that applies to it.
+
+    Example:
+        >>> format_nbytes(torch.zeros(4, 8), ("dense", "csr"))
+        {'dense': 128, 'csr': 26}
+    """
+    out = {}
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {fmt!r}")
+        try:
+            out[fmt] = _nbytes(encode(t, fmt))
+        except ValueError:
+            continue
+    return out
+
+
+def smallest_format(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> str:
+    """The format of ``formats`` that stores ``t`` in the fewest bytes (earlier wins ties).
+
+    Example:
+        >>> w = torch.zeros(64, 64)
+        >>> w[:, ::4] = 1.0
+        >>> smallest_format(w), smallest_format(torch.randn(8, 8))
+        ('bitmask', 'dense')
+        >>> w[:, 1::4] = 1.0  # now exactly 2:4: the same bytes as a bitmask
+        >>> format_nbytes(w, ("bitmask", "nm24"))
+        {'bitmask': 8720, 'nm24': 8720}
+    """
+    sizes = format_nbytes(t, formats)
+    if not sizes:
+        raise ValueError(f"none of the formats {list(formats)} applies; include 'dense'")
+    return min(sizes, key=lambda f: (sizes[f], list(formats).index(f)))
+
+
+def pack_state_dict(
+    state_dict: Mapping[str, torch.Tensor], formats: Sequence[str] = FORMATS
+) -> dict[str, torch.Tensor]:
+    """Each tensor in its smallest format of ``formats`` (dense ones keep their key).
+
+    Example:
+        >>> w = torch.zeros(16, 16)
+        >>> w[:, ::8] = 1.0
+        >>> sorted(pack_state_dict({"w": w, "b": torch.ones(3)}))
+        ['b', 'w::bitmask::bitmask', 'w::bitmask::shape', 'w::bitmask::values']
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if SEP in key:
+            raise ValueError(f"state dict key {key!r} contains {SEP!r}, which marks packed parts")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state dict value {key!r} is a {type(tensor).__name__}")
+        fmt = "dense"
+        if tensor.dim() and tensor.is_floating_point():
+            fmt = smallest_format(tensor, ("dense", *[f for f in formats if f != "dense"]))
+        if fmt == "dense":
+            out[key] = tensor.detach().cpu().contiguous()
+            continue
+        for part, value in encode(tensor, fmt).items():
+            out[f"{key}{SEP}{fmt}{SEP}{part}"] = value
+    return out
+
+
+def unpack_state_dict(packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_state_dict`, bit-exact, in the original key order.
+
+    Example:
+        >>> sd = {"w": torch.eye(8)}
+        >>> torch.equal(unpack_state_dict(pack_state_dict(sd))["w"], sd["w"])
+        True
+    """
+    groups: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    order: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for name, value in packed.items():
+        key, fmt, part = [*name.split(SEP), "", ""][:3]
+        if key not in groups and key not in out:
+            order.append(key)
+        if not fmt:
+            out[key] = value
+            continue
+        if fmt not in FORMATS or not part:
+            raise ValueError(f"packed entry {name!r} is not '<key>::<format>::<part>'")
+        groups.setdefault(key, (fmt, {}))[1][part] = value
+    for key, (fmt, parts) in groups.items():
+        missing = sorted(set(PARTS[fmt]) - set(parts))
+        if missing:
+            raise ValueError(
+                f"packed entry {key!r} ({fmt}) is missing part(s) {missing}; the file is "
+                "truncated or was not written by pack_state_dict"
+            )
+        out[key] = decode(parts, fmt)
+    return {k: out[k] for k in order}
+
+
+def save_packed(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    formats: Sequence[str] = FORMATS,
+) -> Path:
+    """Write :func:`pack_state_dict` to a safetensors file, atomically.
+
+    Example:
+        >>> save_packed(model.state_dict(), "out/sparse.safetensors")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    packed = {k: v.clone() for k, v in pack_state_dict(state_dict, formats).items()}
+    meta = {"format": "slimtorch.sparse.packed", "version": "1"}
+    return atomic_write(path, lambda p: save_file(packed, p, metadata=meta))
+
+
+def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_packed` as a dense state dict (CPU).
+
+    Example:
+        >>> model.load_state_dict(load_packed("out/sparse.safetensors"))  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    return unpack_state_dict(load_file(os.fspath(path), device="cpu"))

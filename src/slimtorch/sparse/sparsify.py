@@ -1,0 +1,386 @@
+"""``sparsify_``: swap a layer for a sparse kernel only where it is measured faster, same outputs.
+
+Zeros save time only if a kernel skips them faster than a dense kernel multiplies them, and
+that depends on the device, the thread count, the layer shape, the batch and the sparsity
+pattern. So :func:`sparsify_` runs ``example_input`` once to record each layer's real input,
+builds each candidate kernel (CSR, BSR, 2:4 semi-structured), checks its outputs equal the dense
+layer's within a tolerance, times it against the dense layer with
+:func:`slimtorch.core.measure.measure_latency`, and swaps in the fastest only when it beats dense
+by ``min_speedup``. Kernels that win alone can lose inside the model (caches, layouts), so the
+whole model is then timed with and without the swaps, alternately, and every swap is undone
+unless the model is faster. The report lists every layer, each candidate's time or why it was
+not timed, the choice and the reason, and the whole-model check.
+
+**A deployment step, applied after loading.** The choice is a measurement on the device at hand,
+not a property of the model: the same weights may run best as CSR on one CPU and dense on a GPU.
+So a saved model keeps dense weights and masks (``save_model``, or compact storage via
+:func:`slimtorch.sparse.save_packed`), and :func:`sparsify_` runs after ``load_model`` on the
+machine that serves it. The sparse modules keep their weight out of the state dict; call
+:func:`densify_` before saving a sparsified model.
+
+Example:
+    >>> net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    >>> _ = prune_(net, MagnitudeConfig(sparsity=0.95))
+    >>> report = sparsify_(net, torch.randn(64, 256), threads=1, min_time_s=0.0)
+    >>> [r.name for r in report.rows], report.rows[0].action in ("sparse", "dense")
+    (['0', '2'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.measure import measure_latency
+from slimtorch.sparse._select import layer_weight, select_layers
+from slimtorch.sparse.formats import is_2to4
+from slimtorch.sparse.kernels import (
+    KERNEL_FORMATS,
+    SparseConv2d,
+    SparseLinear,
+    build_sparse_layer,
+    conv_lowering_skip,
+    semi_structured_support,
+)
+from slimtorch.sparse.report import Candidate, SparsifyReport, SparsifyRow
+
+logger = logging.getLogger(__name__)
+
+_TOLERANCE = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _capture_inputs(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any
+) -> dict[str, torch.Tensor]:
+    """Each layer's first input tensor during one forward pass of ``example_input``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in layers:
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach().clone()
+
+        handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, tuple | list):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _unavailable(fmt: str, module: nn.Module, device: torch.device) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        reason = conv_lowering_skip(module)
+        if reason is not None:
+            return reason
+    if fmt == "semi_structured":
+        reason = semi_structured_support(device)
+        if reason is not None:
+            return reason
+        if not is_2to4(layer_weight(module).detach(), bitwise=False):
+            return "weight is not 2:4 sparse along its input dimension; prune it with NMConfig"
+    return None
+
+
+def _try_candidate(
+    fmt: str,
+    module: nn.Module,
+    x: torch.Tensor,
+    dense_out: torch.Tensor,
+    dense_s: float,
+    device: torch.device,
+    tol: tuple[float, float],
+    timing: dict[str, Any],
+) -> tuple[Candidate, nn.Module | None]:
+    reason = _unavailable(fmt, module, device)
+    if reason is not None:
+        return Candidate(fmt, "unavailable", reason=reason), None
+    try:
+        layer = build_sparse_layer(module, fmt)
+    except ValueError as exc:  # the format does not fit this layer (e.g. no BSR block divides it)
+        return Candidate(fmt, "unavailable", reason=str(exc)), None
+    try:
+        with torch.inference_mode():
+            out = layer(x)
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as exc:
+        return Candidate(fmt, "error", reason=f"{type(exc).__name__}: {exc}"[:300]), None
+    err = float((out.float() - dense_out.float()).abs().max()) if out.numel() else 0.0
+    if out.shape != dense_out.shape or not torch.allclose(
+        out.float(), dense_out.float(), atol=tol[0], rtol=tol[1]
+    ):
+        why = f"outputs differ from dense (max abs error {err:.3g}, atol {tol[0]}, rtol {tol[1]})"
+        return Candidate(fmt, "mismatch", max_abs_err=err, reason=why), None
+    median = measure_latency(layer, x, device=device, **timing).median_s
+    return Candidate(fmt, "ok", median, dense_s / median if median > 0 else None, err), layer
+
+
+def _run(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, tuple | list):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _check_whole_model(
+    model: nn.Module,
+    example_input: Any,
+    originals: dict[str, nn.Module],
+    report: SparsifyReport,
+    device: torch.device,
+    timing: dict[str, Any],
+) -> None:
+    """Time the model with and without the swaps, alternately; undo them if not faster."""
+    swapped = {name: model.get_submodule(name) for name in originals}
+    was_training = model.training
+    model.eval()
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return _run(model, example_input)
+
+    dense_s, sparse_s, ratios = [], [], []
+    try:
+        for _ in range(3):
+            for name, layer in originals.items():
+                model.set_submodule(name, layer)
+            a = measure_latency(call, device=device, **timing).median_s
+            for name, layer in swapped.items():
+                model.set_submodule(name, layer)
+            b = measure_latency(call, device=device, **timing).median_s
+            dense_s.append(a)
+            sparse_s.append(b)
+            ratios.append(a / b if b > 0 else 0.0)
+    finally:
+        model.train(was_training)
+    ratio = statistics.median(ratios)
+    report.model = {
+        "dense_s": statistics.median(dense_s),
+        "sparse_s": statistics.median(sparse_s),
+        "speedup_per_round": ratios,
+        "speedup": ratio,
+        "kept": ratio >= 1.0,
+    }
+    if ratio >= 1.0:
+        return
+    for name, layer in originals.items():
+        model.set_submodule(name, layer)
+    for row in report.rows:
+        if row.action == "sparse":
+            row.action, row.choice = "dense", "dense"
+            row.reason = (
+                f"{row.reason}, but the whole model ran {ratio:.2f}x as fast with the "
+                f"{len(originals)} swap(s) (median of 3 alternating rounds): all undone"
+            )
+
+
+def sparsify_(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    formats: Sequence[str] = KERNEL_FORMATS,
+    device: str | torch.device | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_speedup: float = 1.05,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_sparsity: float = 0.3,
+    threads: int | None = None,
+    min_time_s: float = 0.05,
+    check_model: bool = True,
+    strict: bool = False,
+) -> SparsifyReport:
+    """Swap each ``nn.Linear``/``nn.Conv2d`` for a sparse kernel where measured faster.
+
+    Args:
+        model: The model (e.g. pruned with :func:`slimtorch.prune.prune_`), changed in place.
+        example_input: A representative input (the batch size matters); a tuple is unpacked.
+        formats: Candidates, among ``"csr"``, ``"bsr"``, ``"semi_structured"``.
+        device: Where to measure and run; the model is moved there. ``None``: where it is.
+        include: Globs of dotted layer names to consider (all conv/linear layers if ``None``).
+        exclude: Globs of names to leave alone.
+        min_speedup: The dense-time / sparse-time ratio a kernel must reach (>= 1).
+        atol: Output tolerance (``None``: 1e-4 for float32, 1e-2 float16, 2e-2 bfloat16).
+        rtol: Relative tolerance (same defaults).
+        min_sparsity: Layers with a smaller fraction of zero weights are left dense without
+            timing (no sparse kernel beats dense there); 0 measures every layer.
+        threads: CPU threads for the timings (``None``: keep the current setting).
+        min_time_s: Least total timed time per measurement (more calls on fast layers).
+        check_model: After swapping, time the whole model with and without the swaps
+            (alternately, 3 rounds) and undo them all unless the median per-round speed-up
+            is at least 1: kernels that win alone can lose inside the model.
+        strict: Raise one :class:`~slimtorch.core.errors.TransformSkipError` naming every
+            skipped layer, leaving the model unchanged.
+
+    Returns:
+        A :class:`~slimtorch.sparse.report.SparsifyReport`.
+
+    Raises:
+        ValueError: an unknown format, ``min_speedup < 1`` or a glob that matches nothing.
+        TransformSkipError: ``strict`` and some layer was skipped.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(64, 64))
+        >>> sparsify_(net, torch.randn(1, 64), min_time_s=0.0).rows[0].reason[:40]
+        'weight sparsity 0.000 < min_sparsity 0.3'
+    """
+    unknown = [f for f in formats if f not in KERNEL_FORMATS]
+    if isinstance(formats, str) or unknown or not formats:
+        raise ValueError(
+            f"formats must be a non-empty list among {', '.join(KERNEL_FORMATS)}, got {formats!r}"
+        )
+    if not isinstance(min_speedup, int | float) or min_speedup < 1.0:
+        raise ValueError(f"min_speedup must be a number >= 1, got {min_speedup!r}")
+    if not isinstance(min_sparsity, int | float) or not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    if device is not None:
+        model.to(torch.device(device))
+    dev = _model_device(model)
+    layers = select_layers(model, include, exclude)
+    inputs = _capture_inputs(model, layers, example_input)
+    timing: dict[str, Any] = {"threads": threads, "min_time_s": min_time_s, "warmup": 3}
+    rows: list[SparsifyRow] = []
+    swaps: dict[str, nn.Module] = {}
+    for name, module in layers:
+        w = layer_weight(module).detach()
+        row = SparsifyRow(name, type(module).__name__, "dense")
+        row.sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
+        rows.append(row)
+        x = inputs.get(name)  # (the layer's real input during example_input)
+        if x is None:
+            row.action, row.reason = "skipped", "not called by example_input; nothing to measure"
+            continue
+        row.input_shape = list(x.shape)
+        if isinstance(module, nn.Conv2d) and conv_lowering_skip(module):
+            row.action = "skipped"
+            row.reason = f"no sparse conv kernel on {dev}: {conv_lowering_skip(module)}"
+            continue
+        if row.sparsity < min_sparsity:
+            row.reason = (
+                f"weight sparsity {row.sparsity:.3f} < min_sparsity {min_sparsity:.3f}: a "
+                "sparse kernel cannot pay; lower min_sparsity to measure anyway"
+            )
+            continue
+        default = _TOLERANCE.get(w.dtype, (1e-4, 1e-4))
+        tol = (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
+        with torch.inference_mode():
+            dense_out = module(x)
+        row.dense_s = measure_latency(module, x, device=dev, **timing).median_s
+        best: tuple[float, nn.Module] | None = None
+        for fmt in formats:
+            cand, layer = _try_candidate(fmt, module, x, dense_out, row.dense_s, dev, tol, timing)
+            row.candidates.append(cand)
+            if layer is not None and cand.median_s is not None:
+                if best is None or cand.median_s < best[0]:
+                    best = (cand.median_s, layer)
+        if best is None:
+            row.reason = "no sparse kernel gave the dense outputs on this device"
+            continue
+        layer = best[1]
+        speedup = row.dense_s / best[0] if best[0] > 0 else 0.0
+        fmt = layer.fmt  # type: ignore[assignment]
+        if speedup >= min_speedup:
+            row.action, row.choice = "sparse", str(fmt)
+            row.reason = f"{fmt} measured {speedup:.2f}x faster than dense"
+            swaps[name] = layer
+        else:
+            row.reason = f"fastest sparse kernel ({fmt}) is {speedup:.2f}x dense < {min_speedup}"
+    n_threads = threads if threads is not None else torch.get_num_threads()
+    report = SparsifyReport(str(dev), n_threads, float(min_speedup), list(formats), rows)
+    if "semi_structured" in formats and semi_structured_support(dev) is not None:
+        report.notes.append(str(semi_structured_support(dev)))
+    if strict and report.skipped:
+        listing = "; ".join(f"{r.name}: {r.reason}" for r in report.skipped)
+        raise TransformSkipError(
+            f"sparsify_ (strict) skipped {len(report.skipped)} layer(s), model left unchanged: "
+            f"{listing}. Exclude these layers or run without strict"
+        )
+    originals = {name: model.get_submodule(name) for name in swaps}
+    for name, layer in swaps.items():
+        model.set_submodule(name, layer)
+    if swaps and check_model:
+        _check_whole_model(model, example_input, originals, report, dev, timing)
+    for r in rows:
+        logger.info("sparsify %s: %s (%s)", r.name, r.action, r.reason)
+    return report
+
+
+def to_semi_structured_(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> SparsifyReport:
+    """Convert every 2:4-sparse layer to PyTorch's semi-structured kernels, without timing.
+
+    On devices without those kernels (CPU, ROCm, NVIDIA below compute capability 8.0) nothing
+    changes and every row says that 2:4 is storage-only here. Prefer :func:`sparsify_` with
+    ``formats=("semi_structured",)`` to keep a layer only where it is measured faster.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(64, 64))
+        >>> _ = prune_(net, NMConfig(n=2, m=4))
+        >>> to_semi_structured_(net).rows[0].reason.startswith("2:4 is storage-only on cpu")
+        True
+    """
+    dev = _model_device(model)
+    rows: list[SparsifyRow] = []
+    for name, module in select_layers(model, include, exclude):
+        w = layer_weight(module).detach()
+        row = SparsifyRow(name, type(module).__name__, "skipped")
+        row.sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
+        rows.append(row)
+        row.reason = _unavailable("semi_structured", module, dev)
+        if row.reason is not None:
+            continue
+        try:
+            layer = build_sparse_layer(module, "semi_structured")
+        except (ValueError, RuntimeError, NotImplementedError, TypeError) as exc:
+            row.reason = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        model.set_submodule(name, layer)
+        row.action, row.choice, row.reason = "sparse", "semi_structured", "converted (not timed)"
+    report = SparsifyReport(str(dev), torch.get_num_threads(), 1.0, ["semi_structured"], rows)
+    if semi_structured_support(dev) is not None:
+        report.notes.append(str(semi_structured_support(dev)))
+    return report
+
+
+def densify_(model: nn.Module) -> list[str]:
+    """Turn every sparse-kernel layer back into ``nn.Linear``/``nn.Conv2d`` (e.g. to save it).
+
+    Returns:
+        Dotted names of the layers converted.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8))
+        >>> net[0] = SparseLinear(torch.eye(8), None, "csr")
+        >>> densify_(net), type(net[0]).__name__
+        (['0'], 'Linear')
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear | SparseConv2d)]
+    for name in names:
+        module = model.get_submodule(name)
+        assert isinstance(module, SparseLinear | SparseConv2d)
+        model.set_submodule(name, module.to_dense_module())
+    return names

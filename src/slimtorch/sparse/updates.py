@@ -1,0 +1,91 @@
+"""Pure mask-update maths of dynamic sparse training: the drop schedule and drop-and-grow.
+
+The drop fraction follows the cosine schedule of RigL (Evci et al. 2020, arXiv:1911.11134)::
+
+    f(t) = alpha / 2 * (1 + cos(pi * t / T_end))   for t < T_end, 0 afterwards
+
+At an update, a layer with ``k`` active weights drops the ``floor(f(t) * k)`` of smallest
+magnitude and grows as many inactive ones with the highest grow score: the dense gradient
+magnitude for RigL, a random number for SET (Mocanu et al. 2018, arXiv:1707.04780). Weights
+just dropped may be grown back (they compete like any inactive weight), so the number of active
+weights never changes. Ties are broken deterministically (lower flat index first), so equal
+inputs give equal masks on every DDP rank.
+
+Example:
+    >>> round(cosine_drop_fraction(0, 0.3, 100), 3), round(cosine_drop_fraction(50, 0.3, 100), 3)
+    (0.3, 0.15)
+    >>> w = torch.tensor([0.5, 0.1, 0.0, 0.0])
+    >>> mask = torch.tensor([True, True, False, False])
+    >>> drop_and_grow(w, mask, torch.tensor([0.0, 0.0, 2.0, 1.0]), 1).tolist()
+    [True, False, True, False]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
+    """The fraction of active weights replaced at ``step``: ``alpha/2 (1 + cos(pi t / T_end))``.
+
+    Example:
+        >>> cosine_drop_fraction(100, 0.3, 100)
+        0.0
+    """
+    if t_end <= 0 or step >= t_end:
+        return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * step / t_end))
+
+
+def drop_count(active: int, fraction: float) -> int:
+    """``floor(fraction * active)``, the number of weights swapped in one layer.
+
+    Example:
+        >>> drop_count(10, 0.29)
+        2
+    """
+    return math.floor(fraction * active + 1e-9)
+
+
+def drop_and_grow(
+    weight: torch.Tensor, mask: torch.Tensor, grow_scores: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Drop the ``n`` active weights of smallest ``|weight|``, grow the ``n`` best-scored others.
+
+    Args:
+        weight: The layer's weight (any shape).
+        mask: Its ``bool`` mask (same shape).
+        grow_scores: Higher is grown first (same shape); only inactive entries compete.
+        n: Number of weights to swap (clamped to what the mask allows).
+
+    Returns:
+        The new ``bool`` mask, with exactly as many ``True`` entries as ``mask``.
+
+    Example:
+        >>> m = drop_and_grow(torch.randn(6, 6), torch.rand(6, 6) > 0.5, torch.rand(6, 6), 3)
+        >>> m.dtype
+        torch.bool
+    """
+    if weight.shape != mask.shape or grow_scores.shape != mask.shape:
+        raise ValueError(
+            f"weight {tuple(weight.shape)}, mask {tuple(mask.shape)} and grow_scores "
+            f"{tuple(grow_scores.shape)} must have the same shape"
+        )
+    flat_mask = mask.reshape(-1)
+    active = int(flat_mask.sum())
+    n = max(0, min(n, active, flat_mask.numel() - active + n))
+    if n == 0:
+        return mask.clone()
+    inf = torch.tensor(float("inf"), device=weight.device)
+    drop_scores = torch.where(flat_mask, weight.detach().reshape(-1).abs().float(), inf)
+    drop = torch.sort(drop_scores, stable=True).indices[:n]  # lowest magnitudes first
+    after = flat_mask.clone()
+    after[drop] = False
+    big = torch.finfo(torch.float32).max
+    candidates = torch.nan_to_num(grow_scores.detach().reshape(-1).float(), -big, big, -big)
+    scores = torch.where(after, -inf, candidates)  # every inactive entry beats every active one
+    grow = torch.sort(scores, descending=True, stable=True).indices[:n]
+    after[grow] = True
+    return after.view(mask.shape)

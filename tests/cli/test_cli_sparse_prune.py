@@ -1,0 +1,62 @@
+"""CLI: ``train --sparse`` and ``compress --method prune|nm`` on the bundled digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.cli.main import main
+from slimtorch.models import load_model
+
+
+def _linear_sparsity(model: torch.nn.Module) -> float:
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rigl"
+    code = main(
+        ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "2", "--batch-size", "64",
+         "--lr", "0.05", "--out", str(out), "--no-progress", "--device", "cpu",
+         "--sparse", "rigl", "--sparsity", "0.8", "--delta-t", "5"]
+    )  # fmt: skip
+    assert code == 0
+    model, _ = load_model(out / "model")
+    assert _linear_sparsity(model) == pytest.approx(0.8, abs=0.01)  # ERK: exact total
+    assert any(k.endswith("weight_mask") for k in model.state_dict())
+
+    base = tmp_path / "dense"
+    assert main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "2",
+                 "--out", str(base), "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    capsys.readouterr()
+    pruned = tmp_path / "p"
+    code = main(
+        ["compress", "--in", str(base), "--out", str(pruned), "--method", "prune",
+         "--sparsity", "0.75", "--scope", "global", "--finetune-epochs", "1", "--batch-size", "64",
+         "--device", "cpu", "--profile-batch", "4", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "compact storage:" in text and "smaller than dense" in text
+    report = json.loads((pruned / "report.json").read_text())
+    assert report["config"]["sparsity"] == 0.75 and report["config"]["scope"] == "global"
+
+    code = main(
+        ["compress", "--in", str(base), "--out", str(tmp_path / "nm"), "--method", "nm",
+         "--set", "n=1", "--set", "m=4", "--finetune-epochs", "0", "--device", "cpu",
+         "--profile-batch", "4", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "nm" / "report.json").read_text())["config"] == {"n": 1, "m": 4}
+
+
+def test_compress_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compress", "--in", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*args, "--method", "prune", "--rank", "0.5"]) == 2
+    assert "--rank applies to svd, tucker, cp, tt, not prune" in capsys.readouterr().err
+    assert main([*args, "--method", "nm", "--set", "n"]) == 2
+    assert "--set expects KEY=VALUE, got 'n'" in capsys.readouterr().err

@@ -1,0 +1,373 @@
+"""Static / SET / RigL callbacks: exact sparsity, dense-gradient regrowth, clean regrown weights,
+AMP, checkpoint resume, save/load, and no extra work between updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slimtorch.models import create_model, load_model, save_model
+from slimtorch.prune import MaskCallback, get_mask
+from slimtorch.sparse import (
+    SET,
+    RigL,
+    SparseTrainingConfig,
+    StaticSparse,
+    drop_and_grow,
+    drop_count,
+    make_sparse_callback,
+)
+from slimtorch.train import Callback, TrainConfig, Trainer
+
+
+class _Loader:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def _data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = torch.randn(n, 16, generator=gen) + nn.functional.one_hot(y, 16).float() * 3
+    return x, y
+
+
+X, Y = _data()
+LAYERS = ("0", "2", "4")
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+
+
+def _config(**kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        epochs=3,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-3,
+        schedule="constant",
+        amp="off",
+        seed=1,
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _sparse_cfg(**kw: Any) -> SparseTrainingConfig:
+    base: dict[str, Any] = dict(sparsity=0.8, delta_t=4, alpha=0.3, t_end=0.75)
+    base.update(kw)
+    return SparseTrainingConfig(**base)
+
+
+class _Watch(Callback):
+    """After every step: masks, exactness, and the optimiser state where weights just grew."""
+
+    def __init__(self, cb: StaticSparse) -> None:
+        self.cb = cb
+        self.masks: list[dict[str, torch.Tensor]] = []
+        self.problems: list[str] = []
+        self.grown_clean: list[bool] = []
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, idx: int) -> None:
+        model = trainer.unwrapped_model
+        now = {n: get_mask(model.get_submodule(n)).clone() for n in self.cb.nonzeros}  # type: ignore[union-attr]
+        for name, row in self.cb.summary(model).items():
+            if row["active"] != row["target"] or row["nonzero_masked"]:
+                self.problems.append(f"step {trainer.global_step} {name}: {row}")
+        if self.masks:
+            for name, mask in now.items():
+                grown = mask & ~self.masks[-1][name]
+                if grown.any():
+                    w = model.get_submodule(name).weight
+                    state = trainer.optimizer.state[w]  # type: ignore[union-attr]
+                    clean = bool((w[grown] == 0).all())
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                            clean = clean and bool((value[grown] == 0).all())
+                    self.grown_clean.append(clean)
+        self.masks.append(now)
+
+
+@pytest.mark.parametrize(
+    ("kind", "optimizer", "amp"),
+    [
+        ("static", "sgd", "off"),
+        ("set", "sgd", "off"),
+        ("rigl", "sgd", "off"),
+        ("rigl", "adamw", "bf16"),
+    ],
+)
+def test_sparsity_is_exact_after_every_step(kind: str, optimizer: str, amp: str) -> None:
+    model = _mlp()
+    cb = make_sparse_callback(kind, 0.8, delta_t=4)
+    watch = _Watch(cb)
+    lr = 0.05 if optimizer == "sgd" else 0.01
+    trainer = Trainer(model, _config(optimizer=optimizer, amp=amp, lr=lr), callbacks=[cb, watch])
+    history = trainer.fit(_Loader(X, Y, 8))
+    assert trainer.global_step == 36 and watch.problems == []
+    total = sum(model.get_submodule(n).weight.numel() for n in LAYERS)
+    assert sum(cb.nonzeros.values()) == pytest.approx(0.2 * total, abs=len(LAYERS))
+    changed = [
+        i
+        for i in range(1, 36)
+        if any(not torch.equal(watch.masks[i][n], watch.masks[i - 1][n]) for n in LAYERS)
+    ]
+    if kind == "static":
+        assert changed == [] and cb.updates == []
+    else:
+        # masks move only after the update steps 4, 8, ..., 24 (T_end = 0.75 * 36 = 27)
+        assert [u["step"] for u in cb.updates] == [4, 8, 12, 16, 20, 24]
+        assert set(changed) <= {u["step"] for u in cb.updates} and changed
+        assert watch.grown_clean and all(watch.grown_clean)
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+class _GradSpy(Callback):
+    """Runs before RigL: the dense gradient and, after the step, the weights RigL will see."""
+
+    def __init__(self, cb: RigL) -> None:
+        self.cb = cb
+        self.seen: dict[int, dict[str, Any]] = {}
+
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: Any) -> None:
+        if self.cb.is_update_step(trainer.global_step):
+            model = trainer.unwrapped_model
+            self.seen[trainer.global_step] = {
+                n: {"grad": model.get_submodule(n).weight.grad.clone()} for n in self.cb.nonzeros
+            }
+
+    def on_after_optimizer_step(self, trainer: Trainer) -> None:
+        for name, entry in self.seen.get(trainer.global_step, {}).items():
+            module = trainer.unwrapped_model.get_submodule(name)
+            entry["weight"] = module.weight.detach().clone()
+            entry["mask"] = get_mask(module).clone()  # type: ignore[union-attr]
+
+
+class _After(Callback):
+    def __init__(self, spy: _GradSpy) -> None:
+        self.spy = spy
+
+    def on_after_optimizer_step(self, trainer: Trainer) -> None:
+        for name, entry in self.spy.seen.get(trainer.global_step, {}).items():
+            entry["new"] = get_mask(trainer.unwrapped_model.get_submodule(name)).clone()  # type: ignore[union-attr]
+
+
+def test_rigl_regrows_by_the_dense_gradient() -> None:
+    cb = RigL(_sparse_cfg())
+    spy = _GradSpy(cb)
+    trainer = Trainer(_mlp(), _config(epochs=2), callbacks=[spy, cb, _After(spy)])
+    trainer.fit(_Loader(X, Y, 8))
+    assert sorted(spy.seen) == [4, 8, 12, 16]
+    for step, layers in spy.seen.items():
+        fraction = cb.drop_fraction(step)
+        for name, e in layers.items():
+            old = e["mask"]
+            if not bool(old.all()):  # the gradient was dense: nonzero where the weight is masked
+                assert bool((e["grad"][~old] != 0).any())
+            n = drop_count(cb.nonzeros[name], fraction)
+            expected = drop_and_grow(e["weight"], old, e["grad"].abs(), n)
+            assert torch.equal(e["new"], expected), (step, name)
+
+
+def test_set_regrows_at_random_and_differs_from_rigl() -> None:
+    masks = {}
+    for cls in (SET, RigL):
+        model = _mlp()
+        cb = cls(_sparse_cfg())
+        Trainer(model, _config(epochs=2), callbacks=[cb]).fit(_Loader(X, Y, 8))
+        masks[cls.__name__] = {n: get_mask(model.get_submodule(n)).clone() for n in LAYERS}  # type: ignore[union-attr]
+        assert all(u["swapped"] > 0 for u in cb.updates[:2])
+    assert any(not torch.equal(masks["SET"][n], masks["RigL"][n]) for n in LAYERS)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counting(cls: type[StaticSparse]) -> type[StaticSparse]:
+    class Counting(cls):  # type: ignore[valid-type, misc]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.ops: dict[int, int] = {}
+
+        def _count(self, step: int, fn: Any, *args: Any) -> None:
+            with _Counter() as c:
+                fn(*args)
+            self.ops[step] = self.ops.get(step, 0) + c.ops
+
+        def on_before_optimizer_step(self, trainer: Trainer, optimizer: Any) -> None:
+            self._count(trainer.global_step, super().on_before_optimizer_step, trainer, optimizer)
+
+        def on_after_optimizer_step(self, trainer: Trainer) -> None:
+            self._count(trainer.global_step, super().on_after_optimizer_step, trainer)
+
+    return Counting
+
+
+def test_rigl_does_no_extra_work_between_updates() -> None:
+    ops = {}
+    for cls in (StaticSparse, RigL):
+        cb = _counting(cls)(_sparse_cfg(delta_t=5))
+        Trainer(_mlp(), _config(epochs=2), callbacks=[cb]).fit(_Loader(X, Y, 8))
+        ops[cls.__name__] = cb.ops
+    static, rigl = ops["StaticSparse"], ops["RigL"]
+    update_steps = {5, 10, 15}  # T_end = 0.75 * 24 = 18
+    for step in range(24):
+        if step in update_steps:
+            assert rigl[step] > static[step]
+        else:  # the same tensor operations as fixed masks: only the masking itself
+            assert rigl[step] == static[step], step
+
+
+class _InfAt(Callback):
+    """Make the loss infinite at one step, so fp16 gradient scaling skips it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def compute_loss(
+        self, trainer: Trainer, inputs: Any, outputs: Any, targets: Any, loss: Any
+    ) -> Any:
+        return loss * float("inf") if trainer.global_step == self.step else loss
+
+
+def test_fp16_overflow_skips_the_mask_update() -> None:
+    model = _mlp()
+    cb = RigL(_sparse_cfg())
+    watch = _Watch(cb)
+    trainer = Trainer(model, _config(amp="fp16", epochs=2), callbacks=[_InfAt(8), cb, watch])
+    trainer.fit(_Loader(X, Y, 8))
+    assert cb.skipped_updates == [8]
+    assert [u["step"] for u in cb.updates] == [4, 12, 16]
+    assert all(torch.equal(watch.masks[8][n], watch.masks[7][n]) for n in LAYERS)
+    assert watch.problems == []
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _KillAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise _Crash(f"killed at step {self.step}")
+
+
+@pytest.mark.parametrize("cls", [SET, RigL])
+def test_state_survives_checkpoint_and_resume(cls: type[StaticSparse], tmp_path: Path) -> None:
+    cfg = _config(checkpoint_every_steps=6)
+    ref_cb = cls(_sparse_cfg())
+    ref = Trainer(_mlp(), cfg, callbacks=[ref_cb], out_dir=tmp_path / "ref")
+    ref.fit(_Loader(X, Y, 8))
+    with pytest.raises(_Crash):
+        Trainer(
+            _mlp(), cfg, callbacks=[cls(_sparse_cfg()), _KillAt(14)], out_dir=tmp_path / "run"
+        ).fit(_Loader(X, Y, 8))
+    fresh = _mlp(seed=99)
+    resumed_cb = cls(_sparse_cfg())
+    resumed_cb.init_masks_(fresh)  # the mask buffers the checkpoint holds
+    resumed = Trainer(fresh, cfg, callbacks=[resumed_cb], out_dir=tmp_path / "run")
+    resumed.fit(_Loader(X, Y, 8), resume=True)
+    assert resumed.global_step == ref.global_step == 36
+    assert resumed_cb.updates == ref_cb.updates
+    assert torch.equal(resumed_cb.generator.get_state(), ref_cb.generator.get_state())
+    ref_sd, res_sd = ref.model.state_dict(), resumed.model.state_dict()
+    assert ref_sd.keys() == res_sd.keys()
+    for key in ref_sd:
+        torch.testing.assert_close(res_sd[key], ref_sd[key], rtol=0, atol=0)
+
+
+def test_masks_survive_save_and_load_model(tmp_path: Path) -> None:
+    model = create_model("mlp", num_classes=4, in_channels=1, input_size=4)
+    cb = make_sparse_callback("rigl", 0.7, delta_t=3, dense_last=True)
+    x = torch.randn(48, 1, 4, 4)
+    y = torch.randint(0, 4, (48,))
+    Trainer(model, _config(epochs=1), callbacks=[cb]).fit(_Loader(x, y, 8))
+    names = list(cb.nonzeros)
+    assert cb.summary(model)[names[-1]]["target"] == model.get_submodule(names[-1]).weight.numel()
+    out = save_model(
+        model,
+        tmp_path / "m",
+        input_shape=(1, 4, 4),
+        mean=[0.0],
+        std=[1.0],
+        class_names=list("abcd"),
+    )
+    loaded, _ = load_model(out)
+    for name in names:
+        assert torch.equal(
+            get_mask(loaded.get_submodule(name)), get_mask(model.get_submodule(name))
+        )  # type: ignore[arg-type]
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_argument_errors_and_conflicts() -> None:
+    with pytest.raises(ValueError, match="kind must be one of static, set, rigl"):
+        make_sparse_callback("snip", 0.9)
+    with pytest.raises(ValueError, match=r"SparseTrainingConfig.sparsity must be in \[0.0, 1.0\)"):
+        make_sparse_callback("rigl", 1.0)
+    with pytest.raises(ValueError, match=r"delta_t must be in \[1, inf\]"):
+        SparseTrainingConfig(delta_t=0)
+    with pytest.raises(ValueError, match="t_end must be in"):
+        SparseTrainingConfig(t_end=0.0)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        SparseTrainingConfig(distribution="gaussian")
+    with pytest.raises(TypeError, match="SparseTrainingConfig"):
+        RigL({"sparsity": 0.9})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="total_steps"):
+        RigL(total_steps=0)
+    with pytest.raises(ValueError, match="match no module"):
+        RigL(include=["nothing*"]).plan(_mlp())
+    trainer = Trainer(_mlp(), _config(epochs=1), callbacks=[RigL(), MaskCallback()])
+    with pytest.raises(ValueError, match="remove the other mask callback"):
+        trainer.fit(_Loader(X, Y, 8))
+    cfg = SparseTrainingConfig.from_dict(_sparse_cfg(dense_first=True).to_dict())
+    assert cfg == _sparse_cfg(dense_first=True)
+    cb = make_sparse_callback(
+        "set",
+        0.5,
+        distribution="uniform",
+        delta_t=7,
+        alpha=0.1,
+        t_end=0.5,
+        dense_first=True,
+        seed=3,
+        exclude=["4"],
+    )
+    assert isinstance(cb, SET) and cb.config.delta_t == 7 and cb.config.seed == 3
+    assert list(cb.plan(_mlp())) == ["0", "2"]
+    assert cb.plan(_mlp())["0"] == 16 * 64  # first layer dense

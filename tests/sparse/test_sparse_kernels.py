@@ -1,0 +1,116 @@
+"""Sparse-kernel layers give the dense outputs; 2:4 kernels on CUDA (gpu-marked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.prune import MagnitudeConfig, NMConfig, prune_
+from slimtorch.sparse import (
+    SparseConv2d,
+    SparseLinear,
+    build_sparse_layer,
+    conv_lowering_skip,
+    semi_structured_support,
+    sparsify_,
+    to_semi_structured_,
+)
+
+
+def _pruned(module: nn.Module, sparsity: float = 0.8) -> nn.Module:
+    prune_(nn.Sequential(module), MagnitudeConfig(sparsity=sparsity))
+    return module
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_matches_dense(fmt: str, bias: bool) -> None:
+    lin = _pruned(nn.Linear(64, 32, bias=bias))
+    layer = build_sparse_layer(lin, fmt)
+    assert isinstance(layer, SparseLinear) and layer.fmt == fmt
+    assert layer.weight.layout == {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}[fmt]
+    for x in (torch.randn(1, 64), torch.randn(5, 64), torch.randn(2, 3, 64)):
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert "weight" not in layer.state_dict()  # a deployment module: weight not persisted
+    back = layer.to_dense_module()
+    assert torch.equal(back.weight, lin.weight)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "stride": 2, "padding": (1, 2), "dilation": (1, 2)},
+        {"kernel_size": 1, "bias": False},
+        {"kernel_size": (3, 1), "padding": "valid"},
+    ],
+)
+def test_sparse_conv_lowering_matches_dense(fmt: str, kwargs: dict) -> None:
+    conv = _pruned(nn.Conv2d(8, 16, **kwargs))
+    layer = build_sparse_layer(conv, fmt)
+    assert isinstance(layer, SparseConv2d)
+    x = torch.randn(3, 8, 11, 9)
+    with torch.inference_mode():
+        out = layer(x)
+        torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous()
+    assert torch.equal(layer.to_dense_module().weight, conv.weight)
+
+
+def test_conv_lowering_skips_and_semi_structured_statement() -> None:
+    assert "groups=4" in str(conv_lowering_skip(nn.Conv2d(8, 8, 3, groups=4)))
+    assert "padding_mode" in str(conv_lowering_skip(nn.Conv2d(8, 8, 3, padding_mode="reflect")))
+    assert "explicit integer padding" in str(conv_lowering_skip(nn.Conv2d(8, 8, 3, padding="same")))
+    with pytest.raises(ValueError, match="groups=4"):
+        build_sparse_layer(nn.Conv2d(8, 8, 3, groups=4), "csr")
+    with pytest.raises(TypeError, match=r"nn\.Linear or nn\.Conv2d"):
+        build_sparse_layer(nn.ReLU(), "csr")
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        build_sparse_layer(nn.Linear(4, 4), "coo")
+    with pytest.raises(ValueError, match="no BSR block size"):
+        build_sparse_layer(nn.Linear(6, 10), "bsr")
+    reason = semi_structured_support("cpu")
+    assert reason is not None and "storage-only on cpu" in reason and ">= 8.0" in reason
+
+
+@pytest.mark.gpu
+def test_semi_structured_kernels_on_cuda() -> None:
+    dev = torch.device("cuda")
+    if semi_structured_support(dev) is not None:
+        pytest.skip(str(semi_structured_support(dev)))
+    net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).half().to(dev)
+    prune_(net, NMConfig(n=2, m=4))
+    x = torch.randn(64, 256, dtype=torch.half, device=dev)
+    with torch.inference_mode():
+        ref = net(x)
+    layer = build_sparse_layer(net[0], "semi_structured")
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), net[0](x), atol=1e-2, rtol=1e-2)
+    report = to_semi_structured_(net)
+    assert [r.action for r in report.rows] == ["sparse", "sparse"]
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_semi_structured_conv_and_sparsify_on_cuda() -> None:
+    dev = torch.device("cuda")
+    if semi_structured_support(dev) is not None:
+        pytest.skip(str(semi_structured_support(dev)))
+    conv = nn.Conv2d(64, 128, 3, padding=1).half().to(dev)
+    prune_(nn.Sequential(conv), NMConfig(n=2, m=4))
+    x = torch.randn(8, 64, 16, 16, dtype=torch.half, device=dev)
+    layer = build_sparse_layer(conv, "semi_structured")
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), conv(x), atol=2e-2, rtol=2e-2)
+    net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).half().to(dev)
+    prune_(net, NMConfig(n=2, m=4))
+    report = sparsify_(net, torch.randn(256, 1024, dtype=torch.half, device=dev))
+    for row in report.rows:
+        semi = next(c for c in row.candidates if c.fmt == "semi_structured")
+        assert semi.status in ("ok", "error"), semi
+        assert row.action in ("sparse", "dense")
+    assert report.notes == []

@@ -1,0 +1,132 @@
+"""sparsify_: every layer reported, a kernel kept only when measured faster at the same outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.prune import MagnitudeConfig, NMConfig, prune_
+from slimtorch.sparse import SparseLinear, densify_, sparsify_, to_semi_structured_
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc1 = nn.Linear(8 * 8 * 8, 512)
+        self.fc2 = nn.Linear(512, 10)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.dw(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _net(sparsity: float = 0.95) -> _Net:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    prune_(net, MagnitudeConfig(sparsity=sparsity), exclude=["unused"])
+    return net
+
+
+X = torch.randn(16, 3, 8, 8)
+TIMING = {"threads": 1, "min_time_s": 0.0}
+
+
+def test_report_covers_every_layer_and_choices_follow_the_measurements() -> None:
+    net = _net()
+    with torch.no_grad():
+        ref = net(X)
+    report = sparsify_(net, X, formats=("csr", "bsr"), **TIMING)
+    rows = {r.name: r for r in report.rows}
+    kept = report.model.get("kept", True)  # the whole-model check may undo every swap
+    if report.model:
+        assert len(report.model["speedup_per_round"]) == 3
+        assert report.model["kept"] == (report.model["speedup"] >= 1.0)
+    assert list(rows) == ["conv", "dw", "fc1", "fc2", "unused"]
+    assert rows["unused"].action == "skipped" and "not called" in str(rows["unused"].reason)
+    assert rows["dw"].action == "skipped" and "no sparse conv kernel" in str(rows["dw"].reason)
+    assert rows["fc1"].input_shape == [16, 512] and rows["conv"].input_shape == [16, 3, 8, 8]
+    for name in ("conv", "fc1", "fc2"):
+        row = rows[name]
+        assert row.sparsity == pytest.approx(0.95, abs=0.01)
+        assert row.dense_s is not None and row.dense_s > 0
+        assert [c.fmt for c in row.candidates] == ["csr", "bsr"]
+        ok = [c for c in row.candidates if c.status == "ok"]
+        for c in ok:
+            assert c.median_s is not None and c.max_abs_err is not None and c.max_abs_err < 1e-4
+            assert c.speedup == pytest.approx(row.dense_s / c.median_s)
+        best = min(ok, key=lambda c: c.median_s or math.inf) if ok else None
+        if best is not None and (best.speedup or 0) >= 1.05 and not kept:
+            assert row.action == "dense" and "all undone" in str(row.reason)
+            assert type(net.get_submodule(name)) in (nn.Linear, nn.Conv2d)
+        elif best is not None and (best.speedup or 0) >= 1.05:
+            assert row.action == "sparse" and row.choice == best.fmt
+            assert isinstance(net.get_submodule(name), nn.Module)
+            assert type(net.get_submodule(name)).__name__.startswith("Sparse")
+        else:
+            assert row.action == "dense" and row.choice == "dense"
+            assert type(net.get_submodule(name)) in (nn.Linear, nn.Conv2d)
+    # fc2 (512 -> 10) cannot be cut into BSR blocks: recorded, not silently dropped
+    bsr = next(c for c in rows["fc2"].candidates if c.fmt == "bsr")
+    assert bsr.status == "unavailable" and "block" in str(bsr.reason)
+    with torch.no_grad():
+        torch.testing.assert_close(net(X), ref, atol=1e-4, rtol=1e-4)
+    d = report.to_dict()
+    assert d["totals"]["layers"] == 5 and d["totals"]["skipped"] == 2
+    assert d["totals"]["sparse"] == len(report.sparse)
+    assert "fc1" in report.to_table()
+    names = densify_(net)
+    assert names == [r.name for r in report.sparse]
+    assert all(type(m) is not SparseLinear for m in net.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(net(X), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nothing_is_swapped_when_no_kernel_reaches_min_speedup() -> None:
+    net = _net()
+    report = sparsify_(net, X, formats=("csr",), include=["fc*"], min_speedup=1e9, **TIMING)
+    assert [r.name for r in report.rows] == ["fc1", "fc2"]
+    for row in report.rows:
+        assert row.action == "dense" and "< 1000000000" in str(row.reason)
+        assert row.candidates[0].status == "ok"
+    assert type(net.fc1) is nn.Linear and type(net.fc2) is nn.Linear
+
+
+def test_dense_layers_are_left_without_timing_and_semi_structured_is_storage_only_here() -> None:
+    net = _net(sparsity=0.1)
+    report = sparsify_(net, X, include=["fc1"], **TIMING)
+    row = report.rows[0]
+    assert row.action == "dense" and "min_sparsity" in str(row.reason)
+    assert row.dense_s is None and row.candidates == []
+    assert any("storage-only on cpu" in n for n in report.notes)
+    nm = nn.Sequential(nn.Linear(64, 64))
+    prune_(nm, NMConfig(n=2, m=4))
+    report = sparsify_(nm, torch.randn(4, 64), **TIMING)
+    semi = next(c for c in report.rows[0].candidates if c.fmt == "semi_structured")
+    assert semi.status == "unavailable" and "storage-only on cpu" in str(semi.reason)
+    conv_report = to_semi_structured_(nm)
+    assert conv_report.rows[0].action == "skipped"
+    assert "storage-only on cpu" in str(conv_report.rows[0].reason)
+    assert type(nm[0]) is nn.Linear
+
+
+def test_strict_and_argument_errors() -> None:
+    net = _net()
+    with pytest.raises(TransformSkipError, match="dw: no sparse conv kernel") as err:
+        sparsify_(net, X, strict=True, **TIMING)
+    assert "unused: not called" in str(err.value)
+    assert all(type(m) in (nn.Conv2d, nn.Linear, _Net) for m in net.modules())
+    with pytest.raises(ValueError, match="formats must be a non-empty list"):
+        sparsify_(net, X, formats=("coo",))
+    with pytest.raises(ValueError, match="formats must be a non-empty list"):
+        sparsify_(net, X, formats="csr")
+    with pytest.raises(ValueError, match="min_speedup must be a number >= 1"):
+        sparsify_(net, X, min_speedup=0.5)
+    with pytest.raises(ValueError, match="match no module"):
+        sparsify_(net, X, include=["nothing"])
