@@ -21,10 +21,11 @@ def add_parser(sub: Any) -> None:
         "compress",
         help="compress a trained model (factorise, prune ...), fine-tune, report before/after",
         description="Compress a saved model (low-rank factorisation: svd, tucker, cp, tt; "
-        "pruning: prune (unstructured magnitude), nm (N:M); and the other registered "
-        "methods), then fine-tune; writes --out/model (a loadable model directory), "
-        "report.json and report.txt with the per-layer report and the before/after table "
-        "(accuracy, params, FLOPs, measured latency, estimated latency on the target profiles).",
+        "pruning: prune (unstructured magnitude), nm (N:M), channel-prune (structured); "
+        "and the other registered methods), then fine-tune; writes --out/model (a loadable "
+        "model directory), report.json and report.txt with the per-layer report and the "
+        "before/after table (accuracy, params, FLOPs, measured latency, estimated latency on "
+        "the target profiles).",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument("--out", required=True, help="output run directory")
@@ -36,7 +37,12 @@ def add_parser(sub: Any) -> None:
         "budget:params=0.33 or budget:params=0.33,flops=0.5 (default 0.25)",
     )
     p.add_argument("--sparsity", type=float, default=None, help="prune: fraction of zeros")
-    p.add_argument("--scope", default=None, help="prune: layer or global")
+    p.add_argument(
+        "--scope", default=None, help="prune: layer or global; channel-prune: local or global"
+    )
+    p.add_argument(
+        "--ratio", type=float, default=None, help="channel-prune: fraction of channels removed"
+    )
     p.add_argument(
         "--gradual",
         action="store_true",
@@ -120,7 +126,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options.setdefault("rank", _rank(args.rank) if args.rank is not None else 0.25)
     elif args.rank is not None:
         raise ValueError(f"--rank applies to {', '.join(_DECOMPOSE)}, not {args.method}")
-    for key in ("sparsity", "scope"):
+    for key in ("sparsity", "scope", "ratio"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.gradual:

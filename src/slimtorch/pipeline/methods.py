@@ -210,3 +210,32 @@ def _nm(model: nn.Module, request: MethodRequest) -> Applied:
         finish=lambda m: {"storage": _compact_sizes(m)},
         artifacts=_write_compact,
     )
+
+
+@COMPRESS_METHODS.register("channel-prune")
+def _channel_prune(model: nn.Module, request: MethodRequest) -> Applied:
+    """Structured channel pruning through the dependency graph (dense, smaller layers).
+
+    Taylor importance scores channels on training batches (Molchanov et al. 2019,
+    arXiv:1906.10771); the other importances need no data.
+    """
+    from slimtorch.prune import ChannelPruneConfig, prune_channels_
+
+    config = ChannelPruneConfig.from_dict(request.options)
+    needs_data = config.importance == "taylor"
+    calibration = request.calibration() if needs_data and request.calibration else None
+    report = prune_channels_(
+        model,
+        config,
+        request.example_input,
+        include=request.include,
+        exclude=request.exclude,
+        strict=request.strict,
+        calibration=calibration,
+    )
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=bool(report.pruned),
+    )

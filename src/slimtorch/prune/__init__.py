@@ -1,10 +1,11 @@
-"""slimtorch.prune: unstructured magnitude pruning, N:M masks, gradual pruning and compact storage.
+"""slimtorch.prune: magnitude, N:M and structured channel pruning, gradual pruning, storage.
 
 Masks are ``bool`` buffers beside the weights (``<module>.weight_mask``); :func:`prune_` adds and
 applies them, :class:`MaskCallback` keeps them exact while training, :class:`GradualPruning`
 raises sparsity on the Zhu & Gupta 2017 cubic schedule (arXiv:1710.01878), and
-:func:`save_compact` stores the result as bitmask/CSR safetensors. Importing this package does
-not initialise CUDA.
+:func:`save_compact` stores the result as bitmask/CSR safetensors. :func:`prune_channels_`
+removes whole channels through a dependency graph, so the pruned model is smaller dense layers.
+Importing this package does not initialise CUDA.
 
 Example:
     >>> from slimtorch.prune import MagnitudeConfig, prune_
@@ -24,6 +25,14 @@ from slimtorch.prune.buffers import (
     remove_masks_,
 )
 from slimtorch.prune.callbacks import GradualPruning, MaskCallback
+from slimtorch.prune.channel import (
+    ChannelGraphError,
+    ChannelPruneConfig,
+    ChannelPruneReport,
+    channel_prune_model,
+    prune_and_finetune,
+    prune_channels_,
+)
 from slimtorch.prune.magnitude import MagnitudeConfig, NMConfig, prune_
 from slimtorch.prune.masks import check_sparsity, global_magnitude_masks, magnitude_mask, nm_mask
 from slimtorch.prune.report import PruneReport, PruneRow
@@ -39,6 +48,9 @@ from slimtorch.prune.storage import (
 
 __all__ = [
     "TRANSFORM_NAME",
+    "ChannelGraphError",
+    "ChannelPruneConfig",
+    "ChannelPruneReport",
     "GradualPruning",
     "MagnitudeConfig",
     "MaskCallback",
@@ -47,6 +59,7 @@ __all__ = [
     "PruneRow",
     "add_mask_buffers_",
     "apply_masks_",
+    "channel_prune_model",
     "check_sparsity",
     "compact_state_dict",
     "expand_state_dict",
@@ -59,6 +72,8 @@ __all__ = [
     "nonzero_mask",
     "pack_bits",
     "prune_",
+    "prune_and_finetune",
+    "prune_channels_",
     "remove_masks_",
     "save_compact",
     "unpack_bits",

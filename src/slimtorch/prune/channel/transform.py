@@ -1,0 +1,347 @@
+"""``prune_channels_``: remove whole channels so the layers really shrink, in place.
+
+Steps: build the channel dependency graph (:mod:`.graph`), choose the targeted groups by the
+include/exclude globs, score their channels (:mod:`.importance`), pick how many each keeps
+(per group or one global threshold, rounded to ``round_to``), slice every member layer to the
+kept channels (:mod:`.layers`), and check that the pruned model still runs on the example input
+with outputs of the same shape and finite values. If that check fails every layer is put back
+and :class:`~.graph.ChannelGraphError` is raised, so a broken model is never returned. The
+result is an ordinary dense model; the kept widths are recorded as the ``"prune.channels"``
+architecture transform so ``save_model``/``load_model`` round-trip it.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+    ...                     nn.Conv2d(32, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 4))
+    >>> report = prune_channels_(net, ChannelPruneConfig(ratio=0.5), torch.randn(2, 3, 5, 5))
+    >>> [(r.name, r.channels_before, r.channels_after, r.action) for r in report.rows]
+    [('0', 32, 16, 'pruned'), ('3', 16, 8, 'pruned'), ('6', 4, 4, 'fixed')]
+    >>> net[3]
+    Conv2d(16, 8, kernel_size=(3, 3), stride=(1, 1))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.measure import count_flops, count_params
+from slimtorch.models.transforms import record_transform
+from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
+from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
+from slimtorch.prune.channel.importance import LossFn, channel_scores
+from slimtorch.prune.channel.layers import (
+    TRANSFORM_NAME,
+    layer_widths,
+    set_submodule,
+    slice_layer,
+    unknown_tensors,
+)
+from slimtorch.prune.channel.report import ChannelGroupRow, ChannelPruneReport
+
+logger = logging.getLogger(__name__)
+
+
+def _check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for arg, value in (("include", include), ("exclude", exclude)):
+        if value is None:
+            continue
+        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
+        unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "
+                f"{type(model).__name__}; module names look like {', '.join(names[:6])}, ..."
+            )
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[str] | None,
+         model: nn.Module) -> ChannelGroupRow | None:  # fmt: skip
+    if include is not None and not any(_match(p, include) for p in group.producers):
+        return None
+    row = ChannelGroupRow(
+        group.name, group.producers, group.members, group.size, group.size, None, "skipped"
+    )
+    excluded = [p for p in group.producers if exclude and _match(p, exclude)]
+    extra = {n: unknown_tensors(model.get_submodule(n)) for n in group.members}
+    extra = {n: t for n, t in extra.items() if t}
+    if group.fixed:
+        row.action = "fixed"
+        row.reason = f"{'; '.join(group.fixed)}: its channel count cannot change"
+    elif group.blocked:
+        row.reason = "; ".join(group.blocked)
+    elif excluded:
+        row.reason = f"coupled layer(s) {', '.join(excluded)} excluded by exclude="
+    elif extra:
+        row.reason = "; ".join(f"{n} holds tensors {t} that slicing does not know" for n, t in
+                               extra.items())  # fmt: skip
+    else:
+        row.action = "unchanged"
+    return row
+
+
+def _group_ratio(group: ChannelGroup, config: ChannelPruneConfig) -> float | None:
+    for pattern, ratio in (config.layer_ratios or {}).items():
+        if any(fnmatch.fnmatchcase(p, pattern) for p in group.producers):
+            return float(ratio)
+    return None
+
+
+def _select(scores: torch.Tensor, keep: int, blocks: int) -> torch.Tensor:
+    """Indices (sorted) of the ``keep`` best channels, ``keep / blocks`` in each block."""
+    n = scores.numel()
+    per_block, k = n // blocks, keep // blocks
+    chosen = []
+    for b in range(blocks):
+        s = scores[b * per_block : (b + 1) * per_block]
+        chosen.append(torch.argsort(-s, stable=True)[:k] + b * per_block)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _plan(
+    groups: list[ChannelGroup],
+    scores: dict[int, tuple[torch.Tensor, str]],
+    config: ChannelPruneConfig,
+) -> tuple[dict[int, int], dict[int, float]]:
+    """Channels each group keeps, and the ratio aimed at."""
+    counts: dict[int, int] = {}
+    target: dict[int, float] = {}
+    pool = []
+    for g in groups:
+        r = _group_ratio(g, config)
+        if r is None and config.scope == "global":
+            pool.append(g)
+            continue
+        r = config.ratio if r is None else r
+        target[g.root] = r
+        counts[g.root] = g.size - math.floor(g.size * r + 1e-9)
+    if pool:
+        normed = []
+        for g in pool:
+            s, used = scores[g.root]
+            if used.startswith(("l1", "l2")) and s.mean() > 0:
+                s = s / s.mean()
+            normed.append(s)
+        allv = torch.cat(normed)
+        remove = math.floor(config.ratio * allv.numel() + 1e-9)
+        owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(pool)])
+        lowest = owner[torch.argsort(allv, stable=True)[:remove]]
+        removed = torch.bincount(lowest, minlength=len(pool)).tolist()
+        for g, r in zip(pool, removed, strict=True):
+            cap = math.floor(g.size * config.max_layer_ratio + 1e-9)
+            counts[g.root] = g.size - min(int(r), cap)
+            target[g.root] = config.ratio
+    for g in groups:
+        try:
+            counts[g.root] = round_channels(
+                counts[g.root],
+                g.size,
+                round_to=config.round_to,
+                min_channels=config.min_channels,
+                blocks=g.blocks,
+            )
+        except ValueError as exc:
+            raise ValueError(f"group {g.name!r} (layers {', '.join(g.members)}): {exc}") from None
+    return counts, target
+
+
+def _new_layers(
+    model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.Tensor]
+) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    spaces = graph.spaces
+    for name, use in graph.layers.items():
+        touched = spaces.roots_of(use.out_space)
+        if use.in_space is not None:
+            touched |= spaces.roots_of(use.in_space)
+        if not touched & keep.keys():
+            continue
+        in_idx = None if use.in_space is None else spaces.indices(use.in_space, keep)
+        try:
+            out[name] = slice_layer(
+                model.get_submodule(name), in_idx, spaces.indices(use.out_space, keep), name
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ChannelGraphError(
+                f"slicing {name!r} failed ({exc}); the model is unchanged. Exclude the groups "
+                "that touch this layer"
+            ) from exc
+    return out
+
+
+def _swap_and_check(
+    model: nn.Module, new: dict[str, nn.Module], example_input: Any, ref: list[torch.Tensor]
+) -> None:
+    originals = {name: model.get_submodule(name) for name in new}
+    for name, module in new.items():
+        set_submodule(model, name, module)
+    try:
+        got = _outputs(model, example_input)
+        shapes = [tuple(t.shape) for t in got]
+        want = [tuple(t.shape) for t in ref]
+        if shapes != want:
+            raise ValueError(f"output shapes {shapes} differ from the original {want}")
+        for t, r in zip(got, ref, strict=True):
+            if t.is_floating_point() and bool(torch.isfinite(r).all()):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError("the outputs hold NaN/Inf where the original's did not")
+    except Exception as exc:
+        for name, module in originals.items():
+            set_submodule(model, name, module)
+        raise ChannelGraphError(
+            f"the pruned {type(model).__name__} failed its forward check on example_input "
+            f"({type(exc).__name__}: {exc}); every layer was restored. The forward probably "
+            "uses a channel count the graph cannot see: exclude the groups involved"
+        ) from exc
+
+
+def prune_channels_(
+    model: nn.Module,
+    config: ChannelPruneConfig,
+    example_input: Any,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    strict: bool = False,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+) -> ChannelPruneReport:
+    """Remove the least important channels of ``model``'s conv/linear layers, in place.
+
+    A group (channels coupled through residual adds, concatenations, depthwise convs, batch
+    norms and flatten) is targeted when one of its producing layers matches a glob of
+    ``include`` (all when ``None``). It is skipped, with the reason, when a producer matches
+    ``exclude``, when its channels reach an op the graph does not resolve (named in the
+    reason), or when a member holds tensors slicing does not know. Channels of the model's
+    input and output (the classifier's outputs) are ``fixed``: never pruned.
+
+    Args:
+        model: The model, changed in place (layers are replaced by smaller ones; rebuild
+            any optimizer afterwards).
+        config: A :class:`ChannelPruneConfig`.
+        example_input: A tensor (or tuple of positional inputs) on the model's device: used
+            for tracing, FLOP counts and the final forward check.
+        include: Dotted-name globs of layers whose output channels may be pruned.
+        exclude: Globs of layers whose output channels must stay.
+        strict: Raise one :class:`~slimtorch.core.errors.TransformSkipError` naming every
+            skipped group; the model is then left unchanged.
+        calibration: ``(inputs, targets)`` batches for ``importance="taylor"``.
+        loss_fn: ``loss_fn(outputs, targets)`` for Taylor; cross-entropy when ``None``.
+
+    Returns:
+        A :class:`~.report.ChannelPruneReport`.
+
+    Raises:
+        TypeError: ``config`` is not a ``ChannelPruneConfig`` or the globs are not lists.
+        ValueError: a glob matches no module; Taylor without calibration batches.
+        ChannelGraphError: the model cannot be traced, or the pruned model failed its check
+            (it is restored).
+        TransformSkipError: ``strict`` and a targeted group was skipped.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+        >>> report = prune_channels_(net, ChannelPruneConfig(ratio=0.75), torch.randn(4, 8))
+        >>> net[0].out_features, report.to_dict()["totals"]["params_after"]
+        (16, 178)
+    """
+    if not isinstance(config, ChannelPruneConfig):
+        raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
+    _check_globs(model, include, exclude)
+    graph = build_graph(model, example_input)
+    ref = _outputs(model, example_input)
+    params_before = count_params(model)
+    flops_before = count_flops(model, example_input).total_flops
+    rows: list[ChannelGroupRow] = []
+    targets: list[ChannelGroup] = []
+    for group in graph.groups:
+        row = _row(group, include, exclude, model)
+        if row is None:
+            continue
+        rows.append(row)
+        if row.action == "unchanged":
+            targets.append(group)
+    config_dict = {"type": type(config).__name__, **config.to_dict()}
+    skipped = [r for r in rows if r.action == "skipped"]
+    if strict and skipped:
+        listing = "; ".join(f"{r.name}: {r.reason}" for r in skipped)
+        raise TransformSkipError(
+            f"prune_channels_ (strict) skipped {len(skipped)} group(s), model left unchanged: "
+            f"{listing}. Exclude these layers or make their ops traceable"
+        )
+    by_root = {r.name: r for r in rows}
+    keep: dict[int, torch.Tensor] = {}
+    if targets and (config.ratio > 0 or config.layer_ratios):
+        scores = channel_scores(
+            model,
+            graph,
+            targets,
+            config.importance,
+            calibration=calibration,
+            loss_fn=loss_fn,
+            max_batches=config.calibration_batches,
+        )
+        counts, aimed = _plan(targets, scores, config)
+        for g in targets:
+            row = by_root[g.name]
+            row.importance, row.ratio = scores[g.root][1], aimed[g.root]
+            row.channels_after = counts[g.root]
+            if counts[g.root] < g.size:
+                keep[g.root] = _select(scores[g.root][0], counts[g.root], g.blocks)
+                row.action = "pruned"
+            else:
+                row.reason = f"keeps all {g.size} channels after rounding to {config.round_to}"
+    for row in rows:
+        if row.action == "unchanged" and row.reason is None:
+            row.reason = "ratio 0"
+    new = _new_layers(model, graph, keep)
+    if new:
+        _swap_and_check(model, new, example_input, ref)
+    report = ChannelPruneReport(
+        config_dict,
+        rows,
+        params_before,
+        count_params(model),
+        flops_before,
+        count_flops(model, example_input).total_flops if new else flops_before,
+    )
+    if new:
+        params = {"layers": {name: layer_widths(m) for name, m in new.items()}}
+        report.entry = {"name": TRANSFORM_NAME, "params": params}
+        if isinstance(getattr(model, "slimtorch_arch", None), dict):
+            record_transform(model, TRANSFORM_NAME, params)
+    for row in rows:
+        logger.info(
+            "prune channels %s: %s %d -> %d%s",
+            row.name,
+            row.action,
+            row.channels_before,
+            row.channels_after,
+            f" ({row.reason})" if row.reason else "",
+        )
+    return report
