@@ -19,7 +19,7 @@ def test_static_choices_match_registries() -> None:
     assert set(DATASETS) <= set(list_datasets())
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "compress", "profile", "devices"])
+@pytest.mark.parametrize("command", ["train", "eval", "compress", "export", "profile", "devices"])
 def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

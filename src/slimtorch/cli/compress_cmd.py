@@ -216,8 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     layers = result.report["layers"]
     print(f"{args.method} on {args.model_dir} -> {args.out}/model")
-    rows = layers.get("layers", [])
-    done = sum(1 for r in rows if r.get("action") not in ("skipped", "kept"))
+    rows = [r for r in layers.get("layers", []) if isinstance(r, dict)]
+    done = sum(1 for r in rows if r.get("action") not in ("skipped", "kept", "unchanged", "fixed"))
     print(f"layers changed: {done} of {len(rows)} (see report.txt for skips)")
     finished = result.report.get("finish") or {}
     if "storage" in finished:

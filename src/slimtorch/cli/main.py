@@ -8,6 +8,7 @@ Example:
     $ slimtorch eval --in runs/x
     $ slimtorch profile --in runs/x --batch-size 1
     $ slimtorch devices
+    $ slimtorch export --in runs/x --format onnx --out x.onnx
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (sub-commands registered by their modules)."""
-    from slimtorch.cli import compress_cmd, devices_cmd, eval_cmd, profile_cmd, train_cmd
+    from slimtorch.cli import (
+        compress_cmd,
+        devices_cmd,
+        eval_cmd,
+        export_cmd,
+        profile_cmd,
+        train_cmd,
+    )
 
     parser = _Parser(
         prog="slimtorch",
@@ -42,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (train_cmd, eval_cmd, compress_cmd, profile_cmd, devices_cmd):
+    for module in (
+        train_cmd,
+        eval_cmd,
+        compress_cmd,
+        export_cmd,
+        profile_cmd,
+        devices_cmd,
+    ):
         module.add_parser(sub)
     return parser
 

@@ -215,7 +215,9 @@ def compress_run(
     callbacks: list[Callback] = list(applied.callbacks)
     if teacher is not None and distill is not None:
         callbacks.append(DistillationCallback(teacher, distill))
-    if applied.changed and finetune is not None and will_finetune:
+    if applied.changed and not applied.trainable and will_finetune:
+        logger.info("%s is applied after training; skipping fine-tuning", method)
+    if applied.changed and applied.trainable and finetune is not None and will_finetune:
         trainer = Trainer(model, finetune, device=device, out_dir=out_dir, callbacks=callbacks)
         history = trainer.fit(train_batches(), test_loader).to_dict()
     finished = applied.finish(model) if applied.finish is not None else None

@@ -71,6 +71,8 @@ class Applied:
             report entries (or None) and may change the model again.
         artifacts: Run after the model directory is written, with the run directory;
             writes extra files (e.g. compact weights) and returns report entries.
+        trainable: Whether the changed model can be fine-tuned (False for post-training
+            quantization and casts: the result is meant to be deployed as it is).
     """
 
     config: dict[str, Any]
@@ -80,6 +82,7 @@ class Applied:
     callbacks: list[Callback] = dataclasses.field(default_factory=list)
     finish: Callable[[nn.Module], dict[str, Any] | None] | None = None
     artifacts: Callable[[nn.Module, Path], dict[str, Any]] | None = None
+    trainable: bool = True
 
 
 CompressMethod = Callable[[nn.Module, MethodRequest], Applied]
@@ -238,4 +241,126 @@ def _channel_prune(model: nn.Module, request: MethodRequest) -> Applied:
         report=report.to_dict(),
         table=report.to_table(),
         changed=bool(report.pruned),
+    )
+
+
+def _batches(request: MethodRequest, what: str) -> Iterable[Any]:
+    if request.calibration is None:
+        raise ValueError(f"{what} needs training batches; none were given")
+    return request.calibration()
+
+
+EAGER_NOTE = (
+    "latency measured here runs the Q/DQ model eagerly (int8 simulated in float); the int8 "
+    "kernels run through slimtorch.quant.compile_int8_x86 or ONNX Runtime "
+    "(slimtorch export --format onnx)"
+)
+
+
+@COMPRESS_METHODS.register("ptq")
+def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
+    """Post-training int8 quantization (weight-only, dynamic or static with calibration)."""
+    from slimtorch.quant import PTQConfig, quantize_
+
+    config = PTQConfig.from_dict(request.options)
+    calibration = _batches(request, "static PTQ") if config.mode == "static" else None
+    report = quantize_(
+        model,
+        config,
+        calibration=calibration,
+        include=request.include,
+        exclude=request.exclude,
+        strict=request.strict,
+    )
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        trainable=False,
+        finish=lambda m: {"note": EAGER_NOTE},
+    )
+
+
+@COMPRESS_METHODS.register("qat")
+def _qat(model: nn.Module, request: MethodRequest) -> Applied:
+    """LSQ quantization-aware fine-tuning (Esser et al. 2020, arXiv:1902.08153), then int8.
+
+    The fine-tune trains the fake-quantized model with learned step sizes; ``finish`` converts
+    it to the same Q/DQ int8 model as post-training quantization.
+    """
+    from slimtorch.quant import QATCallback, QATConfig, convert_qat_, prepare_qat_
+
+    options = dict(request.options)
+    if request.include is not None:
+        options.setdefault("include", list(request.include))
+    if request.exclude is not None:
+        options.setdefault("exclude", list(request.exclude))
+    widen = bool(options.pop("widen_4bit_activations", False))
+    config = QATConfig.from_dict(options)
+    report = prepare_qat_(model, config)
+
+    def finish(m: nn.Module) -> dict[str, Any]:
+        converted = convert_qat_(m, widen_4bit_activations=widen)
+        return {"converted": converted.to_dict(), "note": EAGER_NOTE}
+
+    return Applied(
+        config={**config.to_dict(), "widen_4bit_activations": widen},
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        callbacks=[QATCallback(config)],
+        finish=finish,
+    )
+
+
+def _cast(dtype: str) -> CompressMethod:
+    def apply(model: nn.Module, request: MethodRequest) -> Applied:
+        from slimtorch.quant import LowPrecisionConfig, cast_
+
+        options = {"dtype": dtype, **request.options}
+        profile = options.pop("profile", "rx580")
+        check = options.pop("check_batches", 4)
+        config = LowPrecisionConfig.from_dict(options)
+        batches = []
+        for i, batch in enumerate(_batches(request, f"the {dtype} accuracy check")):
+            if i >= check:
+                break
+            batches.append(batch)
+        report = cast_(model, config, check_inputs=batches, device_profile=profile)
+        return Applied(
+            config={**config.to_dict(), "profile": profile, "check_batches": check},
+            report=report.to_dict(),
+            table=report.to_table(),
+            changed=True,
+            trainable=False,
+        )
+
+    apply.__doc__ = f"Cast to {dtype} with keep-in-fp32 rules and an accuracy check."
+    return apply
+
+
+COMPRESS_METHODS.register("fp16")(_cast("fp16"))
+COMPRESS_METHODS.register("bf16")(_cast("bf16"))
+
+
+@COMPRESS_METHODS.register("mixed")
+def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
+    """Per-layer precision from {fp16, int8, int4 weights} under a size or latency budget."""
+    from slimtorch.quant import MixedPrecisionConfig, mixed_precision_
+
+    options = dict(request.options)
+    if request.include is not None:
+        options.setdefault("include", list(request.include))
+    if request.exclude is not None:
+        options.setdefault("exclude", list(request.exclude))
+    config = MixedPrecisionConfig.from_dict(options)
+    report = mixed_precision_(model, config, _batches(request, "mixed precision"))
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        trainable=False,
+        finish=lambda m: {"note": EAGER_NOTE},
     )

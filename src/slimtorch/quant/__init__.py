@@ -1,0 +1,87 @@
+"""Quantization: post-training int8 (weight-only, dynamic, static), Q/DQ modules, int8
+runtimes (x86 inductor, ONNX Runtime, torchao on CUDA), ONNX export, quantization-aware
+training (LSQ), batch-norm folding, FP16/BF16 casts and per-layer mixed precision.
+
+Importing this package registers the ``quant.*`` architecture transforms, so ``load_model``
+rebuilds quantized, folded and cast models; it imports no onnx, onnxruntime or torchao.
+
+Example:
+    >>> from slimtorch.quant import PTQConfig, quantize_
+    >>> report = quantize_(model, PTQConfig(mode="static"), calibration=batches)
+"""
+
+from __future__ import annotations
+
+# qdq first: it re-exports to_qdq_ from convert, which builds on qdq's layers
+from slimtorch.quant.qdq import (
+    LayerQParams,
+    QDQConv2d,
+    QDQLinear,
+    fake_quantize,
+    quantize_weight,
+    weight_range,
+)
+
+# isort: split
+from slimtorch.quant.convert import ActQParams, QDQAct, QuantReport, QuantRow, to_qdq_
+from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.fold import fold_bn_, fold_conv_bn
+from slimtorch.quant.lowp import LowPrecisionConfig, PrecisionCheckError, cast_, precision_gain
+from slimtorch.quant.lsq import LSQConv2d, LSQLinear
+from slimtorch.quant.mixed import MixedPrecisionConfig, mixed_precision_
+from slimtorch.quant.mixed_sensitivity import measure_sensitivity
+from slimtorch.quant.observers import CalibrationError, make_observer
+from slimtorch.quant.precision import set_precision_
+from slimtorch.quant.ptq import PTQConfig, quantize_, residual_points
+from slimtorch.quant.qat import QATCallback, QATConfig, prepare_qat_
+from slimtorch.quant.qat_convert import convert_qat_
+from slimtorch.quant.runtime import (
+    compile_int8_x86,
+    cpu_int8_support,
+    int8_kernels,
+    torchao_cuda_,
+)
+
+__all__ = [
+    "ActQParams",
+    "CalibrationError",
+    "LSQConv2d",
+    "LSQLinear",
+    "LayerQParams",
+    "LowPrecisionConfig",
+    "MixedPrecisionConfig",
+    "PTQConfig",
+    "PrecisionCheckError",
+    "QATCallback",
+    "QATConfig",
+    "QDQAct",
+    "QDQConv2d",
+    "QDQLinear",
+    "QuantReport",
+    "QuantRow",
+    "cast_",
+    "compare_onnx",
+    "compile_int8_x86",
+    "convert_qat_",
+    "cpu_int8_support",
+    "export_onnx",
+    "fake_quantize",
+    "fold_bn_",
+    "fold_conv_bn",
+    "int8_kernels",
+    "make_observer",
+    "measure_sensitivity",
+    "mixed_precision_",
+    "ort_int8_ops",
+    "ort_session",
+    "precision_gain",
+    "prepare_qat_",
+    "quantize_",
+    "quantize_weight",
+    "residual_points",
+    "run_onnx",
+    "set_precision_",
+    "to_qdq_",
+    "torchao_cuda_",
+    "weight_range",
+]

@@ -1,0 +1,177 @@
+"""Check and calibration data for low-precision casts and mixed precision: parse, run, compare.
+
+Data may be given as one tensor (one unlabelled batch), one ``(inputs, labels)`` pair, or an
+iterable of either (a loader). Every batch is checked (non-empty, floating, finite, one shape
+past the batch dimension) before the model runs; a batch the model rejects raises ``ValueError``
+naming the shape, and NaN/Inf outputs raise :class:`~slimtorch.quant.lsq.CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.quant.lsq import CalibrationError
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _is_labelled_pair(obj: Any) -> bool:
+    return (
+        isinstance(obj, tuple | list)
+        and len(obj) == 2
+        and isinstance(obj[0], torch.Tensor)
+        and isinstance(obj[1], torch.Tensor)
+        and not obj[1].is_floating_point()
+        and obj[1].ndim == 1
+        and obj[0].ndim >= 1
+        and obj[1].shape[0] == obj[0].shape[0]
+    )
+
+
+def _one(obj: Any, what: str, i: int) -> Batch:
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if _is_labelled_pair(obj):
+        return obj[0], obj[1]
+    if (
+        isinstance(obj, tuple)
+        and len(obj) == 2
+        and isinstance(obj[0], torch.Tensor)
+        and obj[1] is None
+    ):
+        return obj[0], None
+    raise TypeError(
+        f"{what} batch {i} is a {type(obj).__name__}; expected a tensor or an (inputs, int64 "
+        "labels) pair"
+    )
+
+
+def as_batches(
+    data: Any, what: str = "calibration data", max_batches: int | None = None
+) -> list[Batch]:
+    """Normalise ``data`` into a list of ``(inputs, labels or None)`` and validate it.
+
+    Raises:
+        TypeError: An item is neither a tensor nor an (inputs, labels) pair.
+        ValueError: No batches, an empty or non-floating batch, NaN/Inf inputs, or batches of
+            different shapes.
+
+    Example:
+        >>> [x.shape for x, _ in as_batches(torch.randn(4, 3))]
+        [torch.Size([4, 3])]
+    """
+    if data is None:
+        raise ValueError(f"{what} is None; pass a tensor, an (inputs, labels) pair or a loader")
+    if isinstance(data, torch.Tensor) or _is_labelled_pair(data):
+        batches = [_one(data, what, 0)]
+    elif isinstance(data, Iterable):
+        batches = []
+        for i, item in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            batches.append(_one(item, what, i))
+    else:
+        raise TypeError(
+            f"{what} must be a tensor, an (inputs, labels) pair or an iterable of those, got "
+            f"{type(data).__name__}"
+        )
+    if not batches:
+        raise ValueError(f"{what} is empty; give at least one batch of real inputs")
+    shape = None
+    for i, (x, _) in enumerate(batches):
+        if x.ndim == 0 or x.shape[0] == 0 or x.numel() == 0:
+            raise ValueError(f"{what} batch {i} is empty (shape {tuple(x.shape)}); drop it")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{what} batch {i} has dtype {x.dtype}; expected float inputs as the model "
+                "takes them (normalised images, not uint8 pixels)"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{what} batch {i} holds NaN/Inf values; clean the data first")
+        if shape is None:
+            shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != shape:
+            raise ValueError(
+                f"{what} batch {i} has per-sample shape {tuple(x.shape[1:])} but batch 0 has "
+                f"{shape}; all batches must share one shape"
+            )
+    return batches
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def run_batches(
+    model: nn.Module, batches: list[Batch], what: str = "calibration data"
+) -> list[torch.Tensor]:
+    """Outputs of ``model`` (eval mode, flag restored) on every batch, as float32 on the CPU.
+
+    Raises:
+        ValueError: The model rejects a batch (wrong shape or channels).
+        CalibrationError: An output holds NaN/Inf.
+    """
+    device = model_device(model)
+    was = model.training
+    model.eval()
+    outs = []
+    try:
+        for i, (x, _) in enumerate(batches):
+            try:
+                y = model(x.to(device))
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(
+                    f"{what} batch {i} of shape {tuple(x.shape)} does not fit the model "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); give inputs of the "
+                    "shape the model was built for"
+                ) from None
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"the model returned a {type(y).__name__}; expected one tensor")
+            y = y.detach().float().cpu()
+            if not bool(torch.isfinite(y).all()):
+                raise CalibrationError(
+                    f"the model produced NaN/Inf outputs on {what} batch {i}; check the inputs "
+                    "and the weights (activations overflow or the model is broken)"
+                )
+            outs.append(y)
+    finally:
+        model.train(was)
+    return outs
+
+
+def rel_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """``||y - y_ref|| / ||y_ref||`` over all batches (inf if any output is not finite)."""
+    num = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs, strict=True))
+    den = sum(float(r.pow(2).sum()) for r in refs)
+    if not math.isfinite(num):
+        return math.inf
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
+
+
+def accuracy(outs: list[torch.Tensor], batches: list[Batch]) -> float | None:
+    """Top-1 accuracy (fraction) when every batch is labelled, else ``None``."""
+    if any(y is None for _, y in batches):
+        return None
+    correct = 0
+    for o, (_, y) in zip(outs, batches, strict=True):
+        assert y is not None
+        correct += int((o.argmax(dim=1) == y.cpu()).sum())
+    total = sum(int(y.shape[0]) for _, y in batches if y is not None)
+    return correct / total
+
+
+def agreement(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float | None:
+    """Fraction of samples whose top-1 class matches the reference (``None`` for 1-D outputs)."""
+    if outs[0].ndim < 2:
+        return None
+    same = sum(int((o.argmax(1) == r.argmax(1)).sum()) for o, r in zip(outs, refs, strict=True))
+    return same / sum(int(r.shape[0]) for r in refs)

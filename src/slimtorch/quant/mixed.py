@@ -1,0 +1,403 @@
+"""Mixed precision ("adaptive quantization"): a per-layer choice of fp16, int8 or int4 weights.
+
+:func:`mixed_precision_` measures how much each Conv2d/Linear layer hurts the model at each
+candidate precision when changed alone (:func:`~slimtorch.quant.mixed_sensitivity.
+measure_sensitivity`), then picks one precision per layer that meets a size or latency budget with
+the least predicted loss, and realises it: int8/int4 layers become weight-only Q/DQ layers
+(:func:`slimtorch.quant.to_qdq_`, per-channel scales chosen by squared error), fp16 layers are
+cast with boundary casts (:mod:`slimtorch.quant.precision`).
+
+Allocation: predicted loss is the sum of the per-layer losses (the usual additivity assumption of
+sensitivity-based mixed precision; exact for independent rounding noises under the output-error
+metric). Choosing one option per layer under a budget is a multiple-choice knapsack, solved
+exactly by dynamic programming over the budget cut into ``dp_bins`` steps (costs rounded up, so
+the result always fits the real budget).
+
+Sizes are deployed bytes: int4 weights packed two per byte (see
+:func:`~slimtorch.quant.mixed_sensitivity.layer_bytes`). The report also gives the bytes the
+model holds in memory now (``stored_bytes_after``), where 4-bit values sit in int8 tensors.
+
+Example:
+    >>> model = create_model("vgg11-bn", in_channels=1, input_size=28)
+    >>> report = mixed_precision_(model, MixedPrecisionConfig(size_ratio=5.0), (x, y))
+    >>> report.size_fp32 / report.size_after >= 5.0
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.measure import estimate_latency, model_size_bytes
+from slimtorch.quant import _calib
+from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.mixed_sensitivity import (
+    BITS,
+    CANDIDATES,
+    latency_costs,
+    layer_bytes,
+    measure_sensitivity,
+    weight_scales,
+)
+from slimtorch.quant.precision import execution_order, precision_units, set_precision_
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixedPrecisionConfig(Config):
+    """Budget and candidates of a mixed-precision allocation (give exactly one budget).
+
+    Attributes:
+        budget_bytes: Deployed model size limit in bytes.
+        size_ratio: Model at most ``fp32 size / size_ratio`` (5.0: five times smaller).
+        latency_s: Estimated latency limit (roofline on ``profile``, first calibration batch).
+        profile: Device profile of the latency budget and estimates.
+        candidates: Precisions to choose from, among ``fp32``, ``fp16``, ``int8``, ``int4``.
+        metric: ``"output_error"`` or ``"accuracy"`` (labelled calibration data).
+        first_last: Lowest precision allowed for the first and last conv/linear layer
+            (``None``: no rule).
+        include: Globs of Conv2d/Linear layers to allocate (``None``: all).
+        exclude: Globs of layers to leave in float32.
+        fold_bn: Fold Conv2d+BatchNorm2d pairs first (exact; removes the batch norms' bytes).
+        scale_method: Weight scales, ``"mse"`` or ``"minmax"``.
+        dp_bins: Budget resolution of the knapsack (>= 100).
+        max_batches: Calibration batches used at most.
+    """
+
+    budget_bytes: int | None = None
+    size_ratio: float | None = None
+    latency_s: float | None = None
+    profile: str = "rx580"
+    candidates: tuple[str, ...] = ("fp16", "int8", "int4")
+    metric: str = "output_error"
+    first_last: str | None = "int8"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    fold_bn: bool = True
+    scale_method: str = "mse"
+    dp_bins: int = 2000
+    max_batches: int | None = 8
+
+    def __post_init__(self) -> None:
+        given = [
+            k for k in ("budget_bytes", "size_ratio", "latency_s") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "MixedPrecisionConfig needs exactly one budget among budget_bytes, size_ratio "
+                f"and latency_s, got {given or 'none'}"
+            )
+        if self.budget_bytes is not None:
+            check_range(self, "budget_bytes", self.budget_bytes, low=1)
+        if self.size_ratio is not None:
+            check_range(self, "size_ratio", self.size_ratio, low=1.0)
+        if self.latency_s is not None:
+            check_range(self, "latency_s", self.latency_s, low=0.0, low_inclusive=False)
+        cands = tuple(self.candidates)
+        if not cands or any(c not in CANDIDATES for c in cands) or len(set(cands)) != len(cands):
+            raise ValueError(
+                f"MixedPrecisionConfig.candidates must be distinct values of {CANDIDATES}, got "
+                f"{self.candidates!r}"
+            )
+        object.__setattr__(self, "candidates", cands)
+        check_choice(self, "metric", self.metric, ("output_error", "accuracy"))
+        check_choice(self, "first_last", self.first_last, (*CANDIDATES, None))
+        for field in ("include", "exclude"):
+            value = getattr(self, field)
+            if value is None and field == "include":
+                continue
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"MixedPrecisionConfig.{field} must be a tuple of globs")
+            object.__setattr__(self, field, tuple(value))
+        check_choice(self, "scale_method", self.scale_method, ("mse", "minmax"))
+        check_range(self, "dp_bins", self.dp_bins, low=100, high=100_000)
+        if self.max_batches is not None:
+            check_range(self, "max_batches", self.max_batches, low=1)
+
+
+@dataclasses.dataclass
+class MixedRow:
+    """One layer's choice, its cost and why."""
+
+    name: str
+    module_type: str
+    choice: str
+    reason: str
+    bytes_fp32: int
+    bytes_after: int
+    losses: dict[str, float]
+    est_latency_s: dict[str, float] | None = None
+
+
+@dataclasses.dataclass
+class MixedPrecisionReport:
+    """The allocation, predicted and measured loss, sizes and latency estimates."""
+
+    config: dict[str, Any]
+    rows: list[MixedRow]
+    budget: dict[str, Any]
+    allocation: str = "multiple-choice knapsack, dynamic programming"
+    predicted_loss: float = 0.0
+    output_error: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    size_fp32: int = 0
+    size_after: int = 0
+    stored_bytes_after: int = 0
+    est_latency_before_s: float | None = None
+    est_latency_after_s: float | None = None
+    fold: dict[str, Any] | None = None
+    entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        out = dataclasses.asdict(self)
+        out["method"] = "mixed"
+        out["layers"] = out.pop("rows")
+        out["ratio"] = self.size_fp32 / self.size_after if self.size_after else None
+        return out
+
+    def to_table(self) -> str:
+        """One line per layer, then the totals."""
+        lines = [
+            f"{r.name:<28} {r.choice:<5} {r.bytes_fp32:>10,} -> {r.bytes_after:>9,}  {r.reason}"
+            for r in self.rows
+        ]
+        ratio = self.size_fp32 / max(self.size_after, 1)
+        lines.append(f"size {self.size_fp32:,} -> {self.size_after:,} bytes ({ratio:.2f}x)")
+        lines.append(f"predicted loss {self.predicted_loss:.3g}, output error {self.output_error}")
+        return "\n".join(lines)
+
+
+def _targets(model: nn.Module, cfg: MixedPrecisionConfig) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        if type(m) not in (nn.Conv2d, nn.Linear) or not name:
+            continue
+        if cfg.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+            continue
+        out.append(name)
+    if not out:
+        raise ValueError(
+            f"no Conv2d/Linear layer of {type(model).__name__} matches include={cfg.include!r}, "
+            f"exclude={cfg.exclude!r}"
+        )
+    return out
+
+
+def allocate(
+    losses: dict[str, dict[str, float]],
+    costs: dict[str, dict[str, float]],
+    budget: float,
+    bins: int = 2000,
+) -> dict[str, str]:
+    """The choice per layer with the least total loss whose total cost fits ``budget``.
+
+    Exact multiple-choice knapsack by dynamic programming over ``bins`` budget steps (costs
+    rounded up). Each layer's options are the keys of ``costs[layer]``.
+
+    Raises:
+        ValueError: No choice fits (the cheapest options together exceed ``budget``).
+
+    Example:
+        >>> allocate({"a": {"x": 0.0, "y": 1.0}}, {"a": {"x": 10.0, "y": 5.0}}, 6.0)
+        {'a': 'y'}
+    """
+    names = list(costs)
+    cheapest = sum(min(costs[n].values()) for n in names)
+    if cheapest > budget:
+        raise ValueError(
+            f"no allocation fits: the cheapest options cost {cheapest:.6g} together, over the "
+            f"budget of {budget:.6g}"
+        )
+    unit = budget / bins if budget > 0 else 1.0
+    dp = np.full(bins + 1, np.inf)
+    dp[0] = 0.0
+    picks: list[tuple[list[str], np.ndarray, list[int]]] = []
+    for n in names:
+        opts = list(costs[n])
+        icost = [min(bins + 1, math.ceil(costs[n][o] / unit - 1e-9)) for o in opts]
+        new = np.full(bins + 1, np.inf)
+        arg = np.full(bins + 1, -1, dtype=np.int64)
+        for i, (o, c) in enumerate(zip(opts, icost, strict=True)):
+            if c > bins:
+                continue
+            shifted = np.full(bins + 1, np.inf)
+            shifted[c:] = dp[: bins + 1 - c] + losses[n][o]
+            better = shifted < new
+            new[better], arg[better] = shifted[better], i
+        dp = new
+        picks.append((opts, arg, icost))
+    if not np.isfinite(dp).any():  # rounding up pushed a barely feasible set over: cheapest all
+        return {n: min(costs[n], key=costs[n].__getitem__) for n in names}
+    b = int(np.argmin(dp))
+    choice: dict[str, str] = {}
+    for n, (opts, arg, icost) in zip(reversed(names), reversed(picks), strict=True):
+        i = int(arg[b])
+        choice[n] = opts[i]
+        b -= icost[i]
+    return {n: choice[n] for n in names}
+
+
+def _reason(
+    name: str, choice: str, losses: dict[str, float], costs: dict[str, float], floor: str | None
+) -> str:
+    cheaper = sorted((c for c in costs if costs[c] < costs[choice]), key=lambda c: costs[c])
+    text = f"{choice}: predicted loss {losses[choice]:.3g}"
+    if cheaper:
+        alt = cheaper[0]
+        text += f"; {alt} saves {costs[choice] - costs[alt]:.4g} more but adds loss "
+        text += f"{losses[alt] - losses[choice]:.3g}, not worth it within the budget"
+    else:
+        text += "; cheapest allowed option"
+    if floor is not None:
+        text += f" (first/last layer: at least {floor})"
+    return text
+
+
+def mixed_precision_(
+    model: nn.Module, config: MixedPrecisionConfig, calibration: Any
+) -> MixedPrecisionReport:
+    """Choose and apply one precision per Conv2d/Linear layer within a budget, in place.
+
+    Args:
+        model: A float32 model, changed in place (untouched when anything fails).
+        config: The :class:`MixedPrecisionConfig`.
+        calibration: A tensor, an ``(inputs, labels)`` pair or an iterable of either; it
+            drives the sensitivities, the latency estimate and the final check.
+
+    Returns:
+        A :class:`MixedPrecisionReport`: each layer's choice and why, predicted loss, measured
+        output error (and accuracy with labels), sizes and latency estimates.
+
+    Raises:
+        TypeError, ValueError: Bad arguments or calibration data, or a budget that no
+            allocation meets (the message gives the smallest reachable size or latency).
+        CalibrationError: The float model gives NaN/Inf outputs on the calibration data.
+
+    Example:
+        >>> report = mixed_precision_(model, MixedPrecisionConfig(size_ratio=5.0), (x, y))
+        >>> sorted({r.choice for r in report.rows})
+        ['int4', 'int8']
+    """
+    from slimtorch.quant.convert import to_qdq_
+    from slimtorch.quant.qdq import LayerQParams
+
+    if not isinstance(config, MixedPrecisionConfig):
+        raise TypeError(f"config must be a MixedPrecisionConfig, got {type(config).__name__}")
+    batches = _calib.as_batches(calibration, "calibration", config.max_batches)
+    size_fp32 = model_size_bytes(model)
+    work = copy.deepcopy(model)
+    fold = fold_bn_(work) if config.fold_bn else None
+    names = _targets(work, config)
+    example = batches[0][0].to(_calib.model_device(work))
+    refs = _calib.run_batches(work, batches, "calibration")
+    order = [n for n in execution_order(work, example) if n in names]
+    floor = {order[0], order[-1]} if config.first_last and order else set()
+    allowed: dict[str, tuple[str, ...]] = {}
+    for n in names:
+        opts = config.candidates
+        if n in floor:
+            assert config.first_last is not None
+            opts = tuple(c for c in CANDIDATES if BITS[c] >= BITS[config.first_last])
+            opts = tuple(c for c in opts if c in config.candidates) or (config.first_last,)
+        allowed[n] = opts
+    all_cands = tuple(dict.fromkeys(c for n in names for c in allowed[n]))
+    modules = {n: work.get_submodule(n) for n in names}
+    sizes = {n: {c: float(layer_bytes(modules[n], c)) for c in allowed[n]} for n in names}
+    rest_bytes = model_size_bytes(work) - sum(int(layer_bytes(modules[n], "fp32")) for n in names)
+    lat, rest_s, total_s = latency_costs(work, names, example, config.profile, all_cands)
+    if config.latency_s is not None:
+        kind, limit = "latency_s", float(config.latency_s)
+        costs = {n: {c: lat[n][c] for c in allowed[n]} for n in names}
+        rest = rest_s
+    else:
+        kind = "bytes"
+        ratio_limit = size_fp32 / config.size_ratio if config.size_ratio else 0.0
+        limit = float(config.budget_bytes) if config.budget_bytes is not None else ratio_limit
+        costs, rest = sizes, float(rest_bytes)
+    least = rest + sum(min(costs[n].values()) for n in names)
+    if least > limit:
+        raise ValueError(
+            f"no allocation meets the budget of {limit:.6g} {kind}: the least reachable is "
+            f"{least:.6g} ({rest:.6g} outside the allocated layers, cheapest allowed options "
+            f"{', '.join(sorted(set(config.candidates)))}, first/last at least "
+            f"{config.first_last}); relax the budget, allow int4 or drop the first/last rule. "
+            "The model is unchanged"
+        )
+    scale_cache: dict[tuple[str, int], torch.Tensor] = {}
+    losses = measure_sensitivity(
+        work,
+        names,
+        batches,
+        candidates=all_cands,
+        metric=config.metric,
+        scale_method=config.scale_method,
+        scales=scale_cache,
+    )
+    choice = allocate({n: losses[n] for n in names}, costs, limit - rest, config.dp_bins)
+    qparams = {}
+    for n, c in choice.items():
+        if c in ("int8", "int4"):
+            w = modules[n].weight
+            assert isinstance(w, torch.Tensor)
+            if (n, BITS[c]) not in scale_cache:
+                scale_cache[n, BITS[c]] = weight_scales(w, BITS[c], config.scale_method)
+            scale = scale_cache[n, BITS[c]].cpu()
+            qparams[n] = LayerQParams(weight_scale=scale, weight_bits=BITS[c])
+    report = MixedPrecisionReport(
+        config={"type": "MixedPrecisionConfig", **config.to_dict()},
+        rows=[],
+        budget={"kind": kind, "limit": limit, "outside_allocated": rest},
+        size_fp32=size_fp32,
+        est_latency_before_s=total_s,
+        fold=None if fold is None else fold.to_dict(),
+        accuracy_before=_calib.accuracy(refs, batches),
+    )
+    if qparams:
+        report.entries.extend(to_qdq_(work, qparams, method="mixed").entries)
+    fp16 = [n for n, c in choice.items() if c == "fp16"]
+    if fp16:
+        units = list(precision_units(work))
+        run = execution_order(work, example)
+        last = [run[-1]] if run and run[-1] in fp16 and run[-1] in units else []
+        report.entries.append(set_precision_(work, fp16, torch.float16, output_fp32=last))
+    outs = _calib.run_batches(work, batches, "calibration")
+    report.output_error = _calib.rel_error(outs, refs)
+    report.accuracy_after = _calib.accuracy(outs, batches)
+    report.predicted_loss = sum(losses[n][c] for n, c in choice.items())
+    report.size_after = round(rest_bytes + sum(sizes[n][c] for n, c in choice.items()))
+    report.stored_bytes_after = model_size_bytes(work)
+    report.est_latency_after_s = estimate_latency(work, example, config.profile).total_s
+    for n in names:
+        c = choice[n]
+        report.rows.append(
+            MixedRow(
+                name=n,
+                module_type=type(modules[n]).__name__,
+                choice=c,
+                reason=_reason(
+                    n, c, losses[n], costs[n], config.first_last if n in floor else None
+                ),
+                bytes_fp32=int(layer_bytes(modules[n], "fp32")),
+                bytes_after=int(sizes[n][c]),
+                losses=dict(losses[n]),
+                est_latency_s=dict(lat[n]),
+            )
+        )
+    model.__dict__.update(work.__dict__)  # commit: the model now is the converted copy
+    logger.info("mixed_precision_: %s", {c: list(choice.values()).count(c) for c in all_cands})
+    return report

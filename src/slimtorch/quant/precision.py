@@ -1,0 +1,215 @@
+"""Per-layer floating-point precision: cast chosen layers to fp16/bf16 with boundary casts.
+
+A *unit* is a top-most module that owns floating parameters or buffers itself (``Conv2d``,
+``Linear``, ``BatchNorm2d``, a Q/DQ layer ...); its children go with it. :func:`set_precision_`
+casts the named units to a low dtype and gives every unit a forward pre-hook that casts
+floating inputs to the unit's own dtype, so low- and full-precision units can follow each other
+in any order and the model still takes float32 inputs. Units without hooks in between (ReLU,
+pooling, residual additions) work in whatever dtype arrives; an addition of fp16 and fp32
+tensors promotes to fp32. The named ``output_fp32`` units also cast their output back to
+float32 (the model's last layer, so callers get float32 outputs).
+
+The change is recorded as ``"quant.lowp"`` so ``save_model``/``load_model`` rebuild it.
+
+Example:
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> set_precision_(net, ["0"], torch.float16)
+    >>> net(torch.randn(3, 8)).dtype, net[0].weight.dtype
+    (torch.float32, torch.float16)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.models.transforms import ARCH_TRANSFORMS
+
+TRANSFORM_NAME = "quant.lowp"
+"""Architecture transform recorded by :func:`set_precision_`."""
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_ATTR = "slimtorch_precision"
+
+
+def _cast_floating(args: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(
+        a.to(dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
+        else a
+        for a in args
+    )
+
+
+class InputCast:
+    """Forward pre-hook casting floating positional inputs to ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _cast_floating(args, self.dtype)
+
+
+class OutputCast:
+    """Forward hook casting a floating tensor output to float32."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return output.float()
+        return output
+
+
+def _owns_floats(module: nn.Module) -> bool:
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return any(t.is_floating_point() for t in tensors)
+
+
+def precision_units(model: nn.Module) -> dict[str, nn.Module]:
+    """Top-most submodules that own floating parameters/buffers, in registration order.
+
+    Example:
+        >>> list(precision_units(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())))
+        ['0', '1']
+    """
+    units: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(u + ".") for u in units) or (not name and _owns_floats(module)):
+            continue
+        if name and _owns_floats(module):
+            units[name] = module
+    return units
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Unit names in the order one forward pass on ``example`` calls them (eval mode).
+
+    Units that do not run are left out.
+
+    Example:
+        >>> execution_order(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(1, 4))
+        ['0', '1']
+    """
+    order: list[str] = []
+    handles = []
+    for name, unit in precision_units(model).items():
+
+        def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(unit.register_forward_pre_hook(pre))
+    was = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return order
+
+
+def layer_precisions(model: nn.Module) -> dict[str, str]:
+    """Unit name -> dtype name for a model changed by :func:`set_precision_` (else empty).
+
+    Example:
+        >>> layer_precisions(net)
+        {'0': 'float16', '2': 'float32'}
+    """
+    return {
+        n: getattr(m, _ATTR)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, _ATTR, None), str)
+    }
+
+
+def clear_precision_hooks_(module: nn.Module) -> None:
+    """Remove the boundary-cast hooks :func:`set_precision_` put on ``module`` (not a cast back)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, InputCast | OutputCast)]:
+            del hooks[key]
+    if hasattr(module, _ATTR):
+        delattr(module, _ATTR)
+
+
+def set_precision_(
+    model: nn.Module,
+    low: Sequence[str],
+    dtype: torch.dtype,
+    *,
+    output_fp32: Sequence[str] = (),
+    record: bool = True,
+) -> dict[str, Any]:
+    """Cast the units named in ``low`` to ``dtype`` and put boundary casts on every unit.
+
+    Args:
+        model: The model, changed in place.
+        low: Unit names (see :func:`precision_units`) to cast.
+        dtype: ``torch.float16`` or ``torch.bfloat16``.
+        output_fp32: Unit names whose output is cast back to float32 (usually the last layer
+            when it is cast).
+        record: Append the ``"quant.lowp"`` transform to ``model.slimtorch_arch``.
+
+    Returns:
+        The transform entry ``{"name": "quant.lowp", "params": {...}}``.
+
+    Raises:
+        ValueError: A name is not a unit, ``dtype`` is not fp16/bf16, or the model already
+            carries boundary casts.
+
+    Example:
+        >>> set_precision_(net, ["0"], torch.bfloat16)["params"]["dtype"]
+        'bfloat16'
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
+    if layer_precisions(model):
+        raise ValueError(
+            "the model already has per-layer precision casts; cast a fresh float32 model"
+        )
+    units = precision_units(model)
+    unknown = [n for n in list(low) + list(output_fp32) if n not in units]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))} are not precision units of {type(model).__name__}; "
+            f"units are the modules owning float parameters: {', '.join(list(units)[:6])}, ..."
+        )
+    low_set = set(low)
+    for name, unit in units.items():
+        target = dtype if name in low_set else torch.float32
+        if name in low_set:
+            unit.to(dtype)
+        unit.register_forward_pre_hook(InputCast(target))
+        setattr(unit, _ATTR, str(target).removeprefix("torch."))
+        if name in output_fp32:
+            unit.register_forward_hook(OutputCast())
+    entry = {
+        "name": TRANSFORM_NAME,
+        "params": {
+            "dtype": str(dtype).removeprefix("torch."),
+            "low": [n for n in units if n in low_set],
+            "output_fp32": list(output_fp32),
+        },
+    }
+    arch = getattr(model, "slimtorch_arch", None)
+    if record and isinstance(arch, dict):
+        arch.setdefault("transforms", []).append(entry)
+    return entry
+
+
+def _replay(model: nn.Module, params: dict[str, Any]) -> None:
+    dtype = getattr(torch, str(params["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {params['dtype']!r} in {TRANSFORM_NAME} record")
+    set_precision_(
+        model, params["low"], dtype, output_fp32=params.get("output_fp32", []), record=False
+    )
+
+
+if TRANSFORM_NAME not in ARCH_TRANSFORMS:
+    ARCH_TRANSFORMS.add(TRANSFORM_NAME, _replay)

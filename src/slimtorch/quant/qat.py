@@ -1,0 +1,310 @@
+"""Quantization-aware training with LSQ, as a Trainer callback, and conversion to int8 Q/DQ.
+
+:func:`prepare_qat_` swaps the targeted ``Conv2d``/``Linear`` layers for LSQ fake-quant layers
+(:mod:`slimtorch.quant.lsq`, Esser et al. 2020, arXiv:1902.08153); :class:`QATCallback` runs the
+phases during :meth:`Trainer.fit` (it prepares the model itself when given an unprepared one);
+:func:`~slimtorch.quant.qat_convert.convert_qat_` turns the trained model into the same int8
+Q/DQ model that post-training quantization produces (:func:`slimtorch.quant.to_qdq_`;
+integer-arithmetic inference as in Jacob et al. 2018, arXiv:1712.05877), with the learned weight
+steps as per-channel weight scales and the learned activation steps as input scales.
+
+Batch norm: folded *before* QAT (``QATConfig.fold_bn=True``, the default) with
+:func:`slimtorch.quant.fold.fold_bn_`, rather than simulated during training as Jacob et al. do
+(a second convolution per layer to get batch statistics, then a correction of the folded
+weights). Reasons: QAT here fine-tunes an already trained model for a few epochs, where batch
+statistics add little; the weights being fake-quantized are then exactly the weights the int8
+runtime stores, so the converted model matches the trained one; and each step costs one
+convolution instead of two. Training without batch norm is less forgiving of large learning
+rates: fine-tune with a small one (about 1/10 to 1/100 of the original). With
+``fold_bn=False`` the batch norms stay, train on, and are frozen (eval mode, running statistics
+fixed) from epoch ``freeze_bn_epoch`` on; :func:`convert_qat_` then folds them before converting
+(the fold changes the scales the weights were trained with, so expect a small mismatch).
+
+Example:
+    >>> cfg = QATConfig(weight_bits=4, act_bits=8)
+    >>> prepare_qat_(model, cfg)
+    >>> Trainer(model, TrainConfig(epochs=3, lr=0.005), callbacks=[QATCallback(cfg)]).fit(loader)
+    >>> report = convert_qat_(model)  # int8 Q/DQ layers, same path as PTQ
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.config import Config, check_choice
+from slimtorch.models.transforms import ARCH_TRANSFORMS
+from slimtorch.quant.fold import FoldReport, fold_bn_
+from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
+from slimtorch.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from slimtorch.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+TRANSFORM_NAME = "quant.lsq"
+"""Architecture transform recorded by :func:`prepare_qat_` (removed again by convert)."""
+
+_LSQ = (LSQConv2d, LSQLinear)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QATConfig(Config):
+    """How to run LSQ quantization-aware training.
+
+    Attributes:
+        weight_bits: Weight bits, 8 or 4 (signed, per output channel).
+        act_bits: Input-activation bits, 8 or 4; ``None`` quantizes weights only.
+        include: Globs of Conv2d/Linear names to quantize (``None``: all).
+        exclude: Globs of names to keep in float.
+        fold_bn: Fold Conv2d+BatchNorm2d pairs before QAT (see the module docstring).
+        freeze_bn_epoch: With ``fold_bn=False``, epoch (0-based) from which batch norms stop
+            updating their running statistics; ``None`` never.
+        weight_init: ``"lsq"`` (paper) or ``"minmax"`` initial weight steps.
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    fold_bn: bool = True
+    freeze_bn_epoch: int | None = None
+    weight_init: str = "lsq"
+
+    def __post_init__(self) -> None:
+        check_choice(self, "weight_bits", self.weight_bits, (4, 8))
+        check_choice(self, "act_bits", self.act_bits, (4, 8, None))
+        for field in ("include", "exclude"):
+            value = getattr(self, field)
+            if value is None and field == "include":
+                continue
+            if isinstance(value, str) or not isinstance(value, tuple | list):
+                raise ValueError(
+                    f"QATConfig.{field} must be a tuple of glob strings, got {value!r}"
+                )
+            if not all(isinstance(p, str) for p in value):
+                raise ValueError(f"QATConfig.{field} must hold strings only, got {value!r}")
+            object.__setattr__(self, field, tuple(value))
+        if not isinstance(self.fold_bn, bool):
+            raise ValueError(f"QATConfig.fold_bn must be True or False, got {self.fold_bn!r}")
+        if self.freeze_bn_epoch is not None and (
+            isinstance(self.freeze_bn_epoch, bool)
+            or not isinstance(self.freeze_bn_epoch, int)
+            or self.freeze_bn_epoch < 0
+        ):
+            raise ValueError(
+                f"QATConfig.freeze_bn_epoch must be None or an int >= 0, got "
+                f"{self.freeze_bn_epoch!r}"
+            )
+        check_choice(self, "weight_init", self.weight_init, WEIGHT_INITS)
+
+
+@dataclasses.dataclass
+class QATReport:
+    """What :func:`prepare_qat_` did: the fold report and the layers given fake quantizers."""
+
+    config: dict[str, Any]
+    layers: list[str]
+    skipped: dict[str, str]
+    fold: FoldReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "method": "qat",
+            "config": self.config,
+            "layers": list(self.layers),
+            "skipped": dict(self.skipped),
+            "fold": None if self.fold is None else self.fold.to_dict(),
+        }
+
+    def to_table(self) -> str:
+        """One line per layer: fake-quantized or skipped (with the reason)."""
+        bits = f"W{self.config.get('weight_bits')}A{self.config.get('act_bits')}"
+        lines = [f"{'layer':<32} action"]
+        lines += [f"{name:<32} lsq {bits}" for name in self.layers]
+        lines += [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()]
+        if self.fold is not None:
+            lines.append(f"batch norms folded: {len(self.fold.folded)}")
+        return "\n".join(lines)
+
+
+def _selected(name: str, config: QATConfig) -> bool:
+    if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+
+def qat_layers(model: nn.Module) -> dict[str, LSQConv2d | LSQLinear]:
+    """The LSQ fake-quant layers of ``model`` by dotted name.
+
+    Example:
+        >>> sorted(qat_layers(model))[:2]
+        ['conv1', 'fc']
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LSQ)}
+
+
+def _swap(model: nn.Module, config: QATConfig) -> tuple[list[str], dict[str, str]]:
+    layers: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if not name or not _selected(name, config) or isinstance(module, _LSQ):
+            continue
+        new: nn.Module
+        kw: dict[str, Any] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
+        if type(module) is nn.Conv2d:
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                skipped[name] = "non-zero or string padding has no Q/DQ int8 equivalent; kept float"
+                continue
+            new = LSQConv2d.from_float(module, weight_init=config.weight_init, **kw)
+        elif type(module) is nn.Linear:
+            new = LSQLinear.from_float(module, weight_init=config.weight_init, **kw)
+        else:
+            continue
+        if not bool(torch.isfinite(module.weight).all()):
+            skipped[name] = "weight holds NaN/Inf; fix the layer first"
+            continue
+        model.set_submodule(name, new)
+        layers.append(name)
+    return layers, skipped
+
+
+def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
+    """Fold batch norms (when configured) and swap targeted layers for LSQ fake-quant layers.
+
+    Call it before building the :class:`~slimtorch.train.Trainer` (the optimiser must see the
+    new step-size parameters), or let :class:`QATCallback` do it on fit start. Weights keep
+    their parameter objects; activation steps are initialised by the first batch that runs.
+    The change is recorded (``"quant.lsq"``) so a QAT checkpoint saved with ``save_model``
+    loads back with its quantizers.
+
+    Args:
+        model: A trained float model, changed in place.
+        config: The :class:`QATConfig`.
+
+    Returns:
+        A :class:`QATReport`.
+
+    Raises:
+        TypeError: ``config`` is not a ``QATConfig``.
+        ValueError: The model is already prepared, or ``include`` matches no layer.
+
+    Example:
+        >>> model = create_model("resnet20", in_channels=1, input_size=28).eval()
+        >>> len(prepare_qat_(model, QATConfig(weight_bits=4)).layers)
+        22
+    """
+    if not isinstance(config, QATConfig):
+        raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if qat_layers(model):
+        raise ValueError(
+            "the model already holds LSQ fake-quant layers; prepare it once, or call "
+            "convert_qat_ first"
+        )
+    fold = fold_bn_(model) if config.fold_bn else None
+    layers, skipped = _swap(model, config)
+    if config.include is not None and not layers:
+        raise ValueError(
+            f"QATConfig.include={config.include!r} matches no Conv2d/Linear layer of "
+            f"{type(model).__name__}; check the dotted names with model.named_modules()"
+        )
+    arch = getattr(model, "slimtorch_arch", None)
+    if layers and isinstance(arch, dict):
+        params = {"config": config.to_dict(), "layers": layers}
+        arch.setdefault("transforms", []).append({"name": TRANSFORM_NAME, "params": params})
+    for name, reason in skipped.items():
+        logger.warning("prepare_qat_: %s skipped: %s", name, reason)
+    logger.info("prepare_qat_: %d layer(s) get LSQ fake quantization", len(layers))
+    return QATReport(
+        config={"type": "QATConfig", **config.to_dict()}, layers=layers, skipped=skipped, fold=fold
+    )
+
+
+def _replay_lsq(model: nn.Module, params: dict[str, Any]) -> None:
+    config = QATConfig.from_dict(params["config"])
+    layers = params["layers"]
+    for name in layers:
+        module = model.get_submodule(name)
+        kw: dict[str, Any] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
+        if type(module) is nn.Conv2d:
+            model.set_submodule(name, LSQConv2d.from_float(module, **kw))
+        elif type(module) is nn.Linear:
+            model.set_submodule(name, LSQLinear.from_float(module, **kw))
+        else:
+            raise ValueError(f"{name!r} is a {type(module).__name__}, expected Conv2d/Linear")
+
+
+if TRANSFORM_NAME not in ARCH_TRANSFORMS:
+    ARCH_TRANSFORMS.add(TRANSFORM_NAME, _replay_lsq)
+
+
+class QATCallback(Callback):
+    """Runs LSQ quantization-aware training inside :meth:`Trainer.fit`.
+
+    In the Trainer's ``setup`` hook (before the optimiser is built, the model is wrapped for
+    DDP and a checkpoint is resumed) an unprepared model is prepared with :func:`prepare_qat_`,
+    so the step sizes train and resume like any parameter. After the first batch under DDP,
+    activation steps (initialised from each rank's own batch) are averaged over ranks. With
+    ``fold_bn=False`` batch norms are frozen from ``freeze_bn_epoch`` on.
+
+    Args:
+        config: The :class:`QATConfig` (the same one given to :func:`prepare_qat_`).
+
+    Example:
+        >>> cfg = QATConfig(weight_bits=4, act_bits=8)
+        >>> trainer = Trainer(model, TrainConfig(epochs=2, lr=0.01), callbacks=[QATCallback(cfg)])
+        >>> trainer.fit(train_loader, val_loader)
+    """
+
+    def __init__(self, config: QATConfig) -> None:
+        if not isinstance(config, QATConfig):
+            raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
+        self.config = config
+        self.synced = False
+        self.report: QATReport | None = None
+
+    def setup(self, trainer: Trainer) -> None:
+        """Swap in the LSQ layers before the optimiser, DDP and a resumed checkpoint see them."""
+        model = trainer.model
+        if qat_layers(model):
+            return
+        self.report = prepare_qat_(model, self.config)
+        logger.info("QATCallback prepared %d layer(s)", len(self.report.layers))
+
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        epoch = self.config.freeze_bn_epoch
+        if self.config.fold_bn or epoch is None or trainer.epoch < epoch:
+            return
+        for m in trainer.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: torch.Tensor, loss: torch.Tensor, batch_idx: int
+    ) -> None:
+        if self.synced:
+            return
+        self.synced = True
+        if not trainer.is_distributed:
+            return
+        from slimtorch.train.distributed import all_reduce_sum, get_world_size
+
+        with torch.no_grad():
+            for m in trainer.model.modules():
+                if isinstance(m, LSQActQuantizer):
+                    m.step.copy_(all_reduce_sum(m.step.detach().clone()) / get_world_size())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"synced": self.synced}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.synced = bool(state.get("synced", False))

@@ -1,0 +1,162 @@
+"""Conversion of a trained LSQ model into int8 Q/DQ layers: the same runtime path as PTQ.
+
+The learned per-channel weight steps become the weight scales and the learned activation steps
+the input scales of :func:`slimtorch.quant.to_qdq_` (integer-arithmetic inference as in Jacob et
+al. 2018, arXiv:1712.05877). Quantizing a weight ``w`` with scale ``s`` in the Q/DQ layer is the
+same ``clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) * s`` the LSQ layer computed, so outputs agree
+up to float rounding (which can flip an occasional activation level in deep networks).
+
+Example:
+    >>> report = convert_qat_(model)
+    >>> {r.mode for r in report.rows}
+    {'static'}
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import SlimtorchError
+from slimtorch.quant.fold import FoldReport, find_conv_bn_pairs, fold_bn_
+from slimtorch.quant.qat import TRANSFORM_NAME, qat_layers
+
+if TYPE_CHECKING:
+    from slimtorch.quant.convert import QuantReport
+
+
+def qat_qparams(model: nn.Module) -> dict[str, Any]:
+    """:class:`~slimtorch.quant.qdq.LayerQParams` of every LSQ layer, from its learned steps.
+
+    Raises:
+        SlimtorchError: An activation quantizer never saw data (run a batch first) or a step
+            is not finite and positive.
+
+    Example:
+        >>> qat_qparams(model)["fc"].input_dtype
+        'uint8'
+    """
+    from slimtorch.quant.qdq import LayerQParams
+
+    out: dict[str, Any] = {}
+    for name, layer in qat_layers(model).items():
+        w_step = layer.weight_quant.step.detach().float().clamp_min(1e-8).cpu()
+        if not bool(torch.isfinite(w_step).all()):
+            raise SlimtorchError(
+                f"{name}: learned weight steps hold NaN/Inf; training diverged: lower the "
+                "learning rate and train again"
+            )
+        aq = layer.input_quant
+        in_scale = None
+        in_dtype = "uint8"
+        if aq is not None:
+            if not bool(aq.initialized):
+                raise SlimtorchError(
+                    f"{name}: the activation quantizer never saw data, so its step is unset; "
+                    "run at least one batch through the model (train or eval) before converting"
+                )
+            in_scale = float(aq.step.detach().clamp_min(1e-8))
+            if not torch.isfinite(torch.tensor(in_scale)):
+                raise SlimtorchError(f"{name}: learned activation step is not finite")
+            in_dtype = "int8" if bool(aq.signed) else "uint8"
+        out[name] = LayerQParams(
+            weight_scale=w_step,
+            weight_bits=layer.weight_quant.bits,
+            input_scale=in_scale,
+            input_zero_point=0,
+            input_dtype=in_dtype,
+        )
+    return out
+
+
+def _fold_remaining_bn(model: nn.Module, qparams: dict[str, Any]) -> FoldReport | None:
+    """Fold batch norms still in ``model``; rescale the folded convs' weight scales to match."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    factors: dict[str, torch.Tensor] = {}
+    for conv_name, bn_name in find_conv_bn_pairs(model):
+        bn = model.get_submodule(bn_name)
+        assert isinstance(bn, nn.BatchNorm2d)
+        if bn.running_var is None:
+            continue
+        gamma = torch.ones_like(bn.running_var) if bn.weight is None else bn.weight.detach()
+        factors[conv_name] = (gamma / torch.sqrt(bn.running_var + bn.eps)).abs().float().cpu()
+    fold = fold_bn_(model)
+    for row in fold.folded:
+        if row.conv in qparams:
+            qp = qparams[row.conv]
+            qp.weight_scale = (qp.weight_scale * factors[row.conv]).clamp_min(1e-12)
+    return fold
+
+
+def convert_qat_(model: nn.Module, *, widen_4bit_activations: bool = False) -> QuantReport:
+    """Convert a QAT model's LSQ layers into int8 Q/DQ layers (the PTQ runtime path), in place.
+
+    Weight scales are the learned per-channel weight steps, input scales the learned
+    activation steps (zero point 0; ``uint8`` for unsigned, ``int8`` for signed inputs). The
+    converted layers compute what the fake-quant layers computed, up to float rounding. Batch
+    norms left by ``fold_bn=False`` are folded first. The model is unchanged when anything
+    fails.
+
+    4-bit activations have no Q/DQ runtime form (its inputs are 8-bit): converting them is
+    refused unless ``widen_4bit_activations=True``, which keeps the learned step on an 8-bit
+    grid (values beyond the 4-bit range are no longer clipped, so outputs drift; a warning
+    says so).
+
+    Args:
+        model: A model prepared with :func:`prepare_qat_` (and trained), changed in place.
+        widen_4bit_activations: Accept 4-bit activation quantizers (see above).
+
+    Returns:
+        The :class:`~slimtorch.quant.convert.QuantReport` of :func:`~slimtorch.quant.to_qdq_`,
+        with ``method="qat"``.
+
+    Raises:
+        ValueError: The model has no LSQ layers, or has 4-bit activations without
+            ``widen_4bit_activations``.
+        SlimtorchError: A quantizer is uninitialised or a learned step is not finite.
+
+    Example:
+        >>> report = convert_qat_(model)
+        >>> {r.mode for r in report.rows}
+        {'static'}
+    """
+    from slimtorch.quant.convert import to_qdq_
+
+    if not qat_layers(model):
+        raise ValueError(
+            "the model has no LSQ fake-quant layers; prepare_qat_ and train it first (or use "
+            "post-training quantization for a float model)"
+        )
+    work = copy.deepcopy(model)
+    layers = qat_layers(work)
+    qparams = qat_qparams(work)
+    narrow = [n for n, m in layers.items() if m.input_quant is not None and m.input_quant.bits < 8]
+    if narrow and not widen_4bit_activations:
+        raise ValueError(
+            f"{len(narrow)} layer(s) ({', '.join(narrow[:4])}...) quantize inputs to 4 bits, "
+            "which the int8 Q/DQ runtime cannot represent; train with act_bits=8 for a "
+            "deployable model, or pass widen_4bit_activations=True to accept an 8-bit grid"
+        )
+    if narrow:
+        warnings.warn(
+            "4-bit activations convert to 8-bit Q/DQ inputs with the learned step: values "
+            "beyond the 4-bit range are no longer clipped, so outputs may differ slightly",
+            stacklevel=2,
+        )
+    for name, layer in layers.items():
+        work.set_submodule(name, layer.to_float().train(layer.training))
+    arch = getattr(work, "slimtorch_arch", None)
+    if isinstance(arch, dict):
+        kept = [t for t in arch.get("transforms", []) if t.get("name") != TRANSFORM_NAME]
+        arch["transforms"] = kept
+    fold = _fold_remaining_bn(work, qparams)
+    report = to_qdq_(work, qparams, method="qat")
+    if fold is not None:
+        report.info["fold_bn"] = fold.to_dict()
+    model.__dict__.update(work.__dict__)  # commit: the model now is the converted copy
+    return report

@@ -1,0 +1,200 @@
+"""Int8 runtimes: x86 CPUs through inductor + oneDNN, CUDA through torchao, and kernel checks.
+
+**x86 (PyTorch path).** :func:`compile_int8_x86` compiles a Q/DQ model with ``torch.compile``
+and inductor *freezing*. Freezing turns the int8 weights into constants, and torchao's X86
+inductor passes (registered by importing ``torchao.quantization.pt2e.quantizer.
+x86_inductor_quantizer``; torch >= 2.10 no longer registers them itself) rewrite each
+``dequantize_per_tensor -> conv/linear(dequantize_per_channel(int8 weight))`` pattern into
+oneDNN ``onednn.qconv_pointwise`` / ``onednn.qlinear_pointwise`` calls with prepacked int8
+weights, fusing a following ReLU and output ``quantize_per_tensor``. oneDNN uses AVX512-VNNI
+or AMX-INT8 where the CPU has them (``lscpu`` flags ``avx512_vnni``, ``amx_int8``). Freezing
+must be on while dynamo traces (``torch._inductor.config.freezing``; the ``options=`` argument
+of ``torch.compile`` is too late for it), so the compiled callable turns it on around every call.
+:func:`int8_kernels` reads the generated code to say which oneDNN int8 kernels ran.
+
+**CUDA.** :func:`torchao_cuda_` applies torchao's int8 weight-only or dynamic-activation
+configs to the float ``nn.Linear`` layers (torchao has CUDA int8 kernels for linear layers
+only: ``torch._int_mm`` and its weight-only mm; convolutions stay in float).
+
+Example:
+    >>> quantize_(model, PTQConfig(mode="static"), calibration=batches)
+    >>> fast = compile_int8_x86(model, example_input=batches[0])
+    >>> fast(batches[0]).shape
+    torch.Size([32, 10])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_KERNEL_RE = re.compile(r"torch\.ops\.onednn\.(q\w+pointwise)")
+
+
+def cpu_int8_support() -> dict[str, Any]:
+    """What this CPU offers for int8: ISA flags, oneDNN availability and PyTorch's CPU level.
+
+    Example:
+        >>> cpu_int8_support()["onednn"]
+        True
+    """
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {
+        "onednn": bool(torch.backends.mkldnn.is_available()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
+    }
+
+
+def _register_x86_passes() -> None:
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - torchao is a dependency
+        raise ImportError(
+            f"the x86 int8 path needs torchao ({exc}); install it with `pip install torchao`"
+        ) from None
+
+
+class CompiledInt8(nn.Module):
+    """A model compiled by :func:`compile_int8_x86`; call it like the model (no grad).
+
+    Attributes:
+        model: The eager model it wraps (its weights are frozen into the compiled code).
+    """
+
+    def __init__(self, model: nn.Module, compiled: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._compiled = compiled
+
+    def forward(self, *args: Any) -> Any:
+        from torch._inductor import config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self._compiled(*args)
+
+
+def compile_int8_x86(
+    model: nn.Module, example_input: torch.Tensor | None = None, *, dynamic: bool = False
+) -> CompiledInt8:
+    """Compile a (Q/DQ or float) model for the CPU with inductor freezing.
+
+    Q/DQ layers become oneDNN int8 kernels; float layers get inductor's fp32 lowering (so
+    compiling the float model this way is the fair fp32 baseline). The model is copied and put
+    in eval mode; weights are frozen at the first call (later changes to ``model`` are not
+    seen). Each new input shape compiles again unless ``dynamic``.
+
+    Args:
+        model: The model, on the CPU.
+        example_input: If given, run once to compile now (takes seconds).
+        dynamic: Compile for dynamic shapes.
+
+    Returns:
+        A :class:`CompiledInt8` module.
+
+    Raises:
+        ValueError: The model is not on the CPU.
+
+    Example:
+        >>> fast = compile_int8_x86(qdq_model, torch.randn(1, 1, 28, 28))
+        >>> int8_kernels(qdq_model, torch.randn(1, 1, 28, 28))
+        {'qconv_pointwise': 21, 'qlinear_pointwise': 1}
+    """
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"compile_int8_x86 targets x86 CPUs but the model is on {t.device}; move it "
+                "with model.cpu() (on CUDA use torchao_cuda_)"
+            )
+        break
+    _register_x86_passes()
+    work = copy.deepcopy(model).eval()
+    compiled = CompiledInt8(work, torch.compile(work, dynamic=dynamic))
+    if example_input is not None:
+        compiled(example_input)
+    return compiled
+
+
+def int8_kernels(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Compile ``model`` for the CPU and count the oneDNN int8 kernels in the generated code.
+
+    Uses a fresh compile (dynamo caches are reset) and reads inductor's output code.
+
+    Returns:
+        Kernel name -> number of calls in the compiled forward, e.g.
+        ``{"qconv_pointwise": 21, "qlinear_pointwise": 1}`` (empty: no int8 kernel runs).
+
+    Example:
+        >>> int8_kernels(float_model, x)
+        {}
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    _register_x86_passes()
+    torch._dynamo.reset()
+    fast = compile_int8_x86(model)
+    _, codes = run_and_get_code(fast, example_input)
+    counts: dict[str, int] = {}
+    for code in codes:
+        for name in _KERNEL_RE.findall(code):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def torchao_cuda_(model: nn.Module, mode: str = "dynamic") -> list[str]:
+    """Quantize the ``nn.Linear`` layers of a CUDA model with torchao's int8 kernels, in place.
+
+    ``"weight_only"`` uses ``Int8WeightOnlyConfig`` (int8 weights, float activations, a
+    weight-only int8 mm); ``"dynamic"`` uses ``Int8DynamicActivationInt8WeightConfig``
+    (per-token int8 activations, ``torch._int_mm``). Convolutions have no torchao int8 CUDA
+    kernel and stay in float. This path is runtime-only: save the Q/DQ model instead.
+
+    Returns:
+        The names of the Linear layers torchao changed.
+
+    Raises:
+        ValueError: ``mode`` is unknown or the model is not on CUDA.
+
+    Example:
+        >>> torchao_cuda_(model.cuda().half(), mode="weight_only")
+        ['fc']
+    """
+    if mode not in ("weight_only", "dynamic"):
+        raise ValueError(f"mode must be 'weight_only' or 'dynamic', got {mode!r}")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cuda"}:
+        raise ValueError(
+            f"torchao_cuda_ needs a model on CUDA, got parameters on {sorted(devices)}; move "
+            "it with model.cuda() (on x86 CPUs use compile_int8_x86)"
+        )
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    cfg = (
+        Int8WeightOnlyConfig() if mode == "weight_only" else Int8DynamicActivationInt8WeightConfig()
+    )
+    quantize_(model, cfg)
+    logger.info("torchao %s int8 on %d Linear layer(s)", mode, len(names))
+    return names

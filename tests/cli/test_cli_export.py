@@ -1,0 +1,64 @@
+"""CLI: ``slimtorch export`` writes ONNX (fp32, fp16, int8 Q/DQ) and torch.export programs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimtorch.cli.main import main
+from slimtorch.pipeline import compress_run
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    cfg = TrainConfig(epochs=3, lr=0.05, progress=False)
+    train_classifier(
+        model="lenet5", dataset="digits", out_dir=root / "base", train_config=cfg, batch_size=64
+    )
+    compress_run(
+        in_dir=root / "base",
+        out_dir=root / "ptq",
+        method="ptq",
+        method_options={"mode": "static", "calibration_batches": 4},
+        profile_batch=4,
+        profiles=(),
+        threads=1,
+    )
+    return root / "base", root / "ptq"
+
+
+def _export(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    capsys.readouterr()
+    assert main(["export", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_export_float_int8_and_pt2(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, ptq = models
+    fp32 = _export(capsys, "--in", str(base), "--out", str(tmp_path / "a.onnx"))
+    assert fp32["max_abs_diff"] < 1e-3 and not fp32["int8_ops"]
+    fp16 = _export(capsys, "--in", str(base), "--out", str(tmp_path / "h.onnx"), "--dtype", "fp16")
+    assert fp16["bytes"] < 0.6 * fp32["bytes"]  # type: ignore[operator]
+    int8 = _export(capsys, "--in", str(ptq), "--out", str(tmp_path / "q.onnx"))
+    assert int8["int8_ops"] and int8["bytes"] < fp32["bytes"]  # type: ignore[operator]
+    pt2 = _export(capsys, "--in", str(base), "--format", "pt2", "--out", str(tmp_path / "m.pt2"))
+    assert pt2["max_abs_diff"] < 1e-5
+
+
+def test_export_errors(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = models[0]
+    out = str(tmp_path / "x.pt2")
+    assert (
+        main(["export", "--in", str(base), "--format", "pt2", "--dtype", "fp16", "--out", out]) == 2
+    )
+    assert "--dtype applies to --format onnx only" in capsys.readouterr().err
+    assert main(["export", "--in", str(tmp_path / "none"), "--out", out]) == 2

@@ -1,0 +1,68 @@
+"""compress_run with the quantization methods: int8/cast models that reload and keep accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.models import load_model
+from slimtorch.pipeline import compress_run
+from slimtorch.quant import QDQConv2d, QDQLinear
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base")
+    cfg = TrainConfig(epochs=8, lr=0.05, progress=False)
+    run = train_classifier(
+        model="lenet5", dataset="digits", out_dir=out, train_config=cfg, batch_size=64
+    )
+    assert run.test_metrics["accuracy"] > 0.9
+    return out
+
+
+def _run(trained: Path, out: Path, method: str, options: dict[str, object]) -> dict[str, object]:
+    res = compress_run(
+        in_dir=trained,
+        out_dir=out,
+        method=method,
+        method_options=options,
+        finetune=TrainConfig(epochs=2, lr=0.01, progress=False),
+        batch_size=64,
+        profile_batch=8,
+        threads=1,
+    )
+    model, _ = load_model(out / "model")  # reloads without calibration data
+    x = torch.randn(4, 1, 8, 8)
+    res.model.eval()
+    torch.testing.assert_close(model(x), res.model(x))
+    return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+def test_int8_methods_keep_accuracy_and_shrink(trained: Path, tmp_path: Path, method: str) -> None:
+    options = {"mode": "static"} if method == "ptq" else {"weight_bits": 8, "act_bits": 8}
+    report = _run(trained, tmp_path / method, method, options)
+    acc = report["accuracy"]
+    assert acc["after_finetune"] >= acc["before"] - 0.02
+    assert report["after"]["size_bytes"] < report["before"]["size_bytes"] / 3
+    assert (report["history"] is None) == (method == "ptq")  # PTQ is never fine-tuned
+    model, _ = load_model(tmp_path / method / "model")
+    assert any(isinstance(m, QDQConv2d | QDQLinear) for m in model.modules())
+
+
+def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
+    report = _run(trained, tmp_path / "fp16", "fp16", {"profile": "rx580"})
+    assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]
+    assert report["history"] is None
+    mixed = _run(trained, tmp_path / "mixed", "mixed", {"size_ratio": 4.0})
+    assert mixed["accuracy"]["after_finetune"] >= mixed["accuracy"]["before"] - 0.03
+    with pytest.raises(ValueError, match="size_ratio"):
+        compress_run(
+            in_dir=trained, out_dir=None, method="mixed", method_options={"size_ratio": -1}
+        )

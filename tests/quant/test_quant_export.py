@@ -1,0 +1,111 @@
+"""ONNX export (fp32, fp16, int8 Q/DQ) checked against PyTorch in ONNX Runtime; int8 kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.ptq import PTQConfig, quantize_
+
+
+class _Res(nn.Module):
+    """A conv stem, one residual block and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu0(self.conv0(x))
+        x = self.relu1(self.bn1(self.conv1(x)) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    m = _Res()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.1, 0.1)
+        m.bn1.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_fp32_and_int8_qdq_match_pytorch(tmp_path) -> None:
+    model = _model()
+    x = torch.randn(32, 1, 10, 10, generator=torch.Generator().manual_seed(2))
+    fp32 = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    ref = model(x).detach()
+    assert compare_onnx(model, fp32, x) <= 1e-4 + 1e-5 * float(ref.abs().max())
+    qmodel = copy.deepcopy(model)
+    quantize_(qmodel, PTQConfig(mode="static"), calibration=[x])
+    int8 = export_onnx(qmodel, tmp_path / "q.onnx", x[:1])
+    with torch.no_grad():
+        qref = qmodel(x)
+    got = run_onnx(ort_session(int8, threads=1), x)
+    assert float((got - qref).abs().max()) <= 0.05 * float(qref.abs().max())
+    assert float((got.argmax(1) == qref.argmax(1)).float().mean()) >= 0.9
+    ops = ort_int8_ops(int8)
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("QLinearAdd", 0) == 1
+    assert ort_int8_ops(fp32) == {}
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporary file
+
+
+def test_fp16_export_and_errors(tmp_path) -> None:
+    model = _model()
+    x = torch.randn(4, 1, 10, 10)
+    fp16 = export_onnx(model, tmp_path / "h.onnx", x, dtype="fp16", dynamic_batch=False)
+    assert ort_session(fp16).get_inputs()[0].type == "tensor(float16)"
+    ref = model.half()(x.half()).float()
+    assert compare_onnx(model, fp16, x) <= 1e-2 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="dtype must be"):
+        export_onnx(model, tmp_path / "x.onnx", x, dtype="int4")
+    qmodel = _model()
+    quantize_(qmodel, PTQConfig(mode="weight_only"))
+    with pytest.raises(ValueError, match="fp16 export of an int8"):
+        export_onnx(qmodel, tmp_path / "x.onnx", x, dtype="fp16")
+    dyn = _model()
+    quantize_(dyn, PTQConfig(mode="dynamic"))
+    with pytest.raises(ValueError, match="dynamic-quantization"):
+        export_onnx(dyn, tmp_path / "x.onnx", x)
+
+
+@pytest.mark.slow
+def test_x86_compile_runs_onednn_int8_kernels() -> None:
+    from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_kernels
+
+    if not cpu_int8_support()["onednn"]:
+        pytest.skip("no oneDNN in this PyTorch build")
+    model = _model()
+    x = torch.randn(8, 1, 10, 10)
+    quantize_(model, PTQConfig(mode="static"), calibration=[x])
+    kernels = int8_kernels(model, x)
+    assert kernels.get("qconv_pointwise", 0) == 2 and kernels.get("qlinear_pointwise", 0) == 1
+    fast = compile_int8_x86(model, x)
+    torch.testing.assert_close(fast(x), model(x).detach(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.gpu
+def test_torchao_cuda_linear_int8() -> None:
+    from slimtorch.quant.runtime import torchao_cuda_
+
+    if not torch.cuda.is_available():
+        pytest.fail("gpu-marked test needs CUDA")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).cuda().bfloat16()
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    ref = model(x).float()
+    for mode in ("weight_only", "dynamic"):
+        m = copy.deepcopy(model)
+        assert torchao_cuda_(m, mode) == ["0", "2"]
+        out = m(x).float()
+        assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max()) + 0.05

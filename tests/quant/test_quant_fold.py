@@ -1,0 +1,120 @@
+"""Batch-norm folding: exact in eval mode, recorded for save/load, skips with reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.models import create_model, load_model, save_model
+from slimtorch.quant.fold import find_conv_bn_pairs, fold_bn_, fold_conv_bn
+
+
+def _with_bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def test_fold_conv_bn_matches_reference_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    b = torch.randn(4, generator=g)
+    mean, var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.1
+    gamma, beta = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    wf, bf = fold_conv_bn(w, b, mean, var, gamma, beta, 1e-5)
+    conv = nn.Conv2d(3, 4, 3)
+    bn = nn.BatchNorm2d(4, eps=1e-5).eval()
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(beta)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    torch.testing.assert_close(nn.functional.conv2d(x, wf, bf), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="running_mean"):
+        fold_conv_bn(w, b, mean[:3], var, gamma, beta, 1e-5)
+
+
+@pytest.mark.parametrize(("name", "pairs"), [("resnet20", 21), ("vgg11-bn", 8)])
+def test_fold_bn_is_exact_on_zoo_models(name: str, pairs: int) -> None:
+    x = torch.randn(8, 1, 16, 16)
+    model = _with_bn_stats(create_model(name, num_classes=10, in_channels=1, input_size=16), x)
+    with torch.no_grad():
+        before = model(x)
+    report = fold_bn_(model)
+    assert len(report.folded) == pairs == len(report.rows)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert model.slimtorch_arch["transforms"][-1]["name"] == "quant.fold_bn"
+
+
+def test_folded_model_round_trips_through_save_load(tmp_path: Path) -> None:
+    x = torch.randn(4, 1, 8, 8)
+    model = _with_bn_stats(create_model("resnet20", num_classes=3, in_channels=1, input_size=8), x)
+    fold_bn_(model, include=["layer1.*"])
+    assert isinstance(model.bn1, nn.BatchNorm2d)  # not included: kept
+    assert isinstance(model.layer1[0].bn1, nn.Identity)
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.0], std=[1.0],
+               class_names=["a", "b", "c"])  # fmt: skip
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_pairs_skip_with_reasons_and_strict_raises() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    report = fold_bn_(net)
+    assert report.rows[0].action == "skipped"
+    assert "running statistics" in (report.rows[0].reason or "")
+    assert isinstance(net[1], nn.BatchNorm2d)  # untouched
+    with pytest.raises(TransformSkipError, match="running statistics"):
+        fold_bn_(net, strict=True)
+
+
+def test_conv_output_read_twice_is_not_a_pair() -> None:
+    class TwoReaders(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    assert find_conv_bn_pairs(TwoReaders()) == []
+
+
+def test_untraceable_model_is_reported_not_folded() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                x = -x
+            return self.bn(self.conv(x))
+
+    net = Branchy()
+    report = fold_bn_(net)
+    assert report.rows == [] and "torch.fx" in (report.reason or "")
+    with pytest.raises(TransformSkipError, match=r"torch\.fx"):
+        fold_bn_(net, strict=True)

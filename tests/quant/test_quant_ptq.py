@@ -1,0 +1,158 @@
+"""quantize_: modes, bad input (model untouched), residual handling, real Fashion-MNIST data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.errors import TransformSkipError
+from slimtorch.models import create_model
+from slimtorch.quant import QDQConv2d, QDQLinear
+from slimtorch.quant.convert import QDQAct
+from slimtorch.quant.observers import CalibrationError
+from slimtorch.quant.ptq import PTQConfig, quantize_, residual_points
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+
+
+def _batches(n: int = 4, shape: tuple[int, ...] = (16, 1, 12, 12)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (
+        sa.keys() == sb.keys()
+        and all(torch.equal(sa[k], sb[k]) for k in sa)
+        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    )
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic", "static"])
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_modes_quantize_every_layer(mode: str, observer: str) -> None:
+    if mode != "static" and observer != "minmax":
+        pytest.skip("the observer only matters for static activations")
+    model, ref = _cnn(), _cnn()
+    x = _batches(1)[0]
+    cfg = PTQConfig(mode=mode, observer=observer)
+    report = quantize_(model, cfg, calibration=_batches() if mode == "static" else None)
+    assert [r.name for r in report.rows] == ["0", "4", "8"]
+    assert all(r.action == "quantized" and r.mode == mode for r in report.rows)
+    assert isinstance(model[0], QDQConv2d) and isinstance(model[8], QDQLinear)
+    assert (model[0].input_scale is not None) == (mode == "static")
+    if mode != "weight_only":
+        assert isinstance(model[1], nn.Identity)  # BatchNorm folded
+        assert report.info["folded_bn"] == [["0", "1"]]
+    with torch.no_grad():
+        err = float((model(x) - ref(x)).abs().max() / ref(x).abs().max())
+    assert err < 0.08
+    totals = report.to_dict()["totals"]
+    assert totals["bytes_before"] > 3 * totals["bytes_after"] or mode == "weight_only"
+
+
+def test_skip_first_last_include_exclude_and_strict() -> None:
+    model = _cnn()
+    report = quantize_(model, PTQConfig(mode="weight_only", skip_first=True, skip_last=True))
+    assert [(r.name, r.action) for r in report.rows] == [
+        ("0", "skipped"), ("4", "quantized"), ("8", "skipped")]  # fmt: skip
+    assert "skip_first" in (report.rows[0].reason or "")
+    model = _cnn()
+    report = quantize_(model, PTQConfig(mode="weight_only"), include=["[04]"], exclude=["0"])
+    assert [r.name for r in report.rows] == ["4"]
+    model, before = _cnn(), _cnn()
+    with pytest.raises(TransformSkipError, match="0: first layer"):
+        quantize_(model, PTQConfig(mode="weight_only", skip_first=True), strict=True)
+    assert _same(model, before)
+    with pytest.raises(ValueError, match="match no module"):
+        quantize_(model, PTQConfig(mode="weight_only"), include=["nope*"])
+
+
+class _Log(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)  # NaN for negative inputs
+
+
+def test_bad_calibration_leaves_model_untouched() -> None:
+    model, before = _cnn(), _cnn()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_(model, PTQConfig(mode="static"))
+    with pytest.raises(ValueError, match="empty"):
+        quantize_(model, PTQConfig(mode="static"), calibration=[])
+    with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\)"):
+        quantize_(model, PTQConfig(mode="static"), calibration=_batches(2, (4, 3, 12, 12)))
+    assert _same(model, before)
+    resnet = create_model("resnet20", in_channels=1, input_size=28).eval()
+    with pytest.raises(ValueError, match=r"expected \(N, 1, 28, 28\)"):
+        quantize_(resnet, PTQConfig(mode="static"), calibration=_batches(1, (2, 3, 28, 28)))
+    nan_model = nn.Sequential(nn.Linear(4, 4), _Log(), nn.Linear(4, 2)).eval()
+    nan_before = copy.deepcopy(nan_model)
+    with pytest.raises(CalibrationError, match=r"input of '2'.*NaN/Inf"):
+        quantize_(nan_model, PTQConfig(mode="static"), calibration=[torch.randn(8, 4)])
+    assert _same(nan_model, nan_before)
+
+
+def test_residual_points_and_resnet_static() -> None:
+    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 1, 28, 28)
+    report = quantize_(model, PTQConfig(mode="static"), calibration=[x])
+    acts = report.info["activations"]
+    assert "relu" in acts and all(
+        f"layer{s}.{b}.relu2" in acts for s in (1, 2, 3) for b in (0, 1, 2)
+    )
+    assert isinstance(model.layer1[0].relu2, QDQAct)
+    assert model.layer1[0].conv2.output_scale is not None  # feeds the residual add
+    assert model.layer1[0].conv1.output_scale is None
+    assert model.layer2[0].shortcut[0].output_scale is not None
+    assert len(report.info["folded_bn"]) == 21
+    with torch.no_grad():
+        agree = (model(x).argmax(1) == ref(x).argmax(1)).float().mean()
+    assert agree >= 0.75
+    outs, acts2, note = residual_points(nn.Sequential(nn.Linear(2, 2)), ["0"])
+    assert outs == set() and acts2 == set() and note == ""
+
+
+def test_static_ptq_on_fashion_mnist(shared_data) -> None:
+    from slimtorch.data import load_dataset
+
+    torch.manual_seed(0)
+    train = load_dataset("fashion-mnist", "train", root=shared_data / "fashion-mnist",
+                         download=False)  # fmt: skip
+    test = load_dataset("fashion-mnist", "test", root=shared_data / "fashion-mnist",
+                        download=False)  # fmt: skip
+
+    def prep(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - 0.286) / 0.353
+
+    xs, ys = prep(train.images[:4000]), train.labels[:4000]
+    model = create_model("mlp", num_classes=10, in_channels=1, input_size=28)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    torch.set_num_threads(2)
+    for _ in range(2):
+        for i in range(0, len(xs), 100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xs[i : i + 100]), ys[i : i + 100]).backward()
+            opt.step()
+    model.eval()
+    xt, yt = prep(test.images[:2000]), test.labels[:2000]
+    with torch.no_grad():
+        acc_fp32 = float((model(xt).argmax(1) == yt).float().mean())
+    calib = [(xs[i : i + 64], ys[i : i + 64]) for i in range(0, 512, 64)]
+    report = quantize_(model, PTQConfig(mode="static", observer="percentile"), calibration=calib)
+    with torch.no_grad():
+        acc_int8 = float((model(xt).argmax(1) == yt).float().mean())
+    assert acc_fp32 > 0.75
+    assert acc_int8 >= acc_fp32 - 0.01
+    assert report.to_dict()["totals"]["ratio"] > 3.5

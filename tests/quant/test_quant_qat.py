@@ -1,0 +1,188 @@
+"""LSQ quantization-aware training in the Trainer, and conversion to the int8 Q/DQ path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.errors import SlimtorchError
+from slimtorch.data import DeviceLoader, load_dataset
+from slimtorch.models import create_model, load_model, save_model
+from slimtorch.quant.lsq import LSQConv2d, LSQLinear
+from slimtorch.quant.qat import QATCallback, QATConfig, prepare_qat_, qat_layers
+from slimtorch.quant.qat_convert import convert_qat_
+from slimtorch.quant.qdq import QDQConv2d, QDQLinear
+from slimtorch.train import TrainConfig, Trainer
+
+
+def _fashion(
+    root: Path, n_train: int = 768, n_test: int = 512
+) -> tuple[DeviceLoader, DeviceLoader]:
+    train = load_dataset("fashion-mnist", "train", root=root / "fashion-mnist", download=False)
+    test = load_dataset("fashion-mnist", "test", root=root / "fashion-mnist", download=False)
+    train = train.subset(torch.arange(n_train))
+    test = test.subset(torch.arange(n_test))
+    return (
+        DeviceLoader(train, 64, shuffle=True, drop_last=True, seed=0),
+        DeviceLoader(test, 256),
+    )
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base = {"epochs": 1, "lr": 0.05, "progress": False, "amp": "off", "eval_every_epochs": 0}
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ValueError, match="weight_bits"):
+        QATConfig(weight_bits=2)
+    with pytest.raises(ValueError, match="act_bits"):
+        QATConfig(act_bits=16)
+    with pytest.raises(ValueError, match="include"):
+        QATConfig(include="conv1")  # type: ignore[arg-type]
+    assert QATConfig.from_dict(QATConfig(weight_bits=4).to_dict()) == QATConfig(weight_bits=4)
+
+
+def test_qat_w4a8_on_fashion_mnist_mlp_trains_and_converts(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    train, test = _fashion(shared_data, n_train=1024, n_test=256)
+    model = create_model("mlp", num_classes=10, in_channels=1, input_size=28, hidden=(128, 64))
+    Trainer(model, _cfg(epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.0)).fit(train)
+    float_acc = Trainer(model, _cfg()).evaluate(test)["accuracy"]
+
+    cfg = QATConfig(weight_bits=4, act_bits=8)
+    callback = QATCallback(cfg)
+    trainer = Trainer(
+        model, _cfg(optimizer="adamw", lr=1e-3, weight_decay=0.0), callbacks=[callback]
+    )
+    steps_before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(QATCallback):
+        def on_train_batch_start(self, trainer: Trainer, batch: object, batch_idx: int) -> None:
+            if batch_idx == 1:
+                steps_before.update(
+                    {n: m.weight_quant.step.detach().clone() for n, m in qat_layers(model).items()}
+                )
+
+    trainer.callbacks.append(Snapshot(cfg))
+    history = trainer.fit(train)
+    layers = qat_layers(model)
+    assert callback.report is not None and sorted(layers) == sorted(callback.report.layers)
+    assert len(layers) == 3  # the MLP's three Linear layers
+    assert all(bool(m.input_quant.initialized) for m in layers.values())
+    moved = [n for n in layers if not torch.equal(layers[n].weight_quant.step, steps_before[n])]
+    assert moved, "the optimiser never updated a learned step size"
+    assert history.to_dict()["train_loss"][-1] == history.to_dict()["train_loss"][-1]  # finite
+    qat_acc = Trainer(model, _cfg()).evaluate(test)["accuracy"]
+    assert qat_acc > 0.5 and qat_acc >= float_acc - 0.1
+
+    x = next(iter(test))[0]
+    model.eval()
+    with torch.no_grad():
+        fake = model(x)
+    report = convert_qat_(model)
+    assert len(report.quantized) == 3 and {r.mode for r in report.rows} == {"static"}
+    assert {r.weight_bits for r in report.rows} == {4}
+    assert not qat_layers(model)
+    assert all(
+        isinstance(m, QDQConv2d | QDQLinear) for n, m in model.named_modules() if n in layers
+    )
+    with torch.no_grad():
+        real = model(x)
+    assert _rel(real, fake) < 1e-2
+    assert (real.argmax(1) == fake.argmax(1)).float().mean() >= 0.98
+    names = [t["name"] for t in model.slimtorch_arch["transforms"]]
+    assert names == ["quant.qdq"]  # the LSQ record is replaced by the Q/DQ one
+    save_model(model, tmp_path / "q", input_shape=(1, 28, 28), mean=[0.286], std=[0.353],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    loaded, _ = load_model(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), real)
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_convert_matches_fake_quant_on_resnet(fold_bn: bool) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(32, 1, 8, 8)
+    model = create_model("resnet20", num_classes=10, in_channels=1, input_size=8)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    report = prepare_qat_(model.eval(), QATConfig(weight_bits=8, act_bits=8, fold_bn=fold_bn))
+    assert len(report.layers) == 22
+    assert (report.fold is not None) == fold_bn
+    with torch.no_grad():
+        model(x[:8])  # initialise activation steps
+        fake = model(x)
+    convert_qat_(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        real = model(x)
+    assert _rel(real, fake) < 2e-2
+    assert (real.argmax(1) == fake.argmax(1)).float().mean() >= 0.9
+
+
+def test_prepared_model_round_trips_and_converts_the_same(tmp_path: Path) -> None:
+    x = torch.rand(4, 1, 28, 28)
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=28)
+    prepare_qat_(model, QATConfig(weight_bits=4, act_bits=8, exclude=("classifier",)))
+    assert type(model.classifier) is nn.Linear
+    assert isinstance(model.fc1, LSQLinear)
+    with torch.no_grad():
+        y = model(x)
+    save_model(model, tmp_path / "qat", input_shape=(1, 28, 28), mean=[0.5], std=[0.5],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    loaded, _ = load_model(tmp_path / "qat")
+    assert any(isinstance(m, LSQConv2d) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y)
+
+
+def test_four_bit_activations_need_explicit_widening() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prepare_qat_(model, QATConfig(weight_bits=8, act_bits=4))
+    model(torch.randn(4, 8))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="4 bits"):
+        convert_qat_(model)
+    assert qat_layers(model) and all(
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )
+    with pytest.warns(UserWarning, match="4-bit activations"):
+        convert_qat_(model, widen_4bit_activations=True)
+    assert isinstance(model[0], QDQLinear)
+
+
+def test_convert_refuses_uninitialised_and_unprepared_models() -> None:
+    model = nn.Sequential(nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="no LSQ"):
+        convert_qat_(model)
+    prepare_qat_(model, QATConfig())
+    with pytest.raises(SlimtorchError, match="never saw data"):
+        convert_qat_(model)
+    assert isinstance(model[0], LSQLinear)
+    with pytest.raises(ValueError, match="already"):
+        prepare_qat_(model, QATConfig())
+
+
+def test_frozen_batch_norm_keeps_its_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))  # fmt: skip
+    cfg = QATConfig(fold_bn=False, freeze_bn_epoch=0)
+    prepare_qat_(model, cfg)
+    mean = model[1].running_mean.clone()
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    Trainer(model, _cfg(lr=0.01), callbacks=[QATCallback(cfg)]).fit(data)
+    torch.testing.assert_close(model[1].running_mean, mean)
