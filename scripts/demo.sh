@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: train a small model on the bundled digits, evaluate it, profile it.
+# The main job: train a small model on the bundled digits, evaluate, profile, compress it,
+# then serve the results over HTTP.
 # Usage: scripts/demo.sh PYTHON   (make demo passes the venv's python)
 set -euo pipefail
 PY=${1:-python3}
@@ -31,5 +32,8 @@ st compress --in "$OUT" --out "$OUT-svd-guarded" --method svd --rank 0.25 --min-
   --finetune-epochs 10 --lr 0.02 --batch-size 64 --device cpu --threads "$THREADS" \
   --profiles rx580,cpu --profile-batch 32 --no-progress
 echo "per-layer decisions and measured times: $OUT-svd-guarded/report.txt"
+echo
+echo "== 7. serve the three models over HTTP (KServe v2 + simple JSON), send real digits, stop"
+"$PY" scripts/bench_serve/demo_client.py --runs-dir "$(dirname "$OUT")" --threads "$THREADS"
 echo
 echo "demo done: model directories in $OUT, $OUT-svd, $OUT-svd-guarded"

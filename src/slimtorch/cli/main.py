@@ -9,6 +9,7 @@ Example:
     $ slimtorch profile --in runs/x --batch-size 1
     $ slimtorch devices
     $ slimtorch export --in runs/x --format onnx --out x.onnx
+    $ slimtorch serve --repository models/
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cmd,
         export_cmd,
         profile_cmd,
+        serve_cmd,
         train_cmd,
     )
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         compress_cmd,
         export_cmd,
         profile_cmd,
+        serve_cmd,
         devices_cmd,
     ):
         module.add_parser(sub)

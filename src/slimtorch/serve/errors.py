@@ -1,0 +1,64 @@
+"""Serving errors: each carries the HTTP status it is answered with.
+
+Example:
+    >>> err = Overloaded("queue of 'mlp' is full (256 requests)", retry_after=1)
+    >>> err.status, err.retry_after
+    (503, 1)
+"""
+
+from __future__ import annotations
+
+from slimtorch.core.errors import SlimtorchError
+
+
+class ServeError(SlimtorchError):
+    """An error answered to the client with ``status`` and, for 503, ``Retry-After``."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(ServeError):
+    """The request is malformed or does not match the model (400)."""
+
+    status = 400
+
+
+class Unauthorized(ServeError):
+    """The API key is missing or wrong (401)."""
+
+    status = 401
+
+
+class Forbidden(ServeError):
+    """The endpoint is disabled (403)."""
+
+    status = 403
+
+
+class NotFound(ServeError):
+    """No such model or version (404)."""
+
+    status = 404
+
+
+class PayloadTooLarge(ServeError):
+    """The request body exceeds the size limit (413)."""
+
+    status = 413
+
+
+class NotReady(ServeError):
+    """The model is broken, unloaded, or failed to load (503)."""
+
+    status = 503
+
+
+class Overloaded(ServeError):
+    """The queue is full, the request timed out, or memory ran out (503 with Retry-After)."""
+
+    status = 503

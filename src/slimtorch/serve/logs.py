@@ -1,0 +1,76 @@
+"""Structured logs: a request id on every record, and a JSON formatter.
+
+Example:
+    >>> handler = logging.StreamHandler()
+    >>> handler.setFormatter(JsonFormatter())
+    >>> handler.addFilter(RequestIdFilter())
+    >>> logging.getLogger("slimtorch").addHandler(handler)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+
+#: The id of the request being handled ("-" outside a request).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` from the current request's context."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id and any extras.
+
+    Example:
+        >>> rec = logging.makeLogRecord({"msg": "hi", "levelname": "INFO", "name": "x"})
+        >>> json.loads(JsonFormatter().format(rec))["message"]
+        'hi'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", request_id.get()),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send logs to stderr as ``text`` (with the request id) or ``json``, once per process.
+
+    Example:
+        >>> configure_logging("json")
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    )
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,98 @@
+"""Prometheus metrics of one server, in a registry of its own (apps in one process never clash).
+
+Example:
+    >>> m = ServeMetrics()
+    >>> m.requests.labels(model="mlp", endpoint="infer", status="200").inc()
+    >>> b"slimtorch_serve_requests_total" in m.render()[0]
+    True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServeMetrics:
+    """Every metric the server exports.
+
+    Attributes:
+        registry: The app's own ``CollectorRegistry``.
+        requests: Requests by model, endpoint and HTTP status.
+        latency: Request latency in seconds by model, endpoint and status.
+        queue_depth: Requests waiting per model.
+        batch_size: Items per executed batch, per model.
+        batch_seconds: Time to run one batch, per model.
+        models_loaded: Model versions resident in memory.
+        memory_used: Bytes the resident models need (by the cache's accounting).
+        memory_budget: The cache's budget in bytes.
+        loads: Model loads by model and result (ok, error, oom).
+        evictions: Models evicted to make room, per model.
+    """
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "slimtorch_serve_"
+        self.requests = Counter(
+            p + "requests", "Requests answered", ["model", "endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            p + "request_duration_seconds",
+            "Request latency from arrival to response",
+            ["model", "endpoint", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(p + "queue_depth", "Requests waiting", ["model"], registry=r)
+        self.batch_size = Histogram(
+            p + "batch_size",
+            "Items per executed batch",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            p + "batch_duration_seconds",
+            "Time to run one batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.models_loaded = Gauge(p + "models_loaded", "Model versions resident", registry=r)
+        self.memory_used = Gauge(
+            p + "memory_used_bytes", "Bytes needed by the resident models", registry=r
+        )
+        self.memory_budget = Gauge(p + "memory_budget_bytes", "Memory budget", registry=r)
+        self.loads = Counter(p + "model_loads", "Model loads", ["model", "result"], registry=r)
+        self.evictions = Counter(
+            p + "model_evictions", "Models evicted to make room", ["model"], registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,285 @@
+"""Tensors in and out of Open Inference Protocol messages, binary data extension included.
+
+Binary tensor data extension (as in KServe v2 / Triton): the ``Inference-Header-Content-Length``
+header gives the length of the JSON part at the start of the body; inputs whose
+``parameters.binary_data_size`` is set take that many bytes, in input order, from the rest
+(little-endian, row-major). Outputs asked for with ``parameters.binary_data: true`` (or every
+output with the request parameter ``binary_data_output: true``) come back the same way.
+
+Example:
+    >>> req = parse_request(b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",'
+    ...                     b' "data": [1, 2]}]}', None)
+    >>> req.tensors["x"].dtype
+    dtype('float32')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from slimtorch.serve.errors import BadRequest
+from slimtorch.serve.model_config import DATATYPES, ModelConfig
+from slimtorch.serve.protocol.schemas import InferenceRequest, format_validation_error
+
+HEADER_LENGTH = "inference-header-content-length"
+_KINDS = {"b": "b", "u": "bu", "i": "biu", "f": "biuf"}
+
+
+@dataclasses.dataclass
+class DecodedRequest:
+    """A parsed inference request.
+
+    Attributes:
+        id: The client's request id, echoed back.
+        tensors: Input name -> array with the shape the client gave.
+        datatypes: Input name -> datatype the client declared.
+        outputs: Requested output name -> send as binary; ``None`` means every output.
+        binary_default: Send outputs not listed as binary (request ``binary_data_output``).
+    """
+
+    id: str | None
+    tensors: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    outputs: dict[str, bool] | None
+    binary_default: bool
+
+
+def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool:
+    value = (params or {}).get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where}.parameters.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(
+            f"{where}.data is not a regular (rectangular) array of numbers ({exc}); send a flat "
+            "row-major list or nested lists of equal length"
+        ) from None
+    if arr.size and arr.dtype.kind not in _KINDS[dtype.kind]:
+        expected = {"b": "booleans", "u": "non-negative integers", "i": "integers"}.get(
+            dtype.kind, "numbers"
+        )
+        raise BadRequest(
+            f"{where}.data must hold {expected} for datatype {dtype}, got "
+            f"{arr.dtype.kind!r}-kind values such as {arr.flat[0]!r}"
+        )
+    if arr.size and dtype.kind in "iu" and arr.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:
+            raise BadRequest(
+                f"{where}.data has values in [{lo}, {hi}], outside the range of {dtype} "
+                f"[{info.min}, {info.max}]"
+            )
+    return arr.astype(dtype, copy=False)
+
+
+def _tensor(inp: Any, index: int, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    where = f"inputs[{index}]"
+    dtype = DATATYPES.get(inp.datatype)
+    if dtype is None:
+        raise BadRequest(
+            f"{where}.datatype {inp.datatype!r} is not supported; expected one of "
+            f"{', '.join(DATATYPES)}"
+        )
+    shape = tuple(inp.shape)
+    count = math.prod(shape)
+    size = (inp.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadRequest(
+                f"{where}.parameters.binary_data_size must be an integer >= 0, got {size!r}"
+            )
+        if inp.data is not None:
+            raise BadRequest(f"{where} has both data and binary_data_size; send one of them")
+        if size != count * dtype.itemsize:
+            raise BadRequest(
+                f"{where}.parameters.binary_data_size is {size} bytes but shape {list(shape)} "
+                f"of {inp.datatype} needs {count * dtype.itemsize}"
+            )
+        if offset + size > len(binary):
+            raise BadRequest(
+                f"{where} needs {size} bytes of binary data at offset {offset}, but the binary "
+                f"part holds {len(binary)}; check Inference-Header-Content-Length"
+            )
+        arr = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<"))
+        return arr.astype(dtype, copy=False).reshape(shape), offset + size
+    if inp.data is None:
+        raise BadRequest(f"{where} has no data; send data or parameters.binary_data_size")
+    arr = _from_json(inp.data, dtype, where)
+    if arr.size != count:
+        raise BadRequest(
+            f"{where}.data holds {arr.size} values but shape {list(shape)} needs {count}"
+        )
+    return arr.reshape(shape), offset
+
+
+def parse_request(body: bytes, header_length: str | None) -> DecodedRequest:
+    """Parse a v2 inference request body (JSON, or JSON header + binary tensors).
+
+    Raises:
+        BadRequest: Malformed JSON, a bad field, or data that does not fit its shape.
+    """
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length is {header_length!r} but the body has "
+                f"{len(body)} bytes; it must give the length of the JSON part"
+            )
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = InferenceRequest.model_validate_json(head)
+    except ValidationError as exc:
+        raise BadRequest(format_validation_error(exc)) from None
+    tensors: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for i, inp in enumerate(req.inputs):
+        if inp.name in tensors:
+            raise BadRequest(f"inputs[{i}].name {inp.name!r} is given twice")
+        tensors[inp.name], offset = _tensor(inp, i, binary, offset)
+        datatypes[inp.name] = inp.datatype
+    if offset != len(binary):
+        raise BadRequest(
+            f"the binary part has {len(binary)} bytes but the inputs use {offset}; check "
+            "binary_data_size and Inference-Header-Content-Length"
+        )
+    binary_default = _flag(req.parameters, "binary_data_output", "request")
+    outputs = None
+    if req.outputs is not None:
+        outputs = {}
+        for i, out in enumerate(req.outputs):
+            if (out.parameters or {}).get("classification"):
+                raise BadRequest(
+                    f"outputs[{i}].parameters.classification is not supported; "
+                    "ask for the raw output"
+                )
+            outputs[out.name] = _flag(out.parameters, "binary_data", f"outputs[{i}]") or (
+                binary_default and "binary_data" not in (out.parameters or {})
+            )
+    return DecodedRequest(req.id, tensors, datatypes, outputs, binary_default)
+
+
+def check_inputs(req: DecodedRequest, config: ModelConfig) -> int:
+    """Check names, datatypes, shapes and NaN against the model config; return the batch size.
+
+    Raises:
+        BadRequest: The message names the input and what the model expects.
+    """
+    expected = [s.name for s in config.inputs]
+    missing = [n for n in expected if n not in req.tensors]
+    extra = [n for n in req.tensors if config.input(n) is None]
+    if missing or extra:
+        raise BadRequest(
+            f"model {config.name!r} takes inputs {expected}; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra}" if extra else "")
+        )
+    batch = None
+    for spec in config.inputs:
+        arr = req.tensors[spec.name]
+        if req.datatypes[spec.name] != spec.datatype:
+            raise BadRequest(
+                f"input {spec.name!r} of model {config.name!r} has datatype {spec.datatype}, "
+                f"got {req.datatypes[spec.name]}"
+            )
+        want = [-1, *spec.dims]
+        ok = arr.ndim == len(want) and all(
+            w == -1 or w == g for w, g in zip(want[1:], arr.shape[1:], strict=True)
+        )
+        if not ok:
+            raise BadRequest(
+                f"input {spec.name!r} of model {config.name!r} must have shape {want} (batch "
+                f"first, -1 = any), got {list(arr.shape)}"
+            )
+        if batch is None:
+            batch = arr.shape[0]
+        elif arr.shape[0] != batch:
+            raise BadRequest(
+                f"input {spec.name!r} has batch size {arr.shape[0]} but other inputs have "
+                f"{batch}; every input must have the same first dimension"
+            )
+        if (
+            arr.dtype.kind == "f"
+            and not spec.allow_nan
+            and arr.size
+            and not (np.isfinite(arr).all())
+        ):
+            raise BadRequest(
+                f"input {spec.name!r} of model {config.name!r} holds NaN or infinite values; "
+                "send finite numbers (or set allow_nan in the model config)"
+            )
+    assert batch is not None
+    if batch < 1:
+        raise BadRequest(f"the batch dimension must be >= 1, got {batch}")
+    if batch > config.max_batch_size:
+        raise BadRequest(
+            f"batch size {batch} exceeds max_batch_size {config.max_batch_size} of model "
+            f"{config.name!r}; split the request"
+        )
+    return batch
+
+
+def encode_response(
+    *,
+    model: str,
+    version: str,
+    request_id: str | None,
+    outputs: dict[str, np.ndarray],
+    config: ModelConfig,
+    requested: dict[str, bool] | None,
+    binary_default: bool,
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns ``(body, json_length)``, ``json_length`` set when binary.
+
+    Raises:
+        BadRequest: An output was asked for that the model does not have.
+    """
+    if requested is None:
+        wanted = {s.name: binary_default for s in config.outputs}
+    else:
+        unknown = [n for n in requested if config.output(n) is None]
+        if unknown:
+            raise BadRequest(
+                f"outputs {unknown} are not outputs of model {config.name!r}; it has "
+                f"{[s.name for s in config.outputs]}"
+            )
+        wanted = requested
+    items = []
+    chunks: list[bytes] = []
+    for name, as_binary in wanted.items():
+        spec = config.output(name)
+        assert spec is not None
+        arr = outputs[name]
+        item: dict[str, Any] = {"name": name, "datatype": spec.datatype, "shape": list(arr.shape)}
+        if as_binary:
+            raw = np.ascontiguousarray(arr, dtype=spec.dtype.newbyteorder("<")).tobytes()
+            item["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            item["data"] = arr.reshape(-1).tolist()
+        items.append(item)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": items}
+    if request_id is not None:
+        doc["id"] = request_id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return head, None
+    return b"".join([head, *chunks]), len(head)

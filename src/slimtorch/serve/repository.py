@@ -1,0 +1,353 @@
+"""The model repository on disk: one folder per model, numbered version sub-folders.
+
+Layout (as Triton and KServe users know it)::
+
+    repository/
+      mnist-mlp/
+        config.json          # serving config (see slimtorch.serve.model_config)
+        1/                   # a slimtorch model directory (model.safetensors + config.json)
+        2/model.pt2          # or a torch.export program, or 2/model.onnx
+      fashion-cnn/ ...
+
+``config.json`` may be left out for slimtorch model directories: the input shape and class
+names come from the directory's own config.json. Without a repository folder, the embedded
+default serves each slimtorch model directory found under ``runs/`` (``runs/demo`` ...) as a
+model of that name with a single version 1.
+
+A scan only reads small files (configs, the safetensors header, the zip directory of a .pt2);
+nothing is unpickled. A broken model is recorded with its reason and never stops the scan.
+
+Example:
+    >>> repo = Repository(Path("models"), ServeSettings())
+    >>> changed = repo.scan()
+    >>> [(m.name, m.error) for m in repo.models.values()]
+    [('mnist-mlp', '')]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.serve.errors import NotFound, NotReady
+from slimtorch.serve.model_config import ModelConfig, parse_model_config
+from slimtorch.serve.runners import describe, model_path
+from slimtorch.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+class State(enum.StrEnum):
+    """Life cycle of a model version."""
+
+    AVAILABLE = "AVAILABLE"  # servable, not in memory (loads on the next request)
+    LOADING = "LOADING"
+    READY = "READY"  # in memory
+    UNAVAILABLE = "UNAVAILABLE"  # broken: see reason
+    UNLOADED = "UNLOADED"  # unloaded by the management API until loaded again
+
+
+@dataclasses.dataclass(eq=False)
+class VersionEntry:
+    """One version of a model and where it stands."""
+
+    model: str
+    version: int
+    path: Path
+    state: State = State.AVAILABLE
+    reason: str = ""
+
+    @property
+    def servable(self) -> bool:
+        """Whether requests are accepted (ready, or loadable on demand)."""
+        return self.state in (State.AVAILABLE, State.LOADING, State.READY)
+
+
+@dataclasses.dataclass(eq=False)
+class ModelEntry:
+    """A model folder: its config (``None`` when broken), versions and fingerprint."""
+
+    name: str
+    root: Path
+    config: ModelConfig | None
+    versions: dict[int, VersionEntry]
+    error: str = ""
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def latest(self) -> VersionEntry | None:
+        """The highest servable version, else the highest one."""
+        ok = [v for v in self.versions.values() if v.servable]
+        pool = ok or list(self.versions.values())
+        return max(pool, key=lambda v: v.version) if pool else None
+
+
+def _slimtorch_derived(path: Path) -> dict[str, Any]:
+    from slimtorch.models import read_model_card
+
+    card = read_model_card(path)
+    return {
+        "format": "slimtorch",
+        "inputs": [{"name": "input", "datatype": "FP32", "dims": list(card.input_shape)}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "dims": [len(card.class_names)]}],
+        "labels": list(card.class_names),
+    }
+
+
+def _detect_format(version_dir: Path) -> str | None:
+    if (version_dir / "model.onnx").is_file():
+        return "onnx"
+    if (version_dir / "model.pt2").is_file():
+        return "torch_export"
+    if (model_path(version_dir, "slimtorch") / "config.json").is_file():
+        return "slimtorch"
+    return None
+
+
+def check_version(version_dir: Path, config: ModelConfig) -> None:
+    """Cheap checks of one version's files; raises ``ModelLoadError`` with the reason.
+
+    Reads only headers: the slimtorch config and safetensors header, the zip directory of a
+    ``.pt2``, the first bytes of an ``.onnx``.
+    """
+    path = model_path(version_dir, config.format)
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; put the {config.format} model there")
+    if config.format == "slimtorch":
+        from safetensors import safe_open
+
+        from slimtorch.models import read_model_card
+
+        card = read_model_card(path)
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise ModelLoadError(f"{weights} is missing; restore it or re-save the model")
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{weights} is corrupt or truncated ({exc})") from None
+        dims = tuple(config.inputs[0].dims)
+        if len(config.inputs) == 1 and -1 not in dims and dims != tuple(card.input_shape):
+            raise ModelLoadError(
+                f"the config gives input dims {list(dims)} but {path} was saved for "
+                f"{list(card.input_shape)}; fix the config's dims"
+            )
+    elif config.format == "torch_export":
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(f"{path} is not a torch.export archive (not a zip file)")
+    elif path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty; copy the ONNX file again")
+
+
+class Repository:
+    """The models found in a repository folder (or the embedded default under ``runs/``).
+
+    Args:
+        root: Repository folder, or ``None`` for the embedded default.
+        settings: Server settings (defaults for configs, ``runs_dir``).
+    """
+
+    def __init__(self, root: Path | None, settings: ServeSettings) -> None:
+        self.root = root
+        self.settings = settings
+        self.models: dict[str, ModelEntry] = {}
+
+    def _folders(self) -> list[tuple[str, Path, bool]]:
+        """``(name, folder, embedded)`` of every candidate model."""
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(
+                    f"model repository {self.root} is not a folder; pass --repository DIR "
+                    "holding one folder per model"
+                )
+            return [
+                (p.name, p, False)
+                for p in sorted(self.root.iterdir())
+                if p.is_dir() and not p.name.startswith(".")
+            ]
+        runs = Path(self.settings.runs_dir)
+        if not runs.is_dir():
+            return []
+        out = []
+        for p in sorted(runs.iterdir()):
+            if (
+                p.is_dir()
+                and not p.name.startswith(".")
+                and (model_path(p, "slimtorch") / "config.json").is_file()
+            ):
+                out.append((p.name, p, True))
+        return out
+
+    def _read(self, name: str, folder: Path, embedded: bool) -> ModelEntry:
+        fingerprint = describe(folder)
+        entry = ModelEntry(name, folder, None, {}, fingerprint=fingerprint)
+        try:
+            if embedded:
+                dirs = {1: folder}
+                data: dict[str, Any] = {}
+            else:
+                dirs = {int(p.name): p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+                if not dirs:
+                    raise ModelLoadError(
+                        f"{folder} has no numbered version folders; put the model in {folder}/1"
+                    )
+                data = {}
+                if (folder / CONFIG_FILE).is_file():
+                    try:
+                        data = json.loads((folder / CONFIG_FILE).read_text())
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        raise ModelLoadError(
+                            f"{folder / CONFIG_FILE} is not valid JSON ({exc})"
+                        ) from None
+                    if not isinstance(data, dict):
+                        raise ModelLoadError(f"{folder / CONFIG_FILE} must hold a JSON object")
+            newest = dirs[max(dirs)]
+            fmt = data.get("format") or _detect_format(newest)
+            if fmt is None:
+                raise ModelLoadError(
+                    f"{newest} holds no model.onnx, model.pt2 or slimtorch model directory, and "
+                    f"{folder / CONFIG_FILE} names no format"
+                )
+            derived: dict[str, Any] = {"format": fmt}
+            if fmt == "slimtorch":
+                derived = _slimtorch_derived(model_path(newest, "slimtorch"))
+            if name in self.settings.pinned:
+                derived["pinned"] = True
+            try:
+                config = parse_model_config(
+                    data, name=name, settings=self.settings, derived=derived
+                )
+            except ValueError as exc:
+                raise ModelLoadError(f"{folder / CONFIG_FILE}: {exc}") from None
+            entry.config = config
+            if config.versions == "latest":
+                chosen = [max(dirs)]
+            elif config.versions == "all":
+                chosen = sorted(dirs)
+            else:
+                missing = [v for v in config.versions if v not in dirs]
+                if missing:
+                    raise ModelLoadError(
+                        f"versions {missing} listed in the config have no folder in {folder}"
+                    )
+                chosen = sorted(int(v) for v in config.versions)
+            for v in chosen:
+                ver = VersionEntry(name, v, dirs[v])
+                try:
+                    check_version(dirs[v], config)
+                except (ModelLoadError, OSError) as exc:
+                    ver.state, ver.reason = State.UNAVAILABLE, str(exc)
+                entry.versions[v] = ver
+        except (ModelLoadError, OSError) as exc:
+            entry.error = str(exc)
+        for ver in entry.versions.values():
+            if ver.state is State.UNAVAILABLE:
+                logger.warning(
+                    "model %s version %d is not ready: %s", name, ver.version, ver.reason
+                )
+        if entry.error:
+            logger.warning("model %s is not ready: %s", name, entry.error)
+        return entry
+
+    def scan(self) -> set[str]:
+        """Re-read the repository; returns the names of models added, changed or removed.
+
+        Unchanged models keep their entries (and their states).
+        """
+        found = {name: (folder, emb) for name, folder, emb in self._folders()}
+        changed = set(self.models) - set(found)
+        models: dict[str, ModelEntry] = {}
+        for name, (folder, embedded) in found.items():
+            old = self.models.get(name)
+            if old is not None and old.fingerprint == describe(folder):
+                models[name] = old
+                continue
+            models[name] = self._read(name, folder, embedded)
+            changed.add(name)
+        self.models = models
+        return changed
+
+    def get(self, name: str) -> ModelEntry:
+        """The model called ``name``.
+
+        Raises:
+            NotFound: No such model; the message lists the models there are.
+        """
+        entry = self.models.get(name)
+        if entry is None:
+            names = sorted(self.models)
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            raise NotFound(f"no model named {name!r}; the repository has: {shown or 'none'}")
+        return entry
+
+    def version(self, name: str, version: str | None) -> tuple[ModelEntry, VersionEntry]:
+        """Resolve a model and version (``None``: the latest servable one).
+
+        Raises:
+            NotFound: Unknown model or version.
+            NotReady: The model or version is broken or unloaded; the reason is in the message.
+        """
+        entry = self.get(name)
+        if entry.config is None:
+            raise NotReady(f"model {name!r} is not ready: {entry.error}")
+        if version is None:
+            ver = entry.latest()
+            if ver is None:
+                raise NotReady(f"model {name!r} has no version to serve")
+        else:
+            if not version.isdigit() or int(version) not in entry.versions:
+                raise NotFound(
+                    f"model {name!r} has no version {version!r}; it serves versions "
+                    f"{sorted(entry.versions)}"
+                )
+            ver = entry.versions[int(version)]
+        if not ver.servable:
+            raise NotReady(
+                f"model {name!r} version {ver.version} is {ver.state.value.lower()}: "
+                f"{ver.reason or 'load it through the management API'}"
+            )
+        return entry, ver
+
+    def index(self) -> list[dict[str, str]]:
+        """One row per model version: name, version, state, reason (a broken model: one row)."""
+        rows = []
+        for entry in self.models.values():
+            if entry.config is None or not entry.versions:
+                rows.append(
+                    {
+                        "name": entry.name,
+                        "version": "",
+                        "state": "UNAVAILABLE",
+                        "reason": entry.error,
+                    }
+                )
+                continue
+            for ver in sorted(entry.versions.values(), key=lambda v: v.version):
+                rows.append(
+                    {
+                        "name": entry.name,
+                        "version": str(ver.version),
+                        "state": ver.state.value,
+                        "reason": ver.reason,
+                    }
+                )
+        return rows
+
+
+def not_ready_reason(entry: ModelEntry, ver: VersionEntry | None) -> str | None:
+    """Why a model (version) is not ready, or ``None`` when it is."""
+    if entry.config is None:
+        return entry.error
+    if ver is None:
+        return "no version to serve"
+    if not ver.servable:
+        return ver.reason or f"state {ver.state.value}"
+    return None

@@ -1,0 +1,362 @@
+"""HTTP endpoints: Open Inference Protocol (KServe v2), a simple JSON endpoint, management.
+
+Example:
+    $ curl localhost:8000/v2/models/demo
+    $ curl -X POST localhost:8000/v1/models/demo/predict -d '{"data": [[...8x8 values...]]}'
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.responses import JSONResponse
+
+from slimtorch import __version__
+from slimtorch.serve.deps import AdminDep, ServerDep
+from slimtorch.serve.errors import BadRequest
+from slimtorch.serve.infer import run_infer
+from slimtorch.serve.protocol.codec import HEADER_LENGTH, DecodedRequest
+from slimtorch.serve.protocol.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    PredictRequest,
+    PredictResponse,
+    ReadyResponse,
+    RepositoryIndexRequest,
+    RepositoryModel,
+    ServerMetadata,
+)
+from slimtorch.serve.repository import ModelEntry, not_ready_reason
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "simple_json"]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 503)
+}
+_PLATFORMS = {
+    "slimtorch": "pytorch_slimtorch",
+    "torch_export": "pytorch_export",
+    "onnx": "onnxruntime_onnx",
+}
+
+router = APIRouter()
+
+
+def _label(request: Request, model: str, endpoint: str) -> None:
+    request.state.model = model
+    request.state.endpoint = endpoint
+
+
+# -- health and metadata -------------------------------------------------------------------
+@router.get(
+    "/v2/health/live",
+    response_model=HealthResponse,
+    response_model_exclude_none=True,
+    tags=["health"],
+)
+async def live(request: Request) -> dict[str, bool]:
+    """The process is up."""
+    _label(request, "", "health")
+    return {"live": True}
+
+
+@router.get(
+    "/v2/health/ready",
+    response_model=HealthResponse,
+    response_model_exclude_none=True,
+    tags=["health"],
+    responses={503: {"model": HealthResponse}},
+)
+async def ready(request: Request, server: ServerDep) -> Any:
+    """The server accepts requests (200) or is starting or stopping (503)."""
+    _label(request, "", "health")
+    if server.ready:
+        return {"ready": True}
+    return JSONResponse({"ready": False}, status_code=503)
+
+
+@router.get("/v2", response_model=ServerMetadata, tags=["metadata"])
+async def server_metadata(request: Request) -> dict[str, Any]:
+    """Server name, version and protocol extensions."""
+    _label(request, "", "metadata")
+    return {"name": "slimtorch", "version": __version__, "extensions": EXTENSIONS}
+
+
+def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+    cfg = entry.config
+    assert cfg is not None
+    versions = [str(v) for v in sorted(entry.versions)] if version is None else [version]
+    return {
+        "name": entry.name,
+        "versions": versions,
+        "platform": _PLATFORMS[cfg.format],
+        "inputs": [s.metadata() for s in cfg.inputs],
+        "outputs": [s.metadata() for s in cfg.outputs],
+    }
+
+
+@router.get(
+    "/v2/models/{model_name}", response_model=ModelMetadata, tags=["metadata"], responses=_ERRORS
+)
+async def model_metadata(model_name: str, request: Request, server: ServerDep) -> Any:
+    """Inputs, outputs, versions and platform of a model."""
+    entry, _ = server.repository.version(model_name, None)
+    _label(request, model_name, "metadata")
+    return _metadata(entry, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadata,
+    tags=["metadata"],
+    responses=_ERRORS,
+)
+async def version_metadata(
+    model_name: str, model_version: str, request: Request, server: ServerDep
+) -> Any:
+    """Metadata of one version."""
+    entry, ver = server.repository.version(model_name, model_version)
+    _label(request, model_name, "metadata")
+    return _metadata(entry, str(ver.version))
+
+
+@router.get("/v2/models/{model_name}/config", tags=["metadata"], responses=_ERRORS)
+async def model_config(model_name: str, request: Request, server: ServerDep) -> Any:
+    """The model's resolved serving config."""
+    entry, _ = server.repository.version(model_name, None)
+    _label(request, model_name, "metadata")
+    assert entry.config is not None
+    return entry.config.to_dict()
+
+
+def _ready(server: Any, request: Request, name: str, version: str | None) -> Any:
+    entry = server.repository.get(name)
+    _label(request, name, "ready")
+    if version is None:
+        ver = entry.latest()
+    else:
+        if not version.isdigit() or int(version) not in entry.versions:
+            server.repository.version(name, version)  # raises NotFound with the versions
+        ver = entry.versions[int(version)]
+    reason = not_ready_reason(entry, ver)
+    if reason is None and server.ready:
+        return {"name": name, "ready": True}
+    return JSONResponse(
+        {"name": name, "ready": False, "reason": reason or "server not ready"}, status_code=503
+    )
+
+
+@router.get(
+    "/v2/models/{model_name}/ready",
+    response_model=ReadyResponse,
+    tags=["health"],
+    responses={404: {"model": ErrorResponse}, 503: {"model": ReadyResponse}},
+)
+async def model_ready(model_name: str, request: Request, server: ServerDep) -> Any:
+    """200 when the model serves requests (in memory or loadable on demand), else 503."""
+    return _ready(server, request, model_name, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    response_model=ReadyResponse,
+    tags=["health"],
+    responses={404: {"model": ErrorResponse}, 503: {"model": ReadyResponse}},
+)
+async def version_ready(
+    model_name: str, model_version: str, request: Request, server: ServerDep
+) -> Any:
+    """Readiness of one version."""
+    return _ready(server, request, model_name, model_version)
+
+
+# -- inference -----------------------------------------------------------------------------
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header (Inference-Header-Content-Length bytes) followed "
+                "by binary tensor data",
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "length of the JSON part when binary tensor data follows",
+        }
+    ],
+}
+
+
+async def _infer(server: Any, request: Request, name: str, version: str | None) -> Response:
+    _label(request, name if name in server.repository.models else "", "infer")
+    body = await request.body()
+    content, headers = await run_infer(
+        server, name, version, body, request.headers.get(HEADER_LENGTH)
+    )
+    return Response(content, headers=headers)
+
+
+@router.post(
+    "/v2/models/{model_name}/infer",
+    response_model=InferenceResponse,
+    tags=["inference"],
+    responses=_ERRORS,
+    openapi_extra=_INFER_DOC,
+)
+async def infer(model_name: str, request: Request, server: ServerDep) -> Response:
+    """Run the latest version on typed tensors (JSON or binary tensor data)."""
+    return await _infer(server, request, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    response_model=InferenceResponse,
+    tags=["inference"],
+    responses=_ERRORS,
+    openapi_extra=_INFER_DOC,
+)
+async def infer_version(
+    model_name: str, model_version: str, request: Request, server: ServerDep
+) -> Response:
+    """Run one version."""
+    return await _infer(server, request, model_name, model_version)
+
+
+@router.post(
+    "/v1/models/{model_name}/predict",
+    response_model=PredictResponse,
+    tags=["inference"],
+    responses=_ERRORS,
+)
+async def predict(
+    model_name: str, body: PredictRequest, request: Request, server: ServerDep
+) -> dict[str, Any]:
+    """Simple JSON: ``{"data": nested list}`` for one item or a batch of the model's input.
+
+    Works for models with one input. For a classifier the response adds the top class of
+    each item (index, label, softmax score).
+    """
+    entry, ver = server.repository.version(model_name, body.version)
+    _label(request, model_name, "predict")
+    cfg = entry.config
+    assert cfg is not None
+    if len(cfg.inputs) != 1:
+        raise BadRequest(
+            f"model {model_name!r} takes {len(cfg.inputs)} inputs; use "
+            f"/v2/models/{model_name}/infer"
+        )
+    spec = cfg.inputs[0]
+    from slimtorch.serve.protocol.codec import _from_json
+
+    arr = _from_json(body.data, spec.dtype, "data")
+    if arr.ndim == len(spec.dims):
+        arr = arr[None]
+    decoded = DecodedRequest(None, {spec.name: arr}, {spec.name: spec.datatype}, None, False)
+    entry, ver, outputs = await server.infer(model_name, str(ver.version), decoded)
+    out: dict[str, Any] = {
+        "model": model_name,
+        "version": str(ver.version),
+        "outputs": {k: v.tolist() for k, v in outputs.items()},
+    }
+    first = outputs[cfg.outputs[0].name]
+    if cfg.labels and first.ndim == 2 and first.shape[1] == len(cfg.labels):
+        logits = first.astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        top = probs.argmax(axis=1)
+        out["predictions"] = [
+            {"index": int(i), "label": cfg.labels[int(i)], "score": float(probs[r, i])}
+            for r, i in enumerate(top)
+        ]
+    return out
+
+
+# -- management ----------------------------------------------------------------------------
+@router.post(
+    "/v2/repository/index",
+    response_model=list[RepositoryModel],
+    tags=["management"],
+    dependencies=[AdminDep],
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+async def repository_index(
+    request: Request,
+    server: ServerDep,
+    body: Annotated[RepositoryIndexRequest | None, Body()] = None,
+) -> list[dict[str, str]]:
+    """Every model version with its state and, when not ready, the reason."""
+    _label(request, "", "management")
+    rows = server.repository.index()
+    if body is not None and body.ready:
+        rows = [r for r in rows if r["state"] in ("READY", "AVAILABLE")]
+    return rows
+
+
+@router.post(
+    "/v2/repository/rescan",
+    response_model=list[RepositoryModel],
+    tags=["management"],
+    dependencies=[AdminDep],
+)
+async def repository_rescan(request: Request, server: ServerDep) -> list[dict[str, str]]:
+    """Re-read the repository now; models added, changed or removed take effect."""
+    _label(request, "", "management")
+    await server.rescan()
+    return server.repository.index()
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/load",
+    response_model=list[RepositoryModel],
+    tags=["management"],
+    dependencies=[AdminDep],
+    responses=_ERRORS,
+)
+async def load_model(model_name: str, request: Request, server: ServerDep) -> list[Any]:
+    """Load every served version of a model into memory now."""
+    _label(request, "", "management")
+    versions = await server.load(model_name)
+    return [
+        {"name": v.model, "version": str(v.version), "state": v.state.value, "reason": v.reason}
+        for v in versions
+    ]
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/unload",
+    response_model=list[RepositoryModel],
+    tags=["management"],
+    dependencies=[AdminDep],
+    responses=_ERRORS,
+)
+async def unload_model(model_name: str, request: Request, server: ServerDep) -> list[Any]:
+    """Unload a model; it answers 503 until loaded again."""
+    _label(request, "", "management")
+    versions = await server.unload(model_name)
+    return [
+        {"name": v.model, "version": str(v.version), "state": v.state.value, "reason": v.reason}
+        for v in versions
+    ]
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+async def metrics(request: Request, server: ServerDep) -> Response:
+    """Prometheus metrics."""
+    _label(request, "", "metrics")
+    body, content_type = server.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+__all__ = ["EXTENSIONS", "InferenceRequest", "router"]

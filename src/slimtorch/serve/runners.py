@@ -1,0 +1,343 @@
+"""Runners: a loaded model that maps named numpy inputs to named numpy outputs.
+
+Three formats, none unpickled: slimtorch model directories (:func:`slimtorch.models.load_model`,
+safetensors + config.json), ``torch.export`` programs (:func:`slimtorch.models.load_exported`,
+which refuses pickled entries) and ONNX files (ONNX Runtime, imported when first used).
+
+Memory rule (bytes a model needs, used by the cache):
+
+* ``memory_bytes`` from the model config when given;
+* else, before loading, :func:`estimate_memory`: the bytes of the weight files on disk plus an
+  activation allowance of ``8 x max_batch_size x (bytes of one input item + one output item)``;
+* after loading, the measured figure replaces the estimate: on a GPU the peak allocated during
+  loading and a warm-up batch of ``max_batch_size``; on the CPU the parameter and buffer bytes
+  plus the same allowance.
+
+Example:
+    >>> runner = load_runner(Path("repo/mlp/1"), config, "cpu")
+    >>> runner.run({"input": np.zeros((2, 1, 28, 28), np.float32)})["logits"].shape
+    (2, 10)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.serve.model_config import ModelConfig, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+FILES = {"torch_export": "model.pt2", "onnx": "model.onnx"}
+
+
+class Runner(Protocol):
+    """A loaded model version."""
+
+    device: str
+    memory_bytes: int
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch: input name -> array (batch first) to output name -> array."""
+        ...
+
+    def close(self) -> None:
+        """Release the model's memory."""
+        ...
+
+
+def model_path(version_dir: Path, fmt: str) -> Path:
+    """The file or directory of a version that the loader reads.
+
+    Example:
+        >>> model_path(Path("repo/m/1"), "onnx")
+        PosixPath('repo/m/1/model.onnx')
+    """
+    if fmt == "slimtorch":
+        if not (version_dir / "config.json").is_file() and (version_dir / "model").is_dir():
+            return version_dir / "model"
+        return version_dir
+    return version_dir / FILES[fmt]
+
+
+def _item_bytes(specs: tuple[TensorSpec, ...]) -> int:
+    return sum(int(np.prod([max(d, 1) for d in s.dims])) * s.dtype.itemsize for s in specs)
+
+
+def allowance_bytes(config: ModelConfig) -> int:
+    """Activation allowance: ``8 x max_batch_size x (input item + output item bytes)``."""
+    return 8 * config.max_batch_size * (_item_bytes(config.inputs) + _item_bytes(config.outputs))
+
+
+def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
+    """Bytes a version needs before it is loaded (see the module docstring for the rule).
+
+    Example:
+        >>> estimate_memory(Path("repo/mlp/1"), config) > 0
+        True
+    """
+    if config.memory_bytes is not None:
+        return config.memory_bytes
+    path = model_path(version_dir, config.format)
+    if path.is_dir():
+        weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    else:
+        weights = path.stat().st_size if path.exists() else 0
+        weights += sum(f.stat().st_size for f in path.parent.glob("*.data"))
+    return weights + allowance_bytes(config)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of torch or ONNX Runtime.
+
+    Example:
+        >>> is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+        True
+    """
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "failed to allocate memory" in text
+
+
+def _module_bytes(module: nn.Module) -> int:
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class TorchRunner:
+    """A torch module (slimtorch model directory or exported program) behind a runner."""
+
+    def __init__(self, module: nn.Module, config: ModelConfig, device: torch.device) -> None:
+        self.module = module
+        self.config = config
+        self.torch_device = device
+        self.device = str(device)
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        self.compute_dtype = floats[0] if floats else None
+        self.memory_bytes = _module_bytes(module) + allowance_bytes(config)
+
+    def _to_tensor(self, arr: np.ndarray) -> torch.Tensor:
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+        if self.compute_dtype is not None and t.is_floating_point():
+            t = t.to(self.compute_dtype)
+        return t.to(self.torch_device, non_blocking=True)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch under ``torch.inference_mode``."""
+        args = [self._to_tensor(inputs[s.name]) for s in self.config.inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        if isinstance(out, dict):
+            values = [out[s.name] for s in self.config.outputs]
+        elif isinstance(out, list | tuple):
+            values = list(out)
+        else:
+            values = [out]
+        if len(values) != len(self.config.outputs):
+            raise ModelLoadError(
+                f"model {self.config.name!r} returned {len(values)} outputs but its config "
+                f"lists {len(self.config.outputs)}; fix the config's outputs"
+            )
+        return {
+            s.name: v.detach().to("cpu").numpy().astype(s.dtype, copy=False)
+            for s, v in zip(self.config.outputs, values, strict=True)
+        }
+
+    def close(self) -> None:
+        """Drop the module and return cached GPU memory."""
+        self.module = nn.Identity()
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class OnnxRunner:
+    """An ONNX model run by ONNX Runtime."""
+
+    def __init__(self, path: Path, config: ModelConfig, device: torch.device) -> None:
+        import onnxruntime as ort  # heavy: imported when an ONNX model is loaded
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            gpu = [
+                p
+                for p in (
+                    "CUDAExecutionProvider",
+                    "ROCMExecutionProvider",
+                    "MIGraphXExecutionProvider",
+                )
+                if p in available
+            ]
+            providers = (
+                [(gpu[0], {"device_id": device.index or 0}), *providers] if gpu else (providers)
+            )
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(
+                f"ONNX Runtime cannot load {path} ({exc}); re-export the model"
+            ) from None
+        names = [i.name for i in self.session.get_inputs()]
+        wanted = [s.name for s in config.inputs]
+        if sorted(names) != sorted(wanted):
+            raise ModelLoadError(
+                f"{path} takes inputs {names} but the model config lists {wanted}; make the "
+                "config's input names match the ONNX graph"
+            )
+        outs = [o.name for o in self.session.get_outputs()]
+        missing = [s.name for s in config.outputs if s.name not in outs]
+        if missing:
+            raise ModelLoadError(
+                f"{path} has outputs {outs}; the model config lists {missing} that it lacks"
+            )
+        self.config = config
+        self.device = str(device)
+        size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob("*.data"))
+        self.memory_bytes = size + allowance_bytes(config)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch."""
+        names = [s.name for s in self.config.outputs]
+        values = self.session.run(names, {s.name: inputs[s.name] for s in self.config.inputs})
+        return {
+            s.name: np.asarray(v).astype(s.dtype, copy=False)
+            for s, v in zip(self.config.outputs, values, strict=True)
+        }
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None
+
+
+def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
+    """Load one version and check it against its config with a warm-up batch.
+
+    The warm-up runs zeros of ``max_batch_size`` items on a GPU (to measure the memory peak),
+    one item on the CPU, and checks every output's shape and datatype against the config.
+
+    Raises:
+        ModelLoadError: A missing or corrupt file, or outputs that do not match the config.
+
+    Example:
+        >>> load_runner(Path("repo/mlp/1"), config, "cpu").device
+        'cpu'
+    """
+    dev = torch.device(device)
+    path = model_path(version_dir, config.format)
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; put the {config.format} model there")
+    on_gpu = dev.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    runner: Runner
+    if config.format == "slimtorch":
+        from slimtorch.models import load_model
+
+        module, _ = load_model(path, device=dev)
+        runner = TorchRunner(module, config, dev)
+    elif config.format == "torch_export":
+        from slimtorch.models import load_exported
+
+        runner = TorchRunner(load_exported(path, device=dev), config, dev)
+    else:
+        runner = OnnxRunner(path, config, dev)
+    batch = config.max_batch_size if on_gpu else 1
+    try:
+        check_outputs(runner, config, batch)
+    except ModelLoadError:
+        runner.close()
+        raise
+    if on_gpu and config.format != "onnx":
+        runner.memory_bytes = max(torch.cuda.max_memory_allocated(dev) - base, 1)
+    logger.info(
+        "loaded %s (%s) from %s on %s: %d bytes",
+        config.name,
+        config.format,
+        version_dir,
+        device,
+        runner.memory_bytes,
+    )
+    return runner
+
+
+def check_outputs(runner: Runner, config: ModelConfig, batch: int) -> None:
+    """Run zeros through ``runner`` and compare outputs with the config.
+
+    Raises:
+        ModelLoadError: The model fails on inputs of the configured shape, or an output has
+            another shape or datatype than configured.
+    """
+    inputs = {
+        s.name: np.zeros((batch, *[max(d, 1) for d in s.dims]), dtype=s.dtype)
+        for s in config.inputs
+    }
+    try:
+        outputs = runner.run(inputs)
+    except Exception as exc:
+        if is_oom(exc):
+            raise
+        raise ModelLoadError(
+            f"model {config.name!r} fails on inputs of the configured shapes "
+            f"{[[-1, *s.dims] for s in config.inputs]} ({type(exc).__name__}: {exc}); fix the "
+            "config's input dims or the model"
+        ) from None
+    for spec in config.outputs:
+        got = list(outputs[spec.name].shape)
+        want = [batch, *spec.dims]
+        if len(got) != len(want) or any(w not in (-1, g) for w, g in zip(want, got, strict=True)):
+            raise ModelLoadError(
+                f"output {spec.name!r} of model {config.name!r} has shape {got} for a batch of "
+                f"{batch}, the config says {[-1, *spec.dims]}; fix the config's output dims"
+            )
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Size and modification time of a file or directory (for change detection)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = [path] if path.exists() else []
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+
+
+def default_device(name: str) -> str:
+    """Resolve ``auto`` and friends to a device string (CUDA/ROCm first, then CPU)."""
+    from slimtorch.core.devices import resolve_device
+
+    return str(resolve_device(name))
+
+
+__all__ = [
+    "FILES",
+    "OnnxRunner",
+    "Runner",
+    "TorchRunner",
+    "allowance_bytes",
+    "check_outputs",
+    "default_device",
+    "describe",
+    "estimate_memory",
+    "is_oom",
+    "load_runner",
+    "model_path",
+]

@@ -1,0 +1,255 @@
+"""The model server behind the HTTP layer: repository, cache, one batcher per model version.
+
+Example:
+    >>> server = ModelServer(ServeSettings(repository="models"))
+    >>> await server.start()
+    >>> entry, ver, outputs = await server.infer("mnist-mlp", None, decoded_request)
+    >>> await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimtorch.core.devices import read_meminfo
+from slimtorch.serve.batcher import Arrays, Batcher
+from slimtorch.serve.cache import ModelCache
+from slimtorch.serve.errors import NotReady, Overloaded
+from slimtorch.serve.metrics import ServeMetrics
+from slimtorch.serve.model_config import ModelConfig
+from slimtorch.serve.protocol.codec import DecodedRequest, check_inputs
+from slimtorch.serve.repository import ModelEntry, Repository, State, VersionEntry
+from slimtorch.serve.runners import default_device, is_oom
+from slimtorch.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+
+def memory_budget(settings: ServeSettings) -> int:
+    """Bytes the cache may use: the setting, else ``memory_fraction`` of the device's memory.
+
+    The device is the server's default device: total GPU memory for CUDA/ROCm, ``MemTotal``
+    for the CPU (8 GiB where unknown).
+
+    Example:
+        >>> memory_budget(ServeSettings(memory_budget_bytes=1 << 30))
+        1073741824
+    """
+    if settings.memory_budget_bytes is not None:
+        return settings.memory_budget_bytes
+    try:
+        dev = torch.device(default_device(settings.device))
+    except ValueError:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        total = torch.cuda.mem_get_info(dev)[1]
+    else:
+        total = read_meminfo().get("MemTotal", 8 << 30)
+    return max(1, int(total * settings.memory_fraction))
+
+
+class ModelServer:
+    """Everything the endpoints need; :meth:`start` and :meth:`stop` bracket its life.
+
+    Args:
+        settings: Server settings.
+        metrics: The app's metrics (a fresh set by default).
+    """
+
+    def __init__(self, settings: ServeSettings, metrics: ServeMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServeMetrics()
+        root = Path(settings.repository) if settings.repository else None
+        self.repository = Repository(root, settings)
+        self.cache: ModelCache | None = None
+        self.batchers: dict[Key, Batcher] = {}
+        self.ready = False
+        self._poll: asyncio.Task[None] | None = None
+        self._scan_lock = asyncio.Lock()
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Scan the repository, start the batchers, load pinned/start-up models."""
+        if self.settings.threads is not None:
+            torch.set_num_threads(self.settings.threads)
+        self.cache = ModelCache(memory_budget(self.settings), self.metrics)
+        await self.rescan()
+        if self.settings.poll_interval_s > 0:
+            self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
+        self.ready = True
+        logger.info(
+            "serving %d model(s); memory budget %d bytes",
+            len(self.repository.models),
+            self.cache.budget_bytes,
+        )
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish the accepted ones, unload every model."""
+        self.ready = False
+        if self._poll is not None:
+            self._poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll
+        await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        self.batchers.clear()
+        if self.cache is not None:
+            self.cache.close()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.rescan()
+            except Exception:  # a bad scan must not end polling
+                logger.exception("repository re-scan failed")
+
+    async def rescan(self) -> set[str]:
+        """Re-read the repository and (re)start the batchers of models added or changed."""
+        async with self._scan_lock:
+            loop = asyncio.get_running_loop()
+            old = dict(self.repository.models)
+            changed = await loop.run_in_executor(None, self.repository.scan)
+            for name in changed:
+                stale = [k for k in self.batchers if k[0] == name]
+                await asyncio.gather(*(self.batchers.pop(k).close() for k in stale))
+                if name in old and self.cache is not None:
+                    for v in old[name].versions:
+                        self.cache.unload((name, v))
+                entry = self.repository.models.get(name)
+                if entry is not None and entry.config is not None:
+                    for ver in entry.versions.values():
+                        self._add_batcher(entry, ver)
+            await self._startup_loads(changed)
+            return changed
+
+    def _device(self, config: ModelConfig) -> str:
+        return default_device(config.device or self.settings.device)
+
+    def _add_batcher(self, entry: ModelEntry, ver: VersionEntry) -> None:
+        config = entry.config
+        assert config is not None
+        try:
+            device = self._device(config)
+        except ValueError as exc:
+            ver.state, ver.reason = State.UNAVAILABLE, str(exc)
+            return
+        label = entry.name if len(entry.versions) == 1 else f"{entry.name}:{ver.version}"
+        batcher = Batcher(label, config, self._executor(ver, config, device), self.metrics)
+        batcher.start()
+        self.batchers[(entry.name, ver.version)] = batcher
+
+    async def _startup_loads(self, names: set[str]) -> None:
+        loop = asyncio.get_running_loop()
+        for name in sorted(names):
+            entry = self.repository.models.get(name)
+            if entry is None or entry.config is None:
+                continue
+            policy = entry.config.load_policy or self.settings.load_policy
+            if policy != "startup" and not entry.config.pinned:
+                continue
+            for ver in entry.versions.values():
+                if ver.servable:
+                    with contextlib.suppress(NotReady, Overloaded):
+                        await loop.run_in_executor(None, self._load_now, entry, ver)
+
+    def _load_now(self, entry: ModelEntry, ver: VersionEntry) -> None:
+        assert self.cache is not None and entry.config is not None
+        self.cache.acquire(
+            ver, entry.config, self._device(entry.config), pinned=entry.config.pinned
+        )
+        self.cache.release(ver)
+
+    def _executor(
+        self, ver: VersionEntry, config: ModelConfig, device: str
+    ) -> Callable[[Arrays], Arrays]:
+        cache = self.cache
+        assert cache is not None
+
+        def execute(inputs: Arrays) -> Arrays:
+            runner = cache.acquire(ver, config, device, pinned=config.pinned)
+            try:
+                try:
+                    return runner.run(inputs)
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    logger.warning(
+                        "out of memory running %s; evicting idle models, retrying", ver.model
+                    )
+                    cache.evict_idle(exclude=(ver.model, ver.version))
+                try:
+                    return runner.run(inputs)
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    raise Overloaded(
+                        f"model {ver.model!r} ran out of device memory on a batch of "
+                        f"{next(iter(inputs.values())).shape[0]} even after evicting the idle "
+                        "models; retry later, or send smaller batches",
+                        retry_after=1,
+                    ) from None
+            finally:
+                cache.release(ver)
+
+        return execute
+
+    # -- requests ---------------------------------------------------------------------------
+    async def infer(
+        self, name: str, version: str | None, request: DecodedRequest
+    ) -> tuple[ModelEntry, VersionEntry, Arrays]:
+        """Check a decoded request against the model and run it through the model's batcher.
+
+        Raises:
+            NotFound, NotReady, BadRequest, Overloaded: see :mod:`slimtorch.serve.errors`.
+        """
+        entry, ver = self.repository.version(name, version)
+        assert entry.config is not None
+        rows = check_inputs(request, entry.config)
+        batcher = self.batchers.get((name, ver.version))
+        if batcher is None or not self.ready:
+            raise NotReady(
+                f"model {name!r} is not being served (the server is starting or "
+                "stopping); retry shortly"
+            )
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                outputs = await batcher.submit(request.tensors, rows)
+        except TimeoutError:
+            raise Overloaded(
+                f"the request to model {name!r} took longer than the "
+                f"{self.settings.request_timeout_s:g} s request timeout; the server is "
+                "overloaded, retry later",
+                retry_after=batcher.retry_after(),
+            ) from None
+        return entry, ver, outputs
+
+    async def load(self, name: str) -> list[VersionEntry]:
+        """Load every version of ``name`` now (management API)."""
+        entry = self.repository.get(name)
+        if entry.config is None:
+            raise NotReady(f"model {name!r} cannot be loaded: {entry.error}")
+        loop = asyncio.get_running_loop()
+        for ver in entry.versions.values():
+            if ver.state is State.UNLOADED:
+                ver.state, ver.reason = State.AVAILABLE, ""
+            if (name, ver.version) not in self.batchers:
+                self._add_batcher(entry, ver)
+            await loop.run_in_executor(None, self._load_now, entry, ver)
+        return list(entry.versions.values())
+
+    async def unload(self, name: str) -> list[VersionEntry]:
+        """Unload every version of ``name``; it stays not ready until loaded again."""
+        entry = self.repository.get(name)
+        assert self.cache is not None
+        for ver in entry.versions.values():
+            self.cache.unload((name, ver.version))
+            ver.state, ver.reason = State.UNLOADED, "unloaded through the management API"
+        return list(entry.versions.values())

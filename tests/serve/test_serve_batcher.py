@@ -1,0 +1,158 @@
+"""Dynamic batching: batches form under load, lone requests run at once, bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from slimtorch.serve.batcher import Batcher
+from slimtorch.serve.errors import Overloaded
+from slimtorch.serve.model_config import ModelConfig, TensorSpec
+
+
+def _config(**kw: object) -> ModelConfig:
+    return ModelConfig(
+        name="m",
+        format="onnx",
+        inputs=(TensorSpec(name="x", dims=(2,)),),
+        outputs=(TensorSpec(name="y", dims=(2,)),),
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+class _Model:
+    """Doubles its input; records batch sizes; can be held busy by a gate."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        self.sizes.append(inputs["x"].shape[0])
+        return {"y": inputs["x"] * 2}
+
+
+def _x(i: float, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, 2), i, np.float32)}
+
+
+def test_lone_request_runs_at_once_and_concurrent_ones_batch_in_order() -> None:
+    async def main() -> None:
+        model = _Model()
+        b = Batcher("m", _config(max_batch_size=8, max_queue_delay_ms=50), model)
+        b.start()
+        t0 = time.perf_counter()
+        out = await b.submit(_x(1), 1)
+        assert time.perf_counter() - t0 < 0.04  # no 50 ms batching wait when idle
+        np.testing.assert_array_equal(out["y"], np.full((1, 2), 2, np.float32))
+        model.gate.clear()  # hold the model busy: the next requests queue up
+        first = asyncio.create_task(b.submit(_x(0), 1))
+        await asyncio.sleep(0.05)
+        rest = [
+            asyncio.create_task(b.submit(_x(i, rows=1 + i % 2), 1 + i % 2)) for i in range(1, 6)
+        ]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await first
+        outs = await asyncio.gather(*rest)
+        for i, o in enumerate(outs, start=1):  # each request gets its own rows back
+            np.testing.assert_array_equal(o["y"], np.full((1 + i % 2, 2), 2 * i, np.float32))
+        assert model.sizes == [1, 1, 8]  # the five queued requests (8 rows) ran as one batch
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused_with_retry_after_and_nothing_is_lost() -> None:
+    async def main() -> None:
+        model = _Model()
+        b = Batcher("m", _config(max_batch_size=2, max_queue_size=4), model)
+        b.start()
+        model.gate.clear()
+        tasks = [asyncio.create_task(b.submit(_x(i), 1)) for i in range(12)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        ok = [r for r in results if isinstance(r, dict)]
+        refused = [r for r in results if isinstance(r, Overloaded)]
+        assert len(ok) + len(refused) == 12 and len(refused) >= 6
+        assert all(r.retry_after is not None and r.retry_after >= 1 for r in refused)
+        assert sum(model.sizes) == len(ok)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_slow_model_does_not_stall_another() -> None:
+    async def main() -> None:
+        slow, fast = _Model(), _Model()
+        slow.gate.clear()
+        bs = Batcher("slow", _config(), slow)
+        bf = Batcher("fast", _config(), fast)
+        bs.start()
+        bf.start()
+        stuck = asyncio.create_task(bs.submit(_x(1), 1))
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        for i in range(5):
+            await bf.submit(_x(i), 1)
+        assert time.perf_counter() - t0 < 1.0 and not stuck.done()
+        slow.gate.set()
+        await stuck
+        await bs.close()
+        await bf.close()
+
+    asyncio.run(main())
+
+
+def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> None:
+    async def main() -> None:
+        model = _Model(delay=0.01)
+        b = Batcher("m", _config(max_batch_size=2), model)
+        b.start()
+        tasks = [asyncio.create_task(b.submit(_x(i), 1)) for i in range(6)]
+        await asyncio.sleep(0)
+        await b.close()
+        assert all(t.done() and not t.exception() for t in tasks)
+        with pytest.raises(Exception, match="shutting down"):
+            await b.submit(_x(0), 1)
+
+        def broken(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            raise RuntimeError("kernel failed")
+
+        bb = Batcher("b", _config(), broken)
+        bb.start()
+        results = await asyncio.gather(
+            *(bb.submit(_x(i), 1) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RuntimeError) for r in results)
+        await bb.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_is_skipped() -> None:
+    async def main() -> None:
+        model = _Model()
+        b = Batcher("m", _config(), model)
+        b.start()
+        model.gate.clear()
+        first = asyncio.create_task(b.submit(_x(0), 1))
+        await asyncio.sleep(0.02)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.submit(_x(1), 1), 0.02)
+        model.gate.set()
+        await first
+        await b.submit(_x(2), 1)
+        assert sum(model.sizes) == 2  # the timed-out request never ran
+        await b.close()
+
+    asyncio.run(main())

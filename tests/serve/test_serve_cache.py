@@ -1,0 +1,124 @@
+"""The memory-bounded cache: LRU eviction, pinning, busy models, out-of-memory retry."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_config, write_onnx
+from slimtorch.serve.cache import ModelCache
+from slimtorch.serve.errors import NotReady, Overloaded
+from slimtorch.serve.metrics import ServeMetrics
+from slimtorch.serve.model_config import ModelConfig
+from slimtorch.serve.repository import Repository, State
+from slimtorch.serve.runners import Runner, load_runner
+from slimtorch.serve.settings import ServeSettings
+
+W = np.eye(4, 3, dtype=np.float32)
+B = np.zeros(3, np.float32)
+
+
+def _repo(
+    tmp_path: Path, names: list[str], memory: int, pinned: tuple[str, ...] = ()
+) -> Repository:
+    for name in names:
+        write_config(
+            tmp_path / name,
+            format="onnx",
+            memory_bytes=memory,
+            inputs=[{"name": "x", "dims": [4]}],
+            outputs=[{"name": "y", "dims": [3]}],
+        )
+        write_onnx(tmp_path / name / "1" / "model.onnx", W * (1 + len(name)), B)
+    repo = Repository(tmp_path, ServeSettings(pinned=pinned))
+    repo.scan()
+    return repo
+
+
+def _use(cache: ModelCache, repo: Repository, name: str) -> np.ndarray:
+    entry = repo.models[name]
+    assert entry.config is not None
+    with cache.use(entry.versions[1], entry.config, "cpu", pinned=entry.config.pinned) as runner:
+        return runner.run({"x": np.ones((1, 4), np.float32)})["y"]
+
+
+def test_least_recently_used_is_evicted(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    metrics = ServeMetrics()
+    cache = ModelCache(2500, metrics)
+    _use(cache, repo, "a")
+    _use(cache, repo, "bb")
+    _use(cache, repo, "a")  # "bb" is now the least recently used
+    out = _use(cache, repo, "ccc")
+    np.testing.assert_allclose(out, np.ones((1, 4), np.float32) @ (W * 4))
+    assert cache.resident() == [("a", 1), ("ccc", 1)]
+    assert repo.models["bb"].versions[1].state is State.AVAILABLE
+    assert repo.models["ccc"].versions[1].state is State.READY
+    assert cache.used_bytes == 2000
+    text = metrics.render()[0].decode()
+    assert 'slimtorch_serve_model_evictions_total{model="bb"} 1.0' in text
+    _use(cache, repo, "bb")  # loads again on demand
+    assert ("bb", 1) in cache.resident()
+
+
+def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000, pinned=("a",))
+    assert repo.models["a"].config is not None and repo.models["a"].config.pinned
+    cache = ModelCache(2000)
+    _use(cache, repo, "a")
+    e = repo.models["bb"]
+    assert e.config is not None
+    runner = cache.acquire(e.versions[1], e.config, "cpu")  # held busy
+    with pytest.raises(Overloaded, match="pinned or busy") as info:
+        _use(cache, repo, "ccc")
+    assert info.value.retry_after == 1
+    cache.release(e.versions[1])
+    _use(cache, repo, "ccc")  # now "bb" is idle and is evicted
+    assert cache.resident() == [("a", 1), ("ccc", 1)]
+    assert runner is not None
+
+
+def test_model_larger_than_budget_is_not_ready(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a"], memory=10_000)
+    cache = ModelCache(5000)
+    with pytest.raises(NotReady, match="memory budget"):
+        _use(cache, repo, "a")
+    assert repo.models["a"].versions[1].state is State.UNAVAILABLE
+
+
+def test_out_of_memory_while_loading_evicts_and_retries_once(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a", "bb"], memory=100)
+    failures = {"left": 1}
+
+    def loader(path: Path, config: ModelConfig, device: str) -> Runner:
+        if config.name == "bb" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return load_runner(path, config, device)
+
+    cache = ModelCache(10_000, loader=loader)
+    _use(cache, repo, "a")
+    _use(cache, repo, "bb")  # first try fails, idle "a" is evicted, second try loads
+    assert cache.resident() == [("bb", 1)]
+    failures["left"] = 2
+    cache.unload(("bb", 1))
+    with pytest.raises(Overloaded, match="out of device memory"):
+        _use(cache, repo, "bb")
+    assert repo.models["bb"].versions[1].state is State.AVAILABLE  # not broken: retry later
+
+
+def test_corrupt_onnx_is_reported(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a"], memory=100)
+    (tmp_path / "a" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    cache = ModelCache(10_000)
+    with pytest.raises(NotReady, match="ONNX Runtime cannot load"):
+        _use(cache, repo, "a")
+    ver = repo.models["a"].versions[1]
+    assert ver.state is State.UNAVAILABLE and "ONNX" in ver.reason
+    shutil.rmtree(tmp_path / "a" / "1")
+    repo.scan()
+    assert "no numbered version" in repo.models["a"].error
