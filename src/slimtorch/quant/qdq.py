@@ -44,9 +44,13 @@ import torch.ao.quantization.fx._decomposed
 from torch import nn
 from torch.nn import functional as F
 
+from slimtorch.quant.int4 import pack_int4, unpack_int4
+
 logger = logging.getLogger(__name__)
 
 _QD = torch.ops.quantized_decomposed
+PACKED_KEY = "weight_int4_packed"
+"""State-dict key of a 4-bit layer's weights, packed two per byte."""
 _INPUT_RANGES = {"uint8": (0, 255, torch.uint8), "int8": (-128, 127, torch.int8)}
 
 
@@ -237,6 +241,35 @@ class _QDQLayer(nn.Module):
         )
         self.bias: nn.Parameter | None = (
             nn.Parameter(torch.zeros(c_out, device=device)) if bias else None
+        )
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_bits == 4:  # saved two per byte (slimtorch.quant.int4)
+            q = destination.pop(prefix + "weight_int8")
+            destination[prefix + PACKED_KEY] = pack_int4(q.detach())
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + PACKED_KEY
+        if self.weight_bits == 4 and key in state_dict:
+            try:
+                q = unpack_int4(state_dict[key], self.weight_int8.shape)
+            except ValueError as exc:
+                error_msgs.append(f"{key}: {exc}")
+            else:
+                state_dict = {**state_dict, prefix + "weight_int8": q}
+                del state_dict[key]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def dequantized_weight(self) -> torch.Tensor:
