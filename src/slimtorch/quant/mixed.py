@@ -15,7 +15,8 @@ the result always fits the real budget).
 
 Sizes are deployed bytes: int4 weights packed two per byte (see
 :func:`~slimtorch.quant.mixed_sensitivity.layer_bytes`). The report also gives the bytes the
-model holds in memory now (``stored_bytes_after``), where 4-bit values sit in int8 tensors.
+model holds in memory now (``stored_bytes_after``), where 4-bit values sit in int8 tensors, and
+the bytes of its state dict as saved (``saved_bytes_after``: 4-bit weights packed two per byte).
 
 Example:
     >>> model = create_model("vgg11-bn", in_channels=1, input_size=28)
@@ -155,6 +156,7 @@ class MixedPrecisionReport:
     size_fp32: int = 0
     size_after: int = 0
     stored_bytes_after: int = 0
+    saved_bytes_after: int = 0
     est_latency_before_s: float | None = None
     est_latency_after_s: float | None = None
     fold: dict[str, Any] | None = None
@@ -381,6 +383,7 @@ def mixed_precision_(
     report.predicted_loss = sum(losses[n][c] for n, c in choice.items())
     report.size_after = round(rest_bytes + sum(sizes[n][c] for n, c in choice.items()))
     report.stored_bytes_after = model_size_bytes(work)
+    report.saved_bytes_after = sum(t.numel() * t.element_size() for t in work.state_dict().values())
     report.est_latency_after_s = estimate_latency(work, example, config.profile).total_s
     for n in names:
         c = choice[n]
