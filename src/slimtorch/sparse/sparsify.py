@@ -118,8 +118,9 @@ def _try_candidate(
         return Candidate(fmt, "unavailable", reason=reason), None
     try:
         layer = build_sparse_layer(module, fmt)
-    except ValueError as exc:  # the format does not fit this layer (e.g. no BSR block divides it)
-        return Candidate(fmt, "unavailable", reason=str(exc)), None
+    except (ValueError, RuntimeError) as exc:  # the format does not fit this layer (no BSR
+        # block divides it, a 2:4 weight whose sides are not multiples of the kernel's tile)
+        return Candidate(fmt, "unavailable", reason=f"{type(exc).__name__}: {exc}"[:300]), None
     try:
         with torch.inference_mode():
             out = layer(x)
