@@ -61,7 +61,7 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
 
 
 def test_unknown_method_and_bad_rank(trained_mlp: Path) -> None:
-    with pytest.raises(ValueError, match="unknown compression method 'qr'; valid choices: .*svd"):
+    with pytest.raises(ValueError, match=r"unknown compression method 'qr'; valid choices: .*svd"):
         compress_run(in_dir=trained_mlp, out_dir=None, method="qr", rank=0.5)
     with pytest.raises(ValueError, match="rank"):
         compress_run(in_dir=trained_mlp, out_dir=None, method="svd", rank=1.5)

@@ -13,7 +13,6 @@ from slimtorch.quant import LayerQParams, quantize_weight, to_qdq_
 from slimtorch.quant.int4 import pack_int4, unpack_int4
 from slimtorch.quant.qdq import PACKED_KEY
 
-
 CARD = {
     "input_shape": (1, 28, 28),
     "mean": [0.5],

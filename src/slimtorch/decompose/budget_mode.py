@@ -4,8 +4,9 @@ Instead of one rank rule for every layer, the targeted layers share one budget: 
 parameters (or per-sample FLOPs) of the targeted layers after factorisation must be at most the
 given fraction of their total before. ``"budget:params=0.33,flops=0.5"`` asks for both at once:
 in a CNN the parameters sit in the late wide layers and the FLOPs in the early large maps, so
-one budget alone usually leaves the other far from its target. Kim et al. (2016, "Compression of deep convolutional neural
-networks for fast and low power mobile applications", arXiv:1511.06530) pick Tucker-2 ranks per
+one budget alone usually leaves the other far from its target. Kim et al. (2016, "Compression
+of deep convolutional neural networks for fast and low power mobile applications",
+arXiv:1511.06530) pick Tucker-2 ranks per
 layer with VBMF (``rank="vbmf"`` here) and tune the overall compression to a target; budget mode
 makes that target exact and spends it where it costs least accuracy.
 

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +34,8 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.globs import check_globs as _check_globs
+from slimtorch.core.globs import selected
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.buffers import TRANSFORM_NAME, get_mask, set_mask_
 from slimtorch.prune.masks import global_magnitude_masks, magnitude_mask, nm_mask
@@ -110,21 +111,6 @@ class NMConfig(Config):
 PruneConfig = MagnitudeConfig | NMConfig
 
 
-def _check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
-    names = [n for n, _ in model.named_modules() if n]
-    for arg, value in (("include", include), ("exclude", exclude)):
-        if value is None:
-            continue
-        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-            raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
-        unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched:
-            raise ValueError(
-                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "
-                f"{type(model).__name__}; module names look like {', '.join(names[:6])}, ..."
-            )
-
-
 def _targets(
     model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> list[tuple[str, nn.Module]]:
@@ -133,9 +119,7 @@ def _targets(
     for name, module in model.named_modules():
         if not name or not isinstance(module, _TARGET_TYPES):
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             continue
         out.append((name, module))
     return out

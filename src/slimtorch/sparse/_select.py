@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from slimtorch.core.globs import check_globs, selected
 
 TARGET_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -25,25 +26,12 @@ def select_layers(
         >>> [n for n, _ in select_layers(net, exclude=["2"])]
         ['0']
     """
-    names = [n for n, _ in model.named_modules() if n]
-    for arg, globs in (("include", include), ("exclude", exclude)):
-        if globs is None:
-            continue
-        if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
-            raise TypeError(f"{arg} must be a list of glob strings or None, got {globs!r}")
-        unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
-        if unmatched:
-            raise ValueError(
-                f"{arg} pattern(s) {unmatched} match no module of {type(model).__name__}; "
-                f"module names look like {', '.join(names[:6])}, ..."
-            )
+    check_globs(model, include, exclude)
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or not isinstance(module, TARGET_TYPES):
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, g) for g in include):
-            continue
-        if exclude and any(fnmatch.fnmatchcase(name, g) for g in exclude):
+        if not selected(name, include, exclude):
             continue
         out.append((name, module))
     return out

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
@@ -47,21 +48,6 @@ from slimtorch.prune.channel.layers import (
 from slimtorch.prune.channel.report import ChannelGroupRow, ChannelPruneReport
 
 logger = logging.getLogger(__name__)
-
-
-def _check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
-    names = [n for n, _ in model.named_modules() if n]
-    for arg, value in (("include", include), ("exclude", exclude)):
-        if value is None:
-            continue
-        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-            raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
-        unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched:
-            raise ValueError(
-                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "
-                f"{type(model).__name__}; module names look like {', '.join(names[:6])}, ..."
-            )
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:

@@ -1,0 +1,49 @@
+"""Choosing layers by dotted-name globs: the ``include``/``exclude`` arguments of every transform.
+
+A name is selected when it matches some ``include`` glob (every name when ``include`` is None)
+and no ``exclude`` glob; globs are :func:`fnmatch.fnmatchcase` patterns over the names of
+``model.named_modules()``. A glob that matches no module at all is an error (a typo must not
+silently select nothing).
+
+Example:
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> check_globs(net, ["0", "2"], None)
+    >>> selected("2", include=None, exclude=["0"]), selected("0", include=["2"], exclude=None)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+
+def check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
+    """Raise unless ``include``/``exclude`` are None or lists of globs that each match a module.
+
+    Raises:
+        TypeError: a glob list is a string or holds non-strings.
+        ValueError: a glob matches no module name (the message shows some real names).
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    for arg, value in (("include", include), ("exclude", exclude)):
+        if value is None:
+            continue
+        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
+        unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "
+                f"{type(model).__name__}; module names look like {', '.join(names[:6])}, ..."
+            )
+
+
+def selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    """Whether ``name`` matches an ``include`` glob (or include is None) and no ``exclude`` glob."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
