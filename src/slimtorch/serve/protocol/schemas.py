@@ -163,8 +163,9 @@ def format_validation_error(exc: ValidationError, root: str = "") -> str:
         >>> try:
         ...     InferenceRequest.model_validate_json('{"inputs": []}')
         ... except ValidationError as e:
-        ...     print(format_validation_error(e))
-        inputs: List should have at least 1 item after validation, not 0
+        ...     message = format_validation_error(e)
+        >>> message
+        'inputs: List should have at least 1 item after validation, not 0 (got [])'
     """
     parts = []
     for err in exc.errors(include_url=False):
