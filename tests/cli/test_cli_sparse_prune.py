@@ -53,6 +53,15 @@ def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0
     assert json.loads((tmp_path / "nm" / "report.json").read_text())["config"] == {"n": 1, "m": 4}
 
+    capsys.readouterr()
+    code = main(
+        ["compress", "--in", str(base), "--out", str(tmp_path / "cp"), "--method",
+         "channel-prune", "--ratio", "0.5", "--finetune-epochs", "0", "--device", "cpu",
+         "--profile-batch", "4", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert "channel groups changed: 2 of 3" in capsys.readouterr().out  # classifier is fixed
+
 
 def test_compress_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["compress", "--in", str(tmp_path), "--out", str(tmp_path / "o")]

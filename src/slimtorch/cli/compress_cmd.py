@@ -99,6 +99,19 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _summary(report: dict[str, Any]) -> str:
+    """One line on what the method changed, whatever shape its report has."""
+    for key, unit in (("layers", "layers"), ("groups", "channel groups")):
+        rows = [r for r in report.get(key, []) if isinstance(r, dict)]
+        if rows:
+            unchanged = ("skipped", "kept", "unchanged", "fixed")
+            done = sum(1 for r in rows if r.get("action") not in unchanged)
+            return f"{unit} changed: {done} of {len(rows)} (see report.txt for skips)"
+    names = [r for r in report.get("layers", []) if isinstance(r, str)]
+    skipped = report.get("skipped") or {}
+    return f"layers changed: {len(names)} of {len(names) + len(skipped)} (see report.txt)"
+
+
 def _methods() -> list[str]:
     from slimtorch.pipeline.methods import COMPRESS_METHODS
 
@@ -216,9 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     layers = result.report["layers"]
     print(f"{args.method} on {args.model_dir} -> {args.out}/model")
-    rows = [r for r in layers.get("layers", []) if isinstance(r, dict)]
-    done = sum(1 for r in rows if r.get("action") not in ("skipped", "kept", "unchanged", "fixed"))
-    print(f"layers changed: {done} of {len(rows)} (see report.txt for skips)")
+    print(_summary(layers))
     finished = result.report.get("finish") or {}
     if "storage" in finished:
         st = finished["storage"]
