@@ -3,7 +3,6 @@ resumes from a checkpoint exactly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +12,7 @@ from torch import nn
 
 from slimtorch.prune import GradualPruning, MagnitudeConfig, MaskCallback, get_mask, prune_
 from slimtorch.train import Callback, TrainConfig, Trainer
-
-
-class _Loader:
-    """Fixed (x, y) batches, reshuffled per epoch from a seed."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
-        self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.x) // self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+from train_helpers import ListLoader
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +55,7 @@ def test_mask_callback_keeps_pruned_weights_exactly_zero(optimizer: str, amp: st
     masks = {n: get_mask(m).clone() for n, m in model.named_modules() if get_mask(m) is not None}  # type: ignore[union-attr]
     before = [p.detach().clone() for p in model.parameters()]
     trainer = Trainer(model, _config(optimizer=optimizer, amp=amp), callbacks=[MaskCallback()])
-    trainer.fit(_Loader(X, Y, 8))
+    trainer.fit(ListLoader(X, Y, 8))
     assert trainer.global_step == 24
     for name, mask in masks.items():
         layer = model.get_submodule(name)
@@ -87,7 +68,7 @@ def test_mask_callback_keeps_pruned_weights_exactly_zero(optimizer: str, amp: st
 def test_without_mask_callback_momentum_revives_pruned_weights() -> None:
     model = _mlp()
     prune_(model, MagnitudeConfig(sparsity=0.8))
-    Trainer(model, _config(epochs=1)).fit(_Loader(X, Y, 8))
+    Trainer(model, _config(epochs=1)).fit(ListLoader(X, Y, 8))
     mask = get_mask(model[0])
     assert mask is not None and bool((model[0].weight[~mask] != 0).any())
 
@@ -139,7 +120,7 @@ def test_gradual_pruning_raises_sparsity_on_schedule_during_training() -> None:
             self.seen.append((trainer.global_step, float((w == 0).float().mean())))
 
     spy = _Spy()
-    Trainer(model, _config(), callbacks=[gradual, spy]).fit(_Loader(X, Y, 8))
+    Trainer(model, _config(), callbacks=[gradual, spy]).fit(ListLoader(X, Y, 8))
     assert [t for t, _ in gradual.history] == [2, 6, 10, 14]
     for t, s in gradual.history:
         assert s == pytest.approx(gradual.sparsity_at(t))
@@ -167,12 +148,12 @@ def test_gradual_pruning_state_survives_checkpoint_and_resume(tmp_path: Path) ->
     cfg = _config(checkpoint_every_steps=4)
     ref_cb = _gradual()
     ref = Trainer(_mlp(), cfg, callbacks=[ref_cb], out_dir=tmp_path / "ref")
-    ref.fit(_Loader(X, Y, 8))
+    ref.fit(ListLoader(X, Y, 8))
 
     with pytest.raises(_Crash):
         first = _gradual()
         Trainer(_mlp(), cfg, callbacks=[first, _KillAt(12)], out_dir=tmp_path / "run").fit(
-            _Loader(X, Y, 8)
+            ListLoader(X, Y, 8)
         )
     assert [t for t, _ in first.history] == [2, 6, 10]
 
@@ -180,7 +161,7 @@ def test_gradual_pruning_state_survives_checkpoint_and_resume(tmp_path: Path) ->
     prune_(fresh, MagnitudeConfig(sparsity=0.0))  # the mask buffers the checkpoint holds
     resumed_cb = _gradual()
     resumed = Trainer(fresh, cfg, callbacks=[resumed_cb], out_dir=tmp_path / "run")
-    resumed.fit(_Loader(X, Y, 8), resume=True)
+    resumed.fit(ListLoader(X, Y, 8), resume=True)
     assert resumed.global_step == ref.global_step == 24
     assert resumed_cb.history == ref_cb.history
     assert resumed_cb.last_step == 14 and resumed_cb.sparsity == pytest.approx(0.75)

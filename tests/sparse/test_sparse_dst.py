@@ -3,7 +3,6 @@ AMP, checkpoint resume, save/load, and no extra work between updates."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,7 @@ from slimtorch.sparse import (
     make_sparse_callback,
 )
 from slimtorch.train import Callback, TrainConfig, Trainer
-
-
-class _Loader:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
-        self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.x) // self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+from train_helpers import ListLoader
 
 
 def _data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +110,7 @@ def test_sparsity_is_exact_after_every_step(kind: str, optimizer: str, amp: str)
     watch = _Watch(cb)
     lr = 0.05 if optimizer == "sgd" else 0.01
     trainer = Trainer(model, _config(optimizer=optimizer, amp=amp, lr=lr), callbacks=[cb, watch])
-    history = trainer.fit(_Loader(X, Y, 8))
+    history = trainer.fit(ListLoader(X, Y, 8))
     assert trainer.global_step == 36 and watch.problems == []
     total = sum(model.get_submodule(n).weight.numel() for n in LAYERS)
     assert sum(cb.nonzeros.values()) == pytest.approx(0.2 * total, abs=len(LAYERS))
@@ -180,7 +163,7 @@ def test_rigl_regrows_by_the_dense_gradient() -> None:
     cb = RigL(_sparse_cfg())
     spy = _GradSpy(cb)
     trainer = Trainer(_mlp(), _config(epochs=2), callbacks=[spy, cb, _After(spy)])
-    trainer.fit(_Loader(X, Y, 8))
+    trainer.fit(ListLoader(X, Y, 8))
     assert sorted(spy.seen) == [4, 8, 12, 16]
     for step, layers in spy.seen.items():
         fraction = cb.drop_fraction(step)
@@ -198,7 +181,7 @@ def test_set_regrows_at_random_and_differs_from_rigl() -> None:
     for cls in (SET, RigL):
         model = _mlp()
         cb = cls(_sparse_cfg())
-        Trainer(model, _config(epochs=2), callbacks=[cb]).fit(_Loader(X, Y, 8))
+        Trainer(model, _config(epochs=2), callbacks=[cb]).fit(ListLoader(X, Y, 8))
         masks[cls.__name__] = {n: get_mask(model.get_submodule(n)).clone() for n in LAYERS}  # type: ignore[union-attr]
         assert all(u["swapped"] > 0 for u in cb.updates[:2])
     assert any(not torch.equal(masks["SET"][n], masks["RigL"][n]) for n in LAYERS)
@@ -238,7 +221,7 @@ def test_rigl_does_no_extra_work_between_updates() -> None:
     ops = {}
     for cls in (StaticSparse, RigL):
         cb = _counting(cls)(_sparse_cfg(delta_t=5))
-        Trainer(_mlp(), _config(epochs=2), callbacks=[cb]).fit(_Loader(X, Y, 8))
+        Trainer(_mlp(), _config(epochs=2), callbacks=[cb]).fit(ListLoader(X, Y, 8))
         ops[cls.__name__] = cb.ops
     static, rigl = ops["StaticSparse"], ops["RigL"]
     update_steps = {5, 10, 15}  # T_end = 0.75 * 24 = 18
@@ -266,7 +249,7 @@ def test_fp16_overflow_skips_the_mask_update() -> None:
     cb = RigL(_sparse_cfg())
     watch = _Watch(cb)
     trainer = Trainer(model, _config(amp="fp16", epochs=2), callbacks=[_InfAt(8), cb, watch])
-    trainer.fit(_Loader(X, Y, 8))
+    trainer.fit(ListLoader(X, Y, 8))
     assert cb.skipped_updates == [8]
     assert [u["step"] for u in cb.updates] == [4, 12, 16]
     assert all(torch.equal(watch.masks[8][n], watch.masks[7][n]) for n in LAYERS)
@@ -291,16 +274,16 @@ def test_state_survives_checkpoint_and_resume(cls: type[StaticSparse], tmp_path:
     cfg = _config(checkpoint_every_steps=6)
     ref_cb = cls(_sparse_cfg())
     ref = Trainer(_mlp(), cfg, callbacks=[ref_cb], out_dir=tmp_path / "ref")
-    ref.fit(_Loader(X, Y, 8))
+    ref.fit(ListLoader(X, Y, 8))
     with pytest.raises(_Crash):
         Trainer(
             _mlp(), cfg, callbacks=[cls(_sparse_cfg()), _KillAt(14)], out_dir=tmp_path / "run"
-        ).fit(_Loader(X, Y, 8))
+        ).fit(ListLoader(X, Y, 8))
     fresh = _mlp(seed=99)
     resumed_cb = cls(_sparse_cfg())
     resumed_cb.init_masks_(fresh)  # the mask buffers the checkpoint holds
     resumed = Trainer(fresh, cfg, callbacks=[resumed_cb], out_dir=tmp_path / "run")
-    resumed.fit(_Loader(X, Y, 8), resume=True)
+    resumed.fit(ListLoader(X, Y, 8), resume=True)
     assert resumed.global_step == ref.global_step == 36
     assert resumed_cb.updates == ref_cb.updates
     assert torch.equal(resumed_cb.generator.get_state(), ref_cb.generator.get_state())
@@ -315,7 +298,7 @@ def test_masks_survive_save_and_load_model(tmp_path: Path) -> None:
     cb = make_sparse_callback("rigl", 0.7, delta_t=3, dense_last=True)
     x = torch.randn(48, 1, 4, 4)
     y = torch.randint(0, 4, (48,))
-    Trainer(model, _config(epochs=1), callbacks=[cb]).fit(_Loader(x, y, 8))
+    Trainer(model, _config(epochs=1), callbacks=[cb]).fit(ListLoader(x, y, 8))
     names = list(cb.nonzeros)
     assert cb.summary(model)[names[-1]]["target"] == model.get_submodule(names[-1]).weight.numel()
     out = save_model(
@@ -354,7 +337,7 @@ def test_argument_errors_and_conflicts() -> None:
         RigL(include=["nothing*"]).plan(_mlp())
     trainer = Trainer(_mlp(), _config(epochs=1), callbacks=[RigL(), MaskCallback()])
     with pytest.raises(ValueError, match="remove the other mask callback"):
-        trainer.fit(_Loader(X, Y, 8))
+        trainer.fit(ListLoader(X, Y, 8))
     cfg = SparseTrainingConfig.from_dict(_sparse_cfg(dense_first=True).to_dict())
     assert cfg == _sparse_cfg(dense_first=True)
     cb = make_sparse_callback(

@@ -62,7 +62,7 @@ def test_helpers_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable,
         "-m",
