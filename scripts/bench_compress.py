@@ -81,15 +81,21 @@ def speed_rows(
     compiled: bool,
     rounds: int,
     flop_ratio: float,
+    channels_last: bool = False,
 ) -> list[dict[str, Any]]:
     rows = []
     a = copy.deepcopy(base).to(device).eval()
     b = copy.deepcopy(comp).to(device).eval()
+    if channels_last:
+        a = a.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        b = b.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compiled:
         mode = COMPILE_MODE[0]
         a, b = torch.compile(a, mode=mode), torch.compile(b, mode=mode)
     for batch in batches:
         x = torch.randn(batch, *shape, device=device)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             try:
                 t_a, t_b = side_by_side(a, b, x, threads, rounds)
@@ -101,6 +107,7 @@ def speed_rows(
             {
                 "device": str(device),
                 "compiled": compiled and (COMPILE_MODE[0] or "default"),
+                "channels_last": channels_last,
                 "batch": batch,
                 "base_ms": t_a * 1e3,
                 "compressed_ms": t_b * 1e3,
@@ -130,7 +137,9 @@ def run_plan(
     batches = [int(b) for b in plan_batch.split("+")]
     if args.min_speedup > 0:
         opts.update(
-            min_speedup=args.min_speedup, speed_batch=batches[0] if len(batches) == 1 else batches
+            min_speedup=args.min_speedup,
+            speed_batch=batches[0] if len(batches) == 1 else batches,
+            speed_channels_last=args.channels_last,
         )
     cfg = CONFIGS[method].from_dict(opts)
     x = torch.randn(batches[0], *shape, device=speed_dev)
@@ -162,14 +171,33 @@ def run_plan(
         False,
         args.rounds,
         f0 / f1,
+        args.channels_last,
     )
     if gpu is not None:
         speeds += speed_rows(
-            base_c, comp, shape, gpu, args.gpu_batches, None, False, args.rounds, f0 / f1
+            base_c,
+            comp,
+            shape,
+            gpu,
+            args.gpu_batches,
+            None,
+            False,
+            args.rounds,
+            f0 / f1,
+            args.channels_last,
         )
         if args.compile_batches:
             speeds += speed_rows(
-                base_c, comp, shape, gpu, args.compile_batches, None, True, args.rounds, f0 / f1
+                base_c,
+                comp,
+                shape,
+                gpu,
+                args.compile_batches,
+                None,
+                True,
+                args.rounds,
+                f0 / f1,
+                args.channels_last,
             )
     done = [r for r in report.rows if r.action == "decomposed"]
     return {
@@ -258,6 +286,11 @@ def main() -> None:
         help="torch.compile mode for --compile-batches (e.g. reduce-overhead: CUDA graphs)",
     )
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="gate layers and time both models in channels-last (NHWC) layout",
+    )
     ap.add_argument("--tt", action="store_true", help="also run the TT MLP part")
     ap.add_argument("--tt-rank", type=int, default=12)
     ap.add_argument("--tt-epochs", type=int, default=15)

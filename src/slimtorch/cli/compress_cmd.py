@@ -73,6 +73,11 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="batch size(s) of the speed check, comma-separated (a layer must be faster at all)",
     )
+    p.add_argument(
+        "--speed-channels-last",
+        action="store_true",
+        help="run the speed check in channels-last (NHWC) layout, as the model will be deployed",
+    )
     p.add_argument("--strict", action="store_true", help="fail instead of skipping layers")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -190,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"--speed-batch must be integers like 1,32,256, got {args.speed_batch!r}"
             ) from None
         options["speed_batch"] = batches[0] if len(batches) == 1 else batches
+    if args.speed_channels_last:
+        options["speed_channels_last"] = True
     finetune = (
         TrainConfig(
             epochs=args.finetune_epochs,

@@ -46,6 +46,11 @@ class DecomposeConfig(Config):
         speed_batch: Batch size to time at, or several (a layer is kept factorised only if it is
             at least ``min_speedup`` faster at every one of them, so a deployment range such as
             ``(1, 32, 256)`` sees no slow-down); ``None``: the batch of ``example_input``.
+        speed_channels_last: Time both layers on channels-last (NHWC) inputs and weights, the
+            layout a deployment that runs the model in ``torch.channels_last`` uses. Layouts
+            change which layer is faster: on an H100, cuDNN's NHWC kernels run a dense VGG
+            about 1.5x faster than NCHW at batch 4096 and change the factorised-vs-dense
+            ratio layer by layer, so gate in the layout the model will run in.
     """
 
     RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy", "budget")
@@ -57,6 +62,7 @@ class DecomposeConfig(Config):
     min_speedup: float | None = None
     speed_on: str = "measured"
     speed_batch: int | tuple[int, ...] | None = None
+    speed_channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.rank_spec  # noqa: B018 - validates
@@ -78,6 +84,10 @@ class DecomposeConfig(Config):
             object.__setattr__(self, "speed_batch", tuple(self.speed_batch))
         elif self.speed_batch is not None:
             _check_int(self, "speed_batch", self.speed_batch, 1)
+        if not isinstance(self.speed_channels_last, bool):
+            raise TypeError(
+                f"{name}.speed_channels_last must be a bool, got {self.speed_channels_last!r}"
+            )
         if not isinstance(self.speed_on, str) or not self.speed_on:
             raise ValueError(
                 f"{name}.speed_on must be 'measured' or a device profile name, "

@@ -346,7 +346,13 @@ def _check_speed(
     worst = None
     for batch in batches:
         shape = shapes[0] if batch is None else (batch, *shapes[0][1:])
-        check = layer_speedup(module, result.module, shape, speed_on=config.speed_on)
+        check = layer_speedup(
+            module,
+            result.module,
+            shape,
+            speed_on=config.speed_on,
+            channels_last=config.speed_channels_last,
+        )
         if worst is None or check.speedup < worst[0].speedup:
             worst = (check, shape)
     assert worst is not None
