@@ -36,7 +36,7 @@ from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest
 from slimtorch.train import Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
-    get_local_rank,
+    get_device_index,
     get_rank,
     get_world_size,
     is_main_process,
@@ -141,7 +141,7 @@ def compress_run(
         options["rank"] = rank
     device = torch.device(device)
     if device.type == "cuda" and get_world_size() > 1:
-        device = torch.device("cuda", get_local_rank())  # one GPU per DDP process
+        device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     in_path = Path(in_dir)
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
         in_path = in_path / MODEL_SUBDIR

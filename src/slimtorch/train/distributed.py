@@ -2,8 +2,14 @@
 
 ``torchrun --nproc_per_node=N script.py`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and joins the process
-group (NCCL on CUDA/ROCm, gloo otherwise). Every other function here works, as a single-process
-no-op, when no process group exists, so the same script runs with and without ``torchrun``.
+group (NCCL on CUDA/ROCm, gloo otherwise; ``SLIMTORCH_DIST_BACKEND`` overrides the choice). Every
+other function here works, as a single-process no-op, when no process group exists, so the same
+script runs with and without ``torchrun``.
+
+Each process uses GPU ``LOCAL_RANK``. With more processes on a host than GPUs, processes share
+GPUs round-robin (:func:`get_device_index`); NCCL refuses two ranks on one GPU, so that needs
+``SLIMTORCH_DIST_BACKEND=gloo`` (slower all-reduce through host memory: a way to run and test the
+data-parallel code path on a one-GPU machine, not a way to speed anything up).
 
 Example:
     >>> init_distributed()          # False outside torchrun
@@ -80,6 +86,18 @@ def get_local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+def get_device_index() -> int:
+    """The CUDA/ROCm device this process uses: ``LOCAL_RANK`` modulo the visible GPUs.
+
+    Example:
+        >>> get_device_index()  # one process, or one GPU per process
+        0
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = get_local_rank()
+    return local % count if count > 0 else local
+
+
 def is_main_process() -> bool:
     """Whether this is rank 0, the process that writes files and logs.
 
@@ -97,7 +115,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
     selects the device ``cuda:LOCAL_RANK`` for this process.
 
     Args:
-        backend: ``"nccl"``, ``"gloo"``...; ``None`` picks NCCL when CUDA is available, else gloo.
+        backend: ``"nccl"``, ``"gloo"``...; ``None``: ``$SLIMTORCH_DIST_BACKEND`` if set, else
+            NCCL when CUDA is available, else gloo.
         timeout_s: How long collective operations wait for the other ranks.
 
     Returns:
@@ -126,9 +145,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         )
     use_cuda = torch.cuda.is_available()
     if backend is None:
-        backend = "nccl" if use_cuda else "gloo"
+        backend = os.environ.get("SLIMTORCH_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
     if use_cuda and backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
+        local_world = _env_int("LOCAL_WORLD_SIZE", 1)
+        if local_world > torch.cuda.device_count():
+            raise RuntimeError(
+                f"{local_world} processes on this host but {torch.cuda.device_count()} GPU(s): "
+                "NCCL needs one GPU per process; start fewer processes, or set "
+                "SLIMTORCH_DIST_BACKEND=gloo to share GPUs (for testing; slow all-reduce)"
+            )
+    if use_cuda:
+        torch.cuda.set_device(get_device_index())
     dist.init_process_group(
         backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
     )

@@ -33,7 +33,7 @@ from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
     barrier,
-    get_local_rank,
+    get_device_index,
     get_world_size,
     is_main_process,
 )
@@ -135,7 +135,7 @@ class Trainer:
         if self._prepared:
             return
         if self.is_distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", get_local_rank())
+            self.device = torch.device("cuda", get_device_index())
             torch.cuda.set_device(self.device)
         if self.config.sync_batchnorm and self.is_distributed:
             if self.device.type == "cuda":
