@@ -6,8 +6,14 @@ For one model (a trained model directory, or a fresh zoo model) on Fashion-MNIST
   ``slimtorch.quant.runtime.compile_int8_x86`` (inductor + freezing; int8 runs oneDNN qconv).
 - ONNX Runtime path: fp32 ONNX vs int8 Q/DQ ONNX (``export_onnx``), CPU provider.
 
+``--placement runtime`` (default) places the Q/DQ steps for each runtime
+(``place_qdq_``: conv + add fused for inductor, every conv output quantized for ONNX Runtime,
+calibrated on the same batches); ``--placement portable`` runs the model as ``quantize_`` left
+it in both runtimes (the earlier behaviour), for before/after comparisons.
+
 Latency is the median of ``measure_latency`` at fixed threads, fp32 and int8 timed alternately
-(``--rounds`` times, the best median kept) so that drift on a shared machine hits both alike.
+(``--rounds`` times) so that drift on a shared machine hits both alike; the speed-up is the
+median of the per-round fp32/int8 ratios, the times the medians over rounds.
 Writes a JSON file and prints a table.
 
 Example:
@@ -22,6 +28,7 @@ import argparse
 import copy
 import logging
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,13 +76,23 @@ def _weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _latency(pairs: dict[str, Any], x: torch.Tensor, threads: int, rounds: int) -> dict[str, float]:
-    best: dict[str, float] = {}
+def _latency(
+    fns: dict[str, Any], x: torch.Tensor, threads: int, rounds: int, min_time_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median latency of each variant over alternating rounds, and each int8 variant's speed-up
+    over fp32 as the median of the per-round ratios (drift hits neighbours in a round alike)."""
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        for name, fn in pairs.items():
-            r = measure_latency(lambda fn=fn: fn(x), threads=threads, warmup=5, min_time_s=0.5)
-            best[name] = min(best.get(name, float("inf")), r.median_s)
-    return best
+        for name, fn in fns.items():
+            r = measure_latency(lambda fn=fn: fn(x), threads=threads, warmup=3,
+                                min_time_s=min_time_s)  # fmt: skip
+            per_round[name].append(r.median_s)
+    ratios = {
+        name: statistics.median(f / q for f, q in zip(per_round["fp32"], ts, strict=True))
+        for name, ts in per_round.items()
+        if name != "fp32"
+    }
+    return {k: statistics.median(v) for k, v in per_round.items()}, ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-batch-size", type=int, default=64)
     p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"])
     p.add_argument("--test-samples", type=int, default=10000)
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
+    p.add_argument("--round-time", type=float, default=0.2, help="seconds per variant and round")
+    p.add_argument(
+        "--placement",
+        default="runtime",
+        choices=["runtime", "portable", "both"],
+        help="Q/DQ placement per runtime, as quantize_ left it, or both timed side by side",
+    )
     p.add_argument("--skip-onnx", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--out", default="bench_quant.json")
@@ -98,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # one forward compiled per variant and batch shape: keep them all cached
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
 
     if args.model_dir:
         model, card = load_model(args.model_dir)
@@ -134,41 +161,56 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["weight_bytes"]["ratio"] = res["weight_bytes"]["fp32"] / res["weight_bytes"]["int8"]
     runners: dict[str, dict[str, Any]] = {}
+    res["placement"] = args.placement
+    variants = {  # int8 variant -> (inductor placement, ONNX Runtime placement)
+        "runtime": {"int8": ("inductor", "onnxruntime")},
+        "portable": {"int8": ("portable", "portable")},
+        "both": {"int8": ("inductor", "onnxruntime"), "int8_portable": ("portable", "portable")},
+    }[args.placement]
     if not args.skip_compile:
-        res["int8_kernels_pytorch"] = int8_kernels(int8, xte[:1])
-        runners["pytorch"] = {"fp32": compile_int8_x86(fp32), "int8": compile_int8_x86(int8)}
-        res["accuracy"]["pytorch_fp32"] = _accuracy(runners["pytorch"]["fp32"], xte, yte)
-        res["accuracy"]["pytorch_int8"] = _accuracy(runners["pytorch"]["int8"], xte, yte)
+        runners["pytorch"] = {"fp32": compile_int8_x86(fp32)}
+        for v, (target, _) in variants.items():
+            res[f"kernels_pytorch_{v}"] = int8_kernels(int8, xte[:1], target=target)
+            runners["pytorch"][v] = compile_int8_x86(int8, target=target)
     if not args.skip_onnx:
         out_dir = Path(args.out).with_suffix("")
-        f_path = export_onnx(fp32, out_dir / "fp32.onnx", xte[:1])
-        q_path = export_onnx(int8, out_dir / "int8.onnx", xte[:1])
-        res["int8_kernels_ort"] = ort_int8_ops(q_path)
-        sess = {k: ort_session(v, args.threads) for k, v in (("fp32", f_path), ("int8", q_path))}
+        paths = {"fp32": export_onnx(fp32, out_dir / "fp32.onnx", xte[:1])}
+        for v, (_, target) in variants.items():
+            paths[v] = export_onnx(int8, out_dir / f"{v}.onnx", xte[:1], target=target,
+                                   calibration=calib)  # fmt: skip
+            res[f"kernels_ort_{v}"] = ort_int8_ops(paths[v])
+        sess = {k: ort_session(v, args.threads) for k, v in paths.items()}
         runners["ort"] = {k: (lambda x, s=s: run_onnx(s, x)) for k, s in sess.items()}
-        res["accuracy"]["ort_fp32"] = _accuracy(runners["ort"]["fp32"], xte, yte)
-        res["accuracy"]["ort_int8"] = _accuracy(runners["ort"]["int8"], xte, yte)
     for path, fns in runners.items():
+        for v, fn in fns.items():
+            res["accuracy"][f"{path}_{v}"] = _accuracy(fn, xte, yte)
         for b in batches:
             x = xte[:b].contiguous()
-            t = _latency(fns, x, args.threads, args.rounds)
-            res["latency_ms"][f"{path}/b{b}"] = {
-                "fp32": t["fp32"] * 1e3, "int8": t["int8"] * 1e3, "speedup": t["fp32"] / t["int8"],
-            }  # fmt: skip
+            t, ratios = _latency(fns, x, args.threads, args.rounds, args.round_time)
+            row: dict[str, float] = {k: ms * 1e3 for k, ms in t.items()}
+            row.update({f"speedup_{k}": r for k, r in ratios.items()})
+            row["speedup"] = ratios["int8"]
+            res["latency_ms"][f"{path}/b{b}"] = row
     res["report"] = report.to_dict()
     atomic_write_json(args.out, res)
 
     acc = res["accuracy"]
-    print(f"model {name}  threads {args.threads}  cpu {res['cpu_int8']}")
+    print(f"model {name}  threads {args.threads}  placement {args.placement}  "
+          f"cpu {res['cpu_int8']}")  # fmt: skip
+    for key in [k for k in res if k.startswith("kernels_")]:
+        print(f"{key:<28}{res[key]}")
     wb = res["weight_bytes"]
     print(f"weight bytes  fp32 {wb['fp32']:,}  int8 {wb['int8']:,}  ({wb['ratio']:.2f}x smaller)")
-    print(f"{'path':<10}{'acc fp32':>10}{'acc int8':>10}{'drop (pt)':>11}")
+    names = ["int8", *(["int8_portable"] if args.placement == "both" else [])]
+    print(f"{'top-1':<10}{'fp32':>10}" + "".join(f"{n:>15}" for n in names))
     for path in ("eager", *runners):
-        a, b = acc[f"{path}_fp32"], acc[f"{path}_int8"]
-        print(f"{path:<10}{a:>10.4f}{b:>10.4f}{(a - b) * 100:>11.2f}")
-    print(f"{'latency':<14}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}")
+        row = f"{path:<10}{acc[f'{path}_fp32']:>10.4f}"
+        print(row + "".join(f"{acc.get(f'{path}_{n}', acc[f'{path}_int8']):>15.4f}" for n in names))
+    print(f"{'latency':<14}{'fp32 ms':>10}" + "".join(f"{n + ' ms':>18}{'speed-up':>10}"
+                                                   for n in names))  # fmt: skip
     for key, v in res["latency_ms"].items():
-        print(f"{key:<14}{v['fp32']:>10.3f}{v['int8']:>10.3f}{v['speedup']:>9.2f}x")
+        print(f"{key:<14}{v['fp32']:>10.3f}" + "".join(
+            f"{v[n]:>18.3f}{v['speedup_' + n]:>9.2f}x" for n in names))  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

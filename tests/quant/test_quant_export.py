@@ -88,8 +88,10 @@ def test_x86_compile_runs_onednn_int8_kernels() -> None:
     model = _model()
     x = torch.randn(8, 1, 10, 10)
     quantize_(model, PTQConfig(mode="static"), calibration=[x])
-    kernels = int8_kernels(model, x)
-    assert kernels.get("qconv_pointwise", 0) == 2 and kernels.get("qlinear_pointwise", 0) == 1
+    kernels = int8_kernels(model, x)  # conv1 + residual add (+ ReLU) fused into one kernel
+    assert kernels == {"qconv_pointwise": 1, "qconv2d_pointwise.binary": 1, "qlinear_pointwise": 1}
+    portable = int8_kernels(model, x, target="portable")
+    assert portable.get("qconv_pointwise", 0) == 2 and portable.get("qlinear_pointwise", 0) == 1
     fast = compile_int8_x86(model, x)
     torch.testing.assert_close(fast(x), model(x).detach(), atol=0.1, rtol=0.05)
 

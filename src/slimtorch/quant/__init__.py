@@ -39,6 +39,7 @@ from slimtorch.quant.runtime import (
     compile_int8_x86,
     cpu_int8_support,
     int8_kernels,
+    place_qdq_,
     torchao_cuda_,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     "mixed_precision_",
     "ort_int8_ops",
     "ort_session",
+    "place_qdq_",
     "precision_gain",
     "prepare_qat_",
     "quantize_",

@@ -209,6 +209,7 @@ def to_qdq_(
     *,
     activations: Mapping[str, ActQParams] | None = None,
     method: str = "qdq",
+    target: str = "portable",
 ) -> QuantReport:
     """Replace the named Conv2d/Linear layers of ``model`` by Q/DQ int8 modules, in place.
 
@@ -223,13 +224,19 @@ def to_qdq_(
         activations: Dotted module name -> :class:`ActQParams`: those modules are wrapped in
             :class:`QDQAct` so their outputs are quantized (e.g. the ReLU after a residual add).
         method: Label stored in the report.
+        target: Where the Q/DQ steps go: ``"portable"`` (as given), ``"inductor"`` or
+            ``"onnxruntime"`` (see :func:`slimtorch.quant.runtime.place_qdq_`; no calibration
+            here, so outputs without parameters stay float). The placed model is recorded.
+            ``compile_int8_x86`` and ``export_onnx`` place their own copies anyway.
 
     Returns:
-        A :class:`QuantReport` with one ``"quantized"`` row per layer.
+        A :class:`QuantReport` with one ``"quantized"`` row per layer (``info["placement"]``
+        lists what the target changed).
 
     Raises:
         TypeError: A named module is not Conv2d/Linear.
-        ValueError: A name is not a submodule, or its parameters do not fit the layer.
+        ValueError: A name is not a submodule, its parameters do not fit the layer, or
+            ``target`` is unknown.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 4))
@@ -237,6 +244,10 @@ def to_qdq_(
         >>> to_qdq_(net, {"0": LayerQParams(weight_scale=scale)}).rows[0].bytes_after
         64
     """
+    from slimtorch.quant.runtime import QDQ_TARGETS, place_unrecorded
+
+    if target not in QDQ_TARGETS:
+        raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
     modules = dict(model.named_modules())
     new: dict[str, QDQConv2d | QDQLinear] = {}
     rows: list[QuantRow] = []
@@ -278,8 +289,16 @@ def to_qdq_(
         set_submodule(model, name, layer)
     for name, act in acts.items():
         set_submodule(model, name, act)
+    placed = place_unrecorded(model, target)
+    for name in placed.changes:
+        m = model.get_submodule(name)
+        if isinstance(m, QDQAct) and name not in acts:
+            acts[name] = m
     report = QuantReport(method, {}, rows)
     report.info["activations"] = {n: a.spec() for n, a in acts.items()}
+    if target != "portable":
+        report.info["placement"] = {"target": target, "changes": placed.changes,
+                                    "notes": placed.notes}  # fmt: skip
     if (new or acts) and isinstance(getattr(model, "slimtorch_arch", None), dict):
         params: dict[str, Any] = {"layers": {n: m.spec() for n, m in new.items()}}
         if acts:

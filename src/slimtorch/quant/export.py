@@ -73,6 +73,8 @@ def export_onnx(
     dtype: str = "fp32",
     dynamic_batch: bool = True,
     opset: int | None = None,
+    target: str = "onnxruntime",
+    calibration: Any = None,
 ) -> Path:
     """Export ``model`` to an ONNX file with the dynamo exporter (atomic write).
 
@@ -84,13 +86,20 @@ def export_onnx(
         dtype: ``"fp32"``, or ``"fp16"`` (float models only: weights and input in half).
         dynamic_batch: Make the batch dimension dynamic (name ``"batch"``).
         opset: ONNX opset (``None``: the exporter's default, >= 18).
+        target: Q/DQ placement applied to the exported copy of a Q/DQ model
+            (:func:`slimtorch.quant.runtime.place_qdq_`): ``"onnxruntime"`` quantizes every
+            int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout;
+            ``"portable"`` exports the model as it is.
+        calibration: Inputs to calibrate the outputs the placement adds (e.g. the last
+            convolution before global pooling); without them those stay float (a warning
+            names them). ``model`` itself is never changed.
 
     Returns:
         The written path.
 
     Raises:
-        ValueError: Unknown ``dtype``, fp16 asked for a Q/DQ model, or the export failed (the
-            message carries the exporter's reason).
+        ValueError: Unknown ``dtype`` or ``target``, fp16 asked for a Q/DQ model, or the export
+            failed (the message carries the exporter's reason).
 
     Example:
         >>> export_onnx(create_model("lenet5"), "lenet.onnx", torch.randn(1, 1, 28, 28))
@@ -106,8 +115,14 @@ def export_onnx(
             "form here; export the float model and run onnxruntime.quantization."
             "quantize_dynamic on it, or use PTQConfig(mode='static')"
         )
+    from slimtorch.quant.runtime import QDQ_TARGETS, place_qdq_
+
+    if target not in QDQ_TARGETS:
+        raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
     work = _cpu_copy(model)
     x = example_input.detach().cpu().float()
+    if is_qdq_model(work):
+        place_qdq_(work, target, calibration=calibration)
     if dtype == "fp16":
         if is_qdq_model(work):
             raise ValueError(
