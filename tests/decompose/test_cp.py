@@ -91,3 +91,47 @@ def test_bad_arguments_raise() -> None:
         cp_als(x, 2, reg=-1.0)
     with pytest.raises(ValueError, match="at least 3 dimensions"):
         cp_als(torch.ones(3, 3), 2)
+
+
+def test_check_every_does_not_change_the_result(gen: torch.Generator) -> None:
+    """Sweeps run past convergence between host checks leave the factors unchanged."""
+    factors = [randn(gen, n, 3) for n in (9, 8, 3, 3)]
+    x = cp_to_full(torch.ones(3, dtype=torch.float64), factors)
+    x = x + 1e-3 * randn(gen, *x.shape)
+    one = cp_als(x, 3, n_iter=400, tol=1e-9, check_every=1)
+    seven = cp_als(x, 3, n_iter=400, tol=1e-9, check_every=7)
+    assert one.converged and seven.converged
+    assert one.iterations == seven.iterations and one.iterations % 7 != 0
+    assert seven.errors == pytest.approx(one.errors, rel=1e-12)
+    for a, b in zip(one.factors, seven.factors, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(one.weights, seven.weights)
+
+
+def test_sweep_errors_match_the_reconstruction(gen: torch.Generator) -> None:
+    """The errors from Gram matrices and the last MTTKRP equal those of the full tensor."""
+    x = randn(gen, 7, 6, 3, 3)
+    long = cp_als(x, 5, n_iter=6, tol=0.0, require_convergence=False)
+    for sweeps in (1, 3, 5):
+        short = cp_als(x, 5, n_iter=sweeps, tol=0.0, require_convergence=False)
+        assert short.rel_error == pytest.approx(float(relative_error(short.to_full(), x)))
+        assert long.errors[sweeps - 1] == pytest.approx(short.rel_error, rel=1e-9)
+
+
+def test_cp_to_full_matches_the_sum_of_outer_products(gen: torch.Generator) -> None:
+    """The largest mode need not come first: (3, 11, 4) and (2, 3, 5, 4)."""
+    for shape in ((3, 11, 4), (2, 3, 5, 4)):
+        w = randn(gen, 4)
+        factors = [randn(gen, n, 4) for n in shape]
+        ref = torch.zeros(shape, dtype=torch.float64)
+        for r in range(4):
+            term = w[r] * factors[0][:, r]
+            for f in factors[1:]:
+                term = torch.tensordot(term, f[:, r], dims=0)  # outer product
+            ref += term
+        torch.testing.assert_close(cp_to_full(w, factors), ref)
+
+
+def test_check_every_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="check_every must be None or an int >= 1"):
+        cp_als(torch.ones(3, 3, 3), 2, check_every=0)

@@ -93,3 +93,41 @@ def test_tucker2_1x1_kernel_needs_no_sweeps(gen: torch.Generator) -> None:
     a = tucker2_to_full(*tucker2(w, (12, 6), n_iter=0))
     b = tucker2_to_full(*tucker2(w, (12, 6), n_iter=30, tol=0.0))
     torch.testing.assert_close(a, b)
+
+
+def test_check_every_does_not_change_the_result(gen: torch.Generator) -> None:
+    """Sweeps run past convergence between host checks leave the factors unchanged."""
+    w = exact_tucker2(gen, 20, 12, 5, 4) + 0.05 * randn(gen, 20, 12, 3, 3)
+    one = tucker2(w, (5, 4), n_iter=50, tol=1e-10, check_every=1)
+    five = tucker2(w, (5, 4), n_iter=50, tol=1e-10, check_every=5)
+    for a, b in zip(one, five, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_hooi_matches_the_reference_sweeps(gen: torch.Generator) -> None:
+    """Same fixed-sweep iterates as textbook HOOI (eigenvectors of the projected Grams)."""
+    w = randn(gen, 12, 10, 3, 3)
+    r_out, r_in = 4, 3
+
+    def top(m: torch.Tensor, r: int) -> torch.Tensor:
+        return torch.linalg.eigh(m @ m.mT)[1][:, -r:]
+
+    u_in = top(w.transpose(0, 1).reshape(10, -1), r_in)
+    for _ in range(4):
+        u_out = top(torch.einsum("oik,ib->obk", w.flatten(2), u_in).reshape(12, -1), r_out)
+        u_in = top(torch.einsum("oik,oa->iak", w.flatten(2), u_out).reshape(10, -1), r_in)
+    ours = tucker2(w, (r_out, r_in), n_iter=4, tol=0.0)
+    # Same subspaces (the bases may differ by a rotation) and so the same approximation.
+    torch.testing.assert_close(ours.u_out @ ours.u_out.mT, u_out @ u_out.mT)
+    torch.testing.assert_close(ours.u_in @ ours.u_in.mT, u_in @ u_in.mT)
+    ref = tucker2_to_full(
+        torch.einsum("oik,oa,ib->abk", w.flatten(2), u_out, u_in).reshape(r_out, r_in, 3, 3),
+        u_out,
+        u_in,
+    )
+    torch.testing.assert_close(tucker2_to_full(*ours), ref)
+
+
+def test_check_every_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="check_every must be None or an int >= 1"):
+        tucker2(torch.ones(4, 4, 3, 3), (2, 2), check_every=0)

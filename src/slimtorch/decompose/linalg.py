@@ -92,6 +92,49 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tens
     return u[:, :rank]
 
 
+def leading_singular_subspaces(
+    matrix: torch.Tensor, left_rank: int, right_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the leading left and right singular subspaces of one matrix.
+
+    One symmetric eigen-decomposition of the smaller Gram matrix gives the right singular
+    vectors (say ``cols <= rows``); the left ones are an orthonormalisation (QR) of ``M V_k``,
+    which spans the same leading left subspace without a second decomposition. Columns beyond
+    the matrix's rank are completed orthonormally (they carry no energy), so ``left_rank`` may
+    reach the row count even when it exceeds the column count.
+
+    Args:
+        matrix: ``(rows, cols)`` float32/float64 matrix.
+        left_rank: Left columns wanted, ``1 <= left_rank <= rows``.
+        right_rank: Right columns wanted, ``1 <= right_rank <= cols``.
+
+    Returns:
+        ``(U, V)``: ``(rows, left_rank)`` and ``(cols, right_rank)`` with orthonormal columns,
+        leading directions first.
+
+    Example:
+        >>> u, v = leading_singular_subspaces(torch.randn(40, 10), 12, 3)
+        >>> u.shape, v.shape
+        (torch.Size([40, 12]), torch.Size([10, 3]))
+    """
+    rows, cols = matrix.shape
+    if not 1 <= left_rank <= rows or not 1 <= right_rank <= cols:
+        raise ValueError(
+            f"ranks must satisfy 1 <= left_rank <= {rows} and 1 <= right_rank <= {cols}, got "
+            f"({left_rank}, {right_rank})"
+        )
+    if rows < cols:
+        right, left = leading_singular_subspaces(matrix.mT, right_rank, left_rank)
+        return left, right
+    _, vecs = torch.linalg.eigh(matrix.mT @ matrix)  # (cols, cols), ascending eigenvalues
+    vecs = vecs.flip(-1)  # leading first
+    k = min(left_rank, cols)
+    left, _ = torch.linalg.qr(matrix @ vecs[:, :k])  # (rows, k), spans M's leading k directions
+    if left_rank > k:
+        left = _complete_basis(left, left_rank)
+    return left, vecs[:, :right_rank]
+
+
 def _complete_basis(u: torch.Tensor, rank: int) -> torch.Tensor:
     """Extend orthonormal columns ``u`` (rows, c) to (rows, rank) orthonormal columns."""
     rows, c = u.shape

@@ -28,7 +28,7 @@ from slimtorch.decompose.linalg import (
     check_float_tensor,
     check_rank,
     leading_left_singular_vectors,
-    unfold,
+    leading_singular_subspaces,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,20 @@ def tucker2_to_full(core: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor)
     return full.reshape(u_out.shape[0], u_in.shape[0], *core.shape[2:])
 
 
-def _project(weight: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
-    """Contract ``weight``'s ``mode`` (0 or 1) with ``u``: ``weight x_mode u^T``."""
-    if mode == 0:
-        return torch.einsum("oik,or->rik", weight, u)  # (r_out, C_in, k)
-    return torch.einsum("oik,ir->ork", weight, u)  # (C_out, r_in, k)
+def _leading_with_energy(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading ``rank`` left singular vectors of ``matrix`` and the energy they capture,
+    ``||U^T M||_F^2`` (the sum of the top eigenvalues of ``M M^T`` on the Gram path)."""
+    rows, cols = matrix.shape
+    if 2 * rows <= cols:
+        vals, vecs = torch.linalg.eigh(matrix @ matrix.mT)  # (rows, rows), ascending
+        return vecs[:, -rank:].flip(-1), vals[-rank:].sum()
+    u = leading_left_singular_vectors(matrix, rank)
+    return u, (u.mT @ matrix).square().sum()
+
+
+def _default_check_every(device: torch.device) -> int:
+    """Sweeps between host-side convergence checks: every sweep on the CPU, every 4 elsewhere."""
+    return 1 if device.type == "cpu" else 4
 
 
 def tucker2(
@@ -68,6 +77,7 @@ def tucker2(
     *,
     n_iter: int = 25,
     tol: float = 1e-7,
+    check_every: int | None = None,
 ) -> Tucker2Factors:
     """Tucker-2 of a kernel by HOSVD initialisation and HOOI (Kim et al., 2016, arXiv:1511.06530).
 
@@ -76,12 +86,21 @@ def tucker2(
     its small Gram matrix. Iterations stop when the relative reconstruction error changes by less
     than ``tol``, or after ``n_iter`` sweeps (``n_iter=0`` returns the truncated HOSVD).
 
+    The kernel is laid out once as two matrices, ``(C_out * k, C_in)`` and ``(C_in * k, C_out)``,
+    so each projection is one matrix product; the first sweep's output factor depends only on the
+    input factor, so the HOSVD output factor is computed only when ``n_iter=0``. A 1x1 kernel is
+    a matrix, whose truncated HOSVD already is the best rank-``(r_out, r_in)`` approximation: it
+    takes one Gram eigen-decomposition and a QR (no sweeps).
+
     Args:
         weight: Kernel of shape ``(C_out, C_in, *spatial)`` (2-D and higher), float32/float64,
             any device.
         ranks: ``(r_out, r_in)`` with ``1 <= r_out <= C_out`` and ``1 <= r_in <= C_in``.
         n_iter: Maximum number of HOOI sweeps, ``>= 0``.
         tol: Stop when the relative error changes by less than this between sweeps.
+        check_every: Sweeps between the host's reads of the error (each read synchronises the
+            device); ``None`` picks 1 on the CPU and 4 elsewhere. The result does not depend on
+            it: sweeps past convergence leave the factors unchanged.
 
     Returns:
         ``Tucker2Factors(core, u_out, u_in)``: ``(r_out, r_in, *spatial)``, ``(C_out, r_out)``
@@ -107,32 +126,66 @@ def tucker2(
         raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
     if not isinstance(tol, int | float) or tol < 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if check_every is not None and (
+        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+    ):
+        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
     if not bool(torch.isfinite(weight).all()):
         raise DecompositionError(
             "tucker2: the kernel holds NaN or Inf values; expected finite weights; fix or "
             "re-initialise the layer before decomposing it"
         )
+    spatial = weight.shape[2:]
     w = weight.reshape(c_out, c_in, -1)  # (C_out, C_in, k)
-    norm = torch.linalg.vector_norm(w)
-    # Truncated HOSVD: leading left singular vectors of each channel-mode unfolding.
-    u_out = leading_left_singular_vectors(unfold(w, 0), r_out)  # (C_out, r_out)
-    u_in = leading_left_singular_vectors(unfold(w, 1), r_in)  # (C_in, r_in)
-    previous = float("inf")
-    if w.shape[2] == 1:
-        # A 1x1 kernel is a matrix: the truncated HOSVD already is the best rank-(r_out, r_in)
-        # approximation (the top min(r) singular triplets), so HOOI sweeps cannot improve it.
-        n_iter = 0
-    for it in range(n_iter):
-        u_out = leading_left_singular_vectors(unfold(_project(w, u_in, 1), 0), r_out)
-        u_in = leading_left_singular_vectors(unfold(_project(w, u_out, 0), 1), r_in)
-        core = _project(_project(w, u_out, 0), u_in, 1)  # (r_out, r_in, k)
-        # Orthonormal factors: ||W - W_hat||^2 = ||W||^2 - ||core||^2.
-        gap = (norm**2 - torch.linalg.vector_norm(core) ** 2).clamp_min(0).sqrt()
-        error = float(gap / norm) if bool(norm > 0) else 0.0
-        if abs(previous - error) < tol:
-            logger.debug("tucker2 converged after %d sweeps, relative error %.3g", it + 1, error)
-            break
-        previous = error
-    core = _project(_project(w, u_out, 0), u_in, 1)  # (r_out, r_in, k)
-    core = core.reshape(r_out, r_in, *weight.shape[2:])
-    return Tucker2Factors(core, u_out, u_in)
+    k = w.shape[2]
+    if k == 1:
+        u_out, u_in = leading_singular_subspaces(w[:, :, 0], r_out, r_in)
+        core = u_out.mT @ w[:, :, 0] @ u_in  # (r_out, r_in)
+        return Tucker2Factors(core.reshape(r_out, r_in, *spatial), u_out, u_in)
+    w_out = w.transpose(1, 2).reshape(c_out * k, c_in)  # (C_out * k, C_in), rows (o, k)
+    w_in = w.permute(1, 2, 0).reshape(c_in * k, c_out)  # (C_in * k, C_out), rows (i, k)
+    # Truncated HOSVD: leading left singular vectors of each channel-mode unfolding (any column
+    # order of an unfolding gives the same singular vectors).
+    u_in = leading_left_singular_vectors(w_in.reshape(c_in, k * c_out), r_in)  # (C_in, r_in)
+    if n_iter == 0:
+        u_out = leading_left_singular_vectors(w_out.reshape(c_out, k * c_in), r_out)
+    else:
+        every = _default_check_every(weight.device) if check_every is None else check_every
+        norm2 = w.square().sum()
+        norm = norm2.sqrt()
+        scale = torch.where(norm > 0, norm, torch.ones_like(norm))
+        done = torch.zeros((), dtype=torch.bool, device=weight.device)
+        last = torch.full((), float("inf"), dtype=weight.dtype, device=weight.device)
+        pending: list[torch.Tensor] = []
+        errors: list[float] = []
+        for it in range(1, n_iter + 1):
+            kept = (u_out, u_in) if it > 1 else None
+            y_out = (w_out @ u_in).reshape(c_out, k * r_in)  # (C_out, k * r_in)
+            u_out = leading_left_singular_vectors(y_out, r_out)  # (C_out, r_out)
+            y_in = (w_in @ u_out).reshape(c_in, k * r_out)  # (C_in, k * r_out)
+            u_in, core2 = _leading_with_energy(y_in, r_in)  # (C_in, r_in), ||core||^2
+            # Orthonormal factors: ||W - W_hat||^2 = ||W||^2 - ||core||^2.
+            error = (norm2 - core2).clamp_min(0).sqrt() / scale
+            if every > 1:
+                if kept is not None:  # sweeps after convergence change nothing
+                    u_out = torch.where(done, kept[0], u_out)
+                    u_in = torch.where(done, kept[1], u_in)
+                done = done | ((last - error).abs() < tol)
+                last = error
+            pending.append(error)
+            if it % every and it < n_iter:
+                continue
+            values = torch.stack(pending).tolist()  # one sync every `every` sweeps
+            pending = []
+            stop = False
+            for value in values:
+                if errors and abs(errors[-1] - value) < tol:
+                    stop = True
+                    break
+                errors.append(value)
+            if stop:
+                logger.debug("tucker2 converged after %d sweeps", len(errors) + 1)
+                break
+    y_in = (w_in @ u_out).reshape(c_in, k, r_out)  # (C_in, k, r_out)
+    core = torch.einsum("ib,ika->abk", u_in, y_in)  # (r_out, r_in, k)
+    return Tucker2Factors(core.reshape(r_out, r_in, *spatial), u_out, u_in)

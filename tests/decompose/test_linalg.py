@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from lowrank_data import orth, randn
+
+from slimtorch.decompose.cp import khatri_rao
+from slimtorch.decompose.linalg import leading_singular_subspaces
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"), [((30, 12), (5, 4)), ((12, 30), (4, 5)), ((20, 20), (20, 3))]
+)
+def test_leading_singular_subspaces_match_the_svd(
+    gen: torch.Generator, shape: tuple[int, int], ranks: tuple[int, int]
+) -> None:
+    s = torch.linspace(10.0, 1.0, min(shape), dtype=torch.float64)  # distinct singular values
+    u0, v0 = orth(gen, shape[0], min(shape)), orth(gen, shape[1], min(shape))
+    m = u0 * s @ v0.mT
+    u, v = leading_singular_subspaces(m, *ranks)
+    assert u.shape == (shape[0], ranks[0]) and v.shape == (shape[1], ranks[1])
+    torch.testing.assert_close(u.mT @ u, torch.eye(ranks[0], dtype=m.dtype))
+    torch.testing.assert_close(v.mT @ v, torch.eye(ranks[1], dtype=m.dtype))
+    ul, vl = u0[:, : ranks[0]], v0[:, : ranks[1]]
+    torch.testing.assert_close(u @ u.mT, ul @ ul.mT)
+    torch.testing.assert_close(v @ v.mT, vl @ vl.mT)
+
+
+def test_leading_singular_subspaces_complete_beyond_the_rank(gen: torch.Generator) -> None:
+    """A tall (8, 2) matrix has two left singular vectors; four are asked for."""
+    m = randn(gen, 8, 2)
+    u, v = leading_singular_subspaces(m, 4, 1)
+    torch.testing.assert_close(u.mT @ u, torch.eye(4, dtype=m.dtype))
+    # the span of u contains the column space of m
+    torch.testing.assert_close(u @ (u.mT @ m), m)
+    assert v.shape == (2, 1)
+
+
+def test_leading_singular_subspaces_reject_bad_ranks() -> None:
+    with pytest.raises(ValueError, match="1 <= left_rank <= 3"):
+        leading_singular_subspaces(torch.ones(3, 5), 4, 1)
+
+
+def test_khatri_rao_rows_follow_a_row_major_reshape(gen: torch.Generator) -> None:
+    a, b, c = randn(gen, 3, 2), randn(gen, 4, 2), randn(gen, 5, 2)
+    kr = khatri_rao([a, b, c])
+    ref = torch.einsum("ir,jr,kr->ijkr", a, b, c).reshape(-1, 2)
+    torch.testing.assert_close(kr, ref)
