@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from slimtorch.decompose._surgery import set_submodule
+from slimtorch.core.surgery import set_submodule
 from slimtorch.decompose.budget import (
     BudgetSelection,
     LayerLadder,

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
+from slimtorch.core.surgery import set_submodule
 from slimtorch.decompose._shapes import layer_flops, record_shapes
-from slimtorch.decompose._surgery import set_submodule
 from slimtorch.decompose.budget_mode import BudgetPlan, build_option, plan_budget
 from slimtorch.decompose.config import DecomposeConfig
 from slimtorch.decompose.handlers import Factorised, SkipLayer, count_params, find_handler

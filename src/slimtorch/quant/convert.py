@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError
-from slimtorch.decompose._surgery import set_submodule
+from slimtorch.core.surgery import set_submodule
 from slimtorch.models.transforms import ARCH_TRANSFORMS, record_transform
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, LayerQParams, QDQConv2d, QDQLinear
 

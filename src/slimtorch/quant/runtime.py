@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.decompose._surgery import set_submodule
+from slimtorch.core.surgery import set_submodule
 from slimtorch.quant.convert import TRANSFORM_NAME, ActQParams, QDQAct
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import set_submodule
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.prune.channel.graph import BN_TYPES, CONV_TYPES
 
@@ -235,22 +236,6 @@ def slice_layer(
         if src is not None and dst is not None:
             dst.copy_(src.index_select(0, out_idx.to(src.device)))
     return new
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` of ``model`` (which must exist).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2))
-        >>> set_submodule(net, "0", nn.Identity())
-        >>> type(net[0]).__name__
-        'Identity'
-    """
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not name or child not in parent._modules:
-        raise ValueError(f"{name!r} is not a submodule of {type(model).__name__}")
-    setattr(parent, child, module)
 
 
 def replay_channel_widths(model: nn.Module, params: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.measure import count_flops, count_params
+from slimtorch.core.surgery import set_submodule
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
@@ -41,7 +42,6 @@ from slimtorch.prune.channel.importance import LossFn, channel_scores
 from slimtorch.prune.channel.layers import (
     TRANSFORM_NAME,
     layer_widths,
-    set_submodule,
     slice_layer,
     unknown_tensors,
 )
