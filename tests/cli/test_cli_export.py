@@ -62,3 +62,32 @@ def test_export_errors(
     )
     assert "--dtype applies to --format onnx only" in capsys.readouterr().err
     assert main(["export", "--in", str(tmp_path / "none"), "--out", out]) == 2
+
+
+def test_int8_export_calibrates_from_the_models_dataset(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, ptq = models
+    q = str(tmp_path / "q.onnx")
+    assert _export(capsys, "--in", str(ptq), "--out", q)["calibration_batches"] == 8
+    none = _export(capsys, "--in", str(ptq), "--out", q, "--calibration-batches", "0")
+    assert none["calibration_batches"] == 0 and none["int8_ops"]
+    assert "calibration_batches" not in _export(capsys, "--in", str(base), "--out", q)
+    assert main(["export", "--in", str(ptq), "--out", q, "--calibration-batches", "-1"]) == 2
+    assert "--calibration-batches must be >= 0" in capsys.readouterr().err
+
+
+def test_calibration_needs_a_recorded_dataset_and_local_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from slimtorch.cli.export_cmd import calibration_batches
+
+    assert calibration_batches(SimpleNamespace(extra={}), 4, None) is None
+    monkeypatch.delenv("SLIMTORCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    missing = SimpleNamespace(extra={"dataset": "mnist"})
+    assert calibration_batches(missing, 4, str(tmp_path)) is None  # never downloads
+    batches = calibration_batches(SimpleNamespace(extra={"dataset": "digits"}), 3, None)
+    assert batches is not None and len(batches) == 3 and batches[0].shape[0] == 64

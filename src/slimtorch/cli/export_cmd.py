@@ -29,7 +29,53 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX only")
     p.add_argument("--no-check", action="store_true", help="skip the comparison run")
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="int8 ONNX: training batches (64 images, from the model's dataset, never downloaded) "
+        "to calibrate the outputs ONNX Runtime wants quantized that PTQ left float; 0: none",
+    )
+    p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.set_defaults(handler=run)
+
+
+def _is_qdq(card: Any) -> bool:
+    from slimtorch.quant.convert import TRANSFORM_NAME
+
+    return any(t.get("name") == TRANSFORM_NAME for t in card.transforms)
+
+
+def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] | None:
+    """Up to ``n`` batches of 64 training images of the model's dataset, or None with a warning.
+
+    Only local files are used (no download): an export must not reach the network.
+    """
+    import logging
+
+    from slimtorch.data import DeviceLoader, load_dataset
+
+    log = logging.getLogger(__name__)
+    name = card.extra.get("dataset")
+    if n <= 0:
+        return None
+    if not name:
+        log.warning("the model does not record its dataset: int8 ONNX export without calibration")
+        return None
+    try:
+        train = load_dataset(name, "train", root=data_root, download=False)
+    except (FileNotFoundError, ValueError) as exc:
+        log.warning(
+            "no local %s training data (%s): int8 ONNX export without calibration", name, exc
+        )
+        return None
+    loader = DeviceLoader(train, 64, shuffle=True, seed=0, device="cpu")
+    out = []
+    for i, (x, _) in enumerate(loader):
+        if i >= n:
+            break
+        out.append(x)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from slimtorch.quant import compare_onnx, export_onnx, ort_int8_ops
 
-        path = export_onnx(model, args.out, example, dtype=args.dtype)
+        if args.calibration_batches < 0:
+            raise ValueError(f"--calibration-batches must be >= 0, got {args.calibration_batches}")
+        calib = None
+        if args.dtype == "fp32" and _is_qdq(card):
+            calib = calibration_batches(card, args.calibration_batches, args.data_root)
+            result["calibration_batches"] = len(calib) if calib else 0
+        path = export_onnx(model, args.out, example, dtype=args.dtype, calibration=calib)
         result["dtype"] = args.dtype
         if not args.no_check:
             inputs = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
