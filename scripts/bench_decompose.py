@@ -5,6 +5,8 @@ Writes one JSON file (``--out``, atomically) and prints a short table. Run from 
     python scripts/bench_decompose.py --part all --device cpu --threads 2 --quick --out /tmp/bd.json
     python scripts/bench_decompose.py --part speed --methods tucker2 --device cpu --threads 2 \
         --repeats 3 --out docs/results/decompose-speed-cpu.json
+    python scripts/bench_decompose.py --part speed --methods tucker2 --device cuda --batched \
+        --repeats 3 --out docs/results/decompose-speed-batched-gpu.json
     python scripts/bench_decompose.py --part all --device cuda --out docs/results/decompose-gpu.json
     python scripts/bench_decompose.py --part curves --model-dir runs/resnet20 --out curves.json
 
@@ -21,6 +23,10 @@ Parts:
           slimtorch, mean and max relative error (float64, outside the timing). --repeats N times
           each kernel N times and sums the medians (and, in the JSON, the minima). A kernel that
           one library fails on is recorded with the message and left out of the totals.
+          --batched (Tucker-2 only) also times tucker2_many over all the compared kernels in
+          one call (same ranks, sweep cap and tolerance; one untimed warm-up call on the warm-up
+          kernel; median of --repeats calls), against TensorLy's per-kernel total from the same
+          run, with the mean and max relative error of its results.
   curves  Relative error vs rank at 1/16, 1/8, 1/4, 1/2 and 1 of the full rank: truncated SVD and
           TT-matrix on Linear weights, Tucker-2 on conv kernels, CP on spatial conv kernels (full
           CP rank taken as min(C_out, C_in)). With --model-dir, a few layers of a slimtorch model
@@ -57,6 +63,7 @@ from slimtorch.decompose import (
     tt_matrix,
     tt_matrix_to_full,
     tucker2,
+    tucker2_many,
     tucker2_to_full,
 )
 
@@ -155,10 +162,40 @@ def _runners(method: str, n_iter: int, tol: float) -> dict[str, tuple[Callable, 
     }
 
 
-def compare(
-    method: str, layers: list[tuple[str, Shape]], n_iter: int, device: torch.device, repeats: int
+def compare_batched(
+    kernels: list[tuple[int, Shape]], n_iter: int, tol: float, device: torch.device, repeats: int
 ) -> dict[str, Any]:
-    """Time both libraries on every kernel (median of ``repeats`` calls); errors outside timing."""
+    """Time ``tucker2_many`` on ``[(seed index, shape)]`` in one call (median of ``repeats``)."""
+    ws = [random_weight(shape, i, device) for i, shape in kernels]
+    ranks = [(max(1, s[0] // 4), max(1, s[1] // 4)) for _, s in kernels]
+    warm = random_weight(kernels[0][1], 10_000, device)
+
+    def run(kernels: list[torch.Tensor], ranks: list[tuple[int, int]]) -> Any:
+        return tucker2_many(kernels, ranks, n_iter=n_iter, tol=tol)
+
+    timed(device, run, [warm], ranks[:1])  # warm-up
+    runs = [timed(device, run, ws, ranks) for _ in range(repeats)]
+    errs = [rel_err(tucker2_to_full(*f), w) for f, w in zip(runs[-1][0], ws, strict=True)]
+    groups = len({(s, r) for (_, s), r in zip(kernels, ranks, strict=True)})
+    out: dict[str, Any] = {"kernels": len(kernels), "groups": groups}
+    out |= {"slimtorch_s": statistics.median(t for _, t in runs), "times": [t for _, t in runs]}
+    out |= {"slimtorch_min_s": min(t for _, t in runs), "errors": errs}
+    out |= {"slimtorch_mean_error": sum(errs) / len(errs), "slimtorch_max_error": max(errs)}
+    return out
+
+
+def compare(
+    method: str,
+    layers: list[tuple[str, Shape]],
+    n_iter: int,
+    device: torch.device,
+    repeats: int,
+    batched: bool = False,
+) -> dict[str, Any]:
+    """Time both libraries on every kernel (median of ``repeats`` calls); errors outside timing.
+
+    With ``batched`` (Tucker-2), also time ``tucker2_many`` on the compared kernels, in one call.
+    """
     tol = 1e-6
     runners = _runners(method, n_iter, tol)
 
@@ -202,11 +239,21 @@ def compare(
     out["speedup"] = out["tensorly_s"] / out["slimtorch_s"] if both else math.nan
     out["speedup_min"] = out["tensorly_min_s"] / out["slimtorch_min_s"] if both else math.nan
     out["error_ok"] = out["slimtorch_mean_error"] <= out["tensorly_mean_error"] * 1.01
+    if batched and method == "tucker2" and both:
+        seeds = {name: i for i, (name, _) in enumerate(layers)}  # the weights timed above
+        kernels = [(seeds[r["layer"]], tuple(r["shape"])) for r in both]
+        b = compare_batched(kernels, n_iter, tol, device, repeats)
+        b["speedup"] = out["tensorly_s"] / b["slimtorch_s"]
+        b["speedup_min"] = out["tensorly_min_s"] / b["slimtorch_min_s"]
+        b["error_ok"] = b["slimtorch_mean_error"] <= out["tensorly_mean_error"] * 1.01
+        log.info("tucker2 batched: %d kernels, %d groups, %.4g s", b["kernels"], b["groups"],
+                 b["slimtorch_s"])  # fmt: skip
+        out["batched"] = b
     return out | {"rows": rows}
 
 
 def part_speed(
-    device: torch.device, quick: bool, repeats: int, methods: list[str]
+    device: torch.device, quick: bool, repeats: int, methods: list[str], batched: bool = False
 ) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorly\.")
     logging.getLogger("slimtorch.decompose.cp").setLevel(logging.ERROR)  # cap hits: see sweeps
@@ -216,7 +263,7 @@ def part_speed(
         layers = [(n, s) for n, s in layers if n in keep]
     spatial = [(n, s) for n, s in layers if s[2:] == (3, 3)]
     plan = {"tucker2": (layers, 5 if quick else 25), "cp": (spatial, 10 if quick else 100)}
-    return {m: compare(m, *plan[m], device, repeats) for m in methods}
+    return {m: compare(m, *plan[m], device, repeats, batched) for m in methods}
 
 
 # --- curves ---------------------------------------------------------------------------------
@@ -330,6 +377,14 @@ def print_tables(result: dict[str, Any]) -> None:
             ok = "yes" if s["error_ok"] else "NO"
             rows.append([m, f"{s['compared']}/{s['kernels']}", *times, f"{s['speedup']:.2f}x"])
             rows[-1] += [*errs, ok]
+            if "batched" in s:  # tucker2_many in one call vs TensorLy's per-kernel total
+                b = s["batched"]
+                pairs = [(b, "slimtorch_mean_error"), (s, "tensorly_mean_error")]
+                pairs += [(b, "slimtorch_max_error"), (s, "tensorly_max_error")]
+                errs = [f"{d[k]:.5f}" for d, k in pairs]
+                times = [f"{b['slimtorch_s']:.3f}", f"{s['tensorly_s']:.3f}"]
+                rows.append([f"{m} batched", f"{b['kernels']}/{s['kernels']}", *times])
+                rows[-1] += [f"{b['speedup']:.2f}x", *errs, "yes" if b["error_ok"] else "NO"]
         print(_table([*head, "max err ours", "theirs", "ours <= 1.01x"], rows))
         for m, s in result["speed"].items():
             for lib in (lib for lib in libs if s[f"{lib}_failed"]):
@@ -354,7 +409,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=("tucker2", "cp"), default=["tucker2", "cp"])
     ap.add_argument("--repeats", type=int, default=1, help="speed: median of N calls a kernel")
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script runs")
+    ap.add_argument(
+        "--batched", action="store_true", help="speed: also time tucker2_many over all kernels"
+    )
     args = ap.parse_args()
+    if args.batched and ("tucker2" not in args.methods or args.part == "curves"):
+        ap.error("--batched needs --part speed or all, with tucker2 in --methods")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     device = resolve_device(args.device)
     info = next(d for d in detect_devices() if d.device == str(device) or d.kind == device.type)
@@ -373,7 +433,8 @@ def main() -> None:
             import tensorly
 
             result["tensorly"] = tensorly.__version__
-            result["speed"] = part_speed(device, args.quick, args.repeats, args.methods)
+            speed = part_speed(device, args.quick, args.repeats, args.methods, args.batched)
+            result["speed"] = speed
         if args.part in ("curves", "all"):
             result["curves"] = part_curves(args.model_dir, device, args.quick)
     atomic_write_json(args.out, result)

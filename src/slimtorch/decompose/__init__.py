@@ -1,8 +1,9 @@
 """Low-rank factorisation of conv and linear layers: CP, Tucker-2, TT and truncated SVD.
 
-Pure tensor functions do the maths (:func:`tucker2`, :func:`cp_als`, :func:`tt_svd`,
-:func:`tt_matrix`, :func:`truncated_svd`); factorised layers wrap their factors in ordinary
-dense layers; :func:`decompose_` applies a config to a model in place and reports every layer.
+Pure tensor functions do the maths (:func:`tucker2`, :func:`tucker2_many` for many kernels at
+once, :func:`cp_als`, :func:`tt_svd`, :func:`tt_matrix`, :func:`truncated_svd`); factorised
+layers wrap their factors in ordinary dense layers; :func:`decompose_` applies a config to a
+model in place and reports every layer.
 
 Example:
     >>> from slimtorch.decompose import TuckerConfig, decompose_
@@ -15,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from slimtorch.core.surgery import set_submodule
+from slimtorch.decompose.batched import tucker2_many
 from slimtorch.decompose.budget import (
     BudgetSelection,
     LayerLadder,
@@ -112,6 +114,7 @@ __all__ = [
     "tt_svd",
     "tt_to_full",
     "tucker2",
+    "tucker2_many",
     "tucker2_to_full",
     "unfold",
 ]

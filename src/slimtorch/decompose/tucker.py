@@ -71,6 +71,18 @@ def _default_check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
+def check_hooi_options(n_iter: object, tol: object, check_every: object) -> None:
+    """Validate HOOI's sweep cap, tolerance and host-check interval (``ValueError`` if bad)."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    if not isinstance(tol, int | float) or tol < 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if check_every is not None and (
+        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+    ):
+        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
+
+
 def tucker2(
     weight: torch.Tensor,
     ranks: tuple[int, int],
@@ -122,14 +134,7 @@ def tucker2(
     c_out, c_in = weight.shape[:2]
     r_out = check_rank(ranks[0], "ranks[0] (r_out)", full=c_out)
     r_in = check_rank(ranks[1], "ranks[1] (r_in)", full=c_in)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
-    if not isinstance(tol, int | float) or tol < 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if check_every is not None and (
-        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
-    ):
-        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
+    check_hooi_options(n_iter, tol, check_every)
     if not bool(torch.isfinite(weight).all()):
         raise DecompositionError(
             "tucker2: the kernel holds NaN or Inf values; expected finite weights; fix or "
