@@ -24,6 +24,7 @@ from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.surgery import set_submodule
+from slimtorch.core.table import text_table
 from slimtorch.decompose._shapes import layer_flops, record_shapes
 from slimtorch.decompose.budget_mode import BudgetPlan, build_option, plan_budget
 from slimtorch.decompose.config import DecomposeConfig
@@ -128,11 +129,7 @@ class DecomposeReport:
                     r.reason or "",
                 )
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
-            for line in lines
-        ).rstrip()
+        return text_table(lines)
 
 
 def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from slimtorch.core.table import text_table
+
 
 @dataclasses.dataclass
 class PruneRow:
@@ -85,8 +87,4 @@ class PruneReport:
                     r.reason or "",
                 )
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(5)]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
-            for line in lines
-        ).rstrip()
+        return text_table(lines)

@@ -24,6 +24,7 @@ from torch import nn
 
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.surgery import set_submodule
+from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS, record_transform
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, LayerQParams, QDQConv2d, QDQLinear
 
@@ -164,11 +165,7 @@ class QuantReport:
                     r.reason or "",
                 )
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(5)]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
-            for line in lines
-        ).rstrip()
+        return text_table(lines)
 
 
 def _mode(qp: LayerQParams) -> str:

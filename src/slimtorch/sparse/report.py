@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from slimtorch.core.table import text_table
+
 
 @dataclasses.dataclass
 class Candidate:
@@ -135,11 +137,7 @@ class SparsifyReport:
                     _us(c.median_s) if c and c.status == "ok" else (c.status if c else "-")
                 )
             lines.append(cells)
-        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-        text = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines
-        ]
-        return "\n".join([*text, *self.notes])
+        return "\n".join([text_table(lines), *self.notes])
 
 
 def _us(seconds: float | None) -> str:

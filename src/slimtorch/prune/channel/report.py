@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from slimtorch.core.table import text_table
+
 ACTIONS = ("pruned", "unchanged", "fixed", "skipped")
 """Row actions: ``pruned`` (fewer channels), ``unchanged`` (nothing to remove after rounding
 or at ratio 0), ``fixed`` (model input/output channels, never pruned, not an error),
@@ -97,11 +99,7 @@ class ChannelPruneReport:
                     r.reason or "",
                 )
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(5)]
-        body = []
-        for line in lines:
-            cells = "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True))
-            body.append(f"{cells}  {line[-1]}".rstrip())
+        body = [text_table(lines)]
         body.append(
             f"params {self.params_before:,} -> {self.params_after:,}; "
             f"FLOPs {self.flops_before:,} -> {self.flops_after:,}"
