@@ -88,3 +88,29 @@ def test_option_errors_name_the_field(trained: Path) -> None:
         compress_run(in_dir=trained, out_dir=None, method="prune", method_options={"sparsity": 1.2})
     with pytest.raises(ValueError, match="unknown"):
         compress_run(in_dir=trained, out_dir=None, method="nm", method_options={"k": 3})
+
+
+def test_channel_prune_fine_tunes_saves_and_reloads(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cp"
+    res = compress_run(
+        in_dir=trained,
+        out_dir=out,
+        method="channel-prune",
+        method_options={"ratio": 0.5},
+        finetune=TrainConfig(epochs=1, lr=0.01, progress=False),
+        batch_size=64,
+        profile_batch=8,
+        threads=1,
+    )
+    summary = json.loads((out / "report.json").read_text())
+    assert set(summary["accuracy"]) == {"before", "after_transform", "after_finetune"}
+    assert summary["layers"]["totals"]["params_ratio"] < 0.6
+    assert summary["history"] is not None
+    loaded, card = load_model(out / "model")
+    assert card.extra["method"] == "channel-prune"
+    widths = [m.out_features for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [m.out_features for m in res.model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(3, 1, 8, 8)
+    res.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.model(x))

@@ -29,8 +29,6 @@ from slimtorch.prune.channel import (
     ChannelGraphError,
     ChannelPruneConfig,
     ChannelPruneReport,
-    channel_prune_model,
-    prune_and_finetune,
     prune_channels_,
 )
 from slimtorch.prune.magnitude import MagnitudeConfig, NMConfig, prune_
@@ -59,7 +57,6 @@ __all__ = [
     "PruneRow",
     "add_mask_buffers_",
     "apply_masks_",
-    "channel_prune_model",
     "check_sparsity",
     "compact_state_dict",
     "expand_state_dict",
@@ -72,7 +69,6 @@ __all__ = [
     "nonzero_mask",
     "pack_bits",
     "prune_",
-    "prune_and_finetune",
     "prune_channels_",
     "remove_masks_",
     "save_compact",

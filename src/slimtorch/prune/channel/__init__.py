@@ -5,8 +5,8 @@ residual additions, concatenations, depthwise/grouped convolutions, batch norms 
 consistent; :func:`prune_channels_` scores channels (L1/L2, BN scale, first-order Taylor),
 keeps counts rounded to a hardware multiple, slices the layers and checks the result. The
 pruned model is an ordinary dense model; the ``"prune.channels"`` architecture transform lets
-``save_model``/``load_model`` round-trip it. :func:`channel_prune_model` and
-:func:`prune_and_finetune` are the entries of the compress pipeline.
+``save_model``/``load_model`` round-trip it. Pruning a model directory, fine-tuning and
+measuring it is ``slimtorch.pipeline.compress_run(method="channel-prune")``.
 
 Example:
     >>> from slimtorch.prune.channel import ChannelPruneConfig, prune_channels_
@@ -18,12 +18,6 @@ Example:
 from __future__ import annotations
 
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
-from slimtorch.prune.channel.finetune import (
-    ChannelPruneResult,
-    ChannelPruneRun,
-    channel_prune_model,
-    prune_and_finetune,
-)
 from slimtorch.prune.channel.graph import (
     ChannelGraph,
     ChannelGraphError,
@@ -51,14 +45,10 @@ __all__ = [
     "ChannelGroupRow",
     "ChannelPruneConfig",
     "ChannelPruneReport",
-    "ChannelPruneResult",
-    "ChannelPruneRun",
     "LayerUse",
     "build_graph",
-    "channel_prune_model",
     "channel_scores",
     "layer_widths",
-    "prune_and_finetune",
     "prune_channels_",
     "replay_channel_widths",
     "resized",
