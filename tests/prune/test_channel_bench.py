@@ -6,19 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: the machines running the suite are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_channel_prune.py"
 
 

@@ -11,15 +11,6 @@ from slimtorch.prune.channel import ChannelGraphError, build_graph
 from slimtorch.prune.channel.spaces import Cat, Expand, SpaceSet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: the machines running the suite are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _group(graph, producer: str):
     return next(g for g in graph.groups if producer in g.producers)
 

@@ -19,15 +19,6 @@ from slimtorch.prune.channel import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: the machines running the suite are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _scores(model: nn.Module, x: torch.Tensor, method: str, **kw):
     graph = build_graph(model, x)
     groups = [g for g in graph.groups if not g.fixed]

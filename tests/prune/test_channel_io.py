@@ -14,15 +14,6 @@ from slimtorch.models.transforms import replay_transforms
 from slimtorch.prune.channel import ChannelPruneConfig, prune_channels_, replay_channel_widths
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: the machines running the suite are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _pruned(name: str, size: int, **kwargs) -> tuple[nn.Module, torch.Tensor]:
     model = create_model(name, num_classes=10, in_channels=3, input_size=size, **kwargs)
     x = torch.randn(2, 3, size, size)

@@ -19,16 +19,6 @@ from slimtorch.prune.channel import (
     round_channels,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: the machines running the suite are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 ZOO = {
     "mlp": (1, 28),
     "lenet5": (1, 28),
