@@ -317,6 +317,14 @@ async def repository_rescan(request: Request, server: ServerDep) -> list[dict[st
     return server.repository.index()
 
 
+def _repository_entries(versions: Any) -> list[dict[str, Any]]:
+    """The repository-index entries of a model's versions after a load or unload."""
+    return [
+        {"name": v.model, "version": str(v.version), "state": v.state.value, "reason": v.reason}
+        for v in versions
+    ]
+
+
 @router.post(
     "/v2/repository/models/{model_name}/load",
     response_model=list[RepositoryModel],
@@ -328,10 +336,7 @@ async def load_model(model_name: str, request: Request, server: ServerDep) -> li
     """Load every served version of a model into memory now."""
     _label(request, "", "management")
     versions = await server.load(model_name)
-    return [
-        {"name": v.model, "version": str(v.version), "state": v.state.value, "reason": v.reason}
-        for v in versions
-    ]
+    return _repository_entries(versions)
 
 
 @router.post(
@@ -345,10 +350,7 @@ async def unload_model(model_name: str, request: Request, server: ServerDep) -> 
     """Unload a model; it answers 503 until loaded again."""
     _label(request, "", "management")
     versions = await server.unload(model_name)
-    return [
-        {"name": v.model, "version": str(v.version), "state": v.state.value, "reason": v.reason}
-        for v in versions
-    ]
+    return _repository_entries(versions)
 
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)
