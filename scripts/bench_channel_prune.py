@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import logging
-import shlex
 import statistics
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.core.devices import cpu_threads, resolve_device
+from slimtorch.core.devices import cpu_threads, resolve_device, run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import count_flops, count_params, measure_latency
 from slimtorch.models import create_model, load_model
@@ -194,12 +191,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     return {
         "benchmark": "channel_prune",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **run_info(device),
         "model": label,
         "input_shape": list(shape),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": threads,
         "dtype": args.dtype,
         "compile": args.compile,

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import logging
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import estimate_latency, measure_latency, model_size_bytes
 from slimtorch.models import create_model
@@ -139,14 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in args.models for row in _bench_model(name, args, device)]
     out = {
         "benchmark": "lowp",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **run_info(device, [sys.argv[0], *(argv or sys.argv[1:])]),
         "input_shape": [args.in_channels, args.input_size, args.input_size],
         "profile": args.profile,
         "rows": rows,

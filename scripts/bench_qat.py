@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.data import DeviceLoader, load_dataset
 from slimtorch.models import load_model
@@ -167,14 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = {
         "benchmark": "qat",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **run_info(device, [sys.argv[0], *(argv or sys.argv[1:])]),
         "model_dir": str(args.model_dir),
         "architecture": card.architecture,
         "dataset": dataset,

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import logging
-import platform
-import shlex
 import statistics
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.core.devices import resolve_device
+from slimtorch.core.devices import resolve_device, run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import measure_latency
 from slimtorch.models import create_model, load_model
@@ -158,13 +154,7 @@ def main() -> None:
     results = [run_batch(base, shape, b, args) for b in args.batches]
     device = resolve_device(args.device)
     payload = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        ),
-        "torch": torch.__version__,
+        **run_info(device),
         "threads": args.threads if args.threads is not None else torch.get_num_threads(),
         "dtype": args.dtype,
         "input_shape": list(shape),

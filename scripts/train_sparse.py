@@ -19,15 +19,13 @@ and SET over static masks shows up in them directly.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.sparse import StaticSparse, make_sparse_callback
 from slimtorch.train import TrainConfig
@@ -134,12 +132,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = [run_method(m, args) for m in args.methods]
     payload = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **run_info(args.device),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "progress")},
         "results": results,
     }

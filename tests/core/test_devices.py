@@ -187,3 +187,13 @@ def test_gpu_detected_and_resolved() -> None:
     x = torch.ones(1000, device="cuda") * 2
     synchronize("cuda:0")
     assert x.sum().item() == 2000
+
+
+def test_run_info_records_command_device_and_versions() -> None:
+    from slimtorch.core.devices import run_info
+
+    info = run_info("cpu", ["bench.py", "--name", "a b"])
+    assert info["command"] == "python bench.py --name 'a b'"
+    assert info["device"] == "cpu" and info["device_name"]
+    assert info["torch"] == torch.__version__ and info["threads"] == torch.get_num_threads()
+    assert info["date"].endswith("+00:00")

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import os
 import platform
-from collections.abc import Iterator
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,3 +327,30 @@ def cpu_threads(n: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def run_info(device: str | torch.device, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Where and how a benchmark ran, for its JSON record.
+
+    Returns the command line (``argv``, default ``sys.argv``, shell-quoted), the UTC date,
+    the device and its name (the GPU's, or the CPU model), the torch version and the CPU
+    thread count in force.
+
+    Example:
+        >>> sorted(run_info("cpu", ["bench.py", "--x", "1"]))
+        ['command', 'date', 'device', 'device_name', 'threads', 'torch']
+    """
+    dev = torch.device(device)
+    args = list(sys.argv if argv is None else argv)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = _cpu_name_and_flags()[0]
+    return {
+        "command": "python " + shlex.join(args),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
