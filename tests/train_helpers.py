@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from slimtorch.train import Callback, Trainer
 
 
 class ListLoader:
@@ -94,3 +97,18 @@ def make_mlp(dim: int = 8, hidden: int = 16, classes: int = 4, dropout: float = 
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(hidden, classes))
     return nn.Sequential(*layers)
+
+
+class Crash(RuntimeError):
+    """What :class:`KillAt` raises."""
+
+
+class KillAt(Callback):
+    """Simulates a crash: raises :class:`Crash` after optimiser step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"killed at step {self.step}")

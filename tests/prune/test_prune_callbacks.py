@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtorch.prune import GradualPruning, MagnitudeConfig, MaskCallback, get_mask, prune_
 from slimtorch.train import Callback, TrainConfig, Trainer
-from train_helpers import ListLoader
+from train_helpers import Crash, KillAt, ListLoader
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,28 +131,15 @@ def test_gradual_pruning_raises_sparsity_on_schedule_during_training() -> None:
         assert int((layer.weight == 0).sum()) == round(0.75 * layer.weight.numel())
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _KillAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, idx: int) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"killed at step {self.step}")
-
-
 def test_gradual_pruning_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
     cfg = _config(checkpoint_every_steps=4)
     ref_cb = _gradual()
     ref = Trainer(_mlp(), cfg, callbacks=[ref_cb], out_dir=tmp_path / "ref")
     ref.fit(ListLoader(X, Y, 8))
 
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         first = _gradual()
-        Trainer(_mlp(), cfg, callbacks=[first, _KillAt(12)], out_dir=tmp_path / "run").fit(
+        Trainer(_mlp(), cfg, callbacks=[first, KillAt(12)], out_dir=tmp_path / "run").fit(
             ListLoader(X, Y, 8)
         )
     assert [t for t, _ in first.history] == [2, 6, 10]

@@ -23,7 +23,7 @@ from slimtorch.sparse import (
     make_sparse_callback,
 )
 from slimtorch.train import Callback, TrainConfig, Trainer
-from train_helpers import ListLoader
+from train_helpers import Crash, KillAt, ListLoader
 
 
 def _data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,28 +256,15 @@ def test_fp16_overflow_skips_the_mask_update() -> None:
     assert watch.problems == []
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _KillAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, idx: int) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"killed at step {self.step}")
-
-
 @pytest.mark.parametrize("cls", [SET, RigL])
 def test_state_survives_checkpoint_and_resume(cls: type[StaticSparse], tmp_path: Path) -> None:
     cfg = _config(checkpoint_every_steps=6)
     ref_cb = cls(_sparse_cfg())
     ref = Trainer(_mlp(), cfg, callbacks=[ref_cb], out_dir=tmp_path / "ref")
     ref.fit(ListLoader(X, Y, 8))
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         Trainer(
-            _mlp(), cfg, callbacks=[cls(_sparse_cfg()), _KillAt(14)], out_dir=tmp_path / "run"
+            _mlp(), cfg, callbacks=[cls(_sparse_cfg()), KillAt(14)], out_dir=tmp_path / "run"
         ).fit(ListLoader(X, Y, 8))
     fresh = _mlp(seed=99)
     resumed_cb = cls(_sparse_cfg())

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from train_helpers import ListLoader, StartBatchLoader, make_blobs, make_mlp
 
 from slimtorch.core.errors import CheckpointError
 from slimtorch.train import (
@@ -21,24 +20,10 @@ from slimtorch.train import (
     save_checkpoint,
     set_rng_state,
 )
+from train_helpers import Crash, KillAt, ListLoader, StartBatchLoader, make_blobs, make_mlp
 
 X, Y = make_blobs(64, seed=3)
 XV, YV = make_blobs(32, seed=4)
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-class _KillAt(Callback):
-    """Simulates a crash: raises after optimiser step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"killed at step {self.step}")
 
 
 class _Counter(Callback):
@@ -104,8 +89,8 @@ def test_killed_mid_epoch_run_resumes_to_identical_weights(
     ref = _run(tmp_path / "ref", loader_cls, [ref_counter], optimizer=optimizer, lr=lr)
 
     counter = _Counter()
-    with pytest.raises(_Crash):
-        _run(tmp_path / "run", loader_cls, [counter, _KillAt(13)], optimizer=optimizer, lr=lr)
+    with pytest.raises(Crash):
+        _run(tmp_path / "run", loader_cls, [counter, KillAt(13)], optimizer=optimizer, lr=lr)
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 2, 10)
 
@@ -125,8 +110,8 @@ def test_killed_mid_epoch_run_resumes_to_identical_weights(
 
 def test_resume_from_an_epoch_end_checkpoint(tmp_path: Path) -> None:
     ref = _run(tmp_path / "ref", ListLoader, [], checkpoint_every_steps=0)
-    with pytest.raises(_Crash):
-        _run(tmp_path / "run", ListLoader, [_KillAt(19)], checkpoint_every_steps=0)
+    with pytest.raises(Crash):
+        _run(tmp_path / "run", ListLoader, [KillAt(19)], checkpoint_every_steps=0)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
     resumed = _run(tmp_path / "run", ListLoader, [], resume=True, checkpoint_every_steps=0)
     for p_ref, p_res in zip(ref.model.parameters(), resumed.model.parameters(), strict=True):
@@ -135,8 +120,8 @@ def test_resume_from_an_epoch_end_checkpoint(tmp_path: Path) -> None:
 
 
 def test_start_batch_is_used_when_the_loader_supports_it(tmp_path: Path) -> None:
-    with pytest.raises(_Crash):
-        _run(tmp_path, StartBatchLoader, [_KillAt(13)])
+    with pytest.raises(Crash):
+        _run(tmp_path, StartBatchLoader, [KillAt(13)])
     torch.manual_seed(0)
     loader = StartBatchLoader(X, Y, 8)
     trainer = Trainer(make_mlp(dropout=0.25), _config(), out_dir=tmp_path)
