@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ import torch
 from slimtorch.models import load_model
 from slimtorch.train import TrainConfig
 from slimtorch.train.classifier import train_classifier
+from train_helpers import run_two_gloo_ranks
 
 HERE = Path(__file__).parent
 
@@ -27,12 +24,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "options"),
@@ -41,25 +32,15 @@ def _port() -> int:
 def test_two_ranks_end_with_identical_weights(
     base: Path, tmp_path: Path, method: str, options: dict[str, object]
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_port()}",
+    run_two_gloo_ranks(
         str(HERE / "compress_ddp_worker.py"),
         str(base),
         str(out),
         method,
         json.dumps(options),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        timeout=300,
+    )
     r0 = torch.load(out / "rank0.pt", weights_only=True)
     r1 = torch.load(out / "rank1.pt", weights_only=True)
     assert r0.keys() == r1.keys()

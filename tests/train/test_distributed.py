@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +19,9 @@ from slimtorch.train import (
     init_distributed,
     is_main_process,
 )
+from train_helpers import run_two_gloo_ranks
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _single_process(out_dir: Path) -> dict[str, Any]:
@@ -60,22 +51,7 @@ def test_helpers_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(HERE / "ddp_worker.py"),
-        str(tmp_path / "ddp"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_two_gloo_ranks(str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"))
     ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
     single = _single_process(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["ddp_wrapped"] is True
