@@ -30,7 +30,7 @@ from torch import nn
 
 from slimtorch.core.devices import cpu_threads, resolve_device, run_info
 from slimtorch.core.io import atomic_write_json
-from slimtorch.core.measure import count_flops, count_params, measure_latency
+from slimtorch.core.measure import GraphedForward, count_flops, count_params, measure_latency
 from slimtorch.models import create_model, load_model
 from slimtorch.prune.channel import ChannelPruneConfig, prune_channels_
 
@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile dense and pruned")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each model's forward as a CUDA graph (one per batch; no host launches)",
+    )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -71,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds", type=int, default=3, help="alternate dense/pruned timings this many times"
     )
     p.add_argument("--out", help="JSON output file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.cuda_graphs and args.compile:
+        p.error("--cuda-graphs and --compile are alternatives; pick one")
+    return args
 
 
 def _base_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], str]:
@@ -92,7 +100,9 @@ def _prepare(model: nn.Module, args: argparse.Namespace, device: torch.device) -
     model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return torch.compile(model) if args.compile else model
+    if args.compile:
+        return torch.compile(model)
+    return GraphedForward(model) if args.cuda_graphs else model
 
 
 def _time(fn: Any, x: torch.Tensor, args: argparse.Namespace, device: torch.device) -> float:
@@ -187,6 +197,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t = times[v["key"]]
                 v["latency_s"][str(batch)] = t
                 v["speedup"][str(batch)] = dense / t if dense and t else None
+            for fn in prepared.values():  # graphs of this batch hold their own memory pools
+                if isinstance(fn, GraphedForward):
+                    fn.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {
@@ -197,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": threads,
         "dtype": args.dtype,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "rounds": args.rounds,
         "channels_last": args.channels_last,
         "torch": torch.__version__,
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args)
     print(
         f"{result['model']} on {result['device']} ({result['device_name']}), {result['dtype']}, "
-        f"threads={result['threads']}, compile={result['compile']}; speed-up = dense / pruned"
+        f"threads={result['threads']}, compile={result['compile']}, "
+        f"cuda_graphs={result.get('cuda_graphs', False)}; speed-up = dense / pruned"
     )
     print(table(result))
     if args.out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from slimtorch.core.devices import cpu_threads
 from slimtorch.core.measure.flops import FlopReport, LayerFlops, count_flops
+from slimtorch.core.measure.graphs import GraphedForward
 from slimtorch.core.measure.latency import LatencyResult, measure_latency
 from slimtorch.core.measure.memory import MemoryResult, measure_peak_memory
 from slimtorch.core.measure.params import count_params, model_size_bytes, storage_bytes
@@ -27,6 +28,7 @@ from slimtorch.core.measure.trace import OpRecord, OpTrace, trace_ops
 
 __all__ = [
     "FlopReport",
+    "GraphedForward",
     "LatencyResult",
     "LayerEstimate",
     "LayerFlops",
