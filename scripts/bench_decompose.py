@@ -23,10 +23,11 @@ Parts:
           slimtorch, mean and max relative error (float64, outside the timing). --repeats N times
           each kernel N times and sums the medians (and, in the JSON, the minima). A kernel that
           one library fails on is recorded with the message and left out of the totals.
-          --batched (Tucker-2 only) also times tucker2_many over all the compared kernels in
-          one call (same ranks, sweep cap and tolerance; one untimed warm-up call on the warm-up
-          kernel; median of --repeats calls), against TensorLy's per-kernel total from the same
-          run, with the mean and max relative error of its results.
+          --batched also times tucker2_many (Tucker-2) and cp_als_many (CP) over all the
+          compared kernels of each method in one call (same ranks, sweep cap and tolerance; one
+          untimed warm-up call on the warm-up kernel; median of --repeats calls), against
+          TensorLy's per-kernel total from the same run, with the mean and max relative error
+          of its results.
   curves  Relative error vs rank at 1/16, 1/8, 1/4, 1/2 and 1 of the full rank: truncated SVD and
           TT-matrix on Linear weights, Tucker-2 on conv kernels, CP on spatial conv kernels (full
           CP rank taken as min(C_out, C_in)). With --model-dir, a few layers of a slimtorch model
@@ -56,6 +57,7 @@ from slimtorch.core.devices import cpu_threads, detect_devices, resolve_device, 
 from slimtorch.core.io import atomic_write_json
 from slimtorch.decompose import (
     cp_als,
+    cp_als_many,
     rank_from_fraction,
     relative_error,
     split_modes,
@@ -162,25 +164,46 @@ def _runners(method: str, n_iter: int, tol: float) -> dict[str, tuple[Callable, 
     }
 
 
+def _many_runner(method: str, n_iter: int, tol: float) -> tuple[Callable, Callable]:
+    """``(decompose_many(ws, ranks) -> results, rebuild(result) -> tensor)`` of ``method``."""
+    if method == "tucker2":
+        return (
+            lambda ws, ranks: tucker2_many(ws, ranks, n_iter=n_iter, tol=tol),
+            lambda f: tucker2_to_full(*f),
+        )
+    return (
+        lambda ws, ranks: cp_als_many(
+            ws, ranks, n_iter=n_iter, tol=tol, init="svd", require_convergence=False
+        ),
+        lambda res: res.to_full(),
+    )
+
+
 def compare_batched(
-    kernels: list[tuple[int, Shape]], n_iter: int, tol: float, device: torch.device, repeats: int
+    method: str,
+    kernels: list[tuple[int, Shape]],
+    rank_of: Callable[[Shape], Any],
+    n_iter: int,
+    tol: float,
+    device: torch.device,
+    repeats: int,
 ) -> dict[str, Any]:
-    """Time ``tucker2_many`` on ``[(seed index, shape)]`` in one call (median of ``repeats``)."""
+    """Time ``tucker2_many`` or ``cp_als_many`` on ``[(seed index, shape)]`` in one call
+    (median of ``repeats``)."""
     ws = [random_weight(shape, i, device) for i, shape in kernels]
-    ranks = [(max(1, s[0] // 4), max(1, s[1] // 4)) for _, s in kernels]
+    ranks = [rank_of(s) for _, s in kernels]
     warm = random_weight(kernels[0][1], 10_000, device)
-
-    def run(kernels: list[torch.Tensor], ranks: list[tuple[int, int]]) -> Any:
-        return tucker2_many(kernels, ranks, n_iter=n_iter, tol=tol)
-
+    run, rebuild = _many_runner(method, n_iter, tol)
     timed(device, run, [warm], ranks[:1])  # warm-up
     runs = [timed(device, run, ws, ranks) for _ in range(repeats)]
-    errs = [rel_err(tucker2_to_full(*f), w) for f, w in zip(runs[-1][0], ws, strict=True)]
+    errs = [rel_err(rebuild(f), w) for f, w in zip(runs[-1][0], ws, strict=True)]
     groups = len({(s, r) for (_, s), r in zip(kernels, ranks, strict=True)})
     out: dict[str, Any] = {"kernels": len(kernels), "groups": groups}
     out |= {"slimtorch_s": statistics.median(t for _, t in runs), "times": [t for _, t in runs]}
     out |= {"slimtorch_min_s": min(t for _, t in runs), "errors": errs}
     out |= {"slimtorch_mean_error": sum(errs) / len(errs), "slimtorch_max_error": max(errs)}
+    if method == "cp":
+        out["sweeps"] = [res.iterations for res in runs[-1][0]]
     return out
 
 
@@ -194,7 +217,8 @@ def compare(
 ) -> dict[str, Any]:
     """Time both libraries on every kernel (median of ``repeats`` calls); errors outside timing.
 
-    With ``batched`` (Tucker-2), also time ``tucker2_many`` on the compared kernels, in one call.
+    With ``batched``, also time ``tucker2_many`` or ``cp_als_many`` on the compared kernels, in
+    one call.
     """
     tol = 1e-6
     runners = _runners(method, n_iter, tol)
@@ -239,14 +263,15 @@ def compare(
     out["speedup"] = out["tensorly_s"] / out["slimtorch_s"] if both else math.nan
     out["speedup_min"] = out["tensorly_min_s"] / out["slimtorch_min_s"] if both else math.nan
     out["error_ok"] = out["slimtorch_mean_error"] <= out["tensorly_mean_error"] * 1.01
-    if batched and method == "tucker2" and both:
+    if batched and both:
         seeds = {name: i for i, (name, _) in enumerate(layers)}  # the weights timed above
         kernels = [(seeds[r["layer"]], tuple(r["shape"])) for r in both]
-        b = compare_batched(kernels, n_iter, tol, device, repeats)
+        b = compare_batched(method, kernels, rank_of, n_iter, tol, device, repeats)
         b["speedup"] = out["tensorly_s"] / b["slimtorch_s"]
         b["speedup_min"] = out["tensorly_min_s"] / b["slimtorch_min_s"]
+        b["speedup_vs_per_kernel"] = out["slimtorch_s"] / b["slimtorch_s"]  # ours, one by one
         b["error_ok"] = b["slimtorch_mean_error"] <= out["tensorly_mean_error"] * 1.01
-        log.info("tucker2 batched: %d kernels, %d groups, %.4g s", b["kernels"], b["groups"],
+        log.info("%s batched: %d kernels, %d groups, %.4g s", method, b["kernels"], b["groups"],
                  b["slimtorch_s"])  # fmt: skip
         out["batched"] = b
     return out | {"rows": rows}
@@ -256,7 +281,8 @@ def part_speed(
     device: torch.device, quick: bool, repeats: int, methods: list[str], batched: bool = False
 ) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorly\.")
-    logging.getLogger("slimtorch.decompose.cp").setLevel(logging.ERROR)  # cap hits: see sweeps
+    for name in ("slimtorch.decompose.cp", "slimtorch.decompose.cp_batched"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # cap hits: see sweeps
     layers = RESNET50_CONVS
     if quick:
         keep = {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv3"}
@@ -377,7 +403,7 @@ def print_tables(result: dict[str, Any]) -> None:
             ok = "yes" if s["error_ok"] else "NO"
             rows.append([m, f"{s['compared']}/{s['kernels']}", *times, f"{s['speedup']:.2f}x"])
             rows[-1] += [*errs, ok]
-            if "batched" in s:  # tucker2_many in one call vs TensorLy's per-kernel total
+            if "batched" in s:  # tucker2_many / cp_als_many in one call vs TensorLy's total
                 b = s["batched"]
                 pairs = [(b, "slimtorch_mean_error"), (s, "tensorly_mean_error")]
                 pairs += [(b, "slimtorch_max_error"), (s, "tensorly_max_error")]
@@ -410,11 +436,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="speed: median of N calls a kernel")
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script runs")
     ap.add_argument(
-        "--batched", action="store_true", help="speed: also time tucker2_many over all kernels"
+        "--batched",
+        action="store_true",
+        help="speed: also time tucker2_many / cp_als_many over all compared kernels in one call",
     )
     args = ap.parse_args()
-    if args.batched and ("tucker2" not in args.methods or args.part == "curves"):
-        ap.error("--batched needs --part speed or all, with tucker2 in --methods")
+    if args.batched and args.part == "curves":
+        ap.error("--batched needs --part speed or all (it times the speed part's kernels)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     device = resolve_device(args.device)
     info = next(d for d in detect_devices() if d.device == str(device) or d.kind == device.type)

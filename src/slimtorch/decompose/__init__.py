@@ -1,9 +1,9 @@
 """Low-rank factorisation of conv and linear layers: CP, Tucker-2, TT and truncated SVD.
 
-Pure tensor functions do the maths (:func:`tucker2`, :func:`tucker2_many` for many kernels at
-once, :func:`cp_als`, :func:`tt_svd`, :func:`tt_matrix`, :func:`truncated_svd`); factorised
-layers wrap their factors in ordinary dense layers; :func:`decompose_` applies a config to a
-model in place and reports every layer.
+Pure tensor functions do the maths (:func:`tucker2` and :func:`cp_als`, with
+:func:`tucker2_many` and :func:`cp_als_many` for many kernels at once, :func:`tt_svd`,
+:func:`tt_matrix`, :func:`truncated_svd`); factorised layers wrap their factors in ordinary
+dense layers; :func:`decompose_` applies a config to a model in place and reports every layer.
 
 Example:
     >>> from slimtorch.decompose import TuckerConfig, decompose_
@@ -31,6 +31,7 @@ from slimtorch.decompose.budget_mode import (
 )
 from slimtorch.decompose.config import CPConfig, DecomposeConfig, SVDConfig, TTConfig, TuckerConfig
 from slimtorch.decompose.cp import CPResult, cp_als, cp_to_full
+from slimtorch.decompose.cp_batched import cp_als_many
 from slimtorch.decompose.handlers import HANDLERS, Factorised, SkipLayer, split_modes
 from slimtorch.decompose.layers import (
     LAYER_KINDS,
@@ -92,6 +93,7 @@ __all__ = [
     "TuckerConv2d",
     "approximate_weight",
     "cp_als",
+    "cp_als_many",
     "cp_to_full",
     "decompose_",
     "evbmf",

@@ -132,6 +132,47 @@ def _svd_init(tensor: torch.Tensor, rank: int, gen: torch.Generator) -> list[tor
     return factors
 
 
+def init_factors(tensor: torch.Tensor, rank: int, init: str, seed: int) -> list[torch.Tensor]:
+    """The starting factors of :func:`cp_als`: one ``(I_n, rank)`` per mode, unit-norm columns.
+
+    ``init="svd"``: leading left singular vectors of each unfolding, random columns beyond the
+    mode's size; ``"random"``: Gaussian columns. The random columns come from a CPU generator
+    seeded with ``seed``, so every device (and every call) gets the same ones.
+
+    Example:
+        >>> [tuple(f.shape) for f in init_factors(torch.randn(4, 3, 2), 5, "svd", 0)]
+        [(4, 5), (3, 5), (2, 5)]
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if init == "svd":
+        factors = _svd_init(tensor, rank, gen)
+    else:
+        factors = [
+            torch.randn(n, rank, generator=gen, dtype=torch.float64).to(tensor)
+            for n in tensor.shape
+        ]
+    norms = [torch.linalg.vector_norm(f, dim=0).clamp_min(1e-30) for f in factors]
+    return [f / n for f, n in zip(factors, norms, strict=True)]
+
+
+def check_cp_options(
+    n_iter: object, tol: object, init: object, reg: object, check_every: object
+) -> None:
+    """Validate the options of :func:`cp_als` and
+    :func:`~slimtorch.decompose.cp_batched.cp_als_many` (``ValueError`` naming the bad one)."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    for name, value in (("tol", tol), ("reg", reg)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    if check_every is not None and (
+        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+    ):
+        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
+
+
 def _default_check_every(device: torch.device) -> int:
     """Sweeps between host-side convergence checks: every sweep on the CPU (a check is free
     there), every 8 on an accelerator (each check is a device-to-host synchronisation)."""
@@ -203,32 +244,13 @@ def cp_als(
     """
     check_float_tensor(tensor, "tensor", min_ndim=3)
     check_rank(rank, "rank")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
-    for name, value in (("tol", tol), ("reg", reg)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
-    if check_every is not None and (
-        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
-    ):
-        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
+    check_cp_options(n_iter, tol, init, reg, check_every)
     if not bool(torch.isfinite(tensor).all()):
         raise DecompositionError(
             "cp_als: the tensor holds NaN or Inf values; expected finite values; fix or "
             "re-initialise the layer before decomposing it"
         )
-    gen = torch.Generator().manual_seed(seed)
-    if init == "svd":
-        factors = _svd_init(tensor, rank, gen)
-    else:
-        factors = [
-            torch.randn(n, rank, generator=gen, dtype=torch.float64).to(tensor)
-            for n in tensor.shape
-        ]
-    norms = [torch.linalg.vector_norm(f, dim=0).clamp_min(1e-30) for f in factors]
-    factors = [f / n for f, n in zip(factors, norms, strict=True)]
+    factors = init_factors(tensor, rank, init, seed)
     weights = torch.ones(rank, dtype=tensor.dtype, device=tensor.device)
     norm_x = torch.linalg.vector_norm(tensor)
     if not bool(norm_x > 0):
