@@ -5,7 +5,7 @@ import torch
 from lowrank_data import orth, randn
 
 from slimtorch.decompose.cp import khatri_rao
-from slimtorch.decompose.linalg import leading_singular_subspaces
+from slimtorch.decompose.linalg import leading_singular_subspaces, sym_eigh
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,28 @@ def test_khatri_rao_rows_follow_a_row_major_reshape(gen: torch.Generator) -> Non
     kr = khatri_rao([a, b, c])
     ref = torch.einsum("ir,jr,kr->ijkr", a, b, c).reshape(-1, 2)
     torch.testing.assert_close(kr, ref)
+
+
+def test_sym_eigh_matches_eigh_on_cpu() -> None:
+    a = torch.randn(3, 200, 300)
+    gram = a @ a.mT  # (3, 200, 200)
+    vals, vecs = sym_eigh(gram)
+    want_vals, want_vecs = torch.linalg.eigh(gram)
+    assert vals.dtype == vecs.dtype == torch.float32
+    torch.testing.assert_close(vals, want_vals)
+    torch.testing.assert_close(vecs.abs(), want_vecs.abs(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_sym_eigh_float64_route_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    a = torch.randn(2, 256, 512, device="cuda", dtype=torch.float64)
+    gram64 = a @ a.mT  # (2, 256, 256), within the float64 route's sizes
+    vals, vecs = sym_eigh(gram64.float())
+    assert vals.dtype == vecs.dtype == torch.float32 and vecs.is_cuda
+    want_vals, _ = torch.linalg.eigh(gram64)
+    torch.testing.assert_close(vals.double(), want_vals, rtol=1e-5, atol=1e-3)
+    top = vecs[..., -64:]  # leading subspace equals the float64 one's
+    want = torch.linalg.eigh(gram64)[1][..., -64:].float()
+    torch.testing.assert_close(top @ top.mT, want @ want.mT, atol=1e-4, rtol=0)

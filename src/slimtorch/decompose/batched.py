@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from slimtorch.core.errors import DecompositionError
-from slimtorch.decompose.linalg import check_float_tensor, check_rank
+from slimtorch.decompose.linalg import check_float_tensor, check_rank, sym_eigh
 from slimtorch.decompose.tucker import Tucker2Factors, _default_check_every, check_hooi_options
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _leading_batched(
     """
     _, rows, cols = matrix.shape
     if 2 * rows <= cols:
-        vals, vecs = torch.linalg.eigh(_bmm(matrix, matrix.mT))  # (B, rows), (B, rows, rows)
+        vals, vecs = sym_eigh(_bmm(matrix, matrix.mT))  # (B, rows), (B, rows, rows)
         u = vecs[..., -rank:].flip(-1)  # (B, rows, rank), leading first
         return u, vals[..., -rank:].sum(-1) if energy else None
     u, _, _ = torch.linalg.svd(matrix, full_matrices=False)  # (B, rows, min(rows, cols))
@@ -87,7 +87,7 @@ def _subspaces_batched(
     if rows < cols:
         right, left = _subspaces_batched(matrix.mT, right_rank, left_rank)
         return left, right
-    _, vecs = torch.linalg.eigh(_bmm(matrix.mT, matrix))  # (B, cols, cols), ascending
+    _, vecs = sym_eigh(_bmm(matrix.mT, matrix))  # (B, cols, cols), ascending
     vecs = vecs.flip(-1)  # leading first
     k = min(left_rank, cols)
     left, _ = torch.linalg.qr(_bmm(matrix, vecs[..., :k]))  # (B, rows, k)

@@ -64,6 +64,33 @@ def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
 
 
+# cuSOLVER's Jacobi solver (syevj), which PyTorch picks for float32 matrices of 32..512 rows on
+# CUDA, took 2.0-2.7x longer on an H100 than the float64 divide-and-conquer solver (syevd) for
+# 256..512 rows (13.9 vs 5.2 ms at 512), and about as long up to 128 rows (torch 2.11, CUDA 13,
+# 2026-11-24; docs/benchmarks.md, decomposition speed).
+_EIGH_FLOAT64_ROWS = (129, 512)
+
+
+def sym_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of symmetric (stacks of) matrices, ascending eigenvalues.
+
+    A float32 matrix on CUDA with 129..512 rows is solved in float64 and the result cast back:
+    faster there (see ``_EIGH_FLOAT64_ROWS``) and more accurate. Elsewhere this is
+    ``torch.linalg.eigh`` itself.
+
+    Example:
+        >>> vals, vecs = sym_eigh(torch.eye(3))
+        >>> vals.tolist(), vecs.shape
+        ([1.0, 1.0, 1.0], torch.Size([3, 3]))
+    """
+    lo, hi = _EIGH_FLOAT64_ROWS
+    if gram.is_cuda and gram.dtype == torch.float32 and lo <= gram.shape[-1] <= hi:
+        vals, vecs = torch.linalg.eigh(gram.double())
+        return vals.float(), vecs.float()
+    vals, vecs = torch.linalg.eigh(gram)
+    return vals, vecs
+
+
 def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """The ``rank`` leading left singular vectors of ``matrix`` as orthonormal columns.
 
@@ -84,7 +111,7 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tens
         raise ValueError(f"rank must be <= the number of rows ({rows}), got {rank}")
     if 2 * rows <= cols:
         gram = matrix @ matrix.mT  # (rows, rows)
-        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+        _, vecs = sym_eigh(gram)  # ascending eigenvalues
         return vecs[:, -rank:].flip(-1)
     u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
     if rank > u.shape[1]:
@@ -126,7 +153,7 @@ def leading_singular_subspaces(
     if rows < cols:
         right, left = leading_singular_subspaces(matrix.mT, right_rank, left_rank)
         return left, right
-    _, vecs = torch.linalg.eigh(matrix.mT @ matrix)  # (cols, cols), ascending eigenvalues
+    _, vecs = sym_eigh(matrix.mT @ matrix)  # (cols, cols), ascending eigenvalues
     vecs = vecs.flip(-1)  # leading first
     k = min(left_rank, cols)
     left, _ = torch.linalg.qr(matrix @ vecs[:, :k])  # (rows, k), spans M's leading k directions

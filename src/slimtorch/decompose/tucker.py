@@ -29,6 +29,7 @@ from slimtorch.decompose.linalg import (
     check_rank,
     leading_left_singular_vectors,
     leading_singular_subspaces,
+    sym_eigh,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _leading_with_energy(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     ``||U^T M||_F^2`` (the sum of the top eigenvalues of ``M M^T`` on the Gram path)."""
     rows, cols = matrix.shape
     if 2 * rows <= cols:
-        vals, vecs = torch.linalg.eigh(matrix @ matrix.mT)  # (rows, rows), ascending
+        vals, vecs = sym_eigh(matrix @ matrix.mT)  # (rows, rows), ascending
         return vecs[:, -rank:].flip(-1), vals[-rank:].sum()
     u = leading_left_singular_vectors(matrix, rank)
     return u, (u.mT @ matrix).square().sum()
