@@ -128,7 +128,7 @@ def test_every_bad_input_is_named() -> None:
     assert "ranks[3] must be a pair (r_out, r_in)" in msg
     with pytest.raises(TypeError, match=r"kernels\[0\] must be float32 or float64"):
         tucker2_many([ok.half()], [(2, 2)])
-    with pytest.raises(ValueError, match="2 kernels and 1 rank pairs"):
+    with pytest.raises(ValueError, match="2 kernels and 1 ranks"):
         tucker2_many([ok, ok], [(2, 2)])
     with pytest.raises(ValueError, match="n_iter must be an int >= 0"):
         tucker2_many([ok], [(2, 2)], n_iter=-1)

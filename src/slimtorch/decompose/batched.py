@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from slimtorch.core.errors import DecompositionError
-from slimtorch.decompose.linalg import check_float_tensor, check_rank, sym_eigh
+from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank, sym_eigh
 from slimtorch.decompose.tucker import Tucker2Factors, _default_check_every, check_hooi_options
 
 logger = logging.getLogger(__name__)
@@ -142,33 +142,14 @@ def _tucker2_stack(
     return core.reshape(batch, r_out, r_in, *spatial), u_out, u_in
 
 
-def _check_inputs(
-    kernels: Sequence[torch.Tensor], ranks: Sequence[object]
-) -> list[tuple[int, int]]:
-    """Check every kernel and rank pair; one error that names every bad index."""
-    if len(kernels) != len(ranks):
-        raise ValueError(
-            f"kernels and ranks must have one entry each per kernel, got {len(kernels)} kernels "
-            f"and {len(ranks)} rank pairs"
-        )
-    problems: list[Exception] = []
-    pairs: list[tuple[int, int]] = []
-    for i, (weight, pair) in enumerate(zip(kernels, ranks, strict=True)):
-        try:
-            check_float_tensor(weight, f"kernels[{i}]", min_ndim=2)
-            if not isinstance(pair, tuple | list) or len(pair) != 2:
-                raise ValueError(f"ranks[{i}] must be a pair (r_out, r_in), got {pair!r}")
-            c_out, c_in = weight.shape[:2]
-            r_out = check_rank(pair[0], f"ranks[{i}][0] (r_out)", full=c_out)
-            r_in = check_rank(pair[1], f"ranks[{i}][1] (r_in)", full=c_in)
-            pairs.append((r_out, r_in))
-        except (TypeError, ValueError) as exc:
-            problems.append(exc)
-    if problems:
-        kind = TypeError if all(isinstance(p, TypeError) for p in problems) else ValueError
-        lines = "\n  ".join(str(p) for p in problems)
-        raise kind(f"tucker2_many: {len(problems)} bad input(s):\n  {lines}")
-    return pairs
+def _check_pair(i: int, weight: torch.Tensor, pair: object) -> tuple[int, int]:
+    check_float_tensor(weight, f"kernels[{i}]", min_ndim=2)
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise ValueError(f"ranks[{i}] must be a pair (r_out, r_in), got {pair!r}")
+    c_out, c_in = weight.shape[:2]
+    r_out = check_rank(pair[0], f"ranks[{i}][0] (r_out)", full=c_out)
+    r_in = check_rank(pair[1], f"ranks[{i}][1] (r_in)", full=c_in)
+    return r_out, r_in
 
 
 def tucker2_many(
@@ -224,7 +205,7 @@ def tucker2_many(
     if not isinstance(ranks, Sequence):
         raise TypeError(f"ranks must be a sequence of (r_out, r_in) pairs, got {ranks!r}")
     check_hooi_options(n_iter, tol, check_every)
-    pairs = _check_inputs(kernels, ranks)
+    pairs = check_each("tucker2_many", ("kernels", "ranks"), kernels, ranks, _check_pair)
     groups: dict[_GroupKey, list[int]] = {}
     for i, (weight, pair) in enumerate(zip(kernels, pairs, strict=True)):
         groups.setdefault((tuple(weight.shape), pair, weight.dtype, weight.device), []).append(i)

@@ -33,7 +33,7 @@ from slimtorch.decompose.cp import (
     check_cp_options,
     init_factors,
 )
-from slimtorch.decompose.linalg import check_float_tensor, check_rank
+from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank
 
 logger = logging.getLogger(__name__)
 
@@ -84,26 +84,9 @@ def _mttkrp_from_partial(
     return torch.bmm(flat, kr).reshape(batch, r, i_n).mT  # (B, I_mode, R)
 
 
-def _check_inputs(tensors: Sequence[torch.Tensor], ranks: Sequence[object]) -> list[int]:
-    """Check every tensor and rank; one error that names every bad index."""
-    if len(tensors) != len(ranks):
-        raise ValueError(
-            f"tensors and ranks must have one entry each per tensor, got {len(tensors)} "
-            f"tensors and {len(ranks)} ranks"
-        )
-    problems: list[Exception] = []
-    out: list[int] = []
-    for i, (tensor, rank) in enumerate(zip(tensors, ranks, strict=True)):
-        try:
-            check_float_tensor(tensor, f"tensors[{i}]", min_ndim=3)
-            out.append(check_rank(rank, f"ranks[{i}]"))
-        except (TypeError, ValueError) as exc:
-            problems.append(exc)
-    if problems:
-        kind = TypeError if all(isinstance(p, TypeError) for p in problems) else ValueError
-        lines = "\n  ".join(str(p) for p in problems)
-        raise kind(f"cp_als_many: {len(problems)} bad input(s):\n  {lines}")
-    return out
+def _check_item(i: int, tensor: torch.Tensor, rank: object) -> int:
+    check_float_tensor(tensor, f"tensors[{i}]", min_ndim=3)
+    return check_rank(rank, f"ranks[{i}]")
 
 
 _State = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
@@ -383,7 +366,7 @@ def cp_als_many(
     if isinstance(ranks, torch.Tensor) or not isinstance(ranks, Sequence):
         raise TypeError(f"ranks must be a sequence of ints (one per tensor), got {ranks!r}")
     check_cp_options(n_iter, tol, init, reg, check_every)
-    rank_list = _check_inputs(tensors, ranks)
+    rank_list = check_each("cp_als_many", ("tensors", "ranks"), tensors, ranks, _check_item)
     groups: dict[_GroupKey, list[int]] = {}
     for i, (tensor, rank) in enumerate(zip(tensors, rank_list, strict=True)):
         groups.setdefault((tuple(tensor.shape), rank, tensor.dtype, tensor.device), []).append(i)

@@ -13,7 +13,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
+
+_T = TypeVar("_T")
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -209,3 +214,39 @@ def relative_error(approx: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     diff = torch.linalg.vector_norm(approx - ref)
     norm = torch.linalg.vector_norm(ref)
     return diff / norm if bool(norm > 0) else diff
+
+
+def check_each(
+    who: str,
+    names: tuple[str, str],
+    tensors: Sequence[torch.Tensor],
+    ranks: Sequence[object],
+    check: Callable[[int, torch.Tensor, object], _T],
+) -> list[_T]:
+    """Run ``check(i, tensor, rank)`` on every pair; one error that names every bad index.
+
+    ``names`` are the argument names for the messages (e.g. ``("kernels", "ranks")``). Raises
+    ``ValueError`` for a length mismatch, and for bad items a ``TypeError`` (all type errors) or
+    ``ValueError`` listing each item's message.
+
+    Example:
+        >>> check_each("f", ("xs", "ranks"), [torch.zeros(2, 2)], [1], lambda i, t, r: r)
+        [1]
+    """
+    if len(tensors) != len(ranks):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have one entry each per item, got "
+            f"{len(tensors)} {names[0]} and {len(ranks)} {names[1]}"
+        )
+    problems: list[Exception] = []
+    out: list[_T] = []
+    for i, (tensor, rank) in enumerate(zip(tensors, ranks, strict=True)):
+        try:
+            out.append(check(i, tensor, rank))
+        except (TypeError, ValueError) as exc:
+            problems.append(exc)
+    if problems:
+        kind = TypeError if all(isinstance(p, TypeError) for p in problems) else ValueError
+        lines = "\n  ".join(str(p) for p in problems)
+        raise kind(f"{who}: {len(problems)} bad input(s):\n  {lines}")
+    return out
