@@ -142,6 +142,10 @@ class TuckerConfig(DecomposeConfig):
     Attributes:
         n_iter: Maximum HOOI sweeps (0: truncated HOSVD only).
         tol: HOOI stops when the relative error changes by less than this.
+        batch_kernels: Factorise the targeted kernels of one shape and rank together
+            (:func:`~slimtorch.decompose.batched.tucker2_many`) before building the layers;
+            ``None``: on GPUs only (on the CPU, LAPACK solves the matrices one at a time either
+            way and batching measured no faster).
 
     Example:
         >>> TuckerConfig(rank=0.25, n_iter=10).n_iter
@@ -152,11 +156,13 @@ class TuckerConfig(DecomposeConfig):
 
     n_iter: int = 25
     tol: float = 1e-7
+    batch_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int(self, "n_iter", self.n_iter, 0)
         check_range(self, "tol", self.tol, low=0.0)
+        check_choice(self, "batch_kernels", self.batch_kernels, (None, True, False))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,6 +180,9 @@ class CPConfig(DecomposeConfig):
         reg: Proximal Tikhonov damping of each ALS solve (0: plain ALS).
         init: ``"svd"`` or ``"random"``.
         require_convergence: A run that does not reach ``tol`` fails (and the layer is skipped).
+        batch_kernels: Factorise the targeted kernels of one shape and rank together
+            (:func:`~slimtorch.decompose.cp_batched.cp_als_many`, CUDA-graph sweeps on NVIDIA
+            GPUs) before building the layers; ``None``: on GPUs only.
 
     Example:
         >>> CPConfig(rank=16).rank_spec.kind
@@ -188,6 +197,7 @@ class CPConfig(DecomposeConfig):
     reg: float = 1e-3
     init: str = "svd"
     require_convergence: bool = True
+    batch_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -196,6 +206,7 @@ class CPConfig(DecomposeConfig):
         check_range(self, "reg", self.reg, low=0.0)
         check_choice(self, "init", self.init, ("svd", "random"))
         check_choice(self, "require_convergence", self.require_convergence, (True, False))
+        check_choice(self, "batch_kernels", self.batch_kernels, (None, True, False))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.errors import DecompositionError
 from slimtorch.core.registry import Registry
+from slimtorch.decompose import prefactor
 from slimtorch.decompose.config import (
     CPConfig,
     DecomposeConfig,
@@ -151,9 +153,9 @@ def build_svd(module: nn.Module, rank: int) -> Factorised:
     return Factorised(layer, [rank], float(relative_error(a @ b, w)))
 
 
-@HANDLERS.register((TuckerConfig, nn.Conv2d))
-def tucker_conv(conv: nn.Module, config: TuckerConfig, name: str) -> Factorised:
-    """Tucker-2 of a dense ``nn.Conv2d`` into :class:`TuckerConv2d`."""
+def tucker_ranks(conv: nn.Module, config: TuckerConfig) -> tuple[int, int]:
+    """The ``(r_out, r_in)`` the rank spec gives a plain ``nn.Conv2d`` (``SkipLayer`` when the
+    factorisation would not save parameters)."""
     conv = _plain(conv, "TuckerConfig")
     w = conv.weight.detach()
     c_out, c_in = w.shape[:2]
@@ -164,12 +166,35 @@ def tucker_conv(conv: nn.Module, config: TuckerConfig, name: str) -> Factorised:
     k = w3.shape[2]
     after = c_in * r_in + r_in * r_out * k + r_out * c_out + _bias_count(conv)
     require_saving(count_params(conv), after, config, [r_out, r_in])
-    return build_tucker(conv, (r_out, r_in), config)
+    return r_out, r_in
+
+
+@HANDLERS.register((TuckerConfig, nn.Conv2d))
+def tucker_conv(conv: nn.Module, config: TuckerConfig, name: str) -> Factorised:
+    """Tucker-2 of a dense ``nn.Conv2d`` into :class:`TuckerConv2d`."""
+    return build_tucker(conv, tucker_ranks(conv, config), config)
+
+
+def clamp_tucker_ranks(shape: tuple[int, ...], ranks: tuple[int, int]) -> tuple[int, int]:
+    """Ranks within what the kernel's unfoldings allow.
+
+    A mode-n unfolding has rank at most min(rows, cols): a fraction of C_out can ask for more
+    (e.g. Conv2d(3, 64, 3): 32 output ranks, but the (64, 27) unfolding has rank 27).
+
+    Example:
+        >>> clamp_tucker_ranks((64, 3, 3, 3), (32, 2))
+        (27, 2)
+    """
+    c_out, c_in, kh, kw = shape
+    return max(1, min(ranks[0], c_out, c_in * kh * kw)), max(
+        1, min(ranks[1], c_in, c_out * kh * kw)
+    )
 
 
 def build_tucker(conv: nn.Module, ranks: tuple[int, int], config: TuckerConfig) -> Factorised:
     """Tucker-2 at ``ranks = (r_out, r_in)`` of a plain ``nn.Conv2d`` (HOOI settings from
-    ``config``; no checks of the saving: the caller picked the ranks).
+    ``config``; no checks of the saving: the caller picked the ranks). Takes the factors from a
+    batched run of ``decompose_`` when there is one (:mod:`slimtorch.decompose.prefactor`).
 
     Example:
         >>> build_tucker(nn.Conv2d(8, 8, 3), (2, 4), TuckerConfig()).ranks
@@ -177,12 +202,12 @@ def build_tucker(conv: nn.Module, ranks: tuple[int, int], config: TuckerConfig) 
     """
     conv = _plain(conv, "TuckerConfig")
     w = conv.weight.detach()
-    c_out, c_in, kh, kw = w.shape
-    # A mode-n unfolding has rank at most min(rows, cols): a fraction of C_out can ask for
-    # more (e.g. Conv2d(3, 64, 3): 32 output ranks, but the (64, 27) unfolding has rank 27).
-    r_out = max(1, min(ranks[0], c_out, c_in * kh * kw))
-    r_in = max(1, min(ranks[1], c_in, c_out * kh * kw))
-    core, u_out, u_in = tucker2(w, (r_out, r_in), n_iter=config.n_iter, tol=config.tol)
+    r_out, r_in = clamp_tucker_ranks(tuple(w.shape), ranks)
+    found = prefactor.lookup(prefactor.tucker_key(w, (r_out, r_in), config.n_iter, config.tol))
+    if found is not None:
+        core, u_out, u_in = found
+    else:
+        core, u_out, u_in = tucker2(w, (r_out, r_in), n_iter=config.n_iter, tol=config.tol)
     bias = None if conv.bias is None else conv.bias.detach()
     layer = TuckerConv2d.from_factors(
         core, u_out, u_in, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
@@ -204,9 +229,9 @@ def cp_rank(spec_kind: str, value: float, weight_shape: tuple[int, ...]) -> int:
     return int(value) if spec_kind == "int" else rank_from_fraction(neutral, value)
 
 
-@HANDLERS.register((CPConfig, nn.Conv2d))
-def cp_conv(conv: nn.Module, config: CPConfig, name: str) -> Factorised:
-    """CP by damped ALS of a dense spatial ``nn.Conv2d`` into :class:`CPConv2d`."""
+def cp_conv_rank(conv: nn.Module, config: CPConfig) -> int:
+    """The CP rank the rank spec gives a plain spatial ``nn.Conv2d`` (``SkipLayer`` when the
+    factorisation would not save parameters)."""
     conv = _plain(conv, "CPConfig", spatial=True)
     w = conv.weight.detach()
     spec = config.rank_spec
@@ -216,17 +241,57 @@ def cp_conv(conv: nn.Module, config: CPConfig, name: str) -> Factorised:
         rank = max(config.round_to, config.round_to * math.floor(rank / config.round_to + 0.5))
     after = rank * (c_out + c_in + kh + kw) + _bias_count(conv)
     require_saving(count_params(conv), after, config, [rank])
-    result = cp_als(
-        w,
-        rank,
-        n_iter=config.n_iter,
-        tol=config.tol,
-        reg=config.reg,
-        init=config.init,
-        require_convergence=config.require_convergence,
-    )
+    return rank
+
+
+def cp_options(config: CPConfig) -> dict[str, Any]:
+    """The ALS settings of ``config`` as keyword arguments of ``cp_als``/``cp_als_many``."""
+    return {"n_iter": config.n_iter, "tol": config.tol, "reg": config.reg, "init": config.init}
+
+
+@HANDLERS.register((CPConfig, nn.Conv2d))
+def cp_conv(conv: nn.Module, config: CPConfig, name: str) -> Factorised:
+    """CP by damped ALS of a dense spatial ``nn.Conv2d`` into :class:`CPConv2d` (from a batched
+    run of ``decompose_`` when there is one)."""
+    rank = cp_conv_rank(conv, config)
+    conv = _plain(conv, "CPConfig", spatial=True)
+    w = conv.weight.detach()
+    options = cp_options(config)
+    result = prefactor.lookup(prefactor.cp_key(w, rank, options))
+    if result is None:
+        result = cp_als(w, rank, require_convergence=config.require_convergence, **options)
+    elif config.require_convergence and not result.converged:
+        raise DecompositionError(
+            f"cp_als did not converge at rank {rank}: error change still >= tol={config.tol:g} "
+            f"after {result.iterations} sweeps (relative error {result.rel_error:.4g}); raise "
+            "n_iter or tol, or lower the rank"
+        )
     info = {"iterations": result.iterations, "converged": result.converged}
     return Factorised(CPConv2d.from_result(result, conv), [rank], result.rel_error, info)
+
+
+def batch_request(
+    module: nn.Module, config: DecomposeConfig, ranks: tuple[int, ...] | None
+) -> prefactor.Request | None:
+    """What ``decompose_`` may factorise in a batch for this layer (``None``: nothing).
+
+    ``ranks`` are the budget plan's choice, or ``None`` to take them from the rank spec as the
+    handler would. Any reason the handler would skip the layer gives ``None``.
+    """
+    if type(module) is not nn.Conv2d or not isinstance(config, TuckerConfig | CPConfig):
+        return None
+    try:
+        w = module.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            return None
+        if isinstance(config, TuckerConfig):
+            pair = tucker_ranks(module, config) if ranks is None else (ranks[0], ranks[1])
+            pair = clamp_tucker_ranks(tuple(w.shape), (int(pair[0]), int(pair[1])))
+            return ("tucker", prefactor.tucker_key(w, pair, config.n_iter, config.tol), w, pair)
+        rank = cp_conv_rank(module, config) if ranks is None else int(ranks[0])
+        return ("cp", prefactor.cp_key(w, rank, cp_options(config)), w, rank)
+    except (SkipLayer, ValueError, TypeError):
+        return None
 
 
 def split_modes(n: int, d: int) -> tuple[int, ...]:

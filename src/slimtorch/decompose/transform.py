@@ -25,10 +25,18 @@ from torch import nn
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.surgery import set_submodule
 from slimtorch.core.table import text_table
+from slimtorch.decompose import prefactor
 from slimtorch.decompose._shapes import layer_flops, record_shapes
 from slimtorch.decompose.budget_mode import BudgetPlan, build_option, plan_budget
-from slimtorch.decompose.config import DecomposeConfig
-from slimtorch.decompose.handlers import Factorised, SkipLayer, count_params, find_handler
+from slimtorch.decompose.config import CPConfig, DecomposeConfig, TuckerConfig
+from slimtorch.decompose.handlers import (
+    Factorised,
+    SkipLayer,
+    batch_request,
+    count_params,
+    cp_options,
+    find_handler,
+)
 from slimtorch.decompose.layers import LAYER_KINDS
 from slimtorch.decompose.speed import layer_speedup
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -244,6 +252,69 @@ def decompose_(
     plan = plan_budget(targets, config, shapes, batch, sensitivity) if budget else None
     rows: list[LayerReport] = []
     replacements: dict[str, nn.Module] = {}
+    with prefactor.batch_results(_prefactor(targets, config, plan)):
+        _factorise_all(targets, config, plan, shapes, batch, rows, replacements)
+    report = DecomposeReport(
+        config.method, {"type": type(config).__name__, **config.to_dict()}, rows
+    )
+    skipped = report.skipped
+    if strict and skipped:
+        listing = "; ".join(f"{r.name}: {r.reason}" for r in skipped)
+        raise TransformSkipError(
+            f"decompose_ ({config.method}, strict) skipped {len(skipped)} layer(s), model left "
+            f"unchanged: {listing}. Exclude these layers or change the config"
+        )
+    for name, new in replacements.items():
+        set_submodule(model, name, new)
+    if replacements:
+        report.entry = {
+            "name": TRANSFORM_NAME,
+            "params": {
+                "method": config.method,
+                "config": report.config,
+                "layers": {n: m.spec() for n, m in replacements.items()},  # type: ignore[operator]
+            },
+        }
+        arch = getattr(model, "slimtorch_arch", None)
+        if isinstance(arch, dict):
+            arch.setdefault("transforms", []).append(report.entry)
+    return report
+
+
+def _prefactor(
+    targets: list[tuple[str, nn.Module]], config: DecomposeConfig, plan: BudgetPlan | None
+) -> dict[tuple[Any, ...], Any]:
+    """Batched factorisations of the targets whose ranks are known (Tucker-2 and CP), when
+    ``config.batch_kernels`` asks for them (``None``: when a targeted kernel is on a GPU)."""
+    wanted = getattr(config, "batch_kernels", False)
+    if wanted is False:
+        return {}
+    requests = []
+    for name, module in targets:
+        ranks = None
+        if plan is not None:
+            if name in plan.reasons or not plan.choices[name].ranks:
+                continue
+            ranks = tuple(plan.choices[name].ranks)
+        request = batch_request(module, config, ranks)
+        if request is not None and (wanted or request[2].device.type != "cpu"):
+            requests.append(request)
+    if isinstance(config, CPConfig):
+        return prefactor.prefactor(requests, **cp_options(config))
+    assert isinstance(config, TuckerConfig)
+    return prefactor.prefactor(requests, n_iter=config.n_iter, tol=config.tol)
+
+
+def _factorise_all(
+    targets: list[tuple[str, nn.Module]],
+    config: DecomposeConfig,
+    plan: BudgetPlan | None,
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    batch: int,
+    rows: list[LayerReport],
+    replacements: dict[str, nn.Module],
+) -> None:
+    """Factorise each target (a row per layer; the new modules into ``replacements``)."""
     for name, module in targets:
         before = count_params(module)
         row = LayerReport(
@@ -278,31 +349,6 @@ def decompose_(
             f" ({row.reason})" if row.reason else f" ranks {row.ranks}",
         )
         rows.append(row)
-    report = DecomposeReport(
-        config.method, {"type": type(config).__name__, **config.to_dict()}, rows
-    )
-    skipped = report.skipped
-    if strict and skipped:
-        listing = "; ".join(f"{r.name}: {r.reason}" for r in skipped)
-        raise TransformSkipError(
-            f"decompose_ ({config.method}, strict) skipped {len(skipped)} layer(s), model left "
-            f"unchanged: {listing}. Exclude these layers or change the config"
-        )
-    for name, new in replacements.items():
-        set_submodule(model, name, new)
-    if replacements:
-        report.entry = {
-            "name": TRANSFORM_NAME,
-            "params": {
-                "method": config.method,
-                "config": report.config,
-                "layers": {n: m.spec() for n, m in replacements.items()},  # type: ignore[operator]
-            },
-        }
-        arch = getattr(model, "slimtorch_arch", None)
-        if isinstance(arch, dict):
-            arch.setdefault("transforms", []).append(report.entry)
-    return report
 
 
 def _factorise(
