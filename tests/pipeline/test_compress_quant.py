@@ -66,3 +66,18 @@ def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
         compress_run(
             in_dir=trained, out_dir=None, method="mixed", method_options={"size_ratio": -1}
         )
+
+
+def test_fold_bn_is_exact_and_reloads(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    cfg = TrainConfig(epochs=1, lr=0.05, progress=False)
+    train_classifier(model="resnet20", dataset="digits", out_dir=base, train_config=cfg)
+    report = _run(base, tmp_path / "folded", "fold-bn", {})
+    assert report["history"] is None  # a deployment step: never fine-tuned
+    assert report["layers"]["folded"] == 21 and report["layers"]["skipped"] == 0
+    acc = report["accuracy"]
+    assert acc["after_finetune"] == pytest.approx(acc["before"], abs=1e-3)
+    model, _ = load_model(tmp_path / "folded" / "model")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(ValueError, match="takes no options"):
+        compress_run(in_dir=base, out_dir=None, method="fold-bn", method_options={"x": 1})

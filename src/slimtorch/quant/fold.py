@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ class FoldReport:
     def folded(self) -> list[FoldRow]:
         """Rows with ``action == "folded"``."""
         return [r for r in self.rows if r.action == "folded"]
+
+    def to_table(self) -> str:
+        """One line per pair: conv, batch norm, action, reason."""
+        lines = [("conv", "batch norm", "action", "reason")]
+        lines += [(r.conv, r.bn, r.action, r.reason or "") for r in self.rows]
+        if self.reason:
+            lines.append(("-", "-", "nothing folded", self.reason))
+        return text_table(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
