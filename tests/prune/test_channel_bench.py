@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_channel_prune.py"
 
 
@@ -35,3 +37,14 @@ def test_bench_script_smoke(tmp_path: Path, capsys) -> None:
     assert saved["variants"][0]["params_ratio"] != saved["variants"][1]["params_ratio"]
     assert saved["threads"] == 1 and saved["device"] == "cpu"
     assert "r0.5-round8" in capsys.readouterr().out
+
+
+def test_bench_cuda_graphs_flag(tmp_path: Path) -> None:
+    bench = _bench_module()
+    argv = ["--model", "lenet5", "--in-channels", "1", "--input-size", "28", "--ratios", "0.5"]
+    argv += ["--batches", "2", "--threads", "1", "--repeats", "1", "--warmup", "1"]
+    argv += ["--min-time", "0", "--rounds", "1", "--cuda-graphs"]
+    result = bench.main([*argv, "--out", str(tmp_path / "g.json")])  # CPU: runs eagerly
+    assert result["cuda_graphs"] is True and result["variants"][0]["speedup"]["2"] > 0
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--compile"])  # alternatives, refused by the parser
