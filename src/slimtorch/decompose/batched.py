@@ -24,13 +24,16 @@ from collections.abc import Sequence
 
 import torch
 
-from slimtorch.core.errors import DecompositionError
-from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank, sym_eigh
+from slimtorch.decompose.linalg import (
+    check_each,
+    check_float_tensor,
+    check_rank,
+    stack_groups,
+    sym_eigh,
+)
 from slimtorch.decompose.tucker import Tucker2Factors, _default_check_every, check_hooi_options
 
 logger = logging.getLogger(__name__)
-
-_GroupKey = tuple[tuple[int, ...], tuple[int, int], torch.dtype, torch.device]
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -206,24 +209,12 @@ def tucker2_many(
         raise TypeError(f"ranks must be a sequence of (r_out, r_in) pairs, got {ranks!r}")
     check_hooi_options(n_iter, tol, check_every)
     pairs = check_each("tucker2_many", ("kernels", "ranks"), kernels, ranks, _check_pair)
-    groups: dict[_GroupKey, list[int]] = {}
-    for i, (weight, pair) in enumerate(zip(kernels, pairs, strict=True)):
-        groups.setdefault((tuple(weight.shape), pair, weight.dtype, weight.device), []).append(i)
-    stacks = {key: torch.stack([kernels[i] for i in idx]) for key, idx in groups.items()}
-    bad: list[int] = []
-    for key, idx in groups.items():  # one host read per group
-        finite = torch.isfinite(stacks[key]).flatten(1).all(1).tolist()
-        bad += [i for i, ok in zip(idx, finite, strict=True) if not ok]
-    if bad:
-        raise DecompositionError(
-            f"tucker2_many: kernels {sorted(bad)} hold NaN or Inf values; expected finite "
-            "weights; fix or re-initialise those layers before decomposing them"
-        )
+    groups = stack_groups("tucker2_many", "kernels", kernels, pairs)
     results: list[Tucker2Factors | None] = [None] * len(kernels)
-    for key, idx in groups.items():
+    for key, (idx, stack) in groups.items():
         (r_out, r_in), device = key[1], key[3]
         every = _default_check_every(device) if check_every is None else check_every
-        core, u_out, u_in = _tucker2_stack(stacks[key], r_out, r_in, n_iter, tol, every)
+        core, u_out, u_in = _tucker2_stack(stack, r_out, r_in, n_iter, tol, every)
         for b, i in enumerate(idx):
             results[i] = Tucker2Factors(core[b], u_out[b], u_in[b])
     return [r for r in results if r is not None]

@@ -33,11 +33,9 @@ from slimtorch.decompose.cp import (
     check_cp_options,
     init_factors,
 )
-from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank
+from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank, stack_groups
 
 logger = logging.getLogger(__name__)
-
-_GroupKey = tuple[tuple[int, ...], int, torch.dtype, torch.device]
 
 
 def _khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -367,25 +365,13 @@ def cp_als_many(
         raise TypeError(f"ranks must be a sequence of ints (one per tensor), got {ranks!r}")
     check_cp_options(n_iter, tol, init, reg, check_every)
     rank_list = check_each("cp_als_many", ("tensors", "ranks"), tensors, ranks, _check_item)
-    groups: dict[_GroupKey, list[int]] = {}
-    for i, (tensor, rank) in enumerate(zip(tensors, rank_list, strict=True)):
-        groups.setdefault((tuple(tensor.shape), rank, tensor.dtype, tensor.device), []).append(i)
-    stacks = {key: torch.stack([tensors[i] for i in idx]) for key, idx in groups.items()}
-    bad: list[int] = []
-    nonzero: dict[_GroupKey, list[bool]] = {}
-    for key, idx in groups.items():  # one host read per group
-        flat = stacks[key].flatten(1)  # (B, numel)
-        norms = torch.linalg.vector_norm(flat, dim=1)  # (B,)
-        flags = torch.stack([torch.isfinite(flat).all(1), norms > 0]).tolist()
-        bad += [i for i, ok in zip(idx, flags[0], strict=True) if not ok]
-        nonzero[key] = flags[1]
-    if bad:
-        raise DecompositionError(
-            f"cp_als_many: tensors {sorted(bad)} hold NaN or Inf values; expected finite "
-            "values; fix or re-initialise those layers before decomposing them"
-        )
+    groups = stack_groups("cp_als_many", "tensors", tensors, rank_list)
+    nonzero = {  # one host read per group
+        key: (torch.linalg.vector_norm(stack.flatten(1), dim=1) > 0).tolist()
+        for key, (_, stack) in groups.items()
+    }
     results: list[CPResult | None] = [None] * len(tensors)
-    for key, idx in groups.items():
+    for key, (idx, stack) in groups.items():
         rank, device = key[1], key[3]
         starts = [init_factors(tensors[i], rank, init, seed) for i in idx]  # as cp_als does
         for b in (b for b, nz in enumerate(nonzero[key]) if not nz):  # the zero tensor
@@ -394,7 +380,7 @@ def cp_als_many(
         live = [b for b, nz in enumerate(nonzero[key]) if nz]
         if not live:
             continue
-        x = stacks[key] if len(live) == len(idx) else stacks[key][live]  # (B, *shape)
+        x = stack if len(live) == len(idx) else stack[live]  # (B, *shape)
         factors = [torch.stack([starts[b][n] for b in live]) for n in range(len(key[0]))]
         every = _default_check_every(device) if check_every is None else check_every
         items = [idx[b] for b in live]

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -250,3 +250,36 @@ def check_each(
         lines = "\n  ".join(str(p) for p in problems)
         raise kind(f"{who}: {len(problems)} bad input(s):\n  {lines}")
     return out
+
+
+def stack_groups(
+    who: str, what: str, tensors: Sequence[torch.Tensor], ranks: Sequence[Any]
+) -> dict[tuple[Any, ...], tuple[list[int], torch.Tensor]]:
+    """Stack same (shape, rank, dtype, device) tensors: key -> (input indices, ``(B, ...)``).
+
+    Raises :class:`~slimtorch.core.errors.DecompositionError` naming every tensor that holds
+    NaN or Inf (one host read per group).
+
+    Example:
+        >>> ts = [torch.ones(2, 2), torch.ones(3), torch.ones(2, 2)]
+        >>> groups = stack_groups("f", "tensors", ts, [1, 1, 1])
+        >>> [(idx, tuple(stack.shape)) for idx, stack in groups.values()]
+        [([0, 2], (2, 2, 2)), ([1], (1, 3))]
+    """
+    from slimtorch.core.errors import DecompositionError
+
+    index: dict[tuple[Any, ...], list[int]] = {}
+    for i, (tensor, rank) in enumerate(zip(tensors, ranks, strict=True)):
+        key = (tuple(tensor.shape), rank, tensor.dtype, tensor.device)
+        index.setdefault(key, []).append(i)
+    groups = {key: (idx, torch.stack([tensors[i] for i in idx])) for key, idx in index.items()}
+    bad: list[int] = []
+    for idx, stack in groups.values():
+        finite = torch.isfinite(stack).flatten(1).all(1).tolist()
+        bad += [i for i, ok in zip(idx, finite, strict=True) if not ok]
+    if bad:
+        raise DecompositionError(
+            f"{who}: {what} {sorted(bad)} hold NaN or Inf values; expected finite values; fix "
+            "or re-initialise those layers before decomposing them"
+        )
+    return groups
