@@ -119,24 +119,30 @@ class KillAt(Callback):
             raise Crash(f"killed at step {self.step}")
 
 
-def run_two_gloo_ranks(
-    script: Path | str, *args: str, timeout: float = 120
+def run_gloo_ranks(
+    script: Path | str,
+    *args: str,
+    timeout: float = 120,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` under ``torch.distributed.run`` as 2 gloo processes on this host.
+    """Run ``script`` under ``torch.distributed.run`` as ``nproc`` gloo processes on this host
+    (extra environment variables in ``env``).
 
     The ranks import ``train_helpers`` too (the tests folder is put on ``PYTHONPATH``); one
     OpenMP thread each. Fails the test with the tail of stderr when a rank fails; returns the
     finished process (its stderr holds both ranks' logs).
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    full = {k: v for k, v in os.environ.items() if k not in drop} | (env or {})
+    full["OMP_NUM_THREADS"] = "1"
     here = str(Path(__file__).parent)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    full["PYTHONPATH"] = os.pathsep.join([here, full.get("PYTHONPATH", "")])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -11,7 +11,7 @@ import torch
 from slimtorch.models import load_model
 from slimtorch.train import TrainConfig
 from slimtorch.train.classifier import train_classifier
-from train_helpers import run_two_gloo_ranks
+from train_helpers import run_gloo_ranks
 
 HERE = Path(__file__).parent
 
@@ -33,7 +33,7 @@ def test_two_ranks_end_with_identical_weights(
     base: Path, tmp_path: Path, method: str, options: dict[str, object]
 ) -> None:
     out = tmp_path / "out"
-    run_two_gloo_ranks(
+    run_gloo_ranks(
         str(HERE / "compress_ddp_worker.py"),
         str(base),
         str(out),

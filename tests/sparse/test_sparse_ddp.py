@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import run_two_gloo_ranks
+from train_helpers import run_gloo_ranks
 
 HERE = Path(__file__).parent
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: about 6 s on 2 cores
 def test_two_gloo_ranks_keep_identical_masks_and_weights(tmp_path: Path) -> None:
-    run_two_gloo_ranks(str(HERE / "sparse_ddp_worker.py"), str(tmp_path))
+    run_gloo_ranks(str(HERE / "sparse_ddp_worker.py"), str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world_size"] == r1["world_size"] == 2

@@ -19,7 +19,7 @@ from slimtorch.train import (
     init_distributed,
     is_main_process,
 )
-from train_helpers import run_two_gloo_ranks
+from train_helpers import run_gloo_ranks
 
 HERE = Path(__file__).parent
 
@@ -51,7 +51,7 @@ def test_helpers_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    proc = run_two_gloo_ranks(str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"))
+    proc = run_gloo_ranks(str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"))
     ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
     single = _single_process(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["ddp_wrapped"] is True
@@ -69,3 +69,17 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
         "train_config.json",
     ]
     assert proc.stderr.count("epoch 2/2 done") == 1
+
+
+def test_forced_group_of_one_trains_data_parallel_like_one_process(tmp_path: Path) -> None:
+    """SLIMTORCH_DIST_FORCE=1: one torchrun process joins a group and wraps the model in DDP."""
+    run_gloo_ranks(
+        str(HERE / "ddp_worker.py"), str(tmp_path / "one"), nproc=1,
+        env={"SLIMTORCH_DIST_FORCE": "1"},
+    )  # fmt: skip
+    forced = torch.load(tmp_path / "one" / "result.pt", weights_only=True)
+    single = _single_process(tmp_path / "single")
+    assert forced["world_size"] == 1 and forced["ddp_wrapped"] is True
+    assert single["ddp_wrapped"] is False
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(forced["weights"][name], w, rtol=0, atol=1e-6, msg=name)

@@ -36,6 +36,7 @@ from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest
 from slimtorch.train import Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
+    data_parallel,
     get_device_index,
     get_rank,
     get_world_size,
@@ -140,7 +141,7 @@ def compress_run(
     if rank is not None:
         options["rank"] = rank
     device = torch.device(device)
-    if device.type == "cuda" and get_world_size() > 1:
+    if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     in_path = Path(in_dir)
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():

@@ -6,6 +6,11 @@ group (NCCL on CUDA/ROCm, gloo otherwise; ``SLIMTORCH_DIST_BACKEND`` overrides t
 other function here works, as a single-process no-op, when no process group exists, so the same
 script runs with and without ``torchrun``.
 
+``SLIMTORCH_DIST_FORCE=1`` joins a process group and trains data-parallel (DDP wrapper,
+all-reduce, sharded loader) even with one process: ``torchrun --nproc_per_node=1`` then runs the
+whole NCCL path on one GPU, which shows what DDP itself costs there (the one-GPU side of a
+scaling measurement).
+
 Each process uses GPU ``LOCAL_RANK``. With more processes on a host than GPUs, processes share
 GPUs round-robin (:func:`get_device_index`); NCCL refuses two ranks on one GPU, so that needs
 ``SLIMTORCH_DIST_BACKEND=gloo`` (slower all-reduce through host memory: a way to run and test the
@@ -108,11 +113,27 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def _forced() -> bool:
+    return os.environ.get("SLIMTORCH_DIST_FORCE", "") == "1"
+
+
+def data_parallel() -> bool:
+    """Whether this process trains data-parallel: it is in a process group of more than one
+    rank, or of one rank that ``SLIMTORCH_DIST_FORCE=1`` asked for.
+
+    Example:
+        >>> data_parallel()
+        False
+    """
+    return is_initialized() and (get_world_size() > 1 or _forced())
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
     """Join the process group described by the ``torchrun`` environment variables.
 
-    Does nothing and returns ``False`` when ``WORLD_SIZE`` is unset or 1. On CUDA/ROCm it also
-    selects the device ``cuda:LOCAL_RANK`` for this process.
+    Does nothing and returns ``False`` when ``WORLD_SIZE`` is unset or 1 (unless
+    ``SLIMTORCH_DIST_FORCE=1`` under torchrun). On CUDA/ROCm it also selects the device
+    ``cuda:LOCAL_RANK`` for this process.
 
     Args:
         backend: ``"nccl"``, ``"gloo"``...; ``None``: ``$SLIMTORCH_DIST_BACKEND`` if set, else
@@ -120,7 +141,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         timeout_s: How long collective operations wait for the other ranks.
 
     Returns:
-        Whether a multi-process group is initialised.
+        Whether training is data-parallel now (:func:`data_parallel`).
 
     Example:
         >>> # torchrun --nproc_per_node=2 train.py
@@ -128,9 +149,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         True
     """
     if is_initialized():
-        return get_world_size() > 1
+        return data_parallel()
     world_size = _env_int("WORLD_SIZE", 1)
-    if world_size <= 1:
+    if world_size < 1 or (world_size == 1 and not (_forced() and "WORLD_SIZE" in os.environ)):
         return False
     missing = [k for k in _ENV_KEYS if k not in os.environ]
     if missing:
@@ -166,7 +187,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         get_local_rank(),
         backend,
     )
-    return get_world_size() > 1
+    return data_parallel()
 
 
 def barrier() -> None:
@@ -190,7 +211,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         >>> all_reduce_sum(torch.tensor([1.0, 2.0]))
         tensor([1., 2.])
     """
-    if is_initialized() and get_world_size() > 1:
+    if data_parallel():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

@@ -33,6 +33,7 @@ from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
     barrier,
+    data_parallel,
     get_device_index,
     get_world_size,
     is_main_process,
@@ -128,8 +129,8 @@ class Trainer:
 
     @property
     def is_distributed(self) -> bool:
-        """Whether a process group with more than one rank exists."""
-        return get_world_size() > 1
+        """Whether training is data-parallel (see ``distributed.data_parallel``)."""
+        return data_parallel()
 
     def _prepare(self) -> None:
         if self._prepared:
@@ -401,7 +402,10 @@ class Trainer:
         model: nn.Module = self.model
         if self.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # gradients live in DDP's all-reduce buckets: no copy in and out every step
+            model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, gradient_as_bucket_view=True
+            )
         if self.out_dir is not None and is_main_process():
             self.config.save(self.out_dir / "train_config.json")
         self._call("on_fit_start")
