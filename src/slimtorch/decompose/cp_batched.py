@@ -202,7 +202,8 @@ def _cp_stack(
     replay = None
     if graph:
         try:
-            replay = _capture(sweep, state, device)
+            with torch.cuda.device(device):  # capture on the stack's GPU
+                replay = _capture(sweep, state, device)
         except RuntimeError as exc:  # e.g. a driver without graph support for these calls
             logger.warning("cp_als_many: CUDA graph capture failed (%s); sweeping eagerly", exc)
             graph = False

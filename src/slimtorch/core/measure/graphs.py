@@ -96,7 +96,8 @@ class GraphedForward:
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(x)
+            with torch.cuda.device(x.device):  # capture on the input's GPU
+                entry = self._graphs[key] = self._capture(x)
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
