@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from train_helpers import ListLoader, make_blobs, make_mlp
 
 from slimtorch.train import (
     TrainConfig,
@@ -23,6 +22,7 @@ from slimtorch.train import (
     init_distributed,
     is_main_process,
 )
+from train_helpers import ListLoader, make_blobs, make_mlp
 
 GLOBAL_BATCH = 8
 

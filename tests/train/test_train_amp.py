@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from train_helpers import ListLoader, make_blobs, make_mlp
 
 from slimtorch.train import Callback, TrainConfig, Trainer, resolve_amp
+from train_helpers import ListLoader, make_blobs, make_mlp
 
 
 def test_resolve_amp_on_cpu() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from train_helpers import ListLoader, make_blobs, make_mlp
 
 from slimtorch.train import Callback, EarlyStopping, ProgressBar, TrainConfig, Trainer
+from train_helpers import ListLoader, make_blobs, make_mlp
 
 
 def _cfg(**kw: Any) -> TrainConfig:
