@@ -12,9 +12,8 @@ def text_table(lines: Sequence[Sequence[str]]) -> str:
     reason does not widen the table; trailing spaces are stripped from every line.
 
     Example:
-        >>> print(text_table([("layer", "action", "reason"), ("fc", "skipped", "too small")]))
-        layer  action   reason
-        fc     skipped  too small
+        >>> text_table([("layer", "action", "reason"), ("fc", "skipped", "too small")]).splitlines()
+        ['layer  action   reason', 'fc     skipped  too small']
     """
     if not lines:
         return ""
