@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from slimtorch.core.errors import DecompositionError
+
 _T = TypeVar("_T")
 
 _FLOATS = (torch.float32, torch.float64)
@@ -268,8 +270,6 @@ def stack_groups(
         >>> [(idx, tuple(stack.shape)) for idx, stack in groups.values()]
         [([0, 2], (2, 2, 2)), ([1], (1, 3))]
     """
-    from slimtorch.core.errors import DecompositionError
-
     index: dict[tuple[Any, ...], list[int]] = {}
     for i, (tensor, rank) in enumerate(zip(tensors, ranks, strict=True)):
         key = (tuple(tensor.shape), rank, tensor.dtype, tensor.device)
