@@ -73,12 +73,14 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
         data_root=args.data_root,
         callbacks=callbacks,
         download=False,
+        val_fraction=args.val_fraction,
     )
     history = run.history
     result: dict[str, Any] = {
         "method": method,
         "test_accuracy": run.test_metrics["accuracy"],
         "test_loss": run.test_metrics["loss"],
+        "final_val_accuracy": run.val_metrics["accuracy"] if run.val_metrics else None,
         "train_seconds": run.train_seconds,
         "epoch_time_s": history.get("epoch_time_s"),
         "val_accuracy": history.get("val_accuracy"),
@@ -120,6 +122,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="hold out this fraction of the training set (stratified, fixed split) and report "
+        "per-epoch accuracy on it instead of on the test set: choose delta-T/alpha by it",
+    )
     ap.add_argument("--run-dir", default=None, help="keep each method's run directory here")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", required=True, help="JSON output path")
@@ -138,9 +147,11 @@ def main() -> None:
     }
     atomic_write_json(args.out, payload)
     for r in results:
+        val = r["final_val_accuracy"]
         print(
             f"{r['method']:>7}: test accuracy {r['test_accuracy']:.4f}  "
-            f"sparsity {r.get('sparsity', 0.0):.3f}  train {r['train_seconds']:.1f} s"
+            + (f"val accuracy {val:.4f}  " if val is not None else "")
+            + f"sparsity {r.get('sparsity', 0.0):.3f}  train {r['train_seconds']:.1f} s"
         )
     print(f"wrote {args.out}")
 

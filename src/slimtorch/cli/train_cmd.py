@@ -40,6 +40,13 @@ def add_parser(sub: Any) -> None:
         help="on-device augmentation (auto: the dataset's default)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="hold out this fraction of the training set (stratified, fixed split) for the "
+        "per-epoch evaluation, so that settings are chosen without the test set",
+    )
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--no-download", action="store_true", help="never download dataset files")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             download=not args.no_download,
             callbacks=callbacks,
+            val_fraction=args.val_fraction,
         )
         if is_main_process():
             summary = {
@@ -190,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
                 "test_accuracy": round(result.test_metrics["accuracy"], 4),
                 "test_loss": round(result.test_metrics["loss"], 4),
                 "train_seconds": round(result.train_seconds, 1),
+                **(
+                    {"val_accuracy": round(result.val_metrics["accuracy"], 4)}
+                    if result.val_metrics
+                    else {}
+                ),
                 "model_dir": str(result.model_dir),
                 "distributed": distributed,
             }

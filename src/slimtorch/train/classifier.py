@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_dataset
+from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_dataset, split_dataset
 from slimtorch.models import create_model, save_model
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
@@ -59,6 +59,8 @@ class ClassifierRun:
     test_metrics: dict[str, float]
     model_dir: Path | None
     train_seconds: float
+    val_metrics: dict[str, float] | None = None
+    """Final metrics on the held-out validation split (``val_fraction``), else None."""
 
 
 def make_loaders(
@@ -118,6 +120,8 @@ def train_classifier(
     callbacks: Sequence[Callback] | Callable[[ImageDataset], Sequence[Callback]] = (),
     resume: bool = False,
     download: bool = True,
+    val_fraction: float | None = None,
+    val_seed: int = 0,
 ) -> ClassifierRun:
     """Train ``model`` on ``dataset``, evaluate on its test split, save a model directory.
 
@@ -137,10 +141,18 @@ def train_classifier(
             loaded, e.g. to check that a distillation teacher fits its shape and classes).
         resume: Continue from ``out_dir/checkpoint.pt``.
         download: Allow downloading missing dataset files.
+        val_fraction: Hold out this fraction of the training split (stratified by class) as
+            a validation set: the per-epoch evaluation then runs on it instead of the test
+            split, so hyperparameters can be chosen without looking at the test set. The test
+            split is still evaluated once at the end.
+        val_seed: Seed of that split; keep it fixed to compare runs on the same validation set.
     """
     device = torch.device(device)
     train_ds = load_dataset(dataset, "train", root=data_root, download=download)
     test_ds = load_dataset(dataset, "test", root=data_root, download=download)
+    val_ds = None
+    if val_fraction is not None:
+        train_ds, val_ds = split_dataset(train_ds, val_fraction, seed=val_seed)
     aug = default_augment(dataset) if augment == "auto" else augment
     if isinstance(aug, str):
         raise ValueError(f"augment must be an AugmentConfig, None or 'auto', got {aug!r}")
@@ -163,13 +175,29 @@ def train_classifier(
         seed=train_config.seed,
         channels_last=train_config.channels_last,
     )
+    val_loader = None
+    if val_ds is not None:
+        _, val_loader = make_loaders(
+            train_ds,
+            val_ds,
+            batch_size=batch_size,
+            device=device,
+            augment=None,
+            seed=train_config.seed,
+            channels_last=train_config.channels_last,
+        )
     cbs = callbacks(train_ds) if callable(callbacks) else callbacks
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
     start = time.perf_counter()
-    history = trainer.fit(train_loader, test_loader, resume=resume)
+    history = trainer.fit(train_loader, val_loader or test_loader, resume=resume)
     seconds = time.perf_counter() - start
-    metrics = trainer.evaluate(test_loader)
-    test_metrics = {"accuracy": float(metrics["accuracy"]), "loss": float(metrics["loss"])}
+
+    def final(loader: DeviceLoader) -> dict[str, float]:
+        metrics = trainer.evaluate(loader)
+        return {"accuracy": float(metrics["accuracy"]), "loss": float(metrics["loss"])}
+
+    test_metrics = final(test_loader)
+    val_metrics = final(val_loader) if val_loader is not None else None
     model_dir = None
     if out_dir is not None and is_main_process():
         model_dir = save_model(
@@ -184,6 +212,11 @@ def train_classifier(
                 "test_loss": test_metrics["loss"],
                 "train_seconds": seconds,
                 "epochs": train_config.epochs,
+                **(
+                    {}
+                    if val_metrics is None
+                    else {"val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
+                ),
             },
             extra={
                 "dataset": dataset,
@@ -192,6 +225,8 @@ def train_classifier(
                 "augment": None if aug is None else aug.to_dict(),
                 "device": str(device),
                 "world_size": get_world_size(),
+                "val_fraction": val_fraction,
+                "val_seed": val_seed if val_fraction is not None else None,
             },
         )
     return ClassifierRun(
@@ -200,4 +235,5 @@ def train_classifier(
         test_metrics=test_metrics,
         model_dir=model_dir,
         train_seconds=seconds,
+        val_metrics=val_metrics,
     )

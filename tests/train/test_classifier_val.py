@@ -1,0 +1,53 @@
+"""train_classifier's held-out validation split: per-epoch figures on it, test kept apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimtorch.data import DeviceLoader, load_dataset, split_dataset
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+
+def test_val_fraction_evaluates_on_held_out_training_images(tmp_path):
+    cfg = TrainConfig(epochs=2, lr=0.05, seed=0, progress=False)
+    run = train_classifier(
+        model="mlp", dataset="digits", out_dir=tmp_path, train_config=cfg,
+        batch_size=64, val_fraction=0.2, val_seed=3,
+    )  # fmt: skip
+    assert run.val_metrics is not None
+    assert 0.0 <= run.val_metrics["accuracy"] <= 1.0
+    # the last per-epoch evaluation ran on the validation split, not on the test split
+    assert run.history["val_accuracy"][-1] == pytest.approx(run.val_metrics["accuracy"])
+    # ... the split drawn with val_seed: the trained model scores exactly that on it
+    _, val = split_dataset(load_dataset("digits", "train"), 0.2, seed=3)
+    correct = 0
+    with torch.no_grad():
+        for x, y in DeviceLoader(val, 256):
+            correct += int((run.model.eval()(x).argmax(1) == y).sum())
+    assert correct / len(val) == pytest.approx(run.val_metrics["accuracy"])
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["val_accuracy"] == pytest.approx(run.val_metrics["accuracy"])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["extra"]["val_fraction"] == 0.2
+    assert config["extra"]["val_seed"] == 3
+
+
+def test_without_val_fraction_per_epoch_figures_are_on_the_test_split(tmp_path):
+    cfg = TrainConfig(epochs=1, lr=0.05, seed=0, progress=False)
+    run = train_classifier(
+        model="mlp", dataset="digits", out_dir=None, train_config=cfg, batch_size=64
+    )
+    assert run.val_metrics is None
+    assert run.history["val_accuracy"][-1] == pytest.approx(run.test_metrics["accuracy"])
+
+
+def test_bad_val_fraction_is_refused_before_training():
+    cfg = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_classifier(
+            model="mlp", dataset="digits", out_dir=None, train_config=cfg, val_fraction=1.5
+        )
