@@ -95,15 +95,21 @@ def make_loaders(
         world_size=world,
         channels_last=channels_last,
     )
-    test_loader = DeviceLoader(
-        test_ds,
-        eval_batch_size,
+    return train_loader, eval_loader(test_ds, device, eval_batch_size, channels_last)
+
+
+def eval_loader(
+    ds: ImageDataset, device: torch.device, batch_size: int = 1024, channels_last: bool = False
+) -> DeviceLoader:
+    """An evaluation loader (no shuffling or augmentation), sharded across DDP ranks."""
+    return DeviceLoader(
+        ds,
+        batch_size,
         device=device,
         channels_last=channels_last,
         rank=get_rank(),
-        world_size=world,
+        world_size=get_world_size(),
     )
-    return train_loader, test_loader
 
 
 def train_classifier(
@@ -177,15 +183,7 @@ def train_classifier(
     )
     val_loader = None
     if val_ds is not None:
-        _, val_loader = make_loaders(
-            train_ds,
-            val_ds,
-            batch_size=batch_size,
-            device=device,
-            augment=None,
-            seed=train_config.seed,
-            channels_last=train_config.channels_last,
-        )
+        val_loader = eval_loader(val_ds, device, channels_last=train_config.channels_last)
     cbs = callbacks(train_ds) if callable(callbacks) else callbacks
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
     start = time.perf_counter()
