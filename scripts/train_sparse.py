@@ -11,6 +11,8 @@ Run from the repository root:
         --sparsity 0.9 --out docs/results/sparse-training-fmnist.json
     python scripts/train_sparse.py --model mlp --epochs 1 --methods dense,rigl --device cpu \
         --threads 2 --out /tmp/train-sparse-smoke.json      # a quick smoke run
+    python scripts/train_sparse.py --methods set,rigl --alpha 0.5 --val-fraction 0.1 \
+        --device cuda --out /tmp/a05.json   # choose alpha/delta-T on held-out training images
 
 The reported epoch times include each callback's work (mask updates), so the overhead of RigL
 and SET over static masks shows up in them directly.
