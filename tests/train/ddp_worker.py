@@ -21,6 +21,7 @@ from slimtorch.train import (
     get_world_size,
     init_distributed,
     is_main_process,
+    replica_mismatches,
 )
 from train_helpers import ListLoader, make_blobs, make_mlp
 
@@ -51,13 +52,26 @@ def run(out_dir: Path) -> dict[str, Any]:
     train = ListLoader(x, y, GLOBAL_BATCH, rank=rank, world_size=world)
     val = ListLoader(xv, yv, GLOBAL_BATCH, shuffle=False, rank=rank, world_size=world)
     history = trainer.fit(train, val)
-    return {
+    result = {
         "weights": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
         "history": history.to_dict(),
         "eval": trainer.evaluate(val),
         "world_size": world,
         "ddp_wrapped": trainer.is_distributed,
+        "replica_mismatches": trainer.replica_mismatches,
     }
+    # the check must see a replica drifting: rank 1 alone changes one weight and one mask
+    # entry (and a float buffer, which legitimately differs between ranks and is not checked)
+    model.register_buffer("probe_mask", torch.ones(3, dtype=torch.bool))
+    model.register_buffer("probe_stat", torch.zeros(2))
+    first = next(iter(model.parameters()))
+    if rank == 1:
+        with torch.no_grad():
+            first.view(-1)[0] += 1e-3
+        model.probe_mask[1] = False
+        model.probe_stat += 1.0
+    result["drifted"] = replica_mismatches(model)
+    return result
 
 
 def main() -> None:

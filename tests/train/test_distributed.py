@@ -56,6 +56,11 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
     single = _single_process(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["ddp_wrapped"] is True
     assert single["world_size"] == 1
+    # the ranks ended identical, and the check sees a weight and a mask that drift on one rank
+    assert ddp["replica_mismatches"] == []
+    assert single["replica_mismatches"] is None
+    first = next(iter(single["weights"]))
+    assert ddp["drifted"] == [first, "probe_mask"]
     for name, w in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][name], w, rtol=0, atol=1e-6, msg=name)
     # metrics are summed over ranks: the same as one process on every sample
@@ -80,6 +85,7 @@ def test_forced_group_of_one_trains_data_parallel_like_one_process(tmp_path: Pat
     forced = torch.load(tmp_path / "one" / "result.pt", weights_only=True)
     single = _single_process(tmp_path / "single")
     assert forced["world_size"] == 1 and forced["ddp_wrapped"] is True
+    assert forced["replica_mismatches"] == [] and forced["drifted"] == []
     assert single["ddp_wrapped"] is False
     for name, w in single["weights"].items():
         torch.testing.assert_close(forced["weights"][name], w, rtol=0, atol=1e-6, msg=name)

@@ -205,6 +205,11 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 "model_dir": str(result.model_dir),
                 "distributed": distributed,
+                **(
+                    {"ranks_consistent": not result.replica_mismatches}
+                    if result.replica_mismatches is not None
+                    else {}
+                ),
             }
             print(json.dumps(summary))
     finally:

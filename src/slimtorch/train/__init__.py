@@ -25,6 +25,7 @@ from slimtorch.train.distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    replica_mismatches,
 )
 from slimtorch.train.history import History
 from slimtorch.train.meter import Meter
@@ -58,6 +59,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "param_groups",
+    "replica_mismatches",
     "resolve_amp",
     "save_checkpoint",
     "seed_everything",

@@ -61,6 +61,8 @@ class ClassifierRun:
     train_seconds: float
     val_metrics: dict[str, float] | None = None
     """Final metrics on the held-out validation split (``val_fraction``), else None."""
+    replica_mismatches: list[str] | None = None
+    """Data-parallel runs: tensors that differ between ranks at the end ([]: none)."""
 
 
 def make_loaders(
@@ -215,6 +217,11 @@ def train_classifier(
                     if val_metrics is None
                     else {"val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
                 ),
+                **(
+                    {}
+                    if trainer.replica_mismatches is None
+                    else {"ranks_consistent": not trainer.replica_mismatches}
+                ),
             },
             extra={
                 "dataset": dataset,
@@ -234,4 +241,5 @@ def train_classifier(
         model_dir=model_dir,
         train_seconds=seconds,
         val_metrics=val_metrics,
+        replica_mismatches=trainer.replica_mismatches,
     )

@@ -216,6 +216,49 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _fingerprints(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``(n, 3)`` float64: sum, sum of squares and a position-weighted sum of each tensor."""
+    rows = []
+    for t in tensors:
+        flat = t.detach().reshape(-1).to(torch.float64)
+        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) % 997 + 1
+        rows.append(torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]))
+    if not rows:
+        return torch.zeros(0, 3, dtype=torch.float64, device=device)
+    return torch.stack(rows).to(device)
+
+
+def replica_mismatches(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and masks that are not the same on every rank.
+
+    Data-parallel training keeps every replica identical: the same all-reduced gradients go
+    through the same optimiser on each rank, and mask updates (pruning, RigL/SET) must make
+    the same choice everywhere. This checks it after the fact with one pair of collectives: each
+    rank fingerprints its parameters and its integer/bool buffers (masks) and the fingerprints'
+    max and min over ranks are compared. Floating-point buffers (batch-norm running
+    statistics) are left out: they are updated from each rank's own batches between DDP's
+    broadcasts and differ legitimately. Returns ``[]`` without a process group.
+
+    Example:
+        >>> replica_mismatches(torch.nn.Linear(2, 2))
+        []
+    """
+    if not data_parallel():
+        return []
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    named += [(n, b) for n, b in model.named_buffers() if not b.is_floating_point()]
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    prints = _fingerprints([t for _, t in named], device)
+    high, low = prints.clone(), prints.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    # NaN compares unequal to itself: a NaN on any rank is reported too
+    differ = ~(high == low).all(dim=1)
+    return [named[i][0] for i in differ.nonzero().flatten().tolist()]
+
+
 def cleanup() -> None:
     """Wait for every rank, then leave and destroy the process group, if any.
 

@@ -37,6 +37,7 @@ from slimtorch.train.distributed import (
     get_device_index,
     get_world_size,
     is_main_process,
+    replica_mismatches,
 )
 from slimtorch.train.history import History
 from slimtorch.train.loader import check_loader, iter_from, split_batch
@@ -112,6 +113,9 @@ class Trainer:
         self.should_stop = False
         self.history = History()
         self.last_grad_norm: torch.Tensor | None = None
+        self.replica_mismatches: list[str] | None = None
+        """After a data-parallel :meth:`fit`: the parameters and masks that differ between
+        ranks (``[]``: all identical); None when the run was not data-parallel."""
         self._meter: Meter | None = None
         self._prepared = False
 
@@ -413,6 +417,8 @@ class Trainer:
             while self.epoch < self.config.epochs and not self.should_stop:
                 self._train_epoch(model, train_loader, val_loader, rng)
                 rng = None
+            if self.is_distributed:
+                self._check_replicas()
         finally:
             if model is not self.model:
                 # free the DDP reducer (it holds the process group) before the group goes away
@@ -420,6 +426,21 @@ class Trainer:
                 gc.collect()
         self._call("on_fit_end")
         return self.history
+
+    def _check_replicas(self) -> None:
+        """Compare every rank's parameters and masks once training is over (all ranks call it)."""
+        self.replica_mismatches = replica_mismatches(self.model)
+        if self.replica_mismatches:
+            names = self.replica_mismatches
+            logger.error(
+                "ranks disagree after training on %d tensor(s) (%s%s): the replicas have "
+                "diverged, so the saved rank-0 model is only one of them",
+                len(names),
+                ", ".join(names[:5]),
+                " ..." if len(names) > 5 else "",
+            )
+        elif is_main_process():
+            logger.info("all ranks hold identical parameters and masks")
 
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, Any]:
