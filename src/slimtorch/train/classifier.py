@@ -27,6 +27,7 @@ from slimtorch.models import create_model, save_model
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import get_rank, get_world_size, is_main_process
+from slimtorch.train.seeding import seed_everything
 from slimtorch.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ def train_classifier(
     c, h, w = train_ds.input_shape
     if h != w:
         raise ValueError(f"only square inputs are supported by the model zoo, got {h}x{w}")
+    # the seed fixes the initial weights too: the same on every rank and in every rerun
+    seed_everything(train_config.seed)
     net = create_model(
         model,
         num_classes=len(train_ds.classes),
