@@ -60,8 +60,8 @@ def run(out_dir: Path) -> dict[str, Any]:
         "ddp_wrapped": trainer.is_distributed,
         "replica_mismatches": trainer.replica_mismatches,
     }
-    # the check must see a replica drifting: rank 1 alone changes one weight and one mask
-    # entry (and a float buffer, which legitimately differs between ranks and is not checked)
+    # the check must see a replica drifting: rank 1 alone changes a weight, a mask entry and a
+    # float buffer
     model.register_buffer("probe_mask", torch.ones(3, dtype=torch.bool))
     model.register_buffer("probe_stat", torch.zeros(2))
     first = next(iter(model.parameters()))

@@ -60,7 +60,7 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
     assert ddp["replica_mismatches"] == []
     assert single["replica_mismatches"] is None
     first = next(iter(single["weights"]))
-    assert ddp["drifted"] == [first, "probe_mask"]
+    assert ddp["drifted"] == [first, "probe_mask", "probe_stat"]
     for name, w in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][name], w, rtol=0, atol=1e-6, msg=name)
     # metrics are summed over ranks: the same as one process on every sample

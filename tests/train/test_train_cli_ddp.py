@@ -33,3 +33,14 @@ def test_two_ranks_train_the_one_process_model_on_the_same_global_batch(tmp_path
     assert "ranks_consistent" not in m_one
     assert m_two["ranks_consistent"] is True
     assert abs(m_two["test_accuracy"] - m_one["test_accuracy"]) < 0.01
+
+
+def test_batch_norm_statistics_are_rank_0s_on_every_rank_after_each_epoch(tmp_path: Path) -> None:
+    """DDP runs with broadcast_buffers=False; the Trainer copies rank 0's buffers every epoch,
+    so the replica check (which covers buffers) passes for a batch-norm model."""
+    args = ["train", "--model", "resnet20", "--dataset", "digits", "--epochs", "1",
+            "--batch-size", "64", "--device", "cpu", "--threads", "1", "--no-progress",
+            "--out", str(tmp_path / "bn")]  # fmt: skip
+    proc = run_gloo_ranks(str(HERE / "cli_train_worker.py"), *args, timeout=300)
+    metrics = json.loads((tmp_path / "bn" / "model" / "metrics.json").read_text())
+    assert metrics["ranks_consistent"] is True, proc.stderr[-2000:]

@@ -17,6 +17,7 @@ from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
     barrier,
+    broadcast_buffers_,
     cleanup,
     data_parallel,
     get_device_index,
@@ -45,6 +46,7 @@ __all__ = [
     "Trainer",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers_",
     "build_optimizer",
     "build_scheduler",
     "cleanup",

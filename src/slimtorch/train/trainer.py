@@ -33,6 +33,7 @@ from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
     barrier,
+    broadcast_buffers_,
     data_parallel,
     get_device_index,
     get_world_size,
@@ -335,6 +336,8 @@ class Trainer:
                 self._save_checkpoint()
             if self.should_stop and not self.is_distributed:
                 break
+        if self.is_distributed:
+            broadcast_buffers_(self.model)  # rank 0's statistics for evaluation and checkpoint
         res = self._meter.result(reduce=True)
         elapsed = self._meter.elapsed()
         row: dict[str, Any] = {
@@ -406,9 +409,10 @@ class Trainer:
         model: nn.Module = self.model
         if self.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # gradients live in DDP's all-reduce buckets: no copy in and out every step
+            # gradients live in DDP's all-reduce buckets: no copy in and out every step; buffers
+            # are synced once per epoch (broadcast_buffers_), not before every forward pass
             model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, gradient_as_bucket_view=True
+                self.model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False
             )
         if self.out_dir is not None and is_main_process():
             self.config.save(self.out_dir / "train_config.json")
