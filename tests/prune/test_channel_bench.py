@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_channel_prune.py"
+from script_helpers import load_script
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_channel_prune", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_channel_prune")
 
 
 def test_bench_script_smoke(tmp_path: Path, capsys) -> None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_ddp.py"
+from script_helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ddp", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ddp")
 
 
 def test_bench_refuses_settings_it_cannot_measure(tmp_path: Path, capsys) -> None:
