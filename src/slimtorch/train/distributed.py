@@ -233,10 +233,10 @@ def broadcast_buffers_(model: torch.nn.Module, src: int = 0) -> int:
 
     The Trainer wraps models in DDP with ``broadcast_buffers=False`` and calls this once per
     epoch instead: DDP's default broadcasts every buffer before every forward pass, which cost
-    14-17% of resnet56's training throughput on an H100 at batch 1024 (world size 1). Rank 0's
-    statistics are the ones a default DDP run ends with too (each forward overwrote the others'
-    with rank 0's), so evaluation and checkpoints see the same values. Returns the number of
-    buffers sent (0 without a process group).
+    14-20% of resnet56's training throughput on an H100 at batch 1024 (world size 1). Under
+    the default, rank 0 only ever sends, so its statistics follow its own batches alone; they
+    do here too, so the model rank 0 saves is the same as before, and after this copy every
+    rank evaluates with it. Returns the number of buffers sent (0 without a process group).
 
     Example:
         >>> broadcast_buffers_(torch.nn.BatchNorm2d(4))

@@ -115,7 +115,7 @@ class Trainer:
         self.history = History()
         self.last_grad_norm: torch.Tensor | None = None
         self.replica_mismatches: list[str] | None = None
-        """After a data-parallel :meth:`fit`: the parameters and masks that differ between
+        """After a data-parallel :meth:`fit`: the parameters and buffers that differ between
         ranks (``[]``: all identical); None when the run was not data-parallel."""
         self._meter: Meter | None = None
         self._prepared = False
@@ -432,7 +432,7 @@ class Trainer:
         return self.history
 
     def _check_replicas(self) -> None:
-        """Compare every rank's parameters and masks once training is over (all ranks call it)."""
+        """Compare every rank's parameters and buffers once training is over (all ranks call it)."""
         self.replica_mismatches = replica_mismatches(self.model)
         if self.replica_mismatches:
             names = self.replica_mismatches
@@ -444,7 +444,7 @@ class Trainer:
                 " ..." if len(names) > 5 else "",
             )
         elif is_main_process():
-            logger.info("all ranks hold identical parameters and masks")
+            logger.info("all ranks hold identical parameters and buffers")
 
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, Any]:
