@@ -121,3 +121,33 @@ def test_compress_with_distillation_records_config_and_uses_a_frozen_teacher(
         compress_run(
             in_dir=trained_mlp, out_dir=None, method="svd", rank=0.25, distill={"alpha": 1}
         )
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "match"),
+    [
+        ("tucker", {"rank": 2.0}, ValueError, "rank as a fraction"),
+        ("prune", {"sparsity": 1.0}, ValueError, r"sparsity must be in \[0.0, 1.0\)"),
+        ("prune", {"sparsity": 0.5, "gradual": "yes"}, TypeError, "'gradual' must be true"),
+        ("channel-prune", {"ratio": 1.5}, ValueError, "ratio"),
+        ("ptq", {"mode": "int3"}, ValueError, "mode"),
+        ("qat", {"widen_4bit_activations": 1}, TypeError, "widen_4bit_activations"),
+        ("fp16", {"profile": "gtx9999"}, ValueError, "gtx9999"),
+        ("bf16", {"check_batches": 0}, ValueError, "check_batches"),
+        ("fold-bn", {"rank": 1}, ValueError, "fold-bn takes no options"),
+        ("mixed", {"bogus_field": 1}, ValueError, "bogus_field"),
+    ],
+)
+def test_bad_options_fail_before_anything_is_loaded(
+    tmp_path: Path, method: str, options: dict, error: type[Exception], match: str
+) -> None:
+    # The model directory does not exist: the option error must come first, and nothing is
+    # written.
+    with pytest.raises(error, match=match):
+        compress_run(
+            in_dir=tmp_path / "missing",
+            out_dir=tmp_path / "out",
+            method=method,
+            method_options=options,
+        )
+    assert not (tmp_path / "out").exists()

@@ -13,8 +13,8 @@ changed, the training callbacks the fine-tune needs (masks kept exact, gradual s
 and an optional ``finish`` step run after fine-tuning (e.g. converting to int8).
 
 Example:
-    >>> sorted(COMPRESS_METHODS.names())[:3]
-    ['cp', 'nm', 'prune']
+    >>> sorted(COMPRESS_METHODS.names())[:4]
+    ['bf16', 'channel-prune', 'cp', 'fold-bn']
 """
 
 from __future__ import annotations
@@ -89,10 +89,49 @@ CompressMethod = Callable[[nn.Module, MethodRequest], Applied]
 
 COMPRESS_METHODS: Registry[CompressMethod] = Registry("compression method")
 
+OptionParser = Callable[[dict[str, Any]], Any]
+_OPTION_PARSERS: dict[str, OptionParser] = {}
 
-def _decompose(method: str) -> CompressMethod:
-    def apply(model: nn.Module, request: MethodRequest) -> Applied:
-        from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig, decompose_
+
+def _parses_options(*names: str) -> Callable[[OptionParser], OptionParser]:
+    """Register the function that turns a method's options into its config (and raises)."""
+
+    def register(parser: OptionParser) -> OptionParser:
+        for name in names:
+            _OPTION_PARSERS[name] = parser
+        return parser
+
+    return register
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+    """Parse ``options`` exactly as ``method`` will, without a model or data.
+
+    :func:`~slimtorch.pipeline.compress.compress_run` calls this before it loads anything, so a
+    bad rank or sparsity fails at once instead of after the datasets are read and the model
+    before compression is measured.
+
+    Raises:
+        ValueError: Unknown method or option name (the message lists the valid ones) or a bad
+            option value.
+        TypeError: An option of the wrong type.
+
+    Example:
+        >>> check_options("tucker", {"rank": 0.25})
+        >>> check_options("prune", {"sparsity": 1.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: MagnitudeConfig.sparsity must be in [0.0, 1.0), got 1.0
+    """
+    COMPRESS_METHODS.get(method)
+    parser = _OPTION_PARSERS.get(method)
+    if parser is not None:
+        parser(dict(options))
+
+
+def _decompose_config(method: str) -> OptionParser:
+    def parse(options: dict[str, Any]) -> Any:
+        from slimtorch.decompose import CPConfig, SVDConfig, TTConfig, TuckerConfig
         from slimtorch.decompose.config import DecomposeConfig
 
         config_type: dict[str, type[DecomposeConfig]] = {
@@ -101,7 +140,18 @@ def _decompose(method: str) -> CompressMethod:
             "cp": CPConfig,
             "tt": TTConfig,
         }
-        config = config_type[method].from_dict(request.options)
+        return config_type[method].from_dict(options)
+
+    return parse
+
+
+def _decompose(method: str) -> CompressMethod:
+    parse = _parses_options(method)(_decompose_config(method))
+
+    def apply(model: nn.Module, request: MethodRequest) -> Applied:
+        from slimtorch.decompose import decompose_
+
+        config = parse(request.options)
         report = decompose_(
             model,
             config,
@@ -155,6 +205,17 @@ def _write_compact(model: nn.Module, out_dir: Path) -> dict[str, Any]:
     }
 
 
+@_parses_options("prune")
+def _prune_options(options: dict[str, Any]) -> tuple[bool, Any]:
+    from slimtorch.prune import MagnitudeConfig
+
+    options = dict(options)
+    gradual = options.pop("gradual", False)
+    if not isinstance(gradual, bool):
+        raise TypeError(f"prune option 'gradual' must be true or false, got {gradual!r}")
+    return gradual, MagnitudeConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("prune")
 def _prune(model: nn.Module, request: MethodRequest) -> Applied:
     """Unstructured magnitude pruning, one-shot or gradual (``gradual=True``).
@@ -163,11 +224,9 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
     arXiv:1506.02626); gradual adds all-true masks now and raises sparsity on the Zhu & Gupta
     2017 schedule (arXiv:1710.01878) over the first two thirds of the fine-tune.
     """
-    from slimtorch.prune import GradualPruning, MagnitudeConfig, MaskCallback, prune_
+    from slimtorch.prune import GradualPruning, MaskCallback, prune_
 
-    options = dict(request.options)
-    gradual = bool(options.pop("gradual", False))
-    config = MagnitudeConfig.from_dict(options)
+    gradual, config = _prune_options(request.options)
     inc, exc = request.include, request.exclude
     callbacks: list[Callback]
     if gradual and request.finetune_steps > 0:
@@ -195,12 +254,19 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
     )
 
 
+@_parses_options("nm")
+def _nm_options(options: dict[str, Any]) -> Any:
+    from slimtorch.prune import NMConfig
+
+    return NMConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("nm")
 def _nm(model: nn.Module, request: MethodRequest) -> Applied:
     """N:M semi-structured magnitude pruning (2:4 by default), masks kept while fine-tuning."""
-    from slimtorch.prune import MaskCallback, NMConfig, prune_
+    from slimtorch.prune import MaskCallback, prune_
 
-    config = NMConfig.from_dict(request.options)
+    config = _nm_options(request.options)
     report = prune_(
         model, config, include=request.include, exclude=request.exclude, strict=request.strict
     )
@@ -215,6 +281,13 @@ def _nm(model: nn.Module, request: MethodRequest) -> Applied:
     )
 
 
+@_parses_options("channel-prune")
+def _channel_prune_options(options: dict[str, Any]) -> Any:
+    from slimtorch.prune import ChannelPruneConfig
+
+    return ChannelPruneConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("channel-prune")
 def _channel_prune(model: nn.Module, request: MethodRequest) -> Applied:
     """Structured channel pruning through the dependency graph (dense, smaller layers).
@@ -222,9 +295,9 @@ def _channel_prune(model: nn.Module, request: MethodRequest) -> Applied:
     Taylor importance scores channels on training batches (Molchanov et al. 2019,
     arXiv:1906.10771); the other importances need no data.
     """
-    from slimtorch.prune import ChannelPruneConfig, prune_channels_
+    from slimtorch.prune import prune_channels_
 
-    config = ChannelPruneConfig.from_dict(request.options)
+    config = _channel_prune_options(request.options)
     needs_data = config.importance == "taylor"
     calibration = request.calibration() if needs_data and request.calibration else None
     report = prune_channels_(
@@ -257,12 +330,19 @@ EAGER_NOTE = (
 )
 
 
+@_parses_options("ptq")
+def _ptq_options(options: dict[str, Any]) -> Any:
+    from slimtorch.quant import PTQConfig
+
+    return PTQConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("ptq")
 def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
     """Post-training int8 quantization (weight-only, dynamic or static with calibration)."""
-    from slimtorch.quant import PTQConfig, quantize_
+    from slimtorch.quant import quantize_
 
-    config = PTQConfig.from_dict(request.options)
+    config = _ptq_options(request.options)
     calibration = _batches(request, "static PTQ") if config.mode == "static" else None
     report = quantize_(
         model,
@@ -282,6 +362,27 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
     )
 
 
+def _with_globs(request: MethodRequest) -> dict[str, Any]:
+    """The options with the request's layer globs as ``include``/``exclude`` config fields."""
+    options = dict(request.options)
+    if request.include is not None:
+        options.setdefault("include", list(request.include))
+    if request.exclude is not None:
+        options.setdefault("exclude", list(request.exclude))
+    return options
+
+
+@_parses_options("qat")
+def _qat_options(options: dict[str, Any]) -> tuple[bool, Any]:
+    from slimtorch.quant import QATConfig
+
+    options = dict(options)
+    widen = options.pop("widen_4bit_activations", False)
+    if not isinstance(widen, bool):
+        raise TypeError(f"qat option 'widen_4bit_activations' must be true or false, got {widen!r}")
+    return widen, QATConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("qat")
 def _qat(model: nn.Module, request: MethodRequest) -> Applied:
     """LSQ quantization-aware fine-tuning (Esser et al. 2020, arXiv:1902.08153), then int8.
@@ -289,15 +390,9 @@ def _qat(model: nn.Module, request: MethodRequest) -> Applied:
     The fine-tune trains the fake-quantized model with learned step sizes; ``finish`` converts
     it to the same Q/DQ int8 model as post-training quantization.
     """
-    from slimtorch.quant import QATCallback, QATConfig, convert_qat_, prepare_qat_
+    from slimtorch.quant import QATCallback, convert_qat_, prepare_qat_
 
-    options = dict(request.options)
-    if request.include is not None:
-        options.setdefault("include", list(request.include))
-    if request.exclude is not None:
-        options.setdefault("exclude", list(request.exclude))
-    widen = bool(options.pop("widen_4bit_activations", False))
-    config = QATConfig.from_dict(options)
+    widen, config = _qat_options(_with_globs(request))
     report = prepare_qat_(model, config)
 
     def finish(m: nn.Module) -> dict[str, Any]:
@@ -314,14 +409,29 @@ def _qat(model: nn.Module, request: MethodRequest) -> Applied:
     )
 
 
-def _cast(dtype: str) -> CompressMethod:
-    def apply(model: nn.Module, request: MethodRequest) -> Applied:
-        from slimtorch.quant import LowPrecisionConfig, cast_
+def _cast_options(dtype: str) -> OptionParser:
+    def parse(options: dict[str, Any]) -> tuple[str, int, Any]:
+        from slimtorch.core.profiles import get_profile
+        from slimtorch.quant import LowPrecisionConfig
 
-        options = {"dtype": dtype, **request.options}
+        options = {"dtype": dtype, **options}
         profile = options.pop("profile", "rx580")
         check = options.pop("check_batches", 4)
-        config = LowPrecisionConfig.from_dict(options)
+        if isinstance(check, bool) or not isinstance(check, int) or check < 1:
+            raise ValueError(f"{dtype} option 'check_batches' must be an int >= 1, got {check!r}")
+        get_profile(profile)  # unknown names raise with the list
+        return profile, check, LowPrecisionConfig.from_dict(options)
+
+    return parse
+
+
+def _cast(dtype: str) -> CompressMethod:
+    parse = _parses_options(dtype)(_cast_options(dtype))
+
+    def apply(model: nn.Module, request: MethodRequest) -> Applied:
+        from slimtorch.quant import cast_
+
+        profile, check, config = parse(request.options)
         batches = []
         for i, batch in enumerate(_batches(request, f"the {dtype} accuracy check")):
             if i >= check:
@@ -340,6 +450,12 @@ def _cast(dtype: str) -> CompressMethod:
     return apply
 
 
+@_parses_options("fold-bn")
+def _fold_bn_options(options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(f"fold-bn takes no options, got {sorted(options)}")
+
+
 @COMPRESS_METHODS.register("fold-bn")
 def _fold_bn(model: nn.Module, request: MethodRequest) -> Applied:
     """Fold every Conv2d -> BatchNorm2d pair into the convolution (exact in eval mode).
@@ -349,8 +465,7 @@ def _fold_bn(model: nn.Module, request: MethodRequest) -> Applied:
     """
     from slimtorch.quant import fold_bn_
 
-    if request.options:
-        raise ValueError(f"fold-bn takes no options, got {sorted(request.options)}")
+    _fold_bn_options(request.options)
     model.eval()
     report = fold_bn_(model, include=request.include, exclude=request.exclude)
     return Applied(
@@ -366,17 +481,19 @@ COMPRESS_METHODS.register("fp16")(_cast("fp16"))
 COMPRESS_METHODS.register("bf16")(_cast("bf16"))
 
 
+@_parses_options("mixed")
+def _mixed_options(options: dict[str, Any]) -> Any:
+    from slimtorch.quant import MixedPrecisionConfig
+
+    return MixedPrecisionConfig.from_dict(options)
+
+
 @COMPRESS_METHODS.register("mixed")
 def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
     """Per-layer precision from {fp16, int8, int4 weights} under a size or latency budget."""
-    from slimtorch.quant import MixedPrecisionConfig, mixed_precision_
+    from slimtorch.quant import mixed_precision_
 
-    options = dict(request.options)
-    if request.include is not None:
-        options.setdefault("include", list(request.include))
-    if request.exclude is not None:
-        options.setdefault("exclude", list(request.exclude))
-    config = MixedPrecisionConfig.from_dict(options)
+    config = _mixed_options(_with_globs(request))
     report = mixed_precision_(model, config, _batches(request, "mixed precision"))
     return Applied(
         config=config.to_dict(),
