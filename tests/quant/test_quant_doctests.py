@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
-import torch
-from torch import nn
+
+from doctest_helpers import check_docstring_examples
 
 
 @pytest.mark.parametrize(
@@ -20,7 +17,4 @@ from torch import nn
     ],
 )
 def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn})
-    assert result.attempted > 0
-    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+    check_docstring_examples(name)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
-import torch
-from torch import nn
 
 import slimtorch.prune as prune
 import slimtorch.sparse as sparse
+from doctest_helpers import check_docstring_examples
 
 _NAMES = (
     "_select",
@@ -27,16 +23,7 @@ _NAMES = (
 
 @pytest.mark.parametrize("name", [*(f"slimtorch.sparse.{m}" for m in _NAMES), "slimtorch.sparse"])
 def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(name)
-    extra = {
-        "torch": torch,
-        "nn": nn,
-        **{n: getattr(prune, n) for n in prune.__all__},
-        **{n: getattr(sparse, n) for n in sparse.__all__},
-    }
-    result = doctest.testmod(module, extraglobs=extra, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+    check_docstring_examples(name, prune, sparse)
 
 
 def test_import_does_not_pull_heavy_modules() -> None:

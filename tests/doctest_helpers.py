@@ -1,0 +1,32 @@
+"""One way to run a module's docstring examples as a test."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_docstring_examples(
+    name: str,
+    *namespaces: ModuleType,
+    extra: dict[str, Any] | None = None,
+    must_run: bool = True,
+) -> None:
+    """Run the examples of module ``name``; every one must pass (and one must run if ``must_run``).
+
+    ``torch``, ``nn`` and the public names (``__all__``) of each of ``namespaces`` are in scope,
+    as they are for a reader of the package's documentation.
+    """
+    module = importlib.import_module(name)
+    globs: dict[str, Any] = {"torch": torch, "nn": nn}
+    for ns in namespaces:
+        globs.update({n: getattr(ns, n) for n in ns.__all__})
+    globs.update(extra or {})
+    result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 or not must_run, f"{name} has no docstring example that runs"
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

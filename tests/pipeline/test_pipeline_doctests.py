@@ -1,0 +1,16 @@
+"""The docstring examples of slimtorch.pipeline run and print what they claim."""
+
+from __future__ import annotations
+
+import pytest
+
+import slimtorch.pipeline as pipeline
+from doctest_helpers import check_docstring_examples
+
+# compress.py's example needs a trained model directory; compress_run is tested directly.
+MODULES = ["slimtorch.pipeline.methods"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    check_docstring_examples(name, pipeline)
