@@ -7,6 +7,7 @@ given. YAML/JSON recipes map onto configs one to one: :meth:`Config.from_dict` r
 keys, and :meth:`Config.to_dict` is what is saved beside every output.
 
 Example:
+    >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True, kw_only=True)
     ... class TuckerConfig(Config):
     ...     rank: float = 0.25
@@ -14,6 +15,10 @@ Example:
     ...         check_range(self, "rank", self.rank, low=0.0, high=1.0, low_inclusive=False)
     >>> TuckerConfig.from_dict({"rank": 0.5}).to_dict()
     {'rank': 0.5}
+    >>> TuckerConfig(rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: TuckerConfig.rank must be in (0.0, 1.0], got 0
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ when a function is called.
 
 Example:
     >>> from slimtorch.core.devices import detect_devices, resolve_device
-    >>> [d.device for d in detect_devices()]
-    ['cpu']
-    >>> resolve_device("auto")
-    device(type='cpu')
+    >>> [d.device for d in detect_devices()]  # the CPU, then any GPU ('cuda:0', ..., 'mps')
+    ['cpu'...]
+    >>> dev = resolve_device("auto")  # cuda:0 where there is a GPU, else mps, else the CPU
+    >>> str(dev) in [d.device for d in detect_devices()]
+    True
 """
 
 from __future__ import annotations

@@ -23,7 +23,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
     Example:
-        >>> atomic_write("model.safetensors", lambda p: save_file(tensors, p))
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> from safetensors.torch import save_file
+        >>> tensors = {"weight": torch.ones(2, 2)}
+        >>> atomic_write(d / "model.safetensors", lambda p: save_file(tensors, p)).name
+        'model.safetensors'
+        >>> [f.name for f in d.iterdir()]  # no temporary file left behind
+        ['model.safetensors']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

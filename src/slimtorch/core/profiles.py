@@ -166,9 +166,15 @@ def register_profile(profile: DeviceProfile) -> DeviceProfile:
     """Add a profile under ``profile.name``; a duplicate name raises ``RegistryError``.
 
     Example:
-        >>> register_profile(DeviceProfile(name="toy", description="toy", memory_bytes=1,
-        ...     peak_flops=dict(fp32=1e12, fp16=1e12, bf16=1e12, int8=1e12),
-        ...     memory_bandwidth=1e11))
+        >>> toy = DeviceProfile(name="toy-gpu", description="a made-up GPU", memory_bytes=2**30,
+        ...     peak_flops=dict(fp32=1e12, fp16=2e12, bf16=2e12, int8=4e12),
+        ...     memory_bandwidth=1e11)
+        >>> register_profile(toy) is get_profile("toy-gpu")
+        True
+        >>> register_profile(toy)
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.RegistryError: device profile 'toy-gpu' is already registered; ...
     """
     if not isinstance(profile, DeviceProfile):
         raise TypeError(f"register_profile expects a DeviceProfile, got {type(profile).__name__}")

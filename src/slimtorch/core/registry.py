@@ -6,8 +6,18 @@ Register, don't branch: a duplicate key raises at import, an unknown key raises 
 Example:
     >>> MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
     >>> @MODELS.register("mlp")
-    ... def mlp(num_classes: int = 10) -> nn.Module: ...
-    >>> MODELS.get("mlp")
+    ... def mlp(num_classes: int = 10) -> nn.Module:
+    ...     return nn.Linear(784, num_classes)
+    >>> MODELS.get("mlp") is mlp, MODELS.names()
+    (True, ['mlp'])
+    >>> MODELS.get("cnn")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model 'cnn'; valid choices: mlp
+    >>> MODELS.add("mlp", mlp)
+    Traceback (most recent call last):
+    ...
+    slimtorch.core.errors.RegistryError: model 'mlp' is already registered; pick another name ...
 """
 
 from __future__ import annotations

@@ -4,9 +4,17 @@ Every "smaller and faster" claim of slimtorch is made with these functions.
 
 Example:
     >>> from slimtorch.core.measure import count_flops, estimate_latency, measure_latency
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28)
+    >>> x = torch.randn(1, 1, 28, 28)
     >>> count_flops(model, x).total_flops
-    >>> estimate_latency(model, x, "rx580").total_s
-    >>> measure_latency(model, x).median_s
+    833040
+    >>> est = estimate_latency(model, x, "rx580")
+    >>> round(est.total_s * 1e6), est.kernels, est.bound  # microseconds, launches dominate
+    (111, 11, 'overhead')
+    >>> r = measure_latency(model, x, warmup=1, repeats=5, min_time_s=0)
+    >>> r.repeats, r.device, r.median_s < 1.0  # seconds
+    (5, 'cpu', True)
 """
 
 from __future__ import annotations

@@ -62,7 +62,13 @@ class FlopReport:
         """Matmul FLOPs of the module ``prefix`` and everything under it (``""``: all).
 
         Example:
+            >>> from slimtorch.models import create_model
+            >>> model = create_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+            >>> report = count_flops(model, torch.randn(1, 3, 32, 32))
             >>> report.module_flops("layer1")  # layer1, layer1.0.conv1, ...
+            28311552
+            >>> report.module_flops("") == report.total_flops
+            True
         """
         dot = prefix + "."
         return sum(
@@ -85,7 +91,13 @@ class FlopReport:
         """A plain text table, one row per layer.
 
         Example:
-            >>> text = count_flops(model, x).to_table()  # a printable table
+            >>> model = nn.Sequential(nn.Linear(100, 10), nn.ReLU())
+            >>> print(count_flops(model, torch.randn(4, 100)).to_table())
+            layer                            type                   MFLOPs     params  output
+            ---------------------------------------------------------------------------------
+            0                                Linear                  0.008       1010  4x10
+            1                                ReLU                    0.000          0  4x10
+            total                                                    0.008       1010  (0.004 MMACs)
         """
         head = f"{'layer':<32} {'type':<18} {'MFLOPs':>10} {'params':>10}  output"
         lines = [head, "-" * len(head)]
@@ -106,7 +118,8 @@ def flop_report_from_trace(trace: OpTrace) -> FlopReport:
     """Aggregate a trace into one row per module that ran ops or is a leaf, in call order.
 
     Example:
-        >>> flop_report_from_trace(trace_ops(model, x)).total_flops
+        >>> flop_report_from_trace(trace_ops(nn.Linear(100, 10), torch.randn(4, 100))).total_flops
+        8000
     """
     flops: dict[str, int] = {}
     other: dict[str, int] = {}

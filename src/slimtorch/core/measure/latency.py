@@ -6,9 +6,9 @@ figure is the time until the device has finished, host launch cost included. Mod
 restored after. Report the median: on a shared machine the mean is pulled up by outliers.
 
 Example:
-    >>> r = measure_latency(nn.Linear(64, 64), torch.randn(8, 64), threads=1)
-    >>> r.median_s < 0.1
-    True
+    >>> r = measure_latency(nn.Linear(64, 64), torch.randn(8, 64), threads=1, min_time_s=0)
+    >>> r.repeats, r.threads, r.median_s < 0.1
+    (10, 1, True)
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def measure_latency(
         A :class:`LatencyResult`.
 
     Example:
-        >>> measure_latency(lambda: time.sleep(0.02), warmup=1, repeats=5).median_s
-        0.0201...
+        >>> r = measure_latency(lambda: time.sleep(0.02), warmup=1, repeats=5, min_time_s=0)
+        >>> r.repeats, 0.02 <= r.median_s < 0.1  # a sleep lasts at least as long as asked
+        (5, True)
     """
     if not callable(fn_or_model):
         raise TypeError(f"fn_or_model must be callable, got {type(fn_or_model).__name__}")

@@ -2,10 +2,19 @@
 estimates on device profiles, with a plain-text before/after comparison for transform reports.
 
 Example:
-    >>> before = profile_model(model, x, device="cpu", profiles=["rx580"])
-    >>> prune_(model, ...)
-    >>> after = profile_model(model, x, device="cpu", profiles=["rx580"])
-    >>> text = compare_profiles(before, after)  # a printable table
+    >>> x = torch.randn(8, 256)
+    >>> wide = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    >>> narrow = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))  # compressed
+    >>> kw = dict(device="cpu", profiles=["rx580"], warmup=1, repeats=3, min_time_s=0)
+    >>> before, after = profile_model(wide, x, **kw), profile_model(narrow, x, **kw)
+    >>> print(compare_profiles(before, after))
+    metric                           before        after    ratio
+    params (M)                       0.1367       0.0684    0.50x
+    size (MB)                         0.547        0.273    0.50x
+    GFLOPs                           0.0022       0.0011    0.50x
+    latency cpu (ms)           ...
+    peak memory (MB)           ...
+    est. rx580 (ms)                  0.0324       0.0312    0.96x
 """
 
 from __future__ import annotations
@@ -88,7 +97,18 @@ class ModelProfile:
         """A plain text summary: header lines, then one row per profile estimate.
 
         Example:
-            >>> text = profile_model(model, x, device="cpu").to_table()  # a printable table
+            >>> net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+            >>> p = profile_model(net, torch.randn(8, 256), device="cpu", profiles=["rx580"],
+            ...     warmup=1, repeats=3, min_time_s=0)
+            >>> print(p.to_table())
+            model        : Sequential (input 8x256)
+            params       : 136,714 (136,714 trainable)
+            size         : 0.547 MB (float32 0.547 MB)
+            GFLOPs       : 0.0022 (0.0011 GMACs)
+            latency here : ... ms median, spread ...% (p10-p90 ... ms, n=3, cpu, ... thread(s))
+            peak memory  : ... MB (...)
+            profile             est. ms  kernels  bound
+            rx580                0.0324        3  overhead
         """
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes) or "-"
         lat = self.latency
@@ -153,8 +173,14 @@ def profile_model(
         A :class:`ModelProfile`.
 
     Example:
-        >>> p = profile_model(model, torch.randn(1, 3, 32, 32), device="cpu", profiles=["rx580"])
-        >>> text = p.to_table()  # a printable table
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+        >>> p = profile_model(model, torch.randn(1, 3, 32, 32), device="cpu", profiles=["rx580"],
+        ...     warmup=1, repeats=2, min_time_s=0)
+        >>> p.params, p.flops, p.latency.repeats, list(p.estimates)
+        (272474, 81626368, 2, ['rx580'])
+        >>> model.training  # measured in eval mode, flags restored
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -221,10 +247,19 @@ def compare_profiles(before: ModelProfile, after: ModelProfile) -> str:
     every profile both sides have.
 
     Example:
-        >>> text = compare_profiles(before, after)  # a printable table, starting:
-        metric                       before        after    ratio
-        params (M)                   0.2723       0.1361    0.50x
-        ...
+        >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> x = torch.randn(8, 64)
+        >>> kw = dict(device="cpu", profiles=["rx580"], warmup=1, repeats=3, min_time_s=0)
+        >>> before = profile_model(net, x, **kw)
+        >>> after = profile_model(net.half(), x.half(), **kw)  # the same weights in fp16
+        >>> print(compare_profiles(before, after))
+        metric                           before        after    ratio
+        params (M)                       0.0048       0.0048    1.00x
+        size (MB)                         0.019        0.010    0.50x
+        GFLOPs                           0.0001       0.0001    1.00x
+        latency cpu (ms)           ...
+        peak memory (MB)           ...
+        est. rx580 (ms)                  0.0301       0.0301    1.00x
     """
     if not isinstance(before, ModelProfile) or not isinstance(after, ModelProfile):
         raise TypeError("compare_profiles expects two ModelProfile objects")

@@ -161,8 +161,11 @@ def estimate_latency(
         A :class:`RooflineEstimate`, one row per module that launched a kernel, in call order.
 
     Example:
-        >>> est = estimate_latency(model, x, "rx580", dtype=torch.float16)
-        >>> est.total_s * 1e3  # milliseconds
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> est = estimate_latency(model, torch.randn(1, 1, 28, 28), "rx580", dtype=torch.float16)
+        >>> round(est.total_s * 1e6), est.dtype  # microseconds
+        (111, 'float16')
     """
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
@@ -176,8 +179,9 @@ def roofline_from_trace(
     """The roofline estimate of an already traced forward pass (see :func:`estimate_latency`).
 
     Example:
-        >>> trace = trace_ops(model, x)
-        >>> [roofline_from_trace(trace, p).total_s for p in ("rx580", "h100-sxm")]
+        >>> trace = trace_ops(nn.Linear(1024, 1024), torch.randn(64, 1024))  # traced once
+        >>> [round(roofline_from_trace(trace, p).total_s * 1e6) for p in ("rx580", "h100-sxm")]
+        [32, 6]
     """
     prof = get_profile(profile)
     fp32_rate = prof.peak_rate(torch.float32)
