@@ -1,9 +1,12 @@
 """slimtorch.data: dataset readers, checksums, downloads and device-resident loaders.
 
-Example:
+Example (reads the real files from ``$SLIMTORCH_DATA`` or the cache):
     >>> from slimtorch.data import AugmentConfig, DeviceLoader, load_dataset
-    >>> train = load_dataset("fashion-mnist", "train")
+    >>> train = load_dataset("fashion-mnist", "train", download=False)
     >>> loader = DeviceLoader(train, 256, shuffle=True, augment=AugmentConfig(hflip=True))
+    >>> x, y = next(iter(loader))
+    >>> len(loader), x.shape, x.dtype, y.shape
+    (235, torch.Size([256, 1, 28, 28]), torch.float32, torch.Size([256]))
 """
 
 from slimtorch.data.augment import AugmentConfig, apply_augment, random_crop, random_hflip

@@ -6,9 +6,12 @@ samples, so they run on the GPU next to the model. They act on uint8 (or float) 
 (He et al., 2016, "Deep Residual Learning for Image Recognition", arXiv:1512.03385).
 
 Example:
+    >>> images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     >>> g = torch.Generator().manual_seed(0)
     >>> x = random_crop(images, padding=4, generator=g)     # same shape, content shifted
     >>> x = random_hflip(x, generator=g)
+    >>> x.shape, x.dtype
+    (torch.Size([8, 3, 32, 32]), torch.uint8)
 """
 
 from __future__ import annotations
@@ -111,7 +114,13 @@ def apply_augment(
     """Apply the augmentations switched on in ``config`` (crop, then flip).
 
     Example:
-        >>> apply_augment(x, AugmentConfig(hflip=True), generator=g)
+        >>> x = torch.arange(4.0).view(1, 1, 1, 4)
+        >>> apply_augment(x, AugmentConfig()) is x  # nothing switched on
+        True
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = apply_augment(x, AugmentConfig(hflip=True), generator=g)
+        >>> torch.equal(y, x) or torch.equal(y, x.flip(3))  # mirrored or left as it was
+        True
     """
     if config.random_crop_padding:
         images = random_crop(images, config.random_crop_padding, generator=generator)

@@ -6,7 +6,15 @@ the resolved path, size and modification time, so repeated loads in one process 
 file that changes on disk is hashed again.
 
 Example:
-    >>> verify_file("mnist/t10k-labels-idx1-ubyte.gz", md5="ec29112dd5afa0611ce80d1b7f02629c")
+    >>> import pathlib, tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "abc.txt"
+    >>> _ = p.write_bytes(b"abc")
+    >>> verify_file(p, md5="900150983cd24fb0d6963f7d28e17f72", size=3)
+    True
+    >>> verify_file(p, md5="0" * 32)
+    Traceback (most recent call last):
+    ...
+    slimtorch.core.errors.ChecksumError: ...abc.txt has md5 900150983cd24fb0d6963f7d28e17f72, ...
 """
 
 from __future__ import annotations
@@ -53,7 +61,13 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
     """The hex digest of a file, read in 1 MiB chunks.
 
     Example:
-        >>> file_digest("train-labels-idx1-ubyte.gz", "md5")
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "abc.txt"
+        >>> _ = p.write_bytes(b"abc")
+        >>> file_digest(p)
+        'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'
+        >>> file_digest(p, "md5")
+        '900150983cd24fb0d6963f7d28e17f72'
     """
     h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
@@ -92,8 +106,17 @@ def verify_file(
         ChecksumError: The size or digest differs from the published value.
 
     Example:
-        >>> verify_file(p, md5="ec29112dd5afa0611ce80d1b7f02629c")
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "abc.txt"
+        >>> _ = p.write_bytes(b"abc")
+        >>> verify_file(p, md5="900150983cd24fb0d6963f7d28e17f72")
         True
+        >>> verify_file(p)  # nothing known to check
+        False
+        >>> verify_file(p, size=4)
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.ChecksumError: ...abc.txt has 3 bytes, expected 4 (the published ...
     """
     path = Path(path)
     st = path.stat()

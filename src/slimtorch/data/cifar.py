@@ -8,9 +8,19 @@ and a known file is checked against its published md5 before it is parsed at all
 
 Dataset: Krizhevsky, "Learning Multiple Layers of Features from Tiny Images" (2009).
 
-Example:
-    >>> x, y = read_cifar_batch("cifar-10-batches-py/test_batch",
-    ...                         md5=CIFAR10_MD5["test_batch"])      # (10000, 3, 32, 32) uint8
+Example (a two-image stand-in for ``cifar-10-batches-py/test_batch``):
+    >>> import pathlib, pickle, tempfile
+    >>> import numpy as np
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "test_batch"
+    >>> batch = {"data": np.zeros((2, 3 * 32 * 32), np.uint8), "labels": [3, 8]}
+    >>> _ = path.write_bytes(pickle.dumps(batch, protocol=4))
+    >>> x, y = read_cifar_batch(path)
+    >>> x.shape, x.dtype, y.tolist()
+    (torch.Size([2, 3, 32, 32]), torch.uint8, [3, 8])
+    >>> x, y = read_cifar_batch(path, md5=CIFAR10_MD5["test_batch"])  # not the published file
+    Traceback (most recent call last):
+    ...
+    slimtorch.core.errors.ChecksumError: ...test_batch has md5 ..., expected 40351d587109b95175f...
 """
 
 from __future__ import annotations
@@ -74,7 +84,14 @@ class SafeUnpickler(pickle.Unpickler):
     :class:`~slimtorch.core.errors.DataFormatError` before it is looked up.
 
     Example:
+        >>> import io, pickle
+        >>> blob = pickle.dumps({"labels": [3, 8]}, protocol=4)
         >>> SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
+        {'labels': [3, 8]}
+        >>> SafeUnpickler(io.BytesIO(pickle.dumps(print))).load()
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.DataFormatError: refusing to load the global builtins.print ...
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -115,7 +132,14 @@ def read_cifar_batch(
             batch (missing keys, wrong array shape, labels outside 0..9).
 
     Example:
-        >>> x, y = read_cifar_batch("cifar-10-batches-py/data_batch_1")
+        >>> import pathlib, pickle, tempfile
+        >>> import numpy as np
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "data_batch_1"
+        >>> batch = {"data": np.full((4, 3072), 255, np.uint8), "labels": [0, 1, 2, 9]}
+        >>> _ = path.write_bytes(pickle.dumps(batch, protocol=4))
+        >>> x, y = read_cifar_batch(path)
+        >>> x.shape, y.dtype
+        (torch.Size([4, 3, 32, 32]), torch.int64)
     """
     path = Path(path)
     if md5 is not None:
@@ -169,8 +193,21 @@ def read_cifar_batches(
     Returns:
         ``images`` uint8 ``(N, 3, 32, 32)`` and ``labels`` int64 ``(N,)``.
 
-    Example:
-        >>> x, y = read_cifar_batches([folder / f"data_batch_{i}" for i in range(1, 6)])
+    Example (two small stand-ins for ``data_batch_1`` ... ``data_batch_5``):
+        >>> import pathlib, pickle, tempfile
+        >>> import numpy as np
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> for i, n in ((1, 3), (2, 2)):
+        ...     batch = {"data": np.zeros((n, 3072), np.uint8), "labels": [i] * n}
+        ...     _ = (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=4))
+        >>> paths = [folder / "data_batch_1", folder / "data_batch_2"]
+        >>> x, y = read_cifar_batches(paths, verify=False)  # they are not the published files
+        >>> x.shape, y.tolist()
+        (torch.Size([5, 3, 32, 32]), [1, 1, 1, 2, 2])
+        >>> x, y = read_cifar_batches(paths)
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.ChecksumError: ...data_batch_1 has md5 ..., expected c99cafc152244...
     """
     if not paths:
         raise ValueError("read_cifar_batches needs at least one batch file")
@@ -195,7 +232,13 @@ def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Te
         DataFormatError: Missing keys, wrong dtype or shape, labels outside 0..9.
 
     Example:
-        >>> x, y = read_cifar_npz("cifar10-train.npz")
+        >>> import pathlib, tempfile
+        >>> import numpy as np
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "cifar10-train.npz"
+        >>> np.savez(path, x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([6, 9]))
+        >>> x, y = read_cifar_npz(path)
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3, 32, 32]), [6, 9])
     """
     path = Path(path)
     try:

@@ -121,7 +121,13 @@ class ImageDataset:
         """A dataset holding the samples at ``indices`` (int positions or a bool mask).
 
         Example:
+            >>> ds = ImageDataset(name="toy", images=torch.zeros(4, 1, 2, 2, dtype=torch.uint8),
+            ...                   labels=torch.tensor([0, 1, 1, 0]), classes=("a", "b"),
+            ...                   mean=(0.5,), std=(0.25,))
             >>> ds.subset([0, 2]).labels.tolist()
+            [0, 1]
+            >>> ds.subset(ds.labels == 1, name="toy/b")
+            ImageDataset(name='toy/b', n=2, input_shape=(1, 2, 2), classes=2)
         """
         idx = torch.as_tensor(indices)
         if idx.dtype == torch.bool:
@@ -173,6 +179,10 @@ def split_dataset(
 
     Example:
         >>> train, val = split_dataset(load_dataset("digits"), 0.1, seed=0)
+        >>> len(train), len(val), val.name
+        (1295, 143, 'digits/val')
+        >>> val.labels.bincount().tolist()  # about 10% of each class
+        [14, 15, 14, 15, 14, 15, 14, 14, 14, 14]
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float):
         raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")

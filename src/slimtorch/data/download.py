@@ -6,10 +6,17 @@ onto its final name (:func:`slimtorch.core.io.atomic_write`). A wrong checksum f
 moves on to the next; if every mirror fails, :class:`ChecksumError` (some mirror served corrupt
 bytes) or :class:`DataNotFoundError` (none could be reached) names every URL tried.
 
-Example:
-    >>> download_file(["https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz"],
-    ...               cache / "mnist" / "t10k-labels-idx1-ubyte.gz",
-    ...               md5="ec29112dd5afa0611ce80d1b7f02629c")
+Example (two local ``file://`` mirrors; the first serves corrupt bytes):
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for mirror, data in (("bad", b"abd"), ("good", b"abc")):
+    ...     (d / mirror).mkdir()
+    ...     _ = (d / mirror / "labels.gz").write_bytes(data)
+    >>> urls = [(d / m / "labels.gz").as_uri() for m in ("bad", "good")]
+    >>> spec = FileSpec("labels.gz", md5="900150983cd24fb0d6963f7d28e17f72", size=3)
+    >>> path = download_file(urls, d / "cache" / "labels.gz", spec)
+    >>> path.relative_to(d), path.read_bytes()
+    (PosixPath('cache/labels.gz'), b'abc')
 """
 
 from __future__ import annotations
@@ -103,9 +110,17 @@ def download_file(
             mirror served correct ones.
         DataNotFoundError: No mirror could be reached.
 
-    Example:
-        >>> download_file(["file:///mnt/mirror/train-labels-idx1-ubyte.gz"], cache / "f.gz",
-        ...               FileSpec("train-labels-idx1-ubyte.gz", md5="d53e105e..."))
+    Example (a local ``file://`` mirror serving the wrong bytes):
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "mirror.gz").write_bytes(b"not the published file")
+        >>> spec = FileSpec("train-labels-idx1-ubyte.gz", md5="d53e105ee54ea40749a09fcbcd1e9432")
+        >>> download_file([(d / "mirror.gz").as_uri()], d / "cache" / "f.gz", spec)
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.ChecksumError: no mirror served a valid f.gz (nothing was written ...
+        >>> (d / "cache" / "f.gz").exists()
+        False
     """
     if not urls:
         raise ValueError("download_file needs at least one URL")
@@ -175,8 +190,18 @@ def extract_tar_members(
         DataFormatError: A member is missing or is not a regular file.
         ChecksumError: A member's digest differs from the published one.
 
-    Example:
-        >>> extract_tar_members("cifar-10-python.tar.gz", "cifar-10-batches-py/", specs, out)
+    Example (a small archive standing in for ``cifar-10-python.tar.gz``):
+        >>> import io, pathlib, tarfile, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> archive = d / "batches.tar.gz"
+        >>> with tarfile.open(archive, "w:gz") as tar:
+        ...     info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        ...     info.size = 3
+        ...     tar.addfile(info, io.BytesIO(b"abc"))
+        >>> specs = [FileSpec("test_batch", md5="900150983cd24fb0d6963f7d28e17f72")]
+        >>> out = extract_tar_members(archive, "cifar-10-batches-py/", specs, d / "out")
+        >>> [p.relative_to(d) for p in out], out[0].read_bytes()
+        ([PosixPath('out/test_batch')], b'abc')
     """
     import tarfile
 

@@ -5,9 +5,15 @@ order, so the same folder always gives the same dataset. Pillow is imported only
 is read.
 
 Example:
-    >>> ds = load_image_folder("pets/", channels=3, size=64)
-    >>> ds.input_shape
-    (3, 64, 64)
+    >>> import pathlib, tempfile
+    >>> from PIL import Image
+    >>> root = pathlib.Path(tempfile.mkdtemp()) / "pets"
+    >>> for cls, shade in (("cat", 40), ("dog", 200)):  # one 48x40 image per class
+    ...     (root / cls).mkdir(parents=True)
+    ...     Image.new("RGB", (48, 40), (shade,) * 3).save(root / cls / "0.png")
+    >>> ds = load_image_folder(root, channels=3, size=64)
+    >>> ds.name, ds.classes, ds.labels.tolist(), ds.input_shape
+    ('pets', ('cat', 'dog'), [0, 1], (3, 64, 64))
 """
 
 from __future__ import annotations
@@ -87,7 +93,20 @@ def load_image_folder(
             ``size`` was not given.
 
     Example:
-        >>> ds = load_image_folder("flowers/", channels=3, size=(32, 32))
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for cls, size in (("daisy", (48, 40)), ("rose", (20, 20))):  # (width, height)
+        ...     (root / cls).mkdir()
+        ...     Image.new("RGB", size, (255, 0, 0)).save(root / cls / "0.jpg")
+        >>> ds = load_image_folder(root, channels=1, size=(32, 24), name="flowers",
+        ...                        mean=[0.5], std=[0.25])
+        >>> ds.name, ds.classes, ds.input_shape, ds.mean
+        ('flowers', ('daisy', 'rose'), (1, 32, 24), (0.5,))
+        >>> load_image_folder(root)  # two sizes and no size=
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.DataFormatError: image .../rose/0.jpg is 20x20 but .../daisy/0.jpg ...
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")

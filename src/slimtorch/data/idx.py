@@ -9,7 +9,14 @@ exactly, so a truncated or padded file never loads partially.
 Format: LeCun, Cortes and Burges, "The MNIST database of handwritten digits" (1998).
 
 Example:
-    >>> images = read_idx("mnist/train-images-idx3-ubyte.gz")   # (60000, 28, 28) uint8
+    >>> import gzip, pathlib, struct, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 28, 28)  # uint8, 2x28x28
+    >>> p = d / "train-images-idx3-ubyte.gz"
+    >>> _ = p.write_bytes(gzip.compress(header + bytes(2 * 28 * 28)))
+    >>> images = read_idx(p)
+    >>> images.shape, images.dtype
+    ((2, 28, 28), dtype('uint8'))
 """
 
 from __future__ import annotations
@@ -70,8 +77,17 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             whose size differs from the header (the message gives both byte counts).
 
     Example:
-        >>> read_idx("t10k-labels-idx1-ubyte.gz").shape
-        (10000,)
+        >>> import pathlib, struct, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+        >>> header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 3)  # uint8, 3 values
+        >>> _ = p.write_bytes(header + bytes([7, 2, 1]))
+        >>> read_idx(p)
+        array([7, 2, 1], dtype=uint8)
+        >>> _ = p.write_bytes(header + bytes([7, 2]))  # one byte short
+        >>> read_idx(p)
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.DataFormatError: ... is truncated: the header (3,) promises 3 ...
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -125,7 +141,15 @@ def load_idx_pair(
         DataFormatError: Wrong dtypes, ranks, or different sample counts.
 
     Example:
-        >>> x, y = load_idx_pair("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+        >>> import pathlib, struct, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> images = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 4, 4) + bytes(2 * 4 * 4)
+        >>> labels = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 2) + bytes([5, 0])
+        >>> _ = (d / "images-idx3-ubyte").write_bytes(images)
+        >>> _ = (d / "labels-idx1-ubyte").write_bytes(labels)
+        >>> x, y = load_idx_pair(d / "images-idx3-ubyte", d / "labels-idx1-ubyte")
+        >>> x.shape, x.dtype, y.tolist(), y.dtype
+        (torch.Size([2, 1, 4, 4]), torch.uint8, [5, 0], torch.int64)
     """
     images = read_idx(images_path)
     labels = read_idx(labels_path)

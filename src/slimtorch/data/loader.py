@@ -15,12 +15,16 @@ size on every rank (a few samples then appear twice in that epoch). With ``drop_
 samples after the last full global batch are dropped.
 
 Example:
-    >>> loader = DeviceLoader(train, 128, shuffle=True, device="cuda",
-    ...                       augment=AugmentConfig(random_crop_padding=4, hflip=True))
-    >>> for epoch in range(10):
+    >>> train = ImageDataset(name="toy", images=torch.zeros(10, 1, 8, 8, dtype=torch.uint8),
+    ...                      labels=torch.arange(10) % 2, classes=("a", "b"),
+    ...                      mean=(0.5,), std=(0.25,))
+    >>> loader = DeviceLoader(train, 4, shuffle=True,  # device="cuda" to work on the GPU
+    ...                       augment=AugmentConfig(random_crop_padding=1, hflip=True))
+    >>> for epoch in range(2):
     ...     loader.set_epoch(epoch)
-    ...     for x, y in loader:
-    ...         ...
+    ...     print([(tuple(x.shape), x.dtype) for x, y in loader])
+    [((4, 1, 8, 8), torch.float32), ((4, 1, 8, 8), torch.float32), ((2, 1, 8, 8), torch.float32)]
+    [((4, 1, 8, 8), torch.float32), ((4, 1, 8, 8), torch.float32), ((2, 1, 8, 8), torch.float32)]
 """
 
 from __future__ import annotations
@@ -134,7 +138,17 @@ class DeviceLoader:
         """Make the shuffle order and the augmentation a function of ``(seed, epoch)``.
 
         Example:
+            >>> ds = ImageDataset(name="toy", images=torch.zeros(8, 1, 2, 2, dtype=torch.uint8),
+            ...                   labels=torch.zeros(8, dtype=torch.int64), classes=("a",),
+            ...                   mean=(0.5,), std=(0.25,))
+            >>> loader = DeviceLoader(ds, 4, shuffle=True)
             >>> loader.set_epoch(3)
+            >>> first = loader.order()
+            >>> torch.equal(first, loader.order())  # the same (seed, epoch), the same order
+            True
+            >>> loader.set_epoch(4)
+            >>> torch.equal(first, loader.order())
+            False
         """
         self._epoch = _check_int("epoch", epoch, 0)
 
@@ -144,7 +158,19 @@ class DeviceLoader:
         equal batches ``k, k+1, ...`` of an uninterrupted epoch. Applies to one iteration.
 
         Example:
-            >>> loader.set_epoch(5); loader.set_start_batch(120)
+            >>> images = torch.arange(160).byte().view(10, 1, 4, 4)  # all different
+            >>> ds = ImageDataset(name="toy", images=images,
+            ...                   labels=torch.zeros(10, dtype=torch.int64), classes=("a",),
+            ...                   mean=(0.5,), std=(0.25,))
+            >>> loader = DeviceLoader(ds, 4, shuffle=True, augment=AugmentConfig(hflip=True))
+            >>> loader.set_epoch(5)
+            >>> full = [x for x, _ in loader]
+            >>> loader.set_start_batch(1)  # resume after batch 0
+            >>> rest = [x for x, _ in loader]
+            >>> len(rest), all(torch.equal(a, b) for a, b in zip(rest, full[1:], strict=True))
+            (2, True)
+            >>> len([x for x, _ in loader])  # the next iteration is a whole epoch again
+            3
         """
         _check_int("k", k, 0)
         if k > len(self):
@@ -164,8 +190,15 @@ class DeviceLoader:
         """The size of each batch this rank yields in one epoch.
 
         Example:
+            >>> ds_of_10 = ImageDataset(name="ten", images=torch.zeros(10, 1, 2, 2).byte(),
+            ...                         labels=torch.zeros(10, dtype=torch.int64), classes=("a",),
+            ...                         mean=(0.5,), std=(0.25,))
             >>> DeviceLoader(ds_of_10, 4).batch_sizes()
             [4, 4, 2]
+            >>> DeviceLoader(ds_of_10, 4, drop_last=True).batch_sizes()
+            [4, 4]
+            >>> DeviceLoader(ds_of_10, 2, world_size=4).batch_sizes()  # padded to 12, 3 per rank
+            [2, 1]
         """
         total, gb = self._padded_size(), self.batch_size * self.world_size
         return [min(gb, total - i * gb) // self.world_size for i in range(len(self))]
@@ -175,7 +208,14 @@ class DeviceLoader:
         docstring; identical on every rank.
 
         Example:
-            >>> loader.order()[:4]
+            >>> ds_of_10 = ImageDataset(name="ten", images=torch.zeros(10, 1, 2, 2).byte(),
+            ...                         labels=torch.zeros(10, dtype=torch.int64), classes=("a",),
+            ...                         mean=(0.5,), std=(0.25,))
+            >>> DeviceLoader(ds_of_10, 2, world_size=4).order().tolist()  # padded to 12
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+            >>> shuffled = DeviceLoader(ds_of_10, 4, shuffle=True).order()
+            >>> sorted(shuffled.tolist()) == list(range(10))
+            True
         """
         n = len(self.dataset)
         if self.shuffle:
@@ -248,8 +288,13 @@ class SyntheticLoader:
 
     Example:
         >>> synth = SyntheticLoader((1, 28, 28), 128, 100, num_classes=10)
-        >>> len(SyntheticLoader.like(loader)) == len(loader)
-        True
+        >>> x, y = next(iter(synth))
+        >>> len(synth), x.shape, y.shape
+        (100, torch.Size([128, 1, 28, 28]), torch.Size([128]))
+        >>> loader = DeviceLoader(load_dataset("digits"), 64)
+        >>> like = SyntheticLoader.like(loader)
+        >>> len(like) == len(loader), like.batch_sizes() == loader.batch_sizes()
+        (True, True)
     """
 
     def __init__(

@@ -12,7 +12,7 @@ nothing is found and ``download=True`` the files are downloaded from the officia
 the cache (verified before they get their final name). Files with published checksums are
 verified on every load (cached per process by path, size and mtime).
 
-Example:
+Example (reads the real files from ``$SLIMTORCH_DATA`` or the cache):
     >>> train = load_dataset("fashion-mnist", "train", download=False)
     >>> train.images.shape
     torch.Size([60000, 1, 28, 28])
@@ -44,8 +44,8 @@ def data_cache_dir() -> Path:
     ``~/.cache/slimtorch/data``.
 
     Example:
-        >>> data_cache_dir()
-        PosixPath('/home/me/.cache/slimtorch/data')
+        >>> data_cache_dir()  # e.g. PosixPath('/home/me/.cache/slimtorch/data')
+        PosixPath('.../slimtorch/data')
     """
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "slimtorch" / "data"
@@ -88,8 +88,12 @@ def find_dataset_files(
         ``(paths, layout)`` for the first folder (in resolution order) that holds every file of
         one layout, or ``None``.
 
-    Example:
-        >>> paths, _ = find_dataset_files("mnist", "test")
+    Example (finds the real files in ``$SLIMTORCH_DATA`` or the cache):
+        >>> paths, layout = find_dataset_files("mnist", "test")
+        >>> [p.name for p in paths]
+        ['t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
+        >>> layout.files[1].md5  # the published checksum load_dataset verifies
+        'ec29112dd5afa0611ce80d1b7f02629c'
     """
     info = dataset_info(name)
     _check_split(info, split)
@@ -163,10 +167,21 @@ def load_dataset(
         ChecksumError: A file differs from its published checksum (nothing partial is loaded).
         DataFormatError: A file is damaged or not in the expected format.
 
-    Example:
-        >>> test = load_dataset("mnist", "test", root="~/data", download=False)
-        >>> test.input_shape
-        (1, 28, 28)
+    Example (the first reads the real files from ``$SLIMTORCH_DATA`` or the cache):
+        >>> test = load_dataset("mnist", "test", download=False)
+        >>> test.name, len(test), test.input_shape
+        ('mnist/test', 10000, (1, 28, 28))
+
+        ``root`` is searched first; here it holds a one-image split, uncompressed:
+
+        >>> import pathlib, struct, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> images = bytes([0, 0, 8, 3]) + struct.pack(">3I", 1, 28, 28) + bytes(28 * 28)
+        >>> _ = (root / "t10k-images-idx3-ubyte").write_bytes(images)
+        >>> _ = (root / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]))
+        >>> mine = load_dataset("mnist", "test", root=root, download=False)
+        >>> len(mine), mine.labels.tolist()
+        (1, [7])
     """
     info = dataset_info(name)
     _check_split(info, split)

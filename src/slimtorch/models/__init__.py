@@ -1,8 +1,12 @@
 """Model registry and zoo, saving and loading model directories and exported programs.
 
 Example:
-    >>> from slimtorch.models import create_model, save_model, load_model
+    >>> from slimtorch.models import create_model, list_models
+    >>> "resnet20" in list_models()
+    True
     >>> model = create_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations

@@ -5,9 +5,14 @@ normalisation, the class names and the versions; ``metrics.json`` holds results.
 here without touching the weights.
 
 Example:
-    >>> card = read_model_card("runs/lenet")
-    >>> card.architecture["name"], card.input_shape
-    ('lenet5', (1, 28, 28))
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_model(create_model("lenet5", in_channels=1, input_size=28), d / "lenet",
+    ...                input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+    ...                class_names=[str(i) for i in range(10)], metrics={"top1": 0.99})
+    >>> card = read_model_card(d / "lenet")
+    >>> card.architecture["name"], card.input_shape, card.metrics
+    ('lenet5', (1, 28, 28), {'top1': 0.99})
 """
 
 from __future__ import annotations
@@ -102,7 +107,12 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         ModelLoadError: A file is missing, corrupt, or of a newer format.
 
     Example:
-        >>> read_model_card("runs/lenet").class_names[:2]
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = save_model(create_model("lenet5", in_channels=1, input_size=28), d / "lenet",
+        ...                input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+        ...                class_names=[str(i) for i in range(10)], metrics={"top1": 0.99})
+        >>> read_model_card(d / "lenet").class_names[:2]
         ('0', '1')
     """
     root = _resolve_dir(Path(path))
@@ -162,7 +172,14 @@ def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> dic
         ModelLoadError: ``path`` is not a model directory or its metrics.json is corrupt.
 
     Example:
-        >>> update_metrics("runs/lenet", {"latency_ms": 0.4})["latency_ms"]
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = save_model(create_model("lenet5", in_channels=1, input_size=28), d / "lenet",
+        ...                input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+        ...                class_names=[str(i) for i in range(10)], metrics={"top1": 0.99})
+        >>> update_metrics(d / "lenet", {"latency_ms": 0.4})
+        {'top1': 0.99, 'latency_ms': 0.4}
+        >>> read_model_card(d / "lenet").metrics["latency_ms"]
         0.4
     """
     if not isinstance(metrics, dict):

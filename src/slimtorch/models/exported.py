@@ -141,9 +141,18 @@ def load_exported(path: str | os.PathLike[str], *, device: str | torch.device = 
             the pickle unpickler, or fails to deserialise.
 
     Example:
-        >>> module = load_exported("model.pt2")
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        >>> _ = save_exported(model, torch.randn(2, 1, 28, 28), d / "model.pt2")
+        >>> module = load_exported(d / "model.pt2")
         >>> module(torch.randn(4, 1, 28, 28)).shape
         torch.Size([4, 10])
+        >>> torch.save(model, d / "model.pt")  # a pickle: refused, never unpickled
+        >>> load_exported(d / "model.pt")
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.ModelLoadError: ...model.pt is refused: entry 'data.pkl' is not ...
     """
     path = Path(path)
     dev = as_device(device)
@@ -193,8 +202,13 @@ def save_exported(
         The written path.
 
     Example:
-        >>> save_exported(create_model("lenet5"), torch.randn(1, 1, 28, 28), "lenet.pt2")
-        PosixPath('lenet.pt2')
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "lenet.pt2"
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> save_exported(model, torch.randn(1, 1, 28, 28), path)
+        PosixPath('.../lenet.pt2')
+        >>> load_exported(path)(torch.randn(3, 1, 28, 28)).shape  # any batch size
+        torch.Size([3, 10])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

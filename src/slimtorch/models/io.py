@@ -10,10 +10,18 @@ leaves either the previous complete directory or the new one; in the instant bet
 renames only ``.<name>.old`` exists, and :func:`load_model` (and the next save) use it.
 
 Example:
-    >>> model = create_model("lenet5")
-    >>> save_model(model, "runs/lenet", input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> model = create_model("lenet5", in_channels=1, input_size=28)
+    >>> save_model(model, d / "lenet", input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
     ...            class_names=[str(i) for i in range(10)], metrics={"top1": 0.99})
-    >>> model, card = load_model("runs/lenet")
+    PosixPath('.../lenet')
+    >>> sorted(f.name for f in (d / "lenet").iterdir())
+    ['config.json', 'metrics.json', 'model.safetensors']
+    >>> loaded, card = load_model(d / "lenet")
+    >>> x = torch.randn(2, 1, 28, 28)
+    >>> torch.equal(loaded(x), model.eval()(x)), card.metrics
+    (True, {'top1': 0.99})
 """
 
 from __future__ import annotations
@@ -162,9 +170,16 @@ def save_model(
             existing file or a non-empty directory that is not a slimtorch model directory.
 
     Example:
-        >>> save_model(create_model("mlp"), "out/mlp", input_shape=(1, 28, 28), mean=[0.5],
+        >>> import pathlib, tempfile
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "mlp"
+        >>> save_model(create_model("mlp"), out, input_shape=(1, 28, 28), mean=[0.5],
         ...            std=[0.5], class_names=list("0123456789"))
-        PosixPath('out/mlp')
+        PosixPath('.../mlp')
+        >>> save_model(create_model("mlp"), out, input_shape=(3, 28, 28), mean=[0.5],
+        ...            std=[0.5], class_names=list("0123456789"))
+        Traceback (most recent call last):
+        ...
+        ValueError: input_shape has 3 channels but the model was built with in_channels=1; ...
     """
     arch = _arch(model)
     shape = tuple(input_shape)
@@ -294,9 +309,14 @@ def load_model(
         ModelLoadError: A file is missing or corrupt, or the weights do not fit.
 
     Example:
-        >>> model, card = load_model("runs/lenet", device="cpu")
-        >>> card.input_shape
-        (1, 28, 28)
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "lenet"
+        >>> _ = save_model(create_model("lenet5", in_channels=1, input_size=28), path,
+        ...                input_shape=(1, 28, 28), mean=[0.1307], std=[0.3081],
+        ...                class_names=[str(i) for i in range(10)])
+        >>> model, card = load_model(path, device="cpu")
+        >>> card.input_shape, model.training, next(model.parameters()).device
+        ((1, 28, 28), False, device(type='cpu'))
     """
     dev = as_device(device)
     card = read_model_card(path)

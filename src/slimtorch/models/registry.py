@@ -53,6 +53,9 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
         ... def tiny(*, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
         ...     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2,
         ...                                                   num_classes))
+        >>> model = create_model("tiny", num_classes=3, in_channels=1, input_size=8)
+        >>> model(torch.randn(2, 1, 8, 8)).shape, model.slimtorch_arch["name"]
+        (torch.Size([2, 3]), 'tiny')
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")

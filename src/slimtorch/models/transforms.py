@@ -12,11 +12,18 @@ Names of the form ``"<subpackage>.<name>"`` (``"prune.channels"``) are looked up
 importing ``slimtorch.<subpackage>``, so a model loads without importing the package that
 changed it first.
 
-Example:
-    >>> @ARCH_TRANSFORMS.register("prune.channels")
-    ... def _replay(model: nn.Module, params: dict[str, Any]) -> None:
-    ...     ...  # rebuild the pruned layers with params["widths"]
-    >>> record_transform(model, "prune.channels", {"widths": {"layer1.0.conv1": 12}})
+Example (a made-up transform that narrows LeNet-5's ``fc1``):
+    >>> @ARCH_TRANSFORMS.register("demo.fc1_width")
+    ... def narrow_fc1(model: nn.Module, params: dict[str, Any]) -> None:
+    ...     model.fc1 = nn.Linear(model.fc1.in_features, params["width"])
+    ...     model.fc2 = nn.Linear(params["width"], model.fc2.out_features)
+    >>> model = create_model("lenet5", in_channels=1, input_size=28)
+    >>> narrow_fc1(model, {"width": 60})  # the method changes the model ...
+    >>> record_transform(model, "demo.fc1_width", {"width": 60})  # ... and records the change
+    >>> fresh = create_model("lenet5", in_channels=1, input_size=28)
+    >>> replay_transforms(fresh, model.slimtorch_arch["transforms"])  # as load_model does
+    >>> fresh.fc1.out_features, fresh.load_state_dict(model.state_dict())
+    (60, <All keys matched successfully>)
 """
 
 from __future__ import annotations
@@ -72,10 +79,18 @@ def record_transform(model: nn.Module, name: str, params: dict[str, Any]) -> Non
         ValueError: ``model`` has no ``slimtorch_arch``, ``name`` is not registered, or
             ``params`` is not a JSON-serialisable dict.
 
-    Example:
-        >>> record_transform(model, "decompose.tucker2", {"layers": {"conv1": [4, 4]}})
+    Example (recording a channel pruning of LeNet-5's ``fc1``):
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> model.fc1, model.fc2 = nn.Linear(400, 60), nn.Linear(60, 84)
+        >>> widths = {"fc1": {"type": "Linear", "in_features": 400, "out_features": 60},
+        ...           "fc2": {"type": "Linear", "in_features": 60, "out_features": 84}}
+        >>> record_transform(model, "prune.channels", {"layers": widths})
         >>> model.slimtorch_arch["transforms"][-1]["name"]
-        'decompose.tucker2'
+        'prune.channels'
+        >>> record_transform(model, "prune.tucker2", {})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown architecture transform 'prune.tucker2'; valid choices: ...
     """
     arch = _arch(model)
     _lookup(name)  # unknown names raise ValueError listing the choices
@@ -98,9 +113,15 @@ def replay_transforms(model: nn.Module, transforms: Sequence[dict[str, Any]]) ->
         ModelLoadError: A record is malformed, names an unknown transform, or the transform
             function fails.
 
-    Example:
-        >>> model = create_model("resnet20", in_channels=3, input_size=32)
-        >>> replay_transforms(model, card.transforms)
+    Example (``transforms`` is usually ``read_model_card(path).transforms``):
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> widths = {"fc1": {"type": "Linear", "in_features": 400, "out_features": 60},
+        ...           "fc2": {"type": "Linear", "in_features": 60, "out_features": 84}}
+        >>> replay_transforms(model, [{"name": "prune.channels", "params": {"layers": widths}}])
+        >>> model.fc1.out_features, model(torch.randn(2, 1, 28, 28)).shape
+        (60, torch.Size([2, 10]))
+        >>> len(model.slimtorch_arch["transforms"])
+        1
     """
     arch = _arch(model)
     for i, record in enumerate(transforms):
