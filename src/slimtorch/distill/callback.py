@@ -11,8 +11,26 @@ from the optimiser's schedule, the checkpoint and the saved model directory. A p
 differ raises ``ValueError`` at the first batch, naming both layers and shapes.
 
 Example:
+    >>> from slimtorch.train import Trainer, TrainConfig
+    >>> _ = torch.manual_seed(0)
+    >>> teacher = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))  # untrained here
+    >>> student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> train_loader = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
+    >>> x = torch.cat([inputs for inputs, _ in train_loader])
+    >>> before = kd_loss(student(x), teacher(x), temperature=4.0)
+    >>> cfg = TrainConfig(epochs=5, progress=False)
     >>> cb = DistillationCallback(teacher, DistillConfig(temperature=4.0, alpha=0.9))
-    >>> Trainer(student, TrainConfig(epochs=5), callbacks=[cb]).fit(train_loader)
+    >>> _ = Trainer(student, cfg, callbacks=[cb]).fit(train_loader)
+    >>> bool(kd_loss(student(x), teacher(x), temperature=4.0) < before)  # closer to the teacher
+    True
+
+    Hint layers whose outputs differ in shape are refused at the first batch:
+
+    >>> cb = DistillationCallback(teacher, DistillConfig(hints=(("0", "0"),)))
+    >>> Trainer(student, cfg, callbacks=[cb]).fit(train_loader)
+    Traceback (most recent call last):
+    ...
+    ValueError: hint pair ('0', '0') has student output (16, 16) and teacher output (16, 64); ...
 """
 
 from __future__ import annotations
@@ -60,10 +78,21 @@ class DistillationCallback(Callback):
         config: Temperature, ``alpha``, hint pairs and hint weight.
 
     Example:
-        >>> teacher = copy.deepcopy(model)
-        >>> decompose_(model, TuckerConfig(rank=0.25))
-        >>> cb = DistillationCallback(teacher, DistillConfig())
-        >>> Trainer(model, TrainConfig(epochs=3, lr=0.01), callbacks=[cb]).fit(loader)
+        >>> import copy
+        >>> from slimtorch.decompose import TuckerConfig, decompose_
+        >>> from slimtorch.train import Trainer, TrainConfig
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        ...                       nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+        ...                       nn.Flatten(), nn.Linear(32, 10))
+        >>> teacher = copy.deepcopy(model)  # before the change
+        >>> _ = decompose_(model, TuckerConfig(rank=0.25), include=["2"])
+        >>> type(model[2]).__name__
+        'TuckerConv2d'
+        >>> loader = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+        >>> cb = DistillationCallback(teacher, DistillConfig(hints=(("2", "2"),)))  # same shape
+        >>> cfg = TrainConfig(epochs=3, lr=0.01, progress=False)
+        >>> Trainer(model, cfg, callbacks=[cb]).fit(loader).epoch
+        [1, 2, 3]
     """
 
     def __init__(self, teacher: nn.Module, config: DistillConfig) -> None:

@@ -1,7 +1,14 @@
 """Load a saved model directory as a teacher and check that it fits the student's data.
 
 Example:
-    >>> teacher = load_teacher("runs/resnet56", input_shape=(3, 32, 32), num_classes=10)
+    >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+    >>> from slimtorch.models import create_model, save_model
+    >>> net = create_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=(32,))
+    >>> _ = save_model(net, d / "run" / "model", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+    ...                class_names=list("0123456789"))
+    >>> teacher = load_teacher(d / "run", input_shape=(1, 8, 8), num_classes=10)  # run/model
+    >>> type(teacher).__name__, teacher.training
+    ('MLP', False)
 """
 
 from __future__ import annotations
@@ -40,7 +47,16 @@ def load_teacher(
         ModelLoadError: The directory is missing or corrupt.
 
     Example:
-        >>> teacher = load_teacher("runs/mlp", input_shape=(1, 8, 8), num_classes=10)
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> from slimtorch.models import create_model, save_model
+        >>> net = create_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=(32,))
+        >>> _ = save_model(net, d / "mlp", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+        ...                class_names=list("0123456789"))
+        >>> teacher = load_teacher(d / "mlp", input_shape=(1, 8, 8), num_classes=10)
+        >>> load_teacher(d / "mlp", input_shape=(1, 8, 8), num_classes=100)
+        Traceback (most recent call last):
+        ...
+        ValueError: teacher ... does not fit the training data: it predicts 10 classes, the data ...
     """
     root = Path(path)
     if not (root / "config.json").is_file() and (root / "model" / "config.json").is_file():

@@ -4,8 +4,19 @@ Importing this package does not initialise CUDA.
 
 Example:
     >>> from slimtorch.train import Trainer, TrainConfig, EarlyStopping
-    >>> trainer = Trainer(model, TrainConfig(epochs=5), callbacks=[EarlyStopping()])
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(96, 8)
+    >>> y = x[:, :4].argmax(dim=1)  # a learnable 4-class task
+    >>> train_loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    >>> val_loader = [(x[64:], y[64:])]
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> cfg = TrainConfig(epochs=5, progress=False)
+    >>> trainer = Trainer(model, cfg, callbacks=[EarlyStopping()])
     >>> history = trainer.fit(train_loader, val_loader)
+    >>> history.epoch  # val_loss kept improving: no early stop
+    [1, 2, 3, 4, 5]
+    >>> history.val_loss[-1] < history.val_loss[0]
+    True
 """
 
 from __future__ import annotations

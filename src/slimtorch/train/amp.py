@@ -9,8 +9,11 @@ Example:
     >>> plan = resolve_amp("bf16", torch.device("cpu"))
     >>> plan.dtype, plan.use_scaler
     (torch.bfloat16, False)
+    >>> model, x = nn.Linear(4, 2), torch.randn(3, 4)
     >>> with plan.autocast(torch.device("cpu")):
     ...     y = model(x)
+    >>> y.dtype
+    torch.bfloat16
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ class AmpPlan:
 
         Example:
             >>> with AmpPlan(torch.bfloat16, False).autocast(torch.device("cpu")):
-            ...     pass
+            ...     torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype
+            torch.bfloat16
+            >>> with AmpPlan(None, False).autocast(torch.device("cpu")):  # full precision
+            ...     torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype
+            torch.float32
         """
         if self.dtype is None:
             return contextlib.nullcontext()

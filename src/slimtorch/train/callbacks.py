@@ -28,7 +28,12 @@ the epoch under DDP). Its :meth:`Callback.state_dict` is saved in the checkpoint
 Example:
     >>> class PrintLR(Callback):
     ...     def on_train_epoch_end(self, trainer, metrics):
-    ...         logger.info("lr %.4f", trainer.optimizer.param_groups[0]["lr"])
+    ...         print(f"epoch {trainer.epoch + 1}: lr {metrics['lr']:.4f}")
+    >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+    >>> cfg = TrainConfig(epochs=2, lr=0.1, progress=False)  # cosine schedule over 4 steps
+    >>> _ = Trainer(nn.Linear(4, 2), cfg, callbacks=[PrintLR()]).fit(loader)
+    epoch 1: lr 0.0500
+    epoch 2: lr 0.0000
 """
 
 from __future__ import annotations
@@ -129,7 +134,15 @@ class EarlyStopping(Callback):
         min_delta: The least change that counts as an improvement (>= 0).
 
     Example:
-        >>> trainer = Trainer(model, cfg, callbacks=[EarlyStopping("val_accuracy", patience=3)])
+        >>> EarlyStopping("val_accuracy").mode  # picked from the metric's name
+        'max'
+        >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+        >>> stop = EarlyStopping("val_loss", patience=2, min_delta=0.1)
+        >>> cfg = TrainConfig(epochs=10, lr=1e-6, progress=False)  # too small a step to improve
+        >>> Trainer(nn.Linear(4, 2), cfg, callbacks=[stop]).fit(loader, loader).epoch
+        [1, 2, 3]
+        >>> stop.stopped_epoch, stop.wait
+        (2, 2)
     """
 
     def __init__(

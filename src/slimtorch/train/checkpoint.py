@@ -4,9 +4,12 @@ A checkpoint holds only tensors, dicts, lists, tuples, numbers, strings and ``No
 loaded with ``torch.load(..., weights_only=True)``: opening it never runs arbitrary code.
 
 Example:
-    >>> save_checkpoint("run/checkpoint.pt", {"model": model.state_dict(), "epoch": 3})
-    >>> load_checkpoint("run/checkpoint.pt", required=("model", "epoch"))["epoch"]
-    3
+    >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+    >>> model = nn.Linear(4, 2)
+    >>> path = save_checkpoint(d / "checkpoint.pt", {"model": model.state_dict(), "epoch": 3})
+    >>> state = load_checkpoint(path, required=("model", "epoch"))
+    >>> state["epoch"], torch.equal(state["model"]["weight"], model.weight)
+    (3, True)
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
         The path written.
 
     Example:
-        >>> save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 0})
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> path = save_checkpoint(d / "run" / "checkpoint.pt", {"epoch": 0})  # makes run/
+        >>> path == d / "run" / "checkpoint.pt", path.is_file()
+        (True, True)
     """
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -71,7 +77,14 @@ def load_checkpoint(
             unknown version, or lacks a required key.
 
     Example:
-        >>> state = load_checkpoint("run/checkpoint.pt", required=("model",))
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> path = save_checkpoint(d / "checkpoint.pt", {"epoch": 3})
+        >>> sorted(load_checkpoint(path, required=("epoch",)))
+        ['epoch', 'format', 'version']
+        >>> load_checkpoint(path, required=("model",))
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.CheckpointError: checkpoint ... lacks model; it is incomplete; ...
     """
     path = Path(path)
     if not path.is_file():

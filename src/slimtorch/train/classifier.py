@@ -5,9 +5,16 @@ model directory format together, so the CLI stays a thin parser and Python users
 job with one call.
 
 Example:
-    >>> result = train_classifier(model="lenet5", dataset="digits", out_dir="runs/demo",
-    ...                           train_config=TrainConfig(epochs=10, lr=0.05))
-    >>> result.test_metrics["accuracy"]
+    >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+    >>> cfg = TrainConfig(epochs=3, lr=0.1, progress=False)
+    >>> result = train_classifier(model="mlp", dataset="digits", out_dir=d / "demo",
+    ...                           train_config=cfg)
+    >>> sorted(p.name for p in (d / "demo").iterdir())
+    ['checkpoint.pt', 'history.json', 'model', 'train_config.json']
+    >>> result.model_dir == d / "demo" / "model", len(result.history["epoch"])
+    (True, 3)
+    >>> result.test_metrics["accuracy"] > 0.8
+    True
 """
 
 from __future__ import annotations

@@ -107,8 +107,9 @@ def is_main_process() -> bool:
     """Whether this is rank 0, the process that writes files and logs.
 
     Example:
-        >>> if is_main_process():
-        ...     save(...)
+        >>> if is_main_process():  # guard file writes and logs with it
+        ...     print("rank 0 writes the checkpoint")
+        rank 0 writes the checkpoint
     """
     return get_rank() == 0
 
@@ -144,8 +145,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         Whether training is data-parallel now (:func:`data_parallel`).
 
     Example:
-        >>> # torchrun --nproc_per_node=2 train.py
-        >>> init_distributed()
+        >>> init_distributed()  # `python train.py`: one process, no process group
+        False
+
+        Under ``torchrun --nproc_per_node=2 train.py`` (needs torchrun, so not run here):
+
+        >>> init_distributed()  # doctest: +SKIP
         True
     """
     if is_initialized():

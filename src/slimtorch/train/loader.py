@@ -8,8 +8,12 @@ A loader is any iterable of ``(inputs, targets)`` batches with ``__len__`` (a to
   without it the first ``k`` batches are drawn and dropped).
 
 Example:
-    >>> n = check_loader([(x, y)], "train_loader")
-    >>> batches = iter_from(loader, start=3)
+    >>> loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
+    >>> check_loader(loader, "train_loader")
+    5
+    >>> batches = iter_from(loader, start=3)  # resume after batch 3 of 5
+    >>> len(list(batches))
+    2
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     """Return ``(inputs, targets)`` of a batch, raising ``TypeError`` for anything else.
 
     Example:
+        >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
         >>> split_batch((x, y))[1] is y
         True
     """

@@ -74,7 +74,11 @@ class Meter:
         """Add one batch (``loss`` is the batch mean).
 
         Example:
-            >>> meter.update(logits, loss, labels)
+            >>> meter = Meter(torch.device("cpu"))
+            >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+            >>> meter.update(logits, torch.tensor(0.25), labels)
+            >>> meter.n, meter.n_acc, meter.correct.item()
+            (2, 2, 2.0)
         """
         bs = batch_size_of(targets)
         self.loss_sum += loss.detach().to(self.loss_sum.dtype) * bs
@@ -107,8 +111,10 @@ class Meter:
             reduce: Sum over all ranks first (every rank must call it then).
 
         Example:
-            >>> meter.result()["n"]
-            2
+            >>> meter = Meter(torch.device("cpu"))
+            >>> meter.update(torch.zeros(4, 1), torch.tensor(0.5), torch.zeros(4, 1))  # regression
+            >>> meter.result()
+            {'loss': 0.5, 'accuracy': None, 'n': 4}
         """
         loss_sum, correct, n, n_acc = self._sums(reduce)
         return {
@@ -121,8 +127,11 @@ class Meter:
         """Sums and elapsed time as plain numbers (optionally summed over ranks).
 
         Example:
-            >>> meter.state_dict()["n"]
-            2
+            >>> meter = Meter(torch.device("cpu"))
+            >>> meter.update(torch.tensor([[2.0, 0.0]]), torch.tensor(0.5), torch.tensor([0]))
+            >>> state = meter.state_dict()
+            >>> {k: state[k] for k in ("loss_sum", "correct", "n", "n_acc")}
+            {'loss_sum': 0.5, 'correct': 1.0, 'n': 1, 'n_acc': 1}
         """
         loss_sum, correct, n, n_acc = self._sums(reduce)
         return {
@@ -137,7 +146,12 @@ class Meter:
         """Restore :meth:`state_dict` output; ``counts=False`` restores only the clock.
 
         Example:
-            >>> meter.load_state_dict(saved)
+            >>> meter = Meter(torch.device("cpu"))
+            >>> meter.update(torch.tensor([[2.0, 0.0]]), torch.tensor(0.5), torch.tensor([0]))
+            >>> restored = Meter(torch.device("cpu"))
+            >>> restored.load_state_dict(meter.state_dict())
+            >>> restored.result()
+            {'loss': 0.5, 'accuracy': 1.0, 'n': 1}
         """
         self.reset()
         self.elapsed_before = float(state.get("elapsed_s", 0.0))

@@ -17,8 +17,13 @@ Here ``s`` is the 0-based step, ``T`` the total number of steps and ``W`` the wa
 
 Example:
     >>> cfg = TrainConfig(epochs=2, lr=0.1)
-    >>> opt = build_optimizer(model, cfg)
+    >>> opt = build_optimizer(nn.Linear(4, 2), cfg)
     >>> sched = build_scheduler(opt, cfg, steps_per_epoch=100)
+    >>> for _ in range(100):  # 100 of the 200 steps: halfway down the cosine
+    ...     opt.step()
+    ...     sched.step()
+    >>> round(opt.param_groups[0]["lr"], 6)
+    0.05
 """
 
 from __future__ import annotations
@@ -144,7 +149,10 @@ def build_scheduler(
     """The per-iteration schedule of ``config.schedule`` for ``epochs * steps_per_epoch`` steps.
 
     Example:
+        >>> opt = build_optimizer(nn.Linear(4, 2), TrainConfig(lr=0.1))
         >>> sched = build_scheduler(opt, TrainConfig(epochs=2, schedule="onecycle"), 50)
+        >>> type(sched).__name__, round(opt.param_groups[0]["lr"], 6)  # starts at lr / 25
+        ('OneCycleLR', 0.004)
     """
     if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
         raise TypeError(f"steps_per_epoch must be an int, got {type(steps_per_epoch).__name__}")

@@ -5,7 +5,13 @@ CI) a plain line is written every ``log_every_steps`` steps of the trainer confi
 of each epoch. Only rank 0 writes.
 
 Example:
-    >>> trainer = Trainer(model, TrainConfig(progress=False), callbacks=[ProgressBar()])
+    >>> import sys
+    >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+    >>> cfg = TrainConfig(epochs=1, log_every_steps=2, progress=False)
+    >>> bar = ProgressBar(stream=sys.stdout)  # stderr by default
+    >>> _ = Trainer(nn.Linear(4, 2), cfg, callbacks=[bar]).fit(loader)
+    epoch 1/1 step 2/2  loss ...  acc ...%  ... img/s
+    epoch 1/1 done  loss ...  acc ...%  ... img/s  ... s
 """
 
 from __future__ import annotations

@@ -6,10 +6,19 @@ has ``set_epoch(e)`` it is called at the start of every epoch, and when resuming
 ``set_start_batch(k)`` is used if present (otherwise ``k`` batches are drawn and dropped).
 
 Example:
-    >>> trainer = Trainer(model, TrainConfig(epochs=3, lr=0.05), out_dir="runs/mlp")
+    >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(320, 8)
+    >>> y = x[:, :4].argmax(dim=1)  # a learnable 4-class task
+    >>> train_loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    >>> val_loader, test_loader = [(x[256:288], y[256:288])], [(x[288:], y[288:])]
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> trainer = Trainer(model, TrainConfig(epochs=3, lr=0.05, progress=False), out_dir=d / "mlp")
     >>> history = trainer.fit(train_loader, val_loader)
-    >>> trainer.evaluate(test_loader)["accuracy"]
-    0.97
+    >>> sorted(p.name for p in (d / "mlp").iterdir())
+    ['checkpoint.pt', 'history.json', 'train_config.json']
+    >>> trainer.evaluate(test_loader)["accuracy"] > 0.7
+    True
 """
 
 from __future__ import annotations
@@ -72,8 +81,17 @@ class Trainer:
     ``should_stop``, ``history``, ``last_grad_norm`` (pre-clip norm, when clipping).
 
     Example:
-        >>> trainer = Trainer(model, TrainConfig(epochs=2), device="cuda", out_dir="runs/a")
-        >>> trainer.fit(train_loader, val_loader, resume=True).to_dict()["val_accuracy"]
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+        >>> cfg = TrainConfig(epochs=2, progress=False)
+        >>> trainer = Trainer(nn.Linear(4, 2), cfg, device="cpu", out_dir=d / "a")  # or "cuda"
+        >>> len(trainer.fit(loader, loader).to_dict()["val_accuracy"])
+        2
+        >>> again = Trainer(nn.Linear(4, 2), cfg, out_dir=d / "a")  # e.g. after a crash
+        >>> again.fit(loader, loader, resume=True).epoch  # nothing left to train
+        [1, 2]
+        >>> torch.equal(again.model.weight, trainer.model.weight), again.global_step
+        (True, 4)
     """
 
     def __init__(
@@ -186,7 +204,13 @@ class Trainer:
         """This rank's loss, accuracy and images/s so far in the current epoch (syncs the GPU).
 
         Example:
-            >>> trainer.running_metrics()["loss"]
+            >>> trainer = Trainer(nn.Linear(4, 2), TrainConfig(epochs=1, progress=False))
+            >>> trainer.running_metrics()  # before fit
+            {'loss': nan, 'accuracy': None, 'images_per_s': 0.0, 'n': 0}
+            >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+            >>> _ = trainer.fit(loader)
+            >>> sorted(trainer.running_metrics()), trainer.running_metrics()["n"]
+            (['accuracy', 'images_per_s', 'loss', 'n'], 16)
         """
         if self._meter is None:
             return {"loss": float("nan"), "accuracy": None, "images_per_s": 0.0, "n": 0}
@@ -383,7 +407,12 @@ class Trainer:
             CheckpointError: ``resume=True`` and the checkpoint is corrupt or does not match.
 
         Example:
-            >>> history = Trainer(model, TrainConfig(epochs=2)).fit(train_loader)
+            >>> _ = torch.manual_seed(0)
+            >>> x = torch.randn(64, 8)
+            >>> y = x[:, :4].argmax(dim=1)  # a learnable 4-class task
+            >>> train_loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            >>> history = Trainer(model, TrainConfig(epochs=2, progress=False)).fit(train_loader)
             >>> history.train_loss[-1] < history.train_loss[0]
             True
         """
@@ -453,8 +482,9 @@ class Trainer:
         Under DDP each rank evaluates its shard and the sums are combined over ranks.
 
         Example:
-            >>> trainer.evaluate(test_loader)
-            {'loss': 0.21, 'accuracy': 0.94, 'n': 10000}
+            >>> test_loader = [(torch.randn(10, 4), torch.randint(0, 2, (10,))) for _ in range(3)]
+            >>> Trainer(nn.Linear(4, 2), TrainConfig()).evaluate(test_loader)
+            {'loss': ..., 'accuracy': ..., 'n': 30}
         """
         check_loader(loader, "loader")
         self._prepare()

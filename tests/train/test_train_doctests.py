@@ -1,0 +1,58 @@
+"""The docstring examples of slimtorch.train run and print what they claim."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimtorch.train as train
+from doctest_helpers import check_docstring_examples
+
+MODULES = [
+    "slimtorch.train",
+    "slimtorch.train.amp",
+    "slimtorch.train.callbacks",
+    "slimtorch.train.checkpoint",
+    "slimtorch.train.classifier",
+    "slimtorch.train.config",
+    "slimtorch.train.distributed",
+    "slimtorch.train.history",
+    "slimtorch.train.loader",
+    "slimtorch.train.meter",
+    "slimtorch.train.optim",
+    "slimtorch.train.progress",
+    "slimtorch.train.seeding",
+    "slimtorch.train.trainer",
+]
+
+
+@pytest.fixture(autouse=True)
+def _temp_dirs_under_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples' ``tempfile.mkdtemp()`` folders go under pytest's tmp_path (cleaned up)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism() -> Iterator[None]:
+    """seed_everything(..., deterministic=True) in the examples changes process-wide settings."""
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    check_docstring_examples(name, train)
