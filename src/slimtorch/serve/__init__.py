@@ -6,6 +6,8 @@ imports FastAPI when called.
 Example:
     >>> from slimtorch.serve import ServeSettings, create_app
     >>> app = create_app(ServeSettings(repository="models", api_key="a-long-secret"))
+    >>> app.title
+    'slimtorch inference server'
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The FastAPI app factory: lifespan, error handlers, middleware, OpenAPI schema.
 
-Example:
+Example (its last line starts a server that listens until interrupted, hence skipped as a test;
+:func:`create_app` shows a test client that needs no server):
     >>> app = create_app(ServeSettings(repository="models"))
-    >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8000)
+    >>> import uvicorn
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -82,10 +84,20 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         The FastAPI app (``app.state.server`` is its :class:`ModelServer`).
 
     Example:
+        >>> import tempfile, pathlib
         >>> from fastapi.testclient import TestClient
-        >>> with TestClient(create_app(ServeSettings(repository="models"))) as client:
+        >>> from slimtorch.models import create_model, save_model
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> model = create_model("mlp", input_size=8)
+        >>> _ = save_model(model, d / "mlp" / "1", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+        ...                class_names=list("0123456789"))
+        >>> x = {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 128}
+        >>> with TestClient(create_app(ServeSettings(repository=str(d), device="cpu"))) as client:
         ...     client.get("/v2/health/ready").status_code
+        ...     r = client.post("/v2/models/mlp/infer", json={"inputs": [x]})
+        ...     r.status_code, r.json()["outputs"][0]["shape"]
         200
+        (200, [2, 10])
     """
     settings = settings or ServeSettings.from_env()
     metrics = ServeMetrics()

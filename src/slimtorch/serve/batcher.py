@@ -12,10 +12,27 @@ the delay. Each request has its own future: results go back to the right request
 Past ``max_queue_size`` waiting requests, :meth:`Batcher.submit` raises
 :class:`~slimtorch.serve.errors.Overloaded` (503 with Retry-After) at once.
 
-Example:
-    >>> batcher = Batcher("mlp", config, lambda inputs: {"y": inputs["x"] * 2})
-    >>> batcher.start()
-    >>> outputs = await batcher.submit({"x": np.ones((1, 4), np.float32)}, rows=1)
+Example (three requests queued together run as one batch of 3 rows; each gets its own rows):
+    >>> import asyncio
+    >>> from slimtorch.serve.model_config import TensorSpec
+    >>> spec = TensorSpec(name="x", dims=(2,))
+    >>> config = ModelConfig(name="double", format="onnx", inputs=(spec,),
+    ...                      outputs=(TensorSpec(name="y", dims=(2,)),))
+    >>> batches = []
+    >>> def double(inputs):
+    ...     batches.append(len(inputs["x"]))
+    ...     return {"y": inputs["x"] * 2}
+    >>> async def main():
+    ...     batcher = Batcher("double", config, double)
+    ...     batcher.start()
+    ...     requests = [{"x": np.full((1, 2), i, np.float32)} for i in range(3)]
+    ...     outputs = await asyncio.gather(*(batcher.submit(r, rows=1) for r in requests))
+    ...     await batcher.close()
+    ...     return [o["y"].tolist() for o in outputs]
+    >>> asyncio.run(main())
+    [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
+    >>> batches
+    [3]
 """
 
 from __future__ import annotations

@@ -6,10 +6,24 @@ idle unpinned versions are evicted oldest-use first; if that is not enough the l
 503 and a Retry-After. An out-of-memory error while loading evicts every idle unpinned version
 and retries once.
 
-Example:
+Example (a repository of one small model: its first use loads it, and it stays resident):
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from slimtorch.models import create_model, save_model
+    >>> from slimtorch.serve.repository import Repository
+    >>> from slimtorch.serve.settings import ServeSettings
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_model(create_model("mlp"), d / "mlp" / "1", input_shape=(1, 28, 28), mean=[0.5],
+    ...                std=[0.5], class_names=list("0123456789"))
+    >>> repo = Repository(d, ServeSettings())
+    >>> _ = repo.scan()
+    >>> entry = repo.models["mlp"]
     >>> cache = ModelCache(budget_bytes=2 << 30)
-    >>> with cache.use(entry, config, "cpu") as runner:
-    ...     runner.run({"input": x})
+    >>> with cache.use(entry.versions[1], entry.config, "cpu") as runner:
+    ...     runner.run({"input": np.zeros((2, 1, 28, 28), np.float32)})["logits"].shape
+    (2, 10)
+    >>> cache.resident(), entry.versions[1].state
+    ([('mlp', 1)], <State.READY: 'READY'>)
 """
 
 from __future__ import annotations

@@ -1,7 +1,27 @@
 """One inference request end to end: parse, check, batch, encode (shared by both HTTP paths).
 
-Example:
-    >>> content, headers = await run_infer(server, "mlp", None, body, None)
+Example (a started server over a repository of one small model; ``run_infer`` is a coroutine):
+    >>> import asyncio, json, tempfile, pathlib
+    >>> from slimtorch.models import create_model, save_model
+    >>> from slimtorch.serve.settings import ServeSettings
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_model(create_model("mlp"), d / "mlp" / "1", input_shape=(1, 28, 28), mean=[0.5],
+    ...                std=[0.5], class_names=list("0123456789"))
+    >>> x = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
+    >>> body = json.dumps({"id": "r1", "inputs": [x]}).encode()
+    >>> async def main():
+    ...     server = ModelServer(ServeSettings(repository=str(d), device="cpu"))
+    ...     await server.start()
+    ...     try:
+    ...         return await run_infer(server, "mlp", None, body, None)
+    ...     finally:
+    ...         await server.stop()
+    >>> content, headers = asyncio.run(main())
+    >>> headers
+    {'content-type': 'application/json'}
+    >>> response = json.loads(content)
+    >>> response["id"], response["model_version"], response["outputs"][0]["shape"]
+    ('r1', '1', [1, 10])
 """
 
 from __future__ import annotations

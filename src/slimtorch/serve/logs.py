@@ -1,10 +1,17 @@
 """Structured logs: a request id on every record, and a JSON formatter.
 
-Example:
-    >>> handler = logging.StreamHandler()
+Example (JSON records on stdout, with the id of the request being handled):
+    >>> import sys
+    >>> handler = logging.StreamHandler(sys.stdout)
     >>> handler.setFormatter(JsonFormatter())
     >>> handler.addFilter(RequestIdFilter())
-    >>> logging.getLogger("slimtorch").addHandler(handler)
+    >>> logger = logging.getLogger("slimtorch")
+    >>> logger.addHandler(handler)
+    >>> token = request_id.set("req-7")
+    >>> logger.warning("model %s loaded", "mlp")
+    {"time": "...", "level": "WARNING", ..., "message": "model mlp loaded", "request_id": "req-7"}
+    >>> request_id.reset(token)
+    >>> logger.removeHandler(handler)
 """
 
 from __future__ import annotations
@@ -57,8 +64,17 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Send logs to stderr as ``text`` (with the request id) or ``json``, once per process.
 
-    Example:
+    Example (replaces the root logger's handlers; the last line puts the old ones back):
+        >>> root = logging.getLogger()
+        >>> saved = root.handlers[:], root.level
         >>> configure_logging("json")
+        >>> [type(h.formatter).__name__ for h in root.handlers], root.level == logging.INFO
+        (['JsonFormatter'], True)
+        >>> configure_logging("xml")
+        Traceback (most recent call last):
+        ...
+        ValueError: log format must be 'text' or 'json', got 'xml'
+        >>> root.handlers[:], root.level = saved
     """
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")

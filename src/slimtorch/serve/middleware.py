@@ -9,8 +9,21 @@ routing and dependency resolution cost about as much as the model, and skipping 
 hot path is what lets one process keep up with many clients. The FastAPI routes document the
 endpoints in the OpenAPI schema and answer them when this middleware is not installed.
 
-Example:
-    >>> app.add_middleware(ServeMiddleware, metrics=metrics, max_bytes=1 << 20)
+Example (on a bare FastAPI app, without the inference fast path):
+    >>> from fastapi import FastAPI, Request
+    >>> from fastapi.testclient import TestClient
+    >>> app = FastAPI()
+    >>> @app.post("/size")
+    ... async def size(request: Request) -> int:
+    ...     return len(await request.body())
+    >>> app.add_middleware(ServeMiddleware, metrics=ServeMetrics(), max_bytes=1 << 20)
+    >>> client = TestClient(app)
+    >>> r = client.post("/size", content=b"x" * 1000, headers={"X-Request-ID": "req-7"})
+    >>> r.status_code, r.json(), r.headers["x-request-id"]
+    (200, 1000, 'req-7')
+    >>> r = client.post("/size", content=b"x" * (2 << 20))
+    >>> r.status_code, r.json()["error"]
+    (413, 'request body of 2097152 bytes exceeds the limit of 1048576 bytes; ...')
 """
 
 from __future__ import annotations

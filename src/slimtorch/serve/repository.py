@@ -17,11 +17,18 @@ model of that name with a single version 1.
 A scan only reads small files (configs, the safetensors header, the zip directory of a .pt2);
 nothing is unpickled. A broken model is recorded with its reason and never stops the scan.
 
-Example:
-    >>> repo = Repository(Path("models"), ServeSettings())
+Example (a repository of one slimtorch model directory, without a serving config):
+    >>> import tempfile
+    >>> from slimtorch.models import create_model, save_model
+    >>> root = Path(tempfile.mkdtemp())
+    >>> _ = save_model(create_model("mlp"), root / "mnist-mlp" / "1", input_shape=(1, 28, 28),
+    ...                mean=[0.5], std=[0.5], class_names=list("0123456789"))
+    >>> repo = Repository(root, ServeSettings())
     >>> changed = repo.scan()
     >>> [(m.name, m.error) for m in repo.models.values()]
     [('mnist-mlp', '')]
+    >>> repo.index()
+    [{'name': 'mnist-mlp', 'version': '1', 'state': 'AVAILABLE', 'reason': ''}]
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 On a signal uvicorn stops accepting connections, waits up to ``graceful_timeout_s`` for the
 requests already accepted, then the app's lifespan drains the batchers and unloads the models.
 
-Example:
-    >>> run_server(ServeSettings(repository="models", port=8000))
+Example (serves until interrupted, hence skipped as a test; ``slimtorch.serve.create_app``
+shows a test client that needs no server):
+    >>> run_server(ServeSettings(repository="models", port=8000))  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -13,8 +13,16 @@ Memory rule (bytes a model needs, used by the cache):
   loading and a warm-up batch of ``max_batch_size``; on the CPU the parameter and buffer bytes
   plus the same allowance.
 
-Example:
-    >>> runner = load_runner(Path("repo/mlp/1"), config, "cpu")
+Example (a slimtorch model directory saved into a temporary folder):
+    >>> import tempfile
+    >>> from slimtorch.models import create_model, save_model
+    >>> folder = Path(tempfile.mkdtemp()) / "mlp" / "1"
+    >>> _ = save_model(create_model("mlp"), folder, input_shape=(1, 28, 28), mean=[0.5],
+    ...                std=[0.5], class_names=list("0123456789"))
+    >>> config = ModelConfig(name="mlp", format="slimtorch",
+    ...                      inputs=(TensorSpec(name="input", dims=(1, 28, 28)),),
+    ...                      outputs=(TensorSpec(name="logits", dims=(10,)),))
+    >>> runner = load_runner(folder, config, "cpu")
     >>> runner.run({"input": np.zeros((2, 1, 28, 28), np.float32)})["logits"].shape
     (2, 10)
 """
@@ -78,9 +86,14 @@ def allowance_bytes(config: ModelConfig) -> int:
 def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
     """Bytes a version needs before it is loaded (see the module docstring for the rule).
 
-    Example:
-        >>> estimate_memory(Path("repo/mlp/1"), config) > 0
-        True
+    Example (1000 bytes of weights plus ``8 x 8 x (16 + 8)`` bytes of activations):
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "model.onnx").write_bytes(bytes(1000))
+        >>> config = ModelConfig(name="m", format="onnx", inputs=(TensorSpec(name="x", dims=(4,)),),
+        ...                      outputs=(TensorSpec(name="y", dims=(2,)),), max_batch_size=8)
+        >>> estimate_memory(folder, config)
+        2536
     """
     if config.memory_bytes is not None:
         return config.memory_bytes
@@ -236,9 +249,22 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
     Raises:
         ModelLoadError: A missing or corrupt file, or outputs that do not match the config.
 
-    Example:
-        >>> load_runner(Path("repo/mlp/1"), config, "cpu").device
+    Example (the warm-up batch refuses a config whose output dims do not match the model):
+        >>> import tempfile
+        >>> from slimtorch.models import create_model, save_model
+        >>> folder = save_model(create_model("mlp"), Path(tempfile.mkdtemp()) / "1",
+        ...     input_shape=(1, 28, 28), mean=[0.5], std=[0.5], class_names=list("0123456789"))
+        >>> inputs = (TensorSpec(name="input", dims=(1, 28, 28)),)
+        >>> good = ModelConfig(name="mlp", format="slimtorch", inputs=inputs,
+        ...                    outputs=(TensorSpec(name="logits", dims=(10,)),))
+        >>> load_runner(folder, good, "cpu").device
         'cpu'
+        >>> bad = ModelConfig(name="mlp", format="slimtorch", inputs=inputs,
+        ...                   outputs=(TensorSpec(name="logits", dims=(5,)),))
+        >>> load_runner(folder, bad, "cpu")
+        Traceback (most recent call last):
+        ...
+        slimtorch.core.errors.ModelLoadError: output 'logits' of model 'mlp' has shape [1, 10] ...
     """
     dev = torch.device(device)
     path = model_path(version_dir, config.format)

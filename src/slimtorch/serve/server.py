@@ -1,10 +1,22 @@
 """The model server behind the HTTP layer: repository, cache, one batcher per model version.
 
-Example:
-    >>> server = ModelServer(ServeSettings(repository="models"))
-    >>> await server.start()
-    >>> entry, ver, outputs = await server.infer("mnist-mlp", None, decoded_request)
-    >>> await server.stop()
+Example (a repository of one small model; the server's methods are coroutines):
+    >>> import asyncio, json, tempfile, pathlib
+    >>> from slimtorch.models import create_model, save_model
+    >>> from slimtorch.serve.protocol.codec import parse_request
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_model(create_model("mlp"), d / "mnist-mlp" / "1", input_shape=(1, 28, 28),
+    ...                mean=[0.5], std=[0.5], class_names=list("0123456789"))
+    >>> x = {"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 1568}
+    >>> decoded_request = parse_request(json.dumps({"inputs": [x]}).encode(), None)
+    >>> async def main():
+    ...     server = ModelServer(ServeSettings(repository=str(d), device="cpu"))
+    ...     await server.start()
+    ...     entry, ver, outputs = await server.infer("mnist-mlp", None, decoded_request)
+    ...     await server.stop()
+    ...     return ver.version, outputs["logits"].shape
+    >>> asyncio.run(main())
+    (1, (2, 10))
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ Example:
     >>> os.environ["SLIMTORCH_SERVE_PORT"] = "9000"
     >>> ServeSettings.from_env().port
     9000
+    >>> del os.environ["SLIMTORCH_SERVE_PORT"]
 """
 
 from __future__ import annotations
