@@ -50,6 +50,23 @@ def test_reads_batch_layout(tmp_path: Path, bytes_keys: bool) -> None:
     assert int(x[0, 0, 1, 3]) == int(data[0, 35])
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_arrays_of_every_pickle_protocol_numpy_writes(tmp_path: Path, protocol: int) -> None:
+    entry = _batch(3, 1)
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps(entry, protocol=protocol))
+    x, y = read_cifar_batch(path)
+    assert x.reshape(3, -1).numpy().tolist() == entry["data"].tolist()
+    assert y.tolist() == entry["labels"]
+
+
+def test_codecs_encode_only_for_latin1(tmp_path: Path) -> None:
+    path = tmp_path / "batch"
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")  # _codecs.encode("abc", "rot13")
+    with pytest.raises(DataFormatError, match="latin-1 only"):
+        read_cifar_batch(path)
+
+
 def test_md5_checked_before_parsing(tmp_path: Path) -> None:
     p = _write(tmp_path / "b", _batch(2, 1))
     good = hashlib.md5(p.read_bytes()).hexdigest()

@@ -67,15 +67,29 @@ CIFAR10_MD5: dict[str, str] = {
 CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # cifar-10-python.tar.gz
 
 # The only globals a CIFAR batch pickle needs (numpy >= 2 renamed numpy.core to numpy._core).
+# Protocol 5 (Python 3.14's default) stores arrays as a bytearray rebuilt by numeric._frombuffer,
+# which only views bytes as an array of a given dtype and shape.
 _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
 )
 _MAX_PICKLE_BYTES = 512 * 1024 * 1024
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``codecs.encode`` as protocol-2 pickles of ``bytes`` use it, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise DataFormatError(
+            f"refusing _codecs.encode with encoding {encoding!r} in a pickle; a CIFAR batch "
+            "encodes bytes as latin-1 only"
+        )
+    return text.encode("latin1")
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -95,6 +109,8 @@ class SafeUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode  # Python 3 writes bytes this way at protocols 0-2
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise DataFormatError(

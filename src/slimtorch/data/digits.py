@@ -24,7 +24,13 @@ from slimtorch.data.dataset import ImageDataset, split_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGITS_MEAN", "DIGITS_SPLIT_SEED", "DIGITS_STD", "DIGITS_TEST_FRACTION"]
+__all__ = [
+    "DIGITS_MEAN",
+    "DIGITS_SPLIT_SEED",
+    "DIGITS_STD",
+    "DIGITS_TEST_FRACTION",
+    "load_digits_dataset",
+]
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
