@@ -205,15 +205,21 @@ def _write_compact(model: nn.Module, out_dir: Path) -> dict[str, Any]:
     }
 
 
+def _pop_flag(options: dict[str, Any], method: str, key: str) -> tuple[bool, dict[str, Any]]:
+    """Split a method-level boolean option (not a config field) off ``options``."""
+    rest = dict(options)
+    flag = rest.pop(key, False)
+    if not isinstance(flag, bool):
+        raise TypeError(f"{method} option {key!r} must be true or false, got {flag!r}")
+    return flag, rest
+
+
 @_parses_options("prune")
 def _prune_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.prune import MagnitudeConfig
 
-    options = dict(options)
-    gradual = options.pop("gradual", False)
-    if not isinstance(gradual, bool):
-        raise TypeError(f"prune option 'gradual' must be true or false, got {gradual!r}")
-    return gradual, MagnitudeConfig.from_dict(options)
+    gradual, rest = _pop_flag(options, "prune", "gradual")
+    return gradual, MagnitudeConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("prune")
@@ -376,11 +382,8 @@ def _with_globs(request: MethodRequest) -> dict[str, Any]:
 def _qat_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import QATConfig
 
-    options = dict(options)
-    widen = options.pop("widen_4bit_activations", False)
-    if not isinstance(widen, bool):
-        raise TypeError(f"qat option 'widen_4bit_activations' must be true or false, got {widen!r}")
-    return widen, QATConfig.from_dict(options)
+    widen, rest = _pop_flag(options, "qat", "widen_4bit_activations")
+    return widen, QATConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("qat")
