@@ -39,6 +39,22 @@ def test_sampling_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert abs(r.peak_bytes - MB200) < 0.1 * MB200
 
 
+def test_fn_runs_once_even_if_the_peak_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not memory_mod._reset_hwm():
+        pytest.skip("this kernel does not let a process reset VmHWM")
+    calls = []
+    real = memory_mod._status_bytes
+    monkeypatch.setattr(memory_mod, "_reset_hwm", lambda: True)
+
+    def fn() -> None:
+        calls.append(1)
+        monkeypatch.setattr(memory_mod, "_status_bytes", lambda key: None)  # /proc goes away
+
+    r = measure_peak_memory(fn, device="cpu")
+    monkeypatch.setattr(memory_mod, "_status_bytes", real)
+    assert calls == [1] and r.method == "rss-sampled"
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
         measure_peak_memory(3, device="cpu")  # type: ignore[arg-type]

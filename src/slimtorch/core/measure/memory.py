@@ -98,10 +98,12 @@ def _reset_hwm() -> bool:
 def _cpu_peak(call: Callable[[], Any]) -> tuple[int, int, MemoryMethod]:
     if _reset_hwm():
         baseline = _rss_now()
-        call()
+        call()  # run once only: fn may have side effects
         hwm = _status_bytes("VmHWM")
         if hwm is not None:
             return max(0, hwm - baseline), baseline, "rss"
+        logger.warning("VmHWM unreadable after the call; reporting the RSS after it instead")
+        return max(0, _rss_now() - baseline), baseline, "rss-sampled"
     baseline = _rss_now()
     peak = baseline
     stop = threading.Event()
