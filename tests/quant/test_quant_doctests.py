@@ -1,20 +1,40 @@
-"""The docstring examples of small, self-contained modules run and print what they claim."""
+"""The docstring examples of slimtorch.quant (and a few small, self-contained modules of other
+packages) run and print what they claim."""
 
 from __future__ import annotations
 
+import pkgutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
+import slimtorch.quant as quant
 from doctest_helpers import check_docstring_examples
 
+QUANT_MODULES = [
+    "slimtorch.quant",
+    *sorted(m.name for m in pkgutil.iter_modules(quant.__path__, prefix="slimtorch.quant.")),
+]
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "slimtorch.quant.qfunc",
-        "slimtorch.quant.int4",
-        "slimtorch.core.globs",
-        "slimtorch.serve.protocol.schemas",
-    ],
-)
+# Small, self-contained modules of other packages, checked here as well.
+OTHER_MODULES = ["slimtorch.core.globs", "slimtorch.serve.protocol.schemas"]
+
+
+def test_every_quant_module_is_covered() -> None:
+    for name in ("qfunc", "int4", "export", "runtime", "qat_convert"):
+        assert f"slimtorch.quant.{name}" in QUANT_MODULES
+
+
+@pytest.mark.parametrize("name", QUANT_MODULES)
+def test_quant_docstring_examples(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The examples write ONNX files into tempfile.mkdtemp() folders: keep those below tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    check_docstring_examples(name, quant)
+
+
+@pytest.mark.parametrize("name", OTHER_MODULES)
 def test_docstring_examples(name: str) -> None:
     check_docstring_examples(name)

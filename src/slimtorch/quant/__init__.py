@@ -6,8 +6,15 @@ Importing this package registers the ``quant.*`` architecture transforms, so ``l
 rebuilds quantized, folded and cast models; it imports no onnx, onnxruntime or torchao.
 
 Example:
+    >>> from slimtorch.models import create_model
     >>> from slimtorch.quant import PTQConfig, quantize_
+    >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
     >>> report = quantize_(model, PTQConfig(mode="static"), calibration=batches)
+    >>> len(report.quantized), type(model.fc1).__name__
+    (5, 'QDQLinear')
+    >>> model(torch.randn(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations

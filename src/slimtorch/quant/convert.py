@@ -340,7 +340,14 @@ def replay_qdq(model: nn.Module, params: dict[str, Any]) -> None:
         ModelLoadError: The record is malformed or names a layer the model lacks.
 
     Example:
-        >>> replay_qdq(fresh_model, card.transforms[-1]["params"])
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5")
+        >>> scale = quantize_weight(model.fc1.weight)[1]
+        >>> entry = to_qdq_(model, {"fc1": LayerQParams(weight_scale=scale)}).entries[-1]
+        >>> fresh = create_model("lenet5")  # as load_model rebuilds it
+        >>> replay_qdq(fresh, entry["params"])
+        >>> type(fresh.fc1).__name__, fresh.load_state_dict(model.state_dict())
+        ('QDQLinear', <All keys matched successfully>)
     """
     layers = params.get("layers") if isinstance(params, dict) else None
     if not isinstance(layers, dict):

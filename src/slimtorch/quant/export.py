@@ -16,9 +16,17 @@ Tolerances (ONNX Runtime vs PyTorch eager, same inputs, as checked by the tests)
   (<= 5% of the output magnitude on the test models) and top-1 agrees on >= 98% of inputs.
 
 Example:
-    >>> path = export_onnx(qdq_model, "model.int8.onnx", torch.randn(1, 1, 28, 28))
-    >>> compare_onnx(qdq_model, path, torch.randn(8, 1, 28, 28))
-    0.0123
+    >>> import pathlib, tempfile
+    >>> from slimtorch.models import create_model
+    >>> qdq_model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+    >>> _ = quantize_(qdq_model, PTQConfig(mode="static"), calibration=calib)
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> path = export_onnx(qdq_model, d / "model.int8.onnx", torch.randn(1, 1, 28, 28))
+    >>> x = torch.randn(8, 1, 28, 28)
+    >>> err = compare_onnx(qdq_model, path, x)  # int8 in ORT vs PyTorch: a few output steps
+    >>> err <= 0.05 * qdq_model(x).detach().abs().max().item()
+    True
 """
 
 from __future__ import annotations
@@ -102,8 +110,12 @@ def export_onnx(
             failed (the message carries the exporter's reason).
 
     Example:
-        >>> export_onnx(create_model("lenet5"), "lenet.onnx", torch.randn(1, 1, 28, 28))
-        PosixPath('lenet.onnx')
+        >>> import pathlib, tempfile
+        >>> from slimtorch.models import create_model
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> path = export_onnx(create_model("lenet5"), d / "lenet.onnx", torch.randn(1, 1, 28, 28))
+        >>> path == d / "lenet.onnx", path.is_file()
+        (True, True)
     """
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be 'fp32' or 'fp16', got {dtype!r}")
@@ -169,7 +181,12 @@ def ort_session(
         optimized_path: If given, ORT writes the optimised graph there.
 
     Example:
-        >>> sess = ort_session("model.onnx", threads=2)
+        >>> import pathlib, tempfile
+        >>> from slimtorch.models import create_model
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
+        >>> _ = export_onnx(create_model("lenet5"), path, torch.randn(1, 1, 28, 28))
+        >>> sess = ort_session(path, threads=2)
+        >>> x = torch.randn(1, 1, 28, 28)
         >>> sess.run(None, {"input": x.numpy()})[0].shape
         (1, 10)
     """
@@ -192,7 +209,11 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
     """Run a session on one tensor input (cast to the model's input type) and return a tensor.
 
     Example:
-        >>> run_onnx(ort_session("model.onnx"), torch.randn(2, 1, 28, 28)).shape
+        >>> import pathlib, tempfile
+        >>> from slimtorch.models import create_model
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
+        >>> _ = export_onnx(create_model("lenet5"), path, torch.randn(1, 1, 28, 28))
+        >>> run_onnx(ort_session(path), torch.randn(2, 1, 28, 28)).shape  # dynamic batch
         torch.Size([2, 10])
     """
     import numpy as np
@@ -212,7 +233,12 @@ def compare_onnx(
     docstring for the tolerances to expect.
 
     Example:
-        >>> compare_onnx(model, "model.onnx", torch.randn(8, 1, 28, 28)) < 1e-4
+        >>> import pathlib, tempfile
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
+        >>> _ = export_onnx(model, path, torch.randn(1, 1, 28, 28))
+        >>> compare_onnx(model, path, torch.randn(8, 1, 28, 28)) < 1e-4
         True
     """
     session = ort_session(path, threads)
@@ -234,8 +260,14 @@ def ort_int8_ops(path: str | os.PathLike[str]) -> dict[str, int]:
         ``QLinearAdd`` ...); empty when every node runs in float.
 
     Example:
-        >>> ort_int8_ops("model.int8.onnx")
-        {'QLinearConv': 21, 'QLinearAdd': 9, 'QLinearMatMul': 1}
+        >>> import pathlib, tempfile
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+        >>> calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+        >>> _ = quantize_(model, PTQConfig(mode="static"), calibration=calib)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.int8.onnx"
+        >>> ort_int8_ops(export_onnx(model, path, torch.randn(1, 1, 28, 28)))
+        {'QGemm': 2, 'QLinearConv': 2}
     """
     import onnx
 

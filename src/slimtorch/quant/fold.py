@@ -222,6 +222,7 @@ def fold_bn_(
         A :class:`FoldReport`.
 
     Example:
+        >>> from slimtorch.models import create_model
         >>> model = create_model("resnet20", in_channels=1, input_size=28).eval()
         >>> len(fold_bn_(model).folded)
         21

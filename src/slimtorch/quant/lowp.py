@@ -15,10 +15,15 @@ a GTX 1060 fp16 arithmetic is 64x slower. Estimated latencies before and after o
 come from :func:`slimtorch.core.measure.estimate_latency`.
 
 Example:
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     >>> report = cast_(model, LowPrecisionConfig(dtype="fp16"), check_inputs=(x, y),
     ...                device_profile="rx580")
     >>> report.gain, report.output_error < 0.01
     ('memory', True)
+    >>> [r.dtype for r in report.rows]  # first and last layer kept in float32
+    ['float32', 'float16', 'float16', 'float16', 'float32']
 """
 
 from __future__ import annotations
@@ -259,6 +264,7 @@ def cast_(
         PrecisionCheckError: The check failed (``on_fail="raise"``, or nothing left to keep).
 
     Example:
+        >>> from slimtorch.models import create_model
         >>> net = create_model("resnet20", in_channels=1, input_size=28).eval()
         >>> cast_(net, LowPrecisionConfig(dtype="bf16", max_output_error=0.05),
         ...       check_inputs=torch.randn(16, 1, 28, 28)).rows[0].dtype

@@ -19,7 +19,9 @@ model holds in memory now (``stored_bytes_after``), where 4-bit values sit in in
 the bytes of its state dict as saved (``saved_bytes_after``: 4-bit weights packed two per byte).
 
 Example:
-    >>> model = create_model("vgg11-bn", in_channels=1, input_size=28)
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     >>> report = mixed_precision_(model, MixedPrecisionConfig(size_ratio=5.0), (x, y))
     >>> report.size_fp32 / report.size_after >= 5.0
     True
@@ -291,9 +293,16 @@ def mixed_precision_(
         CalibrationError: The float model gives NaN/Inf outputs on the calibration data.
 
     Example:
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+        >>> x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
         >>> report = mixed_precision_(model, MixedPrecisionConfig(size_ratio=5.0), (x, y))
-        >>> sorted({r.choice for r in report.rows})
-        ['int4', 'int8']
+        >>> [r.name for r in report.rows]
+        ['features.0', 'features.3', 'fc1', 'fc2', 'classifier']
+        >>> report.rows[2].choice, type(model.fc1).__name__  # 5x smaller needs fc1 in int4
+        ('int4', 'QDQLinear')
+        >>> {r.choice for r in report.rows} <= {"fp16", "int8", "int4"}
+        True
     """
     from slimtorch.quant.convert import to_qdq_
     from slimtorch.quant.qdq import LayerQParams

@@ -14,6 +14,9 @@ labelled data (``metric="accuracy"``, with the squared error added at 1e-3 weigh
 ties between layers that do not flip a single prediction).
 
 Example:
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     >>> sens = measure_sensitivity(model, ["features.0", "classifier"], (x, y))
     >>> sens["classifier"]["int4"] >= sens["classifier"]["int8"]
     True
@@ -148,8 +151,10 @@ def measure_sensitivity(
         CalibrationError: The float model gives NaN/Inf outputs on the calibration data.
 
     Example:
-        >>> measure_sensitivity(net, ["0"], torch.randn(8, 16))["0"]["fp32"]
-        0.0
+        >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> sens = measure_sensitivity(net, ["0"], torch.randn(8, 16), candidates=("fp32", "int8"))
+        >>> sens["0"]["fp32"], 0.0 < sens["0"]["int8"] < 1e-3
+        (0.0, True)
     """
     bad = [c for c in candidates if c not in CANDIDATES]
     if bad or not candidates:
@@ -214,7 +219,13 @@ def latency_costs(
     roofline estimate minus the targeted layers' rows.
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(4, 16)
         >>> per_layer, rest, total = latency_costs(net, ["0"], x, "rx580", ("fp16", "int8"))
+        >>> sorted(per_layer["0"]), 0.0 < rest < total
+        (['fp16', 'int8'], True)
+        >>> per_layer["0"]["int8"] > per_layer["0"]["fp16"]  # int8 adds a dequantize kernel
+        True
     """
     prof = get_profile(profile)
     shapes: dict[str, tuple[int, int]] = {}

@@ -13,7 +13,7 @@ The change is recorded as ``"quant.lowp"`` so ``save_model``/``load_model`` rebu
 
 Example:
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> set_precision_(net, ["0"], torch.float16)
+    >>> entry = set_precision_(net, ["0"], torch.float16)
     >>> net(torch.randn(3, 8)).dtype, net[0].weight.dtype
     (torch.float32, torch.float16)
 """
@@ -118,6 +118,8 @@ def layer_precisions(model: nn.Module) -> dict[str, str]:
     """Unit name -> dtype name for a model changed by :func:`set_precision_` (else empty).
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = set_precision_(net, ["0"], torch.float16)
         >>> layer_precisions(net)
         {'0': 'float16', '2': 'float32'}
     """
@@ -163,8 +165,12 @@ def set_precision_(
             carries boundary casts.
 
     Example:
-        >>> set_precision_(net, ["0"], torch.bfloat16)["params"]["dtype"]
-        'bfloat16'
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> entry = set_precision_(net, ["0"], torch.bfloat16)
+        >>> entry["params"]
+        {'dtype': 'bfloat16', 'low': ['0'], 'output_fp32': []}
+        >>> net(torch.randn(3, 8)).dtype  # no output_fp32: the last layer runs (and returns) fp32
+        torch.float32
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")

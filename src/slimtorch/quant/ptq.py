@@ -168,8 +168,12 @@ def residual_points(model: nn.Module, layers: Iterable[str]) -> tuple[set[str], 
         (empty, or why the model could not be traced: then both sets are empty).
 
     Example:
-        >>> residual_points(create_model("resnet20"), ["layer1.0.conv2"])[0]
-        {'layer1.0.conv2'}
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("resnet20").eval()
+        >>> _ = fold_bn_(model)  # as static PTQ does first: conv2 then feeds the add directly
+        >>> outs, acts, note = residual_points(model, ["layer1.0.conv2"])
+        >>> outs, "layer1.0.relu2" in acts, note
+        ({'layer1.0.conv2'}, True, '')
     """
     try:
         graph = torch.fx.symbolic_trace(model).graph
@@ -300,6 +304,7 @@ def quantize_(
         TransformSkipError: ``strict`` and a layer was skipped.
 
     Example:
+        >>> from slimtorch.models import create_model
         >>> model = create_model("lenet5")
         >>> quantize_(model, PTQConfig(mode="weight_only")).to_dict()["totals"]["quantized"]
         5

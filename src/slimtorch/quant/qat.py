@@ -21,10 +21,19 @@ fixed) from epoch ``freeze_bn_epoch`` on; :func:`convert_qat_` then folds them b
 (the fold changes the scales the weights were trained with, so expect a small mismatch).
 
 Example:
+    >>> from slimtorch.models import create_model
+    >>> from slimtorch.train import TrainConfig, Trainer
+    >>> model = create_model("lenet5", in_channels=1, input_size=28)
+    >>> loader = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
     >>> cfg = QATConfig(weight_bits=4, act_bits=8)
-    >>> prepare_qat_(model, cfg)
-    >>> Trainer(model, TrainConfig(epochs=3, lr=0.005), callbacks=[QATCallback(cfg)]).fit(loader)
+    >>> len(prepare_qat_(model, cfg).layers)
+    5
+    >>> train_cfg = TrainConfig(epochs=3, lr=0.005, progress=False)
+    >>> Trainer(model, train_cfg, callbacks=[QATCallback(cfg)]).fit(loader).epoch
+    [1, 2, 3]
     >>> report = convert_qat_(model)  # int8 Q/DQ layers, same path as PTQ
+    >>> len(report.quantized), type(model.fc1).__name__
+    (5, 'QDQLinear')
 """
 
 from __future__ import annotations
@@ -145,8 +154,11 @@ def qat_layers(model: nn.Module) -> dict[str, LSQConv2d | LSQLinear]:
     """The LSQ fake-quant layers of ``model`` by dotted name.
 
     Example:
-        >>> sorted(qat_layers(model))[:2]
-        ['conv1', 'fc']
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> _ = prepare_qat_(model, QATConfig())
+        >>> sorted(qat_layers(model))
+        ['classifier', 'fc1', 'fc2', 'features.0', 'features.3']
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, _LSQ)}
 
@@ -197,6 +209,7 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
         ValueError: The model is already prepared, or ``include`` matches no layer.
 
     Example:
+        >>> from slimtorch.models import create_model
         >>> model = create_model("resnet20", in_channels=1, input_size=28).eval()
         >>> len(prepare_qat_(model, QATConfig(weight_bits=4)).layers)
         22
@@ -260,9 +273,16 @@ class QATCallback(Callback):
         config: The :class:`QATConfig` (the same one given to :func:`prepare_qat_`).
 
     Example:
-        >>> cfg = QATConfig(weight_bits=4, act_bits=8)
-        >>> trainer = Trainer(model, TrainConfig(epochs=2, lr=0.01), callbacks=[QATCallback(cfg)])
-        >>> trainer.fit(train_loader, val_loader)
+        >>> from slimtorch.models import create_model
+        >>> from slimtorch.train import TrainConfig, Trainer
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)  # not prepared
+        >>> data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+        >>> train_loader, val_loader = data[:2], data[2:]
+        >>> callback = QATCallback(QATConfig(weight_bits=4, act_bits=8))
+        >>> train_cfg = TrainConfig(epochs=2, lr=0.01, progress=False)
+        >>> history = Trainer(model, train_cfg, callbacks=[callback]).fit(train_loader, val_loader)
+        >>> history.epoch, len(callback.report.layers), len(qat_layers(model))
+        ([1, 2], 5, 5)
     """
 
     def __init__(self, config: QATConfig) -> None:

@@ -7,6 +7,10 @@ same ``clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) * s`` the LSQ layer computed, 
 up to float rounding (which can flip an occasional activation level in deep networks).
 
 Example:
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28)
+    >>> _ = prepare_qat_(model, QATConfig())
+    >>> _ = model(torch.randn(8, 1, 28, 28))  # as training would: sets the activation steps
     >>> report = convert_qat_(model)
     >>> {r.mode for r in report.rows}
     {'static'}
@@ -37,8 +41,13 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
             is not finite and positive.
 
     Example:
-        >>> qat_qparams(model)["fc"].input_dtype
-        'uint8'
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> _ = prepare_qat_(model, QATConfig(weight_bits=4))
+        >>> _ = model(torch.randn(8, 1, 28, 28))  # one batch sets the activation steps
+        >>> qp = qat_qparams(model)
+        >>> qp["features.0"].input_dtype, qp["fc1"].input_dtype, qp["fc1"].weight_bits
+        ('int8', 'uint8', 4)
     """
     from slimtorch.quant.qdq import LayerQParams
 
@@ -121,9 +130,16 @@ def convert_qat_(model: nn.Module, *, widen_4bit_activations: bool = False) -> Q
         SlimtorchError: A quantizer is uninitialised or a learned step is not finite.
 
     Example:
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28)
+        >>> _ = prepare_qat_(model, QATConfig())
+        >>> x = torch.randn(8, 1, 28, 28)
+        >>> fake_quant = model.eval()(x)  # (after training) the LSQ model's outputs
         >>> report = convert_qat_(model)
-        >>> {r.mode for r in report.rows}
-        {'static'}
+        >>> {r.mode for r in report.rows}, type(model.fc1).__name__
+        ({'static'}, 'QDQLinear')
+        >>> torch.allclose(model(x), fake_quant, atol=1e-4)
+        True
     """
     from slimtorch.quant.convert import to_qdq_
 

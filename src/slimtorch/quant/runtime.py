@@ -25,10 +25,14 @@ alike), not by arithmetic, so int8 gains little there in the PyTorch path.
 configs to the float ``nn.Linear`` layers (torchao has CUDA int8 kernels for linear layers
 only: ``torch._int_mm`` and its weight-only mm; convolutions stay in float).
 
-Example:
-    >>> quantize_(model, PTQConfig(mode="static"), calibration=batches)
-    >>> fast = compile_int8_x86(model, example_input=batches[0])
-    >>> fast(batches[0]).shape
+Example (inductor compiles for several seconds, hence the compile is skipped as a test):
+    >>> from slimtorch.models import create_model
+    >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    >>> batches = [(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))) for _ in range(2)]
+    >>> report = quantize_(model, PTQConfig(mode="static"), calibration=batches)
+    >>> x = batches[0][0]
+    >>> fast = compile_int8_x86(model, example_input=x)  # doctest: +SKIP
+    >>> fast(x).shape  # doctest: +SKIP
     torch.Size([32, 10])
 """
 
@@ -309,9 +313,15 @@ def place_qdq_(
         ValueError: Unknown ``target``, or calibration data the model does not accept.
 
     Example:
-        >>> quantize_(model, PTQConfig(mode="static"), calibration=batches)
-        >>> sorted(place_qdq_(model, "inductor").changes)[:2]
-        ['layer1.0.conv2', 'layer1.1.conv2']
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("resnet20", in_channels=1, input_size=28).eval()
+        >>> batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+        >>> _ = quantize_(model, PTQConfig(mode="static"), calibration=batches)
+        >>> placement = place_qdq_(model, "inductor")
+        >>> sorted(placement.changes)[:2], len(placement.changes)  # one conv per residual add
+        (['layer1.0.conv2', 'layer1.1.conv2'], 9)
+        >>> place_qdq_(model, "inductor").changes  # placed already: nothing more to do
+        {}
     """
     out = place_unrecorded(model, target, calibration=calibration, observer=observer)
     _update_record(model, out.changes)
@@ -400,10 +410,14 @@ def compile_int8_x86(
     Raises:
         ValueError: The model is not on the CPU, or ``target`` is unknown.
 
-    Example:
-        >>> fast = compile_int8_x86(qdq_model, torch.randn(1, 1, 28, 28))
-        >>> int8_kernels(qdq_model, torch.randn(1, 1, 28, 28))
-        {'qconv_pointwise': 21, 'qlinear_pointwise': 1}
+    Example (inductor compiles for several seconds, hence skipped as a test):
+        >>> from slimtorch.models import create_model
+        >>> qdq_model = create_model("lenet5", in_channels=1, input_size=28).eval()
+        >>> calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+        >>> _ = quantize_(qdq_model, PTQConfig(mode="static"), calibration=calib)
+        >>> fast = compile_int8_x86(qdq_model, torch.randn(1, 1, 28, 28))  # doctest: +SKIP
+        >>> fast(torch.randn(4, 1, 28, 28)).shape  # doctest: +SKIP
+        torch.Size([4, 10])
     """
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type != "cpu":
@@ -442,9 +456,16 @@ def int8_kernels(
         ``{"qconv_pointwise": 14, "qconv2d_pointwise.binary": 7, "qlinear_pointwise": 1}``
         (``.binary``: a convolution with the residual add fused; empty: no int8 kernel runs).
 
-    Example:
-        >>> int8_kernels(float_model, x)
+    Example (inductor compiles for several seconds, hence skipped as a test):
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()  # float
+        >>> x = torch.randn(1, 1, 28, 28)
+        >>> int8_kernels(model, x)  # doctest: +SKIP
         {}
+        >>> calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+        >>> _ = quantize_(model, PTQConfig(mode="static"), calibration=calib)
+        >>> int8_kernels(model, x)  # doctest: +SKIP
+        {'qconv_pointwise': 2, 'qlinear_pointwise': 3}
     """
     from torch._inductor.utils import run_and_get_code
 
@@ -473,9 +494,14 @@ def torchao_cuda_(model: nn.Module, mode: str = "dynamic") -> list[str]:
     Raises:
         ValueError: ``mode`` is unknown or the model is not on CUDA.
 
-    Example:
-        >>> torchao_cuda_(model.cuda().half(), mode="weight_only")
-        ['fc']
+    Example (the CUDA line needs a GPU, hence skipped as a test):
+        >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        >>> torchao_cuda_(net.cuda().half(), mode="weight_only")  # doctest: +SKIP
+        ['0', '2']
+        >>> torchao_cuda_(nn.Linear(4, 2))  # on the CPU: refused
+        Traceback (most recent call last):
+            ...
+        ValueError: torchao_cuda_ needs a model on CUDA, got parameters on ['cpu']; move it ...
     """
     if mode not in ("weight_only", "dynamic"):
         raise ValueError(f"mode must be 'weight_only' or 'dynamic', got {mode!r}")
