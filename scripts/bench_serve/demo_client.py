@@ -2,7 +2,8 @@
 
 Serves every slimtorch model directory under ``--runs-dir`` (``make demo`` writes runs/demo,
 runs/demo-svd and runs/demo-svd-guarded: LeNet-5 on scikit-learn's 8x8 digits), then for each
-model sends real test-split digits through the KServe v2 endpoint and the simple JSON endpoint,
+model that takes 8x8 inputs sends real test-split digits through the KServe v2 endpoint and the
+simple JSON endpoint (other models found there are served but not sent digits),
 prints the predictions against the true labels, and stops the server with SIGTERM.
 Only the standard library talks HTTP here, so the demo needs nothing beyond slimtorch[serve].
 
@@ -108,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         from slimtorch.cli.common import resolve_model_dir
         from slimtorch.models import read_model_card
 
+        sent = 0
         for row in index:
             name = row["name"]
             card = read_model_card(resolve_model_dir(str(Path(args.runs_dir) / name)))
+            if tuple(card.input_shape) != tuple(images.shape[1:]):
+                # another model under the same runs folder (e.g. a Fashion-MNIST run): it is
+                # served too, but 8x8 digits are not its input
+                print(f"{name}: served; input {list(card.input_shape)}, not sent 8x8 digits")
+                continue
+            sent += 1
             mean = images.new_tensor(card.mean).view(-1, 1, 1)
             std = images.new_tensor(card.std).view(-1, 1, 1)
             x = ((images - mean) / std).numpy()
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: simple JSON predict of one digit (true {int(labels[0])}): label "
                 f"{top['label']} with probability {top['score']:.3f}"
             )
+        if sent == 0:
+            print(f"no model under {args.runs_dir} takes 8x8 digits")
+            failures += 1
         status, _ = call(f"{base}/v2/models/{index[0]['name']}/infer", {"inputs": []})
         print(f"a malformed request is refused with {status}")
         failures += status != 400
