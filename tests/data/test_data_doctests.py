@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pkgutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -22,10 +20,8 @@ REAL_DATA = {"slimtorch.data", "slimtorch.data.resolve"}
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    name: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     if name in REAL_DATA:
         monkeypatch.setenv("SLIMTORCH_DATA", str(request.getfixturevalue("shared_data")))
-    # The examples write into tempfile.mkdtemp() folders: keep those below tmp_path.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     check_docstring_examples(name, data)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 
 import slimtorch.distill as distill
@@ -18,12 +15,6 @@ MODULES = [
     "slimtorch.distill.losses",
     "slimtorch.distill.teacher",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _temp_dirs_under_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The examples' ``tempfile.mkdtemp()`` folders go under pytest's tmp_path (cleaned up)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pkgutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -38,7 +36,5 @@ def forget_example_registrations() -> Iterator[None]:
 
 @pytest.mark.usefixtures("forget_example_registrations")
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The examples write into tempfile.mkdtemp() folders: keep those below tmp_path.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_docstring_examples(name: str) -> None:
     check_docstring_examples(name, models)

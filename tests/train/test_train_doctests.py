@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,12 +27,6 @@ MODULES = [
     "slimtorch.train.seeding",
     "slimtorch.train.trainer",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _temp_dirs_under_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The examples' ``tempfile.mkdtemp()`` folders go under pytest's tmp_path (cleaned up)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(autouse=True)
