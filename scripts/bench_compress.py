@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from slimtorch.core.io import atomic_write_json
@@ -91,7 +92,14 @@ def speed_rows(
         b = b.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compiled:
         mode = COMPILE_MODE[0]
-        a, b = torch.compile(a, mode=mode), torch.compile(b, mode=mode)
+        # static shapes: one graph per batch size (after a second size, dynamo would otherwise
+        # switch to a dynamic-shape graph whose kernels are slower)
+        # both models' forwards share code objects: room for every batch size of both
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 2 * len(batches) + 2
+        )
+        a = torch.compile(a, mode=mode, dynamic=False)
+        b = torch.compile(b, mode=mode, dynamic=False)
     for batch in batches:
         x = torch.randn(batch, *shape, device=device)
         if channels_last and x.ndim == 4:
@@ -146,7 +154,7 @@ def run_plan(
     t0 = time.perf_counter()
     if speed_dev.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    report = decompose_(comp, cfg, example_input=x)
+    report = decompose_(comp, cfg, example_input=x, include=args.include)
     torch.set_num_threads(args.host_threads)
     dec_s = time.perf_counter() - t0
     log.info("%s\n%s", plan, report.to_table())
@@ -206,6 +214,7 @@ def run_plan(
         "rank": rank,
         "plan_device": plan_dev,
         "plan_batch": batches,
+        "include": args.include,
         "min_speedup": args.min_speedup,
         "layers_decomposed": len(done),
         "layers_targeted": len(report.rows),
@@ -271,6 +280,12 @@ def main() -> None:
         default="tucker@budget:params=0.3@cpu@32",
         help="semicolon-separated method@rank@device@batch (a rank may hold commas: "
         "budget:params=0.3,flops=0.4)",
+    )
+    ap.add_argument(
+        "--include",
+        type=lambda t: [g for g in t.split(",") if g],
+        default=None,
+        help="comma-separated layer-name globs the plans may factorise (default: all)",
     )
     ap.add_argument("--min-speedup", type=float, default=1.05)
     ap.add_argument("--round-to", type=int, default=1)
