@@ -148,6 +148,8 @@ def run_plan(
             min_speedup=args.min_speedup,
             speed_batch=batches[0] if len(batches) == 1 else batches,
             speed_channels_last=args.channels_last,
+            speed_scope=args.speed_scope,
+            speed_compile=args.speed_compile,
         )
     cfg = CONFIGS[method].from_dict(opts)
     x = torch.randn(batches[0], *shape, device=speed_dev)
@@ -216,6 +218,8 @@ def run_plan(
         "plan_batch": batches,
         "include": args.include,
         "min_speedup": args.min_speedup,
+        "speed_scope": args.speed_scope,
+        "speed_compile": args.speed_compile,
         "layers_decomposed": len(done),
         "layers_targeted": len(report.rows),
         "decompose_s": dec_s,
@@ -288,6 +292,15 @@ def main() -> None:
         help="comma-separated layer-name globs the plans may factorise (default: all)",
     )
     ap.add_argument("--min-speedup", type=float, default=1.05)
+    ap.add_argument(
+        "--speed-scope",
+        choices=("layer", "model"),
+        default="layer",
+        help="gate each factorised layer alone or by timing the whole model with and without it",
+    )
+    ap.add_argument(
+        "--speed-compile", action="store_true", help="with --speed-scope model: time compiled"
+    )
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--finetune-epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.01)

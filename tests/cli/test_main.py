@@ -135,6 +135,30 @@ def test_compress_distill_flags_reach_compress_run(
     assert "DistillConfig.alpha must be in [0.0, 1.0], got 2.0" in capsys.readouterr().err
 
 
+def test_compress_speed_scope_flags_reach_the_method_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    import slimtorch.pipeline
+
+    seen: dict[str, object] = {}
+
+    def fake_run(**kwargs: object) -> SimpleNamespace:
+        seen.update(kwargs)
+        return SimpleNamespace(report={"layers": {"layers": []}}, table="table")
+
+    monkeypatch.setattr(slimtorch.pipeline, "compress_run", fake_run)
+    base = ["compress", "--in", "a", "--out", "b", "--method", "tucker", "--device", "cpu"]
+    assert main([*base, "--min-speedup", "1.05", "--speed-scope", "model", "--speed-compile"]) == 0
+    options = seen["method_options"]
+    assert isinstance(options, dict)
+    assert options["speed_scope"] == "model" and options["speed_compile"] is True
+    assert main(base) == 0
+    options = seen["method_options"]
+    assert isinstance(options, dict) and "speed_scope" not in options
+
+
 def test_train_with_teacher_distils_and_checks_the_teacher(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -78,6 +78,18 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="run the speed check in channels-last (NHWC) layout, as the model will be deployed",
     )
+    p.add_argument(
+        "--speed-scope",
+        choices=("layer", "model"),
+        default=None,
+        help="time each factorised layer alone (layer, default) or the whole model with and "
+        "without it (model)",
+    )
+    p.add_argument(
+        "--speed-compile",
+        action="store_true",
+        help="with --speed-scope model: time the models under torch.compile",
+    )
     p.add_argument("--strict", action="store_true", help="fail instead of skipping layers")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -197,6 +209,10 @@ def _run(args: argparse.Namespace) -> int:
         options["speed_batch"] = batches[0] if len(batches) == 1 else batches
     if args.speed_channels_last:
         options["speed_channels_last"] = True
+    if args.speed_scope is not None:
+        options["speed_scope"] = args.speed_scope
+    if args.speed_compile:
+        options["speed_compile"] = True
     finetune = (
         TrainConfig(
             epochs=args.finetune_epochs,

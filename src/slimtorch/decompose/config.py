@@ -51,6 +51,14 @@ class DecomposeConfig(Config):
             change which layer is faster: on an H100, cuDNN's NHWC kernels run a dense VGG
             about 1.5x faster than NCHW at batch 4096 and change the factorised-vs-dense
             ratio layer by layer, so gate in the layout the model will run in.
+        speed_scope: ``"layer"``: time each factorised layer alone against the original.
+            ``"model"``: time the whole model instead (measured only), with and without each
+            factorised layer, dropping first the layers that save the fewest FLOPs, and keep a
+            layer factorised only if the whole model is at least ``min_speedup`` faster with it
+            (see :mod:`slimtorch.decompose.model_gate`). A layer alone can be faster and the
+            model not (fusion, layout changes, launches around it), and the reverse.
+        speed_compile: With ``speed_scope="model"``, time the models under ``torch.compile``
+            (static shapes), the way a GPU deployment runs them.
     """
 
     RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy", "budget")
@@ -63,9 +71,23 @@ class DecomposeConfig(Config):
     speed_on: str = "measured"
     speed_batch: int | tuple[int, ...] | None = None
     speed_channels_last: bool = False
+    speed_scope: str = "layer"
+    speed_compile: bool = False
 
     def __post_init__(self) -> None:
         self.rank_spec  # noqa: B018 - validates
+        check_choice(self, "speed_scope", self.speed_scope, ("layer", "model"))
+        for flag in ("speed_channels_last", "speed_compile"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"{type(self).__name__}.{flag} must be a bool, got {getattr(self, flag)!r}"
+                )
+        if self.speed_scope == "model" and self.speed_on != "measured":
+            raise ValueError(
+                f"{type(self).__name__}.speed_scope='model' times the whole model here; it "
+                f"cannot use a roofline profile (speed_on={self.speed_on!r}); use "
+                "speed_scope='layer' for profile estimates"
+            )
         _check_int(self, "round_to", self.round_to, 1)
         check_range(self, "min_saving", self.min_saving, low=0.0, high=1.0, high_inclusive=False)
         name = type(self).__name__
@@ -84,10 +106,6 @@ class DecomposeConfig(Config):
             object.__setattr__(self, "speed_batch", tuple(self.speed_batch))
         elif self.speed_batch is not None:
             _check_int(self, "speed_batch", self.speed_batch, 1)
-        if not isinstance(self.speed_channels_last, bool):
-            raise TypeError(
-                f"{name}.speed_channels_last must be a bool, got {self.speed_channels_last!r}"
-            )
         if not isinstance(self.speed_on, str) or not self.speed_on:
             raise ValueError(
                 f"{name}.speed_on must be 'measured' or a device profile name, "

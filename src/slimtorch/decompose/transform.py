@@ -38,6 +38,7 @@ from slimtorch.decompose.handlers import (
     find_handler,
 )
 from slimtorch.decompose.layers import LAYER_KINDS
+from slimtorch.decompose.model_gate import model_gate
 from slimtorch.decompose.speed import layer_speedup
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -192,7 +193,9 @@ def decompose_(
     together so their total meets the budget (see :mod:`slimtorch.decompose.budget_mode`). With
     ``config.min_speedup`` set, each factorised layer is timed against the original on its real
     input shape (:func:`~slimtorch.decompose.speed.layer_speedup`) and the original is kept,
-    with a ``"not faster"`` skip, where the speed-up falls short.
+    with a ``"not faster"`` skip, where the speed-up falls short; with ``speed_scope="model"``
+    the whole model is timed with and without each factorised layer instead
+    (:func:`~slimtorch.decompose.model_gate.model_gate`).
 
     Args:
         model: The model, changed in place.
@@ -254,6 +257,8 @@ def decompose_(
     replacements: dict[str, nn.Module] = {}
     with prefactor.batch_results(_prefactor(targets, config, plan)):
         _factorise_all(targets, config, plan, shapes, batch, rows, replacements)
+    if config.min_speedup is not None and config.speed_scope == "model" and replacements:
+        model_gate(model, replacements, rows, config, example_input)
     report = DecomposeReport(
         config.method, {"type": type(config).__name__, **config.to_dict()}, rows
     )
@@ -329,7 +334,7 @@ def _factorise_all(
         row.flops_after = row.flops_before
         try:
             result = _factorise(name, module, config, plan)
-            if config.min_speedup is not None:
+            if config.min_speedup is not None and config.speed_scope == "layer":
                 _check_speed(row, module, result, config, shapes.get(name))
         except SkipLayer as exc:
             row.reason = str(exc)
