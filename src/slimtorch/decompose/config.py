@@ -56,7 +56,9 @@ class DecomposeConfig(Config):
             factorised layer, dropping first the layers that save the fewest FLOPs, and keep a
             layer factorised only if the whole model is at least ``min_speedup`` faster with it
             (see :mod:`slimtorch.decompose.model_gate`). A layer alone can be faster and the
-            model not (fusion, layout changes, launches around it), and the reverse.
+            model not (fusion, layout changes, launches around it), and the reverse. One
+            layer moves the whole model by a few percent at most, so ``min_speedup`` 1.0-1.01
+            is the useful range there.
         speed_compile: With ``speed_scope="model"``, time the models under ``torch.compile``
             (static shapes), the way a GPU deployment runs them.
     """

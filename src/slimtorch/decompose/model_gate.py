@@ -76,7 +76,13 @@ def model_gate(
             reason, and every candidate's row gets the whole-model times (``latency_before_s``
             without the layer factorised, ``latency_after_s`` with it) and their ratio.
         config: Its ``min_speedup``, ``speed_batch``, ``speed_channels_last`` and
-            ``speed_compile`` are used.
+            ``speed_compile`` are used. One layer's share of the whole model's time is small,
+            so a whole-model ``min_speedup`` of 1.0-1.01 is the useful range (1.0: keep every
+            layer the model is not slower with).
+
+    With ``speed_compile`` it ends with ``torch._dynamo.reset()``: the trial models' graphs
+    would otherwise stay cached on the model's ``forward`` and count against dynamo's
+    recompile limit when the chosen model is compiled (it then silently runs eagerly).
         example_input: One input tensor (its batch is replaced by each speed batch).
 
     Raises:
@@ -135,3 +141,7 @@ def model_gate(
                 f"{config.min_speedup}, {row.speed_source}); kept dense"
             )
             current = trial
+    if config.speed_compile:
+        # the trial graphs stay in dynamo's cache on the model's forward and would count against
+        # the recompile limit when the chosen model is compiled next: drop them
+        torch._dynamo.reset()
