@@ -53,3 +53,20 @@ def test_decompose_on_gpu(dev: torch.device) -> None:
     assert report.rows[0].action == "decomposed"
     assert next(net[2].parameters()).device.type == "cuda"
     assert net(x).shape == (2, 32, 10, 10)
+
+
+def test_whole_model_gate_compiled_on_gpu(dev: torch.device) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1)
+    ).to(dev)
+    cfg = TuckerConfig(
+        rank=0.25, min_speedup=0.01, speed_scope="model", speed_compile=True, speed_batch=(8, 32)
+    )
+    report = decompose_(net, cfg, example_input=torch.randn(4, 64, 16, 16, device=dev))
+    assert [r.action for r in report.rows] == ["decomposed", "decomposed"]
+    assert all(r.speed_source == "measured-model:cuda:0,compiled" for r in report.rows)
+    assert next(net.parameters()).device.type == "cuda"
+    # the trial graphs were dropped: the chosen model compiles and runs without hitting a limit
+    out = torch.compile(net, dynamic=False)(torch.randn(2, 64, 16, 16, device=dev))
+    assert out.shape == (2, 128, 16, 16)
