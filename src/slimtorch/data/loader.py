@@ -20,10 +20,8 @@ Example:
     ...                      mean=(0.5,), std=(0.25,))
     >>> loader = DeviceLoader(train, 4, shuffle=True,  # device="cuda" to work on the GPU
     ...                       augment=AugmentConfig(random_crop_padding=1, hflip=True))
-    >>> for epoch in range(2):
-    ...     loader.set_epoch(epoch)
-    ...     print([(tuple(x.shape), x.dtype) for x, y in loader])
-    [((4, 1, 8, 8), torch.float32), ((4, 1, 8, 8), torch.float32), ((2, 1, 8, 8), torch.float32)]
+    >>> loader.set_epoch(1)  # a new shuffle and new augmentation each epoch
+    >>> [(tuple(x.shape), x.dtype) for x, y in loader]
     [((4, 1, 8, 8), torch.float32), ((4, 1, 8, 8), torch.float32), ((2, 1, 8, 8), torch.float32)]
 """
 

@@ -26,14 +26,17 @@ the epoch under DDP). Its :meth:`Callback.state_dict` is saved in the checkpoint
 :meth:`Callback.load_state_dict` on resume; keep it to tensors, dicts, lists, numbers and strings.
 
 Example:
-    >>> class PrintLR(Callback):
+    >>> class RecordLR(Callback):
+    ...     def __init__(self):
+    ...         self.seen = []
     ...     def on_train_epoch_end(self, trainer, metrics):
-    ...         print(f"epoch {trainer.epoch + 1}: lr {metrics['lr']:.4f}")
+    ...         self.seen.append((trainer.epoch + 1, round(metrics["lr"], 4)))
     >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
     >>> cfg = TrainConfig(epochs=2, lr=0.1, progress=False)  # cosine schedule over 4 steps
-    >>> _ = Trainer(nn.Linear(4, 2), cfg, callbacks=[PrintLR()]).fit(loader)
-    epoch 1: lr 0.0500
-    epoch 2: lr 0.0000
+    >>> record = RecordLR()
+    >>> _ = Trainer(nn.Linear(4, 2), cfg, callbacks=[record]).fit(loader)
+    >>> record.seen
+    [(1, 0.05), (2, 0.0)]
 """
 
 from __future__ import annotations

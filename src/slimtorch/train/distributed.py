@@ -107,9 +107,8 @@ def is_main_process() -> bool:
     """Whether this is rank 0, the process that writes files and logs.
 
     Example:
-        >>> if is_main_process():  # guard file writes and logs with it
-        ...     print("rank 0 writes the checkpoint")
-        rank 0 writes the checkpoint
+        >>> is_main_process()  # True in a plain process; guard file writes and logs with it
+        True
     """
     return get_rank() == 0
 

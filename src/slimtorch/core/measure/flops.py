@@ -92,12 +92,13 @@ class FlopReport:
 
         Example:
             >>> model = nn.Sequential(nn.Linear(100, 10), nn.ReLU())
-            >>> print(count_flops(model, torch.randn(4, 100)).to_table())
-            layer                            type                   MFLOPs     params  output
-            ---------------------------------------------------------------------------------
-            0                                Linear                  0.008       1010  4x10
-            1                                ReLU                    0.000          0  4x10
-            total                                                    0.008       1010  (0.004 MMACs)
+            >>> table = count_flops(model, torch.randn(4, 100)).to_table().splitlines()
+            >>> table[0]
+            'layer                            type                   MFLOPs     params  output'
+            >>> table[2]
+            '0                                Linear                  0.008       1010  4x10'
+            >>> table[-1].split()
+            ['total', '0.008', '1010', '(0.004', 'MMACs)']
         """
         head = f"{'layer':<32} {'type':<18} {'MFLOPs':>10} {'params':>10}  output"
         lines = [head, "-" * len(head)]
