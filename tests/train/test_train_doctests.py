@@ -26,6 +26,7 @@ MODULES = [
     "slimtorch.train.progress",
     "slimtorch.train.seeding",
     "slimtorch.train.trainer",
+    "slimtorch.train.trainer_state",
 ]
 
 

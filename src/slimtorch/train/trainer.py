@@ -33,15 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.errors import CheckpointError
 from slimtorch.core.io import atomic_write_json
 from slimtorch.train.amp import AmpPlan, resolve_amp
 from slimtorch.train.callbacks import Callback
-from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
 from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
-    barrier,
     broadcast_buffers_,
     data_parallel,
     get_device_index,
@@ -54,12 +51,12 @@ from slimtorch.train.loader import check_loader, iter_from, split_batch
 from slimtorch.train.meter import Meter
 from slimtorch.train.optim import build_optimizer, build_scheduler
 from slimtorch.train.progress import ProgressBar
-from slimtorch.train.seeding import get_rng_state, seed_everything, set_rng_state
+from slimtorch.train.seeding import seed_everything, set_rng_state
+from slimtorch.train.trainer_state import resume_trainer_state, save_trainer_state
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-_REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
 
 
 class Trainer:
@@ -218,85 +215,6 @@ class Trainer:
         res["images_per_s"] = res["n"] * get_world_size() / max(self._meter.elapsed(), 1e-9)
         return res
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save_checkpoint(self) -> None:
-        path = self.checkpoint_path
-        if path is None or self.optimizer is None or self.scheduler is None:
-            return
-        meter = self._meter.state_dict(reduce=True) if self._meter is not None else {}
-        if is_main_process():
-            keys = self._callback_keys()
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "callbacks": {
-                    k: cb.state_dict() for k, cb in zip(keys, self.callbacks, strict=True)
-                },
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step,
-                "steps_per_epoch": self.steps_per_epoch,
-                "rng": get_rng_state(),
-                "history": self.history.to_dict(),
-                "meter": meter,
-                "config": self.config.to_dict(),
-            }
-            save_checkpoint(path, state)
-            logger.debug("checkpoint written to %s at step %d", path, self.global_step)
-        barrier()
-
-    def _resume(self) -> dict[str, Any] | None:
-        path = self.checkpoint_path
-        if path is None:
-            raise ValueError("fit(resume=True) needs out_dir on the Trainer; pass out_dir=...")
-        if not path.exists():
-            logger.warning("resume=True but %s does not exist; starting from scratch", path)
-            return None
-        state = load_checkpoint(path, required=_REQUIRED)
-        if state.get("steps_per_epoch") != self.steps_per_epoch:
-            raise CheckpointError(
-                f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
-                f"epoch but the training loader has {self.steps_per_epoch}; resume with the same "
-                "data, batch size and world size, or use a new out_dir"
-            )
-        assert self.optimizer is not None and self.scheduler is not None
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
-                "the same model and TrainConfig, or use a new out_dir"
-            ) from exc
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        saved = state.get("callbacks", {})
-        for key, cb in zip(self._callback_keys(), self.callbacks, strict=True):
-            if key in saved:
-                cb.load_state_dict(saved[key])
-            else:
-                logger.warning("checkpoint has no state for callback %s", key)
-        changed = sorted(
-            k for k, v in self.config.to_dict().items() if state.get("config", {}).get(k) != v
-        )
-        if changed:
-            logger.warning("resuming with changed config fields: %s", ", ".join(changed))
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = History.from_dict(state.get("history", {}))
-        self._meter = Meter(self.device)
-        if self.step_in_epoch > 0 and state.get("meter"):
-            # the saved sums are already summed over ranks: give them to rank 0 only
-            self._meter.load_state_dict(state["meter"], counts=is_main_process())
-        logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.step_in_epoch)
-        rng: dict[str, Any] = state["rng"]
-        return rng
-
     # ------------------------------------------------------------------ loop
 
     def _call(self, hook: str, *args: Any) -> None:
@@ -357,7 +275,7 @@ class Trainer:
             self._train_step(model, batch, batch_idx)
             mid_epoch = self.step_in_epoch < self.steps_per_epoch
             if every and self.global_step % every == 0 and mid_epoch:
-                self._save_checkpoint()
+                save_trainer_state(self)
             if self.should_stop and not self.is_distributed:
                 break
         if self.is_distributed:
@@ -388,7 +306,7 @@ class Trainer:
             self.should_stop = bool(all_reduce_sum(flag).item() > 0)
         self.epoch += 1
         self.step_in_epoch = 0
-        self._save_checkpoint()
+        save_trainer_state(self)
         if self.out_dir is not None and is_main_process():
             atomic_write_json(self.out_dir / "history.json", self.history.to_dict())
 
@@ -432,7 +350,7 @@ class Trainer:
         self._meter = Meter(self.device)
         if self.config.progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
-        rng = self._resume() if resume else None
+        rng = resume_trainer_state(self) if resume else None
         if is_main_process():
             logger.info("training on %s, precision %s", self.device, self.amp.name)
         model: nn.Module = self.model

@@ -1,0 +1,123 @@
+"""The Trainer's checkpoint: everything a run needs to resume exactly where it stopped.
+
+The model, optimiser, scheduler and gradient-scaler states, every callback's state, the epoch,
+the step within it, the RNG states, the history and the running epoch metrics go into one
+weights-only-loadable file (:mod:`slimtorch.train.checkpoint`), written atomically by rank 0.
+Resuming checks that the loader has the same number of steps per epoch and that the states fit
+the model and optimiser, and names what does not.
+
+Example:
+    >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+    >>> loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+    >>> first = Trainer(nn.Linear(4, 2), TrainConfig(epochs=1, progress=False), out_dir=d)
+    >>> _ = first.fit(loader)
+    >>> again = Trainer(nn.Linear(4, 2), TrainConfig(epochs=1, progress=False), out_dir=d)
+    >>> again.fit(loader, resume=True).epoch, again.global_step  # nothing left to train
+    ([1], 2)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from slimtorch.core.errors import CheckpointError
+from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
+from slimtorch.train.distributed import barrier, is_main_process
+from slimtorch.train.history import History
+from slimtorch.train.meter import Meter
+from slimtorch.train.seeding import get_rng_state
+
+if TYPE_CHECKING:
+    from slimtorch.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
+
+
+def save_trainer_state(trainer: Trainer) -> None:
+    """Write the trainer's full state to its checkpoint (rank 0), then wait for every rank."""
+    path = trainer.checkpoint_path
+    if path is None or trainer.optimizer is None or trainer.scheduler is None:
+        return
+    meter = trainer._meter.state_dict(reduce=True) if trainer._meter is not None else {}
+    if is_main_process():
+        keys = trainer._callback_keys()
+        state = {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
+            "callbacks": {
+                k: cb.state_dict() for k, cb in zip(keys, trainer.callbacks, strict=True)
+            },
+            "epoch": trainer.epoch,
+            "step_in_epoch": trainer.step_in_epoch,
+            "global_step": trainer.global_step,
+            "steps_per_epoch": trainer.steps_per_epoch,
+            "rng": get_rng_state(),
+            "history": trainer.history.to_dict(),
+            "meter": meter,
+            "config": trainer.config.to_dict(),
+        }
+        save_checkpoint(path, state)
+        logger.debug("checkpoint written to %s at step %d", path, trainer.global_step)
+    barrier()
+
+
+def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
+    """Load the trainer's checkpoint into it; the saved RNG state (None: no checkpoint yet).
+
+    Raises:
+        ValueError: The trainer has no ``out_dir``.
+        CheckpointError: The checkpoint is corrupt or does not match the model, optimiser or
+            loader.
+    """
+    path = trainer.checkpoint_path
+    if path is None:
+        raise ValueError("fit(resume=True) needs out_dir on the Trainer; pass out_dir=...")
+    if not path.exists():
+        logger.warning("resume=True but %s does not exist; starting from scratch", path)
+        return None
+    state = load_checkpoint(path, required=_REQUIRED)
+    if state.get("steps_per_epoch") != trainer.steps_per_epoch:
+        raise CheckpointError(
+            f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
+            f"epoch but the training loader has {trainer.steps_per_epoch}; resume with the same "
+            "data, batch size and world size, or use a new out_dir"
+        )
+    assert trainer.optimizer is not None and trainer.scheduler is not None
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
+            "the same model and TrainConfig, or use a new out_dir"
+        ) from exc
+    if trainer.scaler is not None and state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    saved = state.get("callbacks", {})
+    for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True):
+        if key in saved:
+            cb.load_state_dict(saved[key])
+        else:
+            logger.warning("checkpoint has no state for callback %s", key)
+    changed = sorted(
+        k for k, v in trainer.config.to_dict().items() if state.get("config", {}).get(k) != v
+    )
+    if changed:
+        logger.warning("resuming with changed config fields: %s", ", ".join(changed))
+    trainer.epoch = int(state["epoch"])
+    trainer.step_in_epoch = int(state["step_in_epoch"])
+    trainer.global_step = int(state["global_step"])
+    trainer.history = History.from_dict(state.get("history", {}))
+    trainer._meter = Meter(trainer.device)
+    if trainer.step_in_epoch > 0 and state.get("meter"):
+        # the saved sums are already summed over ranks: give them to rank 0 only
+        trainer._meter.load_state_dict(state["meter"], counts=is_main_process())
+    logger.info("resumed from %s: epoch %d, step %d", path, trainer.epoch, trainer.step_in_epoch)
+    rng: dict[str, Any] = state["rng"]
+    return rng
