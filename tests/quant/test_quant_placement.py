@@ -12,9 +12,10 @@ from torch import nn
 from slimtorch.models import create_model, load_model, save_model
 from slimtorch.quant.convert import QDQAct, to_qdq_
 from slimtorch.quant.export import export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.placement import place_qdq_
 from slimtorch.quant.ptq import PTQConfig, quantize_
 from slimtorch.quant.qdq import LayerQParams, QDQConv2d, quantize_weight
-from slimtorch.quant.runtime import compile_int8_x86, place_qdq_
+from slimtorch.quant.runtime import compile_int8_x86
 
 
 class _Plain(nn.Module):

@@ -38,17 +38,12 @@ from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.mixed import MixedPrecisionConfig, mixed_precision_
 from slimtorch.quant.mixed_sensitivity import measure_sensitivity
 from slimtorch.quant.observers import CalibrationError, make_observer
+from slimtorch.quant.placement import place_qdq_
 from slimtorch.quant.precision import set_precision_
 from slimtorch.quant.ptq import PTQConfig, quantize_, residual_points
 from slimtorch.quant.qat import QATCallback, QATConfig, prepare_qat_
 from slimtorch.quant.qat_convert import convert_qat_
-from slimtorch.quant.runtime import (
-    compile_int8_x86,
-    cpu_int8_support,
-    int8_kernels,
-    place_qdq_,
-    torchao_cuda_,
-)
+from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_kernels, torchao_cuda_
 
 __all__ = [
     "ActQParams",

@@ -222,7 +222,7 @@ def to_qdq_(
             :class:`QDQAct` so their outputs are quantized (e.g. the ReLU after a residual add).
         method: Label stored in the report.
         target: Where the Q/DQ steps go: ``"portable"`` (as given), ``"inductor"`` or
-            ``"onnxruntime"`` (see :func:`slimtorch.quant.runtime.place_qdq_`; no calibration
+            ``"onnxruntime"`` (see :func:`slimtorch.quant.placement.place_qdq_`; no calibration
             here, so outputs without parameters stay float). The placed model is recorded.
             ``compile_int8_x86`` and ``export_onnx`` place their own copies anyway.
 
@@ -241,7 +241,7 @@ def to_qdq_(
         >>> to_qdq_(net, {"0": LayerQParams(weight_scale=scale)}).rows[0].bytes_after
         64
     """
-    from slimtorch.quant.runtime import QDQ_TARGETS, place_unrecorded
+    from slimtorch.quant.placement import QDQ_TARGETS, place_unrecorded
 
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")

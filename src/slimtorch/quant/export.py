@@ -95,7 +95,7 @@ def export_onnx(
         dynamic_batch: Make the batch dimension dynamic (name ``"batch"``).
         opset: ONNX opset (``None``: the exporter's default, >= 18).
         target: Q/DQ placement applied to the exported copy of a Q/DQ model
-            (:func:`slimtorch.quant.runtime.place_qdq_`): ``"onnxruntime"`` quantizes every
+            (:func:`slimtorch.quant.placement.place_qdq_`): ``"onnxruntime"`` quantizes every
             int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout;
             ``"portable"`` exports the model as it is.
         calibration: Inputs to calibrate the outputs the placement adds (e.g. the last
@@ -127,7 +127,7 @@ def export_onnx(
             "form here; export the float model and run onnxruntime.quantization."
             "quantize_dynamic on it, or use PTQConfig(mode='static')"
         )
-    from slimtorch.quant.runtime import QDQ_TARGETS, place_qdq_
+    from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
