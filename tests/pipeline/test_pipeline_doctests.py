@@ -8,7 +8,7 @@ import slimtorch.pipeline as pipeline
 from doctest_helpers import run_docstring_examples
 
 # compress.py's example needs a trained model directory; compress_run is tested directly.
-MODULES = ["slimtorch.pipeline.methods"]
+MODULES = ["slimtorch.pipeline.methods", "slimtorch.pipeline.quant_methods"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,216 @@
+"""The quantization and deployment methods of the compress pipeline.
+
+``ptq`` (post-training int8), ``qat`` (LSQ fine-tuning, then int8), ``fp16``/``bf16`` (casts with an
+accuracy check), ``fold-bn`` (batch norms folded into convolutions) and ``mixed`` (per-layer
+precision under a budget). They register into
+:data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` when :mod:`slimtorch.pipeline.methods`
+is imported; the shapes of a method and of its request and result are described there.
+
+Example:
+    >>> from slimtorch.pipeline.methods import COMPRESS_METHODS, check_options
+    >>> sorted(n for n in COMPRESS_METHODS.names() if n in ("ptq", "qat", "mixed"))
+    ['mixed', 'ptq', 'qat']
+    >>> check_options("ptq", {"mode": "static"})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from slimtorch.pipeline.methods import (
+    COMPRESS_METHODS,
+    Applied,
+    CompressMethod,
+    MethodRequest,
+    OptionParser,
+    _parses_options,
+    _pop_flag,
+)
+
+
+def _batches(request: MethodRequest, what: str) -> Iterable[Any]:
+    if request.calibration is None:
+        raise ValueError(f"{what} needs training batches; none were given")
+    return request.calibration()
+
+
+EAGER_NOTE = (
+    "latency measured here runs the Q/DQ model eagerly (int8 simulated in float); the int8 "
+    "kernels run through slimtorch.quant.compile_int8_x86 or ONNX Runtime "
+    "(slimtorch export --format onnx)"
+)
+
+
+@_parses_options("ptq")
+def _ptq_options(options: dict[str, Any]) -> Any:
+    from slimtorch.quant import PTQConfig
+
+    return PTQConfig.from_dict(options)
+
+
+@COMPRESS_METHODS.register("ptq")
+def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
+    """Post-training int8 quantization (weight-only, dynamic or static with calibration)."""
+    from slimtorch.quant import quantize_
+
+    config = _ptq_options(request.options)
+    calibration = _batches(request, "static PTQ") if config.mode == "static" else None
+    report = quantize_(
+        model,
+        config,
+        calibration=calibration,
+        include=request.include,
+        exclude=request.exclude,
+        strict=request.strict,
+    )
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        trainable=False,
+        finish=lambda m: {"note": EAGER_NOTE},
+    )
+
+
+def _with_globs(request: MethodRequest) -> dict[str, Any]:
+    """The options with the request's layer globs as ``include``/``exclude`` config fields."""
+    options = dict(request.options)
+    if request.include is not None:
+        options.setdefault("include", list(request.include))
+    if request.exclude is not None:
+        options.setdefault("exclude", list(request.exclude))
+    return options
+
+
+@_parses_options("qat")
+def _qat_options(options: dict[str, Any]) -> tuple[bool, Any]:
+    from slimtorch.quant import QATConfig
+
+    widen, rest = _pop_flag(options, "qat", "widen_4bit_activations")
+    return widen, QATConfig.from_dict(rest)
+
+
+@COMPRESS_METHODS.register("qat")
+def _qat(model: nn.Module, request: MethodRequest) -> Applied:
+    """LSQ quantization-aware fine-tuning (Esser et al. 2020, arXiv:1902.08153), then int8.
+
+    The fine-tune trains the fake-quantized model with learned step sizes; ``finish`` converts
+    it to the same Q/DQ int8 model as post-training quantization.
+    """
+    from slimtorch.quant import QATCallback, convert_qat_, prepare_qat_
+
+    widen, config = _qat_options(_with_globs(request))
+    report = prepare_qat_(model, config)
+
+    def finish(m: nn.Module) -> dict[str, Any]:
+        converted = convert_qat_(m, widen_4bit_activations=widen)
+        return {"converted": converted.to_dict(), "note": EAGER_NOTE}
+
+    return Applied(
+        config={**config.to_dict(), "widen_4bit_activations": widen},
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        callbacks=[QATCallback(config)],
+        finish=finish,
+    )
+
+
+def _cast_options(dtype: str) -> OptionParser:
+    def parse(options: dict[str, Any]) -> tuple[str, int, Any]:
+        from slimtorch.core.profiles import get_profile
+        from slimtorch.quant import LowPrecisionConfig
+
+        options = {"dtype": dtype, **options}
+        profile = options.pop("profile", "rx580")
+        check = options.pop("check_batches", 4)
+        if isinstance(check, bool) or not isinstance(check, int) or check < 1:
+            raise ValueError(f"{dtype} option 'check_batches' must be an int >= 1, got {check!r}")
+        get_profile(profile)  # unknown names raise with the list
+        return profile, check, LowPrecisionConfig.from_dict(options)
+
+    return parse
+
+
+def _cast(dtype: str) -> CompressMethod:
+    parse = _parses_options(dtype)(_cast_options(dtype))
+
+    def apply(model: nn.Module, request: MethodRequest) -> Applied:
+        from slimtorch.quant import cast_
+
+        profile, check, config = parse(request.options)
+        batches = []
+        for i, batch in enumerate(_batches(request, f"the {dtype} accuracy check")):
+            if i >= check:
+                break
+            batches.append(batch)
+        report = cast_(model, config, check_inputs=batches, device_profile=profile)
+        return Applied(
+            config={**config.to_dict(), "profile": profile, "check_batches": check},
+            report=report.to_dict(),
+            table=report.to_table(),
+            changed=True,
+            trainable=False,
+        )
+
+    apply.__doc__ = f"Cast to {dtype} with keep-in-fp32 rules and an accuracy check."
+    return apply
+
+
+@_parses_options("fold-bn")
+def _fold_bn_options(options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(f"fold-bn takes no options, got {sorted(options)}")
+
+
+@COMPRESS_METHODS.register("fold-bn")
+def _fold_bn(model: nn.Module, request: MethodRequest) -> Applied:
+    """Fold every Conv2d -> BatchNorm2d pair into the convolution (exact in eval mode).
+
+    A deployment step: on an H100 cuDNN's eager batch-norm inference kernel took 54% of
+    vgg11-bn's forward time at batch 4096 (docs/benchmarks.md); folded, the kernel is gone.
+    """
+    from slimtorch.quant import fold_bn_
+
+    _fold_bn_options(request.options)
+    model.eval()
+    report = fold_bn_(model, include=request.include, exclude=request.exclude)
+    return Applied(
+        config={},
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=bool(report.folded),
+        trainable=False,
+    )
+
+
+COMPRESS_METHODS.register("fp16")(_cast("fp16"))
+COMPRESS_METHODS.register("bf16")(_cast("bf16"))
+
+
+@_parses_options("mixed")
+def _mixed_options(options: dict[str, Any]) -> Any:
+    from slimtorch.quant import MixedPrecisionConfig
+
+    return MixedPrecisionConfig.from_dict(options)
+
+
+@COMPRESS_METHODS.register("mixed")
+def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
+    """Per-layer precision from {fp16, int8, int4 weights} under a size or latency budget."""
+    from slimtorch.quant import mixed_precision_
+
+    config = _mixed_options(_with_globs(request))
+    report = mixed_precision_(model, config, _batches(request, "mixed precision"))
+    return Applied(
+        config=config.to_dict(),
+        report=report.to_dict(),
+        table=report.to_table(),
+        changed=True,
+        trainable=False,
+        finish=lambda m: {"note": EAGER_NOTE},
+    )
