@@ -124,6 +124,19 @@ class DecomposeConfig(Config):
                     "profile with slimtorch.core.profiles.register_profile first"
                 )
 
+    def speed_batches(self) -> tuple[int, ...]:
+        """The batch sizes of the speed check; empty: the batch of ``example_input``.
+
+        Example:
+            >>> SVDConfig(speed_batch=32).speed_batches(), SVDConfig().speed_batches()
+            ((32,), ())
+        """
+        if self.speed_batch is None:
+            return ()
+        if isinstance(self.speed_batch, tuple):
+            return self.speed_batch
+        return (self.speed_batch,)
+
     @property
     def rank_spec(self) -> RankSpec:
         """The parsed ``rank`` (raises ``ValueError`` naming the field when invalid)."""

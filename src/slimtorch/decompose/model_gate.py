@@ -52,14 +52,6 @@ def _saving(row: LayerReport) -> float:
     return float(row.flops_before - row.flops_after)
 
 
-def _batches(config: DecomposeConfig, first: torch.Tensor) -> tuple[int, ...]:
-    if config.speed_batch is None:
-        return (int(first.shape[0]),)
-    if isinstance(config.speed_batch, tuple):
-        return config.speed_batch
-    return (config.speed_batch,)
-
-
 def model_gate(
     model: nn.Module,
     replacements: dict[str, nn.Module],
@@ -110,7 +102,8 @@ def model_gate(
             return torch.compile(m, dynamic=False)  # type: ignore[return-value]
         return m
 
-    shapes = [(b, *example_input.shape[1:]) for b in _batches(config, example_input)]
+    batches = config.speed_batches() or (int(example_input.shape[0]),)
+    shapes = [(b, *example_input.shape[1:]) for b in batches]
     # every trial is a new module over the same forward code: room for all their graphs
     limit = 4 * (len(kept) + 2) * len(shapes) + 8
     with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=10 * limit):

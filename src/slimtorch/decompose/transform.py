@@ -384,13 +384,7 @@ def _check_speed(
             "speed not checked: the layer did not run on example_input, so its input shape is "
             "unknown; kept dense (exclude it or give an input that reaches it)"
         )
-    batches: tuple[int | None, ...]
-    if config.speed_batch is None:
-        batches = (None,)
-    elif isinstance(config.speed_batch, tuple):
-        batches = config.speed_batch
-    else:
-        batches = (config.speed_batch,)
+    batches: tuple[int | None, ...] = config.speed_batches() or (None,)
     worst = None
     for batch in batches:
         shape = shapes[0] if batch is None else (batch, *shapes[0][1:])
