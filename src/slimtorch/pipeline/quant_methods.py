@@ -66,6 +66,11 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
         exclude=request.exclude,
         strict=request.strict,
     )
+    return _simulated_int8(config, report)
+
+
+def _simulated_int8(config: Any, report: Any) -> Applied:
+    """What ptq and mixed return: a deployable model whose int8 runs simulated here."""
     return Applied(
         config=config.to_dict(),
         report=report.to_dict(),
@@ -206,11 +211,4 @@ def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
 
     config = _mixed_options(_with_globs(request))
     report = mixed_precision_(model, config, _batches(request, "mixed precision"))
-    return Applied(
-        config=config.to_dict(),
-        report=report.to_dict(),
-        table=report.to_table(),
-        changed=True,
-        trainable=False,
-        finish=lambda m: {"note": EAGER_NOTE},
-    )
+    return _simulated_int8(config, report)
