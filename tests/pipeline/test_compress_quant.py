@@ -81,3 +81,21 @@ def test_fold_bn_is_exact_and_reloads(tmp_path: Path) -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     with pytest.raises(ValueError, match="takes no options"):
         compress_run(in_dir=base, out_dir=None, method="fold-bn", method_options={"x": 1})
+
+
+def test_direct_conv_lowers_the_stem_and_times_it_compiled(trained: Path, tmp_path: Path) -> None:
+    report = _run(trained, tmp_path / "direct", "direct-conv", {})
+    assert report["history"] is None  # a deployment step: never fine-tuned
+    assert (
+        report["layers"]["lowered"] == 1 and report["layers"]["rows"][0]["action"] == "direct+pool"
+    )
+    acc = report["accuracy"]
+    assert acc["after_finetune"] == pytest.approx(acc["before"], abs=1e-3)  # exact rewrite
+    timed = report["finish"]["compiled_latency"]
+    assert timed["before_s"] > 0 and timed["after_s"] > 0 and timed["source"].endswith(",compiled")
+    model, _ = load_model(tmp_path / "direct" / "model")
+    assert type(model.features[0]).__name__ == "DirectConv2d"
+    with pytest.raises(TypeError, match="compiled_check"):
+        compress_run(
+            in_dir=trained, out_dir=None, method="direct-conv", method_options={"compiled_check": 1}
+        )

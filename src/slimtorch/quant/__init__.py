@@ -1,6 +1,7 @@
 """Quantization: post-training int8 (weight-only, dynamic, static), Q/DQ modules, int8
 runtimes (x86 inductor, ONNX Runtime, torchao on CUDA), ONNX export, quantization-aware
-training (LSQ), batch-norm folding, FP16/BF16 casts and per-layer mixed precision.
+training (LSQ), batch-norm folding, direct few-tap convolutions fused with their pooling,
+FP16/BF16 casts and per-layer mixed precision.
 
 Importing this package registers the ``quant.*`` architecture transforms, so ``load_model``
 rebuilds quantized, folded and cast models; it imports no onnx, onnxruntime or torchao.
@@ -31,6 +32,7 @@ from slimtorch.quant.qdq import (
 
 # isort: split
 from slimtorch.quant.convert import ActQParams, QDQAct, QuantReport, QuantRow, to_qdq_
+from slimtorch.quant.direct import DirectConv2d, DirectConvConfig, lower_direct_conv_
 from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
 from slimtorch.quant.fold import fold_bn_, fold_conv_bn
 from slimtorch.quant.lowp import LowPrecisionConfig, PrecisionCheckError, cast_, precision_gain
@@ -48,6 +50,8 @@ from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_ker
 __all__ = [
     "ActQParams",
     "CalibrationError",
+    "DirectConv2d",
+    "DirectConvConfig",
     "LSQConv2d",
     "LSQLinear",
     "LayerQParams",
@@ -72,6 +76,7 @@ __all__ = [
     "fold_bn_",
     "fold_conv_bn",
     "int8_kernels",
+    "lower_direct_conv_",
     "make_observer",
     "measure_sensitivity",
     "mixed_precision_",
