@@ -34,6 +34,7 @@ from slimtorch.core.measure import count_flops, count_params, estimate_latency, 
 from slimtorch.data import DeviceLoader, load_dataset
 from slimtorch.decompose import CPConfig, TTConfig, TuckerConfig, decompose_
 from slimtorch.models import load_model
+from slimtorch.quant import lower_direct_conv_
 from slimtorch.train import TrainConfig, Trainer
 from slimtorch.train.classifier import default_augment, train_classifier
 
@@ -92,6 +93,7 @@ def speed_rows(
         b = b.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compiled:
         mode = COMPILE_MODE[0]
+        torch._dynamo.reset()  # earlier pairs' graphs would count against the recompile limit
         # static shapes: one graph per batch size (after a second size, dynamo would otherwise
         # switch to a dynamic-shape graph whose kernels are slower)
         # both models' forwards share code objects: room for every batch size of both
@@ -209,6 +211,7 @@ def run_plan(
                 f0 / f1,
                 args.channels_last,
             )
+    lowered = lowered_stem(base_c, comp, shape, args, gpu, test, train_dev, f0 / f1)
     done = [r for r in report.rows if r.action == "decomposed"]
     return {
         "plan": plan,
@@ -232,7 +235,46 @@ def run_plan(
         "rx580_est_ms_b32": [rx0 * 1e3, rx1 * 1e3],
         "speed": speeds,
         "layers": report.to_dict()["layers"],
+        "lowered_stem": lowered,
     }
+
+
+def lowered_stem(
+    base: nn.Module,
+    comp: nn.Module,
+    shape: tuple[int, ...],
+    args: argparse.Namespace,
+    gpu: torch.device | None,
+    test: Any,
+    train_dev: torch.device,
+    flop_ratio: float,
+) -> dict[str, Any] | None:
+    """Both models with their stems lowered (lower_direct_conv_), timed compiled on the GPU:
+    the compressed model against the lowered dense one, and the lowering alone."""
+    if not args.lower_stem:
+        return None
+    base_l, comp_l = copy.deepcopy(base).eval(), copy.deepcopy(comp).eval()
+    rows = [r.conv for r in lower_direct_conv_(base_l).lowered]
+    lower_direct_conv_(comp_l)
+    x = torch.randn(16, *shape)
+    with torch.no_grad():
+        diff = max(
+            float((base_l(x) - base(x)).abs().max()), float((comp_l(x) - comp(x)).abs().max())
+        )
+    out: dict[str, Any] = {
+        "lowered": rows,
+        "max_abs_diff": diff,
+        "accuracy": accuracy(comp_l, test, train_dev),
+    }
+    if gpu is not None and args.compile_batches:
+        bs = args.compile_batches
+        out["speed"] = speed_rows(
+            base_l, comp_l, shape, gpu, bs, None, True, args.rounds, flop_ratio
+        )
+        out["lowering_alone"] = speed_rows(
+            base, base_l, shape, gpu, bs, None, True, args.rounds, 1.0
+        )
+    return out
 
 
 def part_tt(args: argparse.Namespace, gpu: torch.device | None) -> dict[str, Any]:
@@ -318,6 +360,11 @@ def main() -> None:
         "--channels-last",
         action="store_true",
         help="gate layers and time both models in channels-last (NHWC) layout",
+    )
+    ap.add_argument(
+        "--lower-stem",
+        action="store_true",
+        help="also time both models compiled with their stems lowered (lower_direct_conv_)",
     )
     ap.add_argument("--tt", action="store_true", help="also run the TT MLP part")
     ap.add_argument("--tt-rank", type=int, default=12)
