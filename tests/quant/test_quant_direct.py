@@ -155,6 +155,8 @@ def test_padded_pool_is_not_fused_and_strict_raises_untouched() -> None:
     with pytest.raises(TransformSkipError, match=r"1: 36 taps"):
         lower_direct_conv_(net, strict=True)
     assert isinstance(net[0], nn.Conv2d)  # nothing changed
+    with pytest.raises(ValueError, match="match no module"):
+        lower_direct_conv_(net, include=["stem"])
     report = lower_direct_conv_(net, include=["0"])
     assert [r.conv for r in report.rows] == ["0"] and isinstance(net[0], DirectConv2d)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
+from slimtorch.core.globs import selected
 from slimtorch.core.surgery import set_submodule
 from slimtorch.core.table import text_table
 from slimtorch.decompose import prefactor
@@ -141,12 +142,6 @@ class DecomposeReport:
         return text_table(lines)
 
 
-def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
 def _targets(
     model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> list[tuple[str, nn.Module]]:
@@ -159,7 +154,7 @@ def _targets(
         if isinstance(module, factorised):
             inside.append(name)  # never re-factorise the parts of a factorised layer
             continue
-        if isinstance(module, _TARGET_TYPES) and _matches(name, include, exclude):
+        if isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
             out.append((name, module))
     names = [n for n, _ in model.named_modules() if n]
     unmatched = [p for p in include or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -235,8 +235,8 @@ def _direct_conv(model: nn.Module, request: MethodRequest) -> Applied:
         from slimtorch.decompose.speed import layer_speedup
 
         assert isinstance(x, torch.Tensor)
-        a = torch.compile(before.eval(), dynamic=False)
-        b = torch.compile(copy.deepcopy(m).eval(), dynamic=False)
+        a: nn.Module = torch.compile(before.eval(), dynamic=False)  # type: ignore[assignment]
+        b: nn.Module = torch.compile(copy.deepcopy(m).eval(), dynamic=False)  # type: ignore[assignment]
         check = layer_speedup(a, b, tuple(x.shape), device=x.device, repeats=5, calls=5)
         torch._dynamo.reset()  # the two graphs would count against the recompile limit later
         return {

@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
@@ -291,12 +291,6 @@ class DirectReport:
         }
 
 
-def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
 def _trace(model: nn.Module) -> torch.fx.Graph:
     try:
         return torch.fx.symbolic_trace(model).graph
@@ -363,6 +357,7 @@ def lower_direct_conv_(
 
     Raises:
         TypeError: ``model`` is not a module or cannot be traced by ``torch.fx``.
+        ValueError: an ``include``/``exclude`` glob matches no module.
 
     Example:
         >>> from slimtorch.models import create_model
@@ -374,10 +369,11 @@ def lower_direct_conv_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or DirectConvConfig()
+    check_globs(model, include, exclude)
     modules = dict(model.named_modules())
     rows: dict[str, DirectRow] = {}
     for name, mod in modules.items():
-        if isinstance(mod, nn.Conv2d) and _matches(name, include, exclude):
+        if isinstance(mod, nn.Conv2d) and selected(name, include, exclude):
             taps = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
             reason = direct_skip_reason(
                 mod, max_taps=config.max_taps, max_in_channels=config.max_in_channels

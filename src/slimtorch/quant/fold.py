@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.globs import selected
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -165,12 +165,6 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
 def _skip_reason(
     conv: nn.Conv2d, bn: nn.BatchNorm2d, used: set[str], names: tuple[str, str]
 ) -> str | None:
@@ -240,7 +234,7 @@ def fold_bn_(
     todo: list[tuple[str, str]] = []
     used: set[str] = set()
     for conv_name, bn_name in pairs:
-        if not _matches(conv_name, include, exclude):
+        if not selected(conv_name, include, exclude):
             continue
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
