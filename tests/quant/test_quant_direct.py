@@ -185,3 +185,20 @@ def test_compiled_lowered_model_matches_eager_on_cpu() -> None:
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_lowered_model_matches_eager_on_gpu() -> None:
+    dev = torch.device("cuda")
+    x = torch.randn(64, 1, 28, 28)
+    model = _with_bn_stats(
+        create_model("vgg11-bn", num_classes=10, in_channels=1, input_size=28), x
+    ).to(dev)
+    x = x.to(dev)
+    with torch.no_grad():
+        before = model(x)
+    lower_direct_conv_(model)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        # TF32 convolutions downstream of the stem: compare loosely
+        torch.testing.assert_close(compiled(x), before, rtol=1e-2, atol=1e-2)
