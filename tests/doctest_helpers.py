@@ -46,3 +46,17 @@ def run_docstring_examples(
             return doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)
         finally:
             tempfile.tempdir = before
+
+
+def check_docstring_examples(
+    name: str,
+    *namespaces: ModuleType,
+    extra: dict[str, Any] | None = None,
+    require_example: bool = True,
+) -> None:
+    """Assert that module ``name``'s examples all pass (see :func:`run_docstring_examples`) and,
+    with ``require_example``, that it has at least one."""
+    failed, attempted = run_docstring_examples(name, *namespaces, extra=extra)
+    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
+    if require_example:
+        assert attempted > 0, f"{name} has no docstring example that runs"

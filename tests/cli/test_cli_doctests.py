@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doctest_helpers import run_docstring_examples
+from doctest_helpers import check_docstring_examples
 
 MODULES = ["slimtorch.cli.common"]
 # The sub-commands show shell command lines, not Python examples; slimtorch.cli.__main__ is
@@ -24,12 +24,9 @@ NO_EXAMPLE = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    failed, attempted = run_docstring_examples(name)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
-    assert attempted > 0, f"{name} has no docstring example that runs"
+    check_docstring_examples(name)
 
 
 @pytest.mark.parametrize("name", NO_EXAMPLE)
 def test_modules_without_examples(name: str) -> None:
-    failed, _ = run_docstring_examples(name)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
+    check_docstring_examples(name, require_example=False)

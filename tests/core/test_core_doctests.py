@@ -8,7 +8,7 @@ import pytest
 
 import slimtorch.core as core
 import slimtorch.core.measure as measure
-from doctest_helpers import run_docstring_examples
+from doctest_helpers import check_docstring_examples
 
 _PACKAGES = pkgutil.walk_packages(core.__path__, prefix="slimtorch.core.")
 MODULES = sorted(m.name for m in _PACKAGES)
@@ -25,8 +25,4 @@ def test_every_core_module_is_covered() -> None:
 @pytest.mark.parametrize("name", ["slimtorch.core", *MODULES])
 def test_docstring_examples(name: str) -> None:
     # profiles.register_profile's example registers a "toy-gpu" profile for the process.
-    failed, attempted = run_docstring_examples(name, measure)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
-    assert attempted > 0 or not (name not in NO_EXAMPLES), (
-        f"{name} has no docstring example that runs"
-    )
+    check_docstring_examples(name, measure, require_example=name not in NO_EXAMPLES)

@@ -8,7 +8,7 @@ import pkgutil
 import pytest
 
 import slimtorch.quant as quant
-from doctest_helpers import run_docstring_examples
+from doctest_helpers import check_docstring_examples
 
 QUANT_MODULES = [
     "slimtorch.quant",
@@ -26,13 +26,9 @@ def test_every_quant_module_is_covered() -> None:
 
 @pytest.mark.parametrize("name", QUANT_MODULES)
 def test_quant_docstring_examples(name: str) -> None:
-    failed, attempted = run_docstring_examples(name, quant)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
-    assert attempted > 0, f"{name} has no docstring example that runs"
+    check_docstring_examples(name, quant)
 
 
 @pytest.mark.parametrize("name", OTHER_MODULES)
 def test_docstring_examples(name: str) -> None:
-    failed, attempted = run_docstring_examples(name)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
-    assert attempted > 0, f"{name} has no docstring example that runs"
+    check_docstring_examples(name)
