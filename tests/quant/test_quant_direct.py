@@ -41,21 +41,24 @@ def _with_bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def test_direct_conv_equals_conv2d(c_in, kernel, stride, padding, dilation, bias) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, 7, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    direct = DirectConv2d.from_conv(conv)
     x = torch.randn(3, c_in, 13, 12, dtype=torch.float64)
-    conv, direct = conv.double(), direct.double()
-    torch.testing.assert_close(direct(x), conv(x), rtol=1e-12, atol=1e-12)
-    assert direct.taps == conv.weight[0].numel()
+    for channels_last in (False, True):
+        direct = DirectConv2d.from_conv(conv, channels_last=channels_last).double()
+        out = direct(x)
+        torch.testing.assert_close(out, conv.double()(x), rtol=1e-12, atol=1e-12)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert direct.taps == conv.weight[0].numel()
 
 
 @pytest.mark.parametrize(("pool", "stride", "size"), [(2, 1, 28), (3, 1, 17), (2, 2, 15)])
 def test_pool_and_relu_fold_into_the_direct_conv(pool: int, stride: int, size: int) -> None:
     torch.manual_seed(1)
     conv = nn.Conv2d(2, 5, 3, stride=stride, padding=1).double()
-    direct = DirectConv2d.from_conv(conv, pool=pool, relu=True)
     x = torch.randn(2, 2, size, size + 3, dtype=torch.float64)
     ref = nn.functional.max_pool2d(torch.relu(conv(x)), pool)
-    torch.testing.assert_close(direct(x), ref, rtol=1e-12, atol=1e-12)
+    for channels_last in (False, True):
+        direct = DirectConv2d.from_conv(conv, pool=pool, relu=True, channels_last=channels_last)
+        torch.testing.assert_close(direct(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_match_conv2d() -> None:
@@ -109,11 +112,12 @@ def test_zoo_models_lower_their_stem_exactly(name: str, action: str) -> None:
 def test_lowered_model_round_trips_through_save_load(tmp_path: Path) -> None:
     x = torch.randn(4, 1, 28, 28)
     model = _with_bn_stats(create_model("vgg11-bn", num_classes=3, in_channels=1, input_size=28), x)
-    lower_direct_conv_(model)
+    lower_direct_conv_(model, DirectConvConfig(channels_last=True))
     save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.0], std=[1.0],
                class_names=["a", "b", "c"])  # fmt: skip
     loaded, _ = load_model(tmp_path / "m")
     assert isinstance(loaded.features[0], DirectConv2d) and loaded.features[0].pool == 2
+    assert loaded.features[0].channels_last
     assert isinstance(loaded.features[3], nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))

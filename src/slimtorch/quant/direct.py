@@ -77,6 +77,11 @@ class DirectConv2d(nn.Module):
         stride, padding, dilation: As for ``nn.Conv2d`` (pairs of ints).
         pool: Max-pool window (and stride) applied to the convolution's output, or None.
         relu: Apply a ReLU last.
+        channels_last: Compute in (N, H, W, C) order and return the NCHW-shaped view of that
+            (channels-last memory). For consumers that read channels-last, such as the
+            im2col of :class:`~slimtorch.quant.gemm.GemmConv2d`: with an NCHW stem, inductor's
+            fused stem + im2col kernel and the residual adds that read the stem output gather
+            across strides (resnet20, batch 1, one thread: 61 us for the stem kernel).
 
     Example:
         >>> conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
@@ -96,6 +101,7 @@ class DirectConv2d(nn.Module):
         dilation: tuple[int, int] = (1, 1),
         pool: int | None = None,
         relu: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if weight.dim() != 4:
@@ -109,11 +115,19 @@ class DirectConv2d(nn.Module):
             else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         )
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.pool, self.relu = pool, relu
+        self.pool, self.relu, self.channels_last = pool, relu, channels_last
+        # plain ints for forward: under torch.fx the weight's shape is symbolic
+        self.out_channels, self.in_channels, kh, kw = (int(d) for d in weight.shape)
+        self.kernel_size = (kh, kw)
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, *, pool: int | None = None, relu: bool = False
+        cls,
+        conv: nn.Conv2d,
+        *,
+        pool: int | None = None,
+        relu: bool = False,
+        channels_last: bool = False,
     ) -> DirectConv2d:
         """The direct form of ``conv`` (see :func:`direct_skip_reason` for what is refused)."""
         reason = direct_skip_reason(conv, max_taps=None)
@@ -127,6 +141,7 @@ class DirectConv2d(nn.Module):
             dilation=_pair(conv.dilation),
             pool=pool,
             relu=relu,
+            channels_last=channels_last,
         )
 
     @property
@@ -139,25 +154,24 @@ class DirectConv2d(nn.Module):
         return (
             f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, pool={self.pool}, relu={self.relu}"
+            + (", channels_last=True" if self.channels_last else "")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c_out, c_in, kh, kw = self.weight.shape
-        if x.dim() != 4 or x.shape[1] != c_in:
-            raise ValueError(
-                f"DirectConv2d expects (N, {c_in}, H, W) input, got shape {tuple(x.shape)}"
-            )
+        c_out, c_in, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        h_conv = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w_conv = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         k = self.pool or 1
-        h_out, w_out = h_conv // k, w_conv // k
-        if h_out < 1 or w_out < 1:
-            raise ValueError(
-                f"input of {x.shape[2]}x{x.shape[3]} is too small for this layer "
-                f"(kernel {kh}x{kw}, padding {self.padding}, pool {self.pool})"
-            )
+        size = conv_output_size(
+            x, "DirectConv2d", c_in, (kh, kw), self.stride, self.padding, self.dilation, k
+        )
+        h_out, w_out = size[0], size[1]
         xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        weight: torch.Tensor = self.weight
+        if self.channels_last:  # taps (N, h, w, 1) times weights along the last dimension
+            xp = xp.permute(0, 2, 3, 1)
+            # (C_in, kh, kw, C_out): each tap's weights contiguous, so a compiled kernel loads
+            # them as one vector (constant-folded when frozen)
+            weight = self.weight.permute(1, 2, 3, 0).contiguous()
         step_h, step_w = k * sh, k * sw
         out: torch.Tensor | None = None
         for di in range(k):
@@ -167,20 +181,56 @@ class DirectConv2d(nn.Module):
                     for i in range(kh):
                         for j in range(kw):
                             r0, c0 = di * sh + i * dh, dj * sw + j * dw
-                            tap = xp[
-                                :,
-                                c : c + 1,
-                                r0 : r0 + (h_out - 1) * step_h + 1 : step_h,
-                                c0 : c0 + (w_out - 1) * step_w + 1 : step_w,
-                            ]  # (N, 1, h_out, w_out)
-                            term = tap * self.weight[:, c, i, j].view(1, c_out, 1, 1)
+                            rows = slice(r0, r0 + (h_out - 1) * step_h + 1, step_h)
+                            cols = slice(c0, c0 + (w_out - 1) * step_w + 1, step_w)
+                            if self.channels_last:  # (N, h, w, c_out)
+                                term = xp[:, rows, cols, c : c + 1] * weight[c, i, j]
+                            else:
+                                w = weight[:, c, i, j].view(1, c_out, 1, 1)
+                                term = xp[:, c : c + 1, rows, cols] * w
                             acc = term if acc is None else acc + term
                 assert acc is not None
                 out = acc if out is None else torch.maximum(out, acc)
         assert out is not None
         if self.bias is not None:
-            out = out + self.bias.view(1, c_out, 1, 1)
-        return torch.relu(out) if self.relu else out
+            out = out + (self.bias if self.channels_last else self.bias.view(1, c_out, 1, 1))
+        out = torch.relu(out) if self.relu else out
+        return out.permute(0, 3, 1, 2) if self.channels_last else out
+
+
+def conv_output_size(
+    x: torch.Tensor,
+    layer: str,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    pool: int = 1,
+) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution (then a ``pool`` x ``pool`` max-pool) on ``x``.
+
+    Raises a ``ValueError`` naming ``layer`` for an input that is not ``(N, in_channels, H, W)``
+    or is too small. The lowered layers call it from their ``forward``; it is one opaque node
+    when ``torch.fx`` traces them (its checks branch on shapes), so fx-based passes (batch-norm
+    folding, PTQ's residual adds, Q/DQ placement) still trace models that hold them.
+    """
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(
+            f"{layer} expects (N, {in_channels}, H, W) input, got shape {tuple(x.shape)}"
+        )
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    h_out = ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) // pool
+    w_out = ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1) // pool
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"input of {x.shape[2]}x{x.shape[3]} is too small for {layer} (kernel {kh}x{kw}, "
+            f"padding {padding}, dilation {dilation}, pool {pool})"
+        )
+    return h_out, w_out
+
+
+torch.fx.wrap("conv_output_size")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -230,17 +280,21 @@ class DirectConvConfig(Config):
             for the pool fusion; exact in eval mode, see :func:`~slimtorch.quant.fold_bn_`).
         fuse_pool: Fuse a following ``ReLU`` and ``MaxPool2d`` (kernel == stride, no padding,
             dilation 1, floor mode) into the lowered layer.
+        channels_last: Lowered layers compute and store channels-last (see
+            :class:`DirectConv2d`); for models whose other convolutions are
+            :func:`~slimtorch.quant.lower_conv_gemm_` layers.
     """
 
     max_taps: int = 27
     max_in_channels: int = 4
     fold_bn: bool = True
     fuse_pool: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_range(self, "max_taps", self.max_taps, low=1, high=4096)
         check_range(self, "max_in_channels", self.max_in_channels, low=1, high=4096)
-        for name in ("fold_bn", "fuse_pool"):
+        for name in ("fold_bn", "fuse_pool", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"DirectConvConfig.{name} must be a bool, got {getattr(self, name)!r}"
@@ -414,6 +468,8 @@ def lower_direct_conv_(
         assert isinstance(conv, nn.Conv2d)
         pool = _pool_size(modules[pool_name]) if pool_name else None
         layer = {"conv": name, "pool": pool, "relu": relu_name, "pool_module": pool_name}
+        if config.channels_last:
+            layer["channels_last"] = True
         _apply(model, conv, layer)
         row.action = "direct+pool" if pool else "direct"
         row.fused = [n for n in (relu_name, pool_name) if n]
@@ -444,7 +500,12 @@ def _skip_identity(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.
 
 
 def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any]) -> None:
-    direct = DirectConv2d.from_conv(conv, pool=layer["pool"], relu=layer["relu"] is not None)
+    direct = DirectConv2d.from_conv(
+        conv,
+        pool=layer["pool"],
+        relu=layer["relu"] is not None,
+        channels_last=bool(layer.get("channels_last", False)),
+    )
     model.set_submodule(layer["conv"], direct)
     for name in (layer["relu"], layer["pool_module"]):
         if name:
