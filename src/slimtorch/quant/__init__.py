@@ -1,6 +1,7 @@
 """Quantization: post-training int8 (weight-only, dynamic, static), Q/DQ modules, int8
 runtimes (x86 inductor, ONNX Runtime, torchao on CUDA), ONNX export, quantization-aware
 training (LSQ), batch-norm folding, direct few-tap convolutions fused with their pooling,
+convolutions as im2col + linear for inductor's GEMM templates,
 FP16/BF16 casts and per-layer mixed precision.
 
 Importing this package registers the ``quant.*`` architecture transforms, so ``load_model``
@@ -35,6 +36,7 @@ from slimtorch.quant.convert import ActQParams, QDQAct, QuantReport, QuantRow, t
 from slimtorch.quant.direct import DirectConv2d, DirectConvConfig, lower_direct_conv_
 from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
 from slimtorch.quant.fold import fold_bn_, fold_conv_bn
+from slimtorch.quant.gemm import GemmConv2d, GemmConvConfig, lower_conv_gemm_
 from slimtorch.quant.lowp import LowPrecisionConfig, PrecisionCheckError, cast_, precision_gain
 from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.mixed import MixedPrecisionConfig, mixed_precision_
@@ -52,6 +54,8 @@ __all__ = [
     "CalibrationError",
     "DirectConv2d",
     "DirectConvConfig",
+    "GemmConv2d",
+    "GemmConvConfig",
     "LSQConv2d",
     "LSQLinear",
     "LayerQParams",
@@ -76,6 +80,7 @@ __all__ = [
     "fold_bn_",
     "fold_conv_bn",
     "int8_kernels",
+    "lower_conv_gemm_",
     "lower_direct_conv_",
     "make_observer",
     "measure_sensitivity",

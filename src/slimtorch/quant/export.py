@@ -106,8 +106,9 @@ def export_onnx(
         The written path.
 
     Raises:
-        ValueError: Unknown ``dtype`` or ``target``, fp16 asked for a Q/DQ model, or the export
-            failed (the message carries the exporter's reason).
+        ValueError: Unknown ``dtype`` or ``target``, fp16 asked for a Q/DQ model, a model with
+            :class:`~slimtorch.quant.gemm.GemmConv2d` layers, or the export failed (the
+            message carries the exporter's reason).
 
     Example:
         >>> import pathlib, tempfile
@@ -126,6 +127,15 @@ def export_onnx(
             "dynamic-quantization layers compute their scale per batch and have no ONNX Q/DQ "
             "form here; export the float model and run onnxruntime.quantization."
             "quantize_dynamic on it, or use PTQConfig(mode='static')"
+        )
+    from slimtorch.quant.gemm import GemmConv2d
+
+    lowered = [n for n, m in model.named_modules() if isinstance(m, GemmConv2d)]
+    if lowered:
+        raise ValueError(
+            f"{lowered[0]} (and {len(lowered) - 1} more) is a GemmConv2d: convolutions lowered "
+            "to im2col + linear are for inductor (ONNX has no strided view); export the model "
+            "from before lower_conv_gemm_ (ONNX Runtime runs its convolutions as QLinearConv)"
         )
     from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 

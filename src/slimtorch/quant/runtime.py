@@ -91,15 +91,18 @@ class CompiledInt8(nn.Module):
         model: The eager model it wraps (its weights are frozen into the compiled code).
     """
 
-    def __init__(self, model: nn.Module, compiled: Callable[..., Any]) -> None:
+    def __init__(
+        self, model: nn.Module, compiled: Callable[..., Any], *, max_autotune: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self._compiled = compiled
+        self.max_autotune = max_autotune
 
     def forward(self, *args: Any) -> Any:
         from torch._inductor import config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), inductor_config.patch(freezing=True, max_autotune=self.max_autotune):
             return self._compiled(*args)
 
 
@@ -109,6 +112,7 @@ def compile_int8_x86(
     *,
     dynamic: bool = False,
     target: str = "inductor",
+    max_autotune: bool = False,
 ) -> CompiledInt8:
     """Compile a (Q/DQ or float) model for the CPU with inductor freezing.
 
@@ -124,6 +128,11 @@ def compile_int8_x86(
         example_input: If given, run once to compile now (takes seconds).
         dynamic: Compile for dynamic shapes.
         target: Q/DQ placement applied to the copy (``"portable"``: compile it as it is).
+        max_autotune: Let inductor time its own C++ GEMM templates against the library
+            kernels (compiles take tens of seconds longer). Needed for the im2col + linear
+            layers of :func:`~slimtorch.quant.lower_conv_gemm_`: with it their int8 and fp32
+            products run as generated AMX/AVX-512 code instead of oneDNN calls; for
+            convolutions it changes nothing measurable.
 
     Returns:
         A :class:`CompiledInt8` module.
@@ -159,7 +168,11 @@ def compile_int8_x86(
     own = types.FunctionType(
         fwd.__code__.replace(), fwd.__globals__, fwd.__name__, fwd.__defaults__, fwd.__closure__
     )
-    compiled = CompiledInt8(work, torch.compile(types.MethodType(own, work), dynamic=dynamic))
+    compiled = CompiledInt8(
+        work,
+        torch.compile(types.MethodType(own, work), dynamic=dynamic),
+        max_autotune=max_autotune,
+    )
     if example_input is not None:
         compiled(example_input)
     return compiled
