@@ -11,6 +11,12 @@ For one model (a trained model directory, or a fresh zoo model) on Fashion-MNIST
 calibrated on the same batches); ``--placement portable`` runs the model as ``quantize_`` left
 it in both runtimes (the earlier behaviour), for before/after comparisons.
 
+``--gemm-layout`` adds a third path, ``pytorch_gemm``: the fp32 model with its few-tap stem
+lowered to a channels-last direct convolution (``lower_direct_conv_``) and every other
+convolution to im2col + linear (``lower_conv_gemm_``), then quantized on the same calibration
+batches; both compiled with ``max_autotune`` so inductor's own C++ GEMM templates run them. Its
+speed-up is int8 against that same rewritten fp32 model, timed side by side.
+
 Latency is the median of ``measure_latency`` at fixed threads, fp32 and int8 timed alternately
 (``--rounds`` times) so that drift on a shared machine hits both alike; the speed-up is the
 median of the per-round fp32/int8 ratios, the times the medians over rounds.
@@ -42,7 +48,9 @@ from slimtorch.core.measure import measure_latency
 from slimtorch.data import load_dataset
 from slimtorch.models import create_model, load_model
 from slimtorch.quant.convert import state_bytes
+from slimtorch.quant.direct import DirectConvConfig, lower_direct_conv_
 from slimtorch.quant.export import export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.gemm import lower_conv_gemm_
 from slimtorch.quant.ptq import PTQConfig, quantize_
 from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_kernels
 
@@ -115,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["runtime", "portable", "both"],
         help="Q/DQ placement per runtime, as quantize_ left it, or both timed side by side",
     )
+    p.add_argument(
+        "--gemm-layout",
+        action="store_true",
+        help="also time fp32 and int8 with convolutions as im2col + linear (max_autotune)",
+    )
     p.add_argument("--skip-onnx", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--out", default="bench_quant.json")
@@ -172,6 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         for v, (target, _) in variants.items():
             res[f"kernels_pytorch_{v}"] = int8_kernels(int8, xte[:1], target=target)
             runners["pytorch"][v] = compile_int8_x86(int8, target=target)
+    if args.gemm_layout:
+        fp32_gemm = copy.deepcopy(fp32)
+        lowered = lower_direct_conv_(fp32_gemm, DirectConvConfig(channels_last=True)).lowered
+        rows = lower_conv_gemm_(fp32_gemm).rows
+        res["gemm_layout"] = {
+            "direct": [r.conv for r in lowered],
+            "gemm": [r.conv for r in rows if r.action == "gemm"],
+            "skipped": {r.conv: r.reason for r in rows if r.reason},
+        }
+        int8_gemm = copy.deepcopy(fp32_gemm)
+        quantize_(int8_gemm, PTQConfig(mode="static", observer=args.observer), calibration=calib)
+        res["accuracy"]["eager_gemm_fp32"] = _accuracy(fp32_gemm, xte, yte)
+        res["accuracy"]["eager_gemm_int8"] = _accuracy(int8_gemm, xte, yte)
+        runners["pytorch_gemm"] = {
+            "fp32": compile_int8_x86(fp32_gemm, max_autotune=True),
+            "int8": compile_int8_x86(int8_gemm, max_autotune=True),
+        }
     if not args.skip_onnx:
         out_dir = Path(args.out).with_suffix("")
         paths = {"fp32": export_onnx(fp32, out_dir / "fp32.onnx", xte[:1])}
@@ -203,14 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weight bytes  fp32 {wb['fp32']:,}  int8 {wb['int8']:,}  ({wb['ratio']:.2f}x smaller)")
     names = ["int8", *(["int8_portable"] if args.placement == "both" else [])]
     print(f"{'top-1':<10}{'fp32':>10}" + "".join(f"{n:>15}" for n in names))
-    for path in ("eager", *runners):
-        row = f"{path:<10}{acc[f'{path}_fp32']:>10.4f}"
+    for path in ("eager", *(["eager_gemm"] if args.gemm_layout else []), *runners):
+        row = f"{path:<14}{acc[f'{path}_fp32']:>10.4f}"
         print(row + "".join(f"{acc.get(f'{path}_{n}', acc[f'{path}_int8']):>15.4f}" for n in names))
-    print(f"{'latency':<14}{'fp32 ms':>10}" + "".join(f"{n + ' ms':>18}{'speed-up':>10}"
+    print(f"{'latency':<20}{'fp32 ms':>10}" + "".join(f"{n + ' ms':>18}{'speed-up':>10}"
                                                    for n in names))  # fmt: skip
     for key, v in res["latency_ms"].items():
-        print(f"{key:<14}{v['fp32']:>10.3f}" + "".join(
-            f"{v[n]:>18.3f}{v['speedup_' + n]:>9.2f}x" for n in names))  # fmt: skip
+        print(f"{key:<20}{v['fp32']:>10.3f}" + "".join(
+            f"{v.get(n, v['int8']):>18.3f}{v.get('speedup_' + n, v['speedup']):>9.2f}x"
+            for n in names))  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -56,6 +56,29 @@ def test_int8_methods_keep_accuracy_and_shrink(trained: Path, tmp_path: Path, me
     assert any(isinstance(m, QDQConv2d | QDQLinear) for m in model.modules())
 
 
+def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path) -> None:
+    report = _run(trained, tmp_path / "gemm", "conv-gemm", {})
+    assert report["history"] is None
+    layers = report["layers"]
+    assert [r["conv"] for r in layers["gemm"]["rows"] if r["action"] == "gemm"] == ["features.3"]
+    assert [r["conv"] for r in layers["direct"]["rows"] if r["action"] != "skipped"] == [
+        "features.0"
+    ]
+    acc = report["accuracy"]
+    assert acc["after_finetune"] == pytest.approx(acc["before"], abs=1e-3)  # exact rewrite
+    timed = report["finish"]["compiled_latency"]
+    assert timed["after_s"] > 0 and timed["source"].endswith(",compiled,max_autotune")
+    # a lowered model directory quantizes like any other: the linear inside becomes Q/DQ
+    _run(tmp_path / "gemm", tmp_path / "gemm-int8", "ptq", {"mode": "static"})
+    model, _ = load_model(tmp_path / "gemm-int8" / "model")
+    gemm = model.features[3]
+    assert type(gemm).__name__ == "GemmConv2d" and isinstance(gemm.linear, QDQLinear)
+    with pytest.raises(TypeError, match="direct_stem"):
+        compress_run(
+            in_dir=trained, out_dir=None, method="conv-gemm", method_options={"direct_stem": 1}
+        )
+
+
 def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
     report = _run(trained, tmp_path / "fp16", "fp16", {"profile": "rx580"})
     assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]

@@ -14,7 +14,7 @@ and an optional ``finish`` step run after fine-tuning (e.g. converting to int8).
 
 Example:
     >>> sorted(COMPRESS_METHODS.names())[:4]
-    ['bf16', 'channel-prune', 'cp', 'direct-conv']
+    ['bf16', 'channel-prune', 'conv-gemm', 'cp']
 """
 
 from __future__ import annotations
