@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.models import create_model
+from slimtorch.quant.export import (
+    _widen_narrow_convs,
+    compare_onnx,
+    export_onnx,
+    ort_int8_ops,
+    ort_session,
+    run_onnx,
+)
 from slimtorch.quant.ptq import PTQConfig, quantize_
 
 
@@ -111,3 +120,19 @@ def test_torchao_cuda_linear_int8() -> None:
         assert torchao_cuda_(m, mode) == ["0", "2"]
         out = m(x).float()
         assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max()) + 0.05
+
+
+def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
+    """A 1-channel int8 stem gets zero input channels up to 4 in the ORT export: same outputs."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    wide = copy.deepcopy(model)
+    assert _widen_narrow_convs(wide) == ["conv1"]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=0, atol=0)
+    assert model.conv1.in_channels == 1  # the original is untouched
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1], target="onnxruntime")
+    assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())

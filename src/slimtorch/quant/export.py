@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import tempfile
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.io import atomic_write
@@ -96,8 +98,10 @@ def export_onnx(
         opset: ONNX opset (``None``: the exporter's default, >= 18).
         target: Q/DQ placement applied to the exported copy of a Q/DQ model
             (:func:`slimtorch.quant.placement.place_qdq_`): ``"onnxruntime"`` quantizes every
-            int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout;
-            ``"portable"`` exports the model as it is.
+            int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout, and
+            zero-pads the input channels of int8 convolutions with fewer than four (grey and
+            RGB stems; exact, and faster in ORT's kernel); ``"portable"`` exports the model
+            as it is.
         calibration: Inputs to calibrate the outputs the placement adds (e.g. the last
             convolution before global pooling); without them those stay float (a warning
             names them). ``model`` itself is never changed.
@@ -145,6 +149,8 @@ def export_onnx(
     x = example_input.detach().cpu().float()
     if is_qdq_model(work):
         place_qdq_(work, target, calibration=calibration)
+        if target == "onnxruntime":
+            _widen_narrow_convs(work)
     if dtype == "fp16":
         if is_qdq_model(work):
             raise ValueError(
@@ -174,9 +180,53 @@ def export_onnx(
     return out
 
 
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    import copy
+ORT_MIN_IN_CHANNELS = 4
+"""Input channels below which :func:`export_onnx` zero-pads an int8 convolution for ORT."""
 
+
+class _ChannelPad(nn.Module):
+    """Zero-pad the input's channels to ``conv.in_channels``, then run ``conv``."""
+
+    def __init__(self, conv: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.conv, self.channels = conv, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1])))
+
+
+def _widen_narrow_convs(model: nn.Module) -> list[str]:
+    """Give static int8 convolutions with 1-3 input channels (grey and RGB stems) zero input
+    channels up to :data:`ORT_MIN_IN_CHANNELS`, in place; returns their names.
+
+    The outputs are unchanged (the added weights are zero and a zero input quantizes to the
+    zero point). ONNX Runtime's ``QLinearConv`` runs them faster: measured on resnet20's
+    1-channel stem at batch 1, one thread, the whole int8 forward went from 0.235 to 0.225 ms
+    (a synthetic 16-output convolution at 28x28: 20 us with 1 input channel, 13 us with 4).
+    """
+    from slimtorch.core.surgery import set_submodule
+
+    widened = []
+    for name, m in list(model.named_modules()):
+        if not (
+            isinstance(m, QDQConv2d)
+            and m.groups == 1
+            and m.in_channels < ORT_MIN_IN_CHANNELS
+            and m.input_scale is not None
+            and not m.input_dynamic
+        ):
+            continue
+        wide = copy.deepcopy(m)
+        w = m.weight_int8
+        pad = w.new_zeros(w.shape[0], ORT_MIN_IN_CHANNELS - w.shape[1], *w.shape[2:])
+        wide.weight_int8 = torch.cat([w, pad], dim=1)
+        wide.in_channels = ORT_MIN_IN_CHANNELS
+        set_submodule(model, name, _ChannelPad(wide, ORT_MIN_IN_CHANNELS))
+        widened.append(name)
+    return widened
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().eval()
 
 
