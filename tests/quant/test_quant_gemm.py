@@ -191,3 +191,19 @@ def test_compiled_with_gemm_templates_matches_eager() -> None:
         assert not isinstance(fast8.model.relu2, QDQAct)  # placed for inductor: add stays float
         ref8 = fast8.model(x)  # eager, same placement
         torch.testing.assert_close(fast8(x), ref8, rtol=0, atol=0.05 * float(ref8.abs().max()))
+
+
+def test_int8_gemm_with_a_1x1_output_map_compiles() -> None:
+    """vgg11-bn's last convolutions run on 1x1 maps at 28x28 inputs; their 4-D output view once
+    broke inductor's int8 GEMM epilogue at compile time. They return a plain view now."""
+    torch.manual_seed(6)
+    net = create_model("vgg11-bn", in_channels=1, input_size=28).eval()
+    lower_direct_conv_(net, DirectConvConfig(channels_last=True))
+    lower_conv_gemm_(net)
+    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    quantize_(net, PTQConfig(mode="static"), calibration=calib)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = net(x)
+        fast = compile_int8_x86(net, x, max_autotune=True)
+        torch.testing.assert_close(fast(x), ref, rtol=0, atol=0.05 * float(ref.abs().max()))

@@ -45,7 +45,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -311,38 +311,57 @@ class DirectRow:
     fused: list[str] = dataclasses.field(default_factory=list)
     reason: str | None = None
 
+    HEADER: ClassVar[tuple[str, ...]] = ("conv", "taps", "action", "fused", "reason")
+
+    def cells(self) -> tuple[str, ...]:
+        """This row's :attr:`HEADER` columns as text."""
+        return (self.conv, str(self.taps), self.action, ",".join(self.fused), self.reason or "")
+
+
+RowT = TypeVar("RowT", bound=Any)
+
 
 @dataclasses.dataclass
-class DirectReport:
-    """Rows for every candidate convolution, plus the recorded transform entry."""
+class LoweringReport(Generic[RowT]):
+    """Rows for every considered convolution of a lowering (``action`` is ``"skipped"`` or
+    what it became), the batch norms folded first, and the recorded transform entry.
 
-    rows: list[DirectRow]
+    Subclasses name the ``method``; rows give ``HEADER`` and ``cells()`` for the table.
+    """
+
+    rows: list[RowT]
     folded: list[str] = dataclasses.field(default_factory=list)
     entry: dict[str, Any] | None = None
 
+    method: ClassVar[str] = ""
+
     @property
-    def lowered(self) -> list[DirectRow]:
+    def lowered(self) -> list[RowT]:
         """Rows whose convolution was lowered."""
         return [r for r in self.rows if r.action != "skipped"]
 
     def to_table(self) -> str:
-        """One line per convolution: name, taps, action, fused modules, reason."""
-        lines = [("conv", "taps", "action", "fused", "reason")]
-        lines += [
-            (r.conv, str(r.taps), r.action, ",".join(r.fused), r.reason or "") for r in self.rows
-        ]
-        return text_table(lines)
+        """One line per convolution."""
+        header = type(self.rows[0]).HEADER if self.rows else ("conv", "action", "reason")
+        return text_table([header, *(r.cells() for r in self.rows)])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
-            "method": "direct_conv",
+            "method": self.method,
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "lowered": len(self.lowered),
             "skipped": len(self.rows) - len(self.lowered),
             "bn_folded": self.folded,
             "entry": self.entry,
         }
+
+
+@dataclasses.dataclass
+class DirectReport(LoweringReport[DirectRow]):
+    """What :func:`lower_direct_conv_` did (see :class:`LoweringReport`)."""
+
+    method: ClassVar[str] = "direct_conv"
 
 
 def _trace(model: nn.Module) -> torch.fx.Graph:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,8 @@ from torch import nn
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
-from slimtorch.quant.direct import _int_padding, _pair, conv_output_size
+from slimtorch.quant.direct import LoweringReport, _int_padding, _pair, conv_output_size
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, QDQLinear
 
@@ -181,6 +180,11 @@ class GemmConv2d(nn.Module):
             y = lin.quantize_output(F.linear(patches, lin.dequantized_weight(), lin.bias))
         else:
             y = lin(self._patches(x, h_out, w_out, 0.0))
+        if isinstance(h_out, int) and h_out == w_out == 1:
+            # a 1x1 map is laid out alike either way; without the permute, inductor's int8
+            # GEMM template does not try to fuse a 4-D view into its 2-D epilogue (which
+            # fails to compile: vgg11-bn's last convolution on 28x28 inputs)
+            return y.view(x.shape[0], -1, 1, 1)
         return y.view(x.shape[0], h_out, w_out, -1).permute(0, 3, 1, 2)
 
 
@@ -233,36 +237,18 @@ class GemmRow:
     k: int
     reason: str | None = None
 
+    HEADER: ClassVar[tuple[str, ...]] = ("conv", "k", "action", "reason")
+
+    def cells(self) -> tuple[str, ...]:
+        """This row's :attr:`HEADER` columns as text."""
+        return (self.conv, str(self.k), self.action, self.reason or "")
+
 
 @dataclasses.dataclass
-class GemmReport:
-    """Rows for every considered convolution, plus the recorded transform entry."""
+class GemmReport(LoweringReport[GemmRow]):
+    """What :func:`lower_conv_gemm_` did (see :class:`~slimtorch.quant.direct.LoweringReport`)."""
 
-    rows: list[GemmRow]
-    folded: list[str] = dataclasses.field(default_factory=list)
-    entry: dict[str, Any] | None = None
-
-    @property
-    def lowered(self) -> list[GemmRow]:
-        """Rows whose convolution was lowered."""
-        return [r for r in self.rows if r.action == "gemm"]
-
-    def to_table(self) -> str:
-        """One line per convolution: name, patch length, action, reason."""
-        lines = [("conv", "k", "action", "reason")]
-        lines += [(r.conv, str(r.k), r.action, r.reason or "") for r in self.rows]
-        return text_table(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "method": "conv_gemm",
-            "rows": [dataclasses.asdict(r) for r in self.rows],
-            "lowered": len(self.lowered),
-            "skipped": len(self.rows) - len(self.lowered),
-            "bn_folded": self.folded,
-            "entry": self.entry,
-        }
+    method: ClassVar[str] = "conv_gemm"
 
 
 def lower_conv_gemm_(

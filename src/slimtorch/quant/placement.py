@@ -7,7 +7,8 @@ quantized, while ONNX Runtime forms ``QLinearConv``/``QLinearAdd`` only when eve
 convolution's output and both add inputs *are*. :func:`place_qdq_` moves the steps for a target
 (``compile_int8_x86`` and ``export_onnx`` place their own copies). At batch 1 these 28x28
 models are bound by the fixed cost of each oneDNN call (tens of microseconds, fp32 and int8
-alike), not by arithmetic, so int8 gains little there in the PyTorch path.
+alike), not by arithmetic, so int8 gains little there with convolutions; lowered to im2col +
+linear (:func:`~slimtorch.quant.lower_conv_gemm_`) they run as inductor's own GEMM code instead.
 
 Example:
     >>> from slimtorch.models import create_model
