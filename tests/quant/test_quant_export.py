@@ -136,3 +136,23 @@ def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
     assert model.conv1.in_channels == 1  # the original is untouched
     path = export_onnx(model, tmp_path / "m.onnx", x[:1], target="onnxruntime")
     assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())
+
+
+def test_onnxruntime_export_pools_globally_and_stores_classifier_weights(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    path = export_onnx(model, tmp_path / "m.onnx", calib[0][0][:1], target="onnxruntime")
+    import onnx
+
+    nodes = onnx.load(path).graph.node
+    ops = [n.op_type for n in nodes]
+    assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
+    dq_inputs = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    assert "fc.weight_int8" not in dq_inputs and "layer1.0.conv1.weight_int8" in dq_inputs
+    assert "QLinearGlobalAveragePool" in ort_int8_ops(path)
+    x = torch.randn(6, 1, 28, 28)
+    assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())
+    portable = export_onnx(model, tmp_path / "p.onnx", x[:1], target="portable")
+    assert "ReduceMean" in [n.op_type for n in onnx.load(portable).graph.node]

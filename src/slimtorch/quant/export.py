@@ -175,7 +175,14 @@ def export_onnx(
     assert program is not None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: program.save(p, external_data=False))
+    if target == "onnxruntime" and is_qdq_model(work):
+        import onnx
+
+        proto = program.model_proto
+        _ort_rewrites(proto)
+        atomic_write(out, lambda p: onnx.save(proto, p))
+    else:
+        atomic_write(out, lambda p: program.save(p, external_data=False))
     logger.info("exported %s (%s) to %s", type(model).__name__, dtype, out)
     return out
 
@@ -224,6 +231,90 @@ def _widen_narrow_convs(model: nn.Module) -> list[str]:
         set_submodule(model, name, _ChannelPad(wide, ORT_MIN_IN_CHANNELS))
         widened.append(name)
     return widened
+
+
+def _ort_rewrites(proto: Any) -> list[str]:
+    """Exact rewrites of an exported Q/DQ graph for ONNX Runtime, in place; returns what changed.
+
+    - ``ReduceMean`` over the two spatial axes of a 4-D map (what ``AdaptiveAvgPool2d(1)``
+      exports to) becomes ``GlobalAveragePool``, which ORT fuses with its Q/DQ into
+      ``QLinearGlobalAveragePool``.
+    - A ``DequantizeLinear`` of constant weights that only float ``Gemm`` outputs read (the
+      classifier, whose logits leave the graph in float) is folded into a float initializer:
+      ORT otherwise dequantizes them on every call for the same float ``Gemm``.
+
+    resnet20 at batch 1, one thread: 0.215 -> 0.213 ms (both rewrites: 1.92x -> 1.99x over fp32
+    in one side-by-side probe).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    consts = {
+        n.output[0]: n.attribute[0].t
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
+
+    def const(name: str) -> Any:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*graph.value_info, *graph.input, *graph.output]
+        if v.type.tensor_type.HasField("shape")
+    }
+    users: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    changes: list[str] = []
+    keep = []
+    for n in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "ReduceMean" and len(n.input) == 2 and ranks.get(n.input[0]) == 4:
+            axes = const(n.input[1])
+            if (
+                axes is not None
+                and sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3]
+                and attrs.get("keepdims", 1) == 1
+            ):
+                keep.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output),
+                                             name=f"{n.name}_global"))  # fmt: skip
+                changes.append(f"{n.name}: ReduceMean -> GlobalAveragePool")
+                continue
+        readers = users.get(n.output[0], []) if n.output else []
+        if (
+            n.op_type == "DequantizeLinear"
+            and n.input[0] in inits
+            and readers
+            and all(
+                r.op_type == "Gemm"
+                and list(r.input).index(n.output[0]) == 1
+                and not any(u.op_type == "QuantizeLinear" for u in users.get(r.output[0], []))
+                for r in readers
+            )
+        ):
+            q = const(n.input[0]).astype(np.float32)
+            scale = const(n.input[1])
+            zp = const(n.input[2]) if len(n.input) > 2 else None
+            if scale is not None and (len(n.input) <= 2 or zp is not None):
+                shape = [1] * q.ndim
+                if np.ndim(scale):
+                    shape[attrs.get("axis", 1)] = -1
+                z = 0.0 if zp is None else np.reshape(zp.astype(np.float32), shape)
+                w = ((q - z) * np.reshape(scale.astype(np.float32), shape)).astype(np.float32)
+                graph.initializer.append(numpy_helper.from_array(w, n.output[0]))
+                changes.append(f"{n.name}: weights of {readers[0].name} stored dequantized")
+                continue
+        keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+    logger.info("ONNX Runtime rewrites: %s", changes)
+    return changes
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
