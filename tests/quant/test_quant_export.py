@@ -156,3 +156,18 @@ def test_onnxruntime_export_pools_globally_and_stores_classifier_weights(tmp_pat
     assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())
     portable = export_onnx(model, tmp_path / "p.onnx", x[:1], target="portable")
     assert "ReduceMean" in [n.op_type for n in onnx.load(portable).graph.node]
+
+
+def test_ort_rewrites_keep_hidden_linear_layers_int8(tmp_path: Path) -> None:
+    """Only the classifier's weights are stored dequantized; hidden linears stay QGemm."""
+    import onnx
+
+    torch.manual_seed(2)
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    path = export_onnx(model, tmp_path / "q.onnx", calib[0][0][:1], target="onnxruntime")
+    inits = {i.name for i in onnx.load(path).graph.initializer}
+    assert {"fc1.weight_int8", "fc2.weight_int8"} <= inits
+    assert "classifier.weight_int8" not in inits
+    assert ort_int8_ops(path).get("QGemm") == 2
