@@ -122,12 +122,18 @@ def test_torchao_cuda_linear_int8() -> None:
         assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max()) + 0.05
 
 
-def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
-    """A 1-channel int8 stem gets zero input channels up to 4 in the ORT export: same outputs."""
-    torch.manual_seed(0)
-    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+def _static_int8(name: str, *, seed: int) -> nn.Module:
+    """A fresh 28x28 grey zoo model, static int8 on random calibration batches."""
+    torch.manual_seed(seed)
+    model = create_model(name, in_channels=1, input_size=28).eval()
     calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
     quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    return model
+
+
+def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
+    """A 1-channel int8 stem gets zero input channels up to 4 in the ORT export: same outputs."""
+    model = _static_int8("resnet20", seed=0)
     wide = copy.deepcopy(model)
     assert _widen_narrow_convs(wide) == ["conv1"]
     x = torch.randn(4, 1, 28, 28)
@@ -139,13 +145,10 @@ def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
 
 
 def test_onnxruntime_export_pools_globally_and_stores_classifier_weights(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    model = create_model("resnet20", in_channels=1, input_size=28).eval()
-    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
-    quantize_(model, PTQConfig(mode="static"), calibration=calib)
-    path = export_onnx(model, tmp_path / "m.onnx", calib[0][0][:1], target="onnxruntime")
     import onnx
 
+    model = _static_int8("resnet20", seed=1)
+    path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 28, 28), target="onnxruntime")
     nodes = onnx.load(path).graph.node
     ops = [n.op_type for n in nodes]
     assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
@@ -162,11 +165,8 @@ def test_ort_rewrites_keep_hidden_linear_layers_int8(tmp_path: Path) -> None:
     """Only the classifier's weights are stored dequantized; hidden linears stay QGemm."""
     import onnx
 
-    torch.manual_seed(2)
-    model = create_model("lenet5", in_channels=1, input_size=28).eval()
-    calib = [(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
-    quantize_(model, PTQConfig(mode="static"), calibration=calib)
-    path = export_onnx(model, tmp_path / "q.onnx", calib[0][0][:1], target="onnxruntime")
+    model = _static_int8("lenet5", seed=2)
+    path = export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 1, 28, 28), target="onnxruntime")
     inits = {i.name for i in onnx.load(path).graph.initializer}
     assert {"fc1.weight_int8", "fc2.weight_int8"} <= inits
     assert "classifier.weight_int8" not in inits

@@ -345,6 +345,24 @@ class LoweringReport(Generic[RowT]):
         header = type(self.rows[0]).HEADER if self.rows else ("conv", "action", "reason")
         return text_table([header, *(r.cells() for r in self.rows)])
 
+    def check_strict(self, strict: bool, function: str) -> None:
+        """Raise :class:`~slimtorch.core.errors.TransformSkipError` listing the skipped rows
+        when ``strict`` (called before the model is changed)."""
+        skipped = [r for r in self.rows if r.action == "skipped"]
+        if strict and skipped:
+            listing = "; ".join(f"{r.conv}: {r.reason}" for r in skipped)
+            raise TransformSkipError(
+                f"{function} (strict) skipped {len(skipped)} conv(s), model left unchanged: "
+                f"{listing}"
+            )
+
+    def record(self, model: nn.Module, name: str, params: dict[str, Any]) -> None:
+        """Set :attr:`entry` and append it to the model's recorded transforms, if it has any."""
+        self.entry = {"name": name, "params": params}
+        arch = getattr(model, "slimtorch_arch", None)
+        if isinstance(arch, dict):
+            arch.setdefault("transforms", []).append(self.entry)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
@@ -461,13 +479,7 @@ def lower_direct_conv_(
                 f"the conv is called {calls[name]} times in forward; it must be called once"
             )
     candidates = [n for n, r in rows.items() if r.reason is None]
-    skipped = [r for r in rows.values() if r.reason]
-    if strict and skipped:
-        listing = "; ".join(f"{r.conv}: {r.reason}" for r in skipped)
-        raise TransformSkipError(
-            f"lower_direct_conv_ (strict) skipped {len(skipped)} conv(s), model left unchanged: "
-            f"{listing}"
-        )
+    DirectReport(rows=list(rows.values())).check_strict(strict, "lower_direct_conv_")
     folded: list[str] = []
     if config.fold_bn and candidates:
         folded = [r.bn for r in fold_bn_(model, include=candidates).folded]
@@ -495,10 +507,7 @@ def lower_direct_conv_(
         layers.append(layer)
     report = DirectReport(rows=list(rows.values()), folded=folded)
     if layers:
-        report.entry = {"name": TRANSFORM_NAME, "params": {"layers": layers}}
-        arch = getattr(model, "slimtorch_arch", None)
-        if isinstance(arch, dict):
-            arch.setdefault("transforms", []).append(report.entry)
+        report.record(model, TRANSFORM_NAME, {"layers": layers})
     logger.info("lower_direct_conv_: lowered %d of %d conv(s)", len(layers), len(rows))
     return report
 

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.config import Config, check_range
-from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.direct import LoweringReport, _int_padding, _pair, conv_output_size
@@ -297,13 +296,7 @@ def lower_conv_gemm_(
         if reason is None and k < config.min_k:
             reason = f"patch length {k} < min_k={config.min_k}; lower it with lower_direct_conv_"
         rows.append(GemmRow(name, "skipped" if reason else "gemm", k, reason))
-    skipped = [r for r in rows if r.reason]
-    if strict and skipped:
-        listing = "; ".join(f"{r.conv}: {r.reason}" for r in skipped)
-        raise TransformSkipError(
-            f"lower_conv_gemm_ (strict) skipped {len(skipped)} conv(s), model left unchanged: "
-            f"{listing}"
-        )
+    GemmReport(rows=rows).check_strict(strict, "lower_conv_gemm_")
     names = [r.conv for r in rows if r.action == "gemm"]
     folded: list[str] = []
     if config.fold_bn and names:
@@ -314,10 +307,7 @@ def lower_conv_gemm_(
         model.set_submodule(name, GemmConv2d.from_conv(conv))
     report = GemmReport(rows=rows, folded=folded)
     if names:
-        report.entry = {"name": TRANSFORM_NAME, "params": {"convs": names}}
-        arch = getattr(model, "slimtorch_arch", None)
-        if isinstance(arch, dict):
-            arch.setdefault("transforms", []).append(report.entry)
+        report.record(model, TRANSFORM_NAME, {"convs": names})
     logger.info("lower_conv_gemm_: lowered %d of %d conv(s)", len(names), len(rows))
     return report
 
