@@ -48,15 +48,17 @@ def run_docstring_examples(
             tempfile.tempdir = before
 
 
-def check_docstring_examples(
+def docstring_example_problems(
     name: str,
     *namespaces: ModuleType,
     extra: dict[str, Any] | None = None,
     require_example: bool = True,
-) -> None:
-    """Assert that module ``name``'s examples all pass (see :func:`run_docstring_examples`) and,
-    with ``require_example``, that it has at least one."""
+) -> list[str]:
+    """What is wrong with module ``name``'s examples (see :func:`run_docstring_examples`): failed
+    examples and, with ``require_example``, having none that runs. Empty when all is well, so a
+    test reads ``assert not docstring_example_problems(...)``."""
     failed, attempted = run_docstring_examples(name, *namespaces, extra=extra)
-    assert failed == 0, f"{failed} docstring example(s) failed in {name}"
-    if require_example:
-        assert attempted > 0, f"{name} has no docstring example that runs"
+    problems = [f"{failed} docstring example(s) failed in {name}"] if failed else []
+    if require_example and attempted == 0:
+        problems.append(f"{name} has no docstring example that runs")
+    return problems

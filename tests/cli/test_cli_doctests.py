@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 MODULES = ["slimtorch.cli.common"]
 # The sub-commands show shell command lines, not Python examples; slimtorch.cli.__main__ is
@@ -24,9 +24,9 @@ NO_EXAMPLE = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name)
+    assert not docstring_example_problems(name)
 
 
 @pytest.mark.parametrize("name", NO_EXAMPLE)
 def test_modules_without_examples(name: str) -> None:
-    check_docstring_examples(name, require_example=False)
+    assert not docstring_example_problems(name, require_example=False)

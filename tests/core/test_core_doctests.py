@@ -8,7 +8,7 @@ import pytest
 
 import slimtorch.core as core
 import slimtorch.core.measure as measure
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 _PACKAGES = pkgutil.walk_packages(core.__path__, prefix="slimtorch.core.")
 MODULES = sorted(m.name for m in _PACKAGES)
@@ -25,4 +25,4 @@ def test_every_core_module_is_covered() -> None:
 @pytest.mark.parametrize("name", ["slimtorch.core", *MODULES])
 def test_docstring_examples(name: str) -> None:
     # profiles.register_profile's example registers a "toy-gpu" profile for the process.
-    check_docstring_examples(name, measure, require_example=name not in NO_EXAMPLES)
+    assert not docstring_example_problems(name, measure, require_example=name not in NO_EXAMPLES)

@@ -7,7 +7,7 @@ import pkgutil
 import pytest
 
 import slimtorch.data as data
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 MODULES = [
     "slimtorch.data",
@@ -24,4 +24,4 @@ def test_docstring_examples(
 ) -> None:
     if name in REAL_DATA:
         monkeypatch.setenv("SLIMTORCH_DATA", str(request.getfixturevalue("shared_data")))
-    check_docstring_examples(name, data)
+    assert not docstring_example_problems(name, data)

@@ -6,7 +6,7 @@ import pytest
 
 import slimtorch.distill as distill
 import slimtorch.train as train
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 MODULES = [
     "slimtorch.distill",
@@ -19,4 +19,4 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, distill, train)
+    assert not docstring_example_problems(name, distill, train)

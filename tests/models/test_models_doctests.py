@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import slimtorch.models as models
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 from slimtorch.models import ARCH_TRANSFORMS, MODELS
 
 MODULES = [
@@ -37,4 +37,4 @@ def forget_example_registrations() -> Iterator[None]:
 @pytest.mark.usefixtures("forget_example_registrations")
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, models)
+    assert not docstring_example_problems(name, models)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import slimtorch.pipeline as pipeline
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 # compress.py's example needs a trained model directory; compress_run is tested directly.
 MODULES = ["slimtorch.pipeline.methods", "slimtorch.pipeline.quant_methods"]
@@ -13,4 +13,4 @@ MODULES = ["slimtorch.pipeline.methods", "slimtorch.pipeline.quant_methods"]
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, pipeline)
+    assert not docstring_example_problems(name, pipeline)

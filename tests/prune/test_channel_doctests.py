@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import slimtorch.prune.channel as channel
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 # finetune's examples need trained model directories; its behaviour is tested directly.
 _NAMES = ("spaces", "walk", "graph", "importance", "config", "report", "layers", "transform")
@@ -14,4 +14,4 @@ MODULES = [f"slimtorch.prune.channel.{m}" for m in _NAMES]
 
 @pytest.mark.parametrize("name", [*MODULES, "slimtorch.prune.channel"])
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, channel)
+    assert not docstring_example_problems(name, channel)

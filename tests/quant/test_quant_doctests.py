@@ -8,7 +8,7 @@ import pkgutil
 import pytest
 
 import slimtorch.quant as quant
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 QUANT_MODULES = [
     "slimtorch.quant",
@@ -26,9 +26,9 @@ def test_every_quant_module_is_covered() -> None:
 
 @pytest.mark.parametrize("name", QUANT_MODULES)
 def test_quant_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, quant)
+    assert not docstring_example_problems(name, quant)
 
 
 @pytest.mark.parametrize("name", OTHER_MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name)
+    assert not docstring_example_problems(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import slimtorch.serve as serve
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 # Examples that need a model write a small one into a temporary folder; starting a listening
 # server (app.py's uvicorn.run, run.py) is skipped. protocol.schemas is in test_quant_doctests.
@@ -38,9 +38,9 @@ NO_EXAMPLE = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, serve)
+    assert not docstring_example_problems(name, serve)
 
 
 @pytest.mark.parametrize("name", NO_EXAMPLE)
 def test_modules_without_runnable_examples(name: str) -> None:
-    check_docstring_examples(name, serve, require_example=False)
+    assert not docstring_example_problems(name, serve, require_example=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slimtorch.train as train
-from doctest_helpers import check_docstring_examples
+from doctest_helpers import docstring_example_problems
 
 MODULES = [
     "slimtorch.train",
@@ -48,4 +48,4 @@ def _restore_determinism() -> Iterator[None]:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    check_docstring_examples(name, train)
+    assert not docstring_example_problems(name, train)
