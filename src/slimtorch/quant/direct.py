@@ -45,20 +45,22 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.config import Config, check_range
-from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
 
 logger = logging.getLogger(__name__)
+
+# one opaque node under torch.fx (see slimtorch.quant.lowering), so models holding these trace
+torch.fx.wrap("conv_output_size")
 
 TRANSFORM_NAME = "quant.direct_conv"
 """Architecture-transform name recorded by :func:`lower_direct_conv_`."""
@@ -136,9 +138,9 @@ class DirectConv2d(nn.Module):
         return cls(
             conv.weight,
             conv.bias,
-            stride=_pair(conv.stride),
-            padding=_pair(_int_padding(conv)),
-            dilation=_pair(conv.dilation),
+            stride=as_pair(conv.stride),
+            padding=as_pair(int_padding(conv)),
+            dilation=as_pair(conv.dilation),
             pool=pool,
             relu=relu,
             channels_last=channels_last,
@@ -196,49 +198,6 @@ class DirectConv2d(nn.Module):
             out = out + (self.bias if self.channels_last else self.bias.view(1, c_out, 1, 1))
         out = torch.relu(out) if self.relu else out
         return out.permute(0, 3, 1, 2) if self.channels_last else out
-
-
-def conv_output_size(
-    x: torch.Tensor,
-    layer: str,
-    in_channels: int,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    pool: int = 1,
-) -> tuple[int, int]:
-    """``(H_out, W_out)`` of a convolution (then a ``pool`` x ``pool`` max-pool) on ``x``.
-
-    Raises a ``ValueError`` naming ``layer`` for an input that is not ``(N, in_channels, H, W)``
-    or is too small. The lowered layers call it from their ``forward``; it is one opaque node
-    when ``torch.fx`` traces them (its checks branch on shapes), so fx-based passes (batch-norm
-    folding, PTQ's residual adds, Q/DQ placement) still trace models that hold them.
-    """
-    if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(
-            f"{layer} expects (N, {in_channels}, H, W) input, got shape {tuple(x.shape)}"
-        )
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    h_out = ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) // pool
-    w_out = ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1) // pool
-    if h_out < 1 or w_out < 1:
-        raise ValueError(
-            f"input of {x.shape[2]}x{x.shape[3]} is too small for {layer} (kernel {kh}x{kw}, "
-            f"padding {padding}, dilation {dilation}, pool {pool})"
-        )
-    return h_out, w_out
-
-
-torch.fx.wrap("conv_output_size")
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _int_padding(conv: nn.Conv2d) -> Any:
-    return 0 if conv.padding == "valid" else conv.padding
 
 
 def direct_skip_reason(
@@ -318,63 +277,6 @@ class DirectRow:
         return (self.conv, str(self.taps), self.action, ",".join(self.fused), self.reason or "")
 
 
-RowT = TypeVar("RowT", bound=Any)
-
-
-@dataclasses.dataclass
-class LoweringReport(Generic[RowT]):
-    """Rows for every considered convolution of a lowering (``action`` is ``"skipped"`` or
-    what it became), the batch norms folded first, and the recorded transform entry.
-
-    Subclasses name the ``method``; rows give ``HEADER`` and ``cells()`` for the table.
-    """
-
-    rows: list[RowT]
-    folded: list[str] = dataclasses.field(default_factory=list)
-    entry: dict[str, Any] | None = None
-
-    method: ClassVar[str] = ""
-
-    @property
-    def lowered(self) -> list[RowT]:
-        """Rows whose convolution was lowered."""
-        return [r for r in self.rows if r.action != "skipped"]
-
-    def to_table(self) -> str:
-        """One line per convolution."""
-        header = type(self.rows[0]).HEADER if self.rows else ("conv", "action", "reason")
-        return text_table([header, *(r.cells() for r in self.rows)])
-
-    def check_strict(self, strict: bool, function: str) -> None:
-        """Raise :class:`~slimtorch.core.errors.TransformSkipError` listing the skipped rows
-        when ``strict`` (called before the model is changed)."""
-        skipped = [r for r in self.rows if r.action == "skipped"]
-        if strict and skipped:
-            listing = "; ".join(f"{r.conv}: {r.reason}" for r in skipped)
-            raise TransformSkipError(
-                f"{function} (strict) skipped {len(skipped)} conv(s), model left unchanged: "
-                f"{listing}"
-            )
-
-    def record(self, model: nn.Module, name: str, params: dict[str, Any]) -> None:
-        """Set :attr:`entry` and append it to the model's recorded transforms, if it has any."""
-        self.entry = {"name": name, "params": params}
-        arch = getattr(model, "slimtorch_arch", None)
-        if isinstance(arch, dict):
-            arch.setdefault("transforms", []).append(self.entry)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "method": self.method,
-            "rows": [dataclasses.asdict(r) for r in self.rows],
-            "lowered": len(self.lowered),
-            "skipped": len(self.rows) - len(self.lowered),
-            "bn_folded": self.folded,
-            "entry": self.entry,
-        }
-
-
 @dataclasses.dataclass
 class DirectReport(LoweringReport[DirectRow]):
     """What :func:`lower_direct_conv_` did (see :class:`LoweringReport`)."""
@@ -405,10 +307,10 @@ def _pool_chain(
         return None, None, "no MaxPool2d module (called once) follows"
     pool = modules[nxt[1]]
     assert isinstance(pool, nn.MaxPool2d)
-    k, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
-    if k[0] != k[1] or k != stride or _pair(pool.padding) != (0, 0):
+    k, stride = as_pair(pool.kernel_size), as_pair(pool.stride or pool.kernel_size)
+    if k[0] != k[1] or k != stride or as_pair(pool.padding) != (0, 0):
         return None, None, "its MaxPool2d is not square with kernel == stride and no padding"
-    if _pair(pool.dilation) != (1, 1) or pool.ceil_mode or pool.return_indices:
+    if as_pair(pool.dilation) != (1, 1) or pool.ceil_mode or pool.return_indices:
         return None, None, "its MaxPool2d uses dilation, ceil_mode or return_indices"
     return relu_name, nxt[1], None
 
@@ -514,7 +416,7 @@ def lower_direct_conv_(
 
 def _pool_size(pool: nn.Module) -> int:
     assert isinstance(pool, nn.MaxPool2d)
-    return _pair(pool.kernel_size)[0]
+    return as_pair(pool.kernel_size)[0]
 
 
 def _skip_identity(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:

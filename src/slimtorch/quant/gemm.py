@@ -55,8 +55,8 @@ from torch import nn
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.models.transforms import ARCH_TRANSFORMS
-from slimtorch.quant.direct import LoweringReport, _int_padding, _pair, conv_output_size
 from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ class GemmConv2d(nn.Module):
             c_in,
             linear,
             kernel_size=(kh, kw),
-            stride=_pair(conv.stride),
-            padding=_pair(_int_padding(conv)),
-            dilation=_pair(conv.dilation),
+            stride=as_pair(conv.stride),
+            padding=as_pair(int_padding(conv)),
+            dilation=as_pair(conv.dilation),
         )
 
     @property
