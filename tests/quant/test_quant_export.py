@@ -11,13 +11,14 @@ from torch import nn
 
 from slimtorch.models import create_model
 from slimtorch.quant.export import (
-    _widen_narrow_convs,
     compare_onnx,
     export_onnx,
     ort_int8_ops,
     ort_session,
     run_onnx,
 )
+from slimtorch.quant.ort_graph import widen_narrow_convs
+from slimtorch.quant.ort_layout import ort_channels_last
 from slimtorch.quant.ptq import PTQConfig, quantize_
 
 
@@ -57,7 +58,7 @@ def test_fp32_and_int8_qdq_match_pytorch(tmp_path) -> None:
     assert compare_onnx(model, fp32, x) <= 1e-4 + 1e-5 * float(ref.abs().max())
     qmodel = copy.deepcopy(model)
     quantize_(qmodel, PTQConfig(mode="static"), calibration=[x])
-    int8 = export_onnx(qmodel, tmp_path / "q.onnx", x[:1])
+    int8 = export_onnx(qmodel, tmp_path / "q.onnx", x[:1], narrow_convs="int8")
     with torch.no_grad():
         qref = qmodel(x)
     got = run_onnx(ort_session(int8, threads=1), x)
@@ -133,32 +134,69 @@ def _static_int8(name: str, *, seed: int) -> nn.Module:
 
 def test_onnxruntime_export_widens_narrow_int8_stems(tmp_path: Path) -> None:
     """A 1-channel int8 stem gets zero input channels up to 4 in the ORT export: same outputs."""
+    import onnx
+
     model = _static_int8("resnet20", seed=0)
     wide = copy.deepcopy(model)
-    assert _widen_narrow_convs(wide) == ["conv1"]
+    assert widen_narrow_convs(wide) == ["conv1"]
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x), rtol=0, atol=0)
     assert model.conv1.in_channels == 1  # the original is untouched
-    path = export_onnx(model, tmp_path / "m.onnx", x[:1], target="onnxruntime")
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1], target="onnxruntime", narrow_convs="int8")
+    assert next(n.op_type for n in onnx.load(path).graph.node) == "Pad"
     assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())
 
 
-def test_onnxruntime_export_pools_globally_and_stores_classifier_weights(tmp_path: Path) -> None:
+def _attrs(node: object) -> dict[str, object]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}  # type: ignore[attr-defined]
+
+
+def test_onnxruntime_export_is_fused_channels_last_with_a_float_stem(tmp_path: Path) -> None:
+    """resnet20 for ORT: float stem, then QLinearConv NHWC throughout, one transpose, pooled
+    map flattened without transposing back, classifier weights float; outputs as in PyTorch."""
+    import numpy as np
     import onnx
+    from onnx import numpy_helper
 
     model = _static_int8("resnet20", seed=1)
-    path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 28, 28), target="onnxruntime")
-    nodes = onnx.load(path).graph.node
-    ops = [n.op_type for n in nodes]
-    assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
-    dq_inputs = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
-    assert "fc.weight_int8" not in dq_inputs and "layer1.0.conv1.weight_int8" in dq_inputs
-    assert "QLinearGlobalAveragePool" in ort_int8_ops(path)
     x = torch.randn(6, 1, 28, 28)
+    path = export_onnx(
+        model, tmp_path / "m.onnx", x[:1], target="onnxruntime", narrow_convs="float"
+    )
+    graph = onnx.load(path).graph
+    ops = [(n.domain, n.op_type) for n in graph.node]
+    assert ops[0][1] in ("Conv", "FusedConv")  # the stem reads the float input directly
+    qconvs = [n for n in graph.node if n.op_type == "QLinearConv"]
+    assert len(qconvs) == 20 and all(n.domain == "com.microsoft" for n in qconvs)
+    assert all(_attrs(n)["channels_last"] == 1 for n in qconvs)
+    pool = [n for n in graph.node if n.op_type == "QLinearGlobalAveragePool"]
+    assert len(pool) == 1 and _attrs(pool[0])["channels_last"] == 1
+    assert [op for _, op in ops].count("Transpose") == 1
+    assert "ReduceMean" not in [op for _, op in ops] and ops.count(("", "QuantizeLinear")) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    assert inits[gemm.input[1]].dtype == np.float32 and "fc.weight_int8" not in inits
     assert compare_onnx(model, path, x) <= 0.05 * float(model(x).detach().abs().max())
     portable = export_onnx(model, tmp_path / "p.onnx", x[:1], target="portable")
     assert "ReduceMean" in [n.op_type for n in onnx.load(portable).graph.node]
+
+
+def test_channels_last_pass_leaves_unknown_consumers_to_ort(tmp_path: Path) -> None:
+    """lenet5's max-pooling reads the int8 maps: the pass returns the Q/DQ graph unchanged."""
+    import onnx
+
+    model = _static_int8("lenet5", seed=3)
+    x = torch.randn(1, 1, 28, 28)
+    proto = onnx.load(export_onnx(model, tmp_path / "p.onnx", x, target="portable"))
+    graph, changes = ort_channels_last(proto, x)
+    assert graph is proto and len(changes) == 1 and changes[0].startswith("left")
+    assert "MaxPool" in changes[0] or "QLinearConv" in changes[0]
+    with pytest.raises(ValueError, match="narrow_convs"):
+        export_onnx(model, tmp_path / "x.onnx", x, target="onnxruntime", narrow_convs="fp8")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_ort_rewrites_keep_hidden_linear_layers_int8(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def test_onnxruntime_placement_quantizes_float_conv_outputs(tmp_path) -> None:
     with pytest.warns(UserWarning, match="conv1: output stays float"):
         uncalibrated = place_qdq_(copy.deepcopy(model), "onnxruntime")
     assert uncalibrated.changes == {} and "conv1" in uncalibrated.notes[0]
-    path = export_onnx(model, tmp_path / "q.onnx", x[:1], calibration=[x])
+    path = export_onnx(model, tmp_path / "q.onnx", x[:1], calibration=[x], narrow_convs="int8")
     assert ort_int8_ops(path).get("QLinearConv", 0) == 2
     for a, b in zip(model.state_dict().values(), before.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # export placed a copy

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.io import atomic_write
 from slimtorch.quant.convert import QDQAct
+from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def export_onnx(
     opset: int | None = None,
     target: str = "onnxruntime",
     calibration: Any = None,
+    narrow_convs: str = "measure",
 ) -> Path:
     """Export ``model`` to an ONNX file with the dynamo exporter (atomic write).
 
@@ -99,12 +100,16 @@ def export_onnx(
         target: Q/DQ placement applied to the exported copy of a Q/DQ model
             (:func:`slimtorch.quant.placement.place_qdq_`): ``"onnxruntime"`` quantizes every
             int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout, and
-            zero-pads the input channels of int8 convolutions with fewer than four (grey and
-            RGB stems; exact, and faster in ORT's kernel); ``"portable"`` exports the model
-            as it is.
+            writes the graph with ORT's int8 operators fused and channels-last where it can
+            (:mod:`slimtorch.quant.ort_graph`: ORT-specific operators, measured faster);
+            ``"portable"`` exports the standard Q/DQ graph of the model as it is.
         calibration: Inputs to calibrate the outputs the placement adds (e.g. the last
             convolution before global pooling); without them those stay float (a warning
             names them). ``model`` itself is never changed.
+        narrow_convs: For the ``onnxruntime`` target, how convolutions with 1-3 input
+            channels run (:data:`~slimtorch.quant.ort_graph.NARROW_CONV_MODES`): ``"measure"``
+            times int8 (channels zero-padded to four) against float on ``example_input`` in ORT
+            and writes the faster graph; ``"int8"`` or ``"float"`` choose without timing.
 
     Returns:
         The written path.
@@ -145,12 +150,11 @@ def export_onnx(
 
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
+    check_narrow_convs(narrow_convs)
     work = _cpu_copy(model)
     x = example_input.detach().cpu().float()
     if is_qdq_model(work):
         place_qdq_(work, target, calibration=calibration)
-        if target == "onnxruntime":
-            _widen_narrow_convs(work)
     if dtype == "fp16":
         if is_qdq_model(work):
             raise ValueError(
@@ -159,170 +163,37 @@ def export_onnx(
             )
         work, x = work.half(), x.half()
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                work, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                input_names=["input"], output_names=["output"], external_data=False,
-            )  # fmt: skip
-        except Exception as exc:  # the exporter raises many error types
-            raise ValueError(
-                f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the model runs "
-                "on example_input and uses exportable operations"
-            ) from exc
-    assert program is not None
+
+    def to_onnx(module: nn.Module) -> Any:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.onnx.export(
+                    module, (x,), dynamo=True, dynamic_shapes=dynamic_shapes,
+                    opset_version=opset, input_names=["input"], output_names=["output"],
+                    external_data=False,
+                )  # fmt: skip
+            except Exception as exc:  # the exporter raises many error types
+                raise ValueError(
+                    f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the model "
+                    "runs on example_input and uses exportable operations"
+                ) from exc
+        assert program is not None
+        return program
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if target == "onnxruntime" and is_qdq_model(work):
         import onnx
 
-        proto = program.model_proto
-        _ort_rewrites(proto)
+        proto = ort_graph(work, x, lambda m: to_onnx(m).model_proto, narrow_convs)
         atomic_write(out, lambda p: onnx.save(proto, p))
     else:
+        program = to_onnx(work)
         atomic_write(out, lambda p: program.save(p, external_data=False))
     logger.info("exported %s (%s) to %s", type(model).__name__, dtype, out)
     return out
-
-
-ORT_MIN_IN_CHANNELS = 4
-"""Input channels below which :func:`export_onnx` zero-pads an int8 convolution for ORT."""
-
-
-class _ChannelPad(nn.Module):
-    """Zero-pad the input's channels to ``conv.in_channels``, then run ``conv``."""
-
-    def __init__(self, conv: nn.Module, channels: int) -> None:
-        super().__init__()
-        self.conv, self.channels = conv, channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1])))
-
-
-def _widen_narrow_convs(model: nn.Module) -> list[str]:
-    """Give static int8 convolutions with 1-3 input channels (grey and RGB stems) zero input
-    channels up to :data:`ORT_MIN_IN_CHANNELS`, in place; returns their names.
-
-    The outputs are unchanged (the added weights are zero and a zero input quantizes to the
-    zero point). ONNX Runtime's ``QLinearConv`` runs them faster: measured on resnet20's
-    1-channel stem at batch 1, one thread, the whole int8 forward went from 0.235 to 0.225 ms
-    (a synthetic 16-output convolution at 28x28: 20 us with 1 input channel, 13 us with 4).
-    """
-    from slimtorch.core.surgery import set_submodule
-
-    widened = []
-    for name, m in list(model.named_modules()):
-        if not (
-            isinstance(m, QDQConv2d)
-            and m.groups == 1
-            and m.in_channels < ORT_MIN_IN_CHANNELS
-            and m.input_scale is not None
-            and not m.input_dynamic
-        ):
-            continue
-        wide = copy.deepcopy(m)
-        w = m.weight_int8
-        pad = w.new_zeros(w.shape[0], ORT_MIN_IN_CHANNELS - w.shape[1], *w.shape[2:])
-        wide.weight_int8 = torch.cat([w, pad], dim=1)
-        wide.in_channels = ORT_MIN_IN_CHANNELS
-        set_submodule(model, name, _ChannelPad(wide, ORT_MIN_IN_CHANNELS))
-        widened.append(name)
-    return widened
-
-
-def _ort_rewrites(proto: Any) -> list[str]:
-    """Exact rewrites of an exported Q/DQ graph for ONNX Runtime, in place; returns what changed.
-
-    - ``ReduceMean`` over the two spatial axes of a 4-D map (what ``AdaptiveAvgPool2d(1)``
-      exports to) becomes ``GlobalAveragePool``, which ORT fuses with its Q/DQ into
-      ``QLinearGlobalAveragePool``.
-    - A ``DequantizeLinear`` of constant weights read only by ``Gemm`` nodes whose result is a
-      graph output (the classifier: its logits leave the graph in float, so ORT runs a float
-      ``Gemm``) is folded into a float initializer: ORT otherwise dequantizes them on every
-      call. Hidden ``Gemm`` layers keep their int8 weights (ORT fuses those into ``QGemm``).
-
-    resnet20 at batch 1, one thread: 0.215 -> 0.213 ms (both rewrites: 1.92x -> 1.99x over fp32
-    in one side-by-side probe).
-    """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    consts = {
-        n.output[0]: n.attribute[0].t
-        for n in graph.node
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
-    }
-
-    def const(name: str) -> Any:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return numpy_helper.to_array(consts[name]) if name in consts else None
-
-    ranks = {
-        v.name: len(v.type.tensor_type.shape.dim)
-        for v in [*graph.value_info, *graph.input, *graph.output]
-        if v.type.tensor_type.HasField("shape")
-    }
-    outputs = {o.name for o in graph.output}
-    users: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    changes: list[str] = []
-    folded: set[str] = set()
-    keep = []
-    for n in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if n.op_type == "ReduceMean" and len(n.input) == 2 and ranks.get(n.input[0]) == 4:
-            axes = const(n.input[1])
-            if (
-                axes is not None
-                and sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3]
-                and attrs.get("keepdims", 1) == 1
-            ):
-                keep.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output),
-                                             name=f"{n.name}_global"))  # fmt: skip
-                changes.append(f"{n.name}: ReduceMean -> GlobalAveragePool")
-                continue
-        readers = users.get(n.output[0], []) if n.output else []
-        if (
-            n.op_type == "DequantizeLinear"
-            and n.input[0] in inits
-            and readers
-            and all(
-                r.op_type == "Gemm"
-                and list(r.input).index(n.output[0]) == 1
-                and r.output[0] in outputs
-                for r in readers
-            )
-        ):
-            q = const(n.input[0]).astype(np.float32)
-            scale = const(n.input[1])
-            zp = const(n.input[2]) if len(n.input) > 2 else None
-            if scale is not None and (len(n.input) <= 2 or zp is not None):
-                shape = [1] * q.ndim
-                if np.ndim(scale):
-                    shape[attrs.get("axis", 1)] = -1
-                z = 0.0 if zp is None else np.reshape(zp.astype(np.float32), shape)
-                w = ((q - z) * np.reshape(scale.astype(np.float32), shape)).astype(np.float32)
-                graph.initializer.append(numpy_helper.from_array(w, n.output[0]))
-                folded.add(n.input[0])
-                changes.append(f"{n.name}: weights of {readers[0].name} stored dequantized")
-                continue
-        keep.append(n)
-    del graph.node[:]
-    graph.node.extend(keep)
-    read = {i for n in keep for i in n.input}
-    unused = [i for i in graph.initializer if i.name in folded and i.name not in read]
-    for init in unused:  # the int8 copy of weights now stored dequantized
-        graph.initializer.remove(init)
-    logger.info("ONNX Runtime rewrites: %s", changes)
-    return changes
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -425,7 +296,8 @@ def ort_int8_ops(path: str | os.PathLike[str]) -> dict[str, int]:
         >>> calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
         >>> _ = quantize_(model, PTQConfig(mode="static"), calibration=calib)
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.int8.onnx"
-        >>> ort_int8_ops(export_onnx(model, path, torch.randn(1, 1, 28, 28)))
+        >>> x = torch.randn(1, 1, 28, 28)
+        >>> ort_int8_ops(export_onnx(model, path, x, narrow_convs="int8"))
         {'QGemm': 2, 'QLinearConv': 2}
     """
     import onnx

@@ -1,0 +1,91 @@
+"""ONNX Runtime, int8 stem against float stem: both int8 exports and the fp32 one, interleaved.
+
+``export_onnx(..., target="onnxruntime")`` chooses between running a narrow stem int8 (input
+channels zero-padded to four) and float by timing both at export; this script measures the two
+exports side by side against fp32 at batch 1 and 32 on one thread, so the choice can be checked
+on any machine.
+
+    taskset -c 1 python scripts/bench_ort_stem.py --model-dir runs/gpu/resnet20-fmnist/model \\
+        --data ../shared/data --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slimtorch.core.io import atomic_write_json
+from slimtorch.data import load_dataset
+from slimtorch.models import load_model
+from slimtorch.quant import PTQConfig, quantize_
+from slimtorch.quant.export import export_onnx, ort_session
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--data", required=True, help="folder holding fashion-mnist/")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model, card = load_model(args.model_dir)
+    model.eval()
+    mean, std = card.mean[0], card.std[0]
+    root = str(Path(args.data) / args.dataset)
+    train = load_dataset(args.dataset, "train", root=root, download=False)
+    test = load_dataset(args.dataset, "test", root=root, download=False)
+    xtr = (train.images.float() / 255 - mean) / std
+    xte = (test.images[:64].float() / 255 - mean) / std
+    calib = list(xtr[torch.randperm(len(xtr))[:1024]].split(64))
+    int8 = copy.deepcopy(model)
+    quantize_(int8, PTQConfig(mode="static"), calibration=calib)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"fp32": export_onnx(model, Path(tmp) / "fp32.onnx", xte[:1])}
+        for mode in ("int8", "float"):
+            paths[mode] = export_onnx(int8, Path(tmp) / f"{mode}.onnx", xte[:1],
+                                      narrow_convs=mode, calibration=calib)  # fmt: skip
+        sessions = {k: ort_session(p, 1) for k, p in paths.items()}
+    res: dict[str, object] = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for b in (1, 32):
+        feed = {"input": xte[:b].numpy()}
+        samples: dict[str, list[float]] = {k: [] for k in sessions}
+        for s in sessions.values():
+            for _ in range(20):
+                s.run(None, feed)
+        for _ in range(args.rounds):
+            for k, s in sessions.items():
+                times: list[float] = []
+                end = time.perf_counter() + (0.05 if b == 1 else 0.2)
+                while len(times) < 3 or time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    s.run(None, feed)
+                    times.append(time.perf_counter() - t0)
+                samples[k].append(statistics.median(times))
+        ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+        speedup = {
+            k: statistics.median([f / i for f, i in zip(samples["fp32"], samples[k], strict=True)])
+            for k in ("int8", "float")
+        }
+        res[f"b{b}"] = {"ms": ms, "speedup": speedup}
+        stems = " | ".join(f"{k} stem {ms[k]:.3f} ms {speedup[k]:.2f}x" for k in ("int8", "float"))
+        print(f"b{b}: fp32 {ms['fp32']:.3f} ms | {stems}")
+    atomic_write_json(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
