@@ -146,13 +146,11 @@ def float_narrow_convs(model: nn.Module) -> list[str]:
     computes without quantizing its input; an output quantizer the layer had is kept.
 
     Example:
-        >>> from slimtorch.models import create_model
         >>> from slimtorch.quant import PTQConfig, quantize_
-        >>> net = create_model("resnet20", in_channels=1, input_size=28).eval()
-        >>> calib = [(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
-        >>> _ = quantize_(net, PTQConfig(mode="static"), calibration=calib)
-        >>> float_narrow_convs(net), type(net.conv1).__name__
-        (['conv1'], '_FloatConv')
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+        >>> _ = quantize_(net, PTQConfig(mode="static"), calibration=[torch.randn(4, 3, 9, 9)])
+        >>> float_narrow_convs(net), type(net[0]).__name__, type(net[2]).__name__
+        (['0'], '_FloatConv', 'QDQConv2d')
     """
     from slimtorch.core.surgery import set_submodule
 
