@@ -91,3 +91,17 @@ def test_calibration_needs_a_recorded_dataset_and_local_files(
     assert calibration_batches(missing, 4, str(tmp_path)) is None  # never downloads
     batches = calibration_batches(SimpleNamespace(extra={"dataset": "digits"}), 3, None)
     assert batches is not None and len(batches) == 3 and batches[0].shape[0] == 64
+
+
+def test_int8_export_runs_the_narrow_stem_as_asked(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ptq = str(models[1])
+    q = str(tmp_path / "q.onnx")
+    as_int8 = _export(capsys, "--in", ptq, "--out", q, "--narrow-convs", "int8")
+    as_float = _export(capsys, "--in", ptq, "--out", q, "--narrow-convs", "float", "--batch", "4")
+    # lenet5's one-channel stem is a QLinearConv only when it runs int8
+    assert as_int8["int8_ops"]["QLinearConv"] == as_float["int8_ops"]["QLinearConv"] + 1  # type: ignore[index]
+    assert as_float["max_abs_diff"] < 0.5  # type: ignore[operator]
+    assert main(["export", "--in", ptq, "--out", q, "--batch", "0"]) == 2
+    assert "--batch must be >= 1" in capsys.readouterr().err

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from slimtorch.cli.common import DATASETS, MODELS, format_table, parse_shape
+from slimtorch.cli.common import DATASETS, MODELS, NARROW_CONVS, format_table, parse_shape
 from slimtorch.cli.main import main
 
 
 def test_static_choices_match_registries() -> None:
     from slimtorch.data import list_datasets
     from slimtorch.models import list_models
+    from slimtorch.quant.ort_graph import NARROW_CONV_MODES
 
     assert sorted(MODELS) == sorted(list_models())
     assert set(DATASETS) <= set(list_datasets())
+    assert NARROW_CONVS == NARROW_CONV_MODES
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "compress", "export", "profile", "devices"])

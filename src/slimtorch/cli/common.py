@@ -40,6 +40,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 # a test checks them against the registries.
 MODELS = ("lenet5", "mlp", "mobilenetv2", "resnet20", "resnet32", "resnet56", "vgg11-bn")
 DATASETS = ("cifar10", "digits", "fashion-mnist", "kmnist", "mnist")
+NARROW_CONVS = ("measure", "int8", "float")  # slimtorch.quant.ort_graph.NARROW_CONV_MODES
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

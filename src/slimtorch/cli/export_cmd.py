@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from slimtorch.cli.common import resolve_model_dir
+from slimtorch.cli.common import NARROW_CONVS, resolve_model_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -36,6 +36,14 @@ def add_parser(sub: Any) -> None:
         help="int8 ONNX: training batches (64 images, from the model's dataset, never downloaded) "
         "to calibrate the outputs ONNX Runtime wants quantized that PTQ left float; 0: none",
     )
+    p.add_argument(
+        "--narrow-convs",
+        choices=NARROW_CONVS,
+        default="measure",
+        help="int8 ONNX: run convolutions with 1-3 input channels (stems) int8 or float in ONNX "
+        "Runtime; measure: time both at --batch and keep the faster",
+    )
+    p.add_argument("--batch", type=int, default=1, help="example batch size the choice is timed at")
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.set_defaults(handler=run)
 
@@ -87,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     model, card = load_model(model_dir, device="cpu")
     model.eval()
     shape = tuple(card.input_shape)
-    example = torch.randn(2, *shape)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    example = torch.randn(args.batch, *shape)
     result: dict[str, Any] = {"source": str(model_dir), "format": args.format, "out": args.out}
     if args.format == "onnx":
         from slimtorch.quant import compare_onnx, export_onnx, ort_int8_ops
@@ -98,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if args.dtype == "fp32" and _is_qdq(card):
             calib = calibration_batches(card, args.calibration_batches, args.data_root)
             result["calibration_batches"] = len(calib) if calib else 0
-        path = export_onnx(model, args.out, example, dtype=args.dtype, calibration=calib)
+        path = export_onnx(model, args.out, example, dtype=args.dtype, calibration=calib,
+                           narrow_convs=args.narrow_convs)  # fmt: skip
         result["dtype"] = args.dtype
         if not args.no_check:
             inputs = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
