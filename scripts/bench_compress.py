@@ -185,6 +185,19 @@ def run_plan(
         f0 / f1,
         args.channels_last,
     )
+    if args.cpu_compile:
+        speeds += speed_rows(
+            base_c,
+            comp,
+            shape,
+            torch.device("cpu"),
+            args.cpu_batches,
+            args.threads,
+            True,
+            args.rounds,
+            f0 / f1,
+            args.channels_last,
+        )
     if gpu is not None:
         speeds += speed_rows(
             base_c,
@@ -350,6 +363,11 @@ def main() -> None:
     ap.add_argument("--cpu-batches", type=ints, default=[1, 32])
     ap.add_argument("--gpu-batches", type=ints, default=[1, 16, 64, 256, 1024, 4096])
     ap.add_argument("--compile-batches", type=ints, default=[])
+    ap.add_argument(
+        "--cpu-compile",
+        action="store_true",
+        help="also time both models under torch.compile on the CPU at --cpu-batches",
+    )
     ap.add_argument(
         "--compile-mode",
         default=None,
