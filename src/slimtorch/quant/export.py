@@ -101,7 +101,9 @@ def export_onnx(
             (:func:`slimtorch.quant.placement.place_qdq_`): ``"onnxruntime"`` quantizes every
             int8 convolution's output so ONNX Runtime forms ``QLinearConv`` throughout, and
             writes the graph with ORT's int8 operators fused and channels-last where it can
-            (:mod:`slimtorch.quant.ort_graph`: ORT-specific operators, measured faster);
+            (:mod:`slimtorch.quant.ort_graph`: ORT-specific operators of its CPU provider,
+            measured faster there; for ORT's GPU providers export ``"portable"``, whose Q/DQ
+            graph they run as they are);
             ``"portable"`` exports the standard Q/DQ graph of the model as it is.
         calibration: Inputs to calibrate the outputs the placement adds (e.g. the last
             convolution before global pooling); without them those stay float (a warning
