@@ -328,7 +328,9 @@ def ort_graph(
         changed = (widen_narrow_convs if mode == "int8" else float_narrow_convs)(work)
         proto = export(work)
         ort_rewrites(proto)
-        graphs[mode], _ = ort_channels_last(proto, example)
+        graphs[mode], changes = ort_channels_last(proto, example)
+        if graphs[mode] is proto:
+            logger.info("ONNX Runtime graph (%s stem): %s", mode, changes[0])
         if not changed:
             break  # no narrow convolution: the variants are the same graph
     if len(graphs) == 1:
