@@ -93,14 +93,17 @@ def test_register_model_checks_signature_and_duplicates() -> None:
             return nn.Linear(1, num_classes)
 
 
-def test_non_json_argument_is_refused() -> None:
+def test_non_json_argument_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # register into a copy of the registry, restored after the test, so later tests (the CLI's
+    # static list of model names) see only the built-in models
+    monkeypatch.setattr(MODELS, "_items", dict(MODELS._items))
+
     def takes(
         *, num_classes: int, in_channels: int, input_size: int, act: object = None
     ) -> nn.Module:
         return nn.Linear(in_channels, num_classes)
 
-    if "test-only-takes-object" not in MODELS:
-        register_model("test-only-takes-object")(takes)
+    register_model("test-only-takes-object")(takes)
     with pytest.raises(ValueError, match="must be JSON-serialisable"):
         create_model("test-only-takes-object", act=nn.ReLU())
     out = create_model("test-only-takes-object", in_channels=2)(torch.ones(1, 2))
