@@ -252,7 +252,7 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
 
     inp = session.get_inputs()[0]
     arr = x.detach().cpu().numpy()
-    arr = arr.astype(np.float16 if inp.type == "tensor(float16)" else np.float32, copy=False)
+    arr = np.ascontiguousarray(arr, np.float16 if inp.type == "tensor(float16)" else np.float32)
     return torch.from_numpy(np.asarray(session.run(None, {inp.name: arr})[0])).float()
 
 
