@@ -173,57 +173,22 @@ def run_plan(
     xs = torch.randn(32, *shape)
     rx0 = estimate_latency(base_c, xs, "rx580").total_s
     rx1 = estimate_latency(comp, xs, "rx580").total_s
-    speeds = speed_rows(
-        base_c,
-        comp,
-        shape,
-        torch.device("cpu"),
-        args.cpu_batches,
-        args.threads,
-        False,
-        args.rounds,
-        f0 / f1,
-        args.channels_last,
-    )
+    cpu = torch.device("cpu")
+    curves: list[tuple[torch.device, list[int], int | None, bool]] = [
+        (cpu, args.cpu_batches, args.threads, False)
+    ]
     if args.cpu_compile:
-        speeds += speed_rows(
-            base_c,
-            comp,
-            shape,
-            torch.device("cpu"),
-            args.cpu_batches,
-            args.threads,
-            True,
-            args.rounds,
-            f0 / f1,
-            args.channels_last,
-        )
+        curves.append((cpu, args.cpu_batches, args.threads, True))
     if gpu is not None:
-        speeds += speed_rows(
-            base_c,
-            comp,
-            shape,
-            gpu,
-            args.gpu_batches,
-            None,
-            False,
-            args.rounds,
-            f0 / f1,
-            args.channels_last,
-        )
+        curves.append((gpu, args.gpu_batches, None, False))
         if args.compile_batches:
-            speeds += speed_rows(
-                base_c,
-                comp,
-                shape,
-                gpu,
-                args.compile_batches,
-                None,
-                True,
-                args.rounds,
-                f0 / f1,
-                args.channels_last,
-            )
+            curves.append((gpu, args.compile_batches, None, True))
+    speeds = []
+    for device, curve_batches, threads, compiled in curves:
+        speeds += speed_rows(
+            base_c, comp, shape, device, curve_batches, threads, compiled, args.rounds,
+            f0 / f1, args.channels_last,
+        )  # fmt: skip
     lowered = lowered_stem(base_c, comp, shape, args, gpu, test, train_dev, f0 / f1)
     done = [r for r in report.rows if r.action == "decomposed"]
     return {
