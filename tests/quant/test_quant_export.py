@@ -209,3 +209,27 @@ def test_ort_rewrites_keep_hidden_linear_layers_int8(tmp_path: Path) -> None:
     assert {"fc1.weight_int8", "fc2.weight_int8"} <= inits
     assert "classifier.weight_int8" not in inits
     assert ort_int8_ops(path).get("QGemm") == 2
+
+
+def test_channels_last_pass_handles_float_elementwise_ops(tmp_path: Path) -> None:
+    """mobilenetv2's float residual adds and clips read int8 maps: they stay channels-last too."""
+    import onnx
+
+    torch.manual_seed(4)
+    model = create_model("mobilenetv2", in_channels=3, input_size=32)
+    with torch.no_grad():  # batch-norm statistics of the inputs, so activations do not vanish
+        for _ in range(10):
+            model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    calib = [(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    x = torch.randn(4, 3, 32, 32)
+    path = export_onnx(
+        model, tmp_path / "m.onnx", x[:1], calibration=calib, narrow_convs="int8"
+    )  # fmt: skip
+    nodes = onnx.load(path).graph.node
+    qconvs = [n for n in nodes if n.op_type == "QLinearConv"]
+    assert qconvs and all(_attrs(n)["channels_last"] == 1 for n in qconvs)
+    assert [n.op_type for n in nodes].count("Transpose") == 1
+    ref = float(model(x).detach().abs().max())
+    assert ref > 0.01 and compare_onnx(model, path, x) <= 0.05 * ref

@@ -9,7 +9,8 @@ fused graph already channels-last, with one transpose where the int8 region star
 nothing left to place.
 
 The pass knows ``QLinearConv``, ``QLinearGlobalAveragePool``, ``QLinearAdd``/``QLinearMul`` on
-two maps, per-tensor ``QuantizeLinear``/``DequantizeLinear``, ``Relu``, and the flatten of a
+two maps, per-tensor ``QuantizeLinear``/``DequantizeLinear``, float elementwise operators whose
+inputs are all maps in the same layout or scalars (``Add``, ``Clip``...), and the flatten of a
 globally pooled map (N x 1 x 1 x C has the memory of N x C x 1 x 1). Any other operator that
 would read a channels-last map (max-pooling, concatenation, resizing...) makes it refuse, and the
 graph is left to ORT's own pass. The rewritten graph must give the original's outputs in ORT on
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
 _TO_NHWC = [0, 2, 3, 1]
+# float elementwise operators that keep a layout when every input is a map in it (or a scalar)
+_ELEMENTWISE = frozenset(
+    ("Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu")
+)
 
 
 class _Refused(Exception):
@@ -107,9 +112,15 @@ def _to_channels_last(proto: Any) -> list[str]:
                         raise _Refused(f"{op} {node.name} broadcasts a constant")
                     channels_last_input(node, index)
             nhwc.add(node.output[0])
-        elif op in ("QuantizeLinear", "DequantizeLinear", "Relu") and inputs_nhwc:
-            if op != "Relu" and not _scalar_param(node, consts, 1):
+        elif op in ("QuantizeLinear", "DequantizeLinear") and inputs_nhwc:
+            if not _scalar_param(node, consts, 1):
                 raise _Refused(f"{op} {node.name} is per-channel on a channels-last tensor")
+            nhwc.add(node.output[0])
+        elif op in _ELEMENTWISE and domain in ("", "ai.onnx") and inputs_nhwc:
+            for name in node.input:
+                value = consts.get(name)
+                if name and name not in nhwc and (value is None or value.size != 1):
+                    raise _Refused(f"{op} {node.name} mixes a channels-last map with {name}")
             nhwc.add(node.output[0])
         elif op in ("Reshape", "Flatten") and inputs_nhwc:
             src = producer.get(node.input[0])
