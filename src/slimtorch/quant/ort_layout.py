@@ -186,7 +186,9 @@ def ort_channels_last(proto: Any, example: torch.Tensor) -> tuple[Any, list[str]
         >>> from onnx import helper, TensorProto
         >>> io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4, 8, 8]) for n in "xy"]
         >>> relu = helper.make_node("Relu", ["x"], ["y"])
-        >>> proto = helper.make_model(helper.make_graph([relu], "g", io[:1], io[1:]))
+        >>> graph = helper.make_graph([relu], "g", io[:1], io[1:])
+        >>> opset = [helper.make_opsetid("", 18)]
+        >>> proto = helper.make_model(graph, ir_version=9, opset_imports=opset)  # ORT >= 1.16
         >>> graph, why = ort_channels_last(proto, torch.randn(1, 4, 8, 8))
         >>> graph is proto, why
         (True, ['left as Q/DQ: ORT formed no QLinearConv'])
