@@ -20,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 from slimtorch.core.io import atomic_write_json
 from slimtorch.data import load_dataset
 from slimtorch.models import load_model
 from slimtorch.quant import PTQConfig, quantize_
-from slimtorch.quant.export import export_onnx, ort_session
+from slimtorch.quant.export import export_onnx
+from slimtorch.quant.ort_graph import time_graphs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,31 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     int8 = copy.deepcopy(model)
     quantize_(int8, PTQConfig(mode="static"), calibration=calib)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"fp32": export_onnx(model, Path(tmp) / "fp32.onnx", xte[:1])}
+        graphs = {"fp32": onnx.load(export_onnx(model, Path(tmp) / "fp32.onnx", xte[:1]))}
         for mode in ("int8", "float"):
-            paths[mode] = export_onnx(int8, Path(tmp) / f"{mode}.onnx", xte[:1],
-                                      narrow_convs=mode, calibration=calib)  # fmt: skip
-        sessions = {k: ort_session(p, 1) for k, p in paths.items()}
+            path = export_onnx(int8, Path(tmp) / f"{mode}.onnx", xte[:1], narrow_convs=mode,
+                               calibration=calib)  # fmt: skip
+            graphs[mode] = onnx.load(path)
     res: dict[str, object] = {
         "command": " ".join([sys.executable, *sys.argv]),
         "device": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
     for b in (1, 32):
-        feed = {"input": xte[:b].numpy()}
-        samples: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():
-            for _ in range(20):
-                s.run(None, feed)
-        for _ in range(args.rounds):
-            for k, s in sessions.items():
-                times: list[float] = []
-                end = time.perf_counter() + (0.05 if b == 1 else 0.2)
-                while len(times) < 3 or time.perf_counter() < end:
-                    t0 = time.perf_counter()
-                    s.run(None, feed)
-                    times.append(time.perf_counter() - t0)
-                samples[k].append(statistics.median(times))
+        min_time_s = 0.05 if b == 1 else 0.2
+        samples = time_graphs(graphs, xte[:b], rounds=args.rounds, min_time_s=min_time_s)
         ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         speedup = {
             k: statistics.median([f / i for f, i in zip(samples["fp32"], samples[k], strict=True)])

@@ -24,7 +24,7 @@ only skips quantizing the stem's input, so it is if anything closer to the float
 Which stem is faster depends on the model, so :func:`ort_graph` builds both (int8 on channels
 zero-padded to four by :func:`widen_narrow_convs`, or float) and keeps the one ORT runs faster
 on the example batch: resnet20's 16-channel stem is faster float, vgg11-bn's 64-channel stem
-with its max-pooling is faster int8 (batch 1: 2.31x over fp32 against 2.05x float).
+with its max-pooling is faster int8 (batch 1: 2.31-2.40x over fp32 against 2.05x float).
 
 Measured together: resnet20 int8 in ORT at batch 1 went from 0.2129 to 0.2063 ms
 (fp32 0.4129 ms: 1.94x -> 2.00x) in a 40-round side-by-side probe.
@@ -47,9 +47,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.quant.ort_layout import ort_channels_last
+from slimtorch.quant.ort_layout import cpu_session, ort_channels_last
 from slimtorch.quant.qdq import QDQConv2d
 
 logger = logging.getLogger(__name__)
@@ -267,35 +265,44 @@ def check_narrow_convs(value: object) -> None:
         )
 
 
-def _sessions_time(graphs: dict[str, Any], example: torch.Tensor) -> dict[str, float]:
-    """Median seconds per call of each graph in ORT (one thread), measured interleaved."""
-    import onnx
-    import onnxruntime as ort
+def time_graphs(
+    graphs: dict[str, Any], example: torch.Tensor, *, rounds: int = 7, min_time_s: float = 0.02
+) -> dict[str, list[float]]:
+    """Seconds per call of each graph in ORT (one thread), measured in interleaved rounds.
 
+    Each round runs every graph for at least ``min_time_s`` (and three calls) and records the
+    median call; the result holds each graph's per-round medians, in round order, so ratios can
+    be taken round by round.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> import onnx
+        >>> from slimtorch.quant.export import export_onnx
+        >>> from slimtorch.models import create_model
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "lenet.onnx"
+        >>> proto = onnx.load(export_onnx(create_model("lenet5"), path, torch.randn(1, 1, 28, 28)))
+        >>> x = torch.randn(1, 1, 28, 28)
+        >>> times = time_graphs({"a": proto, "b": proto}, x, rounds=2, min_time_s=0)
+        >>> sorted(times), len(times["a"])
+        (['a', 'b'], 2)
+    """
     x = example.detach().cpu().float().numpy()
     runs: dict[str, Callable[[], Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, proto in graphs.items():
-            path = os.path.join(tmp, f"{key}.onnx")
-            onnx.save(proto, path)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-            opts.log_severity_level = 3
-            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            runs[key] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: x})
+    for key, proto in graphs.items():
+        sess = cpu_session(proto, threads=1)
+        runs[key] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: x})
+        runs[key]()  # the first call allocates
     samples: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()  # first call allocates
-    for _ in range(7):
+    for _ in range(rounds):
         for key, fn in runs.items():
             times: list[float] = []
-            end = time.perf_counter() + 0.02
+            end = time.perf_counter() + min_time_s
             while len(times) < 3 or time.perf_counter() < end:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
             samples[key].append(statistics.median(times))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
 def ort_graph(
@@ -315,7 +322,7 @@ def ort_graph(
         narrow_convs: One of :data:`NARROW_CONV_MODES`. Which is faster depends on the model:
             resnet20's 16-channel float stem, quantized once, saves the quantize, pad and
             transpose in front of the int8 one; vgg11-bn's 64-channel stem with its pooling is
-            faster int8 (batch 1: 2.39x over fp32 int8, 2.05x float).
+            faster int8 (batch 1: 2.31-2.40x over fp32 int8, 2.05x float).
 
     Returns:
         The ONNX ``ModelProto``.
@@ -336,7 +343,7 @@ def ort_graph(
     if len(graphs) == 1:
         return next(iter(graphs.values()))
     try:
-        times = _sessions_time(graphs, example)
+        times = {k: statistics.median(v) for k, v in time_graphs(graphs, example).items()}
     except ImportError:
         return graphs["int8"]
     best = min(times, key=lambda k: times[k])
