@@ -32,6 +32,7 @@ from slimtorch.decompose.budget_mode import (
 from slimtorch.decompose.config import CPConfig, DecomposeConfig, SVDConfig, TTConfig, TuckerConfig
 from slimtorch.decompose.cp import CPResult, cp_als, cp_to_full
 from slimtorch.decompose.cp_batched import cp_als_many
+from slimtorch.decompose.fused import FusedTuckerConv2d, FuseReport, fuse_tucker_
 from slimtorch.decompose.handlers import HANDLERS, Factorised, SkipLayer, split_modes
 from slimtorch.decompose.layers import (
     LAYER_KINDS,
@@ -42,6 +43,7 @@ from slimtorch.decompose.layers import (
     TuckerConv2d,
 )
 from slimtorch.decompose.linalg import relative_error, unfold
+from slimtorch.decompose.native import KernelStatus, kernel_status
 from slimtorch.decompose.ranks import (
     RankSpec,
     parse_rank_spec,
@@ -76,6 +78,9 @@ __all__ = [
     "DecomposeReport",
     "EVBMFResult",
     "Factorised",
+    "FuseReport",
+    "FusedTuckerConv2d",
+    "KernelStatus",
     "LadderKind",
     "LayerLadder",
     "LayerReport",
@@ -97,6 +102,8 @@ __all__ = [
     "cp_to_full",
     "decompose_",
     "evbmf",
+    "fuse_tucker_",
+    "kernel_status",
     "layer_speedup",
     "measure_sensitivity",
     "parse_rank_spec",

@@ -23,10 +23,16 @@ class BasicBlock(nn.Module):
         planes: Output channels.
         stride: Stride of the first convolution (and of the projection shortcut).
 
+    A fused convolution that takes the residual in (``adds_residual``, set by
+    :func:`slimtorch.decompose.fuse_tucker_`) replaces ``conv2``, ``bn2``, the addition and
+    ``relu2``: ``FUSED_RESIDUAL`` names those modules for it.
+
     Example:
         >>> BasicBlock(16, 32, stride=2)(torch.randn(1, 16, 8, 8)).shape
         torch.Size([1, 32, 4, 4])
     """
+
+    FUSED_RESIDUAL = ("conv2", "bn2", "relu2")
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -45,6 +51,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
+        if getattr(self.conv2, "adds_residual", False):  # bn2, + shortcut and relu2 fused in
+            return self.conv2(out, self.shortcut(x))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
 

@@ -197,6 +197,21 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def recording_ops() -> bool:
+    """Whether the innermost dispatch mode is :func:`trace_ops`'s recorder.
+
+    Layers that run an opaque kernel (``slimtorch.decompose.FusedTuckerConv2d``) run their
+    maths as ordinary ops then, so FLOP and byte counts see what they compute.
+
+    Example:
+        >>> recording_ops()
+        False
+    """
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return isinstance(_get_current_dispatch_mode(), _Recorder)
+
+
 def call_with(model: Callable[..., Any], example_input: Any) -> Any:
     """Call ``model`` with ``example_input``: a tensor, a tuple/list of positional arguments,
     or a dict of keyword arguments.
