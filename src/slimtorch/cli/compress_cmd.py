@@ -118,7 +118,7 @@ def add_parser(sub: Any) -> None:
 
 def _summary(report: dict[str, Any]) -> str:
     """One line on what the method changed, whatever shape its report has."""
-    for key, unit in (("layers", "layers"), ("groups", "channel groups")):
+    for key, unit in (("layers", "layers"), ("groups", "channel groups"), ("rows", "layers")):
         rows = [r for r in report.get(key, []) if isinstance(r, dict)]
         if rows:
             unchanged = ("skipped", "kept", "unchanged", "fixed")

@@ -175,6 +175,43 @@ for _name in ("svd", "tucker", "cp", "tt"):
     COMPRESS_METHODS.register(_name)(_decompose(_name))
 
 
+@_parses_options("fuse-tucker")
+def _fuse_tucker_options(options: dict[str, Any]) -> bool:
+    fold, rest = _pop_flag({"fold_bn": True, **options}, "fuse-tucker", "fold_bn")
+    if rest:
+        raise ValueError(f"fuse-tucker takes only the option 'fold_bn', got {sorted(rest)}")
+    return fold
+
+
+@COMPRESS_METHODS.register("fuse-tucker")
+def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
+    """Tucker-2 layers as one fused CPU kernel each, with their batch norm, ReLU and residual.
+
+    A deployment step for a model factorised with ``tucker``: resnet56 at rank 0.25 on its
+    block convolutions ran 2x faster than the dense model on one CPU thread at batch 32 this
+    way, against 1.4x as library convolutions (docs/benchmarks.md). With ``fold_bn`` (default
+    on) the batch norms of the layers left dense are folded too.
+    """
+    from slimtorch.decompose import fuse_tucker_
+    from slimtorch.quant import fold_bn_
+
+    fold = _fuse_tucker_options(request.options)
+    model.eval()
+    report = fuse_tucker_(
+        model, include=request.include, exclude=request.exclude, strict=request.strict
+    )
+    info = report.to_dict()
+    if fold:
+        info["bn_folded"] = [r.bn for r in fold_bn_(model).folded]
+    return Applied(
+        config={"fold_bn": fold},
+        report=info,
+        table=report.to_table(),
+        changed=bool(report.lowered) or bool(info.get("bn_folded")),
+        trainable=False,
+    )
+
+
 def _compact_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of the state dict dense and in the smallest compact encoding."""
     from slimtorch.prune import compact_state_dict
