@@ -1,0 +1,166 @@
+"""A factorised model on the CPU: dense vs Tucker-2 as library convolutions vs the fused kernel.
+
+For a dense base model and factorised models made from it (``slimtorch compress --method
+tucker``), times side by side (interleaved rounds, median of each round's median) at fixed
+threads on the CPU:
+
+- ``dense``: the base model, eager, NCHW;
+- ``dense-folded-cl``: batch norms folded, channels-last, eager (and ``+compile``);
+- ``tucker-cl``: the factorised model as three library convolutions per layer, channels-last
+  (and ``+compile``);
+- ``fused``: the factorised model after ``fuse_tucker_`` (and ``fold_bn_`` for the layers left
+  dense), NCHW, eager (and ``+compile``).
+
+Speed-ups are given against the fastest dense form measured. Test accuracy of the base, the
+factorised and the fused model is measured on the full test set, so the fused form is shown to
+compute the same model.
+
+    taskset -c 1 python scripts/bench_fused_tucker.py --base runs/resnet56/model \\
+        --compressed runs/resnet56-tucker/model --data ../shared/data --threads 1 --compile \\
+        --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.io import atomic_write_json
+from slimtorch.core.measure import count_flops, count_params, measure_latency
+from slimtorch.data import load_dataset
+from slimtorch.decompose import fuse_tucker_, kernel_status
+from slimtorch.models import load_model
+from slimtorch.quant import fold_bn_
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.inference_mode():
+        pred = torch.cat([model(x).argmax(1) for x in images.split(500)])
+    return float((pred == labels).float().mean())
+
+
+def variants(base: nn.Module, comp: nn.Module, compiled: bool) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (model, channels_last input)."""
+    folded = copy.deepcopy(base)
+    fold_bn_(folded)
+    tucker = copy.deepcopy(comp)
+    fused = copy.deepcopy(comp)
+    fuse_tucker_(fused)
+    fold_bn_(fused)  # the layers left dense (stem, shortcuts)
+    out: dict[str, tuple[nn.Module, bool]] = {
+        "dense": (base, False),
+        "dense-folded-cl": (folded.to(memory_format=torch.channels_last), True),  # type: ignore[call-overload]
+        "tucker-cl": (tucker.to(memory_format=torch.channels_last), True),  # type: ignore[call-overload]
+        "fused": (fused, False),
+    }
+    if compiled:
+        torch._dynamo.reset()  # the previous models' graphs would count against the limit
+        # the forms share their forward's code: room for each form at each batch size
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        for name in ("dense-folded-cl", "tucker-cl", "fused"):
+            model, cl = out[name]
+            out[name + "+compile"] = (torch.compile(model, dynamic=False), cl)  # type: ignore[assignment]
+    return out
+
+
+def time_all(
+    models: dict[str, tuple[nn.Module, bool]], x: torch.Tensor, threads: int, rounds: int
+) -> dict[str, float]:
+    """Median over rounds of each model's median latency (seconds), models interleaved."""
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, (model, cl) in models.items():
+            r = measure_latency(model, xcl if cl else x, threads=threads, repeats=5, min_time_s=0.1)
+            samples[name].append(r.median_s)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="dense model directory")
+    ap.add_argument("--compressed", action="append", required=True, help="factorised model dir")
+    ap.add_argument("--data", required=True, help="folder holding <dataset>/")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forms")
+    ap.add_argument("--test-images", type=int, default=0, help="first N test images (0: all)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    base, card = load_model(args.base)
+    base.eval()
+    test = load_dataset(
+        args.dataset, "test", root=str(Path(args.data) / args.dataset), download=False
+    )
+    images = (test.images.float() / 255 - card.mean[0]) / card.std[0]
+    labels = test.labels.long()
+    if args.test_images > 0:
+        images, labels = images[: args.test_images], labels[: args.test_images]
+    shape = tuple(images.shape[1:])
+    example = images[:1]
+    status = kernel_status()
+    res: dict[str, Any] = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "kernel": status.detail,
+        "base": {
+            "dir": args.base,
+            "accuracy": accuracy(base, images, labels),
+            "params": count_params(base),
+            "flops": count_flops(base, example).total_flops,
+        },
+        "compressed": [],
+    }
+    print(f"kernel: {status.detail}")
+    for comp_dir in args.compressed:
+        comp, _ = load_model(comp_dir)
+        comp.eval()
+        models = variants(base, comp, args.compile)
+        fused = models["fused"][0]
+        entry: dict[str, Any] = {
+            "dir": comp_dir,
+            "accuracy": accuracy(comp, images, labels),
+            "accuracy_fused": accuracy(fused, images, labels),
+            "params": count_params(comp),
+            "flops": count_flops(comp, example).total_flops,
+            "latency_ms": {},
+        }
+        print(
+            f"{comp_dir}: top-1 {entry['accuracy']:.4f} (fused {entry['accuracy_fused']:.4f}), "
+            f"FLOPs /{res['base']['flops'] / entry['flops']:.2f}"
+        )
+        for b in (int(v) for v in args.batches.split(",")):
+            x = torch.randn(b, *shape)
+            ms = {k: v * 1e3 for k, v in time_all(models, x, args.threads, args.rounds).items()}
+            best_dense = min(v for k, v in ms.items() if k.startswith("dense"))
+            entry["latency_ms"][f"b{b}"] = {
+                "ms": ms,
+                "speedup_vs_best_dense": {k: best_dense / v for k, v in ms.items()},
+            }
+            print(
+                f"  batch {b}: "
+                + " | ".join(f"{k} {v:.2f} ms ({best_dense / v:.2f}x)" for k, v in ms.items())
+            )
+        res["compressed"].append(entry)
+    atomic_write_json(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
