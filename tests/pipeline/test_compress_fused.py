@@ -65,9 +65,7 @@ def test_fuse_tucker_keeps_accuracy_and_reloads(factorised: Path, tmp_path: Path
 
 def test_fuse_tucker_options(factorised: Path) -> None:
     with pytest.raises(ValueError, match="only the option 'fold_bn'"):
-        compress_run(
-            in_dir=factorised, out_dir=None, method="fuse-tucker", method_options={"x": 1}
-        )
+        compress_run(in_dir=factorised, out_dir=None, method="fuse-tucker", method_options={"x": 1})
     with pytest.raises(TypeError, match="fold_bn"):
         compress_run(
             in_dir=factorised, out_dir=None, method="fuse-tucker", method_options={"fold_bn": 1}
