@@ -55,7 +55,7 @@ from slimtorch.decompose.fused_op import _tucker_block, check_shapes, reference,
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_conv_bn
-from slimtorch.quant.lowering import LoweringReport
+from slimtorch.quant.lowering import LoweringReport, layer_entries
 
 logger = logging.getLogger(__name__)
 
@@ -370,12 +370,7 @@ def fuse_tucker_(
 
 
 def _replay(model: nn.Module, params: dict[str, Any]) -> None:
-    layers = params.get("layers")
-    if not isinstance(layers, list):
-        raise ValueError(f"{TRANSFORM_NAME} params need a 'layers' list, got {params!r}")
-    for layer in layers:
-        if not isinstance(layer, dict) or not {"conv", "bn", "relu", "residual"} <= set(layer):
-            raise ValueError(f"{TRANSFORM_NAME}: malformed layer entry {layer!r}")
+    for layer in layer_entries(params, TRANSFORM_NAME, {"conv", "bn", "relu", "residual"}):
         _apply(model, layer)
 
 

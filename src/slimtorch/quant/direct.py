@@ -55,7 +55,13 @@ from slimtorch.core.config import Config, check_range
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
-from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
+from slimtorch.quant.lowering import (
+    LoweringReport,
+    as_pair,
+    conv_output_size,
+    int_padding,
+    layer_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -443,12 +449,7 @@ def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any]) -> None:
 
 
 def _replay(model: nn.Module, params: dict[str, Any]) -> None:
-    layers = params.get("layers")
-    if not isinstance(layers, list):
-        raise ValueError(f"{TRANSFORM_NAME} params need a 'layers' list, got {params!r}")
-    for layer in layers:
-        if not isinstance(layer, dict) or not {"conv", "pool", "relu", "pool_module"} <= set(layer):
-            raise ValueError(f"{TRANSFORM_NAME}: malformed layer entry {layer!r}")
+    for layer in layer_entries(params, TRANSFORM_NAME, {"conv", "pool", "relu", "pool_module"}):
         conv = model.get_submodule(layer["conv"])
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{layer['conv']!r} is a {type(conv).__name__}, expected a Conv2d")

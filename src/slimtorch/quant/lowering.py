@@ -66,6 +66,26 @@ def int_padding(conv: nn.Conv2d) -> Any:
     return 0 if conv.padding == "valid" else conv.padding
 
 
+def layer_entries(params: dict[str, Any], transform: str, keys: set[str]) -> list[dict[str, Any]]:
+    """The ``"layers"`` list of a recorded lowering, each entry checked to hold ``keys``.
+
+    Raises:
+        ValueError: no such list, or an entry that is not a dict with those keys (a damaged
+            ``config.json``); the message names the transform.
+
+    Example:
+        >>> layer_entries({"layers": [{"conv": "0"}]}, "demo", {"conv"})
+        [{'conv': '0'}]
+    """
+    layers = params.get("layers")
+    if not isinstance(layers, list):
+        raise ValueError(f"{transform} params need a 'layers' list, got {params!r}")
+    for layer in layers:
+        if not isinstance(layer, dict) or not keys <= set(layer):
+            raise ValueError(f"{transform}: malformed layer entry {layer!r}")
+    return layers
+
+
 RowT = TypeVar("RowT", bound=Any)
 
 
