@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
 from slimtorch.decompose import native
-from slimtorch.decompose.fused_op import _tucker_block, check_shapes, reference, tucker_block
+from slimtorch.decompose.fused_op import check_shapes, reference, run_kernel, tucker_block
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_conv_bn
@@ -130,18 +130,25 @@ class FusedTuckerConv2d(TuckerConv2d):
                     else "takes no residual: call it as layer(x)"
                 )
             )
-        core = self.core
         return _fused_forward(
             x,
             residual,
             self.first.weight,
-            core.weight,
+            self.core.weight,
             self.last.weight,
             self.last.bias,
-            [int(n) for n in core.stride],
-            [int(n) for n in core.padding],  # integers: checked in __init__
-            [int(n) for n in core.dilation],
+            *self._geometry(),
             self.relu,
+        )
+
+    def _geometry(self) -> tuple[list[int], list[int], list[int]]:
+        """The core's stride, padding and dilation as int lists."""
+        core = self.core
+        padding = core.padding  # integers: checked in __init__
+        return (
+            [int(n) for n in core.stride],
+            [int(n) for n in padding],
+            [int(n) for n in core.dilation],
         )
 
 
@@ -163,19 +170,35 @@ def _fused_forward(
     trace models that hold fused layers.
     """
     assert bias is not None
+    if not torch.compiler.is_compiling():
+        mode = _get_current_dispatch_mode()
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, residual, w_first, w_core, w_last, bias)
+        )
+        plain_cpu = mode is None and not grad and _cpu32(x, residual, w_core)
+        lib = native.kernel() if plain_cpu else None
+        if lib is not None:
+            # plain eager on the CPU: straight to the kernel (u and v keep their unit dims)
+            geometry = (stride, padding, dilation)
+            out = check_shapes(x, w_first, w_core, w_last, bias, residual, *geometry)
+            return run_kernel(lib, x, w_first, w_core, w_last, bias, residual, *geometry, relu, out)
     u = w_first.flatten(1)  # (r1, C)
     v = w_last.flatten(1)  # (CO, r2)
     args = (x, u, w_core, v, bias, residual, stride, padding, dilation)
     if torch.compiler.is_compiling():
         return tucker_block(*args, relu)  # one operator in the graph
-    tensors = (x, residual, w_first, w_core, w_last, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad or recording_ops():  # autograd, or slimtorch's FLOP/byte counters
+    if grad or recording_ops():  # autograd, or slimtorch's FLOP/byte counters
         check_shapes(*args)
         return reference(*args, relu)
-    if _get_current_dispatch_mode() is not None:
-        return tucker_block(*args, relu)  # export, FLOP counters: one operator
-    return _tucker_block(*args, relu)  # plain eager: skip the dispatcher (about 18 us a call)
+    return tucker_block(*args, relu)  # export, FLOP counters, other devices: one operator
+
+
+def _cpu32(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Input, residual and weights (one module: one device and dtype) in float32 on the CPU."""
+    for t in (x, weight) if residual is None else (x, weight, residual):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    return True
 
 
 torch.fx.wrap("_fused_forward")

@@ -121,36 +121,43 @@ def _tucker_block(
     lib = native.kernel() if cpu32 else None
     if lib is None:
         return reference(x, u, k, v, bias, residual, stride, padding, dilation, relu)
-    x, u, k, v, bias = (t.contiguous() for t in (x, u, k, v, bias))
-    res = None if residual is None else residual.contiguous()
-    n, c, h, w = x.shape
-    y = torch.empty(n, v.shape[0], *out, dtype=x.dtype)
-    rc = lib.slimtorch_tucker_block(
-        x.data_ptr(),
-        n,
-        c,
-        h,
-        w,
-        u.data_ptr(),
-        u.shape[0],
-        k.data_ptr(),
-        k.shape[0],
-        k.shape[2],
-        k.shape[3],
-        stride[0],
-        stride[1],
-        padding[0],
-        padding[1],
-        dilation[0],
-        dilation[1],
-        v.data_ptr(),
-        bias.data_ptr(),
-        v.shape[0],
-        y.data_ptr(),
-        None if res is None else res.data_ptr(),
-        int(relu),
-        torch.get_num_threads(),
+    return run_kernel(lib, x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
+
+
+def run_kernel(
+    lib: Any,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+    out: tuple[int, int],
+) -> torch.Tensor:
+    """Call the C kernel on float32 CPU tensors whose shapes :func:`check_shapes` accepted
+    (``u`` and ``v`` may keep their 1x1 convolutions' trailing unit dimensions)."""
+    x, u, k, v, bias = (
+        x.contiguous(),
+        u.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        bias.contiguous(),
     )
+    res = None if residual is None else residual.contiguous()  # kept alive for the call
+    n, c, h, w = x.shape
+    co = v.shape[0]
+    y = torch.empty(n, co, out[0], out[1], dtype=x.dtype)
+    rc = lib.slimtorch_tucker_block(
+        x.data_ptr(), n, c, h, w, u.data_ptr(), u.shape[0], k.data_ptr(), k.shape[0],
+        k.shape[2], k.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0],
+        dilation[1], v.data_ptr(), bias.data_ptr(), co, y.data_ptr(),
+        None if res is None else res.data_ptr(), int(relu),
+        torch.get_num_threads(),
+    )  # fmt: skip
     if rc != 0:
         raise MemoryError(f"fused Tucker conv could not allocate its scratch for {tuple(x.shape)}")
     return y
