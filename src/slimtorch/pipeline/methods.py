@@ -188,7 +188,7 @@ def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
     """Tucker-2 layers as one fused CPU kernel each, with their batch norm, ReLU and residual.
 
     A deployment step for a model factorised with ``tucker``: resnet56 at rank 0.25 on its
-    block convolutions ran 2.2x faster than the dense model on one CPU thread at batch 32 this
+    block convolutions ran 2.3x faster than the dense model on one CPU thread at batch 32 this
     way, against 1.4x as library convolutions (docs/benchmarks.md). With ``fold_bn`` (default
     on) the batch norms of the layers left dense are folded too.
     """
