@@ -170,27 +170,24 @@ def _fused_forward(
     trace models that hold fused layers.
     """
     assert bias is not None
-    if not torch.compiler.is_compiling():
-        mode = _get_current_dispatch_mode()
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, residual, w_first, w_core, w_last, bias)
-        )
-        plain_cpu = mode is None and not grad and _cpu32(x, residual, w_core)
-        lib = native.kernel() if plain_cpu else None
-        if lib is not None:
-            # plain eager on the CPU: straight to the kernel (u and v keep their unit dims)
-            geometry = (stride, padding, dilation)
-            out = check_shapes(x, w_first, w_core, w_last, bias, residual, *geometry)
-            return run_kernel(lib, x, w_first, w_core, w_last, bias, residual, *geometry, relu, out)
     u = w_first.flatten(1)  # (r1, C)
     v = w_last.flatten(1)  # (CO, r2)
     args = (x, u, w_core, v, bias, residual, stride, padding, dilation)
     if torch.compiler.is_compiling():
         return tucker_block(*args, relu)  # one operator in the graph
-    if grad or recording_ops():  # autograd, or slimtorch's FLOP/byte counters
+    tensors = (x, residual, w_first, w_core, w_last, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        check_shapes(*args)
+        return reference(*args, relu)  # differentiable
+    if _get_current_dispatch_mode() is None:
+        lib = native.kernel() if _cpu32(x, residual, w_core) else None
+        if lib is not None:  # plain eager on the CPU: no dispatcher, no second check
+            out = check_shapes(*args)
+            return run_kernel(lib, *args, relu, out)
+    elif recording_ops():  # slimtorch's FLOP/byte counters see the three convolutions
         check_shapes(*args)
         return reference(*args, relu)
-    return tucker_block(*args, relu)  # export, FLOP counters, other devices: one operator
+    return tucker_block(*args, relu)  # export, torch's FLOP counter, other devices
 
 
 def _cpu32(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:

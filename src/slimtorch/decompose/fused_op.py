@@ -138,8 +138,8 @@ def run_kernel(
     relu: bool,
     out: tuple[int, int],
 ) -> torch.Tensor:
-    """Call the C kernel on float32 CPU tensors whose shapes :func:`check_shapes` accepted
-    (``u`` and ``v`` may keep their 1x1 convolutions' trailing unit dimensions)."""
+    """Call the C kernel ``lib`` on float32 CPU tensors whose shapes :func:`check_shapes`
+    accepted; ``out`` is the ``(Ho, Wo)`` it returned."""
     x, u, k, v, bias = (
         x.contiguous(),
         u.contiguous(),

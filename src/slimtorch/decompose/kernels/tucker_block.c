@@ -52,16 +52,6 @@ typedef int vi __attribute__((vector_size(VW * 4)));
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf vbcast(float s) { return (vf){0} + s; }
-static inline void vstore_n(float *p, vf v, long n) {
-    if (n >= VW) memcpy(p, &v, sizeof v);
-    else if (n > 0) memcpy(p, &v, (size_t)n * 4);
-}
-static inline vf vload_n(const float *p, long n) {
-    if (n >= VW) return vload(p);
-    float tmp[VW] = {0};
-    if (n > 0) memcpy(tmp, p, (size_t)n * 4);
-    return vload(tmp);
-}
 
 /* One step of a stage: OBV output channels x QBV vectors of pixels starting at x + off[t].
  * w: the OBV weights of each tap in a row; b: OBV biases (zero-padded) or NULL; y and res
