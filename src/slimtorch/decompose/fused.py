@@ -1,4 +1,4 @@
-"""Fused Tucker-2 convolutions for CPU inference: ``fuse_tucker_`` and ``FusedTuckerConv2d``.
+"""Fused Tucker-2 convolutions for inference: ``fuse_tucker_`` and ``FusedTuckerConv2d``.
 
 A :class:`~slimtorch.decompose.layers.TuckerConv2d` runs as three library convolutions (1x1,
 core, 1x1). On the small maps and 4-16-channel factors of a CIFAR-style ResNet that is why
@@ -7,7 +7,9 @@ back, and library kernels tuned for wide layers run the narrow factors at a frac
 usual rate (docs/benchmarks.md measured 1.61x compiled for resnet56 at 8.2x fewer FLOPs). The
 fused kernel (``kernels/tucker_block.c``, built on first use by :mod:`slimtorch.decompose.native`)
 runs the three per image with the intermediate maps in cache, and ends in one epilogue that adds
-the bias, the residual and the ReLU.
+the bias, the residual and the ReLU. On CUDA GPUs the same fusion is a CUDA kernel
+(``kernels/tucker_block.cu``, compiled per layer shape by :mod:`slimtorch.decompose.cuda_kernel`)
+that keeps the intermediate maps in shared memory.
 
 :func:`fuse_tucker_` prepares a factorised model for it, in place: it folds the batch norm that
 follows each Tucker convolution into the last 1x1 (Jacob et al. 2018, arXiv:1712.05877), takes
@@ -16,9 +18,9 @@ slimtorch's ResNet ``BasicBlock`` does) the shortcut addition and the block's la
 The change is recorded (``"decompose.fuse_tucker"``) so :func:`slimtorch.models.load_model`
 rebuilds it.
 
-The fused layer is an inference form. It runs the kernel for float32 tensors on the CPU when
-the kernel could be built, and otherwise (GPU, other dtypes, no compiler, gradients needed) the
-same maths as library convolutions; outputs agree within float rounding either way. It goes
+The fused layer is an inference form. It runs a kernel for float32 tensors on the CPU or a CUDA
+GPU when one could be built, and otherwise (ROCm, other dtypes, no compiler, gradients needed)
+the same maths as library convolutions; outputs agree within float rounding either way. It goes
 through ``torch.compile`` and ``torch.export`` as one custom operator (``slimtorch::tucker_block``);
 ONNX export has no such operator, so export the unfused model for ONNX.
 
@@ -51,7 +53,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
 from slimtorch.decompose import native
-from slimtorch.decompose.fused_op import check_shapes, reference, run_kernel, tucker_block
+from slimtorch.decompose.fused_op import (
+    check_shapes,
+    cuda_launcher,
+    reference,
+    run_kernel,
+    tucker_block,
+)
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_conv_bn
@@ -179,23 +187,31 @@ def _fused_forward(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         check_shapes(*args)
         return reference(*args, relu)  # differentiable
-    if _get_current_dispatch_mode() is None:
-        lib = native.kernel() if _cpu32(x, residual, w_core) else None
-        if lib is not None:  # plain eager on the CPU: no dispatcher, no second check
+    if _get_current_dispatch_mode() is None:  # plain eager: no dispatcher, no second check
+        kind = _float32_on(x, residual, w_core)
+        if kind == "cpu":
+            lib = native.kernel()
+            if lib is not None:
+                return run_kernel(lib, *args, relu, check_shapes(*args))
+        elif kind == "cuda":
             out = check_shapes(*args)
-            return run_kernel(lib, *args, relu, out)
+            run = cuda_launcher(x, u, w_core, v, residual, stride, padding, dilation, relu, out)
+            if run is not None:
+                return run(x, u, w_core, v, bias, residual)
     elif recording_ops():  # slimtorch's FLOP/byte counters see the three convolutions
         check_shapes(*args)
         return reference(*args, relu)
     return tucker_block(*args, relu)  # export, torch's FLOP counter, other devices
 
 
-def _cpu32(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
-    """Input, residual and weights (one module: one device and dtype) in float32 on the CPU."""
+def _float32_on(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> str:
+    """``"cpu"`` or ``"cuda"`` when input, residual and weights (one module: one device and
+    dtype) are float32 on one such device, else ``""``."""
+    device = x.device
     for t in (x, weight) if residual is None else (x, weight, residual):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            return False
-    return True
+        if t.dtype != torch.float32 or t.device != device:
+            return ""
+    return device.type if device.type in ("cpu", "cuda") else ""
 
 
 torch.fx.wrap("_fused_forward")

@@ -1,7 +1,8 @@
 """The fused Tucker-2 convolution as a PyTorch operator: ``slimtorch::tucker_block``.
 
 The eager implementation calls the C kernel (:mod:`slimtorch.decompose.native`) for float32 CPU
-tensors and runs the same maths as library convolutions otherwise (:func:`reference`). The
+tensors, the CUDA kernel (:mod:`slimtorch.decompose.cuda_kernel`) for float32 CUDA tensors, and
+runs the same maths as library convolutions otherwise (:func:`reference`). The
 operator has a fake (meta) implementation for ``torch.compile``/``torch.export`` and a FLOP
 formula for ``torch.utils.flop_counter``. :class:`~slimtorch.decompose.fused.FusedTuckerConv2d`
 is the module that uses it.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from slimtorch.decompose import native
+from slimtorch.decompose import cuda_kernel, native
 
 _SCHEMA = (
     "(Tensor x, Tensor u, Tensor k, Tensor v, Tensor bias, Tensor? residual, int[] stride, "
@@ -117,11 +118,47 @@ def _tucker_block(
     """
     out = check_shapes(x, u, k, v, bias, residual, stride, padding, dilation)
     tensors = [x, u, k, v, bias] + ([] if residual is None else [residual])
-    cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    lib = native.kernel() if cpu32 else None
-    if lib is None:
-        return reference(x, u, k, v, bias, residual, stride, padding, dilation, relu)
-    return run_kernel(lib, x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
+    if all(t.dtype == torch.float32 for t in tensors):
+        if all(t.device.type == "cpu" for t in tensors):
+            lib = native.kernel()
+            if lib is not None:
+                args = (x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
+                return run_kernel(lib, *args)
+        elif all(t.device == x.device for t in tensors) and x.device.type == "cuda":
+            run = cuda_launcher(x, u, k, v, residual, stride, padding, dilation, relu, out)
+            if run is not None:
+                return run(x, u, k, v, bias, residual)
+    return reference(x, u, k, v, bias, residual, stride, padding, dilation, relu)
+
+
+def cuda_launcher(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+    out: tuple[int, int],
+) -> Any:
+    """The CUDA kernel's launcher for float32 tensors on one CUDA device whose shapes
+    :func:`check_shapes` accepted (``out`` is what it returned), or None where it cannot run."""
+    index = x.device.index
+    return cuda_kernel.launcher(
+        torch.cuda.current_device() if index is None else index,
+        (x.shape[1], x.shape[2], x.shape[3]),
+        u.shape[0],
+        (k.shape[0], k.shape[1], k.shape[2], k.shape[3]),
+        v.shape[0],
+        (stride[0], stride[1]),
+        (padding[0], padding[1]),
+        (dilation[0], dilation[1]),
+        out,
+        relu,
+        residual is not None,
+    )
 
 
 def run_kernel(
@@ -203,4 +240,4 @@ def _flops(
     return 2 * n * (h * w * c * r1 + ho * wo * (r2 * r1 * kh * kw + v_shape[0] * r2))
 
 
-__all__ = ["check_shapes", "reference", "tucker_block"]
+__all__ = ["check_shapes", "cuda_launcher", "reference", "tucker_block"]
