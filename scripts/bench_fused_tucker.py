@@ -74,8 +74,9 @@ def variants(
     }
     if compiled:
         torch._dynamo.reset()  # the previous models' graphs would count against the limit
-        # the forms share their forward's code: room for each form at each batch size
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        # the forms share their forward's code and each batch size is one more graph: room for
+        # every form at every batch, or later ones silently run eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         for name in ("dense-folded-cl", "tucker-cl", "fused"):
             model, cl = out[name]
             out[name + "+compile"] = (torch.compile(model, dynamic=False), cl)  # type: ignore[assignment]
