@@ -12,22 +12,22 @@ from slimtorch.decompose import TuckerConfig, decompose_
 from slimtorch.models import create_model, save_model
 
 
-def test_bench_fused_tucker_smoke(tmp_path: Path, shared_data: Path, capsys) -> None:
+def saved_models(tmp_path: Path, shared_data: Path) -> list[str]:
+    """A random resnet20 and its Tucker form, saved; the script's model and data arguments."""
     card = {"input_shape": (1, 28, 28), "mean": [0.286], "std": [0.353],
             "class_names": [str(i) for i in range(10)]}  # fmt: skip
     base = create_model("resnet20", in_channels=1, input_size=28).eval()
     base_dir = save_model(base, tmp_path / "base", **card)
     decompose_(base, TuckerConfig(rank=0.25), include=["layer*"], exclude=["*shortcut*"])
     comp_dir = save_model(base, tmp_path / "tucker", **card)
+    return ["--base", str(base_dir), "--compressed", str(comp_dir), "--data", str(shared_data),
+            "--batches", "2", "--rounds", "1", "--test-images", "500"]  # fmt: skip
+
+
+def test_bench_fused_tucker_smoke(tmp_path: Path, shared_data: Path, capsys) -> None:
     out = tmp_path / "fused.json"
-    bench = load_script("bench_fused_tucker")
-    argv = ["--base", str(base_dir), "--compressed", str(comp_dir), "--data", str(shared_data)]
-    assert (
-        bench.main(
-            [*argv, "--batches", "2", "--rounds", "1", "--test-images", "500", "--out", str(out)]
-        )
-        == 0
-    )
+    argv = [*saved_models(tmp_path, shared_data), "--out", str(out)]
+    assert load_script("bench_fused_tucker").main(argv) == 0
     saved = json.loads(out.read_text())
     entry = saved["compressed"][0]
     assert entry["accuracy_fused"] == entry["accuracy"]  # the same model, another kernel
@@ -40,19 +40,15 @@ def test_bench_fused_tucker_smoke(tmp_path: Path, shared_data: Path, capsys) -> 
 
 @pytest.mark.gpu
 def test_bench_fused_tucker_on_cuda_with_graphs(tmp_path: Path, shared_data: Path) -> None:
-    card = {"input_shape": (1, 28, 28), "mean": [0.286], "std": [0.353],
-            "class_names": [str(i) for i in range(10)]}  # fmt: skip
-    base = create_model("resnet20", in_channels=1, input_size=28).eval()
-    base_dir = save_model(base, tmp_path / "base", **card)
-    decompose_(base, TuckerConfig(rank=0.25), include=["layer*"], exclude=["*shortcut*"])
-    comp_dir = save_model(base, tmp_path / "tucker", **card)
     out = tmp_path / "fused.json"
-    argv = ["--base", str(base_dir), "--compressed", str(comp_dir), "--data", str(shared_data),
-            "--device", "cuda", "--graphs", "--batches", "2", "--rounds", "1",
-            "--test-images", "500", "--out", str(out)]  # fmt: skip
+    argv = [*saved_models(tmp_path, shared_data), "--device", "cuda", "--graphs", "--out", str(out)]
     assert load_script("bench_fused_tucker").main(argv) == 0
     saved = json.loads(out.read_text())
     assert saved["kernel"].startswith("available")
-    ms = saved["compressed"][0]["latency_ms"]["b2"]["ms"]
+    entry = saved["compressed"][0]
+    # the library convolutions run in TF32 on recent GPUs, the kernel in full float32: an
+    # untrained model's near-tied logits may flip a few of the 500 predictions
+    assert abs(entry["accuracy_fused"] - entry["accuracy"]) <= 0.01
+    ms = entry["latency_ms"]["b2"]["ms"]
     assert {"fused+graph", "dense-folded-cl+graph"} <= set(ms)
     assert all(v > 0 for v in ms.values())

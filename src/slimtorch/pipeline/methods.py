@@ -185,11 +185,13 @@ def _fuse_tucker_options(options: dict[str, Any]) -> bool:
 
 @COMPRESS_METHODS.register("fuse-tucker")
 def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
-    """Tucker-2 layers as one fused CPU kernel each, with their batch norm, ReLU and residual.
+    """Tucker-2 layers as one fused kernel each (C on a CPU, CUDA on an NVIDIA GPU), with their
+    batch norm, ReLU and residual.
 
     A deployment step for a model factorised with ``tucker``: resnet56 at rank 0.25 on its
-    block convolutions ran 2.3x faster than the dense model on one CPU thread at batch 32 this
-    way, against 1.4x as library convolutions (docs/benchmarks.md). With ``fold_bn`` (default
+    block convolutions ran 2.3x faster than the fastest dense form this way, on one CPU thread
+    at batch 32 (1.4x as library convolutions) and on an H100 at batch 4096 (0.65x as library
+    convolutions) (docs/benchmarks.md). With ``fold_bn`` (default
     on) the batch norms of the layers left dense are folded too.
     """
     from slimtorch.decompose import fuse_tucker_

@@ -35,6 +35,15 @@
 #define OFF_B (OFF_V + CO * R2P)             // [CO], padded to a multiple of 4
 #define OFF_S (OFF_B + ((CO + 3) / 4) * 4)   // [NIMG][R1][IPIX]
 
+// acc += w * s, lane by lane
+__device__ __forceinline__ void fma4(float4& acc, const float4 w, const float s)
+{
+    acc.x = fmaf(w.x, s, acc.x);
+    acc.y = fmaf(w.y, s, acc.y);
+    acc.z = fmaf(w.z, s, acc.z);
+    acc.w = fmaf(w.w, s, acc.w);
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS)
 slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict__ u,
                             const float* __restrict__ k, const float* __restrict__ v,
@@ -93,13 +102,7 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
                 const float xv = __ldg(xp + c * (H * W));
                 const float4* w4 = reinterpret_cast<const float4*>(su + c * R1P);
 #pragma unroll
-                for (int j = 0; j < R1P / 4; ++j) {
-                    const float4 w = w4[j];
-                    acc[j].x = fmaf(w.x, xv, acc[j].x);
-                    acc[j].y = fmaf(w.y, xv, acc[j].y);
-                    acc[j].z = fmaf(w.z, xv, acc[j].z);
-                    acc[j].w = fmaf(w.w, xv, acc[j].w);
-                }
+                for (int j = 0; j < R1P / 4; ++j) fma4(acc[j], w4[j], xv);
             }
         }
         float* sp = s1 + im * (R1 * IPIX) + q;
@@ -133,13 +136,7 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
                     const float4* w4 =
                         reinterpret_cast<const float4*>(sk + ((ky * KW + kx) * R1 + j) * R2P);
 #pragma unroll
-                    for (int r = 0; r < R2P / 4; ++r) {
-                        const float4 w = w4[r];
-                        t[r].x = fmaf(w.x, s, t[r].x);
-                        t[r].y = fmaf(w.y, s, t[r].y);
-                        t[r].z = fmaf(w.z, s, t[r].z);
-                        t[r].w = fmaf(w.w, s, t[r].w);
-                    }
+                    for (int r = 0; r < R2P / 4; ++r) fma4(t[r], w4[r], s);
                 }
             }
         }
