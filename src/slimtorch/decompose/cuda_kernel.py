@@ -14,7 +14,7 @@ second each). ROCm builds of PyTorch, float16/bfloat16, and shapes whose weights
 do not fit in shared memory run the library convolutions instead; so does everything when
 ``SLIMTORCH_NO_NATIVE=1``.
 
-Example (needs a CUDA GPU):
+Example (the tiling plan; running the kernel needs a CUDA GPU):
     >>> from slimtorch.decompose.cuda_kernel import plan_launch
     >>> plan = plan_launch(c=16, r1=4, r2=4, co=16, kernel=(3, 3), stride=(1, 1),
     ...                    dilation=(1, 1), out_hw=(28, 28))
@@ -207,9 +207,10 @@ def launcher(
 
 class _Launch:
     """Launch a compiled kernel on the current stream of its device with ``cuLaunchKernel``
-    through ctypes: a few microseconds per call, where the generic launcher of
-    ``torch.cuda._compile_kernel`` reloads the driver library and rebuilds its argument list
-    on every call (about ten times as long, which dominates at small batches)."""
+    through ctypes, with the driver library loaded once. The generic launcher of
+    ``torch.cuda._compile_kernel`` reloads the library and rebuilds its argument list on every
+    call: replacing it took eager resnet56 (54 fused layers) at batch 1 on the H100 from 6.1 to
+    4.0 ms, host-bound, about 40 us per call."""
 
     def __init__(self, fn: Any, device: int, plan: LaunchPlan) -> None:
         self.fn, self.device, self.plan = fn, device, plan

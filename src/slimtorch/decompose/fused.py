@@ -53,13 +53,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
 from slimtorch.decompose import native
-from slimtorch.decompose.fused_op import (
-    check_shapes,
-    cuda_launcher,
-    reference,
-    run_kernel,
-    tucker_block,
-)
+from slimtorch.decompose.fused_op import check_shapes, reference, run_native, tucker_block
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_conv_bn
@@ -188,30 +182,13 @@ def _fused_forward(
         check_shapes(*args)
         return reference(*args, relu)  # differentiable
     if _get_current_dispatch_mode() is None:  # plain eager: no dispatcher, no second check
-        kind = _float32_on(x, residual, w_core)
-        if kind == "cpu":
-            lib = native.kernel()
-            if lib is not None:
-                return run_kernel(lib, *args, relu, check_shapes(*args))
-        elif kind == "cuda":
-            out = check_shapes(*args)
-            run = cuda_launcher(x, u, w_core, v, residual, stride, padding, dilation, relu, out)
-            if run is not None:
-                return run(x, u, w_core, v, bias, residual)
-    elif recording_ops():  # slimtorch's FLOP/byte counters see the three convolutions
+        out = check_shapes(*args)
+        y = run_native(*args, relu, out)
+        return reference(*args, relu) if y is None else y
+    if recording_ops():  # slimtorch's FLOP/byte counters see the three convolutions
         check_shapes(*args)
         return reference(*args, relu)
     return tucker_block(*args, relu)  # export, torch's FLOP counter, other devices
-
-
-def _float32_on(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> str:
-    """``"cpu"`` or ``"cuda"`` when input, residual and weights (one module: one device and
-    dtype) are float32 on one such device, else ``""``."""
-    device = x.device
-    for t in (x, weight) if residual is None else (x, weight, residual):
-        if t.dtype != torch.float32 or t.device != device:
-            return ""
-    return device.type if device.type in ("cpu", "cuda") else ""
 
 
 torch.fx.wrap("_fused_forward")

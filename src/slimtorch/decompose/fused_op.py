@@ -117,18 +117,40 @@ def _tucker_block(
     ``bias (CO,)``, ``residual`` None or the output's shape ``(N, CO, Ho, Wo)``.
     """
     out = check_shapes(x, u, k, v, bias, residual, stride, padding, dilation)
-    tensors = [x, u, k, v, bias] + ([] if residual is None else [residual])
-    if all(t.dtype == torch.float32 for t in tensors):
-        if all(t.device.type == "cpu" for t in tensors):
-            lib = native.kernel()
-            if lib is not None:
-                args = (x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
-                return run_kernel(lib, *args)
-        elif all(t.device == x.device for t in tensors) and x.device.type == "cuda":
-            run = cuda_launcher(x, u, k, v, residual, stride, padding, dilation, relu, out)
-            if run is not None:
-                return run(x, u, k, v, bias, residual)
+    y = run_native(x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
+    if y is not None:
+        return y
     return reference(x, u, k, v, bias, residual, stride, padding, dilation, relu)
+
+
+def run_native(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+    out: tuple[int, int],
+) -> torch.Tensor | None:
+    """The fused layer by this device's kernel (C on the CPU, CUDA on a CUDA GPU) for float32
+    tensors on one device whose shapes :func:`check_shapes` accepted (``out`` is what it
+    returned); None where no kernel can run them (then nothing ran)."""
+    device = x.device
+    for t in (x, u, k, v, bias) if residual is None else (x, u, k, v, bias, residual):
+        if t.dtype != torch.float32 or t.device != device:
+            return None
+    args = (x, u, k, v, bias, residual, stride, padding, dilation, relu, out)
+    if device.type == "cpu":
+        lib = native.kernel()
+        return None if lib is None else run_kernel(lib, *args)
+    if device.type == "cuda":
+        run = cuda_launcher(x, u, k, v, residual, stride, padding, dilation, relu, out)
+        return None if run is None else run(x, u, k, v, bias, residual)
+    return None
 
 
 def cuda_launcher(
@@ -240,4 +262,4 @@ def _flops(
     return 2 * n * (h * w * c * r1 + ho * wo * (r2 * r1 * kh * kw + v_shape[0] * r2))
 
 
-__all__ = ["check_shapes", "cuda_launcher", "reference", "tucker_block"]
+__all__ = ["check_shapes", "cuda_launcher", "reference", "run_native", "tucker_block"]
