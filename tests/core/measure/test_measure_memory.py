@@ -55,6 +55,21 @@ def test_fn_runs_once_even_if_the_peak_cannot_be_read(monkeypatch: pytest.Monkey
     assert calls == [1] and r.method == "rss-sampled"
 
 
+def test_warm_reuse_of_freed_heap_memory_still_counts() -> None:
+    # 8 MB sits under glibc's largest mmap threshold: once freed it stays in the heap, and a
+    # second allocation reuses those pages without growing the resident set
+    if not memory_mod._release_free_heap() or not memory_mod._reset_hwm():
+        pytest.skip("needs glibc's malloc_trim and a resettable VmHWM")
+
+    def fn() -> None:
+        torch.ones(2 * 10**6)
+
+    for _ in range(3):
+        fn()
+    peaks = [measure_peak_memory(fn, device="cpu").peak_bytes for _ in range(3)]
+    assert all(7.5e6 < p < 9e6 for p in peaks), peaks
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
         measure_peak_memory(3, device="cpu")  # type: ignore[arg-type]
