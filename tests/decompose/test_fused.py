@@ -322,6 +322,53 @@ def test_float64_runs_reference_without_the_kernel(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(y64.float(), expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("half", ["x", "residual", "both"])
+def test_autocast_runs_the_float32_kernel(kernel_only: None, half: str) -> None:
+    # under autocast a bf16 map (or residual) is cast up and the float32 kernel runs, as for
+    # autocast's float32 ops; the kernel_only fixture fails the test on a library fallback
+    if not kernel_available():
+        pytest.skip(f"fused kernel unavailable: {native.kernel_status().detail}")
+    layer, x, res, _ = _sample_layer()
+    xs = x.bfloat16() if half in ("x", "both") else x
+    rs = res.bfloat16() if half in ("residual", "both") else res
+    with torch.no_grad():
+        want = layer(xs.float(), rs.float())
+        with torch.autocast("cpu", torch.bfloat16):
+            got = layer(xs, rs)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_half_precision_without_autocast_stays_in_its_dtype() -> None:
+    layer, x, res, expected = _sample_layer()
+    half = copy.deepcopy(layer).bfloat16()
+    with torch.no_grad():
+        y = half(x.bfloat16(), res.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_autocast_operator_and_compiled_model_compute_in_float32() -> None:
+    model = TwoFused().eval()
+    x = torch.randn(2, 4, 7, 9).bfloat16()
+    with torch.no_grad():
+        expected = model(x.float())
+        a = model.a
+        args = (a.first.weight.flatten(1), a.core.weight, a.last.weight.flatten(1), a.last.bias)
+        with torch.autocast("cpu", torch.bfloat16):
+            op = tucker_block(x, *args, None, [1, 1], [1, 1], [1, 1], True)
+        assert op.dtype == torch.float32  # the operator's autocast rule cast its input up
+        torch.testing.assert_close(op, a(x.float()), atol=0, rtol=0)
+        torch._dynamo.reset()
+        try:
+            with torch.autocast("cpu", torch.bfloat16):
+                got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_no_native_env_disables_the_kernel(fresh_native: pytest.MonkeyPatch) -> None:
     layer, x, res, expected = _sample_layer()
     fresh_native.setenv("SLIMTORCH_NO_NATIVE", "1")

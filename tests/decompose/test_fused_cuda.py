@@ -214,6 +214,22 @@ def test_cuda_float16_and_gradients_use_library_convolutions() -> None:
 
 
 @pytest.mark.gpu
+def test_cuda_autocast_runs_the_float32_kernel(kernel_only) -> None:
+    layer = _layer(GPU_SHAPES[0], relu=True, residual=True, seed=5)
+    x = torch.randn(3, 16, 28, 28, device="cuda").bfloat16()
+    res = torch.randn(3, 16, 28, 28, device="cuda")
+    with torch.no_grad():
+        want = layer(x.float(), res)
+        want_half_residual = layer(x.float(), res.bfloat16().float())
+        with torch.autocast("cuda", torch.bfloat16):
+            got = layer(x, res.bfloat16())
+            got_fp32_residual = layer(x, res)
+    assert got.dtype == got_fp32_residual.dtype == torch.float32
+    torch.testing.assert_close(got_fp32_residual, want, atol=0, rtol=0)
+    torch.testing.assert_close(got, want_half_residual, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_and_compile_match_eager() -> None:
     layer = _layer(GPU_SHAPES[1], relu=True, residual=False, seed=5)
     x = torch.randn(8, 16, 28, 28, device="cuda")

@@ -244,6 +244,12 @@ def _(
     return x.new_empty(x.shape[0], v.shape[0], *_out_hw(x, k, stride, padding, dilation))
 
 
+# Under autocast the operator computes in float32, its kernels' dtype: on these narrow factors
+# they outrun half-precision library convolutions (docs/benchmarks.md, "under autocast").
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("slimtorch::tucker_block", _device, torch.float32)
+
+
 @register_flop_formula(torch.ops.slimtorch.tucker_block)
 def _flops(
     x_shape: Sequence[int],
