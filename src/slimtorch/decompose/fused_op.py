@@ -246,8 +246,10 @@ def _(
 
 # Under autocast the operator computes in float32, its kernels' dtype: on these narrow factors
 # they outrun half-precision library convolutions (docs/benchmarks.md, "under autocast").
-for _device in ("cpu", "cuda"):
-    torch.library.register_autocast("slimtorch::tucker_block", _device, torch.float32)
+# torch < 2.5 has no register_autocast; there the operator follows its inputs' dtype.
+if hasattr(torch.library, "register_autocast"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast("slimtorch::tucker_block", _device, torch.float32)
 
 
 @register_flop_formula(torch.ops.slimtorch.tucker_block)
