@@ -62,6 +62,26 @@ def test_plan_groups_small_maps_and_bands_large_ones() -> None:
     assert large is not None and large.images == 1 and large.tiles == 4 and large.rows == 7
 
 
+def test_small_batch_plan_splits_pixels_only_where_the_ranks_allow() -> None:
+    kw = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
+    one = plan_launch(c=64, r1=16, r2=16, co=64, out_hw=(7, 7), **kw)
+    four = plan_launch(c=64, r1=16, r2=16, co=64, out_hw=(7, 7), split=4, **kw)
+    assert one is not None and four is not None
+    # one image a block, 49 pixels padded to 64 threads, times 4; room for the core outputs
+    assert four.images == 1 and four.threads == 4 * 64 and four.tiles == 1
+    per_image_one = one.shared_bytes - 4 * (one.images - 1) * 16 * 9 * 9
+    assert four.shared_bytes == per_image_one + 4 * 49 * 16
+    two = plan_launch(c=32, r1=8, r2=8, co=32, out_hw=(14, 14), split=2, **kw)
+    assert two is not None and two.threads == 2 * 224 and two.rows == 14
+    # rank 4 is one float4: nothing to split; 4 does not divide rank 8's two float4s
+    assert plan_launch(c=16, r1=4, r2=4, co=16, out_hw=(28, 28), split=2, **kw) is None
+    assert plan_launch(c=32, r1=8, r2=8, co=32, out_hw=(14, 14), split=4, **kw) is None
+    assert plan_launch(c=64, r1=16, r2=16, co=66, out_hw=(7, 7), split=4, **kw) is None
+    # bands keep every block within 1024 threads
+    big = plan_launch(c=64, r1=16, r2=16, co=64, out_hw=(28, 28), split=4, **kw)
+    assert big is not None and big.threads <= 1024 and big.tiles > 1
+
+
 def test_plan_shrinks_the_tile_to_fit_and_gives_up_when_nothing_fits() -> None:
     kw = dict(c=64, r1=16, r2=16, co=64, kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
     roomy = plan_launch(**kw, out_hw=(7, 7))
@@ -107,6 +127,8 @@ GPU_SHAPES = [
     (16, 32, (8, 4), 3, 2, 1, 1, 28, 28),
     (32, 32, (8, 8), 3, 1, 1, 1, 14, 14),
     (64, 64, (16, 16), 3, 1, 1, 1, 7, 7),
+    (32, 64, (16, 8), 3, 2, 1, 1, 14, 14),
+    (8, 12, (8, 8), (3, 5), (1, 2), (2, 1), (2, 1), 11, 9),
     (6, 10, (3, 5), (3, 5), (1, 2), (2, 1), (2, 1), 11, 9),
     (17, 9, (9, 16), 3, 1, 0, 1, 7, 9),
     (5, 7, (1, 1), 1, 1, 0, 1, 5, 4),
@@ -176,6 +198,37 @@ def test_cuda_kernel_matches_library_convolutions(exact_convolutions, shape, n) 
         assert got.shape == expected.shape and got.is_cuda
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(via_op, got, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_every_form_of_the_kernel_matches_library_convolutions(
+    exact_convolutions, shape, split
+) -> None:
+    # the small-batch forms (several threads per output pixel) against cuDNN, forced
+    c, co, *_, h, w = shape
+    layer = _layer(shape, relu=True, residual=True, seed=11)
+    x = torch.randn(3, c, h, w, device="cuda")
+    out_hw = tuple(layer.core(layer.first(x[:1])).shape[2:])
+    res = torch.randn(3, co, *out_hw, device="cuda")
+    k = layer.core.weight
+    run = cuda_kernel.launcher(
+        0, (c, h, w), k.shape[1], tuple(k.shape), co, tuple(layer.core.stride),
+        tuple(layer.core.padding), tuple(layer.core.dilation), out_hw, True, True, split,
+    )  # fmt: skip
+    plan = plan_launch(
+        c=c, r1=k.shape[1], r2=k.shape[0], co=co, kernel=tuple(k.shape[2:]),
+        stride=layer.core.stride, dilation=layer.core.dilation, out_hw=out_hw, split=split,
+    )  # fmt: skip
+    assert (run is None) == (plan is None)
+    if run is None:  # no such form for these ranks: the caller keeps one thread a pixel
+        assert split > 1
+        return
+    with torch.no_grad():
+        got = run(x, layer.first.weight, k, layer.last.weight, layer.last.bias, res)
+        want = _reference_of(layer, x, res)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

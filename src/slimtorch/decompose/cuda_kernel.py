@@ -8,7 +8,13 @@ once per tile into shared memory, runs the core taps and the last 1x1 from there
 only the output, after the bias, residual and ReLU.
 
 Each layer shape gets its own build: the shape goes in as ``#define`` constants so all loop
-bounds are known to the compiler. Builds go through ``torch.cuda._compile_kernel`` (NVRTC,
+bounds are known to the compiler. Small batches, whose grid would fill under a quarter of the
+multiprocessors, run a second build with 2 or 4 threads per output pixel (``SPLIT``), made on
+first use; inside CUDA-graph capture on Hopper and later, small grids are launched with
+programmatic dependent launch, so a layer stages its weights while the previous kernel ends.
+Together they took fused resnet56 in a CUDA graph on the H100 from 0.78x to 1.11x the fastest
+dense form at batch 1 (docs/benchmarks.md); ``SLIMTORCH_NO_PDL=1`` turns the second off.
+Builds go through ``torch.cuda._compile_kernel`` (NVRTC,
 which ships with PyTorch's CUDA wheels), once per shape and device per process (about a
 second each). ROCm builds of PyTorch, float16/bfloat16, and shapes whose weights and tile
 do not fit in shared memory run the library convolutions instead; so does everything when
@@ -81,29 +87,40 @@ def plan_launch(
     dilation: Sequence[int],
     out_hw: Sequence[int],
     shared_limit: int = SHARED_LIMIT,
+    split: int = 1,
 ) -> LaunchPlan | None:
     """Tile an output map of ``out_hw`` for the kernel, or None if even one output row of one
     image does not fit in ``shared_limit`` bytes of shared memory.
 
     Large maps are cut into bands of whole rows of about :data:`TARGET_PIXELS` pixels, of
-    equal height; small maps are grouped, several images to a block.
+    equal height; small maps are grouped, several images to a block. With ``split`` > 1 (the
+    small-batch form: ``split`` threads per output pixel) a block takes one image or a band
+    of it, and the plan is None unless ``split`` divides the padded ranks' float4 counts and
+    ``co``.
     """
     ho, wo = out_hw
     in_cols = (wo - 1) * stride[1] + (kernel[1] - 1) * dilation[1] + 1
     taps = kernel[0] * kernel[1]
+    if split > 1 and (_round4(r1) // 4 % split or _round4(r2) // 4 % split or co % split):
+        return None
 
     def in_rows(rows: int) -> int:
         return (rows - 1) * stride[0] + (kernel[0] - 1) * dilation[0] + 1
+
+    def threads(rows: int, images: int) -> int:
+        return -(-(rows * wo * images) // 32) * 32 * split
 
     per_image = ho * wo
     if per_image >= TARGET_PIXELS:
         bands = -(-per_image // TARGET_PIXELS)
         rows, images = -(-ho // bands), 1
     else:
-        rows, images = ho, max(1, TARGET_PIXELS // per_image)
+        rows, images = ho, 1 if split > 1 else max(1, TARGET_PIXELS // per_image)
     while True:
         shared = _shared_bytes(c, r1, r2, co, taps, in_rows(rows), in_cols, images)
-        if shared <= shared_limit:
+        if split > 1:
+            shared += 4 * images * rows * wo * _round4(r2)  # the core outputs, exchanged
+        if shared <= shared_limit and (split == 1 or threads(rows, images) <= 1024):
             break
         if images > 1:
             images -= 1
@@ -111,8 +128,7 @@ def plan_launch(
             rows -= 1
         else:
             return None
-    threads = min(1024, -(-(rows * wo * images) // 32) * 32)
-    return LaunchPlan(rows, images, threads, shared, -(-ho // rows))
+    return LaunchPlan(rows, images, min(1024, threads(rows, images)), shared, -(-ho // rows))
 
 
 _lock = threading.Lock()
@@ -136,6 +152,10 @@ def _disabled_reason() -> str | None:
 _failed: dict[tuple[Any, ...], str] = {}
 
 
+SPLITS = (4, 2)
+"""Threads per output pixel the small-batch form tries, most first."""
+
+
 @functools.lru_cache(maxsize=4096)
 def launcher(
     device: int,
@@ -149,42 +169,38 @@ def launcher(
     out_hw: tuple[int, int],
     relu: bool,
     residual: bool,
+    split: int | None = None,
 ) -> Callable[..., torch.Tensor] | None:
     """A function ``f(x, u, k, v, bias, residual) -> y`` that runs the CUDA kernel on CUDA
     device ``device`` for inputs ``(N, *in_shape)`` and a core of ``core_shape``, or None
     where it cannot run (see the module docstring). A failed build is logged once.
+
+    ``split`` None (the default) runs batches whose blocks would fill under a quarter of the
+    GPU's multiprocessors in the small-batch form (several threads per output pixel, built on
+    first use), others in the one-thread-per-pixel form; an int forces that many threads per
+    pixel (1: never split).
 
     Arguments are plain ints and tuples so a layer's launcher is found by one dictionary
     lookup per call.
     """
     if _disabled_reason() is not None:
         return None
-    c, h, w = in_shape
-    r2, _, kh, kw = core_shape
-    plan = plan_launch(
-        c=c, r1=r1, r2=r2, co=co, kernel=(kh, kw), stride=stride, dilation=dilation,
-        out_hw=out_hw,
-    )  # fmt: skip
-    if plan is None:
+    shape = (in_shape, r1, core_shape, co, stride, padding, dilation, out_hw, relu, residual)
+    base = _build(device, *shape, split=1 if split is None else split)
+    if base is None:
         return None
-    defines = (
-        ("C", c), ("R1", r1), ("R2", r2), ("CO", co), ("KH", kh), ("KW", kw),
-        ("SH", stride[0]), ("SW", stride[1]), ("PH", padding[0]), ("PW", padding[1]),
-        ("DH", dilation[0]), ("DW", dilation[1]), ("H", h), ("W", w),
-        ("HO", out_hw[0]), ("WO", out_hw[1]), ("TH", plan.rows), ("NIMG", plan.images),
-        ("RELU", int(relu)), ("RES", int(residual)), ("NTHREADS", plan.threads),
-        ("R1P", _round4(r1)), ("R2P", _round4(r2)),
-    )  # fmt: skip
-    header = "".join(f"#define {name} {value}\n" for name, value in defines)
-    try:
-        with _lock, torch.cuda.device(device):
-            fn = torch.cuda._compile_kernel(header + _source(), SYMBOL)
-    except RuntimeError as exc:
-        _failed[(device, *defines)] = str(exc)
-        logger.warning("fused Tucker CUDA kernel unavailable for %s: %s", defines, exc)
-        return None
+    small: list[_Launch | None] = []  # the small-batch form, built on first use
+    quarter = torch.cuda.get_device_properties(device).multi_processor_count // 4
 
-    launch = _Launch(fn, device, plan)
+    def small_form() -> _Launch | None:
+        if not small:
+            small.append(
+                next(
+                    (b for k in SPLITS if (b := _build(device, *shape, split=k)) is not None),
+                    None,
+                )
+            )
+        return small[0]
 
     def run(
         x: torch.Tensor,
@@ -199,10 +215,56 @@ def launcher(
         n = x.shape[0]
         y = torch.empty(n, co, out_hw[0], out_hw[1], device=x.device, dtype=x.dtype)
         if n:
+            launch = base
+            if split is None and base.blocks(n) <= quarter:
+                launch = small_form() or base
             launch(n, (x, u, k, v, bias, res, y))
         return y
 
     return run
+
+
+def _build(
+    device: int,
+    in_shape: tuple[int, int, int],
+    r1: int,
+    core_shape: tuple[int, int, int, int],
+    co: int,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    relu: bool,
+    residual: bool,
+    split: int,
+) -> _Launch | None:
+    """Plan and compile one form of the kernel for one layer shape; None where it cannot."""
+    c, h, w = in_shape
+    r2, _, kh, kw = core_shape
+    plan = plan_launch(
+        c=c, r1=r1, r2=r2, co=co, kernel=(kh, kw), stride=stride, dilation=dilation,
+        out_hw=out_hw, split=split,
+    )  # fmt: skip
+    if plan is None:
+        return None
+    defines = (
+        ("C", c), ("R1", r1), ("R2", r2), ("CO", co), ("KH", kh), ("KW", kw),
+        ("SH", stride[0]), ("SW", stride[1]), ("PH", padding[0]), ("PW", padding[1]),
+        ("DH", dilation[0]), ("DW", dilation[1]), ("H", h), ("W", w),
+        ("HO", out_hw[0]), ("WO", out_hw[1]), ("TH", plan.rows), ("NIMG", plan.images),
+        ("RELU", int(relu)), ("RES", int(residual)), ("NTHREADS", plan.threads),
+        ("R1P", _round4(r1)), ("R2P", _round4(r2)), ("PDL", int(_pdl_supported(device))),
+        ("SPLIT", split),
+    )  # fmt: skip
+    header = "".join(f"#define {name} {value}\n" for name, value in defines)
+    try:
+        with _lock, torch.cuda.device(device):
+            fn = torch.cuda._compile_kernel(header + _source(), SYMBOL)
+    except RuntimeError as exc:
+        _failed[(device, *defines)] = str(exc)
+        logger.warning("fused Tucker CUDA kernel unavailable for %s: %s", defines, exc)
+        return None
+    return _Launch(fn, device, plan)
 
 
 class _Launch:
@@ -216,10 +278,16 @@ class _Launch:
         self.fn, self.device, self.plan = fn, device, plan
         self.func = getattr(fn, "func", None)
         self.driver = _driver() if self.func is not None else None
+        self.pdl = self.driver is not None and _pdl_supported(device)
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def blocks(self, n: int) -> int:
+        """Blocks of the grid for ``n`` images."""
+        return -(-n // self.plan.images) * self.plan.tiles
 
     def __call__(self, n: int, tensors: tuple[torch.Tensor, ...]) -> None:
         plan = self.plan
-        blocks = -(-n // plan.images) * plan.tiles
+        blocks = self.blocks(n)
         if self.driver is None:  # a PyTorch whose kernel object hides its handle
             with torch.cuda.device(self.device):
                 self.fn((blocks, 1, 1), (plan.threads, 1, 1), [*tensors, n], plan.shared_bytes)
@@ -230,12 +298,25 @@ class _Launch:
             *(ctypes.addressof(v) for v in values), ctypes.addressof(count)
         )
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        launch = (self.func, blocks, 1, 1, plan.threads, 1, 1, plan.shared_bytes, stream, args)
+        if self.pdl and blocks * 4 <= self.sms and torch.cuda.is_current_stream_capturing():
+            # in a captured forward pass no kernel before this one writes the weights, so the
+            # kernel may stage them while the previous kernel finishes (the source's PDL note).
+            # Only grids of one wave: on larger ones the early blocks of the next kernel took
+            # multiprocessors from this one's later waves (resnet56 at batch 1024: 0.91x).
+            config = _LaunchConfig(
+                blocks, 1, 1, plan.threads, 1, 1, plan.shared_bytes, stream,
+                ctypes.pointer(_PDL_ATTRIBUTE), 1,
+            )  # fmt: skip
+            launch: tuple[Any, ...] = (ctypes.byref(config), self.func, args)
+            call = self.driver.cuLaunchKernelEx
+        else:
+            launch = (self.func, blocks, 1, 1, plan.threads, 1, 1, plan.shared_bytes, stream, args)
+            call = self.driver.cuLaunchKernel
         if torch.cuda.current_device() == self.device:
-            rc = self.driver.cuLaunchKernel(*launch, None)
+            rc = call(*launch, None)
         else:  # the kernel belongs to its device's context
             with torch.cuda.device(self.device):
-                rc = self.driver.cuLaunchKernel(*launch, None)
+                rc = call(*launch, None)
         if rc != 0:
             message = ctypes.c_char_p()
             self.driver.cuGetErrorString(rc, ctypes.byref(message))
@@ -251,7 +332,53 @@ def _driver() -> ctypes.CDLL:
     lib.cuLaunchKernel.restype = ctypes.c_int
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     lib.cuGetErrorString.restype = ctypes.c_int
+    if hasattr(lib, "cuLaunchKernelEx"):  # CUDA 12 drivers and later
+        lib.cuLaunchKernelEx.argtypes = [p, p, p, p]
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
     return lib
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """The driver's ``CUlaunchAttribute``: an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """The driver's ``CUlaunchConfig`` for ``cuLaunchKernelEx``."""
+
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_bytes", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+    def __init__(
+        self, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
+        attrs: Any, num_attrs: int,
+    ) -> None:  # fmt: skip
+        super().__init__((gx, gy, gz), (bx, by, bz), shared, stream, attrs, num_attrs)
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_PDL_ATTRIBUTE = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (ctypes.c_int * 16)(1))
+
+
+@functools.cache
+def _pdl_supported(device: int) -> bool:
+    """Programmatic dependent launch: sm_90 or later, a driver with ``cuLaunchKernelEx``, and
+    not turned off with ``SLIMTORCH_NO_PDL=1``."""
+    if os.environ.get("SLIMTORCH_NO_PDL", "") not in ("", "0"):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        return hasattr(_driver(), "cuLaunchKernelEx")
+    except OSError:
+        return False
 
 
 def cuda_status() -> str:

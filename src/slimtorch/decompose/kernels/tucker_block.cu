@@ -18,8 +18,26 @@
 // Global memory sees one read of x (plus halo rows), one read of the residual and one write
 // of y: the intermediate maps never leave the multiprocessor.
 //
+// Programmatic dependent launch (PDL, sm_90 and later): launched with the programmatic
+// stream-serialization attribute, as the launcher does inside CUDA-graph capture, a layer's
+// blocks may start while the previous kernel finishes. They stage their weights first, then
+// wait (griddepcontrol.wait) until the previous grid has completed and its writes are
+// visible, and only then read x and the residual or write y. Each block also lets the next
+// kernel launch as soon as it starts. Launched without the attribute, the wait returns at
+// once. Weights are read before the wait, so the launcher uses the attribute only where no
+// kernel of the same stream can have just written them: inside a captured forward pass.
+//
+// Small batches (SPLIT > 1): one block then holds one image or less, and one thread per
+// output pixel leaves most of the multiprocessor idle while each thread runs all R2 core
+// outputs and all CO output channels. With SPLIT threads per pixel, phase 2 gives each
+// thread R1P/SPLIT of the ranks, and phase 3 R2P/SPLIT core outputs, exchanged through shared
+// memory, then CO/SPLIT output channels. Every register array is indexed by constants only;
+// a thread's share is an offset into shared memory.
+//
 // Expected defines: C R1 R2 CO KH KW SH SW PH PW DH DW H W HO WO TH NIMG RELU RES NTHREADS
-// R1P R2P (R1, R2 rounded up to multiples of 4).
+// R1P R2P (R1, R2 rounded up to multiples of 4) PDL (1 on sm_90 and later) SPLIT (threads
+// per output pixel; SPLIT > 1 needs NTHREADS >= SPLIT * (NIMG * PIX rounded up to a multiple
+// of 32) and SPLIT dividing R1P/4, R2P/4 and CO).
 
 #define IH_T ((TH - 1) * SH + (KH - 1) * DH + 1)
 #define IW_T ((WO - 1) * SW + (KW - 1) * DW + 1)
@@ -34,6 +52,10 @@
 #define OFF_V (OFF_K + TAPS * R1 * R2P)      // [CO][R2P]
 #define OFF_B (OFF_V + CO * R2P)             // [CO], padded to a multiple of 4
 #define OFF_S (OFF_B + ((CO + 3) / 4) * 4)   // [NIMG][R1][IPIX]
+#define OFF_T (OFF_S + NIMG * R1 * IPIX)     // SPLIT > 1: core outputs [R2P][NIMG * PIX]
+#define R1Q (R1P / 4 / SPLIT)                // float4s of ranks per thread in phase 2
+#define R2Q (R2P / 4 / SPLIT)                // float4s of core outputs per thread in phase 3
+#define NPR (((NIMG * PIX + 31) / 32) * 32)  // SPLIT > 1: threads per share, whole warps
 
 // acc += w * s, lane by lane
 __device__ __forceinline__ void fma4(float4& acc, const float4 w, const float s)
@@ -58,6 +80,9 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
     float* sb = smem + OFF_B;
     float* s1 = smem + OFF_S;
     const int tid = threadIdx.x;
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
     // 1. weights, transposed and zero-padded (loops unrolled so a thread's loads are in
     // flight together: at small batches the block's latency is the kernel's time)
@@ -82,15 +107,19 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
     const long img0 = (long)(blockIdx.x / TILES) * NIMG;
     const int oy0 = tile * TH;
     const int iy0 = oy0 * SH - PH;
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // x, res and y from here on
+#endif
     __syncthreads();
 
-    // 2. first 1x1 over the tile and its halo
-    for (int p = tid; p < NIMG * IPIX; p += NTHREADS) {
-        const int im = p / IPIX, q = p % IPIX;
+    // 2. first 1x1 over the tile and its halo (R1Q float4s of ranks per work item)
+    for (int p = tid; p < NIMG * IPIX * SPLIT; p += NTHREADS) {
+        const int part = p / (NIMG * IPIX), pq = p % (NIMG * IPIX);
+        const int im = pq / IPIX, q = pq % IPIX;
         const int iy = iy0 + q / IW_T, ix = q % IW_T - PW;
-        float4 acc[R1P / 4];
+        float4 acc[R1Q];
 #pragma unroll
-        for (int j = 0; j < R1P / 4; ++j) acc[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int j = 0; j < R1Q; ++j) acc[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (img0 + im < n && iy >= 0 && iy < H && ix >= 0 && ix < W) {
             const float* xp = x + (img0 + im) * (long)(C * H * W) + iy * W + ix;
 #if C <= 64
@@ -100,22 +129,85 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
 #endif
             for (int c = 0; c < C; ++c) {
                 const float xv = __ldg(xp + c * (H * W));
-                const float4* w4 = reinterpret_cast<const float4*>(su + c * R1P);
+                const float4* w4 = reinterpret_cast<const float4*>(su + c * R1P) + part * R1Q;
 #pragma unroll
-                for (int j = 0; j < R1P / 4; ++j) fma4(acc[j], w4[j], xv);
+                for (int j = 0; j < R1Q; ++j) fma4(acc[j], w4[j], xv);
             }
         }
         float* sp = s1 + im * (R1 * IPIX) + q;
+        const int j0 = part * R1Q * 4;
 #pragma unroll
-        for (int j = 0; j < R1P / 4; ++j) {
-            if (4 * j + 0 < R1) sp[(4 * j + 0) * IPIX] = acc[j].x;
-            if (4 * j + 1 < R1) sp[(4 * j + 1) * IPIX] = acc[j].y;
-            if (4 * j + 2 < R1) sp[(4 * j + 2) * IPIX] = acc[j].z;
-            if (4 * j + 3 < R1) sp[(4 * j + 3) * IPIX] = acc[j].w;
+        for (int j = 0; j < R1Q; ++j) {
+            if (j0 + 4 * j + 0 < R1) sp[(j0 + 4 * j + 0) * IPIX] = acc[j].x;
+            if (j0 + 4 * j + 1 < R1) sp[(j0 + 4 * j + 1) * IPIX] = acc[j].y;
+            if (j0 + 4 * j + 2 < R1) sp[(j0 + 4 * j + 2) * IPIX] = acc[j].z;
+            if (j0 + 4 * j + 3 < R1) sp[(j0 + 4 * j + 3) * IPIX] = acc[j].w;
         }
     }
     __syncthreads();
 
+#if SPLIT > 1
+    // 3. core taps (R2Q float4s of core outputs per thread) into shared memory, then the last
+    // 1x1 and epilogue for CO / SPLIT output channels; one work item per thread
+    {
+        float* st = smem + OFF_T;
+        const int part = tid / NPR, pq = tid % NPR;  // a warp shares one part
+        const int im = pq / PIX, q = pq % PIX;
+        const int ly = q / WO, ox = q % WO;
+        const int oy = oy0 + ly;
+        const bool active = part < SPLIT && pq < NIMG * PIX && oy < HO && img0 + im < n;
+        if (active) {
+            float4 t[R2Q];
+#pragma unroll
+            for (int r = 0; r < R2Q; ++r) t[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float* sp = s1 + im * (R1 * IPIX) + (ly * SH) * IW_T + ox * SW;
+#pragma unroll
+            for (int ky = 0; ky < KH; ++ky) {
+#pragma unroll
+                for (int kx = 0; kx < KW; ++kx) {
+#pragma unroll
+                    for (int j = 0; j < R1; ++j) {
+                        const float s = sp[j * IPIX + ky * DH * IW_T + kx * DW];
+                        const float4* w4 = reinterpret_cast<const float4*>(
+                                               sk + ((ky * KW + kx) * R1 + j) * R2P) + part * R2Q;
+#pragma unroll
+                        for (int r = 0; r < R2Q; ++r) fma4(t[r], w4[r], s);
+                    }
+                }
+            }
+            float* tp = st + (part * R2Q * 4) * (NIMG * PIX) + pq;
+#pragma unroll
+            for (int r = 0; r < R2Q; ++r) {
+                tp[(4 * r + 0) * (NIMG * PIX)] = t[r].x;
+                tp[(4 * r + 1) * (NIMG * PIX)] = t[r].y;
+                tp[(4 * r + 2) * (NIMG * PIX)] = t[r].z;
+                tp[(4 * r + 3) * (NIMG * PIX)] = t[r].w;
+            }
+        }
+        __syncthreads();
+        if (active) {
+            float tr[R2];
+#pragma unroll
+            for (int r = 0; r < R2; ++r) tr[r] = st[r * (NIMG * PIX) + pq];
+            const long ob = (img0 + im) * (long)(CO * HO * WO) + oy * WO + ox;
+#pragma unroll 4
+            for (int i = 0; i < CO / SPLIT; ++i) {
+                const int o = part * (CO / SPLIT) + i;
+                const float* w = sv + o * R2P;
+                float acc = sb[o];
+#pragma unroll
+                for (int r = 0; r < R2; ++r) acc = fmaf(w[r], tr[r], acc);
+#if RES
+                acc += __ldg(res + ob + o * (HO * WO));
+#endif
+#if RELU
+                acc = acc < 0.0f ? 0.0f : acc;  // NaN stays NaN, as torch.relu
+#endif
+                y[ob + o * (HO * WO)] = acc;
+            }
+        }
+    }
+#else
     // 3. core taps, last 1x1 and epilogue, one output pixel per thread
     for (int p = tid; p < NIMG * PIX; p += NTHREADS) {
         const int im = p / PIX, q = p % PIX;
@@ -162,4 +254,5 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
             y[ob + o * (HO * WO)] = acc;
         }
     }
+#endif
 }
