@@ -98,7 +98,7 @@ class FusedTuckerConv2d(TuckerConv2d):
         # above), so a call does not rebuild them
         self._geometry = (
             [int(n) for n in core.stride],
-            [int(n) for n in core.padding],  # type: ignore[union-attr]
+            [int(n) for n in core.padding],
             [int(n) for n in core.dilation],
         )
 
