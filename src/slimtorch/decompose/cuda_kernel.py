@@ -186,7 +186,7 @@ def launcher(
     if _disabled_reason() is not None:
         return None
     shape = (in_shape, r1, core_shape, co, stride, padding, dilation, out_hw, relu, residual)
-    base = _build(device, *shape, split=1 if split is None else split)
+    base = _build(device, shape, 1 if split is None else split)
     if base is None:
         return None
     small: list[_Launch | None] = []  # the small-batch form, built on first use
@@ -196,7 +196,7 @@ def launcher(
         if not small:
             small.append(
                 next(
-                    (b for k in SPLITS if (b := _build(device, *shape, split=k)) is not None),
+                    (b for k in SPLITS if (b := _build(device, shape, k)) is not None),
                     None,
                 )
             )
@@ -224,21 +224,10 @@ def launcher(
     return run
 
 
-def _build(
-    device: int,
-    in_shape: tuple[int, int, int],
-    r1: int,
-    core_shape: tuple[int, int, int, int],
-    co: int,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
-    relu: bool,
-    residual: bool,
-    split: int,
-) -> _Launch | None:
-    """Plan and compile one form of the kernel for one layer shape; None where it cannot."""
+def _build(device: int, shape: tuple[Any, ...], split: int) -> _Launch | None:
+    """Plan and compile one form of the kernel for one layer ``shape`` (the launcher's
+    arguments from ``in_shape`` to ``residual``); None where it cannot."""
+    in_shape, r1, core_shape, co, stride, padding, dilation, out_hw, relu, residual = shape
     c, h, w = in_shape
     r2, _, kh, kw = core_shape
     plan = plan_launch(

@@ -66,6 +66,42 @@ __device__ __forceinline__ void fma4(float4& acc, const float4 w, const float s)
     acc.w = fmaf(w.w, s, acc.w);
 }
 
+// The core taps of one output pixel whose first-1x1 values start at sp (shared memory):
+// R2Q float4s of core outputs, from float4 `first` of the padded R2P on
+__device__ __forceinline__ void core_taps(float4 (&t)[R2Q], const float* sp, const float* sk,
+                                          int first)
+{
+#pragma unroll
+    for (int r = 0; r < R2Q; ++r) t[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int ky = 0; ky < KH; ++ky) {
+#pragma unroll
+        for (int kx = 0; kx < KW; ++kx) {
+#pragma unroll
+            for (int j = 0; j < R1; ++j) {
+                const float s = sp[j * IPIX + ky * DH * IW_T + kx * DW];
+                const float4* w4 =
+                    reinterpret_cast<const float4*>(sk + ((ky * KW + kx) * R1 + j) * R2P) + first;
+#pragma unroll
+                for (int r = 0; r < R2Q; ++r) fma4(t[r], w4[r], s);
+            }
+        }
+    }
+}
+
+// The epilogue of one output value at y[i]: + residual, ReLU, one store
+__device__ __forceinline__ void store_out(float acc, const float* __restrict__ res,
+                                          float* __restrict__ y, long i)
+{
+#if RES
+    acc += __ldg(res + i);
+#endif
+#if RELU
+    acc = acc < 0.0f ? 0.0f : acc;  // NaN stays NaN, as torch.relu
+#endif
+    y[i] = acc;
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS)
 slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict__ u,
                             const float* __restrict__ k, const float* __restrict__ v,
@@ -158,23 +194,7 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
         const bool active = part < SPLIT && pq < NIMG * PIX && oy < HO && img0 + im < n;
         if (active) {
             float4 t[R2Q];
-#pragma unroll
-            for (int r = 0; r < R2Q; ++r) t[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            const float* sp = s1 + im * (R1 * IPIX) + (ly * SH) * IW_T + ox * SW;
-#pragma unroll
-            for (int ky = 0; ky < KH; ++ky) {
-#pragma unroll
-                for (int kx = 0; kx < KW; ++kx) {
-#pragma unroll
-                    for (int j = 0; j < R1; ++j) {
-                        const float s = sp[j * IPIX + ky * DH * IW_T + kx * DW];
-                        const float4* w4 = reinterpret_cast<const float4*>(
-                                               sk + ((ky * KW + kx) * R1 + j) * R2P) + part * R2Q;
-#pragma unroll
-                        for (int r = 0; r < R2Q; ++r) fma4(t[r], w4[r], s);
-                    }
-                }
-            }
+            core_taps(t, s1 + im * (R1 * IPIX) + (ly * SH) * IW_T + ox * SW, sk, part * R2Q);
             float* tp = st + (part * R2Q * 4) * (NIMG * PIX) + pq;
 #pragma unroll
             for (int r = 0; r < R2Q; ++r) {
@@ -197,13 +217,7 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
                 float acc = sb[o];
 #pragma unroll
                 for (int r = 0; r < R2; ++r) acc = fmaf(w[r], tr[r], acc);
-#if RES
-                acc += __ldg(res + ob + o * (HO * WO));
-#endif
-#if RELU
-                acc = acc < 0.0f ? 0.0f : acc;  // NaN stays NaN, as torch.relu
-#endif
-                y[ob + o * (HO * WO)] = acc;
+                store_out(acc, res, y, ob + o * (HO * WO));
             }
         }
     }
@@ -214,44 +228,22 @@ slimtorch_tucker_block_cuda(const float* __restrict__ x, const float* __restrict
         const int ly = q / WO, ox = q % WO;
         const int oy = oy0 + ly;
         if (oy >= HO || img0 + im >= n) continue;
-        float4 t[R2P / 4];
-#pragma unroll
-        for (int r = 0; r < R2P / 4; ++r) t[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const float* sp = s1 + im * (R1 * IPIX) + (ly * SH) * IW_T + ox * SW;
-#pragma unroll
-        for (int ky = 0; ky < KH; ++ky) {
-#pragma unroll
-            for (int kx = 0; kx < KW; ++kx) {
-#pragma unroll
-                for (int j = 0; j < R1; ++j) {
-                    const float s = sp[j * IPIX + ky * DH * IW_T + kx * DW];
-                    const float4* w4 =
-                        reinterpret_cast<const float4*>(sk + ((ky * KW + kx) * R1 + j) * R2P);
-#pragma unroll
-                    for (int r = 0; r < R2P / 4; ++r) fma4(t[r], w4[r], s);
-                }
-            }
-        }
+        float4 t[R2Q];  // R2Q is R2P / 4 here
+        core_taps(t, s1 + im * (R1 * IPIX) + (ly * SH) * IW_T + ox * SW, sk, 0);
         const long ob = (img0 + im) * (long)(CO * HO * WO) + oy * WO + ox;
 #pragma unroll 4
         for (int o = 0; o < CO; ++o) {
             const float4* w4 = reinterpret_cast<const float4*>(sv + o * R2P);
             float acc = sb[o];
 #pragma unroll
-            for (int r = 0; r < R2P / 4; ++r) {
+            for (int r = 0; r < R2Q; ++r) {
                 const float4 w = w4[r];
                 acc = fmaf(w.x, t[r].x, acc);
                 acc = fmaf(w.y, t[r].y, acc);
                 acc = fmaf(w.z, t[r].z, acc);
                 acc = fmaf(w.w, t[r].w, acc);
             }
-#if RES
-            acc += __ldg(res + ob + o * (HO * WO));
-#endif
-#if RELU
-            acc = acc < 0.0f ? 0.0f : acc;  // NaN stays NaN, as torch.relu
-#endif
-            y[ob + o * (HO * WO)] = acc;
+            store_out(acc, res, y, ob + o * (HO * WO));
         }
     }
 #endif
