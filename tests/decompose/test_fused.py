@@ -369,6 +369,23 @@ def test_autocast_operator_and_compiled_model_compute_in_float32() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_parametrised_weight_is_read_through_its_parametrisation() -> None:
+    # the layer reads its factors from the parameter dictionaries for speed; a parametrised
+    # weight lives elsewhere, and must still be the one used
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    layer, x, res, _ = _sample_layer()
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():
+        plain.first.weight.mul_(2)
+        parametrize.register_parametrization(layer.first, "weight", Double())
+        torch.testing.assert_close(layer(x, res), plain(x, res), atol=ATOL, rtol=RTOL)
+
+
 def test_no_native_env_disables_the_kernel(fresh_native: pytest.MonkeyPatch) -> None:
     layer, x, res, expected = _sample_layer()
     fresh_native.setenv("SLIMTORCH_NO_NATIVE", "1")
