@@ -569,31 +569,22 @@ def _recording_backend(graphs: list[torch.fx.GraphModule]):
     return backend
 
 
-def test_torch_compile_matches_eager_and_calls_the_custom_op() -> None:
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_matches_eager_and_calls_the_custom_op(fullgraph: bool) -> None:
     model = TwoFused().eval()
     x = torch.randn(2, 4, 7, 9)
     with torch.no_grad():
         expected = model(x)
     graphs: list[torch.fx.GraphModule] = []
-    got = _compile(model, x, _recording_backend(graphs), fullgraph=False)
+    got = _compile(model, x, _recording_backend(graphs), fullgraph=fullgraph)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(
-        _compile(model, x, "aot_eager", fullgraph=False), expected, atol=1e-6, rtol=1e-6
+        _compile(model, x, "aot_eager", fullgraph=fullgraph), expected, atol=1e-6, rtol=1e-6
     )
+    assert len(graphs) == 1  # one graph, no break around the fused layers
     targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.slimtorch.tucker_block.default) == 2
     assert torch.nn.functional.conv2d not in targets
-
-
-def test_torch_compile_fullgraph_is_one_graph() -> None:
-    model = TwoFused().eval()
-    x = torch.randn(2, 4, 7, 9)
-    with torch.no_grad():
-        expected = model(x)
-    graphs: list[torch.fx.GraphModule] = []
-    got = _compile(model, x, _recording_backend(graphs), fullgraph=True)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    assert len(graphs) == 1
 
 
 def test_torch_export_under_no_grad_matches_eager() -> None:

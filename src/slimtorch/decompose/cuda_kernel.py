@@ -14,11 +14,10 @@ first use; inside CUDA-graph capture on Hopper and later, small grids are launch
 programmatic dependent launch, so a layer stages its weights while the previous kernel ends.
 Together they took fused resnet56 in a CUDA graph on the H100 from 0.78x to 1.11x the fastest
 dense form at batch 1 (docs/benchmarks.md); ``SLIMTORCH_NO_PDL=1`` turns the second off.
-Builds go through ``torch.cuda._compile_kernel`` (NVRTC,
-which ships with PyTorch's CUDA wheels), once per shape and device per process (about a
-second each). ROCm builds of PyTorch, float16/bfloat16, and shapes whose weights and tile
-do not fit in shared memory run the library convolutions instead; so does everything when
-``SLIMTORCH_NO_NATIVE=1``.
+Builds go through ``torch.cuda._compile_kernel`` (NVRTC, which ships with PyTorch's CUDA
+wheels), once per shape and device per process (about a second each). ROCm builds of PyTorch,
+float16/bfloat16, and shapes whose weights and tile do not fit in shared memory run the library
+convolutions instead; so does everything when ``SLIMTORCH_NO_NATIVE=1``.
 
 Example (the tiling plan; running the kernel needs a CUDA GPU):
     >>> from slimtorch.decompose.cuda_kernel import plan_launch
@@ -154,6 +153,9 @@ _failed: dict[tuple[Any, ...], str] = {}
 
 SPLITS = (4, 2)
 """Threads per output pixel the small-batch form tries, most first."""
+SMALL_GRID = 4
+"""A grid is small when it would fill at most 1/SMALL_GRID of the multiprocessors: then the
+small-batch form runs, and inside graph capture the launch is programmatic."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -190,16 +192,15 @@ def launcher(
     if base is None:
         return None
     small: list[_Launch | None] = []  # the small-batch form, built on first use
-    quarter = torch.cuda.get_device_properties(device).multi_processor_count // 4
 
     def small_form() -> _Launch | None:
         if not small:
-            small.append(
-                next(
-                    (b for k in SPLITS if (b := _build(device, shape, k)) is not None),
-                    None,
-                )
-            )
+            built = None
+            for k in SPLITS:
+                built = _build(device, shape, k)
+                if built is not None:
+                    break
+            small.append(built)
         return small[0]
 
     def run(
@@ -216,7 +217,7 @@ def launcher(
         y = torch.empty(n, co, out_hw[0], out_hw[1], device=x.device, dtype=x.dtype)
         if n:
             launch = base
-            if split is None and base.blocks(n) <= quarter:
+            if split is None and base.is_small(n):
                 launch = small_form() or base
             launch(n, (x, u, k, v, bias, res, y))
         return y
@@ -274,6 +275,10 @@ class _Launch:
         """Blocks of the grid for ``n`` images."""
         return -(-n // self.plan.images) * self.plan.tiles
 
+    def is_small(self, n: int) -> bool:
+        """Whether the grid for ``n`` images is small (see :data:`SMALL_GRID`)."""
+        return self.blocks(n) * SMALL_GRID <= self.sms
+
     def __call__(self, n: int, tensors: tuple[torch.Tensor, ...]) -> None:
         plan = self.plan
         blocks = self.blocks(n)
@@ -287,10 +292,10 @@ class _Launch:
             *(ctypes.addressof(v) for v in values), ctypes.addressof(count)
         )
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        if self.pdl and blocks * 4 <= self.sms and torch.cuda.is_current_stream_capturing():
+        if self.pdl and self.is_small(n) and torch.cuda.is_current_stream_capturing():
             # in a captured forward pass no kernel before this one writes the weights, so the
             # kernel may stage them while the previous kernel finishes (the source's PDL note).
-            # Only grids of one wave: on larger ones the early blocks of the next kernel took
+            # Small grids only: on larger ones the next kernel's early blocks took
             # multiprocessors from this one's later waves (resnet56 at batch 1024: 0.91x).
             config = _LaunchConfig(
                 blocks, 1, 1, plan.threads, 1, 1, plan.shared_bytes, stream,

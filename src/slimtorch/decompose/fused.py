@@ -25,9 +25,9 @@ autocast it computes in float32, like autocast's own float32 operators: a half-p
 or residual is cast up and the kernel runs (its output is float32). On these narrow factors the
 float32 kernel outruns half-precision library convolutions: resnet56 under bf16 autocast on an
 H100 took 9.98 instead of 31.3 ms at batch 4096, on one CPU core 17.1 instead of 38.1 ms at
-batch 32 (docs/benchmarks.md). It goes
-through ``torch.compile`` and ``torch.export`` as one custom operator (``slimtorch::tucker_block``);
-ONNX export has no such operator, so export the unfused model for ONNX.
+batch 32 (docs/benchmarks.md). It goes through ``torch.compile`` and ``torch.export`` as one
+custom operator (``slimtorch::tucker_block``); ONNX export has no such operator, so export the
+unfused model for ONNX.
 
 Example:
     >>> from slimtorch.decompose import TuckerConfig, decompose_
@@ -193,7 +193,8 @@ def _fused_forward(
         out = check_shapes(*args)
         y = run_native(*args, relu, out)
         if y is None and _under_autocast(x, residual):  # in float32, as the operator
-            y = run_native(x.float(), *args[1:5], _float(residual), *args[6:], relu, out)
+            up = (x.float(), w_first, w_core, w_last, bias, _float(residual), *args[6:])
+            y = run_native(*up, relu, out)
         if y is not None:
             return y
     args = (x, w_first.flatten(1), w_core, w_last.flatten(1), bias, residual, stride, padding,

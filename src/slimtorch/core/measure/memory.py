@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -90,14 +91,23 @@ def _rss_now() -> int:
     return int(usage) if os.uname().sysname == "Darwin" else int(usage) * 1024
 
 
-def _release_free_heap() -> bool:
-    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``); False elsewhere."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None under other C libraries."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
-        return False
+        return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
+    return trim
+
+
+def _release_free_heap() -> bool:
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``); False elsewhere."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
     trim(0)
     return True
 
