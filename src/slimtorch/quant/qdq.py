@@ -120,6 +120,7 @@ class LayerQParams:
 class _QDQLayer(nn.Module):
     """Shared storage and quantize/dequantize steps of :class:`QDQConv2d` and :class:`QDQLinear`."""
 
+    weight_buffers = ("weight_int8",)  # counted as parameters by count_params
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor

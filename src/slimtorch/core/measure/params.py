@@ -16,22 +16,50 @@ def _check_module(model: object) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
+WEIGHT_BUFFERS_ATTR = "weight_buffers"
+"""Class attribute naming the buffers in which a layer keeps its weights (e.g. an int8 layer's
+``("weight_int8",)``): :func:`count_params` counts them as parameters, since they are the
+layer's weights in another storage type."""
+
+
 def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of parameter elements; a parameter shared by several modules counts once.
+    """Number of weight elements; a tensor shared by several modules counts once.
+
+    Parameters count, and so do the buffers a layer names in its ``weight_buffers`` class
+    attribute (quantized layers keep their weights as int8 buffers: a quantized model has as
+    many weights as its float original, in fewer bytes).
 
     Args:
         model: The module.
-        trainable_only: Count only parameters with ``requires_grad``.
+        trainable_only: Count only parameters with ``requires_grad`` (no weight buffers).
 
     Example:
         >>> count_params(nn.Linear(4, 2))
         10
+        >>> class Int8Linear(nn.Module):
+        ...     weight_buffers = ("weight_int8",)
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.register_buffer("weight_int8", torch.zeros(2, 4, dtype=torch.int8))
+        ...         self.bias = nn.Parameter(torch.zeros(2))
+        >>> count_params(Int8Linear()), count_params(Int8Linear(), trainable_only=True)
+        (10, 2)
     """
     _check_module(model)
     # named_parameters() removes duplicates (tied weights) by identity
-    return sum(
+    total = sum(
         p.numel() for _, p in model.named_parameters() if p.requires_grad or not trainable_only
     )
+    if trainable_only:
+        return total
+    seen: set[int] = set()
+    for module in model.modules():
+        for name in getattr(type(module), WEIGHT_BUFFERS_ATTR, ()):
+            buf = module._buffers.get(name)
+            if buf is not None and id(buf) not in seen:
+                seen.add(id(buf))
+                total += buf.numel()
+    return total
 
 
 def storage_bytes(model: nn.Module) -> dict[str, int]:
