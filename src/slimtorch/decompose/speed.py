@@ -177,7 +177,9 @@ def layer_speedup(
         b_times: list[float] = []
         pair = ((a_mod, a_times), (b_mod, b_times))
         for module, _ in pair:
-            measure_latency(module, x, device=dev, warmup=warmup, repeats=1, min_time_s=0.0)
+            measure_latency(
+                module, x, device=dev, warmup=warmup, repeats=1, min_time_s=0.0, threads=threads
+            )  # warmed at the timed thread count: compiled modules guard on it
         for i in range(repeats):
             for module, times in pair if i % 2 == 0 else pair[::-1]:
                 r = measure_latency(
