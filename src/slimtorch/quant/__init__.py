@@ -1,5 +1,6 @@
 """Quantization: post-training int8 (weight-only, dynamic, static), Q/DQ modules, int8
-runtimes (x86 inductor, ONNX Runtime, torchao on CUDA), ONNX export, quantization-aware
+runtimes (x86 inductor, ONNX Runtime, torchao on CUDA) and int8 timed in them against float,
+ONNX export, quantization-aware
 training (LSQ), batch-norm folding, direct few-tap convolutions fused with their pooling,
 convolutions as im2col + linear for inductor's GEMM templates,
 FP16/BF16 casts and per-layer mixed precision.
@@ -37,6 +38,7 @@ from slimtorch.quant.direct import DirectConv2d, DirectConvConfig, lower_direct_
 from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
 from slimtorch.quant.fold import fold_bn_, fold_conv_bn
 from slimtorch.quant.gemm import GemmConv2d, GemmConvConfig, lower_conv_gemm_
+from slimtorch.quant.int8_runtimes import RuntimeTiming, time_int8_runtimes
 from slimtorch.quant.lowp import LowPrecisionConfig, PrecisionCheckError, cast_, precision_gain
 from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.mixed import MixedPrecisionConfig, mixed_precision_
@@ -70,6 +72,7 @@ __all__ = [
     "QDQLinear",
     "QuantReport",
     "QuantRow",
+    "RuntimeTiming",
     "cast_",
     "compare_onnx",
     "compile_int8_x86",
@@ -95,6 +98,7 @@ __all__ = [
     "residual_points",
     "run_onnx",
     "set_precision_",
+    "time_int8_runtimes",
     "to_qdq_",
     "torchao_cuda_",
     "weight_range",

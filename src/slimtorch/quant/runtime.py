@@ -207,6 +207,16 @@ def int8_kernels(
     torch._dynamo.reset()
     fast = compile_int8_x86(model, target=target)
     _, codes = run_and_get_code(fast, example_input)
+    return kernel_counts(codes)
+
+
+def kernel_counts(codes: list[str]) -> dict[str, int]:
+    """The oneDNN int8 kernels called in inductor's generated code, and how often each.
+
+    Example:
+        >>> kernel_counts(["buf1 = torch.ops.onednn.qconv_pointwise.default(buf0, ...)"])
+        {'qconv_pointwise': 1}
+    """
     counts: dict[str, int] = {}
     for code in codes:
         for name in _KERNEL_RE.findall(code):

@@ -1,0 +1,103 @@
+"""time_int8_runtimes: int8 timed against float in the runtimes that run int8 kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.measure import count_params
+from slimtorch.models import create_model
+from slimtorch.quant import PTQConfig, quantize_, time_int8_runtimes
+from slimtorch.quant import int8_runtimes as rt
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    fp32 = create_model("lenet5", in_channels=1, input_size=28).eval()
+    int8 = copy.deepcopy(fp32)
+    calib = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    quantize_(int8, PTQConfig(mode="static"), calibration=calib)
+    return fp32, int8, calib
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_both_runtimes_run_int8_kernels_and_leave_the_models_alone(
+    pair: tuple[nn.Module, nn.Module, list[torch.Tensor]],
+) -> None:
+    fp32, int8, calib = pair
+    before = (_state(fp32), _state(int8))
+    x = torch.randn(4, 1, 28, 28)
+    timings = time_int8_runtimes(fp32, int8, x, threads=1, rounds=2, calls=2, calibration=calib)
+    assert sorted(timings) == ["inductor", "onnxruntime"]
+    ort, ind = timings["onnxruntime"], timings["inductor"]
+    for t in (ort, ind):
+        assert t.skipped is None and t.batch == 4 and t.threads == 1
+        assert t.fp32_s is not None and t.int8_s is not None and t.speedup is not None
+        assert t.fp32_s > 0 and t.int8_s > 0
+        assert t.speedup == pytest.approx(t.fp32_s / t.int8_s)
+        assert t.to_dict()["int8_kernels"] == t.int8_kernels
+    # the int8 kernels really ran: ORT's int8 operators, oneDNN's int8 calls in inductor's code
+    assert ort.int8_kernels.get("QGemm", 0) >= 2
+    assert ind.int8_kernels == {"qconv_pointwise": 2, "qlinear_pointwise": 3}
+    # the runtimes' int8 outputs are the Q/DQ model's up to int8 rounding
+    assert ind.max_abs_diff is not None and ind.max_abs_diff < 1e-4
+    assert ort.max_abs_diff is not None and ort.max_abs_diff < 0.05
+    for m, state in zip((fp32, int8), before, strict=True):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_a_runtime_that_cannot_run_is_recorded_with_its_reason(
+    pair: tuple[nn.Module, nn.Module, list[torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32, int8, _ = pair
+
+    def missing(*args: object) -> rt.Built:
+        raise ImportError("No module named 'onnxruntime'")
+
+    def float_only(f: nn.Module, q: nn.Module, *args: object) -> rt.Built:
+        return f, f, {}
+
+    monkeypatch.setitem(rt._BUILDERS, "onnxruntime", missing)
+    monkeypatch.setitem(rt._BUILDERS, "inductor", float_only)
+    timings = time_int8_runtimes(fp32, int8, torch.randn(2, 1, 28, 28), rounds=1, calls=1)
+    assert timings["onnxruntime"].skipped == "ImportError: No module named 'onnxruntime'"
+    assert timings["inductor"].skipped == "inductor runs no int8 kernel for this model"
+    for t in timings.values():
+        assert t.fp32_s is None and t.int8_s is None and t.speedup is None
+
+
+def test_bad_arguments_raise(pair: tuple[nn.Module, nn.Module, list[torch.Tensor]]) -> None:
+    fp32, int8, _ = pair
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="no Q/DQ layer"):
+        time_int8_runtimes(fp32, fp32, x)
+    with pytest.raises(ValueError, match="runtimes must name"):
+        time_int8_runtimes(fp32, int8, x, runtimes=["tensorrt"])
+    with pytest.raises(ValueError, match="rounds"):
+        time_int8_runtimes(fp32, int8, x, rounds=0)
+    with pytest.raises(ValueError, match="threads"):
+        time_int8_runtimes(fp32, int8, x, threads=0)
+    with pytest.raises(TypeError, match="float tensor"):
+        time_int8_runtimes(fp32, int8, x.to(torch.uint8))
+    with pytest.raises(TypeError, match="reference"):
+        time_int8_runtimes("lenet5", int8, x)  # type: ignore[arg-type]
+
+
+def test_a_quantized_model_keeps_its_weight_count(
+    pair: tuple[nn.Module, nn.Module, list[torch.Tensor]],
+) -> None:
+    fp32, int8, _ = pair
+    # int8 weights are buffers; they still count as the model's weights (no batch norm to fold)
+    assert count_params(int8) == count_params(fp32)
+    biases = sum(p.numel() for p in int8.parameters())
+    assert count_params(int8, trainable_only=True) == biases < count_params(fp32) // 10
