@@ -24,7 +24,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         in_dir=root / "base",
         out_dir=root / "ptq",
         method="ptq",
-        method_options={"mode": "static", "calibration_batches": 4},
+        method_options={"mode": "static", "calibration_batches": 4, "runtime_check": False},
         profile_batch=4,
         profiles=(),
         threads=1,

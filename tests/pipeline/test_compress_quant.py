@@ -46,14 +46,49 @@ def _run(trained: Path, out: Path, method: str, options: dict[str, object]) -> d
 
 @pytest.mark.parametrize("method", ["ptq", "qat"])
 def test_int8_methods_keep_accuracy_and_shrink(trained: Path, tmp_path: Path, method: str) -> None:
-    options = {"mode": "static"} if method == "ptq" else {"weight_bits": 8, "act_bits": 8}
+    options: dict[str, object] = (
+        {"mode": "static"}
+        if method == "ptq"
+        else {"weight_bits": 8, "act_bits": 8, "runtime_check": False}
+    )
     report = _run(trained, tmp_path / method, method, options)
     acc = report["accuracy"]
     assert acc["after_finetune"] >= acc["before"] - 0.02
     assert report["after"]["size_bytes"] < report["before"]["size_bytes"] / 3
+    # int8 weights are still weights: only the folded batch norms leave the count
+    assert report["after"]["params"] >= 0.95 * report["before"]["params"]
     assert (report["history"] is None) == (method == "ptq")  # PTQ is never fine-tuned
     model, _ = load_model(tmp_path / method / "model")
     assert any(isinstance(m, QDQConv2d | QDQLinear) for m in model.modules())
+    finish = report["finish"]
+    assert "simulated" in finish["note"]
+    assert report["config"]["runtime_check"] == (method == "ptq")
+    if method == "qat":
+        assert "runtimes" not in finish  # runtime_check off
+        return
+    # the int8 model timed against the float one where int8 kernels run, and in the table
+    runtimes = finish["runtimes"]
+    assert sorted(runtimes) == ["inductor", "onnxruntime"]
+    table = (tmp_path / method / "report.txt").read_text()
+    for name, t in runtimes.items():
+        assert t["batch"] == 8 and t["threads"] == 1
+        if t["skipped"] is None:
+            assert t["fp32_s"] > 0 and t["int8_s"] > 0 and t["int8_kernels"]
+            ratio = f"{t['int8_s'] / t['fp32_s']:.2f}x"
+            assert any(
+                line.startswith(f"latency {name} (ms)") and line.endswith(ratio)
+                for line in table.splitlines()
+            )
+        else:
+            assert f"latency {name} (ms)" in table and "skipped" in table
+    assert runtimes["onnxruntime"]["skipped"] is None  # onnxruntime is a test dependency
+
+
+def test_int8_runtime_check_is_an_option(trained: Path) -> None:
+    with pytest.raises(TypeError, match="runtime_check"):
+        compress_run(
+            in_dir=trained, out_dir=None, method="ptq", method_options={"runtime_check": "yes"}
+        )
 
 
 def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path) -> None:
@@ -69,7 +104,8 @@ def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path
     timed = report["finish"]["compiled_latency"]
     assert timed["after_s"] > 0 and timed["source"].endswith(",compiled,max_autotune")
     # a lowered model directory quantizes like any other: the linear inside becomes Q/DQ
-    _run(tmp_path / "gemm", tmp_path / "gemm-int8", "ptq", {"mode": "static"})
+    options = {"mode": "static", "runtime_check": False}
+    _run(tmp_path / "gemm", tmp_path / "gemm-int8", "ptq", options)
     model, _ = load_model(tmp_path / "gemm-int8" / "model")
     gemm = model.features[3]
     assert type(gemm).__name__ == "GemmConv2d" and isinstance(gemm.linear, QDQLinear)
@@ -83,7 +119,7 @@ def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
     report = _run(trained, tmp_path / "fp16", "fp16", {"profile": "rx580"})
     assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]
     assert report["history"] is None
-    mixed = _run(trained, tmp_path / "mixed", "mixed", {"size_ratio": 4.0})
+    mixed = _run(trained, tmp_path / "mixed", "mixed", {"size_ratio": 4.0, "runtime_check": False})
     assert mixed["accuracy"]["after_finetune"] >= mixed["accuracy"]["before"] - 0.03
     with pytest.raises(ValueError, match="size_ratio"):
         compress_run(

@@ -84,6 +84,30 @@ def _table(acc_before: float, acc_after: float, before: ModelProfile, after: Mod
     return "\n".join([head, acc, *lines[1:]])
 
 
+def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
+    """Table rows for what a method's ``finish`` step timed: both models compiled
+    (``compiled_latency``), and the float and int8 models in each int8 runtime (``runtimes``)."""
+
+    def row(name: str, before_s: float, after_s: float) -> str:
+        ratio = f"{after_s / before_s:.2f}x" if before_s > 0 else "inf"
+        return f"{name:<26} {before_s * 1e3:>12.3f} {after_s * 1e3:>12.3f} {ratio:>8}"
+
+    if not finished:
+        return []
+    rows = []
+    timed = finished.get("compiled_latency")
+    if timed:
+        rows.append(row("latency compiled (ms)", timed["before_s"], timed["after_s"]))
+    for name, t in (finished.get("runtimes") or {}).items():
+        label = f"latency {name} (ms)"
+        if t["skipped"]:
+            reason = t["skipped"] if len(t["skipped"]) <= 60 else t["skipped"][:57] + "..."
+            rows.append(f"{label:<26} skipped: {reason}")
+        else:
+            rows.append(row(label, t["fp32_s"], t["int8_s"]))
+    return rows
+
+
 def compress_run(
     *,
     in_dir: str | Path,
@@ -200,6 +224,7 @@ def compress_run(
         calibration=train_batches,
         finetune_steps=steps_per_epoch * (finetune.epochs if finetune is not None else 0),
         steps_per_epoch=steps_per_epoch,
+        threads=threads,
     )
     t0 = time.perf_counter()
     applied = apply(model, request)
@@ -232,7 +257,7 @@ def compress_run(
         profiles=profiles,
         threads=threads,
     )
-    table = _table(acc0, acc1, prof0, prof1)
+    table = "\n".join([_table(acc0, acc1, prof0, prof1), *_finish_rows(finished)])
     result: dict[str, Any] = {
         "method": method,
         "config": applied.config,

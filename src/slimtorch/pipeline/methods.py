@@ -45,6 +45,8 @@ class MethodRequest:
             device (for methods that calibrate or score with data); None when unavailable.
         finetune_steps: Optimiser steps the fine-tune will run (0 when it is skipped).
         steps_per_epoch: Optimiser steps per fine-tuning epoch (0 when it is skipped).
+        threads: CPU threads of the pipeline's measurements (None: the current count), for
+            methods that time something themselves.
     """
 
     options: dict[str, Any]
@@ -55,6 +57,7 @@ class MethodRequest:
     calibration: Callable[[], Iterable[Any]] | None = None
     finetune_steps: int = 0
     steps_per_epoch: int = 0
+    threads: int | None = None
 
 
 @dataclasses.dataclass
@@ -244,10 +247,12 @@ def _write_compact(model: nn.Module, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def _pop_flag(options: dict[str, Any], method: str, key: str) -> tuple[bool, dict[str, Any]]:
+def _pop_flag(
+    options: dict[str, Any], method: str, key: str, default: bool = False
+) -> tuple[bool, dict[str, Any]]:
     """Split a method-level boolean option (not a config field) off ``options``."""
     rest = dict(options)
-    flag = rest.pop(key, False)
+    flag = rest.pop(key, default)
     if not isinstance(flag, bool):
         raise TypeError(f"{method} option {key!r} must be true or false, got {flag!r}")
     return flag, rest

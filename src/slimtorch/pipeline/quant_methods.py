@@ -42,26 +42,82 @@ def _batches(request: MethodRequest, what: str) -> Iterable[Any]:
 
 
 EAGER_NOTE = (
-    "latency measured here runs the Q/DQ model eagerly (int8 simulated in float); the int8 "
-    "kernels run through slimtorch.quant.compile_int8_x86 or ONNX Runtime "
-    "(slimtorch export --format onnx)"
+    "the eager latency row runs the Q/DQ model with int8 simulated in float; its int8 kernels "
+    "run in the runtimes under 'runtimes' (slimtorch.quant.compile_int8_x86, ONNX Runtime "
+    "through slimtorch export --format onnx), timed there against the float model"
 )
+
+RUNTIME_CHECK = "runtime_check"
+"""Option of the int8 methods (default on): time the result in the int8 runtimes."""
+
+CALIBRATION_BATCHES = 8
+"""Training batches the ONNX Runtime export of the runtime check calibrates added outputs on."""
+
+
+def _runtime_check(options: dict[str, Any], method: str) -> tuple[bool, dict[str, Any]]:
+    return _pop_flag(options, method, RUNTIME_CHECK, default=True)
+
+
+def _float_copy(model: nn.Module, request: MethodRequest, check: bool) -> nn.Module | None:
+    """The float model kept for the runtime check (taken before the method changes it)."""
+    x = request.example_input
+    if not check or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return None
+    return copy.deepcopy(model).eval()
+
+
+def _int8_report(
+    m: nn.Module, request: MethodRequest, before: nn.Module | None, check: bool
+) -> dict[str, Any]:
+    """The int8 methods' finishing report: the note on eager timing and, with ``check``, the
+    int8 model ``m`` timed against ``before`` in each int8 CPU runtime
+    (:func:`~slimtorch.quant.time_int8_runtimes`; a runtime that cannot run it says why)."""
+    from slimtorch.quant import time_int8_runtimes
+
+    out: dict[str, Any] = {"note": EAGER_NOTE}
+    x = request.example_input
+    if not check:
+        return out
+    if before is None or not isinstance(x, torch.Tensor):
+        where = x.device if isinstance(x, torch.Tensor) else "no example batch"
+        out["runtimes_skipped"] = (
+            f"the int8 runtimes timed here run on the CPU and this run measured on {where}; "
+            "compress with --device cpu to time them (torchao_cuda_ runs int8 on CUDA)"
+        )
+        return out
+    calib = []
+    if request.calibration is not None:
+        for i, batch in enumerate(request.calibration()):
+            if i >= CALIBRATION_BATCHES:
+                break
+            inputs = batch[0] if isinstance(batch, tuple | list) else batch
+            calib.append(inputs.detach().cpu())
+    timings = time_int8_runtimes(before, m, x, threads=request.threads, calibration=calib or None)
+    out["runtimes"] = {name: t.to_dict() for name, t in timings.items()}
+    return out
 
 
 @_parses_options("ptq")
-def _ptq_options(options: dict[str, Any]) -> Any:
+def _ptq_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import PTQConfig
 
-    return PTQConfig.from_dict(options)
+    check, rest = _runtime_check(options, "ptq")
+    return check, PTQConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("ptq")
 def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
-    """Post-training int8 quantization (weight-only, dynamic or static with calibration)."""
+    """Post-training int8 quantization (weight-only, dynamic or static with calibration).
+
+    With ``runtime_check`` (default on; on the CPU) the report adds the int8 model timed against
+    the float one in inductor and ONNX Runtime (``runtimes``): run eagerly, int8 is only
+    simulated and is slower than float.
+    """
     from slimtorch.quant import quantize_
 
-    config = _ptq_options(request.options)
+    check, config = _ptq_options(request.options)
     calibration = _batches(request, "static PTQ") if config.mode == "static" else None
+    before = _float_copy(model, request, check)
     report = quantize_(
         model,
         config,
@@ -70,18 +126,21 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
         exclude=request.exclude,
         strict=request.strict,
     )
-    return _simulated_int8(config, report)
+    return _simulated_int8(config, report, request, before, check)
 
 
-def _simulated_int8(config: Any, report: Any) -> Applied:
-    """What ptq and mixed return: a deployable model whose int8 runs simulated here."""
+def _simulated_int8(
+    config: Any, report: Any, request: MethodRequest, before: nn.Module | None, check: bool
+) -> Applied:
+    """What ptq and mixed return: a deployable model whose int8 runs simulated here, timed in
+    the int8 runtimes by its ``finish`` step."""
     return Applied(
-        config=config.to_dict(),
+        config={**config.to_dict(), RUNTIME_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
         changed=True,
         trainable=False,
-        finish=lambda m: {"note": EAGER_NOTE},
+        finish=lambda m: _int8_report(m, request, before, check),
     )
 
 
@@ -96,11 +155,12 @@ def _with_globs(request: MethodRequest) -> dict[str, Any]:
 
 
 @_parses_options("qat")
-def _qat_options(options: dict[str, Any]) -> tuple[bool, Any]:
+def _qat_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
     from slimtorch.quant import QATConfig
 
     widen, rest = _pop_flag(options, "qat", "widen_4bit_activations")
-    return widen, QATConfig.from_dict(rest)
+    check, rest = _runtime_check(rest, "qat")
+    return widen, check, QATConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("qat")
@@ -112,15 +172,16 @@ def _qat(model: nn.Module, request: MethodRequest) -> Applied:
     """
     from slimtorch.quant import QATCallback, convert_qat_, prepare_qat_
 
-    widen, config = _qat_options(_with_globs(request))
+    widen, check, config = _qat_options(_with_globs(request))
+    before = _float_copy(model, request, check)
     report = prepare_qat_(model, config)
 
     def finish(m: nn.Module) -> dict[str, Any]:
         converted = convert_qat_(m, widen_4bit_activations=widen)
-        return {"converted": converted.to_dict(), "note": EAGER_NOTE}
+        return {"converted": converted.to_dict(), **_int8_report(m, request, before, check)}
 
     return Applied(
-        config={**config.to_dict(), "widen_4bit_activations": widen},
+        config={**config.to_dict(), "widen_4bit_activations": widen, RUNTIME_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
         changed=True,
@@ -344,10 +405,11 @@ COMPRESS_METHODS.register("bf16")(_cast("bf16"))
 
 
 @_parses_options("mixed")
-def _mixed_options(options: dict[str, Any]) -> Any:
+def _mixed_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import MixedPrecisionConfig
 
-    return MixedPrecisionConfig.from_dict(options)
+    check, rest = _runtime_check(options, "mixed")
+    return check, MixedPrecisionConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("mixed")
@@ -355,6 +417,7 @@ def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
     """Per-layer precision from {fp16, int8, int4 weights} under a size or latency budget."""
     from slimtorch.quant import mixed_precision_
 
-    config = _mixed_options(_with_globs(request))
+    check, config = _mixed_options(_with_globs(request))
+    before = _float_copy(model, request, check)
     report = mixed_precision_(model, config, _batches(request, "mixed precision"))
-    return _simulated_int8(config, report)
+    return _simulated_int8(config, report, request, before, check)
