@@ -69,11 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimtorch`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # our progress at INFO; other libraries' INFO chatter (the ONNX exporter's passes, ...)
+    # only with --verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("slimtorch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handler: Handler = args.handler
     try:
         return handler(args)
