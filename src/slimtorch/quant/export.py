@@ -37,6 +37,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,7 @@ def export_onnx(
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
 
     def to_onnx(module: nn.Module) -> Any:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             try:
                 program = torch.onnx.export(
                     module, (x,), dynamo=True, dynamic_shapes=dynamic_shapes,
@@ -194,8 +194,28 @@ def export_onnx(
     else:
         program = to_onnx(work)
         atomic_write(out, lambda p: program.save(p, external_data=False))
-    logger.info("exported %s (%s) to %s", type(model).__name__, dtype, out)
+    kind = "int8 Q/DQ" if is_qdq_model(work) else dtype
+    logger.info("exported %s (%s) to %s", type(model).__name__, kind, out)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's prints, warnings and registration log lines (about torchvision's
+    optional operators, which no model here uses) out of the user's console."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            open(os.devnull, "w") as sink,
+            contextlib.redirect_stdout(sink),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
