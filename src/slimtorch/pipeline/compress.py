@@ -105,6 +105,11 @@ def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
             rows.append(f"{label:<26} skipped: {reason}")
         else:
             rows.append(row(label, t["fp32_s"], t["int8_s"]))
+    if finished.get("runtimes"):
+        rows.append(
+            "(the eager latency row simulates int8 in float; a runtime row times the float and "
+            "the int8 model in that runtime, int8 kernels running)"
+        )
     return rows
 
 
