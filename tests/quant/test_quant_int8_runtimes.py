@@ -101,3 +101,22 @@ def test_a_quantized_model_keeps_its_weight_count(
     assert count_params(int8) == count_params(fp32)
     biases = sum(p.numel() for p in int8.parameters())
     assert count_params(int8, trainable_only=True) == biases < count_params(fp32) // 10
+
+
+def test_weight_only_models_are_not_built_and_say_why(
+    pair: tuple[nn.Module, nn.Module, list[torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32, _, _ = pair
+    weights_only = copy.deepcopy(fp32)
+    quantize_(weights_only, PTQConfig(mode="weight_only"))
+
+    def never(*args: object) -> rt.Built:
+        raise AssertionError("a weight-only model has nothing for a runtime to build")
+
+    for name in rt.RUNTIMES:
+        monkeypatch.setitem(rt._BUILDERS, name, never)
+    timings = time_int8_runtimes(fp32, weights_only, torch.randn(3, 1, 28, 28), threads=1)
+    assert sorted(timings) == sorted(rt.RUNTIMES)
+    for t in timings.values():
+        assert t.skipped is not None and t.skipped.startswith("weight-only quantization")
+        assert t.batch == 3 and t.threads == 1 and t.speedup is None

@@ -9,7 +9,9 @@ model and its float original in each runtime the same way, checks that int8 kern
 and that the outputs match the eager Q/DQ model, and times the two alternately on one batch
 (:func:`~slimtorch.decompose.speed.layer_speedup`'s interleaved rounds, so drift on a shared
 machine hits both alike). The speed-up is what a user of that runtime gets. A runtime that is
-not installed, fails to build, or runs no int8 kernel is recorded as skipped with the reason.
+not installed, fails to build, or runs no int8 kernel is recorded as skipped with the reason; a
+weight-only model (no layer quantizes its input) is not built at all: every runtime computes it
+in float.
 
 ONNX Runtime is called the way :func:`run_onnx` calls it (a tensor in, a tensor out), for both
 models alike.
@@ -40,7 +42,9 @@ import torch
 from torch import nn
 
 from slimtorch.core.devices import cpu_threads
+from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.export import export_onnx, is_qdq_model, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,15 @@ class RuntimeTiming:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
         return dataclasses.asdict(self)
+
+
+def _quantizes_inputs(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` quantizes its input, so int8 arithmetic can run."""
+    return any(
+        isinstance(m, QDQAct)
+        or (isinstance(m, QDQConv2d | QDQLinear) and (m.input_scale is not None or m.input_dynamic))
+        for m in model.modules()
+    )
 
 
 class _OrtModule(nn.Module):
@@ -181,9 +194,19 @@ def time_int8_runtimes(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
-    n_threads = torch.get_num_threads() if threads is None else threads
-    if n_threads < 1:
+    if threads is not None and threads < 1:
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    n_threads = torch.get_num_threads() if threads is None else threads
+    if not _quantizes_inputs(quantized):
+        reason = (
+            "weight-only quantization: every runtime dequantizes the weights to float, so "
+            "int8 saves memory here, not time"
+        )
+        logger.info("int8 runtimes not timed (%s)", reason)
+        return {
+            name: RuntimeTiming(name, int(example.shape[0]), n_threads, skipped=reason)
+            for name in runtimes
+        }
     fp32 = copy.deepcopy(reference).cpu().eval()
     int8 = copy.deepcopy(quantized).cpu().eval()
     x = example.detach().cpu().float().contiguous()
