@@ -122,3 +122,38 @@ def test_corrupt_onnx_is_reported(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "a" / "1")
     repo.scan()
     assert "no numbered version" in repo.models["a"].error
+
+
+def test_a_simulated_int8_directory_is_served_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from slimtorch.models import create_model, save_model
+    from slimtorch.quant import PTQConfig, quantize_
+    from slimtorch.serve.model_config import TensorSpec
+
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    calib = [torch.randn(4, 1, 28, 28)]
+    config = ModelConfig(
+        name="lenet-int8",
+        format="slimtorch",
+        inputs=(TensorSpec(name="input", dims=(1, 28, 28)),),
+        outputs=(TensorSpec(name="logits", dims=(10,)),),
+    )
+    for name, quantize in (("float", False), ("int8", True)):
+        if quantize:
+            quantize_(model, PTQConfig(mode="static"), calibration=calib)
+        folder = save_model(
+            model,
+            tmp_path / name / "1",
+            input_shape=(1, 28, 28),
+            mean=[0.5],
+            std=[0.5],
+            class_names=[str(i) for i in range(10)],
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="slimtorch.serve.runners"):
+            runner = load_runner(folder, config, "cpu")
+        runner.close()
+        warned = [r for r in caplog.records if "simulated in float" in r.getMessage()]
+        assert len(warned) == int(quantize)
+    assert "lenet-int8" in warned[0].getMessage() and "--format onnx" in warned[0].getMessage()

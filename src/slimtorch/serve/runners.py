@@ -240,6 +240,21 @@ class OnnxRunner:
         self.session = None
 
 
+def _warn_if_simulated_int8(module: nn.Module, name: str) -> None:
+    """Say so when a model directory holds int8 Q/DQ layers: served as a PyTorch module they
+    simulate int8 in float, 2.4-2.6x slower than the float model (resnet20 on a CPU,
+    docs/benchmarks.md); ONNX Runtime runs their int8 kernels."""
+    from slimtorch.quant.export import is_qdq_model
+
+    if is_qdq_model(module):
+        logger.warning(
+            "model %r holds int8 Q/DQ layers, which run simulated in float when served as a "
+            "slimtorch directory (slower than the float model); serve its ONNX export "
+            "(slimtorch export --format onnx, format 'onnx') to run its int8 kernels",
+            name,
+        )
+
+
 def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
     """Load one version and check it against its config with a warm-up batch.
 
@@ -280,6 +295,7 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         from slimtorch.models import load_model
 
         module, _ = load_model(path, device=dev)
+        _warn_if_simulated_int8(module, config.name)
         runner = TorchRunner(module, config, dev)
     elif config.format == "torch_export":
         from slimtorch.models import load_exported
