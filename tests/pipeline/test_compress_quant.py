@@ -158,3 +158,34 @@ def test_direct_conv_lowers_the_stem_and_times_it_compiled(trained: Path, tmp_pa
         compress_run(
             in_dir=trained, out_dir=None, method="direct-conv", method_options={"compiled_check": 1}
         )
+
+
+def test_qat_times_the_converted_int8_model_against_the_float_one(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import slimtorch.quant as quant
+    from slimtorch.quant.export import is_qdq_model
+    from slimtorch.quant.int8_runtimes import RuntimeTiming
+
+    seen: dict[str, object] = {}
+
+    def fake(reference: torch.nn.Module, quantized: torch.nn.Module, example: torch.Tensor,
+             **kw: object) -> dict[str, RuntimeTiming]:  # fmt: skip
+        seen.update(ref_qdq=is_qdq_model(reference), q_qdq=is_qdq_model(quantized), **kw)
+        seen["batch"] = example.shape[0]
+        return {"onnxruntime": RuntimeTiming("onnxruntime", 8, 1, 2e-3, 1e-3, 2.0, {"QGemm": 2})}
+
+    monkeypatch.setattr(quant, "time_int8_runtimes", fake)
+    report = _run(trained, tmp_path / "qat", "qat", {"weight_bits": 8, "act_bits": 8})
+    # after the fine-tune: the converted Q/DQ model against the float model from before QAT
+    assert seen["ref_qdq"] is False and seen["q_qdq"] is True
+    assert seen["batch"] == 8 and seen["threads"] == 1
+    calib = seen["calibration"]
+    assert isinstance(calib, list) and 0 < len(calib) <= 8
+    finish = report["finish"]
+    assert finish["converted"] and finish["runtimes"]["onnxruntime"]["speedup"] == 2.0
+    table = (tmp_path / "qat" / "report.txt").read_text()
+    assert any(
+        line.startswith("latency onnxruntime (ms)") and line.endswith("0.50x")
+        for line in table.splitlines()
+    )
