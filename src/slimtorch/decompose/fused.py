@@ -60,6 +60,7 @@ from slimtorch.core.measure.trace import recording_ops
 from slimtorch.decompose import native
 from slimtorch.decompose.fused_op import check_shapes, reference, run_native, tucker_block
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
+from slimtorch.decompose.native_plan import PlanCache
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_conv_bn
 from slimtorch.quant.lowering import LoweringReport, layer_entries
@@ -101,6 +102,7 @@ class FusedTuckerConv2d(TuckerConv2d):
             [int(n) for n in core.padding],
             [int(n) for n in core.dilation],
         )
+        self._plans = PlanCache()
 
     @classmethod
     def from_tucker(
@@ -145,9 +147,30 @@ class FusedTuckerConv2d(TuckerConv2d):
                     else "takes no residual: call it as layer(x)"
                 )
             )
-        return _fused_forward(x, residual, *self._factors(), *self._geometry, self.relu)
+        weights = self._factors()
+        if (
+            type(x) is torch.Tensor  # not an fx proxy, fake or subclass tensor
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.ndim == 4
+            and _plain(x, residual, weights)
+        ):
+            lib = native.kernel()
+            if lib is not None:  # the kernel with this layer's weights packed once
+                y = self._plans.run(
+                    lib, x.contiguous(), residual, weights, self._geometry, self.relu
+                )
+                if y is not None:
+                    return y
+        return _fused_forward(x, residual, *weights, *self._geometry, self.relu)
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def clear_plans(self) -> None:
+        """Forget the CPU kernel's packed weights. Needed only after changing a weight through
+        ``.data``, which its version counter does not see (see
+        :mod:`slimtorch.decompose.native_plan`)."""
+        self._plans.clear()
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three weights and the bias, read from the submodules' parameter dictionaries:
         ``nn.Module.__getattr__`` costs about 1 us a lookup, a quarter of the fused layer's
         own Python time at batch 1. Parametrised weights go through ordinary attributes."""
@@ -161,7 +184,9 @@ class FusedTuckerConv2d(TuckerConv2d):
                 last["bias"],
             )
         except KeyError:
-            return self.first.weight, self.core.weight, self.last.weight, self.last.bias
+            bias = self.last.bias
+            assert bias is not None  # the fused layer always has one
+            return self.first.weight, self.core.weight, self.last.weight, bias
 
 
 def _fused_forward(
@@ -211,6 +236,15 @@ torch.fx.wrap("_fused_forward")
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain(
+    x: torch.Tensor, residual: torch.Tensor | None, weights: tuple[torch.Tensor, ...]
+) -> bool:
+    """Eager inference: not compiling, no dispatch mode (export, counters), no gradient wanted."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return not (torch.is_grad_enabled() and _needs_grad(x, residual, *weights))
 
 
 def _under_autocast(x: torch.Tensor, residual: torch.Tensor | None) -> bool:

@@ -118,6 +118,15 @@ def _bind(path: Path) -> ctypes.CDLL:
     # threads
     fn.argtypes = [p, i, i, i, i, p, i, p, i, i, i, i, i, i, i, i, i, p, p, i, p, p, i, i]
     fn.restype = i
+    # a layer's packed weights for one input size, built once (see FusedTuckerConv2d): C, H, W,
+    # u, r1, k, r2, kh, kw, sh, sw, ph, pw, dh, dw, v, bias, CO -> plan (NULL: out of memory)
+    lib.slimtorch_tucker_plan.argtypes = [i, i, i, p, i, p, i, i, i, i, i, i, i, i, i, p, p, i]
+    lib.slimtorch_tucker_plan.restype = p
+    # plan, x, N, y, res, relu, threads
+    lib.slimtorch_tucker_run.argtypes = [p, p, i, p, p, i, i]
+    lib.slimtorch_tucker_run.restype = i
+    lib.slimtorch_tucker_free.argtypes = [p]
+    lib.slimtorch_tucker_free.restype = None
     return lib
 
 

@@ -131,100 +131,156 @@ static float *pack(const float *w, int co, int taps, int ob) {
     return p;
 }
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated (y is then undefined). */
+/* Everything a layer's calls share for one input size: the packed weights and the tap tables.
+ * Built once by slimtorch_tucker_plan, read (never written) by any number of concurrent runs. */
+typedef struct {
+    int C, H, W, r1, r2, kh, kw, CO, sh, sw, ph, pw, dh, dw, oba, obb, obc, taps;
+    float *pu, *pk, *pv, *pb;
+    int *cha, *chb, *chc;
+    long *ofa, *ofb, *ofc;
+} tucker_plan;
+
+void slimtorch_tucker_free(tucker_plan *p) {
+    if (!p) return;
+    free(p->pu); free(p->pk); free(p->pv); free(p->pb); free(p->cha); free(p->chb); free(p->chc);
+    free(p->ofa); free(p->ofb); free(p->ofc);
+    free(p);
+}
+
+/* The plan of a layer for inputs of C x H x W; NULL when memory could not be allocated. The
+ * weights are copied (packed): later changes to them need a new plan. */
+tucker_plan *slimtorch_tucker_plan(int C, int H, int W,
+                                   const float *u, int r1,                  /* (r1, C) */
+                                   const float *k, int r2, int kh, int kw,  /* (r2, r1, kh, kw) */
+                                   int sh, int sw, int ph, int pw, int dh, int dw,
+                                   const float *v, const float *bias, int CO) { /* (CO, r2), (CO) */
+    tucker_plan *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    *p = (tucker_plan){.C = C, .H = H, .W = W, .r1 = r1, .r2 = r2, .kh = kh, .kw = kw, .CO = CO,
+                       .sh = sh, .sw = sw, .ph = ph, .pw = pw, .dh = dh, .dw = dw,
+                       .oba = block_of(r1), .obb = block_of(r2), .obc = block_of(CO),
+                       .taps = r1 * kh * kw};
+    int taps = p->taps;
+    long Wp = W + 2 * pw;
+    p->pu = pack(u, r1, C, p->oba);
+    p->pk = pack(k, r2, taps, p->obb);
+    p->pv = pack(v, CO, r2, p->obc);
+    p->pb = bias ? pack(bias, CO, 1, p->obc) : NULL; /* (CO, 1) packs to a zero-padded vector */
+    p->cha = malloc(sizeof(int) * C);
+    p->chb = malloc(sizeof(int) * taps);
+    p->chc = malloc(sizeof(int) * r2);
+    p->ofa = calloc(C, sizeof(long));
+    p->ofb = malloc(sizeof(long) * taps);
+    p->ofc = calloc(r2, sizeof(long));
+    if (!(p->pu && p->pk && p->pv && (p->pb || !bias) && p->cha && p->chb && p->chc && p->ofa &&
+          p->ofb && p->ofc)) {
+        slimtorch_tucker_free(p);
+        return NULL;
+    }
+    for (int i = 0; i < C; i++) p->cha[i] = i;
+    for (int i = 0; i < r2; i++) p->chc[i] = i;
+    for (int i = 0; i < r1; i++)
+        for (int a = 0; a < kh; a++)
+            for (int b = 0; b < kw; b++) {
+                int t = (i * kh + a) * kw + b;
+                p->chb[t] = i;
+                p->ofb[t] = (long)a * dh * Wp + (long)b * dw;
+            }
+    return p;
+}
+
+/* y = the layer on N images x of the plan's input size (+ res, then ReLU when asked).
+ * Returns 0 on success, 1 when scratch memory could not be allocated (y is then undefined). */
+int slimtorch_tucker_run(const tucker_plan *p, const float *x, int N, float *y, const float *res,
+                         int relu, int nthreads) {
+    int C = p->C, H = p->H, W = p->W, r1 = p->r1, r2 = p->r2, CO = p->CO, taps = p->taps;
+    int sh = p->sh, sw = p->sw, ph = p->ph, pw = p->pw, oba = p->oba, obb = p->obb, obc = p->obc;
+    int Hp = H + 2 * ph, Wp = W + 2 * pw;
+    int H1 = Hp - p->dh * (p->kh - 1), W1 = Wp - p->dw * (p->kw - 1); /* stride-1 output grid */
+    int Ho = (H1 - 1) / sh + 1, Wo = (W1 - 1) / sw + 1;
+    long HW = (long)H * W, HoWo = (long)Ho * Wo;
+    long zs = HW + SLACK;                                               /* 1x1-in output plane */
+    long ps = (long)Hp * Wp + (long)p->dh * (p->kh - 1) * Wp + (long)p->dw * (p->kw - 1) + SLACK;
+    long ts = (long)H1 * Wp + SLACK;                                    /* core output plane */
+    long cs = HoWo + SLACK;                                             /* compacted core output */
+    const float *pu = p->pu, *pk = p->pk, *pv = p->pv, *pb = p->pb;
+    const int *cha = p->cha, *chb = p->chb, *chc = p->chc;
+    const long *ofa = p->ofa, *ofb = p->ofb, *ofc = p->ofc;
+    int err = 0;
+    if (N <= 0) return 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+#if defined(CSR_FTZ_DAZ)
+        unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | CSR_FTZ_DAZ);
+#endif
+        float *xt = malloc((size_t)C * (QB_MAX * VW + SLACK) * 4); /* the input's last pixels */
+        float *z = calloc((size_t)r1 * zs, 4);
+        float *zp = calloc((size_t)r1 * ps, 4); /* borders stay zero: the padding */
+        float *t = calloc((size_t)r2 * ts, 4);
+        float *tc = calloc((size_t)r2 * cs, 4);
+        if (!xt || !z || !zp || !t || !tc) {
+#pragma omp atomic write
+            err = 1;
+        } else {
+            stage_fn *fa = stage_for(oba), *fb = stage_for(obb), *fc = stage_for(obc);
+            long step = (long)(oba == 4 ? QB_WIDE : QB_NARROW) * VW;
+            long full = HW - HW % step; /* pixels the 1x1-in reads straight from x */
+            long xts = QB_MAX * VW + SLACK;
+#pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) {
+                const float *xn = x + (long)n * C * HW;
+                fa(xn, HW, C, cha, ofa, pu, NULL, z, r1, zs, full, full, 0, NULL);
+                if (full < HW) { /* copy the tail so no read goes past the input tensor */
+                    for (int i = 0; i < C; i++)
+                        memcpy(xt + i * xts, xn + i * HW + full, (size_t)(HW - full) * 4);
+                    fa(xt, xts, C, cha, ofa, pu, NULL, z + full, r1, zs, HW - full, HW - full, 0,
+                       NULL);
+                }
+                for (int o = 0; o < r1; o++)
+                    for (int h = 0; h < H; h++)
+                        memcpy(zp + o * ps + (long)(h + ph) * Wp + pw, z + o * zs + (long)h * W,
+                               (size_t)W * 4);
+                if (sh == 1) {
+                    fb(zp, ps, taps, chb, ofb, pk, NULL, t, r2, ts, (long)H1 * Wp, (long)H1 * Wp,
+                       0, NULL);
+                } else {
+                    for (int ho = 0; ho < Ho; ho++) {
+                        long r0 = (long)ho * sh * Wp;
+                        fb(zp + r0, ps, taps, chb, ofb, pk, NULL, t + r0, r2, ts, W1, W1, 0, NULL);
+                    }
+                }
+                for (int o = 0; o < r2; o++)
+                    for (int h = 0; h < Ho; h++) {
+                        const float *src = t + o * ts + (long)h * sh * Wp;
+                        float *dst = tc + o * cs + (long)h * Wo;
+                        if (sw == 1) memcpy(dst, src, (size_t)Wo * 4);
+                        else for (int w = 0; w < Wo; w++) dst[w] = src[(long)w * sw];
+                    }
+                fc(tc, cs, r2, chc, ofc, pv, pb, y + (long)n * CO * HoWo, CO, HoWo, HoWo, HoWo,
+                   relu, res ? res + (long)n * CO * HoWo : NULL);
+            }
+        }
+        free(xt); free(z); free(zp); free(t); free(tc);
+#if defined(CSR_FTZ_DAZ)
+        _mm_setcsr(csr);
+#endif
+    }
+    return err;
+}
+
+/* One call: plan, run, free. Returns 0 on success, 1 when memory could not be allocated. */
 int slimtorch_tucker_block(const float *x, int N, int C, int H, int W,
                            const float *u, int r1,                  /* (r1, C) */
                            const float *k, int r2, int kh, int kw,  /* (r2, r1, kh, kw) */
                            int sh, int sw, int ph, int pw, int dh, int dw,
                            const float *v, const float *bias, int CO, /* (CO, r2), (CO) or NULL */
                            float *y, const float *res, int relu, int nthreads) {
-    int Hp = H + 2 * ph, Wp = W + 2 * pw;
-    int H1 = Hp - dh * (kh - 1), W1 = Wp - dw * (kw - 1); /* stride-1 output grid */
-    int Ho = (H1 - 1) / sh + 1, Wo = (W1 - 1) / sw + 1;
-    long HW = (long)H * W, HoWo = (long)Ho * Wo;
-    long zs = HW + SLACK;                                               /* 1x1-in output plane */
-    long ps = (long)Hp * Wp + (long)dh * (kh - 1) * Wp + (long)dw * (kw - 1) + SLACK; /* padded */
-    long ts = (long)H1 * Wp + SLACK;                                    /* core output plane */
-    long cs = HoWo + SLACK;                                             /* compacted core output */
-    int oba = block_of(r1), obb = block_of(r2), obc = block_of(CO), taps = r1 * kh * kw;
     if (N <= 0) return 0;
-    float *pu = pack(u, r1, C, oba), *pk = pack(k, r2, taps, obb), *pv = pack(v, CO, r2, obc);
-    float *pb = bias ? pack(bias, CO, 1, obc) : NULL; /* (CO, 1) packs to a zero-padded vector */
-    int *cha = malloc(sizeof(int) * C), *chb = malloc(sizeof(int) * taps);
-    int *chc = malloc(sizeof(int) * r2);
-    long *ofa = calloc(C, sizeof(long)), *ofb = malloc(sizeof(long) * taps);
-    long *ofc = calloc(r2, sizeof(long));
-    int err = !(pu && pk && pv && (pb || !bias) && cha && chb && chc && ofa && ofb && ofc);
-    if (!err) {
-        for (int i = 0; i < C; i++) cha[i] = i;
-        for (int i = 0; i < r2; i++) chc[i] = i;
-        for (int i = 0; i < r1; i++)
-            for (int a = 0; a < kh; a++)
-                for (int b = 0; b < kw; b++) {
-                    int t = (i * kh + a) * kw + b;
-                    chb[t] = i;
-                    ofb[t] = (long)a * dh * Wp + (long)b * dw;
-                }
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
-        {
-#if defined(CSR_FTZ_DAZ)
-            unsigned int csr = _mm_getcsr();
-            _mm_setcsr(csr | CSR_FTZ_DAZ);
-#endif
-            float *xt = malloc((size_t)C * (QB_MAX * VW + SLACK) * 4); /* the input's last pixels */
-            float *z = calloc((size_t)r1 * zs, 4);
-            float *zp = calloc((size_t)r1 * ps, 4); /* borders stay zero: the padding */
-            float *t = calloc((size_t)r2 * ts, 4);
-            float *tc = calloc((size_t)r2 * cs, 4);
-            if (!xt || !z || !zp || !t || !tc) {
-#pragma omp atomic write
-                err = 1;
-            } else {
-                stage_fn *fa = stage_for(oba), *fb = stage_for(obb), *fc = stage_for(obc);
-                long step = (long)(oba == 4 ? QB_WIDE : QB_NARROW) * VW;
-                long full = HW - HW % step; /* pixels the 1x1-in reads straight from x */
-                long xts = QB_MAX * VW + SLACK;
-#pragma omp for schedule(static)
-                for (int n = 0; n < N; n++) {
-                    const float *xn = x + (long)n * C * HW;
-                    fa(xn, HW, C, cha, ofa, pu, NULL, z, r1, zs, full, full, 0, NULL);
-                    if (full < HW) { /* copy the tail so no read goes past the input tensor */
-                        for (int i = 0; i < C; i++)
-                            memcpy(xt + i * xts, xn + i * HW + full, (size_t)(HW - full) * 4);
-                        fa(xt, xts, C, cha, ofa, pu, NULL, z + full, r1, zs, HW - full, HW - full,
-                           0, NULL);
-                    }
-                    for (int o = 0; o < r1; o++)
-                        for (int h = 0; h < H; h++)
-                            memcpy(zp + o * ps + (long)(h + ph) * Wp + pw, z + o * zs + (long)h * W,
-                                   (size_t)W * 4);
-                    if (sh == 1) {
-                        fb(zp, ps, taps, chb, ofb, pk, NULL, t, r2, ts, (long)H1 * Wp,
-                           (long)H1 * Wp, 0, NULL);
-                    } else {
-                        for (int ho = 0; ho < Ho; ho++) {
-                            long r0 = (long)ho * sh * Wp;
-                            fb(zp + r0, ps, taps, chb, ofb, pk, NULL, t + r0, r2, ts, W1, W1, 0,
-                               NULL);
-                        }
-                    }
-                    for (int o = 0; o < r2; o++)
-                        for (int h = 0; h < Ho; h++) {
-                            const float *src = t + o * ts + (long)h * sh * Wp;
-                            float *dst = tc + o * cs + (long)h * Wo;
-                            if (sw == 1) memcpy(dst, src, (size_t)Wo * 4);
-                            else for (int w = 0; w < Wo; w++) dst[w] = src[(long)w * sw];
-                        }
-                    fc(tc, cs, r2, chc, ofc, pv, pb, y + (long)n * CO * HoWo, CO, HoWo, HoWo,
-                       HoWo, relu, res ? res + (long)n * CO * HoWo : NULL);
-                }
-            }
-            free(xt); free(z); free(zp); free(t); free(tc);
-#if defined(CSR_FTZ_DAZ)
-            _mm_setcsr(csr);
-#endif
-        }
-    }
-    free(pu); free(pk); free(pv); free(pb); free(cha); free(chb); free(chc); free(ofa); free(ofb); free(ofc);
+    tucker_plan *p = slimtorch_tucker_plan(C, H, W, u, r1, k, r2, kh, kw, sh, sw, ph, pw, dh, dw,
+                                           v, bias, CO);
+    if (!p) return 1;
+    int err = slimtorch_tucker_run(p, x, N, y, res, relu, nthreads);
+    slimtorch_tucker_free(p);
     return err;
 }
