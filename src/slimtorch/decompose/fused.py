@@ -18,6 +18,10 @@ slimtorch's ResNet ``BasicBlock`` does) the shortcut addition and the block's la
 The change is recorded (``"decompose.fuse_tucker"``) so :func:`slimtorch.models.load_model`
 rebuilds it.
 
+On the CPU each layer packs its weights for the kernel once per input size and reuses them
+(:mod:`slimtorch.decompose.native_plan`; a weight replaced or changed in place is packed again):
+at batch 1 that took a layer call from 20-24 to 12-14 us on one core.
+
 The fused layer is an inference form. It runs a kernel for float32 tensors on the CPU or a CUDA
 GPU when one could be built, and otherwise (ROCm, other dtypes, no compiler, gradients needed)
 the same maths as library convolutions; outputs agree within float rounding either way. Under
