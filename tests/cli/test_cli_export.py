@@ -105,3 +105,16 @@ def test_int8_export_runs_the_narrow_stem_as_asked(
     assert as_float["max_abs_diff"] < 0.5  # type: ignore[operator]
     assert main(["export", "--in", ptq, "--out", q, "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+
+
+def test_profile_says_when_int8_is_simulated(
+    models: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = []
+    for folder in models:
+        capsys.readouterr()
+        assert main(["profile", "--in", str(folder), "--batch-size", "2", "--threads", "1"]) == 0
+        outputs.append(capsys.readouterr().out)
+    base_out, ptq_out = outputs
+    assert "simulated in float" not in base_out
+    assert "simulated in float" in ptq_out and "--format onnx" in ptq_out

@@ -82,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     result = profile_model(model, example, device=device, profiles=names, threads=args.threads)
     print(f"{name}: batch {args.batch_size}, input {tuple(shape)}")
     print(result.to_table())
+    from slimtorch.quant.export import is_qdq_model
+
+    if isinstance(model, torch.nn.Module) and is_qdq_model(model):
+        print(
+            "note: this model's int8 layers run simulated in float here (slower than the float "
+            "model); its int8 kernels run compiled (slimtorch.quant.compile_int8_x86) or in ONNX "
+            "Runtime (slimtorch export --format onnx), and `compress --method ptq` reports both"
+        )
     if args.json_out:
         atomic_write_json(args.json_out, result.to_dict())
     return 0
