@@ -120,3 +120,24 @@ def test_weight_only_models_are_not_built_and_say_why(
     for t in timings.values():
         assert t.skipped is not None and t.skipped.startswith("weight-only quantization")
         assert t.batch == 3 and t.threads == 1 and t.speedup is None
+
+
+def test_an_onnx_runtime_failure_is_recorded_not_raised(
+    pair: tuple[nn.Module, nn.Module, list[torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32, int8, _ = pair
+
+    class InvalidGraph(Exception):  # what onnxruntime raises derives from Exception only
+        pass
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : node X has no kernel")
+
+    monkeypatch.setattr(rt, "ort_session", broken)
+    timings = time_int8_runtimes(
+        fp32, int8, torch.randn(2, 1, 28, 28), runtimes=["onnxruntime"], rounds=1, calls=1
+    )
+    reason = timings["onnxruntime"].skipped
+    assert reason is not None and reason.startswith(
+        "RuntimeError: ONNX Runtime failed: InvalidGraph"
+    )

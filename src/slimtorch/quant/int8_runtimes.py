@@ -131,9 +131,17 @@ def _onnxruntime(
     with tempfile.TemporaryDirectory(prefix="slimtorch-ort-") as tmp:
         fp32_path = export_onnx(fp32, Path(tmp) / "fp32.onnx", x)
         int8_path = export_onnx(int8, Path(tmp) / "int8.onnx", x, calibration=calibration)
-        sessions = [ort_session(p, threads) for p in (fp32_path, int8_path)]
-        kernels = ort_int8_ops(int8_path)
-    return _OrtModule(sessions[0]), _OrtModule(sessions[1]), kernels
+        try:
+            built = [_OrtModule(ort_session(p, threads)) for p in (fp32_path, int8_path)]
+            for module in built:
+                module(x)  # the first run allocates, and fails here if it will
+            kernels = ort_int8_ops(int8_path)
+        except (ImportError, ValueError):
+            raise
+        except Exception as exc:  # onnxruntime's own errors derive from Exception only
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise RuntimeError(f"ONNX Runtime failed: {type(exc).__name__}: {first}") from exc
+    return built[0], built[1], kernels
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int, Any], Built]] = {
