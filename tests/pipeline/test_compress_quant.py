@@ -89,6 +89,12 @@ def test_int8_runtime_check_is_an_option(trained: Path) -> None:
         compress_run(
             in_dir=trained, out_dir=None, method="ptq", method_options={"runtime_check": "yes"}
         )
+    # nothing quantized (every layer excluded): the check says so instead of failing the run
+    res = compress_run(
+        in_dir=trained, out_dir=None, method="ptq", method_options={"mode": "static"},
+        exclude=["*"], profile_batch=2, threads=1, profiles=(),
+    )  # fmt: skip
+    assert "no layer holds int8 weights" in res.report["finish"]["runtimes_skipped"]
 
 
 def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path) -> None:

@@ -78,6 +78,11 @@ def _int8_report(
     x = request.example_input
     if not check:
         return out
+    from slimtorch.quant.export import is_qdq_model
+
+    if not is_qdq_model(m):
+        out["runtimes_skipped"] = "no layer holds int8 weights: nothing to time in an int8 runtime"
+        return out
     if before is None or not isinstance(x, torch.Tensor):
         where = x.device if isinstance(x, torch.Tensor) else "no example batch"
         out["runtimes_skipped"] = (
