@@ -141,3 +141,22 @@ def test_an_onnx_runtime_failure_is_recorded_not_raised(
     assert reason is not None and reason.startswith(
         "RuntimeError: ONNX Runtime failed: InvalidGraph"
     )
+
+
+def test_a_qat_model_with_a_signed_input_runs_int8_in_inductor() -> None:
+    from slimtorch.quant import QATConfig, convert_qat_, prepare_qat_
+
+    torch.manual_seed(0)
+    fp32 = create_model("lenet5", in_channels=1, input_size=28).eval()
+    qat = copy.deepcopy(fp32)
+    prepare_qat_(qat, QATConfig())
+    x = torch.randn(4, 1, 28, 28)  # normalised images: the stem's input is signed
+    fake = qat.eval()(x)
+    assert bool(qat.features[0].input_quant.signed)
+    convert_qat_(qat)
+    torch.testing.assert_close(qat(x), fake, atol=1e-4, rtol=1e-4)  # uint8 + 128 is exact
+    t = time_int8_runtimes(fp32, qat, x, runtimes=["inductor"], threads=1, rounds=1, calls=1)
+    ind = t["inductor"]
+    assert ind.skipped is None, ind.skipped  # oneDNN takes no int8 (signed) input
+    assert ind.int8_kernels.get("qconv_pointwise", 0) == 2
+    assert ind.max_abs_diff is not None and ind.max_abs_diff < 1e-3

@@ -46,8 +46,10 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
         >>> _ = prepare_qat_(model, QATConfig(weight_bits=4))
         >>> _ = model(torch.randn(8, 1, 28, 28))  # one batch sets the activation steps
         >>> qp = qat_qparams(model)
-        >>> qp["features.0"].input_dtype, qp["fc1"].input_dtype, qp["fc1"].weight_bits
-        ('int8', 'uint8', 4)
+        >>> qp["features.0"].input_zero_point, qp["fc1"].input_zero_point  # signed, unsigned
+        (128, 0)
+        >>> qp["features.0"].input_dtype, qp["fc1"].weight_bits
+        ('uint8', 4)
     """
     from slimtorch.quant.qdq import LayerQParams
 
@@ -61,7 +63,7 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
             )
         aq = layer.input_quant
         in_scale = None
-        in_dtype = "uint8"
+        in_zero_point = 0
         if aq is not None:
             if not bool(aq.initialized):
                 raise SlimtorchError(
@@ -71,13 +73,16 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
             in_scale = float(aq.step.detach().clamp_min(1e-8))
             if not torch.isfinite(torch.tensor(in_scale)):
                 raise SlimtorchError(f"{name}: learned activation step is not finite")
-            in_dtype = "int8" if bool(aq.signed) else "uint8"
+            # a signed input's int8 grid [-128, 127] * s is exactly uint8 [0, 255] with zero
+            # point 128: the form oneDNN's int8 convolutions take (inductor refuses int8
+            # inputs) and ONNX Runtime's faster u8s8 kernels run
+            in_zero_point = 128 if bool(aq.signed) else 0
         out[name] = LayerQParams(
             weight_scale=w_step,
             weight_bits=layer.weight_quant.bits,
             input_scale=in_scale,
-            input_zero_point=0,
-            input_dtype=in_dtype,
+            input_zero_point=in_zero_point,
+            input_dtype="uint8",
         )
     return out
 
@@ -106,7 +111,8 @@ def convert_qat_(model: nn.Module, *, widen_4bit_activations: bool = False) -> Q
     """Convert a QAT model's LSQ layers into int8 Q/DQ layers (the PTQ runtime path), in place.
 
     Weight scales are the learned per-channel weight steps, input scales the learned
-    activation steps (zero point 0; ``uint8`` for unsigned, ``int8`` for signed inputs). The
+    activation steps (``uint8`` inputs, zero point 0 for unsigned and 128 for signed ones: the
+    same grid as signed int8, in the form both int8 runtimes take). The
     converted layers compute what the fake-quant layers computed, up to float rounding. Batch
     norms left by ``fold_bn=False`` are folded first. The model is unchanged when anything
     fails.
