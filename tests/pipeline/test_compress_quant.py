@@ -144,6 +144,20 @@ def test_fold_bn_is_exact_and_reloads(tmp_path: Path) -> None:
     assert acc["after_finetune"] == pytest.approx(acc["before"], abs=1e-3)
     model, _ = load_model(tmp_path / "folded" / "model")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # half precision folds the batch norms first: no float32 islands, so no cast kernels
+    est = {}
+    for fold in (True, False):
+        out = tmp_path / f"fp16-{fold}"
+        cast = _run(base, out, "fp16", {"profile": "rx580", "fold_bn": fold})
+        assert cast["config"]["fold_bn"] is fold
+        assert ("fold_bn" in cast["layers"]) is fold
+        est[fold] = cast["after"]["estimates"]["rx580"]["total_s"]
+        kept_bn = any(
+            isinstance(m, torch.nn.BatchNorm2d) for m in load_model(out / "model")[0].modules()
+        )
+        assert kept_bn is not fold
+    assert cast["layers"]["gain"] == "memory"  # fp16 computes at the fp32 rate on the rx580
+    assert est[True] < est[False]  # the cast kernels around fp32 batch norms cost on the target
     with pytest.raises(ValueError, match="takes no options"):
         compress_run(in_dir=base, out_dir=None, method="fold-bn", method_options={"x": 1})
 
