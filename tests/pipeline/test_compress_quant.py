@@ -97,6 +97,24 @@ def test_int8_runtime_check_is_an_option(trained: Path) -> None:
     assert "no layer holds int8 weights" in res.report["finish"]["runtimes_skipped"]
 
 
+def test_int8_runtimes_are_timed_by_the_main_process_only(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import slimtorch.quant as quant
+    import slimtorch.train.distributed as dist
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a second rank timed the runtimes")
+
+    monkeypatch.setattr(dist, "is_main_process", lambda: False)
+    monkeypatch.setattr(quant, "time_int8_runtimes", never)
+    res = compress_run(
+        in_dir=trained, out_dir=None, method="ptq", method_options={"mode": "static"},
+        profile_batch=2, threads=1, profiles=(),
+    )  # fmt: skip
+    assert res.report["finish"]["runtimes_skipped"] == "timed by the main process only"
+
+
 def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path) -> None:
     report = _run(trained, tmp_path / "gemm", "conv-gemm", {})
     assert report["history"] is None

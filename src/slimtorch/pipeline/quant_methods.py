@@ -79,7 +79,11 @@ def _int8_report(
     if not check:
         return out
     from slimtorch.quant.export import is_qdq_model
+    from slimtorch.train.distributed import is_main_process
 
+    if not is_main_process():  # one timing per machine: ranks would compete for its cores
+        out["runtimes_skipped"] = "timed by the main process only"
+        return out
     if not is_qdq_model(m):
         out["runtimes_skipped"] = "no layer holds int8 weights: nothing to time in an int8 runtime"
         return out
