@@ -34,6 +34,11 @@ from slimtorch.decompose.fused_op import check_shapes
 MAX_PLANS = 8
 """Input sizes a layer keeps plans for; the oldest is dropped past this."""
 
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""The first 1x1's, the core's and the last 1x1's weights, and the bias."""
+Geometry = tuple[Sequence[int], Sequence[int], Sequence[int]]
+"""The core's stride, padding and dilation."""
+
 
 class _Plan:
     """One layer's packed weights for one input size, freed when the object is collected."""
@@ -42,8 +47,8 @@ class _Plan:
         self,
         lib: Any,
         x: torch.Tensor,
-        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        geometry: tuple[Sequence[int], Sequence[int], Sequence[int]],
+        weights: Weights,
+        geometry: Geometry,
         out: tuple[int, int],
     ) -> None:
         u, k, v, bias = (w.contiguous() for w in weights)  # packed (copied) by the call below
@@ -99,21 +104,16 @@ class PlanCache:
         self._plans = {}
 
     def _build(
-        self,
-        lib: Any,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        geometry: tuple[Sequence[int], Sequence[int], Sequence[int]],
+        self, lib: Any, x: torch.Tensor, res: torch.Tensor | None, weights: Weights, geo: Geometry
     ) -> _Plan | None:
         if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
             return None
-        out = check_shapes(x, *weights, residual, *geometry)
+        out = check_shapes(x, *weights, res, *geo)
         key = (x.shape[2], x.shape[3])
         plans = dict(self._plans)  # replaced whole: a concurrent reader sees old or new
         if len(plans) >= MAX_PLANS and key not in plans:
             del plans[next(iter(plans))]
-        plan = plans[key] = _Plan(lib, x, weights, geometry, out)
+        plan = plans[key] = _Plan(lib, x, weights, geo, out)
         self._plans = plans
         return plan
 
@@ -122,8 +122,8 @@ class PlanCache:
         lib: Any,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        geometry: tuple[Sequence[int], Sequence[int], Sequence[int]],
+        weights: Weights,
+        geometry: Geometry,
         relu: bool,
     ) -> torch.Tensor | None:
         """The layer on ``x`` (contiguous float32 NCHW on the CPU, no gradient wanted), or None
