@@ -51,7 +51,11 @@ def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixt
          "--profile-batch", "4", "--no-progress"]
     )  # fmt: skip
     assert code == 0
-    assert json.loads((tmp_path / "nm" / "report.json").read_text())["config"] == {"n": 1, "m": 4}
+    assert json.loads((tmp_path / "nm" / "report.json").read_text())["config"] == {
+        "n": 1,
+        "m": 4,
+        "sparse_check": True,
+    }
 
     capsys.readouterr()
     code = main(

@@ -53,6 +53,16 @@ def test_prune_reaches_exact_global_sparsity_after_finetune(
     assert report["accuracy"]["after_finetune"] > 0.8
     storage = report["finish"]["storage"]
     assert storage["compact_bytes"] < storage["dense_bytes"] / 2.5
+    # sparse kernels timed on this device: each layer measured, the model checked if swapped
+    sparse = report["finish"]["sparse_kernels"]
+    assert sparse["device"] == "cpu" and sparse["batch"] == 8 and sparse["timed_layers"] == 3
+    assert all(
+        r["choice"] in ("csr", "bsr") and r["speedup"] >= 1.05 for r in sparse["sparse_layers"]
+    )
+    if sparse["sparse_layers"]:
+        assert sparse["model"]["dense_s"] > 0 and sparse["model"]["kept"] is True
+    table = (out / "report.txt").read_text()
+    assert "sparse kernels" in table
     art = report["artifacts"]
     assert art["compact_file_bytes"] < art["dense_file_bytes"] / 2.5
     # the compact file and the model directory hold the same weights
@@ -81,6 +91,15 @@ def test_nm_keeps_two_of_four_through_finetune(trained: Path, tmp_path: Path) ->
             w = res.model.get_submodule(row["name"]).weight.detach()
             assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
     assert res.report["history"] is not None
+    # 2:4 runs as a sparse kernel on recent NVIDIA GPUs only: the CPU report says so
+    sparse = res.report["finish"]["sparse_kernels"]
+    assert any("storage-only" in note for note in sparse["notes"])
+    res = compress_run(
+        in_dir=trained, out_dir=None, method="nm", method_options={"sparse_check": False},
+        profile_batch=2, threads=1, profiles=(),
+    )  # fmt: skip
+    assert "sparse_kernels" not in res.report["finish"]
+    assert res.report["config"]["sparse_check"] is False
 
 
 def test_option_errors_name_the_field(trained: Path) -> None:

@@ -105,6 +105,25 @@ def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
             rows.append(f"{label:<26} skipped: {reason}")
         else:
             rows.append(row(label, t["fp32_s"], t["int8_s"]))
+    sparse = finished.get("sparse_kernels")
+    if sparse and sparse.get("skipped"):
+        rows.append(f"{'sparse kernels':<26} skipped: {sparse['skipped']}")
+    elif sparse:
+        timed = sparse["model"]
+        n = len(sparse["sparse_layers"])
+        if timed and timed.get("kept"):
+            rows.append(row("latency sparse kernels (ms)", timed["dense_s"], timed["sparse_s"]))
+            rows.append(f"(a sparse kernel runs {n} of {sparse['timed_layers']} layers faster)")
+        elif timed:
+            rows.append(
+                f"{'sparse kernels':<26} some layers faster alone, the model "
+                f"{timed['speedup']:.2f}x as fast with them: all stay dense"
+            )
+        else:
+            rows.append(
+                f"{'sparse kernels':<26} none faster than dense here "
+                f"({sparse['timed_layers']} layers timed at batch {sparse['batch']})"
+            )
     if finished.get("runtimes"):
         rows.append(
             "(the eager latency row simulates int8 in float; a runtime row times the float and "

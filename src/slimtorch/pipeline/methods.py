@@ -228,6 +228,46 @@ def _compact_sizes(model: nn.Module) -> dict[str, int]:
     return {"dense_bytes": dense, "compact_bytes": packed}
 
 
+SPARSE_CHECK = "sparse_check"
+"""Option of the unstructured and N:M pruning methods (default on): time sparse kernels."""
+
+
+def _sparse_kernels(model: nn.Module, request: MethodRequest) -> dict[str, Any]:
+    """What :func:`~slimtorch.sparse.sparsify_` would do with a copy of the pruned model on the
+    example batch, on this device: the layers a sparse kernel runs faster, and the whole model
+    timed with and without them. A zero weight saves time only through such a kernel."""
+    import copy
+
+    from slimtorch.sparse import sparsify_
+    from slimtorch.train.distributed import is_main_process
+
+    x = request.example_input
+    if not isinstance(x, torch.Tensor):
+        return {"skipped": "no example batch to time on"}
+    if not is_main_process():  # ranks would compete for the same device
+        return {"skipped": "timed by the main process only"}
+    report = sparsify_(copy.deepcopy(model).eval(), x, threads=request.threads).to_dict()
+    layers = [
+        {"name": r["name"], "choice": r["choice"], "speedup": r["speedup"]}
+        for r in report["layers"]
+        if r["action"] == "sparse"
+    ]
+    return {
+        "device": report["device"],
+        "batch": int(x.shape[0]),
+        "sparse_layers": layers,
+        "timed_layers": report["totals"]["layers"] - report["totals"]["skipped"],
+        "model": report["model"],
+        "notes": report["notes"],
+    }
+
+
+def _pruned_finish(request: MethodRequest, check: bool, out: dict[str, Any], m: nn.Module) -> None:
+    out["storage"] = _compact_sizes(m)
+    if check:
+        out["sparse_kernels"] = _sparse_kernels(m, request)
+
+
 COMPACT_FILE = "model.compact.safetensors"
 """Compact weights written beside ``model/`` by the pruning methods."""
 
@@ -259,11 +299,12 @@ def _pop_flag(
 
 
 @_parses_options("prune")
-def _prune_options(options: dict[str, Any]) -> tuple[bool, Any]:
+def _prune_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
     from slimtorch.prune import MagnitudeConfig
 
     gradual, rest = _pop_flag(options, "prune", "gradual")
-    return gradual, MagnitudeConfig.from_dict(rest)
+    check, rest = _pop_flag(rest, "prune", SPARSE_CHECK, default=True)
+    return gradual, check, MagnitudeConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("prune")
@@ -276,7 +317,7 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
     """
     from slimtorch.prune import GradualPruning, MaskCallback, prune_
 
-    gradual, config = _prune_options(request.options)
+    gradual, check, config = _prune_options(request.options)
     inc, exc = request.include, request.exclude
     callbacks: list[Callback]
     if gradual and request.finetune_steps > 0:
@@ -291,10 +332,12 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
 
     def finish(m: nn.Module) -> dict[str, Any]:
         final = prune_(m, config, include=inc, exclude=exc)  # exact target (no-op if reached)
-        return {"final_layers": final.to_dict(), "storage": _compact_sizes(m)}
+        out: dict[str, Any] = {"final_layers": final.to_dict()}
+        _pruned_finish(request, check, out, m)
+        return out
 
     return Applied(
-        config={**config.to_dict(), "gradual": gradual},
+        config={**config.to_dict(), "gradual": gradual, SPARSE_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
         changed=bool(report.pruned),
@@ -305,10 +348,11 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
 
 
 @_parses_options("nm")
-def _nm_options(options: dict[str, Any]) -> Any:
+def _nm_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.prune import NMConfig
 
-    return NMConfig.from_dict(options)
+    check, rest = _pop_flag(options, "nm", SPARSE_CHECK, default=True)
+    return check, NMConfig.from_dict(rest)
 
 
 @COMPRESS_METHODS.register("nm")
@@ -316,17 +360,23 @@ def _nm(model: nn.Module, request: MethodRequest) -> Applied:
     """N:M semi-structured magnitude pruning (2:4 by default), masks kept while fine-tuning."""
     from slimtorch.prune import MaskCallback, prune_
 
-    config = _nm_options(request.options)
+    check, config = _nm_options(request.options)
     report = prune_(
         model, config, include=request.include, exclude=request.exclude, strict=request.strict
     )
+
+    def finish(m: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        _pruned_finish(request, check, out, m)
+        return out
+
     return Applied(
-        config=config.to_dict(),
+        config={**config.to_dict(), SPARSE_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
         changed=bool(report.pruned),
         callbacks=[MaskCallback()],
-        finish=lambda m: {"storage": _compact_sizes(m)},
+        finish=finish,
         artifacts=_write_compact,
     )
 
