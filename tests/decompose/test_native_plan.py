@@ -169,3 +169,14 @@ def test_concurrent_calls_share_a_plan() -> None:
     for t in threads:
         t.join()
     assert not errors and len(layer._plans) == 1
+
+
+def test_weights_made_in_inference_mode_run_without_a_plan() -> None:
+    with torch.inference_mode():  # inference tensors keep no version counter
+        layer = _layer(residual=False)
+        x = torch.randn(2, 8, 7, 7)
+        y = layer(x)
+        torch.testing.assert_close(y, _reference(layer, x, None), atol=ATOL, rtol=RTOL)
+        layer.core.weight.mul_(2.0)  # unseen by any version counter: must still be used
+        torch.testing.assert_close(layer(x), _reference(layer, x, None), atol=ATOL, rtol=RTOL)
+    assert len(layer._plans) == 0

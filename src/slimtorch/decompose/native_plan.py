@@ -11,6 +11,8 @@ A plan is used only while its weights are the same: the same tensor objects, at 
 address, with the same version counter (every in-place change made with autograd's knowledge
 bumps it: ``copy_``, optimiser steps, ``load_state_dict``). A change made through ``.data``
 bypasses the version counter, as it bypasses autograd; call :meth:`PlanCache.clear` after one.
+Weights created under ``torch.inference_mode`` keep no version counter, so a layer holding them
+packs its weights on every call, as before plans.
 Copies and pickles of a layer start with an empty cache (a plan is a C pointer).
 
 Example:
@@ -132,6 +134,10 @@ class PlanCache:
         raises the right error). Bad shapes raise ``ValueError`` as the generic path does."""
         n, c, h, w = x.shape
         u, k, v, b = weights
+        try:
+            stamp = _stamp(u, k, v, b)
+        except RuntimeError:  # inference tensors keep no version: a change could not be seen
+            return None
         plan = self._plans.get((h, w))
         if (
             plan is None
@@ -139,7 +145,7 @@ class PlanCache:
             or k is not plan.k
             or v is not plan.v
             or b is not plan.bias
-            or _stamp(u, k, v, b) != plan.stamp
+            or stamp != plan.stamp
         ):
             plan = self._build(lib, x, residual, weights, geometry)
             if plan is None:
