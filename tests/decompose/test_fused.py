@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fused_helpers import reference_of
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.decompose import (
     FusedTuckerConv2d,
@@ -95,22 +96,6 @@ def plain_forward(layer: TuckerConv2d, x, residual, relu: bool) -> torch.Tensor:
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
-
-
-def reference_of(layer: FusedTuckerConv2d, x, residual=None) -> torch.Tensor:
-    """``_reference`` (the module-level original, not a monkeypatched one) for ``layer``."""
-    return _reference(
-        x,
-        layer.first.weight.flatten(1),
-        layer.core.weight,
-        layer.last.weight.flatten(1),
-        layer.last.bias,
-        residual,
-        layer.core.stride,
-        layer.core.padding,
-        layer.core.dilation,
-        layer.relu,
-    )
 
 
 def check_against_plain(

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from fused_helpers import reference_of
 from slimtorch.decompose import (
     FusedTuckerConv2d,
     TuckerConfig,
@@ -20,7 +21,6 @@ from slimtorch.decompose import (
     fused_op,
 )
 from slimtorch.decompose.cuda_kernel import SHARED_LIMIT, plan_launch
-from slimtorch.decompose.fused_op import reference as _reference
 from slimtorch.models import create_model
 
 # --------------------------------------------------------------------------- the plan (CPU)
@@ -148,14 +148,6 @@ def _layer(shape, relu: bool, residual: bool, seed: int) -> FusedTuckerConv2d:
     return FusedTuckerConv2d.from_tucker(plain, relu=relu, residual=residual).eval().cuda()
 
 
-def _reference_of(layer: FusedTuckerConv2d, x, res) -> torch.Tensor:
-    return _reference(
-        x, layer.first.weight.flatten(1), layer.core.weight, layer.last.weight.flatten(1),
-        layer.last.bias, res, layer.core.stride, layer.core.padding, layer.core.dilation,
-        layer.relu,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def exact_convolutions():
     """Library convolutions in full float32 (no TF32) for the reference outputs."""
@@ -185,9 +177,9 @@ def test_cuda_kernel_matches_library_convolutions(exact_convolutions, shape, n) 
         layer = _layer(shape, relu, residual, seed=i)
         x = torch.randn(n, c, h, w, device="cuda")
         with torch.no_grad():
-            shape_out = _reference_of(layer, x, None).shape
+            shape_out = reference_of(layer, x, None).shape
             res = torch.randn(shape_out, device="cuda") if residual else None
-            expected = _reference_of(layer, x, res)
+            expected = reference_of(layer, x, res)
             got = layer(x, res) if residual else layer(x)
             via_op = fused_op.tucker_block(
                 x, layer.first.weight.flatten(1), layer.core.weight,
@@ -227,7 +219,7 @@ def test_every_form_of_the_kernel_matches_library_convolutions(
         return
     with torch.no_grad():
         got = run(x, layer.first.weight, k, layer.last.weight, layer.last.bias, res)
-        want = _reference_of(layer, x, res)
+        want = reference_of(layer, x, res)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -247,7 +239,7 @@ def test_cuda_non_contiguous_empty_and_nan(exact_convolutions) -> None:
     x = torch.randn(4, 14, 14, 32, device="cuda").permute(0, 3, 1, 2)  # channels-last strides
     res = torch.randn(4, 14, 14, 32, device="cuda").permute(0, 3, 1, 2)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x, res), _reference_of(layer, x, res), atol=1e-4,
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=1e-4,
                                    rtol=1e-4)  # fmt: skip
         assert layer(x[:0], res[:0]).shape == (0, 32, 14, 14)
         nan = torch.full((1, 32, 14, 14), float("nan"), device="cuda")

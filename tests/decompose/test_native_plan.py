@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fused_helpers import reference_of
 from slimtorch.decompose import FusedTuckerConv2d, native
 from slimtorch.decompose import fused_op as fo
 from slimtorch.decompose.native_plan import MAX_PLANS, PlanCache
@@ -28,21 +29,6 @@ def _layer(relu: bool = True, residual: bool = True, stride: int = 1) -> FusedTu
     with torch.no_grad():
         layer.last.bias.uniform_(-0.5, 0.5)
     return layer
-
-
-def _reference(layer: FusedTuckerConv2d, x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-    return fo.reference(
-        x,
-        layer.first.weight.flatten(1),
-        layer.core.weight,
-        layer.last.weight.flatten(1),
-        layer.last.bias,
-        res,
-        layer.core.stride,
-        layer.core.padding,
-        layer.core.dilation,
-        layer.relu,
-    )
 
 
 def _generic_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -70,7 +56,7 @@ def test_planned_calls_match_the_reference_at_several_sizes(
             x = torch.randn(n, 8, h, w)
             res = torch.randn(n, 12, -(-h // stride), -(-w // stride)) if residual else None
             got = layer(x, res) if residual else layer(x)
-            torch.testing.assert_close(got, _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(got, reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
     assert len(layer._plans) == 2  # one plan per input size (7x7, 9x5), reused across batches
     assert not generic  # every call ran a plan
 
@@ -81,18 +67,18 @@ def test_a_changed_weight_is_never_run_stale(monkeypatch: pytest.MonkeyPatch) ->
     with torch.no_grad():
         layer(x, res)
         layer.core.weight.mul_(-1.5)  # in place: the version counter moves
-        torch.testing.assert_close(layer(x, res), _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
         layer.last.bias = nn.Parameter(torch.full((12,), 3.0))  # a new tensor
-        torch.testing.assert_close(layer(x, res), _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
         layer.first.weight.data = torch.randn_like(layer.first.weight)  # new memory, same object
-        torch.testing.assert_close(layer(x, res), _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
         state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
         layer.load_state_dict(state)
-        torch.testing.assert_close(layer(x, res), _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
         # a change through .data bypasses the version counter: clear_plans makes it seen
         layer.core.weight.data.mul_(2.0)
         layer.clear_plans()
-        torch.testing.assert_close(layer(x, res), _reference(layer, x, res), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x, res), reference_of(layer, x, res), atol=ATOL, rtol=RTOL)
 
 
 def test_dtype_changes_leave_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +89,7 @@ def test_dtype_changes_leave_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
         layer.double()  # same parameter objects and versions, new memory and dtype
         got = layer(x.double())
         assert got.dtype == torch.float64
-        torch.testing.assert_close(got, _reference(layer, x.double(), None))
+        torch.testing.assert_close(got, reference_of(layer, x.double(), None))
 
 
 def test_copies_start_without_plans_and_agree() -> None:
@@ -151,7 +137,7 @@ def test_concurrent_calls_share_a_plan() -> None:
     layer = _layer()
     inputs = [(torch.randn(2, 8, 7, 7), torch.randn(2, 12, 7, 7)) for _ in range(4)]
     with torch.no_grad():
-        expected = [_reference(layer, x, r) for x, r in inputs]
+        expected = [reference_of(layer, x, r) for x, r in inputs]
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -176,7 +162,7 @@ def test_weights_made_in_inference_mode_run_without_a_plan() -> None:
         layer = _layer(residual=False)
         x = torch.randn(2, 8, 7, 7)
         y = layer(x)
-        torch.testing.assert_close(y, _reference(layer, x, None), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(y, reference_of(layer, x, None), atol=ATOL, rtol=RTOL)
         layer.core.weight.mul_(2.0)  # unseen by any version counter: must still be used
-        torch.testing.assert_close(layer(x), _reference(layer, x, None), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(layer(x), reference_of(layer, x, None), atol=ATOL, rtol=RTOL)
     assert len(layer._plans) == 0

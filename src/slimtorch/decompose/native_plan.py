@@ -16,6 +16,7 @@ packs its weights on every call, as before plans.
 Copies and pickles of a layer start with an empty cache (a plan is a C pointer).
 
 Example:
+    >>> import copy
     >>> cache = PlanCache()
     >>> copy.deepcopy(cache) is not cache, len(copy.deepcopy(cache))
     (True, 0)
@@ -23,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import copy  # noqa: F401  (used by the example)
 import ctypes
 import weakref
 from collections.abc import Sequence

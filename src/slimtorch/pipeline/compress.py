@@ -29,6 +29,7 @@ from torch import nn
 
 from slimtorch.core.io import atomic_write_json, atomic_write_text
 from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
+from slimtorch.core.measure.profile import format_ratio
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
@@ -84,46 +85,54 @@ def _table(acc_before: float, acc_after: float, before: ModelProfile, after: Mod
     return "\n".join([head, acc, *lines[1:]])
 
 
+def _row(name: str, before_s: float, after_s: float) -> str:
+    """One timed row of the before/after table (milliseconds, ``after / before``)."""
+    ratio = format_ratio(before_s, after_s)
+    return f"{name:<26} {before_s * 1e3:>12.3f} {after_s * 1e3:>12.3f} {ratio:>8}"
+
+
+def _sparse_rows(sparse: dict[str, Any]) -> list[str]:
+    """What the pruning methods' sparse-kernel check found (``sparse_kernels``)."""
+    label = f"{'sparse kernels':<26}"
+    if sparse.get("skipped"):
+        return [f"{label} skipped: {sparse['skipped']}"]
+    timed = sparse["model"]
+    if not timed:
+        return [
+            f"{label} none faster than dense here ({sparse['timed_layers']} layers timed at "
+            f"batch {sparse['batch']})"
+        ]
+    if not timed.get("kept"):
+        return [
+            f"{label} some layers faster alone, the model {timed['speedup']:.2f}x as fast with "
+            "them: all stay dense"
+        ]
+    n, of = len(sparse["sparse_layers"]), sparse["timed_layers"]
+    return [
+        _row("latency sparse kernels (ms)", timed["dense_s"], timed["sparse_s"]),
+        f"(a sparse kernel runs {n} of {of} layers faster)",
+    ]
+
+
 def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
     """Table rows for what a method's ``finish`` step timed: both models compiled
-    (``compiled_latency``), and the float and int8 models in each int8 runtime (``runtimes``)."""
-
-    def row(name: str, before_s: float, after_s: float) -> str:
-        ratio = f"{after_s / before_s:.2f}x" if before_s > 0 else "inf"
-        return f"{name:<26} {before_s * 1e3:>12.3f} {after_s * 1e3:>12.3f} {ratio:>8}"
-
+    (``compiled_latency``), the float and int8 models in each int8 runtime (``runtimes``), and
+    the pruned model with sparse kernels (``sparse_kernels``)."""
     if not finished:
         return []
     rows = []
     timed = finished.get("compiled_latency")
     if timed:
-        rows.append(row("latency compiled (ms)", timed["before_s"], timed["after_s"]))
+        rows.append(_row("latency compiled (ms)", timed["before_s"], timed["after_s"]))
     for name, t in (finished.get("runtimes") or {}).items():
         label = f"latency {name} (ms)"
         if t["skipped"]:
             reason = t["skipped"] if len(t["skipped"]) <= 60 else t["skipped"][:57] + "..."
             rows.append(f"{label:<26} skipped: {reason}")
         else:
-            rows.append(row(label, t["fp32_s"], t["int8_s"]))
-    sparse = finished.get("sparse_kernels")
-    if sparse and sparse.get("skipped"):
-        rows.append(f"{'sparse kernels':<26} skipped: {sparse['skipped']}")
-    elif sparse:
-        timed = sparse["model"]
-        n = len(sparse["sparse_layers"])
-        if timed and timed.get("kept"):
-            rows.append(row("latency sparse kernels (ms)", timed["dense_s"], timed["sparse_s"]))
-            rows.append(f"(a sparse kernel runs {n} of {sparse['timed_layers']} layers faster)")
-        elif timed:
-            rows.append(
-                f"{'sparse kernels':<26} some layers faster alone, the model "
-                f"{timed['speedup']:.2f}x as fast with them: all stay dense"
-            )
-        else:
-            rows.append(
-                f"{'sparse kernels':<26} none faster than dense here "
-                f"({sparse['timed_layers']} layers timed at batch {sparse['batch']})"
-            )
+            rows.append(_row(label, t["fp32_s"], t["int8_s"]))
+    if finished.get("sparse_kernels"):
+        rows += _sparse_rows(finished["sparse_kernels"])
     if finished.get("runtimes"):
         rows.append(
             "(the eager latency row simulates int8 in float; a runtime row times the float and "

@@ -262,10 +262,12 @@ def _sparse_kernels(model: nn.Module, request: MethodRequest) -> dict[str, Any]:
     }
 
 
-def _pruned_finish(request: MethodRequest, check: bool, out: dict[str, Any], m: nn.Module) -> None:
-    out["storage"] = _compact_sizes(m)
+def _pruned_report(m: nn.Module, request: MethodRequest, check: bool) -> dict[str, Any]:
+    """The pruning methods' finishing report: compact sizes and, with ``check``, sparse kernels."""
+    out: dict[str, Any] = {"storage": _compact_sizes(m)}
     if check:
         out["sparse_kernels"] = _sparse_kernels(m, request)
+    return out
 
 
 COMPACT_FILE = "model.compact.safetensors"
@@ -332,9 +334,7 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
 
     def finish(m: nn.Module) -> dict[str, Any]:
         final = prune_(m, config, include=inc, exclude=exc)  # exact target (no-op if reached)
-        out: dict[str, Any] = {"final_layers": final.to_dict()}
-        _pruned_finish(request, check, out, m)
-        return out
+        return {"final_layers": final.to_dict(), **_pruned_report(m, request, check)}
 
     return Applied(
         config={**config.to_dict(), "gradual": gradual, SPARSE_CHECK: check},
@@ -364,19 +364,13 @@ def _nm(model: nn.Module, request: MethodRequest) -> Applied:
     report = prune_(
         model, config, include=request.include, exclude=request.exclude, strict=request.strict
     )
-
-    def finish(m: nn.Module) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        _pruned_finish(request, check, out, m)
-        return out
-
     return Applied(
         config={**config.to_dict(), SPARSE_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
         changed=bool(report.pruned),
         callbacks=[MaskCallback()],
-        finish=finish,
+        finish=lambda m: _pruned_report(m, request, check),
         artifacts=_write_compact,
     )
 

@@ -73,14 +73,13 @@ def _int8_report(
     int8 model ``m`` timed against ``before`` in each int8 CPU runtime
     (:func:`~slimtorch.quant.time_int8_runtimes`; a runtime that cannot run it says why)."""
     from slimtorch.quant import time_int8_runtimes
+    from slimtorch.quant.export import is_qdq_model
+    from slimtorch.train.distributed import is_main_process
 
     out: dict[str, Any] = {"note": EAGER_NOTE}
     x = request.example_input
     if not check:
         return out
-    from slimtorch.quant.export import is_qdq_model
-    from slimtorch.train.distributed import is_main_process
-
     if not is_main_process():  # one timing per machine: ranks would compete for its cores
         out["runtimes_skipped"] = "timed by the main process only"
         return out

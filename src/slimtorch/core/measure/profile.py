@@ -235,7 +235,13 @@ def profile_model(
     )
 
 
-def _ratio(before: float, after: float) -> str:
+def format_ratio(before: float, after: float) -> str:
+    """``after / before`` as a table cell (``"0.50x"``: halved; ``"-"`` for 0 / 0).
+
+    Example:
+        >>> format_ratio(4.0, 2.0), format_ratio(0.0, 1.0)
+        ('0.50x', 'inf')
+    """
     if before == 0:
         return "-" if after == 0 else "inf"
     return f"{after / before:.2f}x"
@@ -292,7 +298,7 @@ def compare_profiles(before: ModelProfile, after: ModelProfile) -> str:
             )
     lines = [f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"]
     for label, b, a, fmt in rows:
-        lines.append(f"{label:<26} {fmt.format(b):>12} {fmt.format(a):>12} {_ratio(b, a):>8}")
+        lines.append(f"{label:<26} {fmt.format(b):>12} {fmt.format(a):>12} {format_ratio(b, a):>8}")
     if before.latency.device != after.latency.device:
         lines.append(
             f"note: latency measured on {before.latency.device} before and "
