@@ -160,3 +160,48 @@ def test_a_qat_model_with_a_signed_input_runs_int8_in_inductor() -> None:
     assert ind.skipped is None, ind.skipped  # oneDNN takes no int8 (signed) input
     assert ind.int8_kernels.get("qconv_pointwise", 0) == 2
     assert ind.max_abs_diff is not None and ind.max_abs_diff < 1e-3
+
+
+class _Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu0, self.relu1 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu1(self.conv(self.relu0(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_gemm_layout_model_is_compiled_for_inductors_gemm_templates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Convolutions lowered to im2col + linear run fast only as inductor's own GEMM templates:
+    both models are compiled with max_autotune, and the template's int8 kernels count."""
+    from slimtorch.quant import DirectConvConfig, lower_conv_gemm_, lower_direct_conv_, runtime
+
+    torch.manual_seed(0)
+    fp32 = _Small().eval()
+    lower_direct_conv_(fp32, DirectConvConfig(channels_last=True))
+    assert [r.conv for r in lower_conv_gemm_(fp32).lowered] == ["conv"]
+    int8 = copy.deepcopy(fp32)
+    quantize_(int8, PTQConfig(mode="static"), calibration=[torch.randn(8, 1, 12, 12)])
+    flags: list[object] = []
+    compile_int8_x86 = runtime.compile_int8_x86
+
+    def spy(model: nn.Module, *args: object, **kwargs: object) -> runtime.CompiledInt8:
+        flags.append(kwargs.get("max_autotune"))
+        return compile_int8_x86(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "compile_int8_x86", spy)
+    x = torch.randn(2, 1, 12, 12)
+    t = time_int8_runtimes(fp32, int8, x, runtimes=["inductor"], threads=1, rounds=1, calls=1)
+    ind = t["inductor"]
+    assert flags == [True, True]
+    assert ind.skipped is None, ind.skipped
+    # the GEMM convolution and the classifier run int8: inductor's template (CPP_INT8_GEMM)
+    # where autotuning found it faster, oneDNN's qlinear otherwise
+    assert set(ind.int8_kernels) <= {runtime.CPP_INT8_GEMM, "qlinear_pointwise"}
+    assert sum(ind.int8_kernels.values()) == 2, ind.int8_kernels
+    assert ind.max_abs_diff is not None and ind.max_abs_diff < 1e-3

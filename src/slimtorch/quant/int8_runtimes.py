@@ -114,10 +114,12 @@ def _inductor(
 ) -> Built:
     from torch._inductor.utils import run_and_get_code
 
-    from slimtorch.quant.runtime import compile_int8_x86, kernel_counts
+    from slimtorch.quant.runtime import compile_int8_x86, kernel_counts, wants_max_autotune
 
-    fast_fp32 = compile_int8_x86(fp32)
-    fast_int8 = compile_int8_x86(int8)
+    # im2col + linear layers (lower_conv_gemm_) run as inductor's GEMM templates, for both alike
+    autotune = wants_max_autotune(fp32) or wants_max_autotune(int8)
+    fast_fp32 = compile_int8_x86(fp32, max_autotune=autotune)
+    fast_int8 = compile_int8_x86(int8, max_autotune=autotune)
     # compiled under the timing's own state (threads, inference mode): dynamo guards on both
     with torch.inference_mode():
         fast_fp32(x)

@@ -48,6 +48,13 @@ logger = logging.getLogger(__name__)
 
 # ``qconv_pointwise`` / ``qlinear_pointwise`` and the conv+add fusion ``qconv2d_pointwise.binary``
 _KERNEL_RE = re.compile(r"torch\.ops\.onednn\.(q\w+pointwise(?:\.binary)?)")
+# inductor's own C++ kernels, as its wrapper defines them:
+# name = async_compile.cpp_pybinding(['arg type', ...], r'''source''')
+_CPP_KERNEL_RE = re.compile(
+    r"^(\w+) = async_compile\.cpp_pybinding\(\[([^\]]*)\], r'''(.*?)'''", re.M | re.S
+)
+CPP_INT8_GEMM = "cpp_int8_gemm"
+""":func:`kernel_counts`' name for inductor's C++ GEMM template run on int8 weights."""
 
 
 def cpu_int8_support() -> dict[str, Any]:
@@ -112,7 +119,7 @@ def compile_int8_x86(
     *,
     dynamic: bool = False,
     target: str = "inductor",
-    max_autotune: bool = False,
+    max_autotune: bool | None = None,
 ) -> CompiledInt8:
     """Compile a (Q/DQ or float) model for the CPU with inductor freezing.
 
@@ -132,7 +139,8 @@ def compile_int8_x86(
             kernels (compiles take tens of seconds longer). Needed for the im2col + linear
             layers of :func:`~slimtorch.quant.lower_conv_gemm_`: with it their int8 and fp32
             products run as generated AMX/AVX-512 code instead of oneDNN calls; for
-            convolutions it changes nothing measurable.
+            convolutions it changes nothing measurable. ``None`` (default): on exactly when
+            the model holds such layers (:func:`wants_max_autotune`).
 
     Returns:
         A :class:`CompiledInt8` module.
@@ -159,6 +167,8 @@ def compile_int8_x86(
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
     _register_x86_passes()
+    if max_autotune is None:
+        max_autotune = wants_max_autotune(model)
     work = copy.deepcopy(model).eval()
     place_qdq_(work, target)
     # dynamo keeps one cache per code object: give this copy's forward its own, so compiled
@@ -178,10 +188,24 @@ def compile_int8_x86(
     return compiled
 
 
+def wants_max_autotune(model: nn.Module) -> bool:
+    """Whether ``model`` holds im2col + linear convolutions (:func:`~slimtorch.quant.
+    lower_conv_gemm_`), which run fast only as inductor's GEMM templates (``max_autotune``).
+
+    Example:
+        >>> wants_max_autotune(nn.Sequential(nn.Conv2d(1, 4, 3)))
+        False
+    """
+    from slimtorch.quant.gemm import GemmConv2d
+
+    return any(isinstance(m, GemmConv2d) for m in model.modules())
+
+
 def int8_kernels(
     model: nn.Module, example_input: torch.Tensor, *, target: str = "inductor"
 ) -> dict[str, int]:
-    """Compile ``model`` for the CPU and count the oneDNN int8 kernels in the generated code.
+    """Compile ``model`` for the CPU and count the int8 kernels in the generated code
+    (:func:`kernel_counts`).
 
     Uses a fresh compile (dynamo caches are reset) and reads inductor's output code.
 
@@ -211,16 +235,35 @@ def int8_kernels(
 
 
 def kernel_counts(codes: list[str]) -> dict[str, int]:
-    """The oneDNN int8 kernels called in inductor's generated code, and how often each.
+    """The int8 kernels called in inductor's generated code, and how often each.
+
+    Counts oneDNN's int8 operators by name and, under :data:`CPP_INT8_GEMM`, the calls of
+    inductor's own C++ GEMM template on int8 weights: a generated kernel that takes an
+    ``int8_t`` weight pointer and runs the template's ``micro_gemm`` (``max_autotune`` picks it
+    for the linears of :func:`~slimtorch.quant.lower_conv_gemm_`).
 
     Example:
         >>> kernel_counts(["buf1 = torch.ops.onednn.qconv_pointwise.default(buf0, ...)"])
         {'qconv_pointwise': 1}
+        >>> wrapper = (
+        ...     "cpp_fused_addmm_0 = async_compile.cpp_pybinding(['const uint8_t*', "
+        ...     "'const int8_t*', 'float*'], r" + "'" * 3 + "void kernel() { micro_gemm(); }"
+        ...     + "'" * 3 + ")\\ncpp_fused_addmm_0(buf0, w0, buf1)"
+        ...     + "\\ncpp_fused_addmm_0(buf1, w1, buf2)"
+        ... )
+        >>> kernel_counts([wrapper])
+        {'cpp_int8_gemm': 2}
     """
     counts: dict[str, int] = {}
     for code in codes:
         for name in _KERNEL_RE.findall(code):
             counts[name] = counts.get(name, 0) + 1
+        for kernel, args, source in _CPP_KERNEL_RE.findall(code):
+            if "'const int8_t*'" not in args or "micro_gemm" not in source:
+                continue
+            calls = len(re.findall(rf"(?<![\w.]){kernel}\(", code))
+            if calls:
+                counts[CPP_INT8_GEMM] = counts.get(CPP_INT8_GEMM, 0) + calls
     return counts
 
 
