@@ -123,6 +123,11 @@ def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path
     assert [r["conv"] for r in layers["direct"]["rows"] if r["action"] != "skipped"] == [
         "features.0"
     ]
+    # one row per convolution, saying what it finally became
+    assert [(r["conv"], r["action"]) for r in layers["layers"]] == [
+        ("features.0", "direct+pool"),  # its ReLU and max-pooling fused in
+        ("features.3", "gemm"),
+    ]
     acc = report["accuracy"]
     assert acc["after_finetune"] == pytest.approx(acc["before"], abs=1e-3)  # exact rewrite
     timed = report["finish"]["compiled_latency"]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.table import text_table
 from slimtorch.pipeline.methods import (
     COMPRESS_METHODS,
     Applied,
@@ -411,8 +412,18 @@ def _conv_gemm(model: nn.Module, request: MethodRequest) -> Applied:
         model, config, include=request.include, exclude=request.exclude, strict=request.strict
     )
     changed = bool(report.lowered) or bool(direct and direct.lowered)
-    out = {"gemm": report.to_dict(), "direct": direct.to_dict() if direct else None}
-    table = report.to_table() + ("\n" + direct.to_table() if direct else "")
+    # one row per convolution, with what it finally became: the direct step's skips are the
+    # layers the GEMM step then considered
+    final: list[tuple[str, str, str | None]] = [
+        (r.conv, r.action, r.reason) for r in (direct.lowered if direct else [])
+    ] + [(r.conv, r.action, r.reason) for r in report.rows]
+    layers = [{"conv": c, "action": a, "reason": why} for c, a, why in final]
+    out = {
+        "layers": layers,
+        "gemm": report.to_dict(),
+        "direct": direct.to_dict() if direct else None,
+    }
+    table = text_table([("conv", "action", "reason"), *((c, a, why or "") for c, a, why in final)])
 
     def finish(m: nn.Module) -> dict[str, Any] | None:
         if before is None or not changed:
