@@ -196,3 +196,16 @@ def test_train_with_teacher_distils_and_checks_the_teacher(
     assert main([*args, "--teacher", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert "it predicts 3 classes, the data has 10" in err
+
+
+def test_library_internals_are_quiet_unless_verbose() -> None:
+    import logging
+
+    from slimtorch.cli.main import QUIET_LOGGERS
+
+    assert main(["devices"]) == 0
+    assert all(logging.getLogger(n).level == logging.ERROR for n in QUIET_LOGGERS)
+    assert not logging.getLogger("torchao.kernel.intmm").isEnabledFor(logging.WARNING)
+    assert main(["-v", "devices"]) == 0
+    assert all(logging.getLogger(n).level == logging.NOTSET for n in QUIET_LOGGERS)
+    logging.getLogger("slimtorch").setLevel(logging.NOTSET)

@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from slimtorch import __version__
 from slimtorch.core.errors import SlimtorchError
 
 Handler = Callable[[argparse.Namespace], int]
+
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+"""Libraries' loggers held at ERROR unless ``--verbose`` (their warnings are about internals)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("slimtorch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # notes about library internals nobody running a command can act on, shown only with
+    # --verbose: torchao's import warns about its optional CUDA/Triton kernels, torch about
+    # torchao's use of a deprecated pytree call, inductor's int8 lowering about its own copies
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.ERROR)
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor\.")
     handler: Handler = args.handler
     try:
         return handler(args)
