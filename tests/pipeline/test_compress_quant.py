@@ -10,6 +10,7 @@ import torch
 
 from slimtorch.models import load_model
 from slimtorch.pipeline import compress_run
+from slimtorch.pipeline.quant_methods import GEMM_HINT, _gemm_candidates
 from slimtorch.quant import QDQConv2d, QDQLinear
 from slimtorch.train import TrainConfig
 from slimtorch.train.classifier import train_classifier
@@ -82,6 +83,8 @@ def test_int8_methods_keep_accuracy_and_shrink(trained: Path, tmp_path: Path, me
         else:
             assert f"latency {name} (ms)" in table and "skipped" in table
     assert runtimes["onnxruntime"]["skipped"] is None  # onnxruntime is a test dependency
+    # at a small batch the report points to the im2col + linear layout for inductor
+    assert finish["hint"] == GEMM_HINT and f"({GEMM_HINT})" in table.splitlines()
 
 
 def test_int8_runtime_check_is_an_option(trained: Path) -> None:
@@ -138,6 +141,12 @@ def test_conv_gemm_lowers_times_and_then_quantizes(trained: Path, tmp_path: Path
     model, _ = load_model(tmp_path / "gemm-int8" / "model")
     gemm = model.features[3]
     assert type(gemm).__name__ == "GemmConv2d" and isinstance(gemm.linear, QDQLinear)
+    # no hint for a model already lowered, nor for one without a convolution to lower
+    original, _ = load_model(trained / "model")
+    assert _gemm_candidates(original) and not _gemm_candidates(model)
+    assert not _gemm_candidates(
+        torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 2))
+    )
     with pytest.raises(TypeError, match="direct_stem"):
         compress_run(
             in_dir=trained, out_dir=None, method="conv-gemm", method_options={"direct_stem": 1}

@@ -138,6 +138,8 @@ def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
             "(the eager latency row simulates int8 in float; a runtime row times the float and "
             "the int8 model in that runtime, int8 kernels running)"
         )
+    if finished.get("hint"):
+        rows.append(f"({finished['hint']})")
     return rows
 
 

@@ -103,7 +103,32 @@ def _int8_report(
             calib.append(inputs.detach().cpu())
     timings = time_int8_runtimes(before, m, x, threads=request.threads, calibration=calib or None)
     out["runtimes"] = {name: t.to_dict() for name, t in timings.items()}
+    if x.shape[0] <= GEMM_HINT_BATCH and _gemm_candidates(before):
+        out["hint"] = GEMM_HINT
     return out
+
+
+GEMM_HINT_BATCH = 8
+"""Largest batch at which the report points to the im2col + linear layout."""
+
+GEMM_HINT = (
+    "at small batches, convolutions as im2col + linear (slimtorch compress --method conv-gemm, "
+    "then ptq) can run int8 as inductor's own GEMM kernels, which skip oneDNN's per-call cost; "
+    "conv-gemm times both layouts on your batch"
+)
+
+
+def _gemm_candidates(model: nn.Module) -> bool:
+    """Whether ``model`` has convolutions ``lower_conv_gemm_`` would take and none lowered."""
+    from slimtorch.quant import GemmConvConfig
+    from slimtorch.quant.runtime import wants_max_autotune
+
+    min_k = GemmConvConfig().min_k
+    return not wants_max_autotune(model) and any(
+        isinstance(c, nn.Conv2d)
+        and c.in_channels // c.groups * c.kernel_size[0] * c.kernel_size[1] >= min_k
+        for c in model.modules()
+    )
 
 
 @_parses_options("ptq")
