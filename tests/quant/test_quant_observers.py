@@ -85,6 +85,12 @@ def test_nan_empty_and_no_data_raise() -> None:
     obs = make_observer("mse", name="input of 'conv1'")
     with pytest.raises(CalibrationError, match=r"conv1.*NaN/Inf"):
         obs.update(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(CalibrationError, match=r"2 NaN/Inf"):
+        obs.update(torch.tensor([float("inf"), 1.0, float("-inf")]))
+    # finite values whose sum overflows are still finite values
+    big = make_observer("minmax")
+    big.update(torch.full((4,), 3e38))
+    assert big.count == 1
     with pytest.raises(CalibrationError, match="empty"):
         obs.update(torch.empty(0))
     with pytest.raises(CalibrationError, match="no data"):

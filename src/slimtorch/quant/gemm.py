@@ -173,9 +173,17 @@ class GemmConv2d(nn.Module):
             qmin, qmax, dtype = _INPUT_RANGES[lin.input_dtype]
             scale, zp = lin.input_scale, lin.input_zero_point
             q = _QD.quantize_per_tensor(x, scale, zp, qmin, qmax, dtype)
-            patches = _QD.dequantize_per_tensor(
-                self._patches(q, h_out, w_out, zp), scale, zp, qmin, qmax, dtype
-            )
+            if torch.compiler.is_compiling():
+                # the pattern inductor turns into an int8 GEMM: integer patches, then the
+                # dequantize that feeds the linear
+                patches = _QD.dequantize_per_tensor(
+                    self._patches(q, h_out, w_out, zp), scale, zp, qmin, qmax, dtype
+                )
+            else:
+                # the same values, dequantized before the kh*kw-fold copy instead of after it
+                # (the zero point pads to exactly 0.0)
+                deq = _QD.dequantize_per_tensor(q, scale, zp, qmin, qmax, dtype)
+                patches = self._patches(deq, h_out, w_out, 0.0)
             y = lin.quantize_output(F.linear(patches, lin.dequantized_weight(), lin.bias))
         else:
             y = lin(self._patches(x, h_out, w_out, 0.0))

@@ -109,8 +109,10 @@ class Observer:
         x = x.detach().float()
         if x.numel() == 0:
             raise CalibrationError(f"{self.name}: observed an empty tensor; feed real batches")
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
+        # one reduction instead of a mask as large as x: a NaN/Inf makes the sum non-finite
+        # (so can an overflow of finite values, hence the exact count before raising)
+        bad = 0 if math.isfinite(float(x.sum())) else int((~torch.isfinite(x)).sum())
+        if bad:
             raise CalibrationError(
                 f"{self.name}: {bad} NaN/Inf value(s) during calibration; check the input "
                 "data and the layers before it (a diverged model or unnormalised inputs)"
