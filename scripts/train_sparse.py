@@ -51,6 +51,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 alpha=args.alpha,
                 t_end=args.t_end,
                 seed=args.seed,
+                scale_init=not args.dense_init,
             )
         )
     config = TrainConfig(
@@ -116,6 +117,9 @@ def main() -> None:
     ap.add_argument("--delta-t", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--t-end", type=float, default=0.75)
+    ap.add_argument(
+        "--dense-init", action="store_true", help="keep dense initial weights (no fan-in scaling)"
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)

@@ -67,6 +67,17 @@ def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "channel groups changed: 2 of 3" in capsys.readouterr().out  # classifier is fixed
 
 
+def test_a_network_without_norms_trains_at_90_percent(tmp_path: Path) -> None:
+    """lenet5 has no batch norm: at 90% sparsity with its dense initial weights it stayed at
+    chance; each unit's weights scaled to its sparse fan-in, it learns."""
+    args = ["train", "--model", "lenet5", "--dataset", "digits", "--epochs", "12",
+            "--batch-size", "64", "--lr", "0.05", "--no-progress", "--device", "cpu",
+            "--sparse", "rigl", "--sparsity", "0.9"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    metrics = json.loads((tmp_path / "r" / "model" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.6, metrics
+
+
 def test_compress_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["compress", "--in", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main([*args, "--method", "prune", "--rank", "0.5"]) == 2

@@ -280,6 +280,30 @@ def test_state_survives_checkpoint_and_resume(cls: type[StaticSparse], tmp_path:
         torch.testing.assert_close(res_sd[key], ref_sd[key], rtol=0, atol=0)
 
 
+def test_sparse_init_scales_each_unit_to_its_active_fan_in() -> None:
+    scaled, dense = _mlp(), _mlp()
+    scaled_cb = StaticSparse(_sparse_cfg())
+    dense_cb = StaticSparse(_sparse_cfg(scale_init=False))
+    scaled_cb.init_masks_(scaled)
+    dense_cb.init_masks_(dense)
+    for name in LAYERS:
+        mask = get_mask(scaled.get_submodule(name))
+        assert mask is not None
+        assert torch.equal(mask, get_mask(dense.get_submodule(name)))  # same masks
+        w, w0 = scaled.get_submodule(name).weight, dense.get_submodule(name).weight
+        active = mask.sum(dim=1, keepdim=True).clamp(min=1)
+        factor = (mask.shape[1] / active).sqrt()
+        torch.testing.assert_close(w, w0 * factor, rtol=1e-6, atol=0)
+        assert int((w[~mask] != 0).sum()) == 0
+    # the first layer's pre-activations keep the dense layer's spread (to sampling noise)
+    x = torch.randn(512, 16)
+    ref = _mlp()[0](x).std()
+    assert 0.8 < float(scaled[0](x).std() / ref) < 1.25
+    assert float(dense[0](x).std() / ref) < 0.7  # 80% sparse, unscaled: the signal shrinks
+    with pytest.raises(ValueError, match="scale_init"):
+        SparseTrainingConfig(scale_init=1)  # type: ignore[arg-type]
+
+
 def test_masks_survive_save_and_load_model(tmp_path: Path) -> None:
     model = create_model("mlp", num_classes=4, in_channels=1, input_size=4)
     cb = make_sparse_callback("rigl", 0.7, delta_t=3, dense_last=True)

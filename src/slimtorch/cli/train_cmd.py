@@ -92,6 +92,12 @@ def add_parser(sub: Any) -> None:
         default=0.75,
         help="with --sparse: fraction of training after which masks stop changing",
     )
+    p.add_argument(
+        "--dense-init",
+        action="store_true",
+        help="with --sparse: keep the dense initial weights (default: each unit's remaining "
+        "weights scaled to its sparse fan-in)",
+    )
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -123,6 +129,7 @@ def _sparse_callbacks(args: argparse.Namespace) -> list[Any]:
             alpha=args.alpha,
             t_end=args.t_end,
             seed=args.seed,
+            scale_init=not args.dense_init,
         )
     ]
 

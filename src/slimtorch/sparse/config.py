@@ -40,6 +40,15 @@ class SparseTrainingConfig(Config):
         t_end: Fraction of the run's optimiser steps after which masks stay fixed, in (0, 1].
         seed: Seed of the initial random masks and of SET's random regrowth; equal on every
             DDP rank, so the masks stay identical across ranks.
+        scale_init: When the masks are first drawn, scale each output unit's remaining
+            weights by ``sqrt(fan_in / active fan_in)``, so its pre-activation variance at
+            initialisation is the dense layer's (a sparse-aware initialisation: Evci et al.
+            2019, "The Difficulty of Training Sparse Neural Networks", arXiv:1906.10732; Lee
+            et al. 2020, "A Signal Propagation Perspective for Pruning Neural Networks at
+            Initialization", arXiv:1906.06307). Networks without normalisation layers need it
+            at high sparsity: lenet5 on the digits at 90% stays at chance accuracy without it
+            and reaches 95-96% with it. After a batch norm it changes the forward pass only
+            through the norm's epsilon.
 
     Example:
         >>> SparseTrainingConfig(sparsity=0.8, dense_first=True).dense_first
@@ -54,6 +63,7 @@ class SparseTrainingConfig(Config):
     alpha: float = 0.3
     t_end: float = 0.75
     seed: int = 0
+    scale_init: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
@@ -68,3 +78,4 @@ class SparseTrainingConfig(Config):
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "t_end", self.t_end, low=0.0, high=1.0, low_inclusive=False)
         _check_int(self, "seed", self.seed, 0)
+        _check_bool(self, "scale_init", self.scale_init)

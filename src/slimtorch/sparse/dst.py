@@ -63,6 +63,24 @@ logger = logging.getLogger(__name__)
 KINDS = ("static", "set", "rigl")
 
 
+@torch.no_grad()
+def scale_to_active_fan_in_(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Scale each output unit's weights by ``sqrt(fan_in / active fan_in)`` (in place), so a
+    sparse unit starts with the dense unit's pre-activation variance; units with no active
+    weight are left alone (see :attr:`SparseTrainingConfig.scale_init`).
+
+    Example:
+        >>> w = torch.ones(2, 4)
+        >>> scale_to_active_fan_in_(w, torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]]).bool())
+        >>> w[:, 0].tolist()
+        [2.0, 1.0]
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # (out, fan_in)
+    active = rows.sum(dim=1).clamp(min=1).to(weight.dtype)
+    scale = (rows.shape[1] / active).sqrt()
+    weight.mul_(scale.view(-1, *([1] * (weight.ndim - 1))))
+
+
 class StaticSparse(MaskCallback):
     """Random masks at the configured distribution, fixed for the whole run.
 
@@ -169,7 +187,10 @@ class StaticSparse(MaskCallback):
                 )
             new = random_mask(mask.shape, self.nonzeros[name], self.generator)
             mask.copy_(new.to(mask.device))
-            layer_weight(module).masked_fill_(~mask, 0.0)
+            weight = layer_weight(module)
+            weight.masked_fill_(~mask, 0.0)
+            if self.config.scale_init:
+                scale_to_active_fan_in_(weight, mask)
         self.initialised = True
         return dict(self.nonzeros)
 
@@ -404,6 +425,7 @@ def make_sparse_callback(
     dense_first: bool = False,
     dense_last: bool = False,
     seed: int = 0,
+    scale_init: bool = True,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> StaticSparse:
@@ -419,6 +441,7 @@ def make_sparse_callback(
         dense_first: Keep the first targeted layer dense.
         dense_last: Keep the last targeted layer dense.
         seed: Seed of the masks and of SET's regrowth.
+        scale_init: Sparse-aware initial weights (see :class:`SparseTrainingConfig`).
         include: Globs of layers to make sparse.
         exclude: Globs of layers to leave dense.
 
@@ -438,5 +461,6 @@ def make_sparse_callback(
         alpha=alpha,
         t_end=t_end,
         seed=seed,
+        scale_init=scale_init,
     )
     return classes[kind](config, include=include, exclude=exclude)
