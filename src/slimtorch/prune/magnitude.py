@@ -248,13 +248,18 @@ def prune_(
         layers.append(names[id(module)])
         if "bias" in params:
             biases.append(names[id(module)])
-    for row in rows:
-        logger.info(
+    for row in rows:  # the report has every row; the log only a summary unless debugging
+        logger.debug(
             "prune %s: %s%s",
             row.name,
             row.action,
             f" ({row.reason})" if row.reason else f", sparsity {row.sparsity:.3f}",
         )
+    logger.info(
+        "prune_ (%s): %d layer(s) pruned, %d skipped; %d of %d weights zero",
+        method, len(chosen), len(rows) - len(chosen),
+        sum(r.zeros_after for r in rows), sum(r.params for r in rows),
+    )  # fmt: skip
     if layers and isinstance(getattr(model, "slimtorch_arch", None), dict):
         params_rec: dict[str, Any] = {"layers": layers}
         if biases:
