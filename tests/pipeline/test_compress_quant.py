@@ -157,8 +157,12 @@ def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
     report = _run(trained, tmp_path / "fp16", "fp16", {"profile": "rx580"})
     assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]
     assert report["history"] is None
-    mixed = _run(trained, tmp_path / "mixed", "mixed", {"size_ratio": 4.0, "runtime_check": False})
+    mixed = _run(trained, tmp_path / "mixed", "mixed", {"size_ratio": 4.0})
     assert mixed["accuracy"]["after_finetune"] >= mixed["accuracy"]["before"] - 0.03
+    # weight-only int8: no runtime builds it, so no hint about int8 kernels either
+    runtimes = mixed["finish"]["runtimes"]
+    assert all("weight-only" in t["skipped"] for t in runtimes.values())
+    assert "hint" not in mixed["finish"]
     with pytest.raises(ValueError, match="size_ratio"):
         compress_run(
             in_dir=trained, out_dir=None, method="mixed", method_options={"size_ratio": -1}

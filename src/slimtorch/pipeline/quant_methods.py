@@ -103,7 +103,9 @@ def _int8_report(
             calib.append(inputs.detach().cpu())
     timings = time_int8_runtimes(before, m, x, threads=request.threads, calibration=calib or None)
     out["runtimes"] = {name: t.to_dict() for name, t in timings.items()}
-    if x.shape[0] <= GEMM_HINT_BATCH and _gemm_candidates(before):
+    inductor = timings.get("inductor")
+    timed = inductor is not None and inductor.skipped is None
+    if timed and x.shape[0] <= GEMM_HINT_BATCH and _gemm_candidates(before):
         out["hint"] = GEMM_HINT
     return out
 
