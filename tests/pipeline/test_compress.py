@@ -52,6 +52,13 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
     assert acc["after_finetune"] > max(0.75, acc["after_transform"] + 0.03)
     assert "test accuracy (%)" in res.table and "est. rx580 (ms)" in res.table
     assert "latency cpu (ms)" in res.table  # the measured figure is always shown
+    # ... as the two models timed side by side at the end, not two profiles minutes apart
+    side = report["latency_side_by_side"]
+    assert side["before_s"] > 0 and side["after_s"] > 0 and side["source"] == "measured:cpu"
+    assert side["speedup"] == pytest.approx(side["before_s"] / side["after_s"])
+    row = next(line for line in res.table.splitlines() if line.startswith("latency cpu (ms)"))
+    assert row.split()[3:5] == [f"{side['before_s'] * 1e3:.3f}", f"{side['after_s'] * 1e3:.3f}"]
+    assert "timed side by side" in res.table
 
     model, card = load_model(out / "model")
     x = torch.randn(4, 1, 8, 8)

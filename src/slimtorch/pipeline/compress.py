@@ -77,12 +77,58 @@ def measure_model(
     return float(acc if acc is not None else float("nan")), prof
 
 
-def _table(acc_before: float, acc_after: float, before: ModelProfile, after: ModelProfile) -> str:
+def _table(
+    acc_before: float,
+    acc_after: float,
+    before: ModelProfile,
+    after: ModelProfile,
+    side_by_side: dict[str, Any] | None = None,
+) -> str:
+    """The before/after table; with ``side_by_side`` its latency row holds the two models timed
+    in alternating rounds at the end of the run, not the two profiles taken minutes apart."""
     head = f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"
     acc = f"{'test accuracy (%)':<26} {100 * acc_before:>12.2f} {100 * acc_after:>12.2f} "
     acc += f"{100 * (acc_after - acc_before):>+7.2f}p"
-    lines = compare_profiles(before, after).splitlines()
-    return "\n".join([head, acc, *lines[1:]])
+    lines = compare_profiles(before, after).splitlines()[1:]
+    if side_by_side is not None:
+        label = f"latency {after.latency.device} (ms)"
+        lines = [
+            _row(label, side_by_side["before_s"], side_by_side["after_s"])
+            if line.startswith(label)
+            else line
+            for line in lines
+        ]
+    return "\n".join([head, acc, *lines])
+
+
+SIDE_BY_SIDE_ROUNDS = 9
+"""Alternating rounds of the final before/after latency (each the median of 5 calls)."""
+
+
+def _side_by_side(
+    before: nn.Module,
+    after: nn.Module,
+    shape: Sequence[int],
+    device: torch.device,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Both models timed in alternating rounds on one input, so drift on a shared machine hits
+    both alike (:func:`~slimtorch.decompose.speed.layer_speedup` on whole models)."""
+    from slimtorch.decompose.speed import layer_speedup
+
+    before.eval()
+    after.eval()
+    check = layer_speedup(
+        before, after, tuple(shape), device=device, threads=threads,
+        repeats=SIDE_BY_SIDE_ROUNDS, calls=5,
+    )  # fmt: skip
+    return {
+        "before_s": check.original_s,
+        "after_s": check.factorised_s,
+        "speedup": check.speedup,
+        "rounds": SIDE_BY_SIDE_ROUNDS,
+        "source": check.source,
+    }
 
 
 def _row(name: str, before_s: float, after_s: float) -> str:
@@ -261,6 +307,8 @@ def compress_run(
         steps_per_epoch=steps_per_epoch,
         threads=threads,
     )
+    # the model as it was, timed against the result side by side at the end
+    original = copy.deepcopy(model)
     t0 = time.perf_counter()
     applied = apply(model, request)
     transform_s = time.perf_counter() - t0
@@ -292,7 +340,15 @@ def compress_run(
         profiles=profiles,
         threads=threads,
     )
-    table = "\n".join([_table(acc0, acc1, prof0, prof1), *_finish_rows(finished)])
+    side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
+    del original
+    table = "\n".join(
+        [
+            _table(acc0, acc1, prof0, prof1, side),
+            *_finish_rows(finished),
+            "(latency: the model before and after, timed side by side in alternating rounds)",
+        ]
+    )
     result: dict[str, Any] = {
         "method": method,
         "config": applied.config,
@@ -304,6 +360,7 @@ def compress_run(
         "accuracy": {"before": acc0, "after_transform": acc_mid, "after_finetune": acc1},
         "before": prof0.to_dict(),
         "after": prof1.to_dict(),
+        "latency_side_by_side": side,
         "layers": applied.report,
         "finish": finished,
         "finetune": None if finetune is None else finetune.to_dict(),
