@@ -38,3 +38,17 @@ def test_cli_module_import_is_lean() -> None:
     mods = info["mods"]
     assert isinstance(mods, list)
     assert not [m for m in mods if m.split(".")[0] in HEAVY]
+
+
+def test_loading_a_transformed_model_does_not_import_the_compiler() -> None:
+    """load_model imports the packages whose transforms a model records; torch._dynamo costs
+    about a second of import and only compiling needs it."""
+    for package in (
+        "slimtorch.decompose",
+        "slimtorch.prune",
+        "slimtorch.quant",
+        "slimtorch.sparse",
+    ):
+        mods = _modules_after(f"import slimtorch.models, {package}")["mods"]
+        assert isinstance(mods, list)
+        assert "torch._dynamo" not in mods, package

@@ -33,7 +33,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from slimtorch.core.surgery import set_submodule
@@ -102,11 +101,15 @@ def model_gate(
             return torch.compile(m, dynamic=False)  # type: ignore[return-value]
         return m
 
+    # imported here: it costs about a second, which loading a model (its transforms import
+    # this package) must not pay
+    import torch._dynamo as dynamo
+
     batches = config.speed_batches() or (int(example_input.shape[0]),)
     shapes = [(b, *example_input.shape[1:]) for b in batches]
     # every trial is a new module over the same forward code: room for all their graphs
     limit = 4 * (len(kept) + 2) * len(shapes) + 8
-    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=10 * limit):
+    with dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=10 * limit):
         current = build(kept)
         for name in sorted(kept, key=lambda n: _saving(by_name[n])):
             trial = build([n for n in kept if n != name])
@@ -137,4 +140,4 @@ def model_gate(
     if config.speed_compile:
         # the trial graphs stay in dynamo's cache on the model's forward and would count against
         # the recompile limit when the chosen model is compiled next: drop them
-        torch._dynamo.reset()
+        dynamo.reset()
