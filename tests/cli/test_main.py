@@ -80,6 +80,19 @@ def test_train_eval_profile_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     # mlp on 8x8: 64*256+256 + 256*128+128 + 128*10+10 parameters
     assert json.dumps(data).count(str(64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10)) >= 1
 
+    # compress with the accuracy guard: a rank that loses too much is refused, exit status 3
+    comp = ["compress", "--in", str(out), "--method", "svd", "--rank", "0.02", "--device", "cpu",
+            "--profile-batch", "4", "--profiles", "rx580", "--finetune-epochs", "0",
+            "--no-progress"]  # fmt: skip
+    assert main([*comp, "--out", str(tmp_path / "g"), "--max-drop", "0.5"]) == 3
+    captured = capsys.readouterr()
+    assert "accuracy guard" in captured.err and "not written" in captured.err
+    assert not (tmp_path / "g" / "model").exists() and (tmp_path / "g" / "report.json").is_file()
+    # without the guard the model is written, and the table says what was lost and why
+    assert main([*comp, "--out", str(tmp_path / "n")]) == 0
+    assert "nothing was fine-tuned: --finetune-epochs" in capsys.readouterr().out
+    assert (tmp_path / "n" / "model" / "config.json").is_file()
+
 
 def test_eval_missing_directory_is_clear(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

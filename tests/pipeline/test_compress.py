@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +159,25 @@ def test_bad_options_fail_before_anything_is_loaded(
             method_options=options,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_guard_keeps_a_model_that_lost_too_much_from_being_written(
+    trained_mlp: Path, tmp_path: Path
+) -> None:
+    kw: dict[str, Any] = dict(
+        in_dir=trained_mlp, method="svd", rank=0.02, profile_batch=4, profiles=(), threads=1
+    )
+    res = compress_run(out_dir=tmp_path / "refused", max_drop=0.0, **kw)
+    guard = res.report["accuracy_guard"]
+    acc = res.report["accuracy"]
+    assert guard["drop_points"] == pytest.approx(100 * (acc["before"] - acc["after_finetune"]))
+    assert guard["drop_points"] > 0 and guard["passed"] is False
+    assert res.model_dir is None and not (tmp_path / "refused" / "model").exists()
+    written = json.loads((tmp_path / "refused" / "report.json").read_text())
+    assert written["accuracy_guard"] == guard  # the report says why
+    ok = compress_run(out_dir=tmp_path / "ok", max_drop=100.0, **kw)
+    assert ok.report["accuracy_guard"]["passed"] is True and ok.model_dir is not None
+    assert compress_run(out_dir=None, **kw).report["accuracy_guard"] is None  # no guard asked
+    for bad in (-1.0, "1", True):
+        with pytest.raises(ValueError, match="max_drop"):
+            compress_run(out_dir=None, max_drop=bad, **kw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from slimtorch.cli.common import DATASETS, add_device_args, apply_threads
@@ -110,6 +111,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--distill-alpha", type=float, default=0.9, help="weight of the soft loss (default 0.9)"
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="accuracy guard: do not write the model if test accuracy falls by more than this "
+        "many percentage points (exit status 3; report.json is still written)",
     )
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
@@ -247,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         profiles=[p for p in args.profiles.split(",") if p],
         threads=args.threads,
         distill=distill,
+        max_drop=args.max_drop,
     )
     if not is_main_process():
         return 0
@@ -259,4 +269,20 @@ def _run(args: argparse.Namespace) -> int:
         ratio = st["dense_bytes"] / max(1, st["compact_bytes"])
         print(f"compact storage: {st['compact_bytes']} bytes ({ratio:.2f}x smaller than dense)")
     print(result.table)
+    guard = result.report.get("accuracy_guard")
+    if guard is not None and not guard["passed"]:
+        print(
+            f"slimtorch compress: accuracy guard: {guard['drop_points']:.2f} points lost > "
+            f"--max-drop {guard['max_drop_points']:g}; the model was not written (see "
+            f"{args.out}/report.json)",
+            file=sys.stderr,
+        )
+        return 3
+    acc = result.report.get("accuracy") or {}
+    drop = 100 * (acc.get("before", 0.0) - acc.get("after_finetune", 0.0))
+    if guard is None and drop > 1.0 and result.report.get("history") is None:
+        print(
+            f"(accuracy fell {drop:.2f} points and nothing was fine-tuned: --finetune-epochs N "
+            "recovers it where the method allows; --max-drop refuses such a result)"
+        )
     return 0

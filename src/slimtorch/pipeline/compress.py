@@ -101,6 +101,14 @@ def _table(
     return "\n".join([head, acc, *lines])
 
 
+def _guard(acc_before: float, acc_after: float, max_drop: float | None) -> dict[str, Any] | None:
+    """The accuracy guard's verdict (points lost against ``max_drop``), None without a guard."""
+    if max_drop is None:
+        return None
+    drop = 100.0 * (acc_before - acc_after)
+    return {"max_drop_points": float(max_drop), "drop_points": drop, "passed": drop <= max_drop}
+
+
 SIDE_BY_SIDE_ROUNDS = 9
 """Alternating rounds of the final before/after latency (each the median of 5 calls)."""
 
@@ -208,6 +216,7 @@ def compress_run(
     profiles: Sequence[str] = ("rx580",),
     threads: int | None = None,
     distill: DistillConfig | None = None,
+    max_drop: float | None = None,
 ) -> CompressResult:
     """Compress the model in ``in_dir`` with ``method``, fine-tune it, measure before and after.
 
@@ -235,10 +244,18 @@ def compress_run(
             copy of the model taken before the transform (Hinton et al. 2015,
             arXiv:1503.02531); ``report.json`` records it under ``"distill"`` (None when no
             distillation ran).
+        max_drop: Accuracy guard, in percentage points: when the test accuracy after the
+            method (and fine-tuning) is more than this below the accuracy before, the model is
+            not written (``report.json`` is, with ``accuracy_guard.passed`` false, and the
+            result's ``model_dir`` is None). None: no guard.
 
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
     """
+    if max_drop is not None and (
+        isinstance(max_drop, bool) or not isinstance(max_drop, int | float) or not max_drop >= 0
+    ):
+        raise ValueError(f"max_drop must be a number of points >= 0 or None, got {max_drop!r}")
     if distill is not None and not isinstance(distill, DistillConfig):
         raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
     apply = COMPRESS_METHODS.get(method)
@@ -361,6 +378,7 @@ def compress_run(
         "before": prof0.to_dict(),
         "after": prof1.to_dict(),
         "latency_side_by_side": side,
+        "accuracy_guard": _guard(acc0, acc1, max_drop),
         "layers": applied.report,
         "finish": finished,
         "finetune": None if finetune is None else finetune.to_dict(),
@@ -368,8 +386,18 @@ def compress_run(
         "distill": None if history is None or distill is None else distill.to_dict(),
     }
     model_dir = None
+    guard = result["accuracy_guard"]
+    if guard is not None and not guard["passed"]:
+        logger.warning(
+            "accuracy guard: %.2f points lost > max_drop %.2f; the model is not written",
+            guard["drop_points"], guard["max_drop_points"],
+        )  # fmt: skip
     if out_dir is not None and is_main_process():
         out = Path(out_dir)
+        if guard is not None and not guard["passed"]:
+            atomic_write_json(out / "report.json", result)
+            atomic_write_text(out / "report.txt", applied.table + "\n\n" + table + "\n")
+            return CompressResult(model=model, report=result, table=table, model_dir=None)
         model_dir = save_model(
             model,
             out / MODEL_SUBDIR,
