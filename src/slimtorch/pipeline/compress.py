@@ -387,29 +387,27 @@ def compress_run(
     }
     model_dir = None
     guard = result["accuracy_guard"]
-    if guard is not None and not guard["passed"]:
+    refused = guard is not None and not guard["passed"]
+    if refused:
         logger.warning(
             "accuracy guard: %.2f points lost > max_drop %.2f; the model is not written",
             guard["drop_points"], guard["max_drop_points"],
         )  # fmt: skip
     if out_dir is not None and is_main_process():
         out = Path(out_dir)
-        if guard is not None and not guard["passed"]:
-            atomic_write_json(out / "report.json", result)
-            atomic_write_text(out / "report.txt", applied.table + "\n\n" + table + "\n")
-            return CompressResult(model=model, report=result, table=table, model_dir=None)
-        model_dir = save_model(
-            model,
-            out / MODEL_SUBDIR,
-            input_shape=shape,  # type: ignore[arg-type]
-            mean=card.mean,
-            std=card.std,
-            class_names=card.class_names,
-            metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
-            extra={**card.extra, "compressed_from": str(in_path), "method": method},
-        )
-        if applied.artifacts is not None:
-            result["artifacts"] = applied.artifacts(model, out)
-        atomic_write_json(out / "report.json", result)
+        if not refused:
+            model_dir = save_model(
+                model,
+                out / MODEL_SUBDIR,
+                input_shape=shape,  # type: ignore[arg-type]
+                mean=card.mean,
+                std=card.std,
+                class_names=card.class_names,
+                metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
+                extra={**card.extra, "compressed_from": str(in_path), "method": method},
+            )
+            if applied.artifacts is not None:
+                result["artifacts"] = applied.artifacts(model, out)
+        atomic_write_json(out / "report.json", result)  # with the guard's verdict if refused
         atomic_write_text(out / "report.txt", applied.table + "\n\n" + table + "\n")
     return CompressResult(model=model, report=result, table=table, model_dir=model_dir)

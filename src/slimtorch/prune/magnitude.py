@@ -255,7 +255,11 @@ def prune_(
             row.action,
             f" ({row.reason})" if row.reason else f", sparsity {row.sparsity:.3f}",
         )
-    logger.info(
+    # a call that zeroes nothing new (masks installed at sparsity 0 for sparse training, a
+    # target already reached) says so at debug level only
+    zeroed = any(r.zeros_after > r.zeros_before for r in rows)
+    logger.log(
+        logging.INFO if zeroed else logging.DEBUG,
         "prune_ (%s): %d layer(s) pruned, %d skipped; %d of %d weights zero",
         method, len(chosen), len(rows) - len(chosen),
         sum(r.zeros_after for r in rows), sum(r.params for r in rows),

@@ -175,14 +175,7 @@ class StaticSparse(MaskCallback):
         self.nonzeros = self.plan(model)
         names = list(self.nonzeros)
         # all-True buffers and the "prune.masks" record, so save_model/load_model keep them
-        # (the random masks are drawn below: prune_'s own summary would only say "0 zero")
-        magnitude_log = logging.getLogger(prune_.__module__)
-        level = magnitude_log.level
-        magnitude_log.setLevel(max(level, logging.WARNING))
-        try:
-            prune_(model, MagnitudeConfig(sparsity=0.0), include=names)
-        finally:
-            magnitude_log.setLevel(level)
+        prune_(model, MagnitudeConfig(sparsity=0.0), include=names)
         self.generator.manual_seed(self.config.seed)
         for name in names:
             module = model.get_submodule(name)
