@@ -34,7 +34,7 @@ def test_cpu_peak_with_args_and_nothing_allocated() -> None:
 
 def test_sampling_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_mod, "_reset_hwm", lambda: False)
-    r = measure_peak_memory(alloc_200mb, 0.05, device="cpu")
+    r = measure_peak_memory(alloc_200mb, 0.2, device="cpu")  # held long enough on a busy machine
     assert r.method == "rss-sampled"
     assert abs(r.peak_bytes - MB200) < 0.1 * MB200
 
