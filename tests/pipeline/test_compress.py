@@ -60,6 +60,20 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
     row = next(line for line in res.table.splitlines() if line.startswith("latency cpu (ms)"))
     assert row.split()[3:5] == [f"{side['before_s'] * 1e3:.3f}", f"{side['after_s'] * 1e3:.3f}"]
     assert "timed side by side" in res.table
+    # the verdict closes the table and is built from the same side-by-side timing
+    verdict = report["verdict"]
+    assert res.table.splitlines()[-1] == verdict["text"]
+    assert verdict["headline"].startswith("smaller")  # 0.25 rank: far fewer bytes
+    assert verdict["size_ratio"] == pytest.approx(
+        report["after"]["size_bytes"] / report["before"]["size_bytes"]
+    )
+    first_timing = verdict["speed"][0]
+    assert first_timing["speedup"] == pytest.approx(side["speedup"])
+    assert first_timing["rounds"] == side["rounds"] == 9
+    assert 0 <= first_timing["faster_rounds"] <= 9
+    assert verdict["accuracy_points"] == pytest.approx(
+        100 * (acc["after_finetune"] - acc["before"])
+    )
 
     model, card = load_model(out / "model")
     x = torch.randn(4, 1, 8, 8)
@@ -96,6 +110,9 @@ def test_nothing_factorised_means_no_finetune_and_same_outputs(trained_mlp: Path
     res.model.eval()
     torch.testing.assert_close(res.model(x), base(x))
     assert res.report["accuracy"]["after_finetune"] == res.report["accuracy"]["before"]
+    verdict = res.report["verdict"]  # the same model: the timing may go either way by chance
+    assert verdict["size_ratio"] == 1.0
+    assert verdict["headline"] in ("neither smaller nor faster", "faster, not smaller", "slower")
 
 
 def test_compress_with_distillation_records_config_and_uses_a_frozen_teacher(

@@ -8,7 +8,11 @@ import slimtorch.pipeline as pipeline
 from doctest_helpers import docstring_example_problems
 
 # compress.py's example needs a trained model directory; compress_run is tested directly.
-MODULES = ["slimtorch.pipeline.methods", "slimtorch.pipeline.quant_methods"]
+MODULES = [
+    "slimtorch.pipeline.methods",
+    "slimtorch.pipeline.quant_methods",
+    "slimtorch.pipeline.verdict",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

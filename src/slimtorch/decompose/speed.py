@@ -46,12 +46,18 @@ class SpeedCheck:
         factorised_s: Seconds per call of the factorised layer.
         speedup: ``original_s / factorised_s`` (> 1: the factorised layer is faster).
         source: ``"measured:<device>"`` or ``"roofline:<profile>"``.
+        faster_rounds: Measured: in how many of the rounds the factorised layer was the faster
+            one (the rounds pair the two timings, so this is a sign test's count); None for
+            roofline estimates.
+        rounds: Measured: the number of rounds; None for roofline estimates.
     """
 
     original_s: float
     factorised_s: float
     speedup: float
     source: str
+    faster_rounds: int | None = None
+    rounds: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
@@ -151,6 +157,7 @@ def layer_speedup(
             f"got {speed_on!r}"
         )
     ref = _param_of(original)
+    faster_rounds: int | None = None
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     if device is not None:
         dev = torch.device(device)
@@ -187,6 +194,7 @@ def layer_speedup(
                 )
                 times.append(r.median_s)
         a_s, b_s = statistics.median(a_times), statistics.median(b_times)
+        faster_rounds = sum(b < a for a, b in zip(a_times, b_times, strict=True))
         source = f"measured:{dev}{source_tag}"
     speedup = a_s / b_s if b_s > 0 else float("inf")
     logger.debug(
@@ -198,7 +206,8 @@ def layer_speedup(
         speedup,
         source,
     )
-    return SpeedCheck(float(a_s), float(b_s), float(speedup), source)
+    rounds = repeats if faster_rounds is not None else None
+    return SpeedCheck(float(a_s), float(b_s), float(speedup), source, faster_rounds, rounds)
 
 
 __all__ = ["SpeedCheck", "layer_speedup"]

@@ -6,7 +6,8 @@ estimate on the target profiles), apply a method from
 :data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` (decomposition, pruning, quantization ...),
 fine-tune with the one Trainer and the callbacks the method asks for, run the method's finishing
 step, measure again and write a model directory plus ``report.json``. A change is only called
-faster when the measured latency says so.
+faster when the measured latency says so: the report ends with a verdict
+(:mod:`slimtorch.pipeline.verdict`) built from side-by-side timings alone.
 
 Example (needs a model directory written by ``slimtorch train``, hence skipped as a test):
     >>> res = compress_run(in_dir="runs/base", out_dir="runs/tucker", method="tucker",
@@ -34,6 +35,7 @@ from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
+from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.train import Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
@@ -135,6 +137,7 @@ def _side_by_side(
         "after_s": check.factorised_s,
         "speedup": check.speedup,
         "rounds": SIDE_BY_SIDE_ROUNDS,
+        "faster_rounds": check.faster_rounds,
         "source": check.source,
     }
 
@@ -359,11 +362,27 @@ def compress_run(
     )
     side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
     del original
+    verdict = make_verdict(
+        size_before=prof0.size_bytes,
+        size_after=prof1.size_bytes,
+        acc_before=acc0,
+        acc_after=acc1,
+        timings=[
+            speed_entry(
+                f"{device.type} batch {profile_batch}",
+                side["speedup"],
+                faster_rounds=side["faster_rounds"],
+                rounds=side["rounds"],
+            ),
+            *finish_timings(finished),
+        ],
+    )
     table = "\n".join(
         [
             _table(acc0, acc1, prof0, prof1, side),
             *_finish_rows(finished),
             "(latency: the model before and after, timed side by side in alternating rounds)",
+            verdict["text"],
         ]
     )
     result: dict[str, Any] = {
@@ -378,6 +397,7 @@ def compress_run(
         "before": prof0.to_dict(),
         "after": prof1.to_dict(),
         "latency_side_by_side": side,
+        "verdict": verdict,
         "accuracy_guard": _guard(acc0, acc1, max_drop),
         "layers": applied.report,
         "finish": finished,

@@ -353,6 +353,8 @@ def _compiled_latency(
             "before_s": check.original_s,
             "after_s": check.factorised_s,
             "speedup": check.speedup,
+            "rounds": check.rounds,
+            "faster_rounds": check.faster_rounds,
             "source": f"{check.source},compiled" + (",max_autotune" if max_autotune else ""),
         }
     }

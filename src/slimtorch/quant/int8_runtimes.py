@@ -68,6 +68,8 @@ class RuntimeTiming:
         max_abs_diff: Largest difference between the runtime's int8 outputs and the eager Q/DQ
             model's on the timed batch (int8 rounding in another kernel, not a simulation).
         skipped: Why the runtime was not timed (then the figures are None).
+        rounds: Interleaved timing rounds.
+        faster_rounds: In how many of them int8 was the faster one.
     """
 
     runtime: str
@@ -79,6 +81,8 @@ class RuntimeTiming:
     int8_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
     max_abs_diff: float | None = None
     skipped: str | None = None
+    rounds: int | None = None
+    faster_rounds: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
@@ -250,6 +254,8 @@ def time_int8_runtimes(
             fp32_s=check.original_s,
             int8_s=check.factorised_s,
             speedup=check.speedup,
+            rounds=check.rounds,
+            faster_rounds=check.faster_rounds,
             int8_kernels=kernels,
             max_abs_diff=diff,
         )
