@@ -68,8 +68,9 @@ def test_headlines() -> None:
     v = verdict(260, slow, inductor)
     assert v["headline"] == "smaller and faster" and v["faster"]
     assert v["text"] == (
-        "verdict: smaller and faster: 0.26x the size, -1.00 points; cpu batch 32 0.40x as fast "
-        "(0 of 9 rounds), inductor 2.30x as fast (7 of 7 rounds), int8 kernels"
+        "verdict: smaller and faster: 0.26x the size, -1.00 points; cpu batch 32: 0.40x speed, "
+        "slower (0 of 9 rounds faster); inductor (int8 kernels): 2.30x speed, faster (7 of 7 "
+        "rounds faster)"
     )
 
 

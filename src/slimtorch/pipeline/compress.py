@@ -373,6 +373,7 @@ def compress_run(
                 side["speedup"],
                 faster_rounds=side["faster_rounds"],
                 rounds=side["rounds"],
+                note="int8 simulated in float" if finished and finished.get("runtimes") else None,
             ),
             *finish_timings(finished),
         ],

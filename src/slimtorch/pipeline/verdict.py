@@ -20,8 +20,9 @@ Example:
     ... )
     >>> v["headline"], v["speed"][0]["verdict"]
     ('smaller and faster', 'faster')
-    >>> v["text"]
-    'verdict: smaller and faster: 0.36x the size, -2.36 points; cpu 1.05x as fast (9 of 9 rounds)'
+    >>> print(v["text"].replace("; ", ";\n"))
+    verdict: smaller and faster: 0.36x the size, -2.36 points;
+    cpu: 1.05x speed, faster (9 of 9 rounds faster)
 """
 
 from __future__ import annotations
@@ -135,11 +136,12 @@ def finish_timings(finished: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def _describe(entry: dict[str, Any]) -> str:
+    """``where (note): 1.97x speed, faster (7 of 7 rounds faster)``."""
+    note = f" ({entry['note']})" if entry.get("note") else ""
     rounds = ""
     if entry["rounds"] is not None and entry["faster_rounds"] is not None:
-        rounds = f" ({entry['faster_rounds']} of {entry['rounds']} rounds)"
-    note = f", {entry['note']}" if entry.get("note") else ""
-    return f"{entry['where']} {entry['speedup']:.2f}x as fast{rounds}{note}"
+        rounds = f" ({entry['faster_rounds']} of {entry['rounds']} rounds faster)"
+    return f"{entry['where']}{note}: {entry['speedup']:.2f}x speed, {entry['verdict']}{rounds}"
 
 
 def make_verdict(
@@ -170,7 +172,7 @@ def make_verdict(
     parts = [f"{size_ratio:.2f}x the size", f"{points:+.2f} points"]
     text = f"verdict: {headline}: {', '.join(parts)}"
     if timings:
-        text += "; " + ", ".join(_describe(t) for t in timings)
+        text += "; " + "; ".join(_describe(t) for t in timings)
     return {
         "headline": headline,
         "size_ratio": size_ratio,
