@@ -20,8 +20,9 @@ Example:
     ... )
     >>> v["headline"], v["speed"][0]["verdict"]
     ('smaller and faster', 'faster')
-    >>> print(v["text"].replace("; ", ";\n"))
-    verdict: smaller and faster: 0.36x the size, -2.36 points;
+    >>> for part in v["text"].split("; "):
+    ...     print(part)
+    verdict: smaller and faster: 0.36x the size, -2.36 points
     cpu: 1.05x speed, faster (9 of 9 rounds faster)
 """
 
