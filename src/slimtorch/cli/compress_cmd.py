@@ -266,8 +266,13 @@ def _run(args: argparse.Namespace) -> int:
     finished = result.report.get("finish") or {}
     if "storage" in finished:
         st = finished["storage"]
-        ratio = st["dense_bytes"] / max(1, st["compact_bytes"])
-        print(f"compact storage: {st['compact_bytes']} bytes ({ratio:.2f}x smaller than dense)")
+        original = result.report["before"]["size_bytes"]
+        ratio = original / max(1, st["compact_bytes"])
+        print(
+            f"compact storage: {st['compact_bytes']} bytes, {ratio:.2f}x smaller than the original "
+            f"model's {original} (the model directory keeps dense weights and masks: "
+            f"{st['dense_bytes']})"
+        )
     print(result.table)
     guard = result.report.get("accuracy_guard")
     if guard is not None and not guard["passed"]:

@@ -362,9 +362,11 @@ def compress_run(
     )
     side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
     del original
+    storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
     verdict = make_verdict(
         size_before=prof0.size_bytes,
-        size_after=prof1.size_bytes,
+        size_after=storage["compact_bytes"] if storage else prof1.size_bytes,
+        size_what="compact file" if storage else None,
         acc_before=acc0,
         acc_after=acc1,
         timings=[

@@ -152,13 +152,15 @@ def make_verdict(
     acc_before: float,
     acc_after: float,
     timings: list[dict[str, Any]],
+    size_what: str | None = None,
 ) -> dict[str, Any]:
     """The verdict of one run (see the module docstring); ``text`` is its printed line.
 
     ``headline`` is ``smaller and faster``, ``smaller, not faster``, ``faster, not smaller``,
     ``neither smaller nor faster`` or ``slower`` (no timing faster, one slower). "Faster" needs
     one timing called faster: a method whose int8 model only runs fast in a compiled runtime is
-    faster there, and the line says where.
+    faster there, and the line says where. ``size_what`` names what ``size_after`` counts when it
+    is not the model's weights in memory (``"compact file"`` for pruned models).
     """
     size_ratio = size_after / size_before if size_before > 0 else float("nan")
     smaller = size_ratio < 1 - MATERIAL
@@ -170,13 +172,15 @@ def make_verdict(
     else:
         headline = "smaller, not faster" if smaller else "neither smaller nor faster"
     points = 100.0 * (acc_after - acc_before)
-    parts = [f"{size_ratio:.2f}x the size", f"{points:+.2f} points"]
+    what = f" ({size_what})" if size_what else ""
+    parts = [f"{size_ratio:.2f}x the size{what}", f"{points:+.2f} points"]
     text = f"verdict: {headline}: {', '.join(parts)}"
     if timings:
         text += "; " + "; ".join(_describe(t) for t in timings)
     return {
         "headline": headline,
         "size_ratio": size_ratio,
+        "size_what": size_what or "weights",
         "accuracy_points": points,
         "speed": timings,
         "faster": "faster" in kinds,
