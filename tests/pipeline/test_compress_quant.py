@@ -163,6 +163,17 @@ def test_fp16_cast_and_mixed_precision(trained: Path, tmp_path: Path) -> None:
     runtimes = mixed["finish"]["runtimes"]
     assert all("weight-only" in t["skipped"] for t in runtimes.values())
     assert "hint" not in mixed["finish"]
+    # the verdict's size is what the model directory holds (int4 packed), not the memory size
+
+    def file_bytes(model_dir: Path) -> int:
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+    saved = file_bytes(tmp_path / "mixed" / "model") / file_bytes(trained / "model")
+    assert mixed["verdict"]["size_ratio"] == pytest.approx(saved)
+    assert mixed["verdict"]["size_ratio"] <= 1 / 4.0 + 1e-6  # the plan's budget holds on disk
     with pytest.raises(ValueError, match="size_ratio"):
         compress_run(
             in_dir=trained, out_dir=None, method="mixed", method_options={"size_ratio": -1}

@@ -4,7 +4,8 @@ Users' first complaint about compression tools is "smaller but not faster": a ra
 quoted as a speed-up. A compress report therefore ends with a verdict built only from what the run
 measured:
 
-- **size**: ``after / before`` of the weights' bytes;
+- **size**: ``after / before`` of the bytes the model is saved in (its state dict; the compact
+  file for pruned models);
 - **accuracy**: the change in test accuracy, in points;
 - **speed**: one entry per timing the run took side by side in alternating rounds (the whole
   model eagerly on the device at hand, and where the method timed them, both models compiled,
@@ -160,7 +161,7 @@ def make_verdict(
     ``neither smaller nor faster`` or ``slower`` (no timing faster, one slower). "Faster" needs
     one timing called faster: a method whose int8 model only runs fast in a compiled runtime is
     faster there, and the line says where. ``size_what`` names what ``size_after`` counts when it
-    is not the model's weights in memory (``"compact file"`` for pruned models).
+    is not the saved state dict (``"compact file"`` for pruned models).
     """
     size_ratio = size_after / size_before if size_before > 0 else float("nan")
     smaller = size_ratio < 1 - MATERIAL
@@ -180,7 +181,7 @@ def make_verdict(
     return {
         "headline": headline,
         "size_ratio": size_ratio,
-        "size_what": size_what or "weights",
+        "size_what": size_what or "state dict",
         "accuracy_points": points,
         "speed": timings,
         "faster": "faster" in kinds,
