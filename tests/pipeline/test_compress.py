@@ -60,6 +60,9 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
     row = next(line for line in res.table.splitlines() if line.startswith("latency cpu (ms)"))
     assert row.split()[3:5] == [f"{side['before_s'] * 1e3:.3f}", f"{side['after_s'] * 1e3:.3f}"]
     assert "timed side by side" in res.table
+    saved = next(line for line in res.table.splitlines() if line.startswith("saved (MB)"))
+    lines = res.table.splitlines()
+    assert lines.index(saved) == 1 + next(i for i, x in enumerate(lines) if x.startswith("size"))
     # the verdict closes the table and is built from the same side-by-side timing
     verdict = report["verdict"]
     assert res.table.splitlines()[-1] == verdict["text"]

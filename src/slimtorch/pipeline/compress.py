@@ -85,9 +85,12 @@ def _table(
     before: ModelProfile,
     after: ModelProfile,
     side_by_side: dict[str, Any] | None = None,
+    saved: tuple[str, int, int] | None = None,
 ) -> str:
     """The before/after table; with ``side_by_side`` its latency row holds the two models timed
-    in alternating rounds at the end of the run, not the two profiles taken minutes apart."""
+    in alternating rounds at the end of the run, not the two profiles taken minutes apart.
+    ``saved`` (label, bytes before, bytes after) adds a row after the in-memory size: what the
+    model takes saved, where int4 weights are packed and a pruned model's zeros cost nothing."""
     head = f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"
     acc = f"{'test accuracy (%)':<26} {100 * acc_before:>12.2f} {100 * acc_after:>12.2f} "
     acc += f"{100 * (acc_after - acc_before):>+7.2f}p"
@@ -100,6 +103,11 @@ def _table(
             else line
             for line in lines
         ]
+    if saved is not None:
+        label, b0, b1 = saved
+        at = next((i + 1 for i, line in enumerate(lines) if line.startswith("size (MB)")), 0)
+        row = f"{label:<26} {b0 / 1e6:>12.3f} {b1 / 1e6:>12.3f} {format_ratio(b0, b1):>8}"
+        lines.insert(at, row)
     return "\n".join([head, acc, *lines])
 
 
@@ -375,9 +383,10 @@ def compress_run(
     saved_before = state_bytes(original)
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
+    saved_after = storage["compact_bytes"] if storage else state_bytes(model)
     verdict = make_verdict(
         size_before=saved_before,
-        size_after=storage["compact_bytes"] if storage else state_bytes(model),
+        size_after=saved_after,
         size_what="compact file" if storage else None,
         acc_before=acc0,
         acc_after=acc1,
@@ -394,7 +403,14 @@ def compress_run(
     )
     table = "\n".join(
         [
-            _table(acc0, acc1, prof0, prof1, side),
+            _table(
+                acc0,
+                acc1,
+                prof0,
+                prof1,
+                side,
+                ("compact file (MB)" if storage else "saved (MB)", saved_before, saved_after),
+            ),
             *_finish_rows(finished),
             "(latency: the model before and after, timed side by side in alternating rounds)",
             verdict["text"],
