@@ -409,7 +409,7 @@ def compress_run(
                 prof0,
                 prof1,
                 side,
-                ("compact file (MB)" if storage else "saved (MB)", saved_before, saved_after),
+                ("saved, compact (MB)" if storage else "saved (MB)", saved_before, saved_after),
             ),
             *_finish_rows(finished),
             "(latency: the model before and after, timed side by side in alternating rounds)",
