@@ -75,6 +75,11 @@ def test_fp16_export_and_errors(tmp_path) -> None:
     x = torch.randn(4, 1, 10, 10)
     fp16 = export_onnx(model, tmp_path / "h.onnx", x, dtype="fp16", dynamic_batch=False)
     assert ort_session(fp16).get_inputs()[0].type == "tensor(float16)"
+    # workers do not spin between runs unless asked: sessions timed in turn share the cores
+    key = "session.intra_op.allow_spinning"
+    assert ort_session(fp16, 2).get_session_options().get_session_config_entry(key) == "0"
+    spinning = ort_session(fp16, 2, spin=True).get_session_options()
+    assert spinning.get_session_config_entry(key) == "1"
     ref = model.half()(x.half()).float()
     assert compare_onnx(model, fp16, x) <= 1e-2 * float(ref.abs().max())
     with pytest.raises(ValueError, match="dtype must be"):
