@@ -48,8 +48,32 @@ def test_export_float_int8_and_pt2(
     assert fp16["bytes"] < 0.6 * fp32["bytes"]  # type: ignore[operator]
     int8 = _export(capsys, "--in", str(ptq), "--out", str(tmp_path / "q.onnx"))
     assert int8["int8_ops"] and int8["bytes"] < fp32["bytes"]  # type: ignore[operator]
+    # checked on the model's own test images, where int8 ranges were calibrated
+    assert int8["checked_on"] == fp32["checked_on"] == "digits test, 64 images"
+    assert int8["top1_agreement"] >= 0.95 and fp32["top1_agreement"] == 1.0  # type: ignore[operator]
     pt2 = _export(capsys, "--in", str(base), "--format", "pt2", "--out", str(tmp_path / "m.pt2"))
-    assert pt2["max_abs_diff"] < 1e-5
+    assert pt2["max_abs_diff"] < 1e-5 and pt2["top1_agreement"] == 1.0  # type: ignore[operator]
+
+
+def test_check_inputs_fall_back_to_random_without_local_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from slimtorch.cli.export_cmd import check_inputs
+
+    monkeypatch.delenv("SLIMTORCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    x, what = check_inputs(SimpleNamespace(extra={"dataset": "digits"}), (1, 8, 8), None)
+    assert what == "digits test, 64 images" and tuple(x.shape) == (64, 1, 8, 8)
+    # no dataset recorded, files not here (never downloaded), or another input shape
+    for extra, root, shape in (
+        ({}, None, (1, 8, 8)),
+        ({"dataset": "mnist"}, str(tmp_path), (1, 28, 28)),
+        ({"dataset": "digits"}, None, (1, 28, 28)),
+    ):
+        x, what = check_inputs(SimpleNamespace(extra=extra), shape, root)
+        assert what == "random normal, 8 inputs" and tuple(x.shape) == (8, *shape)
 
 
 def test_export_errors(

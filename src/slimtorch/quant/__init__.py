@@ -35,7 +35,14 @@ from slimtorch.quant.qdq import (
 # isort: split
 from slimtorch.quant.convert import ActQParams, QDQAct, QuantReport, QuantRow, to_qdq_
 from slimtorch.quant.direct import DirectConv2d, DirectConvConfig, lower_direct_conv_
-from slimtorch.quant.export import compare_onnx, export_onnx, ort_int8_ops, ort_session, run_onnx
+from slimtorch.quant.export import (
+    check_onnx,
+    compare_onnx,
+    export_onnx,
+    ort_int8_ops,
+    ort_session,
+    run_onnx,
+)
 from slimtorch.quant.fold import fold_bn_, fold_conv_bn
 from slimtorch.quant.gemm import GemmConv2d, GemmConvConfig, lower_conv_gemm_
 from slimtorch.quant.int8_runtimes import RuntimeTiming, time_int8_runtimes
@@ -74,6 +81,7 @@ __all__ = [
     "QuantRow",
     "RuntimeTiming",
     "cast_",
+    "check_onnx",
     "compare_onnx",
     "compile_int8_x86",
     "convert_qat_",
