@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,37 @@ def test_unknown_method_and_bad_rank(trained_mlp: Path) -> None:
         compress_run(in_dir=trained_mlp, out_dir=None, method="qr", rank=0.5)
     with pytest.raises(ValueError, match="rank"):
         compress_run(in_dir=trained_mlp, out_dir=None, method="svd", rank=1.5)
+    # a batch of zero would measure nothing, after a fine-tune: refused before any work
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="profile_batch must be an int >= 1"):
+            compress_run(in_dir=trained_mlp, out_dir=None, method="svd", profile_batch=bad)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        compress_run(in_dir=trained_mlp, out_dir=None, method="svd", batch_size=0)
+
+
+def test_another_dataset_than_the_recorded_one_is_named_in_a_warning(
+    trained_mlp: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="slimtorch.pipeline.compress"):
+        compress_run(
+            in_dir=trained_mlp, out_dir=None, method="svd", rank=0.5, dataset="digits",
+            profile_batch=2, profiles=(), threads=1,
+        )  # fmt: skip
+    assert "trained on" not in caplog.text  # the recorded dataset: nothing to say
+    # a model that records another dataset of the same image shape is measured as asked, named
+    other = tmp_path / "other"
+    shutil.copytree(trained_mlp / "model", other)
+    card = json.loads((other / "config.json").read_text())
+    card["extra"]["dataset"] = "kmnist-8x8"
+    (other / "config.json").write_text(json.dumps(card))
+    with caplog.at_level("WARNING", logger="slimtorch.pipeline.compress"):
+        compress_run(
+            in_dir=other, out_dir=None, method="svd", rank=0.5, dataset="digits",
+            profile_batch=2, profiles=(), threads=1,
+        )  # fmt: skip
+    assert "was trained on kmnist-8x8; measuring and fine-tuning it on digits" in caplog.text
+    with pytest.raises(ValueError, match="images are"):  # another shape is refused outright
+        compress_run(in_dir=trained_mlp, out_dir=None, method="svd", dataset="mnist")
 
 
 def test_nothing_factorised_means_no_finetune_and_same_outputs(trained_mlp: Path) -> None:

@@ -259,7 +259,7 @@ def compress_run(
         device: Where to fine-tune and measure.
         data_root: Dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
         dataset: Dataset name (default: the one recorded in the model directory).
-        profile_batch: Batch size of the latency and memory measurements.
+        profile_batch: Batch size of the latency and memory measurements (>= 1).
         profiles: Device profiles to estimate latency on.
         threads: CPU threads for the measurements.
         distill: When given and fine-tuning runs, fine-tune by distillation from a frozen
@@ -274,6 +274,9 @@ def compress_run(
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
     """
+    for arg, value in (("profile_batch", profile_batch), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
     if max_drop is not None and (
         isinstance(max_drop, bool) or not isinstance(max_drop, int | float) or not max_drop >= 0
     ):
@@ -295,6 +298,12 @@ def compress_run(
     name = dataset or card.extra.get("dataset")
     if not name:
         raise ValueError(f"{in_path} does not record its dataset; pass dataset=...")
+    recorded = card.extra.get("dataset")
+    if dataset and recorded and dataset != recorded:
+        logger.warning(
+            "%s was trained on %s; measuring and fine-tuning it on %s as asked",
+            in_path, recorded, dataset,
+        )  # fmt: skip
     test_ds: ImageDataset = load_dataset(name, "test", root=data_root)
     shape = tuple(card.input_shape)
     if tuple(test_ds.input_shape) != shape:
