@@ -50,6 +50,45 @@ def test_config_validates() -> None:
     with pytest.raises(ValueError, match="include"):
         QATConfig(include="conv1")  # type: ignore[arg-type]
     assert QATConfig.from_dict(QATConfig(weight_bits=4).to_dict()) == QATConfig(weight_bits=4)
+    for bad in (0, -1.0, float("inf"), True, "5"):
+        with pytest.raises(ValueError, match="grad_clip_norm must be None or a number > 0"):
+            QATConfig(grad_clip_norm=bad)  # type: ignore[arg-type]
+    assert QATConfig(grad_clip_norm=None).grad_clip_norm is None
+
+
+def test_callback_clips_the_gradient_unless_the_train_config_does() -> None:
+    from slimtorch.train import Callback, TrainConfig
+
+    class Blowup(Callback):  # a loss 1e4 times larger: gradient norms far above 5
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def compute_loss(self, trainer, inputs, outputs, targets, loss):  # type: ignore[no-untyped-def]
+            return loss * 1e4
+
+        def on_before_optimizer_step(self, trainer, optimizer):  # type: ignore[no-untyped-def]
+            grads = [
+                p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+            ]
+            self.norms.append(
+                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            )
+
+    data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+    for clip, train_clip, expect_at_most in (
+        (5.0, None, 5.0),
+        (None, None, None),
+        (5.0, 50.0, None),
+    ):
+        torch.manual_seed(0)
+        model = create_model("lenet5", in_channels=1, input_size=28)
+        qat, probe = QATCallback(QATConfig(weight_bits=4, grad_clip_norm=clip)), Blowup()
+        cfg = TrainConfig(epochs=1, lr=1e-6, progress=False, grad_clip_norm=train_clip)
+        Trainer(model, cfg, callbacks=[qat, probe]).fit(data)  # qat's hook runs first
+        if expect_at_most is not None:
+            assert max(probe.norms) <= expect_at_most * (1 + 1e-4) and qat.clipped == 3
+        else:  # no clip asked, or the Trainer clips after the hooks at its own limit
+            assert min(probe.norms) > 50.0 and qat.clipped == 0
 
 
 def test_qat_w4a8_on_fashion_mnist_mlp_trains_and_converts(

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -76,6 +77,15 @@ class QATConfig(Config):
         freeze_bn_epoch: With ``fold_bn=False``, epoch (0-based) from which batch norms stop
             updating their running statistics; ``None`` never.
         weight_init: ``"lsq"`` (paper) or ``"minmax"`` initial weight steps.
+        grad_clip_norm: :class:`QATCallback` clips the global gradient L2 norm to this before
+            each optimiser step, unless the ``TrainConfig`` clips already; ``None``: never.
+            LSQ step sizes are small (a few thousandths for 4-bit weights) and a gradient spike
+            carried by momentum can push them through zero, where the forward pass's clamp
+            passes no gradient and the layer's weights stay quantized to zero. resnet20 on
+            Fashion-MNIST, 4-bit weights, distilled from the float model (temperature 4),
+            learning rate 0.01: unclipped, the gradient norm went from 9 to 80-960 around
+            step 61, the steps of three layers went negative and the model ended at 10%;
+            clipped at 5 (or at learning rate 0.003) the same run trained normally.
     """
 
     weight_bits: int = 8
@@ -85,6 +95,7 @@ class QATConfig(Config):
     fold_bn: bool = True
     freeze_bn_epoch: int | None = None
     weight_init: str = "lsq"
+    grad_clip_norm: float | None = 5.0
 
     def __post_init__(self) -> None:
         check_choice(self, "weight_bits", self.weight_bits, (4, 8))
@@ -112,6 +123,13 @@ class QATConfig(Config):
                 f"{self.freeze_bn_epoch!r}"
             )
         check_choice(self, "weight_init", self.weight_init, WEIGHT_INITS)
+        clip = self.grad_clip_norm
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
+        ):
+            raise ValueError(f"QATConfig.grad_clip_norm must be None or a number > 0, got {clip!r}")
+        if clip is not None:
+            object.__setattr__(self, "grad_clip_norm", float(clip))
 
 
 @dataclasses.dataclass
@@ -267,7 +285,9 @@ class QATCallback(Callback):
     DDP and a checkpoint is resumed) an unprepared model is prepared with :func:`prepare_qat_`,
     so the step sizes train and resume like any parameter. After the first batch under DDP,
     activation steps (initialised from each rank's own batch) are averaged over ranks. With
-    ``fold_bn=False`` batch norms are frozen from ``freeze_bn_epoch`` on.
+    ``fold_bn=False`` batch norms are frozen from ``freeze_bn_epoch`` on. Before every optimiser
+    step the gradient norm is clipped to ``config.grad_clip_norm`` when the ``TrainConfig``
+    does not clip (``clipped``: how many steps were).
 
     Args:
         config: The :class:`QATConfig` (the same one given to :func:`prepare_qat_`).
@@ -291,6 +311,7 @@ class QATCallback(Callback):
         self.config = config
         self.synced = False
         self.report: QATReport | None = None
+        self.clipped = 0
 
     def setup(self, trainer: Trainer) -> None:
         """Swap in the LSQ layers before the optimiser, DDP and a resumed checkpoint see them."""
@@ -323,8 +344,25 @@ class QATCallback(Callback):
                 if isinstance(m, LSQActQuantizer):
                     m.step.copy_(all_reduce_sum(m.step.detach().clone()) / get_world_size())
 
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        limit = self.config.grad_clip_norm
+        if limit is None or trainer.config.grad_clip_norm is not None:
+            return  # the Trainer clips (at its own limit) right after this hook
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, limit)
+        if float(norm) > limit:
+            self.clipped += 1
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.clipped:
+            logger.info(
+                "QAT: gradient norm clipped to %g on %d step(s)",
+                self.config.grad_clip_norm, self.clipped,
+            )  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
-        return {"synced": self.synced}
+        return {"synced": self.synced, "clipped": self.clipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.synced = bool(state.get("synced", False))
+        self.clipped = int(state.get("clipped", 0))
