@@ -58,6 +58,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-subset", type=int, default=None, help="first N test samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--grad-clip-norm",
+        type=float,
+        default=QATConfig.grad_clip_norm,
+        help="QATConfig.grad_clip_norm; 0: no clipping",
+    )
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     return p.parse_args(argv)
 
@@ -133,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     results[f"ptq_w{args.weight_bits}a8"] = {"accuracy": _accuracy(ptq_model, test, device), **info}
 
     qat_model = copy.deepcopy(model)
-    qcfg = QATConfig(weight_bits=args.weight_bits, act_bits=args.act_bits)
+    qcfg = QATConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        grad_clip_norm=args.grad_clip_norm or None,
+    )
     tcfg = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,
