@@ -59,10 +59,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--grad-clip-norm",
+        "--spike-clip",
         type=float,
-        default=QATConfig.grad_clip_norm,
-        help="QATConfig.grad_clip_norm; 0: no clipping",
+        default=QATConfig.spike_clip,
+        help="QATConfig.spike_clip; 0: no clipping",
     )
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     return p.parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     qcfg = QATConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
-        grad_clip_norm=args.grad_clip_norm or None,
+        spike_clip=args.spike_clip or None,
     )
     tcfg = TrainConfig(
         epochs=args.epochs,

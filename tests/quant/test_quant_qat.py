@@ -50,21 +50,22 @@ def test_config_validates() -> None:
     with pytest.raises(ValueError, match="include"):
         QATConfig(include="conv1")  # type: ignore[arg-type]
     assert QATConfig.from_dict(QATConfig(weight_bits=4).to_dict()) == QATConfig(weight_bits=4)
-    for bad in (0, -1.0, float("inf"), True, "5"):
-        with pytest.raises(ValueError, match="grad_clip_norm must be None or a number > 0"):
-            QATConfig(grad_clip_norm=bad)  # type: ignore[arg-type]
-    assert QATConfig(grad_clip_norm=None).grad_clip_norm is None
+    for bad in (0.5, -1.0, float("inf"), True, "3"):
+        with pytest.raises(ValueError, match="spike_clip must be None or a number >= 1"):
+            QATConfig(spike_clip=bad)  # type: ignore[arg-type]
+    assert QATConfig(spike_clip=None).spike_clip is None
 
 
-def test_callback_clips_the_gradient_unless_the_train_config_does() -> None:
+def test_callback_clips_gradient_spikes_only() -> None:
+    from slimtorch.quant.qat import SPIKE_WARMUP
     from slimtorch.train import Callback, TrainConfig
 
-    class Blowup(Callback):  # a loss 1e4 times larger: gradient norms far above 5
+    class Probe(Callback):  # step 15's loss is 1000 times larger: one gradient spike
         def __init__(self) -> None:
             self.norms: list[float] = []
 
         def compute_loss(self, trainer, inputs, outputs, targets, loss):  # type: ignore[no-untyped-def]
-            return loss * 1e4
+            return loss * (1000.0 if trainer.global_step == 15 else 1.0)
 
         def on_before_optimizer_step(self, trainer, optimizer):  # type: ignore[no-untyped-def]
             grads = [
@@ -74,21 +75,24 @@ def test_callback_clips_the_gradient_unless_the_train_config_does() -> None:
                 float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
             )
 
-    data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
-    for clip, train_clip, expect_at_most in (
-        (5.0, None, 5.0),
-        (None, None, None),
-        (5.0, 50.0, None),
-    ):
+    data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(20)]
+    runs = {}
+    for spike_clip, train_clip in ((3.0, None), (None, None), (3.0, 1e6)):
         torch.manual_seed(0)
         model = create_model("lenet5", in_channels=1, input_size=28)
-        qat, probe = QATCallback(QATConfig(weight_bits=4, grad_clip_norm=clip)), Blowup()
-        cfg = TrainConfig(epochs=1, lr=1e-6, progress=False, grad_clip_norm=train_clip)
+        qat, probe = QATCallback(QATConfig(weight_bits=4, spike_clip=spike_clip)), Probe()
+        cfg = TrainConfig(epochs=1, lr=1e-9, progress=False, grad_clip_norm=train_clip)
         Trainer(model, cfg, callbacks=[qat, probe]).fit(data)  # qat's hook runs first
-        if expect_at_most is not None:
-            assert max(probe.norms) <= expect_at_most * (1 + 1e-4) and qat.clipped == 3
-        else:  # no clip asked, or the Trainer clips after the hooks at its own limit
-            assert min(probe.norms) > 50.0 and qat.clipped == 0
+        runs[(spike_clip, train_clip)] = (qat, probe.norms)
+    qat, norms = runs[(3.0, None)]
+    _, raw = runs[(None, None)]
+    assert qat.clipped == 1 and len(qat.norms) == 20 and SPIKE_WARMUP < 15
+    assert raw[15] > 100 * max(raw[:15])  # the spike, unclipped
+    median = float(torch.tensor(raw[:15][-50:]).median())
+    assert norms[15] == pytest.approx(3.0 * median, rel=1e-3)  # clipped to 3x the median
+    assert norms[:15] == pytest.approx(raw[:15]) and norms[16:] == pytest.approx(raw[16:], rel=1e-3)
+    # the Trainer clipping on its own: the callback leaves the gradient alone
+    assert runs[(3.0, 1e6)][0].clipped == 0 and runs[(3.0, 1e6)][1][15] > 100 * max(raw[:15])
 
 
 def test_qat_w4a8_on_fashion_mnist_mlp_trains_and_converts(

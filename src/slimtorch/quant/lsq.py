@@ -100,6 +100,25 @@ def _check_bits(bits: int, what: str) -> None:
         raise ValueError(f"{what} must be 4 or 8, got {bits!r}")
 
 
+def step_scale(step: torch.Tensor) -> torch.Tensor:
+    """The quantization step a learned ``step`` parameter stands for: ``|step|``, at least 1e-8.
+
+    SGD with momentum can carry a step size through zero. Clamping it at a small positive value
+    would pass no gradient once it is below: the channel's weights would stay quantized to zero
+    for the rest of training (seen in a 4-bit QAT of resnet20: one channel of the first block's
+    first convolution went negative and stayed). Through ``|step|`` the gradient keeps flowing
+    and a step that crossed zero grows back like any other.
+
+    Example:
+        >>> s = torch.tensor([0.02, -0.01, 0.0], requires_grad=True)
+        >>> step_scale(s).tolist()
+        [0.019999999552965164, 0.009999999776482582, 9.99999993922529e-09]
+        >>> step_scale(s).sum().backward(); s.grad.tolist()  # sign(s): still a gradient at -0.01
+        [1.0, -1.0, 0.0]
+    """
+    return step.abs().clamp_min(1e-8)
+
+
 class LSQWeightQuantizer(nn.Module):
     """Per-output-channel signed LSQ quantizer of a weight (``step``: ``(C_out,)``).
 
@@ -130,11 +149,15 @@ class LSQWeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         g = 1.0 / math.sqrt(self.numel_per_channel * self.qmax)
         shape = (-1,) + (1,) * (weight.ndim - 1)
-        step = self.step.clamp_min(1e-8).reshape(shape)  # (C_out, 1, ...)
+        step = self.scale().reshape(shape)  # (C_out, 1, ...)
         return lsq_fake_quantize(weight, step.to(weight.dtype), self.qmin, self.qmax, g)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.step.numel()}"
+
+    def scale(self) -> torch.Tensor:
+        """The step the quantizer uses: ``|step|`` (at least 1e-8), see :func:`step_scale`."""
+        return step_scale(self.step)
 
 
 class LSQActQuantizer(nn.Module):
@@ -191,7 +214,11 @@ class LSQActQuantizer(nn.Module):
             self.initialize(x)
         qmin, qmax = self.qrange
         g = 1.0 / math.sqrt(max(x[0].numel(), 1) * qmax) if x.ndim > 0 else 1.0
-        return lsq_fake_quantize(x, self.step.clamp_min(1e-8), qmin, qmax, g)
+        return lsq_fake_quantize(x, self.scale(), qmin, qmax, g)
+
+    def scale(self) -> torch.Tensor:
+        """The step the quantizer uses: ``|step|`` (at least 1e-8), see :func:`step_scale`."""
+        return step_scale(self.step)
 
     def extra_repr(self) -> str:
         mode = "auto" if self.auto_sign else ("signed" if bool(self.signed) else "unsigned")

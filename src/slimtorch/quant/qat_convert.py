@@ -55,7 +55,7 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for name, layer in qat_layers(model).items():
-        w_step = layer.weight_quant.step.detach().float().clamp_min(1e-8).cpu()
+        w_step = layer.weight_quant.scale().detach().float().cpu()
         if not bool(torch.isfinite(w_step).all()):
             raise SlimtorchError(
                 f"{name}: learned weight steps hold NaN/Inf; training diverged: lower the "
@@ -70,7 +70,7 @@ def qat_qparams(model: nn.Module) -> dict[str, Any]:
                     f"{name}: the activation quantizer never saw data, so its step is unset; "
                     "run at least one batch through the model (train or eval) before converting"
                 )
-            in_scale = float(aq.step.detach().clamp_min(1e-8))
+            in_scale = float(aq.scale().detach())
             if not torch.isfinite(torch.tensor(in_scale)):
                 raise SlimtorchError(f"{name}: learned activation step is not finite")
             # a signed input's int8 grid [-128, 127] * s is exactly uint8 [0, 255] with zero
