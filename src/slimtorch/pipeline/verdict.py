@@ -21,10 +21,11 @@ Example:
     ... )
     >>> v["headline"], v["speed"][0]["verdict"]
     ('smaller and faster', 'faster')
-    >>> for part in v["text"].split("; "):
-    ...     print(part)
-    verdict: smaller and faster: 0.36x the size, -2.36 points
-    cpu: 1.05x speed, faster (9 of 9 rounds faster)
+    >>> head, timing = v["text"].split("; ")
+    >>> head
+    'verdict: smaller and faster: 0.36x the size, -2.36 points'
+    >>> timing
+    'cpu: 1.05x speed, faster (9 of 9 rounds faster)'
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def make_verdict(
     timings: list[dict[str, Any]],
     size_what: str | None = None,
 ) -> dict[str, Any]:
-    """The verdict of one run (see the module docstring); ``text`` is its printed line.
+    """The verdict of one run (see the module docstring); ``text`` is its one-line form.
 
     ``headline`` is ``smaller and faster``, ``smaller, not faster``, ``faster, not smaller``,
     ``neither smaller nor faster`` or ``slower`` (no timing faster, one slower). "Faster" needs
