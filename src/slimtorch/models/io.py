@@ -139,6 +139,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors ``module`` saves (its state dict, as :func:`save_model` writes it:
+    int4 weights packed two to a byte; shared tensors counted once).
+
+    Example:
+        >>> state_bytes(nn.Linear(4, 2))  # 8 weights and 2 biases in float32
+        40
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in module.state_dict().values():
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def save_model(
     model: nn.Module,
     path: str | os.PathLike[str],

@@ -34,6 +34,7 @@ from slimtorch.core.measure.profile import format_ratio
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
+from slimtorch.models.io import state_bytes
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.train import Callback, TrainConfig, Trainer
@@ -167,17 +168,6 @@ def _side_by_side(
         "faster_rounds": check.faster_rounds,
         "source": check.source,
     }
-
-
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors ``save_model`` writes: the state dict, as layers store themselves
-    (int4 weights packed two to a byte, which the in-memory size counts unpacked).
-
-    Example:
-        >>> state_bytes(nn.Linear(4, 2))  # 8 weights and 2 biases in float32
-        40
-    """
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _row(name: str, before_s: float, after_s: float) -> str:

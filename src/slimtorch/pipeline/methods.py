@@ -219,13 +219,12 @@ def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
 
 def _compact_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of the state dict dense and in the smallest compact encoding."""
+    from slimtorch.models.io import state_bytes
     from slimtorch.prune import compact_state_dict
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    compact = compact_state_dict(state)
-    dense = sum(v.numel() * v.element_size() for v in state.values())
+    compact = compact_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     packed = sum(v.numel() * v.element_size() for v in compact.values())
-    return {"dense_bytes": dense, "compact_bytes": packed}
+    return {"dense_bytes": state_bytes(model), "compact_bytes": packed}
 
 
 SPARSE_CHECK = "sparse_check"

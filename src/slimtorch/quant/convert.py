@@ -25,6 +25,7 @@ from torch import nn
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.surgery import set_submodule
 from slimtorch.core.table import text_table
+from slimtorch.models.io import state_bytes
 from slimtorch.models.transforms import ARCH_TRANSFORMS, record_transform
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, LayerQParams, QDQConv2d, QDQLinear
 
@@ -32,22 +33,6 @@ logger = logging.getLogger(__name__)
 
 TRANSFORM_NAME = "quant.qdq"
 """Architecture transform recorded by :func:`to_qdq_`."""
-
-
-def state_bytes(module: nn.Module) -> int:
-    """Bytes of the tensors ``module`` saves (its state dict; shared tensors counted once).
-
-    Example:
-        >>> state_bytes(nn.Linear(4, 2))
-        40
-    """
-    seen: set[int] = set()
-    total = 0
-    for t in module.state_dict().values():
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 @dataclasses.dataclass

@@ -38,8 +38,9 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
+from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
-from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, state_bytes, to_qdq_
+from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.observers import CalibrationError, Observer, make_observer
 from slimtorch.quant.qdq import LayerQParams
