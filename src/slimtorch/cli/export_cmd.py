@@ -151,12 +151,10 @@ def run(args: argparse.Namespace) -> int:
         path = save_exported(model, example, args.out)
         if not args.no_check:
             inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
+            from slimtorch.quant.export import output_agreement
+
             with torch.no_grad():
-                got, ref = load_exported(path)(inputs), model(inputs)
-            result["max_abs_diff"] = (got - ref).abs().max().item()
-            if ref.ndim == 2 and ref.shape[1] > 1:
-                agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
-                result["top1_agreement"] = agree
+                result.update(output_agreement(load_exported(path)(inputs), model(inputs)))
     result["bytes"] = path.stat().st_size
     print(json.dumps(result))
     return 0

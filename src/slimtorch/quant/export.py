@@ -328,6 +328,20 @@ def check_onnx(
         work, x = work.half(), x.half()
     with torch.no_grad():
         ref = work(x).float()
+    return output_agreement(got, ref)
+
+
+def output_agreement(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """``max_abs_diff`` of two models' outputs and, for ``(N, classes)`` outputs,
+    ``top1_agreement`` (share of rows with the same arg-max).
+
+    Example:
+        >>> got = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> ref = torch.tensor([[0.9, 0.0], [1.0, 0.0]])
+        >>> output_agreement(got, ref)
+        {'max_abs_diff': 1.0, 'top1_agreement': 0.5}
+    """
+    got, ref = got.detach().float(), ref.detach().float()
     out = {"max_abs_diff": float((got - ref).abs().max())}
     if ref.ndim == 2 and ref.shape[1] > 1:
         out["top1_agreement"] = float((got.argmax(1) == ref.argmax(1)).float().mean())

@@ -83,8 +83,9 @@ class QATConfig(Config):
             the median norm of the last :data:`SPIKE_WINDOW` steps (from step
             :data:`SPIKE_WARMUP` on), unless the ``TrainConfig`` clips already; ``None``: never.
             LSQ step sizes are small (a few thousandths for 4-bit weights) and a gradient spike
-            carried by momentum can push them through zero, where the forward pass's clamp
-            passes no gradient and the layer's weights stay quantized to zero. resnet20 on
+            carried by momentum can push them through zero (when the forward pass clamped them
+            there, as it did before :func:`~slimtorch.quant.lsq.step_scale`, the layer's
+            weights then stayed quantized to zero). resnet20 on
             Fashion-MNIST, 4-bit weights, distilled from the float model (temperature 4),
             learning rate 0.01: unclipped, the gradient norm went from 9 to 80-960 around
             step 61, the steps of three layers went negative and the model ended at 10%. A
