@@ -212,6 +212,10 @@ def test_simple_json_endpoint_gives_labels(repo: Path) -> None:
             },
             "max_batch_size 16",
         ),
+        (  # an empty tensor whose other dimension numpy cannot index
+            {"inputs": [{"name": "input", "shape": [0, 10**20], "datatype": "FP32", "data": []}]},
+            "inputs[0].shape [0, 100000000000000000000] has a dimension too large",
+        ),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(repo: Path, body: dict, field: str) -> None:
@@ -247,6 +251,46 @@ def test_unknown_model_and_version(repo: Path) -> None:
         assert r.status_code == 404 and "mlp" in r.json()["error"]
         assert c.get("/v2/models/mlp/versions/9").status_code == 404
         assert c.get("/v2/models/nope/ready").status_code == 404
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("version", ["\u00b2", "9" * 5000])
+def test_version_that_int_refuses_is_404(repo: Path, fast_path: bool, version: str) -> None:
+    # str.isdigit() accepts both, int() raises on both (a superscript, more than 4300 digits)
+    with _client(repo, fast_path=fast_path) as c:
+        for r in (
+            c.post(f"/v2/models/mlp/versions/{version}/infer", json=_v2(_digits(1))),
+            c.get(f"/v2/models/mlp/versions/{version}/ready"),
+            c.get(f"/v2/models/mlp/versions/{version}"),
+            c.post(
+                "/v1/models/mlp/predict", json={"data": _digits(1).tolist(), "version": version}
+            ),
+        ):
+            assert r.status_code == 404, r.text
+            assert "model 'mlp' has no version" in r.json()["error"]
+            assert "serves versions [1, 2]" in r.json()["error"]
+
+
+def test_simple_json_endpoint_reads_json_whatever_the_content_type(repo: Path) -> None:
+    body = json.dumps({"data": _digits(1)[0].tolist()}).encode()
+    with _client(repo) as c:
+        for content_type in ("application/x-www-form-urlencoded", "text/plain", None):  # curl -d
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            r = c.post("/v1/models/plain/predict", content=body, headers=headers)
+            assert r.status_code == 200, (content_type, r.text)
+            assert len(r.json()["predictions"]) == 1
+        r = c.post("/v1/models/plain/predict", content=b'{"daat": [1]}')
+        assert r.status_code == 400
+        assert r.json()["error"] == "data: Field required; daat: Extra inputs are not permitted"
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_format(repo: Path) -> None:
+    with _client(repo) as c:
+        r = c.get("/v2/models/mlp/infer")
+        assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+        assert r.headers["allow"] == "POST"
+        r = c.post("/v2/trace/setting")
+        assert r.status_code == 404 and r.json() == {"error": "Not Found"}
 
 
 def test_corrupt_model_is_not_ready_and_others_keep_serving(repo: Path) -> None:

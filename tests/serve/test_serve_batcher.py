@@ -156,3 +156,42 @@ def test_cancelled_request_is_skipped() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_requests_naming_inputs_in_another_order_batch_by_name() -> None:
+    # per-item shapes (2,), (3,) in one request and (3,), (2,) in the other, in the other order:
+    # the same shapes position by position, but not name by name
+    config = ModelConfig(
+        name="m",
+        format="onnx",
+        inputs=(TensorSpec(name="a", dims=(-1,)), TensorSpec(name="b", dims=(-1,))),
+        outputs=(TensorSpec(name="y", dims=(-1,)),),
+    )
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def joined(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(10)
+        sizes.append(len(inputs["a"]))
+        return {"y": np.concatenate([inputs["a"], inputs["b"]], axis=1)}
+
+    async def main() -> None:
+        b = Batcher("m", config, joined)
+        b.start()
+        busy = asyncio.create_task(b.submit({"a": np.zeros((1, 1)), "b": np.zeros((1, 1))}, 1))
+        await asyncio.sleep(0.05)
+        one = asyncio.create_task(
+            b.submit({"a": np.full((1, 2), 1.0), "b": np.full((1, 3), 2.0)}, 1)
+        )
+        two = asyncio.create_task(
+            b.submit({"b": np.full((1, 2), 3.0), "a": np.full((1, 3), 4.0)}, 1)
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        np.testing.assert_array_equal((await one)["y"], [[1, 1, 2, 2, 2]])
+        np.testing.assert_array_equal((await two)["y"], [[4, 4, 4, 3, 3]])
+        assert sizes == [1, 1, 1]  # not batched together
+        await b.close()
+
+    asyncio.run(main())

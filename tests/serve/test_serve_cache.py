@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.repository import Repository, State
 from slimtorch.serve.runners import Runner, load_runner
+from slimtorch.serve.server import ModelServer
 from slimtorch.serve.settings import ServeSettings
 
 W = np.eye(4, 3, dtype=np.float32)
@@ -76,7 +79,7 @@ def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
     with pytest.raises(Overloaded, match="pinned or busy") as info:
         _use(cache, repo, "ccc")
     assert info.value.retry_after == 1
-    cache.release(e.versions[1])
+    cache.release(e.versions[1], runner)
     _use(cache, repo, "ccc")  # now "bb" is idle and is evicted
     assert cache.resident() == [("a", 1), ("ccc", 1)]
     assert runner is not None
@@ -157,3 +160,53 @@ def test_a_simulated_int8_directory_is_served_with_a_warning(
         warned = [r for r in caplog.records if "simulated in float" in r.getMessage()]
         assert len(warned) == int(quantize)
     assert "lenet-int8" in warned[0].getMessage() and "--format onnx" in warned[0].getMessage()
+
+
+def test_unload_while_a_batch_runs_keeps_its_runner_until_released(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    cache = ModelCache(2500)
+    e = repo.models["a"]
+    assert e.config is not None
+    x = {"x": np.ones((1, 4), np.float32)}
+    running = cache.acquire(e.versions[1], e.config, "cpu")  # a batch took the runner ...
+    assert cache.unload(("a", 1))  # ... and the management API unloads the model meanwhile
+    assert cache.resident() == [] and cache.used_bytes == 1000  # still held by the batch
+    np.testing.assert_allclose(running.run(x)["y"], x["x"] @ (W * 2))
+    _use(cache, repo, "a")  # loaded again while the first batch still runs
+    assert cache.used_bytes == 2000
+    cache.release(e.versions[1], running)  # the first batch ends: its runner is closed
+    assert cache.used_bytes == 1000 and cache.resident() == [("a", 1)]
+    _use(cache, repo, "bb")
+    _use(cache, repo, "ccc")  # "a" is idle and least recently used: evicted for "ccc"
+    assert cache.resident() == [("bb", 1), ("ccc", 1)]
+
+
+def test_unload_during_a_load_is_not_undone_by_the_load(tmp_path: Path) -> None:
+    _repo(tmp_path, ["a"], memory=100)
+    started, go = threading.Event(), threading.Event()
+
+    def slow_loader(path: Path, config: ModelConfig, device: str) -> Runner:
+        started.set()
+        go.wait(10)
+        return load_runner(path, config, device)
+
+    async def main() -> None:
+        server = ModelServer(ServeSettings(repository=str(tmp_path), device="cpu", threads=1))
+        await server.start()
+        assert server.cache is not None
+        server.cache.loader = slow_loader
+        try:
+            load = asyncio.create_task(server.load("a"))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            await server.unload("a")
+            go.set()
+            with pytest.raises(NotReady, match="was unloaded while it was loading"):
+                await load
+            assert server.cache.resident() == [] and server.cache.used_bytes == 0
+            ver = server.repository.models["a"].versions[1]
+            assert ver.state is State.UNLOADED
+        finally:
+            go.set()
+            await server.stop()
+
+    asyncio.run(main())

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimtorch import __version__
 from slimtorch.serve.errors import ServeError
@@ -38,6 +39,13 @@ async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status >= 500:
         logger.warning("%d: %s", exc.status, exc.message)
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -122,6 +130,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # 404, 405: same {"error"}
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _pydantic_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -64,7 +64,7 @@ Execute = Callable[[Arrays], Arrays]
 class _Pending:
     inputs: Arrays
     rows: int
-    sig: tuple[tuple[int, ...], ...]
+    sig: tuple[tuple[str, tuple[int, ...]], ...]
     future: asyncio.Future[Arrays]
     enqueued: float
 
@@ -149,7 +149,7 @@ class Batcher:
         gap = now - self._last_arrival if self._last_arrival else 1.0
         self._last_arrival = now
         self._rate = 0.8 * self._rate + 0.2 / max(gap, 1e-6)
-        sig = tuple(a.shape[1:] for a in inputs.values())
+        sig = tuple(sorted((name, a.shape[1:]) for name, a in inputs.items()))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(inputs, rows, sig, future, now))
         self._wakeup.set()

@@ -1,10 +1,11 @@
 """Loaded models under a memory budget: load on demand, least recently used eviction, pinning.
 
 Thread-safe: batches call :meth:`ModelCache.use` from their worker threads. A version in use by
-a running batch is never evicted; pinned versions are never evicted. When a load would not fit,
-idle unpinned versions are evicted oldest-use first; if that is not enough the load fails with
-503 and a Retry-After. An out-of-memory error while loading evicts every idle unpinned version
-and retries once.
+a running batch is never evicted; pinned versions are never evicted. A version unloaded while a
+batch runs it leaves the cache at once, but its runner is closed (and its bytes freed) only when
+that batch gives it back. When a load would not fit, idle unpinned versions are evicted
+oldest-use first; if that is not enough the load fails with 503 and a Retry-After. An
+out-of-memory error while loading evicts every idle unpinned version and retries once.
 
 Example (a repository of one small model: its first use loads it, and it stays resident):
     >>> import tempfile, pathlib
@@ -87,6 +88,7 @@ class ModelCache:
         self.loader = loader
         self._lock = threading.Lock()
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()
+        self._draining: list[_Slot] = []  # unloaded while batches still run them
         self._reserved = 0
         self._load_locks: dict[Key, threading.Lock] = {}
         if metrics is not None:
@@ -99,7 +101,8 @@ class ModelCache:
             return self._used()
 
     def _used(self) -> int:
-        return sum(s.nbytes for s in self._slots.values()) + self._reserved
+        resident = sum(s.nbytes for s in self._slots.values())
+        return resident + sum(s.nbytes for s in self._draining) + self._reserved
 
     def resident(self) -> list[Key]:
         """Resident versions, least recently used first."""
@@ -113,7 +116,10 @@ class ModelCache:
 
     def _evict_locked(self, key: Key, reason: str) -> None:
         slot = self._slots.pop(key)
-        slot.runner.close()
+        if slot.in_use:
+            self._draining.append(slot)  # closed by the release of its last batch
+        else:
+            slot.runner.close()
         slot.entry.state, slot.entry.reason = State.AVAILABLE, reason
         if self.metrics is not None:
             self.metrics.evictions.labels(model=key[0]).inc()
@@ -141,7 +147,8 @@ class ModelCache:
         return len(keys)
 
     def unload(self, key: Key) -> bool:
-        """Drop a version from memory (waits for nothing: a running batch keeps its runner)."""
+        """Drop a version from memory (waits for nothing: a running batch keeps its runner,
+        which is closed when the batch releases it)."""
         with self._lock:
             if key not in self._slots:
                 return False
@@ -158,11 +165,21 @@ class ModelCache:
         slot.in_use += 1
         return slot.runner
 
-    def _release(self, key: Key) -> None:
+    def _release(self, key: Key, runner: Runner) -> None:
         with self._lock:
             slot = self._slots.get(key)
-            if slot is not None:
+            if slot is not None and slot.runner is runner:
                 slot.in_use -= 1
+                return
+            # the version was unloaded (and maybe loaded again) while this batch ran
+            slot = next((s for s in self._draining if s.runner is runner), None)
+            if slot is None:
+                return
+            slot.in_use -= 1
+            if slot.in_use == 0:
+                self._draining.remove(slot)
+                slot.runner.close()
+                self._report()
 
     def acquire(
         self, entry: VersionEntry, config: ModelConfig, device: str, *, pinned: bool = False
@@ -201,6 +218,13 @@ class ModelCache:
             runner = self._load(entry, config, device, key, need)
             with self._lock:
                 self._reserved -= need
+                if entry.state is State.UNLOADED:  # unloaded through the API while loading
+                    runner.close()
+                    self._report()
+                    raise NotReady(
+                        f"model {entry.model!r} version {entry.version} was unloaded while it "
+                        "was loading; load it again through the management API"
+                    )
                 nbytes = config.memory_bytes or runner.memory_bytes  # the config wins
                 self._slots[key] = _Slot(entry, runner, nbytes, pinned, in_use=1)
                 entry.state, entry.reason = State.READY, ""
@@ -272,9 +296,9 @@ class ModelCache:
                 ) from None
         raise AssertionError("unreachable")
 
-    def release(self, entry: VersionEntry) -> None:
-        """Give back a runner taken with :meth:`acquire`."""
-        self._release((entry.model, entry.version))
+    def release(self, entry: VersionEntry, runner: Runner) -> None:
+        """Give back the runner that :meth:`acquire` returned for ``entry``."""
+        self._release((entry.model, entry.version), runner)
 
     @contextlib.contextmanager
     def use(
@@ -285,7 +309,7 @@ class ModelCache:
         try:
             yield runner
         finally:
-            self.release(entry)
+            self.release(entry, runner)
 
     def close(self) -> None:
         """Unload everything."""

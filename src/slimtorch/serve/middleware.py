@@ -125,10 +125,11 @@ class ServeMiddleware:
             if not message.get("more_body", False):
                 break
         hl = headers.get(b"inference-header-content-length")
+        header_length = None if hl is None else hl.decode("latin-1")  # as Starlette reads it
         status = 200
         try:
             content, out_headers = await run_infer(
-                server, name, version, b"".join(chunks), None if hl is None else hl.decode()
+                server, name, version, b"".join(chunks), header_length
             )
         except ServeError as exc:
             status = exc.status

@@ -135,15 +135,26 @@ class ModelConfig(Config):
             check_range(self, "memory_bytes", self.memory_bytes, low=1)
         if self.load_policy is not None:
             check_choice(self, "load_policy", self.load_policy, LOAD_POLICIES)
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(
+                f"ModelConfig.device must be a device name such as 'cpu' or 'cuda:0', "
+                f"got {self.device!r}"
+            )
         if isinstance(self.versions, str):
             check_choice(self, "versions", self.versions, ("latest", "all"))
-        elif not self.versions or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.versions
+        elif (
+            not isinstance(self.versions, tuple | list)
+            or not self.versions
+            or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.versions
+            )
         ):
             raise ValueError(
                 f"ModelConfig.versions must be 'latest', 'all' or a non-empty list of "
                 f"integers >= 0, got {self.versions!r}"
             )
+        else:
+            object.__setattr__(self, "versions", tuple(self.versions))
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
 
     def input(self, name: str) -> TensorSpec | None:

@@ -96,6 +96,21 @@ class ModelEntry:
         return max(pool, key=lambda v: v.version) if pool else None
 
 
+def version_number(text: str) -> int | None:
+    """The version number written in ``text`` (a URL part or a folder name), else ``None``.
+
+    Example:
+        >>> version_number("2"), version_number("v2"), version_number("\u00b2")
+        (2, None, None)
+    """
+    if not text.isdigit():
+        return None
+    try:
+        return int(text)
+    except ValueError:  # digits int() refuses: superscripts, or more than 4300 of them
+        return None
+
+
 def _slimtorch_derived(path: Path) -> dict[str, Any]:
     from slimtorch.models import read_model_card
 
@@ -201,7 +216,11 @@ class Repository:
                 dirs = {1: folder}
                 data: dict[str, Any] = {}
             else:
-                dirs = {int(p.name): p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+                dirs = {
+                    n: p
+                    for p in folder.iterdir()
+                    if p.is_dir() and (n := version_number(p.name)) is not None
+                }
                 if not dirs:
                     raise ModelLoadError(
                         f"{folder} has no numbered version folders; put the model in {folder}/1"
@@ -310,12 +329,13 @@ class Repository:
             if ver is None:
                 raise NotReady(f"model {name!r} has no version to serve")
         else:
-            if not version.isdigit() or int(version) not in entry.versions:
+            number = version_number(version)
+            if number is None or number not in entry.versions:
                 raise NotFound(
                     f"model {name!r} has no version {version!r}; it serves versions "
                     f"{sorted(entry.versions)}"
                 )
-            ver = entry.versions[int(version)]
+            ver = entry.versions[number]
         if not ver.servable:
             raise NotReady(
                 f"model {name!r} version {ver.version} is {ver.state.value.lower()}: "

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from slimtorch import __version__
 from slimtorch.serve.deps import AdminDep, ServerDep
@@ -30,8 +31,9 @@ from slimtorch.serve.protocol.schemas import (
     RepositoryIndexRequest,
     RepositoryModel,
     ServerMetadata,
+    format_validation_error,
 )
-from slimtorch.serve.repository import ModelEntry, not_ready_reason
+from slimtorch.serve.repository import ModelEntry, not_ready_reason, version_number
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "simple_json"]
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -139,9 +141,11 @@ def _ready(server: Any, request: Request, name: str, version: str | None) -> Any
     if version is None:
         ver = entry.latest()
     else:
-        if not version.isdigit() or int(version) not in entry.versions:
+        number = version_number(version)
+        if number is None or number not in entry.versions:
             server.repository.version(name, version)  # raises NotFound with the versions
-        ver = entry.versions[int(version)]
+        assert number is not None
+        ver = entry.versions[number]
     reason = not_ready_reason(entry, ver)
     if reason is None and server.ready:
         return {"name": name, "ready": True}
@@ -234,20 +238,32 @@ async def infer_version(
     return await _infer(server, request, model_name, model_version)
 
 
+_PREDICT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
+
+
 @router.post(
     "/v1/models/{model_name}/predict",
     response_model=PredictResponse,
     tags=["inference"],
     responses=_ERRORS,
+    openapi_extra=_PREDICT_DOC,
 )
-async def predict(
-    model_name: str, body: PredictRequest, request: Request, server: ServerDep
-) -> dict[str, Any]:
+async def predict(model_name: str, request: Request, server: ServerDep) -> dict[str, Any]:
     """Simple JSON: ``{"data": nested list}`` for one item or a batch of the model's input.
 
     Works for models with one input. For a classifier the response adds the top class of
-    each item (index, label, softmax score).
+    each item (index, label, softmax score). The body is read as JSON whatever its
+    Content-Type says (``curl -d`` sends a form type).
     """
+    try:
+        body = PredictRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise BadRequest(format_validation_error(exc)) from None
     entry, ver = server.repository.version(model_name, body.version)
     _label(request, model_name, "predict")
     cfg = entry.config

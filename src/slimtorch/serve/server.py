@@ -174,10 +174,10 @@ class ModelServer:
 
     def _load_now(self, entry: ModelEntry, ver: VersionEntry) -> None:
         assert self.cache is not None and entry.config is not None
-        self.cache.acquire(
+        runner = self.cache.acquire(
             ver, entry.config, self._device(entry.config), pinned=entry.config.pinned
         )
-        self.cache.release(ver)
+        self.cache.release(ver, runner)
 
     def _executor(
         self, ver: VersionEntry, config: ModelConfig, device: str
@@ -209,7 +209,7 @@ class ModelServer:
                         retry_after=1,
                     ) from None
             finally:
-                cache.release(ver)
+                cache.release(ver, runner)
 
         return execute
 

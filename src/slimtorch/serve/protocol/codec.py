@@ -113,7 +113,7 @@ def _tensor(inp: Any, index: int, binary: memoryview, offset: int) -> tuple[np.n
                 f"part holds {len(binary)}; check Inference-Header-Content-Length"
             )
         arr = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<"))
-        return arr.astype(dtype, copy=False).reshape(shape), offset + size
+        return _reshape(arr.astype(dtype, copy=False), shape, where), offset + size
     if inp.data is None:
         raise BadRequest(f"{where} has no data; send data or parameters.binary_data_size")
     arr = _from_json(inp.data, dtype, where)
@@ -121,7 +121,17 @@ def _tensor(inp: Any, index: int, binary: memoryview, offset: int) -> tuple[np.n
         raise BadRequest(
             f"{where}.data holds {arr.size} values but shape {list(shape)} needs {count}"
         )
-    return arr.reshape(shape), offset
+    return _reshape(arr, shape, where), offset
+
+
+def _reshape(arr: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+    try:
+        return arr.reshape(shape)
+    except ValueError:  # a zero-size shape with a dimension numpy cannot index
+        raise BadRequest(
+            f"{where}.shape {list(shape)} has a dimension too large for an array; send the "
+            "tensor's real shape"
+        ) from None
 
 
 def parse_request(body: bytes, header_length: str | None) -> DecodedRequest:

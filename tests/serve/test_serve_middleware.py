@@ -1,0 +1,54 @@
+"""The ASGI middleware's inference fast path, driven with raw ASGI messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from slimtorch.serve.middleware import ServeMiddleware
+from slimtorch.serve.server import ModelServer
+from slimtorch.serve.settings import ServeSettings
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the fast path answers inference requests itself")
+
+
+def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
+    # HTTP header values are bytes; a client may send any of them (a TestClient sends UTF-8 only)
+    x = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    body = json.dumps({"inputs": [x]}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/models/mlp/infer",
+        "headers": [
+            (b"content-length", str(len(body)).encode()),
+            (b"inference-header-content-length", b"\xff"),
+        ],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    async def main() -> None:
+        server = ModelServer(ServeSettings(repository=str(repo), device="cpu", threads=1))
+        await server.start()
+        try:
+            app = ServeMiddleware(
+                _no_app, metrics=server.metrics, max_bytes=1 << 20, access_log=False, server=server
+            )
+            await app(scope, receive, send)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    assert sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error.startswith("Inference-Header-Content-Length is '\u00ff' but the body has")
