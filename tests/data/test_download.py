@@ -6,9 +6,11 @@ import hashlib
 import io
 import pickle
 import shutil
+import socket
 import tarfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,6 +47,33 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         thread.join(timeout=5)
 
 
+@contextmanager
+def _raw_http(reply: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that answers every request with ``reply`` verbatim and closes."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
 
@@ -71,6 +100,38 @@ def test_download_file_unreachable(tmp_path: Path) -> None:
     assert _leftovers(tmp_path / "o") == []
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         download_file(["ftp://example.org/f"], tmp_path / "o" / "f")
+
+
+def test_transfer_cut_short_leaves_no_file(shared_data: Path, tmp_path: Path) -> None:
+    data = (shared_data / "mnist" / LABELS).read_bytes()
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    with _raw_http(head.encode() + data[: len(data) // 2]) as url:
+        with pytest.raises(
+            DataNotFoundError,
+            match=rf"transfer was cut short: .* announced {len(data)} bytes of {LABELS} and "
+            rf"sent {len(data) // 2}",
+        ):
+            download_file([url + LABELS], tmp_path / "o" / LABELS)  # no published digest
+    assert _leftovers(tmp_path / "o") == []
+
+
+def test_malformed_http_reply_moves_on_to_the_next_mirror(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    src = shared_data / "mnist" / LABELS
+    spec = dataset_info("mnist").layouts["test"][0].files[1]
+    with _raw_http(b"not an HTTP status line\r\n\r\n") as url:
+        dest = download_file([url + LABELS, src.as_uri()], tmp_path / "o" / LABELS, spec)
+    assert dest.read_bytes() == src.read_bytes()
+
+
+def test_a_single_url_string_is_refused(isolated: Path, tmp_path: Path) -> None:
+    url = (tmp_path / "mirror" / LABELS).as_uri()
+    with pytest.raises(TypeError, match=r"urls must be a list of URLs, got the string 'file:"):
+        download_file(url, tmp_path / "o" / LABELS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"mirrors must be a list of base URLs, got the string"):
+        load_dataset("mnist", "test", mirrors=(tmp_path / "mirror").as_uri())
+    assert _leftovers(tmp_path / "o") == [] and _leftovers(isolated) == []
 
 
 def test_load_dataset_downloads_over_http(

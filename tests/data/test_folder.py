@@ -66,6 +66,18 @@ def test_mixed_sizes_need_size(folder: Path) -> None:
     assert load_image_folder(folder, size=4).images.shape[0] == 4
 
 
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 1000, 25700, 65535]], dtype=np.uint16)
+    for cls in ("a", "b"):
+        (tmp_path / "depth" / cls).mkdir(parents=True)
+        Image.fromarray(values).save(tmp_path / "depth" / cls / "0.png")
+    assert Image.open(tmp_path / "depth" / "a" / "0.png").mode == "I;16"
+    gray = load_image_folder(tmp_path / "depth", channels=1, mean=(0.5,), std=(0.5,))
+    assert gray.images[0, 0].tolist() == [[0, 4, 100, 255]]
+    rgb = load_image_folder(tmp_path / "depth", channels=3)
+    assert rgb.images[1, :, 0, 2].tolist() == [100, 100, 100]
+
+
 def test_unreadable_file_is_named(folder: Path) -> None:
     (folder / "dog" / "broken.jpg").write_bytes(b"not really a jpeg")
     with pytest.raises(DataFormatError, match=r"cannot read image .*broken\.jpg"):

@@ -57,6 +57,14 @@ def test_bad_magic_and_dtype(tmp_path: Path, write_idx: Callable[..., Path]) -> 
         read_idx(p)
 
 
+def test_header_whose_size_overflows_int64(shared_data: Path, tmp_path: Path) -> None:
+    labels = gzip.decompress((shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    p = tmp_path / "t10k-labels-idx1-ubyte"
+    p.write_bytes(bytes([0, 0, 0x08, 4]) + bytes([0, 1, 0, 0]) * 4 + labels[8:])  # 65536**4
+    with pytest.raises(DataFormatError, match=r"promises 18446744073709551616 payload bytes"):
+        read_idx(p)
+
+
 def test_truncated_gzip(tmp_path: Path, write_idx: Callable[..., Path]) -> None:
     p = write_idx(tmp_path / "g.gz", np.arange(1000, dtype=np.uint8) % 7, gz=True)
     p.write_bytes(p.read_bytes()[:-20])

@@ -2,11 +2,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, SyntheticLoader
+from slimtorch.data import (
+    AugmentConfig,
+    DeviceLoader,
+    ImageDataset,
+    SyntheticLoader,
+    load_dataset,
+)
 
 Make = Callable[..., ImageDataset]
 
@@ -146,6 +153,18 @@ def test_argument_validation(indexed_dataset: Make) -> None:
         DeviceLoader(ds.images, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="epoch must be >= 0"):
         DeviceLoader(ds, 1).set_epoch(-1)
+
+
+def test_unknown_or_unavailable_device_is_refused_by_name(shared_data: Path) -> None:
+    ds = load_dataset("mnist", "test", root=shared_data, download=False)
+    with pytest.raises(ValueError, match="unknown device 'gpu'; expected 'cpu', 'cuda'"):
+        DeviceLoader(ds, 64, device="gpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:99' is not available: .* sees \d+ CUDA"):
+        DeviceLoader(ds, 64, device="cuda:99")
+    with pytest.raises(ValueError, match="unsupported device 'meta'"):
+        DeviceLoader(ds, 64, device="meta")
+    with pytest.raises(TypeError, match=r"device must be a str or torch\.device, got int"):
+        DeviceLoader(ds, 64, device=0)  # type: ignore[arg-type]
 
 
 def test_constructor_does_no_device_work(indexed_dataset: Make) -> None:

@@ -168,6 +168,13 @@ def test_unknown_name_and_split(isolated: Path) -> None:
         load_dataset("mnist", "val", download=False)
 
 
+def test_root_that_is_a_file_is_refused(shared_data: Path, isolated: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLIMTORCH_DATA", str(shared_data))  # would silently be used instead
+    given = shared_data / "mnist" / TEST_FILES[0]
+    with pytest.raises(ValueError, match=r"root '.*t10k-images-idx3-ubyte\.gz' is a file, not a"):
+        load_dataset("mnist", "test", root=given, download=False)
+
+
 def test_cifar_npz_layout(isolated: Path, tmp_path: Path) -> None:
     x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     (tmp_path / "d" / "cifar10").mkdir(parents=True)

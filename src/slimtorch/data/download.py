@@ -22,6 +22,7 @@ Example (two local ``file://`` mirrors; the first serves corrupt bytes):
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -69,7 +70,8 @@ def _fetch(url: str, dest: Path, spec: FileSpec, timeout: float) -> None:
         nbytes, next_report = 0, 0.1
         req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
-            total = spec.size or int(resp.headers.get("Content-Length") or 0)
+            announced = resp.headers.get("Content-Length")
+            total = spec.size or int(announced or 0)
             while chunk := resp.read(_CHUNK):
                 nbytes += len(chunk)
                 if spec.size is not None and nbytes > spec.size:
@@ -82,6 +84,11 @@ def _fetch(url: str, dest: Path, spec: FileSpec, timeout: float) -> None:
                 if total and nbytes / total >= next_report:
                     logger.info("downloading %s: %3.0f%%", spec.name, 100 * nbytes / total)
                     next_report += 0.1
+        if announced is not None and announced.isdigit() and nbytes != int(announced):
+            raise ConnectionError(
+                f"the transfer was cut short: {url} announced {announced} bytes of {spec.name} "
+                f"and sent {nbytes}"
+            )
         _check_digests(f"the download of {spec.name}", md5, sha, spec, nbytes)
 
     atomic_write(dest, write)
@@ -122,6 +129,8 @@ def download_file(
         >>> (d / "cache" / "f.gz").exists()
         False
     """
+    if isinstance(urls, str):
+        raise TypeError(f"urls must be a list of URLs, got the string {urls!r}; pass [{urls!r}]")
     if not urls:
         raise ValueError("download_file needs at least one URL")
     dest = Path(dest)
@@ -141,7 +150,7 @@ def download_file(
             corrupt = True
             errors.append(f"{url}: {exc}")
             logger.warning("discarded %s from %s: %s", dest.name, url, exc)
-        except (URLError, OSError, ValueError) as exc:
+        except (URLError, OSError, ValueError, http.client.HTTPException) as exc:
             errors.append(f"{url}: {type(exc).__name__}: {exc}")
             logger.warning("could not download %s from %s: %s", dest.name, url, exc)
         else:

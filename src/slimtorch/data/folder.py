@@ -62,6 +62,20 @@ def _normalise_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return hw
 
 
+def _to_8bit(img: Any, image_mod: Any, path: Path) -> Any:
+    """16-bit grayscale scaled to 8 bits (``convert`` would clip it at 255); 32-bit integer
+    and float images, whose range is unknown, are refused."""
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float64)  # (H, W), 0..65535
+        return image_mod.fromarray(np.rint(arr / 257.0).astype(np.uint8))  # mode "L"
+    if img.mode in ("I", "F"):
+        raise DataFormatError(
+            f"image {path} has mode {img.mode!r} (32-bit pixels with no fixed range), which "
+            "cannot be mapped onto 0..255 unambiguously; save it as 8-bit or 16-bit first"
+        )
+    return img
+
+
 def load_image_folder(
     path: str | os.PathLike[str],
     *,
@@ -76,7 +90,8 @@ def load_image_folder(
 
     Args:
         path: The root folder; each sub-folder is one class.
-        channels: 1 (grayscale, Pillow mode ``"L"``) or 3 (RGB).
+        channels: 1 (grayscale, Pillow mode ``"L"``) or 3 (RGB). 16-bit grayscale images are
+            scaled to 8 bits (``round(v / 257)``).
         size: Resize every image to ``size`` (int for square, or ``(height, width)``) with
             bilinear filtering; ``None`` keeps the size, which must then be the same for all.
         name: Dataset name (default: the folder name).
@@ -89,8 +104,8 @@ def load_image_folder(
 
     Raises:
         DataNotFoundError: ``path`` is not a folder or holds no images.
-        DataFormatError: A file cannot be decoded (the message names it), or sizes differ and
-            ``size`` was not given.
+        DataFormatError: A file cannot be decoded or has 32-bit pixels (the message names it),
+            or sizes differ and ``size`` was not given.
 
     Example:
         >>> import pathlib, tempfile
@@ -138,7 +153,7 @@ def load_image_folder(
     for p, _ in files:
         try:
             with image_mod.open(p) as img:
-                img = img.convert(mode)
+                img = _to_8bit(img, image_mod, p).convert(mode)
                 if hw is not None and (img.height, img.width) != hw:
                     img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)

@@ -54,7 +54,13 @@ def data_cache_dir() -> Path:
 def _roots(root: str | os.PathLike[str] | None) -> list[Path]:
     roots: list[Path] = []
     if root is not None:
-        roots.append(Path(root).expanduser())
+        folder = Path(root).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"root {str(root)!r} is a file, not a folder; pass the folder that holds the "
+                f"dataset's files (e.g. root={str(folder.parent)!r})"
+            )
+        roots.append(folder)
     env = os.environ.get(DATA_ENV_VAR)
     if env:
         roots.append(Path(env).expanduser())
@@ -162,6 +168,8 @@ def load_dataset(
         The split, named ``"<name>/<split>"``.
 
     Raises:
+        ValueError: Unknown name or split, or ``root`` is a file.
+        TypeError: ``mirrors`` is a single string instead of a list.
         DataNotFoundError: The files are in none of the searched folders and could not be
             downloaded; the message lists every folder searched and the expected file names.
         ChecksumError: A file differs from its published checksum (nothing partial is loaded).
@@ -183,6 +191,10 @@ def load_dataset(
         >>> len(mine), mine.labels.tolist()
         (1, [7])
     """
+    if isinstance(mirrors, str):
+        raise TypeError(
+            f"mirrors must be a list of base URLs, got the string {mirrors!r}; pass [{mirrors!r}]"
+        )
     info = dataset_info(name)
     _check_split(info, split)
     if info.build is not None:
