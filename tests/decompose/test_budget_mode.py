@@ -179,3 +179,16 @@ def test_measure_sensitivity_ranks_layers_and_restores_weights(gen: torch.Genera
         measure_sensitivity(net, ["0"], (x, y), nn.MSELoss(), fraction=0)
     with pytest.raises(TypeError, match=r"handles nn\.Linear and nn\.Conv2d"):
         measure_sensitivity(net, ["1"], (x, y), nn.MSELoss())
+
+
+def test_unmet_budget_names_the_layers_kept_dense() -> None:
+    torch.manual_seed(0)
+    net = Small()
+    with torch.no_grad():
+        net.c2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be met .*; c2 stays dense: weights hold NaN/Inf.*; c3 stays dense",
+    ):
+        decompose_(net, TuckerConfig(rank="budget:params=0.3"), include=["c*"])
+    assert type(net.c1) is nn.Conv2d

@@ -156,3 +156,29 @@ def test_refusals_say_why() -> None:
         LowRankLinear.from_layer(nn.Conv2d(2, 2, 1), 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="factor shapes do not fit"):
         TuckerConv2d.from_factors(torch.zeros(2, 2, 3, 3), torch.zeros(4, 3), torch.zeros(4, 2))
+
+
+BAD_RANKS = {
+    "lowrank-linear-0": (
+        lambda: LowRankLinear(16, 8, 0),
+        ValueError,
+        r"LowRankLinear rank .* got 0",
+    ),
+    "lowrank-linear-float": (lambda: LowRankLinear(16, 8, 2.5), TypeError, r"must be an int"),
+    "lowrank-conv-neg": (lambda: LowRankConv2d(16, 8, -1), ValueError, r"LowRankConv2d .* got -1"),
+    "tucker-r_out-0": (lambda: TuckerConv2d(16, 8, 3, ranks=(0, 4)), ValueError, r"\(r_out\) must"),
+    "tucker-r_in-neg": (
+        lambda: TuckerConv2d(16, 8, 3, ranks=(4, -2)),
+        ValueError,
+        r"\(r_in\) must",
+    ),
+    "cp-0": (lambda: CPConv2d(16, 8, 3, rank=0), ValueError, r"CPConv2d rank must be .* got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RANKS)
+def test_constructors_refuse_ranks_below_one(case: str) -> None:
+    """Built directly (or from a saved spec), a layer of rank < 1 is refused, not built empty."""
+    build, error, message = BAD_RANKS[case]
+    with pytest.raises(error, match=message):
+        build()

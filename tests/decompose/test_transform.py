@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.decompose import (
     CPConfig,
     CPConv2d,
@@ -192,3 +192,80 @@ def test_tucker_rank_is_capped_by_the_unfolding_rank() -> None:
     row = report.rows[0]
     assert row.action == "skipped" or row.ranks[0] <= 27
     assert "failed" not in (row.reason or "")
+
+
+def _same_model(a: nn.Module, b: nn.Module) -> bool:
+    types = [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    sa, sb = a.state_dict(), b.state_dict()
+    return types and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_exclude_glob_matching_nothing_is_an_error(net: TinyNet) -> None:
+    before = copy.deepcopy(net)
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) 'haed' match no module of TinyNet"):
+        decompose_(net, SVDConfig(rank=0.25), exclude=["haed"])
+    assert _same_model(net, before)
+
+
+def test_meta_device_model_is_refused_naming_the_layers() -> None:
+    with torch.device("meta"):
+        meta = TinyNet()
+    with pytest.raises(ValueError, match=r"layer\(s\) features\.0, features\.3, .* meta-device"):
+        decompose_(meta, TuckerConfig(rank=0.5))
+    assert [type(m) for m in meta.modules()] == [type(m) for m in TinyNet().modules()]
+
+
+def test_layers_read_directly_by_torch_modules_are_skipped() -> None:
+    """nn.MultiheadAttention reads out_proj.weight, nn.TransformerEncoderLayer (eval) linear1/2."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    mha = nn.Sequential(nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 32))
+    x = torch.randn(2, 5, 32)
+    report = decompose_(layer, SVDConfig(rank=0.25))
+    assert [(r.name, r.action) for r in report.rows] == [
+        ("self_attn.out_proj", "skipped"),
+        ("linear1", "skipped"),
+        ("linear2", "skipped"),
+    ]
+    reason = rows(report)["self_attn.out_proj"].reason
+    assert reason.startswith("self_attn (nn.MultiheadAttention) reads this layer's weight directly")
+    assert "the model (nn.TransformerEncoderLayer) reads" in rows(report)["linear1"].reason
+    assert layer(x).shape == (2, 5, 32)
+    report = decompose_(mha, SVDConfig(rank=0.25))
+    assert {r.name: r.action for r in report.rows} == {"0.out_proj": "skipped", "1": "decomposed"}
+    assert mha[0](x, x, x)[0].shape == (2, 5, 32)
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 100, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.again = self.body  # one module under two names
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.again(self.body(self.emb(t))))
+
+
+def test_shared_weights_are_skipped_not_untied() -> None:
+    model = TiedLM()
+    before = copy.deepcopy(model)
+    report = decompose_(model, SVDConfig(rank=0.25))
+    assert {r.name: r.action for r in report.rows} == {"body": "skipped", "head": "skipped"}
+    assert "shared with again.bias, again.weight (tied weights)" in rows(report)["body"].reason
+    assert "shared with emb.weight (tied weights)" in rows(report)["head"].reason
+    assert _same_model(model, before) and model.head.weight is model.emb.weight
+    with pytest.raises(TransformSkipError, match=r"skipped 2 layer\(s\).*head: its parameters"):
+        decompose_(model, SVDConfig(rank=0.25), strict=True)
+
+
+def test_rebuild_with_a_malformed_spec_is_a_model_load_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    for spec in (
+        {"kind": "svd_linear", "in_features": 4},
+        {"kind": "svd_linear", "in_features": 4, "out_features": 4, "rank": 0},
+    ):
+        with pytest.raises(ModelLoadError, match=r"layer '0' has a malformed svd_linear spec"):
+            rebuild_decomposed(model, {"layers": {"0": spec}})
+        assert type(model[0]) is nn.Linear

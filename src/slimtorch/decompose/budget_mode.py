@@ -275,6 +275,7 @@ def plan_budget(
     shapes: Mapping[str, Shapes],
     batch: int,
     sensitivity: Mapping[str, float] | None = None,
+    keep_dense: Mapping[str, str] | None = None,
 ) -> BudgetPlan:
     """Choose an option per targeted layer so the targeted total meets ``config``'s budget.
 
@@ -285,6 +286,7 @@ def plan_budget(
         batch: Batch size of the recorded shapes.
         sensitivity: Error weight per layer (``None``: all 1); values ``<= 0`` (noise) are
             raised to a thousandth of the largest.
+        keep_dense: Layers that must stay dense, with the reason (their cost still counts).
 
     Returns:
         A :class:`BudgetPlan`.
@@ -308,6 +310,8 @@ def plan_budget(
     ladders: dict[str, list[RankOption]] = {}
     for name, module in targets:
         try:
+            if keep_dense and name in keep_dense:
+                raise SkipLayer(keep_dense[name])
             kind = find_ladder(config, module)
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise SkipLayer("weights hold NaN/Inf; fix or re-initialise the layer first")
@@ -336,8 +340,9 @@ def plan_budget(
         selection = select_ranks_for_budget(layers, targets=goals)
     except ValueError as exc:
         wanted = " and ".join(f"{m} budget {goals[m]:,.0f} of {totals[m]:,.0f}" for m in metrics)
+        dense = "".join(f"; {n} stays dense: {why}" for n, why in reasons.items())
         raise ValueError(
-            f"{type(config).__name__}.rank {config.rank!r}: {wanted} cannot be met ({exc})"
+            f"{type(config).__name__}.rank {config.rank!r}: {wanted} cannot be met ({exc}){dense}"
         ) from None
     metric = next(iter(metrics))
     total, target = totals[metric], goals[metric]

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
-from slimtorch.core.globs import selected
+from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import set_submodule
 from slimtorch.core.table import text_table
 from slimtorch.decompose import prefactor
@@ -49,6 +48,11 @@ TRANSFORM_NAME = "decompose.layers"
 logger = logging.getLogger(__name__)
 
 _TARGET_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+# Modules whose forward reads these children's ``weight``/``bias`` instead of calling them.
+_READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),  # its eval-mode fast path
+}
 
 
 @dataclasses.dataclass
@@ -156,14 +160,48 @@ def _targets(
             continue
         if isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
             out.append((name, module))
-    names = [n for n, _ in model.named_modules() if n]
-    unmatched = [p for p in include or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise ValueError(
-            f"include pattern(s) {', '.join(map(repr, unmatched))} match no module of "
-            f"{type(model).__name__}; module names look like {', '.join(names[:6])}, ..."
-        )
+    check_globs(model, include, exclude)
     return out
+
+
+def _not_replaceable(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Targets a factorised layer cannot stand in for, with the reason: a parent that reads the
+    layer's weight instead of calling it (see ``_READ_DIRECTLY``), or a parameter that another
+    module shares (tied weights, or one module registered under several names)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, param in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
+    readers: dict[int, str] = {}
+    for mname, mod in model.named_modules():
+        for kind, children in _READ_DIRECTLY.items():
+            if isinstance(mod, kind):
+                for child in children:
+                    readers[id(getattr(mod, child))] = (
+                        f"{mname or 'the model'} (nn.{kind.__name__})"
+                    )
+    reasons: dict[str, str] = {}
+    for name, module in targets:
+        if id(module) in readers:
+            reasons[name] = (
+                f"{readers[id(module)]} reads this layer's weight directly instead of calling "
+                "it, so a factorised layer cannot replace it; exclude it"
+            )
+            continue
+        shared = sorted(
+            {
+                other
+                for p in module.parameters()
+                for other in owners.get(id(p), [])
+                if not other.startswith(f"{name}.")
+            }
+        )
+        if shared:
+            reasons[name] = (
+                f"its parameters are shared with {', '.join(shared)} (tied weights); factorising "
+                "would untie them and add parameters; exclude it"
+            )
+    return reasons
 
 
 def decompose_(
@@ -182,7 +220,10 @@ def decompose_(
     ``include`` (all when ``None``) and none of ``exclude`` (parts of already factorised layers
     are never targeted). The handler registered for ``(type(config), module type)`` does the work;
     a layer is skipped, untouched and with its reason, when no handler fits, its weights hold
-    NaN/Inf, the factorisation would not save parameters, or the decomposition fails.
+    NaN/Inf or are shared with another module (tied weights), its parent reads its weight
+    directly (``nn.MultiheadAttention.out_proj``, the linear layers of
+    ``nn.TransformerEncoderLayer``), the factorisation would not save parameters, or the
+    decomposition fails.
 
     With a budget rank spec (``"budget:params=0.33"``) the ranks of all targeted layers are chosen
     together so their total meets the budget (see :mod:`slimtorch.decompose.budget_mode`). With
@@ -211,7 +252,8 @@ def decompose_(
     Raises:
         TypeError: ``config`` is not a ``DecomposeConfig``, or globs are not lists of strings.
         ValueError: ``min_speedup`` without ``example_input``, ``sensitivity`` without a budget,
-            or a budget that cannot be met.
+            a budget that cannot be met, an ``include``/``exclude`` glob that matches no module,
+            or targeted layers on the meta device.
         TransformSkipError: ``strict`` and at least one targeted layer was skipped.
 
     Example:
@@ -242,16 +284,25 @@ def decompose_(
             f"{config.rank!r}; use rank='budget:params=<x>' or drop sensitivity"
         )
     targets = _targets(model, include, exclude)
+    meta = [n for n, m in targets if any(p.is_meta for p in m.parameters())]
+    if meta:
+        raise ValueError(
+            f"decompose_ needs weight values, but layer(s) {', '.join(meta)} hold meta-device "
+            "tensors (shapes only); load the real weights first (e.g. model.to_empty(device="
+            "'cpu') then load_state_dict) or exclude those layers"
+        )
+    blocked = _not_replaceable(model, targets)
+    work = [(n, m) for n, m in targets if n not in blocked]
     shapes = {} if example_input is None else record_shapes(model, targets, example_input)
     batch = 1
     if example_input is not None:
         first = example_input[0] if isinstance(example_input, tuple) else example_input
         batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 1
-    plan = plan_budget(targets, config, shapes, batch, sensitivity) if budget else None
+    plan = plan_budget(targets, config, shapes, batch, sensitivity, blocked) if budget else None
     rows: list[LayerReport] = []
     replacements: dict[str, nn.Module] = {}
-    with prefactor.batch_results(_prefactor(targets, config, plan)):
-        _factorise_all(targets, config, plan, shapes, batch, rows, replacements)
+    with prefactor.batch_results(_prefactor(work, config, plan)):
+        _factorise_all(targets, config, plan, shapes, batch, rows, replacements, blocked)
     if config.min_speedup is not None and config.speed_scope == "model" and replacements:
         model_gate(model, replacements, rows, config, example_input)
     report = DecomposeReport(
@@ -313,8 +364,10 @@ def _factorise_all(
     batch: int,
     rows: list[LayerReport],
     replacements: dict[str, nn.Module],
+    blocked: Mapping[str, str],
 ) -> None:
-    """Factorise each target (a row per layer; the new modules into ``replacements``)."""
+    """Factorise each target (a row per layer; the new modules into ``replacements``); the
+    ``blocked`` ones are skipped with their reason."""
     for name, module in targets:
         before = count_params(module)
         row = LayerReport(
@@ -328,6 +381,8 @@ def _factorise_all(
         )
         row.flops_after = row.flops_before
         try:
+            if name in blocked:
+                raise SkipLayer(blocked[name])
             result = _factorise(name, module, config, plan)
             if config.min_speedup is not None and config.speed_scope == "layer":
                 _check_speed(row, module, result, config, shapes.get(name))
@@ -452,7 +507,13 @@ def rebuild_decomposed(model: nn.Module, params: Mapping[str, Any]) -> nn.Module
         device = None if ref is None else ref.device
         dtype = None if ref is None else ref.dtype
         cls = LAYER_KINDS.get(kind)
-        new = cls.from_spec(dict(spec), device=device, dtype=dtype)  # type: ignore[attr-defined]
+        try:
+            new = cls.from_spec(dict(spec), device=device, dtype=dtype)  # type: ignore[attr-defined]
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"layer {name!r} has a malformed {kind} spec {dict(spec)!r} ({exc}); re-save the "
+                "model"
+            ) from None
         set_submodule(model, name, new.train(old.training))
     return model
 

@@ -28,6 +28,7 @@ from slimtorch.decompose.layers._common import (
     pair,
 )
 from slimtorch.decompose.layers.tucker_conv import check_plain_conv
+from slimtorch.decompose.linalg import check_rank
 
 
 class CPConv2d(FromSpec, nn.Module):
@@ -68,6 +69,7 @@ class CPConv2d(FromSpec, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_rank(rank, "CPConv2d rank")
         kh, kw = pair(kernel_size, "kernel_size")
         sh, sw = pair(stride, "stride")
         dh, dw = pair(dilation, "dilation")

@@ -26,6 +26,7 @@ from slimtorch.decompose.layers._common import (
     pair,
 )
 from slimtorch.decompose.layers.tucker_conv import check_plain_conv
+from slimtorch.decompose.linalg import check_rank
 from slimtorch.decompose.svd import truncated_svd
 
 
@@ -58,6 +59,7 @@ class LowRankLinear(FromSpec, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_rank(rank, "LowRankLinear rank")
         self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.last = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
@@ -149,6 +151,7 @@ class LowRankConv2d(FromSpec, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_rank(rank, "LowRankConv2d rank")
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.first = nn.Conv2d(
             in_channels,

@@ -26,6 +26,7 @@ from slimtorch.decompose.layers._common import (
     padding_arg,
     pair,
 )
+from slimtorch.decompose.linalg import check_rank
 from slimtorch.decompose.tucker import tucker2
 
 
@@ -88,6 +89,8 @@ class TuckerConv2d(FromSpec, nn.Module):
     ) -> None:
         super().__init__()
         r_out, r_in = pair(tuple(ranks), "ranks")
+        check_rank(r_out, "TuckerConv2d ranks[0] (r_out)")
+        check_rank(r_in, "TuckerConv2d ranks[1] (r_in)")
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.first = nn.Conv2d(in_channels, r_in, 1, bias=False, **kw)
         self.core = nn.Conv2d(
