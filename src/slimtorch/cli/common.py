@@ -1,4 +1,4 @@
-"""Small helpers shared by the sub-commands (tables, shapes, thread pinning)."""
+"""Small helpers shared by the sub-commands (tables, shapes, thread pinning, output paths)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,71 @@ def resolve_model_dir(path: str) -> Path:
     if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
         return p / "model"
     return p
+
+
+def check_output_path(path: str, option: str, *, folder: bool) -> None:
+    """Fail before any work when ``path`` cannot be written as ``option`` asks.
+
+    A run directory (``folder=True``) cannot be a file, an output file cannot be a folder, and
+    no existing part of the path above it may be a file.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> check_output_path(d, "--out", folder=True)
+        >>> check_output_path(d, "--out", folder=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: --out ... is a folder; give the path of the file to write
+    """
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a folder (a run directory is written)")
+    if not folder and p.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give the path of the file to write")
+    above = next((q for q in p.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{option} {path} cannot be written: {above} is a file, not a folder")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch failing to allocate memory (CPU or GPU)."""
+    text = str(exc)
+    return (
+        type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def options_that_need(
+    args: argparse.Namespace, enabled: bool, enabler: str, defaults: dict[str, object]
+) -> None:
+    """Options that act only with ``enabler``: refuse them without it, else fill defaults.
+
+    Each key of ``defaults`` is an option parsed with ``default=None`` (so that giving it can
+    be told from leaving it out); a flag parsed with ``store_true`` has the default ``False``.
+
+    Example:
+        >>> args = argparse.Namespace(sparse=None, sparsity=0.5)
+        >>> options_that_need(args, args.sparse is not None, "--sparse", {"sparsity": 0.9})
+        Traceback (most recent call last):
+        ...
+        ValueError: --sparsity 0.5 applies only with --sparse; add --sparse or leave it out
+    """
+    given = []
+    for key, default in defaults.items():
+        value = getattr(args, key)
+        flag = f"--{key.replace('_', '-')}"
+        if default is False and value is True:  # a store_true flag
+            given.append(flag)
+        elif default is not False and value is not None:
+            given.append(f"{flag} {value}")
+    if given and not enabled:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(
+            f"{', '.join(given)} {verb} only with {enabler}; add {enabler} or leave it out"
+        )
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)

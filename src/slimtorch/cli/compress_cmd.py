@@ -14,7 +14,17 @@ import json
 import sys
 from typing import Any
 
-from slimtorch.cli.common import DATASETS, add_device_args, apply_threads
+from slimtorch.cli.common import (
+    DATASETS,
+    add_device_args,
+    apply_threads,
+    check_output_path,
+    options_that_need,
+)
+
+# defaults of the options that act only with --distill (parsed as None so that giving one
+# without --distill can be refused)
+DISTILL_DEFAULTS: dict[str, object] = {"distill_temperature": 4.0, "distill_alpha": 0.9}
 
 
 def add_parser(sub: Any) -> None:
@@ -107,10 +117,16 @@ def add_parser(sub: Any) -> None:
         help="fine-tune by distillation from the uncompressed model (frozen teacher)",
     )
     p.add_argument(
-        "--distill-temperature", type=float, default=4.0, help="softmax temperature (default 4)"
+        "--distill-temperature",
+        type=float,
+        default=None,
+        help="with --distill: softmax temperature (default 4)",
     )
     p.add_argument(
-        "--distill-alpha", type=float, default=0.9, help="weight of the soft loss (default 0.9)"
+        "--distill-alpha",
+        type=float,
+        default=None,
+        help="with --distill: weight of the soft loss (default 0.9)",
     )
     p.add_argument(
         "--max-drop",
@@ -160,17 +176,62 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() in options:
+            raise ValueError(f"--set {key.strip()} is given twice; keep one")
         options[key.strip()] = _value(value)
+
+    def put(key: str, value: Any, flag: str) -> None:
+        if key in options:
+            raise ValueError(f"{flag} and --set {key}=... both set {key}; keep one")
+        options[key] = value
+
     if args.method in _DECOMPOSE:
-        options.setdefault("rank", _rank(args.rank) if args.rank is not None else 0.25)
+        if args.rank is not None:
+            put("rank", _rank(args.rank), "--rank")
+        options.setdefault("rank", 0.25)
     elif args.rank is not None:
         raise ValueError(f"--rank applies to {', '.join(_DECOMPOSE)}, not {args.method}")
-    for key in ("sparsity", "scope", "ratio"):
+    for key in ("sparsity", "scope", "ratio", "round_to", "min_speedup", "speed_on"):
         if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    if args.gradual:
-        options["gradual"] = True
+            put(key, getattr(args, key), f"--{key.replace('_', '-')}")
+    if args.speed_batch is not None:
+        try:
+            batches = [int(b) for b in args.speed_batch.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--speed-batch must be integers like 1,32,256, got {args.speed_batch!r}"
+            ) from None
+        put("speed_batch", batches[0] if len(batches) == 1 else batches, "--speed-batch")
+    if args.speed_scope is not None:
+        put("speed_scope", args.speed_scope, "--speed-scope")
+    for key in ("gradual", "speed_channels_last", "speed_compile"):
+        if getattr(args, key):
+            put(key, True, f"--{key.replace('_', '-')}")
+    if args.method in _DECOMPOSE:
+        _check_speed_options(options)
+    if args.method == "prune" and options.get("gradual") is True and args.finetune_epochs == 0:
+        raise ValueError(
+            "--gradual raises the sparsity during fine-tuning; it needs --finetune-epochs >= 1"
+        )
     return options
+
+
+def _check_speed_options(options: dict[str, Any]) -> None:
+    """The speed check's settings act only with ``min_speedup``; refuse them without it."""
+    speed = [k for k in ("speed_on", "speed_batch", "speed_channels_last", "speed_scope",
+                         "speed_compile") if k in options]  # fmt: skip
+    if speed and options.get("min_speedup") is None:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in speed)
+        verb = "tunes" if len(speed) == 1 else "tune"
+        raise ValueError(
+            f"{names} {verb} the speed check, which runs only with --min-speedup; add "
+            "--min-speedup (e.g. 1.0: keep a factorised layer only where it is not slower)"
+        )
+    if options.get("speed_compile") is True and options.get("speed_scope") != "model":
+        raise ValueError(
+            "--speed-compile times the whole model; it needs --speed-scope model "
+            f"(got speed scope {options.get('speed_scope', 'layer')!r})"
+        )
 
 
 def _rank(text: str) -> float | int | str:
@@ -200,28 +261,12 @@ def _run(args: argparse.Namespace) -> int:
     from slimtorch.train import TrainConfig
     from slimtorch.train.distributed import is_main_process
 
-    apply_threads(args)
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    options_that_need(args, args.distill, "--distill", DISTILL_DEFAULTS)
     options = _options(args)
-    if args.round_to is not None:
-        options["round_to"] = args.round_to
-    if args.min_speedup is not None:
-        options["min_speedup"] = args.min_speedup
-    if args.speed_on is not None:
-        options["speed_on"] = args.speed_on
-    if args.speed_batch is not None:
-        try:
-            batches = [int(b) for b in args.speed_batch.split(",") if b.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--speed-batch must be integers like 1,32,256, got {args.speed_batch!r}"
-            ) from None
-        options["speed_batch"] = batches[0] if len(batches) == 1 else batches
-    if args.speed_channels_last:
-        options["speed_channels_last"] = True
-    if args.speed_scope is not None:
-        options["speed_scope"] = args.speed_scope
-    if args.speed_compile:
-        options["speed_compile"] = True
+    check_output_path(args.out, "--out", folder=True)
+    apply_threads(args)
     finetune = (
         TrainConfig(
             epochs=args.finetune_epochs,

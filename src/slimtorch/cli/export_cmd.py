@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from slimtorch.cli.common import NARROW_CONVS, resolve_model_dir
+from slimtorch.cli.common import NARROW_CONVS, check_output_path, resolve_model_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -119,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
 
     from slimtorch.models import load_model
 
+    check_output_path(args.out, "--out", folder=False)
+    named = {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix.lower())
+    if named is not None and named != args.format:
+        raise ValueError(
+            f"--out {args.out} names a .{named} file but --format is {args.format}; pass "
+            f"--format {named}, or an --out ending in .{args.format}"
+        )
     model_dir = resolve_model_dir(args.model_dir)
     model, card = load_model(model_dir, device="cpu")
     model.eval()

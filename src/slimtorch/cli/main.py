@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from slimtorch import __version__
+from slimtorch.cli.common import is_out_of_memory
 from slimtorch.core.errors import SlimtorchError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -91,8 +92,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (SlimtorchError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (SlimtorchError, ValueError, TypeError, OSError) as exc:
+        # OSError: an output path that is a file where a folder is needed (or the reverse), a
+        # folder that cannot be written, a full disk; its message names the path
         print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"slimtorch {args.command}: error: out of memory ({first}); use a smaller batch, "
+            "input shape or model, or another --device",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"slimtorch {args.command}: interrupted", file=sys.stderr)

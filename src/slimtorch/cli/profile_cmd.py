@@ -9,6 +9,8 @@ from slimtorch.cli.common import (
     MODELS,
     add_device_args,
     apply_threads,
+    check_output_path,
+    is_out_of_memory,
     parse_shape,
     resolve_model_dir,
 )
@@ -27,8 +29,12 @@ def add_parser(sub: Any) -> None:
     src.add_argument(
         "--exported", help="your own model: a torch.export program (.pt2); pass --input-shape"
     )
-    p.add_argument("--input-shape", default="1,28,28", help="C,H,W for --model (default 1,28,28)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument(
+        "--input-shape",
+        default=None,
+        help="C,H,W for --model (default 1,28,28) and --exported (required)",
+    )
+    p.add_argument("--num-classes", type=int, default=None, help="for --model (default 10)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument(
         "--profiles", default="all", help="comma-separated profile names, or all (default)"
@@ -36,6 +42,49 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     add_device_args(p)
     p.set_defaults(handler=run)
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    """Refuse the shape options where they would be ignored, and require them where needed."""
+    if args.model_dir:
+        for flag, value in (
+            ("--input-shape", args.input_shape),
+            ("--num-classes", args.num_classes),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} {value} applies to --model and --exported; a model directory "
+                    "(--in) records its own input shape and classes"
+                )
+    if args.exported:
+        if args.input_shape is None:
+            raise ValueError(
+                "--exported needs --input-shape C,H,W: the shape the program was exported for"
+            )
+        if args.num_classes is not None:
+            raise ValueError(
+                f"--num-classes {args.num_classes} applies to --model; an exported program "
+                "has its classes built in"
+            )
+
+
+def _check_exported_input(model: Any, example: Any, path: str) -> None:
+    """Run the program once on ``example``, turning a shape it refuses into one clear error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        if is_out_of_memory(exc):
+            raise
+        lines = str(exc).strip().splitlines()
+        why = lines[0] if lines else type(exc).__name__
+        raise ValueError(
+            f"the exported program {path} does not run on inputs of shape "
+            f"{tuple(example.shape)} ({why}); pass the C,H,W it was exported for as "
+            "--input-shape (and a --batch-size it accepts)"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_sources(args)
+    if args.json_out:
+        check_output_path(args.json_out, "--json", folder=False)
     device = resolve_device(args.device)
     if args.model_dir:
         from slimtorch.models import load_model
@@ -65,10 +117,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         from slimtorch.models import create_model
 
-        shape = parse_shape(args.input_shape)
+        shape = parse_shape(args.input_shape or "1,28,28")
+        if shape[1] != shape[2]:
+            raise ValueError(
+                f"--input-shape {args.input_shape}: the zoo models take square images (H == W), "
+                f"got {shape[1]}x{shape[2]}"
+            )
         model = create_model(
             args.model,
-            num_classes=args.num_classes,
+            num_classes=10 if args.num_classes is None else args.num_classes,
             in_channels=shape[0],
             input_size=shape[1],
         ).to(device)
@@ -79,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.exported:
         model.eval()  # an exported program keeps the mode it was exported in
     example = torch.randn(args.batch_size, *shape, device=device)
+    if args.exported:
+        _check_exported_input(model, example, args.exported)
     result = profile_model(model, example, device=device, profiles=names, threads=args.threads)
     print(f"{name}: batch {args.batch_size}, input {tuple(shape)}")
     print(result.to_table())

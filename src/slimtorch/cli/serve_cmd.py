@@ -74,6 +74,22 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return ServeSettings.from_env(**overrides)
 
 
+def check_settings(settings: Any) -> None:
+    """Refuse, before the server starts, a repository that is not a folder and a device that
+    does not exist here (the server would start and then fail at start-up or on every model)."""
+    from pathlib import Path
+
+    from slimtorch.core.devices import resolve_device
+
+    if settings.repository is not None and not Path(settings.repository).is_dir():
+        raise ValueError(
+            f"model repository {settings.repository} is not a folder; pass --repository DIR "
+            "holding one folder per model (or leave it out to serve the model directories "
+            "under --runs-dir)"
+        )
+    resolve_device(settings.device)
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -81,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from slimtorch.serve.run import run_server
 
     settings = settings_from_args(args)
+    check_settings(settings)
     configure_logging(
         args.log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     )

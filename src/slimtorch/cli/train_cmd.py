@@ -6,7 +6,26 @@ import argparse
 import json
 from typing import Any
 
-from slimtorch.cli.common import DATASETS, MODELS, add_device_args, apply_threads
+from slimtorch.cli.common import (
+    DATASETS,
+    MODELS,
+    add_device_args,
+    apply_threads,
+    check_output_path,
+    options_that_need,
+)
+
+# defaults of the options that act only with --teacher / --sparse (parsed as None so that
+# giving one without its switch can be refused)
+DISTILL_DEFAULTS: dict[str, object] = {"distill_temperature": 4.0, "distill_alpha": 0.9}
+SPARSE_DEFAULTS: dict[str, object] = {
+    "sparsity": 0.9,
+    "sparse_distribution": "erk",
+    "delta_t": 100,
+    "alpha": 0.3,
+    "t_end": 0.75,
+    "dense_init": False,
+}
 
 
 def add_parser(sub: Any) -> None:
@@ -61,12 +80,12 @@ def add_parser(sub: Any) -> None:
         help="saved model directory to distil from (same dataset)",
     )
     p.add_argument(
-        "--distill-temperature", type=float, default=4.0, help="with --teacher (default 4)"
+        "--distill-temperature", type=float, default=None, help="with --teacher (default 4)"
     )
     p.add_argument(
         "--distill-alpha",
         type=float,
-        default=0.9,
+        default=None,
         help="with --teacher: weight of the soft loss (default 0.9)",
     )
     p.add_argument(
@@ -75,22 +94,24 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="sparse training from scratch: RigL, SET or fixed random masks",
     )
-    p.add_argument("--sparsity", type=float, default=0.9, help="with --sparse (default 0.9)")
+    p.add_argument("--sparsity", type=float, default=None, help="with --sparse (default 0.9)")
     p.add_argument(
         "--sparse-distribution",
         choices=("erk", "uniform"),
-        default="erk",
+        default=None,
         help="with --sparse: per-layer densities (default erk)",
     )
     p.add_argument(
-        "--delta-t", type=int, default=100, help="with --sparse: steps between mask updates"
+        "--delta-t", type=int, default=None, help="with --sparse: steps between mask updates (100)"
     )
-    p.add_argument("--alpha", type=float, default=0.3, help="with --sparse: initial drop fraction")
+    p.add_argument(
+        "--alpha", type=float, default=None, help="with --sparse: initial drop fraction (0.3)"
+    )
     p.add_argument(
         "--t-end",
         type=float,
-        default=0.75,
-        help="with --sparse: fraction of training after which masks stop changing",
+        default=None,
+        help="with --sparse: fraction of training after which masks stop changing (0.75)",
     )
     p.add_argument(
         "--dense-init",
@@ -158,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     from slimtorch.train.classifier import train_classifier
     from slimtorch.train.distributed import cleanup, init_distributed, is_main_process
 
+    options_that_need(args, args.teacher is not None, "--teacher", DISTILL_DEFAULTS)
+    options_that_need(args, args.sparse is not None, "--sparse", SPARSE_DEFAULTS)
+    check_output_path(args.out, "--out", folder=True)
     distributed = init_distributed()
     try:
         apply_threads(args)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import typing
 from collections.abc import Iterable
@@ -61,10 +62,21 @@ def check_range(
         raise ValueError(f"{_field_name(obj, name)} must be in {rng}, got {value!r}")
 
 
+def _same_kind(value: Any, choice: Any) -> bool:
+    """Whether ``value`` is of ``choice``'s kind: a bool only for a bool, an integer (any
+    integral type, numpy's included) for an int."""
+    if isinstance(value, bool) or isinstance(choice, bool):
+        return isinstance(value, bool) and isinstance(choice, bool)
+    if isinstance(choice, int):
+        return isinstance(value, numbers.Integral)
+    return True
+
+
 def check_choice(obj: object, name: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (of the same type too: ``8.0``
+    and ``True`` are not the choices ``8`` and ``1``)."""
     options = list(choices)
-    if value not in options:
+    if not any(value == c and _same_kind(value, c) for c in options):
         raise ValueError(
             f"{_field_name(obj, name)} must be one of {', '.join(map(repr, options))}, "
             f"got {value!r}"

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from slimtorch.core.config import Config, check_range
 
@@ -43,6 +44,8 @@ class DistillConfig(Config):
 
     def __post_init__(self) -> None:
         check_range(self, "temperature", self.temperature, low=0.0, low_inclusive=False)
+        if not math.isfinite(self.temperature):  # an infinite one makes the soft loss NaN
+            raise ValueError(f"DistillConfig.temperature must be finite, got {self.temperature!r}")
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "hint_weight", self.hint_weight, low=0.0)
         if not isinstance(self.hints, tuple | list):

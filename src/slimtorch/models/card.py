@@ -138,10 +138,17 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         arch = cfg["architecture"]
         if not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs"), dict):
             raise TypeError("architecture needs a name and a kwargs dict")
+        shape = cfg["input_shape"]
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        ):
+            raise ValueError(f"input_shape must be [channels, height, width] >= 1, got {shape!r}")
         return ModelCard(
             architecture={"name": arch["name"], "kwargs": dict(arch["kwargs"])},
             transforms=list(cfg.get("transforms", [])),
-            input_shape=tuple(int(s) for s in cfg["input_shape"]),  # type: ignore[arg-type]
+            input_shape=tuple(shape),
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             class_names=tuple(str(c) for c in cfg["class_names"]),

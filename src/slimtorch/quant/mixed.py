@@ -101,6 +101,12 @@ class MixedPrecisionConfig(Config):
                 "MixedPrecisionConfig needs exactly one budget among budget_bytes, size_ratio "
                 f"and latency_s, got {given or 'none'}"
             )
+        for name in ("dp_bins", "max_batches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"MixedPrecisionConfig.{name} must be an int, got {value!r}")
+        if not isinstance(self.fold_bn, bool):
+            raise ValueError(f"MixedPrecisionConfig.fold_bn must be a bool, got {self.fold_bn!r}")
         if self.budget_bytes is not None:
             check_range(self, "budget_bytes", self.budget_bytes, low=1)
         if self.size_ratio is not None:

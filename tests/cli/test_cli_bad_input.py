@@ -1,0 +1,217 @@
+"""CLI: bad input gives one line naming the bad value and exit status 2, before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimtorch.cli.main import main
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a failed command printed on stderr (no traceback, no second line)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained mlp saved for the bundled digits (1x8x8 images, 10 classes)."""
+    from slimtorch.data import load_dataset
+    from slimtorch.models import create_model, save_model
+
+    ds = load_dataset("digits", "test")
+    path = tmp_path_factory.mktemp("cli-bad") / "mlp"
+    save_model(
+        create_model("mlp", num_classes=10, in_channels=1, input_size=8),
+        path,
+        input_shape=(1, 8, 8),
+        mean=ds.mean,
+        std=ds.std,
+        class_names=list(ds.classes),
+        extra={"dataset": "digits"},
+    )
+    return path
+
+
+def test_out_in_the_way_of_a_file_or_folder(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    train = ["train", "--model", "mlp", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main([*train, "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file; give a folder" in _error(capsys)
+    assert main([*train, "--out", str(a_file / "run")]) == 2
+    assert f"{a_file} is a file, not a folder" in _error(capsys)
+    compress = ["compress", "--in", str(model_dir), "--method", "svd", "--device", "cpu"]
+    assert main([*compress, "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file; give a folder" in _error(capsys)
+    assert main(["export", "--in", str(model_dir), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder; give the path of the file to write" in _error(capsys)
+    assert main(["export", "--in", str(model_dir), "--out", str(a_file / "m.onnx")]) == 2
+    assert f"{a_file} is a file, not a folder" in _error(capsys)
+    profile = ["profile", "--in", str(model_dir), "--device", "cpu", "--profiles", "rx580"]
+    assert main([*profile, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in _error(capsys)
+    assert a_file.read_text() == "keep me"
+
+
+def test_export_refuses_a_suffix_of_the_other_format(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "model.pt2"
+    assert main(["export", "--in", str(model_dir), "--out", str(out)]) == 2  # default onnx
+    assert "names a .pt2 file but --format is onnx; pass --format pt2" in _error(capsys)
+    assert not out.exists()
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--in", str(model_dir), "--out", str(out), "--format", "pt2"]) == 2
+    assert "names a .onnx file but --format is pt2" in _error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "0.5"], "--sparsity 0.5 applies only with --sparse; add --sparse"),
+        (["--dense-init", "--t-end", "0.5"], "--t-end 0.5, --dense-init apply only with --sparse"),
+        (["--distill-alpha", "0.5"], "--distill-alpha 0.5 applies only with --teacher"),
+        (["--lr", "inf"], "TrainConfig.lr must be finite, got inf"),
+        (["--weight-decay", "inf"], "TrainConfig.weight_decay must be finite, got inf"),
+    ],
+)
+def test_train_refuses_ignored_or_infinite_options(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--model", "mlp", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main([*args, *extra, "--out", str(tmp_path / "run")]) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "message"),
+    [
+        ("svd", ["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0, got -1"),
+        ("svd", ["--rank", "0.3", "--set", "rank=0.5"], "--rank and --set rank=... both set rank"),
+        ("prune", ["--sparsity", "0.3", "--set", "sparsity=0.5"], "both set sparsity"),
+        ("nm", ["--set", "n=1", "--set", "n=2"], "--set n is given twice; keep one"),
+        (
+            "svd",
+            ["--speed-on", "rx580"],
+            "--speed-on tunes the speed check, which runs only with --min-speedup",
+        ),
+        (
+            "tucker",
+            ["--min-speedup", "1", "--speed-compile"],
+            "--speed-compile times the whole model; it needs --speed-scope model",
+        ),
+        (
+            "prune",
+            ["--sparsity", "0.5", "--gradual", "--finetune-epochs", "0"],
+            "--gradual raises the sparsity during fine-tuning; it needs --finetune-epochs >= 1",
+        ),
+        ("svd", ["--distill-alpha", "0.3"], "--distill-alpha 0.3 applies only with --distill"),
+        (
+            "svd",
+            ["--distill", "--distill-temperature", "inf"],
+            "DistillConfig.temperature must be finite, got inf",
+        ),
+        ("ptq", ["--set", "weight_bits=8.0"], "PTQConfig.weight_bits must be one of 8, 4, got 8.0"),
+        (
+            "mixed",
+            ["--set", "size_ratio=2", "--set", "fold_bn=no"],
+            "MixedPrecisionConfig.fold_bn must be a bool, got 'no'",
+        ),
+        (
+            "mixed",
+            ["--set", "size_ratio=2", "--set", "dp_bins=100.5"],
+            "MixedPrecisionConfig.dp_bins must be an int, got 100.5",
+        ),
+    ],
+)
+def test_compress_refuses_conflicting_or_mistyped_options(
+    method: str,
+    extra: list[str],
+    message: str,
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["compress", "--in", str(model_dir), "--out", str(tmp_path / "c"), "--method", method]
+    assert main([*args, *extra, "--device", "cpu", "--no-progress"]) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "c").exists()
+
+
+def test_profile_shape_options(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from slimtorch.models import save_exported
+
+    base = ["profile", "--device", "cpu", "--profiles", "rx580"]
+    assert main([*base, "--model", "mlp", "--input-shape", "1,28,14"]) == 2
+    assert "the zoo models take square images (H == W), got 28x14" in _error(capsys)
+    assert main([*base, "--in", str(model_dir), "--input-shape", "3,32,32"]) == 2
+    assert "--input-shape 3,32,32 applies to --model and --exported" in _error(capsys)
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    program = save_exported(net, torch.randn(2, 1, 8, 8), tmp_path / "net.pt2")
+    assert main([*base, "--exported", str(program)]) == 2
+    assert "--exported needs --input-shape C,H,W" in _error(capsys)
+    assert main([*base, "--exported", str(program), "--input-shape", "1,28,28"]) == 2
+    err = _error(capsys)
+    assert "does not run on inputs of shape (1, 1, 28, 28)" in err and "--input-shape" in err
+    assert main([*base, "--exported", str(program), "--input-shape", "1,8,8"]) == 0
+
+
+def test_a_config_with_a_malformed_input_shape_is_refused_on_load(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["input_shape"] = [1, 8]
+    (broken / "config.json").write_text(json.dumps(config))
+    assert main(["profile", "--in", str(broken), "--device", "cpu", "--profiles", "rx580"]) == 2
+    assert "input_shape must be [channels, height, width] >= 1, got [1, 8]" in _error(capsys)
+
+
+def test_out_of_memory_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import slimtorch.models
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 51200000000 bytes.\nmore detail"
+        )
+
+    monkeypatch.setattr(slimtorch.models, "create_model", no_memory)
+    args = ["profile", "--model", "mlp", "--num-classes", "100000000", "--device", "cpu"]
+    assert main(args) == 2
+    err = _error(capsys)
+    assert "out of memory" in err and "51200000000 bytes" in err and "smaller batch" in err
+
+
+def test_serve_checks_repository_and_device_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import slimtorch.serve.run
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(slimtorch.serve.run, "run_server", started)
+    assert main(["serve", "--repository", str(tmp_path / "nope")]) == 2
+    assert f"model repository {tmp_path / 'nope'} is not a folder" in _error(capsys)
+    assert main(["serve", "--repository", str(tmp_path), "--device", "cpux"]) == 2
+    assert "invalid device 'cpux'" in _error(capsys)
