@@ -84,6 +84,8 @@ def as_batches(
         raise ValueError(f"{what} is empty; give at least one batch of real inputs")
     shape = None
     for i, (x, _) in enumerate(batches):
+        if x.is_meta:
+            raise ValueError(f"{what} batch {i} is on the meta device and holds no values")
         if x.ndim == 0 or x.shape[0] == 0 or x.numel() == 0:
             raise ValueError(f"{what} batch {i} is empty (shape {tuple(x.shape)}); drop it")
         if not x.is_floating_point():
@@ -130,9 +132,9 @@ def run_batches(
                 y = model(x.to(device))
             except (RuntimeError, ValueError) as exc:
                 raise ValueError(
-                    f"{what} batch {i} of shape {tuple(x.shape)} does not fit the model "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); give inputs of the "
-                    "shape the model was built for"
+                    f"{what} batch {i} of shape {tuple(x.shape)} and dtype {x.dtype} does not "
+                    f"fit the model ({type(exc).__name__}: {str(exc).splitlines()[0]}); give "
+                    "inputs of the shape and dtype the model was built for"
                 ) from None
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"the model returned a {type(y).__name__}; expected one tensor")

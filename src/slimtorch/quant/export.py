@@ -264,7 +264,16 @@ def ort_session(
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}; export one with export_onnx first")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own error types
+        raise ValueError(
+            f"ONNX Runtime cannot load {path} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is corrupt or not an "
+            "ONNX model: export it again"
+        ) from None
 
 
 def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +289,17 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
     """
     import numpy as np
 
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     inp = session.get_inputs()[0]
+    want = list(inp.shape)  # ints, or names/None for dynamic dimensions
+    if x.ndim != len(want) or any(
+        isinstance(w, int) and w != n for w, n in zip(want, x.shape, strict=True)
+    ):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not fit the ONNX model's input "
+            f"{inp.name!r} of shape {tuple(want)}; give inputs of that shape"
+        )
     arr = x.detach().cpu().numpy()
     arr = np.ascontiguousarray(arr, np.float16 if inp.type == "tensor(float16)" else np.float32)
     return torch.from_numpy(np.asarray(session.run(None, {inp.name: arr})[0])).float()

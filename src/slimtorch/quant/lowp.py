@@ -49,6 +49,7 @@ from slimtorch.quant.precision import (
     precision_units,
     set_precision_,
 )
+from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,13 @@ def cast_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if layer_precisions(model):
         raise ValueError("the model is already cast; cast_ takes a float32 model")
+    int8 = [n for n, m in model.named_modules() if isinstance(m, QDQConv2d | QDQLinear)]
+    if int8:
+        raise ValueError(
+            f"int8 Q/DQ layer(s) {', '.join(int8[:6])}{', ...' if len(int8) > 6 else ''} cannot "
+            "be cast to fp16/bf16 (their inputs would no longer match); cast_ takes a float32 "
+            "model: cast the float model, or keep the int8 one"
+        )
     dtype = DTYPES[config.dtype]
     units = precision_units(model)
     batches = None if check_inputs is None else _calib.as_batches(check_inputs, "check_inputs")

@@ -42,8 +42,9 @@ from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
 from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.observers import CalibrationError, Observer, make_observer
-from slimtorch.quant.qdq import LayerQParams
+from slimtorch.quant.qdq import LayerQParams, QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +103,50 @@ class PTQConfig(Config):
                 raise ValueError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
+# weight layers quantize_ has no int8 form for: reported as kept in float, never passed over
+_NO_INT8 = (
+    nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase,
+    nn.Bilinear, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def _not_targeted_reason(module: nn.Module) -> str | None:
+    """Why a weight layer that is not a plain Conv2d/Linear stays float (``None``: not one)."""
+    kind = type(module).__name__
+    if isinstance(module, QDQConv2d | QDQLinear):
+        return (
+            f"already an int8 {kind}; left as it is (quantize the float model to change "
+            "its settings)"
+        )
+    if isinstance(module, LSQConv2d | LSQLinear):
+        return f"{kind} is a QAT layer; convert it with convert_qat_ to keep its learned steps"
+    if isinstance(module, _TARGETS):  # a subclass: its owner may read .weight directly
+        base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+        return (
+            f"{kind} subclasses {base} with its own behaviour (nn.MultiheadAttention reads "
+            "out_proj.weight directly); kept in float"
+        )
+    if isinstance(module, _NO_INT8):
+        return f"no int8 kernel for {kind} here; kept in float"
+    return None
+
+
 def _targets(
     model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
-) -> list[tuple[str, nn.Module]]:
+) -> tuple[list[tuple[str, nn.Module]], list[QuantRow]]:
+    """Plain Conv2d/Linear layers to quantize, and skip rows for other weight layers."""
     out: list[tuple[str, nn.Module]] = []
+    rows: list[QuantRow] = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, _TARGETS):
+        if not name or not selected(name, include, exclude):
             continue
-        if not selected(name, include, exclude):
-            continue
-        out.append((name, module))
-    return out
+        if type(module) in _TARGETS:
+            out.append((name, module))
+        elif (reason := _not_targeted_reason(module)) is not None:
+            rows.append(QuantRow(name, type(module).__name__, "skipped", reason,
+                                 bytes_before=state_bytes(module),
+                                 bytes_after=state_bytes(module)))  # fmt: skip
+    return out, rows
 
 
 def _skip_reason(name: str, module: nn.Module, i: int, n: int, cfg: PTQConfig) -> str | None:
@@ -244,8 +278,14 @@ def _calibrate(
             handles.append(module.register_forward_hook(
                 lambda _m, _a, y, o=o: o.update(y)))  # fmt: skip
     device = _calib.model_device(work)
+    wdtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), None)
     try:
         for i, (x, _) in enumerate(batches):
+            if wdtype is not None and x.dtype != wdtype:
+                raise ValueError(
+                    f"calibration batch {i} has dtype {x.dtype} but the model's weights are "
+                    f"{wdtype}; give inputs of the model's dtype (x.to({wdtype}))"
+                )
             try:
                 work(x.to(device))
             except CalibrationError as exc:
@@ -328,8 +368,7 @@ def quantize_(
         info["folded_bn"] = [[r.conv, r.bn] for r in folded.folded]
         if folded.reason:
             info["fold_note"] = folded.reason
-    targets = _targets(work, include, exclude)
-    rows: list[QuantRow] = []
+    targets, rows = _targets(work, include, exclude)
     chosen: list[str] = []
     for i, (name, module) in enumerate(targets):
         reason = _skip_reason(name, module, i, len(targets), config)
@@ -374,7 +413,7 @@ def quantize_(
         fold_bn_(model, include=sorted(pairs))
     report = to_qdq_(model, qparams, activations=activations, method=f"ptq:{config.mode}")
     report.config = {"type": "PTQConfig", **config.to_dict()}
-    order = [n for n, _ in targets]
+    order = [n for n, _ in work.named_modules()]
     report.rows = sorted(rows + report.rows, key=lambda r: order.index(r.name))
     info["activations"] = report.info.get("activations", {})
     report.info = info

@@ -53,6 +53,8 @@ from slimtorch.core.config import Config, check_choice
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import FoldReport, fold_bn_
 from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
+from slimtorch.quant.ptq import _not_targeted_reason
+from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 from slimtorch.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -202,6 +204,8 @@ def _swap(model: nn.Module, config: QATConfig) -> tuple[list[str], dict[str, str
         elif type(module) is nn.Linear:
             new = LSQLinear.from_float(module, weight_init=config.weight_init, **kw)
         else:
+            if (reason := _not_targeted_reason(module)) is not None:
+                skipped[name] = reason
             continue
         if not bool(torch.isfinite(module.weight).all()):
             skipped[name] = "weight holds NaN/Inf; fix the layer first"
@@ -245,6 +249,12 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
         raise ValueError(
             "the model already holds LSQ fake-quant layers; prepare it once, or call "
             "convert_qat_ first"
+        )
+    int8 = [n for n, m in model.named_modules() if isinstance(m, QDQConv2d | QDQLinear)]
+    if int8:
+        raise ValueError(
+            f"the model already holds int8 Q/DQ layers ({', '.join(int8[:6])}"
+            f"{', ...' if len(int8) > 6 else ''}); QAT starts from the float model"
         )
     fold = fold_bn_(model) if config.fold_bn else None
     layers, skipped = _swap(model, config)

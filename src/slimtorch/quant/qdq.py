@@ -44,6 +44,7 @@ import torch.ao.quantization.fx._decomposed
 from torch import nn
 from torch.nn import functional as F
 
+from slimtorch.core.errors import ModelLoadError
 from slimtorch.quant.int4 import pack_int4, unpack_int4
 from slimtorch.quant.qfunc import fake_quantize, quantize_weight, weight_range
 
@@ -147,6 +148,9 @@ class _QDQLayer(nn.Module):
             raise ValueError(
                 "a dynamic layer computes its input scale per call; pass input_scale=None"
             )
+        for what, scale in (("input_scale", input_scale), ("output_scale", output_scale)):
+            if scale is not None and not 0 < float(scale) < math.inf:
+                raise ValueError(f"{what} must be finite and > 0, got {scale!r}")
         self.input_scale = None if input_scale is None else float(input_scale)
         self.input_zero_point = int(input_zero_point)
         self.input_dtype = input_dtype
@@ -192,6 +196,14 @@ class _QDQLayer(nn.Module):
             else:
                 state_dict = {**state_dict, prefix + "weight_int8": q}
                 del state_dict[key]
+        scale = state_dict.get(prefix + "weight_scale")
+        if isinstance(scale, torch.Tensor) and not bool(
+            (torch.isfinite(scale) & (scale > 0)).all()
+        ):
+            raise ModelLoadError(
+                f"{prefix}weight_scale holds NaN/Inf or non-positive values; the saved int8 "
+                "weights cannot be dequantized (a corrupt file): re-save the model"
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

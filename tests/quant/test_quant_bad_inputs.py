@@ -1,0 +1,148 @@
+"""Bad inputs to the quant API: clear errors or recorded skips, the model left as it was."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.core.errors import ModelLoadError
+from slimtorch.models import create_model, load_model, save_model
+from slimtorch.quant import (
+    LowPrecisionConfig,
+    PTQConfig,
+    QATConfig,
+    cast_,
+    export_onnx,
+    ort_session,
+    prepare_qat_,
+    quantize_,
+    run_onnx,
+)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()  # fmt: skip
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (
+        sa.keys() == sb.keys()
+        and all(torch.equal(sa[k], sb[k]) for k in sa)
+        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    )
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.emb = nn.Embedding(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_layers_without_int8_form_are_recorded_and_the_model_still_runs() -> None:
+    model = _Attn().eval()
+    report = quantize_(model, PTQConfig(mode="weight_only"))
+    rows = {r.name: (r.action, r.reason or "") for r in report.rows}
+    assert rows["head"][0] == "quantized"
+    assert (
+        rows["attn"][0] == "skipped" and "no int8 kernel for MultiheadAttention" in rows["attn"][1]
+    )
+    assert rows["emb"][0] == "skipped" and "Embedding" in rows["emb"][1]
+    action, reason = rows["attn.out_proj"]
+    assert action == "skipped" and "NonDynamicallyQuantizableLinear subclasses nn.Linear" in reason
+    assert model(torch.randn(2, 3, 8)).shape == (2, 3, 2)  # out_proj stays a float Linear
+
+
+def test_quantizing_twice_or_a_qat_model_records_skips_and_changes_nothing() -> None:
+    x = torch.randn(8, 1, 8, 8)
+    model = _net()
+    quantize_(model, PTQConfig(mode="static"), calibration=x)
+    before = copy.deepcopy(model)
+    report = quantize_(model, PTQConfig(mode="weight_only"))
+    assert [(r.name, r.action) for r in report.rows] == [("0", "skipped"), ("3", "skipped")]
+    assert "already an int8 QDQConv2d" in (report.rows[0].reason or "")
+    assert _same(model, before)
+    qat = _net()
+    prepare_qat_(qat, QATConfig())
+    qat(x)
+    before = copy.deepcopy(qat)
+    report = quantize_(qat, PTQConfig(mode="weight_only"))
+    assert all(r.action == "skipped" and "convert_qat_" in (r.reason or "") for r in report.rows)
+    assert _same(qat, before)
+    with pytest.raises(ValueError, match=r"already holds int8 Q/DQ layers \(0, 3\)"):
+        prepare_qat_(model, QATConfig())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_calibration_data_names_the_dtype(dtype: torch.dtype) -> None:
+    model, before = _net(), _net()
+    with pytest.raises(ValueError, match=rf"batch 0 has dtype {dtype} but the model's weights"):
+        quantize_(model, PTQConfig(mode="static"), calibration=torch.randn(4, 1, 8, 8, dtype=dtype))
+    assert _same(model, before)
+    with pytest.raises(ValueError, match=rf"dtype {dtype} does not fit the model"):
+        cast_(
+            model, LowPrecisionConfig(dtype="fp16"), check_inputs=torch.randn(4, 1, 8, 8).to(dtype)
+        )
+    assert _same(model, before)
+
+
+def test_meta_calibration_data_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch 0 is on the meta device"):
+        quantize_(
+            _net(), PTQConfig(mode="static"), calibration=torch.empty(4, 1, 8, 8, device="meta")
+        )
+
+
+def test_cast_refuses_an_int8_model() -> None:
+    model = _net()
+    quantize_(model, PTQConfig(mode="weight_only"))
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"int8 Q/DQ layer\(s\) 0, 3 cannot be cast"):
+        cast_(model, LowPrecisionConfig(dtype="fp16"))
+    assert _same(model, before)
+
+
+def test_saved_nan_weight_scale_is_refused_on_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    quantize_(model, PTQConfig(mode="weight_only"))
+    save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.0], std=[1.0],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    file = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(file)
+    tensors["fc1.weight_scale"][0] = float("nan")
+    save_file(tensors, file)
+    with pytest.raises(ModelLoadError, match=r"fc1\.weight_scale holds NaN/Inf or non-positive"):
+        load_model(tmp_path / "m")
+
+
+def test_run_onnx_and_ort_session_bad_inputs(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = export_onnx(_net(), tmp_path / "m.onnx", torch.randn(1, 1, 8, 8))
+    session = ort_session(path)
+    with pytest.raises(
+        ValueError, match=r"input of shape \(1, 3, 8, 8\) does not fit .* 1, 8, 8\)"
+    ):
+        run_onnx(session, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"input of shape \(1, 8, 8\) does not fit"):
+        run_onnx(session, torch.randn(1, 8, 8))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got ndarray"):
+        run_onnx(session, torch.randn(1, 1, 8, 8).numpy())
+    with pytest.raises(FileNotFoundError, match="no ONNX file at"):
+        ort_session(tmp_path / "missing.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match=r"ONNX Runtime cannot load .*bad\.onnx"):
+        ort_session(tmp_path / "bad.onnx")
