@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,28 @@ def _read_json_file(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _check_card(cfg: dict[str, Any], kwargs: dict[str, Any], shape: list[int]) -> None:
+    """Refuse a config.json whose preprocessing or class names contradict its architecture."""
+    channels = shape[0]
+    if kwargs.get("in_channels", channels) != channels:
+        raise ValueError(
+            f"input_shape {shape!r} has {channels} channels but the architecture has "
+            f"in_channels={kwargs['in_channels']!r}"
+        )
+    for name in ("mean", "std"):
+        vals = [float(v) for v in cfg[name]]
+        if len(vals) not in (1, channels) or not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name} must be 1 or {channels} finite numbers, got {cfg[name]!r}")
+        if name == "std" and any(v <= 0 for v in vals):
+            raise ValueError(f"std must be > 0 in every channel, got {cfg[name]!r}")
+    classes = kwargs.get("num_classes")
+    if isinstance(classes, int) and len(cfg["class_names"]) != classes:
+        raise ValueError(
+            f"class_names has {len(cfg['class_names'])} names but the architecture has "
+            f"num_classes={classes}"
+        )
+
+
 def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
     """Read ``config.json`` and ``metrics.json`` of a model directory without the weights.
 
@@ -145,6 +168,7 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
         ):
             raise ValueError(f"input_shape must be [channels, height, width] >= 1, got {shape!r}")
+        _check_card(cfg, arch["kwargs"], shape)
         return ModelCard(
             architecture={"name": arch["name"], "kwargs": dict(arch["kwargs"])},
             transforms=list(cfg.get("transforms", [])),

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -212,6 +213,8 @@ def save_model(
         )
     mean_l = _floats("mean", mean, shape[0])
     std_l = _floats("std", std, shape[0])
+    if not all(math.isfinite(v) for v in mean_l + std_l):
+        raise ValueError(f"mean and std must be finite numbers, got mean={mean_l}, std={std_l}")
     if any(s <= 0 for s in std_l):
         raise ValueError(f"std must be > 0 in every channel, got {std_l}")
     if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):

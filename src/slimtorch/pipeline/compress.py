@@ -34,7 +34,7 @@ from slimtorch.core.measure.profile import format_ratio
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.models.io import state_bytes
+from slimtorch.models.io import as_device, state_bytes
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.train import Callback, TrainConfig, Trainer
@@ -292,12 +292,24 @@ def compress_run(
         raise ValueError(f"max_drop must be a number of points >= 0 or None, got {max_drop!r}")
     if distill is not None and not isinstance(distill, DistillConfig):
         raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
+    if finetune is not None and not isinstance(finetune, TrainConfig):
+        raise TypeError(f"finetune must be a TrainConfig or None, got {type(finetune).__name__}")
+    if method_options is not None and not isinstance(method_options, dict):
+        raise TypeError(
+            f"method_options must be a dict of option names to values or None, got "
+            f"{type(method_options).__name__} {method_options!r}"
+        )
+    if isinstance(profiles, str):
+        raise TypeError(
+            f"profiles must be a list of device profile names, got the string {profiles!r}; "
+            f"pass [{profiles!r}]"
+        )
     apply = COMPRESS_METHODS.get(method)
     options = dict(method_options or {})
     if rank is not None:
         options["rank"] = rank
     check_options(method, options)  # a bad option fails before the model and data are loaded
-    device = torch.device(device)
+    device = as_device(device)
     if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     in_path = Path(in_dir)

@@ -97,22 +97,29 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
             "the same model and TrainConfig, or use a new out_dir"
         ) from exc
-    if trainer.scaler is not None and state.get("scaler"):
-        trainer.scaler.load_state_dict(state["scaler"])
-    saved = state.get("callbacks", {})
-    for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True):
-        if key in saved:
-            cb.load_state_dict(saved[key])
-        else:
-            logger.warning("checkpoint has no state for callback %s", key)
+    try:
+        if trainer.scaler is not None and state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+        saved = state.get("callbacks", {})
+        for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True):
+            if key in saved:
+                cb.load_state_dict(saved[key])
+            else:
+                logger.warning("checkpoint has no state for callback %s", key)
+        epoch = int(state["epoch"])
+        step_in_epoch = int(state["step_in_epoch"])
+        global_step = int(state["global_step"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds a malformed field ({type(exc).__name__}: {exc}); resume "
+            "with the same callbacks and TrainConfig, or use a new out_dir"
+        ) from exc
     changed = sorted(
         k for k, v in trainer.config.to_dict().items() if state.get("config", {}).get(k) != v
     )
     if changed:
         logger.warning("resuming with changed config fields: %s", ", ".join(changed))
-    trainer.epoch = int(state["epoch"])
-    trainer.step_in_epoch = int(state["step_in_epoch"])
-    trainer.global_step = int(state["global_step"])
+    trainer.epoch, trainer.step_in_epoch, trainer.global_step = epoch, step_in_epoch, global_step
     trainer.history = History.from_dict(state.get("history", {}))
     trainer._meter = Meter(trainer.device)
     if trainer.step_in_epoch > 0 and state.get("meter"):
