@@ -306,3 +306,31 @@ def test_masks_are_sliced_with_weights() -> None:
     assert net[0].weight_mask.shape == net[0].weight.shape == (16, 8)
     assert net[2].weight_mask.shape == (4, 16)
     assert bool((net[2].weight[~net[2].weight_mask] == 0).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_groups_with_non_finite_weights_are_skipped_with_the_reason(bad: float) -> None:
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        net[2].weight[3, 5] = bad  # writes the group of "2", reads the group of "0"
+    x = torch.randn(4, 8)
+    report = prune_channels_(net, ChannelPruneConfig(ratio=0.5, round_to=1), x)
+    rows = {r.name: (r.action, r.channels_after, r.reason) for r in report.rows}
+    reason = "2.weight hold NaN/Inf values, so channel importance is undefined"
+    assert rows["0"][:2] == rows["2"][:2] == ("skipped", 16)
+    assert reason in rows["0"][2] and reason in rows["2"][2]
+    assert (net[0].out_features, net[2].out_features) == (16, 16)
+    with pytest.raises(TransformSkipError, match=r"2\.weight hold NaN/Inf values"):
+        prune_channels_(net, ChannelPruneConfig(ratio=0.5), x, strict=True)
+
+
+def test_include_glob_that_selects_no_channel_producer_raises() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"include pattern\(s\) '1' select no channel-producing conv/linear layer of "
+        r"Sequential \(they match only 1 \(BatchNorm2d\)\)",
+    ):
+        prune_channels_(net, ChannelPruneConfig(ratio=0.5), torch.randn(2, 3, 8, 8), include=["1"])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -156,3 +156,31 @@ def test_gradual_pruning_state_survives_checkpoint_and_resume(tmp_path: Path) ->
     assert ref_sd.keys() == res_sd.keys()
     for key in ref_sd:
         torch.testing.assert_close(res_sd[key], ref_sd[key], rtol=0, atol=0)
+
+
+def test_gradual_pruning_resumes_a_fresh_model_without_preparing_masks(tmp_path: Path) -> None:
+    cfg = _config(checkpoint_every_steps=4)
+    ref = Trainer(_mlp(), cfg, callbacks=[_gradual()], out_dir=tmp_path / "ref")
+    ref.fit(ListLoader(X, Y, 8))
+    with pytest.raises(Crash):
+        Trainer(_mlp(), cfg, callbacks=[_gradual(), KillAt(12)], out_dir=tmp_path / "run").fit(
+            ListLoader(X, Y, 8)
+        )
+    resumed = Trainer(_mlp(seed=99), cfg, callbacks=[_gradual()], out_dir=tmp_path / "run")
+    resumed.fit(ListLoader(X, Y, 8), resume=True)  # setup adds the buffers the checkpoint holds
+    ref_sd, res_sd = ref.model.state_dict(), resumed.model.state_dict()
+    assert ref_sd.keys() == res_sd.keys()
+    for key in ref_sd:
+        torch.testing.assert_close(res_sd[key], ref_sd[key], rtol=0, atol=0)
+
+
+def test_gradual_pruning_past_the_end_of_the_run_raises_before_touching_the_model() -> None:
+    model = _mlp()
+    late = GradualPruning(MagnitudeConfig(sparsity=0.75), start_step=0, end_step=24, frequency=4)
+    with pytest.raises(
+        ValueError,
+        match=r"GradualPruning.end_step=24 is never reached: the run has 24 optimiser steps "
+        r"\(0 to 23\), so the final sparsity 0.75 would not be applied",
+    ):
+        Trainer(model, _config(), callbacks=[late]).fit(ListLoader(X, Y, 8))
+    assert get_mask(model[0]) is None

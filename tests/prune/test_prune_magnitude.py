@@ -189,3 +189,21 @@ def test_pruned_zoo_model_saves_and_loads_with_masks(tmp_path: Path) -> None:
     plain, _ = load_model(path2)
     assert not any(k.endswith("_mask") for k in plain.state_dict())
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
+def test_include_glob_that_selects_no_layer_raises_and_changes_nothing() -> None:
+    # "block" names a container: its layers are "block.0" and "block.2"
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    net.add_module("block", nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    with pytest.raises(
+        ValueError,
+        match=r"include pattern\(s\) 'block' select no nn.Conv2d/nn.Linear layer of Sequential "
+        r"\(they match only block \(Sequential\)\); match the layers themselves, e.g. 'block.\*'",
+    ):
+        prune_(net, MagnitudeConfig(sparsity=0.5), include=["0", "block"])
+    with pytest.raises(ValueError, match=r"'1' select no nn.Conv2d/nn.Linear layer .*1 \(ReLU\)"):
+        prune_(net, NMConfig(), include=["1"])
+    assert not [k for k in net.state_dict() if k.endswith("_mask")]
+    assert int((net[0].weight == 0).sum()) == 0
+    report = prune_(net, MagnitudeConfig(sparsity=0.5), include=["block.*"])
+    assert [r.name for r in report.rows] == ["block.0", "block.2"]

@@ -101,3 +101,49 @@ def test_bad_input_errors() -> None:
     del compact["w::values"]
     with pytest.raises(ValueError, match="compact entry 'w' has parts"):
         expand_state_dict(compact)
+
+
+def _corrupt(compact: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> dict:
+    return {**compact, key: value}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "part", "change", "match"),
+    [
+        ("bitmask", "values", lambda v: v[:-3], "bitmask marks 410 nonzeros but 407 values"),
+        ("bitmask", "bitmask", lambda v: v[:-2], "bitmask holds 510 torch.uint8 values"),
+        ("bitmask", "values", lambda v: v.to(torch.int32), "values must be a 1-d floating"),
+        ("bitmask", "shape", lambda v: v.float(), "shape must be a 1-d integer tensor"),
+        ("bitmask", "shape", lambda v: -v, r"shape \[-64, -64\] has a negative size"),
+        ("csr", "col", lambda v: v.index_fill(0, torch.tensor([0]), 1000), "0 <= col_indices"),
+        ("csr", "col", lambda v: v.float(), "col must be a 1-d integer tensor"),
+        ("csr", "crow", lambda v: v[:-5], "number of rows"),
+        ("csr", "values", lambda v: v[:-3], "CSR indices are invalid"),
+    ],
+)
+def test_corrupt_entries_raise_value_error_naming_the_entry(
+    fmt: str, part: str, change, match: str
+) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    prune_(net, MagnitudeConfig(sparsity=0.9))  # 410 of 4096 weights stay
+    compact = compact_state_dict(net.state_dict(), format=fmt)
+    key = f"0.weight::{part}"
+    with pytest.raises(
+        ValueError, match=rf"compact entry '0.weight' \({fmt}\) is corrupt: .*{match}"
+    ):
+        expand_state_dict(_corrupt(compact, key, change(compact[key])))
+    bits = compact["0.weight_mask::bits"]
+    with pytest.raises(ValueError, match=r"'0.weight_mask' \(bits\) is corrupt: bits holds 511"):
+        expand_state_dict(_corrupt(compact, "0.weight_mask::bits", bits[:-1]))
+
+
+def test_truncated_or_foreign_file_names_the_path(tmp_path: Path) -> None:
+    path = save_compact({"w": torch.zeros(64, 64)}, tmp_path / "w.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"w.safetensors' is not a readable safetensors file"):
+        load_compact(path)
+    (tmp_path / "notes.txt").write_text("not a tensor file")
+    with pytest.raises(ValueError, match=r"notes.txt' is not a readable safetensors file"):
+        load_compact(tmp_path / "notes.txt")

@@ -13,9 +13,10 @@ prune-retrain (Han et al. 2015, arXiv:1506.02626) is the special case of a few b
 stretch of retraining with the masks held fixed.
 
 Both save their state in the Trainer checkpoint. The masks themselves are buffers of the
-model (:class:`GradualPruning` adds all-``True`` ones at fit start), so the model must have them
-before ``fit(resume=True)`` loads its state: call
-``prune_(model, MagnitudeConfig(sparsity=0.0), include=...)`` on the fresh model first.
+model: :class:`GradualPruning` adds all-``True`` ones in ``setup``, before ``fit(resume=True)``
+loads the checkpoint, so a fresh model resumes as it is; with :class:`MaskCallback` alone the
+model must already hold them (prune it, or call
+``prune_(model, MagnitudeConfig(sparsity=0.0), include=...)``, before resuming).
 
 Example:
     >>> gradual = GradualPruning(MagnitudeConfig(sparsity=0.9), start_step=0, end_step=100,
@@ -110,7 +111,7 @@ class GradualPruning(MaskCallback):
         config: The final sparsity and the magnitude settings (scope, bias, min_params).
         start_step: First pruning step ``t0`` (>= 0).
         end_step: Last pruning step ``t0 + n*dt`` (>= ``start_step``); the final sparsity is
-            reached there, so the run must last beyond it.
+            reached there, so the run must last beyond it (``fit`` raises otherwise).
         frequency: Steps between pruning steps ``dt`` (>= 1).
         initial_sparsity: ``s_i``, in [0, ``config.sparsity``].
         include: Globs of layer names to prune (as for :func:`prune_`).
@@ -180,15 +181,24 @@ class GradualPruning(MaskCallback):
             return False
         return (step - self.start_step) % self.frequency == 0 or step == self.end_step
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def setup(self, trainer: Trainer) -> None:
+        """Check that the run reaches ``end_step``, then add all-``True`` masks (before a
+        checkpoint is resumed, so its mask buffers find their places)."""
+        total = trainer.config.epochs * trainer.steps_per_epoch
+        if self.end_step >= total:
+            raise ValueError(
+                f"GradualPruning.end_step={self.end_step} is never reached: the run has {total} "
+                f"optimiser steps (0 to {total - 1}), so the final sparsity "
+                f"{self.config.sparsity} would not be applied; set end_step <= {total - 1} or "
+                "train longer"
+            )
         # all-True masks from the start, so every checkpoint holds the same buffers
         prune_(
-            trainer.unwrapped_model,
+            trainer.model,
             self.config.replace(sparsity=0.0),
             include=self.include,
             exclude=self.exclude,
         )
-        super().on_fit_start(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -122,7 +123,38 @@ def _targets(
         if not selected(name, include, exclude):
             continue
         out.append((name, module))
+    check_include_hits(model, include, [name for name, _ in out], "nn.Conv2d/nn.Linear")
     return out
+
+
+def check_include_hits(
+    model: nn.Module, include: Sequence[str] | None, targets: Sequence[str], what: str
+) -> None:
+    """Raise ``ValueError`` unless every ``include`` glob selects at least one of ``targets``.
+
+    A glob that matches only containers or other modules (``"layer1"`` for the blocks of a
+    resnet stage, a ReLU) would otherwise select nothing and change nothing without a word.
+
+    Example:
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+        >>> check_include_hits(net, ["0"], ["0.0"], "nn.Linear")
+        Traceback (most recent call last):
+        ...
+        ValueError: include pattern(s) '0' select no nn.Linear layer ...
+    """
+    if include is None:
+        return
+    missed = [p for p in include if not any(fnmatch.fnmatchcase(t, p) for t in targets)]
+    if missed:
+        kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
+        hits = [
+            f"{n} ({kinds[n]})" for n in kinds if any(fnmatch.fnmatchcase(n, p) for p in missed)
+        ]
+        raise ValueError(
+            f"include pattern(s) {', '.join(map(repr, missed))} select no {what} layer of "
+            f"{type(model).__name__} (they match only {', '.join(hits[:6])}); match the layers "
+            f"themselves, e.g. '{missed[0]}.*' for the layers inside {missed[0]!r}"
+        )
 
 
 def _zeros(t: torch.Tensor) -> int:
@@ -168,10 +200,11 @@ def prune_(
     """Prune the ``nn.Conv2d`` and ``nn.Linear`` weights of ``model`` in place.
 
     Targets are the layers whose dotted names match a glob of ``include`` (all when ``None``)
-    and none of ``exclude``; a glob that matches no module raises. A layer is skipped, untouched
-    and with its reason, when its weights hold NaN or are not floating point, it has fewer than
-    ``min_params`` weights, or (N:M) its input dimension is not divisible by ``m``. Pruning an
-    already pruned layer only adds zeros: new masks are combined with the old ones.
+    and none of ``exclude``; a glob that matches no module, or an ``include`` glob that selects
+    no conv/linear layer, raises. A layer is skipped, untouched and with its reason, when its
+    weights hold NaN or are not floating point, it has fewer than ``min_params`` weights, or
+    (N:M) its input dimension is not divisible by ``m``. Pruning an already pruned layer only
+    adds zeros: new masks are combined with the old ones.
 
     Args:
         model: The model, changed in place.
@@ -186,7 +219,7 @@ def prune_(
 
     Raises:
         TypeError: ``config`` is not a prune config, or the globs are not lists of strings.
-        ValueError: a glob matches no module.
+        ValueError: a glob matches no module, or an ``include`` glob selects no layer.
         TransformSkipError: ``strict`` and at least one targeted layer was skipped.
 
     Example:

@@ -163,8 +163,56 @@ def compact_state_dict(
     return out
 
 
+class _Corrupt(ValueError):
+    """A compact entry whose parts do not fit together (raised with the entry's key added)."""
+
+
+def _integers(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise _Corrupt(
+            f"{what} must be a 1-d integer tensor, got {t.dtype} of shape {tuple(t.shape)}"
+        )
+    return t
+
+
 def _shape(parts: Mapping[str, torch.Tensor], key: str) -> list[int]:
-    return [int(s) for s in parts[f"{key}{SEP}shape"].tolist()]
+    shape = [int(s) for s in _integers(parts[f"{key}{SEP}shape"], "shape").tolist()]
+    if any(s < 0 for s in shape):
+        raise _Corrupt(f"shape {shape} has a negative size")
+    return shape
+
+
+def _packed_flags(packed: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
+        raise _Corrupt(
+            f"{what} holds {packed.numel()} {packed.dtype} values, expected {-(-numel // 8)} "
+            f"uint8 bytes for {numel} flags"
+        )
+    return unpack_bits(packed, numel)
+
+
+def _decode(kind: str, get: Mapping[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    if kind == "bits":
+        return _packed_flags(get["bits"], numel, "bits").view(shape)
+    values = get["values"]
+    if not values.is_floating_point() or values.dim() != 1:
+        raise _Corrupt(
+            f"values must be a 1-d floating tensor, got {values.dtype} of shape "
+            f"{tuple(values.shape)}"
+        )
+    if kind == "bitmask":
+        nz = _packed_flags(get["bitmask"], numel, "bitmask")
+        if int(nz.sum()) != values.numel():
+            raise _Corrupt(f"bitmask marks {int(nz.sum())} nonzeros but {values.numel()} values")
+        dense = values.new_zeros(numel)
+        dense[nz] = values
+        return dense.view(shape)
+    crow, col = _integers(get["crow"], "crow"), _integers(get["col"], "col")
+    try:
+        return _decode_csr(crow, col, values, shape)
+    except RuntimeError as exc:  # torch's CSR invariant checks
+        raise _Corrupt(f"CSR indices are invalid ({exc})") from None
 
 
 def _decode_csr(
@@ -188,7 +236,9 @@ def expand_state_dict(compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     """Decode what :func:`compact_state_dict` wrote back into dense tensors, bit-exactly.
 
     Raises:
-        ValueError: a compact entry is missing a part (the file is truncated or foreign).
+        ValueError: a compact entry is missing a part or its parts do not fit together (wrong
+            counts, indices out of range, non-integer indices, non-floating values): the file
+            is truncated, damaged or foreign. The message names the entry.
 
     Example:
         >>> sd = {"w": torch.tensor([[0.0, -0.0], [3.0, 0.0]])}
@@ -215,17 +265,13 @@ def expand_state_dict(compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
                 "compact_state_dict"
             )
         get = {p: compact[f"{key}{SEP}{p}"] for p in parts}
-        shape = _shape(compact, key)
-        numel = math.prod(shape)
-        if kind == "bits":
-            out[key] = unpack_bits(get["bits"], numel).view(shape)
-        elif kind == "bitmask":
-            nz = unpack_bits(get["bitmask"], numel)
-            dense = get["values"].new_zeros(numel)
-            dense[nz] = get["values"]
-            out[key] = dense.view(shape)
-        else:
-            out[key] = _decode_csr(get["crow"], get["col"], get["values"], shape)
+        try:
+            out[key] = _decode(kind, get, _shape(compact, key))
+        except _Corrupt as exc:
+            raise ValueError(
+                f"compact entry {key!r} ({kind}) is corrupt: {exc}; the file is damaged or was "
+                "not written by compact_state_dict"
+            ) from None
     return {k: out[k] for k in order}
 
 
@@ -252,9 +298,30 @@ def save_compact(
 def load_compact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_compact` as a dense state dict (CPU).
 
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a complete safetensors file (truncated, not safetensors),
+            or a compact entry in it is corrupt (see :func:`expand_state_dict`).
+
     Example:
         >>> model.load_state_dict(load_compact("out/pruned.safetensors"))  # doctest: +SKIP
     """
+    return expand_state_dict(read_safetensors(path))
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (CPU); an unreadable file raises ``ValueError``.
+
+    Example:
+        >>> read_safetensors("out/pruned.safetensors")  # doctest: +SKIP
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return expand_state_dict(load_file(os.fspath(path), device="cpu"))
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable safetensors file ({exc}); it is truncated "
+            "or not a safetensors file: write it again"
+        ) from None

@@ -46,6 +46,7 @@ from slimtorch.prune.channel.layers import (
     unknown_tensors,
 )
 from slimtorch.prune.channel.report import ChannelGroupRow, ChannelPruneReport
+from slimtorch.prune.magnitude import check_include_hits
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[s
     excluded = [p for p in group.producers if exclude and _match(p, exclude)]
     extra = {n: unknown_tensors(model.get_submodule(n)) for n in group.members}
     extra = {n: t for n, t in extra.items() if t}
+    nonfinite = [
+        f"{n}.{pname}"
+        for n in group.members
+        for pname, p in model.get_submodule(n).named_parameters(recurse=False)
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
     if group.fixed:
         row.action = "fixed"
         row.reason = f"{'; '.join(group.fixed)}: its channel count cannot change"
@@ -87,6 +94,11 @@ def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[s
     elif extra:
         row.reason = "; ".join(f"{n} holds tensors {t} that slicing does not know" for n, t in
                                extra.items())  # fmt: skip
+    elif nonfinite:
+        row.reason = (
+            f"{', '.join(nonfinite)} hold NaN/Inf values, so channel importance is undefined; "
+            "fix the weights or exclude these layers"
+        )
     else:
         row.action = "unchanged"
     return row
@@ -224,7 +236,8 @@ def prune_channels_(
     norms and flatten) is targeted when one of its producing layers matches a glob of
     ``include`` (all when ``None``). It is skipped, with the reason, when a producer matches
     ``exclude``, when its channels reach an op the graph does not resolve (named in the
-    reason), or when a member holds tensors slicing does not know. Channels of the model's
+    reason), when a member holds tensors slicing does not know, or when a member's weights
+    hold NaN/Inf (the channel scores would be meaningless). Channels of the model's
     input and output (the classifier's outputs) are ``fixed``: never pruned.
 
     Args:
@@ -245,7 +258,8 @@ def prune_channels_(
 
     Raises:
         TypeError: ``config`` is not a ``ChannelPruneConfig`` or the globs are not lists.
-        ValueError: a glob matches no module; Taylor without calibration batches.
+        ValueError: a glob matches no module, an ``include`` glob selects no layer that
+            produces channels; Taylor without calibration batches.
         ChannelGraphError: the model cannot be traced, or the pruned model failed its check
             (it is restored).
         TransformSkipError: ``strict`` and a targeted group was skipped.
@@ -260,6 +274,8 @@ def prune_channels_(
         raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude)
     graph = build_graph(model, example_input)
+    producers = [p for g in graph.groups for p in g.producers]
+    check_include_hits(model, include, producers, "channel-producing conv/linear")
     ref = _outputs(model, example_input)
     params_before = count_params(model)
     flops_before = count_flops(model, example_input).total_flops
