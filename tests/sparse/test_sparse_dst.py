@@ -365,3 +365,38 @@ def test_argument_errors_and_conflicts() -> None:
     assert isinstance(cb, SET) and cb.config.delta_t == 7 and cb.config.seed == 3
     assert list(cb.plan(_mlp())) == ["0", "2"]
     assert cb.plan(_mlp())["0"] == 16 * 64  # first layer dense
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_a_sparsity_that_empties_a_layer_raises_naming_it(distribution: str) -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    cb = StaticSparse(SparseTrainingConfig(sparsity=0.9, distribution=distribution))
+    with pytest.raises(
+        ValueError,
+        match=rf"sparsity 0.9 \({distribution}\) cannot be met: layer\(s\) '0' \(4 weights, "
+        r"0.40 at density 0.1\), '2' .* would keep no weight at all",
+    ):
+        cb.init_masks_(net)
+    assert get_mask(net[0]) is None and int((net[0].weight == 0).sum()) == 0
+    cb = StaticSparse(SparseTrainingConfig(sparsity=0.5, distribution=distribution))
+    assert cb.init_masks_(net) == {"0": 2, "2": 2}
+
+
+def test_a_model_that_already_holds_pruning_masks_is_refused_unchanged() -> None:
+    from slimtorch.prune import MagnitudeConfig, prune_
+
+    net = _mlp()
+    prune_(net, MagnitudeConfig(sparsity=0.8), include=["0", "4"])  # e.g. a loaded pruned model
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"layer\(s\) '0' \(205 of 1024 active\), '4' \(51 of 256 active\) already hold "
+        r"pruning masks; RigL draws new random masks and would zero the weights they keep",
+    ):
+        Trainer(net, _config(epochs=1), callbacks=[RigL(_sparse_cfg())]).fit(ListLoader(X, Y, 8))
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    fresh = _mlp()
+    prune_(fresh, MagnitudeConfig(sparsity=0.0))  # all-True masks keep nothing back: allowed
+    assert StaticSparse(_sparse_cfg()).init_masks_(fresh).keys() == {"0", "2", "4"}

@@ -186,3 +186,34 @@ def test_packed_state_dict_round_trip(tmp_path: Path) -> None:
         unpack_state_dict({k: v for k, v in packed.items() if not k.endswith("::values")})
     with pytest.raises(ValueError, match="marks packed parts"):
         pack_state_dict({"x::y": torch.ones(2)})
+
+
+def test_damaged_nm24_and_bsr_parts_raise_instead_of_decoding_wrong_values() -> None:
+    parts = encode_nm24(_nm(torch.randn(8, 16)))
+    collide = parts["index"].clone()
+    collide[0] = 0x00  # group 0 would put both its values at position 0
+    with pytest.raises(ValueError, match=r"index of group 0 holds positions \[0, 0\], not two"):
+        decode_nm24({**parts, "index": collide})
+    with pytest.raises(
+        ValueError, match=r"2:4 index must be a 1-d uint8 tensor, got torch\.float32"
+    ):
+        decode_nm24({**parts, "index": parts["index"].float()})
+    w = torch.zeros(8, 8)
+    w[0:2, 2:4], w[0:2, 6:8], w[4:6, 0:2] = 1.0, 2.0, 3.0
+    bsr = encode_bsr(w, block=(2, 2))  # block row 0 holds block columns 1 and 3
+    assert bsr["col"].tolist() == [1, 3, 0]
+    for col in ([1, 1, 0], [3, 1, 0]):  # a repeated / unsorted column within one block row
+        with pytest.raises(ValueError, match="BSR parts do not describe a tensor of shape"):
+            decode_bsr({**bsr, "col": torch.tensor(col, dtype=torch.int16)})
+    with pytest.raises(ValueError, match="bsr part 'shape' must be a 1-d integer tensor"):
+        decode_bsr({**bsr, "shape": bsr["shape"].float()})
+
+
+def test_unpack_names_the_damaged_entry_and_formats_must_be_a_list() -> None:
+    sd = {"a.weight": _sparse((16, 16), 0.1)}
+    packed = pack_state_dict(sd, ("dense", "bitmask"))
+    key = "a.weight::bitmask::values"
+    with pytest.raises(ValueError, match=r"packed entry 'a.weight' \(bitmask\): .* is corrupt: "):
+        unpack_state_dict({**packed, key: packed[key][:-1]})
+    with pytest.raises(ValueError, match="formats must be a list of format names, got the string"):
+        pack_state_dict(sd, "csr")  # type: ignore[arg-type]

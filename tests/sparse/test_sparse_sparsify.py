@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
-from slimtorch.prune import MagnitudeConfig, NMConfig, prune_
-from slimtorch.sparse import SparseLinear, densify_, sparsify_, to_semi_structured_
+from slimtorch.models import create_model, load_model, save_model
+from slimtorch.prune import MagnitudeConfig, NMConfig, get_mask, prune_
+from slimtorch.sparse import (
+    SparseLinear,
+    build_sparse_layer,
+    densify_,
+    sparsify_,
+    to_semi_structured_,
+)
 
 
 class _Net(nn.Module):
@@ -130,3 +138,85 @@ def test_strict_and_argument_errors() -> None:
         sparsify_(net, X, min_speedup=0.5)
     with pytest.raises(ValueError, match="match no module"):
         sparsify_(net, X, include=["nothing"])
+
+
+def test_densify_gives_back_the_pruning_masks_so_the_model_saves_and_loads(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_channels=1, input_size=8).eval()
+    prune_(model, MagnitudeConfig(sparsity=0.9))
+    masks = {n: m.clone() for n, m in _masks(model).items()}
+    x = torch.randn(4, 1, 8, 8)
+    ref = model(x)
+    for name in masks:  # what sparsify_ does with the layers it keeps sparse
+        model.set_submodule(name, build_sparse_layer(model.get_submodule(name), "csr"))
+    assert densify_(model) == list(masks)
+    assert _masks(model).keys() == masks.keys()
+    assert all(torch.equal(_masks(model)[n], masks[n]) for n in masks)
+    out = save_model(
+        model,
+        tmp_path / "m",
+        input_shape=(1, 8, 8),
+        mean=[0.0],
+        std=[1.0],
+        class_names=list("abcdefghij"),
+    )
+    loaded, _ = load_model(out)
+    assert all(torch.equal(_masks(loaded)[n], masks[n]) for n in masks)
+    torch.testing.assert_close(loaded.eval()(x), ref)
+
+
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: mask for n, m in model.named_modules() if (mask := get_mask(m)) is not None}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_speedup": math.nan}, "min_speedup must be a number >= 1, got nan"),
+        ({"atol": -1.0}, "atol must be None or a finite number >= 0, got -1.0"),
+        ({"rtol": math.nan}, "rtol must be None or a finite number >= 0, got nan"),
+    ],
+)
+def test_bad_tolerances_and_speedups_raise(kwargs: dict[str, float], match: str) -> None:
+    net = _net()
+    with pytest.raises(ValueError, match=match):
+        sparsify_(net, X, **{**TIMING, **kwargs})
+    assert all(type(m) in (nn.Conv2d, nn.Linear, _Net) for m in net.modules())
+
+
+def test_bad_example_input_unavailable_device_and_empty_include_are_value_errors() -> None:
+    net = _net()
+    with pytest.raises(ValueError, match=r"example_input does not run through _Net \(RuntimeError"):
+        sparsify_(net, torch.randn(2, 3, 5, 5), **TIMING)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' asked for a CUDA/ROCm GPU"):
+            sparsify_(net, X, device="cuda", **TIMING)
+    with pytest.raises(ValueError, match=r"'1' select no nn.Conv2d/nn.Linear layer .*1 \(ReLU\)"):
+        sparsify_(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4), include=["1"])
+
+
+@pytest.mark.gpu
+def test_a_bad_argument_leaves_the_model_where_it_was() -> None:
+    net = _net()
+    for kwargs in ({"threads": 0}, {"min_time_s": -1.0}, {"include": ["nothing"]}):
+        with pytest.raises(ValueError):
+            sparsify_(net, X, device="cuda", **{**TIMING, **kwargs})
+        assert {p.device.type for p in net.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="example_input does not run through _Net"):
+        sparsify_(net, torch.randn(2, 3, 5, 5), device="cuda", **TIMING)
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
+    report = sparsify_(net, X, device="cuda", include=["fc1"], **TIMING)  # X moves along
+    assert report.rows[0].input_shape == [16, 512] and report.device.startswith("cuda")
+
+
+def test_a_layer_with_only_2to4_kernels_says_it_is_storage_only_on_the_cpu() -> None:
+    nm = nn.Sequential(nn.Linear(64, 64))
+    prune_(nm, NMConfig(n=2, m=4))
+    report = sparsify_(nm, torch.randn(4, 64), formats=("semi_structured",), **TIMING)
+    assert report.rows[0].action == "dense"
+    assert str(report.rows[0].reason).startswith(
+        "no sparse kernel ran with the dense outputs on cpu (semi_structured unavailable: "
+        "2:4 is storage-only on cpu"
+    )

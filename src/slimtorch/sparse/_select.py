@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.prune.magnitude import check_include_hits
 
 TARGET_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -19,7 +20,7 @@ def select_layers(
 
     Raises:
         TypeError: a glob list is not a list of strings.
-        ValueError: a glob matches no module.
+        ValueError: a glob matches no module, or an ``include`` glob selects no layer.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -34,6 +35,7 @@ def select_layers(
         if not selected(name, include, exclude):
             continue
         out.append((name, module))
+    check_include_hits(model, include, [name for name, _ in out], "nn.Conv2d/nn.Linear")
     return out
 
 

@@ -30,8 +30,10 @@ How an update works, at optimiser step ``t`` with ``t % delta_t == 0``, ``0 < t 
 Between updates the only work is the masking every static mask needs. SET draws its random
 numbers from a CPU ``torch.Generator`` seeded by ``config.seed``, identical on every rank.
 
-To resume from a checkpoint the fresh model needs the mask buffers first: call
-``callback.init_masks_(model)`` before ``Trainer.fit(..., resume=True)``.
+To resume from a checkpoint the fresh model needs the mask buffers first; the callback's
+``setup`` adds them before ``Trainer.fit(..., resume=True)`` loads the checkpoint (calling
+``callback.init_masks_(model)`` beforehand, on the same callback, does the same). A model that
+already holds pruning masks is refused rather than given new random ones.
 
 Example:
     >>> cb = make_sparse_callback("rigl", 0.9, delta_t=100)
@@ -41,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -133,7 +136,8 @@ class StaticSparse(MaskCallback):
         """Layer name -> exact number of active weights at the configured distribution.
 
         Raises:
-            ValueError: no conv/linear layer is targeted, or the distribution is impossible.
+            ValueError: no conv/linear layer is targeted, the distribution is impossible, or
+                a layer would keep less than one weight (the sparsity could not be exact).
 
         Example:
             >>> net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -155,6 +159,19 @@ class StaticSparse(MaskCallback):
         densities = layer_densities(
             shapes, self.config.sparsity, self.config.distribution, dense=dense
         )
+        numel = {name: math.prod(shape) for name, shape in shapes.items()}
+        empty = [n for n in shapes if round(densities[n] * numel[n]) < 1]
+        if empty:  # layer_nonzeros would keep 1 weight there: the sparsity would not be exact
+            listing = ", ".join(
+                f"{n!r} ({numel[n]} weights, {densities[n] * numel[n]:.2f} at density "
+                f"{densities[n]:.3g})"
+                for n in empty
+            )
+            raise ValueError(
+                f"sparsity {self.config.sparsity} ({self.config.distribution}) cannot be met: "
+                f"layer(s) {listing} would keep no weight at all; lower the sparsity, keep "
+                "these layers dense (dense_first/dense_last) or exclude them"
+            )
         return layer_nonzeros(shapes, densities)
 
     @torch.no_grad()
@@ -162,6 +179,11 @@ class StaticSparse(MaskCallback):
         """Add ``weight_mask`` buffers with random masks at the planned counts, zero the rest.
 
         Also needed on a fresh model before resuming (the checkpoint then overwrites them).
+
+        Raises:
+            ValueError: the plan is impossible (see :meth:`plan`), or a targeted layer already
+                holds a pruning mask with pruned entries (new random masks would discard the
+                weights it keeps); the model is then left unchanged.
 
         Returns:
             Layer name -> active weights.
@@ -172,7 +194,21 @@ class StaticSparse(MaskCallback):
             >>> cb.init_masks_(lin), int((lin[0].weight == 0).sum())
             ({'0': 32}, 32)
         """
-        self.nonzeros = self.plan(model)
+        plan = self.plan(model)
+        pruned = {}
+        for name in plan:
+            old = get_mask(model.get_submodule(name))
+            if old is not None and not bool(old.all()):
+                pruned[name] = f"{int(old.sum())} of {old.numel()} active"
+        if pruned:  # new random masks would zero most of the weights those masks kept
+            listing = ", ".join(f"{n!r} ({what})" for n, what in pruned.items())
+            raise ValueError(
+                f"layer(s) {listing} already hold pruning masks; {type(self).__name__} draws new "
+                "random masks and would zero the weights they keep. Resume the sparse run from "
+                "its checkpoint, fine-tune the pruned model with MaskCallback, or start from "
+                "the dense model"
+            )
+        self.nonzeros = plan
         names = list(self.nonzeros)
         # all-True buffers and the "prune.masks" record, so save_model/load_model keep them
         prune_(model, MagnitudeConfig(sparsity=0.0), include=names)

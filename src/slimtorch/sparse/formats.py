@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.io import atomic_write
-from slimtorch.prune.storage import expand_state_dict, nonzero_mask, pack_bits
+from slimtorch.prune.storage import expand_state_dict, nonzero_mask, pack_bits, read_safetensors
 
 FORMATS = ("dense", "bitmask", "csr", "bsr", "nm24")
 BLOCKS = ((2, 2), (4, 4), (8, 8), (16, 16), (32, 32))
@@ -72,6 +72,24 @@ def _shape_tensor(t: torch.Tensor) -> torch.Tensor:
 def _as_2d(shape: Sequence[int]) -> tuple[int, int]:
     rows = int(shape[0]) if len(shape) >= 2 else 1
     return rows, (math.prod(int(s) for s in shape) // rows if rows else 0)
+
+
+def _int_part(parts: Mapping[str, torch.Tensor], name: str, fmt: str) -> torch.Tensor:
+    """An index part of ``fmt``'s encoding, which must be a 1-d integer tensor."""
+    t = parts[name]
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{fmt} part {name!r} must be a 1-d integer tensor, got {t.dtype} of shape "
+            f"{tuple(t.shape)}; the data is damaged or was not written by encode"
+        )
+    return t
+
+
+def _decoded_shape(parts: Mapping[str, torch.Tensor], fmt: str) -> list[int]:
+    shape = [int(s) for s in _int_part(parts, "shape", fmt).tolist()]
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{fmt} shape {shape} has a negative size; the data is damaged")
+    return shape
 
 
 def _check_tensor(t: object) -> torch.Tensor:
@@ -139,14 +157,21 @@ def decode_bsr(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         >>> torch.equal(decode_bsr(encode_bsr(torch.eye(4), block=(2, 2))), torch.eye(4))
         True
     """
-    shape = [int(s) for s in parts["shape"].tolist()]
-    bh, bw = (int(b) for b in parts["block"].tolist())
+    shape = _decoded_shape(parts, "bsr")
+    block = _int_part(parts, "block", "bsr")
+    bh, bw = (int(b) for b in block.tolist()) if block.numel() == 2 else (0, 0)
     rows, cols = _as_2d(shape)
-    crow, col, values = parts["crow"].long(), parts["col"].long(), parts["values"]
+    crow, col = _int_part(parts, "crow", "bsr").long(), _int_part(parts, "col", "bsr").long()
+    values = parts["values"]
     n_rows = rows // bh if bh else 0
     ok = bh > 0 and bw > 0 and rows % bh == 0 and cols % bw == 0 and crow.numel() == n_rows + 1
     ok = ok and values.shape[1:] == (bh, bw) and int(crow[-1]) == values.shape[0] == col.numel()
-    ok = ok and bool((crow.diff() >= 0).all()) and bool(((col >= 0) & (col < cols // bw)).all())
+    ok = ok and int(crow[0]) == 0 and bool((crow.diff() >= 0).all())
+    ok = ok and bool(((col >= 0) & (col < cols // bw)).all())
+    if ok and col.numel() > 1:  # block columns strictly increase within each block row
+        same_row = torch.ones(col.numel() - 1, dtype=torch.bool)
+        same_row[crow[1:-1][(crow[1:-1] > 0) & (crow[1:-1] < col.numel())] - 1] = False
+        ok = bool((col.diff()[same_row] > 0).all())
     if not ok:
         raise ValueError(
             f"BSR parts do not describe a tensor of shape {shape} with {bh}x{bw} blocks; "
@@ -248,8 +273,13 @@ def decode_nm24(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         >>> torch.equal(decode_nm24(encode_nm24(w)).view(torch.int32), w.view(torch.int32))
         True
     """
-    shape = [int(s) for s in parts["shape"].tolist()]
+    shape = _decoded_shape(parts, "nm24")
     values, index = parts["values"], parts["index"]
+    if index.dtype != torch.uint8 or index.dim() != 1:
+        raise ValueError(
+            f"2:4 index must be a 1-d uint8 tensor, got {index.dtype} of shape "
+            f"{tuple(index.shape)}; the data is damaged or was not written by encode_nm24"
+        )
     groups = math.prod(shape) // 4
     if len(shape) < 2 or shape[1] % 4 or values.shape != (groups, 2):
         raise ValueError(
@@ -260,6 +290,12 @@ def decode_nm24(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError(f"2:4 index has {index.numel()} bytes, expected {(groups + 1) // 2}")
     codes = torch.stack([index & 0xF, index >> 4], 1).reshape(-1)[:groups].long()
     pos = torch.stack([codes & 3, codes >> 2], 1)  # (G, 2)
+    if not bool((pos[:, 0] < pos[:, 1]).all()):  # encode_nm24 writes 2 ascending positions
+        bad = int((pos[:, 0] >= pos[:, 1]).nonzero()[0, 0])
+        raise ValueError(
+            f"2:4 index of group {bad} holds positions {pos[bad].tolist()}, not two distinct "
+            "ascending positions; the data is damaged or was not written by encode_nm24"
+        )
     out = values.new_zeros(groups, 4)
     out.scatter_(1, pos, values)
     moved = [shape[0], *shape[2:], shape[1]]
@@ -307,7 +343,7 @@ def decode(parts: Mapping[str, torch.Tensor], fmt: str) -> torch.Tensor:
     if fmt == "dense":
         return parts["dense"]
     if fmt in ("bitmask", "csr"):
-        return expand_state_dict({f"t{SEP}{k}": v for k, v in parts.items()})["t"]
+        return expand_state_dict({f"tensor{SEP}{k}": v for k, v in parts.items()})["tensor"]
     if fmt == "bsr":
         return decode_bsr(parts)
     if fmt == "nm24":
@@ -322,6 +358,8 @@ def format_nbytes(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> dict[str
         >>> format_nbytes(torch.zeros(4, 8), ("dense", "csr"))
         {'dense': 128, 'csr': 26}
     """
+    if isinstance(formats, str):
+        raise ValueError(f"formats must be a list of format names, got the string {formats!r}")
     out = {}
     for fmt in formats:
         if fmt not in FORMATS:
@@ -362,6 +400,8 @@ def pack_state_dict(
         >>> sorted(pack_state_dict({"w": w, "b": torch.ones(3)}))
         ['b', 'w::bitmask::bitmask', 'w::bitmask::shape', 'w::bitmask::values']
     """
+    if isinstance(formats, str):
+        raise ValueError(f"formats must be a list of format names, got the string {formats!r}")
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if SEP in key:
@@ -407,7 +447,10 @@ def unpack_state_dict(packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
                 f"packed entry {key!r} ({fmt}) is missing part(s) {missing}; the file is "
                 "truncated or was not written by pack_state_dict"
             )
-        out[key] = decode(parts, fmt)
+        try:
+            out[key] = decode(parts, fmt)
+        except ValueError as exc:
+            raise ValueError(f"packed entry {key!r} ({fmt}): {exc}") from None
     return {k: out[k] for k in order}
 
 
@@ -431,9 +474,11 @@ def save_packed(
 def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_packed` as a dense state dict (CPU).
 
+    Raises:
+        ValueError: ``path`` is not a complete safetensors file, or an entry in it is corrupt
+            (the message names the entry).
+
     Example:
         >>> model.load_state_dict(load_packed("out/sparse.safetensors"))  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
-
-    return unpack_state_dict(load_file(os.fspath(path), device="cpu"))
+    return unpack_state_dict(read_safetensors(path))

@@ -87,6 +87,14 @@ def _to_sparse(weight2d: torch.Tensor, fmt: str, block: tuple[int, int] | None) 
     raise ValueError(f"fmt must be one of {', '.join(KERNEL_FORMATS)}, got {fmt!r}")
 
 
+def _carry_masks(src: nn.Module, dst: nn.Module, *, persistent: bool) -> None:
+    """Give ``dst`` the pruning masks (``weight_mask``/``bias_mask`` buffers) of ``src``."""
+    for name in ("weight_mask", "bias_mask"):
+        mask = src._buffers.get(name)
+        if isinstance(mask, torch.Tensor):
+            dst.register_buffer(name, mask, persistent=persistent)
+
+
 def _csr_bsr_matmul(weight: torch.Tensor, xt: torch.Tensor, bias: Any) -> torch.Tensor:
     """``weight (O, K) @ xt (K, M) + bias`` -> ``(O, M)`` with a CSR/BSR ``weight``."""
     if bias is None:
@@ -139,7 +147,7 @@ class SparseLinear(nn.Module):
         return self.weight.to_dense()
 
     def to_dense_module(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same weights."""
+        """An ``nn.Linear`` with the same weights (and the pruning masks it was built with)."""
         w = self.dense_weight()
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None)
         lin = lin.to(device=w.device, dtype=w.dtype)
@@ -147,6 +155,7 @@ class SparseLinear(nn.Module):
             lin.weight.copy_(w)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        _carry_masks(self, lin, persistent=True)
         return lin
 
     def extra_repr(self) -> str:
@@ -255,7 +264,7 @@ class SparseConv2d(nn.Module):
         return w2d.view(self.out_channels, self.in_channels, kh, kw)
 
     def to_dense_module(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with the same weights."""
+        """An ``nn.Conv2d`` with the same weights (and the pruning masks it was built with)."""
         w = self.dense_weight()
         conv = nn.Conv2d(
             self.in_channels,
@@ -270,6 +279,7 @@ class SparseConv2d(nn.Module):
             conv.weight.copy_(w)
             if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias)
+        _carry_masks(self, conv, persistent=True)
         return conv
 
     def extra_repr(self) -> str:
@@ -284,6 +294,9 @@ def build_sparse_layer(
 ) -> SparseLinear | SparseConv2d:
     """The sparse-kernel twin of an ``nn.Linear`` or ``nn.Conv2d`` (same device and dtype).
 
+    Pruning masks of ``module`` ride along (outside the state dict, like the sparse weight),
+    so ``to_dense_module`` and :func:`~slimtorch.sparse.densify_` give them back.
+
     Raises:
         TypeError: ``module`` is neither.
         ValueError: the format does not apply (no BSR block divides it, conv not lowerable).
@@ -295,8 +308,12 @@ def build_sparse_layer(
     """
     if fmt not in KERNEL_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(KERNEL_FORMATS)}, got {fmt!r}")
+    layer: SparseLinear | SparseConv2d
     if isinstance(module, nn.Linear):
-        return SparseLinear(module.weight, module.bias, fmt, block=block)
-    if isinstance(module, nn.Conv2d):
-        return SparseConv2d.from_conv(module, fmt, block=block)
-    raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        layer = SparseLinear(module.weight, module.bias, fmt, block=block)
+    elif isinstance(module, nn.Conv2d):
+        layer = SparseConv2d.from_conv(module, fmt, block=block)
+    else:
+        raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    _carry_masks(module, layer, persistent=False)
+    return layer

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
 from slimtorch.sparse._select import layer_weight, select_layers
@@ -102,11 +103,25 @@ def _capture_inputs(
                 model(*example_input)
             else:
                 model(example_input)
+    except Exception as exc:
+        raise ValueError(
+            f"example_input does not run through {type(model).__name__} ({type(exc).__name__}: "
+            f"{exc}); pass one batch the model accepts, on its device"
+        ) from exc
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return seen
+
+
+def _to_device(example_input: Any, device: torch.device) -> Any:
+    """``example_input`` (a tensor, or a tuple/list of arguments) with its tensors on ``device``."""
+    if isinstance(example_input, torch.Tensor):
+        return example_input.to(device)
+    if isinstance(example_input, tuple | list):
+        return type(example_input)(_to_device(x, device) for x in example_input)
+    return example_input
 
 
 def _unavailable(fmt: str, module: nn.Module, device: torch.device) -> str | None:
@@ -237,7 +252,8 @@ def sparsify_(
         model: The model (e.g. pruned with :func:`slimtorch.prune.prune_`), changed in place.
         example_input: A representative input (the batch size matters); a tuple is unpacked.
         formats: Candidates, among ``"csr"``, ``"bsr"``, ``"semi_structured"``.
-        device: Where to measure and run; the model is moved there. ``None``: where it is.
+        device: Where to measure and run; the model (and ``example_input``) is moved there.
+            ``None``: where it is.
         include: Globs of dotted layer names to consider (all conv/linear layers if ``None``).
         exclude: Globs of names to leave alone.
         min_speedup: The dense-time / sparse-time ratio a kernel must reach (>= 1).
@@ -258,7 +274,9 @@ def sparsify_(
         A :class:`~slimtorch.sparse.report.SparsifyReport`.
 
     Raises:
-        ValueError: an unknown format, ``min_speedup < 1`` or a glob that matches nothing.
+        ValueError: an unknown format, ``min_speedup < 1``, a negative tolerance, a device
+            that is not available, a glob that matches nothing, or an ``example_input`` the
+            model does not run on. The model is then left as it was.
         TransformSkipError: ``strict`` and some layer was skipped.
 
     Example:
@@ -271,15 +289,35 @@ def sparsify_(
         raise ValueError(
             f"formats must be a non-empty list among {', '.join(KERNEL_FORMATS)}, got {formats!r}"
         )
-    if not isinstance(min_speedup, int | float) or min_speedup < 1.0:
+    if not isinstance(min_speedup, int | float) or not min_speedup >= 1.0:  # NaN fails too
         raise ValueError(f"min_speedup must be a number >= 1, got {min_speedup!r}")
     if not isinstance(min_sparsity, int | float) or not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
-    if device is not None:
-        model.to(torch.device(device))
-    dev = _model_device(model)
+    for name, tol_value in (("atol", atol), ("rtol", rtol)):
+        if tol_value is not None and (
+            isinstance(tol_value, bool)
+            or not isinstance(tol_value, int | float)
+            or not 0.0 <= tol_value < float("inf")
+        ):
+            raise ValueError(f"{name} must be None or a finite number >= 0, got {tol_value!r}")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if not isinstance(min_time_s, int | float) or not min_time_s >= 0:
+        raise ValueError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
+    target = None if device is None else resolve_device(device)
     layers = select_layers(model, include, exclude)
-    inputs = _capture_inputs(model, layers, example_input)
+    home = _model_device(model)
+    if target is not None:  # moved only once every argument is known to be good
+        model.to(target)
+        example_input = _to_device(example_input, target)
+    dev = _model_device(model)
+    try:
+        inputs = _capture_inputs(model, layers, example_input)
+    except ValueError:
+        model.to(home)
+        raise
     timing: dict[str, Any] = {"threads": threads, "min_time_s": min_time_s, "warmup": 3}
     rows: list[SparsifyRow] = []
     swaps: dict[str, nn.Module] = {}
@@ -316,7 +354,8 @@ def sparsify_(
                 if best is None or cand.median_s < best[0]:
                     best = (cand.median_s, layer)
         if best is None:
-            row.reason = "no sparse kernel gave the dense outputs on this device"
+            why = "; ".join(f"{c.fmt} {c.status}: {c.reason}" for c in row.candidates)
+            row.reason = f"no sparse kernel ran with the dense outputs on {dev} ({why})"
             continue
         layer = best[1]
         speedup = row.dense_s / best[0] if best[0] > 0 else 0.0
@@ -390,6 +429,9 @@ def to_semi_structured_(
 
 def densify_(model: nn.Module) -> list[str]:
     """Turn every sparse-kernel layer back into ``nn.Linear``/``nn.Conv2d`` (e.g. to save it).
+
+    Pruning masks the layers carried (see :func:`~slimtorch.sparse.build_sparse_layer`) come
+    back as buffers, so a pruned model saves and reloads with its masks.
 
     Returns:
         Dotted names of the layers converted.
