@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model_helpers import same_model
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.decompose import (
     CPConfig,
@@ -194,17 +195,11 @@ def test_tucker_rank_is_capped_by_the_unfolding_rank() -> None:
     assert "failed" not in (row.reason or "")
 
 
-def _same_model(a: nn.Module, b: nn.Module) -> bool:
-    types = [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
-    sa, sb = a.state_dict(), b.state_dict()
-    return types and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def test_exclude_glob_matching_nothing_is_an_error(net: TinyNet) -> None:
     before = copy.deepcopy(net)
     with pytest.raises(ValueError, match=r"exclude pattern\(s\) 'haed' match no module of TinyNet"):
         decompose_(net, SVDConfig(rank=0.25), exclude=["haed"])
-    assert _same_model(net, before)
+    assert same_model(net, before)
 
 
 def test_meta_device_model_is_refused_naming_the_layers() -> None:
@@ -255,7 +250,7 @@ def test_shared_weights_are_skipped_not_untied() -> None:
     assert {r.name: r.action for r in report.rows} == {"body": "skipped", "head": "skipped"}
     assert "shared with again.bias, again.weight (tied weights)" in rows(report)["body"].reason
     assert "shared with emb.weight (tied weights)" in rows(report)["head"].reason
-    assert _same_model(model, before) and model.head.weight is model.emb.weight
+    assert same_model(model, before) and model.head.weight is model.emb.weight
     with pytest.raises(TransformSkipError, match=r"skipped 2 layer\(s\).*head: its parameters"):
         decompose_(model, SVDConfig(rank=0.25), strict=True)
 

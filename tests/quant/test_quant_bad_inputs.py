@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from model_helpers import same_model
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.models import create_model, load_model, save_model
 from slimtorch.quant import (
@@ -29,15 +30,6 @@ def _net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
     ).eval()  # fmt: skip
-
-
-def _same(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return (
-        sa.keys() == sb.keys()
-        and all(torch.equal(sa[k], sb[k]) for k in sa)
-        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
-    )
 
 
 class _Attn(nn.Module):
@@ -73,14 +65,14 @@ def test_quantizing_twice_or_a_qat_model_records_skips_and_changes_nothing() -> 
     report = quantize_(model, PTQConfig(mode="weight_only"))
     assert [(r.name, r.action) for r in report.rows] == [("0", "skipped"), ("3", "skipped")]
     assert "already an int8 QDQConv2d" in (report.rows[0].reason or "")
-    assert _same(model, before)
+    assert same_model(model, before)
     qat = _net()
     prepare_qat_(qat, QATConfig())
     qat(x)
     before = copy.deepcopy(qat)
     report = quantize_(qat, PTQConfig(mode="weight_only"))
     assert all(r.action == "skipped" and "convert_qat_" in (r.reason or "") for r in report.rows)
-    assert _same(qat, before)
+    assert same_model(qat, before)
     with pytest.raises(ValueError, match=r"already holds int8 Q/DQ layers \(0, 3\)"):
         prepare_qat_(model, QATConfig())
 
@@ -90,12 +82,12 @@ def test_low_precision_calibration_data_names_the_dtype(dtype: torch.dtype) -> N
     model, before = _net(), _net()
     with pytest.raises(ValueError, match=rf"batch 0 has dtype {dtype} but the model's weights"):
         quantize_(model, PTQConfig(mode="static"), calibration=torch.randn(4, 1, 8, 8, dtype=dtype))
-    assert _same(model, before)
+    assert same_model(model, before)
     with pytest.raises(ValueError, match=rf"dtype {dtype} does not fit the model"):
         cast_(
             model, LowPrecisionConfig(dtype="fp16"), check_inputs=torch.randn(4, 1, 8, 8).to(dtype)
         )
-    assert _same(model, before)
+    assert same_model(model, before)
 
 
 def test_meta_calibration_data_is_refused() -> None:
@@ -111,7 +103,7 @@ def test_cast_refuses_an_int8_model() -> None:
     before = copy.deepcopy(model)
     with pytest.raises(ValueError, match=r"int8 Q/DQ layer\(s\) 0, 3 cannot be cast"):
         cast_(model, LowPrecisionConfig(dtype="fp16"))
-    assert _same(model, before)
+    assert same_model(model, before)
 
 
 def test_saved_nan_weight_scale_is_refused_on_load(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from model_helpers import same_model
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.models import create_model
 from slimtorch.quant import QDQConv2d, QDQLinear
@@ -28,15 +29,6 @@ def _cnn() -> nn.Module:
 def _batches(n: int = 4, shape: tuple[int, ...] = (16, 1, 12, 12)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
-
-
-def _same(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return (
-        sa.keys() == sb.keys()
-        and all(torch.equal(sa[k], sb[k]) for k in sa)
-        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
-    )
 
 
 @pytest.mark.parametrize("mode", ["weight_only", "dynamic", "static"])
@@ -74,7 +66,7 @@ def test_skip_first_last_include_exclude_and_strict() -> None:
     model, before = _cnn(), _cnn()
     with pytest.raises(TransformSkipError, match="0: first layer"):
         quantize_(model, PTQConfig(mode="weight_only", skip_first=True), strict=True)
-    assert _same(model, before)
+    assert same_model(model, before)
     with pytest.raises(ValueError, match="match no module"):
         quantize_(model, PTQConfig(mode="weight_only"), include=["nope*"])
 
@@ -92,7 +84,7 @@ def test_bad_calibration_leaves_model_untouched() -> None:
         quantize_(model, PTQConfig(mode="static"), calibration=[])
     with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\)"):
         quantize_(model, PTQConfig(mode="static"), calibration=_batches(2, (4, 3, 12, 12)))
-    assert _same(model, before)
+    assert same_model(model, before)
     resnet = create_model("resnet20", in_channels=1, input_size=28).eval()
     with pytest.raises(ValueError, match=r"expected \(N, 1, 28, 28\)"):
         quantize_(resnet, PTQConfig(mode="static"), calibration=_batches(1, (2, 3, 28, 28)))
@@ -100,7 +92,7 @@ def test_bad_calibration_leaves_model_untouched() -> None:
     nan_before = copy.deepcopy(nan_model)
     with pytest.raises(CalibrationError, match=r"input of '2'.*NaN/Inf"):
         quantize_(nan_model, PTQConfig(mode="static"), calibration=[torch.randn(8, 4)])
-    assert _same(nan_model, nan_before)
+    assert same_model(nan_model, nan_before)
 
 
 def test_residual_points_and_resnet_static() -> None:
