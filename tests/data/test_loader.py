@@ -157,9 +157,11 @@ def test_argument_validation(indexed_dataset: Make) -> None:
 
 def test_unknown_or_unavailable_device_is_refused_by_name(shared_data: Path) -> None:
     ds = load_dataset("mnist", "test", root=shared_data, download=False)
-    with pytest.raises(ValueError, match="unknown device 'gpu'; expected 'cpu', 'cuda'"):
+    with pytest.raises(ValueError, match="invalid device 'gpu'; expected 'auto', 'cpu', 'cuda'"):
         DeviceLoader(ds, 64, device="gpu")
-    with pytest.raises(ValueError, match=r"device 'cuda:99' is not available: .* sees \d+ CUDA"):
+    with pytest.raises(
+        ValueError, match=r"device 'cuda:99' (asked for a CUDA/ROCm GPU|does not exist)"
+    ):
         DeviceLoader(ds, 64, device="cuda:99")
     with pytest.raises(ValueError, match="unsupported device 'meta'"):
         DeviceLoader(ds, 64, device="meta")

@@ -8,6 +8,7 @@ from torch import nn
 
 from slimtorch.core.errors import CheckpointError
 from slimtorch.train import TrainConfig, Trainer
+from slimtorch.train.trainer_state import check_not_diverged
 
 CFG = TrainConfig(epochs=2, progress=False)
 
@@ -75,13 +76,13 @@ def test_nan_mean_loss_with_finite_weights_only_warns(caplog):
     # the fp16 gradient scaler skips an overflowing step: the epoch's mean loss is inf/NaN but
     # the weights are good, so the run goes on
     trainer = Trainer(nn.Linear(4, 2), CFG)
-    with caplog.at_level("WARNING", logger="slimtorch.train.trainer"):
-        trainer._check_finite(float("inf"))
+    with caplog.at_level("WARNING", logger="slimtorch.train.trainer_state"):
+        check_not_diverged(trainer, float("inf"))
     assert "mean training loss is inf (parameters are finite)" in caplog.text
     with torch.no_grad():
         trainer.model.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="parameters weight are not finite"):
-        trainer._check_finite(1.0)
+        check_not_diverged(trainer, 1.0)
 
 
 def test_a_custom_loss_may_use_labels_outside_the_outputs():

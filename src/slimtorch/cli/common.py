@@ -94,16 +94,6 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
         raise ValueError(f"{option} {path} cannot be written: {above} is a file, not a folder")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is torch failing to allocate memory (CPU or GPU)."""
-    text = str(exc)
-    return (
-        type(exc).__name__ == "OutOfMemoryError"
-        or "can't allocate memory" in text
-        or "out of memory" in text.lower()
-    )
-
-
 def options_that_need(
     args: argparse.Namespace, enabled: bool, enabler: str, defaults: dict[str, object]
 ) -> None:

@@ -21,8 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from slimtorch import __version__
-from slimtorch.cli.common import is_out_of_memory
-from slimtorch.core.errors import SlimtorchError
+from slimtorch.core.errors import SlimtorchError, is_out_of_memory
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -10,10 +10,10 @@ from slimtorch.cli.common import (
     add_device_args,
     apply_threads,
     check_output_path,
-    is_out_of_memory,
     parse_shape,
     resolve_model_dir,
 )
+from slimtorch.core.errors import is_out_of_memory
 
 
 def add_parser(sub: Any) -> None:

@@ -230,6 +230,21 @@ def detect_devices() -> list[DeviceInfo]:
 _SPEC_HELP = "expected 'auto', 'cpu', 'cuda', 'cuda:<i>', 'rocm', 'rocm:<i>' or 'mps'"
 
 
+def as_device(device: str | torch.device) -> torch.device:
+    """Parse ``device``, raising ``ValueError`` (not torch's ``RuntimeError``) when malformed.
+
+    Example:
+        >>> as_device("cuda:1").index
+        1
+    """
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})"
+        ) from None
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """Turn a device spec into an available ``torch.device``.
 

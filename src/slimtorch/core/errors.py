@@ -47,3 +47,22 @@ class TransformSkipError(SlimtorchError):
 
 class DecompositionError(SlimtorchError):
     """A tensor decomposition failed (NaN/Inf, divergence or no convergence within its budget)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: torch on a CPU or GPU, ONNX Runtime, Python.
+
+    Read from the type name and message, so that torch need not be imported.
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+        True
+        >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+        True
+    """
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(
+        s in text for s in ("out of memory", "failed to allocate memory", "can't allocate memory")
+    )

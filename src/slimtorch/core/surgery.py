@@ -1,8 +1,14 @@
-"""Module surgery: replace a submodule by its dotted name."""
+"""Module surgery: replace a submodule by its dotted name, and find the ones that cannot be."""
 
 from __future__ import annotations
 
 from torch import nn
+
+# Modules whose forward reads these children's ``weight``/``bias`` instead of calling them.
+_READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),  # its eval-mode fast path
+}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -39,3 +45,50 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
             f"has no child {child!r}); list valid names with model.named_modules()"
         )
     setattr(parent, child, module)
+
+
+def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Targets that another module cannot stand in for, by name, with the reason: a parent that
+    reads the layer's weight instead of calling it (see ``_READ_DIRECTLY``), or a parameter that
+    another module shares (tied weights, or one module registered under several names).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> net[1].weight = net[0].weight
+        >>> list(replacement_blockers(net, [("1", net[1])]))
+        ['1']
+    """
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, param in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
+    readers: dict[int, str] = {}
+    for mname, mod in model.named_modules():
+        for kind, children in _READ_DIRECTLY.items():
+            if isinstance(mod, kind):
+                for child in children:
+                    readers[id(getattr(mod, child))] = (
+                        f"{mname or 'the model'} (nn.{kind.__name__})"
+                    )
+    reasons: dict[str, str] = {}
+    for name, module in targets:
+        if id(module) in readers:
+            reasons[name] = (
+                f"{readers[id(module)]} reads this layer's weight directly instead of calling "
+                "it, so replacing it breaks the parent's forward; exclude it"
+            )
+            continue
+        shared = sorted(
+            {
+                other
+                for p in module.parameters()
+                for other in owners.get(id(p), [])
+                if not other.startswith(f"{name}.")
+            }
+        )
+        if shared:
+            reasons[name] = (
+                f"its parameters are shared with {', '.join(shared)} (tied weights); replacing "
+                "would untie them and add parameters; exclude it"
+            )
+    return reasons

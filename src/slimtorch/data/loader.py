@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from slimtorch.core.devices import resolve_device
 from slimtorch.data.augment import AugmentConfig, apply_augment
 from slimtorch.data.dataset import ImageDataset
 
@@ -46,34 +47,6 @@ def _mix_seed(*parts: int) -> int:
     """A 63-bit seed that depends on every part (stable across runs and machines)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _check_device(device: object) -> torch.device:
-    """``device`` as a ``torch.device`` that this process can use (no CUDA context is created)."""
-    if not isinstance(device, str | torch.device):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(
-            f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:<i>' or 'mps'"
-        ) from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count()
-        if (dev.index or 0) >= count:
-            choices = "'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else "")
-            raise ValueError(
-                f"device {device!r} is not available: torch {torch.__version__} sees {count} "
-                f"CUDA/ROCm device(s); use {choices}"
-            )
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r} is not available here (no MPS); use 'cpu'")
-    elif dev.type != "cpu":
-        raise ValueError(
-            f"unsupported device {device!r}; DeviceLoader runs on 'cpu', 'cuda[:<i>]' or 'mps'"
-        )
-    return dev
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -98,8 +71,9 @@ class DeviceLoader:
             with :meth:`set_epoch`; the epoch does not advance by itself).
         drop_last: Drop samples after the last full (global) batch; otherwise pad (see the
             module docstring) and yield a smaller last batch.
-        device: Where the data lives and batches are made: ``"cpu"``, ``"cuda[:<i>]"`` or
-            ``"mps"`` (an unknown or unavailable device raises ``ValueError`` here).
+        device: Where the data lives and batches are made: ``"cpu"``, ``"cuda[:<i>]"``,
+            ``"mps"`` or ``"auto"``, as :func:`~slimtorch.core.devices.resolve_device` reads it
+            (an unknown or unavailable device raises ``ValueError`` here).
         dtype: Floating dtype of the yielded images.
         augment: On-device augmentation, or ``None``.
         seed: Seed of the shuffle and of the augmentation.
@@ -144,7 +118,7 @@ class DeviceLoader:
         self.dataset = dataset
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
-        self.device = _check_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.augment = augment
         self.channels_last = bool(channels_last)

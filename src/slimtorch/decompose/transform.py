@@ -23,7 +23,7 @@ from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import set_submodule
+from slimtorch.core.surgery import replacement_blockers, set_submodule
 from slimtorch.core.table import text_table
 from slimtorch.decompose import prefactor
 from slimtorch.decompose._shapes import layer_flops, record_shapes
@@ -48,11 +48,6 @@ TRANSFORM_NAME = "decompose.layers"
 logger = logging.getLogger(__name__)
 
 _TARGET_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-# Modules whose forward reads these children's ``weight``/``bias`` instead of calling them.
-_READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.MultiheadAttention: ("out_proj",),
-    nn.TransformerEncoderLayer: ("linear1", "linear2"),  # its eval-mode fast path
-}
 
 
 @dataclasses.dataclass
@@ -164,46 +159,6 @@ def _targets(
     return out
 
 
-def _not_replaceable(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
-    """Targets a factorised layer cannot stand in for, with the reason: a parent that reads the
-    layer's weight instead of calling it (see ``_READ_DIRECTLY``), or a parameter that another
-    module shares (tied weights, or one module registered under several names)."""
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, param in mod.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
-    readers: dict[int, str] = {}
-    for mname, mod in model.named_modules():
-        for kind, children in _READ_DIRECTLY.items():
-            if isinstance(mod, kind):
-                for child in children:
-                    readers[id(getattr(mod, child))] = (
-                        f"{mname or 'the model'} (nn.{kind.__name__})"
-                    )
-    reasons: dict[str, str] = {}
-    for name, module in targets:
-        if id(module) in readers:
-            reasons[name] = (
-                f"{readers[id(module)]} reads this layer's weight directly instead of calling "
-                "it, so a factorised layer cannot replace it; exclude it"
-            )
-            continue
-        shared = sorted(
-            {
-                other
-                for p in module.parameters()
-                for other in owners.get(id(p), [])
-                if not other.startswith(f"{name}.")
-            }
-        )
-        if shared:
-            reasons[name] = (
-                f"its parameters are shared with {', '.join(shared)} (tied weights); factorising "
-                "would untie them and add parameters; exclude it"
-            )
-    return reasons
-
-
 def decompose_(
     model: nn.Module,
     config: DecomposeConfig,
@@ -291,7 +246,7 @@ def decompose_(
             "tensors (shapes only); load the real weights first (e.g. model.to_empty(device="
             "'cpu') then load_state_dict) or exclude those layers"
         )
-    blocked = _not_replaceable(model, targets)
+    blocked = replacement_blockers(model, targets)
     work = [(n, m) for n, m in targets if n not in blocked]
     shapes = {} if example_input is None else record_shapes(model, targets, example_input)
     batch = 1

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtorch.core.devices import as_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write
-from slimtorch.models.io import as_device
 
 logger = logging.getLogger(__name__)
 

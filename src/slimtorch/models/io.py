@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import as_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write, atomic_write_json, read_json
 from slimtorch.models.card import (
@@ -102,21 +103,6 @@ def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
         full = t.untyped_storage().nbytes() == t.numel() * t.element_size()
         tensors[key] = t.contiguous().clone() if shared or not full else t.contiguous()
     return tensors, tied
-
-
-def as_device(device: str | torch.device) -> torch.device:
-    """Parse ``device``, raising ``ValueError`` (not torch's ``RuntimeError``) when malformed.
-
-    Example:
-        >>> as_device("cuda:1").index
-        1
-    """
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})"
-        ) from None
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import as_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text
 from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
 from slimtorch.core.measure.profile import format_ratio
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.models.io import as_device, state_bytes
+from slimtorch.models.io import state_bytes
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.train import Callback, TrainConfig, Trainer

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.serve.errors import NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.repository import State, VersionEntry
-from slimtorch.serve.runners import Runner, estimate_memory, is_oom, load_runner
+from slimtorch.serve.runners import Runner, estimate_memory, load_runner
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class ModelCache:
             try:
                 return self.loader(entry.path, config, device)
             except Exception as exc:
-                oom = is_oom(exc)
+                oom = is_out_of_memory(exc)
                 if oom and attempt == 1:
                     logger.warning(
                         "out of memory loading %s; evicting idle models and retrying once", key[0]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -104,19 +104,6 @@ def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
         weights = path.stat().st_size if path.exists() else 0
         weights += sum(f.stat().st_size for f in path.parent.glob("*.data"))
     return weights + allowance_bytes(config)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error of torch or ONNX Runtime.
-
-    Example:
-        >>> is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
-        True
-    """
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    text = str(exc).lower()
-    return "out of memory" in text or "failed to allocate memory" in text
 
 
 def _module_bytes(module: nn.Module) -> int:
@@ -336,7 +323,7 @@ def check_outputs(runner: Runner, config: ModelConfig, batch: int) -> None:
     try:
         outputs = runner.run(inputs)
     except Exception as exc:
-        if is_oom(exc):
+        if is_out_of_memory(exc):
             raise
         raise ModelLoadError(
             f"model {config.name!r} fails on inputs of the configured shapes "
@@ -379,7 +366,6 @@ __all__ = [
     "default_device",
     "describe",
     "estimate_memory",
-    "is_oom",
     "load_runner",
     "model_path",
 ]

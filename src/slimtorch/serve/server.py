@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.devices import read_meminfo
+from slimtorch.core.errors import is_out_of_memory
 from slimtorch.serve.batcher import Arrays, Batcher
 from slimtorch.serve.cache import ModelCache
 from slimtorch.serve.errors import NotReady, Overloaded
@@ -37,7 +38,7 @@ from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.protocol.codec import DecodedRequest, check_inputs
 from slimtorch.serve.repository import ModelEntry, Repository, State, VersionEntry
-from slimtorch.serve.runners import default_device, is_oom
+from slimtorch.serve.runners import default_device
 from slimtorch.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class ModelServer:
                 try:
                     return runner.run(inputs)
                 except Exception as exc:
-                    if not is_oom(exc):
+                    if not is_out_of_memory(exc):
                         raise
                     logger.warning(
                         "out of memory running %s; evicting idle models, retrying", ver.model
@@ -200,7 +201,7 @@ class ModelServer:
                 try:
                     return runner.run(inputs)
                 except Exception as exc:
-                    if not is_oom(exc):
+                    if not is_out_of_memory(exc):
                         raise
                     raise Overloaded(
                         f"model {ver.model!r} ran out of device memory on a batch of "

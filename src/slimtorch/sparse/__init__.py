@@ -25,6 +25,7 @@ from slimtorch.sparse.config import SparseTrainingConfig
 from slimtorch.sparse.distribution import (
     DISTRIBUTIONS,
     erk_densities,
+    exact_nonzeros,
     layer_densities,
     layer_nonzeros,
     random_mask,
@@ -86,6 +87,7 @@ __all__ = [
     "encode_bsr",
     "encode_nm24",
     "erk_densities",
+    "exact_nonzeros",
     "format_nbytes",
     "is_2to4",
     "layer_densities",

@@ -153,6 +153,42 @@ def layer_nonzeros(
     return out
 
 
+def exact_nonzeros(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    dense: Collection[str] = (),
+) -> dict[str, int]:
+    """:func:`layer_nonzeros` of :func:`layer_densities`, refusing a layer left with no weight.
+
+    :func:`layer_nonzeros` keeps at least one weight per layer, so where the density rounds to
+    zero the sparsity would not be exact; this raises instead, naming those layers.
+
+    Raises:
+        ValueError: a layer would keep no weight at this sparsity (``{"a": (2, 2)}`` at 0.9).
+
+    Example:
+        >>> exact_nonzeros({"a": (10, 10)}, 0.9, "uniform")
+        {'a': 10}
+    """
+    densities = layer_densities(shapes, sparsity, distribution, dense=dense)
+    numel = {name: math.prod(int(s) for s in shape) for name, shape in shapes.items()}
+    empty = [n for n in shapes if round(densities[n] * numel[n]) < 1]
+    if empty:
+        listing = ", ".join(
+            f"{n!r} ({numel[n]} weights, {densities[n] * numel[n]:.2f} at density "
+            f"{densities[n]:.3g})"
+            for n in empty
+        )
+        raise ValueError(
+            f"sparsity {sparsity} ({distribution}) cannot be met: layer(s) {listing} would keep "
+            "no weight at all; lower the sparsity, keep these layers dense "
+            "(dense_first/dense_last) or exclude them"
+        )
+    return layer_nonzeros(shapes, densities)
+
+
 def random_mask(
     shape: Sequence[int], nonzeros: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -43,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +54,7 @@ from slimtorch.prune.callbacks import MaskCallback
 from slimtorch.prune.magnitude import MagnitudeConfig, prune_
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.config import SparseTrainingConfig
-from slimtorch.sparse.distribution import layer_densities, layer_nonzeros, random_mask
+from slimtorch.sparse.distribution import exact_nonzeros, random_mask
 from slimtorch.sparse.updates import cosine_drop_fraction, drop_and_grow, drop_count
 
 if TYPE_CHECKING:
@@ -156,23 +155,7 @@ class StaticSparse(MaskCallback):
             dense.add(layers[0][0])
         if self.config.dense_last:
             dense.add(layers[-1][0])
-        densities = layer_densities(
-            shapes, self.config.sparsity, self.config.distribution, dense=dense
-        )
-        numel = {name: math.prod(shape) for name, shape in shapes.items()}
-        empty = [n for n in shapes if round(densities[n] * numel[n]) < 1]
-        if empty:  # layer_nonzeros would keep 1 weight there: the sparsity would not be exact
-            listing = ", ".join(
-                f"{n!r} ({numel[n]} weights, {densities[n] * numel[n]:.2f} at density "
-                f"{densities[n]:.3g})"
-                for n in empty
-            )
-            raise ValueError(
-                f"sparsity {self.config.sparsity} ({self.config.distribution}) cannot be met: "
-                f"layer(s) {listing} would keep no weight at all; lower the sparsity, keep "
-                "these layers dense (dense_first/dense_last) or exclude them"
-            )
-        return layer_nonzeros(shapes, densities)
+        return exact_nonzeros(shapes, self.config.sparsity, self.config.distribution, dense=dense)
 
     @torch.no_grad()
     def init_masks_(self, model: nn.Module) -> dict[str, int]:

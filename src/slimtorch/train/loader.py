@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 
 def check_loader(loader: Any, name: str) -> int:
     """Check that ``loader`` follows the protocol and return its number of batches.
@@ -71,3 +73,45 @@ def iter_from(loader: Any, start: int) -> Iterator[Any]:
     for _ in range(start):
         next(it)
     return it
+
+
+def label_range(batch: Any) -> tuple[int, int] | None:
+    """Smallest and largest class label of a batch whose targets are 1-D integers on the CPU.
+
+    Only CPU targets are read, so no device sync is forced; ``None`` for anything else.
+
+    Example:
+        >>> label_range((torch.randn(3, 2), torch.tensor([2, 0, 1])))
+        (0, 2)
+    """
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        return None
+    targets = batch[1]
+    if (
+        not isinstance(targets, torch.Tensor)
+        or targets.device.type != "cpu"
+        or targets.is_floating_point()
+        or targets.dim() != 1
+        or targets.numel() == 0
+    ):
+        return None
+    return int(targets.min()), int(targets.max())
+
+
+def check_labels(labels: tuple[int, int] | None, outputs: Any, name: str, batch_idx: int) -> None:
+    """Refuse labels outside ``[0, classes)`` of ``(N, classes)`` outputs: torch would fail deep
+    inside the loss, abort the CUDA context, or (for -100) silently ignore the sample.
+
+    Example:
+        >>> check_labels((0, 1), torch.zeros(4, 2), "train_loader", 0)  # in range: no error
+    """
+    if labels is None or not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        return
+    classes = outputs.shape[1]
+    low, high = labels
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"batch {batch_idx} of {name} holds label {low if low < 0 else high}, but the "
+            f"model outputs {classes} classes, so labels must be in [0, {classes}); "
+            "check the dataset's labels and the model's num_classes"
+        )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import as_device
 from slimtorch.core.io import atomic_write_json
 from slimtorch.train.amp import AmpPlan, resolve_amp
 from slimtorch.train.callbacks import Callback
@@ -48,12 +48,22 @@ from slimtorch.train.distributed import (
     replica_mismatches,
 )
 from slimtorch.train.history import History
-from slimtorch.train.loader import check_loader, iter_from, split_batch
+from slimtorch.train.loader import (
+    check_labels,
+    check_loader,
+    iter_from,
+    label_range,
+    split_batch,
+)
 from slimtorch.train.meter import Meter
 from slimtorch.train.optim import build_optimizer, build_scheduler
 from slimtorch.train.progress import ProgressBar
 from slimtorch.train.seeding import seed_everything, set_rng_state
-from slimtorch.train.trainer_state import resume_trainer_state, save_trainer_state
+from slimtorch.train.trainer_state import (
+    check_not_diverged,
+    resume_trainer_state,
+    save_trainer_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +125,7 @@ class Trainer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.config = config
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})"
-            ) from None
+        self.device = as_device(device)
         self.callbacks: list[Callback] = list(callbacks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn
@@ -224,63 +229,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _label_range(self, batch: Any) -> tuple[int, int] | None:
-        """Smallest and largest class label of a batch whose targets are still on the CPU.
-
-        Only CPU targets are read (no device sync); None when the default cross-entropy is not
-        used or the targets are not a 1-D integer tensor.
-        """
-        if self.loss_fn is not None:  # a custom loss may use other targets or ignore_index
-            return None
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            return None
-        targets = batch[1]
-        if (
-            not isinstance(targets, torch.Tensor)
-            or targets.device.type != "cpu"
-            or targets.is_floating_point()
-            or targets.dim() != 1
-            or targets.numel() == 0
-        ):
-            return None
-        return int(targets.min()), int(targets.max())
-
-    @staticmethod
-    def _check_labels(
-        labels: tuple[int, int] | None, outputs: Any, name: str, batch_idx: int
-    ) -> None:
-        """Refuse labels outside ``[0, classes)``: torch would fail deep inside the loss, abort
-        the CUDA context, or (for -100) silently ignore the sample."""
-        if labels is None or not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
-            return
-        classes = outputs.shape[1]
-        low, high = labels
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"batch {batch_idx} of {name} holds label {low if low < 0 else high}, but the "
-                f"model outputs {classes} classes, so labels must be in [0, {classes}); "
-                "check the dataset's labels and the model's num_classes"
-            )
-
-    def _check_finite(self, loss: float) -> None:
-        """Raise before a checkpoint would store a diverged run (parameters NaN/inf).
-
-        A non-finite mean loss with finite parameters only warns: with the fp16 gradient
-        scaler an overflowing step is skipped, so the weights are still good.
-        """
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        where = f"epoch {self.epoch + 1}, step {self.global_step}"
-        if not bad:
-            if not math.isfinite(loss):
-                logger.warning(
-                    "%s: the mean training loss is %s (parameters are finite)", where, loss
-                )
-            return
-        names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise FloatingPointError(
-            f"training diverged at {where}: the training loss is {loss} and parameters {names} "
-            "are not finite; no checkpoint was written for it (the previous one, if any, is "
-            "intact). Lower lr, set grad_clip_norm, or check the inputs for NaN/inf"
-        )
+        """:func:`label_range` of the batch with the default loss; a custom loss may use other
+        targets or an ``ignore_index``, so its labels are not checked."""
+        return label_range(batch) if self.loss_fn is None else None
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -295,7 +246,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast(self.device):
             outputs = model(inputs)
-            self._check_labels(labels, outputs, "train_loader", batch_idx)
+            check_labels(labels, outputs, "train_loader", batch_idx)
             loss = self._criterion()(outputs, targets)
             for cb in self.callbacks:
                 loss = cb.compute_loss(self, inputs, outputs, targets, loss)
@@ -342,7 +293,7 @@ class Trainer:
             self._train_step(model, batch, batch_idx)
             mid_epoch = self.step_in_epoch < self.steps_per_epoch
             if every and self.global_step % every == 0 and mid_epoch:
-                self._check_finite(self._meter.result(reduce=True)["loss"])
+                check_not_diverged(self, self._meter.result(reduce=True)["loss"])
                 save_trainer_state(self)
             if self.should_stop and not self.is_distributed:
                 break
@@ -355,7 +306,7 @@ class Trainer:
         if self.is_distributed:
             broadcast_buffers_(self.model)  # rank 0's statistics for evaluation and checkpoint
         res = self._meter.result(reduce=True)
-        self._check_finite(res["loss"])
+        check_not_diverged(self, res["loss"])
         elapsed = self._meter.elapsed()
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
@@ -491,7 +442,7 @@ class Trainer:
                 inputs, targets = split_batch(self._to_device(batch))
                 with self.amp.autocast(self.device):
                     outputs = self.model(inputs)
-                    self._check_labels(labels, outputs, "loader", batch_idx)
+                    check_labels(labels, outputs, "loader", batch_idx)
                     loss = self._criterion()(outputs, targets)
                 meter.update(outputs, loss, targets)
         finally:

@@ -19,7 +19,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from slimtorch.core.errors import CheckpointError
 from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
@@ -34,6 +37,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
+
+
+def check_not_diverged(trainer: Trainer, loss: float) -> None:
+    """Raise before a checkpoint would store a diverged run (parameters NaN/inf).
+
+    A non-finite mean loss with finite parameters only warns: with the fp16 gradient scaler an
+    overflowing step is skipped, so the weights are still good.
+    """
+    model = trainer.model
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    where = f"epoch {trainer.epoch + 1}, step {trainer.global_step}"
+    if not bad:
+        if not math.isfinite(loss):
+            logger.warning("%s: the mean training loss is %s (parameters are finite)", where, loss)
+        return
+    names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+    raise FloatingPointError(
+        f"training diverged at {where}: the training loss is {loss} and parameters {names} "
+        "are not finite; no checkpoint was written for it (the previous one, if any, is "
+        "intact). Lower lr, set grad_clip_norm, or check the inputs for NaN/inf"
+    )
 
 
 def save_trainer_state(trainer: Trainer) -> None:
