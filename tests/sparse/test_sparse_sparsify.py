@@ -220,3 +220,20 @@ def test_a_layer_with_only_2to4_kernels_says_it_is_storage_only_on_the_cpu() -> 
         "no sparse kernel ran with the dense outputs on cpu (semi_structured unavailable: "
         "2:4 is storage-only on cpu"
     )
+
+
+def test_save_model_refuses_sparse_kernels_before_writing(tmp_path: Path) -> None:
+    model = create_model("mlp", num_classes=10, in_channels=1, input_size=8).eval()
+    prune_(model, MagnitudeConfig(sparsity=0.9))
+    name = next(iter(_masks(model)))
+    model.set_submodule(name, build_sparse_layer(model.get_submodule(name), "csr"))
+    with pytest.raises(ValueError, match=rf"layers {name} are sparse kernels: call .*densify_"):
+        save_model(
+            model,
+            tmp_path / "m",
+            input_shape=(1, 8, 8),
+            mean=[0.0],
+            std=[1.0],
+            class_names=list("abcdefghij"),
+        )
+    assert not (tmp_path / "m").exists()

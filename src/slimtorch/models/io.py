@@ -170,7 +170,8 @@ def save_model(
         The model directory.
 
     Raises:
-        ValueError: Bad arguments, a model without ``slimtorch_arch``, or ``path`` is an
+        ValueError: Bad arguments, a model without ``slimtorch_arch``, a model whose state does
+            not match its recorded architecture (it would not load), or ``path`` is an
             existing file or a non-empty directory that is not a slimtorch model directory.
 
     Example:
@@ -214,6 +215,8 @@ def save_model(
     for label, obj in (("metrics", metrics), ("extra", extra)):
         if obj is not None and not isinstance(obj, dict):
             raise ValueError(f"{label} must be a dict or None, got {type(obj).__name__}")
+
+    _check_rebuildable(model, arch)
 
     path = Path(path)
     backup = _backup_dir(path)
@@ -267,31 +270,72 @@ def save_model(
     return path
 
 
-def _check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    expected = model.state_dict()
+def _weight_mismatches(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *, dtypes: bool = True
+) -> str:
+    """What differs between two state dicts (keys, shapes and, with ``dtypes``, dtypes)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [
         f"{k}: saved {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
         f"{tuple(expected[k].shape)} {expected[k].dtype}"
         for k in sorted(set(expected) & set(tensors))
-        if tensors[k].shape != expected[k].shape or tensors[k].dtype != expected[k].dtype
+        if tensors[k].shape != expected[k].shape
+        or (dtypes and tensors[k].dtype != expected[k].dtype)
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched", wrong),
-        ):
-            if items:
-                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
-                parts.append(f"{label} keys: {', '.join(items[:20])}{more}")
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)):
+        if items:
+            more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+            parts.append(f"{label} keys: {', '.join(items[:20])}{more}")
+    return "; ".join(parts)
+
+
+def _check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    problems = _weight_mismatches(model.state_dict(), tensors)
+    if problems:
         raise ModelLoadError(
-            f"the weights in {where} do not fit the rebuilt architecture; "
-            + "; ".join(parts)
-            + ". Register and record (record_transform) every architecture change made "
-            "before saving, or re-save the model"
+            f"the weights in {where} do not fit the rebuilt architecture; {problems}. Register "
+            "and record (record_transform) every architecture change made before saving, or "
+            "re-save the model"
+        )
+
+
+def _check_rebuildable(model: nn.Module, arch: dict[str, Any]) -> None:
+    """Refuse to write a model that :func:`load_model` could not rebuild.
+
+    The architecture and recorded transforms are replayed on the meta device (no memory, no
+    arithmetic; on the CPU if a transform's replay reads values) and the state dict's keys and
+    shapes compared with ``model``'s, so a model whose layers were swapped without a record (a
+    sparse kernel left in by ``sparsify_``, a hand-edited layer) is refused before anything is
+    written.
+    """
+    expected: dict[str, torch.Tensor] = {}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                rebuilt = create_model(arch["name"], **arch.get("kwargs", {}))
+                replay_transforms(rebuilt, arch.get("transforms", []))
+                expected = rebuilt.state_dict()
+            break
+        except (ValueError, TypeError, RuntimeError, NotImplementedError, ModelLoadError) as exc:
+            if device == "cpu":
+                raise ValueError(
+                    f"the model's recorded architecture cannot be rebuilt, so it would not "
+                    f"load: {exc}. Nothing was written"
+                ) from None
+    problems = _weight_mismatches(expected, model.state_dict(), dtypes=False)
+    if problems:
+        sparse = [name for name, m in model.named_modules() if hasattr(m, "to_dense_module")]
+        hint = (
+            f"layers {', '.join(sparse)} are sparse kernels: call "
+            "slimtorch.sparse.densify_(model) before saving"
+            if sparse
+            else "record every architecture change made since create_model (record_transform)"
+        )
+        raise ValueError(
+            f"the model does not match its recorded architecture, so it would not load "
+            f"({problems}); {hint}. Nothing was written"
         )
 
 
