@@ -57,6 +57,25 @@ def test_layers_without_int8_form_are_recorded_and_the_model_still_runs() -> Non
     assert model(torch.randn(2, 3, 8)).shape == (2, 3, 2)  # out_proj stays a float Linear
 
 
+def test_tied_weights_are_skipped_with_the_reason_and_stay_tied() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    model[2].weight = model[0].weight
+    x = torch.randn(4, 8)
+    report = quantize_(model, PTQConfig(mode="static"), calibration=x)
+    rows = {r.name: (r.action, r.reason or "") for r in report.rows}
+    assert rows["3"][0] == "quantized"
+    for name in ("0", "2"):
+        assert rows[name][0] == "skipped" and "tied weights" in rows[name][1]
+    assert model[2].weight is model[0].weight
+    qat = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    qat[2].weight = qat[0].weight
+    qreport = prepare_qat_(qat, QATConfig())
+    assert qreport.layers == ["3"]
+    assert set(qreport.skipped) == {"0", "2"} and "tied weights" in qreport.skipped["0"]
+    assert qat[2].weight is qat[0].weight
+
+
 def test_quantizing_twice_or_a_qat_model_records_skips_and_changes_nothing() -> None:
     x = torch.randn(8, 1, 8, 8)
     model = _net()

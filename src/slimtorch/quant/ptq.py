@@ -38,6 +38,7 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
+from slimtorch.core.surgery import replacement_blockers
 from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
@@ -369,9 +370,10 @@ def quantize_(
         if folded.reason:
             info["fold_note"] = folded.reason
     targets, rows = _targets(work, include, exclude)
+    blocked = replacement_blockers(work, targets)
     chosen: list[str] = []
     for i, (name, module) in enumerate(targets):
-        reason = _skip_reason(name, module, i, len(targets), config)
+        reason = blocked.get(name) or _skip_reason(name, module, i, len(targets), config)
         if reason is None:
             chosen.append(name)
         else:

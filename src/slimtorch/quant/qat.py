@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import Config, check_choice
+from slimtorch.core.surgery import replacement_blockers
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import FoldReport, fold_bn_
 from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
@@ -191,8 +192,17 @@ def qat_layers(model: nn.Module) -> dict[str, LSQConv2d | LSQLinear]:
 def _swap(model: nn.Module, config: QATConfig) -> tuple[list[str], dict[str, str]]:
     layers: list[str] = []
     skipped: dict[str, str] = {}
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and _selected(name, config) and type(module) in (nn.Conv2d, nn.Linear)
+    ]
+    blocked = replacement_blockers(model, candidates)
     for name, module in list(model.named_modules()):
         if not name or not _selected(name, config) or isinstance(module, _LSQ):
+            continue
+        if name in blocked:
+            skipped[name] = blocked[name]
             continue
         new: nn.Module
         kw: dict[str, Any] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
