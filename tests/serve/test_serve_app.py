@@ -11,7 +11,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import ONNX_B, ONNX_W, make_mlp, reference, save_slimtorch, write_config
+from serve_helpers import ONNX_B, ONNX_W, make_mlp, reference, save_slimtorch, write_config
 from slimtorch.serve import ServeSettings, create_app
 
 KEY = "test-management-key"
@@ -388,7 +388,7 @@ def test_openapi_documents_the_protocol(repo: Path) -> None:
 
 
 def test_int_and_binary_bytes_checks(tmp_path: Path) -> None:
-    from conftest import write_onnx
+    from serve_helpers import write_onnx
 
     write_config(
         tmp_path / "lin",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_config, write_onnx
+from serve_helpers import write_config, write_onnx
 from slimtorch.serve.cache import ModelCache
 from slimtorch.serve.errors import NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics

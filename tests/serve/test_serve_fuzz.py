@@ -10,7 +10,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from conftest import free_port, live_server  # noqa: E402
+from serve_helpers import free_port, live_server  # noqa: E402
 from slimtorch.serve import ServeSettings  # noqa: E402
 
 

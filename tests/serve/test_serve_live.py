@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import torch
 
-from conftest import free_port, live_server, reference, save_slimtorch, write_config
+from serve_helpers import free_port, live_server, reference, save_slimtorch, write_config
 from slimtorch.data.idx import read_idx
 from slimtorch.models import create_model, save_model
 from slimtorch.serve import ServeSettings

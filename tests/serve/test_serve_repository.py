@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import make_mlp, save_slimtorch, write_config
+from serve_helpers import make_mlp, save_slimtorch, write_config
 from slimtorch.serve import ServeSettings, create_app
 from slimtorch.serve.repository import Repository
 

@@ -1,0 +1,119 @@
+"""Model repositories, reference outputs and a live uvicorn server for the serving tests.
+
+A module of its own (not ``conftest``) so that test files can import these helpers by a name
+no other test folder uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtorch.models import create_model, save_model
+
+
+def write_config(folder: Path, **config: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def make_mlp(seed: int = 0, in_size: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(
+        "mlp", num_classes=10, in_channels=1, input_size=in_size, hidden=(16,)
+    ).eval()
+
+
+def save_slimtorch(folder: Path, model: nn.Module, in_size: int = 8) -> None:
+    save_model(
+        model,
+        folder,
+        input_shape=(1, in_size, in_size),
+        mean=[0.0],
+        std=[1.0],
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+def write_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    """``y = x @ weight + bias`` as an ONNX graph with a dynamic batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+ONNX_W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+ONNX_B = np.array([1.0, -1.0, 0.5], dtype=np.float32)
+
+IN8 = [{"name": "input", "datatype": "FP32", "dims": [1, 8, 8]}]
+OUT10 = [{"name": "logits", "datatype": "FP32", "dims": [10]}]
+
+
+def reference(folder: Path, x: np.ndarray) -> np.ndarray:
+    from slimtorch.models import load_model
+
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def live_server(settings: object) -> Iterator[str]:
+    """Run ``create_app(settings)`` under uvicorn in a thread; yields ``host:port``."""
+    import uvicorn
+
+    from slimtorch.serve import create_app
+
+    port = settings.port  # type: ignore[attr-defined]
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
