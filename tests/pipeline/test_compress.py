@@ -225,10 +225,18 @@ def test_accuracy_guard_keeps_a_model_that_lost_too_much_from_being_written(
     assert guard["drop_points"] == pytest.approx(100 * (acc["before"] - acc["after_finetune"]))
     assert guard["drop_points"] > 0 and guard["passed"] is False
     assert res.model_dir is None and not (tmp_path / "refused" / "model").exists()
+    assert res.report_path == tmp_path / "refused" / "report.json"
     written = json.loads((tmp_path / "refused" / "report.json").read_text())
     assert written["accuracy_guard"] == guard  # the report says why
     ok = compress_run(out_dir=tmp_path / "ok", max_drop=100.0, **kw)
     assert ok.report["accuracy_guard"]["passed"] is True and ok.model_dir is not None
+    kept = (tmp_path / "ok" / "report.json").read_bytes()
+    again = compress_run(out_dir=tmp_path / "ok", max_drop=0.0, **kw)  # refused, same folder
+    assert again.report_path == tmp_path / "ok" / "report.refused.json"
+    assert (tmp_path / "ok" / "report.json").read_bytes() == kept  # the model's report stays
+    refused = json.loads(again.report_path.read_text())
+    assert refused["accuracy_guard"]["passed"] is False
+    assert (tmp_path / "ok" / "report.refused.txt").is_file()
     assert compress_run(out_dir=None, **kw).report["accuracy_guard"] is None  # no guard asked
     for bad in (-1.0, "1", True):
         with pytest.raises(ValueError, match="max_drop"):

@@ -324,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"slimtorch compress: accuracy guard: {guard['drop_points']:.2f} points lost > "
             f"--max-drop {guard['max_drop_points']:g}; the model was not written (see "
-            f"{args.out}/report.json)",
+            f"{result.report_path})",
             file=sys.stderr,
         )
         return 3

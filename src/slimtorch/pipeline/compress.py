@@ -59,6 +59,7 @@ class CompressResult:
     report: dict[str, Any]
     table: str
     model_dir: Path | None
+    report_path: Path | None = None
 
 
 def measure_model(
@@ -490,6 +491,13 @@ def compress_run(
             )
             if applied.artifacts is not None:
                 result["artifacts"] = applied.artifacts(model, out)
-        atomic_write_json(out / "report.json", result)  # with the guard's verdict if refused
-        atomic_write_text(out / "report.txt", applied.table + "\n\n" + table + "\n")
-    return CompressResult(model=model, report=result, table=table, model_dir=model_dir)
+        # A refused run never replaces the reports of a model an earlier run wrote there.
+        stem = "report.refused" if refused and (out / MODEL_SUBDIR).exists() else "report"
+        report_path = out / f"{stem}.json"
+        atomic_write_json(report_path, result)  # with the guard's verdict if refused
+        atomic_write_text(out / f"{stem}.txt", applied.table + "\n\n" + table + "\n")
+    else:
+        report_path = None
+    return CompressResult(
+        model=model, report=result, table=table, model_dir=model_dir, report_path=report_path
+    )
