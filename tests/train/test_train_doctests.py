@@ -14,6 +14,7 @@ from doctest_helpers import docstring_example_problems
 MODULES = [
     "slimtorch.train",
     "slimtorch.train.amp",
+    "slimtorch.train.batchnorm",
     "slimtorch.train.callbacks",
     "slimtorch.train.checkpoint",
     "slimtorch.train.classifier",

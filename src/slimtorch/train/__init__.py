@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from slimtorch.train.amp import AmpPlan, resolve_amp
+from slimtorch.train.batchnorm import BatchNormRecalibration, recalibrate_batchnorm_
 from slimtorch.train.callbacks import Callback, EarlyStopping
 from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
 from slimtorch.train.config import TrainConfig
@@ -48,6 +49,7 @@ from slimtorch.train.trainer import Trainer
 
 __all__ = [
     "AmpPlan",
+    "BatchNormRecalibration",
     "Callback",
     "EarlyStopping",
     "History",
@@ -72,6 +74,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "param_groups",
+    "recalibrate_batchnorm_",
     "replica_mismatches",
     "resolve_amp",
     "save_checkpoint",

@@ -137,6 +137,8 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.steps_per_epoch = 0
+        self.train_loader: Any = None
+        """The loader :meth:`fit` trains on (for callbacks that read training batches)."""
         self.should_stop = False
         self.history = History()
         self.last_grad_norm: torch.Tensor | None = None
@@ -361,6 +363,7 @@ class Trainer:
             True
         """
         self.steps_per_epoch = check_loader(train_loader, "train_loader")
+        self.train_loader = train_loader
         if val_loader is not None:
             check_loader(val_loader, "val_loader")
         seed_everything(self.config.seed, self.config.deterministic)

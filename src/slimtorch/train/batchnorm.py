@@ -1,0 +1,174 @@
+"""Batch-norm statistics re-estimated for the final weights.
+
+A batch norm's running mean and variance are an exponential average (momentum 0.1) over the
+last few dozen training steps, taken while the weights were still moving. After a long run whose
+learning rate decays to zero the weights barely move at the end and the average is right; after
+a short fine-tune of a freshly compressed model (a gradual pruning schedule that removes the last
+weights in the final steps, a factorised or channel-pruned layer) the statistics describe weights
+that no longer exist, and the model in eval mode can fall to chance while it is accurate in
+train mode. Re-estimating the statistics with a plain average over training batches, the weights
+fixed, gives the population statistics of the final model (the "adaptive batch normalization" of
+Li et al. 2020, "EagleEye: Fast Sub-net Evaluation for Efficient Neural Network Pruning",
+arXiv:2007.02491, used there to judge pruned sub-networks before fine-tuning).
+
+:func:`recalibrate_batchnorm_` does it on its own; :class:`BatchNormRecalibration` does it at the
+end of a :class:`~slimtorch.train.Trainer` run, after the last epoch's training steps and before
+its evaluation and checkpoint. Under DDP each rank averages its own shard and the ranks then
+average their statistics, so every replica holds the same buffers.
+
+Example:
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    >>> batches = [(torch.randn(16, 4) * 3 + 1, torch.zeros(16)) for _ in range(4)]
+    >>> recalibrate_batchnorm_(net, batches)
+    {'layers': 1, 'batches': 4, 'samples': 64}
+    >>> int(net[1].num_batches_tracked), net[1].momentum, net.training
+    (4, 0.1, True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slimtorch.train.callbacks import Callback
+from slimtorch.train.distributed import all_reduce_sum, get_world_size
+from slimtorch.train.loader import split_batch
+
+if TYPE_CHECKING:
+    from slimtorch.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def _stats(m: nn.modules.batchnorm._BatchNorm) -> list[torch.Tensor]:
+    bufs = [m.running_mean, m.running_var, m.num_batches_tracked]
+    return [b for b in bufs if b is not None]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, int]:
+    """Replace every batch norm's running statistics by their plain average over ``batches``.
+
+    The model runs in train mode without gradients; nothing but the batch norms' running mean,
+    running variance and batch count changes (pruning masks, quantizer steps and weights are
+    left alone). The model's train/eval mode and each layer's momentum are restored.
+
+    Args:
+        model: The model, changed in place.
+        batches: Training batches: tensors or ``(inputs, targets)`` pairs (targets unused).
+        max_batches: Use at most this many batches (None: all).
+        device: Move inputs there first (None: as they come).
+
+    Returns:
+        ``{"layers": ..., "batches": ..., "samples": ...}``; zeros when the model has no batch
+        norm that tracks running statistics (then no batch is run).
+
+    Raises:
+        ValueError: ``max_batches`` is not a positive int, or ``batches`` yielded none.
+    """
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
+    norms = _tracked_norms(model)
+    if not norms:
+        return {"layers": 0, "batches": 0, "samples": 0}
+    was_training = model.training
+    # copies to put back if the loop fails; the buffers themselves are reset in place, so
+    # anything holding them (a compiled graph, a DDP wrapper) keeps seeing the same tensors
+    saved = [(m, m.momentum, [b.clone() for b in _stats(m)]) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches that follow
+    n_batches = samples = 0
+    try:
+        model.train()
+        for batch in batches:
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
+            if device is not None:
+                inputs = inputs.to(device, non_blocking=True)
+            model(inputs)
+            n_batches += 1
+            samples += int(inputs.shape[0])
+        if n_batches == 0:
+            raise ValueError("batches yielded no batch; pass training batches")
+    except BaseException:
+        for m, momentum, old in saved:
+            m.momentum = momentum
+            for buf, value in zip(_stats(m), old, strict=True):
+                buf.copy_(value)
+        model.train(was_training)
+        raise
+    for m, momentum, _ in saved:
+        m.momentum = momentum
+    model.train(was_training)
+    world = get_world_size()
+    if world > 1:  # equal shards: the mean of the ranks' averages is the average over all
+        for m in norms:
+            for buf in _stats(m)[:2]:  # mean and variance
+                buf.copy_(all_reduce_sum(buf.float()).div_(world).to(buf.dtype))
+    return {"layers": len(norms), "batches": n_batches, "samples": samples}
+
+
+class BatchNormRecalibration(Callback):
+    """Re-estimate batch-norm statistics at the end of training (see the module docstring).
+
+    Runs in the last epoch's ``on_train_epoch_end``, so that epoch's evaluation, the checkpoint
+    and the saved model all see the re-estimated statistics. ``result`` holds what
+    :func:`recalibrate_batchnorm_` returned (None until it ran).
+
+    Args:
+        max_batches: Training batches to average over (at most one epoch's worth).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> loader = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(3)]
+        >>> recal = BatchNormRecalibration(max_batches=2)
+        >>> _ = Trainer(net, TrainConfig(epochs=2, progress=False), callbacks=[recal]).fit(loader)
+        >>> recal.result
+        {'layers': 1, 'batches': 2, 'samples': 32}
+    """
+
+    def __init__(self, max_batches: int = 100) -> None:
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+        self.max_batches = max_batches
+        self.result: dict[str, int] | None = None
+
+    def on_train_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        last = trainer.epoch + 1 >= trainer.config.epochs or trainer.should_stop
+        loader = trainer.train_loader
+        if not last or loader is None or not _tracked_norms(trainer.model):
+            return
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(trainer.epoch)  # the epoch's own order: deterministic on resume
+        self.result = recalibrate_batchnorm_(
+            trainer.model, loader, max_batches=self.max_batches, device=trainer.device
+        )
+        logger.info(
+            "batch-norm statistics re-estimated over %d batches (%d layers)",
+            self.result["batches"],
+            self.result["layers"],
+        )
