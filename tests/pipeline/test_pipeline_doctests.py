@@ -12,6 +12,7 @@ MODULES = [
     "slimtorch.pipeline.compress",
     "slimtorch.pipeline.methods",
     "slimtorch.pipeline.quant_methods",
+    "slimtorch.pipeline.report_table",
     "slimtorch.pipeline.verdict",
 ]
 

@@ -30,15 +30,15 @@ from torch import nn
 
 from slimtorch.core.devices import as_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text
-from slimtorch.core.measure import ModelProfile, compare_profiles, profile_model
-from slimtorch.core.measure.profile import format_ratio
+from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
 from slimtorch.models.io import state_bytes
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
+from slimtorch.pipeline.report_table import finish_rows, report_table
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
-from slimtorch.train import Callback, TrainConfig, Trainer
+from slimtorch.train import BatchNormRecalibration, Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
     data_parallel,
@@ -80,38 +80,6 @@ def measure_model(
     x = torch.randn(batch_size, *input_shape, device=device)
     prof = profile_model(model, x, device=device, profiles=list(profiles), threads=threads)
     return float(acc if acc is not None else float("nan")), prof
-
-
-def _table(
-    acc_before: float,
-    acc_after: float,
-    before: ModelProfile,
-    after: ModelProfile,
-    side_by_side: dict[str, Any] | None = None,
-    saved: tuple[str, int, int] | None = None,
-) -> str:
-    """The before/after table; with ``side_by_side`` its latency row holds the two models timed
-    in alternating rounds at the end of the run, not the two profiles taken minutes apart.
-    ``saved`` (label, bytes before, bytes after) adds a row after the in-memory size: what the
-    model takes saved, where int4 weights are packed and a pruned model's zeros cost nothing."""
-    head = f"{'metric':<26} {'before':>12} {'after':>12} {'ratio':>8}"
-    acc = f"{'test accuracy (%)':<26} {100 * acc_before:>12.2f} {100 * acc_after:>12.2f} "
-    acc += f"{100 * (acc_after - acc_before):>+7.2f}p"
-    lines = compare_profiles(before, after).splitlines()[1:]
-    if side_by_side is not None:
-        label = f"latency {after.latency.device} (ms)"
-        lines = [
-            _row(label, side_by_side["before_s"], side_by_side["after_s"])
-            if line.startswith(label)
-            else line
-            for line in lines
-        ]
-    if saved is not None:
-        label, b0, b1 = saved
-        at = next((i + 1 for i, line in enumerate(lines) if line.startswith("size (MB)")), 0)
-        row = f"{label:<26} {b0 / 1e6:>12.3f} {b1 / 1e6:>12.3f} {format_ratio(b0, b1):>8}"
-        lines.insert(at, row)
-    return "\n".join([head, acc, *lines])
 
 
 def example_images(dataset: ImageDataset, batch: int, device: torch.device) -> torch.Tensor:
@@ -172,64 +140,6 @@ def _side_by_side(
     }
 
 
-def _row(name: str, before_s: float, after_s: float) -> str:
-    """One timed row of the before/after table (milliseconds, ``after / before``)."""
-    ratio = format_ratio(before_s, after_s)
-    return f"{name:<26} {before_s * 1e3:>12.3f} {after_s * 1e3:>12.3f} {ratio:>8}"
-
-
-def _sparse_rows(sparse: dict[str, Any]) -> list[str]:
-    """What the pruning methods' sparse-kernel check found (``sparse_kernels``)."""
-    label = f"{'sparse kernels':<26}"
-    if sparse.get("skipped"):
-        return [f"{label} skipped: {sparse['skipped']}"]
-    timed = sparse["model"]
-    if not timed:
-        return [
-            f"{label} none faster than dense here ({sparse['timed_layers']} layers timed at "
-            f"batch {sparse['batch']})"
-        ]
-    if not timed.get("kept"):
-        return [
-            f"{label} some layers faster alone, the model {timed['speedup']:.2f}x as fast with "
-            "them: all stay dense"
-        ]
-    n, of = len(sparse["sparse_layers"]), sparse["timed_layers"]
-    return [
-        _row("latency sparse kernels (ms)", timed["dense_s"], timed["sparse_s"]),
-        f"(a sparse kernel runs {n} of {of} layers faster)",
-    ]
-
-
-def _finish_rows(finished: dict[str, Any] | None) -> list[str]:
-    """Table rows for what a method's ``finish`` step timed: both models compiled
-    (``compiled_latency``), the float and int8 models in each int8 runtime (``runtimes``), and
-    the pruned model with sparse kernels (``sparse_kernels``)."""
-    if not finished:
-        return []
-    rows = []
-    timed = finished.get("compiled_latency")
-    if timed:
-        rows.append(_row("latency compiled (ms)", timed["before_s"], timed["after_s"]))
-    for name, t in (finished.get("runtimes") or {}).items():
-        label = f"latency {name} (ms)"
-        if t["skipped"]:
-            reason = t["skipped"] if len(t["skipped"]) <= 60 else t["skipped"][:57] + "..."
-            rows.append(f"{label:<26} skipped: {reason}")
-        else:
-            rows.append(_row(label, t["fp32_s"], t["int8_s"]))
-    if finished.get("sparse_kernels"):
-        rows += _sparse_rows(finished["sparse_kernels"])
-    if finished.get("runtimes"):
-        rows.append(
-            "(the eager latency row simulates int8 in float; a runtime row times the float and "
-            "the int8 model in that runtime, int8 kernels running)"
-        )
-    if finished.get("hint"):
-        rows.append(f"({finished['hint']})")
-    return rows
-
-
 def compress_run(
     *,
     in_dir: str | Path,
@@ -250,6 +160,7 @@ def compress_run(
     threads: int | None = None,
     distill: DistillConfig | None = None,
     max_drop: float | None = None,
+    bn_recalibration: int = 100,
 ) -> CompressResult:
     """Compress the model in ``in_dir`` with ``method``, fine-tune it, measure before and after.
 
@@ -281,6 +192,11 @@ def compress_run(
             method (and fine-tuning) is more than this below the accuracy before, the model is
             not written (``report.json`` is, with ``accuracy_guard.passed`` false, and the
             result's ``model_dir`` is None). None: no guard.
+        bn_recalibration: After fine-tuning, re-estimate the batch norms' running statistics
+            over this many training batches with the final weights
+            (:class:`~slimtorch.train.BatchNormRecalibration`; a short fine-tune of a freshly
+            compressed model otherwise leaves statistics of weights that no longer exist). 0
+            turns it off; ``report.json`` records what ran under ``"bn_recalibration"``.
 
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
@@ -288,6 +204,12 @@ def compress_run(
     for arg, value in (("profile_batch", profile_batch), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    if (
+        isinstance(bn_recalibration, bool)
+        or not isinstance(bn_recalibration, int)
+        or (bn_recalibration < 0)
+    ):
+        raise ValueError(f"bn_recalibration must be an int >= 0, got {bn_recalibration!r}")
     if max_drop is not None and (
         isinstance(max_drop, bool) or not isinstance(max_drop, int | float) or not max_drop >= 0
     ):
@@ -396,6 +318,9 @@ def compress_run(
     callbacks: list[Callback] = list(applied.callbacks)
     if teacher is not None and distill is not None:
         callbacks.append(DistillationCallback(teacher, distill))
+    recal = BatchNormRecalibration(bn_recalibration) if bn_recalibration else None
+    if recal is not None:
+        callbacks.append(recal)
     if applied.changed and not applied.trainable and will_finetune:
         logger.info("%s is applied after training; skipping fine-tuning", method)
     if applied.changed and applied.trainable and finetune is not None and will_finetune:
@@ -435,7 +360,7 @@ def compress_run(
     )
     table = "\n".join(
         [
-            _table(
+            report_table(
                 acc0,
                 acc1,
                 prof0,
@@ -443,7 +368,7 @@ def compress_run(
                 side,
                 ("saved, compact (MB)" if storage else "saved (MB)", saved_before, saved_after),
             ),
-            *_finish_rows(finished),
+            *finish_rows(finished),
             "(latency: the model before and after, timed side by side in alternating rounds)",
             verdict["text"],
         ]
@@ -467,6 +392,7 @@ def compress_run(
         "finetune": None if finetune is None else finetune.to_dict(),
         "history": history,
         "distill": None if history is None or distill is None else distill.to_dict(),
+        "bn_recalibration": None if recal is None else recal.result,
     }
     model_dir = None
     guard = result["accuracy_guard"]
