@@ -346,7 +346,7 @@ def test_argument_errors_and_conflicts() -> None:
         RigL(total_steps=0)
     with pytest.raises(ValueError, match="match no module"):
         RigL(include=["nothing*"]).plan(_mlp())
-    trainer = Trainer(_mlp(), _config(epochs=1), callbacks=[RigL(), MaskCallback()])
+    trainer = Trainer(_mlp(), _config(epochs=1), callbacks=[RigL(_sparse_cfg(delta_t=2)), MaskCallback()])
     with pytest.raises(ValueError, match="remove the other mask callback"):
         trainer.fit(ListLoader(X, Y, 8))
     cfg = SparseTrainingConfig.from_dict(_sparse_cfg(dense_first=True).to_dict())
@@ -400,3 +400,17 @@ def test_a_model_that_already_holds_pruning_masks_is_refused_unchanged() -> None
     fresh = _mlp()
     prune_(fresh, MagnitudeConfig(sparsity=0.0))  # all-True masks keep nothing back: allowed
     assert StaticSparse(_sparse_cfg()).init_masks_(fresh).keys() == {"0", "2", "4"}
+
+
+@pytest.mark.parametrize("kind", ["set", "rigl"])
+def test_a_run_too_short_for_one_mask_update_is_refused_before_any_mask(kind: str) -> None:
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = make_sparse_callback(kind, 0.8, delta_t=100)  # 36 steps, updates stop at step 27
+    trainer = Trainer(model, _config(), callbacks=[cb])
+    with pytest.raises(ValueError, match=rf"{kind} would never move its masks: the first update "
+                       r"is at step 100 \(delta_t\) but updates stop at step 27"):  # fmt: skip
+        trainer.fit(ListLoader(X, Y, 8))
+    assert model.state_dict().keys() == before.keys()  # no mask buffers were added
+    static = make_sparse_callback("static", 0.8, delta_t=100)
+    Trainer(_mlp(), _config(), callbacks=[static]).fit(ListLoader(X, Y, 8))  # nothing to move

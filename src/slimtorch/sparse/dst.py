@@ -249,8 +249,22 @@ class StaticSparse(MaskCallback):
 
     # ------------------------------------------------------------------ hooks
 
+    def _set_step_end(self, trainer: Trainer) -> int:
+        """Set the step after which masks stay fixed; returns the run's total steps."""
+        total = self.total_steps or trainer.config.epochs * trainer.steps_per_epoch
+        self.step_end = int(self.config.t_end * total)
+        return total
+
     def setup(self, trainer: Trainer) -> None:
         """Add the masks before a checkpoint is resumed (its state then replaces them)."""
+        total = self._set_step_end(trainer)
+        if self.kind != "static" and not self.is_update_step(self.config.delta_t):
+            raise ValueError(
+                f"{self.kind} would never move its masks: the first update is at step "
+                f"{self.config.delta_t} (delta_t) but updates stop at step {self.step_end} "
+                f"(t_end={self.config.t_end:g} of {total} steps); lower delta_t below "
+                f"{self.step_end}, train longer, or use static masks"
+            )
         if not self.initialised:
             self.init_masks_(trainer.model)
 
@@ -262,8 +276,7 @@ class StaticSparse(MaskCallback):
                 f"callback(s) {[type(cb).__name__ for cb in others]} from the trainer"
             )
         model = trainer.unwrapped_model
-        total = self.total_steps or trainer.config.epochs * trainer.steps_per_epoch
-        self.step_end = int(self.config.t_end * total)
+        self._set_step_end(trainer)
         if self.initialised:
             plan = self.plan(model)
             for name, target in plan.items():
