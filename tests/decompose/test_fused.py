@@ -592,6 +592,26 @@ def test_torch_export_under_no_grad_holds_the_custom_op() -> None:
     assert "aten.conv2d.default" not in ops
 
 
+def test_saved_program_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from slimtorch.models import save_exported
+
+    model = TwoFused().eval()
+    x = torch.randn(2, 4, 7, 9)
+    path = save_exported(model, x, tmp_path / "fused.pt2")
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch; from slimtorch.models import load_exported; "
+        "m = load_exported(sys.argv[1]); io = torch.load(sys.argv[2]); "
+        "torch.testing.assert_close(m(io['x']), io['y'], atol=1e-5, rtol=1e-5)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_flop_counter_sees_the_factor_convolutions() -> None:
     plain = make_tucker(8, 16, 3, (6, 4), padding=1, stride=2)
     layer = FusedTuckerConv2d.from_tucker(plain, relu=True).eval()

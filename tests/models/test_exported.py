@@ -146,3 +146,29 @@ def test_load_exported_onto_cuda(
     with torch.no_grad():
         torch.testing.assert_close(module(x.cuda()).cpu(), model(x), rtol=1e-3, atol=1e-3)
     model.train()
+
+
+def test_an_operator_not_registered_here_is_named(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    save = (
+        "import sys, torch\n"
+        "@torch.library.custom_op('slimtest::twice', mutates_args=())\n"
+        "def twice(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x * 2\n"
+        "@twice.register_fake\n"
+        "def _(x):\n"
+        "    return torch.empty_like(x)\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.ops.slimtest.twice(x)\n"
+        "from slimtorch.models import save_exported\n"
+        "save_exported(M(), torch.randn(2, 3), sys.argv[1])\n"
+    )
+    path = tmp_path / "op.pt2"
+    proc = subprocess.run([sys.executable, "-c", save, str(path)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises(ModelLoadError, match=r"calls the operator torch\.ops\.slimtest\.twice"):
+        load_exported(path)

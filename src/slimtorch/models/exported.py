@@ -25,10 +25,12 @@ never reaches its fallback), and then hands the same bytes to ``torch.export.loa
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import io
 import json
 import logging
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -163,19 +165,76 @@ def load_exported(path: str | os.PathLike[str], *, device: str | torch.device = 
             f"cannot read exported program {path} ({exc}); pass an existing .pt2 file"
         ) from None
     _check_archive(path, data)
-    try:
-        with warnings.catch_warnings():
-            # Some torch versions warn that weights viewing the in-memory archive are read-only
-            # buffers; the archive bytes are private to this call, so that is harmless.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            program = torch.export.load(io.BytesIO(data))
-        module = program.module()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path} could not be deserialised by torch {torch.__version__} ({exc}); export "
-            "it again with this torch version"
-        ) from exc
+    _register_custom_ops()
+    with _TorchExportLog() as said:
+        try:
+            with warnings.catch_warnings():
+                # Some torch versions warn that weights viewing the in-memory archive are
+                # read-only buffers; the archive bytes are private to this call: harmless.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                program = torch.export.load(io.BytesIO(data))
+            module = program.module()
+        except Exception as exc:
+            # torch logs the operator it cannot resolve, then raises a generic error
+            op = re.search(r"torch\.ops\.[\w.]+", " ".join([str(exc), *said.texts()]))
+            said.drop()  # the error below says it; no torch traceback on the console
+            if op is not None:
+                raise ModelLoadError(
+                    f"{path} calls the operator {op.group(0)}, which is not registered in this "
+                    "process; import the module that defines it before loading"
+                ) from exc
+            raise ModelLoadError(
+                f"{path} could not be deserialised by torch {torch.__version__} ({exc}); "
+                "export it again with this torch version"
+            ) from exc
     return module.to(dev)
+
+
+class _TorchExportLog(logging.Handler):
+    """Hold what the ``torch.export`` logger says while a program loads; pass it on afterwards
+    unless :meth:`drop` was called (the load failed and the error says it all)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._log = logging.getLogger("torch.export")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def texts(self) -> list[str]:
+        out = []
+        for r in self.records:
+            out.append(r.getMessage())
+            if r.exc_info and r.exc_info[1] is not None:
+                out.append(str(r.exc_info[1]))
+        return out
+
+    def drop(self) -> None:
+        self.records.clear()
+
+    def __enter__(self) -> _TorchExportLog:
+        self._propagate = self._log.propagate
+        self._log.addHandler(self)
+        self._log.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.removeHandler(self)
+        self._log.propagate = self._propagate
+        for record in self.records:
+            self._log.handle(record)
+
+
+CUSTOM_OP_MODULES = ("slimtorch.decompose.fused_op",)
+"""Modules that define slimtorch's own operators (``torch.ops.slimtorch.*``). A program exported
+from a model that uses them (a ``fuse-tucker`` model) names the operators, and loading it in a
+fresh process needs them registered first."""
+
+
+def _register_custom_ops() -> None:
+    for name in CUSTOM_OP_MODULES:
+        importlib.import_module(name)
 
 
 def save_exported(
