@@ -157,3 +157,14 @@ def test_run_onnx_and_ort_session_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match=r"ONNX Runtime cannot load .*bad\.onnx"):
         ort_session(tmp_path / "bad.onnx")
+
+
+def test_fused_tucker_layers_are_refused_by_the_onnx_export(tmp_path: Path) -> None:
+    from slimtorch.decompose import TuckerConv2d
+    from slimtorch.decompose.fused import FusedTuckerConv2d
+
+    tucker = TuckerConv2d(4, 3, 3, (2, 2), padding=1).eval()
+    model = nn.Sequential(FusedTuckerConv2d.from_tucker(tucker, relu=True)).eval()
+    with pytest.raises(ValueError, match=r"0 \(and 0 more\) is a FusedTuckerConv2d: .* no ONNX"):
+        export_onnx(model, tmp_path / "f.onnx", torch.randn(1, 4, 6, 6))
+    assert not (tmp_path / "f.onnx").exists()

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -74,6 +75,20 @@ def is_qdq_model(model: nn.Module) -> bool:
         False
     """
     return any(isinstance(m, QDQConv2d | QDQLinear | QDQAct) for m in model.modules())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(exc: BaseException) -> str:
+    r"""The first line of an exporter error with terminal colour codes removed.
+
+    Example:
+        >>> _first_line(RuntimeError("\x1b[96mstep 3/3\x1b[0m failed\nmore"))
+        'step 3/3 failed'
+    """
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def export_onnx(
@@ -149,6 +164,16 @@ def export_onnx(
             "to im2col + linear are for inductor (ONNX has no strided view); export the model "
             "from before lower_conv_gemm_ (ONNX Runtime runs its convolutions as QLinearConv)"
         )
+    from slimtorch.decompose.fused import FusedTuckerConv2d
+
+    fused = [n for n, m in model.named_modules() if isinstance(m, FusedTuckerConv2d)]
+    if fused:
+        raise ValueError(
+            f"{fused[0]} (and {len(fused) - 1} more) is a FusedTuckerConv2d: its one-kernel "
+            "layer (slimtorch::tucker_block) has no ONNX form; export the model from before "
+            "fuse-tucker, whose Tucker factors export as three convolutions, or export this one "
+            "with torch.export (slimtorch export --format pt2)"
+        )
     from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
     if target not in QDQ_TARGETS:
@@ -178,8 +203,8 @@ def export_onnx(
             except Exception as exc:  # the exporter raises many error types
                 raise ValueError(
                     f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the model "
-                    "runs on example_input and uses exportable operations"
+                    f"{_first_line(exc)}); check that the model runs on example_input and "
+                    "uses exportable operations"
                 ) from exc
         assert program is not None
         return program
