@@ -103,7 +103,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        """Build from a dict; unknown or missing required keys raise ``ValueError`` naming them."""
         if not isinstance(data, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -113,6 +113,15 @@ class Config:
                 f"unknown {cls.__name__} key(s) {', '.join(unknown)}; "
                 f"valid keys: {', '.join(sorted(fields))}"
             )
+        missing = sorted(
+            name
+            for name, f in fields.items()
+            if name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"{cls.__name__} needs key(s) {', '.join(missing)}, which are missing")
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
@@ -140,4 +149,9 @@ class Config:
             if data["type"] != cls.__name__:
                 raise ValueError(f"{path} holds a {data['type']}, not a {cls.__name__}")
             data = data["config"]
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            if type(exc) not in (ValueError, TypeError):
+                raise
+            raise type(exc)(f"{path}: {exc}") from exc  # name the file that holds the bad value

@@ -237,6 +237,8 @@ def as_device(device: str | torch.device) -> torch.device:
         >>> as_device("cuda:1").index
         1
     """
+    if not isinstance(device, str | torch.device):  # torch.device(0) means an accelerator
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -315,7 +317,7 @@ def synchronize(device: str | torch.device) -> None:
     Example:
         >>> synchronize("cpu")
     """
-    dev = torch.device(device) if isinstance(device, str) else device
+    dev = as_device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elif dev.type == "mps":
@@ -356,7 +358,9 @@ def run_info(device: str | torch.device, argv: Sequence[str] | None = None) -> d
         >>> sorted(run_info("cpu", ["bench.py", "--x", "1"]))
         ['command', 'date', 'device', 'device_name', 'threads', 'torch']
     """
-    dev = torch.device(device)
+    dev = as_device(device)
+    if isinstance(argv, str):  # would be split into characters
+        raise TypeError(f"argv must be a list of arguments, got the string {argv!r}")
     args = list(sys.argv if argv is None else argv)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)

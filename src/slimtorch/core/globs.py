@@ -25,16 +25,23 @@ def check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
     """Raise unless ``include``/``exclude`` are None or lists of globs that each match a module.
 
     Raises:
-        TypeError: a glob list is a string or holds non-strings.
+        TypeError: a glob list is a string, not a list/tuple/set, or holds non-strings.
         ValueError: a glob matches no module name (the message shows some real names).
     """
     names = [n for n, _ in model.named_modules() if n]
     for arg, value in (("include", include), ("exclude", exclude)):
         if value is None:
             continue
-        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        # a one-shot iterator would be used up here and select nothing later
+        not_list = isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset)
+        if not_list or not all(isinstance(p, str) for p in value):
             raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
         unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched and not names:
+            raise ValueError(
+                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match nothing: "
+                f"{type(model).__name__} has no submodules"
+            )
         if unmatched:
             raise ValueError(
                 f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "

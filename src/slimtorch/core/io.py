@@ -63,9 +63,28 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _json_default(obj: Any) -> Any:
+    """JSON form of what ``json`` cannot write: numpy/torch numbers and arrays by value (as
+    ``str`` they would come back as strings), anything else (paths, dtypes) as ``str``."""
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist) and type(obj).__module__.split(".")[0] in ("numpy", "torch"):
+        return tolist()
+    return str(obj)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Numpy and torch scalars and arrays are written as numbers and lists; other objects JSON
+    cannot write (paths, dtypes) as their ``str``.
+
+    Example:
+        >>> import tempfile, pathlib, numpy as np; d = pathlib.Path(tempfile.mkdtemp())
+        >>> read_json(atomic_write_json(d / "c.json", {"bits": np.int64(8), "p": d.name}))["bits"]
+        8
+    """
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    return atomic_write_text(path, text + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -73,5 +92,5 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); fix or regenerate the file") from exc

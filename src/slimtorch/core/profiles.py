@@ -53,6 +53,8 @@ def dtype_key(dtype: torch.dtype | str) -> str:
         >>> dtype_key(torch.bfloat16)
         'bf16'
     """
+    if not isinstance(dtype, str | torch.dtype):  # numpy types, None: not a silent fp32
+        raise TypeError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
     if isinstance(dtype, str):
         if dtype in REQUIRED_DTYPES:
             return dtype
@@ -113,8 +115,16 @@ class DeviceProfile(Config):
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
+        if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"DeviceProfile.name must be a non-empty str, got {self.name!r}")
+        for text in ("description", "source"):
+            if not isinstance(getattr(self, text), str):
+                raise ValueError(f"DeviceProfile.{text} must be a str, got {getattr(self, text)!r}")
+        for flag in ("packed_fp16", "int8_dot", "tensor_cores"):  # "false" would read as True
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(
+                    f"DeviceProfile.{flag} must be true or false, got {getattr(self, flag)!r}"
+                )
         if not isinstance(self.peak_flops, Mapping):
             raise TypeError(
                 f"DeviceProfile.peak_flops must be a mapping of dtype key to FLOP/s, "
@@ -137,6 +147,10 @@ class DeviceProfile(Config):
         check_range(self, "memory_bandwidth", self.memory_bandwidth, low=0.0, low_inclusive=False)
         if not math.isfinite(self.memory_bandwidth):
             raise ValueError("DeviceProfile.memory_bandwidth must be finite")
+        if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int):
+            raise ValueError(
+                f"DeviceProfile.memory_bytes must be an int, got {self.memory_bytes!r}"
+            )
         check_range(self, "memory_bytes", self.memory_bytes, low=0)
         check_range(self, "launch_overhead_s", self.launch_overhead_s, low=0.0, high=1.0)
 

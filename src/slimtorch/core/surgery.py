@@ -18,7 +18,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     ``nn.ModuleDict`` keys, keeping the container's order.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        TypeError: ``model`` or ``module`` is not an ``nn.Module``, or ``name`` not a str.
         ValueError: ``name`` is empty or does not name an existing submodule.
 
     Example:
@@ -27,8 +27,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
         >>> type(net[0]).__name__
         'Identity'
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):  # 0 would read as the empty (root) name
+        raise TypeError(f"name must be a dotted submodule name (a str), got {name!r}")
     if not name:
         raise ValueError("name must be a dotted submodule name, got ''; the root cannot be set")
     parent_name, _, child = name.rpartition(".")

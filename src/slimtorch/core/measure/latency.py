@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.core.devices import cpu_threads, synchronize
+from slimtorch.core.devices import as_device, cpu_threads, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def summarize(times: list[float], device: str, threads: int) -> LatencyResult:
     if not times:
         raise ValueError("summarize needs at least one time; got an empty list")
     arr = np.asarray(times, dtype=np.float64)
+    if not (np.isfinite(arr).all() and (arr >= 0).all()):
+        raise ValueError(f"times must be finite and >= 0 seconds, got {times!r}")
     return LatencyResult(
         median_s=float(np.median(arr)),
         mean_s=float(arr.mean()),
@@ -143,9 +145,15 @@ def measure_latency(
     for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not isinstance(min_time_s, int | float) or min_time_s < 0 or math.isnan(min_time_s):
-        raise ValueError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
-    dev = torch.device(device) if device is not None else _infer_device(fn_or_model, inputs)
+    bad_time = isinstance(min_time_s, bool) or not isinstance(min_time_s, int | float)
+    if bad_time or not 0 <= min_time_s < math.inf:  # nan fails the comparison too
+        raise ValueError(f"min_time_s must be a number >= 0 and finite, got {min_time_s!r}")
+    dev = as_device(device) if device is not None else _infer_device(fn_or_model, inputs)
+    if dev.type == "meta":  # meta tensors hold no data: nothing would be computed or timed
+        raise ValueError(
+            "cannot time on the meta device (no data, nothing is computed); load the weights "
+            "and pass real tensors on a real device"
+        )
     inputs = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in inputs)
     is_module = isinstance(fn_or_model, nn.Module)
     times: list[float] = []

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from slimtorch.core.devices import synchronize
+from slimtorch.core.devices import as_device, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,11 @@ def measure_peak_memory(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    dev = torch.device(device) if isinstance(device, str) else device
-    if not isinstance(dev, torch.device):
+    if not isinstance(device, str | torch.device):
         raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    dev = as_device(device)
+    if dev.type == "meta":
+        raise ValueError("cannot measure memory on the meta device: nothing is allocated there")
 
     def call() -> None:
         fn(*args)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from slimtorch.core.devices import cpu_threads, resolve_device
 from slimtorch.core.measure.flops import flop_report_from_trace
@@ -33,7 +34,7 @@ from slimtorch.core.measure.memory import MemoryResult, measure_peak_memory
 from slimtorch.core.measure.params import count_params, storage_bytes
 from slimtorch.core.measure.roofline import RooflineEstimate, roofline_from_trace
 from slimtorch.core.measure.trace import call_with, trace_ops
-from slimtorch.core.profiles import list_profiles
+from slimtorch.core.profiles import DeviceProfile, get_profile, list_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def profile_model(
     example_input: Any,
     *,
     device: str | torch.device,
-    profiles: list[str] | None = None,
+    profiles: Sequence[str | DeviceProfile] | None = None,
     threads: int | None = None,
     warmup: int = 3,
     repeats: int = 10,
@@ -163,8 +164,8 @@ def profile_model(
         model: The module.
         example_input: A tensor, a tuple/list of positional arguments or a dict of keywords.
         device: Where to measure (``"auto"``, ``"cpu"``, ``"cuda:0"``...).
-        profiles: Profile names to estimate on (``None``: every registered one; ``"cpu"``
-            measures this CPU once per process).
+        profiles: Profile names or :class:`DeviceProfile` objects to estimate on (``None``:
+            every registered one; ``"cpu"`` measures this CPU once per process).
         threads: CPU thread count for the measurement (``None``: the current one).
         warmup: Untimed calls before timing.
         repeats: Minimum timed calls.
@@ -172,6 +173,10 @@ def profile_model(
 
     Returns:
         A :class:`ModelProfile`.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``profiles`` is a string.
+        ValueError: the device or a profile name is unknown, or the model is on the meta device.
 
     Example:
         >>> from slimtorch.models import create_model
@@ -185,16 +190,25 @@ def profile_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(profiles, str):  # would be read as one profile per character
+        raise TypeError(f"profiles must be a list of profile names, got the string {profiles!r}")
     dev = resolve_device(device)
-    names = list_profiles() if profiles is None else list(profiles)
+    known = list_profiles()
+    wanted = known if profiles is None else list(profiles)
+    for p in wanted:  # fail before any work; "cpu" is measured below, under `threads`
+        if not isinstance(p, DeviceProfile) and p not in known:
+            get_profile(p)  # raises, naming it and the registered ones
+    on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if on_meta:  # no values: .to(dev) would fail deep in torch, and nothing could be timed
+        raise ValueError(
+            f"the model has {len(on_meta)} tensor(s) on the meta device (no values), e.g. "
+            f"{on_meta[0]!r}; load its weights first (count_flops and estimate_latency work on "
+            "meta models and inputs)"
+        )
     home = _model_device(model)
     flags = {name: m.training for name, m in model.named_modules()}
     x = tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, example_input)
-    shapes = tuple(
-        tuple(t.shape)
-        for t in (x if isinstance(x, tuple | list) else [x])
-        if isinstance(t, torch.Tensor)
-    )
+    shapes = tuple(tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor))
     try:
         if home is not None and home != dev:
             model.to(dev)
@@ -203,7 +217,8 @@ def profile_model(
         with cpu_threads(threads):
             trace = trace_ops(model, x)
             report = flop_report_from_trace(trace)
-            estimates = {name: roofline_from_trace(trace, name) for name in names}
+            profs = [get_profile(p) for p in wanted]
+            estimates = {prof.name: roofline_from_trace(trace, prof) for prof in profs}
 
             def run() -> None:
                 call_with(model, x)

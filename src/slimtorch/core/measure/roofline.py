@@ -138,6 +138,16 @@ class RooflineEstimate:
         return "\n".join(lines)
 
 
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if dtype is not None and not (dtype.is_floating_point or dtype in (torch.int8, torch.uint8)):
+        raise ValueError(
+            f"dtype must be a floating-point dtype, torch.int8 or torch.uint8 (what floating "
+            f"tensors would be stored in), got {dtype}"
+        )
+
+
 def estimate_latency(
     model: nn.Module,
     example_input: Any,
@@ -167,8 +177,7 @@ def estimate_latency(
         >>> round(est.total_s * 1e6), est.dtype  # microseconds
         (111, 'float16')
     """
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    _check_dtype(dtype)
     prof = get_profile(profile)
     return roofline_from_trace(trace_ops(model, example_input), prof, dtype=dtype)
 
@@ -183,6 +192,7 @@ def roofline_from_trace(
         >>> [round(roofline_from_trace(trace, p).total_s * 1e6) for p in ("rx580", "h100-sxm")]
         [32, 6]
     """
+    _check_dtype(dtype)
     prof = get_profile(profile)
     fp32_rate = prof.peak_rate(torch.float32)
     acc: dict[str, list[float]] = {}  # name -> [flops, bytes, compute_s, kernels]
