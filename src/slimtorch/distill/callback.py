@@ -140,6 +140,13 @@ class DistillationCallback(Callback):
                 "the teacher shares parameters with the student; pass an independent copy, "
                 "e.g. copy.deepcopy(model) taken before the change"
             )
+        on_meta = [n for n, t in self.teacher.state_dict().items() if t.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"the teacher has {len(on_meta)} tensor(s) on the meta device (no values), "
+                f"e.g. {on_meta[0]!r}; load its trained weights first (slimtorch.distill."
+                "load_teacher, or load_state_dict(..., assign=True))"
+            )
         self.teacher.to(trainer.device)
         if trainer.config.channels_last:
             self.teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -193,10 +200,17 @@ class DistillationCallback(Callback):
         return total
 
     def _hint_term(self) -> torch.Tensor:
+        try:
+            return self._hint_terms()
+        finally:  # a layer may serve in several pairs: forget the features only once all ran
+            self._student_feats.clear()
+            self._teacher_feats.clear()
+
+    def _hint_terms(self) -> torch.Tensor:
         terms = []
         for s_name, t_name in self.config.hints:
-            s_feat = self._student_feats.pop(s_name, None)
-            t_feat = self._teacher_feats.pop(t_name, None)
+            s_feat = self._student_feats.get(s_name)
+            t_feat = self._teacher_feats.get(t_name)
             if s_feat is None or t_feat is None:
                 which = "student" if s_feat is None else "teacher"
                 layer = s_name if s_feat is None else t_name

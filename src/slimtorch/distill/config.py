@@ -48,6 +48,8 @@ class DistillConfig(Config):
             raise ValueError(f"DistillConfig.temperature must be finite, got {self.temperature!r}")
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "hint_weight", self.hint_weight, low=0.0)
+        if not math.isfinite(self.hint_weight):  # an infinite one makes the loss inf or NaN
+            raise ValueError(f"DistillConfig.hint_weight must be finite, got {self.hint_weight!r}")
         if not isinstance(self.hints, tuple | list):
             raise ValueError(
                 "DistillConfig.hints must be a sequence of (student_layer, teacher_layer) "
@@ -60,6 +62,10 @@ class DistillConfig(Config):
                 raise ValueError(
                     "DistillConfig.hints must hold (student_layer, teacher_layer) pairs of "
                     f"non-empty dotted names such as ('layer3', 'layer3'), got {pair!r}"
+                )
+            if (pair[0], pair[1]) in pairs:  # would silently weigh that pair twice
+                raise ValueError(
+                    f"DistillConfig.hints lists the pair {tuple(pair)!r} twice; give each pair once"
                 )
             pairs.append((pair[0], pair[1]))
         # JSON recipes give lists of lists: store the canonical, hashable form

@@ -14,12 +14,36 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 
-def _no_autocast(device: torch.device) -> torch.autocast:
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta: nothing to turn off
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check_pair(student: Any, teacher: Any, what: str) -> None:
+    """Raise unless ``student`` and ``teacher`` are floating-point tensors on one device."""
+    for name, t in (("student", student), ("teacher", teacher)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} {what} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            hint = (
+                "; pass raw logits, not class indices or one-hot labels" if what == "logits" else ""
+            )
+            raise TypeError(f"{name} {what} must be floating point, got {t.dtype}{hint}")
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student {what} are on {student.device}, teacher {what} on {teacher.device}; "
+            "move both to one device"
+        )
 
 
 def kd_loss(
@@ -45,7 +69,10 @@ def kd_loss(
         times ``T^2``.
 
     Raises:
-        ValueError: The shapes differ, are not ``(N, C)``, or ``temperature <= 0``.
+        TypeError: The logits are not floating-point tensors, or ``temperature`` is not a
+            real number.
+        ValueError: The shapes differ, are not ``(N, C)`` or are empty, the logits are on
+            different devices, or ``temperature`` is not finite and > 0.
 
     Example:
         >>> s = torch.zeros(1, 2)
@@ -53,10 +80,14 @@ def kd_loss(
         >>> round(kd_loss(s, t, temperature=1.0).item(), 4)  # .75 ln 1.5 + .25 ln .5
         0.1308
     """
-    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature):  # an infinite or NaN temperature makes the loss NaN
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    temperature = float(temperature)  # numpy scalars too
+    _check_pair(student_logits, teacher_logits, "logits")
     if student_logits.ndim != 2:
         raise ValueError(
             f"kd_loss expects (N, C) logits, got student logits of shape "
@@ -67,6 +98,11 @@ def kd_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape; the teacher must predict the same "
             "classes on the same batch"
+        )
+    if student_logits.numel() == 0:  # batchmean of nothing is NaN
+        raise ValueError(
+            f"kd_loss got empty logits of shape {tuple(student_logits.shape)}; it needs at "
+            "least one sample and one class"
         )
     with _no_autocast(student_logits.device):
         log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
@@ -91,16 +127,20 @@ def hint_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.T
         A float32 scalar.
 
     Raises:
-        ValueError: The shapes differ.
+        TypeError: The features are not floating-point tensors.
+        ValueError: The shapes or devices differ, or the features are empty.
 
     Example:
         >>> hint_loss(torch.ones(2, 3), torch.zeros(2, 3)).item()
         1.0
     """
+    _check_pair(student_feat, teacher_feat, "features")
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
             f"hint features differ in shape: student {tuple(student_feat.shape)}, teacher "
             f"{tuple(teacher_feat.shape)}; pick layer pairs whose outputs have the same shape"
         )
+    if student_feat.numel() == 0:  # the mean of nothing is NaN
+        raise ValueError(f"hint features are empty (shape {tuple(student_feat.shape)})")
     with _no_autocast(student_feat.device):
         return F.mse_loss(student_feat.float(), teacher_feat.detach().float())

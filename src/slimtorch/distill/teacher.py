@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,9 @@ def load_teacher(
         The teacher in eval mode.
 
     Raises:
-        ValueError: Its input shape or class count differs from the data's (the message
-            names each mismatch).
+        TypeError: ``num_classes`` is not an int or ``input_shape`` not a sequence of ints.
+        ValueError: ``num_classes`` or a size is < 1, or the teacher's input shape or class
+            count differs from the data's (the message names each mismatch).
         ModelLoadError: The directory is missing or corrupt.
 
     Example:
@@ -58,11 +60,23 @@ def load_teacher(
         ...
         ValueError: teacher ... does not fit the training data: it predicts 10 classes, the data ...
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+    dims = () if isinstance(input_shape, str) else input_shape
+    ok = isinstance(dims, Sequence) and len(dims) > 0
+    if not ok or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(
+            f"input_shape must be a sequence of ints such as (3, 32, 32), got {input_shape!r}"
+        )
+    if any(d < 1 for d in dims):
+        raise ValueError(f"input_shape must hold positive sizes, got {tuple(input_shape)}")
     root = Path(path)
     if not (root / "config.json").is_file() and (root / "model" / "config.json").is_file():
         root = root / "model"
     model, card = load_model(root, device=device)
-    shape = tuple(int(d) for d in input_shape)
+    shape = tuple(int(d) for d in dims)
     problems = []
     if tuple(card.input_shape) != shape:
         problems.append(f"it takes inputs of shape {tuple(card.input_shape)}, the data is {shape}")
