@@ -346,7 +346,9 @@ def test_argument_errors_and_conflicts() -> None:
         RigL(total_steps=0)
     with pytest.raises(ValueError, match="match no module"):
         RigL(include=["nothing*"]).plan(_mlp())
-    trainer = Trainer(_mlp(), _config(epochs=1), callbacks=[RigL(_sparse_cfg(delta_t=2)), MaskCallback()])
+    trainer = Trainer(
+        _mlp(), _config(epochs=1), callbacks=[RigL(_sparse_cfg(delta_t=2)), MaskCallback()]
+    )
     with pytest.raises(ValueError, match="remove the other mask callback"):
         trainer.fit(ListLoader(X, Y, 8))
     cfg = SparseTrainingConfig.from_dict(_sparse_cfg(dense_first=True).to_dict())
