@@ -325,6 +325,7 @@ def compress_run(
         logger.info("%s is applied after training; skipping fine-tuning", method)
     if applied.changed and applied.trainable and finetune is not None and will_finetune:
         trainer = Trainer(model, finetune, device=device, out_dir=out_dir, callbacks=callbacks)
+        trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
         history = trainer.fit(train_batches(), test_loader).to_dict()
     finished = applied.finish(model) if applied.finish is not None else None
     acc1, prof1 = measure_model(

@@ -198,6 +198,8 @@ def train_classifier(
         val_loader = eval_loader(val_ds, device, channels_last=train_config.channels_last)
     cbs = callbacks(train_ds) if callable(callbacks) else callbacks
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
+    if val_loader is None:
+        trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
     start = time.perf_counter()
     history = trainer.fit(train_loader, val_loader or test_loader, resume=resume)
     seconds = time.perf_counter() - start

@@ -116,7 +116,7 @@ class ProgressBar(Callback):
         if not is_main_process():
             return
         self._write(
-            f"epoch {trainer.epoch + 1}/{trainer.config.epochs} val  "
+            f"epoch {trainer.epoch + 1}/{trainer.config.epochs} {trainer.eval_name}  "
             f"loss {metrics['val_loss']:.4f}  acc {_fmt_acc(metrics['val_accuracy'])}",
             redraw=False,
         )

@@ -139,6 +139,9 @@ class Trainer:
         self.steps_per_epoch = 0
         self.train_loader: Any = None
         """The loader :meth:`fit` trains on (for callbacks that read training batches)."""
+        self.eval_name = "val"
+        """What the per-epoch evaluation is called in logs and the progress bar (``"test"``
+        when the caller evaluates on the test split); the history keys stay ``val_*``."""
         self.should_stop = False
         self.history = History()
         self.last_grad_norm: torch.Tensor | None = None
@@ -328,7 +331,8 @@ class Trainer:
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         self.history.append(row)
         if is_main_process():
-            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, _fmt_row(row))
+            shown = _fmt_row(row).replace("val_", f"{self.eval_name}_")
+            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, shown)
         if self.is_distributed:  # every rank stops if any rank asked to
             flag = torch.tensor([float(self.should_stop)], device=self.device)
             self.should_stop = bool(all_reduce_sum(flag).item() > 0)
