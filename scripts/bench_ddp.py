@@ -108,7 +108,7 @@ def _train_args(
     extra = ["--lr", str(args.lr)] if args.lr is not None else []
     return ["--model", args.model, "--dataset", args.dataset, "--epochs", str(epochs),
             "--batch-size", str(batch), "--device", args.device, "--threads", str(args.threads),
-            "--seed", str(seed), "--no-progress", "--no-download", "--out", str(out),
+            "--seed", str(seed), "--no-progress", "--no-download", "--overwrite", "--out", str(out),
             *(["--data-root", args.data_root] if args.data_root else []), *extra]  # fmt: skip
 
 

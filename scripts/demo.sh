@@ -13,7 +13,7 @@ st devices
 echo
 echo "== 2. train lenet5 on the bundled 8x8 digits (CPU, $THREADS threads)"
 st train --model lenet5 --dataset digits --epochs 30 --batch-size 64 --lr 0.05 \
-  --device cpu --threads "$THREADS" --out "$OUT" --no-progress
+  --device cpu --threads "$THREADS" --out "$OUT" --no-progress --overwrite
 echo
 echo "== 3. evaluate the saved model directory"
 st eval --in "$OUT" --device cpu --threads "$THREADS"
@@ -24,11 +24,11 @@ echo
 st profile --in "$OUT" --batch-size 256 --device cpu --threads "$THREADS"
 echo
 echo "== 5. compress: truncated SVD of every layer it handles (size first, no speed check), fine-tune"
-st compress --in "$OUT" --out "$OUT-svd" --method svd --rank 0.25 --finetune-epochs 10 --lr 0.02 \
+st compress --in "$OUT" --out "$OUT-svd" --overwrite --method svd --rank 0.25 --finetune-epochs 10 --lr 0.02 \
   --batch-size 64 --device cpu --threads "$THREADS" --profiles rx580,cpu --profile-batch 32 --no-progress
 echo
 echo "== 6. the same, keeping a factorised layer only where it is measured faster here"
-st compress --in "$OUT" --out "$OUT-svd-guarded" --method svd --rank 0.25 --min-speedup 1.0 \
+st compress --in "$OUT" --out "$OUT-svd-guarded" --overwrite --method svd --rank 0.25 --min-speedup 1.0 \
   --finetune-epochs 10 --lr 0.02 --batch-size 64 --device cpu --threads "$THREADS" \
   --profiles rx580,cpu --profile-batch 32 --no-progress
 echo "per-layer decisions and measured times: $OUT-svd-guarded/report.txt"

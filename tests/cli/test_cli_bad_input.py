@@ -17,26 +17,6 @@ def _error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained mlp saved for the bundled digits (1x8x8 images, 10 classes)."""
-    from slimtorch.data import load_dataset
-    from slimtorch.models import create_model, save_model
-
-    ds = load_dataset("digits", "test")
-    path = tmp_path_factory.mktemp("cli-bad") / "mlp"
-    save_model(
-        create_model("mlp", num_classes=10, in_channels=1, input_size=8),
-        path,
-        input_shape=(1, 8, 8),
-        mean=ds.mean,
-        std=ds.std,
-        class_names=list(ds.classes),
-        extra={"dataset": "digits"},
-    )
-    return path
-
-
 def test_out_in_the_way_of_a_file_or_folder(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -64,8 +44,11 @@ def test_export_refuses_a_suffix_of_the_other_format(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "model.pt2"
-    assert main(["export", "--in", str(model_dir), "--out", str(out)]) == 2  # default onnx
-    assert "names a .pt2 file but --format is onnx; pass --format pt2" in _error(capsys)
+    assert main(["export", "--in", str(model_dir), "--out", str(out), "--format", "onnx"]) == 2
+    assert (
+        f"--out {out} names a .pt2 file but --format is onnx; leave --format out (or pass "
+        "--format pt2), or give an --out ending in .onnx"
+    ) in _error(capsys)
     assert not out.exists()
     out = tmp_path / "model.onnx"
     assert main(["export", "--in", str(model_dir), "--out", str(out), "--format", "pt2"]) == 2

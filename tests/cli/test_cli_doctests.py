@@ -6,15 +6,13 @@ import pytest
 
 from doctest_helpers import docstring_example_problems
 
-MODULES = ["slimtorch.cli.common"]
+MODULES = ["slimtorch.cli.common", "slimtorch.cli.compress_cmd", "slimtorch.cli.export_cmd"]
 # The sub-commands show shell command lines, not Python examples; slimtorch.cli.__main__ is
 # left out because importing it runs the command line.
 NO_EXAMPLE = [
     "slimtorch.cli",
-    "slimtorch.cli.compress_cmd",
     "slimtorch.cli.devices_cmd",
     "slimtorch.cli.eval_cmd",
-    "slimtorch.cli.export_cmd",
     "slimtorch.cli.main",
     "slimtorch.cli.profile_cmd",
     "slimtorch.cli.serve_cmd",

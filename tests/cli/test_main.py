@@ -123,7 +123,10 @@ def test_profile_a_users_exported_program(
 
 
 def test_compress_distill_flags_reach_compress_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from types import SimpleNamespace
 
@@ -131,7 +134,7 @@ def test_compress_distill_flags_reach_compress_run(
     from slimtorch.cli.main import build_parser
     from slimtorch.distill import DistillConfig
 
-    base = ["compress", "--in", "a", "--out", "b", "--method", "svd"]
+    base = ["compress", "--in", str(model_dir), "--out", str(tmp_path / "b"), "--method", "svd"]
     args = build_parser().parse_args(base)
     assert args.distill is False
     seen: dict[str, object] = {}
@@ -151,7 +154,7 @@ def test_compress_distill_flags_reach_compress_run(
 
 
 def test_compress_speed_scope_flags_reach_the_method_options(
-    monkeypatch: pytest.MonkeyPatch,
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from types import SimpleNamespace
 
@@ -164,7 +167,8 @@ def test_compress_speed_scope_flags_reach_the_method_options(
         return SimpleNamespace(report={"layers": {"layers": []}}, table="table")
 
     monkeypatch.setattr(slimtorch.pipeline, "compress_run", fake_run)
-    base = ["compress", "--in", "a", "--out", "b", "--method", "tucker", "--device", "cpu"]
+    base = ["compress", "--in", str(model_dir), "--out", str(tmp_path / "b"), "--method", "tucker"]
+    base += ["--device", "cpu"]
     assert main([*base, "--min-speedup", "1.05", "--speed-scope", "model", "--speed-compile"]) == 0
     options = seen["method_options"]
     assert isinstance(options, dict)
@@ -206,7 +210,7 @@ def test_train_with_teacher_distils_and_checks_the_teacher(
 
     wrong = create_model("mlp", num_classes=3, in_channels=1, input_size=8)
     save_model(wrong, tmp_path / "w", class_names=names[:3], **card)  # type: ignore[arg-type]
-    assert main([*args, "--teacher", str(tmp_path / "w")]) == 2
+    assert main([*args, "--overwrite", "--teacher", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert "it predicts 3 classes, the data has 10" in err
 

@@ -190,3 +190,34 @@ def test_cifar_unofficial_batch_is_refused(isolated: Path, tmp_path: Path) -> No
     (folder / "test_batch").write_bytes(b"\x80\x04N.")
     with pytest.raises(ChecksumError, match="40351d587109b95175f43aff81a1287e"):
         load_dataset("cifar10", "test", root=tmp_path / "d", download=False)
+
+
+def test_not_found_names_the_argument_and_the_command_line_option(
+    isolated: Path, tmp_path: Path
+) -> None:
+    """Read by Python users and, through ``slimtorch train``, by command-line users."""
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("kmnist", "test", download=False)
+    msg = str(info.value)
+    assert "\nDownloading is off (download=False / --no-download).\n" in msg
+    assert msg.endswith(
+        "What to do: put the files in <folder>/kmnist/ or <folder>/ and set "
+        "SLIMTORCH_DATA=<folder> (or pass root=<folder> / --data-root <folder>), or allow the "
+        "download (download=True / leave out --no-download)."
+    )
+    # the download was on and failed: allowing it is no advice
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("kmnist", "test", mirrors=[(tmp_path / "no-mirror").as_uri() + "/"])
+    msg = str(info.value)
+    assert "\nThe download failed: " in msg
+    assert msg.endswith("(or pass root=<folder> / --data-root <folder>).")
+
+
+def test_root_that_is_a_file_names_the_option_too(shared_data: Path, isolated: Path) -> None:
+    given = shared_data / "mnist" / TEST_FILES[0]
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist", "test", root=given, download=False)
+    assert str(info.value) == (
+        f"root {str(given)!r} is a file, not a folder; pass the folder that holds the dataset's "
+        f"files as root= / --data-root (e.g. {str(given.parent)!r})"
+    )

@@ -1,9 +1,11 @@
-"""Small helpers shared by the sub-commands (tables, shapes, thread pinning, output paths)."""
+"""Small helpers shared by the sub-commands (tables, shapes, thread pinning, input and output
+paths, inductor's autotune chatter)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -67,6 +69,117 @@ def resolve_model_dir(path: str) -> Path:
     if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
         return p / "model"
     return p
+
+
+def _is_model_dir(path: Path) -> bool:
+    """``path`` holds a saved model, or the copy an interrupted save left beside it (which
+    :func:`slimtorch.models.load_model` loads in its place)."""
+    backup = path.with_name(f".{path.name}.old")
+    return (path / "config.json").is_file() or (
+        not path.exists() and (backup / "config.json").is_file()
+    )
+
+
+def model_dir_arg(path: str, option: str = "--in") -> Path:
+    """The model directory that ``option`` names (itself or its ``model/``), checked in the
+    command line's terms before anything is loaded.
+
+    Example:
+        >>> import tempfile
+        >>> model_dir_arg(tempfile.mkdtemp() + "/nope")
+        Traceback (most recent call last):
+        ...
+        ValueError: --in .../nope does not exist; pass a model directory, or the --out folder ...
+    """
+    p = Path(path)
+    what = "a model directory, or the --out folder of slimtorch train or slimtorch compress"
+    if _is_model_dir(p):
+        return p
+    if _is_model_dir(p / "model"):
+        return p / "model"
+    if not p.exists():
+        raise ValueError(f"{option} {path} does not exist; pass {what}")
+    if not p.is_dir():
+        raise ValueError(f"{option} {path} is a file; pass {what}")
+    raise ValueError(
+        f"{option} {path} holds no slimtorch model (no config.json in it or in its model/ "
+        f"folder); pass {what}"
+    )
+
+
+def check_run_output(
+    path: str, *, overwrite: bool, resume: bool | None = None, checkpoint: bool = False
+) -> None:
+    """Refuse an ``--out`` that already holds a run unless ``--overwrite`` (or ``--resume``).
+
+    A run is a model directory in ``--out/model`` or, where ``checkpoint`` is set (train), a
+    ``--out/checkpoint.pt``. ``resume`` is None for commands without ``--resume``.
+
+    Example:
+        >>> import tempfile
+        >>> from slimtorch.models import create_model, save_model
+        >>> out = tempfile.mkdtemp()
+        >>> check_run_output(out, overwrite=False)  # empty: fine
+        >>> _ = save_model(create_model("mlp"), f"{out}/model", input_shape=(1, 28, 28),
+        ...                mean=[0.5], std=[0.5], class_names=list("0123456789"))
+        >>> check_run_output(out, overwrite=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: --out ... already holds a model (model/); pass --overwrite to replace it, ...
+        >>> check_run_output(out, overwrite=True)
+    """
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it; give one of them"
+        )
+    out = Path(path)
+    found = [
+        name
+        for name, there in (
+            ("a model (model/)", _is_model_dir(out / "model")),
+            (
+                "a training checkpoint (checkpoint.pt)",
+                checkpoint and (out / "checkpoint.pt").exists(),
+            ),
+        )
+        if there
+    ]
+    if not found or overwrite:
+        return
+    if resume is None:
+        raise ValueError(
+            f"--out {path} already holds {' and '.join(found)}; pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+    if not resume:
+        raise ValueError(
+            f"--out {path} already holds {' and '.join(found)}; pass --resume to continue that "
+            "run, --overwrite to replace it, or choose another --out"
+        )
+    if not (out / "checkpoint.pt").exists():
+        raise ValueError(
+            f"--resume: --out {path} holds a model but no checkpoint.pt to continue from; pass "
+            "--overwrite to train a new model there, or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def quiet_autotune(verbose: bool) -> Iterator[None]:
+    """Hold back inductor's per-choice autotune report unless ``verbose``.
+
+    With ``max_autotune`` on (``compress --method conv-gemm`` and the int8 runtime check of
+    such a model) torch's inductor writes an ``AUTOTUNE ...`` table and an ``Autotune Choices
+    Stats`` JSON line to stderr for every GEMM it tunes; the choice it makes is the same
+    without them. Options a torch release does not know are left alone.
+    """
+    if verbose:
+        yield
+        return
+    from torch._inductor import config
+
+    quiet = {"max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
+    with config.patch({k: v for k, v in quiet.items() if hasattr(config, k)}):
+        yield
 
 
 def check_output_path(path: str, option: str, *, folder: bool) -> None:

@@ -19,7 +19,10 @@ from slimtorch.cli.common import (
     add_device_args,
     apply_threads,
     check_output_path,
+    check_run_output,
+    model_dir_arg,
     options_that_need,
+    quiet_autotune,
 )
 
 # defaults of the options that act only with --distill (parsed as None so that giving one
@@ -33,13 +36,21 @@ def add_parser(sub: Any) -> None:
         help="compress a trained model (factorise, prune ...), fine-tune, report before/after",
         description="Compress a saved model (low-rank factorisation: svd, tucker, cp, tt; "
         "pruning: prune (unstructured magnitude), nm (N:M), channel-prune (structured); "
-        "and the other registered methods), then fine-tune; writes --out/model (a loadable "
-        "model directory), report.json and report.txt with the per-layer report and the "
-        "before/after table (accuracy, params, FLOPs, measured latency, estimated latency on "
-        "the target profiles).",
+        "and the other registered methods), then fine-tune. Writes --out/model (a loadable "
+        "model directory), and in --out report.json and report.txt with the per-layer report "
+        "and the before/after table (accuracy, params, FLOPs, measured latency, estimated "
+        "latency on the target profiles); a fine-tune adds checkpoint.pt, history.json and "
+        "train_config.json, prune and nm add model.compact.safetensors. An --out that already "
+        "holds a model is refused unless --overwrite is given.",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
-    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--out", required=True, help="run directory to write (the model in --out/model)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model (and reports) --out already holds; without it such an --out "
+        "is refused",
+    )
     p.add_argument("--method", required=True, choices=_methods())
     p.add_argument(
         "--rank",
@@ -107,7 +118,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
     p.add_argument("--dataset", choices=DATASETS, default=None)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the latency figures")
     p.add_argument("--profiles", default="rx580", help="comma-separated profiles to estimate on")
     p.add_argument("--seed", type=int, default=0)
@@ -142,16 +153,36 @@ def add_parser(sub: Any) -> None:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    """One line on what the method changed, whatever shape its report has."""
+    """One line on what the method changed, whatever shape its report has; report.txt is
+    pointed to only where some layers were left as they were.
+
+    Example:
+        >>> _summary({"layers": [{"action": "gemm"}, {"action": "skipped"}]})
+        'layers changed: 1 of 2 (see report.txt for the 1 left unchanged)'
+        >>> _summary({"layers": [{"dtype": "float32"}, {"dtype": "float16"}]})  # a cast
+        'layers changed: 1 of 2 (see report.txt for the 1 left unchanged)'
+        >>> _summary({"layers": ["conv1", "fc"], "skipped": {}})
+        'layers changed: 2 of 2'
+    """
+
+    def line(unit: str, done: int, total: int) -> str:
+        rest = f" (see report.txt for the {total - done} left unchanged)" if done < total else ""
+        return f"{unit} changed: {done} of {total}{rest}"
+
     for key, unit in (("layers", "layers"), ("groups", "channel groups"), ("rows", "layers")):
         rows = [r for r in report.get(key, []) if isinstance(r, dict)]
         if rows:
             unchanged = ("skipped", "kept", "unchanged", "fixed")
-            done = sum(1 for r in rows if r.get("action") not in unchanged)
-            return f"{unit} changed: {done} of {len(rows)} (see report.txt for skips)"
+            done = sum(
+                1
+                for r in rows
+                # a cast's rows name the dtype a layer has now; float32 is left as it was
+                if r.get("action") not in unchanged and r.get("dtype") != "float32"
+            )
+            return line(unit, done, len(rows))
     names = [r for r in report.get("layers", []) if isinstance(r, str)]
     skipped = report.get("skipped") or {}
-    return f"layers changed: {len(names)} of {len(names) + len(skipped)} (see report.txt)"
+    return line("layers", len(names), len(names) + len(skipped))
 
 
 def _methods() -> list[str]:
@@ -266,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
     options_that_need(args, args.distill, "--distill", DISTILL_DEFAULTS)
     options = _options(args)
     check_output_path(args.out, "--out", folder=True)
+    check_run_output(args.out, overwrite=args.overwrite)
+    model_dir_arg(args.model_dir)
     apply_threads(args)
     finetune = (
         TrainConfig(
@@ -284,25 +317,26 @@ def _run(args: argparse.Namespace) -> int:
         if args.distill
         else None
     )
-    result = compress_run(
-        in_dir=args.model_dir,
-        out_dir=args.out,
-        method=args.method,
-        method_options=options,
-        include=args.include,
-        exclude=args.exclude,
-        strict=args.strict,
-        finetune=finetune,
-        batch_size=args.batch_size,
-        device=resolve_device(args.device),
-        data_root=args.data_root,
-        dataset=args.dataset,
-        profile_batch=args.profile_batch,
-        profiles=[p for p in args.profiles.split(",") if p],
-        threads=args.threads,
-        distill=distill,
-        max_drop=args.max_drop,
-    )
+    with quiet_autotune(args.verbose):
+        result = compress_run(
+            in_dir=args.model_dir,
+            out_dir=args.out,
+            method=args.method,
+            method_options=options,
+            include=args.include,
+            exclude=args.exclude,
+            strict=args.strict,
+            finetune=finetune,
+            batch_size=args.batch_size,
+            device=resolve_device(args.device),
+            data_root=args.data_root,
+            dataset=args.dataset,
+            profile_batch=args.profile_batch,
+            profiles=[p for p in args.profiles.split(",") if p],
+            threads=args.threads,
+            distill=distill,
+            max_drop=args.max_drop,
+        )
     if not is_main_process():
         return 0
     layers = result.report["layers"]

@@ -10,7 +10,13 @@ from slimtorch.cli.common import format_table
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("devices", help="list the devices found here and the known profiles")
+    p = sub.add_parser(
+        "devices",
+        help="list the devices found here and the known profiles",
+        description="List the devices found here (memory, architecture, fp16/bf16 support) and "
+        "the known device profiles (peak rates, memory bandwidth); the cpu profile is measured "
+        "here with a short GEMM/copy probe unless --no-probe. Writes nothing.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument(
         "--no-probe", action="store_true", help="skip measuring the cpu profile (GEMM/copy probe)"

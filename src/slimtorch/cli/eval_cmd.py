@@ -6,18 +6,24 @@ import argparse
 import json
 from typing import Any
 
-from slimtorch.cli.common import DATASETS, add_device_args, apply_threads, resolve_model_dir
+from slimtorch.cli.common import DATASETS, add_device_args, apply_threads, model_dir_arg
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="evaluate a saved model directory")
-    p.add_argument("--in", dest="model_dir", required=True, help="model directory")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a saved model directory",
+        description="Evaluate a saved model (a model directory, or a run directory holding one "
+        "in model/) on a split of its dataset; prints one JSON line with the accuracy, the loss "
+        "and the number of images. Writes nothing.",
+    )
+    p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument(
         "--dataset", choices=DATASETS, default=None, help="default: the dataset it was trained on"
     )
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -30,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args)
     device = resolve_device(args.device)
-    model, card = load_model(resolve_model_dir(args.model_dir), device=device)
+    model, card = load_model(model_dir_arg(args.model_dir), device=device)
     dataset = args.dataset or card.extra.get("dataset")
     if dataset is None:
         raise ValueError(f"{args.model_dir} does not record its dataset; pass --dataset")

@@ -3,7 +3,7 @@
 Example:
     $ slimtorch export --in runs/ptq --format onnx --out runs/ptq/model.onnx
     $ slimtorch export --in runs/base --format onnx --dtype fp16 --out base-fp16.onnx
-    $ slimtorch export --in runs/base --format pt2 --out base.pt2
+    $ slimtorch export --in runs/base --out base.pt2     # the format follows the suffix
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slimtorch.cli.common import NARROW_CONVS, check_output_path, resolve_model_dir
+from slimtorch.cli.common import NARROW_CONVS, check_output_path, model_dir_arg
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+"""The --out suffix of each --format."""
 
 
 def add_parser(sub: Any) -> None:
@@ -25,11 +28,17 @@ def add_parser(sub: Any) -> None:
         "that ONNX Runtime runs with int8 kernels) or to a torch.export program (.pt2). The "
         "written file is run on 64 test images of the model's dataset (local files only; else "
         "on random inputs) and compared with the PyTorch model: largest output difference and "
-        "top-1 agreement.",
+        "top-1 agreement. Writes that one file and prints one JSON line.",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
-    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "pt2"),
+        default=None,
+        help="default: from the --out suffix (.pt2: pt2, else onnx); refused if it contradicts "
+        "the suffix",
+    )
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX only")
     p.add_argument("--no-check", action="store_true", help="skip the comparison run")
     p.add_argument(
@@ -49,6 +58,29 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="example batch size the choice is timed at")
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.set_defaults(handler=run)
+
+
+def output_format(out: str, given: str | None) -> str:
+    """The format to write: ``given`` (``--format``), which must agree with the suffix of
+    ``out``, else the one the suffix names, else onnx.
+
+    Example:
+        >>> output_format("m.pt2", None), output_format("m.onnx", None), output_format("m", None)
+        ('pt2', 'onnx', 'onnx')
+        >>> output_format("m.onnx", "pt2")
+        Traceback (most recent call last):
+        ...
+        ValueError: --out m.onnx names a .onnx file but --format is pt2; leave --format out ...
+    """
+    named = FORMATS.get(Path(out).suffix.lower())
+    if given is None:
+        return named or "onnx"
+    if named is not None and named != given:
+        raise ValueError(
+            f"--out {out} names a .{named} file but --format is {given}; leave --format out "
+            f"(or pass --format {named}), or give an --out ending in .{given}"
+        )
+    return given
 
 
 def _is_qdq(card: Any) -> bool:
@@ -121,13 +153,8 @@ def run(args: argparse.Namespace) -> int:
     from slimtorch.models import load_model
 
     check_output_path(args.out, "--out", folder=False)
-    named = {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix.lower())
-    if named is not None and named != args.format:
-        raise ValueError(
-            f"--out {args.out} names a .{named} file but --format is {args.format}; pass "
-            f"--format {named}, or an --out ending in .{args.format}"
-        )
-    model_dir = resolve_model_dir(args.model_dir)
+    args.format = output_format(args.out, args.format)
+    model_dir = model_dir_arg(args.model_dir)
     model, card = load_model(model_dir, device="cpu")
     model.eval()
     shape = tuple(card.input_shape)

@@ -10,8 +10,8 @@ from slimtorch.cli.common import (
     add_device_args,
     apply_threads,
     check_output_path,
+    model_dir_arg,
     parse_shape,
-    resolve_model_dir,
 )
 from slimtorch.core.errors import is_out_of_memory
 
@@ -21,10 +21,11 @@ def add_parser(sub: Any) -> None:
         "profile",
         help="measure a model and estimate its latency on each device profile",
         description="One table: parameters, size, FLOPs, measured latency and peak memory on "
-        "the device here, and the roofline latency estimate on each device profile.",
+        "the device here, and the roofline latency estimate on each device profile. Writes "
+        "nothing unless --json is given.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--in", dest="model_dir", help="a saved model directory")
+    src.add_argument("--in", dest="model_dir", help="a saved model or run directory")
     src.add_argument("--model", choices=MODELS, help="a zoo model with random weights")
     src.add_argument(
         "--exported", help="your own model: a torch.export program (.pt2); pass --input-shape"
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir:
         from slimtorch.models import load_model
 
-        model, card = load_model(resolve_model_dir(args.model_dir), device=device)
+        model, card = load_model(model_dir_arg(args.model_dir), device=device)
         shape = tuple(card.input_shape)
         name = args.model_dir
     elif args.exported:

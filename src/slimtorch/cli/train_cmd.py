@@ -12,6 +12,8 @@ from slimtorch.cli.common import (
     add_device_args,
     apply_threads,
     check_output_path,
+    check_run_output,
+    model_dir_arg,
     options_that_need,
 )
 
@@ -32,13 +34,16 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a model and write a model directory",
-        description="Train a zoo model on a dataset; writes model.safetensors, config.json, "
-        "metrics.json, history.json and a resumable checkpoint.pt to --out. Under torchrun "
+        description="Train a zoo model on a dataset. Writes the model directory --out/model "
+        "(model.safetensors, config.json, metrics.json; what eval, profile, compress, export and "
+        "serve read) and, in --out, history.json (per-epoch figures), train_config.json and a "
+        "resumable checkpoint.pt; prints one JSON line with the test accuracy. An --out that "
+        "already holds a run is refused unless --resume or --overwrite is given. Under torchrun "
         "(python -m torch.distributed.run -m slimtorch.cli train ...) it trains data-parallel.",
     )
     p.add_argument("--model", required=True, choices=MODELS, help="architecture")
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default digits)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="run directory to write (the model in --out/model)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
     p.add_argument(
@@ -64,11 +69,18 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=None,
         help="hold out this fraction of the training set (stratified, fixed split) for the "
-        "per-epoch evaluation, so that settings are chosen without the test set",
+        "per-epoch evaluation, so that settings are chosen without the test set (without it "
+        "the per-epoch evaluation, labelled test, runs on the test split)",
     )
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--no-download", action="store_true", help="never download dataset files")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run --out already holds (its model, checkpoint and history) with a "
+        "new one; without it (or --resume) such an --out is refused",
+    )
     p.add_argument(
         "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs)"
     )
@@ -182,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     options_that_need(args, args.teacher is not None, "--teacher", DISTILL_DEFAULTS)
     options_that_need(args, args.sparse is not None, "--sparse", SPARSE_DEFAULTS)
     check_output_path(args.out, "--out", folder=True)
+    check_run_output(args.out, overwrite=args.overwrite, resume=args.resume, checkpoint=True)
+    if args.teacher is not None:
+        model_dir_arg(args.teacher, "--teacher")
     distributed = init_distributed()
     try:
         apply_threads(args)

@@ -58,7 +58,7 @@ def _roots(root: str | os.PathLike[str] | None) -> list[Path]:
         if folder.exists() and not folder.is_dir():
             raise ValueError(
                 f"root {str(root)!r} is a file, not a folder; pass the folder that holds the "
-                f"dataset's files (e.g. root={str(folder.parent)!r})"
+                f"dataset's files as root= / --data-root (e.g. {str(folder.parent)!r})"
             )
         roots.append(folder)
     env = os.environ.get(DATA_ENV_VAR)
@@ -130,17 +130,27 @@ def _download(info: DatasetInfo, split: str, mirrors: Sequence[str]) -> None:
         extract_tar_members(archive, info.archive_prefix, members, target)
 
 
+DOWNLOAD_OFF = "Downloading is off (download=False / --no-download)."
+"""The reason :func:`load_dataset` gives with ``download=False``; each setting is named both as
+the Python argument and as the ``slimtorch`` option."""
+
+
 def _not_found(
     info: DatasetInfo, split: str, root: str | os.PathLike[str] | None, reason: str
 ) -> DataNotFoundError:
     folders = _candidate_folders(info, _roots(root))
     alternatives = " | ".join(", ".join(f.name for f in lay.files) for lay in info.layouts[split])
     searched = "\n  ".join(str(f) for f in folders)
+    allow = (
+        ", or allow the download (download=True / leave out --no-download)"
+        if reason == DOWNLOAD_OFF
+        else ""
+    )
     return DataNotFoundError(
         f"dataset {info.name!r} (split {split!r}) not found.\nSearched, in order:\n  {searched}\n"
         f"Expected files (any one group): {alternatives}\n{reason}\nWhat to do: put the files "
         f"in <folder>/{info.subdirs[0] or info.name}/ or <folder>/ and set {DATA_ENV_VAR}=<folder> "
-        "(or pass root=<folder>), or allow the download with download=True."
+        f"(or pass root=<folder> / --data-root <folder>){allow}."
     )
 
 
@@ -202,7 +212,7 @@ def load_dataset(
     found = find_dataset_files(name, split, root=root)
     if found is None:
         if not download:
-            raise _not_found(info, split, root, "Downloading is off (download=False).")
+            raise _not_found(info, split, root, DOWNLOAD_OFF)
         try:
             _download(info, split, tuple(mirrors) if mirrors is not None else info.mirrors)
         except DataNotFoundError as exc:
