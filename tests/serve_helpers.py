@@ -44,8 +44,8 @@ def save_slimtorch(folder: Path, model: nn.Module, in_size: int = 8) -> None:
     )
 
 
-def write_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
-    """``y = x @ weight + bias`` as an ONNX graph with a dynamic batch."""
+def write_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, batch: str | int = "N") -> None:
+    """``y = x @ weight + bias`` as an ONNX graph with a dynamic batch (or a fixed one)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -56,8 +56,8 @@ def write_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
             helper.make_node("Add", ["xw", "b"], ["y"]),
         ],
         "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -71,6 +71,39 @@ ONNX_B = np.array([1.0, -1.0, 0.5], dtype=np.float32)
 
 IN8 = [{"name": "input", "datatype": "FP32", "dims": [1, 8, 8]}]
 OUT10 = [{"name": "logits", "datatype": "FP32", "dims": [10]}]
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
+
+
+def docs_blocks(lang: str) -> list[str]:
+    """The fenced code blocks of docs/serve.md in language ``lang``, in order."""
+    import re
+
+    return re.findall(rf"^```{lang}\n(.*?)^```", DOCS.read_text(), flags=re.M | re.S)
+
+
+def slimtorch_export(model_dir: Path, out: Path, fmt: str) -> Path:
+    """Run ``slimtorch export --format FMT`` (without the comparison run); returns ``out``."""
+    from slimtorch.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["export", "--in", str(model_dir), "--format", fmt, "--out", str(out), "--no-check"]
+    )
+    assert args.handler(args) == 0
+    return out
+
+
+def train_digits(out_dir: Path) -> Path:
+    """A lenet5 trained on the bundled digits as `make demo` trains it; its model directory."""
+    from slimtorch.train import TrainConfig
+    from slimtorch.train.classifier import train_classifier
+
+    cfg = TrainConfig(epochs=30, lr=0.05, progress=False)
+    train_classifier(
+        model="lenet5", dataset="digits", out_dir=out_dir, train_config=cfg, batch_size=64
+    )
+    return out_dir / "model"
 
 
 def reference(folder: Path, x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ from serve_helpers import (
     OUT10,
     make_mlp,
     save_slimtorch,
+    slimtorch_export,
+    train_digits,
     write_config,
     write_onnx,
 )
@@ -56,3 +58,15 @@ def repo(repo_template: Path, tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(repo_template, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A lenet5 trained on digits: its model directory and its `slimtorch export` outputs."""
+    root = tmp_path_factory.mktemp("digits-model")
+    model_dir = train_digits(root / "run")
+    return {
+        "dir": model_dir,
+        "onnx": slimtorch_export(model_dir, root / "model.onnx", "onnx"),
+        "pt2": slimtorch_export(model_dir, root / "model.pt2", "pt2"),
+    }

@@ -20,6 +20,7 @@ MODULES = [
     "slimtorch.serve.metrics",
     "slimtorch.serve.middleware",
     "slimtorch.serve.model_config",
+    "slimtorch.serve.onnx_graph",
     "slimtorch.serve.protocol.codec",
     "slimtorch.serve.repository",
     "slimtorch.serve.runners",

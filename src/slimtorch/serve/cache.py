@@ -157,6 +157,21 @@ class ModelCache:
         _free_gpu_cache()
         return True
 
+    def unfit_reason(self, need: int) -> str | None:
+        """Why a version that needs ``need`` bytes can never load under the budget, or ``None``.
+
+        Example:
+            >>> print(ModelCache(1000).unfit_reason(5000))
+            needs 5000 bytes but the memory budget is 1000; raise --memory-budget ...
+        """
+        if need <= self.budget_bytes:
+            return None
+        return (
+            f"needs {need} bytes but the memory budget is {self.budget_bytes}; raise "
+            "--memory-budget (SLIMTORCH_SERVE_MEMORY_BUDGET_BYTES) or lower the model's "
+            "memory_bytes or max_batch_size"
+        )
+
     def _acquire_resident(self, key: Key) -> Runner | None:
         slot = self._slots.get(key)
         if slot is None:
@@ -208,11 +223,11 @@ class ModelCache:
                     f"model {entry.model!r} version {entry.version} is not ready: {entry.reason}"
                 )
             need = estimate_memory(entry.path, config)
-            if need > self.budget_bytes:
-                entry.state = State.UNAVAILABLE
-                entry.reason = (
-                    f"needs {need} bytes but the memory budget is {self.budget_bytes}; raise "
-                    "SLIMTORCH_SERVE_MEMORY_BUDGET_BYTES or lower max_batch_size/memory_bytes"
+            unfit = self.unfit_reason(need)
+            if unfit is not None:
+                entry.state, entry.reason = State.UNAVAILABLE, unfit
+                logger.warning(
+                    "model %s version %d cannot be loaded: %s", entry.model, entry.version, unfit
                 )
                 raise NotReady(f"model {entry.model!r} cannot be loaded: {entry.reason}")
             runner = self._load(entry, config, device, key, need)

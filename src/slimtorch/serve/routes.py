@@ -2,7 +2,7 @@
 
 Example:
     $ curl localhost:8000/v2/models/demo
-    $ curl -X POST localhost:8000/v1/models/demo/predict -d '{"data": [[...8x8 values...]]}'
+    $ curl -X POST localhost:8000/v1/models/demo/predict -d '{"data": [[...8x8 inputs...]]}'
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from slimtorch import __version__
 from slimtorch.serve.deps import AdminDep, ServerDep
 from slimtorch.serve.errors import BadRequest
 from slimtorch.serve.infer import run_infer
-from slimtorch.serve.protocol.codec import HEADER_LENGTH, DecodedRequest
+from slimtorch.serve.protocol.codec import HEADER_LENGTH, DecodedRequest, predict_batch
 from slimtorch.serve.protocol.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -254,11 +254,13 @@ _PREDICT_DOC: dict[str, Any] = {
     openapi_extra=_PREDICT_DOC,
 )
 async def predict(model_name: str, request: Request, server: ServerDep) -> dict[str, Any]:
-    """Simple JSON: ``{"data": nested list}`` for one item or a batch of the model's input.
+    """Simple JSON: ``{"data": [item, ...]}``, a batch of the model's one input.
 
-    Works for models with one input. For a classifier the response adds the top class of
-    each item (index, label, softmax score). The body is read as JSON whatever its
-    Content-Type says (``curl -d`` sends a form type).
+    Each item has the input's dims, or those dims without their leading size-1 dimensions
+    (see :func:`~slimtorch.serve.protocol.codec.predict_batch`). For a classifier (a float
+    first output of shape ``[batch, classes]``) the response adds the top class of each item:
+    index, label (``null`` without labels in the config) and softmax score. The body is read as
+    JSON whatever its Content-Type says (``curl -d`` sends a form type).
     """
     try:
         body = PredictRequest.model_validate_json(await request.body())
@@ -274,11 +276,7 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> dict[
             f"/v2/models/{model_name}/infer"
         )
     spec = cfg.inputs[0]
-    from slimtorch.serve.protocol.codec import _from_json
-
-    arr = _from_json(body.data, spec.dtype, "data")
-    if arr.ndim == len(spec.dims):
-        arr = arr[None]
+    arr = predict_batch(body.data, spec)
     decoded = DecodedRequest(None, {spec.name: arr}, {spec.name: spec.datatype}, None, False)
     entry, ver, outputs = await server.infer(model_name, str(ver.version), decoded)
     out: dict[str, Any] = {
@@ -287,13 +285,18 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> dict[
         "outputs": {k: v.tolist() for k, v in outputs.items()},
     }
     first = outputs[cfg.outputs[0].name]
-    if cfg.labels and first.ndim == 2 and first.shape[1] == len(cfg.labels):
+    if first.ndim == 2 and first.shape[1] >= 2 and first.dtype.kind == "f":
+        labels = cfg.labels if len(cfg.labels) == first.shape[1] else None
         logits = first.astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         top = probs.argmax(axis=1)
         out["predictions"] = [
-            {"index": int(i), "label": cfg.labels[int(i)], "score": float(probs[r, i])}
+            {
+                "index": int(i),
+                "label": labels[int(i)] if labels else None,
+                "score": float(probs[r, i]),
+            }
             for r, i in enumerate(top)
         ]
     return out

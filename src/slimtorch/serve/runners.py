@@ -227,19 +227,69 @@ class OnnxRunner:
         self.session = None
 
 
-def _warn_if_simulated_int8(module: nn.Module, name: str) -> None:
-    """Say so when a model directory holds int8 Q/DQ layers: served as a PyTorch module they
-    simulate int8 in float, 2.4-2.6x slower than the float model (resnet20 on a CPU,
-    docs/benchmarks.md); ONNX Runtime runs their int8 kernels."""
-    from slimtorch.quant.export import is_qdq_model
+def int8_note(module: nn.Module) -> str | None:
+    """What runs when a module holding int8 layers is served as a PyTorch module, or ``None``.
 
-    if is_qdq_model(module):
-        logger.warning(
-            "model %r holds int8 Q/DQ layers, which run simulated in float when served as a "
-            "slimtorch directory (slower than the float model); serve its ONNX export "
-            "(slimtorch export --format onnx, format 'onnx') to run its int8 kernels",
-            name,
+    The ONNX export is advised only where it turns the int8 layers into ONNX Runtime's int8
+    operators (``QLinearConv``, ``QLinearMatMul``, ...): layers with a static input scale, in a
+    model without :class:`~slimtorch.quant.gemm.GemmConv2d` layers or dynamic layers (which
+    :func:`slimtorch.quant.export_onnx` refuses). Weight-only layers export as float operators
+    fed by dequantized weights, so no int8 kernel runs there either.
+
+    Example:
+        >>> from slimtorch.models import create_model
+        >>> from slimtorch.quant import PTQConfig, quantize_
+        >>> model = create_model("lenet5", in_channels=1, input_size=8).eval()
+        >>> int8_note(model) is None
+        True
+        >>> _ = quantize_(model, PTQConfig(mode="weight_only"))
+        >>> int8_note(model)
+        'holds weight-only int8 layers: their weights are dequantized to float on every call ...'
+    """
+    from slimtorch.quant.convert import QDQAct
+    from slimtorch.quant.gemm import GemmConv2d
+    from slimtorch.quant.qdq import QDQConv2d, QDQLinear
+
+    layers = [m for m in module.modules() if isinstance(m, QDQConv2d | QDQLinear)]
+    acts = any(isinstance(m, QDQAct) for m in module.modules())
+    if not layers and not acts:
+        return None
+    dynamic = any(m.input_dynamic for m in layers)
+    static = acts or any(m.input_scale is not None and not m.input_dynamic for m in layers)
+    lowered = any(isinstance(m, GemmConv2d) for m in module.modules())
+    if not static and not dynamic:
+        bits = "/".join(f"int{b}" for b in sorted({m.weight_bits for m in layers}))
+        return (
+            f"holds weight-only {bits} layers: their weights are dequantized to float on every "
+            "call and the arithmetic runs in float (smaller files, no int8 kernels; its ONNX "
+            "export has no int8 operators either)"
         )
+    runs = (
+        "holds int8 Q/DQ layers, which run simulated in float when served as a slimtorch "
+        "directory (activations quantized and dequantized, weights dequantized on every call; "
+        "slower than the float model)"
+    )
+    if lowered or dynamic:
+        why = (
+            "GemmConv2d (conv-gemm) layers"
+            if lowered
+            else "dynamic-quantization layers (their input scale is computed per batch)"
+        )
+        return (
+            f"{runs}; `slimtorch export --format onnx` refuses its {why}, so no ONNX int8 "
+            "kernels are available for this model"
+        )
+    return (
+        f"{runs}; serve its ONNX export (slimtorch export --format onnx, format 'onnx') to run "
+        "its int8 kernels in ONNX Runtime"
+    )
+
+
+def _warn_if_simulated_int8(module: nn.Module, name: str) -> None:
+    """Log what runs when a model directory holding int8 layers is served (:func:`int8_note`)."""
+    note = int8_note(module)
+    if note is not None:
+        logger.warning("model %r %s", name, note)
 
 
 def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
@@ -366,6 +416,7 @@ __all__ = [
     "default_device",
     "describe",
     "estimate_memory",
+    "int8_note",
     "load_runner",
     "model_path",
 ]

@@ -30,15 +30,21 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.devices import read_meminfo
-from slimtorch.core.errors import is_out_of_memory
+from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.serve.batcher import Arrays, Batcher
 from slimtorch.serve.cache import ModelCache
 from slimtorch.serve.errors import NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.protocol.codec import DecodedRequest, check_inputs
-from slimtorch.serve.repository import ModelEntry, Repository, State, VersionEntry
-from slimtorch.serve.runners import default_device
+from slimtorch.serve.repository import (
+    ModelEntry,
+    Repository,
+    State,
+    VersionEntry,
+    check_version,
+)
+from slimtorch.serve.runners import default_device, estimate_memory
 from slimtorch.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -140,6 +146,7 @@ class ModelServer:
                 if entry is not None and entry.config is not None:
                     for ver in entry.versions.values():
                         self._add_batcher(entry, ver)
+                        self._check_fits(entry, ver)
             await self._startup_loads(changed)
             return changed
 
@@ -159,7 +166,21 @@ class ModelServer:
         batcher.start()
         self.batchers[(entry.name, ver.version)] = batcher
 
+    def _check_fits(self, entry: ModelEntry, ver: VersionEntry) -> None:
+        """Mark a version that can never fit the memory budget not ready, and say so."""
+        assert self.cache is not None and entry.config is not None
+        if not ver.servable:
+            return
+        try:
+            unfit = self.cache.unfit_reason(estimate_memory(ver.path, entry.config))
+        except OSError as exc:
+            unfit = f"its files cannot be read ({exc})"
+        if unfit is not None:
+            ver.state, ver.reason = State.UNAVAILABLE, unfit
+            logger.warning("model %s version %d is not ready: %s", entry.name, ver.version, unfit)
+
     async def _startup_loads(self, names: set[str]) -> None:
+        """Load the versions of start-up and pinned models; one that fails is not ready."""
         loop = asyncio.get_running_loop()
         for name in sorted(names):
             entry = self.repository.models.get(name)
@@ -169,9 +190,22 @@ class ModelServer:
             if policy != "startup" and not entry.config.pinned:
                 continue
             for ver in entry.versions.values():
-                if ver.servable:
-                    with contextlib.suppress(NotReady, Overloaded):
-                        await loop.run_in_executor(None, self._load_now, entry, ver)
+                if not ver.servable:
+                    continue  # already reported as not ready
+                try:
+                    await loop.run_in_executor(None, self._load_now, entry, ver)
+                except (NotReady, Overloaded) as exc:
+                    if ver.state in (State.AVAILABLE, State.LOADING):  # no room, or no memory
+                        ver.state = State.UNAVAILABLE
+                        ver.reason = (
+                            f"{exc.message}; load it through the management API once there is room"
+                        )
+                    logger.warning(
+                        "model %s version %d was not loaded at start-up and is not ready: %s",
+                        name,
+                        ver.version,
+                        ver.reason,
+                    )
 
     def _load_now(self, entry: ModelEntry, ver: VersionEntry) -> None:
         assert self.cache is not None and entry.config is not None
@@ -245,16 +279,28 @@ class ModelServer:
         return entry, ver, outputs
 
     async def load(self, name: str) -> list[VersionEntry]:
-        """Load every version of ``name`` now (management API)."""
+        """Load every version of ``name`` now (management API).
+
+        A version that is not ready (it failed to load, or did not fit) is tried again: its
+        files are checked as at a scan, then it is loaded.
+        """
         entry = self.repository.get(name)
         if entry.config is None:
             raise NotReady(f"model {name!r} cannot be loaded: {entry.error}")
         loop = asyncio.get_running_loop()
         for ver in entry.versions.values():
-            if ver.state is State.UNLOADED:
+            if ver.state is State.UNAVAILABLE:  # try again, from the file checks on
+                try:
+                    check_version(ver.path, entry.config)
+                except (ModelLoadError, OSError) as exc:
+                    ver.reason = str(exc)
+                    raise NotReady(f"model {name!r} cannot be loaded: {exc}") from None
+            if ver.state in (State.UNLOADED, State.UNAVAILABLE):
                 ver.state, ver.reason = State.AVAILABLE, ""
             if (name, ver.version) not in self.batchers:
                 self._add_batcher(entry, ver)
+                if (name, ver.version) not in self.batchers:
+                    raise NotReady(f"model {name!r} cannot be loaded: {ver.reason}")
             await loop.run_in_executor(None, self._load_now, entry, ver)
         return list(entry.versions.values())
 

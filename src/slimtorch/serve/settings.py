@@ -48,7 +48,9 @@ class ServeSettings(Config):
         device: Default device of the models (``auto``, ``cpu``, ``cuda:1`` ...); a model's
             config may name its own.
         load_policy: ``on_demand`` loads a model on its first request, ``startup`` loads every
-            model before the server reports ready (pinned models always load at start-up).
+            model before the server reports ready (pinned models always load at start-up); a
+            model config's own ``load_policy`` wins. A model that fails to load at start-up is
+            not ready, with the reason logged and given by its readiness endpoint.
         pinned: Model names that are loaded at start-up and never evicted.
         threads: torch CPU threads (``None`` keeps torch's choice).
         max_batch_size: Default largest batch of a model whose config does not set one.

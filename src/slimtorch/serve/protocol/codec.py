@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from slimtorch.serve.errors import BadRequest
-from slimtorch.serve.model_config import DATATYPES, ModelConfig
+from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
 from slimtorch.serve.protocol.schemas import InferenceRequest, format_validation_error
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -82,6 +82,43 @@ def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
                 f"[{info.min}, {info.max}]"
             )
     return arr.astype(dtype, copy=False)
+
+
+def predict_batch(data: list[Any], spec: TensorSpec) -> np.ndarray:
+    """The input batch of the simple JSON endpoint (``/v1/models/{m}/predict``).
+
+    ``data`` is always a list of items, the batch. Each item has the input's full item shape
+    (``dims``), or that shape without its leading size-1 dimensions: for dims ``[1, 8, 8]`` an
+    item is an 8x8 nested list or a ``[1, 8, 8]`` one, and ``[img]`` is a batch of one.
+
+    Raises:
+        BadRequest: The items have another shape; the message lists the accepted ones.
+
+    Example:
+        >>> spec = TensorSpec(name="input", dims=(1, 8, 8))
+        >>> img = [[0.0] * 8] * 8
+        >>> predict_batch([img], spec).shape, predict_batch([img, img], spec).shape
+        ((1, 1, 8, 8), (2, 1, 8, 8))
+        >>> predict_batch([[img], [img]], spec).shape
+        (2, 1, 8, 8)
+        >>> predict_batch(img, spec)
+        Traceback (most recent call last):
+        ...
+        slimtorch.serve.errors.BadRequest: request.data must be a list of items of shape ...
+    """
+    arr = _from_json(data, spec.dtype, "request")
+    dims = spec.dims
+    accepted = [dims[k:] for k in range(len(dims) + 1) if all(d == 1 for d in dims[:k])]
+    item = arr.shape[1:]
+    for shape in accepted:
+        if len(shape) == len(item) and all(d in (-1, g) for d, g in zip(shape, item, strict=True)):
+            return arr.reshape(arr.shape[0], *dims[: len(dims) - len(shape)], *item)
+    shown = " or ".join(str(list(a)) for a in accepted)
+    raise BadRequest(
+        f"request.data must be a list of items of shape {shown} (input {spec.name!r} takes "
+        f"{[-1, *dims]}, batch first, -1 = any size); got {arr.shape[0]} item(s) of shape "
+        f"{list(item)}; send one item as [item]"
+    )
 
 
 def _tensor(inp: Any, index: int, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:

@@ -133,7 +133,8 @@ class RepositoryModel(BaseModel):
 
 
 class PredictRequest(_Strict):
-    """The simple JSON endpoint: one input as a nested list, with or without the batch axis."""
+    """The simple JSON endpoint: one input as a list of items (the batch), each of the input's
+    dims or those dims without their leading size-1 dimensions."""
 
     data: list[Any] = Field(min_length=1)
     version: str | None = None
