@@ -155,25 +155,26 @@ def export_onnx(
             "form here; export the float model and run onnxruntime.quantization."
             "quantize_dynamic on it, or use PTQConfig(mode='static')"
         )
+    from slimtorch.decompose.fused import FusedTuckerConv2d
     from slimtorch.quant.gemm import GemmConv2d
 
-    lowered = [n for n, m in model.named_modules() if isinstance(m, GemmConv2d)]
-    if lowered:
-        raise ValueError(
-            f"{lowered[0]} (and {len(lowered) - 1} more) is a GemmConv2d: convolutions lowered "
-            "to im2col + linear are for inductor (ONNX has no strided view); export the model "
-            "from before lower_conv_gemm_ (ONNX Runtime runs its convolutions as QLinearConv)"
-        )
-    from slimtorch.decompose.fused import FusedTuckerConv2d
-
-    fused = [n for n, m in model.named_modules() if isinstance(m, FusedTuckerConv2d)]
-    if fused:
-        raise ValueError(
-            f"{fused[0]} (and {len(fused) - 1} more) is a FusedTuckerConv2d: its one-kernel "
-            "layer (slimtorch::tucker_block) has no ONNX form; export the model from before "
-            "fuse-tucker, whose Tucker factors export as three convolutions, or export this one "
-            "with torch.export (slimtorch export --format pt2)"
-        )
+    for kind, why in (
+        (
+            GemmConv2d,
+            "convolutions lowered to im2col + linear are for inductor (ONNX has no strided "
+            "view); export the model from before lower_conv_gemm_ (ONNX Runtime runs its "
+            "convolutions as QLinearConv)",
+        ),
+        (
+            FusedTuckerConv2d,
+            "its one-kernel layer (slimtorch::tucker_block) has no ONNX form; export the model "
+            "from before fuse-tucker, whose Tucker factors export as three convolutions, or "
+            "export this one with torch.export (slimtorch export --format pt2)",
+        ),
+    ):
+        found = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        if found:
+            raise ValueError(f"{found[0]} (and {len(found) - 1} more) is a {kind.__name__}: {why}")
     from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
     if target not in QDQ_TARGETS:
