@@ -158,7 +158,7 @@ def export_onnx(
     from slimtorch.decompose.fused import FusedTuckerConv2d
     from slimtorch.quant.gemm import GemmConv2d
 
-    for kind, why in (
+    for layer_kind, why in (
         (
             GemmConv2d,
             "convolutions lowered to im2col + linear are for inductor (ONNX has no strided "
@@ -172,9 +172,11 @@ def export_onnx(
             "export this one with torch.export (slimtorch export --format pt2)",
         ),
     ):
-        found = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        found = [n for n, m in model.named_modules() if isinstance(m, layer_kind)]
         if found:
-            raise ValueError(f"{found[0]} (and {len(found) - 1} more) is a {kind.__name__}: {why}")
+            raise ValueError(
+                f"{found[0]} (and {len(found) - 1} more) is a {layer_kind.__name__}: {why}"
+            )
     from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
     if target not in QDQ_TARGETS:
