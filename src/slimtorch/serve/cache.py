@@ -161,8 +161,10 @@ class ModelCache:
         """Why a version that needs ``need`` bytes can never load under the budget, or ``None``.
 
         Example:
-            >>> print(ModelCache(1000).unfit_reason(5000))
-            needs 5000 bytes but the memory budget is 1000; raise --memory-budget ...
+            >>> ModelCache(1000).unfit_reason(5000).split(";")[0]
+            'needs 5000 bytes but the memory budget is 1000'
+            >>> ModelCache(1000).unfit_reason(500) is None
+            True
         """
         if need <= self.budget_bytes:
             return None
