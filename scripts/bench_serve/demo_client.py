@@ -106,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if status != 200 or not index:
             raise SystemExit(f"no models to serve under {args.runs_dir} ({status}: {index})")
         images, labels = digits(args.requests)
-        from slimtorch.cli.common import resolve_model_dir
+        from slimtorch.cli.common import model_dir_arg
         from slimtorch.models import read_model_card
 
         sent = 0
         for row in index:
             name = row["name"]
-            card = read_model_card(resolve_model_dir(str(Path(args.runs_dir) / name)))
+            card = read_model_card(model_dir_arg(str(Path(args.runs_dir) / name), "--runs-dir"))
             if tuple(card.input_shape) != tuple(images.shape[1:]):
                 # another model under the same runs folder (e.g. a Fashion-MNIST run): it is
                 # served too, but 8x8 digits are not its input

@@ -8,6 +8,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from slimtorch.models.card import holds_model
+
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain text table with columns padded to their widest cell.
@@ -63,23 +65,6 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def resolve_model_dir(path: str) -> Path:
-    """Accept a model directory or a run directory holding one in ``model/``."""
-    p = Path(path)
-    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
-        return p / "model"
-    return p
-
-
-def _is_model_dir(path: Path) -> bool:
-    """``path`` holds a saved model, or the copy an interrupted save left beside it (which
-    :func:`slimtorch.models.load_model` loads in its place)."""
-    backup = path.with_name(f".{path.name}.old")
-    return (path / "config.json").is_file() or (
-        not path.exists() and (backup / "config.json").is_file()
-    )
-
-
 def model_dir_arg(path: str, option: str = "--in") -> Path:
     """The model directory that ``option`` names (itself or its ``model/``), checked in the
     command line's terms before anything is loaded.
@@ -93,9 +78,9 @@ def model_dir_arg(path: str, option: str = "--in") -> Path:
     """
     p = Path(path)
     what = "a model directory, or the --out folder of slimtorch train or slimtorch compress"
-    if _is_model_dir(p):
+    if holds_model(p):
         return p
-    if _is_model_dir(p / "model"):
+    if holds_model(p / "model"):
         return p / "model"
     if not p.exists():
         raise ValueError(f"{option} {path} does not exist; pass {what}")
@@ -136,7 +121,7 @@ def check_run_output(
     found = [
         name
         for name, there in (
-            ("a model (model/)", _is_model_dir(out / "model")),
+            ("a model (model/)", holds_model(out / "model")),
             (
                 "a training checkpoint (checkpoint.pt)",
                 checkpoint and (out / "checkpoint.pt").exists(),

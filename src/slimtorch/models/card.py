@@ -73,6 +73,21 @@ def _backup_dir(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+def holds_model(path: str | os.PathLike[str]) -> bool:
+    """``path`` is a saved model directory, or is missing while the copy an interrupted save
+    left beside it (which :func:`~slimtorch.models.load_model` loads in its place) is there.
+
+    Example:
+        >>> import tempfile
+        >>> holds_model(tempfile.mkdtemp())
+        False
+    """
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() or (
+        not path.exists() and (_backup_dir(path) / CONFIG_FILE).is_file()
+    )
+
+
 def _resolve_dir(path: Path) -> Path:
     if path.is_dir():
         return path
