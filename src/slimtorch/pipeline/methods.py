@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from slimtorch.core.config import Config
 from slimtorch.core.registry import Registry
 from slimtorch.train import Callback
 
@@ -93,6 +94,7 @@ CompressMethod = Callable[[nn.Module, MethodRequest], Applied]
 COMPRESS_METHODS: Registry[CompressMethod] = Registry("compression method")
 
 OptionParser = Callable[[dict[str, Any]], Any]
+ConfigT = TypeVar("ConfigT", bound=Config)
 _OPTION_PARSERS: dict[str, OptionParser] = {}
 
 
@@ -299,13 +301,29 @@ def _pop_flag(
     return flag, rest
 
 
+def _config_from(
+    config_type: type[ConfigT], options: dict[str, Any], method: str, *own: str
+) -> ConfigT:
+    """``config_type.from_dict(options)`` for a method that has already split off its own keys
+    ``own`` (flags that are not config fields): an unknown key is named with every key the
+    method takes, its own included, not just the config's fields."""
+    fields = {f.name for f in dataclasses.fields(config_type) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown {method} option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(sorted(fields | set(own)))}"
+        )
+    return config_type.from_dict(options)
+
+
 @_parses_options("prune")
 def _prune_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
     from slimtorch.prune import MagnitudeConfig
 
     gradual, rest = _pop_flag(options, "prune", "gradual")
     check, rest = _pop_flag(rest, "prune", SPARSE_CHECK, default=True)
-    return gradual, check, MagnitudeConfig.from_dict(rest)
+    return gradual, check, _config_from(MagnitudeConfig, rest, "prune", "gradual", SPARSE_CHECK)
 
 
 @COMPRESS_METHODS.register("prune")
@@ -351,7 +369,7 @@ def _nm_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.prune import NMConfig
 
     check, rest = _pop_flag(options, "nm", SPARSE_CHECK, default=True)
-    return check, NMConfig.from_dict(rest)
+    return check, _config_from(NMConfig, rest, "nm", SPARSE_CHECK)
 
 
 @COMPRESS_METHODS.register("nm")

@@ -31,6 +31,7 @@ from slimtorch.pipeline.methods import (
     CompressMethod,
     MethodRequest,
     OptionParser,
+    _config_from,
     _parses_options,
     _pop_flag,
 )
@@ -138,7 +139,7 @@ def _ptq_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import PTQConfig
 
     check, rest = _runtime_check(options, "ptq")
-    return check, PTQConfig.from_dict(rest)
+    return check, _config_from(PTQConfig, rest, "ptq", RUNTIME_CHECK)
 
 
 @COMPRESS_METHODS.register("ptq")
@@ -196,7 +197,11 @@ def _qat_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
 
     widen, rest = _pop_flag(options, "qat", "widen_4bit_activations")
     check, rest = _runtime_check(rest, "qat")
-    return widen, check, QATConfig.from_dict(rest)
+    return (
+        widen,
+        check,
+        _config_from(QATConfig, rest, "qat", "widen_4bit_activations", RUNTIME_CHECK),
+    )
 
 
 @COMPRESS_METHODS.register("qat")
@@ -232,13 +237,21 @@ def _cast_options(dtype: str) -> OptionParser:
         from slimtorch.quant import LowPrecisionConfig
 
         fold, options = _pop_flag(options, dtype, "fold_bn", default=True)
-        options = {"dtype": dtype, **options}
+        if options.get("dtype", dtype) != dtype:
+            raise ValueError(
+                f"method {dtype} casts to {dtype}; got the option dtype={options['dtype']!r} "
+                "(choose the dtype by the method: --method fp16 or --method bf16)"
+            )
+        options = {**options, "dtype": dtype}
         profile = options.pop("profile", "rx580")
         check = options.pop("check_batches", 4)
         if isinstance(check, bool) or not isinstance(check, int) or check < 1:
             raise ValueError(f"{dtype} option 'check_batches' must be an int >= 1, got {check!r}")
         get_profile(profile)  # unknown names raise with the list
-        return profile, check, fold, LowPrecisionConfig.from_dict(options)
+        config = _config_from(
+            LowPrecisionConfig, options, dtype, "fold_bn", "profile", "check_batches"
+        )
+        return profile, check, fold, config
 
     return parse
 
@@ -320,13 +333,8 @@ def _fold_bn(model: nn.Module, request: MethodRequest) -> Applied:
 def _direct_conv_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import DirectConvConfig
 
-    rest = dict(options)
-    compiled = rest.pop("compiled_check", True)
-    if not isinstance(compiled, bool):
-        raise TypeError(
-            f"direct-conv option 'compiled_check' must be true or false, got {compiled!r}"
-        )
-    return compiled, DirectConvConfig.from_dict(rest)
+    compiled, rest = _pop_flag(options, "direct-conv", "compiled_check", default=True)
+    return compiled, _config_from(DirectConvConfig, rest, "direct-conv", "compiled_check")
 
 
 def _compiled_latency(
@@ -401,14 +409,10 @@ def _direct_conv(model: nn.Module, request: MethodRequest) -> Applied:
 def _conv_gemm_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
     from slimtorch.quant import GemmConvConfig
 
-    rest = dict(options)
-    flags = []
-    for key, default in (("compiled_check", True), ("direct_stem", True)):
-        value = rest.pop(key, default)
-        if not isinstance(value, bool):
-            raise TypeError(f"conv-gemm option {key!r} must be true or false, got {value!r}")
-        flags.append(value)
-    return flags[0], flags[1], GemmConvConfig.from_dict(rest)
+    compiled, rest = _pop_flag(options, "conv-gemm", "compiled_check", default=True)
+    direct, rest = _pop_flag(rest, "conv-gemm", "direct_stem", default=True)
+    own = ("compiled_check", "direct_stem")
+    return compiled, direct, _config_from(GemmConvConfig, rest, "conv-gemm", *own)
 
 
 @COMPRESS_METHODS.register("conv-gemm")
@@ -479,7 +483,7 @@ def _mixed_options(options: dict[str, Any]) -> tuple[bool, Any]:
     from slimtorch.quant import MixedPrecisionConfig
 
     check, rest = _runtime_check(options, "mixed")
-    return check, MixedPrecisionConfig.from_dict(rest)
+    return check, _config_from(MixedPrecisionConfig, rest, "mixed", RUNTIME_CHECK)
 
 
 @COMPRESS_METHODS.register("mixed")
