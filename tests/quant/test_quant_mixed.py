@@ -129,6 +129,7 @@ def test_size_budget_is_met_and_choices_are_explained(tmp_path: Path) -> None:
         out = model(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert report.output_error is not None and report.output_error > 0
+    assert f"output error {report.output_error:.3g}" in report.to_table()
     assert report.est_latency_before_s and report.est_latency_after_s
     save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.0], std=[1.0],
                class_names=[str(i) for i in range(10)])  # fmt: skip

@@ -186,7 +186,8 @@ class MixedPrecisionReport:
         ]
         ratio = self.size_fp32 / max(self.size_after, 1)
         lines.append(f"size {self.size_fp32:,} -> {self.size_after:,} bytes ({ratio:.2f}x)")
-        lines.append(f"predicted loss {self.predicted_loss:.3g}, output error {self.output_error}")
+        error = "not measured" if self.output_error is None else f"{self.output_error:.3g}"
+        lines.append(f"predicted loss {self.predicted_loss:.3g}, output error {error}")
         return "\n".join(lines)
 
 
