@@ -97,11 +97,16 @@ def test_train_keeps_a_run_unless_resume_or_overwrite(
 
     assert main([*run, "--epochs", "2", "--resume"]) == 0  # continues: one more epoch
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
+    (out / "report.json").write_text("{}")  # a file of an earlier compress into this folder
+    (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main([*run, "--epochs", "1", "--seed", "1", "--overwrite"]) == 0  # a new run
     assert json.loads((out / "history.json").read_text())["epoch"] == [1]
     after = _files(out)
     assert after["model/model.safetensors"] != before["model/model.safetensors"]
+    assert "removed from the replaced run: report.json" in capsys.readouterr().out
+    assert not (out / "report.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert {"checkpoint.pt", "history.json", "train_config.json"} <= set(after)
 
     # a checkpoint alone, or a model alone, is a run too; --resume needs the checkpoint
     (out / "model" / "config.json").unlink()
@@ -130,10 +135,13 @@ def test_compress_keeps_a_model_unless_overwrite(
 
     import slimtorch.pipeline
 
+    from slimtorch.core.io import atomic_write_json
+
     calls: list[object] = []
 
     def fake_run(**kwargs: object) -> SimpleNamespace:
         calls.append(kwargs["out_dir"])
+        atomic_write_json(Path(str(kwargs["out_dir"])) / "report.json", {"new": True})
         return SimpleNamespace(report={"layers": {"layers": []}}, table="table")
 
     monkeypatch.setattr(slimtorch.pipeline, "compress_run", fake_run)
@@ -148,8 +156,15 @@ def test_compress_keeps_a_model_unless_overwrite(
         f"slimtorch compress: error: --out {out} already holds a model (model/); pass "
         "--overwrite to replace it, or choose another --out"
     )
+    for stale in ("history.json", "checkpoint.pt", "report.refused.json"):
+        (out / stale).write_text("old run")
     assert main([*args, "--overwrite"]) == 0
     assert calls == [str(out), str(out)]
+    # the replaced run's fine-tune and refusal files go; the new report stays
+    removed = "checkpoint.pt, history.json, report.refused.json"
+    assert f"removed from the replaced run: {removed}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json"]
+    assert json.loads((out / "report.json").read_text()) == {"new": True}
 
 
 def test_help_says_what_each_command_writes(capsys: pytest.CaptureFixture[str]) -> None:

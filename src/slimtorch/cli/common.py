@@ -92,19 +92,39 @@ def model_dir_arg(path: str, option: str = "--in") -> Path:
     )
 
 
+RUN_FILES = (
+    "checkpoint.pt",
+    "history.json",
+    "train_config.json",
+    "report.json",
+    "report.txt",
+    "report.refused.json",
+    "report.refused.txt",
+    "model.compact.safetensors",
+)
+"""The files train and compress write in ``--out`` beside ``model/``."""
+
+
 def check_run_output(
     path: str, *, overwrite: bool, resume: bool | None = None, checkpoint: bool = False
-) -> None:
+) -> dict[Path, tuple[int, int]]:
     """Refuse an ``--out`` that already holds a run unless ``--overwrite`` (or ``--resume``).
 
     A run is a model directory in ``--out/model`` or, where ``checkpoint`` is set (train), a
     ``--out/checkpoint.pt``. ``resume`` is None for commands without ``--resume``.
+
+    Returns:
+        With ``overwrite``, the run files (:data:`RUN_FILES`) already in ``--out`` with their
+        identity; :func:`remove_stale_outputs` removes, after a successful run, those the run
+        did not write again, so no report or checkpoint of the replaced run stays beside the
+        new model. Empty otherwise.
 
     Example:
         >>> import tempfile
         >>> from slimtorch.models import create_model, save_model
         >>> out = tempfile.mkdtemp()
         >>> check_run_output(out, overwrite=False)  # empty: fine
+        {}
         >>> _ = save_model(create_model("mlp"), f"{out}/model", input_shape=(1, 28, 28),
         ...                mean=[0.5], std=[0.5], class_names=list("0123456789"))
         >>> check_run_output(out, overwrite=False)
@@ -112,6 +132,7 @@ def check_run_output(
         ...
         ValueError: --out ... already holds a model (model/); pass --overwrite to replace it, ...
         >>> check_run_output(out, overwrite=True)
+        {}
     """
     if resume and overwrite:
         raise ValueError(
@@ -129,8 +150,10 @@ def check_run_output(
         )
         if there
     ]
-    if not found or overwrite:
-        return
+    if overwrite:
+        return {p: _identity(p) for p in (out / name for name in RUN_FILES) if p.is_file()}
+    if not found:
+        return {}
     if resume is None:
         raise ValueError(
             f"--out {path} already holds {' and '.join(found)}; pass --overwrite to replace "
@@ -146,6 +169,32 @@ def check_run_output(
             f"--resume: --out {path} holds a model but no checkpoint.pt to continue from; pass "
             "--overwrite to train a new model there, or choose another --out"
         )
+    return {}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def remove_stale_outputs(before: dict[Path, tuple[int, int]]) -> list[str]:
+    """Remove the run files of a replaced run that the new run left as they were.
+
+    ``before`` is what :func:`check_run_output` returned. A file the new run wrote again (the
+    atomic writes give it a new inode) is kept. Returns the names removed.
+    """
+    removed = []
+    for path, identity in before.items():
+        if path.is_file() and _identity(path) == identity:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def report_removed(names: Sequence[str]) -> None:
+    """Say which files of a replaced run :func:`remove_stale_outputs` removed (if any)."""
+    if names:
+        print(f"removed from the replaced run: {', '.join(names)}")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from slimtorch.cli.common import (
     model_dir_arg,
     options_that_need,
     quiet_autotune,
+    remove_stale_outputs,
+    report_removed,
 )
 
 # defaults of the options that act only with --distill (parsed as None so that giving one
@@ -48,7 +50,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model (and reports) --out already holds; without it such an --out "
+        help="replace the model (and reports) --out already holds, and remove the run files "
+        "the new run does not write again (an old checkpoint.pt); without it such an --out "
         "is refused",
     )
     p.add_argument("--method", required=True, choices=_methods())
@@ -297,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     options_that_need(args, args.distill, "--distill", DISTILL_DEFAULTS)
     options = _options(args)
     check_output_path(args.out, "--out", folder=True)
-    check_run_output(args.out, overwrite=args.overwrite)
+    replaced = check_run_output(args.out, overwrite=args.overwrite)
     model_dir_arg(args.model_dir)
     apply_threads(args)
     finetune = (
@@ -369,4 +372,5 @@ def _run(args: argparse.Namespace) -> int:
             f"(accuracy fell {drop:.2f} points and nothing was fine-tuned: --finetune-epochs N "
             "recovers it where the method allows; --max-drop refuses such a result)"
         )
+    report_removed(remove_stale_outputs(replaced))
     return 0

@@ -15,6 +15,8 @@ from slimtorch.cli.common import (
     check_run_output,
     model_dir_arg,
     options_that_need,
+    remove_stale_outputs,
+    report_removed,
 )
 
 # defaults of the options that act only with --teacher / --sparse (parsed as None so that
@@ -79,7 +81,8 @@ def add_parser(sub: Any) -> None:
         "--overwrite",
         action="store_true",
         help="replace the run --out already holds (its model, checkpoint and history) with a "
-        "new one; without it (or --resume) such an --out is refused",
+        "new one, and remove the run files it does not write again (an old report.json); "
+        "without it (or --resume) such an --out is refused",
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs)"
@@ -194,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
     options_that_need(args, args.teacher is not None, "--teacher", DISTILL_DEFAULTS)
     options_that_need(args, args.sparse is not None, "--sparse", SPARSE_DEFAULTS)
     check_output_path(args.out, "--out", folder=True)
-    check_run_output(args.out, overwrite=args.overwrite, resume=args.resume, checkpoint=True)
+    replaced = check_run_output(
+        args.out, overwrite=args.overwrite, resume=args.resume, checkpoint=True
+    )
     if args.teacher is not None:
         model_dir_arg(args.teacher, "--teacher")
     distributed = init_distributed()
@@ -258,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                 ),
             }
             print(json.dumps(summary))
+            report_removed(remove_stale_outputs(replaced))
     finally:
         cleanup()
     return 0
