@@ -160,3 +160,10 @@ def test_load_teacher_checks_its_arguments(
         load_teacher(saved_teacher, **args)  # type: ignore[arg-type]
     teacher = load_teacher(saved_teacher, input_shape=[1, 8, 8], num_classes=np.int64(10))  # type: ignore[arg-type]
     assert not teacher.training
+
+
+def test_a_low_precision_teacher_gets_its_inputs_in_its_dtype() -> None:
+    teacher = _mlp(1).to(torch.bfloat16)
+    config = DistillConfig(temperature=2.0, alpha=0.5, hints=(("0", "0"),))
+    assert _fit(_mlp(2), teacher, config) == [1]  # fp32 student, bf16 teacher
+    assert next(teacher.parameters()).dtype == torch.bfloat16  # left in its dtype

@@ -74,7 +74,9 @@ class DistillationCallback(Callback):
 
     Args:
         teacher: The teacher model; must take the student's inputs and predict the same
-            classes. It must not share parameters with the student.
+            classes. It must not share parameters with the student. A teacher whose weights
+            are all in one dtype (an fp16 or bf16 copy, to save memory) gets the student's
+            floating-point inputs cast to that dtype; the losses run in float32.
         config: Temperature, ``alpha``, hint pairs and hint weight.
 
     Example:
@@ -152,6 +154,9 @@ class DistillationCallback(Callback):
             self.teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+        dtypes = {p.dtype for p in self.teacher.parameters() if p.is_floating_point()}
+        # a teacher kept in one low precision (an fp16/bf16 copy) gets its inputs in that dtype
+        self._teacher_dtype = dtypes.pop() if len(dtypes) == 1 else None
         self._remove_hooks()
         for s_name, t_name in self.config.hints:
             s_mod = _submodule(student, s_name, "student")
@@ -189,8 +194,12 @@ class DistillationCallback(Callback):
         if cfg.alpha == 0.0 and not cfg.hints:
             return loss
         # called inside the trainer's autocast region: the teacher runs in the same precision
+        teacher_in = inputs
+        dtype = getattr(self, "_teacher_dtype", None)
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and dtype is not None:
+            teacher_in = inputs.to(dtype)
         with torch.no_grad():
-            teacher_out = self.teacher(inputs)
+            teacher_out = self.teacher(teacher_in)
         total = loss
         if cfg.alpha > 0.0:
             soft = kd_loss(outputs, teacher_out, temperature=cfg.temperature)
