@@ -310,3 +310,46 @@ def test_per_epoch_evaluation_is_labelled_with_its_split(
     assert len(logged) == 1 and "  val_loss " in logged[0] and "test_" not in logged[0]
     assert bar[1].startswith("epoch 1/1 val  loss ")
     logging.getLogger("slimtorch").setLevel(logging.NOTSET)
+
+
+def test_bn_recalibration_reaches_train_and_compress(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import slimtorch.pipeline
+    import slimtorch.train.classifier
+    from slimtorch.train import BatchNormRecalibration
+
+    seen: dict[str, object] = {}
+
+    def fake_train(**kwargs: object) -> SimpleNamespace:
+        seen["callbacks"] = kwargs["callbacks"](None)  # type: ignore[operator]
+        metrics = {"accuracy": 0.5, "loss": 1.0}
+        return SimpleNamespace(
+            test_metrics=metrics, val_metrics=None, train_seconds=0.0, model_dir=tmp_path,
+            replica_mismatches=None,
+        )  # fmt: skip
+
+    def fake_compress(**kwargs: object) -> SimpleNamespace:
+        seen["compress"] = kwargs["bn_recalibration"]
+        return SimpleNamespace(report={"layers": {"layers": []}}, table="table")
+
+    monkeypatch.setattr(slimtorch.train.classifier, "train_classifier", fake_train)
+    monkeypatch.setattr(slimtorch.pipeline, "compress_run", fake_compress)
+    train = [*TRAIN, "--out", str(tmp_path / "t")]
+    assert main(train) == 0
+    assert seen["callbacks"] == []  # off by default for training from scratch
+    assert main([*train, "--bn-recalibration", "5", "--overwrite"]) == 0
+    (recal,) = seen["callbacks"]  # type: ignore[misc]
+    assert isinstance(recal, BatchNormRecalibration) and recal.max_batches == 5
+    compress = ["compress", "--in", str(model_dir), "--method", "svd", "--device", "cpu"]
+    assert main([*compress, "--out", str(tmp_path / "c")]) == 0
+    assert seen["compress"] == 100  # on by default after a fine-tune
+    assert main([*compress, "--out", str(tmp_path / "c2"), "--bn-recalibration", "0"]) == 0
+    assert seen["compress"] == 0
+    capsys.readouterr()
+    for command in (train, [*compress, "--out", str(tmp_path / "c3")]):
+        assert main([*command, "--bn-recalibration", "-1"]) == 2
+        assert "--bn-recalibration must be >= 0, got -1" in _error(capsys)

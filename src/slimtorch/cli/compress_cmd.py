@@ -118,6 +118,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--strict", action="store_true", help="fail instead of skipping layers")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=100,
+        metavar="N",
+        help="after fine-tuning, re-estimate batch-norm statistics over N training batches "
+        "with the weights fixed (0: keep the running averages)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
     p.add_argument("--dataset", choices=DATASETS, default=None)
@@ -297,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if args.bn_recalibration < 0:
+        raise ValueError(f"--bn-recalibration must be >= 0, got {args.bn_recalibration}")
     options_that_need(args, args.distill, "--distill", DISTILL_DEFAULTS)
     options = _options(args)
     check_output_path(args.out, "--out", folder=True)
@@ -339,6 +349,7 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
             distill=distill,
             max_drop=args.max_drop,
+            bn_recalibration=args.bn_recalibration,
         )
     if not is_main_process():
         return 0

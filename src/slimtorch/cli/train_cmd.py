@@ -60,6 +60,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at the end, re-estimate batch-norm statistics over N training batches with the "
+        "weights fixed (default 0: keep the running averages)",
+    )
+    p.add_argument(
         "--augment",
         choices=("auto", "none", "crop", "flip", "crop+flip"),
         default="auto",
@@ -190,12 +198,14 @@ def _teacher_callbacks(args: argparse.Namespace, device: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
-    from slimtorch.train import TrainConfig
+    from slimtorch.train import BatchNormRecalibration, TrainConfig
     from slimtorch.train.classifier import train_classifier
     from slimtorch.train.distributed import cleanup, init_distributed, is_main_process
 
     options_that_need(args, args.teacher is not None, "--teacher", DISTILL_DEFAULTS)
     options_that_need(args, args.sparse is not None, "--sparse", SPARSE_DEFAULTS)
+    if args.bn_recalibration < 0:
+        raise ValueError(f"--bn-recalibration must be >= 0, got {args.bn_recalibration}")
     check_output_path(args.out, "--out", folder=True)
     replaced = check_run_output(
         args.out, overwrite=args.overwrite, resume=args.resume, checkpoint=True
@@ -225,8 +235,10 @@ def run(args: argparse.Namespace) -> int:
         teacher = _teacher_callbacks(args, device) if args.teacher else None
         sparse = _sparse_callbacks(args)
 
+        recal = [BatchNormRecalibration(args.bn_recalibration)] if args.bn_recalibration else []
+
         def callbacks(train_ds: Any) -> list[Any]:
-            return [*(teacher(train_ds) if teacher else ()), *sparse]
+            return [*(teacher(train_ds) if teacher else ()), *sparse, *recal]
 
         result = train_classifier(
             model=args.model,
