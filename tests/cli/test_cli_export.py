@@ -48,6 +48,11 @@ def test_export_float_int8_and_pt2(
     assert fp16["bytes"] < 0.6 * fp32["bytes"]  # type: ignore[operator]
     int8 = _export(capsys, "--in", str(ptq), "--out", str(tmp_path / "q.onnx"))
     assert int8["int8_ops"] and int8["bytes"] < fp32["bytes"]  # type: ignore[operator]
+    assert (fp32["precision"], fp16["precision"], int8["precision"]) == (
+        "fp32",
+        "fp16",
+        "int8 Q/DQ",
+    )
     # checked on the model's own test images, where int8 ranges were calibrated
     assert int8["checked_on"] == fp32["checked_on"] == "digits test, 64 images"
     assert int8["top1_agreement"] >= 0.95 and fp32["top1_agreement"] == 1.0  # type: ignore[operator]

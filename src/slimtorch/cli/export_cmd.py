@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"source": str(model_dir), "format": args.format, "out": args.out}
     if args.format == "onnx":
         from slimtorch.quant import check_onnx, export_onnx, ort_int8_ops
+        from slimtorch.quant.export import export_precision
 
         if args.calibration_batches < 0:
             raise ValueError(f"--calibration-batches must be >= 0, got {args.calibration_batches}")
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             result["calibration_batches"] = len(calib) if calib else 0
         path = export_onnx(model, args.out, example, dtype=args.dtype, calibration=calib,
                            narrow_convs=args.narrow_convs)  # fmt: skip
-        result["dtype"] = args.dtype
+        result["precision"] = export_precision(model, args.dtype)
         if not args.no_check:
             inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
             result.update(check_onnx(model, path, inputs))

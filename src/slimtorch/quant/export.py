@@ -48,6 +48,7 @@ from torch import nn
 from slimtorch.core.io import atomic_write
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
+from slimtorch.quant.precision import layer_precisions
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -222,9 +223,32 @@ def export_onnx(
     else:
         program = to_onnx(work)
         atomic_write(out, lambda p: program.save(p, external_data=False))
-    kind = "int8 Q/DQ" if is_qdq_model(work) else dtype
-    logger.info("exported %s (%s) to %s", type(model).__name__, kind, out)
+    logger.info("exported %s (%s) to %s", type(model).__name__, export_precision(work, dtype), out)
     return out
+
+
+def export_precision(model: nn.Module, dtype: str = "fp32") -> str:
+    """What :func:`export_onnx` writes for ``model`` with ``dtype``, in words.
+
+    Example:
+        >>> from slimtorch.quant.precision import set_precision_
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> export_precision(net), export_precision(net, "fp16")
+        ('fp32', 'fp16')
+        >>> _ = set_precision_(net, ["0"], torch.float16)  # what compress --method fp16 does
+        >>> export_precision(net)
+        'fp32 input, float16 in 1 of 2 layers'
+    """
+    if is_qdq_model(model):
+        return "int8 Q/DQ"
+    if dtype == "fp16":
+        return "fp16"
+    layers = layer_precisions(model)
+    low = sorted({v for v in layers.values() if v != "float32"})
+    if not low:
+        return "fp32"
+    count = sum(v != "float32" for v in layers.values())
+    return f"fp32 input, {'/'.join(low)} in {count} of {len(layers)} layers"
 
 
 @contextlib.contextmanager
