@@ -13,6 +13,8 @@ What it is used for:
   other dimensions become ``dims`` (``-1`` where dynamic).
 * :func:`check_onnx_config`: a config's tensor names, input datatypes and input dims against the
   graph, so a mismatch marks the model not ready at the scan rather than at its first request.
+* :func:`config_from_signature` and :func:`check_input_tensors` are the format-free halves of
+  those two, shared with :mod:`slimtorch.serve.pt2_graph` (torch.export programs).
 
 Example (a graph ``y = x @ W`` with a dynamic batch ``N``):
     >>> import tempfile
@@ -206,6 +208,19 @@ def derive_onnx_config(path: Path) -> dict[str, Any]:
             says what ``config.json`` to write instead.
     """
     inputs, outputs = read_signature(path)
+    return config_from_signature(path, inputs, outputs, _config_template())
+
+
+def config_from_signature(
+    path: Path, inputs: list[GraphTensor], outputs: list[GraphTensor], template: str
+) -> dict[str, Any]:
+    """``inputs`` and ``outputs`` of a serving config from a model file's tensors (ONNX graph
+    or torch.export program): the dynamic first dimension is the batch, the rest are ``dims``.
+
+    Raises:
+        ModelLoadError: A tensor the server cannot serve that way; the message names it and
+            shows ``template``, the ``config.json`` to write instead.
+    """
     out: dict[str, Any] = {}
     for label, tensors in (("inputs", inputs), ("outputs", outputs)):
         specs = []
@@ -222,7 +237,7 @@ def derive_onnx_config(path: Path) -> dict[str, Any]:
             if why:
                 raise ModelLoadError(
                     f"cannot read the serving config from {path}: {label[:-1]} {t.name!r} {why}; "
-                    f"write config.json, e.g. {_config_template()}"
+                    f"write config.json, e.g. {template}"
                 )
             assert t.shape is not None
             dims = [-1 if d is None else d for d in t.shape[1:]]
@@ -253,8 +268,17 @@ def check_onnx_config(path: Path, config: ModelConfig) -> None:
             "the config's output names match the ONNX graph"
         )
     graph = {t.name: t for t in inputs}
-    for spec in config.inputs:
-        t = graph[spec.name]
+    check_input_tensors(path, config, [graph[spec.name] for spec in config.inputs])
+
+
+def check_input_tensors(path: Path, config: ModelConfig, tensors: list[GraphTensor]) -> None:
+    """Check each of ``config.inputs`` against the model file's tensor in the same place of
+    ``tensors``: its datatype, its dims and a batch dimension the config's batching can use.
+
+    Raises:
+        ModelLoadError: The message names the input and what the file has.
+    """
+    for spec, t in zip(config.inputs, tensors, strict=True):
         if t.datatype is not None and t.datatype != spec.datatype:
             raise ModelLoadError(
                 f"input {spec.name!r} of {path} is {t.type_name()} ({t.datatype}) but the model "
@@ -284,7 +308,9 @@ def check_onnx_config(path: Path, config: ModelConfig) -> None:
 __all__ = [
     "ELEM_TYPES",
     "GraphTensor",
+    "check_input_tensors",
     "check_onnx_config",
+    "config_from_signature",
     "derive_onnx_config",
     "read_signature",
 ]

@@ -10,14 +10,15 @@ Layout (as Triton and KServe users know it)::
       fashion-cnn/ ...
 
 ``config.json`` may be left out for slimtorch model directories (the input shape and class
-names come from the directory's own config.json) and for ONNX files whose inputs and outputs
-have a dynamic first dimension (names, datatypes and dims come from the graph, see
-:mod:`slimtorch.serve.onnx_graph`); a ``model.pt2`` needs one. Without a repository folder,
-the embedded default serves each slimtorch model directory found under ``runs/``
-(``runs/demo`` ...) as a model of that name with a single version 1.
+names come from the directory's own config.json) and for ONNX files and torch.export programs
+whose inputs and outputs have a dynamic first dimension (names, datatypes and dims come from the
+graph, see :mod:`slimtorch.serve.onnx_graph` and :mod:`slimtorch.serve.pt2_graph`). Without a
+repository folder, the embedded default serves each slimtorch model directory found under
+``runs/`` (``runs/demo`` ...) as a model of that name with a single version 1.
 
-A scan only reads small files and headers (configs, the safetensors header, the zip directory
-of a .pt2, the inputs and outputs of an .onnx graph); nothing is unpickled. A broken model is
+A scan only reads small files and headers (configs, the safetensors header, the serialized
+program of a .pt2 without its weights, the inputs and outputs of an .onnx graph); nothing is
+unpickled. A broken model is
 recorded with its reason and never stops the scan.
 
 Example (a repository of one slimtorch model directory, without a serving config):
@@ -48,6 +49,7 @@ from slimtorch.core.errors import ModelLoadError
 from slimtorch.serve.errors import NotFound, NotReady
 from slimtorch.serve.model_config import ModelConfig, parse_model_config
 from slimtorch.serve.onnx_graph import check_onnx_config, derive_onnx_config
+from slimtorch.serve.pt2_graph import check_pt2_config, derive_pt2_config
 from slimtorch.serve.runners import describe, model_path
 from slimtorch.serve.settings import ServeSettings
 
@@ -128,23 +130,18 @@ def _slimtorch_derived(path: Path) -> dict[str, Any]:
 
 
 def _tensors_derived(fmt: str, newest: Path, config_file: Path, has_config: bool) -> dict[str, Any]:
-    """The inputs and outputs of an ONNX graph, for a config that leaves them out (or none)."""
+    """The inputs and outputs of an ONNX graph or a torch.export program, for a config that
+    leaves them out (or none)."""
     where = (
         f"{config_file} lacks 'inputs' or 'outputs'" if has_config else f"{config_file} is missing"
     )
-    if fmt == "onnx":
-        try:
-            return derive_onnx_config(model_path(newest, "onnx"))
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{where}, and {exc}") from None
-    if fmt == "torch_export":
-        raise ModelLoadError(
-            f"{where}; a torch.export program (model.pt2) needs one listing its tensors, e.g. "
-            '{"format": "torch_export", "inputs": [{"name": "input", "datatype": "FP32", '
-            '"dims": [1, 8, 8]}], "outputs": [{"name": "logits", "datatype": "FP32", "dims": '
-            "[10]}]} with the model's own dims, without the batch dimension (docs/serve.md)"
-        )
-    return {}
+    derive = {"onnx": derive_onnx_config, "torch_export": derive_pt2_config}.get(fmt)
+    if derive is None:
+        return {}
+    try:
+        return derive(model_path(newest, fmt))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{where}, and {exc}") from None
 
 
 def _detect_format(version_dir: Path) -> str | None:
@@ -160,9 +157,10 @@ def _detect_format(version_dir: Path) -> str | None:
 def check_version(version_dir: Path, config: ModelConfig) -> None:
     """Cheap checks of one version's files; raises ``ModelLoadError`` with the reason.
 
-    Reads only headers: the slimtorch config and safetensors header, the zip directory of a
-    ``.pt2``, the graph inputs and outputs of an ``.onnx`` (names, types, shapes; checked
-    against the config by :func:`slimtorch.serve.onnx_graph.check_onnx_config`).
+    Reads only headers: the slimtorch config and safetensors header, the program of a ``.pt2``
+    (inputs and outputs in order; :func:`slimtorch.serve.pt2_graph.check_pt2_config`), the
+    graph inputs and outputs of an ``.onnx`` (names, types, shapes; checked against the config
+    by :func:`slimtorch.serve.onnx_graph.check_onnx_config`).
     """
     path = model_path(version_dir, config.format)
     if not path.exists():
@@ -190,6 +188,7 @@ def check_version(version_dir: Path, config: ModelConfig) -> None:
     elif config.format == "torch_export":
         if not zipfile.is_zipfile(path):
             raise ModelLoadError(f"{path} is not a torch.export archive (not a zip file)")
+        check_pt2_config(path, config)
     elif path.stat().st_size == 0:
         raise ModelLoadError(f"{path} is empty; copy the ONNX file again")
     else:
