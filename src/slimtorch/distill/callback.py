@@ -107,6 +107,7 @@ class DistillationCallback(Callback):
         self._handles: list[RemovableHandle] = []
         self._student_feats: dict[str, torch.Tensor] = {}
         self._teacher_feats: dict[str, torch.Tensor] = {}
+        self._teacher_dtype: torch.dtype | None = None  # set in on_fit_start
 
     # ------------------------------------------------------------------ hooks
 
@@ -195,7 +196,7 @@ class DistillationCallback(Callback):
             return loss
         # called inside the trainer's autocast region: the teacher runs in the same precision
         teacher_in = inputs
-        dtype = getattr(self, "_teacher_dtype", None)
+        dtype = self._teacher_dtype
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and dtype is not None:
             teacher_in = inputs.to(dtype)
         with torch.no_grad():

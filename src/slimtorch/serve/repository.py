@@ -18,8 +18,7 @@ repository folder, the embedded default serves each slimtorch model directory fo
 
 A scan only reads small files and headers (configs, the safetensors header, the serialized
 program of a .pt2 without its weights, the inputs and outputs of an .onnx graph); nothing is
-unpickled. A broken model is
-recorded with its reason and never stops the scan.
+unpickled. A broken model is recorded with its reason and never stops the scan.
 
 Example (a repository of one slimtorch model directory, without a serving config):
     >>> import tempfile
