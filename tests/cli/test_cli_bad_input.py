@@ -145,8 +145,19 @@ def test_profile_shape_options(
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     program = save_exported(net, torch.randn(2, 1, 8, 8), tmp_path / "net.pt2")
-    assert main([*base, "--exported", str(program)]) == 2
-    assert "--exported needs --input-shape C,H,W" in _error(capsys)
+    capsys.readouterr()
+    assert main([*base, "--exported", str(program), "--json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["input_shapes"] == [[1, 1, 8, 8]]
+    flat = save_exported(torch.nn.Linear(64, 3), torch.randn(2, 64), tmp_path / "flat.pt2")
+    assert main([*base, "--exported", str(flat)]) == 2
+    assert _error(capsys) == (
+        f"slimtorch profile: error: --exported {flat} has an input of shape ['?', 64], not one "
+        "fixed-size image (N, C, H, W); pass the C,H,W to profile with as --input-shape"
+    )
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"junk")
+    assert main([*base, "--exported", str(junk)]) == 2
+    assert "is not a readable torch.export archive" in _error(capsys)
     assert main([*base, "--exported", str(program), "--input-shape", "1,28,28"]) == 2
     err = _error(capsys)
     assert "does not run on inputs of shape (1, 1, 28, 28)" in err and "--input-shape" in err

@@ -28,12 +28,13 @@ def add_parser(sub: Any) -> None:
     src.add_argument("--in", dest="model_dir", help="a saved model or run directory")
     src.add_argument("--model", choices=MODELS, help="a zoo model with random weights")
     src.add_argument(
-        "--exported", help="your own model: a torch.export program (.pt2); pass --input-shape"
+        "--exported",
+        help="your own model: a torch.export program (.pt2) with one image input",
     )
     p.add_argument(
         "--input-shape",
         default=None,
-        help="C,H,W for --model (default 1,28,28) and --exported (required)",
+        help="C,H,W for --model (default 1,28,28) and --exported (default: read from the program)",
     )
     p.add_argument("--num-classes", type=int, default=None, help="for --model (default 10)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -58,15 +59,36 @@ def _check_sources(args: argparse.Namespace) -> None:
                     "(--in) records its own input shape and classes"
                 )
     if args.exported:
-        if args.input_shape is None:
-            raise ValueError(
-                "--exported needs --input-shape C,H,W: the shape the program was exported for"
-            )
         if args.num_classes is not None:
             raise ValueError(
                 f"--num-classes {args.num_classes} applies to --model; an exported program "
                 "has its classes built in"
             )
+
+
+def _exported_shape(path: str) -> tuple[int, ...]:
+    """The C,H,W of a program's one image input, read from the archive (no weights loaded)."""
+    from pathlib import Path
+
+    from slimtorch.core.errors import ModelLoadError
+    from slimtorch.serve.pt2_graph import read_pt2_signature
+
+    try:
+        inputs, _ = read_pt2_signature(Path(path))
+    except ModelLoadError as exc:
+        raise ValueError(f"--exported {path}: {exc}; or pass --input-shape C,H,W") from None
+    shape = inputs[0].shape if len(inputs) == 1 else None
+    if shape is None or len(shape) != 4 or any(d is None for d in shape[1:]):
+        what = (
+            f"{len(inputs)} inputs"
+            if len(inputs) != 1
+            else f"an input of shape {['?' if d is None else d for d in shape or ()]}"
+        )
+        raise ValueError(
+            f"--exported {path} has {what}, not one fixed-size image (N, C, H, W); pass the C,H,W "
+            "to profile with as --input-shape"
+        )
+    return tuple(int(d) for d in shape[1:] if d is not None)
 
 
 def _check_exported_input(model: Any, example: Any, path: str) -> None:
@@ -112,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.exported:
         from slimtorch.models import load_exported
 
-        shape = parse_shape(args.input_shape)
+        shape = (
+            parse_shape(args.input_shape) if args.input_shape else _exported_shape(args.exported)
+        )
         model = load_exported(args.exported, device=device)
         name = args.exported
     else:
