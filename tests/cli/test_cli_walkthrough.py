@@ -134,7 +134,6 @@ def test_compress_keeps_a_model_unless_overwrite(
     import shutil
 
     import slimtorch.pipeline
-
     from slimtorch.core.io import atomic_write_json
 
     calls: list[object] = []
