@@ -65,16 +65,21 @@ def test_model_over_the_memory_budget_is_not_ready_and_logged(
     assert f"model big version 1 is not ready: {reason}" in caplog.messages
 
 
-def test_startup_load_failure_is_not_ready_before_any_request(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _wrong_shape(root: Path) -> None:
+    """A model whose config promises 12 outputs where the model gives 10 (fails at load)."""
     write_config(
-        tmp_path / "wrongshape",
+        root / "wrongshape",
         format="slimtorch",
         inputs=IN8,
         outputs=[{"name": "logits", "dims": [12]}],
     )
-    save_slimtorch(tmp_path / "wrongshape" / "1", make_mlp(5))
+    save_slimtorch(root / "wrongshape" / "1", make_mlp(5))
+
+
+def test_startup_load_failure_is_not_ready_before_any_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _wrong_shape(tmp_path)
     with (
         caplog.at_level("WARNING", logger="slimtorch.serve"),
         _client(tmp_path, load_policy="startup") as c,
@@ -119,13 +124,7 @@ def test_startup_model_that_does_not_fit_next_to_pinned_ones_is_not_ready(
 
 def test_on_demand_model_is_ready_until_a_load_shows_it_broken(tmp_path: Path) -> None:
     _onnx(tmp_path, "good")
-    write_config(
-        tmp_path / "wrongshape",
-        format="slimtorch",
-        inputs=IN8,
-        outputs=[{"name": "logits", "dims": [12]}],
-    )
-    save_slimtorch(tmp_path / "wrongshape" / "1", make_mlp(5))
+    _wrong_shape(tmp_path)
     save_slimtorch(tmp_path / "plain" / "1", make_mlp(6))
     with _client(tmp_path) as c:
         for name in ("good", "wrongshape", "plain"):  # validated, loaded on demand

@@ -154,17 +154,17 @@ def test_densify_gives_back_the_pruning_masks_so_the_model_saves_and_loads(
     assert densify_(model) == list(masks)
     assert _masks(model).keys() == masks.keys()
     assert all(torch.equal(_masks(model)[n], masks[n]) for n in masks)
-    out = save_model(
-        model,
-        tmp_path / "m",
-        input_shape=(1, 8, 8),
-        mean=[0.0],
-        std=[1.0],
-        class_names=list("abcdefghij"),
-    )
-    loaded, _ = load_model(out)
+    loaded, _ = load_model(_save(model, tmp_path / "m"))
     assert all(torch.equal(_masks(loaded)[n], masks[n]) for n in masks)
     torch.testing.assert_close(loaded.eval()(x), ref)
+
+
+def _save(model: nn.Module, path: Path) -> Path:
+    """Save an 8x8 ten-class model as a model directory."""
+    return save_model(
+        model, path, input_shape=(1, 8, 8), mean=[0.0], std=[1.0],
+        class_names=list("abcdefghij"),
+    )  # fmt: skip
 
 
 def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -228,12 +228,5 @@ def test_save_model_refuses_sparse_kernels_before_writing(tmp_path: Path) -> Non
     name = next(iter(_masks(model)))
     model.set_submodule(name, build_sparse_layer(model.get_submodule(name), "csr"))
     with pytest.raises(ValueError, match=rf"layers {name} are sparse kernels: call .*densify_"):
-        save_model(
-            model,
-            tmp_path / "m",
-            input_shape=(1, 8, 8),
-            mean=[0.0],
-            std=[1.0],
-            class_names=list("abcdefghij"),
-        )
+        _save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
