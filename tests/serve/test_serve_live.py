@@ -55,6 +55,11 @@ def test_tritonclient_http_works_unchanged(tmp_path: Path, shared_data: Path) ->
                 got = np.array(result.as_numpy("logits"))
                 torch.testing.assert_close(got, want)
                 assert result.get_response()["id"] == "r1"
+        for algorithm in ("gzip", "deflate"):  # Content-Encoding on the request body
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            result = client.infer("mnist", [inp], request_compression_algorithm=algorithm)
+            torch.testing.assert_close(np.array(result.as_numpy("logits")), want)
         # model repository extension with the management key
         headers = {"X-API-Key": "management-key"}
         index = client.get_model_repository_index(headers=headers)

@@ -86,7 +86,7 @@ def test_startup_load_failure_is_not_ready_before_any_request(
     ):
         r = c.get("/v2/models/wrongshape/ready")
         assert r.status_code == 503
-        assert "output 'logits' of model 'wrongshape' has shape [1, 10]" in r.json()["reason"]
+        assert "output 'logits' of model 'wrongshape' has shape [2, 10]" in r.json()["reason"]
     started = [m for m in caplog.messages if "was not loaded at start-up" in m]
     assert len(started) == 1
     assert started[0].startswith(

@@ -57,7 +57,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             parts.append("the body is not valid JSON; send a JSON object")
         else:
             parts.append(f"{loc}: {err.get('msg')}")
-    return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+    return JSONResponse({"error": "; ".join(parts)}, status_code=400)
 
 
 async def _pydantic_error(request: Request, exc: Exception) -> JSONResponse:

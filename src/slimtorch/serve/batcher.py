@@ -9,6 +9,12 @@ server runs at once. The batcher waits up to ``max_queue_delay_ms`` for a batch 
 when recent batches held several requests and arrivals are frequent enough to add one within
 the delay. Each request has its own future: results go back to the right requests, in order.
 
+A batch the model fails on (:class:`~slimtorch.serve.errors.InputFailed`) is run again one
+request at a time, so a client's bad input fails that client's request only. Every output must
+keep the batch dimension first with one row per input row; a model whose outputs do not fails
+its requests with :class:`~slimtorch.serve.errors.ModelFault` (500) rather than hand a client
+another client's rows.
+
 Past ``max_queue_size`` waiting requests, :meth:`Batcher.submit` raises
 :class:`~slimtorch.serve.errors.Overloaded` (503 with Retry-After) at once.
 
@@ -50,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from slimtorch.serve.errors import NotReady, Overloaded
+from slimtorch.serve.errors import InputFailed, ModelFault, NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 
@@ -204,12 +210,21 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _call(self, inputs: Arrays) -> tuple[Arrays, float]:
+    def _call(self, inputs: Arrays, rows: int) -> tuple[Arrays, float]:
         start = time.perf_counter()
         out = self.execute(inputs)
-        return out, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        for name, value in out.items():
+            if value.ndim == 0 or value.shape[0] != rows:
+                raise ModelFault(
+                    f"model {self.label!r} returned output {name!r} of shape "
+                    f"{list(value.shape)} for a batch of {rows}; a served model's outputs must "
+                    "keep the batch dimension first, one row per input row"
+                )
+        return out, seconds
 
     async def _run(self, batch: list[_Pending], rows: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
             if len(batch) == 1:
                 merged = batch[0].inputs
@@ -218,8 +233,15 @@ class Batcher:
                     name: np.concatenate([p.inputs[name] for p in batch])
                     for name in batch[0].inputs
                 }
-            loop = asyncio.get_running_loop()
-            outputs, seconds = await loop.run_in_executor(self._executor, self._call, merged)
+            try:
+                outputs, seconds = await loop.run_in_executor(
+                    self._executor, self._call, merged, rows
+                )
+            except InputFailed:
+                if len(batch) == 1:
+                    raise
+                await self._run_alone(batch)
+                return
             self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
             if self._metric_children is not None:
                 self._metric_children[1].observe(rows)
@@ -237,6 +259,27 @@ class Batcher:
                     p.future.set_exception(exc)
         finally:
             self._slots.release()
+
+    async def _run_alone(self, batch: list[_Pending]) -> None:
+        """Run each request of a batch that failed on its own, so that only the requests the
+        model cannot run fail (:class:`~slimtorch.serve.errors.InputFailed`)."""
+        loop = asyncio.get_running_loop()
+        logger.info(
+            "a batch of %d requests to %s failed; running them one by one", len(batch), self.label
+        )
+        for p in batch:
+            if p.future.done():
+                continue
+            try:
+                outputs, _ = await loop.run_in_executor(
+                    self._executor, self._call, p.inputs, p.rows
+                )
+            except Exception as exc:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            else:
+                if not p.future.done():
+                    p.future.set_result(outputs)
 
     async def close(self) -> None:
         """Stop taking requests, finish the queued and running ones, stop the thread pool."""

@@ -28,6 +28,15 @@ class BadRequest(ServeError):
     status = 400
 
 
+class InputFailed(BadRequest):
+    """The model raised an error on this request's input, run on its own (400).
+
+    A model that passed its warm-up and fails on one request's data (an index out of range, a
+    shape its layers cannot take) fails for that request only: a batch that fails is run again
+    request by request, so the other requests gathered with it still get their results.
+    """
+
+
 class Unauthorized(ServeError):
     """The API key is missing or wrong (401)."""
 
@@ -56,6 +65,12 @@ class NotReady(ServeError):
     """The model is broken, unloaded, or failed to load (503)."""
 
     status = 503
+
+
+class ModelFault(ServeError):
+    """The model's outputs break the serving contract, e.g. they lose the batch dimension (500)."""
+
+    status = 500
 
 
 class Overloaded(ServeError):

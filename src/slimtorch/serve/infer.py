@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from slimtorch.serve.protocol.codec import encode_response, parse_request
+from slimtorch.serve.protocol.codec import decode_body, encode_response, parse_request
 from slimtorch.serve.server import ModelServer
 
 #: ``/v2/models/{name}/infer`` and ``/v2/models/{name}/versions/{version}/infer``.
@@ -41,12 +41,18 @@ async def run_infer(
     version: str | None,
     body: bytes,
     header_length: str | None,
+    content_encoding: str | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Answer a v2 inference request; returns the response body and headers.
 
+    ``header_length`` is the ``Inference-Header-Content-Length`` header and
+    ``content_encoding`` the ``Content-Encoding`` one (the JSON length counts the inflated body).
+
     Raises:
-        ServeError: Bad request (400), unknown model (404), not ready or overloaded (503).
+        ServeError: Bad request (400), unknown model (404), body over the limit once inflated
+            (413), not ready or overloaded (503).
     """
+    body = decode_body(body, content_encoding, server.settings.max_request_bytes)
     decoded = parse_request(body, header_length)
     entry, ver, outputs = await server.infer(name, version, decoded)
     assert entry.config is not None

@@ -126,10 +126,12 @@ class ServeMiddleware:
                 break
         hl = headers.get(b"inference-header-content-length")
         header_length = None if hl is None else hl.decode("latin-1")  # as Starlette reads it
+        ce = headers.get(b"content-encoding")
+        encoding = None if ce is None else ce.decode("latin-1")
         status = 200
         try:
             content, out_headers = await run_infer(
-                server, name, version, b"".join(chunks), header_length
+                server, name, version, b"".join(chunks), header_length, encoding
             )
         except ServeError as exc:
             status = exc.status

@@ -273,14 +273,14 @@ class Repository:
             elif "inputs" not in data or "outputs" not in data:
                 has_config = (folder / CONFIG_FILE).is_file()
                 derived.update(_tensors_derived(fmt, newest, folder / CONFIG_FILE, has_config))
-            if name in self.settings.pinned:
-                derived["pinned"] = True
             try:
                 config = parse_model_config(
                     data, name=name, settings=self.settings, derived=derived
                 )
             except ValueError as exc:
                 raise ModelLoadError(f"{folder / CONFIG_FILE}: {exc}") from None
+            if name in self.settings.pinned:  # the server's --pin wins over the model config
+                config = dataclasses.replace(config, pinned=True)
             entry.config = config
             if config.versions == "latest":
                 chosen = [max(dirs)]

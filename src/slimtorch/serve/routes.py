@@ -7,10 +7,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Body, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -207,7 +208,12 @@ async def _infer(server: Any, request: Request, name: str, version: str | None) 
     _label(request, name if name in server.repository.models else "", "infer")
     body = await request.body()
     content, headers = await run_infer(
-        server, name, version, body, request.headers.get(HEADER_LENGTH)
+        server,
+        name,
+        version,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        request.headers.get("content-encoding"),
     )
     return Response(content, headers=headers)
 
@@ -253,7 +259,7 @@ _PREDICT_DOC: dict[str, Any] = {
     responses=_ERRORS,
     openapi_extra=_PREDICT_DOC,
 )
-async def predict(model_name: str, request: Request, server: ServerDep) -> dict[str, Any]:
+async def predict(model_name: str, request: Request, server: ServerDep) -> Response:
     """Simple JSON: ``{"data": [item, ...]}``, a batch of the model's one input.
 
     Each item has the input's dims, or those dims without their leading size-1 dimensions
@@ -287,36 +293,68 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> dict[
     first = outputs[cfg.outputs[0].name]
     if first.ndim == 2 and first.shape[1] >= 2 and first.dtype.kind == "f":
         labels = cfg.labels if len(cfg.labels) == first.shape[1] else None
-        logits = first.astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        top = probs.argmax(axis=1)
-        out["predictions"] = [
-            {
-                "index": int(i),
-                "label": labels[int(i)] if labels else None,
-                "score": float(probs[r, i]),
-            }
-            for r, i in enumerate(top)
-        ]
-    return out
+        out["predictions"] = top_classes(first, labels)
+    # json, not the response model: NaN and infinities stay NaN / Infinity as in /v2
+    return Response(json.dumps(out, separators=(",", ":")), media_type="application/json")
+
+
+def top_classes(logits: np.ndarray, labels: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    """Each row's top class: index, label and softmax score.
+
+    A row holding NaN has no top class (all three ``None``). Infinite logits are taken as
+    limits: ``+inf`` wins (ties share the probability), ``-inf`` gets probability 0.
+
+    Example:
+        >>> top_classes(np.array([[0.0, 2.0], [np.inf, 1.0], [np.nan, 1.0]]), ("a", "b"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [{'index': 1, 'label': 'b', 'score': 0.8807970779778823},
+         {'index': 0, 'label': 'a', 'score': 1.0},
+         {'index': None, 'label': None, 'score': None}]
+    """
+    rows: list[dict[str, Any]] = []
+    for row in logits.astype(np.float64):
+        if np.isnan(row).any() or np.isneginf(row).all():
+            rows.append({"index": None, "label": None, "score": None})
+            continue
+        if np.isposinf(row).any():
+            probs = np.isposinf(row) / np.isposinf(row).sum()
+        else:
+            probs = np.exp(row - row.max())
+            probs /= probs.sum()
+        i = int(probs.argmax())
+        rows.append({"index": i, "label": labels[i] if labels else None, "score": float(probs[i])})
+    return rows
 
 
 # -- management ----------------------------------------------------------------------------
+_INDEX_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}},
+    }
+}
+
+
 @router.post(
     "/v2/repository/index",
     response_model=list[RepositoryModel],
     tags=["management"],
     dependencies=[AdminDep],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 403)},
+    openapi_extra=_INDEX_DOC,
 )
-async def repository_index(
-    request: Request,
-    server: ServerDep,
-    body: Annotated[RepositoryIndexRequest | None, Body()] = None,
-) -> list[dict[str, str]]:
-    """Every model version with its state and, when not ready, the reason."""
+async def repository_index(request: Request, server: ServerDep) -> list[dict[str, str]]:
+    """Every model version with its state and, when not ready, the reason.
+
+    The optional body ``{"ready": true}`` lists only the ready ones; it is read as JSON
+    whatever its Content-Type says (``curl -d`` sends a form type).
+    """
     _label(request, "", "management")
+    raw = await request.body()
+    try:
+        body = RepositoryIndexRequest.model_validate_json(raw) if raw.strip() else None
+    except ValidationError as exc:
+        raise BadRequest(format_validation_error(exc)) from None
     rows = server.repository.index()
     if body is not None and body.ready:
         rows = [r for r in rows if r["state"] in ("READY", "AVAILABLE")]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
-from slimtorch.serve.model_config import ModelConfig, TensorSpec
+from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,27 @@ def _module_bytes(module: nn.Module) -> int:
     return total
 
 
+def _outputs(config: ModelConfig, values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's outputs under their config names, in the configured datatypes.
+
+    An output is converted only where that keeps every value (``float16`` to ``FP32``, say):
+    a config that would round or wrap an output (``FP32`` logits as ``UINT8``) is refused.
+
+    Raises:
+        ModelLoadError: The config's datatype cannot hold the output's values.
+    """
+    out = {}
+    for s, v in zip(config.outputs, values, strict=True):
+        if v.dtype != s.dtype and not np.can_cast(v.dtype, s.dtype, "safe"):
+            have = next((k for k, d in DATATYPES.items() if d == v.dtype), str(v.dtype))
+            raise ModelLoadError(
+                f"output {s.name!r} of model {config.name!r} is {have} but the config says "
+                f"{s.datatype}, which cannot hold its values; set its datatype to {have}"
+            )
+        out[s.name] = v.astype(s.dtype, copy=False)
+    return out
+
+
 class TorchRunner:
     """A torch module (slimtorch model directory or exported program) behind a runner."""
 
@@ -153,10 +174,9 @@ class TorchRunner:
                 f"model {self.config.name!r} returned {len(values)} outputs but its config "
                 f"lists {len(self.config.outputs)}; fix the config's outputs"
             )
-        return {
-            s.name: v.detach().to("cpu").numpy().astype(s.dtype, copy=False)
-            for s, v in zip(self.config.outputs, values, strict=True)
-        }
+        # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        values = [v.float() if v.dtype == torch.bfloat16 else v for v in values]
+        return _outputs(self.config, [v.detach().to("cpu").numpy() for v in values])
 
     def close(self) -> None:
         """Drop the module and return cached GPU memory."""
@@ -217,10 +237,7 @@ class OnnxRunner:
         """Run one batch."""
         names = [s.name for s in self.config.outputs]
         values = self.session.run(names, {s.name: inputs[s.name] for s in self.config.inputs})
-        return {
-            s.name: np.asarray(v).astype(s.dtype, copy=False)
-            for s, v in zip(self.config.outputs, values, strict=True)
-        }
+        return _outputs(self.config, [np.asarray(v) for v in values])
 
     def close(self) -> None:
         """Drop the session."""
@@ -296,7 +313,9 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
     """Load one version and check it against its config with a warm-up batch.
 
     The warm-up runs zeros of ``max_batch_size`` items on a GPU (to measure the memory peak),
-    one item on the CPU, and checks every output's shape and datatype against the config.
+    two items on the CPU (one where the batch is capped at one), and checks every output's shape
+    and datatype against the config: each output must keep one row per input row, and its
+    datatype must hold the model's values.
 
     Raises:
         ModelLoadError: A missing or corrupt file, or outputs that do not match the config.
@@ -316,7 +335,7 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         >>> load_runner(folder, bad, "cpu")
         Traceback (most recent call last):
         ...
-        slimtorch.core.errors.ModelLoadError: output 'logits' of model 'mlp' has shape [1, 10] ...
+        slimtorch.core.errors.ModelLoadError: output 'logits' of model 'mlp' has shape [2, 10] ...
     """
     dev = torch.device(device)
     path = model_path(version_dir, config.format)
@@ -340,7 +359,7 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         runner = TorchRunner(load_exported(path, device=dev), config, dev)
     else:
         runner = OnnxRunner(path, config, dev)
-    batch = config.max_batch_size if on_gpu else 1
+    batch = config.max_batch_size if on_gpu else min(2, config.max_batch_size)
     try:
         check_outputs(runner, config, batch)
     except ModelLoadError:
@@ -372,6 +391,8 @@ def check_outputs(runner: Runner, config: ModelConfig, batch: int) -> None:
     }
     try:
         outputs = runner.run(inputs)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         if is_out_of_memory(exc):
             raise

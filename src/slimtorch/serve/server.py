@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.devices import read_meminfo
-from slimtorch.core.errors import ModelLoadError, is_out_of_memory
+from slimtorch.core.errors import ModelLoadError, SlimtorchError, is_out_of_memory
 from slimtorch.serve.batcher import Arrays, Batcher
 from slimtorch.serve.cache import ModelCache
-from slimtorch.serve.errors import NotReady, Overloaded
+from slimtorch.serve.errors import InputFailed, NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.protocol.codec import DecodedRequest, check_inputs
@@ -44,7 +44,7 @@ from slimtorch.serve.repository import (
     VersionEntry,
     check_version,
 )
-from slimtorch.serve.runners import default_device, estimate_memory
+from slimtorch.serve.runners import Runner, default_device, estimate_memory
 from slimtorch.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ def memory_budget(settings: ServeSettings) -> int:
     return max(1, int(total * settings.memory_fraction))
 
 
+def _failure(model: str, exc: Exception) -> str:
+    """What a client is told when the model raised on its input: the error's first line."""
+    lines = str(exc).strip().splitlines()
+    why = lines[0][:300] if lines else ""
+    return (
+        f"model {model!r} could not run on this input ({type(exc).__name__}: {why}); check the "
+        "input's values and shape against what the model accepts"
+    )
+
+
 class ModelServer:
     """Everything the endpoints need; :meth:`start` and :meth:`stop` bracket its life.
 
@@ -101,6 +111,12 @@ class ModelServer:
             torch.set_num_threads(self.settings.threads)
         self.cache = ModelCache(memory_budget(self.settings), self.metrics)
         await self.rescan()
+        unknown = [n for n in self.settings.pinned if n not in self.repository.models]
+        if unknown:
+            logger.warning(
+                "pinned model(s) %s are not in the repository; they are pinned if they appear",
+                unknown,
+            )
         if self.settings.poll_interval_s > 0:
             self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
         self.ready = True
@@ -220,11 +236,21 @@ class ModelServer:
         cache = self.cache
         assert cache is not None
 
+        def run(runner: Runner, inputs: Arrays) -> Arrays:
+            try:
+                return runner.run(inputs)
+            except SlimtorchError:
+                raise
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise
+                raise InputFailed(_failure(ver.model, exc)) from exc
+
         def execute(inputs: Arrays) -> Arrays:
             runner = cache.acquire(ver, config, device, pinned=config.pinned)
             try:
                 try:
-                    return runner.run(inputs)
+                    return run(runner, inputs)
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -233,7 +259,7 @@ class ModelServer:
                     )
                     cache.evict_idle(exclude=(ver.model, ver.version))
                 try:
-                    return runner.run(inputs)
+                    return run(runner, inputs)
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise

@@ -51,7 +51,8 @@ class ServeSettings(Config):
             model before the server reports ready (pinned models always load at start-up); a
             model config's own ``load_policy`` wins. A model that fails to load at start-up is
             not ready, with the reason logged and given by its readiness endpoint.
-        pinned: Model names that are loaded at start-up and never evicted.
+        pinned: Model names that are loaded at start-up and never evicted, whatever their
+            config's ``pinned`` says.
         threads: torch CPU threads (``None`` keeps torch's choice).
         max_batch_size: Default largest batch of a model whose config does not set one.
         max_queue_delay_ms: Default longest wait for a batch to fill, under load only.

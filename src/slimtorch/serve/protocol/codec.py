@@ -18,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zlib
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from slimtorch.serve.errors import BadRequest
+from slimtorch.serve.errors import BadRequest, PayloadTooLarge
 from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
 from slimtorch.serve.protocol.schemas import InferenceRequest, format_validation_error
 
 HEADER_LENGTH = "inference-header-content-length"
-_KINDS = {"b": "b", "u": "bu", "i": "biu", "f": "biuf"}
+#: numpy kinds a JSON array may parse to, per kind of the tensor's datatype (JSON integers
+#: parse as int64 whatever their sign; the range check below then applies).
+_KINDS = {"b": "b", "u": "biu", "i": "biu", "f": "biuf"}
 
 
 @dataclasses.dataclass
@@ -57,9 +60,44 @@ def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool:
     return value
 
 
+_KIND_NAMES = {
+    "b": "booleans",
+    "i": "integers",
+    "u": "integers",
+    "f": "non-integer numbers",
+    "U": "strings",
+    "O": "values of mixed types",
+}
+
+
+def _first_bad(arr: np.ndarray, dtype: np.dtype[Any]) -> Any:
+    """The first value that keeps ``arr`` from being ``dtype`` (for the error message)."""
+    bad = arr.flat[0]
+    if arr.dtype.kind == "f" and dtype.kind in "iu":
+        bad = next((v for v in arr.flat if not float(v).is_integer()), bad)
+    return bad.item() if isinstance(bad, np.generic) else bad
+
+
+def _uint64_from_json(data: list[Any], where: str) -> np.ndarray | None:
+    """JSON integers up to 2**64 - 1 for a UINT64 tensor (numpy parses a mix of values above
+    and below 2**63 as float64); ``None`` when ``data`` holds anything but integers."""
+    obj = np.asarray(data, dtype=object)
+    if not all(type(v) is int for v in obj.flat):
+        return None
+    if obj.size and (min(obj.flat) < 0 or max(obj.flat) > np.iinfo(np.uint64).max):
+        raise BadRequest(
+            f"{where}.data has values in [{min(obj.flat)}, {max(obj.flat)}], outside the range "
+            f"of uint64 [0, {np.iinfo(np.uint64).max}]"
+        )
+    return obj.astype(np.uint64)
+
+
 def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
     try:
         arr = np.asarray(data)
+        if dtype == np.uint64 and arr.dtype.kind == "f":
+            exact = _uint64_from_json(data, where)
+            arr = arr if exact is None else exact
     except (ValueError, TypeError) as exc:
         raise BadRequest(
             f"{where}.data is not a regular (rectangular) array of numbers ({exc}); send a flat "
@@ -71,7 +109,7 @@ def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
         )
         raise BadRequest(
             f"{where}.data must hold {expected} for datatype {dtype}, got "
-            f"{arr.dtype.kind!r}-kind values such as {arr.flat[0]!r}"
+            f"{_KIND_NAMES.get(arr.dtype.kind, arr.dtype.kind)} such as {_first_bad(arr, dtype)!r}"
         )
     if arr.size and dtype.kind in "iu" and arr.dtype.kind in "iu":
         info = np.iinfo(dtype)
@@ -171,6 +209,44 @@ def _reshape(arr: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
         ) from None
 
 
+def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The request body after its ``Content-Encoding`` (``gzip``, ``deflate`` or none), as
+    ``tritonclient`` sends it with ``request_compression_algorithm``.
+
+    Raises:
+        PayloadTooLarge: The body inflates past ``limit`` bytes (it is not inflated further).
+        BadRequest: A corrupt or truncated compressed body, or another encoding.
+
+    Example:
+        >>> import gzip
+        >>> decode_body(gzip.compress(b'{"inputs": []}'), "gzip", 1024)
+        b'{"inputs": []}'
+    """
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ("gzip", "x-gzip", "deflate"):
+        raise BadRequest(
+            f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none"
+        )
+    # gzip: a gzip header; deflate: zlib's format (what HTTP means by it) or raw deflate
+    tries = (16 + zlib.MAX_WBITS,) if name != "deflate" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)
+    for wbits in tries:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise PayloadTooLarge(
+                f"the request body inflates to more than the limit of {limit} bytes; send "
+                "smaller batches or raise SLIMTORCH_SERVE_MAX_REQUEST_BYTES"
+            )
+        if inflater.eof and not inflater.unused_data:
+            return out
+    raise BadRequest(f"the body is not complete {name} data; compress the whole body once")
+
+
 def parse_request(body: bytes, header_length: str | None) -> DecodedRequest:
     """Parse a v2 inference request body (JSON, or JSON header + binary tensors).
 
@@ -255,6 +331,11 @@ def check_inputs(req: DecodedRequest, config: ModelConfig) -> int:
             raise BadRequest(
                 f"input {spec.name!r} of model {config.name!r} must have shape {want} (batch "
                 f"first, -1 = any), got {list(arr.shape)}"
+            )
+        if 0 in arr.shape[1:]:
+            raise BadRequest(
+                f"input {spec.name!r} of model {config.name!r} has shape {list(arr.shape)}; "
+                "a dimension of any size (-1) still needs at least one element"
             )
         if batch is None:
             batch = arr.shape[0]

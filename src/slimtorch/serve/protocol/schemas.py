@@ -141,11 +141,11 @@ class PredictRequest(_Strict):
 
 
 class Prediction(BaseModel):
-    """Top class of one item for a classifier."""
+    """Top class of one item for a classifier (all ``None`` when its logits hold NaN)."""
 
-    index: int
+    index: int | None
     label: str | None = None
-    score: float
+    score: float | None
 
 
 class PredictResponse(BaseModel):
