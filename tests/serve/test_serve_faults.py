@@ -321,3 +321,13 @@ def test_compressed_bodies_inflate_within_the_size_limit(tmp_path: Path) -> None
         assert r.status_code == 400 and "not complete gzip data" in r.json()["error"]
         r = c.post("/v2/models/m/infer", content=body, headers={"Content-Encoding": "br"})
         assert r.status_code == 400 and "'br' is not supported" in r.json()["error"]
+
+
+def test_an_unknown_model_is_a_404_even_with_a_bad_body(tmp_path: Path) -> None:
+    save_slimtorch(tmp_path / "m" / "1", make_mlp(3))
+    with _client(tmp_path) as c:
+        r = c.post("/v2/models/nosuch/infer", content=b"{not json")
+        assert r.status_code == 404 and "nosuch" in r.json()["error"]
+        r = c.post("/v2/models/m/versions/7/infer", content=b"{not json")
+        assert r.status_code == 404
+        assert c.post("/v2/models/m/infer", content=b"{not json").status_code == 400

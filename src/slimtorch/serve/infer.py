@@ -52,6 +52,7 @@ async def run_infer(
         ServeError: Bad request (400), unknown model (404), body over the limit once inflated
             (413), not ready or overloaded (503).
     """
+    server.repository.version(name, version)  # an unknown model is a 404 whatever the body
     body = decode_body(body, content_encoding, server.settings.max_request_bytes)
     decoded = parse_request(body, header_length)
     entry, ver, outputs = await server.infer(name, version, decoded)
