@@ -23,6 +23,7 @@ from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import replacement_blockers, set_submodule
 from slimtorch.core.table import text_table
 from slimtorch.decompose import prefactor
@@ -175,10 +176,10 @@ def decompose_(
     ``include`` (all when ``None``) and none of ``exclude`` (parts of already factorised layers
     are never targeted). The handler registered for ``(type(config), module type)`` does the work;
     a layer is skipped, untouched and with its reason, when no handler fits, its weights hold
-    NaN/Inf or are shared with another module (tied weights), its parent reads its weight
-    directly (``nn.MultiheadAttention.out_proj``, the linear layers of
-    ``nn.TransformerEncoderLayer``), the factorisation would not save parameters, or the
-    decomposition fails.
+    NaN/Inf, are stored quantized (an int8 layer) or are shared with another module (tied
+    weights), its parent reads its weight directly (``nn.MultiheadAttention.out_proj``, the
+    linear layers of ``nn.TransformerEncoderLayer``), the factorisation would not save
+    parameters, or the decomposition fails.
 
     With a budget rank spec (``"budget:params=0.33"``) the ranks of all targeted layers are chosen
     together so their total meets the budget (see :mod:`slimtorch.decompose.budget_mode`). With
@@ -258,6 +259,11 @@ def decompose_(
     replacements: dict[str, nn.Module] = {}
     with prefactor.batch_results(_prefactor(work, config, plan)):
         _factorise_all(targets, config, plan, shapes, batch, rows, replacements, blocked)
+    for name, (module, count, dtype, _) in weight_buffer_layers(model).items():
+        if selected(name, include, exclude):  # quantized: nothing to factorise, say so
+            reason = stored_weights_reason(module, dtype, "factorise")
+            rows.append(LayerReport(name, type(module).__name__, "skipped", reason,
+                                    params_before=count, params_after=count))  # fmt: skip
     if config.min_speedup is not None and config.speed_scope == "model" and replacements:
         model_gate(model, replacements, rows, config, example_input)
     report = DecomposeReport(

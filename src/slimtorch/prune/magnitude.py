@@ -37,6 +37,7 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
+from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.buffers import TRANSFORM_NAME, get_mask, set_mask_
 from slimtorch.prune.masks import global_magnitude_masks, magnitude_mask, nm_mask
@@ -115,10 +116,12 @@ PruneConfig = MagnitudeConfig | NMConfig
 def _targets(
     model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> list[tuple[str, nn.Module]]:
+    """The selected conv/linear layers, and the selected quantized ones (reported skipped)."""
     _check_globs(model, include, exclude)
+    stored = weight_buffer_layers(model)
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, _TARGET_TYPES):
+        if not name or not (isinstance(module, _TARGET_TYPES) or name in stored):
             continue
         if not selected(name, include, exclude):
             continue
@@ -202,9 +205,9 @@ def prune_(
     Targets are the layers whose dotted names match a glob of ``include`` (all when ``None``)
     and none of ``exclude``; a glob that matches no module, or an ``include`` glob that selects
     no conv/linear layer, raises. A layer is skipped, untouched and with its reason, when its
-    weights hold NaN or are not floating point, it has fewer than ``min_params`` weights, or
-    (N:M) its input dimension is not divisible by ``m``. Pruning an already pruned layer only
-    adds zeros: new masks are combined with the old ones.
+    weights hold NaN, are not floating point or are stored quantized (an int8 layer), it has
+    fewer than ``min_params`` weights, or (N:M) its input dimension is not divisible by ``m``.
+    Pruning an already pruned layer only adds zeros: new masks are combined with the old ones.
 
     Args:
         model: The model, changed in place.
@@ -235,7 +238,13 @@ def prune_(
     with_bias = isinstance(config, MagnitudeConfig) and config.include_bias
     rows: list[PruneRow] = []
     chosen: list[tuple[nn.Module, list[str], PruneRow]] = []
+    stored = weight_buffer_layers(model)
     for name, module in _targets(model, include, exclude):
+        if name in stored:
+            _, count, dtype, _ = stored[name]
+            reason = stored_weights_reason(module, dtype, "prune")
+            rows.append(PruneRow(name, type(module).__name__, "skipped", reason, params=count))
+            continue
         params = ["weight"] + (["bias"] if with_bias and module.bias is not None else [])
         tensors = [getattr(module, p) for p in params]
         zeros = sum(_zeros(t) for t in tensors)

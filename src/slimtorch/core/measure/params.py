@@ -62,6 +62,41 @@ def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
     return total
 
 
+def weight_buffer_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int, str, int]]:
+    """The layers that keep their weights in buffers (quantized layers): dotted name ->
+    (module, number of weights, their dtype, output channels: the first buffer's first size).
+
+    Float transforms (pruning, factorisation) cannot change such weights; they report these
+    layers as skipped so that a quantized model is never "compressed" without a word.
+
+    Example:
+        >>> class Int8Linear(nn.Module):
+        ...     weight_buffers = ("weight_int8",)
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.register_buffer("weight_int8", torch.zeros(2, 4, dtype=torch.int8))
+        >>> net = nn.Sequential(nn.Linear(4, 4), Int8Linear())
+        >>> {n: info[1:] for n, info in weight_buffer_layers(net).items()}
+        {'1': (8, 'int8', 2)}
+    """
+    out = {}
+    for name, module in model.named_modules():
+        bufs = [module._buffers.get(b) for b in getattr(type(module), WEIGHT_BUFFERS_ATTR, ())]
+        bufs = [b for b in bufs if b is not None]
+        if name and bufs:
+            dtype = str(bufs[0].dtype).removeprefix("torch.")
+            out[name] = (module, sum(b.numel() for b in bufs), dtype, int(bufs[0].shape[0]))
+    return out
+
+
+def stored_weights_reason(module: nn.Module, dtype: str, verb: str) -> str:
+    """The skip reason of a float transform (``verb``: "prune", "factorise") for such a layer."""
+    return (
+        f"its weights are stored as {dtype} ({type(module).__name__}); {verb} the float model, "
+        "then quantize it"
+    )
+
+
 def storage_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of parameters and buffers, by dtype name (shared tensors counted once).
 

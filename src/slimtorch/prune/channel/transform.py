@@ -33,7 +33,9 @@ from torch.utils._pytree import tree_flatten
 
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
+from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
+from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import set_submodule
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
@@ -236,9 +238,9 @@ def prune_channels_(
     norms and flatten) is targeted when one of its producing layers matches a glob of
     ``include`` (all when ``None``). It is skipped, with the reason, when a producer matches
     ``exclude``, when its channels reach an op the graph does not resolve (named in the
-    reason), when a member holds tensors slicing does not know, or when a member's weights
-    hold NaN/Inf (the channel scores would be meaningless). Channels of the model's
-    input and output (the classifier's outputs) are ``fixed``: never pruned.
+    reason), when a member holds tensors slicing does not know or is quantized (int8), or
+    when a member's weights hold NaN/Inf (the channel scores would be meaningless). Channels
+    of the model's input and output (the classifier's outputs) are ``fixed``: never pruned.
 
     Args:
         model: The model, changed in place (layers are replaced by smaller ones; rebuild
@@ -288,6 +290,11 @@ def prune_channels_(
         rows.append(row)
         if row.action == "unchanged":
             targets.append(group)
+    for name, (module, _, dtype, channels) in weight_buffer_layers(model).items():
+        if selected(name, include, exclude):  # quantized: its channels cannot be sliced here
+            reason = stored_weights_reason(module, dtype, "channel-prune")
+            rows.append(ChannelGroupRow(name, [name], [name], channels, channels, None,
+                                        "skipped", reason))  # fmt: skip
     config_dict = {"type": type(config).__name__, **config.to_dict()}
     skipped = [r for r in rows if r.action == "skipped"]
     if strict and skipped:
