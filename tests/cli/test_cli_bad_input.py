@@ -40,6 +40,57 @@ def test_out_in_the_way_of_a_file_or_folder(
     assert a_file.read_text() == "keep me"
 
 
+def test_outputs_never_land_in_the_model_being_read(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "model")
+    (run / "history.json").write_text("{}")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    compress = ["compress", "--method", "fold-bn", "--device", "cpu", "--overwrite"]
+    for src, out in (
+        (run, run),
+        (run / "model", run),
+        (run, run / "model"),
+        (run, run / "model" / "x"),
+    ):
+        assert main([*compress, "--in", str(src), "--out", str(out)]) == 2
+        assert f"--out {out} would write over the model it reads" in _error(capsys)
+    for fmt, name in (("onnx", "m.onnx"), ("pt2", "model.safetensors.pt2")):
+        out = run / "model" / name
+        assert main(["export", "--in", str(run), "--format", fmt, "--out", str(out)]) == 2
+        assert f"--out {out} would write into the model it reads" in _error(capsys)
+    profile = ["profile", "--in", str(run), "--device", "cpu", "--profiles", "rx580"]
+    assert main([*profile, "--json", str(run / "model" / "config.json")]) == 2
+    assert "would write into the model it reads" in _error(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_empty_or_foreign_outputs_are_refused_before_any_work(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    compress = ["compress", "--in", str(model_dir), "--method", "svd", "--device", "cpu"]
+    assert main([*compress, "--out", ""]) == 2
+    assert _error(capsys).endswith("--out is empty; give the path to write")
+    assert main(["export", "--in", str(model_dir), "--out", ""]) == 2
+    assert "--out is empty" in _error(capsys)
+    profile = ["profile", "--in", str(model_dir), "--device", "cpu", "--profiles", "rx580"]
+    assert main([*profile, "--json", ""]) == 2
+    assert "--json is empty" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "o" / "model").mkdir(parents=True)
+    (tmp_path / "o" / "model" / "notes.txt").write_text("mine")
+    assert main([*compress, "--out", str(tmp_path / "o"), "--finetune-epochs", "1"]) == 2
+    assert "o/model exists and is not a slimtorch model directory" in _error(capsys)
+    assert sorted(p.name for p in (tmp_path / "o").rglob("*")) == ["model", "notes.txt"]
+
+
 def test_export_refuses_a_suffix_of_the_other_format(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

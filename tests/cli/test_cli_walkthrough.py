@@ -109,7 +109,12 @@ def test_train_keeps_a_run_unless_resume_or_overwrite(
     assert {"checkpoint.pt", "history.json", "train_config.json"} <= set(after)
 
     # a checkpoint alone, or a model alone, is a run too; --resume needs the checkpoint
-    (out / "model" / "config.json").unlink()
+    (out / "model" / "config.json").unlink()  # no longer a model: refused before training
+    assert main([*run, "--epochs", "1", "--overwrite"]) == 2
+    assert "model exists and is not a slimtorch model directory" in _error(capsys)
+    for name in ("model.safetensors", "metrics.json"):
+        (out / "model" / name).unlink(missing_ok=True)
+    (out / "model").rmdir()
     assert main([*run, "--epochs", "1"]) == 2
     assert "already holds a training checkpoint (checkpoint.pt); pass --resume" in _error(capsys)
     other = tmp_path / "model-only"

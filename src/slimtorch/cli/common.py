@@ -139,10 +139,17 @@ def check_run_output(
             "--resume continues the run in --out and --overwrite replaces it; give one of them"
         )
     out = Path(path)
+    target = out / "model"
+    if target.exists() and not holds_model(target):
+        if not target.is_dir() or any(target.iterdir()):
+            raise ValueError(
+                f"--out {path}: {target} exists and is not a slimtorch model directory, so the "
+                "model cannot be written there; choose another --out or move it away"
+            )
     found = [
         name
         for name, there in (
-            ("a model (model/)", holds_model(out / "model")),
+            ("a model (model/)", holds_model(target)),
             (
                 "a training checkpoint (checkpoint.pt)",
                 checkpoint and (out / "checkpoint.pt").exists(),
@@ -231,6 +238,8 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
         ...
         ValueError: --out ... is a folder; give the path of the file to write
     """
+    if not path.strip():
+        raise ValueError(f"{option} is empty; give the path to write")
     p = Path(path)
     if folder and p.exists() and not p.is_dir():
         raise ValueError(f"{option} {path} is a file; give a folder (a run directory is written)")
@@ -239,6 +248,32 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
     above = next((q for q in p.parents if q.exists()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"{option} {path} cannot be written: {above} is a file, not a folder")
+
+
+def check_not_in_source(path: str, option: str, source: Path, *, run: bool) -> None:
+    """Refuse an output that would land in the model directory being read.
+
+    ``source`` is the input model directory. A run folder (``run=True``; its model goes to
+    ``path/model``) may be neither that directory nor its run folder; a file may not be
+    inside it. Writing there would replace or break the model the command reads.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> check_not_in_source(str(d / "other"), "--out", d / "run" / "model", run=True)
+        >>> check_not_in_source(str(d / "run"), "--out", d / "run" / "model", run=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: --out .../run would write over the model it reads (.../run/model); ...
+    """
+    src = source.resolve()
+    out = Path(path).resolve()
+    inside = src == out or src in out.parents
+    if inside or (run and src == out / "model"):
+        raise ValueError(
+            f"{option} {path} would write {'over' if run else 'into'} the model it reads "
+            f"({source}); choose an {option} outside it"
+        )
 
 
 def options_that_need(

@@ -18,6 +18,7 @@ from slimtorch.cli.common import (
     DATASETS,
     add_device_args,
     apply_threads,
+    check_not_in_source,
     check_output_path,
     check_run_output,
     model_dir_arg,
@@ -310,8 +311,8 @@ def _run(args: argparse.Namespace) -> int:
     options_that_need(args, args.distill, "--distill", DISTILL_DEFAULTS)
     options = _options(args)
     check_output_path(args.out, "--out", folder=True)
+    check_not_in_source(args.out, "--out", model_dir_arg(args.model_dir), run=True)
     replaced = check_run_output(args.out, overwrite=args.overwrite)
-    model_dir_arg(args.model_dir)
     apply_threads(args)
     finetune = (
         TrainConfig(

@@ -9,11 +9,19 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from slimtorch.cli.common import NARROW_CONVS, check_output_path, model_dir_arg
+from slimtorch.cli.common import (
+    NARROW_CONVS,
+    check_not_in_source,
+    check_output_path,
+    model_dir_arg,
+)
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 """The --out suffix of each --format."""
@@ -147,6 +155,17 @@ def check_inputs(card: Any, shape: tuple[int, ...], data_root: str | None) -> tu
     return x, "random normal, 8 inputs"
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Remove the written file when its check fails: no file that failed is left to be used."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        print(f"{path} did not pass its check and was removed", file=sys.stderr)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -155,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", folder=False)
     args.format = output_format(args.out, args.format)
     model_dir = model_dir_arg(args.model_dir)
+    check_not_in_source(args.out, "--out", model_dir, run=False)
     model, card = load_model(model_dir, device="cpu")
     model.eval()
     shape = tuple(card.input_shape)
@@ -176,9 +196,10 @@ def run(args: argparse.Namespace) -> int:
                            narrow_convs=args.narrow_convs)  # fmt: skip
         result["precision"] = export_precision(model, args.dtype)
         if not args.no_check:
-            inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
-            result.update(check_onnx(model, path, inputs))
-            result["int8_ops"] = ort_int8_ops(path)
+            with _removed_on_failure(path):
+                inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
+                result.update(check_onnx(model, path, inputs))
+                result["int8_ops"] = ort_int8_ops(path)
     else:
         if args.dtype != "fp32":
             raise ValueError("--dtype applies to --format onnx only")
@@ -186,10 +207,10 @@ def run(args: argparse.Namespace) -> int:
 
         path = save_exported(model, example, args.out)
         if not args.no_check:
-            inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
             from slimtorch.quant.export import output_agreement
 
-            with torch.no_grad():
+            with _removed_on_failure(path), torch.no_grad():
+                inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
                 result.update(output_agreement(load_exported(path)(inputs), model(inputs)))
     result["bytes"] = path.stat().st_size
     print(json.dumps(result))

@@ -9,6 +9,7 @@ from slimtorch.cli.common import (
     MODELS,
     add_device_args,
     apply_threads,
+    check_not_in_source,
     check_output_path,
     model_dir_arg,
     parse_shape,
@@ -122,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_sources(args)
-    if args.json_out:
+    if args.json_out is not None:
         check_output_path(args.json_out, "--json", folder=False)
+        if args.model_dir:
+            check_not_in_source(args.json_out, "--json", model_dir_arg(args.model_dir), run=False)
     device = resolve_device(args.device)
     if args.model_dir:
         from slimtorch.models import load_model
