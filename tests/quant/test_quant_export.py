@@ -94,6 +94,29 @@ def test_fp16_export_and_errors(tmp_path) -> None:
         export_onnx(dyn, tmp_path / "x.onnx", x)
 
 
+def test_cast_models_export_only_in_the_precision_they_have(tmp_path: Path) -> None:
+    from slimtorch.quant.precision import set_precision_
+
+    x = torch.randn(2, 1, 10, 10)
+    for make_bf16 in (
+        lambda m: m.to(torch.bfloat16),
+        lambda m: set_precision_(m, ["conv1"], torch.bfloat16),
+    ):
+        model = _model()
+        make_bf16(model)
+        with pytest.raises(ValueError, match=r"conv.* hold bfloat16 weights, which ONNX Runtime"):
+            export_onnx(model, tmp_path / "b.onnx", x)
+        assert not (tmp_path / "b.onnx").exists()
+    half = _model()
+    set_precision_(half, ["conv1"], torch.float16)  # as compress --method fp16 leaves a model
+    with pytest.raises(ValueError, match=r"already cast \(fp32 input, float16 in 1 of"):
+        export_onnx(half, tmp_path / "h.onnx", x, dtype="fp16")
+    path = export_onnx(half, tmp_path / "h.onnx", x)  # fp32: its layers as they are
+    assert compare_onnx(half, path, x) < 1e-2
+    with pytest.raises(ValueError, match="at most 65536 rows"):
+        export_onnx(_model(), tmp_path / "big.onnx", torch.randn(65537, 1, 10, 10))
+
+
 @pytest.mark.slow
 def test_x86_compile_runs_onednn_int8_kernels() -> None:
     from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_kernels

@@ -134,7 +134,8 @@ def export_onnx(
         The written path.
 
     Raises:
-        ValueError: Unknown ``dtype`` or ``target``, fp16 asked for a Q/DQ model, a model with
+        ValueError: Unknown ``dtype`` or ``target``, fp16 asked for a Q/DQ model or for a
+            model already cast, bfloat16 layers, a model with
             :class:`~slimtorch.quant.gemm.GemmConv2d` layers, or the export failed (the
             message carries the exporter's reason).
 
@@ -150,6 +151,7 @@ def export_onnx(
         raise ValueError(f"dtype must be 'fp32' or 'fp16', got {dtype!r}")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    _check_cast_layers(model, dtype)
     if any(isinstance(m, QDQConv2d | QDQLinear) and m.input_dynamic for m in model.modules()):
         raise ValueError(
             "dynamic-quantization layers compute their scale per batch and have no ONNX Q/DQ "
@@ -194,7 +196,14 @@ def export_onnx(
                 "steps are float32); export it with dtype='fp32' (it still runs int8)"
             )
         work, x = work.half(), x.half()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    if dynamic_batch and x.shape[0] > MAX_DYNAMIC_BATCH:
+        raise ValueError(
+            f"example_input has batch {x.shape[0]}; with a dynamic batch the example must have "
+            f"at most {MAX_DYNAMIC_BATCH} rows (the exported graph takes any batch up to that)"
+        )
+    dynamic_shapes = (
+        ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    )
 
     def to_onnx(module: nn.Module) -> Any:
         with _quiet_exporter():
@@ -225,6 +234,33 @@ def export_onnx(
         atomic_write(out, lambda p: program.save(p, external_data=False))
     logger.info("exported %s (%s) to %s", type(model).__name__, export_precision(work, dtype), out)
     return out
+
+
+MAX_DYNAMIC_BATCH = 65536
+"""Largest batch an exported graph with a dynamic batch dimension is traced for."""
+
+
+def _check_cast_layers(model: nn.Module, dtype: str) -> None:
+    """Refuse what a cast model cannot export as: bfloat16 layers at all (ONNX Runtime has no
+    bfloat16 convolution or GEMM kernels on the CPU, so the file would not load there), and
+    a float16 export of a model already cast (``half()`` would also cast the layers it keeps
+    in float32, which then meet a float32 input)."""
+    dtypes = {
+        name: {p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()}
+        for name, m in model.named_modules()
+    }
+    bf16 = [name or "(model)" for name, d in dtypes.items() if torch.bfloat16 in d]
+    if bf16:
+        raise ValueError(
+            f"layer(s) {', '.join(bf16[:4])}{' ...' if len(bf16) > 4 else ''} hold bfloat16 "
+            "weights, which ONNX Runtime has no CPU kernels for; export this model with "
+            "--format pt2 (torch.export), or cast the float model with --method fp16 for ONNX"
+        )
+    if dtype == "fp16" and any(torch.float16 in d for d in dtypes.values()):
+        raise ValueError(
+            f"the model is already cast ({export_precision(model)}); export it with "
+            "dtype='fp32' (--dtype fp32), which writes its layers in the precision they have"
+        )
 
 
 def export_precision(model: nn.Module, dtype: str = "fp32") -> str:
