@@ -91,6 +91,14 @@ def test_empty_or_foreign_outputs_are_refused_before_any_work(
     assert sorted(p.name for p in (tmp_path / "o").rglob("*")) == ["model", "notes.txt"]
 
 
+def test_a_diverged_run_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = ["train", "--model", "mlp", "--dataset", "digits", "--device", "cpu", "--no-progress"]
+    assert main([*train, "--epochs", "1", "--lr", "1e6", "--out", str(tmp_path / "r")]) == 2
+    assert "training diverged at epoch 1" in _error(capsys)
+
+
 def test_export_refuses_a_suffix_of_the_other_format(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

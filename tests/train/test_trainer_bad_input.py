@@ -90,3 +90,53 @@ def test_a_custom_loss_may_use_labels_outside_the_outputs():
     batch = [(torch.randn(8, 4), torch.tensor([0, 1, -100, 1, 0, 1, 0, -100]))]
     trainer = Trainer(nn.Linear(4, 2), CFG, loss_fn=nn.CrossEntropyLoss(ignore_index=-100))
     assert trainer.evaluate(batch)["n"] == 8
+
+
+def test_an_fp16_scaler_that_skips_step_after_step_is_divergence(caplog):
+    trainer = Trainer(nn.Linear(4, 2), CFG)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with caplog.at_level("WARNING", logger="slimtorch.train.trainer_state"):
+        check_not_diverged(trainer, float("nan"))  # a few skipped steps: the run goes on
+    assert "mean training loss is nan (parameters are finite)" in caplog.text
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-5)  # halved 21 times
+    with pytest.raises(FloatingPointError, match=r"scaler skipped step after step \(its scale"):
+        check_not_diverged(trainer, float("nan"))
+    check_not_diverged(trainer, 0.5)  # a finite loss with a small scale is not divergence
+
+
+def test_a_onecycle_run_resumes_only_for_its_own_length(tmp_path):
+    cfg = TrainConfig(epochs=1, schedule="onecycle", progress=False)
+    Trainer(nn.Linear(4, 2), cfg, out_dir=tmp_path).fit(_loader(8))
+    saved = (tmp_path / "train_config.json").read_text()
+    with pytest.raises(CheckpointError, match="written for 1 epochs of a one-cycle schedule"):
+        Trainer(nn.Linear(4, 2), cfg.replace(epochs=2), out_dir=tmp_path).fit(
+            _loader(8), resume=True
+        )
+    assert (tmp_path / "train_config.json").read_text() == saved
+    cosine = TrainConfig(epochs=1, progress=False)
+    Trainer(nn.Linear(4, 2), cosine, out_dir=tmp_path / "c").fit(_loader())
+    history = Trainer(nn.Linear(4, 2), cosine.replace(epochs=2), out_dir=tmp_path / "c").fit(
+        _loader(), resume=True
+    )
+    assert history.to_dict()["epoch"] == [1, 2]
+
+
+def test_train_and_test_splits_of_different_shapes_are_refused_before_training(
+    tmp_path, monkeypatch
+):
+    from slimtorch.data import ImageDataset
+    from slimtorch.train import classifier
+
+    def split(name, which, **kw):
+        side = 8 if which == "train" else 4
+        return ImageDataset(
+            name="odd", images=torch.zeros(64, 1, side, side, dtype=torch.uint8),
+            labels=torch.arange(64) % 3, classes=("a", "b", "c"), mean=(0.5,), std=(0.25,),
+        )  # fmt: skip
+
+    monkeypatch.setattr(classifier, "load_dataset", split)
+    with pytest.raises(ValueError, match=r"test split has images \(1, 4, 4\) and 3 classes, the "):
+        classifier.train_classifier(
+            model="mlp", dataset="digits", out_dir=tmp_path / "run", train_config=CFG
+        )
+    assert not (tmp_path / "run").exists()

@@ -91,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (SlimtorchError, ValueError, TypeError, OSError) as exc:
+    except (SlimtorchError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a file where a folder is needed (or the reverse), a
-        # folder that cannot be written, a full disk; its message names the path
+        # folder that cannot be written, a full disk; its message names the path.
+        # FloatingPointError: a training run that diverged (the message says what to change)
         print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

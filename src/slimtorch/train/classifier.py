@@ -173,6 +173,14 @@ def train_classifier(
     if isinstance(aug, str):
         raise ValueError(f"augment must be an AugmentConfig, None or 'auto', got {aug!r}")
     c, h, w = train_ds.input_shape
+    if tuple(test_ds.input_shape) != tuple(train_ds.input_shape) or len(test_ds.classes) != len(
+        train_ds.classes
+    ):
+        raise ValueError(
+            f"the {dataset} test split has images {tuple(test_ds.input_shape)} and "
+            f"{len(test_ds.classes)} classes, the train split {tuple(train_ds.input_shape)} and "
+            f"{len(train_ds.classes)}; both splits must come from the same dataset"
+        )
     if h != w:
         raise ValueError(f"only square inputs are supported by the model zoo, got {h}x{w}")
     # the seed fixes the initial weights too: the same on every rank and in every rerun

@@ -43,11 +43,21 @@ def check_not_diverged(trainer: Trainer, loss: float) -> None:
     """Raise before a checkpoint would store a diverged run (parameters NaN/inf).
 
     A non-finite mean loss with finite parameters only warns: with the fp16 gradient scaler an
-    overflowing step is skipped, so the weights are still good.
+    overflowing step is skipped, so the weights are still good. Unless the scaler's scale has
+    fallen below 1: it halves at each skipped step from 65536, so by then step after step has
+    overflowed even unscaled, and the run makes no progress (the weights have grown too large
+    for fp16; a healthy run keeps its scale far above 1).
     """
     model = trainer.model
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     where = f"epoch {trainer.epoch + 1}, step {trainer.global_step}"
+    scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
+    if not bad and not math.isfinite(loss) and scale is not None and scale < 1.0:
+        raise FloatingPointError(
+            f"training diverged at {where}: the training loss is {loss} and the fp16 gradient "
+            f"scaler skipped step after step (its scale fell to {scale:.3g}); no checkpoint was "
+            "written for it. Lower lr, set grad_clip_norm, or train in bf16 or fp32"
+        )
     if not bad:
         if not math.isfinite(loss):
             logger.warning("%s: the mean training loss is %s (parameters are finite)", where, loss)
@@ -111,6 +121,15 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"epoch but the training loader has {trainer.steps_per_epoch}; resume with the same "
             "data, batch size and world size, or use a new out_dir"
         )
+    saved_config = state.get("config")
+    saved_config = saved_config if isinstance(saved_config, dict) else {}
+    saved_epochs = saved_config.get("epochs")
+    if trainer.config.schedule == "onecycle" and saved_epochs not in (None, trainer.config.epochs):
+        raise CheckpointError(
+            f"checkpoint {path} was written for {saved_epochs} epochs of a one-cycle schedule, "
+            f"whose learning rate is fixed by that length; resume with epochs={saved_epochs}, "
+            "or start a new run (a cosine or step schedule can be extended)"
+        )
     assert trainer.optimizer is not None and trainer.scheduler is not None
     try:
         trainer.model.load_state_dict(state["model"])
@@ -138,9 +157,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"checkpoint {path} holds a malformed field ({type(exc).__name__}: {exc}); resume "
             "with the same callbacks and TrainConfig, or use a new out_dir"
         ) from exc
-    changed = sorted(
-        k for k, v in trainer.config.to_dict().items() if state.get("config", {}).get(k) != v
-    )
+    changed = sorted(k for k, v in trainer.config.to_dict().items() if saved_config.get(k) != v)
     if changed:
         logger.warning("resuming with changed config fields: %s", ", ".join(changed))
     trainer.epoch, trainer.step_in_epoch, trainer.global_step = epoch, step_in_epoch, global_step
