@@ -19,6 +19,18 @@ import torch
 from torch import nn
 
 from slimtorch.models import create_model, save_model
+from slimtorch.serve.model_config import ModelConfig, TensorSpec
+
+
+def pair_config(**kw: object) -> ModelConfig:
+    """A model config with one input ``x`` and one output ``y`` of two values each."""
+    return ModelConfig(
+        name="m",
+        format="onnx",
+        inputs=(TensorSpec(name="x", dims=(2,)),),
+        outputs=(TensorSpec(name="y", dims=(2,)),),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def write_config(folder: Path, **config: object) -> None:

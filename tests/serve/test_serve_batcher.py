@@ -9,19 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from serve_helpers import pair_config
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.errors import Overloaded
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
-
-
-def _config(**kw: object) -> ModelConfig:
-    return ModelConfig(
-        name="m",
-        format="onnx",
-        inputs=(TensorSpec(name="x", dims=(2,)),),
-        outputs=(TensorSpec(name="y", dims=(2,)),),
-        **kw,
-    )  # type: ignore[arg-type]
 
 
 class _Model:
@@ -47,7 +38,7 @@ def _x(i: float, rows: int = 1) -> dict[str, np.ndarray]:
 def test_lone_request_runs_at_once_and_concurrent_ones_batch_in_order() -> None:
     async def main() -> None:
         model = _Model()
-        b = Batcher("m", _config(max_batch_size=8, max_queue_delay_ms=500), model)
+        b = Batcher("m", pair_config(max_batch_size=8, max_queue_delay_ms=500), model)
         b.start()
         t0 = time.perf_counter()
         out = await b.submit(_x(1), 1)
@@ -74,7 +65,7 @@ def test_lone_request_runs_at_once_and_concurrent_ones_batch_in_order() -> None:
 def test_full_queue_is_refused_with_retry_after_and_nothing_is_lost() -> None:
     async def main() -> None:
         model = _Model()
-        b = Batcher("m", _config(max_batch_size=2, max_queue_size=4), model)
+        b = Batcher("m", pair_config(max_batch_size=2, max_queue_size=4), model)
         b.start()
         model.gate.clear()
         tasks = [asyncio.create_task(b.submit(_x(i), 1)) for i in range(12)]
@@ -95,8 +86,8 @@ def test_slow_model_does_not_stall_another() -> None:
     async def main() -> None:
         slow, fast = _Model(), _Model()
         slow.gate.clear()
-        bs = Batcher("slow", _config(), slow)
-        bf = Batcher("fast", _config(), fast)
+        bs = Batcher("slow", pair_config(), slow)
+        bf = Batcher("fast", pair_config(), fast)
         bs.start()
         bf.start()
         stuck = asyncio.create_task(bs.submit(_x(1), 1))
@@ -116,7 +107,7 @@ def test_slow_model_does_not_stall_another() -> None:
 def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> None:
     async def main() -> None:
         model = _Model(delay=0.01)
-        b = Batcher("m", _config(max_batch_size=2), model)
+        b = Batcher("m", pair_config(max_batch_size=2), model)
         b.start()
         tasks = [asyncio.create_task(b.submit(_x(i), 1)) for i in range(6)]
         await asyncio.sleep(0)
@@ -128,7 +119,7 @@ def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> No
         def broken(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise RuntimeError("kernel failed")
 
-        bb = Batcher("b", _config(), broken)
+        bb = Batcher("b", pair_config(), broken)
         bb.start()
         results = await asyncio.gather(
             *(bb.submit(_x(i), 1) for i in range(3)), return_exceptions=True
@@ -142,7 +133,7 @@ def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> No
 def test_cancelled_request_is_skipped() -> None:
     async def main() -> None:
         model = _Model()
-        b = Batcher("m", _config(), model)
+        b = Batcher("m", pair_config(), model)
         b.start()
         model.gate.clear()
         first = asyncio.create_task(b.submit(_x(0), 1))

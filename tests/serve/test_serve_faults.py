@@ -13,11 +13,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import IN8, make_mlp, save_slimtorch, write_config, write_onnx
+from serve_helpers import IN8, make_mlp, pair_config, save_slimtorch, write_config, write_onnx
 from slimtorch.serve import ServeSettings, create_app
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.errors import BadRequest, InputFailed, ModelFault
-from slimtorch.serve.model_config import ModelConfig, TensorSpec
 from slimtorch.serve.protocol.codec import parse_request
 from slimtorch.serve.server import ModelServer
 
@@ -105,22 +104,12 @@ def test_a_bad_input_alone_is_a_400_naming_the_model_error(tmp_path: Path) -> No
         assert good.json()["outputs"][0]["data"] == TABLE[[1, 9]].ravel().tolist()
 
 
-def _config(**kw: object) -> ModelConfig:
-    return ModelConfig(
-        name="m",
-        format="onnx",
-        inputs=(TensorSpec(name="x", dims=(2,)),),
-        outputs=(TensorSpec(name="y", dims=(2,)),),
-        **kw,
-    )  # type: ignore[arg-type]
-
-
 def test_outputs_that_lose_the_batch_rows_fail_every_request_of_the_batch() -> None:
     def summed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"y": inputs["x"].sum(axis=0, keepdims=True)}  # one row whatever the batch
 
     async def main() -> list[object]:
-        b = Batcher("m", _config(max_batch_size=8), summed)
+        b = Batcher("m", pair_config(max_batch_size=8), summed)
         b.start()
         try:
             calls = [b.submit({"x": np.full((1, 2), i, np.float32)}, rows=1) for i in range(5)]
