@@ -114,11 +114,14 @@ PruneConfig = MagnitudeConfig | NMConfig
 
 
 def _targets(
-    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    stored: dict[str, Any],
 ) -> list[tuple[str, nn.Module]]:
-    """The selected conv/linear layers, and the selected quantized ones (reported skipped)."""
+    """The selected conv/linear layers, and the selected quantized ones in ``stored`` (which
+    :func:`prune_` reports skipped)."""
     _check_globs(model, include, exclude)
-    stored = weight_buffer_layers(model)
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or not (isinstance(module, _TARGET_TYPES) or name in stored):
@@ -239,7 +242,7 @@ def prune_(
     rows: list[PruneRow] = []
     chosen: list[tuple[nn.Module, list[str], PruneRow]] = []
     stored = weight_buffer_layers(model)
-    for name, module in _targets(model, include, exclude):
+    for name, module in _targets(model, include, exclude, stored):
         if name in stored:
             _, count, dtype, _ = stored[name]
             reason = stored_weights_reason(module, dtype, "prune")
