@@ -84,6 +84,14 @@ def test_unreadable_file_is_named(folder: Path) -> None:
         load_image_folder(folder)
 
 
+def test_hidden_files_are_skipped(folder: Path) -> None:
+    # macOS leaves AppleDouble files ("._a.png") beside copied images; they are not images
+    (folder / "dog" / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    _img(folder / ".cache" / "x.png", (1, 1, 1))  # hidden class folder
+    ds = load_image_folder(folder)
+    assert ds.classes == ("cat", "dog", "empty") and ds.labels.tolist() == [0, 1, 1]
+
+
 def test_missing_or_empty(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="does not exist"):
         load_image_folder(tmp_path / "nope")

@@ -97,7 +97,9 @@ def load_image_folder(
         name: Dataset name (default: the folder name).
         mean: Per-channel mean in [0, 1] units; default: computed from the images.
         std: Per-channel std in [0, 1] units; default: computed from the images.
-        extensions: File suffixes to read (case-insensitive); other files are ignored.
+        extensions: File suffixes to read (case-insensitive); other files are ignored, and so
+            are hidden files and folders (names starting with ``.``, such as the ``._x.png``
+            resource files macOS leaves beside copied images).
 
     Returns:
         The dataset, images uint8 ``(N, channels, H, W)``.
@@ -137,7 +139,9 @@ def load_image_folder(
     files: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
         members = sorted(
-            p for p in (root / cls).iterdir() if p.is_file() and p.suffix.lower() in exts
+            p
+            for p in (root / cls).iterdir()
+            if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
         )
         if not members:
             logger.warning("class folder %s holds no %s files", root / cls, "/".join(exts))
