@@ -338,6 +338,8 @@ def test_argument_errors_and_conflicts() -> None:
         SparseTrainingConfig(delta_t=0)
     with pytest.raises(ValueError, match="t_end must be in"):
         SparseTrainingConfig(t_end=0.0)
+    with pytest.raises(ValueError, match=r"SparseTrainingConfig\.seed must be in \[0, 1844"):
+        SparseTrainingConfig(seed=2**64)
     with pytest.raises(ValueError, match="distribution must be one of"):
         SparseTrainingConfig(distribution="gaussian")
     with pytest.raises(TypeError, match="SparseTrainingConfig"):

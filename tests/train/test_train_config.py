@@ -26,6 +26,7 @@ from slimtorch.train import TrainConfig, seed_everything
         ("grad_clip_norm", 0.0, r"TrainConfig\.grad_clip_norm"),
         ("amp", "fp8", r"TrainConfig\.amp must be one of 'off', 'auto', 'bf16', 'fp16'"),
         ("seed", -1, r"TrainConfig\.seed"),
+        ("seed", 2**64, r"TrainConfig\.seed must be in \[0, 18446744073709551615\]"),
         ("checkpoint_every_steps", -5, r"TrainConfig\.checkpoint_every_steps"),
         ("eval_every_epochs", -1, r"TrainConfig\.eval_every_epochs"),
         ("log_every_steps", 0, r"TrainConfig\.log_every_steps"),
@@ -72,5 +73,7 @@ def test_seed_everything_repeats_streams_and_sets_determinism() -> None:
     finally:
         torch.use_deterministic_algorithms(before)
         torch.backends.cudnn.deterministic = False
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
-        seed_everything(-1)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            seed_everything(bad)
+    seed_everything(2**64 - 1)  # the largest seed torch takes

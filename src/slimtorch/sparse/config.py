@@ -78,4 +78,5 @@ class SparseTrainingConfig(Config):
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "t_end", self.t_end, low=0.0, high=1.0, low_inclusive=False)
         _check_int(self, "seed", self.seed, 0)
+        check_range(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
         _check_bool(self, "scale_init", self.scale_init)

@@ -116,6 +116,7 @@ class TrainConfig(Config):
         check_choice(self, "amp", self.amp, AMP_MODES)
         _check_bool(self, "channels_last", self.channels_last)
         _check_int(self, "seed", self.seed, 0)
+        check_range(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
         _check_bool(self, "deterministic", self.deterministic)
         _check_int(self, "checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _check_int(self, "eval_every_epochs", self.eval_every_epochs, 0)

@@ -29,7 +29,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed ``random``, numpy and torch (CPU and every CUDA device).
 
     Args:
-        seed: A non-negative integer.
+        seed: An integer in ``[0, 2**64)``, the range torch's generator takes.
         deterministic: Also ask torch for deterministic algorithms (cuDNN deterministic, no
             benchmark autotuning, ``torch.use_deterministic_algorithms(True, warn_only=True)``:
             an op without a deterministic kernel warns instead of failing). When ``False`` the
@@ -38,8 +38,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     Example:
         >>> seed_everything(123, deterministic=True)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device, lazily
