@@ -51,3 +51,14 @@ def test_bad_val_fraction_is_refused_before_training():
         train_classifier(
             model="mlp", dataset="digits", out_dir=None, train_config=cfg, val_fraction=1.5
         )
+
+
+def test_batch_larger_than_the_training_split_is_named(tmp_path):
+    # batches are kept full, so a batch past the split size would leave no batch at all
+    cfg = TrainConfig(epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size 1200 is larger than the 1151 training"):
+        train_classifier(
+            model="mlp", dataset="digits", out_dir=tmp_path, train_config=cfg,
+            batch_size=1200, val_fraction=0.2,
+        )  # fmt: skip
+    assert not any(tmp_path.iterdir())

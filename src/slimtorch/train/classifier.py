@@ -105,6 +105,12 @@ def make_loaders(
         world_size=world,
         channels_last=channels_last,
     )
+    if len(train_loader) == 0:  # batches are full (drop_last): a batch past the split is none
+        share = f", {len(train_ds) // world} per process" if world > 1 else ""
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {len(train_ds)} training images of "
+            f"{train_ds.name}{share}; give a batch size of at most that"
+        )
     return train_loader, eval_loader(test_ds, device, eval_batch_size, channels_last)
 
 
