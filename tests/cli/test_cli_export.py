@@ -147,3 +147,35 @@ def test_profile_says_when_int8_is_simulated(
     base_out, ptq_out = outputs
     assert "simulated in float" not in base_out
     assert "simulated in float" in ptq_out and "--format onnx" in ptq_out
+
+
+def test_a_failed_check_keeps_the_earlier_export(
+    models: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import slimtorch.quant
+
+    base = models[0]
+    out = tmp_path / "m.onnx"
+    _export(capsys, "--in", str(base), "--out", str(out))
+    earlier = out.read_bytes()
+
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise ValueError("ONNX Runtime could not run the file")
+
+    monkeypatch.setattr(slimtorch.quant, "check_onnx", broken)
+    assert main(["export", "--in", str(base), "--out", str(out), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "did not pass its check and was removed (the file already there is unchanged)" in err
+    assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    # a new path that fails its check is not written at all
+    assert main(["export", "--in", str(base), "--out", str(tmp_path / "n.onnx")]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    monkeypatch.undo()
+    pt2 = tmp_path / "m.pt2"  # the program is checked under its temporary name, then renamed
+    assert _export(capsys, "--in", str(base), "--out", str(pt2))["top1_agreement"] == 1.0
+    from slimtorch.models import load_exported
+
+    assert load_exported(pt2) is not None

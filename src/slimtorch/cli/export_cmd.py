@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,14 +157,20 @@ def check_inputs(card: Any, shape: tuple[int, ...], data_root: str | None) -> tu
 
 
 @contextlib.contextmanager
-def _removed_on_failure(path: Path) -> Iterator[None]:
-    """Remove the written file when its check fails: no file that failed is left to be used."""
+def _checked_output(out: Path) -> Iterator[Path]:
+    """A sibling temporary path to export to and check; it replaces ``out`` only once the
+    check has passed. A file already at ``out`` (an earlier export) is kept when the export or
+    its check fails, and no file that failed is left to be used."""
+    tmp = out.with_name(f".{out.stem}.unchecked-{os.getpid()}{out.suffix}")
     try:
-        yield
+        yield tmp
     except BaseException:
-        path.unlink(missing_ok=True)
-        print(f"{path} did not pass its check and was removed", file=sys.stderr)
+        if tmp.exists():
+            tmp.unlink()
+            kept = " (the file already there is unchanged)" if out.exists() else ""
+            print(f"the export did not pass its check and was removed{kept}", file=sys.stderr)
         raise
+    os.replace(tmp, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,11 +199,11 @@ def run(args: argparse.Namespace) -> int:
         if args.dtype == "fp32" and _is_qdq(card):
             calib = calibration_batches(card, args.calibration_batches, args.data_root)
             result["calibration_batches"] = len(calib) if calib else 0
-        path = export_onnx(model, args.out, example, dtype=args.dtype, calibration=calib,
-                           narrow_convs=args.narrow_convs)  # fmt: skip
-        result["precision"] = export_precision(model, args.dtype)
-        if not args.no_check:
-            with _removed_on_failure(path):
+        with _checked_output(Path(args.out)) as path:
+            export_onnx(model, path, example, dtype=args.dtype, calibration=calib,
+                        narrow_convs=args.narrow_convs)  # fmt: skip
+            result["precision"] = export_precision(model, args.dtype)
+            if not args.no_check:
                 inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
                 result.update(check_onnx(model, path, inputs))
                 result["int8_ops"] = ort_int8_ops(path)
@@ -205,13 +212,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--dtype applies to --format onnx only")
         from slimtorch.models import load_exported, save_exported
 
-        path = save_exported(model, example, args.out)
-        if not args.no_check:
-            from slimtorch.quant.export import output_agreement
+        with _checked_output(Path(args.out)) as path:
+            save_exported(model, example, path)
+            if not args.no_check:
+                from slimtorch.quant.export import output_agreement
 
-            with _removed_on_failure(path), torch.no_grad():
-                inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
-                result.update(output_agreement(load_exported(path)(inputs), model(inputs)))
-    result["bytes"] = path.stat().st_size
+                with torch.no_grad():
+                    inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
+                    result.update(output_agreement(load_exported(path)(inputs), model(inputs)))
+    result["bytes"] = Path(args.out).stat().st_size
     print(json.dumps(result))
     return 0
