@@ -112,11 +112,18 @@ def test_resume_from_an_epoch_end_checkpoint(tmp_path: Path) -> None:
     ref = _run(tmp_path / "ref", ListLoader, [], checkpoint_every_steps=0)
     with pytest.raises(Crash):
         _run(tmp_path / "run", ListLoader, [KillAt(19)], checkpoint_every_steps=0)
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+    interrupted = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert interrupted["epoch"] == 2 and interrupted["train_seconds"] > 0.0
     resumed = _run(tmp_path / "run", ListLoader, [], resume=True, checkpoint_every_steps=0)
     for p_ref, p_res in zip(ref.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(p_res, p_ref, rtol=0, atol=0)
     assert resumed.history.epoch == [1, 2, 3]
+    # the time behind the model includes the interrupted run's, up to its checkpoint
+    assert resumed.seconds_before == interrupted["train_seconds"]
+    assert resumed.train_seconds > resumed.seconds_before
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_seconds"]
+    assert resumed.seconds_before < final <= resumed.train_seconds
+    assert ref.seconds_before == 0.0 and ref.train_seconds > 0.0
 
 
 def test_start_batch_is_used_when_the_loader_supports_it(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,9 +213,8 @@ def train_classifier(
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
     if val_loader is None:
         trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
-    start = time.perf_counter()
     history = trainer.fit(train_loader, val_loader or test_loader, resume=resume)
-    seconds = time.perf_counter() - start
+    seconds = trainer.train_seconds  # with the run it resumed, if any
 
     def final(loader: DeviceLoader) -> dict[str, float]:
         metrics = trainer.evaluate(loader)

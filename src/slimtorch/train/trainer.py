@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,11 @@ class Trainer:
         self.replica_mismatches: list[str] | None = None
         """After a data-parallel :meth:`fit`: the parameters and buffers that differ between
         ranks (``[]``: all identical); None when the run was not data-parallel."""
+        self.seconds_before = 0.0
+        """Seconds the run had trained before this :meth:`fit` (from the checkpoint it resumed;
+        the time since the last checkpoint of an interrupted run is not counted)."""
+        self._fit_start: float | None = None
+        self._fit_seconds = 0.0
         self._meter: Meter | None = None
         self._prepared = False
 
@@ -380,6 +386,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.should_stop = False
         self.history = History()
+        self.seconds_before = 0.0
         self._meter = Meter(self.device)
         if self.config.progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
@@ -397,6 +404,7 @@ class Trainer:
         if self.out_dir is not None and is_main_process():
             self.config.save(self.out_dir / "train_config.json")
         self._call("on_fit_start")
+        self._fit_start = time.perf_counter()
         try:
             while self.epoch < self.config.epochs and not self.should_stop:
                 self._train_epoch(model, train_loader, val_loader, rng)
@@ -404,12 +412,21 @@ class Trainer:
             if self.is_distributed:
                 self._check_replicas()
         finally:
+            self._fit_seconds, self._fit_start = self.train_seconds - self.seconds_before, None
             if model is not self.model:
                 # free the DDP reducer (it holds the process group) before the group goes away
                 del model
                 gc.collect()
         self._call("on_fit_end")
         return self.history
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds of training behind the model: this :meth:`fit`'s, so far or in all, plus
+        :attr:`seconds_before` from the run it resumed."""
+        if self._fit_start is not None:
+            return self.seconds_before + time.perf_counter() - self._fit_start
+        return self.seconds_before + self._fit_seconds
 
     def _check_replicas(self) -> None:
         """Compare every rank's parameters and buffers once training is over (all ranks call it)."""

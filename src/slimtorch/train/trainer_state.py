@@ -94,6 +94,7 @@ def save_trainer_state(trainer: Trainer) -> None:
             "history": trainer.history.to_dict(),
             "meter": meter,
             "config": trainer.config.to_dict(),
+            "train_seconds": trainer.train_seconds,
         }
         save_checkpoint(path, state)
         logger.debug("checkpoint written to %s at step %d", path, trainer.global_step)
@@ -152,6 +153,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
         epoch = int(state["epoch"])
         step_in_epoch = int(state["step_in_epoch"])
         global_step = int(state["global_step"])
+        seconds_before = float(state.get("train_seconds", 0.0))  # absent before it was saved
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} holds a malformed field ({type(exc).__name__}: {exc}); resume "
@@ -161,6 +163,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     if changed:
         logger.warning("resuming with changed config fields: %s", ", ".join(changed))
     trainer.epoch, trainer.step_in_epoch, trainer.global_step = epoch, step_in_epoch, global_step
+    trainer.seconds_before = seconds_before
     trainer.history = History.from_dict(state.get("history", {}))
     trainer._meter = Meter(trainer.device)
     if trainer.step_in_epoch > 0 and state.get("meter"):
