@@ -62,3 +62,18 @@ def test_batch_larger_than_the_training_split_is_named(tmp_path):
             batch_size=1200, val_fraction=0.2,
         )  # fmt: skip
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_with_another_split_or_augmentation_is_refused(tmp_path):
+    from slimtorch.core.errors import CheckpointError
+    from slimtorch.data import AugmentConfig
+
+    cfg = TrainConfig(epochs=1, lr=0.05, progress=False)
+    kw = dict(model="mlp", dataset="digits", out_dir=tmp_path, batch_size=64, augment=None)
+    train_classifier(train_config=cfg, val_fraction=0.1, **kw)
+    more = TrainConfig(epochs=2, lr=0.05, progress=False)
+    with pytest.raises(CheckpointError, match=r"val_fraction: 0\.1 then, 0\.2 now"):
+        train_classifier(train_config=more, val_fraction=0.2, resume=True, **kw)
+    kw["augment"] = AugmentConfig(random_crop_padding=2)
+    with pytest.raises(CheckpointError, match=r"augment: null then, \{"):
+        train_classifier(train_config=more, val_fraction=0.1, resume=True, **kw)

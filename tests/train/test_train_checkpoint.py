@@ -209,3 +209,47 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) 
     torch.testing.assert_close(torch.rand(3), expected[0])
     assert random.random() == expected[1]
     np.testing.assert_array_equal(np.random.rand(2), expected[2])
+
+
+def test_a_resume_with_other_data_or_callbacks_is_refused_before_anything_changes(
+    tmp_path: Path,
+) -> None:
+    from slimtorch.distill import DistillationCallback, DistillConfig
+
+    def trainer(run: dict[str, Any], teacher_seed: int, temperature: float = 4.0) -> Trainer:
+        torch.manual_seed(teacher_seed)
+        teacher = make_mlp()
+        cb = DistillationCallback(teacher, DistillConfig(temperature=temperature))
+        torch.manual_seed(0)
+        t = Trainer(make_mlp(), _config(epochs=2), callbacks=[cb], out_dir=tmp_path)
+        t.run_info = run
+        return t
+
+    first = trainer({"dataset": "mnist", "batch_size": 8}, teacher_seed=1)
+    first.fit(ListLoader(X, Y, 8))
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    config_json = (tmp_path / "train_config.json").read_text()
+    # same steps per epoch, another dataset: the checkpoint names what changed
+    other = trainer({"dataset": "fashion-mnist", "batch_size": 8}, teacher_seed=1)
+    with pytest.raises(CheckpointError, match=r'dataset: "mnist" then, "fashion-mnist" now'):
+        other.fit(ListLoader(X, Y, 8), resume=True)
+    for run, seed, temperature, what in (
+        ({"dataset": "mnist", "batch_size": 8}, 2, 4.0, r"DistillationCallback\.teacher: "),
+        ({"dataset": "mnist", "batch_size": 8}, 1, 2.0, r"config\.temperature: 4\.0 then, 2\.0"),
+    ):
+        with pytest.raises(CheckpointError, match=what):
+            trainer(run, seed, temperature).fit(ListLoader(X, Y, 8), resume=True)
+    no_teacher = Trainer(make_mlp(), _config(epochs=2), out_dir=tmp_path)
+    no_teacher.run_info = {"dataset": "mnist", "batch_size": 8}
+    with pytest.raises(CheckpointError, match="DistillationCallback: set then, not set now"):
+        no_teacher.fit(ListLoader(X, Y, 8), resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    assert (tmp_path / "train_config.json").read_text() == config_json
+    # the same run resumes (a key only one side records is not compared)
+    same = trainer({"dataset": "mnist", "batch_size": 8, "new_key": 1}, teacher_seed=1)
+    assert same.fit(ListLoader(X, Y, 8), resume=True).epoch == [1, 2]
+    # a checkpoint written before runs were recorded resumes as before
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["run"]
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert other.fit(ListLoader(X, Y, 8), resume=True).epoch == [1, 2]

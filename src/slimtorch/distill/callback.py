@@ -108,6 +108,7 @@ class DistillationCallback(Callback):
         self._student_feats: dict[str, torch.Tensor] = {}
         self._teacher_feats: dict[str, torch.Tensor] = {}
         self._teacher_dtype: torch.dtype | None = None  # set in on_fit_start
+        self._teacher_digest: list[float] | None = None  # computed once, by run_info
 
     # ------------------------------------------------------------------ hooks
 
@@ -237,6 +238,19 @@ class DistillationCallback(Callback):
                 )
             terms.append(hint_loss(s_feat, t_feat))
         return torch.stack(terms).mean()
+
+    def run_info(self) -> dict[str, Any]:
+        """The config and the teacher's weights in brief (count, sum and sum of squares), so
+        that a run is not resumed with another teacher."""
+        if self._teacher_digest is None:
+            with torch.no_grad():
+                ps = [p.detach().double() for p in self.teacher.parameters()]
+                self._teacher_digest = [
+                    sum(p.numel() for p in ps),
+                    float(sum(p.sum() for p in ps)),
+                    float(sum((p * p).sum() for p in ps)),
+                ]
+        return {"config": self.config.to_dict(), "teacher": self._teacher_digest}
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to save: the teacher is fixed and the config is given at construction."""

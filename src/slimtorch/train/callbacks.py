@@ -61,6 +61,13 @@ class Callback:
         """Key of this callback's state in the checkpoint (class name by default)."""
         return type(self).__qualname__
 
+    def run_info(self) -> dict[str, Any] | None:
+        """What this callback changes about the run, as JSON values: saved in the checkpoint,
+        and a resume with other values is refused. Default: its ``config`` (a slimtorch
+        ``Config``) if it has one, else None (progress, logging: nothing to compare)."""
+        to_dict = getattr(getattr(self, "config", None), "to_dict", None)
+        return None if to_dict is None else {"config": to_dict()}
+
     def setup(self, trainer: Trainer) -> None:
         """Before the model is moved, wrapped for DDP and a checkpoint is resumed.
 

@@ -211,6 +211,14 @@ def train_classifier(
         val_loader = eval_loader(val_ds, device, channels_last=train_config.channels_last)
     cbs = callbacks(train_ds) if callable(callbacks) else callbacks
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
+    trainer.run_info = {
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "dataset": dataset,
+        "batch_size": batch_size,
+        "augment": None if aug is None else aug.to_dict(),
+        "val_fraction": val_fraction,
+        "val_seed": val_seed if val_fraction is not None else None,
+    }
     if val_loader is None:
         trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
     history = trainer.fit(train_loader, val_loader or test_loader, resume=resume)

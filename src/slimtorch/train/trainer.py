@@ -149,6 +149,9 @@ class Trainer:
         self.replica_mismatches: list[str] | None = None
         """After a data-parallel :meth:`fit`: the parameters and buffers that differ between
         ranks (``[]``: all identical); None when the run was not data-parallel."""
+        self.run_info: dict[str, Any] = {}
+        """What defines the run besides ``config`` (data, batch size ...; JSON values), saved
+        in the checkpoint with the callbacks' ``run_info``: a resume that differs is refused."""
         self.seconds_before = 0.0
         """Seconds the run had trained before this :meth:`fit` (from the checkpoint it resumed;
         the time since the last checkpoint of an interrupted run is not counted)."""

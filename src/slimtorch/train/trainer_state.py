@@ -3,8 +3,10 @@
 The model, optimiser, scheduler and gradient-scaler states, every callback's state, the epoch,
 the step within it, the RNG states, the history and the running epoch metrics go into one
 weights-only-loadable file (:mod:`slimtorch.train.checkpoint`), written atomically by rank 0.
-Resuming checks that the loader has the same number of steps per epoch and that the states fit
-the model and optimiser, and names what does not.
+Resuming checks that the loader has the same number of steps per epoch, that the run is the
+same one (``Trainer.run_info``: data, batch size, augmentation ...; each callback's
+``run_info``: sparse training, distillation with its teacher ...) and that the states fit the
+model and optimiser, and names what does not.
 
 Example:
     >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
@@ -18,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -70,6 +73,55 @@ def check_not_diverged(trainer: Trainer, loss: float) -> None:
     )
 
 
+def run_record(trainer: Trainer) -> dict[str, Any]:
+    """The trainer's ``run_info`` and its callbacks' (by checkpoint key), as JSON values."""
+    callbacks = {
+        key: info
+        for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True)
+        if (info := cb.run_info()) is not None
+    }
+    record = {**trainer.run_info, "callbacks": callbacks}
+    return dict(json.loads(json.dumps(record, default=str)))
+
+
+def _run_diffs(then: Any, now: Any, path: str, out: list[str]) -> None:
+    """Append ``path: <then> then, <now> now`` for every value that differs, dicts walked."""
+
+    def brief(value: Any, present: bool) -> str:
+        if not present:
+            return "not set"
+        text = json.dumps(value, sort_keys=True)
+        if len(text) <= 80:
+            return text
+        return "set" if isinstance(value, dict) else text[:77] + "..."
+
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in sorted(then.keys() | now.keys()):
+            sub = f"{path}.{key}" if path else str(key)
+            if key in then and key in now:
+                _run_diffs(then[key], now[key], sub, out)
+            else:
+                out.append(f"{sub}: {brief(then.get(key), key in then)} then, "
+                           f"{brief(now.get(key), key in now)} now")  # fmt: skip
+    elif then != now:
+        out.append(f"{path}: {brief(then, True)} then, {brief(now, True)} now")
+
+
+def _check_same_run(trainer: Trainer, saved: Any, path: Any) -> None:
+    """Refuse a resume whose run differs from the checkpoint's in a key both record."""
+    if not isinstance(saved, dict):
+        return  # written before runs were recorded
+    now = run_record(trainer)
+    diffs: list[str] = []
+    for key in sorted(saved.keys() & now.keys()):
+        _run_diffs(saved[key], now[key], key, diffs)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another run ({'; '.join(diffs)}); resume with "
+            "the same options, or use a new out_dir"
+        )
+
+
 def save_trainer_state(trainer: Trainer) -> None:
     """Write the trainer's full state to its checkpoint (rank 0), then wait for every rank."""
     path = trainer.checkpoint_path
@@ -95,6 +147,7 @@ def save_trainer_state(trainer: Trainer) -> None:
             "meter": meter,
             "config": trainer.config.to_dict(),
             "train_seconds": trainer.train_seconds,
+            "run": run_record(trainer),
         }
         save_checkpoint(path, state)
         logger.debug("checkpoint written to %s at step %d", path, trainer.global_step)
@@ -116,6 +169,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
         logger.warning("resume=True but %s does not exist; starting from scratch", path)
         return None
     state = load_checkpoint(path, required=_REQUIRED)
+    _check_same_run(trainer, state.get("run"), path)
     if state.get("steps_per_epoch") != trainer.steps_per_epoch:
         raise CheckpointError(
             f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
