@@ -130,3 +130,31 @@ def test_load_teacher_checks_shape_and_classes(tmp_path: Path) -> None:
     assert not teacher.training
     with pytest.raises(ValueError, match=r"\(1, 8, 8\), the data is \(3, 32, 32\);.*10 classes"):
         load_teacher(tmp_path / "t", input_shape=(3, 32, 32), num_classes=100)
+    # as many classes, other names (another dataset): refused
+    with pytest.raises(ValueError, match=r"its classes are \(0, 1, .*the data's are \(a, b"):
+        load_teacher(
+            tmp_path / "t", input_shape=(1, 8, 8), num_classes=10, classes=list("abcdefghij")
+        )
+
+
+def test_teacher_sees_its_inputs_in_its_own_normalisation(tmp_path: Path) -> None:
+    from slimtorch.models import load_model
+
+    net = create_model("mlp", num_classes=10, in_channels=1, input_size=8)
+    names = [str(i) for i in range(10)]
+    save_model(net, tmp_path / "t", input_shape=(1, 8, 8), mean=[0.5], std=[0.2], class_names=names)
+    plain, _ = load_model(tmp_path / "t")
+    kw = dict(input_shape=(1, 8, 8), num_classes=10, classes=names)
+    same = load_teacher(tmp_path / "t", mean=[0.5], std=[0.2], **kw)  # type: ignore[arg-type]
+    assert not same._forward_pre_hooks
+    teacher = load_teacher(tmp_path / "t", mean=[0.3], std=[0.4], **kw)  # type: ignore[arg-type]
+    raw = torch.rand(4, 1, 8, 8)  # pixels in [0, 1]
+    with torch.no_grad():
+        got = teacher((raw - 0.3) / 0.4)  # as the student's data is normalised
+        want = plain((raw - 0.5) / 0.2)  # as the teacher was trained
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain((raw - 0.3) / 0.4), want, atol=1e-3)
+        got16 = teacher.half()(((raw - 0.3) / 0.4).half())  # the map follows the input's dtype
+    torch.testing.assert_close(got16.float(), want, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match=r"normalised over 1 channel\(s\), the data over 3"):
+        load_teacher(tmp_path / "t", mean=[0.3] * 3, std=[0.4] * 3, **kw)  # type: ignore[arg-type]

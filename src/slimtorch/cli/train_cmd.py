@@ -190,6 +190,9 @@ def _teacher_callbacks(args: argparse.Namespace, device: Any) -> Any:
             input_shape=train_ds.input_shape,
             num_classes=len(train_ds.classes),
             device=device,
+            classes=train_ds.classes,
+            mean=train_ds.mean,
+            std=train_ds.std,
         )
         return [DistillationCallback(teacher, config)]
 

@@ -13,15 +13,19 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from slimtorch.models import load_model
+
+logger = logging.getLogger(__name__)
 
 
 def load_teacher(
@@ -30,6 +34,9 @@ def load_teacher(
     input_shape: Sequence[int],
     num_classes: int,
     device: str | torch.device = "cpu",
+    classes: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> nn.Module:
     """Load the model directory ``path`` (or a run directory with ``model/``) as a teacher.
 
@@ -38,6 +45,14 @@ def load_teacher(
         input_shape: ``(C, H, W)`` of the data the student trains on.
         num_classes: Number of classes of that data.
         device: Where to load the weights.
+        classes: The data's class names; when given, the teacher's must be the same, in the
+            same order (a teacher of another dataset with as many classes would teach wrong
+            labels).
+        mean: The per-channel mean the student's inputs are normalised with; with ``std``,
+            where it differs from the teacher's own normalisation, a forward pre-hook maps each
+            input onto the teacher's (``x * std / std_t + (mean - mean_t) / std_t``), so the
+            teacher sees its inputs as in its training.
+        std: The per-channel standard deviation that goes with ``mean``.
 
     Returns:
         The teacher in eval mode.
@@ -84,9 +99,56 @@ def load_teacher(
         out = model(torch.zeros(1, *card.input_shape, device=device))
     if out.ndim != 2 or out.shape[1] != num_classes:
         problems.append(f"it predicts {out.shape[-1]} classes, the data has {num_classes}")
+    elif classes is not None and card.class_names and tuple(card.class_names) != tuple(classes):
+        problems.append(
+            f"its classes are {_names(card.class_names)}, the data's are {_names(classes)}"
+        )
     if problems:
         raise ValueError(
             f"teacher {root} does not fit the training data: {'; '.join(problems)}; "
             "use a teacher trained on the same dataset"
         )
+    if mean is not None and std is not None:
+        _renormalise_inputs(model, root, (mean, std), (card.mean, card.std))
     return model
+
+
+def _names(names: Sequence[str]) -> str:
+    text = ", ".join(names)
+    return f"({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _renormalise_inputs(
+    model: nn.Module,
+    root: Path,
+    data: tuple[Sequence[float], Sequence[float]],
+    own: tuple[Sequence[float], Sequence[float]],
+) -> None:
+    """Hook ``model`` so that inputs normalised with ``data`` (mean, std) reach it normalised
+    with its ``own``; nothing is hooked when the two agree."""
+    d_mean, d_std = (torch.tensor(v, dtype=torch.float64).flatten() for v in data)
+    t_mean, t_std = (torch.tensor(v, dtype=torch.float64).flatten() for v in own)
+    if len({d_mean.numel(), d_std.numel(), t_mean.numel(), t_std.numel()}) != 1:
+        raise ValueError(
+            f"teacher {root} is normalised over {t_mean.numel()} channel(s), the data over "
+            f"{d_mean.numel()}; use a teacher trained on the same dataset"
+        )
+    if torch.allclose(d_mean, t_mean, rtol=1e-6, atol=0) and torch.allclose(
+        d_std, t_std, rtol=1e-6, atol=0
+    ):
+        return
+    scale, shift = d_std / t_std, (d_mean - t_mean) / t_std
+    logger.info(
+        "teacher %s was trained with mean %s and std %s, the data is normalised with %s and "
+        "%s: its inputs are mapped onto its own normalisation",
+        root, tuple(own[0]), tuple(own[1]), tuple(data[0]), tuple(data[1]),
+    )  # fmt: skip
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        a = scale.to(x.device, x.dtype).view(shape)
+        b = shift.to(x.device, x.dtype).view(shape)
+        return (x * a + b, *args[1:])
+
+    model.register_forward_pre_hook(hook)
