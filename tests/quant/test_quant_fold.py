@@ -118,3 +118,50 @@ def test_untraceable_model_is_reported_not_folded() -> None:
     assert report.rows == [] and "torch.fx" in (report.reason or "")
     with pytest.raises(TransformSkipError, match=r"torch\.fx"):
         fold_bn_(net, strict=True)
+
+
+class _ConvUsedTwice(nn.Module):
+    """The conv runs twice: once into the batch norm, once straight into the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class _BnUsedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c1(x)) + self.bn(self.c2(x))
+
+
+@pytest.mark.parametrize("cls", [_ConvUsedTwice, _BnUsedTwice])
+def test_modules_used_twice_are_not_folded(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    bn = model.get_submodule("bn")
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+    bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    report = fold_bn_(model)
+    assert not report.folded and report.rows
+    assert all("used more than once" in (r.reason or "") or "more than one pair" in (r.reason or "")
+               for r in report.rows)  # fmt: skip
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_fold_bn_refuses_globs_that_select_nothing_or_are_not_lists() -> None:
+    model = nn.Sequential(
+        *[nn.Conv2d(2, 2, 1) if i % 2 == 0 else nn.BatchNorm2d(2) for i in range(12)]
+    )
+    with pytest.raises(TypeError, match="include must be a list of glob strings"):
+        fold_bn_(model, include="10")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'nope' match no module"):
+        fold_bn_(model, exclude=["nope"])
+    assert [r.conv for r in fold_bn_(model, include=["10"]).folded] == ["10"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
-from slimtorch.core.globs import selected
+from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -144,6 +145,12 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         >>> find_conv_bn_pairs(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
         [('0', '1')]
     """
+    return _traced_pairs(model)[0]
+
+
+def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Counter[str]]:
+    """The pairs, and how often the traced forward calls each module (a module called twice
+    is shared: folding it would change its other uses)."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # fx raises many error types on untraceable code
@@ -153,6 +160,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             "with fold_conv_bn"
         ) from None
     modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
@@ -162,7 +170,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1:
             pairs.append((str(src.target), str(node.target)))
-    return pairs
+    return pairs, calls
 
 
 def _skip_reason(
@@ -223,8 +231,9 @@ def fold_bn_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_globs(model, include, exclude)
     try:
-        pairs = find_conv_bn_pairs(model)
+        pairs, calls = _traced_pairs(model)
     except TypeError as exc:
         if strict:
             raise TransformSkipError(str(exc)) from None
@@ -240,6 +249,11 @@ def fold_bn_(
         bn = model.get_submodule(bn_name)
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         reason = _skip_reason(conv, bn, used, (conv_name, bn_name))
+        shared = " and ".join(
+            f"{n} ({calls[n]} calls)" for n in (conv_name, bn_name) if calls[n] > 1
+        )
+        if reason is None and shared:
+            reason = f"{shared} used more than once in forward; folding would change its other uses"
         used.update((conv_name, bn_name))
         rows.append(FoldRow(conv_name, bn_name, "skipped" if reason else "folded", reason))
         if reason is None:
