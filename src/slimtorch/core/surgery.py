@@ -11,6 +11,10 @@ _READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
 }
 
 
+# What a torch layer computes with: a subclass overriding one of them computes something else.
+_FORWARDS = ("forward", "_conv_forward")
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (which must already exist).
 
@@ -51,10 +55,37 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def own_forward_reason(module: nn.Module) -> str | None:
+    """Why no other module can stand in for ``module``: its class subclasses a torch layer
+    (``nn.Conv2d``, ``nn.Linear`` ...) and overrides its ``forward``, whose own computation a
+    replacement would drop; None otherwise.
+
+    Example:
+        >>> class Doubled(nn.Linear):
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> own_forward_reason(Doubled(2, 2))
+        'Doubled subclasses nn.Linear with a forward of its own, which a replacement would drop'
+        >>> own_forward_reason(nn.Linear(2, 2)) is None
+        True
+    """
+    kind = type(module)
+    base = next((c for c in kind.__mro__ if c.__module__.startswith("torch.nn.")), nn.Module)
+    if base in (kind, nn.Module):
+        return None
+    if any(getattr(kind, f, None) is not getattr(base, f, None) for f in _FORWARDS):
+        return (
+            f"{kind.__name__} subclasses nn.{base.__name__} with a forward of its own, which a "
+            "replacement would drop"
+        )
+    return None
+
+
 def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
-    """Targets that another module cannot stand in for, by name, with the reason: a parent that
-    reads the layer's weight instead of calling it (see ``_READ_DIRECTLY``), or a parameter that
-    another module shares (tied weights, or one module registered under several names).
+    """Targets that another module cannot stand in for, by name, with the reason: a class with
+    a forward of its own (:func:`own_forward_reason`), a parent that reads the layer's weight
+    instead of calling it (see ``_READ_DIRECTLY``), or a parameter that another module shares
+    (tied weights, or one module registered under several names).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
@@ -76,6 +107,10 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
                     )
     reasons: dict[str, str] = {}
     for name, module in targets:
+        own = own_forward_reason(module)
+        if own is not None:
+            reasons[name] = f"{own}; exclude it"
+            continue
         if id(module) in readers:
             reasons[name] = (
                 f"{readers[id(module)]} reads this layer's weight directly instead of calling "

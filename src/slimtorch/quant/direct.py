@@ -53,6 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.surgery import own_forward_reason
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import (
@@ -212,6 +213,8 @@ def direct_skip_reason(
     """Why ``conv`` cannot (or should not) become a :class:`DirectConv2d`, or None."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not a Conv2d"
+    if (own := own_forward_reason(conv)) is not None:
+        return own
     if conv.groups != 1:
         return f"groups={conv.groups}; only groups=1 is lowered"
     if conv.padding_mode != "zeros":

@@ -203,6 +203,10 @@ def gemm_skip_reason(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot become a :class:`GemmConv2d`, or None."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not a Conv2d"
+    if any(
+        getattr(type(conv), f) is not getattr(nn.Conv2d, f) for f in ("forward", "_conv_forward")
+    ):
+        return f"{type(conv).__name__} subclasses Conv2d with a forward of its own; kept as it is"
     if conv.groups != 1:
         return f"groups={conv.groups}; only groups=1 is lowered (depthwise has no GEMM to gain)"
     if conv.padding_mode != "zeros":

@@ -39,6 +39,7 @@ from torch import nn
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
+from slimtorch.core.surgery import own_forward_reason
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.formats import is_2to4
 from slimtorch.sparse.kernels import (
@@ -331,6 +332,9 @@ def sparsify_(
             row.action, row.reason = "skipped", "not called by example_input; nothing to measure"
             continue
         row.input_shape = list(x.shape)
+        if (own := own_forward_reason(module)) is not None:
+            row.action, row.reason = "skipped", own
+            continue
         if isinstance(module, nn.Conv2d) and conv_lowering_skip(module):
             row.action = "skipped"
             row.reason = f"no sparse conv kernel on {dev}: {conv_lowering_skip(module)}"
