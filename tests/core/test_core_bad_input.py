@@ -134,3 +134,15 @@ def test_set_submodule_checks_types() -> None:
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got list"):
         set_submodule([net], "0", nn.Identity())  # type: ignore[arg-type]
     assert isinstance(net[0], nn.Linear)
+
+
+def test_numpy_scalars_in_configs_become_python_numbers() -> None:
+    from slimtorch.quant import PTQConfig
+    from slimtorch.train import TrainConfig
+
+    cfg = TrainConfig(lr=np.float32(0.5), epochs=np.int64(3), nesterov=np.bool_(False))
+    assert (type(cfg.lr), type(cfg.epochs), type(cfg.nesterov)) == (float, int, bool)
+    assert json.loads(json.dumps(cfg.to_dict()))["epochs"] == 3
+    assert type(PTQConfig(weight_bits=np.int64(8)).weight_bits) is int
+    with pytest.raises(ValueError, match=r"TrainConfig\.epochs"):
+        TrainConfig(epochs=np.int64(0))  # still validated, as the number it holds

@@ -83,9 +83,46 @@ def check_choice(obj: object, name: str, value: Any, choices: Iterable[Any]) -> 
         )
 
 
+def _plain(value: Any) -> Any:
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()  # a numpy scalar (int, float, bool)
+    if isinstance(value, tuple | list) and any(_plain(v) is not v for v in value):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _plain_numbers(config: Any) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(config, f.name, plain)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Base of every slimtorch config (see the module docstring)."""
+    """Base of every slimtorch config (see the module docstring).
+
+    Numpy scalars given for a field (``np.int64(8)``, ``np.float32(0.5)``, ``np.bool_``) become
+    the Python values they hold before the subclass validates, so they are checked, compared and saved
+    like ``8`` and ``0.5``.
+    """
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_plain_numbers_first", False):
+
+            def post_init(self: Config) -> None:
+                _plain_numbers(self)
+                own(self)
+
+            post_init._plain_numbers_first = True  # type: ignore[attr-defined]
+            post_init.__doc__ = own.__doc__
+            cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (nested configs become dicts, tuples lists)."""
