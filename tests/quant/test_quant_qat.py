@@ -229,3 +229,13 @@ def test_frozen_batch_norm_keeps_its_statistics() -> None:
     data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
     Trainer(model, _cfg(lr=0.01), callbacks=[QATCallback(cfg)]).fit(data)
     torch.testing.assert_close(model[1].running_mean, mean)
+
+
+def test_an_include_that_selects_nothing_is_refused_before_folding() -> None:
+    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"include=\('nothing\*',\) matches no Conv2d/Linear"):
+        prepare_qat_(model, QATConfig(include=("nothing*",)))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 21
+    assert model.state_dict().keys() == before.keys()
+    assert not model.slimtorch_arch.get("transforms")

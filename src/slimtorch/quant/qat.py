@@ -266,13 +266,16 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
             f"the model already holds int8 Q/DQ layers ({', '.join(int8[:6])}"
             f"{', ...' if len(int8) > 6 else ''}); QAT starts from the float model"
         )
-    fold = fold_bn_(model) if config.fold_bn else None
-    layers, skipped = _swap(model, config)
-    if config.include is not None and not layers:
+    if config.include is not None and not any(
+        name and _selected(name, config) and type(m) in (nn.Conv2d, nn.Linear)
+        for name, m in model.named_modules()
+    ):  # before anything is folded: an error leaves the model as it was
         raise ValueError(
             f"QATConfig.include={config.include!r} matches no Conv2d/Linear layer of "
             f"{type(model).__name__}; check the dotted names with model.named_modules()"
         )
+    fold = fold_bn_(model) if config.fold_bn else None
+    layers, skipped = _swap(model, config)
     arch = getattr(model, "slimtorch_arch", None)
     if layers and isinstance(arch, dict):
         params = {"config": config.to_dict(), "layers": layers}
