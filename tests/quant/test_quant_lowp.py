@@ -164,3 +164,12 @@ def test_set_precision_rejects_unknown_units() -> None:
         set_precision_(net, ["1"], torch.float16)
     with pytest.raises(ValueError, match=r"float16 or torch\.bfloat16"):
         set_precision_(net, ["0"], torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_cast_refuses_a_model_that_is_not_float32(dtype: torch.dtype) -> None:
+    net = create_model("lenet5", in_channels=1, input_size=28).eval().to(dtype)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"holds {dtype} tensors; cast_ takes a float32 model"):
+        cast_(net, LowPrecisionConfig(dtype="fp16", max_output_error=None, max_accuracy_drop=None))
+    assert all(torch.equal(v, before[k]) and v.dtype == dtype for k, v in net.state_dict().items())

@@ -277,6 +277,13 @@ def cast_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if layer_precisions(model):
         raise ValueError("the model is already cast; cast_ takes a float32 model")
+    other = sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())
+                    if t.is_floating_point() and t.dtype != torch.float32})  # fmt: skip
+    if other:
+        raise ValueError(
+            f"the model holds {', '.join(other)} tensors; cast_ takes a float32 model "
+            "(model.float() first: the cast keeps its sensitive layers in float32)"
+        )
     int8 = [n for n, m in model.named_modules() if isinstance(m, QDQConv2d | QDQLinear)]
     if int8:
         raise ValueError(
