@@ -232,3 +232,16 @@ def test_load_onto_cuda_matches_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x.cuda()).cpu(), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_a_half_model_with_float32_batch_norms_loads_as_saved(tmp_path: Path) -> None:
+    model = create_model("resnet20", in_channels=1, input_size=28).eval().half()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()  # batch norms kept in float32, by hand
+    path = save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.5], std=[0.5],
+                      class_names=list("0123456789"))  # fmt: skip
+    loaded, card = load_model(path)
+    assert card.dtype == "mixed"
+    for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), key

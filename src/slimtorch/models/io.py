@@ -291,6 +291,22 @@ def _weight_mismatches(
     return "; ".join(parts)
 
 
+def _dtypes_as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of a model saved with mixed dtypes the dtype
+    it was saved in (a half model with float32 batch norms, made by hand, records nothing
+    that would rebuild it so)."""
+    for key, value in model.state_dict(keep_vars=True).items():
+        saved = tensors.get(key)
+        if (
+            saved is not None
+            and value.is_floating_point()
+            and saved.is_floating_point()
+            and saved.dtype != value.dtype
+        ):
+            with torch.no_grad():
+                value.data = value.data.to(saved.dtype)
+
+
 def _check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
     problems = _weight_mismatches(model.state_dict(), tensors)
     if problems:
@@ -408,6 +424,8 @@ def load_model(
                 "re-save the model"
             )
         tensors[alias] = tensors[key]
+    if card.dtype == "mixed":
+        _dtypes_as_saved(model, tensors)
     _check_weights(model, tensors, weights)
     model.load_state_dict(tensors, strict=True)
     model.to(dev)
