@@ -103,9 +103,9 @@ def _plain_numbers(config: Any) -> None:
 class Config:
     """Base of every slimtorch config (see the module docstring).
 
-    Numpy scalars given for a field (``np.int64(8)``, ``np.float32(0.5)``, ``np.bool_``) become
-    the Python values they hold before the subclass validates, so they are checked, compared and saved
-    like ``8`` and ``0.5``.
+    Numpy scalars given for a field (``np.int64(8)``, ``np.float32(0.5)``, ``np.bool_``)
+    become the Python values they hold before the subclass validates, so they are checked,
+    compared and saved like ``8`` and ``0.5``.
     """
 
     def __post_init__(self) -> None:
