@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,15 @@ def test_train_and_test_splits_of_different_shapes_are_refused_before_training(
             model="mlp", dataset="digits", out_dir=tmp_path / "run", train_config=CFG
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_empty_batches_fail_training_by_index_and_add_nothing_to_evaluation() -> None:
+    x = torch.randn(48, 8)
+    y = x[:, :4].argmax(1)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+    trainer = Trainer(nn.Linear(8, 4), TrainConfig(epochs=1, progress=False))
+    full = trainer.evaluate(batches)
+    with_empty = trainer.evaluate([*batches, (x[:0], y[:0])])
+    assert with_empty == full and math.isfinite(with_empty["loss"])
+    with pytest.raises(ValueError, match="train_loader batch 3 is empty"):
+        trainer.fit([*batches, (x[:0], y[:0])])

@@ -71,7 +71,7 @@ class Meter:
         return self.elapsed_before + time.perf_counter() - self.t0
 
     def update(self, outputs: Any, loss: torch.Tensor, targets: Any) -> None:
-        """Add one batch (``loss`` is the batch mean).
+        """Add one batch (``loss`` is the batch mean); an empty batch is ignored.
 
         Example:
             >>> meter = Meter(torch.device("cpu"))
@@ -81,6 +81,8 @@ class Meter:
             (2, 2, 2.0)
         """
         bs = batch_size_of(targets)
+        if bs == 0:
+            return  # an empty batch adds nothing (its mean loss is NaN)
         self.loss_sum += loss.detach().to(self.loss_sum.dtype) * bs
         self.n += bs
         if (

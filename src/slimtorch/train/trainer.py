@@ -56,7 +56,7 @@ from slimtorch.train.loader import (
     label_range,
     split_batch,
 )
-from slimtorch.train.meter import Meter
+from slimtorch.train.meter import Meter, batch_size_of
 from slimtorch.train.optim import build_optimizer, build_scheduler
 from slimtorch.train.progress import ProgressBar
 from slimtorch.train.seeding import seed_everything, set_rng_state
@@ -256,6 +256,11 @@ class Trainer:
         assert self.amp is not None and self._meter is not None
         labels = self._label_range(batch)
         inputs, targets = split_batch(self._to_device(batch))
+        if batch_size_of(targets) == 0:
+            raise ValueError(
+                f"train_loader batch {batch_idx} is empty; yield only non-empty batches "
+                "(drop_last=True drops a short last one)"
+            )
         self._call("on_train_batch_start", (inputs, targets), batch_idx)
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast(self.device):
