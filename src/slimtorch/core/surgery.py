@@ -15,6 +15,29 @@ _READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
 _FORWARDS = ("forward", "_conv_forward")
 
 
+def require_values(model: nn.Module, verb: str) -> None:
+    """Raise ``ValueError`` when ``model`` holds meta-device tensors: they have shapes but no
+    values, and every transform reads the values. Anything that is not a module is left to the
+    caller's own type check.
+
+    Example:
+        >>> require_values(nn.Linear(2, 2, device="meta"), "prune_")
+        Traceback (most recent call last):
+        ...
+        ValueError: prune_ needs the model's values, but 2 of its tensors (weight, bias) are ...
+    """
+    if not isinstance(model, nn.Module):
+        return
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        names = ", ".join(meta[:4]) + (", ..." if len(meta) > 4 else "")
+        raise ValueError(
+            f"{verb} needs the model's values, but {len(meta)} of its tensors ({names}) are on "
+            "the meta device, which holds shapes only; load its weights first "
+            "(model.to_empty(device='cpu'), then load_state_dict)"
+        )
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (which must already exist).
 

@@ -41,6 +41,7 @@ from torch import nn
 from slimtorch.core.devices import as_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write, atomic_write_json, read_json
+from slimtorch.core.surgery import require_values
 from slimtorch.models.card import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -186,6 +187,7 @@ def save_model(
         ...
         ValueError: input_shape has 3 channels but the model was built with in_channels=1; ...
     """
+    require_values(model, "save_model")
     arch = _arch(model)
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):

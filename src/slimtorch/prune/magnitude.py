@@ -38,6 +38,7 @@ from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
+from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.buffers import TRANSFORM_NAME, get_mask, set_mask_
 from slimtorch.prune.masks import global_magnitude_masks, magnitude_mask, nm_mask
@@ -233,6 +234,7 @@ def prune_(
         >>> prune_(net, NMConfig(n=2, m=4), include=["0"]).rows[0].zeros_after
         32
     """
+    require_values(model, "prune_")
     if not isinstance(config, MagnitudeConfig | NMConfig):
         raise TypeError(
             f"config must be a MagnitudeConfig or NMConfig, got {type(config).__name__}"

@@ -53,7 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import own_forward_reason
+from slimtorch.core.surgery import own_forward_reason, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import (
@@ -368,6 +368,7 @@ def lower_direct_conv_(
         >>> [(r.conv, r.action) for r in rows if r.action != "skipped"]
         [('features.0', 'direct+pool')]
     """
+    require_values(model, "lower_direct_conv_")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or DirectConvConfig()

@@ -35,6 +35,7 @@ from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.surgery import require_values
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -229,6 +230,7 @@ def fold_bn_(
         >>> len(fold_bn_(model).folded)
         21
     """
+    require_values(model, "fold_bn_")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_globs(model, include, exclude)

@@ -54,6 +54,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_range
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
@@ -295,6 +296,7 @@ def lower_conv_gemm_(
         >>> len(report.lowered), [(r.conv, r.reason) for r in report.rows if r.reason]
         (20, [('conv1', 'patch length 9 < min_k=16; lower it with lower_direct_conv_')])
     """
+    require_values(model, "lower_conv_gemm_")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or GemmConvConfig()

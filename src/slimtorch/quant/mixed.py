@@ -42,6 +42,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
+from slimtorch.core.surgery import require_values
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.mixed_sensitivity import (
@@ -311,6 +312,7 @@ def mixed_precision_(
         >>> {r.choice for r in report.rows} <= {"fp16", "int8", "int4"}
         True
     """
+    require_values(model, "mixed_precision_")
     from slimtorch.quant.convert import to_qdq_
     from slimtorch.quant.qdq import LayerQParams
 

@@ -38,7 +38,7 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
-from slimtorch.core.surgery import replacement_blockers
+from slimtorch.core.surgery import replacement_blockers, require_values
 from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
@@ -351,6 +351,7 @@ def quantize_(
         >>> quantize_(model, PTQConfig(mode="weight_only")).to_dict()["totals"]["quantized"]
         5
     """
+    require_values(model, "quantize_")
     if not isinstance(config, PTQConfig):
         raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude)

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import Config, check_choice
-from slimtorch.core.surgery import replacement_blockers
+from slimtorch.core.surgery import replacement_blockers, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import FoldReport, fold_bn_
 from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
@@ -251,6 +251,7 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
         >>> len(prepare_qat_(model, QATConfig(weight_bits=4)).layers)
         22
     """
+    require_values(model, "prepare_qat_")
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):

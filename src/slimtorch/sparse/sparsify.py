@@ -39,7 +39,7 @@ from torch import nn
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
-from slimtorch.core.surgery import own_forward_reason
+from slimtorch.core.surgery import own_forward_reason, require_values
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.formats import is_2to4
 from slimtorch.sparse.kernels import (
@@ -285,6 +285,7 @@ def sparsify_(
         >>> sparsify_(net, torch.randn(1, 64), min_time_s=0.0).rows[0].reason[:40]
         'weight sparsity 0.000 < min_sparsity 0.3'
     """
+    require_values(model, "sparsify_")
     unknown = [f for f in formats if f not in KERNEL_FORMATS]
     if isinstance(formats, str) or unknown or not formats:
         raise ValueError(

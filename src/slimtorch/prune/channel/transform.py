@@ -36,7 +36,7 @@ from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import set_submodule
+from slimtorch.core.surgery import require_values, set_submodule
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
@@ -272,6 +272,7 @@ def prune_channels_(
         >>> net[0].out_features, report.to_dict()["totals"]["params_after"]
         (16, 178)
     """
+    require_values(model, "prune_channels_")
     if not isinstance(config, ChannelPruneConfig):
         raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude)
