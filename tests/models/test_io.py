@@ -218,7 +218,7 @@ def test_save_argument_checks(tmp_path: Path) -> None:
 
 def test_bad_device_string(tmp_path: Path) -> None:
     out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
-    with pytest.raises(ValueError, match="device must be like 'cpu', 'cuda' or 'cuda:1'"):
+    with pytest.raises(ValueError, match="invalid device 'gpu0'; expected 'auto', 'cpu'"):
         load_model(out, device="gpu0")
 
 
@@ -245,3 +245,12 @@ def test_a_half_model_with_float32_batch_norms_loads_as_saved(tmp_path: Path) ->
     assert card.dtype == "mixed"
     for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_load_model_names_a_device_that_is_not_here(tmp_path: Path) -> None:
+    path = save_model(create_model("lenet5", in_channels=1, input_size=28), tmp_path / "m",
+                      input_shape=(1, 28, 28), mean=[0.5], std=[0.5],
+                      class_names=list("0123456789"))  # fmt: skip
+    with pytest.raises(ValueError, match="device 'cuda' asked for a CUDA/ROCm GPU but"):
+        load_model(path, device="cuda")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.devices import as_device
+from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write, atomic_write_json, read_json
 from slimtorch.core.surgery import require_values
@@ -368,7 +368,8 @@ def load_model(
 
     Args:
         path: The model directory.
-        device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
+        device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` ...;
+            see :func:`slimtorch.core.devices.resolve_device`).
 
     Returns:
         ``(model, card)``.
@@ -386,7 +387,7 @@ def load_model(
         >>> card.input_shape, model.training, next(model.parameters()).device
         ((1, 28, 28), False, device(type='cpu'))
     """
-    dev = as_device(device)
+    dev = resolve_device(device)  # an unavailable device is named before anything is read
     card = read_model_card(path)
     root = _resolve_dir(Path(path))
     try:
