@@ -146,3 +146,12 @@ def test_numpy_scalars_in_configs_become_python_numbers() -> None:
     assert type(PTQConfig(weight_bits=np.int64(8)).weight_bits) is int
     with pytest.raises(ValueError, match=r"TrainConfig\.epochs"):
         TrainConfig(epochs=np.int64(0))  # still validated, as the number it holds
+
+
+def test_integer_fields_refuse_fractions() -> None:
+    from slimtorch.quant import DirectConvConfig, GemmConvConfig
+
+    with pytest.raises(ValueError, match=r"GemmConvConfig\.min_k must be an int in \[1, "):
+        GemmConvConfig(min_k=8.5)
+    with pytest.raises(ValueError, match=r"DirectConvConfig\.max_taps must be an int in \[1, 4096"):
+        DirectConvConfig(max_taps=8.5)

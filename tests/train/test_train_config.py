@@ -14,7 +14,7 @@ from slimtorch.train import TrainConfig, seed_everything
     ("field", "value", "pattern"),
     [
         ("epochs", 0, r"TrainConfig\.epochs must be in \[1, inf\], got 0"),
-        ("epochs", 2.5, r"TrainConfig\.epochs must be an integer"),
+        ("epochs", 2.5, r"TrainConfig\.epochs must be an int >= 1"),
         ("optimizer", "adam", r"TrainConfig\.optimizer must be one of 'sgd', 'adamw', got 'adam'"),
         ("lr", 0.0, r"TrainConfig\.lr must be in \(0\.0, inf\]"),
         ("momentum", 1.0, r"TrainConfig\.momentum must be in \[0\.0, 1\.0\)"),

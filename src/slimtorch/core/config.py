@@ -62,6 +62,15 @@ def check_range(
         raise ValueError(f"{_field_name(obj, name)} must be in {rng}, got {value!r}")
 
 
+def check_int(obj: object, name: str, value: object, *, low: int, high: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool, not ``8.5``) in
+    ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{_field_name(obj, name)} must be an int {bounds}, got {value!r}")
+    check_range(obj, name, value, low=low, high=high)
+
+
 def _same_kind(value: Any, choice: Any) -> bool:
     """Whether ``value`` is of ``choice``'s kind: a bool only for a bool, an integer (any
     integral type, numpy's included) for an int."""

@@ -17,14 +17,8 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_choice, check_int, check_range
 from slimtorch.decompose.ranks import RankKind, RankSpec, parse_rank_spec
-
-
-def _check_int(obj: object, name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {low}, got {value!r}")
-    check_range(obj, name, value, low=low)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,7 +84,7 @@ class DecomposeConfig(Config):
                 f"cannot use a roofline profile (speed_on={self.speed_on!r}); use "
                 "speed_scope='layer' for profile estimates"
             )
-        _check_int(self, "round_to", self.round_to, 1)
+        check_int(self, "round_to", self.round_to, low=1)
         check_range(self, "min_saving", self.min_saving, low=0.0, high=1.0, high_inclusive=False)
         name = type(self).__name__
         if self.min_speedup is not None:
@@ -104,10 +98,10 @@ class DecomposeConfig(Config):
             if not self.speed_batch:
                 raise ValueError(f"{name}.speed_batch must not be empty, got {self.speed_batch!r}")
             for b in self.speed_batch:
-                _check_int(self, "speed_batch", b, 1)
+                check_int(self, "speed_batch", b, low=1)
             object.__setattr__(self, "speed_batch", tuple(self.speed_batch))
         elif self.speed_batch is not None:
-            _check_int(self, "speed_batch", self.speed_batch, 1)
+            check_int(self, "speed_batch", self.speed_batch, low=1)
         if not isinstance(self.speed_on, str) or not self.speed_on:
             raise ValueError(
                 f"{name}.speed_on must be 'measured' or a device profile name, "
@@ -193,7 +187,7 @@ class TuckerConfig(DecomposeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int(self, "n_iter", self.n_iter, 0)
+        check_int(self, "n_iter", self.n_iter, low=0)
         check_range(self, "tol", self.tol, low=0.0)
         check_choice(self, "batch_kernels", self.batch_kernels, (None, True, False))
 
@@ -234,7 +228,7 @@ class CPConfig(DecomposeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int(self, "n_iter", self.n_iter, 1)
+        check_int(self, "n_iter", self.n_iter, low=1)
         check_range(self, "tol", self.tol, low=0.0)
         check_range(self, "reg", self.reg, low=0.0)
         check_choice(self, "init", self.init, ("svd", "random"))
@@ -268,7 +262,7 @@ class TTConfig(DecomposeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int(self, "n_cores", self.n_cores, 2)
+        check_int(self, "n_cores", self.n_cores, low=2)
         for name in ("in_modes", "out_modes"):
             value = getattr(self, name)
             if value is None:

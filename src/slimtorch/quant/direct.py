@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.config import Config, check_range
+from slimtorch.core.config import Config, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import own_forward_reason, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -260,8 +260,8 @@ class DirectConvConfig(Config):
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        check_range(self, "max_taps", self.max_taps, low=1, high=4096)
-        check_range(self, "max_in_channels", self.max_in_channels, low=1, high=4096)
+        check_int(self, "max_taps", self.max_taps, low=1, high=4096)
+        check_int(self, "max_in_channels", self.max_in_channels, low=1, high=4096)
         for name in ("fold_bn", "fuse_pool", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(

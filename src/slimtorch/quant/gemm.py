@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.config import Config, check_range
+from slimtorch.core.config import Config, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -235,7 +235,7 @@ class GemmConvConfig(Config):
     fold_bn: bool = True
 
     def __post_init__(self) -> None:
-        check_range(self, "min_k", self.min_k, low=1, high=1 << 20)
+        check_int(self, "min_k", self.min_k, low=1, high=1 << 20)
         if not isinstance(self.fold_bn, bool):
             raise TypeError(f"GemmConvConfig.fold_bn must be a bool, got {self.fold_bn!r}")
 

@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_choice, check_int, check_range
 from slimtorch.sparse.distribution import DISTRIBUTIONS
-
-
-def _check_int(obj: object, name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {low}, got {value!r}")
-    check_range(obj, name, value, low=low)
 
 
 def _check_bool(obj: object, name: str, value: object) -> None:
@@ -74,9 +68,8 @@ class SparseTrainingConfig(Config):
         check_choice(self, "distribution", self.distribution, DISTRIBUTIONS)
         _check_bool(self, "dense_first", self.dense_first)
         _check_bool(self, "dense_last", self.dense_last)
-        _check_int(self, "delta_t", self.delta_t, 1)
+        check_int(self, "delta_t", self.delta_t, low=1)
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "t_end", self.t_end, low=0.0, high=1.0, low_inclusive=False)
-        _check_int(self, "seed", self.seed, 0)
-        check_range(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
+        check_int(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
         _check_bool(self, "scale_init", self.scale_init)

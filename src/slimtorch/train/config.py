@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_choice, check_int, check_range
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -21,12 +21,6 @@ AMP_MODES = ("off", "auto", "bf16", "fp16")
 def _check_bool(obj: object, name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{type(obj).__name__}.{name} must be True or False, got {value!r}")
-
-
-def _check_int(obj: object, name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {low}, got {value!r}")
-    check_range(obj, name, value, low=low)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +78,7 @@ class TrainConfig(Config):
     sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        _check_int(self, "epochs", self.epochs, 1)
+        check_int(self, "epochs", self.epochs, low=1)
         check_choice(self, "optimizer", self.optimizer, OPTIMIZERS)
         check_range(self, "lr", self.lr, low=0.0, low_inclusive=False)
         check_range(self, "momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
@@ -115,11 +109,10 @@ class TrainConfig(Config):
             check_range(self, "grad_clip_norm", self.grad_clip_norm, low=0.0, low_inclusive=False)
         check_choice(self, "amp", self.amp, AMP_MODES)
         _check_bool(self, "channels_last", self.channels_last)
-        _check_int(self, "seed", self.seed, 0)
-        check_range(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
+        check_int(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
         _check_bool(self, "deterministic", self.deterministic)
-        _check_int(self, "checkpoint_every_steps", self.checkpoint_every_steps, 0)
-        _check_int(self, "eval_every_epochs", self.eval_every_epochs, 0)
-        _check_int(self, "log_every_steps", self.log_every_steps, 1)
+        check_int(self, "checkpoint_every_steps", self.checkpoint_every_steps, low=0)
+        check_int(self, "eval_every_epochs", self.eval_every_epochs, low=0)
+        check_int(self, "log_every_steps", self.log_every_steps, low=1)
         _check_bool(self, "progress", self.progress)
         _check_bool(self, "sync_batchnorm", self.sync_batchnorm)
