@@ -242,13 +242,15 @@ class DistillationCallback(Callback):
     def run_info(self) -> dict[str, Any]:
         """The config and the teacher's weights in brief (count, sum and sum of squares), so
         that a run is not resumed with another teacher."""
-        if self._teacher_digest is None:
-            with torch.no_grad():
-                ps = [p.detach().double() for p in self.teacher.parameters()]
+        if any(p.is_meta for p in self.teacher.parameters()):
+            return {"config": self.config.to_dict(), "teacher": "meta"}  # refused on fit start
+        if self._teacher_digest is None:  # on the CPU in float64, to 10 digits: the same
+            with torch.no_grad():  # teacher on another device or process gives the same
+                ps = [p.detach().to("cpu", torch.float64) for p in self.teacher.parameters()]
+                sums = (sum(float(p.sum()) for p in ps), sum(float((p * p).sum()) for p in ps))
                 self._teacher_digest = [
                     sum(p.numel() for p in ps),
-                    float(sum(p.sum() for p in ps)),
-                    float(sum((p * p).sum() for p in ps)),
+                    *(float(f"{v:.10g}") for v in sums),
                 ]
         return {"config": self.config.to_dict(), "teacher": self._teacher_digest}
 
