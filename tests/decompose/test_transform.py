@@ -264,3 +264,14 @@ def test_rebuild_with_a_malformed_spec_is_a_model_load_error() -> None:
         with pytest.raises(ModelLoadError, match=r"layer '0' has a malformed svd_linear spec"):
             rebuild_decomposed(model, {"layers": {"0": spec}})
         assert type(model[0]) is nn.Linear
+
+
+def test_an_example_input_the_model_cannot_run_is_named(net: TinyNet) -> None:
+    before = copy.deepcopy(net)
+    for bad, what in (
+        (torch.randn(2, 1, 16, 16), r"\(\(2, 1, 16, 16\) torch\.float32\)"),
+        ([X], r"\(list\)"),
+    ):
+        with pytest.raises(ValueError, match=rf"example_input {what} does not run through TinyNet"):
+            decompose_(net, TuckerConfig(rank=0.5), example_input=bad)
+        assert same_model(net, before)

@@ -41,6 +41,18 @@ def record_shapes(
         model.eval()
         with torch.no_grad():
             model(*inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # before any change
+        what = ", ".join(
+            f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            for x in inputs
+        )
+        raise ValueError(
+            f"example_input ({what}) does not run through {type(model).__name__} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give one "
+            "batch of the model's real inputs (a tensor, or a tuple of its positional inputs)"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
