@@ -41,10 +41,14 @@ def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixt
     )  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
-    assert "compact storage:" in text and "smaller than the original model's" in text
+    assert "compact file:" in text and "smaller than the original model's weights file" in text
     report = json.loads((pruned / "report.json").read_text())
     # the ratio is against the model before pruning, not the pruned one with its masks
-    compact, original = report["finish"]["storage"]["compact_bytes"], report["before"]["size_bytes"]
+    compact, original = (
+        report["finish"]["storage"]["compact_bytes"],
+        report["saved_bytes"]["before"],
+    )
+    assert compact == (pruned / "model.compact.safetensors").stat().st_size  # header included
     assert f"{original / compact:.2f}x smaller" in text
     assert report["verdict"]["size_what"] == "compact file"
     assert report["verdict"]["size_ratio"] == pytest.approx(compact / original)

@@ -60,7 +60,15 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
     assert side["speedup"] == pytest.approx(side["before_s"] / side["after_s"])
     row = next(line for line in res.table.splitlines() if line.startswith("latency cpu (ms)"))
     assert row.split()[3:5] == [f"{side['before_s'] * 1e3:.3f}", f"{side['after_s'] * 1e3:.3f}"]
-    assert "timed side by side" in res.table
+    assert "measured side by side in alternating rounds" in res.table
+    # peak memory likewise: five alternating readings each, the medians in the table
+    mem = side["memory"]
+    assert mem["rounds"] == 5 and len(mem["samples"]["before"]) == len(mem["samples"]["after"]) == 5
+    assert mem["before_bytes"] == sorted(mem["samples"]["before"])[2]
+    row = next(line for line in res.table.splitlines() if line.startswith("peak memory (MB)"))
+    b, a = mem["before_bytes"] / 1e6, mem["after_bytes"] / 1e6
+    assert row.split()[3:5] == [f"{b:.3f}", f"{a:.3f}"]
+    assert row.split()[5].startswith("~") == mem["overlap"]
     saved = next(line for line in res.table.splitlines() if line.startswith("saved (MB)"))
     lines = res.table.splitlines()
     assert lines.index(saved) == 1 + next(i for i, x in enumerate(lines) if x.startswith("size"))
@@ -68,9 +76,11 @@ def test_svd_compress_writes_loadable_model_and_report(trained_mlp: Path, tmp_pa
     verdict = report["verdict"]
     assert res.table.splitlines()[-1] == verdict["text"]
     assert verdict["headline"].startswith("smaller")  # 0.25 rank: far fewer bytes
-    assert verdict["size_ratio"] == pytest.approx(
-        report["after"]["size_bytes"] / report["before"]["size_bytes"]
-    )
+    # the size is the weights files', headers included: the written file has it to the byte
+    sizes = report["saved_bytes"]
+    assert sizes["after"] == (out / "model" / "model.safetensors").stat().st_size
+    assert sizes["before"] == (trained_mlp / "model" / "model.safetensors").stat().st_size
+    assert verdict["size_ratio"] == pytest.approx(sizes["after"] / sizes["before"])
     first_timing = verdict["speed"][0]
     assert first_timing["speedup"] == pytest.approx(side["speedup"])
     assert first_timing["rounds"] == side["rounds"] == 9

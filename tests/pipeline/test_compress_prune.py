@@ -51,6 +51,9 @@ def test_prune_reaches_exact_global_sparsity_after_finetune(
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["gradual"] is gradual and report["history"] is not None
     assert report["accuracy"]["after_finetune"] > 0.8
+    # the layer report is the saved model's, also when it was reached gradually
+    totals = report["layers"]["totals"]
+    assert totals["sparsity"] == pytest.approx(0.8, abs=1e-3) and totals["zeros_before"] == 0
     storage = report["finish"]["storage"]
     assert storage["compact_bytes"] < storage["dense_bytes"] / 2.5
     # sparse kernels timed on this device: each layer measured, the model checked if swapped
@@ -133,3 +136,14 @@ def test_channel_prune_fine_tunes_saves_and_reloads(trained: Path, tmp_path: Pat
     res.model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), res.model(x))
+
+
+def test_only_layers_a_sparse_kernel_ran_on_count_as_timed(trained: Path) -> None:
+    res = compress_run(
+        in_dir=trained, out_dir=None, method="prune", method_options={"sparsity": 0.9},
+        include=["features.1"], profile_batch=8, threads=1, profiles=(),
+    )  # fmt: skip
+    pruned = [r["name"] for r in res.report["layers"]["layers"] if r["action"] == "pruned"]
+    sparse = res.report["finish"]["sparse_kernels"]
+    assert pruned == ["features.1"] and sparse["timed_layers"] == 1  # the dense ones untimed
+    assert "(1 layers timed" in res.table or "of 1 " in res.table

@@ -360,12 +360,12 @@ def _run(args: argparse.Namespace) -> int:
     finished = result.report.get("finish") or {}
     if "storage" in finished:
         st = finished["storage"]
-        original = result.report["before"]["size_bytes"]
+        original = result.report["saved_bytes"]["before"]
         ratio = original / max(1, st["compact_bytes"])
         print(
-            f"compact storage: {st['compact_bytes']} bytes, {ratio:.2f}x smaller than the original "
-            f"model's {original} (the model directory keeps dense weights and masks: "
-            f"{st['dense_bytes']})"
+            f"compact file: {st['compact_bytes']} bytes, {ratio:.2f}x smaller than the original "
+            f"model's weights file ({original}; the model directory keeps dense weights and "
+            f"masks: {st['dense_bytes']})"
         )
     print(result.table)
     guard = result.report.get("accuracy_guard")

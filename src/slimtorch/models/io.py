@@ -58,6 +58,9 @@ from slimtorch.models.transforms import _arch, replay_transforms
 
 logger = logging.getLogger(__name__)
 
+_WEIGHTS_METADATA = {"format": "pt"}
+"""Metadata of the weights file (torch tensors)."""
+
 
 def _floats(name: str, values: Sequence[float], channels: int) -> list[float]:
     if isinstance(values, int | float):
@@ -142,6 +145,20 @@ def state_bytes(module: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def saved_bytes(module: nn.Module) -> int:
+    """Size of the ``model.safetensors`` file :func:`save_model` writes for ``module``: the
+    bytes of :func:`state_bytes` plus the file's header (serialised in memory, not written).
+
+    Example:
+        >>> net = nn.Linear(4, 2)
+        >>> saved_bytes(net) > state_bytes(net) == 40  # the 40 bytes of its tensors and a header
+        True
+    """
+    from safetensors.torch import save
+
+    return len(save(_unshared_state_dict(module)[0], metadata=_WEIGHTS_METADATA))
 
 
 def save_model(
@@ -252,7 +269,9 @@ def save_model(
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmp.mkdir()  # unlike mkdtemp, honours the umask like any other directory
     try:
-        atomic_write(tmp / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(
+            tmp / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=_WEIGHTS_METADATA)
+        )
         if metrics is not None:
             atomic_write_json(tmp / METRICS_FILE, metrics)
         atomic_write_json(tmp / CONFIG_FILE, config)

@@ -34,7 +34,7 @@ from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.models.io import state_bytes
+from slimtorch.models.io import saved_bytes
 from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
 from slimtorch.pipeline.report_table import finish_rows, report_table
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
@@ -113,6 +113,10 @@ SIDE_BY_SIDE_ROUNDS = 9
 """Alternating rounds of the final before/after latency (each the median of 5 calls)."""
 
 
+MEMORY_ROUNDS = 5
+"""Alternating peak-memory measurements of the two models in the compress report."""
+
+
 def _side_by_side(
     before: nn.Module,
     after: nn.Module,
@@ -137,7 +141,32 @@ def _side_by_side(
         "rounds": SIDE_BY_SIDE_ROUNDS,
         "faster_rounds": check.faster_rounds,
         "source": check.source,
+        "memory": _memory_side_by_side(before, after, shape, device),
     }
+
+
+def _memory_side_by_side(
+    before: nn.Module, after: nn.Module, shape: Sequence[int], device: torch.device
+) -> dict[str, Any]:
+    """Peak memory of both models' forward passes, measured in alternating rounds: on the CPU
+    the resident set a call adds depends on the process's heap at the time, so two profiles
+    taken minutes apart differ for the same model (lenet5 0.250 against 0.279 MB)."""
+    from slimtorch.core.measure import measure_peak_memory
+
+    dtype = next((p.dtype for p in before.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(*shape, device=device, dtype=dtype)
+    x_after = x.to(next((p.dtype for p in after.parameters() if p.is_floating_point()), dtype))
+    peaks: dict[str, list[int]] = {"before": [], "after": []}
+    with torch.inference_mode():
+        for _ in range(MEMORY_ROUNDS):
+            peaks["before"].append(measure_peak_memory(before, x, device=device).peak_bytes)
+            peaks["after"].append(measure_peak_memory(after, x_after, device=device).peak_bytes)
+    b, a = (sorted(peaks[k])[(MEMORY_ROUNDS - 1) // 2] for k in ("before", "after"))
+    overlap = max(min(peaks["before"]), min(peaks["after"])) <= min(
+        max(peaks["before"]), max(peaks["after"])
+    )
+    return {"before_bytes": b, "after_bytes": a, "rounds": MEMORY_ROUNDS,
+            "samples": peaks, "overlap": overlap}  # fmt: skip
 
 
 def compress_run(
@@ -305,7 +334,7 @@ def compress_run(
     t0 = time.perf_counter()
     applied = apply(model, request)
     transform_s = time.perf_counter() - t0
-    logger.info("%s:\n%s", method, applied.table)
+    logger.info("%s, as applied before any fine-tuning:\n%s", method, applied.table)
     acc_mid = measure_model(
         model, test_loader, shape, device=device, batch_size=1, profiles=(), threads=threads
     )[0]
@@ -338,10 +367,10 @@ def compress_run(
         threads=threads,
     )
     side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
-    saved_before = state_bytes(original)
+    saved_before = saved_bytes(original)  # the files' sizes, headers included
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
-    saved_after = storage["compact_bytes"] if storage else state_bytes(model)
+    saved_after = storage["compact_bytes"] if storage else saved_bytes(model)
     verdict = make_verdict(
         size_before=saved_before,
         size_after=saved_after,
@@ -370,7 +399,8 @@ def compress_run(
                 ("saved, compact (MB)" if storage else "saved (MB)", saved_before, saved_after),
             ),
             *finish_rows(finished),
-            "(latency: the model before and after, timed side by side in alternating rounds)",
+            "(latency and peak memory: the model before and after, measured side by side in "
+            "alternating rounds; ~: the memory readings overlap, no measured change)",
             verdict["text"],
         ]
     )
@@ -387,6 +417,7 @@ def compress_run(
         "after": prof1.to_dict(),
         "latency_side_by_side": side,
         "verdict": verdict,
+        "saved_bytes": {"before": saved_before, "after": saved_after},
         "accuracy_guard": _guard(acc0, acc1, max_drop),
         "layers": applied.report,
         "finish": finished,

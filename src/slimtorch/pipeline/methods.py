@@ -220,13 +220,12 @@ def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
 
 
 def _compact_sizes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the state dict dense and in the smallest compact encoding."""
-    from slimtorch.models.io import state_bytes
-    from slimtorch.prune import compact_state_dict
+    """Bytes of the model's weights file and of its compact file, headers included."""
+    from slimtorch.models.io import saved_bytes
+    from slimtorch.prune import compact_file_bytes
 
-    compact = compact_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    packed = sum(v.numel() * v.element_size() for v in compact.values())
-    return {"dense_bytes": state_bytes(model), "compact_bytes": packed}
+    compact = compact_file_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return {"dense_bytes": saved_bytes(model), "compact_bytes": compact}
 
 
 SPARSE_CHECK = "sparse_check"
@@ -257,7 +256,10 @@ def _sparse_kernels(model: nn.Module, request: MethodRequest) -> dict[str, Any]:
         "device": report["device"],
         "batch": int(x.shape[0]),
         "sparse_layers": layers,
-        "timed_layers": report["totals"]["layers"] - report["totals"]["skipped"],
+        # layers a sparse kernel ran on (not those left dense unmeasured: too few zeros)
+        "timed_layers": sum(
+            any(c["median_s"] is not None for c in r["candidates"]) for r in report["layers"]
+        ),
         "model": report["model"],
         "notes": report["notes"],
     }
@@ -351,9 +353,14 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
 
     def finish(m: nn.Module) -> dict[str, Any]:
         final = prune_(m, config, include=inc, exclude=exc)  # exact target (no-op if reached)
+        if gradual:  # the layer report is the pruned model's, not the all-true start's
+            before = {r.name: r.zeros_before for r in report.rows}
+            for row in final.rows:
+                row.zeros_before = before.get(row.name, row.zeros_before)
+            applied.report, applied.table = final.to_dict(), final.to_table()
         return {"final_layers": final.to_dict(), **_pruned_report(m, request, check)}
 
-    return Applied(
+    applied = Applied(
         config={**config.to_dict(), "gradual": gradual, SPARSE_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
@@ -362,6 +369,7 @@ def _prune(model: nn.Module, request: MethodRequest) -> Applied:
         finish=finish,
         artifacts=_write_compact,
     )
+    return applied
 
 
 @_parses_options("nm")

@@ -37,6 +37,12 @@ def report_table(
             else line
             for line in lines
         ]
+        mem = side_by_side.get("memory")
+        if mem is not None:
+            b, a = mem["before_bytes"] / 1e6, mem["after_bytes"] / 1e6
+            ratio = ("~" if mem["overlap"] else "") + format_ratio(b, a)
+            row = f"{'peak memory (MB)':<26} {b:>12.3f} {a:>12.3f} {ratio:>8}"
+            lines = [row if line.startswith("peak memory (MB)") else line for line in lines]
     if saved is not None:
         label, b0, b1 = saved
         at = next((i + 1 for i, line in enumerate(lines) if line.startswith("size (MB)")), 0)

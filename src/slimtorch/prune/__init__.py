@@ -35,6 +35,7 @@ from slimtorch.prune.magnitude import MagnitudeConfig, NMConfig, prune_
 from slimtorch.prune.masks import check_sparsity, global_magnitude_masks, magnitude_mask, nm_mask
 from slimtorch.prune.report import PruneReport, PruneRow
 from slimtorch.prune.storage import (
+    compact_file_bytes,
     compact_state_dict,
     expand_state_dict,
     load_compact,
@@ -58,6 +59,7 @@ __all__ = [
     "add_mask_buffers_",
     "apply_masks_",
     "check_sparsity",
+    "compact_file_bytes",
     "compact_state_dict",
     "expand_state_dict",
     "get_mask",
