@@ -113,6 +113,15 @@ def test_cast_models_export_only_in_the_precision_they_have(tmp_path: Path) -> N
         export_onnx(half, tmp_path / "h.onnx", x, dtype="fp16")
     path = export_onnx(half, tmp_path / "h.onnx", x)  # fp32: its layers as they are
     assert compare_onnx(half, path, x) < 1e-2
+    # a whole model in float16 or float64, or an empty example batch: named, nothing written
+    for model, example, what in (
+        (_model().half(), x, r"every weight of the model is float16 \(model\.half\(\)\)"),
+        (_model().double(), x, r"the model holds float64 weights; export model\.float\(\)"),
+        (_model(), x[:0], r"example_input has no rows \(shape \(0, 1, 10, 10\)\)"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            export_onnx(model, tmp_path / "n.onnx", example)
+        assert not (tmp_path / "n.onnx").exists()
     with pytest.raises(ValueError, match="at most 65536 rows"):
         export_onnx(_model(), tmp_path / "big.onnx", torch.randn(65537, 1, 10, 10))
 

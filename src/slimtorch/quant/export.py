@@ -48,7 +48,7 @@ from torch import nn
 from slimtorch.core.io import atomic_write
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
-from slimtorch.quant.precision import layer_precisions
+from slimtorch.quant.precision import check_export_dtypes, layer_precisions
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,12 @@ def export_onnx(
         raise ValueError(f"dtype must be 'fp32' or 'fp16', got {dtype!r}")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    _check_cast_layers(model, dtype)
+    check_export_dtypes(model, example_input)
+    if dtype == "fp16" and layer_precisions(model):  # half() would also cast its fp32 layers
+        raise ValueError(
+            f"the model is already cast ({export_precision(model)}); export it with "
+            "dtype='fp32' (--dtype fp32), which writes its layers in the precision they have"
+        )
     if any(isinstance(m, QDQConv2d | QDQLinear) and m.input_dynamic for m in model.modules()):
         raise ValueError(
             "dynamic-quantization layers compute their scale per batch and have no ONNX Q/DQ "
@@ -238,29 +243,6 @@ def export_onnx(
 
 MAX_DYNAMIC_BATCH = 65536
 """Largest batch an exported graph with a dynamic batch dimension is traced for."""
-
-
-def _check_cast_layers(model: nn.Module, dtype: str) -> None:
-    """Refuse what a cast model cannot export as: bfloat16 layers at all (ONNX Runtime has no
-    bfloat16 convolution or GEMM kernels on the CPU, so the file would not load there), and
-    a float16 export of a model already cast (``half()`` would also cast the layers it keeps
-    in float32, which then meet a float32 input)."""
-    dtypes = {
-        name: {p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()}
-        for name, m in model.named_modules()
-    }
-    bf16 = [name or "(model)" for name, d in dtypes.items() if torch.bfloat16 in d]
-    if bf16:
-        raise ValueError(
-            f"layer(s) {', '.join(bf16[:4])}{' ...' if len(bf16) > 4 else ''} hold bfloat16 "
-            "weights, which ONNX Runtime has no CPU kernels for; export this model with "
-            "--format pt2 (torch.export), or cast the float model with --method fp16 for ONNX"
-        )
-    if dtype == "fp16" and any(torch.float16 in d for d in dtypes.values()):
-        raise ValueError(
-            f"the model is already cast ({export_precision(model)}); export it with "
-            "dtype='fp32' (--dtype fp32), which writes its layers in the precision they have"
-        )
 
 
 def export_precision(model: nn.Module, dtype: str = "fp32") -> str:

@@ -219,3 +219,44 @@ def _replay(model: nn.Module, params: dict[str, Any]) -> None:
 
 if TRANSFORM_NAME not in ARCH_TRANSFORMS:
     ARCH_TRANSFORMS.add(TRANSFORM_NAME, _replay)
+
+
+def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Refuse, by name, what ONNX export cannot write or the exporter would fail on deep inside:
+    an example batch with no rows, float64 weights, a whole model in float16 (``half()``, whose
+    float16 inputs the export's float32 example does not fit), bfloat16 layers (ONNX Runtime has
+    no bfloat16 convolution or GEMM kernels on the CPU, so the file would not load there).
+
+    Example:
+        >>> check_export_dtypes(nn.Linear(2, 2).double(), torch.randn(1, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: the model holds float64 weights; export model.float() (ONNX Runtime ...
+    """
+    if example_input.ndim == 0 or example_input.shape[0] == 0:
+        raise ValueError(
+            f"example_input has no rows (shape {tuple(example_input.shape)}); give one batch "
+            "of at least one input"
+        )
+    dtypes = {
+        name: {p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()}
+        for name, m in model.named_modules()
+    }
+    kinds = set().union(*dtypes.values())
+    if torch.float64 in kinds:
+        raise ValueError(
+            "the model holds float64 weights; export model.float() (ONNX Runtime runs float32, "
+            "and dtype='fp16' writes float16)"
+        )
+    if kinds == {torch.float16} and not layer_precisions(model):
+        raise ValueError(
+            "every weight of the model is float16 (model.half()); export the float32 model with "
+            "dtype='fp16', or cast it with cast_ (which keeps sensitive layers in float32)"
+        )
+    bf16 = [name or "(model)" for name, d in dtypes.items() if torch.bfloat16 in d]
+    if bf16:
+        raise ValueError(
+            f"layer(s) {', '.join(bf16[:4])}{' ...' if len(bf16) > 4 else ''} hold bfloat16 "
+            "weights, which ONNX Runtime has no CPU kernels for; export this model with "
+            "--format pt2 (torch.export), or cast the float model with --method fp16 for ONNX"
+        )
