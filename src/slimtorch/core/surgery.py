@@ -104,6 +104,27 @@ def own_forward_reason(module: nn.Module) -> str | None:
     return None
 
 
+def shared_parameters(model: nn.Module, name: str) -> list[str]:
+    """The parameters outside submodule ``name`` that are the very tensors of its own (tied
+    weights, or the module registered under another name too), by dotted name.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> net[1].weight = net[0].weight
+        >>> shared_parameters(net, "1")
+        ['0.weight']
+    """
+    mine = {id(p) for p in model.get_submodule(name).parameters()}
+    return sorted(
+        {
+            f"{mname}.{pname}" if mname else pname
+            for mname, mod in model.named_modules(remove_duplicate=False)
+            for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False)
+            if id(p) in mine and mname != name and not mname.startswith(f"{name}.")
+        }
+    )
+
+
 def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
     """Targets that another module cannot stand in for, by name, with the reason: a class with
     a forward of its own (:func:`own_forward_reason`), a parent that reads the layer's weight
@@ -116,10 +137,6 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
         >>> list(replacement_blockers(net, [("1", net[1])]))
         ['1']
     """
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, param in mod.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
     readers: dict[int, str] = {}
     for mname, mod in model.named_modules():
         for kind, children in _READ_DIRECTLY.items():
@@ -140,14 +157,7 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
                 "it, so replacing it breaks the parent's forward; exclude it"
             )
             continue
-        shared = sorted(
-            {
-                other
-                for p in module.parameters()
-                for other in owners.get(id(p), [])
-                if not other.startswith(f"{name}.")
-            }
-        )
+        shared = shared_parameters(model, name)
         if shared:
             reasons[name] = (
                 f"its parameters are shared with {', '.join(shared)} (tied weights); replacing "

@@ -244,7 +244,15 @@ def prune_(
     rows: list[PruneRow] = []
     chosen: list[tuple[nn.Module, list[str], PruneRow]] = []
     stored = weight_buffer_layers(model)
+    owners: dict[int, str] = {}  # weight tensor -> the first layer that holds it (tied weights)
     for name, module in _targets(model, include, exclude, stored):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and id(weight) in owners:
+            reason = f"its weight is {owners[id(weight)]}'s (tied): pruned there, counted there"
+            rows.append(PruneRow(name, type(module).__name__, "tied", reason))
+            continue
+        if isinstance(weight, torch.Tensor):
+            owners[id(weight)] = name
         if name in stored:
             _, count, dtype, _ = stored[name]
             reason = stored_weights_reason(module, dtype, "prune")

@@ -36,7 +36,7 @@ from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import require_values, set_submodule
+from slimtorch.core.surgery import require_values, set_submodule, shared_parameters
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
@@ -86,6 +86,7 @@ def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[s
         for pname, p in model.get_submodule(n).named_parameters(recurse=False)
         if p.is_floating_point() and not bool(torch.isfinite(p).all())
     ]
+    tied = {n: shared for n in group.members if (shared := shared_parameters(model, n))}
     if group.fixed:
         row.action = "fixed"
         row.reason = f"{'; '.join(group.fixed)}: its channel count cannot change"
@@ -93,6 +94,11 @@ def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[s
         row.reason = "; ".join(group.blocked)
     elif excluded:
         row.reason = f"coupled layer(s) {', '.join(excluded)} excluded by exclude="
+    elif tied:
+        row.reason = "; ".join(
+            f"{n} shares {', '.join(t)} (tied weights), which slicing would untie"
+            for n, t in tied.items()
+        )
     elif extra:
         row.reason = "; ".join(f"{n} holds tensors {t} that slicing does not know" for n, t in
                                extra.items())  # fmt: skip
