@@ -226,3 +226,29 @@ def test_library_internals_are_quiet_unless_verbose() -> None:
     assert main(["-v", "devices"]) == 0
     assert all(logging.getLogger(n).level == logging.NOTSET for n in QUIET_LOGGERS)
     logging.getLogger("slimtorch").setLevel(logging.NOTSET)
+
+
+def test_eval_normalises_as_the_model_was_trained_and_refuses_other_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from slimtorch.data import load_dataset
+    from slimtorch.models import create_model, save_model
+
+    torch.manual_seed(0)
+    net = create_model("mlp", num_classes=10, in_channels=1, input_size=8).eval()
+    names = [str(i) for i in range(10)]
+    kw = dict(input_shape=(1, 8, 8), mean=[0.3], std=[0.2], extra={"dataset": "digits"})
+    save_model(net, tmp_path / "m", class_names=names, **kw)  # type: ignore[arg-type]
+    assert main(["eval", "--in", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ds = load_dataset("digits", "test")
+    with torch.no_grad():  # the model's own normalisation, not the dataset's
+        logits = net((ds.images.float() / 255 - 0.3) / 0.2)
+    assert ev["loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, ds.labels)), abs=1e-4
+    )
+    save_model(net, tmp_path / "o", class_names=list("abcdefghij"), **kw)  # type: ignore[arg-type]
+    assert main(["eval", "--in", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "the model's classes (a, b, c, d, ...) are not digits's" in capsys.readouterr().err

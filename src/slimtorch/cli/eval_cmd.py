@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -14,8 +15,9 @@ def add_parser(sub: Any) -> None:
         "eval",
         help="evaluate a saved model directory",
         description="Evaluate a saved model (a model directory, or a run directory holding one "
-        "in model/) on a split of its dataset; prints one JSON line with the accuracy, the loss "
-        "and the number of images. Writes nothing.",
+        "in model/) on a split of its dataset, its inputs normalised as in its training and its "
+        "weights in their own precision; prints one JSON line with the accuracy, the loss and "
+        "the number of images. Writes nothing.",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument(
@@ -46,8 +48,17 @@ def run(args: argparse.Namespace) -> int:
             f"{dataset} images are {tuple(ds.input_shape)} but the model expects "
             f"{tuple(card.input_shape)}; pick a matching --dataset"
         )
+    if card.class_names and tuple(card.class_names) != tuple(ds.classes):
+        raise ValueError(
+            f"the model's classes ({', '.join(card.class_names[:4])}, ...) are not {dataset}'s "
+            f"({', '.join(ds.classes[:4])}, ...): its accuracy there would mean nothing; pick "
+            "the dataset it was trained on"
+        )
+    # the inputs are normalised as the model was trained, whichever dataset they come from
+    ds = dataclasses.replace(ds, mean=tuple(card.mean), std=tuple(card.std))
     loader = DeviceLoader(ds, args.batch_size, device=device)
-    metrics = Trainer(model, TrainConfig(epochs=1), device=device).evaluate(loader)
+    trainer = Trainer(model, TrainConfig(epochs=1, amp="off"), device=device)  # in its dtype
+    metrics = trainer.evaluate(loader)
     print(
         json.dumps(
             {
