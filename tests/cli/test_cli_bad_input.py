@@ -61,10 +61,10 @@ def test_outputs_never_land_in_the_model_being_read(
     for fmt, name in (("onnx", "m.onnx"), ("pt2", "model.safetensors.pt2")):
         out = run / "model" / name
         assert main(["export", "--in", str(run), "--format", fmt, "--out", str(out)]) == 2
-        assert f"--out {out} would write into the model it reads" in _error(capsys)
+        assert f"--out {out} is inside the model directory {run / 'model'}" in _error(capsys)
     profile = ["profile", "--in", str(run), "--device", "cpu", "--profiles", "rx580"]
     assert main([*profile, "--json", str(run / "model" / "config.json")]) == 2
-    assert "would write into the model it reads" in _error(capsys)
+    assert "is inside the model directory" in _error(capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -268,3 +268,34 @@ def test_serve_checks_repository_and_device_before_starting(
     assert f"model repository {tmp_path / 'nope'} is not a folder" in _error(capsys)
     assert main(["serve", "--repository", str(tmp_path), "--device", "cpux"]) == 2
     assert "invalid device 'cpux'" in _error(capsys)
+
+
+def test_profile_refuses_what_it_cannot_run_or_write(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import shutil
+
+    broken = tmp_path / "sizes"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["input_shape"] = [config["input_shape"][0], 16, 16]  # the architecture says 8x8
+    (broken / "config.json").write_text(json.dumps(config))
+    base = ["profile", "--device", "cpu", "--profiles", " rx580 , h100-sxm"]  # spaces are fine
+    assert main([*base, "--in", str(broken)]) == 2
+    assert "does not fit its architecture; re-save the model" in _error(capsys)
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)  # a model directory that is not the one read
+    assert main([*base, "--in", str(model_dir), "--json", str(other / "config.json")]) == 2
+    assert f"is inside the model directory {other}" in _error(capsys)
+    assert json.loads((other / "config.json").read_text()) == json.loads(
+        (model_dir / "config.json").read_text()
+    )
+    assert main([*base, "--exported", str(tmp_path / "nope.pt2")]) == 2
+    assert "nope.pt2 does not exist or is not a file" in _error(capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main([*base, "--in", str(model_dir), "--json", str(locked / "p.json")]) == 2
+        assert f"{locked} is not writable here" in _error(capsys)
+    assert main([*base, "--in", str(model_dir)]) == 0

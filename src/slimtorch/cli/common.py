@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -248,6 +249,13 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
     above = next((q for q in p.parents if q.exists()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"{option} {path} cannot be written: {above} is a file, not a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be written: {above} is not writable here")
+    if not folder and holds_model(p.parent):  # any model directory, not only the one read
+        raise ValueError(
+            f"{option} {path} is inside the model directory {p.parent}, whose files a write "
+            "there would replace or confuse; write it beside the model directory"
+        )
 
 
 def check_not_in_source(path: str, option: str, source: Path, *, run: bool) -> None:

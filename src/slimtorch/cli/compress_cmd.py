@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             dataset=args.dataset,
             profile_batch=args.profile_batch,
-            profiles=[p for p in args.profiles.split(",") if p],
+            profiles=[p.strip() for p in args.profiles.split(",") if p.strip()],
             threads=args.threads,
             distill=distill,
             max_drop=args.max_drop,

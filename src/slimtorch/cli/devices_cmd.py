@@ -24,8 +24,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def _gb(n: int | float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.1f}"
+def _gib(n: int | float | None) -> str:
+    """Memory sizes in GiB, as cards are sold (the RX 580's 8 GB is 8 GiB)."""
+    return "-" if n is None else f"{n / 2**30:.1f}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
             d.device,
             d.kind,
             d.name,
-            _gb(d.total_memory_bytes),
-            _gb(d.free_memory_bytes),
+            _gib(d.total_memory_bytes),
+            _gib(d.free_memory_bytes),
             d.gfx_arch or d.compute_capability or "-",
             "yes" if d.supports_fp16 else "no",
             "yes" if d.supports_bf16 else "no",
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     print("Devices found here")
     print(
-        format_table(["device", "kind", "name", "mem GB", "free GB", "arch", "fp16", "bf16"], rows)
+        format_table(
+            ["device", "kind", "name", "mem GiB", "free GiB", "arch", "fp16", "bf16"], rows
+        )
     )
     prow = [
         [
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             f"{p.peak_flops['bf16'] / 1e12:.2f}",
             f"{p.peak_flops['int8'] / 1e12:.2f}",
             f"{p.memory_bandwidth / 1e9:.0f}",
-            _gb(p.memory_bytes),
+            _gib(p.memory_bytes),
             ",".join(
                 f
                 for f, on in (
@@ -91,6 +94,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("Device profiles (peak rates in TFLOP/s or TOP/s, bandwidth GB/s)")
     print(
-        format_table(["profile", "fp32", "fp16", "bf16", "int8", "GB/s", "mem GB", "flags"], prow)
+        format_table(["profile", "fp32", "fp16", "bf16", "int8", "GB/s", "mem GiB", "flags"], prow)
     )
     return 0

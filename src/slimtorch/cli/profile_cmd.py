@@ -92,8 +92,8 @@ def _exported_shape(path: str) -> tuple[int, ...]:
     return tuple(int(d) for d in shape[1:] if d is not None)
 
 
-def _check_exported_input(model: Any, example: Any, path: str) -> None:
-    """Run the program once on ``example``, turning a shape it refuses into one clear error."""
+def _check_runs(model: Any, example: Any, subject: str, fix: str) -> None:
+    """Run ``model`` once on ``example``, turning a shape it refuses into one clear error."""
     import torch
 
     try:
@@ -105,9 +105,7 @@ def _check_exported_input(model: Any, example: Any, path: str) -> None:
         lines = str(exc).strip().splitlines()
         why = lines[0] if lines else type(exc).__name__
         raise ValueError(
-            f"the exported program {path} does not run on inputs of shape "
-            f"{tuple(example.shape)} ({why}); pass the C,H,W it was exported for as "
-            "--input-shape (and a --batch-size it accepts)"
+            f"{subject} does not run on inputs of shape {tuple(example.shape)} ({why}); {fix}"
         ) from None
 
 
@@ -135,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
         shape = tuple(card.input_shape)
         name = args.model_dir
     elif args.exported:
+        from pathlib import Path
+
         from slimtorch.models import load_exported
 
+        if not Path(args.exported).is_file():
+            raise ValueError(f"--exported {args.exported} does not exist or is not a file")
         shape = (
             parse_shape(args.input_shape) if args.input_shape else _exported_shape(args.exported)
         )
@@ -158,14 +160,24 @@ def run(args: argparse.Namespace) -> int:
             input_size=shape[1],
         ).to(device)
         name = args.model
-    names = list_profiles() if args.profiles == "all" else args.profiles.split(",")
+    names = (
+        list_profiles()
+        if args.profiles == "all"
+        else [n.strip() for n in args.profiles.split(",") if n.strip()]
+    )
     for n in names:
         get_profile(n)  # unknown names fail here with the list of choices
     if not args.exported:
         model.eval()  # an exported program keeps the mode it was exported in
     example = torch.randn(args.batch_size, *shape, device=device)
     if args.exported:
-        _check_exported_input(model, example, args.exported)
+        _check_runs(model, example, f"the exported program {args.exported}",
+                    "pass the C,H,W it was exported for as --input-shape (and a --batch-size "
+                    "it accepts)")  # fmt: skip
+    elif args.model_dir:
+        _check_runs(model, example, f"the model in {args.model_dir}",
+                    "the input_shape its config.json records does not fit its architecture; "
+                    "re-save the model")  # fmt: skip
     result = profile_model(model, example, device=device, profiles=names, threads=args.threads)
     print(f"{name}: batch {args.batch_size}, input {tuple(shape)}")
     print(result.to_table())
