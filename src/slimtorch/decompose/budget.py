@@ -170,8 +170,8 @@ def select_ranks_for_budget(
         cheapest = sum(min(c[i] for c, _, _ in rungs) for rungs in ladders.values())
         if cheapest > goal[i]:
             raise ValueError(
-                f"{key} target {goal[i]:g} is below the cheapest achievable total {cheapest:g}; "
-                "raise the target or add lower-rank options"
+                f"{key} target {goal[i]:g} is below the cheapest achievable total {cheapest:g} "
+                "(every layer at its lowest rank); raise the target"
             )
     total = [sum(c[i] for c, _, _ in current.values()) for i in range(len(keys))]
 

@@ -109,13 +109,15 @@ class BudgetPlan:
 
 
 def mode_ranks(size: int, round_to: int = 1) -> list[int]:
-    """Distinct ranks at :data:`LADDER_FRACTIONS` of ``size``, rounded, ascending.
+    """Distinct ranks at :data:`LADDER_FRACTIONS` of ``size`` and the smallest rank (1, or
+    ``round_to``), rounded, ascending: a tight budget can reach the cheapest form there is.
 
     Example:
-        >>> mode_ranks(64, 8)
-        [8, 16, 24, 32, 40, 48, 56, 64]
+        >>> mode_ranks(64, 8), mode_ranks(64)
+        ([8, 16, 24, 32, 40, 48, 56, 64], [1, 4, 8, 16, 24, 32, 40, 48, 56, 64])
     """
-    ranks = {round_rank(rank_from_fraction(size, f), size, round_to) for f in LADDER_FRACTIONS}
+    fractions = (*LADDER_FRACTIONS, 1 / size)
+    ranks = {round_rank(rank_from_fraction(size, f), size, round_to) for f in fractions}
     return sorted(ranks)
 
 
