@@ -275,3 +275,29 @@ def test_an_example_input_the_model_cannot_run_is_named(net: TinyNet) -> None:
         with pytest.raises(ValueError, match=rf"example_input {what} does not run through TinyNet"):
             decompose_(net, TuckerConfig(rank=0.5), example_input=bad)
         assert same_model(net, before)
+
+
+def test_a_budget_the_built_layers_miss_is_reported_missed(
+    net: TinyNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the plan meets params=0.5, but a speed gate no layer can pass keeps every layer dense
+    config = TuckerConfig(rank="budget:params=0.5", min_speedup=100.0, speed_batch=2)
+    with caplog.at_level("WARNING"):
+        report = decompose_(net, config, include=["features.3"], example_input=X)
+    budget = report.budget
+    assert budget is not None and budget["metric"] == "params" and not budget["met"]
+    assert budget["reached"] == budget["total_before"] > budget["target"] >= budget["planned"]
+    assert report.to_dict()["budget"] == budget
+    assert report.to_table().splitlines()[-1].endswith("MISSED")
+    assert "budget params missed" in caplog.text and "features.3 (" in caplog.text
+    met = decompose_(net, TuckerConfig(rank="budget:params=0.5"), include=["features.3"],
+                     example_input=X).budget  # fmt: skip
+    assert met is not None and met["met"] and met["reached"] <= met["target"]
+
+
+def test_a_half_precision_model_is_refused(net: TinyNet) -> None:
+    half = copy.deepcopy(net).half()
+    before = copy.deepcopy(half)
+    with pytest.raises(ValueError, match="holds torch.float16 tensors; decompose_ takes a float32"):
+        decompose_(half, SVDConfig(rank=0.5))
+    assert same_model(half, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 # Modules whose forward reads these children's ``weight``/``bias`` instead of calling them.
@@ -35,6 +36,31 @@ def require_values(model: nn.Module, verb: str) -> None:
             f"{verb} needs the model's values, but {len(meta)} of its tensors ({names}) are on "
             "the meta device, which holds shapes only; load its weights first "
             "(model.to_empty(device='cpu'), then load_state_dict)"
+        )
+
+
+def require_float32(
+    model: nn.Module, verb: str, fix: str, *, also: tuple[torch.dtype, ...] = ()
+) -> None:
+    """Raise ``ValueError`` when ``model`` holds floating tensors other than float32 (and the
+    dtypes in ``also``): a cast model, ``half()``, ``double()``; naming them and ``fix``.
+
+    Example:
+        >>> require_float32(nn.Linear(2, 2).half(), "decompose_", "factorise, then cast")
+        Traceback (most recent call last):
+        ...
+        ValueError: the model holds torch.float16 tensors; decompose_ takes a float32 model ...
+    """
+    other = sorted(
+        {
+            str(t.dtype)
+            for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point() and t.dtype not in (torch.float32, *also)
+        }
+    )
+    if other:
+        raise ValueError(
+            f"the model holds {', '.join(other)} tensors; {verb} takes a float32 model ({fix})"
         )
 
 

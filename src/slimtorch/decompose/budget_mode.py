@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -381,3 +382,26 @@ __all__ = [
     "svd_options",
     "tucker_options",
 ]
+
+
+def budget_outcome(plan: BudgetPlan, rows: Sequence[Any]) -> dict[str, Any]:
+    """What the layers as built reach against the plan's target (its first metric), with a
+    warning naming the planned layers that stayed dense when it is missed: a build that fails
+    or a speed gate that keeps a layer dense can leave the budget unmet.
+
+    ``rows`` are :class:`~slimtorch.decompose.transform.LayerReport` rows.
+    """
+    metric = plan.metric.split("+")[0]
+    planned = {n for n, o in plan.choices.items() if o.ranks}
+    mine = [r for r in rows if r.name in plan.choices or r.name in plan.reasons]
+    field = "params_after" if metric == "params" else "flops_after"
+    reached = float(sum(getattr(r, field) or 0 for r in mine))
+    met = reached <= plan.target * (1 + 1e-9)
+    if not met:
+        dense = [f"{r.name} ({r.reason})" for r in mine if r.name in planned and not r.ranks]
+        logger.warning(
+            "budget %s missed: %.4g of %.4g against a target of %.4g; planned but kept dense: %s",
+            metric, reached, plan.total_before, plan.target, "; ".join(dense) or "none",
+        )  # fmt: skip
+    return {"metric": metric, "total_before": plan.total_before, "target": plan.target,
+            "planned": plan.selection.total_cost, "reached": reached, "met": met}  # fmt: skip

@@ -24,11 +24,11 @@ from torch import nn
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import replacement_blockers, set_submodule
+from slimtorch.core.surgery import replacement_blockers, require_float32, set_submodule
 from slimtorch.core.table import text_table
 from slimtorch.decompose import prefactor
 from slimtorch.decompose._shapes import layer_flops, record_shapes
-from slimtorch.decompose.budget_mode import BudgetPlan, build_option, plan_budget
+from slimtorch.decompose.budget_mode import BudgetPlan, budget_outcome, build_option, plan_budget
 from slimtorch.decompose.config import CPConfig, DecomposeConfig, TuckerConfig
 from slimtorch.decompose.handlers import (
     Factorised,
@@ -88,6 +88,7 @@ class DecomposeReport:
     config: dict[str, Any]
     rows: list[LayerReport]
     entry: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None  # a budget rank spec: target, reached, met
 
     @property
     def decomposed(self) -> list[LayerReport]:
@@ -114,6 +115,7 @@ class DecomposeReport:
                 "skipped": len(self.skipped),
             },
             "entry": self.entry,
+            "budget": self.budget,
         }
 
     def to_table(self) -> str:
@@ -139,7 +141,11 @@ class DecomposeReport:
                     r.reason or "",
                 )
             )
-        return text_table(lines)
+        b, tail = self.budget, ""
+        if b is not None:
+            tail = f"\nbudget {b['metric']}: {b['reached']:,.0f} of {b['total_before']:,.0f} "
+            tail += f"(target {b['target']:,.0f}): {'met' if b['met'] else 'MISSED'}"
+        return text_table(lines) + tail
 
 
 def _targets(
@@ -240,6 +246,8 @@ def decompose_(
             f"{config.rank!r}; use rank='budget:params=<x>' or drop sensitivity"
         )
     targets = _targets(model, include, exclude)
+    if not any(p.is_meta for p in model.parameters()):
+        require_float32(model, "decompose_", "factorise, then cast", also=(torch.float64,))
     meta = [n for n, m in targets if any(p.is_meta for p in m.parameters())]
     if meta:
         raise ValueError(
@@ -269,6 +277,7 @@ def decompose_(
     report = DecomposeReport(
         config.method, {"type": type(config).__name__, **config.to_dict()}, rows
     )
+    report.budget = None if plan is None else budget_outcome(plan, rows)
     skipped = report.skipped
     if strict and skipped:
         listing = "; ".join(f"{r.name}: {r.reason}" for r in skipped)

@@ -41,7 +41,7 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import SlimtorchError
 from slimtorch.core.measure import estimate_latency, model_size_bytes
 from slimtorch.core.profiles import DeviceProfile, get_profile
-from slimtorch.core.surgery import require_values
+from slimtorch.core.surgery import require_float32, require_values
 from slimtorch.quant import _calib
 from slimtorch.quant.precision import (
     DTYPES,
@@ -279,13 +279,9 @@ def cast_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if layer_precisions(model):
         raise ValueError("the model is already cast; cast_ takes a float32 model")
-    other = sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())
-                    if t.is_floating_point() and t.dtype != torch.float32})  # fmt: skip
-    if other:
-        raise ValueError(
-            f"the model holds {', '.join(other)} tensors; cast_ takes a float32 model "
-            "(model.float() first: the cast keeps its sensitive layers in float32)"
-        )
+    require_float32(
+        model, "cast_", "model.float() first: the cast keeps sensitive layers in float32"
+    )
     int8 = [n for n, m in model.named_modules() if isinstance(m, QDQConv2d | QDQLinear)]
     if int8:
         raise ValueError(
