@@ -251,3 +251,20 @@ def test_accuracy_guard_keeps_a_model_that_lost_too_much_from_being_written(
     for bad in (-1.0, "1", True):
         with pytest.raises(ValueError, match="max_drop"):
             compress_run(out_dir=None, max_drop=bad, **kw)
+
+
+def test_a_refused_fine_tune_leaves_the_earlier_runs_checkpoint_and_history(
+    trained_mlp: Path, tmp_path: Path
+) -> None:
+    kw: dict[str, Any] = dict(
+        in_dir=trained_mlp, out_dir=tmp_path / "run", method="svd", rank=0.02, profile_batch=4,
+        profiles=(), threads=1, finetune=TrainConfig(epochs=1, lr=0.01, progress=False),
+    )  # fmt: skip
+    compress_run(max_drop=100.0, **kw)
+    run = tmp_path / "run"
+    assert not (run / ".finetune").exists()  # the fine-tune's files landed beside the model
+    kept = {n: (run / n).read_bytes() for n in ("checkpoint.pt", "history.json")}
+    refused = compress_run(max_drop=0.0, **kw)
+    assert refused.report["accuracy_guard"]["passed"] is False
+    assert {n: (run / n).read_bytes() for n in kept} == kept
+    assert (run / "checkpoint.refused.pt").is_file() and (run / "history.refused.json").is_file()

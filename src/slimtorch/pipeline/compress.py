@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,24 @@ def _guard(acc_before: float, acc_after: float, max_drop: float | None) -> dict[
 
 SIDE_BY_SIDE_ROUNDS = 9
 """Alternating rounds of the final before/after latency (each the median of 5 calls)."""
+
+
+FINETUNE_STAGE = ".finetune"
+"""Folder of the run directory the fine-tune writes its checkpoint and history into; they move
+up beside the model once the accuracy guard has passed."""
+
+
+def _land_finetune_files(out: Path, suffix: str) -> None:
+    """Move the fine-tune's files from the stage up into ``out`` (``checkpoint.pt`` ...), or,
+    for a run the guard refused over an earlier model, beside that model's own files as
+    ``checkpoint.refused.pt`` ...: an earlier run's checkpoint and history are never replaced
+    by those of a model that was not written."""
+    stage = out / FINETUNE_STAGE
+    if not stage.is_dir():
+        return
+    for f in stage.iterdir():
+        os.replace(f, out / f"{f.stem}{suffix}{f.suffix}")
+    stage.rmdir()
 
 
 MEMORY_ROUNDS = 5
@@ -353,7 +372,8 @@ def compress_run(
     if applied.changed and not applied.trainable and will_finetune:
         logger.info("%s is applied after training; skipping fine-tuning", method)
     if applied.changed and applied.trainable and finetune is not None and will_finetune:
-        trainer = Trainer(model, finetune, device=device, out_dir=out_dir, callbacks=callbacks)
+        stage = None if out_dir is None else Path(out_dir) / FINETUNE_STAGE
+        trainer = Trainer(model, finetune, device=device, out_dir=stage, callbacks=callbacks)
         trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
         history = trainer.fit(train_batches(), test_loader).to_dict()
     finished = applied.finish(model) if applied.finish is not None else None
@@ -451,6 +471,7 @@ def compress_run(
                 result["artifacts"] = applied.artifacts(model, out)
         # A refused run never replaces the reports of a model an earlier run wrote there.
         stem = "report.refused" if refused and (out / MODEL_SUBDIR).exists() else "report"
+        _land_finetune_files(out, ".refused" if stem == "report.refused" else "")
         report_path = out / f"{stem}.json"
         atomic_write_json(report_path, result)  # with the guard's verdict if refused
         atomic_write_text(out / f"{stem}.txt", applied.table + "\n\n" + table + "\n")
