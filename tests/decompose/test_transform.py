@@ -298,6 +298,6 @@ def test_a_budget_the_built_layers_miss_is_reported_missed(
 def test_a_half_precision_model_is_refused(net: TinyNet) -> None:
     half = copy.deepcopy(net).half()
     before = copy.deepcopy(half)
-    with pytest.raises(ValueError, match="holds torch.float16 tensors; decompose_ takes a float32"):
+    with pytest.raises(ValueError, match=r"torch\.float16 tensors; decompose_ takes a float32"):
         decompose_(half, SVDConfig(rank=0.5))
     assert same_model(half, before)

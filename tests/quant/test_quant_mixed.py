@@ -167,3 +167,20 @@ def test_latency_budget_on_a_profile() -> None:
     tight = MixedPrecisionConfig(latency_s=1e-9, profile="h100-sxm")
     with pytest.raises(ValueError, match="latency_s"):
         mixed_precision_(_lenet(), tight, (x, y))
+
+
+def test_a_latency_budget_is_checked_with_the_casts_between_layers() -> None:
+    x, y = _calibration28()
+    model = _lenet()
+    free = mixed_precision_(copy.deepcopy(model), MixedPrecisionConfig(latency_s=1.0), (x, y))
+    planned = free.budget["outside_allocated"] + sum(
+        r.est_latency_s[r.choice] for r in free.rows if r.est_latency_s
+    )
+    # the per-layer plan leaves out the float16/float32 casts the estimate of the result has
+    assert free.est_latency_after_s is not None and free.est_latency_after_s > planned
+    limit = (planned + free.est_latency_after_s) / 2
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"over the latency budget of .* once the casts"):
+        mixed_precision_(model, MixedPrecisionConfig(latency_s=limit), (x, y))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not layer_precisions(model)

@@ -403,6 +403,13 @@ def mixed_precision_(
     report.stored_bytes_after = model_size_bytes(work)
     report.saved_bytes_after = sum(t.numel() * t.element_size() for t in work.state_dict().values())
     report.est_latency_after_s = estimate_latency(work, example, config.profile).total_s
+    if kind == "latency_s" and report.est_latency_after_s > limit:  # the model is as it was
+        raise ValueError(
+            f"the allocation is estimated at {report.est_latency_after_s * 1e6:.1f} us on "
+            f"{config.profile}, over the latency budget of {limit * 1e6:.1f} us once the casts "
+            "between its float16 and float32 layers are counted; raise latency_s, or use a "
+            "size budget"
+        )
     for n in names:
         c = choice[n]
         report.rows.append(
