@@ -129,11 +129,72 @@ def _int_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -
     return 2 * a.shape[0] * a.shape[1] * b.shape[1]
 
 
+def _mv_flops(a: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.numel()
+
+
+def _addmv_flops(b: torch.Tensor, a: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.numel()
+
+
+def _dot_flops(a: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.numel()
+
+
+def _addbmm_flops(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *args: Any, **kw: Any) -> int:
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+def _sdpa_cpu_flops(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any
+) -> int:
+    """Q K^T and the weighted sum of V: 2 * L_q * L_k * (D_qk + D_v) per batch and head."""
+    batch = q.numel() // (q.shape[-2] * q.shape[-1])
+    return 2 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+def _mha_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e: int, heads: int,
+               qkv_w: torch.Tensor, *args: Any, **kw: Any) -> int:  # fmt: skip
+    """``nn.MultiheadAttention``'s fused CPU op: the input projections, attention and the
+    output projection (batch first, embed size ``e``)."""
+    n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    return 2 * n * e * e * (lq + 2 * lk) + 4 * n * lq * lk * e + 2 * n * lq * e * e
+
+
+def _rnn_layer_flops(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, *args: Any,
+                     **kw: Any) -> int:  # fmt: skip
+    """One oneDNN RNN layer (LSTM/GRU): both gate GEMMs at every step of every sequence."""
+    steps = x.numel() // x.shape[-1]
+    return 2 * steps * (w_ih.numel() + w_hh.numel())
+
+
+def _trilinear_flops(a: torch.Tensor, w: torch.Tensor, *args: Any, **kw: Any) -> int:
+    """``nn.Bilinear``: ``x1^T W_o x2`` for every output ``o`` and row: 2 * N * |W|."""
+    return 2 * a.shape[0] * w.numel()
+
+
 @functools.cache
 def _formulas() -> dict[Any, Callable[..., int]]:
     from torch.utils.flop_counter import flop_registry  # imported on first use: keeps import cheap
 
     table: dict[Any, Callable[..., int]] = dict(flop_registry)
+    # products torch's registry leaves out (they would count as one FLOP per output element)
+    aten = torch.ops.aten
+    own = {
+        "mv": _mv_flops,
+        "addmv": _addmv_flops,
+        "dot": _dot_flops,
+        "vdot": _dot_flops,
+        "addbmm": _addbmm_flops,
+        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu_flops,
+        "_native_multi_head_attention": _mha_flops,
+        "mkldnn_rnn_layer": _rnn_layer_flops,
+        "_trilinear": _trilinear_flops,
+    }
+    for name, formula in own.items():
+        packet = getattr(aten, name, None)
+        if packet is not None and packet not in table:
+            table[packet] = formula
     return table
 
 
