@@ -220,6 +220,14 @@ class _QDQLayer(nn.Module):
             torch.int8,
         )
 
+    @property
+    def roofline_kernel(self) -> str | None:
+        """How a runtime with int8 kernels runs this layer, for the roofline estimate: ``"int8"``
+        when its input is quantized as well (one int8 GEMM or convolution, the Q/DQ steps fused
+        into it); None when only the weights are (dequantized, then a float kernel)."""
+        quantized_input = self.input_dynamic or self.input_scale is not None
+        return "int8" if self.weight_bits == 8 and quantized_input else None
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the static (or per-call dynamic) input parameters."""
         qmin, qmax, dtype = _INPUT_RANGES[self.input_dtype]

@@ -154,3 +154,34 @@ def test_restores_mode_and_checks_arguments() -> None:
         estimate_latency(model, torch.randn(1, 3, 16, 16), "nope")
     with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
         estimate_latency(model, torch.randn(1, 3, 16, 16), "rx580", dtype="fp16")  # type: ignore[arg-type]
+
+
+def test_int8_layers_are_priced_as_one_int8_kernel() -> None:
+    import copy
+
+    from slimtorch.models import create_model
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    fp32 = create_model("lenet5", in_channels=1, input_size=28).eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    int8 = copy.deepcopy(fp32)
+    quantize_(int8, PTQConfig(mode="static"), calibration=calib)
+    weight_only = copy.deepcopy(fp32)
+    quantize_(weight_only, PTQConfig(mode="weight_only"), calibration=calib)
+    x = torch.randn(4096, 1, 28, 28)
+    f, q = (estimate_latency(m, x, "h100-sxm") for m in (fp32, int8))
+    fr, qr = ({r.name: r for r in e.rows} for e in (f, q))
+    for name in ("features.3", "fc1"):
+        assert qr[name].kernels == fr[name].kernels == 1  # the Q/DQ steps fused away
+        assert qr[name].flops == fr[name].flops
+        assert qr[name].bytes < fr[name].bytes / 3  # one byte per element instead of four
+        assert qr[name].compute_s < fr[name].compute_s  # H100: int8 at twice the fp16 rate
+    assert q.total_s < f.total_s
+    # the RX 580 has no int8 dot product: same compute time, fewer bytes
+    f580, q580 = (estimate_latency(m, x, "rx580") for m in (fp32, int8))
+    r580 = {r.name: r for r in q580.rows}["features.3"]
+    assert r580.compute_s == pytest.approx({r.name: r for r in f580.rows}["features.3"].compute_s)
+    # weight-only int8 runs a float kernel on dequantized weights: priced as it runs
+    w = {r.name: r for r in estimate_latency(weight_only, x, "h100-sxm").rows}
+    assert w["fc1"].kernels > 1

@@ -12,7 +12,11 @@ and the model's estimate is the sum of its layers. Ops come from one traced forw
 :mod:`.trace`): every non-view aten op is one kernel, reads each tensor input once and writes each
 output once. Matmul/conv ops are timed at the profile's rate for their dtype; elementwise and
 normalisation ops (one FLOP per output element) at the fp32 rate, because PyTorch computes
-half-precision elementwise maths in fp32 registers.
+half-precision elementwise maths in fp32 registers. An int8 Q/DQ layer (its input quantized
+too: ``roofline_kernel == "int8"``) is priced as the one int8 kernel a runtime runs it as (its
+product at the profile's int8 rate, one byte per element moved), not as the eager simulation
+of quantize, dequantize and a float kernel; on the RX 580, which has no int8 dot product, the
+int8 rate is its fp32 rate, so there only the bytes shrink.
 
 What the estimate misses: caches (a layer whose weights stay in L2 reads less DRAM), kernel
 efficiency (small or odd-shaped GEMMs reach a fraction of peak; treat the estimate as a lower
@@ -198,6 +202,17 @@ def roofline_from_trace(
     acc: dict[str, list[float]] = {}  # name -> [flops, bytes, compute_s, kernels]
     for op in trace.ops:
         if op.kind == "free":
+            continue
+        record = trace.modules.get(op.module)
+        if record is not None and record.kernel == "int8":
+            # an int8 Q/DQ layer runs as one int8 kernel: its product at the int8 rate, one
+            # byte per element moved; the eager quantize/dequantize steps are not priced
+            if op.kind == "matmul":
+                row = acc.setdefault(op.module, [0, 0, 0.0, 0])
+                row[0] += op.flops
+                row[1] += sum(n for n, _ in op.reads + op.writes)
+                row[2] += op.flops / prof.peak_rate(torch.int8)
+                row[3] += 1
             continue
         if op.kind == "matmul":
             op_dtype = dtype if dtype is not None and op.dtype.is_floating_point else op.dtype

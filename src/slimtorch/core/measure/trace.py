@@ -104,6 +104,7 @@ class ModuleRecord:
     is_leaf: bool
     output_shape: tuple[int, ...] | None = None
     calls: int = 0
+    kernel: str | None = None  # the module's ``roofline_kernel`` ("int8": an int8 Q/DQ layer)
 
 
 @dataclasses.dataclass
@@ -318,6 +319,7 @@ def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -
                     module_type=type(mod).__name__,
                     params=sum(p.numel() for p in mod.parameters(recurse=False)),
                     is_leaf=next(iter(mod.children()), None) is None,
+                    kernel=getattr(mod, "roofline_kernel", None),
                 )
                 trace.modules[name] = rec
             rec.calls += 1
