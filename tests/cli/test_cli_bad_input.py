@@ -10,6 +10,17 @@ import pytest
 from slimtorch.cli.main import main
 
 
+def _with_input_shape(model_dir: Path, dest: Path, shape: list[int]) -> Path:
+    """A copy of ``model_dir`` whose config.json records ``shape`` as its input shape."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["input_shape"] = shape
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def _error(capsys: pytest.CaptureFixture[str]) -> str:
     """The one line a failed command printed on stderr (no traceback, no second line)."""
     err = capsys.readouterr().err.strip()
@@ -226,13 +237,7 @@ def test_profile_shape_options(
 def test_a_config_with_a_malformed_input_shape_is_refused_on_load(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(model_dir, broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["input_shape"] = [1, 8]
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _with_input_shape(model_dir, tmp_path / "broken", [1, 8])
     assert main(["profile", "--in", str(broken), "--device", "cpu", "--profiles", "rx580"]) == 2
     assert "input_shape must be [channels, height, width] >= 1, got [1, 8]" in _error(capsys)
 
@@ -276,11 +281,7 @@ def test_profile_refuses_what_it_cannot_run_or_write(
     import os
     import shutil
 
-    broken = tmp_path / "sizes"
-    shutil.copytree(model_dir, broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["input_shape"] = [config["input_shape"][0], 16, 16]  # the architecture says 8x8
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _with_input_shape(model_dir, tmp_path / "sizes", [1, 16, 16])  # built for 8x8
     base = ["profile", "--device", "cpu", "--profiles", " rx580 , h100-sxm"]  # spaces are fine
     assert main([*base, "--in", str(broken)]) == 2
     assert "does not fit its architecture; re-save the model" in _error(capsys)
