@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,19 @@ from torch import nn
 
 from slimtorch.models import create_model, save_model
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
+
+KEY = "test-management-key"
+"""The management API key of the test apps that use one."""
+
+
+def app_client(root: Path, *, api_key: str | None = None, **kw: object) -> Any:
+    """A FastAPI test client of a server over the repository ``root`` (1 thread, CPU)."""
+    from fastapi.testclient import TestClient
+
+    from slimtorch.serve import ServeSettings, create_app
+
+    settings = ServeSettings(repository=str(root), api_key=api_key, threads=1, device="cpu", **kw)  # type: ignore[arg-type]
+    return TestClient(create_app(settings))
 
 
 def pair_config(**kw: object) -> ModelConfig:

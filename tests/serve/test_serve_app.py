@@ -11,15 +11,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import ONNX_B, ONNX_W, make_mlp, reference, save_slimtorch, write_config
+from serve_helpers import (
+    KEY,
+    ONNX_B,
+    ONNX_W,
+    app_client,
+    make_mlp,
+    reference,
+    save_slimtorch,
+    write_config,
+)
 from slimtorch.serve import ServeSettings, create_app
-
-KEY = "test-management-key"
-
-
-def _client(repo: Path, **kw: object) -> TestClient:
-    settings = ServeSettings(repository=str(repo), api_key=KEY, threads=1, device="cpu", **kw)  # type: ignore[arg-type]
-    return TestClient(create_app(settings))
 
 
 def _v2(x: np.ndarray, name: str = "input") -> dict[str, object]:
@@ -38,7 +40,7 @@ def _digits(n: int) -> np.ndarray:
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_health_metadata_and_json_infer_match_the_model(repo: Path, fast_path: bool) -> None:
     x = _digits(3)
-    with _client(repo, fast_path=fast_path) as c:
+    with app_client(repo, api_key=KEY, fast_path=fast_path) as c:
         assert c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/v2/health/ready").status_code == 200
         meta = c.get("/v2").json()
@@ -63,7 +65,7 @@ def test_health_metadata_and_json_infer_match_the_model(repo: Path, fast_path: b
 
 
 def test_config_is_derived_for_a_bare_model_directory(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         cfg = c.get("/v2/models/plain/config").json()
         assert cfg["format"] == "slimtorch" and cfg["inputs"][0]["dims"] == [1, 8, 8]
         assert cfg["labels"] == [str(i) for i in range(10)]
@@ -86,7 +88,7 @@ def test_binary_tensor_extension_in_and_out(repo: Path, fast_path: bool) -> None
             "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
         }
     ).encode()
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post(
             "/v2/models/mlp/infer",
             content=head + raw,
@@ -106,7 +108,7 @@ def test_binary_tensor_extension_in_and_out(repo: Path, fast_path: bool) -> None
 
 def test_exported_and_onnx_models_serve(repo: Path) -> None:
     x = _digits(2)
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post("/v2/models/exported/infer", json=_v2(x))
         assert r.status_code == 200, r.text
         model = make_mlp(4)
@@ -123,7 +125,7 @@ def test_exported_and_onnx_models_serve(repo: Path) -> None:
 
 def test_simple_json_endpoint_gives_labels(repo: Path) -> None:
     x = _digits(1)
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post("/v1/models/plain/predict", json={"data": x[0].tolist()})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -219,7 +221,7 @@ def test_simple_json_endpoint_gives_labels(repo: Path) -> None:
     ],
 )
 def test_bad_requests_get_400_naming_the_field(repo: Path, body: dict, field: str) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post("/v2/models/mlp/infer", json=body)
         assert r.status_code == 400, r.text
         assert field in r.json()["error"]
@@ -227,7 +229,7 @@ def test_bad_requests_get_400_naming_the_field(repo: Path, body: dict, field: st
 
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_malformed_json_nan_and_size_limit(repo: Path, fast_path: bool) -> None:
-    with _client(repo, max_request_bytes=4096, fast_path=fast_path) as c:
+    with app_client(repo, api_key=KEY, max_request_bytes=4096, fast_path=fast_path) as c:
         r = c.post("/v2/models/mlp/infer", content=b'{"inputs": [')
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
         nan = b'{"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[NaN'
@@ -246,7 +248,7 @@ def test_malformed_json_nan_and_size_limit(repo: Path, fast_path: bool) -> None:
 
 
 def test_unknown_model_and_version(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post("/v2/models/nope/infer", json=_v2(_digits(1)))
         assert r.status_code == 404 and "mlp" in r.json()["error"]
         assert c.get("/v2/models/mlp/versions/9").status_code == 404
@@ -257,7 +259,7 @@ def test_unknown_model_and_version(repo: Path) -> None:
 @pytest.mark.parametrize("version", ["\u00b2", "9" * 5000])
 def test_version_that_int_refuses_is_404(repo: Path, fast_path: bool, version: str) -> None:
     # str.isdigit() accepts both, int() raises on both (a superscript, more than 4300 digits)
-    with _client(repo, fast_path=fast_path) as c:
+    with app_client(repo, api_key=KEY, fast_path=fast_path) as c:
         for r in (
             c.post(f"/v2/models/mlp/versions/{version}/infer", json=_v2(_digits(1))),
             c.get(f"/v2/models/mlp/versions/{version}/ready"),
@@ -273,7 +275,7 @@ def test_version_that_int_refuses_is_404(repo: Path, fast_path: bool, version: s
 
 def test_simple_json_endpoint_reads_json_whatever_the_content_type(repo: Path) -> None:
     body = json.dumps({"data": _digits(1)[0].tolist()}).encode()
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         for content_type in ("application/x-www-form-urlencoded", "text/plain", None):  # curl -d
             headers = {} if content_type is None else {"Content-Type": content_type}
             r = c.post("/v1/models/plain/predict", content=body, headers=headers)
@@ -285,7 +287,7 @@ def test_simple_json_endpoint_reads_json_whatever_the_content_type(repo: Path) -
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_format(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.get("/v2/models/mlp/infer")
         assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
         assert r.headers["allow"] == "POST"
@@ -307,7 +309,7 @@ def test_corrupt_model_is_not_ready_and_others_keep_serving(repo: Path) -> None:
     (repo / "badjson").mkdir()
     (repo / "badjson" / "config.json").write_text("{not json")
     (repo / "badjson" / "1").mkdir()
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         for name, why in (
             ("plain", "corrupt"),
             ("exported", "missing"),
@@ -331,7 +333,7 @@ def test_corrupt_model_is_not_ready_and_others_keep_serving(repo: Path) -> None:
 
 
 def test_management_requires_key_and_unload_load_rescan(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         assert c.post("/v2/repository/index").status_code == 401
         assert (
             c.post("/v2/repository/index", headers={"X-API-Key": "wrong-key!"}).status_code == 401
@@ -358,7 +360,7 @@ def test_management_requires_key_and_unload_load_rescan(repo: Path) -> None:
 
 
 def test_metrics_and_request_id(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         r = c.post(
             "/v2/models/mlp/infer", json=_v2(_digits(2)), headers={"X-Request-ID": "abc-123"}
         )
@@ -379,7 +381,7 @@ def test_metrics_and_request_id(repo: Path) -> None:
 
 
 def test_openapi_documents_the_protocol(repo: Path) -> None:
-    with _client(repo) as c:
+    with app_client(repo, api_key=KEY) as c:
         spec = c.get("/openapi.json").json()
         assert "/v2/models/{model_name}/infer" in spec["paths"]
         assert "InferenceRequest" in spec["components"]["schemas"]
@@ -397,7 +399,7 @@ def test_int_and_binary_bytes_checks(tmp_path: Path) -> None:
         outputs=[{"name": "y", "datatype": "FP32", "dims": [3]}],
     )
     write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         head = json.dumps(
             {
                 "inputs": [

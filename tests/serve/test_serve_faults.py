@@ -11,22 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from serve_helpers import IN8, make_mlp, pair_config, save_slimtorch, write_config, write_onnx
-from slimtorch.serve import ServeSettings, create_app
+from serve_helpers import (
+    IN8,
+    KEY,
+    app_client,
+    make_mlp,
+    pair_config,
+    save_slimtorch,
+    write_config,
+    write_onnx,
+)
+from slimtorch.serve import ServeSettings
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.errors import BadRequest, InputFailed, ModelFault
 from slimtorch.serve.protocol.codec import parse_request
 from slimtorch.serve.server import ModelServer
 
-KEY = "test-management-key"
 TABLE = np.arange(30, dtype=np.float32).reshape(10, 3)
-
-
-def _client(root: Path, **kw: object) -> TestClient:
-    settings = ServeSettings(repository=str(root), api_key=KEY, threads=1, device="cpu", **kw)  # type: ignore[arg-type]
-    return TestClient(create_app(settings))
 
 
 def _write_graph(path: Path, nodes: list, inputs: list, outputs: list, inits: list) -> None:
@@ -95,7 +97,7 @@ def test_a_bad_input_fails_only_its_own_request_in_a_batch(
 
 def test_a_bad_input_alone_is_a_400_naming_the_model_error(tmp_path: Path) -> None:
     _lookup_model(tmp_path)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.post("/v2/models/emb/infer", content=_request([1, 99]))
         assert r.status_code == 400
         assert r.json()["error"].startswith("model 'emb' could not run on this input (")
@@ -140,7 +142,7 @@ def test_a_model_that_reduces_over_the_batch_is_not_ready(tmp_path: Path) -> Non
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
     )
-    with _client(tmp_path, load_policy="startup") as c:
+    with app_client(tmp_path, api_key=KEY, load_policy="startup") as c:
         r = c.get("/v2/models/bsum/ready")
         assert r.status_code == 503
         assert "output 'y' of model 'bsum' has shape [1, 4] for a batch of 2" in r.json()["reason"]
@@ -154,7 +156,7 @@ def test_an_output_datatype_that_cannot_hold_the_values_is_refused(tmp_path: Pat
         outputs=[{"name": "logits", "datatype": "UINT8", "dims": [10]}],
     )
     save_slimtorch(tmp_path / "u8" / "1", make_mlp(1))
-    with _client(tmp_path, load_policy="startup") as c:
+    with app_client(tmp_path, api_key=KEY, load_policy="startup") as c:
         r = c.get("/v2/models/u8/ready")
         assert r.status_code == 503
         assert r.json()["reason"] == (
@@ -173,7 +175,7 @@ def test_half_precision_models_answer_in_fp32(tmp_path: Path, dtype: torch.dtype
             {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}
         ]
     }
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.post("/v2/models/half/infer", json=body)
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
@@ -232,7 +234,7 @@ def test_an_empty_dimension_of_any_size_is_a_400(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])],
         [],
     )
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         x = {"name": "x", "shape": [1, 0], "datatype": "FP32", "data": []}
         r = c.post("/v2/models/any/infer", json={"inputs": [x]})
         assert r.status_code == 400
@@ -249,7 +251,7 @@ def test_predict_writes_non_finite_outputs_and_picks_infinite_logits(tmp_path: P
     )
     weight = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], np.float32)
     write_onnx(tmp_path / "lin" / "1" / "model.onnx", weight, np.zeros(3, np.float32))
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         data = [[1.0, 2.0, 3e38, 3e38], [float("nan"), 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]]
         r = c.post("/v1/models/lin/predict", content=json.dumps({"data": data}))
     assert r.status_code == 200, r.text
@@ -264,7 +266,7 @@ def test_pin_wins_over_the_model_config(tmp_path: Path, caplog: pytest.LogCaptur
     write_config(tmp_path / "m", format="slimtorch", inputs=IN8, pinned=False)
     save_slimtorch(tmp_path / "m" / "1", make_mlp(3))
     with caplog.at_level("WARNING", logger="slimtorch.serve"):
-        with _client(tmp_path, pinned=("m", "nosuch")) as c:
+        with app_client(tmp_path, api_key=KEY, pinned=("m", "nosuch")) as c:
             assert c.get("/v2/models/m/config").json()["pinned"] is True
             index = c.post("/v2/repository/index", headers={"X-API-Key": KEY}).json()
             assert [(e["name"], e["state"]) for e in index] == [("m", "READY")]
@@ -274,7 +276,7 @@ def test_pin_wins_over_the_model_config(tmp_path: Path, caplog: pytest.LogCaptur
 def test_repository_index_reads_its_body_whatever_the_content_type(tmp_path: Path) -> None:
     save_slimtorch(tmp_path / "m" / "1", make_mlp(3))
     h = {"X-API-Key": KEY, "Content-Type": "application/x-www-form-urlencoded"}
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.post("/v2/repository/index", content=b'{"ready": true}', headers=h)
         assert r.status_code == 200 and [e["name"] for e in r.json()] == ["m"]
         bad = c.post("/v2/repository/index", content=b'{"ready": tru', headers=h)
@@ -290,7 +292,7 @@ def test_compressed_bodies_inflate_within_the_size_limit(tmp_path: Path) -> None
     save_slimtorch(tmp_path / "m" / "1", make_mlp(3))
     x = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
     body = json.dumps({"inputs": [x]}).encode()
-    with _client(tmp_path, max_request_bytes=4096) as c:
+    with app_client(tmp_path, api_key=KEY, max_request_bytes=4096) as c:
         plain = c.post("/v2/models/m/infer", content=body).json()["outputs"]
         for encoding, packed in (
             ("gzip", gzip.compress(body)),
@@ -314,7 +316,7 @@ def test_compressed_bodies_inflate_within_the_size_limit(tmp_path: Path) -> None
 
 def test_an_unknown_model_is_a_404_even_with_a_bad_body(tmp_path: Path) -> None:
     save_slimtorch(tmp_path / "m" / "1", make_mlp(3))
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.post("/v2/models/nosuch/infer", content=b"{not json")
         assert r.status_code == 404 and "nosuch" in r.json()["error"]
         r = c.post("/v2/models/m/versions/7/infer", content=b"{not json")

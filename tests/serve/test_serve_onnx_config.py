@@ -11,17 +11,18 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import ONNX_B, ONNX_W, docs_blocks, reference, write_config, write_onnx
+from serve_helpers import (
+    KEY,
+    ONNX_B,
+    ONNX_W,
+    app_client,
+    docs_blocks,
+    reference,
+    write_config,
+    write_onnx,
+)
 from slimtorch.core.errors import ModelLoadError
-from slimtorch.serve import ServeSettings, create_app
 from slimtorch.serve.onnx_graph import GraphTensor, read_signature
-
-KEY = "test-management-key"
-
-
-def _client(root: Path, **kw: object) -> TestClient:
-    settings = ServeSettings(repository=str(root), api_key=KEY, threads=1, device="cpu", **kw)  # type: ignore[arg-type]
-    return TestClient(create_app(settings))
 
 
 def _digits(n: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def test_docs_onnx_config_serves_what_slimtorch_export_writes(
     (tmp_path / "r20-onnx" / "1").mkdir()
     shutil.copy(digits_model["onnx"], tmp_path / "r20-onnx" / "1" / "model.onnx")
     x = _digits(3)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.get("/v2/models/r20-onnx/ready")
         assert r.status_code == 200 and r.json()["ready"] is True
         out = _infer(c, "r20-onnx", x)["outputs"][0]  # type: ignore[index]
@@ -76,7 +77,7 @@ def test_onnx_model_without_config_reads_its_tensors_from_the_graph(
     (tmp_path / "partial" / "1").mkdir()
     shutil.copy(digits_model["onnx"], tmp_path / "partial" / "1" / "model.onnx")
     x = _digits(2)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         cfg = c.get("/v2/models/r20-onnx/config").json()
         assert cfg["format"] == "onnx" and cfg["labels"] == []
         assert cfg["inputs"] == [
@@ -99,7 +100,7 @@ def test_onnx_model_without_config_reads_its_tensors_from_the_graph(
 
 def test_missing_config_says_it_is_missing_and_what_to_write(tmp_path: Path) -> None:
     write_onnx(tmp_path / "fixed" / "1" / "model.onnx", ONNX_W, ONNX_B, batch=1)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.get("/v2/models/fixed/ready")
         assert r.status_code == 503
         assert r.json()["reason"].startswith(
@@ -115,7 +116,7 @@ def test_missing_config_says_it_is_missing_and_what_to_write(tmp_path: Path) -> 
         inputs=[{"name": "x", "dims": [4]}],
         outputs=[{"name": "y", "dims": [3]}],
     )
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         assert c.get("/v2/models/fixed/ready").status_code == 200
 
 
@@ -163,7 +164,7 @@ def test_onnx_config_is_checked_against_the_graph_at_the_scan(
     reason = reason.replace("{path}", str(path))
     with (
         caplog.at_level("WARNING", logger="slimtorch.serve"),
-        _client(tmp_path, load_policy=load_policy) as c,
+        app_client(tmp_path, api_key=KEY, load_policy=load_policy) as c,
     ):
         r = c.get("/v2/models/m/ready")
         assert r.status_code == 503 and reason in r.json()["reason"], r.text

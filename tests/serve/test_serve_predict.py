@@ -9,23 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from serve_helpers import (
     IN8,
     ONNX_B,
     ONNX_W,
+    app_client,
     make_mlp,
     reference,
     save_slimtorch,
     write_config,
     write_onnx,
 )
-from slimtorch.serve import ServeSettings, create_app
-
-
-def _client(root: Path) -> TestClient:
-    return TestClient(create_app(ServeSettings(repository=str(root), threads=1, device="cpu")))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,7 +38,7 @@ def test_predict_without_labels_gives_the_class_index(
     (tmp_path / "m" / "1").mkdir()
     shutil.copy(digits_model[fmt], tmp_path / "m" / "1" / f"model.{fmt}")
     x = np.random.default_rng(2).standard_normal((3, 1, 8, 8), dtype=np.float32)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path) as c:
         r = c.post("/v1/models/m/predict", json={"data": x.tolist()})
         assert r.status_code == 200, r.text
     want = reference(digits_model["dir"], x)
@@ -62,7 +57,7 @@ def test_predict_reads_data_as_a_list_of_items(tmp_path: Path) -> None:
     write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
     imgs = np.random.default_rng(3).random((2, 1, 8, 8), dtype=np.float32)
     a, b = imgs[0, 0].tolist(), imgs[1, 0].tolist()
-    with _client(tmp_path) as c:
+    with app_client(tmp_path) as c:
         for data, rows in (
             ([a], [0]),  # one bare 8x8 item
             ([a, b], [0, 1]),  # two bare 8x8 items (was a 400)

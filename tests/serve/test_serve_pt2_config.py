@@ -13,10 +13,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import make_mlp, reference, write_config
+from serve_helpers import app_client, make_mlp, reference, write_config
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.models import save_exported
-from slimtorch.serve import ServeSettings, create_app
+from slimtorch.serve import ServeSettings
 from slimtorch.serve.model_config import parse_model_config
 from slimtorch.serve.pt2_graph import (
     SCALAR_TYPES,
@@ -24,10 +24,6 @@ from slimtorch.serve.pt2_graph import (
     derive_pt2_config,
     read_pt2_signature,
 )
-
-
-def _client(root: Path) -> TestClient:
-    return TestClient(create_app(ServeSettings(repository=str(root), threads=1, device="cpu")))
 
 
 def _digits(n: int) -> np.ndarray:
@@ -67,7 +63,7 @@ def test_a_program_without_config_serves_with_names_from_the_archive(
     (tmp_path / "r20-pt2" / "1").mkdir(parents=True)
     shutil.copy(digits_model["pt2"], tmp_path / "r20-pt2" / "1" / "model.pt2")
     x = _digits(3)
-    with _client(tmp_path) as c:
+    with app_client(tmp_path) as c:
         assert c.get("/v2/models/r20-pt2/ready").status_code == 200
         meta = c.get("/v2/models/r20-pt2").json()
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
@@ -111,7 +107,7 @@ def test_an_explicit_config_is_checked_against_the_program(
         (tmp_path / name / "1").mkdir()
         shutil.copy(digits_model["pt2"], tmp_path / name / "1" / "model.pt2")
     reason = reason.replace("{path}", str(tmp_path / "bad" / "1" / "model.pt2"))
-    with _client(tmp_path) as c:
+    with app_client(tmp_path) as c:
         assert c.get("/v2/models/ok/ready").status_code == 200
         _infer(c, "ok", "input", _digits(2))
         r = c.get("/v2/models/bad/ready")

@@ -7,20 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from serve_helpers import IN8, OUT10, make_mlp, save_slimtorch, write_config, write_onnx
-from slimtorch.serve import ServeSettings, create_app
+from serve_helpers import (
+    IN8,
+    KEY,
+    OUT10,
+    app_client,
+    make_mlp,
+    save_slimtorch,
+    write_config,
+    write_onnx,
+)
 
-KEY = "test-management-key"
 H = {"X-API-Key": KEY}
 W = np.eye(4, 3, dtype=np.float32)
 B = np.zeros(3, np.float32)
-
-
-def _client(root: Path, **kw: object) -> TestClient:
-    settings = ServeSettings(repository=str(root), api_key=KEY, threads=1, device="cpu", **kw)  # type: ignore[arg-type]
-    return TestClient(create_app(settings))
 
 
 def _onnx(root: Path, name: str, **config: object) -> None:
@@ -53,7 +54,9 @@ def test_model_over_the_memory_budget_is_not_ready_and_logged(
     )
     with (
         caplog.at_level("WARNING", logger="slimtorch.serve"),
-        _client(tmp_path, memory_budget_bytes=3_000_000, load_policy=load_policy) as c,
+        app_client(
+            api_key=KEY, root=tmp_path, memory_budget_bytes=3_000_000, load_policy=load_policy
+        ) as c,
     ):
         r = c.get("/v2/models/big/ready")
         assert r.status_code == 503
@@ -82,7 +85,7 @@ def test_startup_load_failure_is_not_ready_before_any_request(
     _wrong_shape(tmp_path)
     with (
         caplog.at_level("WARNING", logger="slimtorch.serve"),
-        _client(tmp_path, load_policy="startup") as c,
+        app_client(tmp_path, api_key=KEY, load_policy="startup") as c,
     ):
         r = c.get("/v2/models/wrongshape/ready")
         assert r.status_code == 503
@@ -101,7 +104,13 @@ def test_startup_model_that_does_not_fit_next_to_pinned_ones_is_not_ready(
     _onnx(tmp_path, "bb", memory_bytes=2000)
     with (
         caplog.at_level("WARNING", logger="slimtorch.serve"),
-        _client(tmp_path, memory_budget_bytes=3000, load_policy="startup", pinned=("a",)) as c,
+        app_client(
+            api_key=KEY,
+            root=tmp_path,
+            memory_budget_bytes=3000,
+            load_policy="startup",
+            pinned=("a",),
+        ) as c,
     ):
         assert c.get("/v2/models/a/ready").status_code == 200
         r = c.get("/v2/models/bb/ready")
@@ -126,7 +135,7 @@ def test_on_demand_model_is_ready_until_a_load_shows_it_broken(tmp_path: Path) -
     _onnx(tmp_path, "good")
     _wrong_shape(tmp_path)
     save_slimtorch(tmp_path / "plain" / "1", make_mlp(6))
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         for name in ("good", "wrongshape", "plain"):  # validated, loaded on demand
             assert c.get(f"/v2/models/{name}/ready").status_code == 200
         index = c.post("/v2/repository/index", headers=H).json()
@@ -146,7 +155,7 @@ def test_management_load_rechecks_the_files_of_a_broken_version(tmp_path: Path) 
     write_config(tmp_path / "m", format="slimtorch", inputs=IN8, outputs=OUT10)
     save_slimtorch(tmp_path / "m" / "1", make_mlp(1))
     (tmp_path / "m" / "1" / "model.safetensors").write_bytes(b"\x00garbage")
-    with _client(tmp_path) as c:
+    with app_client(tmp_path, api_key=KEY) as c:
         r = c.post("/v2/repository/models/m/load", headers=H)
         assert r.status_code == 503 and "is corrupt or truncated" in r.json()["error"]
         assert "is corrupt or truncated" in c.get("/v2/models/m/ready").json()["reason"]
