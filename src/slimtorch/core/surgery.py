@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -130,25 +132,30 @@ def own_forward_reason(module: nn.Module) -> str | None:
     return None
 
 
-def shared_parameters(model: nn.Module, name: str) -> list[str]:
-    """The parameters outside submodule ``name`` that are the very tensors of its own (tied
-    weights, or the module registered under another name too), by dotted name.
+def parameter_sharing(model: nn.Module) -> Callable[[str], list[str]]:
+    """A lookup built in one pass over ``model``: submodule name -> the parameters outside it
+    that are the very tensors of its own (tied weights, or the module registered under
+    another name too), by dotted name.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         >>> net[1].weight = net[0].weight
-        >>> shared_parameters(net, "1")
-        ['0.weight']
+        >>> shared = parameter_sharing(net)
+        >>> shared("1"), shared("0")
+        (['0.weight'], ['1.weight'])
     """
-    mine = {id(p) for p in model.get_submodule(name).parameters()}
-    return sorted(
-        {
-            f"{mname}.{pname}" if mname else pname
-            for mname, mod in model.named_modules(remove_duplicate=False)
-            for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False)
-            if id(p) in mine and mname != name and not mname.startswith(f"{name}.")
-        }
-    )
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, param in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
+
+    def shared(name: str) -> list[str]:
+        mine = model.get_submodule(name).parameters()
+        return sorted(
+            {o for p in mine for o in owners.get(id(p), []) if not o.startswith(f"{name}.")}
+        )
+
+    return shared
 
 
 def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
@@ -171,6 +178,7 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
                     readers[id(getattr(mod, child))] = (
                         f"{mname or 'the model'} (nn.{kind.__name__})"
                     )
+    shared_with = parameter_sharing(model)
     reasons: dict[str, str] = {}
     for name, module in targets:
         own = own_forward_reason(module)
@@ -183,7 +191,7 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
                 "it, so replacing it breaks the parent's forward; exclude it"
             )
             continue
-        shared = shared_parameters(model, name)
+        shared = shared_with(name)
         if shared:
             reasons[name] = (
                 f"its parameters are shared with {', '.join(shared)} (tied weights); replacing "

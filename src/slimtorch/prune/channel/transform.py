@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import require_values, set_submodule, shared_parameters
+from slimtorch.core.surgery import parameter_sharing, require_values, set_submodule
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
@@ -70,8 +70,13 @@ def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
-def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[str] | None,
-         model: nn.Module) -> ChannelGroupRow | None:  # fmt: skip
+def _row(
+    group: ChannelGroup,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    model: nn.Module,
+    shared_with: Callable[[str], list[str]],
+) -> ChannelGroupRow | None:
     if include is not None and not any(_match(p, include) for p in group.producers):
         return None
     row = ChannelGroupRow(
@@ -86,7 +91,7 @@ def _row(group: ChannelGroup, include: Sequence[str] | None, exclude: Sequence[s
         for pname, p in model.get_submodule(n).named_parameters(recurse=False)
         if p.is_floating_point() and not bool(torch.isfinite(p).all())
     ]
-    tied = {n: shared for n in group.members if (shared := shared_parameters(model, n))}
+    tied = {n: shared for n in group.members if (shared := shared_with(n))}
     if group.fixed:
         row.action = "fixed"
         row.reason = f"{'; '.join(group.fixed)}: its channel count cannot change"
@@ -290,8 +295,9 @@ def prune_channels_(
     flops_before = count_flops(model, example_input).total_flops
     rows: list[ChannelGroupRow] = []
     targets: list[ChannelGroup] = []
+    shared_with = parameter_sharing(model)
     for group in graph.groups:
-        row = _row(group, include, exclude, model)
+        row = _row(group, include, exclude, model, shared_with)
         if row is None:
             continue
         rows.append(row)
