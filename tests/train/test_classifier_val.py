@@ -22,6 +22,7 @@ def test_val_fraction_evaluates_on_held_out_training_images(tmp_path):
     assert 0.0 <= run.val_metrics["accuracy"] <= 1.0
     # the last per-epoch evaluation ran on the validation split, not on the test split
     assert run.history["val_accuracy"][-1] == pytest.approx(run.val_metrics["accuracy"])
+    assert run.history["eval_split"] == "val"
     # ... the split drawn with val_seed: the trained model scores exactly that on it
     _, val = split_dataset(load_dataset("digits", "train"), 0.2, seed=3)
     correct = 0
@@ -43,6 +44,7 @@ def test_without_val_fraction_per_epoch_figures_are_on_the_test_split(tmp_path):
     )
     assert run.val_metrics is None
     assert run.history["val_accuracy"][-1] == pytest.approx(run.test_metrics["accuracy"])
+    assert run.history["eval_split"] == "test"  # history.json says which split val_* came from
 
 
 def test_bad_val_fraction_is_refused_before_training():

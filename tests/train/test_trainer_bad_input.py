@@ -42,6 +42,31 @@ def test_labels_outside_the_classes_are_refused(label):
         Trainer(nn.Linear(4, 2), CFG).evaluate(bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "error", "message", "note"),
+    [
+        ((torch.randint(0, 9, (8, 4), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)),
+         RuntimeError, "dtype", "inputs uint8 (8, 4) on cpu"),
+        ((torch.randn(8, 4), torch.rand(8)), RuntimeError, "target", "targets float32 (8,)"),
+        ((torch.randn(8, 5), torch.zeros(8, dtype=torch.long)), RuntimeError, "", "(8, 5)"),
+    ],
+)  # fmt: skip
+def test_an_error_inside_a_step_names_the_batch_and_its_tensors(bad, error, message, note):
+    with pytest.raises(error, match=message) as info:
+        Trainer(nn.Linear(4, 2), CFG).fit([*_loader(2), bad])
+    assert info.value.__notes__[0].startswith("raised by batch 2 of train_loader: ")
+    assert note in info.value.__notes__[0]
+    with pytest.raises(error) as info:
+        Trainer(nn.Linear(4, 2), CFG).evaluate([bad])
+    assert info.value.__notes__[0].startswith("raised by batch 0 of loader: ")
+
+
+def test_a_batch_that_is_not_a_pair_is_named():
+    bad = {"x": torch.randn(8, 4), "y": torch.zeros(8, dtype=torch.long)}
+    with pytest.raises(TypeError, match=r"train_loader batch 1 must be an \(inputs, targets\)"):
+        Trainer(nn.Linear(4, 2), CFG).fit([*_loader(1), bad])
+
+
 class _Liar:
     def __len__(self) -> int:
         return 3

@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folder that cannot be written, a full disk; its message names the path.
         # FloatingPointError: a training run that diverged (the message says what to change)
         print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):  # e.g. which batch of which loader
+            print(f"  {note}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         if not is_out_of_memory(exc):

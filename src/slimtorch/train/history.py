@@ -26,6 +26,8 @@ class History:
         lr: Learning rate of the first param group at the end of the epoch.
         images_per_s: Training samples per second over all ranks.
         epoch_time_s: Wall-clock seconds of the training part of the epoch.
+        eval_split: The split the ``val_*`` entries were measured on: ``"val"`` (a held-out part
+            of the training set) or ``"test"`` (runs that evaluate on the test split each epoch).
     """
 
     epoch: list[int] = dataclasses.field(default_factory=list)
@@ -36,6 +38,7 @@ class History:
     lr: list[float | None] = dataclasses.field(default_factory=list)
     images_per_s: list[float | None] = dataclasses.field(default_factory=list)
     epoch_time_s: list[float | None] = dataclasses.field(default_factory=list)
+    eval_split: str = "val"
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -46,7 +49,7 @@ class History:
         Example:
             >>> History().append({"epoch": 1, "val_loss": 0.3})
         """
-        names = [f.name for f in dataclasses.fields(self)]
+        names = _columns(self)
         unknown = sorted(set(row) - set(names))
         if unknown:
             raise ValueError(f"unknown History key(s) {unknown}; valid keys: {names}")
@@ -57,10 +60,12 @@ class History:
         """A JSON-ready dict of lists.
 
         Example:
-            >>> History().to_dict()["epoch"]
-            []
+            >>> History().to_dict()["epoch"], History().to_dict()["eval_split"]
+            ([], 'val')
         """
-        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data: dict[str, Any] = {name: list(getattr(self, name)) for name in _columns(self)}
+        data["eval_split"] = self.eval_split
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, list[Any]]) -> Self:
@@ -74,4 +79,30 @@ class History:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown History key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(**{k: list(v) for k, v in data.items()})
+        split = data.get("eval_split", "val")  # checkpoints written before the field: "val"
+        if split not in ("val", "test"):
+            raise ValueError(f"History eval_split must be 'val' or 'test', got {split!r}")
+        columns = {k: list(v) for k, v in data.items() if k != "eval_split"}
+        return cls(**columns, eval_split=str(split))
+
+
+def _columns(history: History | type[History]) -> list[str]:
+    """The per-epoch list fields (every field but ``eval_split``)."""
+    return [f.name for f in dataclasses.fields(history) if f.name != "eval_split"]
+
+
+def format_row(row: dict[str, Any], eval_split: str = "val") -> str:
+    """``train_loss 0.312  train_accuracy 0.901 ...`` for the per-epoch log line, with the
+    ``val_`` keys named after the split they were measured on.
+
+    Example:
+        >>> format_row({"epoch": 2, "train_loss": 0.3125, "val_accuracy": 0.9}, "test")
+        'train_loss 0.3125  test_accuracy 0.9'
+    """
+    parts = []
+    for key, value in row.items():
+        if key == "epoch" or value is None:
+            continue
+        text = f"{value:.0f}" if key == "images_per_s" else f"{value:.4g}"
+        parts.append(f"{key.replace('val_', f'{eval_split}_', 1)} {text}")
+    return "  ".join(parts)

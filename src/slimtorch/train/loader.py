@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ def check_loader(loader: Any, name: str) -> int:
     return int(n)
 
 
-def split_batch(batch: Any) -> tuple[Any, Any]:
+def split_batch(batch: Any, where: str = "a loader batch") -> tuple[Any, Any]:
     """Return ``(inputs, targets)`` of a batch, raising ``TypeError`` for anything else.
+
+    ``where`` names the batch in the error (``"batch 3 of train_loader"``).
 
     Example:
         >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
@@ -53,10 +56,46 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     if not isinstance(batch, tuple | list) or len(batch) != 2:
         size = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
         raise TypeError(
-            f"a loader batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+            f"{where} must be an (inputs, targets) pair, got {type(batch).__name__}"
             f"{size}; make the loader yield (x, y)"
         )
     return batch[0], batch[1]
+
+
+def describe(obj: Any) -> str:
+    """``float32 (8, 1, 28, 28) on cpu`` for a tensor, the type name for anything else.
+
+    Example:
+        >>> describe(torch.zeros(2, 3, dtype=torch.uint8))
+        'uint8 (2, 3) on cpu'
+    """
+    if isinstance(obj, torch.Tensor):
+        dtype = str(obj.dtype).removeprefix("torch.")
+        return f"{dtype} {tuple(obj.shape)} on {obj.device.type}"
+    return type(obj).__name__
+
+
+@contextmanager
+def batch_note(name: str, batch_idx: int, inputs: Any, targets: Any) -> Iterator[None]:
+    """Add to an error raised inside (a forward pass, a loss) which batch of which loader it
+    came from and the batch's dtypes and shapes: torch's own message names neither.
+
+    Example:
+        >>> try:
+        ...     with batch_note("train_loader", 3, torch.zeros(2, 4, dtype=torch.uint8), None):
+        ...         raise RuntimeError("mat1 and mat2 must have the same dtype")
+        ... except RuntimeError as exc:
+        ...     exc.__notes__[0]
+        'raised by batch 3 of train_loader: inputs uint8 (2, 4) on cpu, targets NoneType'
+    """
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        exc.add_note(
+            f"raised by batch {batch_idx} of {name}: inputs {describe(inputs)}, "
+            f"targets {describe(targets)}"
+        )
+        raise
 
 
 def iter_from(loader: Any, start: int) -> Iterator[Any]:

@@ -48,8 +48,9 @@ from slimtorch.train.distributed import (
     is_main_process,
     replica_mismatches,
 )
-from slimtorch.train.history import History
+from slimtorch.train.history import History, format_row
 from slimtorch.train.loader import (
+    batch_note,
     check_labels,
     check_loader,
     iter_from,
@@ -255,7 +256,7 @@ class Trainer:
         assert self.optimizer is not None and self.scheduler is not None
         assert self.amp is not None and self._meter is not None
         labels = self._label_range(batch)
-        inputs, targets = split_batch(self._to_device(batch))
+        inputs, targets = split_batch(self._to_device(batch), f"train_loader batch {batch_idx}")
         if batch_size_of(targets) == 0:
             raise ValueError(
                 f"train_loader batch {batch_idx} is empty; yield only non-empty batches "
@@ -263,7 +264,7 @@ class Trainer:
             )
         self._call("on_train_batch_start", (inputs, targets), batch_idx)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.amp.autocast(self.device):
+        with batch_note("train_loader", batch_idx, inputs, targets), self.amp.autocast(self.device):
             outputs = model(inputs)
             check_labels(labels, outputs, "train_loader", batch_idx)
             loss = self._criterion()(outputs, targets)
@@ -343,9 +344,10 @@ class Trainer:
             metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_n": val["n"]}
             self._call("on_validation_end", metrics)
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        self.history.eval_split = self.eval_name
         self.history.append(row)
         if is_main_process():
-            shown = _fmt_row(row).replace("val_", f"{self.eval_name}_")
+            shown = format_row(row, self.eval_name)
             logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, shown)
         if self.is_distributed:  # every rank stops if any rank asked to
             flag = torch.tensor([float(self.should_stop)], device=self.device)
@@ -471,8 +473,11 @@ class Trainer:
         try:
             for batch_idx, batch in enumerate(loader):
                 labels = self._label_range(batch)
-                inputs, targets = split_batch(self._to_device(batch))
-                with self.amp.autocast(self.device):
+                inputs, targets = split_batch(self._to_device(batch), f"loader batch {batch_idx}")
+                with (
+                    batch_note("loader", batch_idx, inputs, targets),
+                    self.amp.autocast(self.device),
+                ):
                     outputs = self.model(inputs)
                     check_labels(labels, outputs, "loader", batch_idx)
                     loss = self._criterion()(outputs, targets)
@@ -486,14 +491,3 @@ class Trainer:
                 "make its __iter__ yield the (inputs, targets) batches its __len__ counts"
             )
         return result
-
-
-def _fmt_row(row: dict[str, Any]) -> str:
-    """``train_loss 0.312  train_accuracy 0.901 ...`` for the per-epoch log line."""
-    parts = []
-    for key, value in row.items():
-        if key == "epoch" or value is None:
-            continue
-        text = f"{value:.0f}" if key == "images_per_s" else f"{value:.4g}"
-        parts.append(f"{key} {text}")
-    return "  ".join(parts)
