@@ -177,7 +177,7 @@ def test_train_refuses_ignored_or_infinite_options(
         (
             "mixed",
             ["--set", "size_ratio=2", "--set", "fold_bn=no"],
-            "MixedPrecisionConfig.fold_bn must be a bool, got 'no'",
+            "MixedPrecisionConfig.fold_bn must be True or False, got 'no'",
         ),
         (
             "mixed",

@@ -60,7 +60,7 @@ def test_config_validation_and_roundtrip() -> None:
         AugmentConfig(random_crop_padding=-1)
     with pytest.raises(ValueError, match="must be an int"):
         AugmentConfig(random_crop_padding=1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="hflip must be a bool"):
+    with pytest.raises(ValueError, match="hflip must be True or False"):
         AugmentConfig(hflip=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown AugmentConfig key"):
         AugmentConfig.from_dict({"rotate": 3})

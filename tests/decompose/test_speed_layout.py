@@ -41,5 +41,5 @@ def test_decompose_reports_the_layout_it_timed_in() -> None:
 
 
 def test_speed_channels_last_must_be_a_bool() -> None:
-    with pytest.raises(TypeError, match="speed_channels_last must be a bool"):
+    with pytest.raises(ValueError, match="speed_channels_last must be True or False"):
         TuckerConfig(speed_channels_last="yes")  # type: ignore[arg-type]

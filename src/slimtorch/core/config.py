@@ -71,6 +71,23 @@ def check_int(obj: object, name: str, value: object, *, low: int, high: int | No
     check_range(obj, name, value, low=low, high=high)
 
 
+def check_bool(obj: object, name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False`` (``"no"`` and ``0`` would
+    pass an ``if`` the wrong way or by accident).
+
+    ``obj`` is the config, or a string naming the function for a keyword argument.
+
+    Example:
+        >>> check_bool("prune_", "strict", "no")
+        Traceback (most recent call last):
+        ...
+        ValueError: prune_(strict=...) must be True or False, got 'no'
+    """
+    if not isinstance(value, bool):
+        where = f"{obj}({name}=...)" if isinstance(obj, str) else _field_name(obj, name)
+        raise ValueError(f"{where} must be True or False, got {value!r}")
+
+
 def _same_kind(value: Any, choice: Any) -> bool:
     """Whether ``value`` is of ``choice``'s kind: a bool only for a bool, an integer (any
     integral type, numpy's included) for an int."""

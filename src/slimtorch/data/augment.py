@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimtorch.core.config import Config, check_range
+from slimtorch.core.config import Config, check_bool, check_range
 
 __all__ = ["AugmentConfig", "apply_augment", "random_crop", "random_hflip"]
 
@@ -50,8 +50,7 @@ class AugmentConfig(Config):
             got = self.random_crop_padding
             raise ValueError(f"AugmentConfig.random_crop_padding must be an int, got {got!r}")
         check_range(self, "random_crop_padding", self.random_crop_padding, low=0, high=64)
-        if not isinstance(self.hflip, bool):
-            raise ValueError(f"AugmentConfig.hflip must be a bool, got {self.hflip!r}")
+        check_bool(self, "hflip", self.hflip)
 
     @property
     def enabled(self) -> bool:

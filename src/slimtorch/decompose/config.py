@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from slimtorch.core.config import Config, check_choice, check_int, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_int, check_range
 from slimtorch.decompose.ranks import RankKind, RankSpec, parse_rank_spec
 
 
@@ -74,10 +74,7 @@ class DecomposeConfig(Config):
         self.rank_spec  # noqa: B018 - validates
         check_choice(self, "speed_scope", self.speed_scope, ("layer", "model"))
         for flag in ("speed_channels_last", "speed_compile"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(
-                    f"{type(self).__name__}.{flag} must be a bool, got {getattr(self, flag)!r}"
-                )
+            check_bool(self, flag, getattr(self, flag))
         if self.speed_scope == "model" and self.speed_on != "measured":
             raise ValueError(
                 f"{type(self).__name__}.speed_scope='model' times the whole model here; it "

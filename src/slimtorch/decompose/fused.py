@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
 from slimtorch.decompose import native
@@ -402,6 +403,7 @@ def fuse_tucker_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_globs(model, include, exclude)
+    check_bool("fuse_tucker_", "strict", strict)
     rows: dict[str, FuseRow] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, TuckerConv2d) or isinstance(mod, FusedTuckerConv2d):

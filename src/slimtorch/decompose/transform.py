@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
@@ -228,6 +229,7 @@ def decompose_(
             f"config must be a DecomposeConfig (SVDConfig, TuckerConfig, CPConfig, TTConfig), got "
             f"{type(config).__name__}"
         )
+    check_bool("decompose_", "strict", strict)
     for arg, value in (("include", include), ("exclude", exclude)):
         if value is not None and (
             isinstance(value, str) or not all(isinstance(p, str) for p in value)

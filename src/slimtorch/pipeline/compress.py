@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.devices import as_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text
 from slimtorch.core.measure import ModelProfile, profile_model
@@ -249,6 +250,7 @@ def compress_run(
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
     """
+    check_bool("compress_run", "strict", strict)
     for arg, value in (("profile_batch", profile_batch), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an int >= 1, got {value!r}")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
@@ -82,10 +82,7 @@ class MagnitudeConfig(Config):
             raise ValueError(f"MagnitudeConfig.sparsity must be a number, got {self.sparsity!r}")
         check_range(self, "sparsity", self.sparsity, low=0.0, high=1.0, high_inclusive=False)
         check_choice(self, "scope", self.scope, ("layer", "global"))
-        if not isinstance(self.include_bias, bool):
-            raise ValueError(
-                f"MagnitudeConfig.include_bias must be a bool, got {self.include_bias!r}"
-            )
+        check_bool(self, "include_bias", self.include_bias)
         _check_int(self, "min_params", self.min_params, 0)
 
 
@@ -235,6 +232,7 @@ def prune_(
         32
     """
     require_values(model, "prune_")
+    check_bool("prune_", "strict", strict)
     if not isinstance(config, MagnitudeConfig | NMConfig):
         raise TypeError(
             f"config must be a MagnitudeConfig or NMConfig, got {type(config).__name__}"

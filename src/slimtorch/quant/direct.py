@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.config import Config, check_int
+from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import own_forward_reason, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -263,10 +263,7 @@ class DirectConvConfig(Config):
         check_int(self, "max_taps", self.max_taps, low=1, high=4096)
         check_int(self, "max_in_channels", self.max_in_channels, low=1, high=4096)
         for name in ("fold_bn", "fuse_pool", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(
-                    f"DirectConvConfig.{name} must be a bool, got {getattr(self, name)!r}"
-                )
+            check_bool(self, name, getattr(self, name))
 
 
 @dataclasses.dataclass
@@ -369,6 +366,7 @@ def lower_direct_conv_(
         [('features.0', 'direct+pool')]
     """
     require_values(model, "lower_direct_conv_")
+    check_bool("lower_direct_conv_", "strict", strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or DirectConvConfig()

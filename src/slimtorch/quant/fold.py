@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_values
@@ -231,6 +232,7 @@ def fold_bn_(
         21
     """
     require_values(model, "fold_bn_")
+    check_bool("fold_bn_", "strict", strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_globs(model, include, exclude)

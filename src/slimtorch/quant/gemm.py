@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.config import Config, check_int
+from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -236,8 +236,7 @@ class GemmConvConfig(Config):
 
     def __post_init__(self) -> None:
         check_int(self, "min_k", self.min_k, low=1, high=1 << 20)
-        if not isinstance(self.fold_bn, bool):
-            raise TypeError(f"GemmConvConfig.fold_bn must be a bool, got {self.fold_bn!r}")
+        check_bool(self, "fold_bn", self.fold_bn)
 
 
 @dataclasses.dataclass
@@ -297,6 +296,7 @@ def lower_conv_gemm_(
         (20, [('conv1', 'patch length 9 < min_k=16; lower it with lower_direct_conv_')])
     """
     require_values(model, "lower_conv_gemm_")
+    check_bool("lower_conv_gemm_", "strict", strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or GemmConvConfig()

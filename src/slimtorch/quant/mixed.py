@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
 from slimtorch.core.surgery import require_values
 from slimtorch.quant import _calib
@@ -106,8 +106,7 @@ class MixedPrecisionConfig(Config):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"MixedPrecisionConfig.{name} must be an int, got {value!r}")
-        if not isinstance(self.fold_bn, bool):
-            raise ValueError(f"MixedPrecisionConfig.fold_bn must be a bool, got {self.fold_bn!r}")
+        check_bool(self, "fold_bn", self.fold_bn)
         if self.budget_bytes is not None:
             check_range(self, "budget_bytes", self.budget_bytes, low=1)
         if self.size_ratio is not None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.config import Config, check_choice, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
@@ -100,8 +100,7 @@ class PTQConfig(Config):
         check_range(self, "calibration_batches", self.calibration_batches, low=1)
         for name in ("per_channel", "symmetric", "skip_first", "skip_last", "fold_bn",
                      "quantize_residuals"):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(self, name, getattr(self, name))
 
 
 # weight layers quantize_ has no int8 form for: reported as kept in float, never passed over
@@ -352,6 +351,7 @@ def quantize_(
         5
     """
     require_values(model, "quantize_")
+    check_bool("quantize_", "strict", strict)
     if not isinstance(config, PTQConfig):
         raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude)

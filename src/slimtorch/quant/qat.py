@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimtorch.core.config import Config, check_choice
+from slimtorch.core.config import Config, check_bool, check_choice
 from slimtorch.core.surgery import replacement_blockers, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import FoldReport, fold_bn_
@@ -119,8 +119,7 @@ class QATConfig(Config):
             if not all(isinstance(p, str) for p in value):
                 raise ValueError(f"QATConfig.{field} must hold strings only, got {value!r}")
             object.__setattr__(self, field, tuple(value))
-        if not isinstance(self.fold_bn, bool):
-            raise ValueError(f"QATConfig.fold_bn must be True or False, got {self.fold_bn!r}")
+        check_bool(self, "fold_bn", self.fold_bn)
         if self.freeze_bn_epoch is not None and (
             isinstance(self.freeze_bn_epoch, bool)
             or not isinstance(self.freeze_bn_epoch, int)

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from slimtorch.core.config import Config, check_choice, check_int, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_int, check_range
 from slimtorch.sparse.distribution import DISTRIBUTIONS
-
-
-def _check_bool(obj: object, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{type(obj).__name__}.{name} must be True or False, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,10 +61,10 @@ class SparseTrainingConfig(Config):
             )
         check_range(self, "sparsity", self.sparsity, low=0.0, high=1.0, high_inclusive=False)
         check_choice(self, "distribution", self.distribution, DISTRIBUTIONS)
-        _check_bool(self, "dense_first", self.dense_first)
-        _check_bool(self, "dense_last", self.dense_last)
+        check_bool(self, "dense_first", self.dense_first)
+        check_bool(self, "dense_last", self.dense_last)
         check_int(self, "delta_t", self.delta_t, low=1)
         check_range(self, "alpha", self.alpha, low=0.0, high=1.0)
         check_range(self, "t_end", self.t_end, low=0.0, high=1.0, low_inclusive=False)
         check_int(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
-        _check_bool(self, "scale_init", self.scale_init)
+        check_bool(self, "scale_init", self.scale_init)

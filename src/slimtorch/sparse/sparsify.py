@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
@@ -286,6 +287,7 @@ def sparsify_(
         'weight sparsity 0.000 < min_sparsity 0.3'
     """
     require_values(model, "sparsify_")
+    check_bool("sparsify_", "strict", strict)
     unknown = [f for f in formats if f not in KERNEL_FORMATS]
     if isinstance(formats, str) or unknown or not formats:
         raise ValueError(

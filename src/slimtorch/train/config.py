@@ -11,16 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from slimtorch.core.config import Config, check_choice, check_int, check_range
+from slimtorch.core.config import Config, check_bool, check_choice, check_int, check_range
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 AMP_MODES = ("off", "auto", "bf16", "fp16")
-
-
-def _check_bool(obj: object, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{type(obj).__name__}.{name} must be True or False, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,7 +77,7 @@ class TrainConfig(Config):
         check_choice(self, "optimizer", self.optimizer, OPTIMIZERS)
         check_range(self, "lr", self.lr, low=0.0, low_inclusive=False)
         check_range(self, "momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
-        _check_bool(self, "nesterov", self.nesterov)
+        check_bool(self, "nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0.0:
             raise ValueError(
                 "TrainConfig.nesterov=True needs momentum > 0, got momentum=0.0; "
@@ -92,7 +87,7 @@ class TrainConfig(Config):
         for name in ("lr", "weight_decay"):  # infinite: every weight is NaN after one step
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"TrainConfig.{name} must be finite, got {getattr(self, name)!r}")
-        _check_bool(self, "decay_norm_and_bias", self.decay_norm_and_bias)
+        check_bool(self, "decay_norm_and_bias", self.decay_norm_and_bias)
         check_choice(self, "schedule", self.schedule, SCHEDULES)
         check_range(
             self,
@@ -108,11 +103,11 @@ class TrainConfig(Config):
         if self.grad_clip_norm is not None:
             check_range(self, "grad_clip_norm", self.grad_clip_norm, low=0.0, low_inclusive=False)
         check_choice(self, "amp", self.amp, AMP_MODES)
-        _check_bool(self, "channels_last", self.channels_last)
+        check_bool(self, "channels_last", self.channels_last)
         check_int(self, "seed", self.seed, low=0, high=2**64 - 1)  # torch generators' range
-        _check_bool(self, "deterministic", self.deterministic)
+        check_bool(self, "deterministic", self.deterministic)
         check_int(self, "checkpoint_every_steps", self.checkpoint_every_steps, low=0)
         check_int(self, "eval_every_epochs", self.eval_every_epochs, low=0)
         check_int(self, "log_every_steps", self.log_every_steps, low=1)
-        _check_bool(self, "progress", self.progress)
-        _check_bool(self, "sync_batchnorm", self.sync_batchnorm)
+        check_bool(self, "progress", self.progress)
+        check_bool(self, "sync_batchnorm", self.sync_batchnorm)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
@@ -284,6 +285,7 @@ def prune_channels_(
         (16, 178)
     """
     require_values(model, "prune_channels_")
+    check_bool("prune_channels_", "strict", strict)
     if not isinstance(config, ChannelPruneConfig):
         raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude)
