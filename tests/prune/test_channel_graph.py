@@ -200,3 +200,39 @@ def test_graph_does_not_change_mode_or_statistics() -> None:
     build_graph(net, torch.randn(4, 1, 3, 3) + 5)
     assert net.training and net[1].training
     torch.testing.assert_close(net[1].running_mean, before)
+
+
+class TokenBlock(nn.Module):
+    """Linear layers over the features of (N, T, C) tokens, with a residual on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.down(torch.relu(self.up(x)))
+        return self.head(h.mean(1))
+
+
+def test_linear_layers_on_token_inputs_are_grouped() -> None:
+    # the model input's channel axis is a guess (axis 1, T here) until a Linear reads it
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    graph = build_graph(mlp, torch.randn(2, 5, 8))
+    hidden = _group(graph, "0")
+    assert (hidden.size, hidden.fixed, hidden.blocked, hidden.members) == (16, [], [], ["0", "2"])
+    block = build_graph(TokenBlock(), torch.randn(2, 5, 8))
+    assert not _group(block, "up").fixed and not _group(block, "up").blocked
+    # the residual ties `down` to the input's 8 features: fixed for that reason, not blocked
+    down = _group(block, "down")
+    assert down.fixed == ["model input 'x'"] and not down.blocked
+
+
+def test_prune_channels_shrinks_token_mlps_and_keeps_them_running() -> None:
+    from slimtorch.prune import ChannelPruneConfig, prune_channels_
+
+    torch.manual_seed(0)
+    model, x = TokenBlock(), torch.randn(2, 5, 8)
+    report = prune_channels_(model, ChannelPruneConfig(ratio=0.5, round_to=1), x)
+    assert (model.up.out_features, model.down.in_features, model.down.out_features) == (8, 8, 8)
+    assert model(x).shape == (2, 3)
+    assert [r.action for r in report.rows] == ["pruned", "fixed", "fixed"]

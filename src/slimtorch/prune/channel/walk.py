@@ -118,6 +118,7 @@ class ChannelWalker:
         self.spaces = SpaceSet()
         self.info: dict[fx.Node, _T] = {}
         self.layers: dict[str, LayerUse] = {}
+        self.input_leaves: dict[int, str] = {}  # id of a model input's space -> its node name
 
     # ---- helpers -------------------------------------------------------------------------
     def _inputs(self, node: fx.Node) -> list[_T]:
@@ -171,6 +172,19 @@ class ChannelWalker:
         first = node.args[0] if node.args else None
         return self.info.get(first) if isinstance(first, fx.Node) else None
 
+    def _reanchored(self, t: _T, axis: int) -> _T:
+        """``t`` with its space on ``axis`` when it is a model input: an input's channel axis
+        is a guess (axis 1) until a layer reads it (a Linear on ``(N, T, C)`` tokens reads the
+        last axis) or an add meets a layer output; inputs are never pruned, so the new space is
+        fixed like the first. Any other tensor is returned as it is."""
+        name = self.input_leaves.get(id(t.space))
+        if name is None or axis == t.cdim or not 0 <= axis < len(t.shape):
+            return t
+        leaf = self.spaces.new_leaf(t.shape[axis])
+        self.spaces.fix(leaf, f"model input {name!r}")
+        self.input_leaves[id(leaf)] = name
+        return _T(leaf, axis, t.shape)
+
     def _channel_first(self, node: fx.Node, t: _T) -> bool:
         if t.space is not None and t.cdim != 1:
             self._opaque(node, f"{self._describe(node)} needs channels on axis 1")
@@ -201,6 +215,10 @@ class ChannelWalker:
             return
         nd = len(out)
         aligned = [(t, t.cdim + nd - len(t.shape)) for t in ins if t.space is not None]
+        layer_axes = [d for t, d in aligned if id(t.space) not in self.input_leaves]
+        if layer_axes:  # a model input takes the channel axis of the layer output it meets
+            moved = [self._reanchored(t, layer_axes[0] - nd + len(t.shape)) for t, _ in aligned]
+            aligned = [(t, t.cdim + nd - len(t.shape)) for t in moved]
         full = [(t, d) for t, d in aligned if t.shape[t.cdim] == out[d]]
         if not full:
             self._opaque(node, f"{self._describe(node)} broadcasts tracked channels")
@@ -331,6 +349,7 @@ class ChannelWalker:
     def layer(self, node: fx.Node, name: str, mod: nn.Module, t: _T) -> None:
         nd = len(t.shape)
         if isinstance(mod, nn.Linear):
+            t = self._reanchored(t, nd - 1)
             if t.space is not None and t.cdim != nd - 1:
                 self._opaque(node, f"{self._describe(node)} reads features on another axis")
                 return
@@ -427,6 +446,7 @@ class ChannelWalker:
                     leaf = self.spaces.new_leaf(shape[cdim])
                     self.spaces.fix(leaf, f"model input {node.name!r}")
                     self.info[node] = _T(leaf, cdim, shape)
+                    self.input_leaves[id(leaf)] = node.name
             elif node.op == "get_attr":
                 self._set(node, None, 0)
             elif node.op == "output":
