@@ -144,3 +144,24 @@ def test_tuple_and_dict_inputs() -> None:
     a, b = torch.randn(3, 4), torch.randn(4, 5)
     assert count_flops(Two(), (a, b)).total_flops == 2 * 3 * 4 * 5
     assert count_flops(Two(), {"a": a, "b": b}).total_flops == 2 * 3 * 4 * 5
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight  # one 8x8 weight in two layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weights_are_counted_once_in_the_total() -> None:
+    model = _Tied()
+    report = count_flops(model, torch.randn(2, 8))
+    assert [r.params for r in report.rows if r.name] == [72, 72]  # each layer owns the weight
+    assert report.params == sum(p.numel() for p in model.parameters()) == 80
+    assert report.to_dict()["total_params"] == 80
+    table = report.to_table().splitlines()
+    assert table[-2].split()[2] == "80"
+    assert table[-1] == "(64 parameters are shared between layers: the total counts them once)"

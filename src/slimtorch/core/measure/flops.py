@@ -57,6 +57,12 @@ class FlopReport:
     total_flops: int
     total_macs: int
     elementwise_flops: int
+    total_params: int = -1  # parameters of the modules that ran, tied ones once (-1: the rows')
+
+    @property
+    def params(self) -> int:
+        """Parameters of the modules that ran, each tied (shared) parameter counted once."""
+        return self.total_params if self.total_params >= 0 else sum(r.params for r in self.rows)
 
     def module_flops(self, prefix: str) -> int:
         """Matmul FLOPs of the module ``prefix`` and everything under it (``""``: all).
@@ -81,6 +87,7 @@ class FlopReport:
             "total_flops": self.total_flops,
             "total_macs": self.total_macs,
             "elementwise_flops": self.elementwise_flops,
+            "total_params": self.params,
             "rows": [
                 {**dataclasses.asdict(r), "output_shape": list(r.output_shape or [])}
                 for r in self.rows
@@ -110,8 +117,13 @@ class FlopReport:
             )
         lines.append(
             f"{'total':<32} {'':<18} {self.total_flops / 1e6:>10.3f} "
-            f"{sum(r.params for r in self.rows):>10d}  ({self.total_macs / 1e6:.3f} MMACs)"
+            f"{self.params:>10d}  ({self.total_macs / 1e6:.3f} MMACs)"
         )
+        shared = sum(r.params for r in self.rows) - self.params
+        if shared > 0:
+            lines.append(
+                f"({shared} parameters are shared between layers: the total counts them once)"
+            )
         return "\n".join(lines)
 
 
@@ -147,11 +159,13 @@ def flop_report_from_trace(trace: OpTrace) -> FlopReport:
             )
         )
     total = sum(r.flops for r in rows)
+    listed = {r.name for r in rows}
     return FlopReport(
         rows=tuple(rows),
         total_flops=total,
         total_macs=total // 2,
         elementwise_flops=sum(r.elementwise_flops for r in rows),
+        total_params=sum(rec.new_params for rec in trace.modules.values() if rec.name in listed),
     )
 
 

@@ -96,12 +96,17 @@ class OpRecord:
 
 @dataclasses.dataclass
 class ModuleRecord:
-    """A module that ran: its type, own parameter count, first output shape and call count."""
+    """A module that ran: its type, own parameter count, first output shape and call count.
+
+    ``new_params`` counts only the parameters no module that ran before owns as well (tied
+    weights), so the sum over modules is the model's parameter count.
+    """
 
     name: str
     module_type: str
     params: int
     is_leaf: bool
+    new_params: int = 0
     output_shape: tuple[int, ...] | None = None
     calls: int = 0
     kernel: str | None = None  # the module's ``roofline_kernel`` ("int8": an int8 Q/DQ layer)
@@ -113,6 +118,7 @@ class OpTrace:
 
     ops: list[OpRecord] = dataclasses.field(default_factory=list)
     modules: dict[str, ModuleRecord] = dataclasses.field(default_factory=dict)
+    param_ids: set[int] = dataclasses.field(default_factory=set)  # parameters counted so far
 
 
 def _distinct_elements(t: torch.Tensor) -> int:
@@ -314,11 +320,15 @@ def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -
             stack.append(name)
             rec = trace.modules.get(name)
             if rec is None:
+                own = list(mod.parameters(recurse=False))
+                new = [p for p in own if id(p) not in trace.param_ids]
+                trace.param_ids.update(id(p) for p in new)
                 rec = ModuleRecord(
                     name=name,
                     module_type=type(mod).__name__,
-                    params=sum(p.numel() for p in mod.parameters(recurse=False)),
+                    params=sum(p.numel() for p in own),
                     is_leaf=next(iter(mod.children()), None) is None,
+                    new_params=sum(p.numel() for p in new),
                     kernel=getattr(mod, "roofline_kernel", None),
                 )
                 trace.modules[name] = rec
