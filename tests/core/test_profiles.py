@@ -60,7 +60,8 @@ def test_rx580_figures() -> None:
 def test_gtx1060_figures() -> None:
     p = get_profile("gtx1060-6gb")
     assert p.peak_flops["fp32"] == pytest.approx(4.4e12, rel=0.02)
-    assert p.peak_flops["fp16"] == pytest.approx(p.peak_flops["fp32"] / 64)
+    # fp16 layers compute in fp32 units under PyTorch (cuDNN/cuBLAS float math on sm_61)
+    assert p.peak_flops["fp16"] == p.peak_flops["fp32"]
     assert p.peak_flops["int8"] == pytest.approx(4 * p.peak_flops["fp32"], rel=0.01)
     assert (p.memory_bandwidth, p.memory_bytes) == (192e9, 6 * 2**30)
     assert p.int8_dot and not p.tensor_cores

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimtorch.core.profiles import DeviceProfile
 from slimtorch.models import create_model, load_model, save_model
 from slimtorch.quant.lowp import (
     LowPrecisionConfig,
@@ -116,7 +117,12 @@ def test_fallback_keeps_sensitive_layers_in_fp32_with_reasons() -> None:
 def test_profile_decides_speed_or_memory() -> None:
     assert precision_gain("rx580", "fp16")[0] == "memory"
     assert precision_gain("h100-sxm", "fp16")[0] == "speed"
-    assert precision_gain("gtx1060-6gb", "fp16")[0] == "slower"
+    assert precision_gain("gtx1060-6gb", "fp16")[0] == "memory"
+    rates = dict(fp32=4e12, fp16=4e12 / 64, bf16=4e12, int8=4e12)
+    slow = DeviceProfile(name="slow-fp16", description="native fp16 at 1/64 rate",
+                         memory_bytes=2**30, memory_bandwidth=1e11, peak_flops=rates)  # fmt: skip
+    assert precision_gain(slow, "fp16")[0] == "slower"
+    assert "0.0156x the fp32 rate on slow-fp16" in precision_gain(slow, "fp16")[1]
     model = _resnet()
     report = cast_(model, LowPrecisionConfig(keep_fp32=()), check_inputs=torch.randn(4, 1, 8, 8),
                    device_profile="rx580")  # fmt: skip

@@ -158,7 +158,8 @@ class DeviceProfile(Config):
         """Matmul/conv rate in FLOP/s for ``dtype`` (unknown dtypes get the fp32 rate).
 
         Example:
-            >>> get_profile("gtx1060-6gb").peak_rate(torch.float16) < 1e11
+            >>> rx580 = get_profile("rx580")  # fp16 at the fp32 rate on Polaris
+            >>> rx580.peak_rate(torch.float16) == rx580.peak_rate("fp32")
             True
         """
         return float(self.peak_flops[dtype_key(dtype)])
@@ -256,9 +257,12 @@ register_profile(
     DeviceProfile(
         name="gtx1060-6gb",
         description="NVIDIA GeForce GTX 1060 6 GB (Pascal GP106, sm_61, 1280 cores at 1708 MHz)",
-        # fp16 arithmetic on sm_61 runs at 1/64 of the fp32 rate; dp4a gives int8 at 4x fp32.
-        # bf16 is not native on Pascal: the fp32 rate is an upper bound.
-        peak_flops={"fp32": 4.375e12, "fp16": 4.375e12 / 64, "bf16": 4.375e12, "int8": 17.5e12},
+        # Native fp16 arithmetic on sm_61 runs at 1/64 of the fp32 rate, but PyTorch's fp16
+        # convolutions (cuDNN with a float math type) and matmuls (cuBLAS with 32-bit compute)
+        # read and write fp16 and multiply in the fp32 units: fp16 runs at the fp32 rate and
+        # only halves the bytes. dp4a gives int8 at 4x fp32. bf16 is not native on Pascal: the
+        # fp32 rate is an upper bound.
+        peak_flops={"fp32": 4.375e12, "fp16": 4.375e12, "bf16": 4.375e12, "int8": 17.5e12},
         memory_bandwidth=192 * _GB,
         memory_bytes=6 * _GIB,
         packed_fp16=False,
@@ -268,7 +272,9 @@ register_profile(
         source=(
             "NVIDIA GeForce GTX 1060 specifications (nvidia.com): 1280 CUDA cores, 1708 MHz boost, "
             "192 GB/s GDDR5; CUDA C++ Programming Guide throughput table for compute capability "
-            "6.1 (fp16 1/64 of fp32, dp4a 4x); launch overhead ~5 us is an estimate"
+            "6.1 (native fp16 1/64 of fp32, dp4a 4x); PyTorch's cuDNN convolution descriptor "
+            "(float math type for half data) and half GEMM (CUBLAS_COMPUTE_32F) compute fp16 "
+            "models in fp32; launch overhead ~5 us is an estimate"
         ),
     )
 )
