@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import pickle
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from slimtorch.core.errors import CheckpointError
 from slimtorch.train import (
@@ -78,7 +82,12 @@ def _run(
     return trainer
 
 
-@pytest.mark.parametrize("loader_cls", [ListLoader, StartBatchLoader])
+def _torch_loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> DataLoader:
+    """A plain torch DataLoader: its shuffle draws from the global RNG at ``iter()``."""
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+@pytest.mark.parametrize("loader_cls", [ListLoader, StartBatchLoader, _torch_loader])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_killed_mid_epoch_run_resumes_to_identical_weights(
     tmp_path: Path, loader_cls: type[ListLoader], optimizer: str
@@ -142,6 +151,71 @@ def test_early_stopping_state_is_checkpointed(tmp_path: Path) -> None:
     state = load_checkpoint(tmp_path / "checkpoint.pt")["callbacks"]["EarlyStopping"]
     assert state == {"best": stopper.best, "wait": stopper.wait, "stopped_epoch": None}
     assert isinstance(state["best"], float)
+
+
+def test_a_run_stopped_early_stays_stopped_on_resume(tmp_path: Path) -> None:
+    stopper = EarlyStopping("val_loss", patience=1, min_delta=10.0)  # stops after 2 epochs
+    first = _run(tmp_path, ListLoader, [stopper], epochs=5)
+    assert first.history.epoch == [1, 2] and stopper.stopped_epoch == 2
+    again = _run(tmp_path, ListLoader, [EarlyStopping("val_loss", patience=1, min_delta=10.0)],
+                 resume=True, epochs=5)  # fmt: skip
+    assert again.global_step == first.global_step and again.history.epoch == [1, 2]
+
+
+def test_a_resume_cannot_change_what_the_optimiser_state_keeps(tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        _run(tmp_path, ListLoader, [KillAt(13)])
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"written with lr=0\.05 \(now 0\.01\).*same values"):
+        _run(tmp_path, ListLoader, [], resume=True, lr=0.01)
+    with pytest.raises(CheckpointError, match=r"weight_decay=0\.001 \(now 0\.0\)"):
+        _run(tmp_path, ListLoader, [], resume=True, weight_decay=0.0)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_extending_a_cosine_run_follows_the_new_schedule_from_the_first_step(
+    tmp_path: Path,
+) -> None:
+    _run(tmp_path, ListLoader, [], epochs=1, warmup_epochs=0.0)  # ends at lr 0
+    seen: list[float] = []
+
+    class _Lr(Callback):
+        def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
+            assert trainer.optimizer is not None
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+    resumed = _run(tmp_path, ListLoader, [_Lr()], resume=True, epochs=2, warmup_epochs=0.0)
+    # step 8 of a 16-step cosine from 0.05: halfway down, not the 1-epoch run's final 0
+    assert seen[0] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert resumed.global_step == 16
+
+
+def test_a_flipped_byte_inside_a_tensor_is_caught_by_the_crc(tmp_path: Path) -> None:
+    _run(tmp_path, ListLoader, [], epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:
+        entry = next(i for i in archive.infolist() if "/data/" in i.filename)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[entry.header_offset + 26 : entry.header_offset + 30]
+    )
+    raw[entry.header_offset + 30 + name_len + extra_len + 1] ^= 0xFF  # inside the tensor bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is corrupt: the CRC of its entry"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rng", {}), ("meter", {"n": 1}), ("history", {"epoch": 3}),
+                         ("step_in_epoch", 99), ("epoch", -5)],
+)  # fmt: skip
+def test_malformed_fields_are_named(tmp_path: Path, field: str, value: Any) -> None:
+    with pytest.raises(Crash):
+        _run(tmp_path, ListLoader, [KillAt(13)])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    save_checkpoint(tmp_path / "checkpoint.pt", {**state, field: value})
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt holds a malformed field"):
+        _run(tmp_path, ListLoader, [], resume=True)
 
 
 def test_corrupt_checkpoint_raises_checkpoint_error_with_path(tmp_path: Path) -> None:

@@ -252,7 +252,7 @@ def test_early_stopping_stops_when_the_metric_stalls() -> None:
         ListLoader(x, y, 16), ListLoader(x, y, 16, shuffle=False)
     )
     assert history.epoch == [1, 2, 3]
-    assert stopper.stopped_epoch == 2 and stopper.wait == 2
+    assert stopper.stopped_epoch == 3 and stopper.wait == 2  # numbered as the history
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=0)
 

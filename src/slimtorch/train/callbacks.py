@@ -151,8 +151,8 @@ class EarlyStopping(Callback):
         >>> cfg = TrainConfig(epochs=10, lr=1e-6, progress=False)  # too small a step to improve
         >>> Trainer(nn.Linear(4, 2), cfg, callbacks=[stop]).fit(loader, loader).epoch
         [1, 2, 3]
-        >>> stop.stopped_epoch, stop.wait
-        (2, 2)
+        >>> stop.stopped_epoch, stop.wait  # the history's epoch numbers
+        (3, 2)
     """
 
     def __init__(
@@ -202,10 +202,10 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             trainer.should_stop = True
-            self.stopped_epoch = trainer.epoch
+            self.stopped_epoch = trainer.epoch + 1  # 1-based, as in the history and the logs
             logger.info(
                 "early stopping at epoch %d: %s has not improved on %.6g for %d validations",
-                trainer.epoch,
+                self.stopped_epoch,
                 self.monitor,
                 self.best,
                 self.wait,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; expected a file written by a run")
+    _check_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -113,3 +115,18 @@ def load_checkpoint(
             f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete; {_WHAT_TO_DO}"
         )
     return state
+
+
+def _check_crc(path: Path) -> None:
+    """Refuse a checkpoint whose stored CRC-32s do not match its bytes: ``torch.load`` does not
+    check them, so a flipped bit inside a tensor would load as a different weight."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a readable zip: torch.load names what is wrong with it
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: the CRC of its entry {bad!r} does not match its "
+            f"bytes (a damaged disk or copy); {_WHAT_TO_DO}"
+        )

@@ -60,7 +60,7 @@ from slimtorch.train.loader import (
 from slimtorch.train.meter import Meter, batch_size_of
 from slimtorch.train.optim import build_optimizer, build_scheduler
 from slimtorch.train.progress import ProgressBar
-from slimtorch.train.seeding import seed_everything, set_rng_state
+from slimtorch.train.seeding import get_rng_state, seed_everything, set_rng_state
 from slimtorch.train.trainer_state import (
     check_not_diverged,
     resume_trainer_state,
@@ -143,8 +143,10 @@ class Trainer:
         """The loader :meth:`fit` trains on (for callbacks that read training batches)."""
         self.eval_name = "val"
         """What the per-epoch evaluation is called in logs and the progress bar (``"test"``
-        when the caller evaluates on the test split); the history keys stay ``val_*``."""
+        when the caller evaluates on the test split); the history keys stay ``val_*`` and its
+        ``eval_split`` says which."""
         self.should_stop = False
+        self.epoch_rng: dict[str, Any] | None = None  # the RNG state the epoch's loader began at
         self.history = History()
         self.last_grad_norm: torch.Tensor | None = None
         self.replica_mismatches: list[str] | None = None
@@ -305,6 +307,10 @@ class Trainer:
             self._meter.reset()
         self.model.train()
         self._call("on_train_epoch_start")
+        if start == 0:
+            self.epoch_rng = get_rng_state()  # what a shuffling loader's iter() draws from
+        elif self.epoch_rng is not None:  # resumed mid-epoch: draw the epoch's order again
+            set_rng_state(self.epoch_rng)
         batches = iter_from(loader, start)
         if rng is not None and start > 0:
             set_rng_state(rng)  # after the skipped batches: the step-j stream continues exactly

@@ -40,6 +40,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
+# settings the saved optimiser state carries in its param groups: a resume cannot change them
+_OPTIMIZER_FIELDS = (
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "decay_norm_and_bias",
+)
 
 
 def check_not_diverged(trainer: Trainer, loss: float) -> None:
@@ -143,6 +152,8 @@ def save_trainer_state(trainer: Trainer) -> None:
             "global_step": trainer.global_step,
             "steps_per_epoch": trainer.steps_per_epoch,
             "rng": get_rng_state(),
+            "epoch_rng": trainer.epoch_rng,
+            "should_stop": trainer.should_stop,
             "history": trainer.history.to_dict(),
             "meter": meter,
             "config": trainer.config.to_dict(),
@@ -185,11 +196,23 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"whose learning rate is fixed by that length; resume with epochs={saved_epochs}, "
             "or start a new run (a cosine or step schedule can be extended)"
         )
+    fixed = [
+        f"{k}={saved_config[k]!r} (now {v!r})"
+        for k, v in trainer.config.to_dict().items()
+        if k in _OPTIMIZER_FIELDS and k in saved_config and saved_config[k] != v
+    ]
+    if fixed:
+        raise CheckpointError(
+            f"checkpoint {path} was written with {', '.join(fixed)}; its optimiser state keeps "
+            "those settings, so a resume would silently train with the old ones: resume with "
+            "the same values, or start a new run from the saved model"
+        )
     assert trainer.optimizer is not None and trainer.scheduler is not None
     try:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
+        _lr_from_schedule(trainer.scheduler)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
@@ -207,7 +230,18 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
         epoch = int(state["epoch"])
         step_in_epoch = int(state["step_in_epoch"])
         global_step = int(state["global_step"])
+        if not (0 <= epoch and 0 <= step_in_epoch < max(trainer.steps_per_epoch, 1)):
+            raise ValueError(f"epoch {epoch}, step_in_epoch {step_in_epoch} out of range")
         seconds_before = float(state.get("train_seconds", 0.0))  # absent before it was saved
+        history = History.from_dict(state.get("history", {}))
+        meter = Meter(trainer.device)
+        if step_in_epoch > 0 and state.get("meter"):
+            # the saved sums are already summed over ranks: give them to rank 0 only
+            meter.load_state_dict(state["meter"], counts=is_main_process())
+        rng: dict[str, Any] = state["rng"]
+        for saved_rng in (rng, state.get("epoch_rng") or rng):
+            if not isinstance(saved_rng, dict) or "torch" not in saved_rng:
+                raise ValueError(f"RNG state {type(saved_rng).__name__} lacks 'torch'")
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} holds a malformed field ({type(exc).__name__}: {exc}); resume "
@@ -217,12 +251,27 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     if changed:
         logger.warning("resuming with changed config fields: %s", ", ".join(changed))
     trainer.epoch, trainer.step_in_epoch, trainer.global_step = epoch, step_in_epoch, global_step
-    trainer.seconds_before = seconds_before
-    trainer.history = History.from_dict(state.get("history", {}))
-    trainer._meter = Meter(trainer.device)
-    if trainer.step_in_epoch > 0 and state.get("meter"):
-        # the saved sums are already summed over ranks: give them to rank 0 only
-        trainer._meter.load_state_dict(state["meter"], counts=is_main_process())
+    trainer.seconds_before, trainer.history, trainer._meter = seconds_before, history, meter
+    trainer.epoch_rng = state.get("epoch_rng")  # absent before it was saved: as before
+    trainer.should_stop = bool(state.get("should_stop", False))
     logger.info("resumed from %s: epoch %d, step %d", path, trainer.epoch, trainer.step_in_epoch)
-    rng: dict[str, Any] = state["rng"]
+    if trainer.should_stop:
+        logger.info(
+            "the run in %s was stopped early by a callback at epoch %d: nothing is left to "
+            "train (start a new run from its model to train on)",
+            path,
+            trainer.epoch,
+        )
     return rng
+
+
+def _lr_from_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Set each group's learning rate from the schedule rebuilt for this run's config: the
+    loaded optimiser state holds the rate of the saved run's schedule (with ``epochs``
+    extended, the old schedule's final rate) until the next ``scheduler.step()``."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return  # OneCycleLR: its length cannot change on resume (refused above)
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
