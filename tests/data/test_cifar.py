@@ -106,6 +106,8 @@ def test_other_globals_refused(tmp_path: Path) -> None:
         (lambda e: e.update(data=e["data"][:, :100]), "has 100 columns, expected 3072"),
         (lambda e: e.update(labels=e["labels"][:-1]), "one label per image"),
         (lambda e: e.update(labels=[10] * len(e["labels"])), r"labels must lie in \[0, 9\]"),
+        (lambda e: e.update(labels=[0.5, 1.7, 9.9]), r"'labels' must be integers, got float64"),
+        (lambda e: e.update(labels=[True, False, True]), r"'labels' must be integers, got bool"),
     ],
 )
 def test_content_is_validated(tmp_path: Path, mutate, match: str) -> None:
@@ -162,6 +164,18 @@ def test_npz_validation(tmp_path: Path, arrays: dict, match: str) -> None:
         read_cifar_npz(tmp_path / "bad.npz")
 
 
+def test_truncated_or_mislabelled_npz_is_named(tmp_path: Path) -> None:
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2, int))
+    data = (tmp_path / "c.npz").read_bytes()
+    (tmp_path / "c.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFormatError, match=r"c\.npz is not a readable \.npz"):
+        read_cifar_npz(tmp_path / "c.npz")
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")  # an array file under the archive name
+    with pytest.raises(DataFormatError, match=r"a\.npz is not a readable \.npz"):
+        read_cifar_npz(tmp_path / "a.npz")
+
+
 def test_npz_with_objects_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, int))
     with pytest.raises(DataFormatError, match="without pickled objects"):
@@ -175,6 +189,16 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a tar"])
+def test_a_damaged_archive_is_named(tmp_path: Path, damage: str) -> None:
+    archive = _tar(tmp_path / "a.tar.gz", {"p/test_batch": bytes(range(256)) * 400})
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello")
+    with pytest.raises(DataFormatError, match=r"a\.tar\.gz is not a readable tar archive"):
+        extract_tar_members(archive, "p/", [FileSpec("test_batch")], tmp_path / "out")
+    assert not (tmp_path / "out" / "test_batch").exists()
 
 
 def test_extract_tar_members(tmp_path: Path) -> None:

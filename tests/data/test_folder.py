@@ -105,3 +105,10 @@ def test_bad_arguments(folder: Path) -> None:
         load_image_folder(folder, channels=2)
     with pytest.raises(ValueError, match="size must be"):
         load_image_folder(folder, size=(1, 2, 3))
+
+
+def test_an_image_over_the_pixel_limit_is_named(folder: Path, monkeypatch) -> None:
+    _img(folder / "cat" / "huge.png", (1, 2, 3), size=(40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x40 > 2x the limit: a bomb to PIL
+    with pytest.raises(DataFormatError, match=r"cannot read image .*huge\.png \(DecompressionBomb"):
+        load_image_folder(folder)

@@ -161,6 +161,18 @@ def test_bad_magic_in_raw_layout(
         load_dataset("mnist", "test", root=tmp_path / "m", download=False)
 
 
+def test_labels_outside_the_classes_name_the_files(
+    isolated: Path, tmp_path: Path, write_idx: Callable[..., Path]
+) -> None:
+    folder = tmp_path / "m" / "mnist"
+    _raw_mnist(folder, 3, write_idx)
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.array([1, 200, 2], np.uint8))
+    with pytest.raises(
+        DataFormatError, match=r"t10k-labels-idx1-ubyte: labels must lie in \[0, 9\]"
+    ):
+        load_dataset("mnist", "test", root=tmp_path / "m", download=False)
+
+
 def test_unknown_name_and_split(isolated: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*mnist"):
         load_dataset("imagenet")

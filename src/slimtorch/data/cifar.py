@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,13 @@ def read_cifar_batch(
         )
     if data.shape[1] != 3 * 32 * 32:
         raise DataFormatError(f"{path}: 'data' has {data.shape[1]} columns, expected 3072")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataFormatError(f"{path}: 'labels' is not a list of ints ({exc})") from exc
+    raw = np.asarray(labels)
+    if raw.dtype.kind not in "iu" and raw.size:  # 1.7 must not load as class 1, True as 1
+        raise DataFormatError(
+            f"{path}: 'labels' must be integers, got {raw.dtype} values such as "
+            f"{raw.reshape(-1)[:3].tolist()}"
+        )
+    y = raw.astype(np.int64)
     if y.shape != (data.shape[0],):
         raise DataFormatError(
             f"{path}: {data.shape[0]} images but 'labels' has shape {y.shape}; expected one "
@@ -268,7 +272,8 @@ def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Te
             x, y = npz["x"], npz["y"]
     except DataFormatError:
         raise
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+        # TypeError: a .npy under the .npz name (np.load returns an array, not an archive)
         raise DataFormatError(
             f"{path} is not a readable .npz without pickled objects ({exc}); save it with "
             "np.savez(path, x=images_uint8_nhwc, y=labels)"

@@ -21,15 +21,17 @@ Example (two local ``file://`` mirrors; the first serves corrupt bytes):
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
@@ -214,8 +216,23 @@ def extract_tar_members(
     """
     import tarfile
 
+    try:
+        return _extract(tarfile.open(archive, mode="r:*"), archive, prefix, members, dest_dir)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile):
+            raise  # a full disk, an unwritable dest_dir: the message names the path
+        raise DataFormatError(
+            f"{archive} is not a readable tar archive ({type(exc).__name__}: {exc}); it is "
+            "truncated or corrupt: delete it and download it again"
+        ) from exc
+
+
+def _extract(
+    tar: Any, archive: str | os.PathLike[str], prefix: str, members: Sequence[FileSpec], dest: Path
+) -> list[Path]:
+    """The loop of :func:`extract_tar_members` over an open archive (closed after)."""
     out: list[Path] = []
-    with tarfile.open(archive, mode="r:*") as tar:
+    with tar:
         for spec in members:
             try:
                 info = tar.getmember(prefix + spec.name)
@@ -231,7 +248,7 @@ def extract_tar_members(
                 raise DataFormatError(f"{archive}: cannot read {info.name}")
             out.append(
                 atomic_write(
-                    dest_dir / spec.name,
+                    dest / spec.name,
                     partial(_copy_verified, src, spec, f"{archive}:{info.name}"),
                 )
             )

@@ -161,7 +161,8 @@ def load_image_folder(
                 if hw is not None and (img.height, img.width) != hw:
                     img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
+            # DecompressionBombError: more pixels than PIL's limit (a decompression bomb)
             raise DataFormatError(
                 f"cannot read image {p} ({type(exc).__name__}: {exc}); expected a valid "
                 f"{'/'.join(exts)} file: fix or remove it"

@@ -26,7 +26,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from slimtorch.core.errors import DataNotFoundError
+import torch
+
+from slimtorch.core.errors import DataFormatError, DataNotFoundError
 from slimtorch.data.catalog import DatasetInfo, Layout, dataset_info
 from slimtorch.data.checksum import verify_file
 from slimtorch.data.dataset import ImageDataset
@@ -224,6 +226,7 @@ def load_dataset(
     for path, spec in zip(paths, layout.files, strict=True):
         verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
     images, labels = layout.read(paths)
+    _check_label_range(labels, len(info.classes), paths)
     logger.info("loaded %s/%s from %s: %d images", name, split, paths[0].parent, len(labels))
     return ImageDataset(
         name=f"{name}/{split}",
@@ -233,3 +236,17 @@ def load_dataset(
         mean=info.mean,
         std=info.std,
     )
+
+
+def _check_label_range(labels: torch.Tensor, classes: int, paths: Sequence[Path]) -> None:
+    """Refuse labels outside ``[0, classes)``, naming the files they came from (files without
+    published checksums, unpacked by hand, are checked only here)."""
+    if len(labels) == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise DataFormatError(
+            f"{', '.join(map(str, paths))}: labels must lie in [0, {classes - 1}] for the "
+            f"dataset's {classes} classes, found values in [{low}, {high}]; the files are "
+            "corrupt or belong to another dataset: delete them and download them again"
+        )
