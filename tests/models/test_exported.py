@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -92,6 +93,39 @@ def test_malicious_sample_inputs_are_never_unpickled(
     CALLS.clear()
     with pytest.raises(ModelLoadError, match="needs more than the weights-only unpickler"):
         load_exported(bad)
+    assert CALLS == []
+
+
+@pytest.mark.parametrize("order", [("bad", "bad", "good"), ("bad", "good"), ("good", "bad")])
+def test_duplicate_entries_cannot_hide_a_pickle(
+    exported: tuple[torch.nn.Module, Path], tmp_path: Path, order: tuple[str, ...]
+) -> None:
+    # Python's zipfile reads the last copy of a name, torch's reader may read another: with a
+    # clean copy where one reader looks and a pickle flag where the other does, both are read
+    _, path = exported
+    payload = io.BytesIO()
+    torch.save(_Evil(), payload)
+    with zipfile.ZipFile(path) as z:
+        items = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    name = next(n for n, _ in items if n.endswith("_weights_config.json"))
+    good = json.loads(dict(items)[name])
+    bad = json.loads(json.dumps(good))
+    first = next(iter(bad["config"]))
+    bad["config"][first]["use_pickle"] = True
+    copies = {"good": json.dumps(good).encode(), "bad": json.dumps(bad).encode()}
+    evil = tmp_path / "dup.pt2"
+    with warnings.catch_warnings(), zipfile.ZipFile(evil, "w") as out:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        for entry, data in items:
+            if entry == name:
+                for which in order:
+                    out.writestr(entry, copies[which])
+            else:
+                is_weight = entry.endswith("/" + bad["config"][first]["path_name"])
+                out.writestr(entry, payload.getvalue() if is_weight else data)
+    CALLS.clear()
+    with pytest.raises(ModelLoadError, match="appears more than once"):
+        load_exported(evil)
     assert CALLS == []
 
 

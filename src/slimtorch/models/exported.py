@@ -33,6 +33,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +71,9 @@ def _refuse(path: Path, why: str) -> ModelLoadError:
 
 
 def _check_archive(path: Path, data: bytes) -> None:
+    """Refuse anything but the plain layout, as Python's zip reader and as torch's own reader
+    (the one ``torch.export.load`` reads through) each see the archive: two readers can
+    disagree on a crafted file (duplicate entry names: each may pick another copy)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
@@ -79,6 +83,7 @@ def _check_archive(path: Path, data: bytes) -> None:
             "written by torch.export.save"
         ) from None
     entries: dict[str, str] = {}
+    names: list[str] = []
     roots = set()
     for info in infos:
         if info.is_dir():
@@ -88,24 +93,43 @@ def _check_archive(path: Path, data: bytes) -> None:
             raise _refuse(path, f"top-level entry {info.filename!r} (legacy pickled layout)")
         roots.add(root)
         entries[rest] = info.filename
+        names.append(rest)
     if len(roots) != 1:
         raise _refuse(path, f"expected one archive root folder, found {sorted(roots)}")
-    for name in entries:
+    _check_entries(path, names, lambda name: archive.read(entries[name]))
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))  # type: ignore[arg-type]
+        records = list(reader.get_all_records())
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is not an archive torch can read ({exc}); pass a file written by "
+            "torch.export.save"
+        ) from None
+    _check_entries(path, records, reader.get_record)
+
+
+def _check_entries(path: Path, names: list[str], read: Callable[[str], bytes]) -> None:
+    """The checks of :func:`_check_archive` on one reader's view: entry names below the root
+    folder, and ``read(name)`` for an entry's bytes."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise _refuse(path, f"entry {twice[0]!r} appears more than once (a crafted archive)")
+    for name in names:
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in _ALLOWED):
             raise _refuse(path, f"entry {name!r} is not part of the plain (pickle-free) layout")
-    if "archive_format" not in entries or archive.read(entries["archive_format"]) != b"pt2":
+    if "archive_format" not in names or read("archive_format") != b"pt2":
         raise ModelLoadError(
             f"{path} lacks the 'pt2' archive_format marker; pass a file written by "
             "torch.export.save"
         )
-    if "models/model.json" not in entries:
+    if "models/model.json" not in names:
         raise ModelLoadError(
             f"{path} holds no program named 'model'; save it with torch.export.save(ep, path)"
         )
-    for name, full in entries.items():
+    for name in names:
         if name.endswith(("_weights_config.json", "_constants_config.json")):
             try:
-                config = json.loads(archive.read(full))["config"]
+                config = json.loads(read(name))["config"]
                 items = list(config.items())
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelLoadError(f"{path}: {name} is malformed ({exc!r})") from None
@@ -116,7 +140,7 @@ def _check_archive(path: Path, data: bytes) -> None:
                     raise _refuse(path, f"{name} stores {key!r} as a non-tensor object")
         elif name.startswith("data/sample_inputs/"):
             try:
-                torch.load(io.BytesIO(archive.read(full)), map_location="cpu", weights_only=True)
+                torch.load(io.BytesIO(read(name)), map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise _refuse(
                     path, f"{name} needs more than the weights-only unpickler ({exc})"
