@@ -98,7 +98,7 @@ def _check_archive(path: Path, data: bytes) -> None:
         raise _refuse(path, f"expected one archive root folder, found {sorted(roots)}")
     _check_entries(path, names, lambda name: archive.read(entries[name]))
     try:
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))  # type: ignore[arg-type]
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         records = list(reader.get_all_records())
     except Exception as exc:
         raise ModelLoadError(
