@@ -98,6 +98,19 @@ def test_overwrite_replaces_weights_and_drops_stale_metrics(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or backup left
 
 
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    kw = {"input_shape": (1, 8, 8), "mean": [0.0], "std": [1.0]}
+    _save(create_model("mlp", input_size=8, hidden=[4]), tmp_path / "run-1", **kw)
+    os.symlink(tmp_path / "run-1", tmp_path / "latest")
+    for hidden in ([6], [3]):  # twice: nothing left behind blocks the next save
+        second = create_model("mlp", input_size=8, hidden=hidden)
+        _save(second, tmp_path / "latest", **kw)
+        assert (tmp_path / "latest").is_symlink()
+        loaded, _ = load_model(tmp_path / "run-1")
+        torch.testing.assert_close(loaded.state_dict(), second.state_dict(), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1"]
+
+
 def test_crash_while_writing_keeps_previous_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,10 +210,28 @@ def test_mismatched_weights_are_listed(tmp_path: Path) -> None:
     assert "fc2.weight: saved (80, 120)" in msg
 
 
+def test_a_card_whose_image_size_the_model_cannot_take_is_refused(tmp_path: Path) -> None:
+    out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    config["input_shape"] = [3, 28, 28]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"is 28x28 but the architecture was built for 32x32"):
+        load_model(out)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile imports torch.jit
+def test_a_compiled_model_is_named_as_such(tmp_path: Path) -> None:
+    compiled = torch.compile(create_model("lenet5", in_channels=3, input_size=32))
+    with pytest.raises(TypeError, match=r"torch\.compile wrapper; save the model it wraps"):
+        _save(compiled, tmp_path / "a")
+
+
 def test_save_argument_checks(tmp_path: Path) -> None:
     model = create_model("lenet5", in_channels=3, input_size=32)
     with pytest.raises(ValueError, match="input_shape has 1 channels but the model"):
         _save(model, tmp_path / "a", input_shape=(1, 32, 32))
+    with pytest.raises(ValueError, match="input_shape is 28x28 but the model was built with input"):
+        _save(model, tmp_path / "a", input_shape=(3, 28, 28))
     with pytest.raises(ValueError, match="mean must be 1 or 3 numbers"):
         _save(model, tmp_path / "a", mean=[0.1, 0.2])
     with pytest.raises(ValueError, match="std must be > 0"):

@@ -124,6 +124,12 @@ def _check_card(cfg: dict[str, Any], kwargs: dict[str, Any], shape: list[int]) -
             f"input_shape {shape!r} has {channels} channels but the architecture has "
             f"in_channels={kwargs['in_channels']!r}"
         )
+    size = kwargs.get("input_size")
+    if isinstance(size, int) and not isinstance(size, bool) and list(shape[1:]) != [size, size]:
+        raise ValueError(
+            f"input_shape {shape!r} is {'x'.join(map(str, shape[1:]))} but the architecture was "
+            f"built for {size}x{size} images (input_size={size})"
+        )
     for name in ("mean", "std"):
         vals = [float(v) for v in cfg[name]]
         if len(vals) not in (1, channels) or not all(math.isfinite(v) for v in vals):

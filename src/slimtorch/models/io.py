@@ -205,6 +205,11 @@ def save_model(
         ValueError: input_shape has 3 channels but the model was built with in_channels=1; ...
     """
     require_values(model, "save_model")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            f"{type(model).__name__} is a torch.compile wrapper; save the model it wraps: "
+            "save_model(model._orig_mod, ...) (compile again after loading)"
+        )
     arch = _arch(model)
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
@@ -216,6 +221,12 @@ def save_model(
         raise ValueError(
             f"input_shape has {shape[0]} channels but the model was built with in_channels="
             f"{kwargs['in_channels']}; pass the shape the model takes"
+        )
+    size = kwargs.get("input_size")
+    if isinstance(size, int) and not isinstance(size, bool) and shape[1:] != (size, size):
+        raise ValueError(
+            f"input_shape is {shape[1]}x{shape[2]} but the model was built with "
+            f"input_size={size}; pass the shape the model takes"
         )
     mean_l = _floats("mean", mean, shape[0])
     std_l = _floats("std", std, shape[0])
@@ -238,7 +249,11 @@ def save_model(
     _check_rebuildable(model, arch)
 
     path = Path(path)
+    if path.is_symlink():  # latest -> run-3: save into run-3, the link stays
+        path = path.resolve()
     backup = _backup_dir(path)
+    if backup.is_symlink():  # left by an earlier version that renamed a link
+        backup.unlink()
     if not path.exists() and _is_model_dir(backup):
         os.replace(backup, path)  # finish undoing a swap interrupted by a crash
     if path.exists() and not _is_model_dir(path):
