@@ -7,7 +7,7 @@ from lowrank_data import randn
 from tensorly.decomposition import parafac
 
 from slimtorch.core.errors import DecompositionError
-from slimtorch.decompose import cp_als, cp_to_full, relative_error
+from slimtorch.decompose import cp_als, cp_als_many, cp_to_full, relative_error
 
 
 @pytest.mark.parametrize("shape", [(8, 7, 6), (10, 8, 3, 3)])
@@ -106,6 +106,20 @@ def test_check_every_does_not_change_the_result(gen: torch.Generator) -> None:
     for a, b in zip(one.factors, seven.factors, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(one.weights, seven.weights)
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 8])
+def test_an_exact_float32_kernel_is_not_stopped_by_the_coarse_error_estimate(
+    gen: torch.Generator, check_every: int
+) -> None:
+    """Near float32 precision the Gram-identity error clamps to 0; a run checked every 8 sweeps
+    (the GPU default) stopped there as converged, at 1e-4 from an exactly rank-5 tensor."""
+    factors = [randn(gen, n, 5) for n in (32, 24, 3, 3)]
+    x = cp_to_full(torch.ones(5, dtype=torch.float64), factors).float()
+    opts = {"n_iter": 2000, "tol": 1e-9, "require_convergence": False}
+    single = cp_als(x, 5, check_every=check_every, **opts)
+    many = cp_als_many([x], [5], check_every=check_every, **opts)[0]
+    assert single.rel_error < 1e-5 and many.rel_error < 1e-5
 
 
 def test_sweep_errors_match_the_reconstruction(gen: torch.Generator) -> None:

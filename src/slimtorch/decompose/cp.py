@@ -314,7 +314,9 @@ def cp_als(
             grams = [torch.where(done, a, b) for a, b in zip(kept[1], grams, strict=True)]
             weights = torch.where(done, kept[2], weights)
             ok = ok | done
-            done = done | (error_t < tol) | ((last_error - error_t).abs() < tol)
+            stalled = (error_t < tol) | ((last_error - error_t).abs() < tol)
+            # below exact_below the identity's error is noise: no convergence until measured
+            done = done | (stalled & (exact or error_t >= exact_below))
             last_error = error_t
         pending.append(torch.stack([error_t, ok.double()]))
         if it % every and it < n_iter:
@@ -329,7 +331,8 @@ def cp_als(
                     f"{rank}; expected finite factors; raise reg (e.g. 1e-2) or lower the rank"
                 )
             errors.append(error)
-            if error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol):
+            stalled = error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol)
+            if stalled and (exact or error >= exact_below):
                 converged, it = True, sweep
                 break
         if converged:

@@ -189,7 +189,9 @@ def _cp_stack(
         grams = [torch.where(frozen, a, b) for a, b in zip(kept[1], grams, strict=True)]
         weights = torch.where(done[:, None], kept[2], weights)
         ok = ok | done
-        done = done | (error_t < tol) | ((last_error - error_t).abs() < tol)
+        # below exact_below the identity's error is noise: no convergence until measured
+        trusted = exact_mask | (error_t >= exact_below)
+        done = done | (trusted & ((error_t < tol) | ((last_error - error_t).abs() < tol)))
         return (factors, grams, weights, done, error_t), torch.stack([error_t, ok.double()])
 
     state: _State = (
@@ -231,7 +233,8 @@ def _cp_stack(
                     failed.append(f"tensors[{idx[b]}] after {sweep_no} sweeps")
                     break
                 errors.append(error)
-                if error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol):
+                stalled = error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol)
+                if stalled and (exact[b] or error >= exact_below):
                     converged_at[b] = sweep_no
                     break
         if failed:
