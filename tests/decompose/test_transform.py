@@ -301,3 +301,22 @@ def test_a_half_precision_model_is_refused(net: TinyNet) -> None:
     with pytest.raises(ValueError, match=r"torch\.float16 tensors; decompose_ takes a float32"):
         decompose_(half, SVDConfig(rank=0.5))
     assert same_model(half, before)
+
+
+@pytest.mark.parametrize(
+    "config", [SVDConfig(rank=0.5), TuckerConfig(rank=0.5), CPConfig(rank=8), TTConfig(rank=4)]
+)
+def test_a_frozen_layer_stays_frozen(net: TinyNet, config) -> None:
+    net.head.requires_grad_(False)
+    net.features[3].requires_grad_(False)
+    report = decompose_(net, config, include=["head", "features.3", "features.6", "out"])
+    done = {r.name for r in report.rows if r.action == "decomposed"}
+    assert done & {"head", "features.3"}
+    for name in done:
+        flags = {p.requires_grad for p in net.get_submodule(name).parameters()}
+        assert flags == ({False} if name in ("head", "features.3") else {True}), name
+
+
+def test_a_model_that_is_a_single_layer_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"decompose_ changes the layers .* Linear has none"):
+        decompose_(nn.Linear(64, 64), SVDConfig(rank=0.25))

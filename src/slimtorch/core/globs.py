@@ -20,14 +20,21 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.core.surgery import require_submodules
 
-def check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
-    """Raise unless ``include``/``exclude`` are None or lists of globs that each match a module.
+
+def check_globs(
+    model: nn.Module, include: Any, exclude: Any, verb: str = "a slimtorch transform"
+) -> None:
+    """Raise unless ``include``/``exclude`` are None or lists of globs that each match a module
+    of ``model``, and ``model`` has submodules (``verb`` names the transform in that error).
 
     Raises:
         TypeError: a glob list is a string, not a list/tuple/set, or holds non-strings.
-        ValueError: a glob matches no module name (the message shows some real names).
+        ValueError: a glob matches no module name (the message shows some real names), or
+            the model is a single layer without submodules.
     """
+    require_submodules(model, verb)
     names = [n for n, _ in model.named_modules() if n]
     for arg, value in (("include", include), ("exclude", exclude)):
         if value is None:
@@ -37,11 +44,6 @@ def check_globs(model: nn.Module, include: Any, exclude: Any) -> None:
         if not_list or not all(isinstance(p, str) for p in value):
             raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
         unmatched = [p for p in value if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched and not names:
-            raise ValueError(
-                f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match nothing: "
-                f"{type(model).__name__} has no submodules"
-            )
         if unmatched:
             raise ValueError(
                 f"{arg} pattern(s) {', '.join(map(repr, unmatched))} match no module of "

@@ -41,6 +41,23 @@ def require_values(model: nn.Module, verb: str) -> None:
         )
 
 
+def require_submodules(model: nn.Module, verb: str) -> None:
+    """Raise ``ValueError`` when ``model`` has no submodules: transforms change a model's layers
+    by their dotted names, so a bare layer would be left as it is without a word.
+
+    Example:
+        >>> require_submodules(nn.Linear(2, 2), "decompose_")
+        Traceback (most recent call last):
+        ...
+        ValueError: decompose_ changes the layers of a model by name, and Linear has none ...
+    """
+    if isinstance(model, nn.Module) and next(model.children(), None) is None:
+        raise ValueError(
+            f"{verb} changes the layers of a model by name, and {type(model).__name__} has none "
+            "(it is a single layer); wrap it: nn.Sequential(layer)"
+        )
+
+
 def require_float32(
     model: nn.Module, verb: str, fix: str, *, also: tuple[torch.dtype, ...] = ()
 ) -> None:

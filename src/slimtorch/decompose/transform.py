@@ -163,7 +163,7 @@ def _targets(
             continue
         if isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
             out.append((name, module))
-    check_globs(model, include, exclude)
+    check_globs(model, include, exclude, "decompose_")
     return out
 
 
@@ -364,6 +364,8 @@ def _factorise_all(
             row.reason = f"decomposition failed: {type(exc).__name__}: {exc}"
         else:
             new = result.module.train(module.training)
+            if not module.weight.requires_grad:  # a frozen layer's factors stay frozen
+                new.requires_grad_(False)
             replacements[name] = new
             row.action, row.ranks, row.rel_error = "decomposed", result.ranks, result.rel_error
             row.params_after = count_params(new)

@@ -119,7 +119,7 @@ def _targets(
 ) -> list[tuple[str, nn.Module]]:
     """The selected conv/linear layers, and the selected quantized ones in ``stored`` (which
     :func:`prune_` reports skipped)."""
-    _check_globs(model, include, exclude)
+    _check_globs(model, include, exclude, "prune_")
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or not (isinstance(module, _TARGET_TYPES) or name in stored):
