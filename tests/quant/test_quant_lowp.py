@@ -179,3 +179,27 @@ def test_cast_refuses_a_model_that_is_not_float32(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match=rf"holds {dtype} tensors; cast_ takes a float32 model"):
         cast_(net, LowPrecisionConfig(dtype="fp16", max_output_error=None, max_accuracy_drop=None))
     assert all(torch.equal(v, before[k]) and v.dtype == dtype for k, v in net.state_dict().items())
+
+
+def test_a_fused_tucker_layer_is_cast_as_one_unit() -> None:
+    from slimtorch.decompose import TuckerConfig, decompose_, fuse_tucker_
+    from slimtorch.decompose.fused import FusedTuckerConv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 8, 8)
+    decompose_(net, TuckerConfig(rank=0.5), include=["2"])
+    fuse_tucker_(net)
+    assert isinstance(net[2], FusedTuckerConv2d)
+    with torch.no_grad():
+        ref = net(x)
+    # its kernel reads first/core/last itself: their own input casts would never run
+    report = cast_(net, LowPrecisionConfig(dtype="bf16", keep_fp32=()), check_inputs=x)
+    assert "2" in {r.name for r in report.rows} and net[2].core.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = net(x)
+    assert out.dtype == torch.float32
+    assert float((out - ref).norm() / ref.norm()) < 0.05

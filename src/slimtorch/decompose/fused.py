@@ -62,6 +62,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from slimtorch.core.config import check_bool
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
+from slimtorch.core.surgery import require_float32
 from slimtorch.decompose import native
 from slimtorch.decompose.fused_op import check_shapes, reference, run_native, tucker_block
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
@@ -91,6 +92,10 @@ class FusedTuckerConv2d(TuckerConv2d):
         ...     bool((layer(torch.randn(2, 8, 6, 6)) >= 0).all())
         True
     """
+
+    #: one unit for per-layer precision (``cast_``): the fused kernel reads its children's
+    #: weights itself and never calls them, so their input casts would never run
+    precision_unit = True
 
     def __init__(self, *args: Any, relu: bool = False, residual: bool = False, **kwargs: Any):
         kwargs["bias"] = True
@@ -402,8 +407,9 @@ def fuse_tucker_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_globs(model, include, exclude)
+    check_globs(model, include, exclude, "fuse_tucker_")
     check_bool("fuse_tucker_", "strict", strict)
+    require_float32(model, "fuse_tucker_", "fuse, then cast", also=(torch.float64,))
     rows: dict[str, FuseRow] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, TuckerConv2d) or isinstance(mod, FusedTuckerConv2d):

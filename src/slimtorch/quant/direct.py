@@ -53,7 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import own_forward_reason, require_values
+from slimtorch.core.surgery import own_forward_reason, require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import (
@@ -367,10 +367,11 @@ def lower_direct_conv_(
     """
     require_values(model, "lower_direct_conv_")
     check_bool("lower_direct_conv_", "strict", strict)
+    require_float32(model, "lower_direct_conv_", "lower the float32 model")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or DirectConvConfig()
-    check_globs(model, include, exclude)
+    check_globs(model, include, exclude, "lower_direct_conv_")
     modules = dict(model.named_modules())
     rows: dict[str, DirectRow] = {}
     for name, mod in modules.items():

@@ -235,7 +235,7 @@ def fold_bn_(
     check_bool("fold_bn_", "strict", strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_globs(model, include, exclude)
+    check_globs(model, include, exclude, "fold_bn_")
     try:
         pairs, calls = _traced_pairs(model)
     except TypeError as exc:

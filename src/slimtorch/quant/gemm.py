@@ -54,7 +54,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import require_values
+from slimtorch.core.surgery import require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
@@ -297,10 +297,11 @@ def lower_conv_gemm_(
     """
     require_values(model, "lower_conv_gemm_")
     check_bool("lower_conv_gemm_", "strict", strict)
+    require_float32(model, "lower_conv_gemm_", "lower the float32 model")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or GemmConvConfig()
-    check_globs(model, include, exclude)
+    check_globs(model, include, exclude, "lower_conv_gemm_")
     rows: list[GemmRow] = []
     for name, mod in model.named_modules():
         if not (isinstance(mod, nn.Conv2d) and selected(name, include, exclude)):

@@ -42,7 +42,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
-from slimtorch.core.surgery import require_values
+from slimtorch.core.surgery import require_float32, require_submodules, require_values
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.mixed_sensitivity import (
@@ -312,6 +312,8 @@ def mixed_precision_(
         True
     """
     require_values(model, "mixed_precision_")
+    require_submodules(model, "mixed_precision_")
+    require_float32(model, "mixed_precision_", "allocate precisions on the float32 model")
     from slimtorch.quant.convert import to_qdq_
     from slimtorch.quant.qdq import LayerQParams
 

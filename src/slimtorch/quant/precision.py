@@ -71,6 +71,9 @@ def _owns_floats(module: nn.Module) -> bool:
 def precision_units(model: nn.Module) -> dict[str, nn.Module]:
     """Top-most submodules that own floating parameters/buffers, in registration order.
 
+    A module whose class sets ``precision_unit = True`` is one unit with its children (a fused
+    layer that reads its children's weights without calling them).
+
     Example:
         >>> list(precision_units(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())))
         ['0', '1']
@@ -79,7 +82,7 @@ def precision_units(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(u + ".") for u in units) or (not name and _owns_floats(module)):
             continue
-        if name and _owns_floats(module):
+        if name and (_owns_floats(module) or getattr(module, "precision_unit", False) is True):
             units[name] = module
     return units
 

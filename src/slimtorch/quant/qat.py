@@ -50,7 +50,12 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice
-from slimtorch.core.surgery import replacement_blockers, require_values
+from slimtorch.core.surgery import (
+    replacement_blockers,
+    require_float32,
+    require_submodules,
+    require_values,
+)
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import FoldReport, fold_bn_
 from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
@@ -251,6 +256,8 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
         22
     """
     require_values(model, "prepare_qat_")
+    require_submodules(model, "prepare_qat_")
+    require_float32(model, "prepare_qat_", "train the float32 model")
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):

@@ -37,7 +37,7 @@ from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import parameter_sharing, require_values, set_submodule
+from slimtorch.core.surgery import parameter_sharing, require_float32, require_values, set_submodule
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
@@ -286,9 +286,10 @@ def prune_channels_(
     """
     require_values(model, "prune_channels_")
     check_bool("prune_channels_", "strict", strict)
+    require_float32(model, "prune_channels_", "prune channels, then cast")
     if not isinstance(config, ChannelPruneConfig):
         raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
-    _check_globs(model, include, exclude)
+    _check_globs(model, include, exclude, "prune_channels_")
     graph = build_graph(model, example_input)
     producers = [p for g in graph.groups for p in g.producers]
     check_include_hits(model, include, producers, "channel-producing conv/linear")
