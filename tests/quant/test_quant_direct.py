@@ -86,7 +86,7 @@ def test_bad_input_and_unlowerable_layers_are_refused() -> None:
         DirectConv2d.from_conv(nn.Conv2d(1, 4, 3, padding="same"))
     with pytest.raises(ValueError, match="max_taps"):
         DirectConvConfig(max_taps=0)
-    with pytest.raises(TypeError, match="fuse_pool"):
+    with pytest.raises(ValueError, match="fuse_pool must be True or False"):
         DirectConvConfig(fuse_pool="yes")  # type: ignore[arg-type]
 
 

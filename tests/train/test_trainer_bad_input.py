@@ -48,7 +48,8 @@ def test_labels_outside_the_classes_are_refused(label):
         ((torch.randint(0, 9, (8, 4), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)),
          RuntimeError, "dtype", "inputs uint8 (8, 4) on cpu"),
         ((torch.randn(8, 4), torch.rand(8)), RuntimeError, "target", "targets float32 (8,)"),
-        ((torch.randn(8, 5), torch.zeros(8, dtype=torch.long)), RuntimeError, "", "(8, 5)"),
+        ((torch.randn(8, 5), torch.zeros(8, dtype=torch.long)),
+         RuntimeError, "cannot be multiplied", "(8, 5)"),
     ],
 )  # fmt: skip
 def test_an_error_inside_a_step_names_the_batch_and_its_tensors(bad, error, message, note):
