@@ -120,6 +120,9 @@ def test_svd_budget_and_sensitivity_weights_shift_the_ranks() -> None:
         decompose_(mlp(), cfg, sensitivity={"0": 1.0})
     with pytest.raises(ValueError, match="sensitivity weights only a budget rank spec"):
         decompose_(mlp(), SVDConfig(rank=0.5), sensitivity={"0": 1.0})
+    for bad in (float("inf"), float("nan")):  # inf was taken as noise, the least sensitive
+        with pytest.raises(ValueError, match="sensitivity must be a finite number for every"):
+            decompose_(mlp(), cfg, sensitivity={"0": bad, "2": 1.0})
 
 
 def test_budget_that_cannot_be_met_is_an_error() -> None:

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import typing
@@ -47,9 +48,13 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-    """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional/exclusive)."""
+    """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional/exclusive) and
+    ``value`` is finite: no setting means anything at infinity (a size ratio of ``inf`` would
+    ask for a model of zero bytes), so an open bound is not an invitation to pass one."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{_field_name(obj, name)} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{_field_name(obj, name)} must be finite, got {value!r}")
     ok = True
     if low is not None:
         ok &= value >= low if low_inclusive else value > low

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -140,13 +139,9 @@ class DeviceProfile(Config):
         rates: dict[str, float] = {}
         for key, value in self.peak_flops.items():
             check_range(self, f"peak_flops[{key!r}]", value, low=0.0, low_inclusive=False)
-            if not math.isfinite(value):
-                raise ValueError(f"DeviceProfile.peak_flops[{key!r}] must be finite, got {value}")
             rates[str(key)] = float(value)
         object.__setattr__(self, "peak_flops", FrozenRates(rates))
         check_range(self, "memory_bandwidth", self.memory_bandwidth, low=0.0, low_inclusive=False)
-        if not math.isfinite(self.memory_bandwidth):
-            raise ValueError("DeviceProfile.memory_bandwidth must be finite")
         if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int):
             raise ValueError(
                 f"DeviceProfile.memory_bytes must be an int, got {self.memory_bytes!r}"

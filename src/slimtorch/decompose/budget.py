@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -159,9 +160,10 @@ def select_ranks_for_budget(
     for layer in layers:
         if not layer.options:
             raise ValueError(f"layer {layer.name!r} has no options; give at least one")
-        if not layer.sensitivity > 0:
+        if not 0 < layer.sensitivity < math.inf:  # inf times a zero error is NaN
             raise ValueError(
-                f"layer {layer.name!r} sensitivity must be > 0, got {layer.sensitivity!r}"
+                f"layer {layer.name!r} sensitivity must be a finite number > 0, got "
+                f"{layer.sensitivity!r}"
             )
         rungs = [(cost_of(layer, o), layer.sensitivity * o.error, o) for o in layer.options]
         ladders[layer.name] = sorted(rungs, key=lambda t: (t[1], t[0]))  # most accurate first

@@ -267,9 +267,15 @@ def _weights(sensitivity: Mapping[str, float] | None, names: Sequence[str]) -> d
             "budget mode factorises (measure_sensitivity(model, names, ...) returns them all)"
         )
     values = {n: float(sensitivity[n]) for n in names}
-    positive = [v for v in values.values() if v > 0 and math.isfinite(v)]
+    bad = [f"{n}={v}" for n, v in values.items() if not math.isfinite(v)]
+    if bad:  # inf would outweigh every other layer's error; NaN compares with nothing
+        raise ValueError(
+            f"sensitivity must be a finite number for every layer, got {', '.join(bad)}; "
+            "measure it again, or give the layer a large finite weight"
+        )
+    positive = [v for v in values.values() if v > 0]
     floor = 1e-3 * max(positive) if positive else 1.0  # a layer measured as harmless still costs
-    return {n: v if v > 0 and math.isfinite(v) else floor for n, v in values.items()}
+    return {n: v if v > 0 else floor for n, v in values.items()}
 
 
 def plan_budget(

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_int, check_range
@@ -86,11 +85,6 @@ class DecomposeConfig(Config):
         name = type(self).__name__
         if self.min_speedup is not None:
             check_range(self, "min_speedup", self.min_speedup, low=0.0, low_inclusive=False)
-            if not math.isfinite(self.min_speedup):
-                raise ValueError(
-                    f"{name}.min_speedup must be None or a finite number > 0, "
-                    f"got {self.min_speedup!r}"
-                )
         if isinstance(self.speed_batch, list | tuple):
             if not self.speed_batch:
                 raise ValueError(f"{name}.speed_batch must not be empty, got {self.speed_batch!r}")

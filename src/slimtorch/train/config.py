@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_int, check_range
 
@@ -84,9 +83,6 @@ class TrainConfig(Config):
                 "set a momentum such as 0.9 or turn nesterov off"
             )
         check_range(self, "weight_decay", self.weight_decay, low=0.0)
-        for name in ("lr", "weight_decay"):  # infinite: every weight is NaN after one step
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name} must be finite, got {getattr(self, name)!r}")
         check_bool(self, "decay_norm_and_bias", self.decay_norm_and_bias)
         check_choice(self, "schedule", self.schedule, SCHEDULES)
         check_range(
