@@ -184,3 +184,9 @@ def test_a_latency_budget_is_checked_with_the_casts_between_layers() -> None:
         mixed_precision_(model, MixedPrecisionConfig(latency_s=limit), (x, y))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not layer_precisions(model)
+
+
+@pytest.mark.parametrize("field", ["size_ratio", "budget_bytes", "latency_s"])
+def test_an_infinite_budget_is_refused(field: str) -> None:
+    with pytest.raises(ValueError, match=rf"MixedPrecisionConfig\.{field} must be finite, got inf"):
+        MixedPrecisionConfig(**{field: float("inf")})
