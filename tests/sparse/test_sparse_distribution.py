@@ -152,3 +152,20 @@ def test_drop_and_grow_can_regrow_a_just_dropped_weight_and_handles_edge_cases()
     assert int(drop_and_grow(w, mask, torch.zeros(4), 99).sum()) == 2  # clamped
     with pytest.raises(ValueError, match="same shape"):
         drop_and_grow(w, mask, torch.zeros(5), 1)
+
+
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.999])
+def test_the_total_is_exact_at_every_sparsity(sparsity: float) -> None:
+    from slimtorch.models import create_model
+    from slimtorch.sparse.distribution import exact_nonzeros
+
+    model = create_model("resnet20", num_classes=10, in_channels=1, input_size=28)
+    shapes = {
+        n: tuple(m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    total = sum(math.prod(s) for s in shapes.values())
+    counts = exact_nonzeros(shapes, sparsity, "erk")
+    assert sum(counts.values()) == round((1 - sparsity) * total)  # each rounded alone: 27,087
+    assert all(1 <= counts[n] <= math.prod(shapes[n]) for n in shapes)

@@ -15,6 +15,7 @@ _NAMES = (
     "updates",
     "dst",
     "formats",
+    "packed",
     "kernels",
     "report",
     "sparsify",

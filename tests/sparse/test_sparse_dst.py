@@ -418,3 +418,23 @@ def test_a_run_too_short_for_one_mask_update_is_refused_before_any_mask(kind: st
     assert model.state_dict().keys() == before.keys()  # no mask buffers were added
     static = make_sparse_callback("static", 0.8, delta_t=100)
     Trainer(_mlp(), _config(), callbacks=[static]).fit(ListLoader(X, Y, 8))  # nothing to move
+
+
+def test_tied_layers_are_refused_before_any_mask_is_drawn() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.dec.weight = self.enc.weight
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.dec(torch.relu(self.enc(x))))
+
+    model = Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = make_sparse_callback("rigl", 0.5)
+    with pytest.raises(ValueError, match=r"share parameters .*'dec' shares enc\.weight"):
+        callback.init_masks_(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

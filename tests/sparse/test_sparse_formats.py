@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtorch.prune import NMConfig, nm_mask, prune_
+from slimtorch.prune import MagnitudeConfig, NMConfig, nm_mask, prune_
 from slimtorch.sparse import (
     FORMATS,
     decode,
@@ -123,7 +123,7 @@ def test_nm24_of_a_pruned_layer_and_errors() -> None:
         decode_nm24(parts)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "bits"])  # bits: bool only
 def test_encode_decode_every_format(fmt: str) -> None:
     w = _nm(torch.randn(16, 32))
     w = _special_values(w)
@@ -167,7 +167,8 @@ def test_packed_state_dict_round_trip(tmp_path: Path) -> None:
     packed = pack_state_dict(sd)
     fmt = smallest_format(sd["a.weight"])
     assert fmt != "dense" and any(k.startswith(f"a.weight::{fmt}::") for k in packed)
-    assert "a.bias" in packed and "mask" in packed and "steps" in packed
+    assert "a.bias" in packed and "steps" in packed
+    assert "mask::bits::bits" in packed  # a bool mask: 8 flags a byte
     back = unpack_state_dict(packed)
     assert list(back) == list(sd)
     for k, v in sd.items():
@@ -217,3 +218,21 @@ def test_unpack_names_the_damaged_entry_and_formats_must_be_a_list() -> None:
         unpack_state_dict({**packed, key: packed[key][:-1]})
     with pytest.raises(ValueError, match="formats must be a list of format names, got the string"):
         pack_state_dict(sd, "csr")  # type: ignore[arg-type]
+
+
+def test_masks_pack_to_a_bit_a_flag_and_empty_tensors_stay_dense(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 10))
+    prune_(model, MagnitudeConfig(sparsity=0.9))
+    sd = {**model.state_dict(), "empty": torch.zeros(0, 8), "none": torch.zeros(8, 0)}
+    packed = pack_state_dict(sd)
+    bits = [k for k in packed if k.startswith("0.weight_mask::")]
+    assert bits == ["0.weight_mask::bits::bits", "0.weight_mask::bits::shape"]
+    assert packed["0.weight_mask::bits::bits"].numel() == 256 * 256 // 8
+    assert packed["empty"].shape == (0, 8) and packed["none"].shape == (8, 0)
+    back = unpack_state_dict(packed)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
+    damaged = dict(packed)
+    damaged["0.weight_mask::bits::bits"] = damaged["0.weight_mask::bits::bits"][:-1]
+    with pytest.raises(ValueError, match=r"holds 8191 torch\.uint8 values, expected 8192"):
+        unpack_state_dict(damaged)

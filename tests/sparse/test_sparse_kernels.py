@@ -114,3 +114,16 @@ def test_semi_structured_conv_and_sparsify_on_cuda() -> None:
         assert semi.status in ("ok", "error"), semi
         assert row.action in ("sparse", "dense")
     assert report.notes == []
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_sparse_conv_takes_an_unbatched_image_like_conv2d(fmt: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    prune_(nn.Sequential(conv), MagnitudeConfig(sparsity=0.8))
+    layer = build_sparse_layer(conv, fmt)
+    x = torch.randn(4, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"expects \(N, 4, H, W\) or \(4, H, W\) input"):
+        layer(torch.randn(2, 3, 10, 10))

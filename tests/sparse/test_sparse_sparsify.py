@@ -230,3 +230,29 @@ def test_save_model_refuses_sparse_kernels_before_writing(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=rf"layers {name} are sparse kernels: call .*densify_"):
         _save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+class _Shared(nn.Module):
+    """One Linear registered twice, and a pair of layers with one tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        lin = nn.Linear(256, 256)
+        self.a, self.b = lin, lin
+        self.enc, self.dec = nn.Linear(256, 256), nn.Linear(256, 256)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.enc(self.b(torch.relu(self.a(x))))))
+
+
+def test_shared_and_tied_layers_are_skipped_not_split() -> None:
+    torch.manual_seed(0)
+    model = _Shared()
+    prune_(model, MagnitudeConfig(sparsity=0.95), include=["a"])
+    x = torch.randn(8, 256)
+    report = sparsify_(model, x, threads=1, min_time_s=0.0, min_speedup=1.0, check_model=False)
+    rows = {r.name: r for r in report.rows}
+    assert {rows[n].action for n in ("a", "enc", "dec")} == {"skipped"}
+    assert "b.weight" in rows["a"].reason and "enc.weight" in rows["dec"].reason
+    assert model.a is model.b and model.dec.weight is model.enc.weight

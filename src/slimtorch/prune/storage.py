@@ -149,9 +149,9 @@ def compact_state_dict(
         t = tensor.detach().cpu().contiguous()
         shape = torch.tensor(list(t.shape), dtype=torch.int64)
         candidates: list[dict[str, torch.Tensor]] = [{"": t}]
-        if t.dtype == torch.bool and t.dim():
+        if t.dtype == torch.bool and t.dim() and t.numel():
             candidates.append({"bits": pack_bits(t), "shape": shape})
-        elif t.is_floating_point() and t.dim():
+        elif t.is_floating_point() and t.dim() and t.numel():  # an empty tensor stays dense
             nz = nonzero_mask(t)
             if format in ("auto", "bitmask"):
                 candidates.append({**_encode_bitmask(t, nz), "shape": shape})

@@ -42,11 +42,7 @@ from slimtorch.sparse.formats import (
     encode_nm24,
     format_nbytes,
     is_2to4,
-    load_packed,
-    pack_state_dict,
-    save_packed,
     smallest_format,
-    unpack_state_dict,
 )
 from slimtorch.sparse.kernels import (
     KERNEL_FORMATS,
@@ -56,6 +52,7 @@ from slimtorch.sparse.kernels import (
     conv_lowering_skip,
     semi_structured_support,
 )
+from slimtorch.sparse.packed import load_packed, pack_state_dict, save_packed, unpack_state_dict
 from slimtorch.sparse.report import Candidate, SparsifyReport, SparsifyRow
 from slimtorch.sparse.sparsify import densify_, sparsify_, to_semi_structured_
 from slimtorch.sparse.updates import cosine_drop_fraction, drop_and_grow, drop_count

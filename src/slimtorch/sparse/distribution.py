@@ -160,10 +160,14 @@ def exact_nonzeros(
     *,
     dense: Collection[str] = (),
 ) -> dict[str, int]:
-    """:func:`layer_nonzeros` of :func:`layer_densities`, refusing a layer left with no weight.
+    """Active weights per layer at :func:`layer_densities`, their total exact, refusing a layer
+    left with no weight.
 
-    :func:`layer_nonzeros` keeps at least one weight per layer, so where the density rounds to
-    zero the sparsity would not be exact; this raises instead, naming those layers.
+    Each layer gets ``floor(density * numel)`` and the weights the floors leave out of the
+    total go one each to the layers with the largest remainders (rounding each layer on its
+    own, as :func:`layer_nonzeros` does, missed the total by a few weights). Where a layer's
+    share rounds to zero the sparsity could not be exact; this raises instead, naming those
+    layers.
 
     Raises:
         ValueError: a layer would keep no weight at this sparsity (``{"a": (2, 2)}`` at 0.9).
@@ -186,7 +190,13 @@ def exact_nonzeros(
             "no weight at all; lower the sparsity, keep these layers dense "
             "(dense_first/dense_last) or exclude them"
         )
-    return layer_nonzeros(shapes, densities)
+    share = {n: densities[n] * numel[n] for n in shapes}
+    out = {n: min(numel[n], max(1, math.floor(share[n]))) for n in shapes}
+    left = round(sum(share.values())) - sum(out.values())
+    by_remainder = sorted(shapes, key=lambda n: share[n] - math.floor(share[n]), reverse=True)
+    for name in by_remainder[: max(left, 0)]:  # largest remainders first, one weight each
+        out[name] = min(numel[name], out[name] + 1)
+    return out
 
 
 def random_mask(
@@ -210,3 +220,21 @@ def random_mask(
     keep = torch.zeros(numel, dtype=torch.bool)
     keep[torch.randperm(numel, generator=generator)[:nonzeros]] = True
     return keep.view(*shape)
+
+
+@torch.no_grad()
+def scale_to_active_fan_in_(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Scale each output unit's weights by ``sqrt(fan_in / active fan_in)`` (in place), so a
+    sparse unit starts with the dense unit's pre-activation variance; units with no active
+    weight are left alone (see :attr:`SparseTrainingConfig.scale_init`).
+
+    Example:
+        >>> w = torch.ones(2, 4)
+        >>> scale_to_active_fan_in_(w, torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]]).bool())
+        >>> w[:, 0].tolist()
+        [2.0, 1.0]
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # (out, fan_in)
+    active = rows.sum(dim=1).clamp(min=1).to(weight.dtype)
+    scale = (rows.shape[1] / active).sqrt()
+    weight.mul_(scale.view(-1, *([1] * (weight.ndim - 1))))

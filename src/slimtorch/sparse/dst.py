@@ -49,12 +49,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import parameter_sharing
 from slimtorch.prune.buffers import get_mask
 from slimtorch.prune.callbacks import MaskCallback
 from slimtorch.prune.magnitude import MagnitudeConfig, prune_
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.config import SparseTrainingConfig
-from slimtorch.sparse.distribution import exact_nonzeros, random_mask
+from slimtorch.sparse.distribution import exact_nonzeros, random_mask, scale_to_active_fan_in_
 from slimtorch.sparse.updates import cosine_drop_fraction, drop_and_grow, drop_count
 
 if TYPE_CHECKING:
@@ -63,24 +64,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KINDS = ("static", "set", "rigl")
-
-
-@torch.no_grad()
-def scale_to_active_fan_in_(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Scale each output unit's weights by ``sqrt(fan_in / active fan_in)`` (in place), so a
-    sparse unit starts with the dense unit's pre-activation variance; units with no active
-    weight are left alone (see :attr:`SparseTrainingConfig.scale_init`).
-
-    Example:
-        >>> w = torch.ones(2, 4)
-        >>> scale_to_active_fan_in_(w, torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]]).bool())
-        >>> w[:, 0].tolist()
-        [2.0, 1.0]
-    """
-    rows = mask.reshape(mask.shape[0], -1)  # (out, fan_in)
-    active = rows.sum(dim=1).clamp(min=1).to(weight.dtype)
-    scale = (rows.shape[1] / active).sqrt()
-    weight.mul_(scale.view(-1, *([1] * (weight.ndim - 1))))
 
 
 class StaticSparse(MaskCallback):
@@ -135,8 +118,9 @@ class StaticSparse(MaskCallback):
         """Layer name -> exact number of active weights at the configured distribution.
 
         Raises:
-            ValueError: no conv/linear layer is targeted, the distribution is impossible, or
-                a layer would keep less than one weight (the sparsity could not be exact).
+            ValueError: no conv/linear layer is targeted, the distribution is impossible, a
+                layer would keep less than one weight (the sparsity could not be exact), or
+                targeted layers share parameters.
 
         Example:
             >>> net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -148,6 +132,14 @@ class StaticSparse(MaskCallback):
             raise ValueError(
                 f"no nn.Conv2d/nn.Linear layer of {type(model).__name__} matches "
                 f"include={self.include}, exclude={self.exclude}"
+            )
+        shared = parameter_sharing(model)
+        tied = {name: shared(name) for name, _ in layers if shared(name)}
+        if tied:  # one weight under two masks, counted twice in the distribution
+            listing = "; ".join(f"{n!r} shares {', '.join(o)}" for n, o in tied.items())
+            raise ValueError(
+                f"sparse training keeps one mask per layer, and these layers share parameters "
+                f"(tied weights, or one module under two names): {listing}; exclude all but one"
             )
         shapes = {name: tuple(layer_weight(m).shape) for name, m in layers}
         dense = set()

@@ -32,16 +32,18 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
-from slimtorch.core.io import atomic_write
-from slimtorch.prune.storage import expand_state_dict, nonzero_mask, pack_bits, read_safetensors
+from slimtorch.prune.storage import (
+    expand_state_dict,
+    nonzero_mask,
+    pack_bits,
+    unpack_bits,
+)
 
-FORMATS = ("dense", "bitmask", "csr", "bsr", "nm24")
+FORMATS = ("dense", "bitmask", "csr", "bsr", "nm24", "bits")
 BLOCKS = ((2, 2), (4, 4), (8, 8), (16, 16), (32, 32))
 SEP = "::"
 PARTS = {
@@ -50,6 +52,7 @@ PARTS = {
     "csr": ("crow", "col", "values", "shape"),
     "bsr": ("crow", "col", "values", "block", "shape"),
     "nm24": ("values", "index", "shape"),
+    "bits": ("bits", "shape"),  # bool tensors (pruning masks): 8 flags a byte
 }
 """The parts each format's encoding holds."""
 Parts = dict[str, torch.Tensor]
@@ -95,8 +98,8 @@ def _decoded_shape(parts: Mapping[str, torch.Tensor], fmt: str) -> list[int]:
 def _check_tensor(t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 0:
-        raise ValueError("a 0-d tensor has no sparse format; store it dense")
+    if t.dim() == 0 or t.numel() == 0:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} has no sparse format; store it dense")
     return t.detach().cpu().contiguous()
 
 
@@ -312,9 +315,9 @@ def encode(t: torch.Tensor, fmt: str) -> Parts:
         >>> sorted(encode(torch.eye(4), "csr"))
         ['col', 'crow', 'shape', 'values']
     """
+    if fmt == "dense" and isinstance(t, torch.Tensor) and t.dim():
+        return {"dense": t.detach().cpu().contiguous()}  # empty tensors too
     t = _check_tensor(t)
-    if fmt == "dense":
-        return {"dense": t}
     if fmt in ("bitmask", "csr"):
         if not t.is_floating_point():
             raise ValueError(f"{fmt} stores floating tensors; got {t.dtype}")
@@ -323,6 +326,10 @@ def encode(t: torch.Tensor, fmt: str) -> Parts:
         return encode_bsr(t)
     if fmt == "nm24":
         return encode_nm24(t)
+    if fmt == "bits":
+        if t.dtype != torch.bool:
+            raise ValueError(f"bits stores bool tensors; got {t.dtype}")
+        return {"bits": pack_bits(t), "shape": _shape_tensor(t)}
     raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
@@ -348,6 +355,15 @@ def decode(parts: Mapping[str, torch.Tensor], fmt: str) -> torch.Tensor:
         return decode_bsr(parts)
     if fmt == "nm24":
         return decode_nm24(parts)
+    if fmt == "bits":
+        shape, bits = _decoded_shape(parts, fmt), _int_part(parts, "bits", fmt)
+        numel = math.prod(shape)
+        if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
+            raise ValueError(
+                f"bits part holds {bits.numel()} {bits.dtype} values, expected "
+                f"{(numel + 7) // 8} uint8 for shape {shape}; the data is truncated or damaged"
+            )
+        return unpack_bits(bits, numel).view(shape)
     raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
@@ -387,98 +403,3 @@ def smallest_format(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> str:
     if not sizes:
         raise ValueError(f"none of the formats {list(formats)} applies; include 'dense'")
     return min(sizes, key=lambda f: (sizes[f], list(formats).index(f)))
-
-
-def pack_state_dict(
-    state_dict: Mapping[str, torch.Tensor], formats: Sequence[str] = FORMATS
-) -> dict[str, torch.Tensor]:
-    """Each tensor in its smallest format of ``formats`` (dense ones keep their key).
-
-    Example:
-        >>> w = torch.zeros(16, 16)
-        >>> w[:, ::8] = 1.0
-        >>> sorted(pack_state_dict({"w": w, "b": torch.ones(3)}))
-        ['b', 'w::bitmask::bitmask', 'w::bitmask::shape', 'w::bitmask::values']
-    """
-    if isinstance(formats, str):
-        raise ValueError(f"formats must be a list of format names, got the string {formats!r}")
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if SEP in key:
-            raise ValueError(f"state dict key {key!r} contains {SEP!r}, which marks packed parts")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state dict value {key!r} is a {type(tensor).__name__}")
-        fmt = "dense"
-        if tensor.dim() and tensor.is_floating_point():
-            fmt = smallest_format(tensor, ("dense", *[f for f in formats if f != "dense"]))
-        if fmt == "dense":
-            out[key] = tensor.detach().cpu().contiguous()
-            continue
-        for part, value in encode(tensor, fmt).items():
-            out[f"{key}{SEP}{fmt}{SEP}{part}"] = value
-    return out
-
-
-def unpack_state_dict(packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state_dict`, bit-exact, in the original key order.
-
-    Example:
-        >>> sd = {"w": torch.eye(8)}
-        >>> torch.equal(unpack_state_dict(pack_state_dict(sd))["w"], sd["w"])
-        True
-    """
-    groups: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
-    order: list[str] = []
-    out: dict[str, torch.Tensor] = {}
-    for name, value in packed.items():
-        key, fmt, part = [*name.split(SEP), "", ""][:3]
-        if key not in groups and key not in out:
-            order.append(key)
-        if not fmt:
-            out[key] = value
-            continue
-        if fmt not in FORMATS or not part:
-            raise ValueError(f"packed entry {name!r} is not '<key>::<format>::<part>'")
-        groups.setdefault(key, (fmt, {}))[1][part] = value
-    for key, (fmt, parts) in groups.items():
-        missing = sorted(set(PARTS[fmt]) - set(parts))
-        if missing:
-            raise ValueError(
-                f"packed entry {key!r} ({fmt}) is missing part(s) {missing}; the file is "
-                "truncated or was not written by pack_state_dict"
-            )
-        try:
-            out[key] = decode(parts, fmt)
-        except ValueError as exc:
-            raise ValueError(f"packed entry {key!r} ({fmt}): {exc}") from None
-    return {k: out[k] for k in order}
-
-
-def save_packed(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    formats: Sequence[str] = FORMATS,
-) -> Path:
-    """Write :func:`pack_state_dict` to a safetensors file, atomically.
-
-    Example:
-        >>> save_packed(model.state_dict(), "out/sparse.safetensors")  # doctest: +SKIP
-    """
-    from safetensors.torch import save_file
-
-    packed = {k: v.clone() for k, v in pack_state_dict(state_dict, formats).items()}
-    meta = {"format": "slimtorch.sparse.packed", "version": "1"}
-    return atomic_write(path, lambda p: save_file(packed, p, metadata=meta))
-
-
-def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_packed` as a dense state dict (CPU).
-
-    Raises:
-        ValueError: ``path`` is not a complete safetensors file, or an entry in it is corrupt
-            (the message names the entry).
-
-    Example:
-        >>> model.load_state_dict(load_packed("out/sparse.safetensors"))  # doctest: +SKIP
-    """
-    return unpack_state_dict(read_safetensors(path))

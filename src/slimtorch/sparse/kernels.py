@@ -237,6 +237,13 @@ class SparseConv2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # one unbatched (C, H, W) image, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SparseConv2d expects (N, {self.in_channels}, H, W) or ({self.in_channels}, H, "
+                f"W) input, got shape {tuple(x.shape)}"
+            )
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N,K,L)

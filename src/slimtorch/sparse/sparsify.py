@@ -40,7 +40,7 @@ from slimtorch.core.config import check_bool
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
-from slimtorch.core.surgery import own_forward_reason, require_values
+from slimtorch.core.surgery import replacement_blockers, require_values
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.formats import is_2to4
 from slimtorch.sparse.kernels import (
@@ -312,6 +312,7 @@ def sparsify_(
         raise ValueError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
     target = None if device is None else resolve_device(device)
     layers = select_layers(model, include, exclude)
+    blocked = replacement_blockers(model, layers)  # own forward, read directly, shared, tied
     home = _model_device(model)
     if target is not None:  # moved only once every argument is known to be good
         model.to(target)
@@ -335,8 +336,8 @@ def sparsify_(
             row.action, row.reason = "skipped", "not called by example_input; nothing to measure"
             continue
         row.input_shape = list(x.shape)
-        if (own := own_forward_reason(module)) is not None:
-            row.action, row.reason = "skipped", own
+        if name in blocked:
+            row.action, row.reason = "skipped", blocked[name]
             continue
         if isinstance(module, nn.Conv2d) and conv_lowering_skip(module):
             row.action = "skipped"
