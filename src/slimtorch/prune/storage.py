@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -114,6 +114,18 @@ def _encode_csr(t: torch.Tensor, nz: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def checked_items(
+    state_dict: Mapping[str, torch.Tensor], what: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``state_dict``'s items, refusing a key holding the part separator and a non-tensor."""
+    for key, tensor in state_dict.items():
+        if SEP in key:
+            raise ValueError(f"state dict key {key!r} contains {SEP!r}, which marks {what} parts")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state dict value {key!r} is a {type(tensor).__name__}, not a tensor")
+        yield key, tensor
+
+
 def compact_state_dict(
     state_dict: Mapping[str, torch.Tensor], *, format: str = "auto"
 ) -> dict[str, torch.Tensor]:
@@ -141,11 +153,7 @@ def compact_state_dict(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if SEP in key:
-            raise ValueError(f"state dict key {key!r} contains {SEP!r}, which marks compact parts")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state dict value {key!r} is a {type(tensor).__name__}, not a tensor")
+    for key, tensor in checked_items(state_dict, "compact"):
         t = tensor.detach().cpu().contiguous()
         shape = torch.tensor(list(t.shape), dtype=torch.int64)
         candidates: list[dict[str, torch.Tensor]] = [{"": t}]

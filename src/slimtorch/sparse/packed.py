@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.io import atomic_write
-from slimtorch.prune.storage import read_safetensors
+from slimtorch.prune.storage import checked_items, read_safetensors
 from slimtorch.sparse.formats import FORMATS, PARTS, SEP, decode, encode, smallest_format
 
 
@@ -36,11 +36,7 @@ def pack_state_dict(
     if isinstance(formats, str):
         raise ValueError(f"formats must be a list of format names, got the string {formats!r}")
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if SEP in key:
-            raise ValueError(f"state dict key {key!r} contains {SEP!r}, which marks packed parts")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state dict value {key!r} is a {type(tensor).__name__}")
+    for key, tensor in checked_items(state_dict, "packed"):
         fmt = "dense"
         if tensor.dim() and (tensor.is_floating_point() or tensor.dtype == torch.bool):
             # bool: pruning masks, a byte a flag when dense
