@@ -7,8 +7,8 @@ per tensor or ``(C,)`` per channel along ``ch_axis``. Symmetric parameters map
 (always widened to include 0, so zero is exact) onto the full range.
 
 - :class:`MinMaxObserver`: the running minimum and maximum.
-- :class:`PercentileObserver`: clips at the ``percentile`` of the values seen (from a
-  2048-bin histogram per tensor; per channel, the mean of per-batch quantiles).
+- :class:`PercentileObserver`: clips at the ``percentile`` of the values seen (the mean of
+  per-batch quantiles, per tensor or per channel).
 - :class:`MSEObserver`: searches the clipping range that minimises the mean squared
   quantization error over (an even subsample of) the values seen, as in
   Banner, Nahshan & Soudry, 2019, "Post-training 4-bit quantization of convolutional networks
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int4": (-8, 7)}
-_BINS = 2048
 
 
 def qparams_from_range(
@@ -183,50 +182,23 @@ class MinMaxObserver(Observer):
         return self.lo, self.hi
 
 
-class _HistogramObserver(MinMaxObserver):
-    """Per tensor: a histogram over ``[min, max]`` (re-binned as the range grows)."""
+class PercentileObserver(MinMaxObserver):
+    """Clip at the ``percentile`` (and ``100 - percentile``) of the observed values: the mean
+    over batches of each batch's exact quantiles (per channel, or of the whole tensor).
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.hist: torch.Tensor | None = None
-        self.edges: tuple[float, float] = (0.0, 0.0)
-        self.samples: list[torch.Tensor] = []
-
-    def _update(self, rows: torch.Tensor) -> None:
-        super()._update(rows)
-        if self.per_channel:
-            self._update_channels(rows)
-            return
-        assert self.lo is not None and self.hi is not None
-        lo, hi = float(self.lo.min()), float(self.hi.max())
-        if hi <= lo:
-            hi = lo + 1e-8
-        if self.hist is None:
-            self.hist = torch.zeros(_BINS, dtype=torch.float64)
-        elif (lo, hi) != self.edges:  # move old counts to the bins of the wider range
-            old_lo, old_hi = self.edges
-            centers = old_lo + (torch.arange(_BINS, dtype=torch.float64) + 0.5) * (
-                (old_hi - old_lo) / _BINS
-            )
-            idx = ((centers - lo) / (hi - lo) * _BINS).long().clamp(0, _BINS - 1)
-            self.hist = torch.zeros(_BINS, dtype=torch.float64).index_add_(0, idx, self.hist)
-        self.edges = (lo, hi)
-        self.hist += torch.histc(rows.reshape(-1), _BINS, lo, hi).double()
-
-    def _update_channels(self, rows: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def _centers(self) -> torch.Tensor:
-        lo, hi = self.edges
-        return lo + (torch.arange(_BINS, dtype=torch.float64) + 0.5) * ((hi - lo) / _BINS)
-
-
-class PercentileObserver(_HistogramObserver):
-    """Clip at the ``percentile`` (and ``100 - percentile``) of the observed values.
+    A histogram over ``[min, max]`` would put its quantiles on bins of width ``range / bins``:
+    one outlier a thousand times the typical value puts all the other data in the first bin,
+    and the clipping range at that bin's centre, far outside the data.
 
     Args:
         percentile: In ``(50, 100]``; 100 is min-max.
         **kwargs: As :class:`Observer`.
+
+    Example:
+        >>> obs = PercentileObserver(percentile=99.0, dtype="int8", symmetric=True)
+        >>> obs.update(torch.cat([torch.linspace(-1, 1, 10001), torch.tensor([1e5])]))
+        >>> [round(float(v), 2) for v in obs.range()]
+        [-0.98, 0.98]
     """
 
     def __init__(self, percentile: float = 99.99, **kwargs: object) -> None:
@@ -237,28 +209,20 @@ class PercentileObserver(_HistogramObserver):
         self.q_lo: list[torch.Tensor] = []
         self.q_hi: list[torch.Tensor] = []
 
-    def _update_channels(self, rows: torch.Tensor) -> None:
-        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
-        # torch.quantile is limited to 16M elements: subsample wide rows evenly
-        step = max(1, math.ceil(rows.shape[1] / 100_000))
-        qs = torch.quantile(rows[:, ::step], q, dim=1)  # (2, C)
+    def _update(self, rows: torch.Tensor) -> None:
+        super()._update(rows)  # min and max: the range at percentile 100
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], dtype=rows.dtype)
+        # torch.quantile takes at most 16M elements: subsample wide rows evenly, to 1M a row
+        per_row = max(1, min(1_000_000, 16_000_000 // rows.shape[0]))
+        step = max(1, math.ceil(rows.shape[1] / per_row))
+        qs = torch.quantile(rows[:, ::step], q, dim=1)  # (2, C), one C per tensor
         self.q_lo.append(qs[0])
         self.q_hi.append(qs[1])
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.per_channel:
-            return torch.stack(self.q_lo).mean(0), torch.stack(self.q_hi).mean(0)
-        assert self.hist is not None
-        cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
-        centers = self._centers()
-        tail = 1 - self.percentile / 100
-        i_lo = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
-        i_hi = int(torch.searchsorted(cdf, torch.tensor(1 - tail, dtype=torch.float64)))
-        lo = centers[min(i_lo, _BINS - 1)] if tail > 0 else torch.tensor(self.edges[0])
-        hi = centers[min(i_hi, _BINS - 1)] if tail > 0 else torch.tensor(self.edges[1])
         if self.percentile == 100:
-            lo, hi = torch.tensor(self.edges[0]), torch.tensor(self.edges[1])
-        return lo.float().reshape(1), hi.float().reshape(1)
+            return super().range()
+        return torch.stack(self.q_lo).mean(0).float(), torch.stack(self.q_hi).mean(0).float()
 
 
 def _fq_error(
