@@ -148,3 +148,19 @@ def test_static_ptq_on_fashion_mnist(shared_data) -> None:
     assert acc_fp32 > 0.75
     assert acc_int8 >= acc_fp32 - 0.01
     assert report.to_dict()["totals"]["ratio"] > 3.5
+
+
+def test_layers_outside_the_selection_keep_float_outputs() -> None:
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28, num_classes=10).eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    only_fc = copy.deepcopy(model)
+    report = quantize_(only_fc, PTQConfig(mode="static"), calib, include=["fc"])
+    assert [r.name for r in report.quantized] == ["fc"]
+    assert not [n for n, m in only_fc.named_modules() if isinstance(m, QDQAct)]
+    assert "layer1.0.conv2.weight" in only_fc.state_dict()  # not wrapped, not renamed
+    no_layer1 = copy.deepcopy(model)
+    quantize_(no_layer1, PTQConfig(mode="static"), calib, exclude=["layer1.*"])
+    wrapped = [n for n, m in no_layer1.named_modules() if isinstance(m, QDQAct)]
+    assert wrapped and not [n for n in wrapped if n.startswith("layer1.")]

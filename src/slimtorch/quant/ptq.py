@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import logging
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -182,19 +182,31 @@ def _weight_scale(module: nn.Module, cfg: PTQConfig, name: str) -> torch.Tensor:
     return scale.reshape(-1).expand(w.shape[0]).clone().float()  # (C_out,)
 
 
+_LAYOUT = ("view", "reshape", "permute", "contiguous", "flatten")
+
+
 def _follow(node: Any, modules: dict[str, nn.Module]) -> Any:
-    """Skip ``nn.Identity`` modules (folded BatchNorms, identity shortcuts) backwards."""
-    while (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_module"
-        and isinstance(modules.get(str(node.target)), nn.Identity)
+    """Skip ``nn.Identity`` modules (folded BatchNorms, identity shortcuts) and layout-only
+    methods (the GEMM form's view and permute back to NCHW) backwards."""
+    while isinstance(node, torch.fx.Node) and (
+        (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity))
+        or (node.op == "call_method" and node.target in _LAYOUT)
     ):
         node = node.args[0] if node.args else None
     return node
 
 
-def residual_points(model: nn.Module, layers: Iterable[str]) -> tuple[set[str], set[str], str]:
+def residual_points(
+    model: nn.Module,
+    layers: Iterable[str],
+    may_wrap: Callable[[str], bool] = lambda name: True,
+) -> tuple[set[str], set[str], str]:
     """Where static PTQ quantizes around residual adds, found on the ``torch.fx`` graph.
+
+    An add is quantized only when a layer of ``layers`` feeds it and every other module it
+    reads (and the ReLU after it) may be wrapped: not a conv/linear layer left out of
+    ``layers`` (excluded, or skipped as first/last), and ``may_wrap(name)`` (the ``include``/
+    ``exclude`` globs); otherwise the add stays float and nothing around it changes.
 
     Returns:
         ``(layer_outputs, activations, note)``: names in ``layers`` whose output feeds an add
@@ -225,15 +237,29 @@ def residual_points(model: nn.Module, layers: Iterable[str]) -> tuple[set[str], 
         )
         if not is_add:
             continue
-        for arg in node.args[:2]:
-            src = _follow(arg, modules)
-            if isinstance(src, torch.fx.Node) and src.op == "call_module":
-                (outs if str(src.target) in targets else acts).add(str(src.target))
+        srcs = [_follow(arg, modules) for arg in node.args[:2]]
+        names = [
+            str(s.target) for s in srcs if isinstance(s, torch.fx.Node) and s.op == "call_module"
+        ]
         users = list(node.users)
+        relu = None
         if len(users) == 1 and users[0].op == "call_module":
-            module = modules.get(str(users[0].target))
-            if isinstance(module, nn.ReLU | nn.ReLU6):
-                acts.add(str(users[0].target))
+            if isinstance(modules.get(str(users[0].target)), nn.ReLU | nn.ReLU6):
+                relu = str(users[0].target)
+        others = [n for n in [*names, *([relu] if relu else [])] if n not in targets]
+        # a module with weights here, none of them a quantized layer's (the GEMM form wraps
+        # one), is a layer left out of ``layers``
+        owns = [
+            n
+            for n in others
+            if next(modules[n].parameters(), None) is not None
+            and not any(t.startswith(n + ".") for t in targets)
+        ]
+        left_float = [*owns, *(n for n in others if not may_wrap(n))]
+        if not any(n in targets for n in names) or left_float:
+            continue  # no quantized layer feeds it, or a module around it must stay as it is
+        outs.update(n for n in names if n in targets)
+        acts.update(others)
     return outs, acts, ""
 
 
@@ -398,7 +424,9 @@ def quantize_(
         outs: set[str] = set()
         acts: set[str] = set()
         if config.quantize_residuals:
-            outs, acts, note = residual_points(work, chosen)
+            outs, acts, note = residual_points(
+                work, chosen, lambda name: selected(name, include, exclude)
+            )
             if note:
                 info["residual_note"] = note
         ins, out_obs, act_obs = _calibrate(work, chosen, outs, acts, batches, config)
