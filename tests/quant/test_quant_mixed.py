@@ -133,6 +133,7 @@ def test_size_budget_is_met_and_choices_are_explained(tmp_path: Path) -> None:
     assert report.est_latency_before_s and report.est_latency_after_s
     save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.0], std=[1.0],
                class_names=[str(i) for i in range(10)])  # fmt: skip
+    assert report.saved_bytes_after == (tmp_path / "m" / "model.safetensors").stat().st_size
     loaded, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), out)

@@ -16,7 +16,9 @@ the result always fits the real budget).
 Sizes are deployed bytes: int4 weights packed two per byte (see
 :func:`~slimtorch.quant.mixed_sensitivity.layer_bytes`). The report also gives the bytes the
 model holds in memory now (``stored_bytes_after``), where 4-bit values sit in int8 tensors, and
-the bytes of its state dict as saved (``saved_bytes_after``: 4-bit weights packed two per byte).
+the size of the ``model.safetensors`` file ``save_model`` writes (``saved_bytes_after``: 4-bit
+weights packed two per byte, plus the file's header of tensor names and shapes, which the budget
+does not count: a few kilobytes for resnet20).
 
 Example:
     >>> from slimtorch.models import create_model
@@ -43,6 +45,7 @@ from torch import nn
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
 from slimtorch.core.surgery import require_float32, require_submodules, require_values
+from slimtorch.models.io import saved_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.mixed_sensitivity import (
@@ -63,7 +66,8 @@ class MixedPrecisionConfig(Config):
     """Budget and candidates of a mixed-precision allocation (give exactly one budget).
 
     Attributes:
-        budget_bytes: Deployed model size limit in bytes.
+        budget_bytes: Deployed model size limit in bytes: the tensors' bytes, without the
+            saved file's header (``saved_bytes_after`` in the report counts it).
         size_ratio: Model at most ``fp32 size / size_ratio`` (5.0: five times smaller).
         latency_s: Estimated latency limit (roofline on ``profile``, first calibration batch).
         profile: Device profile of the latency budget and estimates.
@@ -402,7 +406,7 @@ def mixed_precision_(
     report.predicted_loss = sum(losses[n][c] for n, c in choice.items())
     report.size_after = round(rest_bytes + sum(sizes[n][c] for n, c in choice.items()))
     report.stored_bytes_after = model_size_bytes(work)
-    report.saved_bytes_after = sum(t.numel() * t.element_size() for t in work.state_dict().values())
+    report.saved_bytes_after = saved_bytes(work)  # the file save_model writes, header included
     report.est_latency_after_s = estimate_latency(work, example, config.profile).total_s
     if kind == "latency_s" and report.est_latency_after_s > limit:  # the model is as it was
         raise ValueError(
