@@ -270,3 +270,18 @@ def test_channels_last_pass_handles_float_elementwise_ops(tmp_path: Path) -> Non
     assert [n.op_type for n in nodes].count("Transpose") == 1
     ref = float(model(x).detach().abs().max())
     assert ref > 0.01 and compare_onnx(model, path, x) <= 0.05 * ref
+
+
+def test_a_model_with_two_outputs_is_named_not_compared_on_its_first(tmp_path: Path) -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x)
+
+    model = Two().eval()
+    path = export_onnx(model, tmp_path / "two.onnx", torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"has 2 outputs .*one output tensor"):
+        compare_onnx(model, path, torch.randn(4, 8))

@@ -370,6 +370,12 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
             f"input of shape {tuple(x.shape)} does not fit the ONNX model's input "
             f"{inp.name!r} of shape {tuple(want)}; give inputs of that shape"
         )
+    outputs = [o.name for o in session.get_outputs()]
+    if len(outputs) != 1:  # the first alone would pass for the model's answer
+        raise ValueError(
+            f"the ONNX model has {len(outputs)} outputs ({', '.join(outputs)}); run_onnx and "
+            "check_onnx compare models with one output tensor"
+        )
     arr = x.detach().cpu().numpy()
     arr = np.ascontiguousarray(arr, np.float16 if inp.type == "tensor(float16)" else np.float32)
     return torch.from_numpy(np.asarray(session.run(None, {inp.name: arr})[0])).float()
