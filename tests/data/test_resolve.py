@@ -142,6 +142,18 @@ def test_flipped_byte_is_a_checksum_error(shared_data: Path, isolated: Path, tmp
         load_dataset("mnist", "test", root=tmp_path / "c", download=False)
 
 
+def test_another_datasets_files_in_a_flat_root_are_named_and_passed_over(
+    shared_data: Path, isolated: Path, tmp_path: Path, monkeypatch
+) -> None:
+    flat = _copy_test_files(shared_data, tmp_path / "flat")  # MNIST's files, no subfolder
+    with pytest.raises(ChecksumError, match=r"flat holds mnist's test files, not fashion-mnist"):
+        load_dataset("fashion-mnist", "test", root=flat, download=False)
+    monkeypatch.setenv("SLIMTORCH_DATA", str(shared_data))  # a good copy further down
+    fashion = load_dataset("fashion-mnist", "test", root=flat, download=False)
+    mnist = load_dataset("mnist", "test", download=False)
+    assert fashion.name == "fashion-mnist/test" and not torch.equal(fashion.images, mnist.images)
+
+
 def test_truncated_file_is_rejected(shared_data: Path, isolated: Path, tmp_path: Path) -> None:
     folder = _copy_test_files(shared_data, tmp_path / "t" / "mnist")
     p = folder / "t10k-images-idx3-ubyte.gz"

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from slimtorch.core.errors import DataFormatError, DataNotFoundError
-from slimtorch.data.catalog import DatasetInfo, Layout, dataset_info
+from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
+from slimtorch.data.catalog import DatasetInfo, Layout, dataset_info, list_datasets
 from slimtorch.data.checksum import verify_file
 from slimtorch.data.dataset import ImageDataset
 from slimtorch.data.download import download_file, extract_tar_members
@@ -103,6 +103,13 @@ def find_dataset_files(
         >>> layout.files[1].md5  # the published checksum load_dataset verifies
         'ec29112dd5afa0611ce80d1b7f02629c'
     """
+    return next(_dataset_files(name, split, root), None)
+
+
+def _dataset_files(
+    name: str, split: str, root: str | os.PathLike[str] | None
+) -> Iterator[tuple[list[Path], Layout]]:
+    """Every folder (in resolution order) holding all files of one layout of ``name``."""
     info = dataset_info(name)
     _check_split(info, split)
     for folder in _candidate_folders(info, _roots(root)):
@@ -110,8 +117,8 @@ def find_dataset_files(
             paths = [folder / f.name for f in layout.files]
             if all(p.is_file() for p in paths):
                 logger.debug("found %s/%s in %s", name, split, folder)
-                return paths, layout
-    return None
+                yield paths, layout
+                break  # this folder's first complete layout
 
 
 def _download(info: DatasetInfo, split: str, mirrors: Sequence[str]) -> None:
@@ -222,9 +229,7 @@ def load_dataset(
         found = find_dataset_files(name, split, root=root)
         if found is None:  # pragma: no cover - the download wrote every file of the layout
             raise _not_found(info, split, root, "The download did not produce the files.")
-    paths, layout = found
-    for path, spec in zip(paths, layout.files, strict=True):
-        verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+    paths, layout = _verified(name, split, root, found)
     images, labels = layout.read(paths)
     _check_label_range(labels, len(info.classes), paths)
     logger.info("loaded %s/%s from %s: %d images", name, split, paths[0].parent, len(labels))
@@ -250,3 +255,52 @@ def _check_label_range(labels: torch.Tensor, classes: int, paths: Sequence[Path]
             f"dataset's {classes} classes, found values in [{low}, {high}]; the files are "
             "corrupt or belong to another dataset: delete them and download them again"
         )
+
+
+def _verified(
+    name: str,
+    split: str,
+    root: str | os.PathLike[str] | None,
+    found: tuple[list[Path], Layout],
+) -> tuple[list[Path], Layout]:
+    """The first candidate whose files match the published checksums. MNIST and Fashion-MNIST
+    share file names, so the files of one sitting straight in a data root are found for the
+    other: a folder holding another catalog dataset's files is passed over with a warning (or
+    named in the error when no later folder holds good files)."""
+    candidates = [found, *list(_dataset_files(name, split, root))[1:]]
+    for i, (paths, layout) in enumerate(candidates):
+        try:
+            for path, spec in zip(paths, layout.files, strict=True):
+                verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+        except ChecksumError as exc:
+            other = _other_dataset(name, split, paths)
+            if other is None:
+                raise  # damaged: the message says to delete it
+            why = f"{paths[0].parent} holds {other}'s {split} files, not {name}'s"
+            if i + 1 < len(candidates):
+                logger.warning("%s (same file names); looking further", why)
+                continue
+            raise ChecksumError(
+                f"{why} (the two share file names); keep each dataset in a folder of its own "
+                f"name ({paths[0].parent / name}/)"
+            ) from exc
+        return paths, layout
+    raise AssertionError("unreachable: candidates holds at least one entry")
+
+
+def _other_dataset(name: str, split: str, paths: Sequence[Path]) -> str | None:
+    """The catalog dataset other than ``name`` whose published files these are, if any."""
+    for other in list_datasets():
+        info = dataset_info(other)
+        if other == name or split not in info.layouts:
+            continue
+        for layout in info.layouts[split]:
+            if [f.name for f in layout.files] != [p.name for p in paths]:
+                continue
+            try:
+                for path, spec in zip(paths, layout.files, strict=True):
+                    verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+            except ChecksumError:
+                continue
+            return other
+    return None
