@@ -284,7 +284,7 @@ def test_profile_refuses_what_it_cannot_run_or_write(
     broken = _with_input_shape(model_dir, tmp_path / "sizes", [1, 16, 16])  # built for 8x8
     base = ["profile", "--device", "cpu", "--profiles", " rx580 , h100-sxm"]  # spaces are fine
     assert main([*base, "--in", str(broken)]) == 2
-    assert "is 16x16 but the architecture was built for 8x8 images" in _error(capsys)
+    assert "input_shape (1, 16, 16) does not fit mlp's layers" in _error(capsys)
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)  # a model directory that is not the one read
     assert main([*base, "--in", str(model_dir), "--json", str(other / "config.json")]) == 2

@@ -215,7 +215,9 @@ def test_a_card_whose_image_size_the_model_cannot_take_is_refused(tmp_path: Path
     config = json.loads((out / "config.json").read_text())
     config["input_shape"] = [3, 28, 28]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"is 28x28 but the architecture was built for 32x32"):
+    with pytest.raises(
+        ModelLoadError, match=r"input_shape \(3, 28, 28\) does not fit lenet5's layers"
+    ):
         load_model(out)
 
 
@@ -226,11 +228,18 @@ def test_a_compiled_model_is_named_as_such(tmp_path: Path) -> None:
         _save(compiled, tmp_path / "a")
 
 
+def test_a_size_agnostic_architecture_takes_other_image_sizes(tmp_path: Path) -> None:
+    model = create_model("resnet20", in_channels=3)  # built for the default 28, runs at 32
+    _save(model, tmp_path / "r", input_shape=(3, 32, 32))
+    loaded, card = load_model(tmp_path / "r")
+    assert card.input_shape == (3, 32, 32) and loaded(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_save_argument_checks(tmp_path: Path) -> None:
     model = create_model("lenet5", in_channels=3, input_size=32)
     with pytest.raises(ValueError, match="input_shape has 1 channels but the model"):
         _save(model, tmp_path / "a", input_shape=(1, 32, 32))
-    with pytest.raises(ValueError, match="input_shape is 28x28 but the model was built with input"):
+    with pytest.raises(ValueError, match=r"\(3, 28, 28\) does not fit lenet5's layers as built"):
         _save(model, tmp_path / "a", input_shape=(3, 28, 28))
     with pytest.raises(ValueError, match="mean must be 1 or 3 numbers"):
         _save(model, tmp_path / "a", mean=[0.1, 0.2])

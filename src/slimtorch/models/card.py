@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,6 @@ def _check_card(cfg: dict[str, Any], kwargs: dict[str, Any], shape: list[int]) -
             f"input_shape {shape!r} has {channels} channels but the architecture has "
             f"in_channels={kwargs['in_channels']!r}"
         )
-    size = kwargs.get("input_size")
-    if isinstance(size, int) and not isinstance(size, bool) and list(shape[1:]) != [size, size]:
-        raise ValueError(
-            f"input_shape {shape!r} is {'x'.join(map(str, shape[1:]))} but the architecture was "
-            f"built for {size}x{size} images (input_size={size})"
-        )
     for name in ("mean", "std"):
         vals = [float(v) for v in cfg[name]]
         if len(vals) not in (1, channels) or not all(math.isfinite(v) for v in vals):
@@ -190,6 +185,9 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         ):
             raise ValueError(f"input_shape must be [channels, height, width] >= 1, got {shape!r}")
         _check_card(cfg, arch["kwargs"], shape)
+        why = shape_misfit(arch["name"], arch["kwargs"], shape)
+        if why is not None:
+            raise ValueError(why)
         return ModelCard(
             architecture={"name": arch["name"], "kwargs": dict(arch["kwargs"])},
             transforms=list(cfg.get("transforms", [])),
@@ -241,3 +239,33 @@ def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> dic
     merged = {**card.metrics, **metrics}
     atomic_write_json(_resolve_dir(root) / METRICS_FILE, merged)
     return merged
+
+
+def shape_misfit(name: str, kwargs: dict[str, Any], shape: Sequence[int]) -> str | None:
+    """Why the zoo architecture ``name(**kwargs)`` cannot run on ``(1, *shape)`` inputs, or
+    None (it runs, or is not one this can build). Built and run on the meta device: no weights,
+    no arithmetic. resnet20 built for 28x28 images runs on 32x32 ones; an mlp or a lenet5 does
+    not.
+
+    Example:
+        >>> shape_misfit("mlp", {"in_channels": 1, "input_size": 28}, (1, 32, 32))[:42]
+        "input_shape (1, 32, 32) does not fit mlp's"
+    """
+    import torch
+
+    from slimtorch.models.registry import create_model  # (the registry imports this module)
+
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    except Exception:
+        return None  # not buildable here: the rebuild on load says why
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, *shape, device="meta"))
+    except Exception as exc:  # a shape error, in whatever type the layer raises it
+        return (
+            f"input_shape {tuple(shape)} does not fit {name}'s layers as built with {kwargs} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
+    return None

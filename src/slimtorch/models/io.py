@@ -52,6 +52,7 @@ from slimtorch.models.card import (
     _backup_dir,
     _resolve_dir,
     read_model_card,
+    shape_misfit,
 )
 from slimtorch.models.registry import create_model
 from slimtorch.models.transforms import _arch, replay_transforms
@@ -222,12 +223,8 @@ def save_model(
             f"input_shape has {shape[0]} channels but the model was built with in_channels="
             f"{kwargs['in_channels']}; pass the shape the model takes"
         )
-    size = kwargs.get("input_size")
-    if isinstance(size, int) and not isinstance(size, bool) and shape[1:] != (size, size):
-        raise ValueError(
-            f"input_shape is {shape[1]}x{shape[2]} but the model was built with "
-            f"input_size={size}; pass the shape the model takes"
-        )
+    if (misfit := shape_misfit(arch["name"], kwargs, shape)) is not None:
+        raise ValueError(f"{misfit}; pass the shape the model takes")
     mean_l = _floats("mean", mean, shape[0])
     std_l = _floats("std", std, shape[0])
     if not all(math.isfinite(v) for v in mean_l + std_l):

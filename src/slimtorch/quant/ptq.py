@@ -183,6 +183,7 @@ def _weight_scale(module: nn.Module, cfg: PTQConfig, name: str) -> torch.Tensor:
 
 
 _LAYOUT = ("view", "reshape", "permute", "contiguous", "flatten")
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _follow(node: Any, modules: dict[str, nn.Module]) -> Any:
@@ -203,10 +204,10 @@ def residual_points(
 ) -> tuple[set[str], set[str], str]:
     """Where static PTQ quantizes around residual adds, found on the ``torch.fx`` graph.
 
-    An add is quantized only when a layer of ``layers`` feeds it and every other module it
-    reads (and the ReLU after it) may be wrapped: not a conv/linear layer left out of
-    ``layers`` (excluded, or skipped as first/last), and ``may_wrap(name)`` (the ``include``/
-    ``exclude`` globs); otherwise the add stays float and nothing around it changes.
+    An add is quantized only when every module it reads (and the ReLU after it) is a layer of
+    ``layers`` or may be wrapped: not a conv/linear layer left out of
+    ``layers`` (excluded, or skipped as first/last), and ``may_wrap(name)`` (not matched by an
+    ``exclude`` glob); otherwise the add stays float and nothing around it changes.
 
     Returns:
         ``(layer_outputs, activations, note)``: names in ``layers`` whose output feeds an add
@@ -247,17 +248,12 @@ def residual_points(
             if isinstance(modules.get(str(users[0].target)), nn.ReLU | nn.ReLU6):
                 relu = str(users[0].target)
         others = [n for n in [*names, *([relu] if relu else [])] if n not in targets]
-        # a module with weights here, none of them a quantized layer's (the GEMM form wraps
-        # one), is a layer left out of ``layers``
-        owns = [
-            n
-            for n in others
-            if next(modules[n].parameters(), None) is not None
-            and not any(t.startswith(n + ".") for t in targets)
-        ]
-        left_float = [*owns, *(n for n in others if not may_wrap(n))]
-        if not any(n in targets for n in names) or left_float:
-            continue  # no quantized layer feeds it, or a module around it must stay as it is
+        # a conv/linear here is a layer left out of ``layers`` (excluded, first/last); a
+        # module wrapping a quantized one (the GEMM form) and a batch norm are not
+        kept = [n for n in others if isinstance(modules[n], _LAYER_TYPES)]
+        left_float = [*kept, *(n for n in others if not may_wrap(n))]
+        if not names or left_float:
+            continue  # only functions feed it, or a module around it must stay as it is
         outs.update(n for n in names if n in targets)
         acts.update(others)
     return outs, acts, ""
@@ -424,8 +420,9 @@ def quantize_(
         outs: set[str] = set()
         acts: set[str] = set()
         if config.quantize_residuals:
+            # include picks layers; a ReLU or shortcut is kept float only when excluded
             outs, acts, note = residual_points(
-                work, chosen, lambda name: selected(name, include, exclude)
+                work, chosen, lambda name: selected(name, None, exclude)
             )
             if note:
                 info["residual_note"] = note
