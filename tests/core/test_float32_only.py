@@ -56,3 +56,16 @@ def test_a_cast_model_is_refused_before_anything_changes(verb: str) -> None:
     after = net.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert net(X).shape == (2, 4)  # still runs
+
+
+@pytest.mark.parametrize("verb", ["prune_channels_", "lower_conv_gemm_", "lower_direct_conv_"])
+def test_a_float64_model_is_taken(verb: str) -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+    ).double().eval()  # fmt: skip
+    x = X.double()
+    CALLS[verb](net) if verb != "prune_channels_" else prune_channels_(
+        net, ChannelPruneConfig(ratio=0.5), x
+    )
+    assert net(x).dtype == torch.float64

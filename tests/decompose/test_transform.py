@@ -317,6 +317,13 @@ def test_a_frozen_layer_stays_frozen(net: TinyNet, config) -> None:
         assert flags == ({False} if name in ("head", "features.3") else {True}), name
 
 
+def test_a_trainable_bias_stays_trainable_when_the_weight_is_frozen(net: TinyNet) -> None:
+    net.head.weight.requires_grad_(False)  # train only the bias
+    decompose_(net, SVDConfig(rank=0.5), include=["head"])
+    flags = {n: p.requires_grad for n, p in net.head.named_parameters()}
+    assert flags == {"first.weight": False, "last.weight": False, "last.bias": True}
+
+
 def test_a_model_that_is_a_single_layer_is_refused() -> None:
     with pytest.raises(ValueError, match=r"decompose_ changes the layers .* Linear has none"):
         decompose_(nn.Linear(64, 64), SVDConfig(rank=0.25))

@@ -164,3 +164,19 @@ def test_layers_outside_the_selection_keep_float_outputs() -> None:
     quantize_(no_layer1, PTQConfig(mode="static"), calib, exclude=["layer1.*"])
     wrapped = [n for n, m in no_layer1.named_modules() if isinstance(m, QDQAct)]
     assert wrapped and not [n for n in wrapped if n.startswith("layer1.")]
+
+
+def test_unfolded_batch_norms_and_an_explicit_layer_list_keep_the_residual_qdq() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28, num_classes=10).eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+
+    def wrapped(**kw: object) -> int:
+        work = copy.deepcopy(model)
+        quantize_(work, PTQConfig(mode="static", **kw.pop("cfg", {})), calib, **kw)
+        return len([n for n, m in work.named_modules() if isinstance(m, QDQAct)])
+
+    default = wrapped()
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert default > 0 and wrapped(include=layers) == default  # include picks layers only
+    assert wrapped(cfg={"fold_bn": False}) > 0  # a batch norm before the add is no layer

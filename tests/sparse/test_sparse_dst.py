@@ -438,3 +438,10 @@ def test_tied_layers_are_refused_before_any_mask_is_drawn() -> None:
         callback.init_masks_(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_layer_tied_to_an_excluded_one_is_trained_sparse() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 4))
+    model[2].weight = model[0].weight  # 2 uses 0's (masked) weight and is left out
+    counts = make_sparse_callback("static", 0.5, exclude=["2"]).init_masks_(model)
+    assert set(counts) == {"0", "3"} and model[2].weight is model[0].weight

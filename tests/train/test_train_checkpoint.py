@@ -327,3 +327,17 @@ def test_a_resume_with_other_data_or_callbacks_is_refused_before_anything_change
     del state["run"]
     save_checkpoint(tmp_path / "checkpoint.pt", state)
     assert other.fit(ListLoader(X, Y, 8), resume=True).epoch == [1, 2]
+
+
+def test_resume_keeps_a_custom_eval_name_and_ignores_momentum_for_adamw(tmp_path: Path) -> None:
+    def run(resume: bool, **cfg: Any) -> Trainer:
+        torch.manual_seed(0)
+        trainer = Trainer(make_mlp(), _config(**cfg), out_dir=tmp_path)
+        trainer.eval_name = "dev"
+        trainer.fit(ListLoader(X, Y, 8), ListLoader(XV, YV, 16, shuffle=False), resume=resume)
+        return trainer
+
+    run(False, epochs=1, optimizer="adamw", lr=0.01)
+    # AdamW has no momentum: a changed momentum/nesterov changes nothing, so it is allowed
+    again = run(True, epochs=2, optimizer="adamw", lr=0.01, momentum=0.5, nesterov=False)
+    assert again.history.epoch == [1, 2] and again.history.eval_split == "dev"

@@ -83,6 +83,25 @@ def require_float32(
         )
 
 
+def carry_frozen(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``'s parameters ``old``'s ``requires_grad``: a frozen weight's replacement
+    (its factors, say) stays frozen, and a bias keeps its own setting (a model may train only
+    its biases).
+
+    Example:
+        >>> old = nn.Linear(4, 4)
+        >>> new = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 4))  # its factors
+        >>> _ = old.weight.requires_grad_(False)
+        >>> carry_frozen(old, new)
+        >>> [p.requires_grad for p in new.parameters()]
+        [False, False, True]
+    """
+    bias = getattr(old, "bias", None)
+    for name, param in new.named_parameters():
+        source = bias if name.endswith("bias") and isinstance(bias, torch.Tensor) else old.weight
+        param.requires_grad_(bool(source.requires_grad))
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (which must already exist).
 

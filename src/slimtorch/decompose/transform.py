@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core import surgery
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, selected
@@ -364,8 +365,7 @@ def _factorise_all(
             row.reason = f"decomposition failed: {type(exc).__name__}: {exc}"
         else:
             new = result.module.train(module.training)
-            if not module.weight.requires_grad:  # a frozen layer's factors stay frozen
-                new.requires_grad_(False)
+            surgery.carry_frozen(module, new)
             replacements[name] = new
             row.action, row.ranks, row.rel_error = "decomposed", result.ranks, result.rel_error
             row.params_after = count_params(new)

@@ -367,7 +367,7 @@ def lower_direct_conv_(
     """
     require_values(model, "lower_direct_conv_")
     check_bool("lower_direct_conv_", "strict", strict)
-    require_float32(model, "lower_direct_conv_", "lower the float32 model")
+    require_float32(model, "lower_direct_conv_", "lower the float32 model", also=(torch.float64,))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or DirectConvConfig()

@@ -297,7 +297,7 @@ def lower_conv_gemm_(
     """
     require_values(model, "lower_conv_gemm_")
     check_bool("lower_conv_gemm_", "strict", strict)
-    require_float32(model, "lower_conv_gemm_", "lower the float32 model")
+    require_float32(model, "lower_conv_gemm_", "lower the float32 model", also=(torch.float64,))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = config or GemmConvConfig()

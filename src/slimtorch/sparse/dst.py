@@ -133,8 +133,12 @@ class StaticSparse(MaskCallback):
                 f"no nn.Conv2d/nn.Linear layer of {type(model).__name__} matches "
                 f"include={self.include}, exclude={self.exclude}"
             )
-        shared = parameter_sharing(model)
-        tied = {name: shared(name) for name, _ in layers if shared(name)}
+        shared, targeted = parameter_sharing(model), {name for name, _ in layers}
+        tied = {  # a tie with an excluded layer is fine: it uses the masked weight
+            name: owners
+            for name, _ in layers
+            if (owners := [o for o in shared(name) if o.rpartition(".")[0] in targeted])
+        }
         if tied:  # one weight under two masks, counted twice in the distribution
             listing = "; ".join(f"{n!r} shares {', '.join(o)}" for n, o in tied.items())
             raise ValueError(

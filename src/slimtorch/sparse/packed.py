@@ -38,8 +38,9 @@ def pack_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, tensor in checked_items(state_dict, "packed"):
         fmt = "dense"
-        if tensor.dim() and (tensor.is_floating_point() or tensor.dtype == torch.bool):
-            # bool: pruning masks, a byte a flag when dense
+        if tensor.dim() and tensor.dtype == torch.bool and "bits" in formats:
+            fmt = smallest_format(tensor, ("dense", "bits"))  # masks: never smaller otherwise
+        elif tensor.dim() and (tensor.is_floating_point() or tensor.dtype == torch.bool):
             fmt = smallest_format(tensor, ("dense", *[f for f in formats if f != "dense"]))
         if fmt == "dense":
             out[key] = tensor.detach().cpu().contiguous()

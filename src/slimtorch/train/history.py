@@ -26,8 +26,9 @@ class History:
         lr: Learning rate of the first param group at the end of the epoch.
         images_per_s: Training samples per second over all ranks.
         epoch_time_s: Wall-clock seconds of the training part of the epoch.
-        eval_split: The split the ``val_*`` entries were measured on: ``"val"`` (a held-out part
-            of the training set) or ``"test"`` (runs that evaluate on the test split each epoch).
+        eval_split: The split the ``val_*`` entries were measured on (``Trainer.eval_name``):
+            ``"val"`` (a held-out part of the training set), ``"test"`` (runs that evaluate on
+            the test split each epoch), or a name the caller gave.
     """
 
     epoch: list[int] = dataclasses.field(default_factory=list)
@@ -80,8 +81,8 @@ class History:
         if unknown:
             raise ValueError(f"unknown History key(s) {unknown}; valid keys: {sorted(names)}")
         split = data.get("eval_split", "val")  # checkpoints written before the field: "val"
-        if split not in ("val", "test"):
-            raise ValueError(f"History eval_split must be 'val' or 'test', got {split!r}")
+        if not isinstance(split, str):
+            raise ValueError(f"History eval_split must be a split name, got {split!r}")
         columns = {k: list(v) for k, v in data.items() if k != "eval_split"}
         return cls(**columns, eval_split=str(split))
 

@@ -49,6 +49,7 @@ _OPTIMIZER_FIELDS = (
     "weight_decay",
     "decay_norm_and_bias",
 )
+_ADAMW_FIELDS = ("optimizer", "lr", "weight_decay", "decay_norm_and_bias")  # no momentum
 
 
 def check_not_diverged(trainer: Trainer, loss: float) -> None:
@@ -196,10 +197,11 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"whose learning rate is fixed by that length; resume with epochs={saved_epochs}, "
             "or start a new run (a cosine or step schedule can be extended)"
         )
+    used = _OPTIMIZER_FIELDS if trainer.config.optimizer == "sgd" else _ADAMW_FIELDS
     fixed = [
         f"{k}={saved_config[k]!r} (now {v!r})"
         for k, v in trainer.config.to_dict().items()
-        if k in _OPTIMIZER_FIELDS and k in saved_config and saved_config[k] != v
+        if k in used and k in saved_config and saved_config[k] != v
     ]
     if fixed:
         raise CheckpointError(

@@ -286,7 +286,7 @@ def prune_channels_(
     """
     require_values(model, "prune_channels_")
     check_bool("prune_channels_", "strict", strict)
-    require_float32(model, "prune_channels_", "prune channels, then cast")
+    require_float32(model, "prune_channels_", "prune channels, then cast", also=(torch.float64,))
     if not isinstance(config, ChannelPruneConfig):
         raise TypeError(f"config must be a ChannelPruneConfig, got {type(config).__name__}")
     _check_globs(model, include, exclude, "prune_channels_")
