@@ -191,3 +191,11 @@ def test_a_latency_budget_is_checked_with_the_casts_between_layers() -> None:
 def test_an_infinite_budget_is_refused(field: str) -> None:
     with pytest.raises(ValueError, match=rf"MixedPrecisionConfig\.{field} must be finite, got inf"):
         MixedPrecisionConfig(**{field: float("inf")})
+
+
+def test_an_exact_fit_of_the_least_loss_choice_is_not_lost_to_rounding() -> None:
+    losses = {"a": {"x": 0.0, "y": 1.0}, "b": {"x": 0.0, "y": 1.0}}
+    costs = {"a": {"x": 1 / 3, "y": 0.1}, "b": {"x": 2 / 3, "y": 0.1}}  # x + x == budget
+    # each cost rounded up to the 1/2000 grid: 667 + 1334 steps > 2000, yet it fits exactly
+    assert allocate(losses, costs, 1.0) == {"a": "x", "b": "x"}
+    assert allocate(losses, costs, 0.9) in ({"a": "x", "b": "y"}, {"a": "y", "b": "x"})

@@ -238,6 +238,9 @@ def allocate(
             f"no allocation fits: the cheapest options cost {cheapest:.6g} together, over the "
             f"budget of {budget:.6g}"
         )
+    best = {n: min(costs[n], key=lambda o, n=n: (losses[n][o], costs[n][o])) for n in names}
+    if sum(costs[n][best[n]] for n in names) <= budget:  # each layer's least loss fits: optimal
+        return best  # (the rounded-up costs below could push this exact fit over the budget)
     unit = budget / bins if budget > 0 else 1.0
     dp = np.full(bins + 1, np.inf)
     dp[0] = 0.0
