@@ -64,3 +64,11 @@ def test_model_config_defaults_and_errors() -> None:
     ):
         with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             parse_model_config(bad, name="m", settings=s)
+
+
+def test_python_m_slimtorch_serve_reports_a_bad_option_like_the_command(capsys, tmp_path) -> None:
+    from slimtorch.serve.__main__ import main
+
+    assert main(["--repository", str(tmp_path), "--api-key", "k1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimtorch serve: error: ServeSettings.api_key must be at least 8")

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-from slimtorch.cli import serve_cmd
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the ``slimtorch serve`` options and run the server."""
-    parser = argparse.ArgumentParser(prog="python -m slimtorch.serve")
-    sub = parser.add_subparsers(dest="command")
-    serve_cmd.add_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.handler(args))
+    """Parse the ``slimtorch serve`` options and run the server, with the command line's
+    handling of errors (a bad option value is one line and exit status 2, not a traceback)."""
+    from slimtorch.cli.main import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
