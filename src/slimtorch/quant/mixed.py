@@ -238,7 +238,7 @@ def allocate(
             f"no allocation fits: the cheapest options cost {cheapest:.6g} together, over the "
             f"budget of {budget:.6g}"
         )
-    best = {n: min(costs[n], key=lambda o, n=n: (losses[n][o], costs[n][o])) for n in names}
+    best = {n: _least_loss(losses[n], costs[n]) for n in names}
     if sum(costs[n][best[n]] for n in names) <= budget:  # each layer's least loss fits: optimal
         return best  # (the rounded-up costs below could push this exact fit over the budget)
     unit = budget / bins if budget > 0 else 1.0
@@ -268,6 +268,11 @@ def allocate(
         choice[n] = opts[i]
         b -= icost[i]
     return {n: choice[n] for n in names}
+
+
+def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
+    """The option of least loss (the cheaper one on a tie)."""
+    return min(cost, key=lambda o: (loss[o], cost[o]))
 
 
 def _reason(
