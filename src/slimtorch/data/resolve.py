@@ -270,8 +270,7 @@ def _verified(
     candidates = [found, *list(_dataset_files(name, split, root))[1:]]
     for i, (paths, layout) in enumerate(candidates):
         try:
-            for path, spec in zip(paths, layout.files, strict=True):
-                verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+            _verify(paths, layout)
         except ChecksumError as exc:
             other = _other_dataset(name, split, paths)
             if other is None:
@@ -298,9 +297,14 @@ def _other_dataset(name: str, split: str, paths: Sequence[Path]) -> str | None:
             if [f.name for f in layout.files] != [p.name for p in paths]:
                 continue
             try:
-                for path, spec in zip(paths, layout.files, strict=True):
-                    verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
+                _verify(paths, layout)
             except ChecksumError:
                 continue
             return other
     return None
+
+
+def _verify(paths: Sequence[Path], layout: Layout) -> None:
+    """Check each file against the layout's published size and digests."""
+    for path, spec in zip(paths, layout.files, strict=True):
+        verify_file(path, md5=spec.md5, sha256=spec.sha256, size=spec.size)
