@@ -70,6 +70,24 @@ def test_fp32_and_int8_qdq_match_pytorch(tmp_path) -> None:
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporary file
 
 
+def test_symmetric_activations_warn_for_onnxruntime_only(tmp_path: Path) -> None:
+    """ORT on x86 leaves int8 (symmetric) activations in float: the export says so."""
+    import warnings
+
+    x = torch.randn(16, 1, 10, 10, generator=torch.Generator().manual_seed(3))
+    sym = _model()
+    quantize_(sym, PTQConfig(mode="static", symmetric=True), calibration=[x])
+    with pytest.warns(UserWarning, match=r"conv0 \(and \d+ more\).*symmetric=False"):
+        path = export_onnx(sym, tmp_path / "s.onnx", x[:1], narrow_convs="int8")
+    assert ort_int8_ops(path).get("QLinearAdd", 0) == 0  # what the warning is about
+    affine = _model()
+    quantize_(affine, PTQConfig(mode="static"), calibration=[x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_onnx(sym, tmp_path / "p.onnx", x[:1], target="portable")
+        export_onnx(affine, tmp_path / "a.onnx", x[:1], narrow_convs="int8")
+
+
 def test_fp16_export_and_errors(tmp_path) -> None:
     model = _model()
     x = torch.randn(4, 1, 10, 10)

@@ -61,7 +61,9 @@ class PTQConfig(Config):
         observer: Activation range: ``"minmax"``, ``"percentile"`` or ``"mse"``.
         percentile: For the percentile observer, in ``(50, 100]``.
         per_channel: Per-output-channel weight scales (else one scale per layer).
-        symmetric: Symmetric int8 activations (zero point 0) instead of affine uint8.
+        symmetric: Symmetric int8 activations (zero point 0) instead of affine uint8. For
+            ONNX Runtime on x86 keep it off: ORT runs int8 activations in float there
+            (``export_onnx`` warns).
         weight_bits: 8, or 4 (stored in int8, computed by dequantizing: no int4 kernel).
         weight_observer: Weight range: ``"minmax"`` or ``"mse"``.
         calibration_batches: Most batches used from the calibration data.
