@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from slimtorch.serve.errors import InputFailed, ModelFault, NotReady, Overloaded
+from slimtorch.serve.logs import request_id
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 
@@ -73,6 +74,7 @@ class _Pending:
     sig: tuple[tuple[str, tuple[int, ...]], ...]
     future: asyncio.Future[Arrays]
     enqueued: float
+    request_id: str  # for the logs written while the batch runs
 
 
 class Batcher:
@@ -157,7 +159,7 @@ class Batcher:
         self._rate = 0.8 * self._rate + 0.2 / max(gap, 1e-6)
         sig = tuple(sorted((name, a.shape[1:]) for name, a in inputs.items()))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, sig, future, now))
+        self._queue.append(_Pending(inputs, rows, sig, future, now, request_id.get()))
         self._wakeup.set()
         self._gauge()
         return await future
@@ -210,7 +212,16 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _call(self, inputs: Arrays, rows: int) -> tuple[Arrays, float]:
+    def _call(self, ids: str, inputs: Arrays, rows: int) -> tuple[Arrays, float]:
+        # the pool's threads do not run in the requests' context: the logs written here (a
+        # model loaded on demand, an eviction) name the batch's requests
+        token = request_id.set(ids)
+        try:
+            return self._call_model(inputs, rows)
+        finally:
+            request_id.reset(token)
+
+    def _call_model(self, inputs: Arrays, rows: int) -> tuple[Arrays, float]:
         start = time.perf_counter()
         out = self.execute(inputs)
         seconds = time.perf_counter() - start
@@ -234,8 +245,9 @@ class Batcher:
                     for name in batch[0].inputs
                 }
             try:
+                ids = ",".join(dict.fromkeys(p.request_id for p in batch))
                 outputs, seconds = await loop.run_in_executor(
-                    self._executor, self._call, merged, rows
+                    self._executor, self._call, ids, merged, rows
                 )
             except InputFailed:
                 if len(batch) == 1:
@@ -272,7 +284,7 @@ class Batcher:
                 continue
             try:
                 outputs, _ = await loop.run_in_executor(
-                    self._executor, self._call, p.inputs, p.rows
+                    self._executor, self._call, p.request_id, p.inputs, p.rows
                 )
             except Exception as exc:
                 if not p.future.done():

@@ -197,7 +197,6 @@ class ModelServer:
 
     async def _startup_loads(self, names: set[str]) -> None:
         """Load the versions of start-up and pinned models; one that fails is not ready."""
-        loop = asyncio.get_running_loop()
         for name in sorted(names):
             entry = self.repository.models.get(name)
             if entry is None or entry.config is None:
@@ -209,7 +208,7 @@ class ModelServer:
                 if not ver.servable:
                     continue  # already reported as not ready
                 try:
-                    await loop.run_in_executor(None, self._load_now, entry, ver)
+                    await asyncio.to_thread(self._load_now, entry, ver)
                 except (NotReady, Overloaded) as exc:
                     if ver.state in (State.AVAILABLE, State.LOADING):  # no room, or no memory
                         ver.state = State.UNAVAILABLE
@@ -313,7 +312,6 @@ class ModelServer:
         entry = self.repository.get(name)
         if entry.config is None:
             raise NotReady(f"model {name!r} cannot be loaded: {entry.error}")
-        loop = asyncio.get_running_loop()
         for ver in entry.versions.values():
             if ver.state is State.UNAVAILABLE:  # try again, from the file checks on
                 try:
@@ -327,7 +325,7 @@ class ModelServer:
                 self._add_batcher(entry, ver)
                 if (name, ver.version) not in self.batchers:
                     raise NotReady(f"model {name!r} cannot be loaded: {ver.reason}")
-            await loop.run_in_executor(None, self._load_now, entry, ver)
+            await asyncio.to_thread(self._load_now, entry, ver)  # logs with the request id
         return list(entry.versions.values())
 
     async def unload(self, name: str) -> list[VersionEntry]:
