@@ -146,6 +146,37 @@ def test_entries_outside_the_plain_layout_are_refused(
         load_exported(bad)
 
 
+@pytest.mark.parametrize("folder", ["weights", "constants"])
+def test_a_second_program_cannot_bring_a_legacy_pickle(
+    exported: tuple[torch.nn.Module, Path], tmp_path: Path, folder: str
+) -> None:
+    # torch loads every models/<name>.json and unpickles data/{weights,constants}/<name>.pt if
+    # there is one; a program named weight_x (tensor_x) makes that file fit the plain names
+    _, path = exported
+    payload = io.BytesIO()
+    torch.save({"x": _Evil()}, payload)
+    program = "weight_x" if folder == "weights" else "tensor_x"
+    with zipfile.ZipFile(path) as z:
+        files = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+    extra = {
+        f"+models/{program}.json": files["models/model.json"],
+        f"+data/sample_inputs/{program}.pt": files["data/sample_inputs/model.pt"],
+        f"+data/{folder}/{program}.pt": payload.getvalue(),
+    }
+    other = "constants" if folder == "weights" else "weights"
+    extra[f"+data/{other}/{program}_{other}_config.json"] = files[
+        f"data/{other}/model_{other}_config.json"
+    ]
+    bad = _rewrite(path, tmp_path / "two.pt2", extra)
+    CALLS.clear()
+    with pytest.raises(ModelLoadError, match=rf"'data/{folder}/{program}.pt' holds the pickled"):
+        load_exported(bad)
+    assert CALLS == []
+    del extra[f"+data/{folder}/{program}.pt"]  # no payload at all: named, not a torch error
+    with pytest.raises(ModelLoadError, match=rf"program '{program}' has no"):
+        load_exported(_rewrite(path, tmp_path / "three.pt2", extra))
+
+
 def test_legacy_top_level_layout_and_non_archives(tmp_path: Path) -> None:
     legacy = tmp_path / "legacy.pt2"
     with zipfile.ZipFile(legacy, "w") as z:

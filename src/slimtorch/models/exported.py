@@ -10,7 +10,9 @@ What ``torch.export.load`` unpickles (read in torch 2.13, ``torch/export/__init_
   and ``data/constants/opaque_obj_*`` through the ``pickle`` module's ``loads``;
 * ``data/sample_inputs/*.pt`` goes through ``torch.load(weights_only=True)`` and, if that fails,
   **falls back to** ``weights_only=False``;
-* legacy archives (``data/weights/<model>.pt``, or the pre-2.7 zip layout with a top-level
+* legacy archives (``data/weights/<model>.pt`` or ``data/constants/<model>.pt``, for every
+  program ``models/<model>.json`` in the archive, which may be named ``weight_*`` or
+  ``tensor_*`` like a plain payload file; or the pre-2.7 zip layout with a top-level
   ``version`` and ``serialized_*.pt`` files) are unpickled the same way, and an archive that
   fails to parse as a new one is retried as a legacy one;
 * ``data/aotinductor/`` holds compiled shared libraries that are loaded (native code).
@@ -126,6 +128,21 @@ def _check_entries(path: Path, names: list[str], read: Callable[[str], bytes]) -
         raise ModelLoadError(
             f"{path} holds no program named 'model'; save it with torch.export.save(ep, path)"
         )
+    # torch loads every program in models/ and, for each, unpickles data/weights/<name>.pt and
+    # data/constants/<name>.pt if present (the legacy layout) instead of reading its configs:
+    # a program named weight_x or tensor_x would slip its pickle past the name patterns above
+    for name in names:
+        if not (name.startswith("models/") and name.endswith(".json")):
+            continue
+        program = name[len("models/") : -len(".json")]
+        for legacy in (f"data/weights/{program}.pt", f"data/constants/{program}.pt"):
+            if legacy in names:
+                raise _refuse(path, f"entry {legacy!r} holds the pickled payload of program "
+                                    f"{program!r} (legacy layout)")  # fmt: skip
+        for config in (f"data/weights/{program}_weights_config.json",
+                       f"data/constants/{program}_constants_config.json"):  # fmt: skip
+            if config not in names:
+                raise _refuse(path, f"program {program!r} has no {config!r} (legacy layout)")
     for name in names:
         if name.endswith(("_weights_config.json", "_constants_config.json")):
             try:
