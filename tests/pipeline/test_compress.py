@@ -268,3 +268,20 @@ def test_a_refused_fine_tune_leaves_the_earlier_runs_checkpoint_and_history(
     assert refused.report["accuracy_guard"]["passed"] is False
     assert {n: (run / n).read_bytes() for n in kept} == kept
     assert (run / "checkpoint.refused.pt").is_file() and (run / "history.refused.json").is_file()
+
+
+def test_an_interrupted_runs_fine_tune_files_are_not_taken_as_this_runs(
+    trained_mlp: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    stage = run / ".finetune"  # what a run killed during its fine-tune leaves
+    stage.mkdir(parents=True)
+    (stage / "history.json").write_text('{"epochs": 400}')
+    (stage / "checkpoint.pt").write_bytes(b"stale")
+    res = compress_run(
+        in_dir=trained_mlp, out_dir=run, method="svd", rank=0.5, profile_batch=4, profiles=(),
+        threads=1, finetune=None,
+    )  # fmt: skip
+    assert res.model_dir is not None and res.report["history"] is None
+    assert not stage.exists()
+    assert not (run / "history.json").exists() and not (run / "checkpoint.pt").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -373,8 +374,12 @@ def compress_run(
         callbacks.append(recal)
     if applied.changed and not applied.trainable and will_finetune:
         logger.info("%s is applied after training; skipping fine-tuning", method)
+    stage = None if out_dir is None else Path(out_dir) / FINETUNE_STAGE
+    if stage is not None and stage.exists() and is_main_process():
+        # files of a run that stopped before its end: never landed as this run's
+        logger.info("removing %s, left by an interrupted run", stage)
+        shutil.rmtree(stage)
     if applied.changed and applied.trainable and finetune is not None and will_finetune:
-        stage = None if out_dir is None else Path(out_dir) / FINETUNE_STAGE
         trainer = Trainer(model, finetune, device=device, out_dir=stage, callbacks=callbacks)
         trainer.eval_name = "test"  # the per-epoch evaluation runs on the test split
         history = trainer.fit(train_batches(), test_loader).to_dict()
