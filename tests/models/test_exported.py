@@ -237,3 +237,11 @@ def test_an_operator_not_registered_here_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     with pytest.raises(ModelLoadError, match=r"calls the operator torch\.ops\.slimtest\.twice"):
         load_exported(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_gpu_that_is_not_there_is_named(exported: tuple[torch.nn.Module, Path]) -> None:
+    _, path = exported
+    with pytest.raises(ValueError, match="asked for a CUDA/ROCm GPU"):
+        load_exported(path, device="cuda")
+    assert next(load_exported(path, device="auto").parameters()).device.type in ("cpu", "mps")

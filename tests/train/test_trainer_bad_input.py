@@ -96,8 +96,17 @@ def test_malformed_checkpoint_field_is_a_checkpoint_error(tmp_path):
 
 
 def test_bad_device_string_is_a_value_error():
-    with pytest.raises(ValueError, match=r"device must be like .* got 'gpu'"):
+    with pytest.raises(ValueError, match=r"invalid device 'gpu'"):
         Trainer(nn.Linear(4, 2), CFG, device="gpu")
+    assert Trainer(nn.Linear(4, 2), CFG, device="auto").device.type in ("cpu", "cuda", "mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_gpu_that_is_not_there_is_named_before_training():
+    # not torch's "Torch not compiled with CUDA enabled" from the first .to()
+    for spec in ("cuda", "rocm", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device '{spec}' asked for a CUDA/ROCm GPU"):
+            Trainer(nn.Linear(4, 2), CFG, device=spec)
 
 
 def test_nan_mean_loss_with_finite_weights_only_warns(caplog):

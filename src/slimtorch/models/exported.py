@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtorch.core.devices import as_device
+from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write
 
@@ -198,7 +198,7 @@ def load_exported(path: str | os.PathLike[str], *, device: str | torch.device = 
         slimtorch.core.errors.ModelLoadError: ...model.pt is refused: entry 'data.pkl' is not ...
     """
     path = Path(path)
-    dev = as_device(device)
+    dev = resolve_device(device)
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import check_bool
-from slimtorch.core.devices import as_device
+from slimtorch.core.devices import resolve_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text
 from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
@@ -284,7 +284,7 @@ def compress_run(
     if rank is not None:
         options["rank"] = rank
     check_options(method, options)  # a bad option fails before the model and data are loaded
-    device = as_device(device)
+    device = resolve_device(device)
     if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     in_path = Path(in_dir)

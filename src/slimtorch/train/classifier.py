@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import resolve_device
 from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_dataset, split_dataset
 from slimtorch.models import create_model, save_model
 from slimtorch.train.callbacks import Callback
@@ -168,7 +169,7 @@ def train_classifier(
             split is still evaluated once at the end.
         val_seed: Seed of that split; keep it fixed to compare runs on the same validation set.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     train_ds = load_dataset(dataset, "train", root=data_root, download=download)
     test_ds = load_dataset(dataset, "test", root=data_root, download=download)
     val_ds = None

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.devices import as_device
+from slimtorch.core.devices import resolve_device
 from slimtorch.core.io import atomic_write_json
 from slimtorch.train.amp import AmpPlan, resolve_amp
 from slimtorch.train.callbacks import Callback
@@ -127,7 +127,7 @@ class Trainer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.config = config
-        self.device = as_device(device)
+        self.device = resolve_device(device)
         self.callbacks: list[Callback] = list(callbacks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn
