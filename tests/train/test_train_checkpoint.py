@@ -218,6 +218,19 @@ def test_malformed_fields_are_named(tmp_path: Path, field: str, value: Any) -> N
         _run(tmp_path, ListLoader, [], resume=True)
 
 
+def test_optimiser_state_of_the_wrong_shape_is_named_before_the_first_step(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(Crash):
+        _run(tmp_path, ListLoader, [KillAt(13)])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    first = next(iter(state["optimizer"]["state"]))
+    state["optimizer"]["state"][first]["momentum_buffer"] = torch.zeros(7)
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt does not match.*'momentum_buffer'"):
+        _run(tmp_path, ListLoader, [], resume=True)
+
+
 def test_corrupt_checkpoint_raises_checkpoint_error_with_path(tmp_path: Path) -> None:
     _run(tmp_path, ListLoader, [], epochs=1)
     path = tmp_path / "checkpoint.pt"

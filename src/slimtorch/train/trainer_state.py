@@ -213,6 +213,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     try:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_state(trainer.optimizer)
         trainer.scheduler.load_state_dict(state["scheduler"])
         _lr_from_schedule(trainer.scheduler)
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -265,6 +266,20 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             trainer.epoch,
         )
     return rng
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` if a loaded per-parameter state (momentum, Adam moments) does not
+    have its parameter's shape: torch's ``load_state_dict`` takes it, and the first step then
+    fails inside the optimiser without naming the checkpoint."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(
+                        f"optimiser state {key!r} of parameter {i} in group {g} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                    )
 
 
 def _lr_from_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
