@@ -27,6 +27,20 @@ def saved(tmp_path):
         ("class_names", ["a"], "class_names has 1 names but the architecture has num_classes=10"),
         ("std", [0.0], "std must be > 0"),
         ("mean", [1, 2, 3], "mean must be 1 or 1 finite numbers"),
+        ("class_names", "0123456789", "class_names must be a list of strings"),
+        ("class_names", list(range(10)), "class_names must be a list of strings"),
+        ("format_version", True, "format_version True, not a version number"),
+        ("format_version", 0, "format_version 0, not a version number"),
+        ("format_version", 99, "format_version 99; this slimtorch reads up to 1"),
+        ("transforms", {"name": "x"}, "transforms must be a list of records"),
+        ("transforms", ["prune.channels"], r"transforms\[0\] must be"),
+        ("transforms", [{"name": "x", "params": []}], r"transforms\[0\] must be"),
+        (
+            "transforms",
+            [{"name": "no.such"}],
+            r"config\.json: the model was saved after .*no\.such",
+        ),
+        ("extra", [], "extra must be an object"),
     ],
 )
 def test_config_that_lies_is_refused(saved, field, value, fragment):
@@ -49,3 +63,17 @@ def test_save_refuses_nan_normalisation(tmp_path):
             class_names=NAMES,
         )
     assert not (tmp_path / "m").exists()
+
+
+def test_a_config_asking_for_other_shapes_is_refused_before_allocating(saved):
+    # input_size 100000 would make lenet5's first linear layer terabytes large
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["architecture"]["kwargs"]["input_size"] = 100000
+    cfg["input_shape"] = [1, 100000, 100000]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"do not fit the architecture .*config\.json records; "
+        r"mismatched keys: fc1\.weight: saved \(120, 400\)",
+    ):
+        load_model(saved)

@@ -139,6 +139,29 @@ def _check_card(cfg: dict[str, Any], kwargs: dict[str, Any], shape: list[int]) -
         )
 
 
+def _check_records(cfg: dict[str, Any]) -> None:
+    """Refuse fields of the wrong JSON type that would otherwise be coerced (a string of class
+    names split into characters) or fail later without naming config.json."""
+    names = cfg["class_names"]
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        raise TypeError(f"class_names must be a list of strings, got {names!r}")
+    for field in ("tied", "extra"):
+        if not isinstance(cfg.get(field, {}), dict):
+            raise TypeError(f"{field} must be an object, got {cfg[field]!r}")
+    records = cfg.get("transforms", [])
+    if not isinstance(records, list):
+        raise TypeError(f"transforms must be a list of records, got {records!r}")
+    for i, record in enumerate(records):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("name"), str)
+            or not isinstance(record.get("params", {}), dict)
+        ):
+            raise TypeError(
+                f'transforms[{i}] must be {{"name": str, "params": object}}, got {record!r}'
+            )
+
+
 def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
     """Read ``config.json`` and ``metrics.json`` of a model directory without the weights.
 
@@ -165,7 +188,12 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
             f"{cfg.get('format')!r}, expected {FORMAT_NAME!r}); pass a directory from save_model"
         )
     version = cfg.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelLoadError(
+            f"{root / CONFIG_FILE} has format_version {version!r}, not a version number "
+            f"(1 to {FORMAT_VERSION}); the file is corrupt: re-save the model"
+        )
+    if version > FORMAT_VERSION:
         raise ModelLoadError(
             f"{root / CONFIG_FILE} has format_version {version!r}; this slimtorch reads up to "
             f"{FORMAT_VERSION}; upgrade slimtorch"
@@ -185,6 +213,7 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         ):
             raise ValueError(f"input_shape must be [channels, height, width] >= 1, got {shape!r}")
         _check_card(cfg, arch["kwargs"], shape)
+        _check_records(cfg)
         why = shape_misfit(arch["name"], arch["kwargs"], shape)
         if why is not None:
             raise ValueError(why)
@@ -269,3 +298,51 @@ def shape_misfit(name: str, kwargs: dict[str, Any], shape: Sequence[int]) -> str
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         )
     return None
+
+
+def weight_mismatches(
+    expected: dict[str, Any], tensors: dict[str, Any], *, dtypes: bool = True
+) -> str:
+    """What differs between two state dicts (keys, shapes and, with ``dtypes``, dtypes)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: saved {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
+        f"{tuple(expected[k].shape)} {expected[k].dtype}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+        or (dtypes and tensors[k].dtype != expected[k].dtype)
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)):
+        if items:
+            more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+            parts.append(f"{label} keys: {', '.join(items[:20])}{more}")
+    return "; ".join(parts)
+
+
+def weights_misfit(card: ModelCard, weights: Path) -> str | None:
+    """What differs between the tensors in ``weights`` and the state dict ``card``'s
+    architecture gives (keys and shapes, as :func:`weight_mismatches` words it), or None.
+    Read from the safetensors header and an architecture built on the meta device, before
+    :func:`~slimtorch.models.load_model` allocates the model: a config.json changed after
+    saving (``input_size: 100000``) would otherwise ask for terabytes first. Anything this
+    cannot build or read is left to the full load, which names it."""
+    import torch
+    from safetensors import safe_open
+
+    from slimtorch.models.registry import create_model
+    from slimtorch.models.transforms import replay_transforms
+
+    try:
+        with torch.device("meta"):
+            model = create_model(card.architecture["name"], **card.architecture["kwargs"])
+            replay_transforms(model, card.transforms)
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception:
+        return None
+    for alias, key in card.tied.items():
+        if key in saved:
+            saved[alias] = saved[key]
+    return weight_mismatches(model.state_dict(), saved, dtypes=False) or None

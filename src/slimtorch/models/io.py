@@ -53,6 +53,8 @@ from slimtorch.models.card import (
     _resolve_dir,
     read_model_card,
     shape_misfit,
+    weight_mismatches,
+    weights_misfit,
 )
 from slimtorch.models.registry import create_model
 from slimtorch.models.transforms import _arch, replay_transforms
@@ -303,27 +305,6 @@ def save_model(
     return path
 
 
-def _weight_mismatches(
-    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *, dtypes: bool = True
-) -> str:
-    """What differs between two state dicts (keys, shapes and, with ``dtypes``, dtypes)."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: saved {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
-        f"{tuple(expected[k].shape)} {expected[k].dtype}"
-        for k in sorted(set(expected) & set(tensors))
-        if tensors[k].shape != expected[k].shape
-        or (dtypes and tensors[k].dtype != expected[k].dtype)
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)):
-        if items:
-            more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
-            parts.append(f"{label} keys: {', '.join(items[:20])}{more}")
-    return "; ".join(parts)
-
-
 def _dtypes_as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Give each floating parameter and buffer of a model saved with mixed dtypes the dtype
     it was saved in (a half model with float32 batch norms, made by hand, records nothing
@@ -341,7 +322,7 @@ def _dtypes_as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 
 def _check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    problems = _weight_mismatches(model.state_dict(), tensors)
+    problems = weight_mismatches(model.state_dict(), tensors)
     if problems:
         raise ModelLoadError(
             f"the weights in {where} do not fit the rebuilt architecture; {problems}. Register "
@@ -373,7 +354,7 @@ def _check_rebuildable(model: nn.Module, arch: dict[str, Any]) -> None:
                     f"the model's recorded architecture cannot be rebuilt, so it would not "
                     f"load: {exc}. Nothing was written"
                 ) from None
-    problems = _weight_mismatches(expected, model.state_dict(), dtypes=False)
+    problems = weight_mismatches(expected, model.state_dict(), dtypes=False)
     if problems:
         sparse = [name for name, m in model.named_modules() if hasattr(m, "to_dense_module")]
         hint = (
@@ -421,6 +402,14 @@ def load_model(
     dev = resolve_device(device)  # an unavailable device is named before anything is read
     card = read_model_card(path)
     root = _resolve_dir(Path(path))
+    weights = root / WEIGHTS_FILE
+    why = weights_misfit(card, weights) if weights.is_file() else None
+    if why is not None:  # before the model is allocated
+        raise ModelLoadError(
+            f"the weights in {weights} do not fit the architecture {root / CONFIG_FILE} "
+            f"records; {why}. One of the two was changed after saving: restore it or re-save "
+            "the model"
+        )
     try:
         model = create_model(card.architecture["name"], **card.architecture["kwargs"])
     except (ValueError, TypeError) as exc:
@@ -428,7 +417,10 @@ def load_model(
             f"cannot rebuild the architecture recorded in {root / CONFIG_FILE}: {exc}; import "
             "the module that registers the model, or re-save it"
         ) from exc
-    replay_transforms(model, card.transforms)
+    try:
+        replay_transforms(model, card.transforms)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{root / CONFIG_FILE}: {exc}") from exc.__cause__
     if card.dtype != "mixed":
         dtype = getattr(torch, card.dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -438,7 +430,6 @@ def load_model(
             )
         model.to(dtype)
 
-    weights = root / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(
             f"{WEIGHTS_FILE} is missing from {root}; restore it or re-save the model"
