@@ -41,3 +41,18 @@ def test_read_json_names_bad_file(tmp_path: Path) -> None:
     p.write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
         read_json(p)
+
+
+def test_the_rename_is_flushed_to_disk_with_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[bool] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert synced == [False, True]  # the file's data, then the folder holding the new name

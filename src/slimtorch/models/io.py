@@ -40,7 +40,7 @@ from torch import nn
 
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
-from slimtorch.core.io import atomic_write, atomic_write_json, read_json
+from slimtorch.core.io import atomic_write, atomic_write_json, fsync_dir, read_json
 from slimtorch.core.surgery import require_values
 from slimtorch.models.card import (
     CONFIG_FILE,
@@ -121,16 +121,6 @@ def _is_model_dir(path: Path) -> bool:
         return read_json(path / CONFIG_FILE).get("format") == FORMAT_NAME
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def state_bytes(module: nn.Module) -> int:
@@ -297,7 +287,7 @@ def save_model(
             shutil.rmtree(backup)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
