@@ -300,3 +300,16 @@ def test_profile_refuses_what_it_cannot_run_or_write(
         assert main([*base, "--in", str(model_dir), "--json", str(locked / "p.json")]) == 2
         assert f"{locked} is not writable here" in _error(capsys)
     assert main([*base, "--in", str(model_dir)]) == 0
+
+
+def test_profiles_take_names_all_or_none_never_nothing(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["profile", "--in", str(model_dir), "--device", "cpu"]
+    assert main([*base, "--profiles", " , "]) == 2
+    assert "names no profile; give names such as rx580, all, or none" in _error(capsys)
+    assert main([*base, "--profiles", "rx58O"]) == 2
+    assert "rx58O" in _error(capsys)
+    out = tmp_path / "p.json"
+    assert main([*base, "--profiles", "none", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["estimates"] == {}

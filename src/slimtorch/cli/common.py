@@ -48,6 +48,27 @@ DATASETS = ("cifar10", "digits", "fashion-mnist", "kmnist", "mnist")
 NARROW_CONVS = ("measure", "int8", "float")  # slimtorch.quant.ort_graph.NARROW_CONV_MODES
 
 
+def profile_names(text: str) -> list[str]:
+    """The device profiles named by ``--profiles``: a comma-separated list, ``all`` or
+    ``none``; unknown names fail with the list of choices."""
+    from slimtorch.core.profiles import get_profile, list_profiles
+
+    words = text.strip().lower()
+    if words == "all":
+        return list(list_profiles())
+    if words == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(
+            f"--profiles {text!r} names no profile; give names such as rx580, all, or none "
+            "for no estimates"
+        )
+    for name in names:
+        get_profile(name)
+    return names
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, shared by the commands that run a model."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")

@@ -23,6 +23,7 @@ from slimtorch.cli.common import (
     check_run_output,
     model_dir_arg,
     options_that_need,
+    profile_names,
     quiet_autotune,
     remove_stale_outputs,
     report_removed,
@@ -132,7 +133,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=None)
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the latency figures")
-    p.add_argument("--profiles", default="rx580", help="comma-separated profiles to estimate on")
+    p.add_argument(
+        "--profiles", default="rx580", help="comma-separated profiles to estimate on, all, or none"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--distill",
@@ -346,7 +349,7 @@ def _run(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             dataset=args.dataset,
             profile_batch=args.profile_batch,
-            profiles=[p.strip() for p in args.profiles.split(",") if p.strip()],
+            profiles=profile_names(args.profiles),
             threads=args.threads,
             distill=distill,
             max_drop=args.max_drop,

@@ -13,6 +13,7 @@ from slimtorch.cli.common import (
     check_output_path,
     model_dir_arg,
     parse_shape,
+    profile_names,
 )
 from slimtorch.core.errors import is_out_of_memory
 
@@ -40,7 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="for --model (default 10)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument(
-        "--profiles", default="all", help="comma-separated profile names, or all (default)"
+        "--profiles", default="all", help="comma-separated profile names, all (default), or none"
     )
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     add_device_args(p)
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
     from slimtorch.core.io import atomic_write_json
     from slimtorch.core.measure import profile_model
-    from slimtorch.core.profiles import get_profile, list_profiles
 
     apply_threads(args)
     if args.batch_size < 1:
@@ -160,13 +160,7 @@ def run(args: argparse.Namespace) -> int:
             input_size=shape[1],
         ).to(device)
         name = args.model
-    names = (
-        list_profiles()
-        if args.profiles == "all"
-        else [n.strip() for n in args.profiles.split(",") if n.strip()]
-    )
-    for n in names:
-        get_profile(n)  # unknown names fail here with the list of choices
+    names = profile_names(args.profiles)
     if not args.exported:
         model.eval()  # an exported program keeps the mode it was exported in
     example = torch.randn(args.batch_size, *shape, device=device)
