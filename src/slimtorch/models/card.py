@@ -338,6 +338,7 @@ def weights_misfit(card: ModelCard, weights: Path) -> str | None:
         with torch.device("meta"):
             model = create_model(card.architecture["name"], **card.architecture["kwargs"])
             replay_transforms(model, card.transforms)
+            expected = model.state_dict()  # int4 layers pack values here: may need the CPU
         with safe_open(str(weights), framework="pt") as f:
             saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except Exception:
@@ -345,4 +346,4 @@ def weights_misfit(card: ModelCard, weights: Path) -> str | None:
     for alias, key in card.tied.items():
         if key in saved:
             saved[alias] = saved[key]
-    return weight_mismatches(model.state_dict(), saved, dtypes=False) or None
+    return weight_mismatches(expected, saved, dtypes=False) or None
