@@ -127,3 +127,20 @@ def test_sparse_conv_takes_an_unbatched_image_like_conv2d(fmt: str) -> None:
         torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"expects \(N, 4, H, W\) or \(4, H, W\) input"):
         layer(torch.randn(2, 3, 10, 10))
+
+
+def test_exports_name_sparse_kernels_instead_of_failing_inside_torch(tmp_path) -> None:
+    from slimtorch.models import save_exported
+    from slimtorch.quant.export import export_onnx
+
+    net = nn.Sequential(_pruned(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10)).eval()
+    net[0] = build_sparse_layer(net[0], "csr")
+    x = torch.randn(3, 64)
+    for what, call in (
+        ("export_onnx", lambda: export_onnx(net, tmp_path / "m.onnx", x)),
+        ("torch.export", lambda: save_exported(net, x, tmp_path / "m.pt2")),
+    ):
+        with pytest.raises(ValueError, match=rf"0 \(and 0 more\) is a sparse kernel .*{what}.*"
+                           r"densify_\(model\) first"):  # fmt: skip
+            call()
+    assert not list(tmp_path.iterdir())

@@ -83,6 +83,29 @@ def require_float32(
         )
 
 
+def sparse_kernel_layers(model: nn.Module) -> list[str]:
+    """Names of the layers :func:`~slimtorch.sparse.sparsify_` swapped for sparse kernels
+    (they can give their dense layer back: ``to_dense_module``)."""
+    return [name for name, m in model.named_modules() if hasattr(m, "to_dense_module")]
+
+
+def refuse_sparse_kernels(model: nn.Module, doing: str) -> None:
+    """Raise ``ValueError`` naming the sparse-kernel layers of ``model``: their weights are
+    sparse CSR/BSR tensors, which cannot be deep-copied, exported or traced, so ``doing``
+    (an export, a compile for int8) would fail deep inside torch.
+
+    Example:
+        >>> refuse_sparse_kernels(nn.Linear(2, 2), "export_onnx")
+    """
+    found = sparse_kernel_layers(model)
+    if found:
+        raise ValueError(
+            f"{found[0]} (and {len(found) - 1} more) is a sparse kernel from sparsify_, which "
+            f"{doing} cannot take (sparse tensors do not copy, trace or export); call "
+            "slimtorch.sparse.densify_(model) first: the dense layers keep the pruned zeros"
+        )
+
+
 def carry_frozen(old: nn.Module, new: nn.Module) -> None:
     """Give ``new``'s parameters ``old``'s ``requires_grad``: a frozen weight's replacement
     (its factors, say) stays frozen, and a bias keeps its own setting (a model may train only

@@ -44,6 +44,7 @@ from torch import nn
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write
+from slimtorch.core.surgery import refuse_sparse_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def save_exported(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
         raise ValueError("example_input must be a tensor with a batch dimension")
+    refuse_sparse_kernels(model, "torch.export")
     was_training = model.training
     model.eval()
     try:

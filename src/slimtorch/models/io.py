@@ -41,7 +41,7 @@ from torch import nn
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write, atomic_write_json, fsync_dir, read_json
-from slimtorch.core.surgery import require_values
+from slimtorch.core.surgery import require_values, sparse_kernel_layers
 from slimtorch.models.card import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -346,7 +346,7 @@ def _check_rebuildable(model: nn.Module, arch: dict[str, Any]) -> None:
                 ) from None
     problems = weight_mismatches(expected, model.state_dict(), dtypes=False)
     if problems:
-        sparse = [name for name, m in model.named_modules() if hasattr(m, "to_dense_module")]
+        sparse = sparse_kernel_layers(model)
         hint = (
             f"layers {', '.join(sparse)} are sparse kernels: call "
             "slimtorch.sparse.densify_(model) before saving"

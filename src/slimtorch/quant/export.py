@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.io import atomic_write
+from slimtorch.core.surgery import refuse_sparse_kernels
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
 from slimtorch.quant.precision import check_export_dtypes, layer_precisions
@@ -152,6 +153,7 @@ def export_onnx(
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     check_export_dtypes(model, example_input)
+    refuse_sparse_kernels(model, "export_onnx")
     if dtype == "fp16" and layer_precisions(model):  # half() would also cast its fp32 layers
         raise ValueError(
             f"the model is already cast ({export_precision(model)}); export it with "

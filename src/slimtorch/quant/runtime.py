@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import refuse_sparse_kernels
 from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def compile_int8_x86(
     _register_x86_passes()
     if max_autotune is None:
         max_autotune = wants_max_autotune(model)
+    refuse_sparse_kernels(model, "compile_int8_x86")
     work = copy.deepcopy(model).eval()
     place_qdq_(work, target)
     # dynamo keeps one cache per code object: give this copy's forward its own, so compiled
