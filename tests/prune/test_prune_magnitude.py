@@ -56,15 +56,24 @@ def test_layer_scope_gives_exact_sparsity_per_layer_and_mask_buffers() -> None:
     assert "layer" in table.splitlines()[0] and len(table.splitlines()) == 5
 
 
-def test_global_scope_exact_total_and_more_zeros_where_weights_are_smaller() -> None:
+def test_global_scope_exact_total_and_more_zeros_where_weights_are_smaller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     net = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 20))
     with torch.no_grad():
         net[0].weight.copy_(torch.rand(20, 20) + 1.0)  # in [1, 2)
         net[1].weight.copy_(torch.rand(20, 20) * 0.5)  # in [0, 0.5)
-    report = prune_(net, MagnitudeConfig(sparsity=0.5, scope="global"))
+    with caplog.at_level("WARNING", logger="slimtorch.prune"):
+        report = prune_(net, MagnitudeConfig(sparsity=0.5, scope="global"))
     z0, z1 = (int((m.weight == 0).sum()) for m in net)
     assert z0 + z1 == 400 and z1 == 400 and z0 == 0
     assert report.to_dict()["totals"]["sparsity"] == pytest.approx(0.5)
+    # the layer the threshold emptied is named (its output is now its bias alone)
+    assert "every weight of 1 is now zero" in caplog.text and "of 0 " not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimtorch.prune"):
+        prune_(net, MagnitudeConfig(sparsity=0.5, scope="global"))  # again: nothing new
+    assert "every weight" not in caplog.text
 
 
 def test_include_bias_masks_biases_too() -> None:

@@ -298,6 +298,14 @@ def prune_(
         for p in params:
             set_mask_(module, p, masks[i, p])
         row.zeros_after = sum(_zeros(getattr(module, p)) for p in params)
+        weight = getattr(module, "weight")  # noqa: B009 (mypy reads module.weight as Tensor | Module)
+        emptied = _zeros(weight) == weight.numel()
+        if emptied and row.zeros_after > row.zeros_before:
+            logger.warning(  # a global threshold can take all of a layer with small weights
+                "prune_: every weight of %s is now zero, so its output no longer depends on "
+                "its input; lower the sparsity, prune per layer (scope='layer') or exclude it",
+                row.name,
+            )
         layers.append(names[id(module)])
         if "bias" in params:
             biases.append(names[id(module)])
