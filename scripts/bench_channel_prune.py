@@ -26,6 +26,7 @@ import statistics
 from typing import Any
 
 import torch
+from _bench_common import model_dir_type, positive_int, positive_ints
 from torch import nn
 
 from slimtorch.core.devices import cpu_threads, resolve_device, run_info
@@ -39,17 +40,18 @@ log = logging.getLogger("bench_channel_prune")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", help="a slimtorch model directory (else --model is created)")
+    p.add_argument(
+        "--model-dir",
+        type=model_dir_type("--model-dir"),
+        help="a slimtorch model directory, or the run directory holding it (else --model is "
+        "created)",
+    )
     p.add_argument("--model", default="resnet20", help="zoo model when no --model-dir")
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--input-size", type=int, default=32)
@@ -58,9 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--round-to", type=int, default=8, help="compared against no rounding (1)")
     p.add_argument("--importance", default="l1", choices=["l1", "l2", "bn_scale"])
     p.add_argument("--scope", default="local", choices=["local", "global"])
-    p.add_argument("--batches", type=_ints, default=[1, 8, 64, 256, 1024, 4096])
+    p.add_argument("--batches", type=positive_ints, default=[1, 8, 64, 256, 1024, 4096])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (default: torch's)"
+    )
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile dense and pruned")
     p.add_argument(
@@ -70,10 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds timed per point")
     p.add_argument(
-        "--rounds", type=int, default=3, help="alternate dense/pruned timings this many times"
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="alternate dense/pruned timings this many times",
     )
     p.add_argument("--out", help="JSON output file")
     args = p.parse_args(argv)

@@ -9,8 +9,13 @@ and latency of base and compressed models measured side by side (interleaved) on
 ratio beside each speed-up. A ``tt`` part compresses the hidden layers of an MLP
 (784-1024-1024-10) on MNIST in the TT-matrix format.
 
+A plan is ``method@rank@device@batch``: method tucker, cp or tt; a rank as ``slimtorch compress
+--rank`` takes it (``0.25`` a fraction, ``16`` an integer rank, ``vbmf``, ``energy:0.9``,
+``budget:params=0.3``); the device the speed check runs on (cpu, cuda or cuda:N); the batch it
+times, or several joined by ``+`` (``1+32``).
+
     python scripts/bench_compress.py --base runs/resnet56 --plans tucker@budget:params=0.3@cpu@32 \
-        --out results.json --quick
+        --finetune-epochs 1 --cpu-batches 1 --rounds 1 --out results.json
 """
 
 from __future__ import annotations
@@ -19,20 +24,22 @@ import argparse
 import copy
 import datetime as dt
 import logging
-import platform
+import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
+from _bench_common import cpu_name, model_dir_type, positive_int, positive_ints
 from torch import nn
 
+from slimtorch.cli.compress_cmd import _rank as parse_rank
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import count_flops, count_params, estimate_latency, measure_latency
 from slimtorch.data import DeviceLoader, load_dataset
 from slimtorch.decompose import CPConfig, TTConfig, TuckerConfig, decompose_
+from slimtorch.decompose.ranks import parse_rank_spec
 from slimtorch.models import load_model
 from slimtorch.quant import lower_direct_conv_
 from slimtorch.train import TrainConfig, Trainer
@@ -40,6 +47,45 @@ from slimtorch.train.classifier import default_augment, train_classifier
 
 log = logging.getLogger("bench_compress")
 CONFIGS = {"tucker": TuckerConfig, "cp": CPConfig, "tt": TTConfig}
+PLAN_DEVICES = "cpu, cuda or cuda:N"
+
+
+def parse_plan(plan: str) -> dict[str, Any]:
+    """``method@rank@device@batch`` as a dict (``method``, ``rank`` as written, ``rank_value``
+    as the method's config takes it, ``device``, ``batches``); ``ValueError`` names the part
+    that is wrong and what is accepted.
+
+    The rank is read as ``slimtorch compress --rank`` reads it: ``"16"`` is the integer rank
+    16, ``"0.5"`` the fraction 0.5, anything else a rank string (``vbmf``, ``energy:0.9``,
+    ``budget:params=0.3``).
+    """
+    parts = plan.split("@")
+    if len(parts) != 4:
+        raise ValueError(
+            f"plan {plan!r} must have four @-separated parts method@rank@device@batch "
+            "(e.g. tucker@0.25@cpu@32)"
+        )
+    method, rank, device, batch = (p.strip() for p in parts)
+    if method not in CONFIGS:
+        raise ValueError(f"plan {plan!r}: method {method!r} is not one of {', '.join(CONFIGS)}")
+    rank_value = parse_rank(rank)
+    cfg = CONFIGS[method]
+    try:
+        parse_rank_spec(rank_value, field=f"{cfg.__name__}.rank", allowed=cfg.RANK_KINDS)
+    except ValueError as exc:
+        raise ValueError(f"plan {plan!r}: {exc}") from None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"plan {plan!r}: device {device!r} is not one of {PLAN_DEVICES}")
+    try:
+        batches = [int(b) for b in batch.split("+")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ValueError(
+            f"plan {plan!r}: batch {batch!r} must be an integer >= 1, or several joined by + (1+32)"
+        )
+    return {"method": method, "rank": rank, "rank_value": rank_value, "device": device,
+            "batches": batches}  # fmt: skip
 
 
 def accuracy(model: nn.Module, ds: Any, device: torch.device) -> float:
@@ -135,16 +181,16 @@ COMPILE_MODE: list[str | None] = [None]
 def run_plan(
     base: nn.Module, card: Any, plan: str, args: argparse.Namespace, gpu: torch.device | None
 ) -> dict[str, Any]:
-    method, rank, plan_dev, plan_batch = plan.split("@")
+    parsed = parse_plan(plan)
+    method, rank, plan_dev = parsed["method"], parsed["rank"], parsed["device"]
     shape = tuple(card.input_shape)
     name = card.extra["dataset"]
     test = load_dataset(name, "test", download=False)
     train_dev = gpu or torch.device("cpu")
-    speed_dev = torch.device("cuda") if plan_dev == "cuda" else torch.device("cpu")
+    speed_dev = torch.device(plan_dev)
     comp = copy.deepcopy(base).to(speed_dev).eval()
-    rank_v: Any = float(rank) if rank.replace(".", "", 1).isdigit() else rank
-    opts: dict[str, Any] = {"rank": rank_v, "round_to": args.round_to}
-    batches = [int(b) for b in plan_batch.split("+")]
+    opts: dict[str, Any] = {"rank": parsed["rank_value"], "round_to": args.round_to}
+    batches = parsed["batches"]
     if args.min_speedup > 0:
         opts.update(
             min_speedup=args.min_speedup,
@@ -282,7 +328,7 @@ def part_tt(args: argparse.Namespace, gpu: torch.device | None) -> dict[str, Any
         "dataset": "mnist",
         "tt_rank": args.tt_rank,
         "base_epochs": args.tt_epochs,
-        "finetune_epochs": args.finetune_epochs,
+        "finetune_epochs": args.tt_finetune_epochs,
         "accuracy_before": acc0,
         "accuracy_after_decompose": acc_dec,
         "accuracy": acc1,
@@ -296,14 +342,21 @@ def ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--base", action="append", default=[], help="base model/run directory")
+    ap.add_argument(
+        "--base",
+        action="append",
+        type=model_dir_type("--base"),
+        default=[],
+        help="base model directory, or the run directory holding it in model/",
+    )
     ap.add_argument(
         "--plans",
         default="tucker@budget:params=0.3@cpu@32",
-        help="semicolon-separated method@rank@device@batch (a rank may hold commas: "
-        "budget:params=0.3,flops=0.4)",
+        help="semicolon-separated method@rank@device@batch: rank 16 is an integer rank, 0.25 a "
+        "fraction (a rank may hold commas: budget:params=0.3,flops=0.4); device cpu, cuda or "
+        "cuda:N; batch 32 or 1+32",
     )
     ap.add_argument(
         "--include",
@@ -324,9 +377,9 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--finetune-epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for CPU timings")
-    ap.add_argument("--cpu-batches", type=ints, default=[1, 32])
-    ap.add_argument("--gpu-batches", type=ints, default=[1, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--threads", type=positive_int, default=2, help="CPU threads for CPU timings")
+    ap.add_argument("--cpu-batches", type=positive_ints, default=[1, 32])
+    ap.add_argument("--gpu-batches", type=positive_ints, default=[1, 16, 64, 256, 1024, 4096])
     ap.add_argument("--compile-batches", type=ints, default=[])
     ap.add_argument(
         "--cpu-compile",
@@ -338,7 +391,7 @@ def main() -> None:
         default=None,
         help="torch.compile mode for --compile-batches (e.g. reduce-overhead: CUDA graphs)",
     )
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument(
         "--channels-last",
         action="store_true",
@@ -355,7 +408,18 @@ def main() -> None:
     ap.add_argument("--tt-finetune-epochs", type=int, default=10)
     ap.add_argument("--tt-lr", type=float, default=0.05)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    plans = [p for p in args.plans.split(";") if p.strip()]
+    if not plans and args.base:
+        ap.error("--plans is empty; give at least one method@rank@device@batch")
+    for plan in plans:
+        try:
+            dev = parse_plan(plan)["device"]
+        except ValueError as exc:
+            ap.error(f"--plans: {exc}")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            ap.error(f"--plans: plan {plan!r} runs its speed check on {dev}, but no CUDA GPU "
+                     "is available here; use cpu")  # fmt: skip
     COMPILE_MODE[0] = args.compile_mode
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args.host_threads = torch.get_num_threads()
@@ -364,19 +428,12 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if gpu else "cpu only",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": args.threads,
         "command": " ".join(sys.argv),
         "models": [],
     }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            result["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
-    for base_dir in args.base:
-        p = Path(base_dir)
-        p = p / "model" if (p / "model" / "config.json").is_file() else p
+    for p in args.base:
         base, card = load_model(p)
         test = load_dataset(card.extra["dataset"], "test", download=False)
         entry: dict[str, Any] = {
@@ -386,7 +443,7 @@ def main() -> None:
             "base_accuracy": accuracy(base, test, gpu or torch.device("cpu")),
             "plans": [],
         }
-        for plan in args.plans.split(";"):
+        for plan in plans:
             entry["plans"].append(run_plan(base.cpu(), card, plan, args, gpu))
             atomic_write_json(args.out, {**result, "models": [*result["models"], entry]})
         result["models"].append(entry)
@@ -413,7 +470,8 @@ def main() -> None:
             f"TT mlp: acc {100 * t['accuracy_before']:.2f} -> {100 * t['accuracy']:.2f}, "
             f"hidden params /{t['hidden_params_ratio']:.1f}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,6 +15,9 @@ side by side, so that they do not share the GPUs):
   the ranks ended with identical parameters and masks (``ranks_consistent`` in the model's
   ``metrics.json``, checked by the Trainer after every data-parallel run).
 
+The JSON file is rewritten (atomically) after every run, so a run that fails later leaves the
+results of the earlier ones.
+
 World sizes above 1 run under ``torch.distributed.run`` with one process per GPU (NCCL), or
 with ``--device cpu`` one process per CPU share (gloo). Writes one JSON file and prints a table.
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import positive_int
 
 from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
@@ -55,6 +59,21 @@ def _ints(text: str, minimum: int = 1) -> list[int]:
     if not values or any(v < minimum for v in values):
         raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def _add_speedups(result: dict[str, Any]) -> None:
+    """Speed-up and efficiency of each throughput row against world size 1 (no DDP) at the same
+    per-rank batch, where that baseline has run."""
+    base = {
+        r["per_rank_batch"]: r["images_per_s_median"]
+        for r in result["throughput"]
+        if r["world_size"] == 1 and not r["ddp"]
+    }
+    for r in result["throughput"]:
+        one = base.get(r["per_rank_batch"])
+        if one and r["images_per_s_median"]:
+            r["speedup"] = r["images_per_s_median"] / one
+            r["efficiency"] = r["speedup"] / r["world_size"]
 
 
 def _free_port() -> int:
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-rank-batches", type=_ints, default=[256, 1024])
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each throughput run")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=4, help="CPU threads per process")
+    ap.add_argument("--threads", type=positive_int, default=4, help="CPU threads per process")
     ap.add_argument("--ddp-one", action="store_true", help="also time DDP with one rank")
     ap.add_argument("--parity-epochs", type=int, default=0, help="0: no accuracy runs")
     ap.add_argument("--parity-batch", type=int, default=256, help="global batch of parity runs")
@@ -183,16 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"{name}: {run['images_per_s_median'] or 0:,.0f} images/s", flush=True)
-    base = {
-        r["per_rank_batch"]: r["images_per_s_median"]
-        for r in result["throughput"]
-        if r["world_size"] == 1 and not r["ddp"]
-    }
-    for r in result["throughput"]:
-        one = base.get(r["per_rank_batch"])
-        if one and r["images_per_s_median"]:
-            r["speedup"] = r["images_per_s_median"] / one
-            r["efficiency"] = r["speedup"] / r["world_size"]
+        _add_speedups(result)
+        atomic_write_json(args.out, result)  # what has run so far survives a later failure
 
     if args.parity_epochs:
         for seed in args.seeds:
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "global_batch": args.parity_batch, "wall_s": seconds,
                                          **run})  # fmt: skip
                 print(f"parity w{world} seed {seed}: top-1 {run['test_accuracy']:.4f}", flush=True)
+                atomic_write_json(args.out, result)
     atomic_write_json(args.out, result)
 
     print(f"\n{'world':>5} {'ddp':>4} {'batch/rank':>10} {'images/s':>12} {'speed-up':>9} "

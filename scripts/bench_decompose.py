@@ -48,9 +48,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import model_dir_type, positive_int
 from torch import nn
 
 from slimtorch.core.devices import cpu_threads, detect_devices, resolve_device, synchronize
@@ -302,7 +304,7 @@ def _pick(items: list[Any], k: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / max(k - 1, 1))] for i in range(k)]
 
 
-def curve_layers(model_dir: str | None, device: torch.device, quick: bool) -> list[Any]:
+def curve_layers(model_dir: str | Path | None, device: torch.device, quick: bool) -> list[Any]:
     """``[(name, weight)]``: a few conv and Linear weights of the model, or random ones."""
     n_conv, n_lin = (1, 1) if quick else (3, 2)
     if model_dir is None:
@@ -376,7 +378,9 @@ def curve_rows(name: str, w: torch.Tensor, n_iter_cp: int) -> list[dict[str, Any
     return rows
 
 
-def part_curves(model_dir: str | None, device: torch.device, quick: bool) -> list[dict[str, Any]]:
+def part_curves(
+    model_dir: str | Path | None, device: torch.device, quick: bool
+) -> list[dict[str, Any]]:
     logging.getLogger("slimtorch.decompose.cp").setLevel(logging.ERROR)
     layers = curve_layers(model_dir, device, quick)
     return [row for name, w in layers for row in curve_rows(name, w, 10 if quick else 100)]
@@ -425,22 +429,31 @@ def print_tables(result: dict[str, Any]) -> None:
         print(_table(head, rows))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--part", choices=("speed", "curves", "all"), default="all")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run")
+    ap.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads for the run"
+    )
     ap.add_argument("--out", required=True, help="results JSON, written atomically")
-    ap.add_argument("--model-dir", default=None, help="slimtorch model directory for --part curves")
+    ap.add_argument(
+        "--model-dir",
+        type=model_dir_type("--model-dir"),
+        default=None,
+        help="slimtorch model directory (or the run directory holding it) for --part curves",
+    )
     ap.add_argument("--methods", nargs="+", choices=("tucker2", "cp"), default=["tucker2", "cp"])
-    ap.add_argument("--repeats", type=int, default=1, help="speed: median of N calls a kernel")
+    ap.add_argument(
+        "--repeats", type=positive_int, default=1, help="speed: median of N calls a kernel (>= 1)"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script runs")
     ap.add_argument(
         "--batched",
         action="store_true",
         help="speed: also time tucker2_many / cp_als_many over all compared kernels in one call",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.batched and args.part == "curves":
         ap.error("--batched needs --part speed or all (it times the speed part's kernels)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -468,7 +481,8 @@ def main() -> None:
     atomic_write_json(args.out, result)
     log.info("wrote %s", args.out)
     print_tables(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

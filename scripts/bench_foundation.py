@@ -1,6 +1,6 @@
 """Foundation benchmarks: accuracy runs, loader cost, roofline estimate vs measured latency.
 
-Writes one JSON file of results (``--out``) and prints a short table. Run:
+Writes one JSON file of results (``--out``, atomically) and prints a short table per part. Run:
 
     python scripts/bench_foundation.py --part roofline --device cpu --threads 2 --out r.json
     python scripts/bench_foundation.py --part all --device cuda --out gpu.json   # on a GPU
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import platform
 import sys
@@ -26,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import command_line, positive_int
 
+from slimtorch.cli.common import format_table
 from slimtorch.core.devices import detect_devices, resolve_device, synchronize
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import estimate_latency, measure_latency
@@ -37,7 +38,10 @@ from slimtorch.train import TrainConfig
 from slimtorch.train.classifier import default_augment, train_classifier
 
 
-def part_accuracy(device: torch.device, out_dir: Path, quick: bool) -> list[dict[str, Any]]:
+def part_accuracy(
+    device: torch.device, out_dir: Path, quick: bool, command: str
+) -> list[dict[str, Any]]:
+    """Train each model; every row records ``command``, the command line that produced it."""
     runs = [
         ("resnet20", "fashion-mnist", 2 if quick else 30, 0.1),
         ("lenet5", "mnist", 1 if quick else 20, 0.05),
@@ -64,6 +68,7 @@ def part_accuracy(device: torch.device, out_dir: Path, quick: bool) -> list[dict
                 "amp": "auto",
                 "test_accuracy": res.test_metrics["accuracy"],
                 "train_seconds": res.train_seconds,
+                "command": command,
             }
         )
         logging.info("accuracy %s", rows[-1])
@@ -170,15 +175,40 @@ def part_roofline(device: torch.device, threads: int | None, quick: bool) -> lis
     return rows
 
 
-def main() -> None:
+def print_tables(result: dict[str, Any]) -> None:
+    """One short table per part that ran."""
+    if "roofline" in result:
+        print("roofline: measured vs estimated latency")
+        rows = [[r["model"], r["batch_size"], r["profile"], f"{r['measured_ms']:.3f}",
+                 f"{r['estimated_ms']:.3f}", f"{r['measured_over_estimate']:.2f}"]
+                for r in result["roofline"]]  # fmt: skip
+        hdr = ["model", "batch", "profile", "measured ms", "estimated ms", "measured/est"]
+        print(format_table(hdr, rows) + "\n")
+    if "loader" in result:
+        print("loader: training images/s, device loader vs synthetic batches")
+        rows = [[r["batch_size"], f"{r['loader_images_per_s']:.0f}",
+                 f"{r['synthetic_images_per_s']:.0f}", f"{100 * r['loader_share_of_step']:.1f}%"]
+                for r in result["loader"]]  # fmt: skip
+        print(format_table(["batch", "loader img/s", "synthetic img/s", "loader share"], rows))
+        print()
+    if "accuracy" in result:
+        print("accuracy: test top-1 after training")
+        rows = [[r["model"], r["dataset"], r["epochs"], f"{100 * r['test_accuracy']:.2f}%",
+                 f"{r['train_seconds']:.0f}"] for r in result["accuracy"]]  # fmt: skip
+        print(format_table(["model", "dataset", "epochs", "test top-1", "train s"], rows))
+        print()
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--part", choices=("accuracy", "loader", "roofline", "all"), default="all")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs-dir", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script runs")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    command = command_line("scripts/bench_foundation.py", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +225,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
+        "command": command,
     }
     parts = ("accuracy", "loader", "roofline") if args.part == "all" else (args.part,)
     if "roofline" in parts:
@@ -203,10 +233,12 @@ def main() -> None:
     if "loader" in parts:
         result["loader"] = part_loader(device, args.quick)
     if "accuracy" in parts:
-        result["accuracy"] = part_accuracy(device, Path(args.runs_dir), args.quick)
+        result["accuracy"] = part_accuracy(device, Path(args.runs_dir), args.quick, command)
     atomic_write_json(args.out, result)
-    print(json.dumps(result, indent=1))
+    print_tables(result)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import card_dataset, cpu_name, model_dir_type, positive_int, positive_ints
 from torch import nn
 
 from slimtorch.core.io import atomic_write_json
@@ -106,13 +106,28 @@ def time_all(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="dense model directory")
-    ap.add_argument("--compressed", action="append", required=True, help="factorised model dir")
+    ap.add_argument(
+        "--base",
+        required=True,
+        type=model_dir_type("--base"),
+        help="dense model directory (or the run directory holding it in model/)",
+    )
+    ap.add_argument(
+        "--compressed",
+        action="append",
+        required=True,
+        type=model_dir_type("--compressed"),
+        help="factorised model directory (or its run directory); repeat for several",
+    )
     ap.add_argument("--data", required=True, help="folder holding <dataset>/")
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset to evaluate on (default: the base model card's, else fashion-mnist)",
+    )
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--batches", type=positive_ints, default=[1, 32])
+    ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forms")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph forms (CUDA)")
@@ -128,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--graphs needs --device cuda")
     base, card = load_model(args.base)
     base.eval().to(device)
-    test = load_dataset(
-        args.dataset, "test", root=str(Path(args.data) / args.dataset), download=False
-    )
+    dataset = card_dataset(card, args.dataset)
+    test = load_dataset(dataset, "test", root=str(Path(args.data) / dataset), download=False)
     images = (test.images.float() / 255 - card.mean[0]) / card.std[0]
     labels = test.labels.long()
     if args.test_images > 0:
@@ -140,17 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     kernel = kernel_status().detail if device.type == "cpu" else cuda_status()
     res: dict[str, Any] = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "device": (
-            platform.processor() or platform.machine()
-            if device.type == "cpu"
-            else torch.cuda.get_device_name(device)
-        ),
+        "device": (cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)),
         "torch": torch.__version__,
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
+        "dataset": dataset,
+        "test_images": len(labels),
         "kernel": kernel,
         "base": {
-            "dir": args.base,
+            "dir": str(args.base),
             "accuracy": accuracy(base, images, labels),
             "params": count_params(base),
             "flops": count_flops(base, example).total_flops,
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         models = variants(base, comp, args.compile, args.graphs)
         fused = models["fused"][0]
         entry: dict[str, Any] = {
-            "dir": comp_dir,
+            "dir": str(comp_dir),
             "accuracy": accuracy(comp, images, labels),
             "accuracy_fused": accuracy(fused, images, labels),
             "params": count_params(comp),
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{comp_dir}: top-1 {entry['accuracy']:.4f} (fused {entry['accuracy_fused']:.4f}), "
             f"FLOPs /{res['base']['flops'] / entry['flops']:.2f}"
         )
-        for b in (int(v) for v in args.batches.split(",")):
+        for b in args.batches:
             x = torch.randn(b, *shape, device=device)
             ms = {k: v * 1e3 for k, v in time_all(models, x, args.threads, args.rounds).items()}
             best_dense = min(v for k, v in ms.items() if k.startswith("dense"))

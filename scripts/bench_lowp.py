@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import positive_int
 from torch import nn
 
 from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import estimate_latency, measure_latency, model_size_bytes
+from slimtorch.core.profiles import list_profiles
 from slimtorch.models import create_model
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowp import LowPrecisionConfig, cast_, precision_gain
@@ -43,16 +45,24 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "vgg11-bn"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--profile", default=None, help="device profile of --device (h100-sxm ...)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument(
+        "--profile",
+        default=None,
+        help=f"device profile of --device, estimated beside rx580 ({', '.join(list_profiles())})",
+    )
+    p.add_argument("--batch", type=positive_int, default=256)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=("fp16", "bf16"))
-    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved measurement rounds")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile is not None and args.profile not in list_profiles():
+        p.error(f"--profile {args.profile!r} is not a device profile; choose one of "
+                f"{', '.join(list_profiles())}")  # fmt: skip
+    return args
 
 
 def _variants(model: nn.Module, x: torch.Tensor, dtype: str) -> dict[str, tuple[nn.Module, Any]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from _bench_common import card_dataset, cpu_name, model_dir_type, positive_int
 
 from slimtorch.core.io import atomic_write_json
 from slimtorch.data import load_dataset
@@ -33,19 +33,29 @@ from slimtorch.quant.ort_graph import time_graphs
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--data", required=True, help="folder holding fashion-mnist/")
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument(
+        "--model-dir",
+        required=True,
+        type=model_dir_type("--model-dir"),
+        help="a slimtorch model directory, or the run directory holding it in model/",
+    )
+    ap.add_argument("--data", required=True, help="folder holding <dataset>/")
+    ap.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset to calibrate on (default: the model card's, else fashion-mnist)",
+    )
+    ap.add_argument("--rounds", type=positive_int, default=30)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, card = load_model(args.model_dir)
     model.eval()
     mean, std = card.mean[0], card.std[0]
-    root = str(Path(args.data) / args.dataset)
-    train = load_dataset(args.dataset, "train", root=root, download=False)
-    test = load_dataset(args.dataset, "test", root=root, download=False)
+    dataset = card_dataset(card, args.dataset)
+    root = str(Path(args.data) / dataset)
+    train = load_dataset(dataset, "train", root=root, download=False)
+    test = load_dataset(dataset, "test", root=root, download=False)
     xtr = (train.images.float() / 255 - mean) / std
     xte = (test.images[:64].float() / 255 - mean) / std
     calib = list(xtr[torch.randperm(len(xtr))[:1024]].split(64))
@@ -59,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             graphs[mode] = onnx.load(path)
     res: dict[str, object] = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "device": platform.processor() or platform.machine(),
+        "device": cpu_name(),
         "date": time.strftime("%Y-%m-%d"),
+        "dataset": dataset,
     }
     for b in (1, 32):
         min_time_s = 0.05 if b == 1 else 0.2

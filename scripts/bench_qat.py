@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import model_dir_type, positive_int
 from torch import nn
 
 from slimtorch.core.devices import run_info
@@ -44,19 +45,24 @@ log = logging.getLogger("bench_qat")
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", required=True, type=Path, help="trained slimtorch model dir")
+    p.add_argument(
+        "--model-dir",
+        required=True,
+        type=model_dir_type("--model-dir"),
+        help="trained slimtorch model directory, or the run directory holding it in model/",
+    )
     p.add_argument("--dataset", default=None, help="dataset name (default: the model card's)")
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs")
     p.add_argument("--lr", type=float, default=0.005, help="QAT peak learning rate (SGD)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--weight-bits", type=int, default=4, choices=(4, 8))
     p.add_argument("--act-bits", type=int, default=8, choices=(4, 8))
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--train-subset", type=int, default=None, help="first N training samples")
     p.add_argument("--test-subset", type=int, default=None, help="first N test samples")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--spike-clip",

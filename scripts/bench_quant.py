@@ -1,6 +1,7 @@
 """Benchmark static int8 PTQ on the CPU: accuracy, weight bytes and latency, two runtimes.
 
-For one model (a trained model directory, or a fresh zoo model) on Fashion-MNIST:
+For one model (a trained model directory, or a fresh zoo model) on the dataset its model card
+names (``--dataset``; Fashion-MNIST for a zoo model):
 
 - PyTorch path: the fp32 model and the Q/DQ int8 model, both compiled with
   ``slimtorch.quant.runtime.compile_int8_x86`` (inductor + freezing; int8 runs oneDNN qconv).
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import card_dataset, cpu_name, model_dir_type, positive_int, positive_ints
 from torch import nn
 
 from slimtorch.core.io import atomic_write_json
@@ -57,9 +58,9 @@ from slimtorch.quant.runtime import compile_int8_x86, cpu_int8_support, int8_ker
 logger = logging.getLogger("bench_quant")
 
 
-def _data(root: str | None, mean: float, std: float, n_test: int) -> tuple[Any, ...]:
-    train = load_dataset("fashion-mnist", "train", root=root, download=False)
-    test = load_dataset("fashion-mnist", "test", root=root, download=False)
+def _data(dataset: str, root: str | None, mean: float, std: float, n_test: int) -> tuple[Any, ...]:
+    train = load_dataset(dataset, "train", root=root, download=False)
+    test = load_dataset(dataset, "test", root=root, download=False)
 
     def prep(images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255 - mean) / std
@@ -106,16 +107,31 @@ def _latency(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", help="a slimtorch model directory (trained model)")
+    src.add_argument(
+        "--model-dir",
+        type=model_dir_type("--model-dir"),
+        help="a slimtorch model directory (trained model), or the run directory holding it",
+    )
     src.add_argument("--model", help="a zoo model name, freshly initialised (timing only)")
-    p.add_argument("--data", default=None, help="folder holding fashion-mnist/ (SLIMTORCH_DATA)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", default="1,32", help="batch sizes to time, comma-separated")
-    p.add_argument("--calibration-batches", type=int, default=16)
-    p.add_argument("--calibration-batch-size", type=int, default=64)
+    p.add_argument("--data", default=None, help="folder holding <dataset>/ (SLIMTORCH_DATA)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset to calibrate and evaluate on (default: the model card's; fashion-mnist "
+        "for --model)",
+    )
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument(
+        "--batches",
+        type=positive_ints,
+        default=[1, 32],
+        help="batch sizes to time, comma-separated",
+    )
+    p.add_argument("--calibration-batches", type=positive_int, default=16)
+    p.add_argument("--calibration-batch-size", type=positive_int, default=64)
     p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"])
-    p.add_argument("--test-samples", type=int, default=10000)
-    p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
+    p.add_argument("--test-samples", type=positive_int, default=10000)
+    p.add_argument("--rounds", type=positive_int, default=15, help="alternating timing rounds")
     p.add_argument("--round-time", type=float, default=0.2, help="seconds per variant and round")
     p.add_argument(
         "--placement",
@@ -141,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model_dir:
         model, card = load_model(args.model_dir)
-        mean, std, name = card.mean[0], card.std[0], args.model_dir
+        mean, std, name = card.mean[0], card.std[0], str(args.model_dir)
+        dataset = card_dataset(card, args.dataset)
     else:
         model = create_model(args.model, num_classes=10, in_channels=1, input_size=28).eval()
         mean, std, name = 0.286, 0.353, args.model
-    root = str(Path(args.data) / "fashion-mnist") if args.data else None
-    xtr, _, xte, yte = _data(root, mean, std, args.test_samples)
+        dataset = args.dataset or "fashion-mnist"
+    root = str(Path(args.data) / dataset) if args.data else None
+    xtr, _, xte, yte = _data(dataset, root, mean, std, args.test_samples)
     perm = torch.randperm(len(xtr))[: args.calibration_batches * args.calibration_batch_size]
     calib = list(xtr[perm].split(args.calibration_batch_size))
 
@@ -155,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     report = quantize_(int8, PTQConfig(mode="static", observer=args.observer), calibration=calib)
     ptq_s = time.perf_counter() - t0
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     res: dict[str, Any] = {
         "model": name,
-        "device": platform.processor() or platform.machine(),
+        "dataset": dataset,
+        "device": cpu_name(),
         "cpu_int8": cpu_int8_support(),
         "torch": torch.__version__,
         "threads": args.threads,
@@ -232,16 +251,25 @@ def main(argv: list[str] | None = None) -> int:
     wb = res["weight_bytes"]
     print(f"weight bytes  fp32 {wb['fp32']:,}  int8 {wb['int8']:,}  ({wb['ratio']:.2f}x smaller)")
     names = ["int8", *(["int8_portable"] if args.placement == "both" else [])]
+
+    def acc_cell(path: str, n: str) -> str:
+        # a path without this variant (eager_gemm, pytorch_gemm: int8 only) shows '-'
+        key = f"{path}_{n}"
+        return f"{acc[key]:>15.4f}" if key in acc else f"{'-':>15}"
+
+    def latency_cells(v: dict[str, float], n: str) -> str:
+        if n not in v:
+            return f"{'-':>18}{'-':>10}"
+        return f"{v[n]:>18.3f}{v['speedup_' + n]:>9.2f}x"
+
     print(f"{'top-1':<10}{'fp32':>10}" + "".join(f"{n:>15}" for n in names))
     for path in ("eager", *(["eager_gemm"] if args.gemm_layout else []), *runners):
         row = f"{path:<14}{acc[f'{path}_fp32']:>10.4f}"
-        print(row + "".join(f"{acc.get(f'{path}_{n}', acc[f'{path}_int8']):>15.4f}" for n in names))
+        print(row + "".join(acc_cell(path, n) for n in names))
     print(f"{'latency':<20}{'fp32 ms':>10}" + "".join(f"{n + ' ms':>18}{'speed-up':>10}"
                                                    for n in names))  # fmt: skip
     for key, v in res["latency_ms"].items():
-        print(f"{key:<20}{v['fp32']:>10.3f}" + "".join(
-            f"{v.get(n, v['int8']):>18.3f}{v.get('speedup_' + n, v['speedup']):>9.2f}x"
-            for n in names))  # fmt: skip
+        print(f"{key:<20}{v['fp32']:>10.3f}" + "".join(latency_cells(v, n) for n in names))
     print(f"wrote {args.out}")
     return 0
 

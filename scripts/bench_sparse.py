@@ -28,6 +28,7 @@ import statistics
 from typing import Any
 
 import torch
+from _bench_common import model_dir_type, positive_int, positive_ints
 from torch import nn
 
 from slimtorch.core.devices import resolve_device, run_info
@@ -40,17 +41,13 @@ from slimtorch.sparse import KERNEL_FORMATS, sparsify_
 log = logging.getLogger("bench_sparse")
 
 
-def ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t]
-
-
 def build(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any]]:
     """The model, one input's shape, and what was done to it."""
     if args.model_dir:
         model, card = load_model(args.model_dir)
         c, h, w = card.input_shape
         shape = (int(c), int(h), int(w))
-        source: dict[str, Any] = {"model_dir": args.model_dir, **card.architecture}
+        source: dict[str, Any] = {"model_dir": str(args.model_dir), **card.architecture}
     else:
         shape = (args.in_channels, args.input_size, args.input_size)
         torch.manual_seed(args.seed)
@@ -126,11 +123,15 @@ def run_batch(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default="resnet20", help="zoo model name (fresh weights)")
-    src.add_argument("--model-dir", help="a slimtorch model directory")
+    src.add_argument(
+        "--model-dir",
+        type=model_dir_type("--model-dir"),
+        help="a slimtorch model directory, or the run directory holding it in model/",
+    )
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--in-channels", type=int, default=3)
     ap.add_argument("--input-size", type=int, default=32)
@@ -138,15 +139,19 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9, help="for --prune magnitude")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for every timing")
-    ap.add_argument("--batches", type=ints, default=[1, 64])
+    ap.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads for every timing"
+    )
+    ap.add_argument("--batches", type=positive_ints, default=[1, 64])
     ap.add_argument("--formats", type=lambda s: s.split(","), default=list(KERNEL_FORMATS))
     ap.add_argument("--min-speedup", type=float, default=1.05)
     ap.add_argument("--min-time", type=float, default=0.2, help="least timed seconds per figure")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating whole-model timings")
+    ap.add_argument(
+        "--rounds", type=positive_int, default=5, help="alternating whole-model timings"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON output path")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -163,7 +168,8 @@ def main() -> None:
     }
     atomic_write_json(args.out, payload)
     print(f"\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

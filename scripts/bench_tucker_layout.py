@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import positive_int, positive_ints
 from torch import nn
 
 from slimtorch.core.io import atomic_write_json
@@ -152,15 +153,14 @@ def run_model(name: str, args: argparse.Namespace, dev: torch.device) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vgg11-bn,resnet56")
     ap.add_argument("--rank", type=float, default=0.25)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batches", type=ints, default=[1, 16, 256, 1024, 4096])
-    ap.add_argument("--layer-batches", type=ints, default=[256, 4096])
+    ap.add_argument("--batches", type=positive_ints, default=[1, 16, 256, 1024, 4096])
+    ap.add_argument("--layer-batches", type=positive_ints, default=[256, 4096])
     ap.add_argument("--min-speedup", type=float, default=1.05)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)

@@ -2,9 +2,16 @@
 # The main job: train a small model on the bundled digits, evaluate, profile, compress it,
 # then serve the results over HTTP.
 # Usage: scripts/demo.sh PYTHON   (make demo passes the venv's python)
+# Runs from the repository root whatever the working directory; a relative PYTHON path or
+# DEMO_OUT is taken from the directory the script was started in.
 set -euo pipefail
+CALLER_DIR=$PWD
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${1:-python3}
+if [[ $PY == */* && $PY != /* ]]; then PY="$CALLER_DIR/$PY"; fi
 OUT=${DEMO_OUT:-runs/demo}
+if [[ -n ${DEMO_OUT:-} && $OUT != /* ]]; then OUT="$CALLER_DIR/$OUT"; fi
+cd "$ROOT"
 THREADS=${DEMO_THREADS:-2}
 st() { "$PY" -m slimtorch.cli "$@"; }
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_common import positive_int
 
 from slimtorch.core.devices import run_info
 from slimtorch.core.io import atomic_write_json
@@ -121,12 +122,12 @@ def main() -> None:
         "--dense-init", action="store_true", help="keep dense initial weights (no fan-in scaling)"
     )
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=positive_int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--amp", default="auto", choices=("off", "auto", "bf16", "fp16"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--val-fraction",

@@ -7,6 +7,9 @@ connection error or a timeout ("hung"); nothing is dropped silently.
 Usage:
     python scripts/bench_serve/loadgen.py --url http://127.0.0.1:8000/v2/models/mlp/infer \
         --body payload.json --clients 64 --duration 20 --out result.json
+    python scripts/bench_serve/loadgen.py --url ... --body payload.json --rate 200 --warmup 2
+
+Both loops send for ``--warmup`` seconds first and leave those requests out of the result.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from slimtorch.core.io import atomic_write_text
 
 
 @dataclass
@@ -179,12 +184,17 @@ async def open_loop(
     duration: float,
     timeout: float = 60.0,
     max_conns: int = 512,
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     """Requests at ``rate`` per second (Poisson arrivals), whatever the answers take.
 
     Each request uses an idle keep-alive connection or opens a new one (at most ``max_conns``
     open; a request that finds none is counted as ``client_saturated``, never silently lost).
+    Requests sent in the first ``warmup`` seconds are not counted; ``duration`` seconds of
+    measured arrivals follow.
     """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests per second, got {rate}")
     host, port, payload = build_request(url, body)
     out = Outcome()
     idle: list[list[Any]] = []
@@ -192,44 +202,49 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
     rng = random.Random(0)
 
-    async def one(conn: list[Any]) -> None:
+    async def one(conn: list[Any], record: bool) -> None:
         nonlocal open_conns
-        await _request(conn, host, port, payload, timeout, out, True)
+        await _request(conn, host, port, payload, timeout, out, record)
         if conn[0] is not None:
             idle.append(conn)
         else:
             open_conns -= 1
 
     start = time.perf_counter()
+    measure_from = start + warmup
     next_at = start
-    while next_at < start + duration:
+    while next_at < measure_from + duration:
         next_at += rng.expovariate(rate)
         delay = next_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        out.sent += 1
+        record = next_at >= measure_from
+        if record:
+            out.sent += 1
         if idle:  # take the connection now, so that no two requests share one
             conn = idle.pop()
         elif open_conns < max_conns:
             conn = [None]
             open_conns += 1
         else:
-            out.statuses["client_saturated"] += 1
+            if record:
+                out.statuses["client_saturated"] += 1
             continue
-        task = asyncio.get_running_loop().create_task(one(conn))
+        task = asyncio.get_running_loop().create_task(one(conn, record))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    elapsed = time.perf_counter() - start
+    elapsed = max(time.perf_counter() - measure_from, 1e-9)
     offered = out.sent / elapsed
     await asyncio.gather(*tasks)
     for conn in idle:
         _close(conn)
-    res = out.summary(time.perf_counter() - start)
+    res = out.summary(time.perf_counter() - measure_from)
     lost = out.sent - sum(out.statuses.values())
     reached = out.sent - out.statuses.get("client_saturated", 0)
     return {
         "mode": "open",
         "rate": rate,
+        "warmup_s": warmup,
         "offered_rps": round(offered, 1),
         # requests that reached the server (the rest found all max_conns connections busy)
         "sent_to_server_rps": round(reached / elapsed, 1),
@@ -244,20 +259,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--body", required=True, help="file holding the request body")
     p.add_argument("--clients", type=int, default=64, help="closed loop: concurrent clients")
-    p.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
-    p.add_argument("--duration", type=float, default=20.0)
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: requests per second (> 0); without it, the closed loop of --clients",
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
+    p.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds sent first and not counted (both loops)"
+    )
+    p.add_argument("--out", default=None, help="write the JSON result here (atomically)")
     args = p.parse_args(argv)
-    body = open(args.body, "rb").read()
-    if args.rate:
-        res = asyncio.run(open_loop(args.url, body, args.rate, args.duration))
+    if args.rate is not None and not args.rate > 0:
+        p.error(f"--rate must be > 0 requests per second, got {args.rate:g} (leave --rate out "
+                "for the closed loop)")  # fmt: skip
+    if args.rate is None and args.clients < 1:
+        p.error(f"--clients must be >= 1, got {args.clients}")
+    if not args.duration > 0:
+        p.error(f"--duration must be > 0 seconds, got {args.duration:g}")
+    if not args.warmup >= 0:
+        p.error(f"--warmup must be >= 0 seconds, got {args.warmup:g}")
+    try:
+        with open(args.body, "rb") as fh:
+            body = fh.read()
+    except OSError as exc:
+        p.error(f"--body {args.body}: cannot read it ({exc.strerror or exc})")
+    if args.rate is not None:
+        res = asyncio.run(open_loop(args.url, body, args.rate, args.duration, warmup=args.warmup))
     else:
         res = asyncio.run(closed_loop(args.url, body, args.clients, args.duration, args.warmup))
     text = json.dumps(res, indent=2)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+        atomic_write_text(args.out, text + "\n")
     print(text)
     return 0
 

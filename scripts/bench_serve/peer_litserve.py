@@ -1,8 +1,9 @@
 """The LitServe peer: the same slimtorch model directory behind LitServe with batching.
 
-LitServe (Lightning AI) 0.2.19, max_batch_size 32 and batch_timeout 5 ms by default, one
-inference worker, the same request and response JSON as the KServe v2 endpoint, on the same
-URL path. Needs ``litserve==0.2.19`` installed; this script installs nothing.
+LitServe (Lightning AI) 0.2.19, max_batch_size 32 and batch_timeout 5 ms by default (run_bench.py
+passes its ``--max-batch-size`` and ``--delay-ms`` as ``--max-batch-size`` and
+``--batch-timeout``), one inference worker, the same request and response JSON as the KServe v2
+endpoint, on the same URL path. Needs ``litserve==0.2.19`` installed; this script installs nothing.
 
 Usage:
     python scripts/bench_serve/peer_litserve.py --model-dir repo/mlp/1 --name mlp --port 8001

@@ -205,7 +205,7 @@ def server_cmd(
         ]
     script = HERE / ("peer_litserve.py" if kind == "litserve" else "peer_fastapi.py")
     py = args.peer_python if kind == "litserve" else sys.executable
-    return [
+    cmd = [
         py,
         str(script),
         "--model-dir",
@@ -217,6 +217,15 @@ def server_cmd(
         "--threads",
         t,
     ]
+    if kind == "litserve":
+        # the same batching as slimtorch's (set in the model directories by build_models)
+        cmd += [
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--batch-timeout",
+            repr(args.delay_ms / 1000),
+        ]
+    return cmd
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -330,8 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per closed loop")
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of every server")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--delay-ms", type=float, default=5.0, help="batch timeout, both servers")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="largest batch, both batching servers (slimtorch, litserve)",
+    )
+    p.add_argument(
+        "--delay-ms",
+        type=float,
+        default=5.0,
+        help="batch timeout in ms, both batching servers (slimtorch, litserve)",
+    )
     p.add_argument("--overload", type=float, default=4.0, help="x slimtorch's throughput")
     p.add_argument("--overload-servers", default="slimtorch")
     p.add_argument("--overload-duration", type=float, default=20.0)
@@ -346,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-pythonpath", default=None, help="extra PYTHONPATH for litserve")
     p.add_argument("--verbose", action="store_true", help="show the servers' logs")
     args = p.parse_args(argv)
+    if args.max_batch_size < 1:
+        p.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not args.delay_ms >= 0:
+        p.error(f"--delay-ms must be >= 0, got {args.delay_ms:g}")
     args.clients = [int(c) for c in args.clients.split(",")]
     servers = args.servers.split(",")
     if "litserve" in servers:
