@@ -131,6 +131,13 @@ def test_budget_that_cannot_be_met_is_an_error() -> None:
         decompose_(net, TuckerConfig(rank="budget:params=0.1"))
 
 
+def test_a_budget_the_dense_model_meets_keeps_every_layer_and_says_why() -> None:
+    net = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    report = decompose_(net, TuckerConfig(rank="budget:params=1.0"))
+    assert [r.action for r in report.rows] == ["skipped", "skipped"]
+    assert all("budget is met without factorising it" in str(r.reason) for r in report.rows)
+
+
 def test_ladder_errors_match_the_built_truncations() -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(16, 24, 3)

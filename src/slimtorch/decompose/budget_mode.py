@@ -369,7 +369,10 @@ def build_option(module: nn.Module, config: DecomposeConfig, option: RankOption)
         [2]
     """
     if not option.ranks:
-        raise SkipLayer("budget kept the layer dense: factorising it cost more error per saving")
+        raise SkipLayer(
+            "budget kept the layer dense: the budget is met without factorising it, at less "
+            "estimated error"
+        )
     result = find_ladder(config, module).build(module, config, option.ranks)
     result.info = {**result.info, "budget_error_estimate": option.error}
     return result
