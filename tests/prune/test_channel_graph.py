@@ -236,3 +236,32 @@ def test_prune_channels_shrinks_token_mlps_and_keeps_them_running() -> None:
     assert (model.up.out_features, model.down.in_features, model.down.out_features) == (8, 8, 8)
     assert model(x).shape == (2, 3)
     assert [r.action for r in report.rows] == ["pruned", "fixed", "fixed"]
+
+
+class SpatialMix(nn.Module):
+    """A Linear over the pixels of each channel (an MLP-Mixer token mix), then one over the
+    features it made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.mix(self.conv(x).flatten(2)))  # (N, 16, 32): reads the pixel axis
+        return self.head(y).mean(1)
+
+
+def test_a_linear_reading_another_axis_blocks_that_group_and_keeps_its_own() -> None:
+    from slimtorch.prune import ChannelPruneConfig, prune_channels_
+
+    torch.manual_seed(0)
+    model, x = SpatialMix(), torch.randn(2, 3, 8, 8)
+    report = prune_channels_(model, ChannelPruneConfig(ratio=0.5, round_to=1), x)
+    rows = {r.name: r for r in report.rows}
+    assert rows["conv"].action == "skipped"
+    assert rows["conv"].reason == "Linear module 'mix' reads features on another axis"
+    assert (rows["mix"].action, rows["mix"].channels_after) == ("pruned", 16)
+    assert (model.conv.out_channels, model.mix.in_features, model.head.in_features) == (16, 64, 16)
+    assert model(x).shape == (2, 10)

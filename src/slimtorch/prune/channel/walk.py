@@ -351,8 +351,10 @@ class ChannelWalker:
         if isinstance(mod, nn.Linear):
             t = self._reanchored(t, nd - 1)
             if t.space is not None and t.cdim != nd - 1:
-                self._opaque(node, f"{self._describe(node)} reads features on another axis")
-                return
+                # the channels it is handed stay as they are; its own output features are a
+                # group of their own (its input features are then not tracked: never sliced)
+                self.spaces.block(t.space, f"{self._describe(node)} reads features on another axis")
+                t = _T(None, nd - 1, t.shape)
         elif not self._channel_first(node, t):
             return
         prev = self.layers.get(name)
