@@ -154,6 +154,25 @@ def test_another_datasets_files_in_a_flat_root_are_named_and_passed_over(
     assert fashion.name == "fashion-mnist/test" and not torch.equal(fashion.images, mnist.images)
 
 
+def test_uncompressed_files_of_another_dataset_are_recognised(
+    shared_data: Path, isolated: Path, tmp_path: Path, write_idx: Callable[..., Path]
+) -> None:
+    import gzip
+
+    flat = tmp_path / "raw"
+    flat.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # MNIST's, gunzipped
+        (flat / name).write_bytes(
+            gzip.decompress((shared_data / "mnist" / f"{name}.gz").read_bytes())
+        )
+    with pytest.raises(ChecksumError, match=r"raw holds mnist's test files, not fashion-mnist"):
+        load_dataset("fashion-mnist", "test", root=flat, download=False)
+    assert len(load_dataset("mnist", "test", root=flat, download=False)) == 10000
+    own = tmp_path / "own" / "fashion-mnist"  # a user's own small IDX files still load
+    _raw_mnist(own, 3, write_idx)
+    assert len(load_dataset("fashion-mnist", "test", root=tmp_path / "own", download=False)) == 3
+
+
 def test_truncated_file_is_rejected(shared_data: Path, isolated: Path, tmp_path: Path) -> None:
     folder = _copy_test_files(shared_data, tmp_path / "t" / "mnist")
     p = folder / "t10k-images-idx3-ubyte.gz"

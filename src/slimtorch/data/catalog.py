@@ -183,6 +183,31 @@ _FASHION = {
         5148,
     ),
 }
+# The same files uncompressed -> (sha256, size), taken from the verified archives above. Raw
+# IDX files are not required to match (a user's own subset in IDX form loads), but MNIST and
+# Fashion-MNIST share file names, so these tell whose uncompressed files sit in a flat folder.
+IDX_CONTENTS: dict[str, dict[str, tuple[str, int]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": (
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
+        "train-labels-idx1-ubyte": (
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
+        "t10k-images-idx3-ubyte": (
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
+        "t10k-labels-idx1-ubyte": (
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008),
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": (
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+        "train-labels-idx1-ubyte": (
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+        "t10k-images-idx3-ubyte": (
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+        "t10k-labels-idx1-ubyte": (
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+    },
+}  # fmt: skip
 _KMNIST: dict[str, tuple[str | None, str | None, int | None]] = {
     "train-images-idx3-ubyte.gz": ("bdb82020997e1d708af4cf47b453dcf7", None, None),
     "train-labels-idx1-ubyte.gz": ("e144d726b3acfaa3e44228e80efcd344", None, None),

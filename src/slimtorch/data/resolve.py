@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
-from slimtorch.data.catalog import DatasetInfo, Layout, dataset_info, list_datasets
+from slimtorch.data.catalog import (
+    IDX_CONTENTS,
+    DatasetInfo,
+    Layout,
+    dataset_info,
+    list_datasets,
+)
 from slimtorch.data.checksum import verify_file
 from slimtorch.data.dataset import ImageDataset
 from slimtorch.data.download import download_file, extract_tar_members
@@ -271,8 +277,11 @@ def _verified(
     for i, (paths, layout) in enumerate(candidates):
         try:
             _verify(paths, layout)
+            other = _raw_owner(name, paths)
+            if other is not None:  # uncompressed files carry no published digest to fail
+                raise ChecksumError(f"{paths[0].parent} holds {other}'s files")
         except ChecksumError as exc:
-            other = _other_dataset(name, split, paths)
+            other = _other_dataset(name, split, paths) or _raw_owner(name, paths)
             if other is None:
                 raise  # damaged: the message says to delete it
             why = f"{paths[0].parent} holds {other}'s {split} files, not {name}'s"
@@ -294,13 +303,31 @@ def _other_dataset(name: str, split: str, paths: Sequence[Path]) -> str | None:
         if other == name or split not in info.layouts:
             continue
         for layout in info.layouts[split]:
-            if [f.name for f in layout.files] != [p.name for p in paths]:
+            if [f.name for f in layout.files] != [p.name for p in paths] or not any(
+                f.md5 or f.sha256 for f in layout.files
+            ):  # no digest: nothing tells its files from any other files of these names
                 continue
             try:
                 _verify(paths, layout)
             except ChecksumError:
                 continue
             return other
+    return None
+
+
+def _raw_owner(name: str, paths: Sequence[Path]) -> str | None:
+    """The other dataset whose uncompressed IDX files these are (:data:`IDX_CONTENTS`), or
+    None: they are this dataset's, or files no catalog dataset publishes (a user's own)."""
+    for owner, contents in IDX_CONTENTS.items():
+        if owner == name or any(p.name not in contents for p in paths):
+            continue
+        try:
+            for path in paths:
+                sha256, size = contents[path.name]
+                verify_file(path, sha256=sha256, size=size)  # the size is checked first
+        except ChecksumError:
+            continue
+        return owner
     return None
 
 
