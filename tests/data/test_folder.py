@@ -112,3 +112,55 @@ def test_an_image_over_the_pixel_limit_is_named(folder: Path, monkeypatch) -> No
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x40 > 2x the limit: a bomb to PIL
     with pytest.raises(DataFormatError, match=r"cannot read image .*huge\.png \(DecompressionBomb"):
         load_image_folder(folder)
+
+
+def test_std_from_integer_sums_matches_the_float_formula(folder: Path) -> None:
+    ds = load_image_folder(folder)
+    x = ds.images.double() / 255
+    torch.testing.assert_close(
+        torch.tensor(ds.std, dtype=torch.float64), x.std(dim=(0, 2, 3), unbiased=False)
+    )
+
+
+def test_a_second_split_takes_the_first_splits_labels(folder: Path, tmp_path: Path) -> None:
+    train = load_image_folder(folder)  # cat, dog, empty
+    test = tmp_path / "test"
+    _img(test / "dog" / "a.png", (0, 90, 0))  # no cat folder in this split
+    alone = load_image_folder(test)
+    assert alone.classes == ("dog",) and alone.labels.tolist() == [0]  # shifted on its own
+    ds = load_image_folder(test, classes=train.classes, mean=train.mean, std=train.std)
+    assert ds.classes == train.classes and ds.labels.tolist() == [1] and ds.mean == train.mean
+    _img(test / "fox" / "a.png", (9, 9, 9))
+    with pytest.raises(DataFormatError, match=r"class folder\(s\) fox that classes= does not"):
+        load_image_folder(test, classes=train.classes)
+
+
+def test_entries_passed_over_are_counted(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _img(folder / "dog" / "nested" / "c.png", (1, 2, 3))
+    (folder / "dog" / "gone.png").symlink_to(folder / "nowhere.png")
+    with caplog.at_level("WARNING", logger="slimtorch.data.folder"):
+        ds = load_image_folder(folder)
+    assert len(ds) == 3
+    assert "3 entries in class folders were not read (1 .txt suffix, 1 broken link, " in caplog.text
+    assert "1 sub-folder)" in caplog.text
+
+
+def test_class_order_does_not_depend_on_unicode_normal_form(tmp_path: Path) -> None:
+    import unicodedata
+
+    for form in ("NFC", "NFD"):
+        root = tmp_path / form
+        for name in ("über", "vogel"):
+            _img(root / unicodedata.normalize(form, name) / "a.png", (1, 1, 1))
+        assert load_image_folder(root).classes == ("vogel", "über")  # sorted in NFC
+
+
+def test_the_exif_orientation_is_applied(tmp_path: Path) -> None:
+    arr = _img(tmp_path / "x" / "c" / "tmp.png", (0, 0, 0), size=(6, 2))  # wide, marker top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
+    Image.fromarray(arr).save(tmp_path / "x" / "c" / "a.jpg", exif=exif, quality=100)
+    (tmp_path / "x" / "c" / "tmp.png").unlink()
+    ds = load_image_folder(tmp_path / "x")
+    assert ds.input_shape == (3, 6, 2)  # shown upright: tall
+    assert int(ds.images[0, 0, 0, -1]) > 200  # the marker moved to the top-right

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,21 @@ def _to_8bit(img: Any, image_mod: Any, path: Path) -> Any:
     return img
 
 
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units, from exact
+    integer sums over chunks (a float64 copy of the whole set would take 8x its memory)."""
+    total = torch.zeros(images.shape[1], dtype=torch.int64)
+    squares = torch.zeros(images.shape[1], dtype=torch.int64)
+    for chunk in images.split(64):
+        wide = chunk.to(torch.int32)  # squares of 0..255 fit; the sums are taken in int64
+        total += wide.sum(dim=(0, 2, 3), dtype=torch.int64)
+        squares += (wide * wide).sum(dim=(0, 2, 3), dtype=torch.int64)
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total.double() / (n * 255.0)
+    var = (squares.double() / (n * 255.0**2) - mean * mean).clamp(min=0)
+    return tuple(mean.tolist()), tuple(max(s, 1e-6) for s in var.sqrt().tolist())
+
+
 def load_image_folder(
     path: str | os.PathLike[str],
     *,
@@ -85,8 +101,14 @@ def load_image_folder(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    classes: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Read ``path/<class_name>/<image>`` files into an :class:`ImageDataset`.
+
+    For a second split of the same data (``test/`` beside ``train/``) pass the first split's
+    ``classes``, ``mean`` and ``std``: a split read alone numbers its own sub-folders, so a
+    class missing from it would shift every later label, and it would be normalised by its
+    own statistics.
 
     Args:
         path: The root folder; each sub-folder is one class.
@@ -99,7 +121,12 @@ def load_image_folder(
         std: Per-channel std in [0, 1] units; default: computed from the images.
         extensions: File suffixes to read (case-insensitive); other files are ignored, and so
             are hidden files and folders (names starting with ``.``, such as the ``._x.png``
-            resource files macOS leaves beside copied images).
+            resource files macOS leaves beside copied images). What is passed over (other
+            suffixes, nested folders, broken links) is counted in a warning.
+        classes: The label order (label ``i`` is ``classes[i]``), usually the training split's
+            ``.classes``; a sub-folder not in it is an error, a class without a sub-folder has
+            no images here. Default: the sub-folder names, sorted (compared in Unicode NFC, so
+            names copied between file systems sort the same).
 
     Returns:
         The dataset, images uint8 ``(N, channels, H, W)``.
@@ -107,7 +134,7 @@ def load_image_folder(
     Raises:
         DataNotFoundError: ``path`` is not a folder or holds no images.
         DataFormatError: A file cannot be decoded or has 32-bit pixels (the message names it),
-            or sizes differ and ``size`` was not given.
+            sizes differ and ``size`` was not given, or a sub-folder is not one of ``classes``.
 
     Example:
         >>> import pathlib, tempfile
@@ -135,28 +162,57 @@ def load_image_folder(
             "<folder>/<class_name>/<image files>"
         )
     exts = tuple(e.lower() for e in extensions)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = {
+        unicodedata.normalize("NFC", p.name): p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    }
+    if classes is None:
+        classes = sorted(folders)
+    else:
+        classes = [unicodedata.normalize("NFC", str(c)) for c in classes]
+        extra = sorted(set(folders) - set(classes))
+        if extra:
+            raise DataFormatError(
+                f"{root} has class folder(s) {', '.join(extra)} that classes= does not list "
+                f"({', '.join(classes)}); their images would have no label"
+            )
     files: list[tuple[Path, int]] = []
+    passed_over: dict[str, int] = {}
     for label, cls in enumerate(classes):
-        members = sorted(
-            p
-            for p in (root / cls).iterdir()
-            if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
-        )
+        members = []
+        for p in sorted(folders[cls].iterdir()) if cls in folders else []:
+            if p.name.startswith("."):
+                continue
+            if p.is_file() and p.suffix.lower() in exts:
+                members.append(p)
+            else:
+                why = ("sub-folder" if p.is_dir() else "broken link" if not p.exists()
+                       else f"{p.suffix.lower() or 'no'} suffix")  # fmt: skip
+                passed_over[why] = passed_over.get(why, 0) + 1
         if not members:
-            logger.warning("class folder %s holds no %s files", root / cls, "/".join(exts))
+            logger.warning("class %r has no %s files in %s", cls, "/".join(exts), root)
         files.extend((p, label) for p in members)
+    if passed_over:
+        logger.warning(
+            "%s: %d entries in class folders were not read (%s); pass extensions= to read "
+            "other suffixes", root, sum(passed_over.values()),
+            ", ".join(f"{n} {why}" for why, n in sorted(passed_over.items())),
+        )  # fmt: skip
     if not files:
         raise DataNotFoundError(
             f"no images found under {root}; expected <folder>/<class_name>/*"
-            f"{'|*'.join(exts)} (found class folders: {', '.join(classes) or 'none'})"
+            f"{'|*'.join(exts)} (found class folders: {', '.join(folders) or 'none'})"
         )
     image_mod = _import_pil()
+    from PIL import ImageOps
+
     mode = "L" if channels == 1 else "RGB"
-    arrays: list[np.ndarray] = []
-    for p, _ in files:
+    images: torch.Tensor | None = None  # (N, C, H, W), filled one image at a time
+    for i, (p, _) in enumerate(files):
         try:
             with image_mod.open(p) as img:
+                img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
                 img = _to_8bit(img, image_mod, p).convert(mode)
                 if hw is not None and (img.height, img.width) != hw:
                     img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
@@ -169,19 +225,19 @@ def load_image_folder(
             ) from exc
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        if arrays and arr.shape != arrays[0].shape:
+        if images is None:
+            images = torch.empty((len(files), arr.shape[2], *arr.shape[:2]), dtype=torch.uint8)
+        elif arr.shape != (images.shape[2], images.shape[3], images.shape[1]):
             raise DataFormatError(
                 f"image {p} is {arr.shape[1]}x{arr.shape[0]} but {files[0][0]} is "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; pass size=(height, width) to "
+                f"{images.shape[3]}x{images.shape[2]}; pass size=(height, width) to "
                 "resize all images to one size"
             )
-        arrays.append(arr)
-    images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W)
+        images[i] = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    assert images is not None  # files is not empty
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     if mean is None or std is None:
-        x = images.to(torch.float64) / 255.0
-        est_mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
-        est_std = tuple(max(s, 1e-6) for s in x.std(dim=(0, 2, 3), unbiased=False).tolist())
+        est_mean, est_std = _channel_stats(images)
     return ImageDataset(
         name=name or root.resolve().name,
         images=images,
