@@ -106,6 +106,32 @@ def test_int8_export_calibrates_from_the_models_dataset(
     assert "--calibration-batches must be >= 0" in capsys.readouterr().err
 
 
+def test_damaged_local_data_falls_back_with_a_warning(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    import shutil
+    from types import SimpleNamespace
+
+    from slimtorch.cli.export_cmd import calibration_batches, check_inputs
+
+    monkeypatch.delenv("SLIMTORCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bad = tmp_path / "bad" / "mnist"
+    bad.mkdir(parents=True)
+    for f in (shared_data / "mnist").iterdir():
+        shutil.copy(f, bad / f.name)
+    for f in bad.iterdir():  # truncated: a checksum error, not a missing file
+        f.write_bytes(f.read_bytes()[:1000])
+    card = SimpleNamespace(extra={"dataset": "mnist"})
+    with caplog.at_level("WARNING", logger="slimtorch.cli.export_cmd"):
+        x, what = check_inputs(card, (1, 28, 28), str(tmp_path / "bad"))
+        assert calibration_batches(card, 2, str(tmp_path / "bad")) is None
+    assert what == "random normal, 8 inputs" and tuple(x.shape) == (8, 1, 28, 28)
+    assert "the mnist test split cannot be read" in caplog.text
+    assert "no readable local mnist training data" in caplog.text
+
+
 def test_calibration_needs_a_recorded_dataset_and_local_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

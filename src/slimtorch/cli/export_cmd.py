@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from slimtorch.cli.common import (
     check_output_path,
     model_dir_arg,
 )
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 """The --out suffix of each --format."""
@@ -103,23 +106,27 @@ def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] |
 
     Only local files are used (no download): an export must not reach the network.
     """
-    import logging
-
+    from slimtorch.core.errors import DataError
     from slimtorch.data import DeviceLoader, load_dataset
 
-    log = logging.getLogger(__name__)
     name = card.extra.get("dataset")
     if n <= 0:
         return None
     if not name:
-        log.warning("the model does not record its dataset: int8 ONNX export without calibration")
+        logger.warning(
+            "the model does not record its dataset: int8 ONNX export without calibration"
+        )
         return None
     try:
         train = load_dataset(name, "train", root=data_root, download=False)
-    except (FileNotFoundError, ValueError) as exc:
-        log.warning(
-            "no local %s training data (%s): int8 ONNX export without calibration", name, exc
-        )
+    except (FileNotFoundError, ValueError, DataError) as exc:  # missing, or damaged
+        logger.warning(
+            "no readable local %s training data (%s): int8 ONNX export without calibration",
+            name, exc,
+        )  # fmt: skip
+        return None
+    if len(train) == 0:
+        logger.warning("the local %s training split is empty: no calibration", name)
         return None
     loader = DeviceLoader(train, 64, shuffle=True, seed=0, device="cpu")
     out = []
@@ -141,15 +148,19 @@ def check_inputs(card: Any, shape: tuple[int, ...], data_root: str | None) -> tu
     ONNX Runtime's int8 outputs are (see :func:`~slimtorch.quant.check_onnx`)."""
     import torch
 
+    from slimtorch.core.errors import DataError
     from slimtorch.data import DeviceLoader, load_dataset
 
     name = card.extra.get("dataset")
     if name:
         try:
             test = load_dataset(name, "test", root=data_root, download=False)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, DataError) as exc:
+            if not isinstance(exc, FileNotFoundError):  # there, but damaged: say so
+                logger.warning("the %s test split cannot be read (%s); checking the export "
+                               "on random inputs", name, exc)  # fmt: skip
             test = None
-        if test is not None and tuple(test.input_shape) == shape:
+        if test is not None and len(test) > 0 and tuple(test.input_shape) == shape:
             x, _ = next(iter(DeviceLoader(test, CHECK_IMAGES, device="cpu")))
             return x, f"{name} test, {x.shape[0]} images"
     x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
