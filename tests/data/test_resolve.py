@@ -90,7 +90,7 @@ def _raw_mnist(folder: Path, n: int, write_idx: Callable[..., Path]) -> None:
 
 
 def test_resolution_order(
-    isolated: Path, tmp_path: Path, monkeypatch, write_idx: Callable[..., Path]
+    isolated: Path, tmp_path: Path, monkeypatch, write_idx: Callable[..., Path], caplog
 ) -> None:
     explicit, env = tmp_path / "explicit", tmp_path / "env"
     _raw_mnist(explicit / "mnist", 3, write_idx)  # <root>/<name>/file layout
@@ -104,8 +104,11 @@ def test_resolution_order(
     assert len(load_dataset("mnist", "test", download=False)) == 5
     found = find_dataset_files("mnist", "test", root=explicit)
     assert found is not None and found[0][0] == explicit / "mnist" / "t10k-images-idx3-ubyte"
-    # an explicit root without the files falls through to the next folder
-    assert len(load_dataset("mnist", "test", root=tmp_path / "empty", download=False)) == 5
+    # an explicit root without the files falls through to the next folder; one that does not
+    # exist at all (a typo) is named
+    with caplog.at_level("WARNING", logger="slimtorch.data.resolve"):
+        assert len(load_dataset("mnist", "test", root=tmp_path / "empty", download=False)) == 5
+    assert f"root {tmp_path / 'empty'} does not exist; read mnist/test from" in caplog.text
 
 
 def test_gz_layout_beats_raw_in_same_folder(

@@ -236,6 +236,11 @@ def load_dataset(
         if found is None:  # pragma: no cover - the download wrote every file of the layout
             raise _not_found(info, split, root, "The download did not produce the files.")
     paths, layout = _verified(name, split, root, found)
+    env = os.environ.get(DATA_ENV_VAR)
+    for what, given in (("root", root), (f"${DATA_ENV_VAR}", env)):
+        if given and not Path(given).expanduser().exists():  # a typo, most likely
+            logger.warning("%s %s does not exist; read %s/%s from %s", what, given, name, split,
+                           paths[0].parent)  # fmt: skip
     images, labels = layout.read(paths)
     _check_label_range(labels, len(info.classes), paths)
     logger.info("loaded %s/%s from %s: %d images", name, split, paths[0].parent, len(labels))
