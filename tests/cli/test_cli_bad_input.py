@@ -313,3 +313,21 @@ def test_profiles_take_names_all_or_none_never_nothing(
     out = tmp_path / "p.json"
     assert main([*base, "--profiles", "none", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["estimates"] == {}
+
+
+def test_eval_checks_the_dataset_against_the_model_before_reading_it(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import slimtorch.data.resolve as resolve
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("eval tried to download")
+
+    monkeypatch.setattr(resolve, "_download", no_network)
+    base = ["eval", "--in", str(model_dir), "--device", "cpu"]
+    assert main([*base, "--dataset", "cifar10"]) == 2  # 3-channel, other classes: not fetched
+    assert "are not cifar10's" in _error(capsys)
+    monkeypatch.setenv("SLIMTORCH_DATA", str(model_dir))  # no mnist files there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(model_dir / "cache"))
+    assert main([*base, "--dataset", "mnist", "--no-download"]) == 2
+    assert "Downloading is off" in capsys.readouterr().err  # the search, listed over lines

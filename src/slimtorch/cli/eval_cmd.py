@@ -26,13 +26,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
+    p.add_argument("--no-download", action="store_true", help="never download dataset files")
     add_device_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
-    from slimtorch.data import DeviceLoader, load_dataset
+    from slimtorch.data import DeviceLoader, dataset_info, load_dataset
     from slimtorch.models import load_model
     from slimtorch.train import TrainConfig, Trainer
 
@@ -42,17 +43,23 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or card.extra.get("dataset")
     if dataset is None:
         raise ValueError(f"{args.model_dir} does not record its dataset; pass --dataset")
-    ds = load_dataset(dataset, args.split, root=args.data_root)
+    info = dataset_info(dataset)  # what the catalog knows is checked before any file is read
+    if card.class_names and tuple(card.class_names) != tuple(info.classes):
+        raise ValueError(
+            f"the model's classes ({', '.join(card.class_names[:4])}, ...) are not {dataset}'s "
+            f"({', '.join(info.classes[:4])}, ...): its accuracy there would mean nothing; pick "
+            "the dataset it was trained on"
+        )
+    if len(info.mean) != card.input_shape[0]:
+        raise ValueError(
+            f"{dataset} images have {len(info.mean)} channel(s) but the model expects "
+            f"{tuple(card.input_shape)}; pick a matching --dataset"
+        )
+    ds = load_dataset(dataset, args.split, root=args.data_root, download=not args.no_download)
     if tuple(ds.input_shape) != tuple(card.input_shape):
         raise ValueError(
             f"{dataset} images are {tuple(ds.input_shape)} but the model expects "
             f"{tuple(card.input_shape)}; pick a matching --dataset"
-        )
-    if card.class_names and tuple(card.class_names) != tuple(ds.classes):
-        raise ValueError(
-            f"the model's classes ({', '.join(card.class_names[:4])}, ...) are not {dataset}'s "
-            f"({', '.join(ds.classes[:4])}, ...): its accuracy there would mean nothing; pick "
-            "the dataset it was trained on"
         )
     # the inputs are normalised as the model was trained, whichever dataset they come from
     ds = dataclasses.replace(ds, mean=tuple(card.mean), std=tuple(card.std))
