@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_digits
 
@@ -40,3 +41,11 @@ def test_mean_std_constants_match_data() -> None:
     x = ds.images.double() / 255
     assert abs(x.mean().item() - ds.mean[0]) < 1e-3
     assert abs(x.std(unbiased=False).item() - ds.std[0]) < 1e-3
+
+
+def test_normalisation_statistics_come_from_the_training_split() -> None:
+    from slimtorch.data.digits import DIGITS_MEAN, DIGITS_STD
+
+    x = load_digits_dataset("train").images.double() / 255
+    assert DIGITS_MEAN[0] == pytest.approx(x.mean().item(), abs=5e-5)
+    assert DIGITS_STD[0] == pytest.approx(x.std(unbiased=False).item(), abs=5e-5)

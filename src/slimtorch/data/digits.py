@@ -34,9 +34,10 @@ __all__ = [
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-# Over all 1797 images after scaling to 0..255, in [0, 1] units.
-DIGITS_MEAN = (0.3053,)
-DIGITS_STD = (0.3759,)
+# Over the 1438 training images after scaling to 0..255, in [0, 1] units (the test split
+# stays out of the statistics the inputs are normalised with).
+DIGITS_MEAN = (0.3060,)
+DIGITS_STD = (0.3763,)
 _CLASSES = tuple(str(i) for i in range(10))
 
 
