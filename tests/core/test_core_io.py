@@ -56,3 +56,18 @@ def test_the_rename_is_flushed_to_disk_with_the_folder(
     monkeypatch.setattr(os, "fsync", fsync)
     atomic_write_text(tmp_path / "a.txt", "x")
     assert synced == [False, True]  # the file's data, then the folder holding the new name
+
+
+def test_a_folder_that_cannot_be_opened_for_the_flush_does_not_fail_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.open
+
+    def no_read(path: object, flags: int, *args: object) -> int:
+        if os.path.isdir(str(path)):  # a folder with write and search permission only
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_read)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x"

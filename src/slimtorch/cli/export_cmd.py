@@ -181,7 +181,10 @@ def _checked_output(out: Path) -> Iterator[Path]:
             kept = " (the file already there is unchanged)" if out.exists() else ""
             print(f"the export did not pass its check and was removed{kept}", file=sys.stderr)
         raise
+    from slimtorch.core.io import fsync_dir
+
     os.replace(tmp, out)
+    fsync_dir(out.parent)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,15 +21,19 @@ def _umask() -> int:
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be
-    opened (Windows) or synced (some network file systems)."""
+    """Flush a folder's entries (a rename into it) to disk, as far as the system allows: a
+    no-op where folders cannot be opened (Windows, a folder writable but not readable) or
+    synced (some network file systems). The rename has happened either way."""
     if os.name != "posix":
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
             raise
     finally:
         os.close(fd)

@@ -32,7 +32,7 @@ from torch import nn
 
 from slimtorch.core.config import check_bool
 from slimtorch.core.devices import resolve_device
-from slimtorch.core.io import atomic_write_json, atomic_write_text
+from slimtorch.core.io import atomic_write_json, atomic_write_text, fsync_dir
 from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
 from slimtorch.distill import DistillationCallback, DistillConfig
@@ -132,6 +132,7 @@ def _land_finetune_files(out: Path, suffix: str) -> None:
     for f in stage.iterdir():
         os.replace(f, out / f"{f.stem}{suffix}{f.suffix}")
     stage.rmdir()
+    fsync_dir(out)
 
 
 MEMORY_ROUNDS = 5
