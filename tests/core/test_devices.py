@@ -133,6 +133,8 @@ def test_resolve_errors(no_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"'cuda:3' does not exist: 1 CUDA/ROCm device\(s\)"):
         resolve_device("cuda:3")
+    # a data-parallel process is handed its GPU (often the only one it sees) and maps the index
+    assert resolve_device("cuda:3", any_index=True) == torch.device("cuda", 3)
 
 
 def test_synchronize_cpu_is_a_noop() -> None:

@@ -247,7 +247,7 @@ def as_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+def resolve_device(spec: str | torch.device = "auto", *, any_index: bool = False) -> torch.device:
     """Turn a device spec into an available ``torch.device``.
 
     ``"auto"`` picks ``cuda:0`` when a CUDA/ROCm GPU is present, then MPS, else the CPU.
@@ -256,6 +256,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
     Args:
         spec: ``"auto"``, a device string or a ``torch.device``.
+        any_index: Take a CUDA index without checking it against the devices this process
+            sees. For data-parallel runs, where each process is given its GPU (its
+            ``LOCAL_RANK``, often as the only visible device) and the caller maps it.
 
     Returns:
         The device, with an explicit index for CUDA.
@@ -294,6 +297,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                 f"device {spec!r} asked for a CUDA/ROCm GPU but torch "
                 f"{torch.__version__} sees none; use 'cpu' or 'auto', or install a CUDA/ROCm build"
             )
+        if any_index and dev.index is not None:
+            return torch.device("cuda", dev.index)
         count = torch.cuda.device_count()
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if not 0 <= index < count:

@@ -285,7 +285,7 @@ def compress_run(
     if rank is not None:
         options["rank"] = rank
     check_options(method, options)  # a bad option fails before the model and data are loaded
-    device = resolve_device(device)
+    device = resolve_device(device, any_index=data_parallel())  # DDP maps it below
     if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     in_path = Path(in_dir)

@@ -33,7 +33,13 @@ from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_datas
 from slimtorch.models import create_model, save_model
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
-from slimtorch.train.distributed import get_rank, get_world_size, is_main_process
+from slimtorch.train.distributed import (
+    data_parallel,
+    get_device_index,
+    get_rank,
+    get_world_size,
+    is_main_process,
+)
 from slimtorch.train.seeding import seed_everything
 from slimtorch.train.trainer import Trainer
 
@@ -169,7 +175,9 @@ def train_classifier(
             split is still evaluated once at the end.
         val_seed: Seed of that split; keep it fixed to compare runs on the same validation set.
     """
-    device = resolve_device(device)
+    device = resolve_device(device, any_index=data_parallel())
+    if device.type == "cuda" and data_parallel():
+        device = torch.device("cuda", get_device_index())  # one GPU per DDP process
     train_ds = load_dataset(dataset, "train", root=data_root, download=download)
     test_ds = load_dataset(dataset, "test", root=data_root, download=download)
     val_ds = None

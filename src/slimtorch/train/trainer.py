@@ -127,7 +127,7 @@ class Trainer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.config = config
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, any_index=data_parallel())  # DDP maps it
         self.callbacks: list[Callback] = list(callbacks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn
