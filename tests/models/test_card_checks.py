@@ -65,11 +65,31 @@ def test_save_refuses_nan_normalisation(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_a_config_asking_for_other_shapes_is_refused_before_allocating(saved):
-    # input_size 100000 would make lenet5's first linear layer terabytes large
+@pytest.mark.parametrize("int4", [False, True])
+def test_a_config_asking_for_terabytes_is_refused_before_allocating(tmp_path, int4):
+    # input_size 100000 makes lenet5's first linear layer terabytes large; an int4 model's
+    # state dict cannot be laid out on the meta device, so the size is what tells
+    from slimtorch.quant import PTQConfig, quantize_
+
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    if int4:
+        quantize_(model, PTQConfig(mode="weight_only", weight_bits=4))
+    saved = save_model(
+        model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.1], std=[0.3], class_names=NAMES
+    )
     cfg = json.loads((saved / "config.json").read_text())
     cfg["architecture"]["kwargs"]["input_size"] = 100000
     cfg["input_shape"] = [1, 100000, 100000]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config\.json describes a lenet5 of [\d,.]+ GiB "
+                       r"before its transforms, more than the"):  # fmt: skip
+        load_model(saved)
+
+
+def test_a_config_asking_for_other_shapes_is_refused_before_allocating(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["architecture"]["kwargs"]["input_size"] = 32
+    cfg["input_shape"] = [1, 32, 32]
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         ModelLoadError,

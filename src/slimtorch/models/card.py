@@ -321,13 +321,33 @@ def weight_mismatches(
     return "; ".join(parts)
 
 
+def architecture_bytes(card: ModelCard) -> int | None:
+    """Bytes of the parameters and buffers of ``card``'s architecture as ``create_model``
+    builds it, before its transforms (what :func:`~slimtorch.models.load_model` allocates
+    first), counted on the meta device; None if it cannot be built here."""
+    import itertools
+
+    import torch
+
+    from slimtorch.models.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(card.architecture["name"], **card.architecture["kwargs"])
+    except Exception:
+        return None
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def weights_misfit(card: ModelCard, weights: Path) -> str | None:
     """What differs between the tensors in ``weights`` and the state dict ``card``'s
     architecture gives (keys and shapes, as :func:`weight_mismatches` words it), or None.
     Read from the safetensors header and an architecture built on the meta device, before
     :func:`~slimtorch.models.load_model` allocates the model: a config.json changed after
     saving (``input_size: 100000``) would otherwise ask for terabytes first. Anything this
-    cannot build or read is left to the full load, which names it."""
+    cannot build or read on the meta device (int4 layers pack their values when the state
+    dict is taken, some replays read values) is left to the full load, which names it."""
     import torch
     from safetensors import safe_open
 
@@ -338,7 +358,7 @@ def weights_misfit(card: ModelCard, weights: Path) -> str | None:
         with torch.device("meta"):
             model = create_model(card.architecture["name"], **card.architecture["kwargs"])
             replay_transforms(model, card.transforms)
-            expected = model.state_dict()  # int4 layers pack values here: may need the CPU
+            expected = model.state_dict()
         with safe_open(str(weights), framework="pt") as f:
             saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except Exception:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.devices import resolve_device
+from slimtorch.core.devices import read_meminfo, resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write, atomic_write_json, fsync_dir, read_json
 from slimtorch.core.surgery import require_values, sparse_kernel_layers
@@ -51,6 +51,7 @@ from slimtorch.models.card import (
     ModelCard,
     _backup_dir,
     _resolve_dir,
+    architecture_bytes,
     read_model_card,
     shape_misfit,
     weight_mismatches,
@@ -393,6 +394,14 @@ def load_model(
     card = read_model_card(path)
     root = _resolve_dir(Path(path))
     weights = root / WEIGHTS_FILE
+    need, free = architecture_bytes(card), read_meminfo().get("MemAvailable")
+    if need is not None and free is not None and need > free:  # before allocating it
+        raise ModelLoadError(
+            f"{root / CONFIG_FILE} describes a {card.architecture['name']} of "
+            f"{need / 2**30:,.1f} GiB before its transforms, more than the "
+            f"{free / 2**30:,.1f} GiB of memory available; if the config was not changed "
+            "after saving, load it on a machine with more memory"
+        )
     why = weights_misfit(card, weights) if weights.is_file() else None
     if why is not None:  # before the model is allocated
         raise ModelLoadError(
