@@ -186,3 +186,63 @@ def test_requests_naming_inputs_in_another_order_batch_by_name() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_logs_of_a_batch_name_its_requests_not_the_one_that_started_the_batcher() -> None:
+    import logging
+
+    from slimtorch.serve.errors import InputFailed
+    from slimtorch.serve.logs import RequestIdFilter, request_id
+
+    seen: list[tuple[str, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), getattr(record, "request_id", "")))
+
+    config = ModelConfig(
+        name="m",
+        format="onnx",
+        inputs=(TensorSpec(name="x", dims=(2,)),),
+        outputs=(TensorSpec(name="y", dims=(2,)),),
+    )
+    gate = threading.Event()
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(10)
+        logging.getLogger("slimtorch.serve.model").info("ran %d", len(inputs["x"]))
+        if len(inputs["x"]) > 1:
+            raise InputFailed("this batch fails")  # then each request runs alone
+        return {"y": inputs["x"]}
+
+    async def send(b: Batcher, rid: str) -> object:
+        request_id.set(rid)
+        return await b.submit({"x": np.zeros((1, 2), np.float32)}, 1)
+
+    async def main() -> None:
+        request_id.set("load-1")  # a management request starts the batcher
+        b = Batcher("m", config, run)
+        b.start()
+        request_id.set("-")
+        busy = asyncio.create_task(send(b, "first"))
+        await asyncio.sleep(0.05)
+        both = [asyncio.create_task(send(b, rid)) for rid in ("a", "b")]  # queue up: one batch
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(busy, *both)
+        await b.close()
+
+    handler = Keep(logging.INFO)
+    handler.addFilter(RequestIdFilter())
+    log = logging.getLogger("slimtorch")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert ("ran 1", "first") in seen and ("ran 2", "a,b") in seen
+    failed = [rid for msg, rid in seen if msg.startswith("a batch of 2 requests")]
+    assert failed == ["a,b"] and "load-1" not in {rid for _, rid in seen}

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -126,8 +127,10 @@ class Batcher:
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        if self._task is None:  # in a context of its own, not the starting request's
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), context=contextvars.Context()
+            )
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: the time to drain the queue, at least 1."""
@@ -276,9 +279,11 @@ class Batcher:
         """Run each request of a batch that failed on its own, so that only the requests the
         model cannot run fail (:class:`~slimtorch.serve.errors.InputFailed`)."""
         loop = asyncio.get_running_loop()
+        token = request_id.set(",".join(dict.fromkeys(p.request_id for p in batch)))
         logger.info(
             "a batch of %d requests to %s failed; running them one by one", len(batch), self.label
         )
+        request_id.reset(token)
         for p in batch:
             if p.future.done():
                 continue
