@@ -165,6 +165,6 @@ def test_fused_tucker_layers_are_refused_by_the_onnx_export(tmp_path: Path) -> N
 
     tucker = TuckerConv2d(4, 3, 3, (2, 2), padding=1).eval()
     model = nn.Sequential(FusedTuckerConv2d.from_tucker(tucker, relu=True)).eval()
-    with pytest.raises(ValueError, match=r"0 \(and 0 more\) is a FusedTuckerConv2d: .* no ONNX"):
+    with pytest.raises(ValueError, match=r"^0 is a FusedTuckerConv2d: .* no ONNX"):
         export_onnx(model, tmp_path / "f.onnx", torch.randn(1, 4, 6, 6))
     assert not (tmp_path / "f.onnx").exists()

@@ -80,7 +80,7 @@ def test_bad_input_and_unlowerable_layers_are_refused() -> None:
         GemmConvConfig(min_k=0)
     net = nn.Sequential(nn.Conv2d(4, 4, 3))
     lower_conv_gemm_(net)
-    with pytest.raises(ValueError, match=r"0 \(and 0 more\) is a GemmConv2d"):
+    with pytest.raises(ValueError, match=r"^0 is a GemmConv2d"):
         export_onnx(net, Path("unused.onnx"), torch.randn(1, 4, 8, 8))
 
 

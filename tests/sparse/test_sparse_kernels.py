@@ -129,9 +129,13 @@ def test_sparse_conv_takes_an_unbatched_image_like_conv2d(fmt: str) -> None:
         layer(torch.randn(2, 3, 10, 10))
 
 
-def test_exports_name_sparse_kernels_instead_of_failing_inside_torch(tmp_path) -> None:
+def test_exports_and_quantizers_name_sparse_kernels_instead_of_failing_inside_torch(
+    tmp_path,
+) -> None:
     from slimtorch.models import save_exported
+    from slimtorch.quant import PTQConfig, quantize_
     from slimtorch.quant.export import export_onnx
+    from slimtorch.quant.lowp import LowPrecisionConfig, cast_
 
     net = nn.Sequential(_pruned(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10)).eval()
     net[0] = build_sparse_layer(net[0], "csr")
@@ -139,8 +143,11 @@ def test_exports_name_sparse_kernels_instead_of_failing_inside_torch(tmp_path) -
     for what, call in (
         ("export_onnx", lambda: export_onnx(net, tmp_path / "m.onnx", x)),
         ("torch.export", lambda: save_exported(net, x, tmp_path / "m.pt2")),
+        ("quantize_", lambda: quantize_(net, PTQConfig(mode="dynamic"))),
+        ("cast_", lambda: cast_(net, LowPrecisionConfig())),
     ):
-        with pytest.raises(ValueError, match=rf"0 \(and 0 more\) is a sparse kernel .*{what}.*"
+        with pytest.raises(ValueError, match=rf"^0 is a sparse kernel .*{what}.*"
                            r"densify_\(model\) first"):  # fmt: skip
             call()
     assert not list(tmp_path.iterdir())
+    assert type(net[2]) is nn.Linear and net[2].weight.dtype == torch.float32  # untouched

@@ -89,6 +89,16 @@ def sparse_kernel_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if hasattr(m, "to_dense_module")]
 
 
+def some_of(names: list[str]) -> str:
+    """``names[0]``, with how many more there are (``"conv1 (and 2 more)"``).
+
+    Example:
+        >>> some_of(["fc"]), some_of(["a", "b", "c"])
+        ('fc', 'a (and 2 more)')
+    """
+    return names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+
+
 def refuse_sparse_kernels(model: nn.Module, doing: str) -> None:
     """Raise ``ValueError`` naming the sparse-kernel layers of ``model``: their weights are
     sparse CSR/BSR tensors, which cannot be deep-copied, exported or traced, so ``doing``
@@ -100,7 +110,7 @@ def refuse_sparse_kernels(model: nn.Module, doing: str) -> None:
     found = sparse_kernel_layers(model)
     if found:
         raise ValueError(
-            f"{found[0]} (and {len(found) - 1} more) is a sparse kernel from sparsify_, which "
+            f"{some_of(found)} is a sparse kernel from sparsify_, which "
             f"{doing} cannot take (sparse tensors do not copy, trace or export); call "
             "slimtorch.sparse.densify_(model) first: the dense layers keep the pruned zeros"
         )

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.io import atomic_write
-from slimtorch.core.surgery import refuse_sparse_kernels
+from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
 from slimtorch.quant.precision import check_export_dtypes, layer_precisions
@@ -184,9 +184,7 @@ def export_onnx(
     ):
         found = [n for n, m in model.named_modules() if isinstance(m, layer_kind)]
         if found:
-            raise ValueError(
-                f"{found[0]} (and {len(found) - 1} more) is a {layer_kind.__name__}: {why}"
-            )
+            raise ValueError(f"{some_of(found)} is a {layer_kind.__name__}: {why}")
     from slimtorch.quant.placement import QDQ_TARGETS, place_qdq_
 
     if target not in QDQ_TARGETS:
@@ -311,7 +309,7 @@ def _warn_signed_activations(model: nn.Module) -> None:
     ]  # fmt: skip
     if signed:
         warnings.warn(
-            f"{signed[0]} (and {len(signed) - 1} more) quantizes its activations symmetric "
+            f"{some_of(signed)} quantizes its activations symmetric "
             "(int8): ONNX Runtime on x86 CPUs forms int8 operators only from uint8 "
             "activations and leaves these layers in float with extra quantize steps (resnet20 "
             "ran 1.9x slower than fp32); quantize with symmetric=False (affine uint8) for it",

@@ -41,7 +41,12 @@ from slimtorch.core.config import Config, check_choice, check_range
 from slimtorch.core.errors import SlimtorchError
 from slimtorch.core.measure import estimate_latency, model_size_bytes
 from slimtorch.core.profiles import DeviceProfile, get_profile
-from slimtorch.core.surgery import require_float32, require_submodules, require_values
+from slimtorch.core.surgery import (
+    refuse_sparse_kernels,
+    require_float32,
+    require_submodules,
+    require_values,
+)
 from slimtorch.quant import _calib
 from slimtorch.quant.precision import (
     DTYPES,
@@ -273,6 +278,7 @@ def cast_(
         'float32'
     """
     require_values(model, "cast_")
+    refuse_sparse_kernels(model, "cast_")
     require_submodules(model, "cast_")
     if not isinstance(config, LowPrecisionConfig):
         raise TypeError(f"config must be a LowPrecisionConfig, got {type(config).__name__}")

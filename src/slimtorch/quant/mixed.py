@@ -44,7 +44,12 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
-from slimtorch.core.surgery import require_float32, require_submodules, require_values
+from slimtorch.core.surgery import (
+    refuse_sparse_kernels,
+    require_float32,
+    require_submodules,
+    require_values,
+)
 from slimtorch.models.io import saved_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
@@ -324,6 +329,7 @@ def mixed_precision_(
         True
     """
     require_values(model, "mixed_precision_")
+    refuse_sparse_kernels(model, "mixed_precision_")
     require_submodules(model, "mixed_precision_")
     require_float32(model, "mixed_precision_", "allocate precisions on the float32 model")
     from slimtorch.quant.convert import to_qdq_

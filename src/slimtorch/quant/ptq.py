@@ -38,7 +38,12 @@ from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
-from slimtorch.core.surgery import replacement_blockers, require_float32, require_values
+from slimtorch.core.surgery import (
+    refuse_sparse_kernels,
+    replacement_blockers,
+    require_float32,
+    require_values,
+)
 from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
@@ -375,6 +380,7 @@ def quantize_(
         5
     """
     require_values(model, "quantize_")
+    refuse_sparse_kernels(model, "quantize_")
     check_bool("quantize_", "strict", strict)
     require_float32(model, "quantize_", "quantize the float32 model")
     if not isinstance(config, PTQConfig):

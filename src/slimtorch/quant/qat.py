@@ -51,6 +51,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice
 from slimtorch.core.surgery import (
+    refuse_sparse_kernels,
     replacement_blockers,
     require_float32,
     require_submodules,
@@ -256,6 +257,7 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
         22
     """
     require_values(model, "prepare_qat_")
+    refuse_sparse_kernels(model, "prepare_qat_")
     require_submodules(model, "prepare_qat_")
     require_float32(model, "prepare_qat_", "train the float32 model")
     if not isinstance(config, QATConfig):
