@@ -74,6 +74,10 @@ def test_global_scope_exact_total_and_more_zeros_where_weights_are_smaller(
     with caplog.at_level("WARNING", logger="slimtorch.prune"):
         prune_(net, MagnitudeConfig(sparsity=0.5, scope="global"))  # again: nothing new
     assert "every weight" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimtorch.prune"):  # layer scope: no such advice
+        prune_(nn.Sequential(nn.Linear(2, 1)), MagnitudeConfig(sparsity=0.9, min_params=0))
+    assert "every weight of 0 is now zero" in caplog.text and "scope=" not in caplog.text
 
 
 def test_include_bias_masks_biases_too() -> None:

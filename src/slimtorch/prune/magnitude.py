@@ -301,11 +301,12 @@ def prune_(
         weight = getattr(module, "weight")  # noqa: B009 (mypy reads module.weight as Tensor | Module)
         emptied = _zeros(weight) == weight.numel()
         if emptied and row.zeros_after > row.zeros_before:
+            per_layer = isinstance(config, MagnitudeConfig) and config.scope == "global"
             logger.warning(  # a global threshold can take all of a layer with small weights
                 "prune_: every weight of %s is now zero, so its output no longer depends on "
-                "its input; lower the sparsity, prune per layer (scope='layer') or exclude it",
-                row.name,
-            )
+                "its input; lower the sparsity%s or exclude it",
+                row.name, ", prune per layer (scope='layer')" if per_layer else "",
+            )  # fmt: skip
         layers.append(names[id(module)])
         if "bias" in params:
             biases.append(names[id(module)])
