@@ -176,3 +176,30 @@ def live_server(settings: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def logged_request_ids() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(message, request id)`` of every slimtorch log record at INFO and above, the
+    id as the server's log handler adds it."""
+    import logging
+
+    from slimtorch.serve.logs import RequestIdFilter
+
+    seen: list[tuple[str, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), getattr(record, "request_id", "")))
+
+    handler = Keep(logging.INFO)
+    handler.addFilter(RequestIdFilter())
+    log = logging.getLogger("slimtorch")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

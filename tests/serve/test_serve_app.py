@@ -16,6 +16,7 @@ from serve_helpers import (
     ONNX_B,
     ONNX_W,
     app_client,
+    logged_request_ids,
     make_mlp,
     reference,
     save_slimtorch,
@@ -382,31 +383,11 @@ def test_metrics_and_request_id(repo: Path) -> None:
 
 def test_logs_written_while_a_request_runs_carry_its_id(repo: Path) -> None:
     """A model loaded on demand logs from a worker thread; the log still names the request."""
-    import logging
-
-    from slimtorch.serve.logs import RequestIdFilter
-
-    seen: list[tuple[str, str]] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append((record.getMessage(), getattr(record, "request_id", "")))
-
-    handler = Keep(logging.INFO)
-    handler.addFilter(RequestIdFilter())
-    log = logging.getLogger("slimtorch")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        with app_client(repo, api_key=KEY) as c:
-            r = c.post(
-                "/v2/models/mlp/infer", json=_v2(_digits(2)), headers={"X-Request-ID": "abc-123"}
-            )
-            assert r.status_code == 200, r.text
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    with logged_request_ids() as seen, app_client(repo, api_key=KEY) as c:
+        r = c.post(
+            "/v2/models/mlp/infer", json=_v2(_digits(2)), headers={"X-Request-ID": "abc-123"}
+        )
+        assert r.status_code == 200, r.text
     loaded = {rid for msg, rid in seen if msg.startswith("loaded mlp")}
     assert loaded == {"abc-123"}, seen
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from serve_helpers import pair_config
+from serve_helpers import logged_request_ids, pair_config
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.errors import Overloaded
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
@@ -192,13 +192,7 @@ def test_logs_of_a_batch_name_its_requests_not_the_one_that_started_the_batcher(
     import logging
 
     from slimtorch.serve.errors import InputFailed
-    from slimtorch.serve.logs import RequestIdFilter, request_id
-
-    seen: list[tuple[str, str]] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append((record.getMessage(), getattr(record, "request_id", "")))
+    from slimtorch.serve.logs import request_id
 
     config = ModelConfig(
         name="m",
@@ -232,17 +226,8 @@ def test_logs_of_a_batch_name_its_requests_not_the_one_that_started_the_batcher(
         await asyncio.gather(busy, *both)
         await b.close()
 
-    handler = Keep(logging.INFO)
-    handler.addFilter(RequestIdFilter())
-    log = logging.getLogger("slimtorch")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
+    with logged_request_ids() as seen:
         asyncio.run(main())
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     assert ("ran 1", "first") in seen and ("ran 2", "a,b") in seen
     failed = [rid for msg, rid in seen if msg.startswith("a batch of 2 requests")]
     assert failed == ["a,b"] and "load-1" not in {rid for _, rid in seen}
