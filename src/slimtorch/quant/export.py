@@ -48,7 +48,7 @@ from torch import nn
 from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
-from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph
+from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph, warn_signed_activations
 from slimtorch.quant.precision import check_export_dtypes, layer_precisions
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
@@ -228,7 +228,7 @@ def export_onnx(
         return program
 
     if target == "onnxruntime":
-        _warn_signed_activations(work)
+        warn_signed_activations(work)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if target == "onnxruntime" and is_qdq_model(work):
@@ -288,33 +288,6 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         registration.setLevel(level)
-
-
-def _warn_signed_activations(model: nn.Module) -> None:
-    """Warn that ONNX Runtime's x86 CPU provider runs symmetric (int8) activations in float.
-
-    ORT there forms its int8 operators only from uint8 activations, and a ReLU in front of an
-    int8 quantizer (zero point 0, not the type's minimum) stays a float op between the layer and
-    its quantizer, so the layer cannot fuse either. resnet20 quantized with
-    ``PTQConfig(symmetric=True)`` ran at 0.89 ms against 0.47 ms in fp32 (batch 1, one
-    thread); storing its activations as uint8 with the zero point moved by 128 (exact) did
-    not change that (0.93 ms), since the ReLUs stay.
-    """
-    signed = [
-        name
-        for name, m in model.named_modules()
-        if (isinstance(m, QDQConv2d | QDQLinear) and m.input_scale is not None
-            and m.input_dtype == "int8")
-        or (isinstance(m, QDQAct) and m.dtype == "int8")
-    ]  # fmt: skip
-    if signed:
-        warnings.warn(
-            f"{some_of(signed)} quantizes its activations symmetric "
-            "(int8): ONNX Runtime on x86 CPUs forms int8 operators only from uint8 "
-            "activations and leaves these layers in float with extra quantize steps (resnet20 "
-            "ran 1.9x slower than fp32); quantize with symmetric=False (affine uint8) for it",
-            stacklevel=3,
-        )
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
