@@ -321,42 +321,43 @@ def weight_mismatches(
     return "; ".join(parts)
 
 
-def architecture_bytes(card: ModelCard) -> int | None:
-    """Bytes of the parameters and buffers of ``card``'s architecture as ``create_model``
-    builds it, before its transforms (what :func:`~slimtorch.models.load_model` allocates
-    first), counted on the meta device; None if it cannot be built here."""
+def load_misfit(card: ModelCard, root: Path, available: int | None) -> str | None:
+    """Why the model directory ``root`` cannot be loaded as ``card`` describes it, found
+    before :func:`~slimtorch.models.load_model` allocates anything, or None.
+
+    The architecture is built once on the meta device. As ``create_model`` builds it (what the
+    load allocates first) it must fit in ``available`` bytes of memory: a config.json changed
+    after saving (``input_size: 100000``) would otherwise ask for terabytes. With its transforms
+    replayed, its state dict's keys and shapes must match the safetensors header of the weights
+    file. What cannot be built, replayed or laid out on the meta device (int4 layers pack their
+    values when the state dict is taken, some replays read values) is left to the full load,
+    which names it.
+    """
     import itertools
 
-    import torch
-
-    from slimtorch.models.registry import create_model
-
-    try:
-        with torch.device("meta"):
-            model = create_model(card.architecture["name"], **card.architecture["kwargs"])
-    except Exception:
-        return None
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def weights_misfit(card: ModelCard, weights: Path) -> str | None:
-    """What differs between the tensors in ``weights`` and the state dict ``card``'s
-    architecture gives (keys and shapes, as :func:`weight_mismatches` words it), or None.
-    Read from the safetensors header and an architecture built on the meta device, before
-    :func:`~slimtorch.models.load_model` allocates the model: a config.json changed after
-    saving (``input_size: 100000``) would otherwise ask for terabytes first. Anything this
-    cannot build or read on the meta device (int4 layers pack their values when the state
-    dict is taken, some replays read values) is left to the full load, which names it."""
     import torch
     from safetensors import safe_open
 
     from slimtorch.models.registry import create_model
     from slimtorch.models.transforms import replay_transforms
 
+    config, weights = root / CONFIG_FILE, root / WEIGHTS_FILE
     try:
         with torch.device("meta"):
             model = create_model(card.architecture["name"], **card.architecture["kwargs"])
+    except Exception:
+        return None
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
+                                                                      model.buffers()))  # fmt: skip
+    if available is not None and need > available:
+        return (
+            f"{config} describes a {card.architecture['name']} of {need / 2**30:,.1f} GiB "
+            f"before its transforms, more than the {available / 2**30:,.1f} GiB of memory "
+            "available; if the config was not changed after saving, load it on a machine with "
+            "more memory"
+        )
+    try:
+        with torch.device("meta"):
             replay_transforms(model, card.transforms)
             expected = model.state_dict()
         with safe_open(str(weights), framework="pt") as f:
@@ -366,4 +367,10 @@ def weights_misfit(card: ModelCard, weights: Path) -> str | None:
     for alias, key in card.tied.items():
         if key in saved:
             saved[alias] = saved[key]
-    return weight_mismatches(expected, saved, dtypes=False) or None
+    problems = weight_mismatches(expected, saved, dtypes=False)
+    if not problems:
+        return None
+    return (
+        f"the weights in {weights} do not fit the architecture {config} records; {problems}. "
+        "One of the two was changed after saving: restore it or re-save the model"
+    )

@@ -51,11 +51,10 @@ from slimtorch.models.card import (
     ModelCard,
     _backup_dir,
     _resolve_dir,
-    architecture_bytes,
+    load_misfit,
     read_model_card,
     shape_misfit,
     weight_mismatches,
-    weights_misfit,
 )
 from slimtorch.models.registry import create_model
 from slimtorch.models.transforms import _arch, replay_transforms
@@ -394,21 +393,9 @@ def load_model(
     card = read_model_card(path)
     root = _resolve_dir(Path(path))
     weights = root / WEIGHTS_FILE
-    need, free = architecture_bytes(card), read_meminfo().get("MemAvailable")
-    if need is not None and free is not None and need > free:  # before allocating it
-        raise ModelLoadError(
-            f"{root / CONFIG_FILE} describes a {card.architecture['name']} of "
-            f"{need / 2**30:,.1f} GiB before its transforms, more than the "
-            f"{free / 2**30:,.1f} GiB of memory available; if the config was not changed "
-            "after saving, load it on a machine with more memory"
-        )
-    why = weights_misfit(card, weights) if weights.is_file() else None
+    why = load_misfit(card, root, read_meminfo().get("MemAvailable"))
     if why is not None:  # before the model is allocated
-        raise ModelLoadError(
-            f"the weights in {weights} do not fit the architecture {root / CONFIG_FILE} "
-            f"records; {why}. One of the two was changed after saving: restore it or re-save "
-            "the model"
-        )
+        raise ModelLoadError(why)
     try:
         model = create_model(card.architecture["name"], **card.architecture["kwargs"])
     except (ValueError, TypeError) as exc:
