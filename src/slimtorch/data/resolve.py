@@ -282,22 +282,22 @@ def _verified(
     for i, (paths, layout) in enumerate(candidates):
         try:
             _verify(paths, layout)
-            other = _raw_owner(name, paths)
-            if other is not None:  # uncompressed files carry no published digest to fail
-                raise ChecksumError(f"{paths[0].parent} holds {other}'s files")
-        except ChecksumError as exc:
-            other = _other_dataset(name, split, paths) or _raw_owner(name, paths)
+        except ChecksumError:
+            other = _other_dataset(name, split, paths)
             if other is None:
                 raise  # damaged: the message says to delete it
-            why = f"{paths[0].parent} holds {other}'s {split} files, not {name}'s"
-            if i + 1 < len(candidates):
-                logger.warning("%s (same file names); looking further", why)
-                continue
-            raise ChecksumError(
-                f"{why} (the two share file names); keep each dataset in a folder of its own "
-                f"name ({paths[0].parent / name}/)"
-            ) from exc
-        return paths, layout
+        else:  # uncompressed files carry no published digest, but may still be another's
+            other = _raw_owner(name, paths)
+            if other is None:
+                return paths, layout
+        why = f"{paths[0].parent} holds {other}'s {split} files, not {name}'s"
+        if i + 1 < len(candidates):
+            logger.warning("%s (same file names); looking further", why)
+            continue
+        raise ChecksumError(
+            f"{why} (the two share file names); keep each dataset in a folder of its own "
+            f"name ({paths[0].parent / name}/)"
+        )
     raise AssertionError("unreachable: candidates holds at least one entry")
 
 
