@@ -34,7 +34,7 @@ import torch._dynamo
 from _bench_common import cpu_name, model_dir_type, positive_int, positive_ints
 from torch import nn
 
-from slimtorch.cli.compress_cmd import _rank as parse_rank
+from slimtorch.cli.compress_cmd import rank_arg
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import count_flops, count_params, estimate_latency, measure_latency
 from slimtorch.data import DeviceLoader, load_dataset
@@ -68,7 +68,7 @@ def parse_plan(plan: str) -> dict[str, Any]:
     method, rank, device, batch = (p.strip() for p in parts)
     if method not in CONFIGS:
         raise ValueError(f"plan {plan!r}: method {method!r} is not one of {', '.join(CONFIGS)}")
-    rank_value = parse_rank(rank)
+    rank_value = rank_arg(rank)
     cfg = CONFIGS[method]
     try:
         parse_rank_spec(rank_value, field=f"{cfg.__name__}.rank", allowed=cfg.RANK_KINDS)

@@ -233,7 +233,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.method in _DECOMPOSE:
         if args.rank is not None:
-            put("rank", _rank(args.rank), "--rank")
+            put("rank", rank_arg(args.rank), "--rank")
         options.setdefault("rank", 0.25)
     elif args.rank is not None:
         raise ValueError(f"--rank applies to {', '.join(_DECOMPOSE)}, not {args.method}")
@@ -280,7 +280,14 @@ def _check_speed_options(options: dict[str, Any]) -> None:
         )
 
 
-def _rank(text: str) -> float | int | str:
+def rank_arg(text: str) -> float | int | str:
+    """A ``--rank`` as the decomposition configs take it: ``"16"`` the integer rank 16,
+    ``"0.25"`` the fraction 0.25, anything else a rank spec (``vbmf``, ``energy:0.9``, ...).
+
+    Example:
+        >>> rank_arg("16"), rank_arg("0.25"), rank_arg("vbmf")
+        (16, 0.25, 'vbmf')
+    """
     for cast in (int, float):
         try:
             return cast(text)

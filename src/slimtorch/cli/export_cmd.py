@@ -24,6 +24,7 @@ from slimtorch.cli.common import (
     check_output_path,
     model_dir_arg,
 )
+from slimtorch.core.io import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ def _checked_output(out: Path) -> Iterator[Path]:
             kept = " (the file already there is unchanged)" if out.exists() else ""
             print(f"the export did not pass its check and was removed{kept}", file=sys.stderr)
         raise
-    from slimtorch.core.io import fsync_dir
-
     os.replace(tmp, out)
     fsync_dir(out.parent)
 
