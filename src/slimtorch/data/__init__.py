@@ -17,6 +17,12 @@ from slimtorch.data.dataset import ImageDataset, split_dataset
 from slimtorch.data.digits import load_digits_dataset
 from slimtorch.data.download import download_file, extract_tar_members
 from slimtorch.data.folder import load_image_folder
+from slimtorch.data.folder_dataset import (
+    dataset_classes,
+    dataset_record,
+    is_image_folder,
+    load_folder_split,
+)
 from slimtorch.data.idx import load_idx_pair, read_idx
 from slimtorch.data.loader import DeviceLoader, SyntheticLoader
 from slimtorch.data.resolve import DATA_ENV_VAR, data_cache_dir, find_dataset_files, load_dataset
@@ -34,14 +40,18 @@ __all__ = [
     "apply_augment",
     "clear_checksum_cache",
     "data_cache_dir",
+    "dataset_classes",
     "dataset_info",
+    "dataset_record",
     "download_file",
     "extract_tar_members",
     "file_digest",
     "find_dataset_files",
+    "is_image_folder",
     "list_datasets",
     "load_dataset",
     "load_digits_dataset",
+    "load_folder_split",
     "load_idx_pair",
     "load_image_folder",
     "random_crop",

@@ -77,6 +77,19 @@ def _to_8bit(img: Any, image_mod: Any, path: Path) -> Any:
     return img
 
 
+GRAY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def _is_gray(path: Path, image_mod: Any) -> bool:
+    """Whether an image is grayscale, from its header (no pixels decoded); a file that
+    cannot be opened counts as colour here and is reported when it is read."""
+    try:
+        with image_mod.open(path) as img:
+            return img.mode in GRAY_MODES
+    except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError):
+        return False
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units, from exact
     integer sums over chunks (a float64 copy of the whole set would take 8x its memory)."""
@@ -95,7 +108,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 def load_image_folder(
     path: str | os.PathLike[str],
     *,
-    channels: int = 3,
+    channels: int | None = 3,
     size: int | Sequence[int] | None = None,
     name: str | None = None,
     mean: Sequence[float] | None = None,
@@ -112,8 +125,9 @@ def load_image_folder(
 
     Args:
         path: The root folder; each sub-folder is one class.
-        channels: 1 (grayscale, Pillow mode ``"L"``) or 3 (RGB). 16-bit grayscale images are
-            scaled to 8 bits (``round(v / 257)``).
+        channels: 1 (grayscale, Pillow mode ``"L"``) or 3 (RGB); None: 1 when every image is
+            grayscale, else 3 (read from the file headers). 16-bit grayscale images are scaled
+            to 8 bits (``round(v / 257)``).
         size: Resize every image to ``size`` (int for square, or ``(height, width)``) with
             bilinear filtering; ``None`` keeps the size, which must then be the same for all.
         name: Dataset name (default: the folder name).
@@ -152,7 +166,7 @@ def load_image_folder(
         ...
         slimtorch.core.errors.DataFormatError: image .../rose/0.jpg is 20x20 but .../daisy/0.jpg ...
     """
-    if channels not in (1, 3):
+    if channels not in (1, 3, None):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     hw = _normalise_size(size)
     root = Path(path)
@@ -207,6 +221,8 @@ def load_image_folder(
     image_mod = _import_pil()
     from PIL import ImageOps
 
+    if channels is None:
+        channels = 1 if all(_is_gray(p, image_mod) for p, _ in files) else 3
     mode = "L" if channels == 1 else "RGB"
     images: torch.Tensor | None = None  # (N, C, H, W), filled one image at a time
     for i, (p, _) in enumerate(files):

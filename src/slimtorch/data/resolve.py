@@ -39,6 +39,7 @@ from slimtorch.data.catalog import (
 from slimtorch.data.checksum import verify_file
 from slimtorch.data.dataset import ImageDataset
 from slimtorch.data.download import download_file, extract_tar_members
+from slimtorch.data.folder_dataset import is_image_folder, load_folder_split
 
 logger = logging.getLogger(__name__)
 
@@ -176,24 +177,36 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = True,
     mirrors: Sequence[str] | None = None,
+    channels: int | None = None,
+    size: int | Sequence[int] | None = None,
 ) -> ImageDataset:
-    """Load a catalogued dataset split as an :class:`ImageDataset`.
+    """Load a catalogued dataset split, or a split of an image folder, as an
+    :class:`ImageDataset`.
 
     Args:
         name: One of :func:`~slimtorch.data.catalog.list_datasets` (``"mnist"``,
-            ``"fashion-mnist"``, ``"kmnist"``, ``"cifar10"``, ``"digits"``).
+            ``"fashion-mnist"``, ``"kmnist"``, ``"cifar10"``, ``"digits"``), or the path of an
+            image folder with ``train/`` and ``test/`` class folders
+            (:mod:`~slimtorch.data.folder_dataset`; ``root``, ``download`` and ``mirrors``
+            do not apply to it).
         split: ``"train"`` or ``"test"``.
         root: A folder searched before ``$SLIMTORCH_DATA`` and the cache.
         download: Download missing files from the mirrors into the cache folder.
         mirrors: Base URLs to download from instead of the official ones (e.g. a local
             mirror, ``"file:///srv/mirror/mnist/"``); files are still checked against the
             published checksums.
+        channels: The number of channels the caller needs (a model's input), or None. An
+            image folder is read with that many; a catalog dataset with other images is an
+            error.
+        size: The image size the caller needs (int for square, or ``(height, width)``), or
+            None; as ``channels``: an image folder is resized to it.
 
     Returns:
         The split, named ``"<name>/<split>"``.
 
     Raises:
-        ValueError: Unknown name or split, or ``root`` is a file.
+        ValueError: Unknown name or split, ``root`` is a file, or the images are not of the
+            ``channels`` and ``size`` asked for.
         TypeError: ``mirrors`` is a single string instead of a list.
         DataNotFoundError: The files are in none of the searched folders and could not be
             downloaded; the message lists every folder searched and the expected file names.
@@ -220,10 +233,12 @@ def load_dataset(
         raise TypeError(
             f"mirrors must be a list of base URLs, got the string {mirrors!r}; pass [{mirrors!r}]"
         )
+    if is_image_folder(name):
+        return load_folder_split(name, split, channels=channels, size=size)
     info = dataset_info(name)
     _check_split(info, split)
     if info.build is not None:
-        return info.build(split)
+        return _check_shape(info.build(split), channels, size)
     found = find_dataset_files(name, split, root=root)
     if found is None:
         if not download:
@@ -244,7 +259,7 @@ def load_dataset(
     images, labels = layout.read(paths)
     _check_label_range(labels, len(info.classes), paths)
     logger.info("loaded %s/%s from %s: %d images", name, split, paths[0].parent, len(labels))
-    return ImageDataset(
+    ds = ImageDataset(
         name=f"{name}/{split}",
         images=images,
         labels=labels,
@@ -252,6 +267,22 @@ def load_dataset(
         mean=info.mean,
         std=info.std,
     )
+    return _check_shape(ds, channels, size)
+
+
+def _check_shape(
+    ds: ImageDataset, channels: int | None, size: int | Sequence[int] | None
+) -> ImageDataset:
+    """A catalog split's images are what they are: refuse other ``channels``/``size``."""
+    c, h, w = ds.input_shape
+    hw = (size, size) if isinstance(size, int) else None if size is None else tuple(size)
+    if (channels is not None and channels != c) or (hw is not None and hw != (h, w)):
+        want = (channels or c, *(hw or (h, w)))
+        raise ValueError(
+            f"{ds.name} images are {(c, h, w)} (channels, height, width), not {want}: pick a "
+            "dataset of that shape (only an image folder is resized)"
+        )
+    return ds
 
 
 def _check_label_range(labels: torch.Tensor, classes: int, paths: Sequence[Path]) -> None:

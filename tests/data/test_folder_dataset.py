@@ -1,0 +1,104 @@
+"""Image folders named wherever a dataset name goes: splits, class order, shapes, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.core.errors import DataFormatError, DataNotFoundError
+from slimtorch.data import (
+    dataset_classes,
+    dataset_record,
+    is_image_folder,
+    load_dataset,
+    load_folder_split,
+)
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def write_images(root: Path, split: str, labels: dict[str, list[int]], size: int = 10) -> None:
+    """One grayscale PNG per entry: class folder -> pixel shades."""
+    for cls, shades in labels.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i, shade in enumerate(shades):
+            Image.new("L", (size, size), shade).save(root / split / cls / f"{i}.png")
+
+
+@pytest.fixture
+def pets(tmp_path: Path) -> Path:
+    root = tmp_path / "pets"
+    write_images(root, "train", {"cat": [10, 20], "dog": [200], "emu": [100]})
+    write_images(root, "test", {"dog": [190, 210]})  # no cat, no emu: labels must not shift
+    return root
+
+
+def test_splits_share_the_training_class_order(pets: Path) -> None:
+    train = load_dataset(str(pets), "train")
+    test = load_dataset(str(pets), "test")
+    assert train.classes == test.classes == ("cat", "dog", "emu")
+    assert train.labels.tolist() == [0, 0, 1, 2]
+    assert test.labels.tolist() == [1, 1]  # "dog" is label 1 in both splits
+    assert train.name == "pets/train" and test.name == "pets/test"
+    assert train.input_shape == (1, 10, 10)  # every image grayscale: one channel
+
+
+def test_channels_and_size_are_read_as_asked(pets: Path) -> None:
+    ds = load_dataset(str(pets), "test", channels=3, size=(16, 16))
+    assert ds.input_shape == (3, 16, 16)
+    assert torch.equal(ds.images[:, 0], ds.images[:, 2])  # gray copied into R, G and B
+
+
+def test_colour_images_give_three_channels(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    write_images(root, "train", {"a": [5]})
+    (root / "train" / "b").mkdir()
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(root / "train" / "b" / "0.png")
+    assert load_folder_split(str(root), "train").input_shape == (3, 10, 10)
+
+
+def test_val_folder_serves_as_the_test_split(tmp_path: Path) -> None:
+    root = tmp_path / "v"
+    write_images(root, "train", {"a": [1], "b": [2]})
+    write_images(root, "val", {"b": [3]})
+    assert load_dataset(str(root), "test").labels.tolist() == [1]
+
+
+def test_a_test_class_unknown_to_train_is_refused(pets: Path) -> None:
+    write_images(pets, "test", {"yak": [50]})
+    with pytest.raises(DataFormatError, match="yak"):
+        load_dataset(str(pets), "test")
+
+
+def test_missing_folder_and_missing_split_name_the_layout(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="does not exist.*train/<class_name>"):
+        load_dataset(str(tmp_path / "nowhere"), "train")
+    write_images(tmp_path / "only", "train", {"a": [1]})
+    with pytest.raises(DataNotFoundError, match="no test/ or val/ or validation/"):
+        load_dataset(str(tmp_path / "only"), "test")
+    write_images(tmp_path / "flat", "a", {"x": [1]})  # class folders without a train/ level
+    with pytest.raises(DataNotFoundError, match="no train/ sub-folder"):
+        load_dataset(str(tmp_path / "flat"), "train")
+    with pytest.raises(ValueError, match="no split 'val'"):
+        load_dataset(str(tmp_path / "only"), "val")
+
+
+def test_names_and_records(pets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(pets.parent)
+    assert is_image_folder("pets") and is_image_folder("./pets")
+    assert not is_image_folder("mnist") and not is_image_folder("mnsit")  # typo: not a folder
+    assert dataset_record("pets") == str(pets.resolve())
+    assert dataset_record("mnist") == "mnist"
+    assert dataset_classes("pets") == ("cat", "dog", "emu")
+    (pets.parent / "mnist").mkdir()  # a catalog name wins over a folder of that name
+    assert not is_image_folder("mnist") and is_image_folder("./mnist")
+
+
+def test_catalog_datasets_refuse_another_shape() -> None:
+    assert load_dataset("digits", "test", channels=1, size=8).input_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"digits/test images are \(1, 8, 8\).*not \(3, 8, 8\)"):
+        load_dataset("digits", "test", channels=3)
+    with pytest.raises(ValueError, match=r"not \(1, 28, 28\)"):
+        load_dataset("digits", "test", size=(28, 28))
