@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,16 +61,24 @@ def test_export_float_int8_and_pt2(
     assert pt2["max_abs_diff"] < 1e-5 and pt2["top1_agreement"] == 1.0  # type: ignore[operator]
 
 
+def _card(extra: dict[str, str], shape: tuple[int, int, int]) -> Any:
+    """A model card that records ``extra`` (its dataset) and an input shape."""
+    from slimtorch.models import ModelCard
+
+    c = shape[0]
+    return ModelCard(architecture={"name": "mlp", "kwargs": {}}, transforms=[], input_shape=shape,
+                     mean=(0.5,) * c, std=(0.25,) * c, class_names=(), dtype="float32",
+                     torch_version="", extra=extra)  # fmt: skip
+
+
 def test_check_inputs_fall_back_to_random_without_local_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from types import SimpleNamespace
-
     from slimtorch.cli.export_cmd import check_inputs
 
     monkeypatch.delenv("SLIMTORCH_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    x, what = check_inputs(SimpleNamespace(extra={"dataset": "digits"}), (1, 8, 8), None)
+    x, what = check_inputs(_card({"dataset": "digits"}, (1, 8, 8)), (1, 8, 8), None)
     assert what == "digits test, 64 images" and tuple(x.shape) == (64, 1, 8, 8)
     # no dataset recorded, files not here (never downloaded), or another input shape
     for extra, root, shape in (
@@ -77,7 +86,7 @@ def test_check_inputs_fall_back_to_random_without_local_data(
         ({"dataset": "mnist"}, str(tmp_path), (1, 28, 28)),
         ({"dataset": "digits"}, None, (1, 28, 28)),
     ):
-        x, what = check_inputs(SimpleNamespace(extra=extra), shape, root)
+        x, what = check_inputs(_card(extra, shape), shape, root)
         assert what == "random normal, 8 inputs" and tuple(x.shape) == (8, *shape)
 
 
@@ -111,7 +120,6 @@ def test_damaged_local_data_falls_back_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     import shutil
-    from types import SimpleNamespace
 
     from slimtorch.cli.export_cmd import calibration_batches, check_inputs
 
@@ -123,7 +131,7 @@ def test_damaged_local_data_falls_back_with_a_warning(
         shutil.copy(f, bad / f.name)
     for f in bad.iterdir():  # truncated: a checksum error, not a missing file
         f.write_bytes(f.read_bytes()[:1000])
-    card = SimpleNamespace(extra={"dataset": "mnist"})
+    card = _card({"dataset": "mnist"}, (1, 28, 28))
     with caplog.at_level("WARNING", logger="slimtorch.cli.export_cmd"):
         x, what = check_inputs(card, (1, 28, 28), str(tmp_path / "bad"))
         assert calibration_batches(card, 2, str(tmp_path / "bad")) is None
@@ -135,16 +143,14 @@ def test_damaged_local_data_falls_back_with_a_warning(
 def test_calibration_needs_a_recorded_dataset_and_local_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from types import SimpleNamespace
-
     from slimtorch.cli.export_cmd import calibration_batches
 
-    assert calibration_batches(SimpleNamespace(extra={}), 4, None) is None
+    assert calibration_batches(_card({}, (1, 28, 28)), 4, None) is None
     monkeypatch.delenv("SLIMTORCH_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    missing = SimpleNamespace(extra={"dataset": "mnist"})
+    missing = _card({"dataset": "mnist"}, (1, 28, 28))
     assert calibration_batches(missing, 4, str(tmp_path)) is None  # never downloads
-    batches = calibration_batches(SimpleNamespace(extra={"dataset": "digits"}), 3, None)
+    batches = calibration_batches(_card({"dataset": "digits"}, (1, 8, 8)), 3, None)
     assert batches is not None and len(batches) == 3 and batches[0].shape[0] == 64
 
 

@@ -252,3 +252,24 @@ def test_eval_normalises_as_the_model_was_trained_and_refuses_other_classes(
     save_model(net, tmp_path / "o", class_names=list("abcdefghij"), **kw)  # type: ignore[arg-type]
     assert main(["eval", "--in", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "the model's classes (a, b, c, d, ...) are not digits's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text", ["mnist", "digits", "mnsit", "./here", "sub/dir", "there", "mnist/", "~"]
+)
+def test_dataset_option_agrees_with_the_data_layer(
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dataset is checked without importing the data layer; both draw the same line."""
+    import argparse
+
+    from slimtorch.cli.common import dataset_arg
+    from slimtorch.data import is_image_folder, list_datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "there").mkdir()
+    expected = text in list_datasets() or is_image_folder(text)
+    try:
+        assert dataset_arg(text) == text and expected
+    except argparse.ArgumentTypeError:
+        assert not expected

@@ -46,6 +46,21 @@ def parse_shape(text: str) -> tuple[int, ...]:
 MODELS = ("lenet5", "mlp", "mobilenetv2", "resnet20", "resnet32", "resnet56", "vgg11-bn")
 DATASETS = ("cifar10", "digits", "fashion-mnist", "kmnist", "mnist")
 NARROW_CONVS = ("measure", "int8", "float")  # slimtorch.quant.ort_graph.NARROW_CONV_MODES
+DATASET_HELP = (
+    f"{', '.join(DATASETS)}, or an image folder's path (<folder>/train/<class>/<images> and "
+    "<folder>/test/<class>/<images>)"
+)
+
+
+def dataset_arg(text: str) -> str:
+    """``--dataset``: a catalog name, or a path naming an image folder (the rule of
+    :func:`slimtorch.data.is_image_folder`, kept import-free here)."""
+    if text in DATASETS or "/" in text or os.sep in text or Path(text).expanduser().is_dir():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(DATASETS)}, or give an image "
+        "folder's path, e.g. ./my_images)"
+    )
 
 
 def profile_names(text: str) -> list[str]:

@@ -15,12 +15,13 @@ import sys
 from typing import Any
 
 from slimtorch.cli.common import (
-    DATASETS,
+    DATASET_HELP,
     add_device_args,
     apply_threads,
     check_not_in_source,
     check_output_path,
     check_run_output,
+    dataset_arg,
     model_dir_arg,
     options_that_need,
     profile_names,
@@ -130,7 +131,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--amp", choices=("off", "auto", "bf16", "fp16"), default="auto")
-    p.add_argument("--dataset", choices=DATASETS, default=None)
+    p.add_argument(
+        "--dataset",
+        type=dataset_arg,
+        default=None,
+        help=f"{DATASET_HELP}; default: the dataset it was trained on",
+    )
     p.add_argument("--data-root", default=None, help="dataset folder (else $SLIMTORCH_DATA)")
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the latency figures")
     p.add_argument(

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from typing import Any
 
-from slimtorch.cli.common import DATASETS, add_device_args, apply_threads, model_dir_arg
+from slimtorch.cli.common import (
+    DATASET_HELP,
+    add_device_args,
+    apply_threads,
+    dataset_arg,
+    model_dir_arg,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +26,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument(
-        "--dataset", choices=DATASETS, default=None, help="default: the dataset it was trained on"
+        "--dataset",
+        type=dataset_arg,
+        default=None,
+        help=f"{DATASET_HELP}; default: the dataset it was trained on",
     )
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -33,36 +41,32 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
-    from slimtorch.data import DeviceLoader, dataset_info, load_dataset
+    from slimtorch.data import DeviceLoader, dataset_classes, dataset_info, is_image_folder
     from slimtorch.models import load_model
     from slimtorch.train import TrainConfig, Trainer
 
     apply_threads(args)
     device = resolve_device(args.device)
     model, card = load_model(model_dir_arg(args.model_dir), device=device)
-    dataset = args.dataset or card.extra.get("dataset")
+    dataset = args.dataset or card.dataset
     if dataset is None:
         raise ValueError(f"{args.model_dir} does not record its dataset; pass --dataset")
-    info = dataset_info(dataset)  # what the catalog knows is checked before any file is read
-    if card.class_names and tuple(card.class_names) != tuple(info.classes):
+    classes = dataset_classes(dataset)  # checked before any image is read
+    if card.class_names and tuple(card.class_names) != tuple(classes):
         raise ValueError(
             f"the model's classes ({', '.join(card.class_names[:4])}, ...) are not {dataset}'s "
-            f"({', '.join(info.classes[:4])}, ...): its accuracy there would mean nothing; pick "
+            f"({', '.join(classes[:4])}, ...): its accuracy there would mean nothing; pick "
             "the dataset it was trained on"
         )
-    if len(info.mean) != card.input_shape[0]:
+    if not is_image_folder(dataset) and len(dataset_info(dataset).mean) != card.input_shape[0]:
         raise ValueError(
-            f"{dataset} images have {len(info.mean)} channel(s) but the model expects "
-            f"{tuple(card.input_shape)}; pick a matching --dataset"
+            f"{dataset} images have {len(dataset_info(dataset).mean)} channel(s) but the model "
+            f"expects {tuple(card.input_shape)}; pick a matching --dataset"
         )
-    ds = load_dataset(dataset, args.split, root=args.data_root, download=not args.no_download)
-    if tuple(ds.input_shape) != tuple(card.input_shape):
-        raise ValueError(
-            f"{dataset} images are {tuple(ds.input_shape)} but the model expects "
-            f"{tuple(card.input_shape)}; pick a matching --dataset"
-        )
-    # the inputs are normalised as the model was trained, whichever dataset they come from
-    ds = dataclasses.replace(ds, mean=tuple(card.mean), std=tuple(card.std))
+    # read at the model's input shape, normalised as the model was trained
+    ds = card.load_split(
+        args.split, dataset=dataset, root=args.data_root, download=not args.no_download
+    )
     loader = DeviceLoader(ds, args.batch_size, device=device)
     trainer = Trainer(model, TrainConfig(epochs=1, amp="off"), device=device)  # in its dtype
     metrics = trainer.evaluate(loader)

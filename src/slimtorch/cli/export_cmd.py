@@ -108,9 +108,9 @@ def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] |
     Only local files are used (no download): an export must not reach the network.
     """
     from slimtorch.core.errors import DataError
-    from slimtorch.data import DeviceLoader, load_dataset
+    from slimtorch.data import DeviceLoader
 
-    name = card.extra.get("dataset")
+    name = card.dataset
     if n <= 0:
         return None
     if not name:
@@ -119,7 +119,7 @@ def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] |
         )
         return None
     try:
-        train = load_dataset(name, "train", root=data_root, download=False)
+        train = card.load_split("train", root=data_root, download=False)
     except (FileNotFoundError, ValueError, DataError) as exc:  # missing, or damaged
         logger.warning(
             "no readable local %s training data (%s): int8 ONNX export without calibration",
@@ -150,12 +150,12 @@ def check_inputs(card: Any, shape: tuple[int, ...], data_root: str | None) -> tu
     import torch
 
     from slimtorch.core.errors import DataError
-    from slimtorch.data import DeviceLoader, load_dataset
+    from slimtorch.data import DeviceLoader
 
-    name = card.extra.get("dataset")
+    name = card.dataset
     if name:
         try:
-            test = load_dataset(name, "test", root=data_root, download=False)
+            test = card.load_split("test", root=data_root, download=False)
         except (FileNotFoundError, ValueError, DataError) as exc:
             if not isinstance(exc, FileNotFoundError):  # there, but damaged: say so
                 logger.warning("the %s test split cannot be read (%s); checking the export "

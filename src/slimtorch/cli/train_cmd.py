@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 from slimtorch.cli.common import (
-    DATASETS,
+    DATASET_HELP,
     MODELS,
     add_device_args,
     apply_threads,
     check_output_path,
     check_run_output,
+    dataset_arg,
     model_dir_arg,
     options_that_need,
     remove_stale_outputs,
@@ -44,7 +45,25 @@ def add_parser(sub: Any) -> None:
         "(python -m torch.distributed.run -m slimtorch.cli train ...) it trains data-parallel.",
     )
     p.add_argument("--model", required=True, choices=MODELS, help="architecture")
-    p.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default digits)")
+    p.add_argument(
+        "--dataset", default="digits", type=dataset_arg, help=f"{DATASET_HELP} (default digits)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="image folders: resize every image to NxN (default: their own size, which must "
+        "then be the same for all)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="image folders: read images as grayscale (1) or RGB (3) (default: 1 when every "
+        "image is grayscale, else 3)",
+    )
     p.add_argument("--out", required=True, help="run directory to write (the model in --out/model)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
@@ -147,16 +166,19 @@ def add_parser(sub: Any) -> None:
 
 
 def _augment(choice: str, dataset: str) -> Any:
+    """``--augment`` as ``train_classifier`` takes it: crops are padded for the image size,
+    which an image folder tells only once it is read."""
     from slimtorch.data import AugmentConfig
+    from slimtorch.train.classifier import crop_padding
 
-    pad = 4 if dataset == "cifar10" else 2
-    return {
-        "auto": "auto",
-        "none": None,
-        "crop": AugmentConfig(random_crop_padding=pad),
-        "flip": AugmentConfig(hflip=True),
-        "crop+flip": AugmentConfig(random_crop_padding=pad, hflip=True),
-    }[choice]
+    if choice in ("auto", "none"):
+        return "auto" if choice == "auto" else None
+
+    def make(train_ds: Any) -> Any:
+        pad = crop_padding(dataset, train_ds.input_shape[1]) if "crop" in choice else 0
+        return AugmentConfig(random_crop_padding=pad, hflip="flip" in choice)
+
+    return make
 
 
 def _sparse_callbacks(args: argparse.Namespace) -> list[Any]:
@@ -201,6 +223,7 @@ def _teacher_callbacks(args: argparse.Namespace, device: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import resolve_device
+    from slimtorch.data import dataset_record
     from slimtorch.train import BatchNormRecalibration, TrainConfig
     from slimtorch.train.classifier import train_classifier
     from slimtorch.train.distributed import cleanup, init_distributed, is_main_process
@@ -256,11 +279,13 @@ def run(args: argparse.Namespace) -> int:
             download=not args.no_download,
             callbacks=callbacks,
             val_fraction=args.val_fraction,
+            channels=args.channels,
+            image_size=args.image_size,
         )
         if is_main_process():
             summary = {
                 "model": args.model,
-                "dataset": args.dataset,
+                "dataset": dataset_record(args.dataset),
                 "test_accuracy": round(result.test_metrics["accuracy"], 4),
                 "test_loss": round(result.test_metrics["loss"], 4),
                 "train_seconds": round(result.train_seconds, 1),

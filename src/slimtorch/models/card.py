@@ -23,10 +23,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from slimtorch.data import ImageDataset
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,38 @@ class ModelCard:
     tied: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the model was trained on, as recorded (a catalog name or an image
+        folder's path), or None."""
+        name = self.extra.get("dataset")
+        return name if isinstance(name, str) and name else None
+
+    def load_split(
+        self,
+        split: str,
+        *,
+        dataset: str | None = None,
+        root: str | os.PathLike[str] | None = None,
+        download: bool = True,
+    ) -> ImageDataset:
+        """A split of ``dataset`` (default: the recorded one) as this model reads it: an image
+        folder at its input shape (a catalog dataset of another shape is refused), normalised
+        by the model's own mean/std.
+
+        Raises:
+            ValueError: No dataset given or recorded, or the images do not fit the model.
+            DataError: As :func:`~slimtorch.data.load_dataset`.
+        """
+        from slimtorch.data import load_dataset
+
+        name = dataset or self.dataset
+        if name is None:
+            raise ValueError("the model does not record its dataset; pass one")
+        c, h, w = self.input_shape
+        ds = load_dataset(name, split, root=root, download=download, channels=c, size=(h, w))
+        return dataclasses.replace(ds, mean=tuple(self.mean), std=tuple(self.std))
 
 
 def _backup_dir(path: Path) -> Path:

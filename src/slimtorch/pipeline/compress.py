@@ -34,7 +34,7 @@ from slimtorch.core.config import check_bool
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text, fsync_dir
 from slimtorch.core.measure import ModelProfile, profile_model
-from slimtorch.data import DeviceLoader, ImageDataset, load_dataset
+from slimtorch.data import DeviceLoader, ImageDataset, dataset_record
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
 from slimtorch.models.io import saved_bytes
@@ -231,7 +231,8 @@ def compress_run(
         batch_size: Fine-tuning batch size.
         device: Where to fine-tune and measure.
         data_root: Dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
-        dataset: Dataset name (default: the one recorded in the model directory).
+        dataset: Dataset name or image folder (default: the one recorded in the model
+            directory); read at the model's input shape and normalised as it was trained.
         profile_batch: Batch size of the latency and memory measurements (>= 1).
         profiles: Device profiles to estimate latency on.
         threads: CPU threads for the measurements.
@@ -292,19 +293,18 @@ def compress_run(
     if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
         in_path = in_path / MODEL_SUBDIR
     model, card = load_model(in_path, device=device)
-    name = dataset or card.extra.get("dataset")
+    name = dataset_record(dataset) if dataset else card.dataset
     if not name:
         raise ValueError(f"{in_path} does not record its dataset; pass dataset=...")
-    recorded = card.extra.get("dataset")
-    if dataset and recorded and dataset != recorded:
+    recorded = card.dataset
+    if dataset and recorded and name != recorded:
         logger.warning(
             "%s was trained on %s; measuring and fine-tuning it on %s as asked",
-            in_path, recorded, dataset,
+            in_path, recorded, name,
         )  # fmt: skip
-    test_ds: ImageDataset = load_dataset(name, "test", root=data_root)
+    # read at the model's input shape, normalised as the model was trained
+    test_ds: ImageDataset = card.load_split("test", dataset=name, root=data_root)
     shape = tuple(card.input_shape)
-    if tuple(test_ds.input_shape) != shape:
-        raise ValueError(f"{name} images are {test_ds.input_shape}, the model expects {shape}")
     seed = 0 if finetune is None else finetune.seed
     loaders: tuple[DeviceLoader, DeviceLoader] | None = None
 
@@ -312,11 +312,11 @@ def compress_run(
         nonlocal loaders
         if loaders is None:  # sharded across DDP ranks (batch_size is the global batch)
             loaders = make_loaders(
-                load_dataset(name, "train", root=data_root),
+                card.load_split("train", dataset=name, root=data_root),
                 test_ds,
                 batch_size=batch_size,
                 device=device,
-                augment=default_augment(name),
+                augment=default_augment(name, shape[1]),
                 seed=seed,
             )
         return loaders

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from slimtorch.core.devices import resolve_device
-from slimtorch.data import AugmentConfig, DeviceLoader, ImageDataset, load_dataset, split_dataset
+from slimtorch.data import (
+    AugmentConfig,
+    DeviceLoader,
+    ImageDataset,
+    dataset_record,
+    is_image_folder,
+    load_dataset,
+    split_dataset,
+)
 from slimtorch.models import create_model, save_model
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
@@ -59,8 +67,24 @@ _DEFAULT_AUGMENT: dict[str, AugmentConfig | None] = {
 }
 
 
-def default_augment(dataset: str) -> AugmentConfig | None:
-    """The augmentation ``train_classifier`` uses for ``dataset`` when none is given."""
+def crop_padding(dataset: str, size: int) -> int:
+    """Random-crop padding for ``dataset``'s images of side ``size``: CIFAR's 4 pixels, 2 for
+    the 28-pixel sets, and an eighth of the side (CIFAR's ratio) for an image folder."""
+    if is_image_folder(dataset):
+        return min(64, max(1, round(size / 8)))  # 64: AugmentConfig's bound
+    return 4 if dataset == "cifar10" else 2
+
+
+def default_augment(dataset: str, size: int | None = None) -> AugmentConfig | None:
+    """The augmentation ``train_classifier`` uses for ``dataset`` when none is given.
+
+    An image folder of side ``size`` gets random crops (:func:`crop_padding`) and no flips:
+    its classes may not survive mirroring (text, signs, digits).
+    """
+    if is_image_folder(dataset):
+        return (
+            None if size is None else AugmentConfig(random_crop_padding=crop_padding(dataset, size))
+        )
     return _DEFAULT_AUGMENT.get(dataset)
 
 
@@ -143,26 +167,32 @@ def train_classifier(
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     data_root: str | Path | None = None,
-    augment: AugmentConfig | str | None = "auto",
+    augment: AugmentConfig | str | Callable[[ImageDataset], AugmentConfig | None] | None = "auto",
     model_kwargs: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] | Callable[[ImageDataset], Sequence[Callback]] = (),
     resume: bool = False,
     download: bool = True,
     val_fraction: float | None = None,
     val_seed: int = 0,
+    channels: int | None = None,
+    image_size: int | None = None,
 ) -> ClassifierRun:
     """Train ``model`` on ``dataset``, evaluate on its test split, save a model directory.
 
     Args:
         model: A registered model name (see ``slimtorch.models.list_models()``).
-        dataset: A registered dataset name (see ``slimtorch.data.list_datasets()``).
+        dataset: A registered dataset name (see ``slimtorch.data.list_datasets()``), or an
+            image folder's path (``train/`` and ``test/`` class folders; see
+            :mod:`slimtorch.data.folder_dataset`); the model card records the folder's
+            absolute path.
         out_dir: The run directory: checkpoint, history and resolved configs go here, the
             model directory goes to ``out_dir/model`` (None: keep nothing).
         train_config: Optimiser, schedule, epochs, AMP and the rest.
         batch_size: Global batch size (split across DDP processes).
         device: Torch device to train on.
         data_root: Explicit dataset folder (else ``SLIMTORCH_DATA``, the cache, download).
-        augment: An :class:`AugmentConfig`, None for none, or ``"auto"`` for the dataset default.
+        augment: An :class:`AugmentConfig`, None for none, ``"auto"`` for the dataset default
+            (:func:`default_augment`), or a function of the training dataset that returns one.
         model_kwargs: Extra architecture arguments (``width_mult``, ``hidden`` ...).
         callbacks: Extra Trainer callbacks (QAT, pruning masks, distillation ...), or a
             function of the training dataset that returns them (called once the data is
@@ -174,19 +204,33 @@ def train_classifier(
             split, so hyperparameters can be chosen without looking at the test set. The test
             split is still evaluated once at the end.
         val_seed: Seed of that split; keep it fixed to compare runs on the same validation set.
+        channels: Image folders: read images with 1 or 3 channels (default: 1 when every
+            image is grayscale, else 3). A catalog dataset of other images is refused.
+        image_size: Image folders: resize every image to this square side (default: their
+            own size, which must be square and the same for all).
     """
     device = resolve_device(device, any_index=data_parallel())
     if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
-    train_ds = load_dataset(dataset, "train", root=data_root, download=download)
-    test_ds = load_dataset(dataset, "test", root=data_root, download=download)
+    dataset = dataset_record(dataset)  # an image folder: its absolute path
+    train_ds = load_dataset(
+        dataset, "train", root=data_root, download=download, channels=channels, size=image_size
+    )
+    c, h, w = train_ds.input_shape
+    test_ds = load_dataset(
+        dataset, "test", root=data_root, download=download, channels=c, size=(h, w)
+    )
+    # an image folder's test split is normalised as its training split (catalog: the same)
+    test_ds = replace(test_ds, mean=train_ds.mean, std=train_ds.std)
     val_ds = None
     if val_fraction is not None:
         train_ds, val_ds = split_dataset(train_ds, val_fraction, seed=val_seed)
-    aug = default_augment(dataset) if augment == "auto" else augment
-    if isinstance(aug, str):
-        raise ValueError(f"augment must be an AugmentConfig, None or 'auto', got {aug!r}")
-    c, h, w = train_ds.input_shape
+    chosen = augment(train_ds) if callable(augment) else augment
+    if chosen == "auto":
+        chosen = default_augment(dataset, h)
+    if not (chosen is None or isinstance(chosen, AugmentConfig)):
+        raise ValueError(f"augment must be an AugmentConfig, None or 'auto', got {chosen!r}")
+    aug: AugmentConfig | None = chosen
     if tuple(test_ds.input_shape) != tuple(train_ds.input_shape) or len(test_ds.classes) != len(
         train_ds.classes
     ):
