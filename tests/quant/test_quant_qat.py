@@ -239,3 +239,37 @@ def test_an_include_that_selects_nothing_is_refused_before_folding() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 21
     assert model.state_dict().keys() == before.keys()
     assert not model.slimtorch_arch.get("transforms")
+
+
+@pytest.mark.parametrize("order", ["prune_first", "qat_first"])
+def test_pruning_masks_survive_qat_training_saving_and_loading(order: str, tmp_path: Path) -> None:
+    """Swapping in LSQ layers keeps a layer's mask buffer: the layer stays sparse, the
+    checkpoint resumes and the saved model reloads (the recorded swap is replayed alike)."""
+    from slimtorch.prune import GradualPruning, MagnitudeConfig, masked_params
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=8)
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
+    gradual = GradualPruning(MagnitudeConfig(sparsity=0.8), start_step=0, end_step=4, frequency=2)
+    qat = QATCallback(QATConfig(weight_bits=8, act_bits=8))
+    callbacks = [gradual, qat] if order == "prune_first" else [qat, gradual]
+    Trainer(model, _cfg(epochs=2), callbacks=callbacks, out_dir=tmp_path).fit(batches)
+    layers = {name for name, _, _ in masked_params(model)}
+    assert layers and all(isinstance(model.get_submodule(n.rsplit(".", 1)[0]),
+                                      (LSQConv2d, LSQLinear)) for n in layers)  # fmt: skip
+    for name, param, mask in masked_params(model):
+        assert float((param == 0).float().mean()) >= 0.79, name
+        assert not bool(param[~mask].any()), name
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.25],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    loaded, _ = load_model(tmp_path / "m")
+    assert {n for n, _, _ in masked_params(loaded)} == layers
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    resumed = create_model("lenet5", num_classes=10, in_channels=1, input_size=8)
+    again = [GradualPruning(MagnitudeConfig(sparsity=0.8), start_step=0, end_step=4, frequency=2),
+             QATCallback(QATConfig(weight_bits=8, act_bits=8))]  # fmt: skip
+    callbacks = again if order == "prune_first" else again[::-1]
+    Trainer(resumed, _cfg(epochs=2), callbacks=callbacks, out_dir=tmp_path).fit(
+        batches, resume=True
+    )
