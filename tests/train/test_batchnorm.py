@@ -105,6 +105,28 @@ def test_callback_runs_once_after_the_last_epoch_and_before_its_evaluation() -> 
     assert history.val_loss[-1] == pytest.approx(val["loss"])
 
 
+@pytest.mark.parametrize("order", ["recal_first", "stopper_first"])
+def test_a_run_stopped_early_is_recalibrated_and_checkpointed(
+    order: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from slimtorch.train import EarlyStopping
+
+    net = _net()
+    recal = BatchNormRecalibration(max_batches=3)
+    stop = EarlyStopping("val_loss", patience=1, min_delta=1e9)  # stops after the 2nd epoch
+    callbacks = [recal, stop] if order == "recal_first" else [stop, recal]
+    config = TrainConfig(epochs=6, lr=0.05, progress=False)
+    Trainer(net, config, callbacks=callbacks, out_dir=tmp_path).fit(_batches(), _batches(2))
+    assert recal.result == {"layers": 1, "batches": 3, "samples": 24}
+    assert int(net[1].num_batches_tracked) == 3
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert torch.equal(saved["1.running_mean"], net[1].running_mean)  # the checkpoint has them
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with caplog.at_level("WARNING", logger="slimtorch.train.batchnorm"):
+        Trainer(plain, TrainConfig(epochs=1, progress=False), callbacks=[recal]).fit(_batches())
+    assert "has no batch norm" in caplog.text and recal.result is None
+
+
 @pytest.mark.slow
 def test_ranks_end_with_the_average_of_their_statistics(tmp_path: Path) -> None:
     run_gloo_ranks(

@@ -135,8 +135,10 @@ class BatchNormRecalibration(Callback):
     """Re-estimate batch-norm statistics at the end of training (see the module docstring).
 
     Runs in the last epoch's ``on_train_epoch_end``, so that epoch's evaluation, the checkpoint
-    and the saved model all see the re-estimated statistics. ``result`` holds what
-    :func:`recalibrate_batchnorm_` returned (None until it ran).
+    and the saved model all see the re-estimated statistics. A run that a callback stops after
+    an evaluation (:class:`~slimtorch.train.EarlyStopping`) is recalibrated in ``on_fit_end``
+    instead, and its checkpoint written again; only that epoch's logged evaluation predates
+    it. ``result`` holds what :func:`recalibrate_batchnorm_` returned (None until it ran).
 
     Args:
         max_batches: Training batches to average over (at most one epoch's worth).
@@ -157,13 +159,31 @@ class BatchNormRecalibration(Callback):
         self.max_batches = max_batches
         self.result: dict[str, int] | None = None
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.result = None
+
     def on_train_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        last = trainer.epoch + 1 >= trainer.config.epochs or trainer.should_stop
+        if trainer.epoch + 1 >= trainer.config.epochs or trainer.should_stop:
+            self._recalibrate(trainer, trainer.epoch)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.result is None and trainer.should_stop and trainer.epoch > 0:
+            self._recalibrate(trainer, trainer.epoch - 1)  # stopped after its evaluation
+            if self.result is not None:
+                from slimtorch.train.trainer_state import save_trainer_state
+
+                save_trainer_state(trainer)
+
+    def _recalibrate(self, trainer: Trainer, epoch: int) -> None:
         loader = trainer.train_loader
-        if not last or loader is None or not _tracked_norms(trainer.model):
+        if not _tracked_norms(trainer.model):
+            logger.warning("batch-norm recalibration: the model has no batch norm that tracks "
+                           "running statistics; nothing re-estimated")  # fmt: skip
+            return
+        if loader is None:
             return
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(trainer.epoch)  # the epoch's own order: deterministic on resume
+            loader.set_epoch(epoch)  # the epoch's own order: deterministic on resume
         self.result = recalibrate_batchnorm_(
             trainer.model, loader, max_batches=self.max_batches, device=trainer.device
         )
