@@ -73,7 +73,7 @@ def test_a_test_class_unknown_to_train_is_refused(pets: Path) -> None:
 
 
 def test_missing_folder_and_missing_split_name_the_layout(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError, match="does not exist.*train/<class_name>"):
+    with pytest.raises(DataNotFoundError, match=r"does not exist.*train/<class_name>"):
         load_dataset(str(tmp_path / "nowhere"), "train")
     write_images(tmp_path / "only", "train", {"a": [1]})
     with pytest.raises(DataNotFoundError, match="no test/ or val/ or validation/"):

@@ -261,7 +261,8 @@ def _conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
     )
     out.weight = conv.weight
     out.bias = conv.bias
-    return _carry_buffers(conv, out).train(conv.training)
+    _carry_buffers(conv, out)
+    return out.train(conv.training)
 
 
 def _linear_like(linear: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
@@ -269,16 +270,16 @@ def _linear_like(linear: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
     out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     out.weight = linear.weight
     out.bias = linear.bias
-    return _carry_buffers(linear, out).train(linear.training)
+    _carry_buffers(linear, out)
+    return out.train(linear.training)
 
 
-def _carry_buffers(src: nn.Module, dst: nn.Module) -> nn.Module:
+def _carry_buffers(src: nn.Module, dst: nn.Module) -> None:
     """Give ``dst`` the buffers ``src`` holds itself (not its children's): a pruning or
     sparse-training mask (``weight_mask``) must outlive the swap, or the layer turns dense."""
     for name, buf in src._buffers.items():
         if buf is not None and name not in dst._buffers:
             dst.register_buffer(name, buf, persistent=name not in src._non_persistent_buffers_set)
-    return dst
 
 
 class LSQConv2d(_LSQMixin, nn.Conv2d):
