@@ -342,6 +342,36 @@ def test_a_resume_with_other_data_or_callbacks_is_refused_before_anything_change
     assert other.fit(ListLoader(X, Y, 8), resume=True).epoch == [1, 2]
 
 
+def test_a_resume_with_another_schedule_or_layers_is_refused(tmp_path: Path) -> None:
+    """Pruning and sparse-training schedules, their layers and the final recalibration are
+    part of the run, beside the callbacks' configs."""
+    from slimtorch.prune import GradualPruning, MagnitudeConfig
+    from slimtorch.sparse import SET, SparseTrainingConfig
+    from slimtorch.train import BatchNormRecalibration
+
+    def gradual(**kw: Any) -> GradualPruning:
+        return GradualPruning(MagnitudeConfig(sparsity=0.5), **{"start_step": 0, "end_step": 4,
+                              "frequency": 2, **kw})  # fmt: skip
+
+    cases = [
+        ([gradual()], [gradual(end_step=6)], r"GradualPruning\.end_step: 4 then, 6 now"),
+        ([gradual()], [gradual(exclude=["2"])], r"GradualPruning\.exclude: null then"),
+        ([SET(SparseTrainingConfig(sparsity=0.5, delta_t=2))],
+         [SET(SparseTrainingConfig(sparsity=0.5, delta_t=2), total_steps=100)],
+         r"SET\.total_steps: null then, 100 now"),
+        ([BatchNormRecalibration(2)], [BatchNormRecalibration(3)],
+         r"BatchNormRecalibration\.max_batches: 2 then, 3 now"),
+    ]  # fmt: skip
+    for i, (then, now, what) in enumerate(cases):
+        out = tmp_path / str(i)
+        torch.manual_seed(0)
+        Trainer(make_mlp(), _config(epochs=1), callbacks=then, out_dir=out).fit(ListLoader(X, Y, 8))
+        torch.manual_seed(0)
+        again = Trainer(make_mlp(), _config(epochs=2), callbacks=now, out_dir=out)
+        with pytest.raises(CheckpointError, match=what):
+            again.fit(ListLoader(X, Y, 8), resume=True)
+
+
 def test_resume_keeps_a_custom_eval_name_and_ignores_momentum_for_adamw(tmp_path: Path) -> None:
     def run(resume: bool, **cfg: Any) -> Trainer:
         torch.manual_seed(0)

@@ -56,8 +56,18 @@ class MaskCallback(Callback):
         >>> Trainer(model, cfg, callbacks=[MaskCallback()]).fit(loader)  # doctest: +SKIP
     """
 
+    run_fields: tuple[str, ...] = ()
+    """Attributes that shape the run besides ``config``: saved in the checkpoint, so that a
+    resume with other values (another schedule, other layers) is refused."""
+
     def __init__(self) -> None:
         self.applied = 0
+
+    def run_info(self) -> dict[str, Any] | None:
+        info = super().run_info()
+        if not self.run_fields:
+            return info
+        return {**(info or {}), **{name: getattr(self, name) for name in self.run_fields}}
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -123,6 +133,8 @@ class GradualPruning(MaskCallback):
         >>> [round(cb.sparsity_at(t), 4) for t in (0, 10, 20, 40, 99)]
         [0.0, 0.0, 0.563, 0.8, 0.8]
     """
+
+    run_fields = ("start_step", "end_step", "frequency", "initial_sparsity", "include", "exclude")
 
     def __init__(
         self,

@@ -84,6 +84,7 @@ class StaticSparse(MaskCallback):
     """
 
     kind = "static"
+    run_fields = ("include", "exclude", "total_steps")
 
     def __init__(
         self,

@@ -159,6 +159,9 @@ class BatchNormRecalibration(Callback):
         self.max_batches = max_batches
         self.result: dict[str, int] | None = None
 
+    def run_info(self) -> dict[str, Any]:
+        return {"max_batches": self.max_batches}  # it shapes the final model
+
     def on_fit_start(self, trainer: Trainer) -> None:
         self.result = None
 
