@@ -54,6 +54,27 @@ def test_config_validates() -> None:
         with pytest.raises(ValueError, match="spike_clip must be None or a number >= 1"):
             QATConfig(spike_clip=bad)  # type: ignore[arg-type]
     assert QATConfig(spike_clip=None).spike_clip is None
+    with pytest.raises(ValueError, match="freeze_bn_epoch applies with fold_bn=False only"):
+        QATConfig(freeze_bn_epoch=0)  # fold_bn=True: nothing to freeze
+
+
+def test_callback_refuses_a_model_prepared_otherwise_and_warns_of_a_late_freeze(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=8)
+    prepare_qat_(model, QATConfig(weight_bits=4))
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    with pytest.raises(
+        ValueError, match=r"'features\.0' was prepared for QAT as .*'weight_bits': 4"
+    ):
+        Trainer(model, _cfg(), callbacks=[QATCallback(QATConfig())]).fit(batches)
+    same = QATCallback(QATConfig(weight_bits=4))
+    Trainer(model, _cfg(), callbacks=[same]).fit(batches)  # the config it was prepared with
+    fresh = create_model("resnet20", num_classes=10, in_channels=1, input_size=8)
+    late = QATCallback(QATConfig(fold_bn=False, freeze_bn_epoch=3))
+    with caplog.at_level("WARNING", logger="slimtorch.quant.qat"):
+        Trainer(fresh, _cfg(epochs=2), callbacks=[late]).fit(batches)
+    assert "freeze_bn_epoch=3 is past the last epoch" in caplog.text
 
 
 def test_callback_clips_gradient_spikes_only() -> None:

@@ -126,6 +126,12 @@ class QATConfig(Config):
                 raise ValueError(f"QATConfig.{field} must hold strings only, got {value!r}")
             object.__setattr__(self, field, tuple(value))
         check_bool(self, "fold_bn", self.fold_bn)
+        if self.freeze_bn_epoch is not None and self.fold_bn:
+            raise ValueError(
+                "QATConfig.freeze_bn_epoch applies with fold_bn=False only (folded batch norms "
+                f"have nothing to freeze), got freeze_bn_epoch={self.freeze_bn_epoch!r} with "
+                "fold_bn=True"
+            )
         if self.freeze_bn_epoch is not None and (
             isinstance(self.freeze_bn_epoch, bool)
             or not isinstance(self.freeze_bn_epoch, int)
@@ -361,10 +367,25 @@ class QATCallback(Callback):
     def setup(self, trainer: Trainer) -> None:
         """Swap in the LSQ layers before the optimiser, DDP and a resumed checkpoint see them."""
         model = trainer.model
-        if qat_layers(model):
+        if prepared := qat_layers(model):  # prepared before: it must be by this config
+            want = {"weight_bits": self.config.weight_bits, "act_bits": self.config.act_bits}
+            for name, layer in prepared.items():
+                spec = layer.lsq_spec()
+                if spec != want:
+                    raise ValueError(
+                        f"layer {name!r} was prepared for QAT as {spec}, but this QATCallback's "
+                        f"config asks for {want}; give the callback the config the model was "
+                        "prepared with, or an unprepared model"
+                    )
             return
         self.report = prepare_qat_(model, self.config)
         logger.info("QATCallback prepared %d layer(s)", len(self.report.layers))
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        epoch = self.config.freeze_bn_epoch
+        if epoch is not None and epoch >= trainer.config.epochs:
+            logger.warning("QAT: freeze_bn_epoch=%d is past the last epoch (%d epochs): batch "
+                           "norms are never frozen", epoch, trainer.config.epochs)  # fmt: skip
 
     def on_train_epoch_start(self, trainer: Trainer) -> None:
         epoch = self.config.freeze_bn_epoch
