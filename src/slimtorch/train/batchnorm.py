@@ -180,8 +180,9 @@ class BatchNormRecalibration(Callback):
     def _recalibrate(self, trainer: Trainer, epoch: int) -> None:
         loader = trainer.train_loader
         if not _tracked_norms(trainer.model):
-            logger.warning("batch-norm recalibration: the model has no batch norm that tracks "
-                           "running statistics; nothing re-estimated")  # fmt: skip
+            # info, not a warning: compress recalibrates by default, whatever the model
+            logger.info("batch-norm recalibration: the model has no batch norm that tracks "
+                        "running statistics; nothing re-estimated")  # fmt: skip
             return
         if loader is None:
             return
