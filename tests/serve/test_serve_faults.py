@@ -312,6 +312,21 @@ def test_compressed_bodies_inflate_within_the_size_limit(tmp_path: Path) -> None
         assert r.status_code == 400 and "not complete gzip data" in r.json()["error"]
         r = c.post("/v2/models/m/infer", content=body, headers={"Content-Encoding": "br"})
         assert r.status_code == 400 and "'br' is not supported" in r.json()["error"]
+        # the simple predict route reads encoded bodies alike
+        simple = json.dumps({"data": [[[0.5] * 8] * 8]}).encode()
+        want = c.post("/v1/models/m/predict", content=simple).json()["outputs"]
+        for encoding, packed in (
+            ("gzip", gzip.compress(simple)),
+            ("deflate", zlib.compress(simple)),
+        ):
+            r = c.post(
+                "/v1/models/m/predict", content=packed, headers={"Content-Encoding": encoding}
+            )
+            assert r.status_code == 200 and r.json()["outputs"] == want, r.text
+        r = c.post("/v1/models/m/predict", content=bomb, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413
+        r = c.post("/v1/models/m/predict", content=simple, headers={"Content-Encoding": "br"})
+        assert r.status_code == 400 and "'br' is not supported" in r.json()["error"]
 
 
 def test_an_unknown_model_is_a_404_even_with_a_bad_body(tmp_path: Path) -> None:

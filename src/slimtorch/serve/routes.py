@@ -19,7 +19,12 @@ from slimtorch import __version__
 from slimtorch.serve.deps import AdminDep, ServerDep
 from slimtorch.serve.errors import BadRequest
 from slimtorch.serve.infer import run_infer
-from slimtorch.serve.protocol.codec import HEADER_LENGTH, DecodedRequest, predict_batch
+from slimtorch.serve.protocol.codec import (
+    HEADER_LENGTH,
+    DecodedRequest,
+    decode_body,
+    predict_batch,
+)
 from slimtorch.serve.protocol.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -266,10 +271,16 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> Respo
     (see :func:`~slimtorch.serve.protocol.codec.predict_batch`). For a classifier (a float
     first output of shape ``[batch, classes]``) the response adds the top class of each item:
     index, label (``null`` without labels in the config) and softmax score. The body is read as
-    JSON whatever its Content-Type says (``curl -d`` sends a form type).
+    JSON whatever its Content-Type says (``curl -d`` sends a form type), after its
+    Content-Encoding (gzip, deflate) as on ``/v2``.
     """
+    raw = decode_body(
+        await request.body(),
+        request.headers.get("content-encoding"),
+        server.settings.max_request_bytes,
+    )
     try:
-        body = PredictRequest.model_validate_json(await request.body())
+        body = PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise BadRequest(format_validation_error(exc)) from None
     entry, ver = server.repository.version(model_name, body.version)
