@@ -399,22 +399,25 @@ def compress_run(
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
     saved_after = storage["compact_bytes"] if storage else saved_bytes(model)
+    timings = [
+        speed_entry(
+            f"{device.type} batch {profile_batch}",
+            side["speedup"],
+            faster_rounds=side["faster_rounds"],
+            rounds=side["rounds"],
+            note="int8 simulated in float" if finished and finished.get("runtimes") else None,
+        ),
+        *finish_timings(finished),
+    ]
+    if not applied.changed:  # the same model timed twice: any difference is noise
+        timings = [{**t, "verdict": "unchanged", "note": "no layer changed"} for t in timings]
     verdict = make_verdict(
         size_before=saved_before,
         size_after=saved_after,
         size_what="compact file" if storage else None,
         acc_before=acc0,
         acc_after=acc1,
-        timings=[
-            speed_entry(
-                f"{device.type} batch {profile_batch}",
-                side["speedup"],
-                faster_rounds=side["faster_rounds"],
-                rounds=side["rounds"],
-                note="int8 simulated in float" if finished and finished.get("runtimes") else None,
-            ),
-            *finish_timings(finished),
-        ],
+        timings=timings,
     )
     table = "\n".join(
         [
