@@ -211,3 +211,21 @@ def test_a_failed_check_keeps_the_earlier_export(
     from slimtorch.models import load_exported
 
     assert load_exported(pt2) is not None
+
+
+def test_weight_only_int8_export_says_so_and_reads_no_calibration_data(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = models[0]
+    compress_run(
+        in_dir=base,
+        out_dir=tmp_path / "wo",
+        method="ptq",
+        method_options={"mode": "weight_only", "runtime_check": False},
+        profile_batch=4,
+        profiles=(),
+        threads=1,
+    )
+    out = _export(capsys, "--in", str(tmp_path / "wo"), "--out", str(tmp_path / "w.onnx"))
+    assert out["precision"] == "int8 weights (Q/DQ), float activations"
+    assert "calibration_batches" not in out and out["int8_ops"] == {}

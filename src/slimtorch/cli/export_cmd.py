@@ -204,12 +204,13 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"source": str(model_dir), "format": args.format, "out": args.out}
     if args.format == "onnx":
         from slimtorch.quant import check_onnx, export_onnx, ort_int8_ops
-        from slimtorch.quant.export import export_precision
+        from slimtorch.quant.export import export_precision, qdq_activation_kinds
 
         if args.calibration_batches < 0:
             raise ValueError(f"--calibration-batches must be >= 0, got {args.calibration_batches}")
         calib = None
-        if args.dtype == "fp32" and _is_qdq(card):
+        # calibrated int8 activations only: weight-only and dynamic layers need no data
+        if args.dtype == "fp32" and _is_qdq(card) and "static" in qdq_activation_kinds(model):
             calib = calibration_batches(card, args.calibration_batches, args.data_root)
             result["calibration_batches"] = len(calib) if calib else 0
         with _checked_output(Path(args.out)) as path:

@@ -79,6 +79,23 @@ def is_qdq_model(model: nn.Module) -> bool:
     return any(isinstance(m, QDQConv2d | QDQLinear | QDQAct) for m in model.modules())
 
 
+def qdq_activation_kinds(model: nn.Module) -> dict[str, int]:
+    """How the int8 layers of ``model`` take their inputs: layer counts by ``"static"``
+    (calibrated int8), ``"dynamic"`` (int8 per batch) and ``"float"`` (weight-only int8).
+
+    Example:
+        >>> qdq_activation_kinds(nn.Linear(2, 2))
+        {}
+    """
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QDQConv2d | QDQLinear):
+            kind = ("dynamic" if m.input_dynamic else "float" if m.input_scale is None
+                    else "static")  # fmt: skip
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -260,7 +277,13 @@ def export_precision(model: nn.Module, dtype: str = "fp32") -> str:
         'fp32 input, float16 in 1 of 2 layers'
     """
     if is_qdq_model(model):
-        return "int8 Q/DQ"
+        kinds = qdq_activation_kinds(model)
+        if set(kinds) <= {"static"}:
+            return "int8 Q/DQ"
+        if set(kinds) == {"float"}:
+            return "int8 weights (Q/DQ), float activations"
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        return f"int8 weights (Q/DQ); activations of the layers: {counts}"
     if dtype == "fp16":
         return "fp16"
     layers = layer_precisions(model)
