@@ -84,7 +84,7 @@ def test_loss_is_the_weighted_sum_of_hard_soft_and_hint_terms() -> None:
     expected = 0.7 * hard + 0.3 * kd_loss(out, t_out, temperature=2.0)
     expected = expected + 0.7 * hint_loss(s_feat, t_feat)
     torch.testing.assert_close(total, expected)
-    cb.on_fit_end(trainer)
+    cb.teardown(trainer)
     assert cb._handles == []
 
 

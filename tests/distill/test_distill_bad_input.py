@@ -167,3 +167,15 @@ def test_a_low_precision_teacher_gets_its_inputs_in_its_dtype() -> None:
     config = DistillConfig(temperature=2.0, alpha=0.5, hints=(("0", "0"),))
     assert _fit(_mlp(2), teacher, config) == [1]  # fp32 student, bf16 teacher
     assert next(teacher.parameters()).dtype == torch.bfloat16  # left in its dtype
+
+
+def test_a_teacher_built_for_other_inputs_is_named_and_leaves_no_hooks() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))  # takes 6, not 8
+    student = _mlp(1)
+    config = DistillConfig(hints=[("0", "0")], hint_weight=0.1)
+    with pytest.raises(RuntimeError, match=r"distillation teacher \(Sequential\) failed on a "
+                       r"training batch of shape \(16, 8\)"):  # fmt: skip
+        _fit(student, teacher, config)
+    # the failed run removed its hint hooks from both models
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks

@@ -179,8 +179,8 @@ class DistillationCallback(Callback):
             len(self.config.hints),
         )
 
-    def on_fit_end(self, trainer: Trainer) -> None:
-        self._remove_hooks()
+    def teardown(self, trainer: Trainer) -> None:
+        self._remove_hooks()  # also after a failed run: no hook stays on either model
 
     # ------------------------------------------------------------------ loss
 
@@ -201,7 +201,17 @@ class DistillationCallback(Callback):
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and dtype is not None:
             teacher_in = inputs.to(dtype)
         with torch.no_grad():
-            teacher_out = self.teacher(teacher_in)
+            try:
+                teacher_out = self.teacher(teacher_in)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:  # a teacher built for other inputs, most likely
+                shape = tuple(teacher_in.shape) if isinstance(teacher_in, torch.Tensor) else "?"
+                raise RuntimeError(
+                    f"the distillation teacher ({type(self.teacher).__name__}) failed on a "
+                    f"training batch of shape {shape}: {exc}; the teacher must take the "
+                    "student's inputs (same channels and image size)"
+                ) from exc
         total = loss
         if cfg.alpha > 0.0:
             soft = kd_loss(outputs, teacher_out, temperature=cfg.temperature)

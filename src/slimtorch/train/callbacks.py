@@ -1,6 +1,6 @@
 """Training callbacks: the hooks every training-time method plugs into.
 
-QAT, pruning masks, dynamic sparsity, distillation, NAS, spiking nets and PINNs all run inside
+QAT, pruning masks, dynamic sparsity and distillation all run inside
 the one :class:`~slimtorch.train.Trainer` by overriding some of these no-op hooks. The hook names
 follow PyTorch Lightning. Order within one :meth:`Trainer.fit`::
 
@@ -18,6 +18,7 @@ follow PyTorch Lightning. Order within one :meth:`Trainer.fit`::
             on_train_batch_end(outputs, loss, batch_idx)
         on_train_epoch_end(metrics)               # train metrics of the epoch
         on_validation_end(metrics)                # when the epoch is validated
+    teardown                                      # also when an epoch raised
     on_fit_end
 
 Callbacks run in the order they were given. A callback stops training by setting
@@ -80,6 +81,11 @@ class Callback:
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """After the last epoch (or after stopping early)."""
+
+    def teardown(self, trainer: Trainer) -> None:
+        """When ``fit`` leaves its epochs, whether they ended or raised (before
+        ``on_fit_end``, which a failed run does not reach): release what ``on_fit_start`` set
+        up outside the callback (hooks on the model). It should not raise."""
 
     def on_train_epoch_start(self, trainer: Trainer) -> None:
         """At the start of epoch ``trainer.epoch`` (0-based)."""

@@ -428,6 +428,7 @@ class Trainer:
             if self.is_distributed:
                 self._check_replicas()
         finally:
+            self._call("teardown")  # whether the run ended or raised
             self._fit_seconds, self._fit_start = self.train_seconds - self.seconds_before, None
             if model is not self.model:
                 # free the DDP reducer (it holds the process group) before the group goes away
