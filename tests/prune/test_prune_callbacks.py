@@ -184,3 +184,17 @@ def test_gradual_pruning_past_the_end_of_the_run_raises_before_touching_the_mode
     ):
         Trainer(model, _config(), callbacks=[late]).fit(ListLoader(X, Y, 8))
     assert get_mask(model[0]) is None
+
+
+def test_a_run_stopped_before_end_step_warns_that_the_target_was_missed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class _StopAt(Callback):
+        def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, idx: int) -> None:
+            trainer.should_stop = trainer.global_step >= 4
+
+    gradual = _gradual()
+    with caplog.at_level("WARNING", logger="slimtorch.prune.callbacks"):
+        Trainer(_mlp(), _config(), callbacks=[gradual, _StopAt()]).fit(ListLoader(X, Y, 8))
+    assert gradual.sparsity < 0.75
+    assert "short of its target 0.7500 (end_step 14 was not reached)" in caplog.text

@@ -294,3 +294,21 @@ def test_pruning_masks_survive_qat_training_saving_and_loading(order: str, tmp_p
     Trainer(resumed, _cfg(epochs=2), callbacks=callbacks, out_dir=tmp_path).fit(
         batches, resume=True
     )
+
+
+def test_spike_clipping_sees_the_same_gradients_whatever_the_callback_order() -> None:
+    from slimtorch.prune import GradualPruning, MagnitudeConfig
+
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(6)]
+    results = []
+    for qat_first in (True, False):
+        torch.manual_seed(0)
+        model = create_model("mlp", num_classes=10, in_channels=1, input_size=8)
+        gradual = GradualPruning(MagnitudeConfig(sparsity=0.9), 0, 6, 2)
+        qat = QATCallback(QATConfig(weight_bits=4, act_bits=4, spike_clip=1.0))
+        callbacks = [qat, gradual] if qat_first else [gradual, qat]
+        Trainer(model, _cfg(epochs=4), callbacks=callbacks).fit(batches)
+        results.append((list(qat.norms), qat.clipped, model.state_dict()))
+    (norms_a, clipped_a, state_a), (norms_b, clipped_b, state_b) = results
+    assert norms_a == norms_b and clipped_a == clipped_b > 0
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

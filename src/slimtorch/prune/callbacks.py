@@ -234,6 +234,14 @@ class GradualPruning(MaskCallback):
             total["pruned"],
         )
 
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.sparsity < self.config.sparsity:  # stopped before end_step (early stopping)
+            logger.warning(
+                "gradual pruning ended at step %d with sparsity %.4f, short of its target "
+                "%.4f (end_step %d was not reached)",
+                trainer.global_step, self.sparsity, self.config.sparsity, self.end_step,
+            )  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
