@@ -257,6 +257,19 @@ def test_early_stopping_stops_when_the_metric_stalls() -> None:
         EarlyStopping(patience=0)
 
 
+def test_early_stopping_without_validation_says_it_could_not_act(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    x, y = make_blobs(32)
+    for cfg, val in ((_cfg(epochs=2), None), (_cfg(epochs=2, eval_every_epochs=0), True)):
+        caplog.clear()
+        stopper = EarlyStopping("val_loss")
+        loaders = [ListLoader(x, y, 16)] + ([ListLoader(x, y, 16)] if val else [])
+        with caplog.at_level("WARNING", logger="slimtorch.train.callbacks"):
+            assert Trainer(make_mlp(), cfg, callbacks=[stopper]).fit(*loaders).epoch == [1, 2]
+        assert "EarlyStopping never saw a val_loss value" in caplog.text
+
+
 def test_progress_option_adds_a_bar_that_writes_lines(capsys: pytest.CaptureFixture[str]) -> None:
     x, y = make_blobs(64)
     trainer = Trainer(make_mlp(), _cfg(progress=True, log_every_steps=2))
