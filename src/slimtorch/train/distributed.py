@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -232,15 +233,34 @@ def _fingerprints(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     return torch.stack(rows).to(device)
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel as the Trainer runs it: gradients live in DDP's
+    all-reduce buckets (no copy in and out every step), and buffers are not synced before
+    every forward pass (:func:`broadcast_buffers_` does it once per epoch). torch >= 2.13
+    names that ``forward_sync_buffers=False``; older releases ``broadcast_buffers=False``
+    (deprecated since, with a warning on every rank)."""
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    ids = [device.index] if device.type == "cuda" else None
+    return ddp(model, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
+
+
 def broadcast_buffers_(model: torch.nn.Module, src: int = 0) -> int:
     """Copy rank ``src``'s buffers (batch-norm statistics, masks) to every rank, in place.
 
-    The Trainer wraps models in DDP with ``broadcast_buffers=False`` and calls this once per
-    epoch instead: DDP's default broadcasts every buffer before every forward pass, which cost
-    14-20% of resnet56's training throughput on an H100 at batch 1024 (world size 1). Under
-    the default, rank 0 only ever sends, so its statistics follow its own batches alone; they
-    do here too, so the model rank 0 saves is the same as before, and after this copy every
-    rank evaluates with it. Returns the number of buffers sent (0 without a process group).
+    The Trainer wraps models in DDP without the per-forward buffer sync (:func:`wrap_ddp`)
+    and calls this once per epoch instead: DDP's default broadcasts every buffer before
+    every forward pass, which cost 14-20% of resnet56's training throughput on an H100 at
+    batch 1024 (world size 1). Under the default, rank 0 only ever sends, so its statistics
+    follow its own batches alone; they do here too, so the model rank 0 saves is the same as
+    before, and after this copy every rank evaluates with it. Returns the number of buffers
+    sent (0 without a process group).
 
     Example:
         >>> broadcast_buffers_(torch.nn.BatchNorm2d(4))

@@ -47,6 +47,7 @@ from slimtorch.train.distributed import (
     get_world_size,
     is_main_process,
     replica_mismatches,
+    wrap_ddp,
 )
 from slimtorch.train.history import History, format_row
 from slimtorch.train.loader import (
@@ -411,12 +412,7 @@ class Trainer:
             logger.info("training on %s, precision %s", self.device, self.amp.name)
         model: nn.Module = self.model
         if self.is_distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # gradients live in DDP's all-reduce buckets: no copy in and out every step; buffers
-            # are synced once per epoch (broadcast_buffers_), not before every forward pass
-            model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False
-            )
+            model = wrap_ddp(self.model, self.device)  # buffers synced once per epoch
         if self.out_dir is not None and is_main_process():
             self.config.save(self.out_dir / "train_config.json")
         self._call("on_fit_start")
