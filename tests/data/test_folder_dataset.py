@@ -102,3 +102,32 @@ def test_catalog_datasets_refuse_another_shape() -> None:
         load_dataset("digits", "test", channels=3)
     with pytest.raises(ValueError, match=r"not \(1, 28, 28\)"):
         load_dataset("digits", "test", size=(28, 28))
+
+
+def test_a_model_reads_another_folder_in_its_own_label_order(pets: Path, tmp_path: Path) -> None:
+    from slimtorch.models import ModelCard
+
+    other = tmp_path / "other"
+    write_images(other, "train", {"cat": [1], "emu": [2]})  # no dog: emu would be label 1
+    write_images(other, "test", {"emu": [3]})
+    card = ModelCard(architecture={"name": "mlp", "kwargs": {}}, transforms=[],
+                     input_shape=(1, 10, 10), mean=(0.5,), std=(0.25,),
+                     class_names=("cat", "dog", "emu"), dtype="float32", torch_version="",
+                     extra={"dataset": str(pets)})  # fmt: skip
+    ds = card.load_split("test", dataset=other)  # a pathlib.Path names a folder too
+    assert ds.classes == ("cat", "dog", "emu") and ds.labels.tolist() == [2]
+    assert ds.mean == (0.5,) and ds.std == (0.25,)  # the model's normalisation
+    write_images(other, "test", {"yak": [4]})
+    with pytest.raises(DataFormatError, match=r"yak that the given classes \(the model's\)"):
+        card.load_split("test", dataset=str(other))
+    assert load_dataset(pets, "train").classes == ("cat", "dog", "emu")  # Path accepted
+
+
+def test_class_folders_equal_after_unicode_normalisation_are_refused(tmp_path: Path) -> None:
+    import unicodedata
+
+    root = tmp_path / "cafes"
+    for form, shade in (("NFC", 30), ("NFD", 220)):
+        write_images(root, "train", {unicodedata.normalize(form, "café"): [shade]})
+    with pytest.raises(DataFormatError, match="differ only in their Unicode form"):
+        load_dataset(str(root), "train")

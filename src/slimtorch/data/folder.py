@@ -33,7 +33,7 @@ from slimtorch.data.dataset import ImageDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "class_folders", "load_image_folder"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -103,6 +103,27 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     mean = total.double() / (n * 255.0)
     var = (squares.double() / (n * 255.0**2) - mean * mean).clamp(min=0)
     return tuple(mean.tolist()), tuple(max(s, 1e-6) for s in var.sqrt().tolist())
+
+
+def class_folders(root: Path) -> dict[str, Path]:
+    """The class sub-folders of ``root`` by name in Unicode NFC (hidden ones left out).
+
+    Raises:
+        DataFormatError: Two folders whose names differ only in their Unicode form (``café``
+            composed and decomposed): they would be one class.
+    """
+    folders: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        key = unicodedata.normalize("NFC", p.name)
+        if key in folders:
+            raise DataFormatError(
+                f"{root} has two class folders named {key!r} that differ only in their "
+                f"Unicode form ({folders[key].name!a} and {p.name!a}); merge or rename one"
+            )
+        folders[key] = p
+    return folders
 
 
 def load_image_folder(
@@ -176,11 +197,7 @@ def load_image_folder(
             "<folder>/<class_name>/<image files>"
         )
     exts = tuple(e.lower() for e in extensions)
-    folders = {
-        unicodedata.normalize("NFC", p.name): p
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".")
-    }
+    folders = class_folders(root)
     if classes is None:
         classes = sorted(folders)
     else:
@@ -188,8 +205,8 @@ def load_image_folder(
         extra = sorted(set(folders) - set(classes))
         if extra:
             raise DataFormatError(
-                f"{root} has class folder(s) {', '.join(extra)} that classes= does not list "
-                f"({', '.join(classes)}); their images would have no label"
+                f"{root} has class folder(s) {', '.join(extra)} that are not among the classes "
+                f"given ({', '.join(classes)}); their images would have no label"
             )
     files: list[tuple[Path, int]] = []
     passed_over: dict[str, int] = {}
@@ -246,8 +263,8 @@ def load_image_folder(
         elif arr.shape != (images.shape[2], images.shape[3], images.shape[1]):
             raise DataFormatError(
                 f"image {p} is {arr.shape[1]}x{arr.shape[0]} but {files[0][0]} is "
-                f"{images.shape[3]}x{images.shape[2]}; pass size=(height, width) to "
-                "resize all images to one size"
+                f"{images.shape[3]}x{images.shape[2]}; pass size=(height, width) (slimtorch "
+                "train: --image-size N) to resize all images to one size"
             )
         images[i] = torch.from_numpy(arr.transpose(2, 0, 1).copy())
     assert images is not None  # files is not empty

@@ -39,10 +39,10 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from slimtorch.core.errors import DataNotFoundError
+from slimtorch.core.errors import DataFormatError, DataNotFoundError
 from slimtorch.data.catalog import DATASETS, dataset_info
 from slimtorch.data.dataset import ImageDataset
-from slimtorch.data.folder import load_image_folder
+from slimtorch.data.folder import class_folders, load_image_folder
 
 __all__ = [
     "FOLDER_SPLITS",
@@ -62,19 +62,22 @@ FOLDER_SPLITS: dict[str, tuple[str, ...]] = {
 LAYOUT_HINT = "<folder>/train/<class_name>/<images> and <folder>/test/<class_name>/<images>"
 
 
-def is_image_folder(name: str) -> bool:
-    """Whether a dataset argument names an image folder rather than a catalog dataset.
+def is_image_folder(name: str | os.PathLike[str]) -> bool:
+    """Whether a dataset argument names an image folder rather than a catalog dataset (a
+    ``pathlib.Path`` always does).
 
     Example:
         >>> is_image_folder("mnist"), is_image_folder("./my_images"), is_image_folder("mnsit")
         (False, True, False)
     """
+    if not isinstance(name, str):
+        return True
     if name in DATASETS:
         return False
     return "/" in name or os.sep in name or Path(name).expanduser().is_dir()
 
 
-def dataset_record(name: str) -> str:
+def dataset_record(name: str | os.PathLike[str]) -> str:
     """A dataset argument as a model card records it: a catalog name as it is, an image
     folder as its absolute path, so that it is found again from any working directory.
 
@@ -82,7 +85,7 @@ def dataset_record(name: str) -> str:
         >>> dataset_record("mnist"), dataset_record("/srv/data/../pets")
         ('mnist', '/srv/pets')
     """
-    return str(Path(name).expanduser().resolve()) if is_image_folder(name) else name
+    return str(Path(name).expanduser().resolve()) if is_image_folder(name) else os.fspath(name)
 
 
 def folder_split_path(name: str | os.PathLike[str], split: str) -> Path:
@@ -111,36 +114,36 @@ def folder_split_path(name: str | os.PathLike[str], split: str) -> Path:
     )
 
 
-def _train_classes(name: str) -> tuple[str, ...]:
+def _train_classes(name: str | os.PathLike[str]) -> tuple[str, ...]:
     train = folder_split_path(name, "train")
-    classes = sorted(
-        unicodedata.normalize("NFC", p.name)
-        for p in train.iterdir()
-        if p.is_dir() and not p.name.startswith(".")
-    )
+    classes = sorted(class_folders(train))
     if not classes:
         raise DataNotFoundError(f"{train} has no class sub-folders; expected {LAYOUT_HINT}")
     return tuple(classes)
 
 
-def dataset_classes(name: str) -> tuple[str, ...]:
+def dataset_classes(name: str | os.PathLike[str]) -> tuple[str, ...]:
     """The class names of a catalog dataset or an image folder, without reading any image.
 
     Example:
         >>> dataset_classes("mnist")[:3]
         ('0', '1', '2')
     """
-    return _train_classes(name) if is_image_folder(name) else dataset_info(name).classes
+    if is_image_folder(name):
+        return _train_classes(name)
+    return dataset_info(os.fspath(name)).classes
 
 
 def load_folder_split(
-    name: str,
+    name: str | os.PathLike[str],
     split: str = "train",
     *,
     channels: int | None = None,
     size: int | Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> ImageDataset:
-    """Read one split of an image-folder dataset, labelled in ``train/``'s class order.
+    """Read one split of an image-folder dataset, labelled in ``train/``'s class order (or
+    in ``classes``').
 
     Args:
         name: The folder (see the module docstring for its layout).
@@ -148,18 +151,26 @@ def load_folder_split(
         channels: 1 or 3; default: 1 when every image is grayscale, else 3.
         size: Resize to this (int, or ``(height, width)``); default: the images' own size,
             which must then be the same for all.
+        classes: The label order, e.g. a trained model's class names (a model reads another
+            folder with the labels it was trained on); default: ``train/``'s sub-folders.
 
     Raises:
         DataNotFoundError: The folder or the split is missing, or holds no images.
         DataFormatError: An image cannot be read, sizes differ without ``size``, or the split
-            has a class folder that ``train/`` has not.
+            has a class folder that ``train/`` (or ``classes``) has not.
     """
     path = folder_split_path(name, split)
+    order = _train_classes(name) if classes is None else tuple(
+        unicodedata.normalize("NFC", str(c)) for c in classes
+    )  # fmt: skip
+    unknown = sorted(set(class_folders(path)) - set(order))
+    if unknown:
+        whose = "train/" if classes is None else "the given classes (the model's)"
+        raise DataFormatError(
+            f"{path} has class folder(s) {', '.join(unknown)} that {whose} lacks "
+            f"({', '.join(order)}); their images would have no label"
+        )
     folder = Path(name).expanduser().resolve()
     return load_image_folder(
-        path,
-        channels=channels,
-        size=size,
-        name=f"{folder.name}/{split}",
-        classes=_train_classes(name),
+        path, channels=channels, size=size, name=f"{folder.name}/{split}", classes=order
     )

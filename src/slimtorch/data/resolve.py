@@ -171,7 +171,7 @@ def _not_found(
 
 
 def load_dataset(
-    name: str,
+    name: str | os.PathLike[str],
     split: str = "train",
     *,
     root: str | os.PathLike[str] | None = None,
@@ -235,6 +235,7 @@ def load_dataset(
         )
     if is_image_folder(name):
         return load_folder_split(name, split, channels=channels, size=size)
+    name = os.fspath(name)
     info = dataset_info(name)
     _check_split(info, split)
     if info.build is not None:

@@ -83,25 +83,30 @@ class ModelCard:
         self,
         split: str,
         *,
-        dataset: str | None = None,
+        dataset: str | os.PathLike[str] | None = None,
         root: str | os.PathLike[str] | None = None,
         download: bool = True,
     ) -> ImageDataset:
         """A split of ``dataset`` (default: the recorded one) as this model reads it: an image
-        folder at its input shape (a catalog dataset of another shape is refused), normalised
-        by the model's own mean/std.
+        folder at its input shape and labelled in its class order (a catalog dataset of
+        another shape is refused), normalised by the model's own mean/std.
 
         Raises:
             ValueError: No dataset given or recorded, or the images do not fit the model.
-            DataError: As :func:`~slimtorch.data.load_dataset`.
+            DataError: As :func:`~slimtorch.data.load_dataset`; an image folder with a class
+                the model does not know.
         """
-        from slimtorch.data import load_dataset
+        from slimtorch.data import is_image_folder, load_dataset, load_folder_split
 
         name = dataset or self.dataset
         if name is None:
             raise ValueError("the model does not record its dataset; pass one")
         c, h, w = self.input_shape
-        ds = load_dataset(name, split, root=root, download=download, channels=c, size=(h, w))
+        if is_image_folder(name):
+            classes = self.class_names or None
+            ds = load_folder_split(name, split, channels=c, size=(h, w), classes=classes)
+        else:
+            ds = load_dataset(name, split, root=root, download=download, channels=c, size=(h, w))
         return dataclasses.replace(ds, mean=tuple(self.mean), std=tuple(self.std))
 
 
