@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtorch.distill import DistillationCallback, DistillConfig, hint_loss, kd_loss, load_teacher
 from slimtorch.models import create_model, save_model
-from slimtorch.train import TrainConfig, Trainer
+from slimtorch.train import Callback, TrainConfig, Trainer
 
 
 def _mlp(seed: int, out: int = 4) -> nn.Sequential:
@@ -179,3 +179,15 @@ def test_a_teacher_built_for_other_inputs_is_named_and_leaves_no_hooks() -> None
         _fit(student, teacher, config)
     # the failed run removed its hint hooks from both models
     assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+    class _Boom(Callback):
+        def on_fit_start(self, trainer: Trainer) -> None:
+            raise RuntimeError("boom")
+
+    good = _mlp(2)
+    cfg = TrainConfig(epochs=1, progress=False)
+    loader = [(torch.randn(4, 8), torch.randint(0, 4, (4,)))]
+    callbacks = [DistillationCallback(good, config), _Boom()]  # fails after the hooks went on
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(student, cfg, callbacks=callbacks).fit(loader)
+    assert not student[0]._forward_hooks and not good[0]._forward_hooks

@@ -415,9 +415,9 @@ class Trainer:
             model = wrap_ddp(self.model, self.device)  # buffers synced once per epoch
         if self.out_dir is not None and is_main_process():
             self.config.save(self.out_dir / "train_config.json")
-        self._call("on_fit_start")
-        self._fit_start = time.perf_counter()
-        try:
+        try:  # teardown runs however this ends, on_fit_start raising included
+            self._call("on_fit_start")
+            self._fit_start = time.perf_counter()
             while self.epoch < self.config.epochs and not self.should_stop:
                 self._train_epoch(model, train_loader, val_loader, rng)
                 rng = None
