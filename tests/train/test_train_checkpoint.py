@@ -372,6 +372,34 @@ def test_a_resume_with_another_schedule_or_layers_is_refused(tmp_path: Path) -> 
             again.fit(ListLoader(X, Y, 8), resume=True)
 
 
+def test_a_checkpoint_of_an_older_record_resumes_without_the_fields_added_since(
+    tmp_path: Path,
+) -> None:
+    from slimtorch.distill import DistillationCallback, DistillConfig
+    from slimtorch.train import BatchNormRecalibration
+
+    def callbacks() -> list[Callback]:
+        torch.manual_seed(1)
+        return [DistillationCallback(make_mlp(), DistillConfig()), BatchNormRecalibration(2)]
+
+    torch.manual_seed(0)
+    Trainer(make_mlp(), _config(epochs=1), callbacks=callbacks(), out_dir=tmp_path).fit(
+        ListLoader(X, Y, 8)
+    )
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["run"]["record_version"]  # as written before the recalibration was recorded
+    del state["run"]["callbacks"]["BatchNormRecalibration"]
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    torch.manual_seed(0)
+    again = Trainer(make_mlp(), _config(epochs=2), callbacks=callbacks(), out_dir=tmp_path)
+    assert again.fit(ListLoader(X, Y, 8), resume=True).epoch == [1, 2]
+    # what the older record does hold is still compared: a callback left out is refused
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    plain = Trainer(make_mlp(), _config(epochs=2), out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="DistillationCallback: set then, not set now"):
+        plain.fit(ListLoader(X, Y, 8), resume=True)
+
+
 def test_resume_keeps_a_custom_eval_name_and_ignores_momentum_for_adamw(tmp_path: Path) -> None:
     def run(resume: bool, **cfg: Any) -> Trainer:
         torch.manual_seed(0)

@@ -83,6 +83,11 @@ def check_not_diverged(trainer: Trainer, loss: float) -> None:
     )
 
 
+RECORD_VERSION = 2
+"""Version of :func:`run_record`'s contents. A record of an older version (none: 1) lacks
+fields that later versions added, so only the fields both records hold are compared."""
+
+
 def run_record(trainer: Trainer) -> dict[str, Any]:
     """The trainer's ``run_info`` and its callbacks' (by checkpoint key), as JSON values."""
     callbacks = {
@@ -90,12 +95,13 @@ def run_record(trainer: Trainer) -> dict[str, Any]:
         for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True)
         if (info := cb.run_info()) is not None
     }
-    record = {**trainer.run_info, "callbacks": callbacks}
+    record = {**trainer.run_info, "callbacks": callbacks, "record_version": RECORD_VERSION}
     return dict(json.loads(json.dumps(record, default=str)))
 
 
-def _run_diffs(then: Any, now: Any, path: str, out: list[str]) -> None:
-    """Append ``path: <then> then, <now> now`` for every value that differs, dicts walked."""
+def _run_diffs(then: Any, now: Any, path: str, out: list[str], older: bool = False) -> None:
+    """Append ``path: <then> then, <now> now`` for every value that differs, dicts walked.
+    ``older``: ``then`` is an older record, so a key only ``now`` holds is not compared."""
 
     def brief(value: Any, present: bool) -> str:
         if not present:
@@ -109,8 +115,8 @@ def _run_diffs(then: Any, now: Any, path: str, out: list[str]) -> None:
         for key in sorted(then.keys() | now.keys()):
             sub = f"{path}.{key}" if path else str(key)
             if key in then and key in now:
-                _run_diffs(then[key], now[key], sub, out)
-            else:
+                _run_diffs(then[key], now[key], sub, out, older)
+            elif key in then or not older:
                 out.append(f"{sub}: {brief(then.get(key), key in then)} then, "
                            f"{brief(now.get(key), key in now)} now")  # fmt: skip
     elif then != now:
@@ -122,9 +128,11 @@ def _check_same_run(trainer: Trainer, saved: Any, path: Any) -> None:
     if not isinstance(saved, dict):
         return  # written before runs were recorded
     now = run_record(trainer)
+    version = saved.get("record_version", 1)
+    older = not isinstance(version, int) or version < RECORD_VERSION
     diffs: list[str] = []
-    for key in sorted(saved.keys() & now.keys()):
-        _run_diffs(saved[key], now[key], key, diffs)
+    for key in sorted(saved.keys() & now.keys() - {"record_version"}):
+        _run_diffs(saved[key], now[key], key, diffs, older)
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written by another run ({'; '.join(diffs)}); resume with "
