@@ -84,6 +84,12 @@ def test_folder_read_at_another_shape_and_bad_folder_arguments(
     assert len(config["mean"]) == 3
     assert main(["eval", "--in", str(run), *CPU]) == 0  # read at 3x32x32 again
     assert _json(capsys)["n"] == 200
+    # a resume reads the folder as the run began, or is refused
+    resume = [*train, "--resume"]
+    resume[resume.index("--epochs") + 1] = "2"
+    resume[resume.index("--image-size") + 1] = "36"
+    assert main(resume) == 2
+    assert "input_shape: [3, 32, 32] then, [3, 36, 36] now" in capsys.readouterr().err
 
     # a catalog dataset is not resized
     bad = ["train", "--model", "mlp", "--dataset", "digits", "--image-size", "16"]

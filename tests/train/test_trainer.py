@@ -267,7 +267,7 @@ def test_early_stopping_without_validation_says_it_could_not_act(
         loaders = [ListLoader(x, y, 16)] + ([ListLoader(x, y, 16)] if val else [])
         with caplog.at_level("WARNING", logger="slimtorch.train.callbacks"):
             assert Trainer(make_mlp(), cfg, callbacks=[stopper]).fit(*loaders).epoch == [1, 2]
-        assert "EarlyStopping never saw a val_loss value" in caplog.text
+        assert "EarlyStopping never saw a finite val_loss value" in caplog.text
 
 
 def test_progress_option_adds_a_bar_that_writes_lines(capsys: pytest.CaptureFixture[str]) -> None:

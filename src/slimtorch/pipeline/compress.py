@@ -205,7 +205,7 @@ def compress_run(
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     data_root: str | Path | None = None,
-    dataset: str | None = None,
+    dataset: str | os.PathLike[str] | None = None,
     profile_batch: int = 32,
     profiles: Sequence[str] = ("rx580",),
     threads: int | None = None,

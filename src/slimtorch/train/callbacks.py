@@ -219,9 +219,9 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.best is None:
-            logger.warning("EarlyStopping never saw a %s value, so it could not stop the run: "
-                           "pass fit() a val_loader and keep eval_every_epochs >= 1",
-                           self.monitor)  # fmt: skip
+            logger.warning("EarlyStopping never saw a finite %s value, so it could not stop "
+                           "the run: pass fit() a val_loader and keep eval_every_epochs >= 1 "
+                           "(or the metric was NaN throughout)", self.monitor)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}

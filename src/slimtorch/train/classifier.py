@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -161,7 +162,7 @@ def eval_loader(
 def train_classifier(
     *,
     model: str,
-    dataset: str,
+    dataset: str | os.PathLike[str],
     out_dir: str | Path | None,
     train_config: TrainConfig,
     batch_size: int = 128,
@@ -240,7 +241,10 @@ def train_classifier(
             f"{len(train_ds.classes)}; both splits must come from the same dataset"
         )
     if h != w:
-        raise ValueError(f"only square inputs are supported by the model zoo, got {h}x{w}")
+        raise ValueError(
+            f"only square inputs are supported by the model zoo, got {h}x{w}; resize an image "
+            "folder with image_size= (slimtorch train: --image-size N)"
+        )
     # the seed fixes the initial weights too: the same on every rank and in every rerun
     seed_everything(train_config.seed)
     net = create_model(
@@ -267,6 +271,9 @@ def train_classifier(
     trainer.run_info = {
         "model": model if isinstance(model, str) else type(model).__name__,
         "dataset": dataset,
+        "input_shape": [c, h, w],  # an image folder is read at the size asked for
+        "mean": list(train_ds.mean),
+        "std": list(train_ds.std),
         "batch_size": batch_size,
         "augment": None if aug is None else aug.to_dict(),
         "val_fraction": val_fraction,
