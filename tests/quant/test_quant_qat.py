@@ -312,3 +312,21 @@ def test_spike_clipping_sees_the_same_gradients_whatever_the_callback_order() ->
     (norms_a, clipped_a, state_a), (norms_b, clipped_b, state_b) = results
     assert norms_a == norms_b and clipped_a == clipped_b > 0
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_a_model_saved_with_an_inert_freeze_bn_epoch_still_loads(tmp_path: Path) -> None:
+    """Older versions accepted freeze_bn_epoch with folded batch norms (it did nothing) and
+    recorded it; such a model directory replays without it."""
+    import json
+
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=8)
+    prepare_qat_(model, QATConfig())
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.25],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    lsq = next(t for t in config["transforms"] if t["name"] == "quant.lsq")
+    lsq["params"]["config"]["freeze_bn_epoch"] = 1
+    config_path.write_text(json.dumps(config))
+    loaded, _ = load_model(tmp_path / "m")
+    assert sorted(qat_layers(loaded)) == sorted(qat_layers(model))

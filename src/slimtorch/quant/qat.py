@@ -305,7 +305,10 @@ def prepare_qat_(model: nn.Module, config: QATConfig) -> QATReport:
 
 
 def _replay_lsq(model: nn.Module, params: dict[str, Any]) -> None:
-    config = QATConfig.from_dict(params["config"])
+    saved = dict(params["config"])
+    if saved.get("fold_bn", True) and saved.get("freeze_bn_epoch") is not None:
+        saved["freeze_bn_epoch"] = None  # recorded by older versions, where it did nothing
+    config = QATConfig.from_dict(saved)
     layers = params["layers"]
     for name in layers:
         module = model.get_submodule(name)
