@@ -64,6 +64,10 @@ def test_val_folder_serves_as_the_test_split(tmp_path: Path) -> None:
     write_images(root, "train", {"a": [1], "b": [2]})
     write_images(root, "val", {"b": [3]})
     assert load_dataset(str(root), "test").labels.tolist() == [1]
+    caps = tmp_path / "caps"  # split folders in another case
+    write_images(caps, "Train", {"a": [1], "b": [2]})
+    write_images(caps, "TEST", {"a": [3]})
+    assert load_dataset(str(caps), "test").labels.tolist() == [0]
 
 
 def test_a_test_class_unknown_to_train_is_refused(pets: Path) -> None:

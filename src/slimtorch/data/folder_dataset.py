@@ -108,6 +108,9 @@ def folder_split_path(name: str | os.PathLike[str], split: str) -> Path:
     for sub in FOLDER_SPLITS[split]:
         if (root / sub).is_dir():
             return root / sub
+        folded = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == sub]
+        if len(folded) == 1:  # Train/, TEST/: the same split in another case
+            return folded[0]
     raise DataNotFoundError(
         f"image folder {str(name)!r} has no {' or '.join(f'{s}/' for s in FOLDER_SPLITS[split])} "
         f"sub-folder for its {split} split; expected {LAYOUT_HINT}"
