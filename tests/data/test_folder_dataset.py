@@ -135,3 +135,12 @@ def test_class_folders_equal_after_unicode_normalisation_are_refused(tmp_path: P
         write_images(root, "train", {unicodedata.normalize(form, "café"): [shade]})
     with pytest.raises(DataFormatError, match="differ only in their Unicode form"):
         load_dataset(str(root), "train")
+
+
+def test_images_outside_the_class_folders_are_named(
+    pets: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Image.new("L", (10, 10), 5).save(pets / "train" / "stray.png")
+    with caplog.at_level("WARNING", logger="slimtorch.data.folder"):
+        assert len(load_dataset(str(pets), "train")) == 4
+    assert "1 image(s) lie outside the class folders" in caplog.text

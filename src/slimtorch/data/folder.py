@@ -198,6 +198,12 @@ def load_image_folder(
         )
     exts = tuple(e.lower() for e in extensions)
     folders = class_folders(root)
+    loose = sum(p.is_file() and p.suffix.lower() in exts for p in root.iterdir())
+    if loose:
+        logger.warning(
+            "%s: %d image(s) lie outside the class folders and are not read (an image's "
+            "class is the name of the folder it is in)", root, loose,
+        )  # fmt: skip
     if classes is None:
         classes = sorted(folders)
     else:
