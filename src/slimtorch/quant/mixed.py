@@ -109,7 +109,8 @@ class MixedPrecisionConfig(Config):
         if len(given) != 1:
             raise ValueError(
                 "MixedPrecisionConfig needs exactly one budget among budget_bytes, size_ratio "
-                f"and latency_s, got {given or 'none'}"
+                f"and latency_s, got {given or 'none'} (slimtorch compress --method mixed: "
+                "e.g. --set size_ratio=0.2)"
             )
         for name in ("dp_bins", "max_batches"):
             value = getattr(self, name)
