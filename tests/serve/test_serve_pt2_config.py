@@ -160,3 +160,30 @@ def test_archives_it_cannot_read(tmp_path: Path, digits_model: dict[str, Path]) 
     check_pt2_config(other, config)  # nothing to check against: the config stands
     with pytest.raises(ModelLoadError, match=r"has shape \['\?', 1, 8, 8\]"):
         check_pt2_config(digits_model["pt2"], config)
+
+
+def test_a_program_with_half_layers_behind_a_float_input_serves(tmp_path: Path) -> None:
+    """A mixed-precision model (float32 input, some float16 layers) exported: the inputs go
+    in as the program takes them, not in its parameters' dtype."""
+    from torch import nn
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 10).half()  # its parameters come first
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x).half()).float()
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    save_exported(model, torch.randn(2, 1, 8, 8), tmp_path / "mixed" / "1" / "model.pt2")
+    x = _digits(3)
+    with app_client(tmp_path) as c:
+        assert c.get("/v2/models/mixed/ready").status_code == 200
+        out = _infer(c, "mixed", "x", x)
+    got = np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(3, 10)  # type: ignore[index]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)

@@ -146,21 +146,28 @@ class TorchRunner:
         self.config = config
         self.torch_device = device
         self.device = str(device)
+        # floating inputs are cast to what the module takes: an exported program's own input
+        # dtypes (its first layer may be float32 in a float16 model), else its parameters'
+        graph = getattr(module, "graph", None)
+        placeholders = [] if graph is None else [n for n in graph.nodes if n.op == "placeholder"]
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
         self.compute_dtype = floats[0] if floats else None
+        self.input_dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in placeholders]
         self.memory_bytes = _module_bytes(module) + allowance_bytes(config)
 
-    def _to_tensor(self, arr: np.ndarray) -> torch.Tensor:
+    def _to_tensor(self, arr: np.ndarray, index: int) -> torch.Tensor:
         if not arr.flags.writeable:
             arr = arr.copy()
         t = torch.from_numpy(arr)
-        if self.compute_dtype is not None and t.is_floating_point():
-            t = t.to(self.compute_dtype)
+        own = self.input_dtypes[index] if index < len(self.input_dtypes) else None
+        dtype = own if own is not None and own.is_floating_point else self.compute_dtype
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         return t.to(self.torch_device, non_blocking=True)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch under ``torch.inference_mode``."""
-        args = [self._to_tensor(inputs[s.name]) for s in self.config.inputs]
+        args = [self._to_tensor(inputs[s.name], i) for i, s in enumerate(self.config.inputs)]
         with torch.inference_mode():
             out = self.module(*args)
         if isinstance(out, dict):
