@@ -110,7 +110,7 @@ class MixedPrecisionConfig(Config):
             raise ValueError(
                 "MixedPrecisionConfig needs exactly one budget among budget_bytes, size_ratio "
                 f"and latency_s, got {given or 'none'} (slimtorch compress --method mixed: "
-                "e.g. --set size_ratio=0.2)"
+                "e.g. --set size_ratio=4 for a quarter of the float32 size)"
             )
         for name in ("dp_bins", "max_batches"):
             value = getattr(self, name)
