@@ -70,3 +70,19 @@ def test_fuse_tucker_options(factorised: Path) -> None:
         compress_run(
             in_dir=factorised, out_dir=None, method="fuse-tucker", method_options={"fold_bn": 1}
         )
+
+
+def test_fuse_tucker_without_tucker_layers_is_refused_before_anything_changes(
+    tmp_path: Path,
+) -> None:
+    from slimtorch.data import load_dataset
+    from slimtorch.models import create_model, save_model
+
+    ds = load_dataset("digits", "test")
+    save_model(create_model("resnet20", num_classes=10, in_channels=1, input_size=8),
+               tmp_path / "plain", input_shape=(1, 8, 8), mean=ds.mean, std=ds.std,
+               class_names=list(ds.classes), extra={"dataset": "digits"})  # fmt: skip
+    with pytest.raises(ValueError, match="no Tucker-2 layer to fuse; compress with --method"):
+        compress_run(in_dir=tmp_path / "plain", out_dir=tmp_path / "out", method="fuse-tucker",
+                     profiles=(), threads=1)  # fmt: skip
+    assert not (tmp_path / "out" / "model").exists()

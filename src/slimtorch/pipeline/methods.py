@@ -207,6 +207,12 @@ def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
     report = fuse_tucker_(
         model, include=request.include, exclude=request.exclude, strict=request.strict
     )
+    if not report.rows:  # nothing to fuse: refuse before folding anything
+        among = " among the included layers" if request.include or request.exclude else ""
+        raise ValueError(
+            f"fuse-tucker found no Tucker-2 layer to fuse{among}; compress with --method "
+            "tucker first (--method fold-bn folds batch norms on their own)"
+        )
     info = report.to_dict()
     if fold:
         info["bn_folded"] = [r.bn for r in fold_bn_(model).folded]
