@@ -100,6 +100,16 @@ def test_names_and_records(pets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not is_image_folder("mnist") and is_image_folder("./mnist")
 
 
+def test_a_catalog_name_shadowing_an_image_folder_here_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "digits", "train", {"a": [1]})
+    with caplog.at_level("WARNING", logger="slimtorch.data.resolve"):
+        assert load_dataset("digits", "test").name == "digits/test"  # the catalog set
+    assert "for the image folder of that name here, pass ./digits" in caplog.text
+
+
 def test_catalog_datasets_refuse_another_shape() -> None:
     assert load_dataset("digits", "test", channels=1, size=8).input_shape == (1, 8, 8)
     with pytest.raises(ValueError, match=r"digits/test images are \(1, 8, 8\).*not \(3, 8, 8\)"):

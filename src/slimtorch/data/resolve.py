@@ -236,6 +236,9 @@ def load_dataset(
     if is_image_folder(name):
         return load_folder_split(name, split, channels=channels, size=size)
     name = os.fspath(name)
+    if (Path(name) / "train").is_dir():  # an image folder named like a catalog set
+        logger.warning("%r is the catalog dataset; for the image folder of that name here, "
+                       "pass ./%s", name, name)  # fmt: skip
     info = dataset_info(name)
     _check_split(info, split)
     if info.build is not None:
