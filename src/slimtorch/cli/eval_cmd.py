@@ -58,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
             f"({', '.join(classes[:4])}, ...): its accuracy there would mean nothing; pick "
             "the dataset it was trained on"
         )
-    if not is_image_folder(dataset) and len(dataset_info(dataset).mean) != card.input_shape[0]:
+    channels = None if is_image_folder(dataset) else len(dataset_info(dataset).mean)
+    if channels is not None and channels != card.input_shape[0]:  # a folder is read to fit
         raise ValueError(
-            f"{dataset} images have {len(dataset_info(dataset).mean)} channel(s) but the model "
-            f"expects {tuple(card.input_shape)}; pick a matching --dataset"
+            f"{dataset} images have {channels} channel(s) but the model expects "
+            f"{tuple(card.input_shape)}; pick a matching --dataset"
         )
     # read at the model's input shape, normalised as the model was trained
     ds = card.load_split(

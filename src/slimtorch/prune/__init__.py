@@ -21,6 +21,7 @@ from slimtorch.prune.buffers import (
     add_mask_buffers_,
     apply_masks_,
     get_mask,
+    mask_grads_,
     masked_params,
     remove_masks_,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "global_magnitude_masks",
     "load_compact",
     "magnitude_mask",
+    "mask_grads_",
     "masked_params",
     "nm_mask",
     "nonzero_mask",

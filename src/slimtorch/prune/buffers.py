@@ -73,6 +73,24 @@ def apply_masks_(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def mask_grads_(model: nn.Module) -> None:
+    """Zero the gradients of masked parameters where the mask is ``False`` (before an
+    optimiser step, and before anything measures the gradient norm).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = prune_(net, MagnitudeConfig(sparsity=0.5))
+        >>> net(torch.ones(1, 4)).sum().backward()
+        >>> mask_grads_(net)
+        >>> int((net[0].weight.grad != 0).sum())
+        8
+    """
+    for _, p, mask in masked_params(model):
+        if p.grad is not None:
+            p.grad.masked_fill_(~mask, 0.0)
+
+
+@torch.no_grad()
 def set_mask_(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     """Add (or narrow, with a logical and) the mask of ``module.<param>`` and apply it.
 

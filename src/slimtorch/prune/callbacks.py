@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slimtorch.prune.buffers import apply_masks_, masked_params
+from slimtorch.prune.buffers import apply_masks_, mask_grads_, masked_params
 from slimtorch.prune.magnitude import MagnitudeConfig, prune_
 from slimtorch.prune.masks import check_sparsity
 from slimtorch.train.callbacks import Callback
@@ -71,9 +71,7 @@ class MaskCallback(Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        for _, p, mask in masked_params(trainer.unwrapped_model):
-            if p.grad is not None:
-                p.grad.masked_fill_(~mask, 0.0)
+        mask_grads_(trainer.unwrapped_model)
 
     @torch.no_grad()
     def on_after_optimizer_step(self, trainer: Trainer) -> None:

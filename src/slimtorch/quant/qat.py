@@ -58,7 +58,7 @@ from slimtorch.core.surgery import (
     require_values,
 )
 from slimtorch.models.transforms import ARCH_TRANSFORMS
-from slimtorch.prune.buffers import masked_params
+from slimtorch.prune.buffers import mask_grads_
 from slimtorch.quant.fold import FoldReport, fold_bn_
 from slimtorch.quant.lsq import WEIGHT_INITS, LSQActQuantizer, LSQConv2d, LSQLinear
 from slimtorch.quant.ptq import _not_targeted_reason
@@ -420,9 +420,7 @@ class QATCallback(Callback):
             return  # the Trainer clips (at its own limit) right after this hook
         # pruned entries' gradients are zeroed before the step anyway (MaskCallback): zero
         # them first, so the norm does not depend on the order of the callbacks
-        for _, p, mask in masked_params(trainer.unwrapped_model):
-            if p.grad is not None:
-                p.grad.masked_fill_(~mask, 0.0)
+        mask_grads_(trainer.unwrapped_model)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = float(nn.utils.clip_grad_norm_(params, math.inf))  # measures, scales nothing
         if not math.isfinite(norm):
