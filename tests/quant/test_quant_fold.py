@@ -156,6 +156,32 @@ def test_modules_used_twice_are_not_folded(cls: type[nn.Module]) -> None:
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+class _TiedConvs(nn.Module):
+    """Two convolutions sharing one weight, each with its own batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c2.weight = self.c1.weight
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.c2(torch.relu(self.bn1(self.c1(x)))))
+
+
+def test_tied_conv_weights_are_not_folded() -> None:
+    # folding both pairs scaled the one shared weight by both batch norms
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 8, 8)
+    model = _with_bn_stats(_TiedConvs(), x)
+    before = model(x)
+    report = fold_bn_(model)
+    assert not report.folded and len(report.rows) == 2
+    assert all("tied weights" in (r.reason or "") for r in report.rows)
+    assert model.c1.weight is model.c2.weight
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
 def test_fold_bn_refuses_globs_that_select_nothing_or_are_not_lists() -> None:
     model = nn.Sequential(
         *[nn.Conv2d(2, 2, 1) if i % 2 == 0 else nn.BatchNorm2d(2) for i in range(12)]

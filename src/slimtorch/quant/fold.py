@@ -36,7 +36,7 @@ from torch import nn
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import require_values
+from slimtorch.core.surgery import parameter_sharing, require_values
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -246,6 +246,7 @@ def fold_bn_(
     rows: list[FoldRow] = []
     todo: list[tuple[str, str]] = []
     used: set[str] = set()
+    sharing = parameter_sharing(model)
     for conv_name, bn_name in pairs:
         if not selected(conv_name, include, exclude):
             continue
@@ -258,6 +259,12 @@ def fold_bn_(
         )
         if reason is None and shared:
             reason = f"{shared} used more than once in forward; folding would change its other uses"
+        tied = [p for n in (conv_name, bn_name) for p in sharing(n)]
+        if reason is None and tied:
+            reason = (
+                f"parameters shared with {', '.join(tied)} (tied weights); folding would change "
+                "their other uses"
+            )
         used.update((conv_name, bn_name))
         rows.append(FoldRow(conv_name, bn_name, "skipped" if reason else "folded", reason))
         if reason is None:
