@@ -95,6 +95,20 @@ def test_bad_calibration_leaves_model_untouched() -> None:
     assert same_model(nan_model, nan_before)
 
 
+def test_calibration_range_beyond_float32_leaves_batch_norms_in_place() -> None:
+    # finite inputs whose max - min overflows float32 gave an infinite input scale; the error
+    # came after the real model's batch norms had been folded
+    model = _cnn()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-30)  # every activation stays finite
+    before = copy.deepcopy(model)
+    wide = [(torch.rand(8, 1, 12, 12) * 2 - 1) * 3e38]
+    with pytest.raises(CalibrationError, match=r"'0'.*no usable int8 range.*unchanged"):
+        quantize_(model, PTQConfig(mode="static"), calibration=wide)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    assert same_model(model, before)
+
+
 def test_residual_points_and_resnet_static() -> None:
     model = create_model("resnet20", in_channels=1, input_size=28).eval()
     ref = copy.deepcopy(model)

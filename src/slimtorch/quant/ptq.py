@@ -46,7 +46,7 @@ from slimtorch.core.surgery import (
 )
 from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
-from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, to_qdq_
+from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, build_qdq, to_qdq_
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.observers import CalibrationError, Observer, make_observer
@@ -444,6 +444,16 @@ def quantize_(
                 )
         dtype = "int8" if config.symmetric else "uint8"
         activations = {n: ActQParams(*_scalar(o.qparams()), dtype) for n, o in act_obs.items()}
+    try:  # build every Q/DQ layer once on the copy: a bad parameter fails here, not half-way
+        for n, qp in qparams.items():
+            build_qdq(n, work.get_submodule(n), qp)
+        for n, aq in activations.items():
+            aq.check(n)
+    except ValueError as exc:
+        raise CalibrationError(
+            f"{exc}. The calibration inputs give no usable int8 range (values too large for "
+            "float32 arithmetic?); check their scale. The model is unchanged"
+        ) from None
     # everything is validated and calibrated: now change the real model
     if config.fold_bn and config.mode != "weight_only" and info["folded_bn"]:
         pairs = {c for c, _ in info["folded_bn"]}
