@@ -197,6 +197,38 @@ def test_convert_matches_fake_quant_on_resnet(fold_bn: bool) -> None:
     assert (real.argmax(1) == fake.argmax(1)).float().mean() >= 0.9
 
 
+class _Branchy(nn.Module):
+    """Conv + batch norm before a value-dependent branch: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.a(h) if x.mean() > 0 else self.b(h)
+
+
+def test_an_untraceable_model_converts_with_its_batch_norms_kept() -> None:
+    # folding needs the traced graph: convert_qat_ failed on such a model after training
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 1, 8, 8) + 1, torch.randn(16, 1, 8, 8) - 1]  # one per branch
+    model = _Branchy().train()
+    with torch.no_grad():
+        model(xs[0])
+    report = prepare_qat_(model.eval(), QATConfig())
+    assert report.fold is not None and "cannot be traced" in (report.fold.reason or "")
+    with torch.no_grad():
+        fake = [model(x) for x in xs]
+    quant = convert_qat_(model)
+    assert "unfolded" in quant.info["fold_bn"]["reason"]
+    assert isinstance(model.conv, QDQConv2d) and isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        for x, ref in zip(xs, fake, strict=True):
+            assert _rel(model(x), ref) < 1e-4
+
+
 def test_prepared_model_round_trips_and_converts_the_same(tmp_path: Path) -> None:
     x = torch.rand(4, 1, 28, 28)
     model = create_model("lenet5", num_classes=10, in_channels=1, input_size=28)

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from slimtorch.quant.qat import TRANSFORM_NAME, qat_layers
 
 if TYPE_CHECKING:
     from slimtorch.quant.convert import QuantReport
+
+logger = logging.getLogger(__name__)
 
 
 def qat_qparams(model: nn.Module) -> dict[str, Any]:
@@ -91,8 +94,14 @@ def _fold_remaining_bn(model: nn.Module, qparams: dict[str, Any]) -> FoldReport 
     """Fold batch norms still in ``model``; rescale the folded convs' weight scales to match."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return None
+    try:
+        pairs = find_conv_bn_pairs(model)
+    except TypeError as exc:  # untraceable: the batch norms stay float ops after the int8 convs,
+        # which computes what the fake-quant model computed (it trained them unfolded)
+        logger.warning("convert_qat_: batch norms left unfolded: %s", exc)
+        return FoldReport(rows=[], reason=f"batch norms left unfolded: {exc}")
     factors: dict[str, torch.Tensor] = {}
-    for conv_name, bn_name in find_conv_bn_pairs(model):
+    for conv_name, bn_name in pairs:
         bn = model.get_submodule(bn_name)
         assert isinstance(bn, nn.BatchNorm2d)
         if bn.running_var is None:
@@ -114,8 +123,10 @@ def convert_qat_(model: nn.Module, *, widen_4bit_activations: bool = False) -> Q
     activation steps (``uint8`` inputs, zero point 0 for unsigned and 128 for signed ones: the
     same grid as signed int8, in the form both int8 runtimes take). The
     converted layers compute what the fake-quant layers computed, up to float rounding. Batch
-    norms left by ``fold_bn=False`` are folded first. The model is unchanged when anything
-    fails.
+    norms left by ``fold_bn=False`` (or by a model torch.fx cannot trace) are folded first where
+    the model can be traced, and otherwise stay float ops after the int8 convolutions, as they
+    ran in training (recorded in ``report.info["fold_bn"]``). The model is unchanged when
+    anything fails.
 
     4-bit activations have no Q/DQ runtime form (its inputs are 8-bit): converting them is
     refused unless ``widen_4bit_activations=True``, which keeps the learned step on an 8-bit
