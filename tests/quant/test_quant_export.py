@@ -11,6 +11,7 @@ from torch import nn
 
 from slimtorch.models import create_model
 from slimtorch.quant.export import (
+    check_onnx,
     compare_onnx,
     export_onnx,
     ort_int8_ops,
@@ -303,3 +304,25 @@ def test_a_model_with_two_outputs_is_named_not_compared_on_its_first(tmp_path: P
     path = export_onnx(model, tmp_path / "two.onnx", torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"has 2 outputs .*one output tensor"):
         compare_onnx(model, path, torch.randn(4, 8))
+
+
+class _TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(100, 16), nn.Linear(16, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(idx).mean(1))
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_model_taking_token_ids_exports_and_checks(tmp_path: Path, weights: str) -> None:
+    # the example input was cast to float, so an embedding model could not be exported
+    torch.manual_seed(0)
+    model = _TokenNet().eval()
+    if weights == "int8":
+        quantize_(model, PTQConfig(mode="weight_only"))
+    idx = torch.randint(0, 100, (4, 12))
+    path = export_onnx(model, tmp_path / "tokens.onnx", idx)
+    check = check_onnx(model, path, torch.randint(0, 100, (8, 12)))
+    assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0

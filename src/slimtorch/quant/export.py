@@ -54,19 +54,9 @@ from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
 
-_INT8_OPS = (
-    "QLinearConv",
-    "QLinearMatMul",
-    "QLinearAdd",
-    "QLinearMul",
-    "QLinearGlobalAveragePool",
-    "QLinearAveragePool",
-    "ConvInteger",
-    "MatMulInteger",
-    "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul",
-    "QGemm",
-)
+_INT8_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+             "QLinearAveragePool", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+             "DynamicQuantizeMatMul", "QGemm")  # fmt: skip
 
 
 def is_qdq_model(model: nn.Module) -> bool:
@@ -128,7 +118,7 @@ def export_onnx(
         model: A float or Q/DQ model (copied, put in eval mode, moved to the CPU).
         path: The ``.onnx`` file to write (weights embedded, no external data file).
         example_input: One input batch (its batch size does not matter with
-            ``dynamic_batch``).
+            ``dynamic_batch``); float, or integer for token ids (kept as they are).
         dtype: ``"fp32"``, or ``"fp16"`` (float models only: weights and input in half).
         dynamic_batch: Make the batch dimension dynamic (name ``"batch"``).
         opset: ONNX opset (``None``: the exporter's default, >= 18).
@@ -208,7 +198,7 @@ def export_onnx(
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
     check_narrow_convs(narrow_convs)
     work = _cpu_copy(model)
-    x = example_input.detach().cpu().float()
+    x = _float32(example_input)
     if is_qdq_model(work):
         place_qdq_(work, target, calibration=calibration)
     if dtype == "fp16":
@@ -217,7 +207,7 @@ def export_onnx(
                 "fp16 export of an int8 Q/DQ model is not supported (its scales and quantize "
                 "steps are float32); export it with dtype='fp32' (it still runs int8)"
             )
-        work, x = work.half(), x.half()
+        work, x = work.half(), (x.half() if x.is_floating_point() else x)
     if dynamic_batch and x.shape[0] > MAX_DYNAMIC_BATCH:
         raise ValueError(
             f"example_input has batch {x.shape[0]}; with a dynamic batch the example must have "
@@ -401,8 +391,8 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
             f"the ONNX model has {len(outputs)} outputs ({', '.join(outputs)}); run_onnx and "
             "check_onnx compare models with one output tensor"
         )
-    arr = x.detach().cpu().numpy()
-    arr = np.ascontiguousarray(arr, np.float16 if inp.type == "tensor(float16)" else np.float32)
+    kinds = {"tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+    arr = np.ascontiguousarray(x.detach().cpu().numpy(), kinds.get(inp.type, np.float32))
     return torch.from_numpy(np.asarray(session.run(None, {inp.name: arr})[0])).float()
 
 
@@ -443,12 +433,18 @@ def check_onnx(
     session = ort_session(path, threads)
     got = run_onnx(session, inputs)
     work = _cpu_copy(model)
-    x = inputs.detach().cpu().float()
+    x = _float32(inputs)
     if session.get_inputs()[0].type == "tensor(float16)":
-        work, x = work.half(), x.half()
+        work, x = work.half(), (x.half() if x.is_floating_point() else x)
     with torch.no_grad():
         ref = work(x).float()
     return output_agreement(got, ref)
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the CPU, float32 unless it holds integers (token ids stay as they are)."""
+    x = x.detach().cpu()
+    return x.float() if x.is_floating_point() else x
 
 
 def output_agreement(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
