@@ -230,6 +230,34 @@ def test_layers_read_directly_by_torch_modules_are_skipped() -> None:
     assert mha[0](x, x, x)[0].shape == (2, 5, 32)
 
 
+class _CosineHead(nn.Module):
+    """Reads ``fc.weight`` without calling ``fc``; ``enc`` is called and its weight read too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.fc, self.body = nn.Linear(32, 64), nn.Linear(64, 40), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(torch.relu(self.enc(x)))
+        h = h + nn.functional.linear(x, self.enc.weight)  # a second, direct use
+        return nn.functional.linear(nn.functional.normalize(h), self.fc.weight)
+
+
+def test_layers_whose_weight_the_forward_reads_are_skipped() -> None:
+    # decompose_ reported them decomposed and the model then failed on every call
+    torch.manual_seed(0)
+    model, x = _CosineHead().eval(), torch.randn(4, 32)
+    before = model(x)
+    report = decompose_(model, SVDConfig(rank=0.25))
+    assert {r.name: r.action for r in report.rows} == {
+        "enc": "skipped",
+        "fc": "skipped",
+        "body": "decomposed",
+    }
+    assert "reads fc.weight directly" in rows(report)["fc"].reason
+    assert model(x).shape == before.shape
+
+
 class TiedLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -227,11 +227,36 @@ def parameter_sharing(model: nn.Module) -> Callable[[str], list[str]]:
     return shared
 
 
+def _traced_reads(model: nn.Module) -> set[str]:
+    """Parameters and buffers the model's forward reads by name (``F.linear(x, self.fc.weight)``),
+    found on its torch.fx trace; empty when it cannot be traced (then only ``_READ_DIRECTLY``
+    guards the known torch modules that do this)."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # fx raises many error types on untraceable code
+        return set()
+    return {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+
+
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx's tracer, also keeping subclasses of torch layers that compute what the torch
+    layer does (no forward of their own) as leaves: tracing into them would read as their
+    forward reading their weight by name."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        base = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.")), None)
+        containers = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        return base is not None and base not in containers and own_forward_reason(m) is None
+
+
 def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, str]:
     """Targets that another module cannot stand in for, by name, with the reason: a class with
-    a forward of its own (:func:`own_forward_reason`), a parent that reads the layer's weight
-    instead of calling it (see ``_READ_DIRECTLY``), or a parameter that another module shares
-    (tied weights, or one module registered under several names).
+    a forward of its own (:func:`own_forward_reason`), a forward that reads the layer's weight
+    instead of (or besides) calling it (``_READ_DIRECTLY``, and the torch.fx trace of ``model``),
+    or a parameter that another module shares (tied weights, or one module registered under
+    several names).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
@@ -248,6 +273,7 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
                         f"{mname or 'the model'} (nn.{kind.__name__})"
                     )
     shared_with = parameter_sharing(model)
+    traced_reads = _traced_reads(model)
     reasons: dict[str, str] = {}
     for name, module in targets:
         own = own_forward_reason(module)
@@ -258,6 +284,13 @@ def replacement_blockers(model: nn.Module, targets: list[tuple[str, nn.Module]])
             reasons[name] = (
                 f"{readers[id(module)]} reads this layer's weight directly instead of calling "
                 "it, so replacing it breaks the parent's forward; exclude it"
+            )
+            continue
+        read = sorted(t for t in traced_reads if t.startswith(f"{name}."))
+        if read:
+            reasons[name] = (
+                f"the forward reads {', '.join(read)} directly, besides or instead of calling "
+                "the layer, so a replacement would break it; exclude it"
             )
             continue
         shared = shared_with(name)
