@@ -174,6 +174,12 @@ def _scores(module: nn.Module, param: str) -> torch.Tensor:
 
 def _skip_reason(module: nn.Module, params: Sequence[str], config: PruneConfig) -> str | None:
     for param in params:
+        if param not in module._parameters:  # recomputed on every call: a mask would not hold
+            return (
+                f"{param} is computed from other tensors (a parametrization, weight norm or "
+                "torch.nn.utils.prune), not a parameter; remove that first"
+            )
+    for param in params:
         p = getattr(module, param)
         if not p.is_floating_point():
             return f"{param} is {p.dtype}, not floating point"
