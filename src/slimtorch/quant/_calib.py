@@ -2,22 +2,31 @@
 
 Data may be given as one tensor (one unlabelled batch), one ``(inputs, labels)`` pair, or an
 iterable of either (a loader). Every batch is checked (non-empty, floating, finite, one shape
-past the batch dimension) before the model runs; a batch the model rejects raises ``ValueError``
-naming the shape, and NaN/Inf outputs raise :class:`~slimtorch.quant.lsq.CalibrationError`.
+past the batch dimension) before the model runs; a batch the float model rejects raises
+``ValueError`` naming the shape, and NaN/Inf outputs raise
+:class:`~slimtorch.quant.lsq.CalibrationError`. Whether data fits is judged on the float model
+only: a changed copy (cast, quantized) run with ``trial=True`` that fails on data its float
+original ran raises :class:`TrialError`, which blames the change, not the data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimtorch.core.errors import SlimtorchError
 from slimtorch.quant.lsq import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class TrialError(SlimtorchError):
+    """A changed copy of a model (cast, quantized) fails to run on data its float original ran."""
 
 
 def _is_labelled_pair(obj: Any) -> bool:
@@ -112,14 +121,52 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def track_calls(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[list[list[str]]]:
+    """Record which of ``modules`` each forward pass of ``model`` calls, in first-call order.
+
+    Yields a list that gets one list of names per forward pass of ``model`` run inside the
+    ``with`` block (the hooks are removed on exit).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> with track_calls(net, dict(net.named_children())) as runs:
+        ...     _ = run_batches(net, as_batches(torch.randn(3, 2)))
+        >>> runs
+        [['0', '1']]
+    """
+    runs: list[list[str]] = []
+    handles = [model.register_forward_pre_hook(lambda _m, _a: runs.append([]))]
+    for name, module in modules.items():
+
+        def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+            if runs and name not in runs[-1]:
+                runs[-1].append(name)
+
+        handles.append(module.register_forward_pre_hook(pre))
+    try:
+        yield runs
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def run_batches(
-    model: nn.Module, batches: list[Batch], what: str = "calibration data"
+    model: nn.Module, batches: list[Batch], what: str = "calibration data", *, trial: bool = False
 ) -> list[torch.Tensor]:
     """Outputs of ``model`` (eval mode, flag restored) on every batch, as float32 on the CPU.
 
+    Args:
+        model: The model to run.
+        batches: From :func:`as_batches`.
+        what: How messages name the data.
+        trial: ``model`` is a changed copy of a float model that ran these batches: an error
+            while it runs is the change's fault and raises :class:`TrialError`.
+
     Raises:
-        ValueError: The model rejects a batch (wrong shape or channels).
+        ValueError: The model rejects a batch (wrong shape or channels; not with ``trial``).
+        TrialError: With ``trial``, the model fails on a batch (a dtype clash, say).
         CalibrationError: An output holds NaN/Inf.
     """
     device = model_device(model)
@@ -130,7 +177,13 @@ def run_batches(
         for i, (x, _) in enumerate(batches):
             try:
                 y = model(x.to(device))
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, TypeError) as exc:
+                if trial:
+                    raise TrialError(
+                        f"{type(exc).__name__} on {what} batch {i}: {str(exc).splitlines()[0]}"
+                    ) from None
+                if isinstance(exc, TypeError):
+                    raise
                 raise ValueError(
                     f"{what} batch {i} of shape {tuple(x.shape)} and dtype {x.dtype} does not "
                     f"fit the model ({type(exc).__name__}: {str(exc).splitlines()[0]}); give "
@@ -151,12 +204,26 @@ def run_batches(
 
 
 def rel_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    """``||y - y_ref|| / ||y_ref||`` over all batches (inf if any output is not finite)."""
-    num = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs, strict=True))
-    den = sum(float(r.pow(2).sum()) for r in refs)
-    if not math.isfinite(num):
+    """``||y - y_ref|| / ||y_ref||`` over all batches (inf if any output is not finite).
+
+    Computed in float64 on values divided by the largest magnitude, so outputs far beyond
+    float32's square root of its range (~1e19) do not overflow.
+
+    Example:
+        >>> rel_error([torch.tensor([2e30])], [torch.tensor([1e30])])
+        1.0
+    """
+    pairs = list(zip(outs, refs, strict=True))
+    if not all(bool(torch.isfinite(o).all()) for o, _ in pairs):
         return math.inf
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
+    scale = max((float(t.abs().max()) for o, r in pairs for t in (o, r) if t.numel()), default=0.0)
+    if scale == 0.0:
+        return 0.0
+    num = sum(float((o.double() / scale - r.double() / scale).pow(2).sum()) for o, r in pairs)
+    den = sum(float((r.double() / scale).pow(2).sum()) for _, r in pairs)
+    if den == 0.0:
+        return math.inf if num > 0.0 else 0.0
+    return math.sqrt(num / den)
 
 
 def accuracy(outs: list[torch.Tensor], batches: list[Batch]) -> float | None:

@@ -8,6 +8,17 @@ one (relative output error, top-1 agreement, accuracy when labelled) and either 
 the model untouched, or (``on_fail="fallback"``) keeps the layers that hurt most in float32 until
 the check passes, recording why.
 
+What the check data decides: the data fits when the float32 model runs it; a cast model that then
+fails to run (a float16 tensor meeting a float32 one outside the boundary casts) or gives NaN/Inf
+fails the check, with the reason, and ``on_fail="fallback"`` treats it like any other failure.
+The "first"/"last" rules take the first and last conv/linear layer each check batch ran (every
+branch the data reached), and units no check batch ran stay float32 with that reason (the check
+cannot vouch for them); without check data they follow registration order. The model's output is
+cast back to float32 whichever layer produced it (a recorded hook on the model), so it returns
+float32 on every branch. Parameters the model owns itself (``F.conv2d(x, self.w)`` in its own
+``forward``) stay float32, and then every cast layer returns float32 so that what meets them is
+float32 (a note says so; it costs a cast kernel after each such layer).
+
 Whether the cast is a speed win depends on the device: the report reads the profile's peak rates
 (:mod:`slimtorch.core.profiles`). On the RX 580 fp16 computes at the fp32 rate (no packed fp16),
 so a cast saves memory and bandwidth only; on tensor-core GPUs it also saves arithmetic time; on
@@ -50,9 +61,9 @@ from slimtorch.core.surgery import (
 from slimtorch.quant import _calib
 from slimtorch.quant.precision import (
     DTYPES,
-    execution_order,
     layer_precisions,
     precision_units,
+    root_float_parameters,
     set_precision_,
 )
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
@@ -193,17 +204,20 @@ def precision_gain(profile: DeviceProfile | str, dtype: str) -> tuple[str, str]:
     )
 
 
-def _rules(units: dict[str, nn.Module], order: list[str], keep: tuple[str, ...]) -> dict[str, str]:
-    """Unit name -> reason it stays float32."""
-    compute = [n for n in order if isinstance(units[n], _COMPUTE)]
+def _rules(
+    units: dict[str, nn.Module], runs: list[list[str]], keep: tuple[str, ...]
+) -> dict[str, str]:
+    """Unit name -> reason it stays float32; ``runs``: the units each batch ran, in order."""
+    computes = [[n for n in run if isinstance(units[n], _COMPUTE)] for run in runs]
     kept: dict[str, str] = {}
     for rule in keep:
-        if rule == "first" and compute:
-            kept.setdefault(compute[0], "first conv/linear layer (rule 'first')")
-        elif rule == "last" and compute:
-            kept.setdefault(compute[-1], "last conv/linear layer (rule 'last')")
+        if rule in ("first", "last"):
+            for compute in computes:
+                if compute:
+                    n = compute[0 if rule == "first" else -1]
+                    kept.setdefault(n, f"{rule} conv/linear layer (rule {rule!r})")
         elif rule == "norm":
-            for n in order:
+            for n in units:
                 if isinstance(units[n], _NORM):
                     kept.setdefault(n, "normalisation layer (rule 'norm')")
         elif rule not in RULES:
@@ -218,22 +232,47 @@ def _rules(units: dict[str, nn.Module], order: list[str], keep: tuple[str, ...])
     return kept
 
 
+def _apply(
+    model: nn.Module, low: list[str], dtype: torch.dtype, every_output: bool, record: bool = True
+) -> dict[str, Any]:
+    """The boundary casts of :func:`cast_`: the model's output back to float32, and every cast
+    unit's too when ``every_output`` (the model uses parameters of its own in its forward)."""
+    out_fp32 = list(low) if every_output else []
+    return set_precision_(
+        model, low, dtype, output_fp32=out_fp32, model_output_fp32=True, record=record
+    )
+
+
+Trial = tuple[list[torch.Tensor] | None, str | None]
+
+
 def _trial(
-    model: nn.Module, low: list[str], dtype: torch.dtype, out_fp32: list[str], batches: list[Any]
-) -> list[torch.Tensor]:
+    model: nn.Module, low: list[str], dtype: torch.dtype, every_output: bool, batches: list[Any]
+) -> Trial:
+    """Outputs of a cast copy on the check data, or ``None`` and why it failed."""
     work = copy.deepcopy(model)
-    set_precision_(work, low, dtype, output_fp32=out_fp32, record=False)
+    _apply(work, low, dtype, every_output, record=False)
+    name = str(dtype).removeprefix("torch.")
     try:
-        return _calib.run_batches(work, batches, "check data")
+        return _calib.run_batches(work, batches, "check data", trial=True), None
     except _calib.CalibrationError:
-        return [torch.full((1,), float("nan"))]
+        why = " (values beyond float16's range of +-65504)" if dtype == torch.float16 else ""
+        return None, f"the {name} model gives NaN/Inf outputs on the check data{why}"
+    except _calib.TrialError as exc:
+        return None, (
+            f"the cast breaks the model, which runs in float32 on the same data: {exc}; a {name} "
+            "tensor meets a float32 one outside the layers' boundary casts (a parameter or "
+            "buffer used functionally, or weights shared between layers)"
+        )
 
 
 def _passes(
-    cfg: LowPrecisionConfig, outs: list[torch.Tensor], refs: list[torch.Tensor], batches: list[Any]
+    cfg: LowPrecisionConfig, trial: Trial, refs: list[torch.Tensor], batches: list[Any]
 ) -> tuple[bool, dict[str, Any]]:
-    if len(outs) != len(refs) or not all(bool(torch.isfinite(o).all()) for o in outs):
-        return False, {"output_error": float("inf"), "agreement": 0.0, "accuracy": None}
+    outs, failure = trial
+    if outs is None or len(outs) != len(refs):
+        bad = {"output_error": float("inf"), "agreement": 0.0, "accuracy": None}
+        return False, {**bad, "failure": failure or "the cast model returned fewer outputs"}
     m: dict[str, Any] = {
         "output_error": _calib.rel_error(outs, refs),
         "agreement": _calib.agreement(outs, refs),
@@ -259,16 +298,19 @@ def cast_(
         model: A float32 model, changed in place (nothing changes when the check fails).
         config: The :class:`LowPrecisionConfig`.
         check_inputs: A tensor, an ``(inputs, labels)`` pair or an iterable of either: compared
-            against the float32 model; its first batch also drives the execution order and the
-            latency estimate. ``None`` casts unchecked (a warning says so).
+            against the float32 model; the layers it runs decide the "first"/"last" rules, and
+            its first batch drives the latency estimate. ``None`` casts unchecked (a warning
+            says so).
         device_profile: A profile (name) to judge the gain on and estimate latency on.
 
     Returns:
         A :class:`LowPrecisionReport`.
 
     Raises:
-        TypeError, ValueError: Bad arguments or check data (empty, wrong shape, NaN).
-        PrecisionCheckError: The check failed (``on_fail="raise"``, or nothing left to keep).
+        TypeError, ValueError: Bad arguments or check data (empty, NaN, or the float32 model
+            rejects it).
+        PrecisionCheckError: The check failed (``on_fail="raise"``, or nothing left to keep):
+            too large an error, NaN/Inf outputs, or a cast model that no longer runs.
 
     Example:
         >>> from slimtorch.models import create_model
@@ -298,37 +340,54 @@ def cast_(
         )
     dtype = DTYPES[config.dtype]
     units = precision_units(model)
+    own = root_float_parameters(model)
     batches = None if check_inputs is None else _calib.as_batches(check_inputs, "check_inputs")
-    refs = None if batches is None else _calib.run_batches(model, batches, "check_inputs")
-    example = None
-    if batches is not None:
-        example = batches[0][0].to(_calib.model_device(model))
-        order = execution_order(model, example)
-        order += [n for n in units if n not in order]
-    else:
-        order = list(units)
-        logger.warning("cast_ without check_inputs: the %s cast is not checked", config.dtype)
-    kept = _rules(units, order, config.keep_fp32)
-    low = [n for n in order if n not in kept]
-    out_fp32 = [order[-1]] if order and order[-1] in low else []
     report = LowPrecisionReport(config={"type": "LowPrecisionConfig", **config.to_dict()}, rows=[])
+    refs, example, unreached = None, None, []
+    if batches is not None:
+        with _calib.track_calls(model, units) as runs:
+            refs = _calib.run_batches(model, batches, "check_inputs")
+        example = batches[0][0].to(_calib.model_device(model))
+        order = list(dict.fromkeys(n for run in runs for n in run))
+        unreached = [n for n in units if n not in order]
+        order += unreached
+    else:
+        order, runs = list(units), [list(units)]
+        logger.warning("cast_ without check_inputs: the %s cast is not checked", config.dtype)
+    kept = _rules(units, runs, config.keep_fp32)
+    for n in unreached:
+        kept.setdefault(
+            n, "never ran on the check data: kept float32, as the check cannot vouch for it "
+            "(give check data that reaches it to cast it)",
+        )  # fmt: skip
+    low = [n for n in order if n not in kept]
     if batches is not None and refs is not None:
         report.checked = True
         report.accuracy_before = _calib.accuracy(refs, batches)
-        ok, m = _passes(config, _trial(model, low, dtype, out_fp32, batches), refs, batches)
+        ok, m = _passes(config, _trial(model, low, dtype, bool(own), batches), refs, batches)
         if not ok and config.on_fail == "fallback":
-            ok, m = _fallback(model, low, kept, dtype, order, config, batches, refs, report)
-            out_fp32 = [order[-1]] if order and order[-1] in low else []
+            if m.get("failure"):
+                report.notes.append(f"the full cast failed its check: {m['failure']}")
+            ok, m = _fallback(model, low, kept, dtype, bool(own), config, batches, refs, report)
         if not ok:
+            detail = m.get("failure") or (
+                f"output error {m['output_error']:.4g} vs max {config.max_output_error}, "
+                f"accuracy {m['accuracy']} vs {report.accuracy_before} with max drop "
+                f"{config.max_accuracy_drop}"
+            )
             raise PrecisionCheckError(
-                f"the {config.dtype} model fails its check (output error {m['output_error']:.4g} "
-                f"vs max {config.max_output_error}, accuracy {m['accuracy']} vs "
-                f"{report.accuracy_before} with max drop {config.max_accuracy_drop}); the model "
-                "is unchanged. Keep more layers in fp32 (keep_fp32), use on_fail='fallback', "
-                "try the other dtype, or relax the limits"
+                f"the {config.dtype} model fails its check ({detail}); the model is unchanged. "
+                "Keep more layers in fp32 (keep_fp32), use on_fail='fallback', try the other "
+                "dtype, or relax the limits"
             )
         report.output_error, report.agreement = m["output_error"], m["agreement"]
         report.accuracy_after = m["accuracy"]
+    if own and low:
+        report.notes.append(
+            f"the model uses parameter(s) {', '.join(own[:6])} of its own in its forward: they "
+            f"stay float32, so every {config.dtype} layer casts its output back to float32 "
+            "(a cast kernel after each)"
+        )
     prof = None if device_profile is None else get_profile(device_profile)
     report.size_before = model_size_bytes(model)
     if prof is not None:
@@ -339,7 +398,7 @@ def cast_(
         else:
             report.notes.append("no check_inputs: latency on the profile not estimated")
     sizes = {n: model_size_bytes(units[n]) for n in units}
-    report.entry = set_precision_(model, low, dtype, output_fp32=out_fp32)
+    report.entry = _apply(model, low, dtype, bool(own))
     report.size_after = model_size_bytes(model)
     if prof is not None and example is not None:
         report.est_latency_after_s = estimate_latency(model, example, prof).total_s
@@ -373,29 +432,35 @@ def _fallback(
     low: list[str],
     kept: dict[str, str],
     dtype: torch.dtype,
-    order: list[str],
+    every_output: bool,
     config: LowPrecisionConfig,
     batches: list[Any],
     refs: list[torch.Tensor],
     report: LowPrecisionReport,
 ) -> tuple[bool, dict[str, Any]]:
-    """Keep the layers with the largest error when cast alone in fp32 until the check passes.
+    """Keep the layers with the largest error when cast alone in fp32 until the check passes
+    (first those the model fails with, NaN/Inf or an error, when cast alone).
 
     Changes ``low`` and ``kept`` in place; returns the final check result.
     """
-    alone = {}
+    alone: dict[str, float] = {}
+    why: dict[str, str | None] = {}
     for n in low:
-        outs = _trial(model, [n], dtype, [n] if n == order[-1] else [], batches)
-        alone[n] = _calib.rel_error(outs, refs) if len(outs) == len(refs) else float("inf")
+        outs, why[n] = _trial(model, [n], dtype, every_output, batches)
+        alone[n] = float("inf") if outs is None else _calib.rel_error(outs, refs)
     ok, m = False, {"output_error": float("inf"), "agreement": None, "accuracy": None}
     for n in sorted(alone, key=lambda k: -alone[k]):
         low.remove(n)
-        kept[n] = f"fallback: output error {alone[n]:.3g} when cast alone"
+        failure = why[n]
+        kept[n] = (
+            f"fallback: the check fails with it cast alone ({failure})"
+            if failure
+            else f"fallback: output error {alone[n]:.3g} when cast alone"
+        )
         report.fallback.append(n)
-        out_fp32 = [order[-1]] if order[-1] in low else []
         if not low:
             break
-        ok, m = _passes(config, _trial(model, low, dtype, out_fp32, batches), refs, batches)
+        ok, m = _passes(config, _trial(model, low, dtype, every_output, batches), refs, batches)
         if ok:
             break
     return ok, m

@@ -20,6 +20,15 @@ the size of the ``model.safetensors`` file ``save_model`` writes (``saved_bytes_
 weights packed two per byte, plus the file's header of tensor names and shapes, which the budget
 does not count: a few kilobytes for resnet20).
 
+Like :func:`slimtorch.quant.quantize_`, it refuses calibration data that never reaches a targeted
+layer (its loss could not be measured). fp16 is offered only to layers that are precision units
+of their own (:func:`~slimtorch.quant.precision.precision_units`): a layer inside a module that
+owns parameters itself (a layer-scale block) is cast with that module or not at all, so it
+chooses among the integer options (or stays fp32), and its row says why. A candidate that makes
+the outputs NaN/Inf (fp16 beyond its range of +-65504) gets an infinite loss and is never chosen.
+The model's output is cast back to float32, and when the model uses parameters of its own in its
+``forward`` every fp16 layer's output is too (:mod:`slimtorch.quant.lowp` does the same).
+
 Example:
     >>> from slimtorch.models import create_model
     >>> model = create_model("lenet5", in_channels=1, input_size=28).eval()
@@ -53,15 +62,17 @@ from slimtorch.core.surgery import (
 from slimtorch.models.io import saved_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.lowp import PrecisionCheckError
 from slimtorch.quant.mixed_sensitivity import (
     BITS,
     CANDIDATES,
+    choice_reason,
     latency_costs,
     layer_bytes,
     measure_sensitivity,
     weight_scales,
 )
-from slimtorch.quant.precision import execution_order, precision_units, set_precision_
+from slimtorch.quant.precision import precision_units, root_float_parameters, set_precision_
 
 logger = logging.getLogger(__name__)
 
@@ -281,22 +292,6 @@ def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
     return min(cost, key=lambda o: (loss[o], cost[o]))
 
 
-def _reason(
-    name: str, choice: str, losses: dict[str, float], costs: dict[str, float], floor: str | None
-) -> str:
-    cheaper = sorted((c for c in costs if costs[c] < costs[choice]), key=lambda c: costs[c])
-    text = f"{choice}: predicted loss {losses[choice]:.3g}"
-    if cheaper:
-        alt = cheaper[0]
-        text += f"; {alt} saves {costs[choice] - costs[alt]:.4g} more but adds loss "
-        text += f"{losses[alt] - losses[choice]:.3g}, not worth it within the budget"
-    else:
-        text += "; cheapest allowed option"
-    if floor is not None:
-        text += f" (first/last layer: at least {floor})"
-    return text
-
-
 def mixed_precision_(
     model: nn.Module, config: MixedPrecisionConfig, calibration: Any
 ) -> MixedPrecisionReport:
@@ -315,7 +310,9 @@ def mixed_precision_(
     Raises:
         TypeError, ValueError: Bad arguments or calibration data, or a budget that no
             allocation meets (the message gives the smallest reachable size or latency).
-        CalibrationError: The float model gives NaN/Inf outputs on the calibration data.
+        CalibrationError: The float model gives NaN/Inf outputs on the calibration data, or
+            the data never reaches a targeted layer.
+        PrecisionCheckError: The chosen model fails to run or gives NaN/Inf on the data.
 
     Example:
         >>> from slimtorch.models import create_model
@@ -344,16 +341,32 @@ def mixed_precision_(
     fold = fold_bn_(work) if config.fold_bn else None
     names = _targets(work, config)
     example = batches[0][0].to(_calib.model_device(work))
-    refs = _calib.run_batches(work, batches, "calibration")
-    order = [n for n in execution_order(work, example) if n in names]
-    floor = {order[0], order[-1]} if config.first_last and order else set()
+    with _calib.track_calls(work, {n: work.get_submodule(n) for n in names}) as runs:
+        refs = _calib.run_batches(work, batches, "calibration")
+    missing = [n for n in names if not any(n in run for run in runs)]
+    if missing:
+        raise _calib.CalibrationError(
+            f"layer(s) {', '.join(missing)} never ran on the calibration data, so their loss at "
+            "each precision cannot be measured; exclude them (MixedPrecisionConfig(exclude=...)) "
+            "or give inputs that reach them. The model is unchanged"
+        )
+    floor = {run[i] for run in runs if run for i in (0, -1)} if config.first_last else set()
+    units = precision_units(work)
     allowed: dict[str, tuple[str, ...]] = {}
+    notes = dict.fromkeys(names, "")
     for n in names:
         opts = config.candidates
         if n in floor:
             assert config.first_last is not None
             opts = tuple(c for c in CANDIDATES if BITS[c] >= BITS[config.first_last])
             opts = tuple(c for c in opts if c in config.candidates) or (config.first_last,)
+        if n not in units and "fp16" in opts:
+            owner = next((u for u in units if n.startswith(u + ".")), "its parent")
+            opts = tuple(c for c in opts if c != "fp16") or ("fp32",)
+            notes[n] = (
+                f"; fp16 not offered: {n} sits in {owner}, which owns parameters of its own and "
+                "is cast only as a whole"
+            )
         allowed[n] = opts
     all_cands = tuple(dict.fromkeys(c for n in names for c in allowed[n]))
     modules = {n: work.get_submodule(n) for n in names}
@@ -388,6 +401,14 @@ def mixed_precision_(
         scale_method=config.scale_method,
         scales=scale_cache,
     )
+    hopeless = [n for n in names if all(math.isinf(losses[n][c]) for c in allowed[n])]
+    if hopeless:
+        raise PrecisionCheckError(
+            f"layer(s) {', '.join(hopeless)} make the outputs NaN/Inf at every precision allowed "
+            f"to them ({', '.join(sorted({c for n in hopeless for c in allowed[n]}))}; fp16 "
+            "overflows beyond +-65504); allow int8, or exclude them to keep them float32. The "
+            "model is unchanged"
+        )
     choice = allocate({n: losses[n] for n in names}, costs, limit - rest, config.dp_bins)
     qparams = {}
     for n, c in choice.items():
@@ -410,12 +431,19 @@ def mixed_precision_(
     if qparams:
         report.entries.extend(to_qdq_(work, qparams, method="mixed").entries)
     fp16 = [n for n, c in choice.items() if c == "fp16"]
-    if fp16:
-        units = list(precision_units(work))
-        run = execution_order(work, example)
-        last = [run[-1]] if run and run[-1] in fp16 and run[-1] in units else []
-        report.entries.append(set_precision_(work, fp16, torch.float16, output_fp32=last))
-    outs = _calib.run_batches(work, batches, "calibration")
+    if fp16:  # the model's output back to float32; every fp16 output if it has own parameters
+        out_fp32 = fp16 if root_float_parameters(work) else []
+        report.entries.append(
+            set_precision_(work, fp16, torch.float16, output_fp32=out_fp32, model_output_fp32=True)
+        )
+    try:
+        outs = _calib.run_batches(work, batches, "calibration", trial=True)
+    except (_calib.TrialError, _calib.CalibrationError) as exc:
+        raise PrecisionCheckError(
+            f"the mixed-precision model ({', '.join(f'{n}: {c}' for n, c in choice.items())}) "
+            f"fails on calibration data the float model runs ({exc}); the model is unchanged. "
+            "Exclude the layers involved (exclude=...) or leave fp16 out of the candidates"
+        ) from None
     report.output_error = _calib.rel_error(outs, refs)
     report.accuracy_after = _calib.accuracy(outs, batches)
     report.predicted_loss = sum(losses[n][c] for n, c in choice.items())
@@ -437,8 +465,8 @@ def mixed_precision_(
                 name=n,
                 module_type=type(modules[n]).__name__,
                 choice=c,
-                reason=_reason(
-                    n, c, losses[n], costs[n], config.first_last if n in floor else None
+                reason=choice_reason(
+                    c, losses[n], costs[n], config.first_last if n in floor else None, notes[n]
                 ),
                 bytes_fp32=int(layer_bytes(modules[n], "fp32")),
                 bytes_after=int(sizes[n][c]),

@@ -5,7 +5,8 @@ that layer alone and comparing the model's outputs on calibration data with the 
 
 - ``"int8"``/``"int4"``: the weight is replaced by its per-channel symmetric fake-quantized
   version (weight-only, as :func:`slimtorch.quant.to_qdq_` stores it with ``input_scale=None``);
-- ``"fp16"``: the weight and the layer's input are rounded to float16;
+- ``"fp16"``: the weight, bias, input and output of the layer are rounded to float16, so values
+  beyond float16's range (+-65504) become inf as in a float16 layer, and the loss is infinite;
 - ``"fp32"``: no change (loss 0).
 
 The loss is the squared relative output error (``metric="output_error"``; noise power, which
@@ -97,12 +98,18 @@ def layer_bytes(module: nn.Module, candidate: str) -> int:
     return math.ceil(weight.numel() * BITS[candidate] / 8) + 4 * c_out + 4 * n_bias
 
 
+def _round16(a: Any) -> Any:
+    return a.half().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+
 class _InputRound:
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(
-            a.half().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args
-        )
+        return tuple(_round16(a) for a in args)
+
+
+class _OutputRound:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return _round16(output)
 
 
 def _loss(
@@ -180,15 +187,19 @@ def measure_sensitivity(
     for name in layers:
         mod = modules[name]
         original = mod.weight.data
+        bias = mod.bias.data if isinstance(mod.bias, torch.Tensor) else None
         out[name] = {}
         for cand in candidates:
             if cand == "fp32":
                 out[name][cand] = 0.0
                 continue
-            handle = None
+            handles = []
             if cand == "fp16":
                 mod.weight.data = original.half().float()
-                handle = mod.register_forward_pre_hook(_InputRound())
+                if bias is not None:
+                    mod.bias.data = bias.half().float()
+                handles.append(mod.register_forward_pre_hook(_InputRound()))
+                handles.append(mod.register_forward_hook(_OutputRound()))
             else:
                 bits = BITS[cand]
                 cache = {} if scales is None else scales
@@ -202,8 +213,10 @@ def measure_sensitivity(
                 out[name][cand] = math.inf
             finally:
                 mod.weight.data = original
-                if handle is not None:
-                    handle.remove()
+                if bias is not None:
+                    mod.bias.data = bias
+                for h in handles:
+                    h.remove()
     return out
 
 
@@ -258,3 +271,24 @@ def latency_costs(
                 t += w * (BITS[c] / 8 + 4) / prof.memory_bandwidth + prof.launch_overhead_s
             out[n][c] = t
     return out, max(rest, 0.0), est.total_s
+
+
+def choice_reason(
+    choice: str, losses: dict[str, float], costs: dict[str, float], floor: str | None, note: str
+) -> str:
+    """Why a layer got ``choice``: its loss, the next cheaper option, the first/last floor and
+    the options ruled out by NaN/Inf outputs, then ``note``."""
+    cheaper = sorted((c for c in costs if costs[c] < costs[choice]), key=lambda c: costs[c])
+    text = f"{choice}: predicted loss {losses[choice]:.3g}"
+    if cheaper:
+        alt = cheaper[0]
+        text += f"; {alt} saves {costs[choice] - costs[alt]:.4g} more but adds loss "
+        text += f"{losses[alt] - losses[choice]:.3g}, not worth it within the budget"
+    else:
+        text += "; cheapest allowed option"
+    if floor is not None:
+        text += f" (first/last layer: at least {floor})"
+    for c in (c for c in costs if math.isinf(losses[c]) and c != choice):
+        text += f"; {c} ruled out: the model's outputs turn NaN/Inf with this layer in {c}"
+        text += " (values beyond float16's range of +-65504)" if c == "fp16" else ""
+    return text + note

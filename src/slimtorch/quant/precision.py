@@ -7,7 +7,15 @@ floating inputs to the unit's own dtype, so low- and full-precision units can fo
 in any order and the model still takes float32 inputs. Units without hooks in between (ReLU,
 pooling, residual additions) work in whatever dtype arrives; an addition of fp16 and fp32
 tensors promotes to fp32. The named ``output_fp32`` units also cast their output back to
-float32 (the model's last layer, so callers get float32 outputs).
+float32, and with ``model_output_fp32`` the model's own output is cast back to float32 (every
+floating tensor it returns, nested in tuples, lists and dicts too), so callers get float32 on
+every branch of a data-dependent forward, whichever layer produced the output.
+
+Parameters the root module owns itself (``self.w`` used as ``F.conv2d(x, self.w)`` in the
+model's own ``forward``) belong to no unit: they stay float32, and no hook sees the activations
+that meet them. :func:`root_float_parameters` names them; :func:`slimtorch.quant.cast_` and
+:func:`slimtorch.quant.mixed_precision_` then cast the output of every low-precision unit back to
+float32 (``output_fp32``), so whatever reaches those parameters is float32.
 
 The change is recorded as ``"quant.lowp"`` so ``save_model``/``load_model`` rebuild it.
 
@@ -54,13 +62,24 @@ class InputCast:
         return _cast_floating(args, self.dtype)
 
 
+def _to_float32(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj
+    if isinstance(obj, dict):
+        return {k: _to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_float32(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_to_float32(v) for v in obj)
+    return obj
+
+
 class OutputCast:
-    """Forward hook casting a floating tensor output to float32."""
+    """Forward hook casting float16/bfloat16 tensor outputs (also inside tuples, lists and
+    dicts) to float32."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
-            return output.float()
-        return output
+        return _to_float32(output)
 
 
 def _owns_floats(module: nn.Module) -> bool:
@@ -68,11 +87,28 @@ def _owns_floats(module: nn.Module) -> bool:
     return any(t.is_floating_point() for t in tensors)
 
 
+def root_float_parameters(model: nn.Module) -> list[str]:
+    """Names of the floating parameters the root module owns itself (in no unit).
+
+    A model's ``forward`` uses them directly (``F.conv2d(x, self.w)``), so whatever meets them
+    must be float32: callers cast every low-precision unit's output back to float32 when this is
+    not empty.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> net.w = nn.Parameter(torch.ones(2))
+        >>> root_float_parameters(net)
+        ['w']
+    """
+    return [n for n, p in model.named_parameters(recurse=False) if p.is_floating_point()]
+
+
 def precision_units(model: nn.Module) -> dict[str, nn.Module]:
     """Top-most submodules that own floating parameters/buffers, in registration order.
 
     A module whose class sets ``precision_unit = True`` is one unit with its children (a fused
-    layer that reads its children's weights without calling them).
+    layer that reads its children's weights without calling them). The root module is never a
+    unit: its own parameters stay float32 (see :func:`root_float_parameters`).
 
     Example:
         >>> list(precision_units(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())))
@@ -148,6 +184,7 @@ def set_precision_(
     dtype: torch.dtype,
     *,
     output_fp32: Sequence[str] = (),
+    model_output_fp32: bool = False,
     record: bool = True,
 ) -> dict[str, Any]:
     """Cast the units named in ``low`` to ``dtype`` and put boundary casts on every unit.
@@ -157,7 +194,9 @@ def set_precision_(
         low: Unit names (see :func:`precision_units`) to cast.
         dtype: ``torch.float16`` or ``torch.bfloat16``.
         output_fp32: Unit names whose output is cast back to float32 (usually the last layer
-            when it is cast).
+            when it is cast, or every cast unit when :func:`root_float_parameters` is not empty).
+        model_output_fp32: Also cast the model's own output back to float32 (a forward hook on
+            the root), whichever unit produced it.
         record: Append the ``"quant.lowp"`` transform to ``model.slimtorch_arch``.
 
     Returns:
@@ -197,14 +236,15 @@ def set_precision_(
         setattr(unit, _ATTR, str(target).removeprefix("torch."))
         if name in output_fp32:
             unit.register_forward_hook(OutputCast())
-    entry = {
-        "name": TRANSFORM_NAME,
-        "params": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "low": [n for n in units if n in low_set],
-            "output_fp32": list(output_fp32),
-        },
+    params: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "low": [n for n in units if n in low_set],
+        "output_fp32": list(output_fp32),
     }
+    if model_output_fp32:
+        model.register_forward_hook(OutputCast())
+        params["model_output_fp32"] = True
+    entry = {"name": TRANSFORM_NAME, "params": params}
     arch = getattr(model, "slimtorch_arch", None)
     if record and isinstance(arch, dict):
         arch.setdefault("transforms", []).append(entry)
@@ -216,7 +256,12 @@ def _replay(model: nn.Module, params: dict[str, Any]) -> None:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {params['dtype']!r} in {TRANSFORM_NAME} record")
     set_precision_(
-        model, params["low"], dtype, output_fp32=params.get("output_fp32", []), record=False
+        model,
+        params["low"],
+        dtype,
+        output_fp32=params.get("output_fp32", []),
+        model_output_fp32=bool(params.get("model_output_fp32", False)),
+        record=False,
     )
 
 
