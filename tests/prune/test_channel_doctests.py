@@ -8,7 +8,9 @@ import slimtorch.prune.channel as channel
 from doctest_helpers import docstring_example_problems
 
 # finetune's examples need trained model directories; its behaviour is tested directly.
-_NAMES = ("spaces", "walk", "graph", "importance", "config", "report", "layers", "transform")
+_NAMES = (
+    "spaces", "walk", "graph", "importance", "config", "report", "layers", "check", "transform",
+)  # fmt: skip
 MODULES = [f"slimtorch.prune.channel.{m}" for m in _NAMES]
 
 

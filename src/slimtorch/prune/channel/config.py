@@ -47,7 +47,8 @@ class ChannelPruneConfig(Config):
         max_layer_ratio: Global scope: no group loses more than this fraction, in [0, 1).
         layer_ratios: Per-group ratio overrides: dotted-name glob -> ratio in [0, 1), matched
             against the group's producing layers (first matching glob wins); these groups are
-            pruned locally at their ratio, also under ``scope="global"``.
+            pruned locally at their ratio, also under ``scope="global"``. A glob that
+            matches no producing layer raises ``ValueError`` in ``prune_channels_``.
         calibration_batches: At most this many calibration batches for ``"taylor"`` (>= 1).
 
     Example:

@@ -15,7 +15,11 @@ nodes carry the dotted module names that the include/exclude globs and the saved
 hard-coded ``view(-1, 400)`` is caught before it breaks). The aten-level trace of
 :mod:`slimtorch.core.measure.trace` sees ops after decomposition, far from the module calls,
 and autograd ``grad_fn`` traversal needs gradients and loses the arguments of views. A model
-fx cannot trace (data-dependent control flow) raises :class:`ChannelGraphError`.
+fx cannot trace (data-dependent control flow) raises :class:`ChannelGraphError`. fx evaluates
+``if self.training:`` at trace time, so the model is traced as its flags stand and in train and
+eval mode, and the walks feed one graph (a layer that several traces call is coupled like a
+module called twice): a branch that only one mode runs, an auxiliary head read in training, is
+sliced with the channels it reads.
 
 **Rules.** Each conv/linear output is a new channel :class:`~.spaces.Leaf`; elementwise ops
 couple their operands (a resnet stage, with its projection shortcut, becomes one group);
@@ -76,6 +80,8 @@ class ChannelGroup:
         fixed: Why the size cannot change (model input/output); empty when it can.
         blocked: Why the graph cannot resolve the group (unknown op ...); empty when it can.
         blocks: The group must be pruned equally in this many blocks (grouped convs).
+        writers: The members whose output channels (batch-norm features) are the group's:
+            producers, batch norms and depthwise convs, not the layers that only read it.
     """
 
     root: int
@@ -85,6 +91,7 @@ class ChannelGroup:
     fixed: list[str]
     blocked: list[str]
     blocks: int
+    writers: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -99,6 +106,19 @@ class ChannelGraph:
     spaces: SpaceSet
     layers: dict[str, LayerUse]
     groups: list[ChannelGroup]
+
+
+def _trace(model: nn.Module, training: bool | None) -> fx.GraphModule:
+    """``fx.symbolic_trace`` of ``model`` with every module in train (or eval) mode, or with the
+    modules' own flags (``None``); the flags are restored."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        if training is not None:
+            model.train(training)
+        return fx.symbolic_trace(model)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) -> None:
@@ -119,15 +139,18 @@ def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
     """Trace ``model`` with torch.fx and group its coupled channels (see the module docstring).
 
     Args:
-        model: The model (its weights and train/eval mode are left as they are).
-        example_input: A tensor (or tuple of positional inputs) for the shape pass.
+        model: The model (its weights, buffers and train/eval flags are left as they are).
+            Its forward is traced in both modes, the current one first.
+        example_input: A tensor (or tuple of positional inputs) for the shape pass (run with
+            every module in eval mode, under ``torch.no_grad()``).
 
     Returns:
         The :class:`ChannelGraph`; one :class:`ChannelGroup` per set of coupled conv/linear
         output channels, in graph order.
 
     Raises:
-        ChannelGraphError: fx cannot trace the model, or the example input does not run.
+        ChannelGraphError: fx cannot trace the model in train or eval mode, or the example
+            input does not run through either trace.
 
     Example:
         >>> graph = build_graph(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
@@ -135,36 +158,54 @@ def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
         >>> [(g.name, g.size, g.fixed) for g in graph.groups]
         [('0', 6, []), ('2', 2, ['model output'])]
     """
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:
-        raise ChannelGraphError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
-            "channel pruning needs a traceable forward: move data-dependent control flow out of "
-            "forward, or prune the traceable submodules one by one"
-        ) from exc
-    try:
-        _propagate_shapes(gm, model, example_input)
-    except Exception as exc:
-        raise ChannelGraphError(
-            f"{type(model).__name__} failed on example_input while propagating shapes "
-            f"({type(exc).__name__}: {exc}); pass one batch the model accepts"
-        ) from exc
-    walker = ChannelWalker(gm)
-    walker.run()
+    walker: ChannelWalker | None = None
+    # fx bakes `if self.training:` in at trace time: walk the forward as the flags stand, then
+    # with every module in train and in eval mode, merging the walks as calls of each layer, so
+    # a branch that one mode only runs (an auxiliary head) is sliced consistently too
+    flags = {m.training for m in model.modules()}
+    for training in (None, True, False):
+        if training is not None and flags == {training}:
+            continue  # the trace as the flags stand is this one
+        mode = {None: " as its flags stand", True: " in train mode", False: " in eval mode"}[
+            training
+        ]
+        try:
+            gm = _trace(model, training)
+        except Exception as exc:
+            raise ChannelGraphError(
+                f"torch.fx cannot trace {type(model).__name__}{mode} ({type(exc).__name__}: "
+                f"{exc}); channel pruning needs a forward that traces in train and eval mode: "
+                "move data-dependent control flow out of forward, or prune the traceable "
+                "submodules one by one"
+            ) from exc
+        try:
+            _propagate_shapes(gm, model, example_input)
+        except Exception as exc:
+            raise ChannelGraphError(
+                f"{type(model).__name__} failed on example_input while propagating shapes "
+                f"through its forward traced{mode} ({type(exc).__name__}: {exc}); pass one "
+                "batch the model accepts"
+            ) from exc
+        if walker is None:
+            walker = ChannelWalker(gm)
+            walker.run()
+        else:
+            walker.run(gm, label=f"the {'train' if training else 'eval'}-mode forward's")
+    assert walker is not None
     spaces = walker.spaces
     producers: dict[int, list[str]] = {}
     for leaf in spaces.leaves:
         if leaf.origin is not None:
             producers.setdefault(spaces.find(leaf), []).append(leaf.origin)
     members: dict[int, list[str]] = {root: [] for root in producers}
+    writers: dict[int, list[str]] = {root: [] for root in producers}
     for name, use in walker.layers.items():
-        touched = spaces.roots_of(use.out_space)
-        if use.in_space is not None:
-            touched |= spaces.roots_of(use.in_space)
-        for root in touched:
-            if root in members:
-                members[root].append(name)
+        written = spaces.roots_of(use.out_space)
+        touched = written | (set() if use.in_space is None else spaces.roots_of(use.in_space))
+        for root in touched & members.keys():
+            members[root].append(name)
+            if root in written:
+                writers[root].append(name)
     groups = [
         ChannelGroup(
             root=root,
@@ -174,6 +215,7 @@ def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
             fixed=list(spaces.fixed.get(root, [])),
             blocked=list(spaces.blocked.get(root, [])),
             blocks=spaces.blocks.get(root, 1),
+            writers=writers[root],
         )
         for root, names in producers.items()
     ]

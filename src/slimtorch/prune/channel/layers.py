@@ -49,6 +49,48 @@ def unknown_tensors(module: nn.Module) -> list[str]:
     return [n for n, t in tensors.items() if t is not None and n not in known]
 
 
+def _nm_counts(mask: torch.Tensor, m: int) -> torch.Tensor | None:
+    """Kept entries in each group of ``m`` consecutive mask entries along dim 1 (the input
+    dimension, grouped at each kernel position as ``nm_mask`` does), or None if m does not fit."""
+    if mask.dim() < 2 or mask.shape[1] % m or mask.shape[1] == 0:
+        return None
+    return mask.movedim(1, -1).reshape(-1, m).sum(dim=1)  # (groups,)
+
+
+def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` entries along dim 1 of ``mask`` keeps exactly ``n``.
+
+    Example:
+        >>> is_nm(torch.tensor([[True, False, False, True]]), 2, 4)
+        True
+    """
+    counts = _nm_counts(mask.to(torch.bool), m)
+    return counts is not None and bool((counts == n).all())
+
+
+def nm_pattern(
+    mask: torch.Tensor, ms: tuple[int, ...] = (2, 4, 8, 16, 32)
+) -> tuple[int, int] | None:
+    """``(n, m)`` when ``mask`` is an N:M mask (what ``prune_(model, NMConfig(n, m))`` leaves:
+    exactly ``1 <= n < m`` kept in every group of ``m`` along dim 1), trying the ``m`` of ``ms``
+    in order; ``None`` for any other mask (unstructured, all kept). A mask whose N:M groups were
+    narrowed further by a later unstructured mask is not recognised.
+
+    Example:
+        >>> nm_pattern(torch.tensor([[True, True, False, False], [False, True, True, False]]))
+        (2, 4)
+        >>> nm_pattern(torch.ones(2, 4, dtype=torch.bool)) is None
+        True
+    """
+    mask = mask.to(torch.bool)
+    for m in ms:
+        counts = _nm_counts(mask, m)
+        if counts is not None and counts.numel() and bool((counts == counts[0]).all()):
+            if 1 <= int(counts[0]) < m:
+                return int(counts[0]), m
+    return None
+
+
 def layer_widths(module: nn.Module) -> dict[str, Any]:
     """The widths that define a layer's shape (what ``"prune.channels"`` records).
 

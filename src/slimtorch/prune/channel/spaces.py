@@ -124,7 +124,8 @@ class SpaceSet:
     def _merge_notes(self, keep: int, gone: int) -> None:
         for notes in (self.fixed, self.blocked):
             if gone in notes:
-                notes.setdefault(keep, []).extend(notes.pop(gone))
+                kept = notes.setdefault(keep, [])
+                kept.extend(r for r in notes.pop(gone) if r not in kept)
         if gone in self.blocks:
             b = self.blocks.pop(gone)
             self.blocks[keep] = math.lcm(self.blocks.get(keep, 1), b)

@@ -3,11 +3,12 @@
 Steps: build the channel dependency graph (:mod:`.graph`), choose the targeted groups by the
 include/exclude globs, score their channels (:mod:`.importance`), pick how many each keeps
 (per group or one global threshold, rounded to ``round_to``), slice every member layer to the
-kept channels (:mod:`.layers`), and check that the pruned model still runs on the example input
-with outputs of the same shape and finite values. If that check fails every layer is put back
-and :class:`~.graph.ChannelGraphError` is raised, so a broken model is never returned. The
-result is an ordinary dense model; the kept widths are recorded as the ``"prune.channels"``
-architecture transform so ``save_model``/``load_model`` round-trip it.
+kept channels (:mod:`.layers`), and check that the pruned model still runs on the example input,
+in eval and in train mode, with outputs of the same shape and finite values (:mod:`.check`). If
+that check fails every layer is put back and :class:`~.graph.ChannelGraphError` is raised, so a
+broken model is never returned. The result is an ordinary dense model; the kept widths are
+recorded as the ``"prune.channels"`` architecture transform so ``save_model``/``load_model``
+round-trip it.
 
 Example:
     >>> net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
@@ -29,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
@@ -37,8 +37,9 @@ from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import parameter_sharing, require_float32, require_values, set_submodule
+from slimtorch.core.surgery import parameter_sharing, require_float32, require_values
 from slimtorch.models.transforms import record_transform
+from slimtorch.prune.channel.check import check_nm_masks, reference_outputs, swap_and_check
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
 from slimtorch.prune.channel.importance import LossFn, channel_scores
@@ -58,19 +59,6 @@ def _match(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(*args)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-
-
 def _row(
     group: ChannelGroup,
     include: Sequence[str] | None,
@@ -83,7 +71,8 @@ def _row(
     row = ChannelGroupRow(
         group.name, group.producers, group.members, group.size, group.size, None, "skipped"
     )
-    excluded = [p for p in group.producers if exclude and _match(p, exclude)]
+    # exclude keeps every layer whose output channels the group is, not only its producers
+    excluded = [p for p in group.writers or group.producers if exclude and _match(p, exclude)]
     extra = {n: unknown_tensors(model.get_submodule(n)) for n in group.members}
     extra = {n: t for n, t in extra.items() if t}
     nonfinite = [
@@ -123,6 +112,28 @@ def _group_ratio(group: ChannelGroup, config: ChannelPruneConfig) -> float | Non
         if any(fnmatch.fnmatchcase(p, pattern) for p in group.producers):
             return float(ratio)
     return None
+
+
+def _check_layer_ratios(
+    model: nn.Module, config: ChannelPruneConfig, producers: Sequence[str]
+) -> None:
+    """Raise ``ValueError`` when a ``layer_ratios`` glob matches no channel-producing layer (a
+    typo must not silently prune that layer at the default ratio), as ``exclude=`` does."""
+    missed = [p for p in config.layer_ratios or {} if not _match_any(producers, p)]
+    if not missed:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    hits = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in names if _match(n, missed)]
+    found = f"they match only {', '.join(hits[:6])}" if hits else "they match no module at all"
+    raise ValueError(
+        f"ChannelPruneConfig.layer_ratios pattern(s) {', '.join(map(repr, missed))} match no "
+        f"channel-producing conv/linear layer of {type(model).__name__} ({found}); such layers "
+        f"are named like {', '.join(list(producers)[:6])}, ..."
+    )
+
+
+def _match_any(names: Sequence[str], pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
 def _select(scores: torch.Tensor, keep: int, blocks: int) -> torch.Tensor:
@@ -207,32 +218,6 @@ def _new_layers(
     return out
 
 
-def _swap_and_check(
-    model: nn.Module, new: dict[str, nn.Module], example_input: Any, ref: list[torch.Tensor]
-) -> None:
-    originals = {name: model.get_submodule(name) for name in new}
-    for name, module in new.items():
-        set_submodule(model, name, module)
-    try:
-        got = _outputs(model, example_input)
-        shapes = [tuple(t.shape) for t in got]
-        want = [tuple(t.shape) for t in ref]
-        if shapes != want:
-            raise ValueError(f"output shapes {shapes} differ from the original {want}")
-        for t, r in zip(got, ref, strict=True):
-            if t.is_floating_point() and bool(torch.isfinite(r).all()):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError("the outputs hold NaN/Inf where the original's did not")
-    except Exception as exc:
-        for name, module in originals.items():
-            set_submodule(model, name, module)
-        raise ChannelGraphError(
-            f"the pruned {type(model).__name__} failed its forward check on example_input "
-            f"({type(exc).__name__}: {exc}); every layer was restored. The forward probably "
-            "uses a channel count the graph cannot see: exclude the groups involved"
-        ) from exc
-
-
 def prune_channels_(
     model: nn.Module,
     config: ChannelPruneConfig,
@@ -248,11 +233,12 @@ def prune_channels_(
 
     A group (channels coupled through residual adds, concatenations, depthwise convs, batch
     norms and flatten) is targeted when one of its producing layers matches a glob of
-    ``include`` (all when ``None``). It is skipped, with the reason, when a producer matches
-    ``exclude``, when its channels reach an op the graph does not resolve (named in the
-    reason), when a member holds tensors slicing does not know or is quantized (int8), or
-    when a member's weights hold NaN/Inf (the channel scores would be meaningless). Channels
-    of the model's input and output (the classifier's outputs) are ``fixed``: never pruned.
+    ``include`` (all when ``None``). It is skipped, with the reason, when ``exclude`` matches
+    a layer whose output channels it is (see ``exclude`` below), when its channels reach an op
+    the graph does not resolve (named in the reason), when a member holds tensors slicing does
+    not know or is quantized (int8), or when a member's weights hold NaN/Inf (the channel
+    scores would be meaningless). Channels of the model's input and output (the classifier's
+    outputs) are ``fixed``: never pruned.
 
     Args:
         model: The model, changed in place (layers are replaced by smaller ones; rebuild
@@ -261,7 +247,11 @@ def prune_channels_(
         example_input: A tensor (or tuple of positional inputs) on the model's device: used
             for tracing, FLOP counts and the final forward check.
         include: Dotted-name globs of layers whose output channels may be pruned.
-        exclude: Globs of layers whose output channels must stay.
+        exclude: Globs of layers whose output channels must stay: a group is kept whole when
+            a glob matches any layer whose output channels (batch-norm features) the group
+            is, that is its producers and the batch norms and depthwise convs that carry its
+            channels on. A layer that only reads the group (the next conv, whose input side
+            would shrink) does not keep it: exclude that layer's own output channels only.
         strict: Raise one :class:`~slimtorch.core.errors.TransformSkipError` naming every
             skipped group; the model is then left unchanged.
         calibration: ``(inputs, targets)`` batches for ``importance="taylor"``.
@@ -272,10 +262,12 @@ def prune_channels_(
 
     Raises:
         TypeError: ``config`` is not a ``ChannelPruneConfig`` or the globs are not lists.
-        ValueError: a glob matches no module, an ``include`` glob selects no layer that
-            produces channels; Taylor without calibration batches.
-        ChannelGraphError: the model cannot be traced, or the pruned model failed its check
-            (it is restored).
+        ValueError: a glob matches no module, an ``include`` or ``config.layer_ratios`` glob
+            selects no layer that produces channels; Taylor without calibration batches; a
+            layer whose input would be cut holds an N:M weight mask (channel-prune first,
+            then apply N:M).
+        ChannelGraphError: the model cannot be traced (in train or eval mode), or the pruned
+            model failed its check in either mode (it is restored).
         TransformSkipError: ``strict`` and a targeted group was skipped.
 
     Example:
@@ -293,7 +285,8 @@ def prune_channels_(
     graph = build_graph(model, example_input)
     producers = [p for g in graph.groups for p in g.producers]
     check_include_hits(model, include, producers, "channel-producing conv/linear")
-    ref = _outputs(model, example_input)
+    _check_layer_ratios(model, config, producers)
+    ref = reference_outputs(model, example_input)
     params_before = count_params(model)
     flops_before = count_flops(model, example_input).total_flops
     rows: list[ChannelGroupRow] = []
@@ -346,7 +339,8 @@ def prune_channels_(
             row.reason = "ratio 0"
     new = _new_layers(model, graph, keep)
     if new:
-        _swap_and_check(model, new, example_input, ref)
+        check_nm_masks(model, new)
+        swap_and_check(model, new, example_input, ref)
     report = ChannelPruneReport(
         config_dict,
         rows,

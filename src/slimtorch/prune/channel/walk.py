@@ -49,13 +49,16 @@ _UNARY_FUNCS: set[Any] = {
     torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
     F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, torch.sigmoid, torch.tanh, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, torch.abs, torch.neg, torch.exp,
-    torch.clamp, torch.square,
+    torch.clamp, torch.clip, torch.square,
 }  # fmt: skip
 _UNARY_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clone", "contiguous", "float",
-    "half", "double", "bfloat16", "to", "type_as", "detach", "clamp", "clamp_", "abs", "neg",
-    "exp", "square",
+    "half", "double", "bfloat16", "to", "type_as", "detach", "clamp", "clamp_", "clip", "clip_",
+    "abs", "neg", "exp", "square",
 }  # fmt: skip
+# methods whose other tensor arguments only give a dtype/device (``x.to(y)``, ``x.type_as(y)``);
+# any other unary op handed a second tensor (``clamp(a, min=b)``) combines it elementwise
+_CASTS = {"to", "type_as"}
 _POOL_FUNCS: set[Any] = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
@@ -64,8 +67,11 @@ _POOL_FUNCS: set[Any] = {
 _BINARY: set[Any] = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.maximum, torch.minimum,
 }  # fmt: skip
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_BINARY_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+}  # fmt: skip
 _REDUCE: set[Any] = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
 _META_METHODS = {"size", "dim", "numel"}
@@ -119,6 +125,7 @@ class ChannelWalker:
         self.info: dict[fx.Node, _T] = {}
         self.layers: dict[str, LayerUse] = {}
         self.input_leaves: dict[int, str] = {}  # id of a model input's space -> its node name
+        self.label = ""  # the trace being walked, when there are several (see run)
 
     # ---- helpers -------------------------------------------------------------------------
     def _inputs(self, node: fx.Node) -> list[_T]:
@@ -193,6 +200,19 @@ class ChannelWalker:
 
     # ---- rules ---------------------------------------------------------------------------
     def passthrough(self, node: fx.Node) -> None:
+        """A channel-preserving one-input op. Handed a second tracked tensor (a tensor
+        ``min``/``max`` of ``clamp``), it combines it elementwise: see :meth:`elementwise`."""
+        others: list[fx.Node] = []
+
+        def visit(n: fx.Node) -> fx.Node:
+            others.append(n)
+            return n
+
+        fx.node.map_arg((node.args[1:], node.kwargs), visit)
+        cast = node.op == "call_method" and node.target in _CASTS
+        if node.op != "call_module" and not cast and any(n in self.info for n in others):
+            self.elementwise(node)
+            return
         t = self._first(node)
         shape = _shape(node)
         if t is None or shape is None or len(shape) != len(t.shape):
@@ -359,11 +379,14 @@ class ChannelWalker:
             return
         prev = self.layers.get(name)
         if prev is not None:  # a module called twice: both inputs meet the same weights
-            if prev.in_space is not None and t.space is not None:
-                self.spaces.unify(prev.in_space, t.space, f"second call of {name!r}")
-            elif prev.kind == "bn" and t.space is not None:
-                self.spaces.unify(prev.out_space, t.space, f"second call of {name!r}")
-            self._set(node, prev.out_space, t.cdim)
+            where = f"{self.label} call of {name!r}" if self.label else f"second call of {name!r}"
+            read = prev.out_space if prev.kind == "bn" else prev.in_space
+            if read is not None and t.space is not None:
+                self.spaces.unify(read, t.space, where)
+            for sp in (read, t.space) if (read is None) != (t.space is None) else ():
+                if sp is not None:  # one call reads tracked channels, the other does not
+                    self.spaces.block(sp, f"{where} reads channels another call does not")
+            self._set(node, prev.out_space, nd - 1 if prev.kind == "linear" else 1)
             return
         if isinstance(mod, BN_TYPES):
             space = t.space if t.space is not None else self.spaces.new_leaf(t.shape[1])
@@ -434,7 +457,13 @@ class ChannelWalker:
         else:
             self._unsupported(node)
 
-    def run(self) -> None:
+    def run(self, gm: fx.GraphModule | None = None, label: str = "") -> None:
+        """Walk ``self.gm``, or another trace ``gm`` of the same model (its train-mode forward,
+        say): a layer both traces call is treated as a module called twice, so the constraints
+        of the two traces are merged; ``label`` names that trace in the reasons."""
+        if gm is not None:
+            self.gm, self.modules = gm, dict(gm.named_modules())
+        self.label = label
         handlers: dict[str, Callable[[fx.Node], None]] = {
             "call_module": self.module,
             "call_function": self.function,
