@@ -80,6 +80,31 @@ def test_flops_budget_needs_example_input_and_is_met() -> None:
     assert report.decomposed
 
 
+class _Upsampler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(16, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+        self.up, self.head = nn.ConvTranspose2d(64, 16, 2, stride=2), nn.Conv1d(16, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.head(h.flatten(2))
+
+
+def test_flops_budget_counts_layers_it_cannot_factorise() -> None:
+    # a transposed conv or a Conv1d in the model made every FLOPs budget fail with "pass
+    # example_input", though it was passed
+    torch.manual_seed(0)
+    net, x = _Upsampler().eval(), torch.randn(2, 16, 8, 8)
+    report = decompose_(net, TuckerConfig(rank="budget:flops=0.5"), example_input=x)
+    rows = {r.name: r for r in report.rows}
+    assert rows["up"].action == rows["head"].action == "skipped"
+    assert rows["up"].flops_before == 2 * 64 * 16 * 4 * 64  # every input position, 2x2 taps
+    assert rows["head"].flops_before == 2 * 4 * 16 * 3 * 254
+    assert report.budget is not None and report.budget["met"]
+    assert net(x).shape == (2, 4, 254)
+
+
 def test_params_and_flops_budgets_are_met_together() -> None:
     """One plan meets both shares; each single budget alone leaves the other unmet here."""
     torch.manual_seed(1)

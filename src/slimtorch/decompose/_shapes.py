@@ -71,6 +71,14 @@ def layer_flops(module: nn.Module, shapes: Shapes | None, batch: int) -> int | N
         return int(module.flops(rows))  # type: ignore[operator]
     if shapes is None or len(shapes[0]) < 3:
         return None
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+        # Conv1d/3d, transposed convs: never factorised, counted so a FLOPs budget covers them
+        k = math.prod(module.kernel_size) * 2
+        if module.transposed:  # every input position spreads over the kernel
+            per = module.in_channels * (module.out_channels // module.groups)
+            return k * per * math.prod(shapes[0][2:])
+        per = module.out_channels * (module.in_channels // module.groups)
+        return k * per * math.prod(shapes[1][2:])
     in_hw = (int(shapes[0][-2]), int(shapes[0][-1]))
     if isinstance(module, nn.Conv2d):
         out_hw = conv_out_hw(module, in_hw)
