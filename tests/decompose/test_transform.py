@@ -202,6 +202,17 @@ def test_exclude_glob_matching_nothing_is_an_error(net: TinyNet) -> None:
     assert same_model(net, before)
 
 
+def test_include_glob_matching_only_a_container_is_an_error() -> None:
+    # it selected no layer and decompose_ changed nothing without a word
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
+    before = copy.deepcopy(net)
+    with pytest.raises(ValueError, match=r"'2' select no nn.Conv2d/nn.Linear layer.*'2\.\*'"):
+        decompose_(net, SVDConfig(rank=0.25), include=["2"])
+    assert same_model(net, before)
+    report = decompose_(net, SVDConfig(rank=0.25), include=["2.*"])
+    assert [r.name for r in report.rows] == ["2.0"]
+
+
 def test_meta_device_model_is_refused_naming_the_layers() -> None:
     with torch.device("meta"):
         meta = TinyNet()

@@ -56,3 +56,33 @@ def selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | 
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def check_include_hits(
+    model: nn.Module, include: Sequence[str] | None, targets: Sequence[str], what: str
+) -> None:
+    """Raise ``ValueError`` unless every ``include`` glob selects at least one of ``targets``.
+
+    A glob that matches only containers or other modules (``"layer1"`` for the blocks of a
+    resnet stage, a ReLU) would otherwise select nothing and change nothing without a word.
+
+    Example:
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+        >>> check_include_hits(net, ["0"], ["0.0"], "nn.Linear")
+        Traceback (most recent call last):
+        ...
+        ValueError: include pattern(s) '0' select no nn.Linear layer ...
+    """
+    if include is None:
+        return
+    missed = [p for p in include if not any(fnmatch.fnmatchcase(t, p) for t in targets)]
+    if missed:
+        kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
+        hits = [
+            f"{n} ({kinds[n]})" for n in kinds if any(fnmatch.fnmatchcase(n, p) for p in missed)
+        ]
+        raise ValueError(
+            f"include pattern(s) {', '.join(map(repr, missed))} select no {what} layer of "
+            f"{type(model).__name__} (they match only {', '.join(hits[:6])}); match the layers "
+            f"themselves, e.g. '{missed[0]}.*' for the layers inside {missed[0]!r}"
+        )

@@ -24,7 +24,7 @@ from torch import nn
 from slimtorch.core import surgery
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
-from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.globs import check_globs, check_include_hits, selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import replacement_blockers, require_float32, set_submodule
 from slimtorch.core.table import text_table
@@ -165,6 +165,7 @@ def _targets(
         if isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
             out.append((name, module))
     check_globs(model, include, exclude, "decompose_")
+    check_include_hits(model, include, [n for n, _ in out] + inside, "nn.Conv2d/nn.Linear")
     return out
 
 

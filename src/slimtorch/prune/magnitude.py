@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +35,7 @@ from torch import nn
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
-from slimtorch.core.globs import selected
+from slimtorch.core.globs import check_include_hits, selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import record_transform
@@ -129,36 +128,6 @@ def _targets(
         out.append((name, module))
     check_include_hits(model, include, [name for name, _ in out], "nn.Conv2d/nn.Linear")
     return out
-
-
-def check_include_hits(
-    model: nn.Module, include: Sequence[str] | None, targets: Sequence[str], what: str
-) -> None:
-    """Raise ``ValueError`` unless every ``include`` glob selects at least one of ``targets``.
-
-    A glob that matches only containers or other modules (``"layer1"`` for the blocks of a
-    resnet stage, a ReLU) would otherwise select nothing and change nothing without a word.
-
-    Example:
-        >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
-        >>> check_include_hits(net, ["0"], ["0.0"], "nn.Linear")
-        Traceback (most recent call last):
-        ...
-        ValueError: include pattern(s) '0' select no nn.Linear layer ...
-    """
-    if include is None:
-        return
-    missed = [p for p in include if not any(fnmatch.fnmatchcase(t, p) for t in targets)]
-    if missed:
-        kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
-        hits = [
-            f"{n} ({kinds[n]})" for n in kinds if any(fnmatch.fnmatchcase(n, p) for p in missed)
-        ]
-        raise ValueError(
-            f"include pattern(s) {', '.join(map(repr, missed))} select no {what} layer of "
-            f"{type(model).__name__} (they match only {', '.join(hits[:6])}); match the layers "
-            f"themselves, e.g. '{missed[0]}.*' for the layers inside {missed[0]!r}"
-        )
 
 
 def _zeros(t: torch.Tensor) -> int:

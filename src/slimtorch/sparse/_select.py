@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from slimtorch.core.globs import check_globs, selected
-from slimtorch.prune.magnitude import check_include_hits
+from slimtorch.core.globs import check_globs, check_include_hits, selected
 
 TARGET_TYPES = (nn.Conv2d, nn.Linear)
 

@@ -34,7 +34,7 @@ from torch import nn
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
-from slimtorch.core.globs import selected
+from slimtorch.core.globs import check_include_hits, selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import parameter_sharing, require_float32, require_values
@@ -50,7 +50,6 @@ from slimtorch.prune.channel.layers import (
     unknown_tensors,
 )
 from slimtorch.prune.channel.report import ChannelGroupRow, ChannelPruneReport
-from slimtorch.prune.magnitude import check_include_hits
 
 logger = logging.getLogger(__name__)
 
