@@ -168,3 +168,37 @@ def test_fused_tucker_layers_are_refused_by_the_onnx_export(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"^0 is a FusedTuckerConv2d: .* no ONNX"):
         export_onnx(model, tmp_path / "f.onnx", torch.randn(1, 4, 6, 6))
     assert not (tmp_path / "f.onnx").exists()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.fc(x) * k
+
+
+class _Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_batches_the_model_cannot_take_get_a_clear_error() -> None:
+    # an unbatched image made the model raise IndexError, a two-input model TypeError: both
+    # escaped raw from calibration and the cast's check
+    two, pooled = _TwoInputs().eval(), _Pooled().eval()
+    before = copy.deepcopy(two)
+    for call in (
+        lambda: quantize_(two, PTQConfig(mode="static"), calibration=[torch.randn(4, 8)]),
+        lambda: cast_(two, LowPrecisionConfig(), check_inputs=torch.randn(4, 8)),
+    ):
+        with pytest.raises(ValueError, match=r"TypeError: .*missing.*several inputs"):
+            call()
+    assert same_model(two, before)
+    with pytest.raises(ValueError, match=r"\(3, 16, 16\).*IndexError"):
+        quantize_(pooled, PTQConfig(mode="static"), calibration=[torch.randn(3, 16, 16)])

@@ -24,6 +24,11 @@ from slimtorch.quant.lsq import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
+ONE_INPUT = (
+    " (each batch is one input tensor, or an (inputs, labels) pair: a model taking several "
+    "inputs cannot be run on it)"
+)
+
 
 class TrialError(SlimtorchError):
     """A changed copy of a model (cast, quantized) fails to run on data its float original ran."""
@@ -177,17 +182,15 @@ def run_batches(
         for i, (x, _) in enumerate(batches):
             try:
                 y = model(x.to(device))
-            except (RuntimeError, ValueError, TypeError) as exc:
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 if trial:
                     raise TrialError(
                         f"{type(exc).__name__} on {what} batch {i}: {str(exc).splitlines()[0]}"
                     ) from None
-                if isinstance(exc, TypeError):
-                    raise
                 raise ValueError(
                     f"{what} batch {i} of shape {tuple(x.shape)} and dtype {x.dtype} does not "
                     f"fit the model ({type(exc).__name__}: {str(exc).splitlines()[0]}); give "
-                    "inputs of the shape and dtype the model was built for"
+                    f"inputs of the shape and dtype the model was built for{ONE_INPUT}"
                 ) from None
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"the model returned a {type(y).__name__}; expected one tensor")

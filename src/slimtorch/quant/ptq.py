@@ -319,11 +319,12 @@ def _calibrate(
                 work(x.to(device))
             except CalibrationError as exc:
                 raise CalibrationError(f"calibration batch {i}: {exc}") from None
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 raise ValueError(
                     f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model; "
                     f"expected {_expected_shape(work)} ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0]}). Give inputs of the shape the model takes"
+                    f"{str(exc).splitlines()[0]}). Give inputs of the shape the model "
+                    f"takes{_calib.ONE_INPUT}"
                 ) from None
     finally:
         for h in handles:
