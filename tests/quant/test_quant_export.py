@@ -326,3 +326,22 @@ def test_a_model_taking_token_ids_exports_and_checks(tmp_path: Path, weights: st
     path = export_onnx(model, tmp_path / "tokens.onnx", idx)
     check = check_onnx(model, path, torch.randint(0, 100, (8, 12)))
     assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else self.b(x)
+
+
+def test_a_failed_export_names_torch_exports_reason_quietly(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # the error said only "step 1/3 ... Next steps:" and ~100 lines of graph went to stderr
+    with pytest.raises(ValueError, match=r"failed \(GuardOnDataDependentSymNode: .*control flow"):
+        export_onnx(_ValueBranch().eval(), tmp_path / "branch.onnx", torch.randn(2, 8))
+    assert "def forward" not in capfd.readouterr().err
+    assert not (tmp_path / "branch.onnx").exists()

@@ -226,10 +226,13 @@ def export_onnx(
                     external_data=False,
                 )  # fmt: skip
             except Exception as exc:  # the exporter raises many error types
+                root: BaseException = exc
+                while root.__cause__ is not None:  # torch.export's own reason, not "step 1/3"
+                    root = root.__cause__
                 raise ValueError(
-                    f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}: "
-                    f"{_first_line(exc)}); check that the model runs on example_input and "
-                    "uses exportable operations"
+                    f"ONNX export of {type(model).__name__} failed ({type(root).__name__}: "
+                    f"{_first_line(root)}); check that the model runs on example_input and "
+                    "uses exportable operations (no Python control flow on tensor values)"
                 ) from exc
         assert program is not None
         return program
@@ -286,21 +289,23 @@ def export_precision(model: nn.Module, dtype: str = "fp32") -> str:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Keep the exporter's prints, warnings and registration log lines (about torchvision's
-    optional operators, which no model here uses) out of the user's console."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    """Keep the exporter's prints, warnings and log lines out of the user's console."""
+    names = ("torch.onnx._internal.exporter._registration", "torch.fx.experimental.symbolic_shapes")
+    loggers = {lg: lg.level for lg in map(logging.getLogger, names)}  # the latter dumps graphs
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with (
             warnings.catch_warnings(),
             open(os.devnull, "w") as sink,
             contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),  # graph dumps of a failed torch.export
         ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        registration.setLevel(level)
+        for lg, level in loggers.items():
+            lg.setLevel(level)
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
