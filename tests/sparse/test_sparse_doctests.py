@@ -14,6 +14,7 @@ _NAMES = (
     "distribution",
     "updates",
     "dst",
+    "make",
     "formats",
     "packed",
     "kernels",

@@ -31,7 +31,7 @@ from slimtorch.sparse.distribution import (
     random_mask,
     uniform_densities,
 )
-from slimtorch.sparse.dst import KINDS, SET, RigL, StaticSparse, make_sparse_callback
+from slimtorch.sparse.dst import KINDS, SET, RigL, StaticSparse
 from slimtorch.sparse.formats import (
     FORMATS,
     decode,
@@ -52,6 +52,7 @@ from slimtorch.sparse.kernels import (
     conv_lowering_skip,
     semi_structured_support,
 )
+from slimtorch.sparse.make import make_sparse_callback
 from slimtorch.sparse.packed import load_packed, pack_state_dict, save_packed, unpack_state_dict
 from slimtorch.sparse.report import Candidate, SparsifyReport, SparsifyRow
 from slimtorch.sparse.sparsify import densify_, sparsify_, to_semi_structured_
