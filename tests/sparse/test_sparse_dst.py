@@ -445,3 +445,52 @@ def test_a_layer_tied_to_an_excluded_one_is_trained_sparse() -> None:
     model[2].weight = model[0].weight  # 2 uses 0's (masked) weight and is left out
     counts = make_sparse_callback("static", 0.5, exclude=["2"]).init_masks_(model)
     assert set(counts) == {"0", "3"} and model[2].weight is model[0].weight
+
+
+def test_a_layer_that_cannot_take_a_mask_stops_it_before_any_layer_changes() -> None:
+    # the layers before it had been masked, zeroed and rescaled, and a retry was then refused
+    model = _mlp()
+    model[2] = nn.utils.parametrizations.weight_norm(model[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"RigL cannot mask every layer: .*'?2'?: weight is comp"):
+        make_sparse_callback("rigl", 0.8).init_masks_(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert make_sparse_callback("rigl", 0.8, exclude=["2"]).init_masks_(model).keys() == {"0", "4"}
+
+
+def test_layer_names_with_glob_characters_are_taken_literally() -> None:
+    model = nn.Module()
+    model.heads = nn.ModuleDict({"head[cls]": nn.Linear(16, 8), "head[box]": nn.Linear(16, 4)})
+    counts = make_sparse_callback("static", 0.5, distribution="uniform").init_masks_(model)
+    assert counts == {"heads.head[cls]": 64, "heads.head[box]": 32}
+
+
+def test_set_leaves_frozen_layers_alone() -> None:
+    # random regrowth swapped trained weights of a frozen layer for zeros that never train
+    model = _mlp()
+    model[0].requires_grad_(False)
+    cb = make_sparse_callback("set", 0.5, delta_t=2, distribution="uniform")
+    Trainer(model, _config(), callbacks=[cb]).fit(ListLoader(X, Y, 8))
+    assert sum(u["swapped"] for u in cb.updates) > 0  # the trained layers did move
+    frozen, mask = model[0].weight, get_mask(model[0])
+    assert mask is not None and int((frozen != 0).sum()) == int(mask.sum()) == 512
+
+
+def test_a_callback_used_before_masks_a_fresh_model_and_resumes(tmp_path: Path) -> None:
+    cb = make_sparse_callback("set", 0.8, delta_t=4)
+    Trainer(_mlp(), _config(epochs=1), callbacks=[cb]).fit(ListLoader(X, Y, 8))
+    fresh = _mlp(seed=1)
+    Trainer(fresh, _config(epochs=1), callbacks=[cb]).fit(ListLoader(X, Y, 8))
+    assert all(get_mask(fresh.get_submodule(n)) is not None for n in LAYERS)
+    assert cb.updates and all(u["step"] <= 12 for u in cb.updates)  # this run's only
+
+
+def test_one_weight_per_layer_beyond_the_total_is_refused() -> None:
+    from slimtorch.sparse import exact_nonzeros
+
+    shapes = {f"l{i}": (6, 10) for i in range(10)}  # 1% of 600 is 6 weights, for 10 layers
+    with pytest.raises(ValueError, match="10 layers keeping one weight each already exceed the 6"):
+        exact_nonzeros(shapes, 0.99, "uniform")
+    counts = exact_nonzeros({"a": (1, 60), "c": (1, 60), "b": (100, 100)}, 0.99, "uniform")
+    assert counts == {"a": 1, "c": 1, "b": 99}  # 0.6 + 0.6 + 100 = 101.2: the surplus from b

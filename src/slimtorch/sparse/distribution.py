@@ -99,7 +99,7 @@ def erk_densities(
         if not free:
             if left < -0.5:
                 raise ValueError(
-                    f"the dense layers hold {sum(numel.values()) - left:.0f} weights, more than "
+                    f"the dense layers hold {budget - left:.0f} weights, more than "
                     f"the budget {budget:.0f} at sparsity {sparsity}; lower the sparsity or keep "
                     "fewer layers dense"
                 )
@@ -165,12 +165,14 @@ def exact_nonzeros(
 
     Each layer gets ``floor(density * numel)`` and the weights the floors leave out of the
     total go one each to the layers with the largest remainders (rounding each layer on its
-    own, as :func:`layer_nonzeros` does, missed the total by a few weights). Where a layer's
-    share rounds to zero the sparsity could not be exact; this raises instead, naming those
-    layers.
+    own, as :func:`layer_nonzeros` does, missed the total by a few weights); a share under one
+    weight is raised to one and the surplus taken back from the layers with the smallest
+    remainders. Where a layer's share rounds to zero, or one weight per layer is already more
+    than the total, the sparsity could not be exact; this raises instead.
 
     Raises:
-        ValueError: a layer would keep no weight at this sparsity (``{"a": (2, 2)}`` at 0.9).
+        ValueError: a layer would keep no weight at this sparsity (``{"a": (2, 2)}`` at 0.9),
+            or the layers cannot each keep one weight within the total.
 
     Example:
         >>> exact_nonzeros({"a": (10, 10)}, 0.9, "uniform")
@@ -196,6 +198,17 @@ def exact_nonzeros(
     by_remainder = sorted(shapes, key=lambda n: share[n] - math.floor(share[n]), reverse=True)
     for name in by_remainder[: max(left, 0)]:  # largest remainders first, one weight each
         out[name] = min(numel[name], out[name] + 1)
+    for name in reversed(by_remainder):  # shares under 1 raised to 1: take the surplus back
+        if left >= 0:
+            break
+        if out[name] > 1:
+            out[name], left = out[name] - 1, left + 1
+    if left < 0:
+        raise ValueError(
+            f"sparsity {sparsity} ({distribution}) cannot be met exactly: {len(out)} layers "
+            f"keeping one weight each already exceed the {round(sum(share.values()))} weights "
+            "it leaves; lower the sparsity or exclude some of the layers"
+        )
     return out
 
 

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from glob import escape
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.surgery import parameter_sharing
 from slimtorch.prune.buffers import get_mask
 from slimtorch.prune.callbacks import MaskCallback
@@ -188,19 +190,20 @@ class StaticSparse(MaskCallback):
                 "its checkpoint, fine-tune the pruned model with MaskCallback, or start from "
                 "the dense model"
             )
-        self.nonzeros = plan
-        names = list(self.nonzeros)
-        # all-True buffers and the "prune.masks" record, so save_model/load_model keep them
-        prune_(model, MagnitudeConfig(sparsity=0.0), include=names)
+        names = list(plan)
+        # all-True buffers and the "prune.masks" record, so save_model/load_model keep them;
+        # strict: a layer that cannot take a mask stops it before any layer changes
+        try:  # names escaped: they are exact, and '[' in a ModuleDict key is no glob
+            prune_(model, MagnitudeConfig(sparsity=0.0), include=[escape(n) for n in names],
+                   strict=True)  # fmt: skip
+        except TransformSkipError as exc:
+            raise ValueError(f"{type(self).__name__} cannot mask every layer: {exc}") from None
+        self.nonzeros, self.updates, self.skipped_updates = plan, [], []  # a new run
         self.generator.manual_seed(self.config.seed)
         for name in names:
             module = model.get_submodule(name)
             mask = get_mask(module)
-            if mask is None:
-                raise ValueError(
-                    f"layer {name!r} could not be given a mask (NaN or non-float weights); "
-                    "fix the weights or exclude the layer"
-                )
+            assert mask is not None
             new = random_mask(mask.shape, self.nonzeros[name], self.generator)
             mask.copy_(new.to(mask.device))
             weight = layer_weight(module)
@@ -259,11 +262,14 @@ class StaticSparse(MaskCallback):
             raise ValueError(
                 f"{self.kind} would never move its masks: the first update is at step "
                 f"{self.config.delta_t} (delta_t) but updates stop at step {self.step_end} "
-                f"(t_end={self.config.t_end:g} of {total} steps); lower delta_t below "
-                f"{self.step_end}, train longer, or use static masks"
+                f"(t_end={self.config.t_end:g} of {total} steps); "
+                + (f"lower delta_t below {self.step_end}, " if self.step_end > 1 else "")
+                + "train longer, raise t_end, or use static masks"
             )
-        if not self.initialised:
-            self.init_masks_(trainer.model)
+        model = trainer.model  # a callback used before may meet a fresh model: masks it
+        if not self.initialised or any(get_mask(model.get_submodule(n)) is None
+                                       for n in self.plan(model)):  # fmt: skip
+            self.init_masks_(model)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         others = [cb for cb in trainer.callbacks if cb is not self and isinstance(cb, MaskCallback)]
@@ -320,7 +326,8 @@ class StaticSparse(MaskCallback):
 class SET(StaticSparse):
     """Drop the smallest-magnitude weights every ``delta_t`` steps, regrow as many at random.
 
-    Mocanu et al. 2018 (arXiv:1707.04780), with RigL's cosine drop schedule.
+    Mocanu et al. 2018 (arXiv:1707.04780), with RigL's cosine drop schedule. Layers without a
+    gradient at an update step (frozen, or unused by that batch) keep their masks.
 
     Example:
         >>> cb = SET(SparseTrainingConfig(sparsity=0.9, delta_t=10, t_end=0.5), total_steps=100)
@@ -349,6 +356,8 @@ class SET(StaticSparse):
     ) -> torch.Tensor | None:
         """Scores of the inactive weights; the highest are grown (random for SET)."""
         w = layer_weight(module)
+        if not w.requires_grad or w.grad is None:  # frozen or unused: regrown zeros never train
+            return None
         return torch.rand(w.shape, generator=self.generator).to(w.device)
 
     @torch.no_grad()
