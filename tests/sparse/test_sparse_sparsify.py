@@ -256,3 +256,35 @@ def test_shared_and_tied_layers_are_skipped_not_split() -> None:
     assert {rows[n].action for n in ("a", "enc", "dec")} == {"skipped"}
     assert "b.weight" in rows["a"].reason and "enc.weight" in rows["dec"].reason
     assert model.a is model.b and model.dec.weight is model.enc.weight
+
+
+class _ReadsWeight(_Net):
+    """Reads fc1's weight by name behind a branch torch.fx cannot trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # images or flat vectors
+            x = torch.relu(self.dw(torch.relu(self.conv(x)))).flatten(1)
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + self.fc1.weight[:10, 0]
+
+
+def test_a_forward_reading_a_swapped_weight_is_undone_and_named() -> None:
+    # the swap was kept and the model then failed on every call (or mid-way through the timing);
+    # whether the kernel is measured faster varies, so the swap is made here as sparsify_ does
+    from slimtorch.sparse.sparsify import _check_outputs
+
+    torch.manual_seed(0)
+    net = _ReadsWeight().eval()
+    prune_(net, MagnitudeConfig(sparsity=0.95), exclude=["unused"])
+    with torch.no_grad():
+        before = net(X)
+    dense = net.fc1
+    net.fc1 = build_sparse_layer(dense, "csr")
+    with pytest.raises(ValueError, match=r"sparse layers fc1.*fails .*The model is unchanged"):
+        _check_outputs(net, X, {"fc1": dense})
+    assert net.fc1 is dense
+    with torch.no_grad():
+        torch.testing.assert_close(net(X), before, rtol=0, atol=0)
+    net.fc2 = build_sparse_layer(dense2 := net.fc2, "csr")  # one it does not read: kept
+    _check_outputs(net, X, {"fc2": dense2})
+    assert isinstance(net.fc2, SparseLinear)

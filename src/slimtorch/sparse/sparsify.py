@@ -179,6 +179,44 @@ def _run(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
+def _check_outputs(model: nn.Module, example_input: Any, originals: dict[str, nn.Module]) -> None:
+    """Run the whole model with the swaps and without; undo them and raise ``ValueError`` when
+    it fails or its outputs move (a forward that reads a swapped layer's weight by name where
+    torch.fx could not trace it to see so)."""
+    swapped = {name: model.get_submodule(name) for name in originals}
+    was_training, why = model.training, ""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            _swap(model, originals)
+            ref = _run(model, example_input)
+            _swap(model, swapped)
+            out = _run(model, example_input)
+        if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
+            p = next(model.parameters(), ref)
+            atol, rtol = _default_tolerance(nn.Linear(1, 1), p.dtype, ref.device)
+            bound = 10 * (atol + rtol * float(ref.abs().max() if ref.numel() else 0))
+            err = float((out.float() - ref.float()).abs().max()) if out.numel() else 0.0
+            if out.shape != ref.shape or not err <= bound:
+                why = f"gives outputs off by {err:.3g} (bound {bound:.3g})"
+    except Exception as exc:  # whatever the user's forward raises with the sparse layers in it
+        why = f"fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    finally:
+        model.train(was_training)
+    if why:
+        _swap(model, originals)
+        raise ValueError(
+            f"with the sparse layers {', '.join(originals)} swapped in, the whole model "
+            f"{why}: its forward may read one of their weights directly. The model is "
+            "unchanged; exclude those layers"
+        )
+
+
+def _swap(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
+
+
 def _check_whole_model(
     model: nn.Module,
     example_input: Any,
@@ -199,11 +237,9 @@ def _check_whole_model(
     dense_s, sparse_s, ratios = [], [], []
     try:
         for _ in range(3):
-            for name, layer in originals.items():
-                model.set_submodule(name, layer)
+            _swap(model, originals)
             a = measure_latency(call, device=device, **timing).median_s
-            for name, layer in swapped.items():
-                model.set_submodule(name, layer)
+            _swap(model, swapped)
             b = measure_latency(call, device=device, **timing).median_s
             dense_s.append(a)
             sparse_s.append(b)
@@ -220,8 +256,7 @@ def _check_whole_model(
     }
     if ratio >= 1.0:
         return
-    for name, layer in originals.items():
-        model.set_submodule(name, layer)
+    _swap(model, originals)
     for row in report.rows:
         if row.action == "sparse":
             row.action, row.choice = "dense", "dense"
@@ -385,8 +420,9 @@ def sparsify_(
             f"{listing}. Exclude these layers or run without strict"
         )
     originals = {name: model.get_submodule(name) for name in swaps}
-    for name, layer in swaps.items():
-        model.set_submodule(name, layer)
+    _swap(model, swaps)
+    if swaps:
+        _check_outputs(model, example_input, originals)
     if swaps and check_model:
         _check_whole_model(model, example_input, originals, report, dev, timing)
     for r in rows:
