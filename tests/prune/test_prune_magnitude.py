@@ -250,3 +250,17 @@ def test_layers_whose_weight_is_computed_are_skipped(wrap) -> None:  # type: ign
     assert rows["2"].action == "pruned" and rows["2"].zeros_after == 32
     torch.testing.assert_close(net[0](x), first, rtol=0, atol=0)
     assert int((net[2].weight == 0).sum()) == 32
+
+
+def test_layers_of_other_kinds_left_dense_are_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    # a Conv1d model read "sparsity 0.9" while 99% of its weights stayed dense, without a word
+    net = nn.Sequential(nn.Conv1d(4, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6, 4))
+    with caplog.at_level("WARNING", logger="slimtorch.prune.magnitude"):
+        prune_(net, MagnitudeConfig(sparsity=0.5))
+        prune_(net, MagnitudeConfig(sparsity=0.6))
+    warned = [r.getMessage() for r in caplog.records if "left dense" in r.getMessage()]
+    assert warned == ["prune_ prunes nn.Conv2d/nn.Linear only; left dense: 0 (Conv1d)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimtorch.prune.magnitude"):
+        prune_(nn.Sequential(nn.Conv1d(4, 16, 3), nn.Linear(4, 4)), NMConfig(), include=["1"])
+    assert not caplog.records  # the Conv1d is not selected

@@ -494,3 +494,10 @@ def test_one_weight_per_layer_beyond_the_total_is_refused() -> None:
         exact_nonzeros(shapes, 0.99, "uniform")
     counts = exact_nonzeros({"a": (1, 60), "c": (1, 60), "b": (100, 100)}, 0.99, "uniform")
     assert counts == {"a": 1, "c": 1, "b": 99}  # 0.6 + 0.6 + 100 = 101.2: the surplus from b
+
+
+def test_sparse_training_names_the_layers_it_leaves_dense(caplog: pytest.LogCaptureFixture) -> None:
+    net = nn.Sequential(nn.Conv1d(4, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6, 4))
+    with caplog.at_level("WARNING", logger="slimtorch.sparse.dst"):
+        make_sparse_callback("rigl", 0.9).init_masks_(net)
+    assert any("left dense: 0 (Conv1d)" in r.getMessage() for r in caplog.records)

@@ -86,3 +86,27 @@ def check_include_hits(
             f"{type(model).__name__} (they match only {', '.join(hits[:6])}); match the layers "
             f"themselves, e.g. '{missed[0]}.*' for the layers inside {missed[0]!r}"
         )
+
+
+_OTHER_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Bilinear, nn.RNNBase, nn.Embedding)
+
+
+def untargeted_layers(
+    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
+    """Selected layers with weights that a Conv2d/Linear transform passes over (Conv1d/3d,
+    transposed convs, recurrent layers, embeddings): callers warn, so a model of such layers
+    is not reported sparse while most of its weights stay dense.
+
+    Example:
+        >>> untargeted_layers(nn.Sequential(nn.Conv1d(2, 4, 3), nn.Linear(4, 2)), None, None)
+        ['0 (Conv1d)']
+    """
+    return [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if n
+        and isinstance(m, _OTHER_WEIGHT_LAYERS)
+        and not isinstance(m, nn.Conv2d)
+        and selected(n, include, exclude)
+    ]

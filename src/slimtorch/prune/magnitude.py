@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import nn
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
-from slimtorch.core.globs import check_include_hits, selected
+from slimtorch.core.globs import check_include_hits, selected, untargeted_layers
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import require_values
 from slimtorch.models.transforms import record_transform
@@ -127,7 +128,14 @@ def _targets(
             continue
         out.append((name, module))
     check_include_hits(model, include, [name for name, _ in out], "nn.Conv2d/nn.Linear")
+    others = untargeted_layers(model, include, exclude)
+    if others and model not in _WARNED:  # once per model: gradual pruning calls this often
+        _WARNED.add(model)
+        logger.warning("prune_ prunes nn.Conv2d/nn.Linear only; left dense: %s", ", ".join(others))
     return out
+
+
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _zeros(t: torch.Tensor) -> int:

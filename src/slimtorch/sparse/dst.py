@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import TransformSkipError
+from slimtorch.core.globs import untargeted_layers
 from slimtorch.core.surgery import parameter_sharing
 from slimtorch.prune.buffers import get_mask
 from slimtorch.prune.callbacks import MaskCallback
@@ -198,6 +199,9 @@ class StaticSparse(MaskCallback):
                    strict=True)  # fmt: skip
         except TransformSkipError as exc:
             raise ValueError(f"{type(self).__name__} cannot mask every layer: {exc}") from None
+        if others := untargeted_layers(model, self.include, self.exclude):
+            logger.warning("%s: sparse layers are nn.Conv2d/nn.Linear only; left dense: %s",
+                           type(self).__name__, ", ".join(others))  # fmt: skip
         self.nonzeros, self.updates, self.skipped_updates = plan, [], []  # a new run
         self.generator.manual_seed(self.config.seed)
         for name in names:
