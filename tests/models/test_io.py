@@ -294,3 +294,35 @@ def test_load_model_names_a_device_that_is_not_here(tmp_path: Path) -> None:
                       class_names=list("0123456789"))  # fmt: skip
     with pytest.raises(ValueError, match="device 'cuda' asked for a CUDA/ROCm GPU but"):
         load_model(path, device="cuda")
+
+
+class _ValueBranch(nn.Module):
+    """Branches on its input's values and builds a tensor on the CPU: neither runs on meta."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, num_classes), nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x - torch.full((1, 3, 2, 2), 0.1), 1)
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+def test_a_forward_that_needs_values_saves_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the input-shape check ran the forward on the meta device and called every failure a shape
+    # misfit: such a model could not be saved, nor loaded once its forward gained the branch
+    from slimtorch.models import MODELS, register_model
+
+    monkeypatch.setattr(MODELS, "_items", dict(MODELS._items))
+
+    @register_model("test-only-value-branch")
+    def build(*, num_classes: int = 10, in_channels: int = 3, input_size: int = 2) -> nn.Module:
+        return _ValueBranch(num_classes)
+
+    model = create_model("test-only-value-branch", in_channels=3, input_size=2).eval()
+    path = _save(model, tmp_path / "m", input_shape=(3, 2, 2))
+    loaded, _ = load_model(path)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

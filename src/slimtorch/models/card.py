@@ -332,7 +332,11 @@ def shape_misfit(name: str, kwargs: dict[str, Any], shape: Sequence[int]) -> str
     try:
         with torch.no_grad():
             model.eval()(torch.empty(1, *shape, device="meta"))
+    except NotImplementedError:
+        return None  # an op without a meta kernel: the shape cannot be judged here
     except Exception as exc:  # a shape error, in whatever type the layer raises it
+        if "meta" in str(exc):  # .item() or a branch on values, a tensor made on another
+            return None  # device: the forward needs real values, which says nothing of shapes
         return (
             f"input_shape {tuple(shape)} does not fit {name}'s layers as built with {kwargs} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
