@@ -273,3 +273,51 @@ def test_dataset_option_agrees_with_the_data_layer(
         assert dataset_arg(text) == text and expected
     except argparse.ArgumentTypeError:
         assert not expected
+
+
+_USER_MODULE = '''
+from torch import nn
+from slimtorch.models import register_model
+
+
+@register_model("test-only-cli-user")
+def build(*, num_classes=10, in_channels=1, input_size=8, width=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+'''
+
+
+def test_models_registered_by_the_users_module_load_with_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the load error said "import the module that registers the model", which no command could
+    import sys
+
+    from slimtorch.cli.main import import_user_modules
+    from slimtorch.models import MODELS as REGISTRY
+    from slimtorch.models import create_model, save_model
+
+    builtin = dict(REGISTRY._items)
+    (tmp_path / "usermodels.py").write_text(_USER_MODULE)
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+    import_user_modules([str(tmp_path / "usermodels.py")])
+    model = create_model("test-only-cli-user", input_size=8, width=24)
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))  # a fresh process: not registered
+    monkeypatch.delitem(sys.modules, "usermodels")
+    assert main(["profile", "--in", str(tmp_path / "m")]) == 2
+    assert "slimtorch --import MODULE" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    for how in (["--import", "usermodels"], ["--import", str(tmp_path / "usermodels.py")]):
+        monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+        monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+        assert main([*how, "profile", "--in", "m", "--json", "p.json"]) == 0
+        assert json.loads((tmp_path / "p.json").read_text())["params"] == 64 * 24 + 24 + 250
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    monkeypatch.setenv("SLIMTORCH_IMPORT", "usermodels")
+    assert main(["profile", "--in", "m"]) == 0
+    capsys.readouterr()
+    assert main(["--import", "no_such_module_here", "devices"]) == 2
+    assert "--import no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err

@@ -15,10 +15,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from slimtorch import __version__
 from slimtorch.core.errors import SlimtorchError, is_out_of_memory
@@ -27,6 +31,43 @@ Handler = Callable[[argparse.Namespace], int]
 
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 """Libraries' loggers held at ERROR unless ``--verbose`` (their warnings are about internals)."""
+
+
+IMPORT_ENV = "SLIMTORCH_IMPORT"
+"""Environment variable of modules to import first, comma-separated (as ``--import``)."""
+
+
+def _env_imports() -> list[str]:
+    return [m.strip() for m in os.environ.get(IMPORT_ENV, "").split(",") if m.strip()]
+
+
+def import_user_modules(names: Sequence[str]) -> None:
+    """Import each module (a dotted name, looked up from the current directory too, or a path
+    to a ``.py`` file), so the models and transforms it registers are known.
+
+    Raises:
+        ValueError: a module cannot be found or fails to import (the message says which).
+
+    Example:
+        >>> import_user_modules(["json"])
+    """
+    for name in names:
+        try:
+            if name.endswith(".py") or os.sep in name:
+                path = Path(name).resolve()
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                if spec is None or spec.loader is None or not path.is_file():
+                    raise FileNotFoundError(f"no Python file {str(path)!r}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                if "" not in sys.path and os.getcwd() not in sys.path:
+                    sys.path.append(os.getcwd())  # as `python -m` finds modules here
+                importlib.import_module(name)
+        except Exception as exc:  # whatever the user's module raises while importing
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"--import {name}: {type(exc).__name__}: {first}") from exc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtorch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a Python module (a name, found from the current directory too, or a .py "
+        "file) before the command runs: one that registers your own models with "
+        "register_model, so model directories of them load; repeatable; also "
+        f"${IMPORT_ENV} (comma-separated)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for module in (
@@ -90,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor\.")
     handler: Handler = args.handler
     try:
+        import_user_modules([*_env_imports(), *args.imports])
         return handler(args)
     except (SlimtorchError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a file where a folder is needed (or the reverse), a

@@ -401,7 +401,8 @@ def load_model(
     except (ValueError, TypeError) as exc:
         raise ModelLoadError(
             f"cannot rebuild the architecture recorded in {root / CONFIG_FILE}: {exc}; import "
-            "the module that registers the model, or re-save it"
+            "the module that registers the model (on the command line: slimtorch --import "
+            "MODULE ...), or re-save it"
         ) from exc
     try:
         replay_transforms(model, card.transforms)
