@@ -275,7 +275,7 @@ def test_dataset_option_agrees_with_the_data_layer(
         assert not expected
 
 
-_USER_MODULE = '''
+_USER_MODULE = """
 from torch import nn
 from slimtorch.models import register_model
 
@@ -284,7 +284,7 @@ from slimtorch.models import register_model
 def build(*, num_classes=10, in_channels=1, input_size=8, width=16):
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, width), nn.ReLU(),
                          nn.Linear(width, num_classes))
-'''
+"""
 
 
 def test_models_registered_by_the_users_module_load_with_import(
