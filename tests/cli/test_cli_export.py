@@ -229,3 +229,42 @@ def test_weight_only_int8_export_says_so_and_reads_no_calibration_data(
     out = _export(capsys, "--in", str(tmp_path / "wo"), "--out", str(tmp_path / "w.onnx"))
     assert out["precision"] == "int8 weights (Q/DQ), float activations"
     assert "calibration_batches" not in out and out["int8_ops"] == {}
+
+
+def test_an_export_that_disagrees_with_the_model_is_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the check only reported: an ONNX file agreeing on 3% of inputs replaced the earlier
+    # export and the command exited 0; the pt2 check failed with a raw traceback
+    import torch
+    from torch import nn
+
+    from slimtorch.models import MODELS, create_model, register_model, save_model
+
+    class BatchBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 10), nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.flatten(x, 1)
+            return self.a(x) if x.shape[0] > 4 else self.b(x)
+
+    monkeypatch.setattr(MODELS, "_items", dict(MODELS._items))
+    register_model("test-only-batch-branch")(
+        lambda *, num_classes=10, in_channels=1, input_size=4: BatchBranch()
+    )
+    torch.manual_seed(0)
+    model = create_model("test-only-batch-branch", input_size=4)
+    src = save_model(model, tmp_path / "m", input_shape=(1, 4, 4), mean=[0.5], std=[0.5],
+                     class_names=[str(i) for i in range(10)])  # fmt: skip
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"earlier export")
+    assert main(["export", "--in", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the export disagrees with the model on random normal, 8 inputs: top-1" in err
+    assert out.read_bytes() == b"earlier export"
+    assert main(["export", "--in", str(src), "--out", str(out), "--min-agreement", "0"]) == 0
+    assert main(["export", "--in", str(src), "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "the exported program fails on random normal, 8 inputs" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt2").exists()

@@ -31,6 +31,28 @@ logger = logging.getLogger(__name__)
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 """The --out suffix of each --format."""
 
+MIN_AGREEMENT = {"float": 0.99, "half": 0.97, "int8": 0.85}
+"""Top-1 agreement an export needs by default, by the lowest precision it holds. int8 models
+differ from their PyTorch form where ONNX Runtime requantizes (a QAT resnet20 agreed on 92% of
+test images); a broken export (a forward that depends on the batch size) agrees on a few %."""
+
+
+def _judge(result: dict[str, Any], precision: str, minimum: float | None) -> None:
+    """Raise ``ValueError`` when the checked export agrees too little with the model."""
+    kind = "int8" if "int8" in precision else "half" if "16" in precision else "float"
+    if kind == "int8" and minimum is None and str(result["checked_on"]).startswith("random"):
+        return  # int8 on random inputs leaves the calibrated ranges: no measure of the export
+    bound = MIN_AGREEMENT[kind] if minimum is None else minimum
+    agreement = result.get("top1_agreement")
+    diff = float(result["max_abs_diff"])
+    if (agreement is not None and agreement < bound) or diff != diff:  # NaN: broken outputs
+        raise ValueError(
+            f"the export disagrees with the model on {result['checked_on']}: top-1 agreement "
+            f"{agreement} < {bound} ({precision}), largest output difference {diff:.4g}; not "
+            "written. A forward that depends on the batch size or on values (exported for one "
+            "path) does this; --min-agreement sets the bound"
+        )
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -54,6 +76,15 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX only")
     p.add_argument("--no-check", action="store_true", help="skip the comparison run")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="top-1 agreement with the model the check needs for the file to be written "
+        f"(default: {MIN_AGREEMENT['float']} in float32, {MIN_AGREEMENT['half']} with fp16/bf16 "
+        f"weights, {MIN_AGREEMENT['int8']} with int8 ones, which are judged on test images only, "
+        "not random inputs)",
+    )
     p.add_argument(
         "--calibration-batches",
         type=int,
@@ -221,10 +252,12 @@ def run(args: argparse.Namespace) -> int:
                 inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
                 result.update(check_onnx(model, path, inputs))
                 result["int8_ops"] = ort_int8_ops(path)
+                _judge(result, result["precision"], args.min_agreement)
     else:
         if args.dtype != "fp32":
             raise ValueError("--dtype applies to --format onnx only")
         from slimtorch.models import load_exported, save_exported
+        from slimtorch.quant.export import export_precision
 
         with _checked_output(Path(args.out)) as path:
             save_exported(model, example, path)
@@ -233,7 +266,17 @@ def run(args: argparse.Namespace) -> int:
 
                 with torch.no_grad():
                     inputs, result["checked_on"] = check_inputs(card, shape, args.data_root)
-                    result.update(output_agreement(load_exported(path)(inputs), model(inputs)))
+                    try:
+                        got = load_exported(path)(inputs)
+                    except Exception as exc:  # the program's guards (batch size ...)
+                        first = str(exc).splitlines()[0] if str(exc) else ""
+                        raise ValueError(
+                            f"the exported program fails on {result['checked_on']} (inputs "
+                            f"{tuple(inputs.shape)}: {type(exc).__name__}: {first}); not "
+                            "written. Export with --batch of the batches it will be given"
+                        ) from None
+                    result.update(output_agreement(got, model(inputs)))
+                _judge(result, export_precision(model), args.min_agreement)
     result["bytes"] = Path(args.out).stat().st_size
     print(json.dumps(result))
     return 0
