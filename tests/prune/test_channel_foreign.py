@@ -138,6 +138,108 @@ def test_a_parameter_bound_skips_its_group_like_a_parameter_operand_of_add() -> 
     assert added.reason.split(" combines ")[1] == rows["c1"].reason.split(" combines ")[1]
 
 
+UNTRACKED = "combines channels with a tensor the graph does not track (a parameter or constant)"
+# a per-channel scale (layer scale) however the forward shapes it: every form that combines the
+# conv's channels with values the graph does not track skips the conv's group, naming the op
+SCALES: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "gamma (C,1,1)": lambda m, h: h * m.gamma,
+    "gamma[:, None, None]": lambda m, h: h * m.gamma[:, None, None],
+    "(2 * gamma)[:, None, None]": lambda m, h: h * (2.0 * m.gamma)[:, None, None],
+    "gamma.view(1, -1, 1, 1)": lambda m, h: h * m.gamma.view(1, -1, 1, 1),
+    "gamma.reshape(-1, 1, 1)": lambda m, h: h * m.gamma.reshape(-1, 1, 1),
+    "gamma.unsqueeze(-1).unsqueeze(-1)": lambda m, h: h * m.gamma.unsqueeze(-1).unsqueeze(-1),
+    "gamma.expand(C).unsqueeze(1)[..., None]": lambda m, h: (
+        h * m.gamma.expand(h.size(1)).unsqueeze(1)[..., None]
+    ),
+    ".mul(gamma[:, None, None])": lambda m, h: h.mul(m.gamma[:, None, None]),
+    "torch.ones(1, C, 1, 1)": lambda m, h: h * torch.ones(1, 16, 1, 1),
+    "h.new_ones(1, C, 1, 1)": lambda m, h: h * h.new_ones(1, 16, 1, 1),
+    "h.new_full((C, 1, 1), 2.0)": lambda m, h: h + h.new_full((16, 1, 1), 2.0),
+}
+# the same forms with one value for all channels: they broadcast, so the group stays prunable
+BROADCAST: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "gamma[:, None, None] (C=1)": lambda m, h: h * m.gamma[:, None, None],
+    "gamma.view(1, -1, 1, 1) (C=1)": lambda m, h: h * m.gamma.view(1, -1, 1, 1),
+    "gamma[0] (scalar)": lambda m, h: h * m.gamma[0],
+    "2 * torch.ones(1, 1, 1, 1)": lambda m, h: h * (2.0 * torch.ones(1, 1, 1, 1)),
+    "h.new_full((1, 1, 1, 1), 2.0)": lambda m, h: h * h.new_full((1, 1, 1, 1), 2.0),
+}
+
+
+class LayerScale(nn.Module):
+    def __init__(self, op: Callable[[nn.Module, torch.Tensor], torch.Tensor], *gamma: int) -> None:
+        super().__init__()
+        self.op = op
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(gamma) + 0.5)
+        self.head = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.op(self, F.relu(self.conv(F.relu(self.stem(x)))))
+        return self.fc(F.relu(self.head(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", list(SCALES))
+def test_a_layer_scale_indexed_or_reshaped_in_forward_skips_its_group_by_name(form: str) -> None:
+    torch.manual_seed(0)
+    shape = (16, 1, 1) if form == "gamma (C,1,1)" else (16,)
+    model, x = LayerScale(SCALES[form], *shape).eval(), torch.randn(2, 3, 8, 8)
+    _kill(model, x, only=["stem", "head"])
+    want = _run(model, x)
+    report = prune_channels_(model, CONFIG, x)
+    rows = {r.name: r for r in report.rows}
+    assert rows["conv"].action == "skipped" and model.conv.out_channels == 16
+    reason = rows["conv"].reason or ""
+    assert reason.startswith(("function mul (node 'mul", "method .mul() (node", "function add"))
+    assert reason.endswith(UNTRACKED), reason
+    assert [r.name for r in report.pruned] == ["stem", "head"]
+    assert model.stem.out_channels == model.conv.in_channels == 8 and model.head.out_channels == 16
+    torch.testing.assert_close(_run(model, x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", list(BROADCAST))
+def test_an_untracked_operand_that_broadcasts_over_channels_blocks_nothing(form: str) -> None:
+    torch.manual_seed(0)
+    model, x = LayerScale(BROADCAST[form], 1).eval(), torch.randn(2, 3, 8, 8)
+    assert not any(g.blocked for g in build_graph(model, x).groups)
+    _kill(model, x)
+    want = _run(model, x)
+    report = prune_channels_(model, CONFIG, x)
+    assert [r.name for r in report.pruned] == ["stem", "conv", "head"]
+    assert model.conv.out_channels == model.head.in_channels == 8
+    torch.testing.assert_close(_run(model, x), want, rtol=1e-5, atol=1e-6)
+
+
+class OffAxis(nn.Module):
+    """Token features (N, T, 16) plus a conv's channels moved onto the last axis (N, 1, 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(3, 16, 1)
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(z) + self.c(x).transpose(1, 2))
+
+
+def test_a_tracked_operand_with_its_channels_on_another_axis_blocks_the_group() -> None:
+    model, x = OffAxis().eval(), (torch.randn(2, 3, 1), torch.randn(2, 5, 8))
+    with torch.no_grad():
+        want = model(*x)
+    rows = {r.name: r for r in prune_channels_(model, CONFIG, x).rows}
+    assert rows["a"].action == "skipped" and model.a.out_features == 16
+    assert rows["a"].reason == (
+        "function add (node 'add') combines channels with a tensor whose channels lie on "
+        "another axis"
+    )
+    assert rows["c"].action == "skipped" and "method .transpose()" in (rows["c"].reason or "")
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), want)
+
+
 # ---- 2. forwards that differ between train and eval mode --------------------------------------
 class AuxNet(nn.Module):
     """GoogLeNet style: an auxiliary head on c1's channels, run in training only."""

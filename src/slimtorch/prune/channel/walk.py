@@ -4,8 +4,11 @@ Each node of the traced graph gets the channel space of its output tensor and th
 carries it (1 for ``(N, C, ...)`` maps, the last axis for Linear features). Layers
 (conv/linear/batch norm) record a :class:`LayerUse`; elementwise ops unify their operands'
 spaces; ``cat``, ``flatten`` and ``view`` build composite spaces; pooling, activations and
-channel-preserving reductions pass the space through. Every other op *blocks* the spaces that
-reach it, with a reason naming the op (see :mod:`.spaces`).
+channel-preserving reductions pass the space through (the ops each rule covers are listed in
+:mod:`.ops`). Every other op *blocks* the spaces that reach it, with a reason naming the op
+(see :mod:`.spaces`). Parameters, constants and whatever is computed from them alone
+(``gamma[:, None, None]``) are not tracked: an elementwise op that combines channels with such
+a tensor, not broadcast over the channel axis, blocks them.
 
 Example:
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -31,50 +33,25 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp  # noqa: F401  (used by the example)
 from torch.nn.utils import parametrize
 
+from slimtorch.prune.channel.ops import (
+    BINARY,
+    BINARY_METHODS,
+    BN_TYPES,
+    CASTS,
+    CONV_TYPES,
+    META_METHODS,
+    NEW_METHODS,
+    POOL_FUNCS,
+    POOL_MODULES,
+    REDUCE,
+    REDUCE_METHODS,
+    UNARY_FUNCS,
+    UNARY_METHODS,
+    UNARY_MODULES,
+)
 from slimtorch.prune.channel.spaces import Cat, Space, SpaceSet, expand
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_UNARY_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)  # fmt: skip
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-)  # fmt: skip
-_UNARY_FUNCS: set[Any] = {
-    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, torch.sigmoid, torch.tanh, F.dropout,
-    F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, torch.abs, torch.neg, torch.exp,
-    torch.clamp, torch.clip, torch.square,
-}  # fmt: skip
-_UNARY_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clone", "contiguous", "float",
-    "half", "double", "bfloat16", "to", "type_as", "detach", "clamp", "clamp_", "clip", "clip_",
-    "abs", "neg", "exp", "square",
-}  # fmt: skip
-# methods whose other tensor arguments only give a dtype/device (``x.to(y)``, ``x.type_as(y)``);
-# any other unary op handed a second tensor (``clamp(a, min=b)``) combines it elementwise
-_CASTS = {"to", "type_as"}
-_POOL_FUNCS: set[Any] = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
-}  # fmt: skip
-_BINARY: set[Any] = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-}  # fmt: skip
-_BINARY_METHODS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
-}  # fmt: skip
-_REDUCE: set[Any] = {torch.mean, torch.sum, torch.amax}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
-_META_METHODS = {"size", "dim", "numel"}
+_UNTRACKED = "the graph does not track (a parameter or constant)"
 
 
 @dataclasses.dataclass
@@ -170,7 +147,9 @@ class ChannelWalker:
         self.info[node] = _T(leaf, cdim, shape)
 
     def _unsupported(self, node: fx.Node) -> None:
-        if not self._inputs(node):  # builds a new tensor from shapes/constants only
+        if all(t.space is None for t in self._inputs(node)):
+            # builds a tensor from shapes, constants and parameters only (``gamma[:, None]``):
+            # it stays untracked, so an op that combines it with channels sees it (elementwise)
             self._set(node, None, 0)
             return
         self._opaque(node, f"channels flow into unsupported {self._describe(node)}")
@@ -209,7 +188,7 @@ class ChannelWalker:
             return n
 
         fx.node.map_arg((node.args[1:], node.kwargs), visit)
-        cast = node.op == "call_method" and node.target in _CASTS
+        cast = node.op == "call_method" and node.target in CASTS
         if node.op != "call_module" and not cast and any(n in self.info for n in others):
             self.elementwise(node)
             return
@@ -235,6 +214,9 @@ class ChannelWalker:
             return
         nd = len(out)
         aligned = [(t, t.cdim + nd - len(t.shape)) for t in ins if t.space is not None]
+        if not aligned:  # parameters and constants only: the result is not tracked either
+            self._set(node, None, 0)
+            return
         layer_axes = [d for t, d in aligned if id(t.space) not in self.input_leaves]
         if layer_axes:  # a model input takes the channel axis of the layer output it meets
             moved = [self._reanchored(t, layer_axes[0] - nd + len(t.shape)) for t, _ in aligned]
@@ -252,11 +234,14 @@ class ChannelWalker:
                 self._opaque(node, f"{where} adds channel axes that do not line up")
                 return
             self.spaces.unify(first.space, t.space, where)
-        for t in ins:
+        # any other operand not broadcast over axis d0 (a parameter or constant, or a tensor with
+        # its channels on another axis) holds values that cannot be sliced with those channels
+        others = [t for t, _ in aligned if all(t is not f for f, _ in full)]
+        for t in [t for t in ins if t.space is None] + others:
             k = d0 - (nd - len(t.shape))
-            if t.space is None and 0 <= k < len(t.shape) and t.shape[k] != 1:
-                self.spaces.block(first.space, f"{where} combines channels with a tensor "
-                                  "the graph does not track (a parameter or constant)")  # fmt: skip
+            if 0 <= k < len(t.shape) and t.shape[k] != 1:
+                what = _UNTRACKED if t.space is None else "whose channels lie on another axis"
+                self.spaces.block(first.space, f"{where} combines channels with a tensor {what}")
         self._set(node, first.space, d0)
 
     def reduce(self, node: fx.Node) -> None:
@@ -348,9 +333,9 @@ class ChannelWalker:
         name = str(node.target)
         mod = self.modules[name]
         t = self._first(node)
-        if type(mod) in _UNARY_MODULES:
+        if type(mod) in UNARY_MODULES:
             self.passthrough(node)
-        elif type(mod) in _POOL_MODULES:
+        elif type(mod) in POOL_MODULES:
             self.pool(node)
         elif type(mod) is nn.Flatten:
             self.flatten(node, mod.start_dim, mod.end_dim)
@@ -414,13 +399,13 @@ class ChannelWalker:
 
     def function(self, node: fx.Node) -> None:
         f = node.target
-        if f in _UNARY_FUNCS:
+        if f in UNARY_FUNCS:
             self.passthrough(node)
-        elif f in _BINARY:
+        elif f in BINARY:
             self.elementwise(node)
-        elif f in _POOL_FUNCS:
+        elif f in POOL_FUNCS:
             self.pool(node)
-        elif f in _REDUCE:
+        elif f in REDUCE:
             self.reduce(node)
         elif f is torch.flatten:
             self.flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
@@ -438,13 +423,16 @@ class ChannelWalker:
 
     def method(self, node: fx.Node) -> None:
         m = str(node.target)
-        if m in _META_METHODS:
+        if m in META_METHODS:
             return
-        if m in _UNARY_METHODS:
+        if m in NEW_METHODS:
+            self._set(node, None, 0)
+            return
+        if m in UNARY_METHODS:
             self.passthrough(node)
-        elif m in _BINARY_METHODS:
+        elif m in BINARY_METHODS:
             self.elementwise(node)
-        elif m in _REDUCE_METHODS:
+        elif m in REDUCE_METHODS:
             self.reduce(node)
         elif m == "flatten":
             self.flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
