@@ -326,3 +326,17 @@ def test_a_forward_that_needs_values_saves_and_loads(
     loaded, _ = load_model(path)
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_saved_in_half_takes_float32_inputs(tmp_path: Path, dtype: torch.dtype) -> None:
+    # eval, compress and export fed it float32 batches and failed with a raw dtype clash
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, input_size=28).to(dtype).eval()
+    path = _save(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.3], std=[0.3])
+    loaded, card = load_model(path)
+    assert card.dtype == str(dtype).removeprefix("torch.")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x.to(dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x.to(dtype)), model(x.to(dtype)), rtol=0, atol=0)

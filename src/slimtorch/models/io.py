@@ -359,6 +359,19 @@ def _check_rebuildable(model: nn.Module, arch: dict[str, Any]) -> None:
         )
 
 
+class _InputsTo:
+    """Forward pre-hook casting a model's floating tensor inputs to its dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+
+
 def load_model(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard]:
@@ -366,7 +379,9 @@ def load_model(
 
     Steps: ``create_model`` from the recorded architecture, replay the recorded transforms,
     cast to the saved dtype, load ``model.safetensors`` strictly (missing, unexpected and
-    mismatched keys raise), move to ``device``.
+    mismatched keys raise), move to ``device``. A model saved in one dtype other than float32
+    (after ``model.half()``, say) casts its floating inputs to that dtype (a forward pre-hook),
+    so it takes the float32 batches every loader and command gives.
 
     Args:
         path: The model directory.
@@ -416,6 +431,8 @@ def load_model(
                 "re-save the model"
             )
         model.to(dtype)
+        if dtype != torch.float32:  # a model.half() one: takes the float32 inputs loaders give
+            model.register_forward_pre_hook(_InputsTo(dtype))
 
     if not weights.is_file():
         raise ModelLoadError(
