@@ -295,7 +295,7 @@ def compress_run(
     model, card = load_model(in_path, device=device)
     name = dataset_record(dataset) if dataset else card.dataset
     if not name:
-        raise ValueError(f"{in_path} does not record its dataset; pass dataset=...")
+        raise ValueError(f"{in_path} does not record its dataset; pass dataset= (--dataset)")
     recorded = card.dataset
     if dataset and recorded and name != recorded:
         logger.warning(
