@@ -340,3 +340,4 @@ def test_a_model_saved_in_half_takes_float32_inputs(tmp_path: Path, dtype: torch
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x.to(dtype)), rtol=0, atol=0)
         torch.testing.assert_close(loaded(x.to(dtype)), model(x.to(dtype)), rtol=0, atol=0)
+        assert loaded.float()(x).dtype == torch.float32  # cast back, it takes float32 as is

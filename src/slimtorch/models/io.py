@@ -360,14 +360,17 @@ def _check_rebuildable(model: nn.Module, arch: dict[str, Any]) -> None:
 
 
 class _InputsTo:
-    """Forward pre-hook casting a model's floating tensor inputs to its dtype."""
+    """Forward pre-hook casting a model's floating tensor inputs to the dtype its parameters
+    hold now (so ``model.float()`` after loading still works)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        p = next((t for t in module.parameters() if t.is_floating_point()), None)
+        dtype = self.dtype if p is None else p.dtype
         return tuple(
-            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in args
         )
 
