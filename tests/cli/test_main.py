@@ -318,6 +318,10 @@ def test_models_registered_by_the_users_module_load_with_import(
     monkeypatch.delitem(sys.modules, "usermodels", raising=False)
     monkeypatch.setenv("SLIMTORCH_IMPORT", "usermodels")
     assert main(["profile", "--in", "m"]) == 0
+    # the same module by name and by file: imported once, not registered twice
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    assert main(["--import", str(tmp_path / "usermodels.py"), "profile", "--in", "m"]) == 0
     capsys.readouterr()
     assert main(["--import", "no_such_module_here", "devices"]) == 2
     assert "--import no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err

@@ -55,19 +55,29 @@ def import_user_modules(names: Sequence[str]) -> None:
         try:
             if name.endswith(".py") or os.sep in name:
                 path = Path(name).resolve()
-                spec = importlib.util.spec_from_file_location(path.stem, path)
+                loaded = [m for m in list(sys.modules.values()) if _file_of(m) == path]
+                if loaded:
+                    continue  # given twice (by name and by file): registered once
+                # its own name unless that is taken (a file named copy.py must not replace copy)
+                mod = path.stem if path.stem not in sys.modules else f"slimtorch_user_{path.stem}"
+                spec = importlib.util.spec_from_file_location(mod, path)
                 if spec is None or spec.loader is None or not path.is_file():
                     raise FileNotFoundError(f"no Python file {str(path)!r}")
                 module = importlib.util.module_from_spec(spec)
-                sys.modules[path.stem] = module
+                sys.modules[mod] = module
                 spec.loader.exec_module(module)
             else:
                 if "" not in sys.path and os.getcwd() not in sys.path:
-                    sys.path.append(os.getcwd())  # as `python -m` finds modules here
+                    sys.path.insert(0, os.getcwd())  # first, as `python -m` finds modules here
                 importlib.import_module(name)
         except Exception as exc:  # whatever the user's module raises while importing
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise ValueError(f"--import {name}: {type(exc).__name__}: {first}") from exc
+
+
+def _file_of(module: object) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if isinstance(file, str) else None
 
 
 class _Parser(argparse.ArgumentParser):
