@@ -281,10 +281,32 @@ def test_a_forward_reading_a_swapped_weight_is_undone_and_named() -> None:
     dense = net.fc1
     net.fc1 = build_sparse_layer(dense, "csr")
     with pytest.raises(ValueError, match=r"sparse layers fc1.*fails .*The model is unchanged"):
-        _check_outputs(net, X, {"fc1": dense})
+        _check_outputs(net, X, {"fc1": dense}, (1e-4, 1e-4))
     assert net.fc1 is dense
     with torch.no_grad():
         torch.testing.assert_close(net(X), before, rtol=0, atol=0)
     net.fc2 = build_sparse_layer(dense2 := net.fc2, "csr")  # one it does not read: kept
-    _check_outputs(net, X, {"fc2": dense2})
+    _check_outputs(net, X, {"fc2": dense2}, (1e-4, 1e-4))
+    assert isinstance(net.fc2, SparseLinear)
+
+
+def test_the_whole_model_check_keeps_the_tolerance_the_layers_were_held_to() -> None:
+    # a user's looser atol let a layer through, then the whole-model check held it to the
+    # default float32 bound and undid it, blaming a forward that reads weights by name
+    from slimtorch.sparse.sparsify import _check_outputs
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    prune_(net, MagnitudeConfig(sparsity=0.95), exclude=["unused"])
+    dense = net.fc2
+    off = nn.Linear(dense.in_features, dense.out_features)
+    with torch.no_grad():
+        off.weight.copy_(dense.weight)
+        off.bias.copy_(dense.bias + 2e-3)  # outputs move by 2e-3, as a loose kernel's might
+    net.fc2 = build_sparse_layer(off, "csr")
+    with pytest.raises(ValueError, match="off by"):
+        _check_outputs(net, X, {"fc2": dense}, (1e-4, 0.0))
+    assert net.fc2 is dense
+    net.fc2 = build_sparse_layer(off, "csr")
+    _check_outputs(net, X, {"fc2": dense}, (1e-3, 0.0))  # within 10x the layers' atol
     assert isinstance(net.fc2, SparseLinear)
