@@ -424,3 +424,66 @@ def test_nm_pattern_tells_nm_masks_from_unstructured_ones() -> None:
     assert nm_pattern(nm.weight_mask) == (1, 4)
     assert nm_pattern(mag.weight_mask) is None
     assert nm_pattern(torch.ones(4, 8, dtype=torch.bool)) is None
+
+
+# ---- 6. submodules fx cannot trace ------------------------------------------------------------
+def test_a_tt_layer_blocks_only_the_channels_flowing_into_it() -> None:
+    # a model decomposed with TT (its forward loops over a ParameterList) could not be traced,
+    # so channel pruning failed on the whole model without naming the layer
+    from slimtorch.decompose import TTConfig, decompose_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    decompose_(model, TTConfig(rank=8), include=["5"])
+    x = torch.randn(4, 1, 8, 8)
+    report = prune_channels_(model, CONFIG, x)
+    rows = {r.name: r for r in report.rows}
+    assert rows["3"].action == "skipped" and "TTLinear module '5'" in rows["3"].reason
+    assert rows["0"].action == "pruned" and model[0].out_channels == 8
+    assert model(x).shape == (4, 10)
+
+
+class _Gate(nn.Module):
+    """A block whose forward branches on values: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.mean() > -1e9 else x
+
+
+class _WithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gate = _Gate()
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(self.gate(torch.relu(self.c1(x)))))
+        return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
+
+
+def test_a_submodule_fx_cannot_trace_is_kept_whole_and_the_rest_pruned() -> None:
+    model, x = _WithGate().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    report = prune_channels_(model, CONFIG, x)
+    rows = {r.name: r for r in report.rows}
+    assert rows["c1"].action == "skipped" and "_Gate module 'gate'" in rows["c1"].reason
+    assert "gate.conv" not in rows  # inside the opaque call: never sliced
+    assert model.gate.conv.weight.shape == (16, 16, 3, 3)
+    assert rows["c2"].action == "pruned" and model.c2.out_channels == 16
+    assert model(x).shape == before.shape
+
+
+def test_a_root_forward_fx_cannot_trace_is_still_refused() -> None:
+    with pytest.raises(ChannelGraphError, match=r"torch\.fx cannot trace _Gate"):
+        prune_channels_(_Gate(), CONFIG, torch.randn(1, 16, 4, 4))

@@ -14,8 +14,10 @@ nodes carry the dotted module names that the include/exclude globs and the saved
 ``torch.cat``/``flatten``/``view`` nodes carry their ``dim`` and shape arguments (so a
 hard-coded ``view(-1, 400)`` is caught before it breaks). The aten-level trace of
 :mod:`slimtorch.core.measure.trace` sees ops after decomposition, far from the module calls,
-and autograd ``grad_fn`` traversal needs gradients and loses the arguments of views. A model
-fx cannot trace (data-dependent control flow) raises :class:`ChannelGraphError`. fx evaluates
+and autograd ``grad_fn`` traversal needs gradients and loses the arguments of views. A
+submodule fx cannot trace on its own (data-dependent control flow, a TT layer's loop over its
+cores) is kept as one opaque call whose input channels are blocked by name; a model whose own
+forward fx cannot trace raises :class:`ChannelGraphError`. fx evaluates
 ``if self.training:`` at trace time, so the model is traced as its flags stand and in train and
 eval mode, and the walks feed one graph (a layer that several traces call is coupled like a
 module called twice): a branch that only one mode runs, an auxiliary head read in training, is
@@ -108,14 +110,41 @@ class ChannelGraph:
     groups: list[ChannelGroup]
 
 
+class _OpaqueTracer(fx.Tracer):
+    """fx's tracer that also keeps as one call every submodule it cannot trace on its own (a
+    TT layer's loop over its cores, a block with data-dependent control flow): the channels
+    flowing into it are then blocked by name and the rest of the model is still pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._opaque: dict[int, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        if id(m) not in self._opaque:
+            try:
+                fx.Tracer().trace(m)
+                self._opaque[id(m)] = False
+            except Exception:  # fx raises many error types on untraceable code
+                self._opaque[id(m)] = True
+        return self._opaque[id(m)]
+
+
 def _trace(model: nn.Module, training: bool | None) -> fx.GraphModule:
     """``fx.symbolic_trace`` of ``model`` with every module in train (or eval) mode, or with the
-    modules' own flags (``None``); the flags are restored."""
+    modules' own flags (``None``); the flags are restored. When that fails, submodules that
+    cannot be traced on their own become single calls (:class:`_OpaqueTracer`)."""
     modes = {m: m.training for m in model.modules()}
     try:
         if training is not None:
             model.train(training)
-        return fx.symbolic_trace(model)
+        try:
+            return fx.symbolic_trace(model)
+        except Exception:  # fx raises many error types on untraceable code
+            tracer = _OpaqueTracer()
+            graph = tracer.trace(model)
+            return fx.GraphModule(tracer.root, graph)
     finally:
         for m, mode in modes.items():
             m.training = mode
