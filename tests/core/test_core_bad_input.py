@@ -134,6 +134,28 @@ def test_set_submodule_checks_types() -> None:
     assert isinstance(net[0], nn.Linear)
 
 
+def test_hooks_a_replacement_drops_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    # a transform that replaced a hooked layer dropped the user's hooks without a word
+    from slimtorch.decompose import TuckerConfig, decompose_
+
+    net = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(32, 32, 3)))
+    seen: list[int] = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(1))
+    net[2][0].register_forward_pre_hook(lambda m, i: None)
+    net[2][0].register_forward_pre_hook(lambda m, i: None)
+    with caplog.at_level("WARNING", logger="slimtorch.core.surgery"):
+        decompose_(net, TuckerConfig(rank=0.5), include=["0"])
+        set_submodule(net, "2", nn.Identity())
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert said[0].startswith("hooks on 0 (1 forward hook) are not carried over to 0's")
+    assert said[1].startswith("hooks on 2.0 (2 forward pre hooks) are not carried over to 2's")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimtorch.core.surgery"):
+        set_submodule(net, "1", nn.ReLU())  # nothing hooked: nothing said
+    assert not caplog.records
+
+
 def test_numpy_scalars_in_configs_become_python_numbers() -> None:
     from slimtorch.quant import PTQConfig
     from slimtorch.train import TrainConfig

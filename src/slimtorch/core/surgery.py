@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 # Modules whose forward reads these children's ``weight``/``bias`` instead of calling them.
 _READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
@@ -172,7 +176,26 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
             f"{name!r} is not a submodule of {type(model).__name__} ({type(parent).__name__} "
             f"has no child {child!r}); list valid names with model.named_modules()"
         )
+    old = parent._modules[child]
+    if old is not None and old is not module and (hooked := _hooked(old, name)):
+        logger.warning(
+            "hooks on %s are not carried over to %s's replacement (%s); register them again "
+            "on the new layer if they are still wanted",
+            ", ".join(hooked),
+            name,
+            type(module).__name__,
+        )
     setattr(parent, child, module)
+
+
+def _hooked(module: nn.Module, name: str) -> list[str]:
+    """``module``'s own and its submodules' hooks, as ``"<name> (<n> forward hooks)"``."""
+    found = []
+    for sub_name, sub in module.named_modules(prefix=name):
+        counts = [(d.strip("_").replace("_", " ")[:-1], len(getattr(sub, d))) for d in _HOOK_DICTS]
+        if listed := [f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts if n]:
+            found.append(f"{sub_name} ({', '.join(listed)})")
+    return found
 
 
 def own_forward_reason(module: nn.Module) -> str | None:
