@@ -330,3 +330,36 @@ def test_a_layer_that_overflows_at_every_allowed_precision_is_named() -> None:
     with pytest.raises(PrecisionCheckError, match=r"layer\(s\) b make the outputs NaN/Inf"):
         mixed_precision_(model, cfg, torch.randn(16, 8))
     _unchanged(model, snap)
+
+
+class _Tokens(nn.Module):
+    """Token ids in, an embedding, then the layers quantization works on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(100, 32), nn.Linear(32, 64), nn.Linear(64, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids)).mean(1)))
+
+
+def test_token_id_inputs_calibrate_static_ptq_casts_and_mixed_precision() -> None:
+    # int64 token ids were refused as "uint8 pixels" by every calibrated path
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    model, ids = _Tokens().eval(), torch.randint(0, 100, (16, 12))
+    with torch.no_grad():
+        ref = model(ids)
+    for run in (
+        lambda m: quantize_(m, PTQConfig(mode="static"), calibration=ids),
+        lambda m: cast_(m, LowPrecisionConfig(dtype="fp16"), check_inputs=ids),
+        lambda m: mixed_precision_(m, MixedPrecisionConfig(size_ratio=1.3), calibration=ids),
+    ):
+        work = copy.deepcopy(model)
+        run(work)
+        with torch.no_grad():
+            out = work(ids)
+        assert out.dtype == torch.float32 and rel_error([out], [ref]) < 0.05
+    with pytest.raises(ValueError, match=r"torch.uint8; expected float inputs .* token ids"):
+        cast_(copy.deepcopy(model), LowPrecisionConfig(dtype="fp16"), check_inputs=ids.byte())

@@ -1,9 +1,9 @@
 """Check and calibration data for low-precision casts and mixed precision: parse, run, compare.
 
 Data may be given as one tensor (one unlabelled batch), one ``(inputs, labels)`` pair, or an
-iterable of either (a loader). Every batch is checked (non-empty, floating, finite, one shape
-past the batch dimension) before the model runs; a batch the float model rejects raises
-``ValueError`` naming the shape, and NaN/Inf outputs raise
+iterable of either (a loader). Every batch is checked (non-empty, float or int32/int64 indices,
+finite, one shape past the batch dimension) before the model runs; a batch the float model
+rejects raises ``ValueError`` naming the shape, and NaN/Inf outputs raise
 :class:`~slimtorch.quant.lsq.CalibrationError`. Whether data fits is judged on the float model
 only: a changed copy (cast, quantized) run with ``trial=True`` that fails on data its float
 original ran raises :class:`TrialError`, which blames the change, not the data.
@@ -23,6 +23,8 @@ from slimtorch.core.errors import SlimtorchError
 from slimtorch.quant.lsq import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+# integer inputs taken as indices (token ids for an embedding); uint8 reads as raw pixels
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 ONE_INPUT = (
     " (each batch is one input tensor, or an (inputs, labels) pair: a model taking several "
@@ -102,10 +104,10 @@ def as_batches(
             raise ValueError(f"{what} batch {i} is on the meta device and holds no values")
         if x.ndim == 0 or x.shape[0] == 0 or x.numel() == 0:
             raise ValueError(f"{what} batch {i} is empty (shape {tuple(x.shape)}); drop it")
-        if not x.is_floating_point():
+        if not x.is_floating_point() and x.dtype not in INDEX_DTYPES:
             raise ValueError(
                 f"{what} batch {i} has dtype {x.dtype}; expected float inputs as the model "
-                "takes them (normalised images, not uint8 pixels)"
+                "takes them (normalised images, not uint8 pixels), or int32/int64 token ids"
             )
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what} batch {i} holds NaN/Inf values; clean the data first")

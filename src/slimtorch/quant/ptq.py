@@ -310,7 +310,7 @@ def _calibrate(
     wdtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), None)
     try:
         for i, (x, _) in enumerate(batches):
-            if wdtype is not None and x.dtype != wdtype:
+            if wdtype is not None and x.dtype != wdtype and x.is_floating_point():
                 raise ValueError(
                     f"calibration batch {i} has dtype {x.dtype} but the model's weights are "
                     f"{wdtype}; give inputs of the model's dtype (x.to({wdtype}))"
