@@ -71,6 +71,30 @@ def test_skip_first_last_include_exclude_and_strict() -> None:
         quantize_(model, PTQConfig(mode="weight_only"), include=["nope*"])
 
 
+class _HeadFirst(nn.Module):
+    """The classifier is registered before the body it follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_static_skip_first_last_follow_the_order_the_data_runs() -> None:
+    # static mode took first/last in registration order: the head was "first", the stem "last"
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 10, 10)
+    report = quantize_(_HeadFirst(), PTQConfig(skip_first=True, skip_last=True), calibration=x)
+    assert {r.name: r.action for r in report.rows} == {
+        "body.0": "skipped", "body.2": "quantized", "head": "skipped"}  # fmt: skip
+    assert "skip_first" in next(r.reason for r in report.rows if r.name == "body.0")
+    report = quantize_(_HeadFirst(), PTQConfig(mode="weight_only", skip_first=True))
+    assert {r.name for r in report.rows if r.action == "skipped"} == {"head"}  # module order
+
+
 class _Log(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(x)  # NaN for negative inputs

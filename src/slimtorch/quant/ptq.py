@@ -72,8 +72,10 @@ class PTQConfig(Config):
         weight_bits: 8, or 4 (stored in int8, computed by dequantizing: no int4 kernel).
         weight_observer: Weight range: ``"minmax"`` or ``"mse"``.
         calibration_batches: Most batches used from the calibration data.
-        skip_first: Keep the first targeted layer (in module order) in float.
-        skip_last: Keep the last targeted layer in float.
+        skip_first: Keep the first targeted layer in float: the first one the first calibration
+            batch runs in static mode (as casts and mixed precision count), the first in module
+            order in the other modes, which have no data.
+        skip_last: Keep the last targeted layer in float (counted the same way).
         fold_bn: Fold Conv2d -> BatchNorm2d pairs before quantizing (static and dynamic).
         quantize_residuals: Static mode: quantize residual adds' inputs and the ReLU after them.
     """
@@ -156,10 +158,25 @@ def _targets(
     return out, rows
 
 
-def _skip_reason(name: str, module: nn.Module, i: int, n: int, cfg: PTQConfig) -> str | None:
-    if cfg.skip_first and i == 0:
+def _ends(
+    work: nn.Module, targets: list[tuple[str, nn.Module]], batches: list[_calib.Batch]
+) -> tuple[str | None, str | None]:
+    """The first and last targeted layers: in the order the first batch runs them when there
+    is data (a head registered before the body is then the last), else in module order."""
+    order = [name for name, _ in targets]
+    if batches:
+        with _calib.track_calls(work, dict(targets)) as runs:
+            _calib.run_batches(work, batches[:1])
+        order = runs[0] if runs and runs[0] else order
+    return (order[0], order[-1]) if order else (None, None)
+
+
+def _skip_reason(
+    name: str, module: nn.Module, ends: tuple[str | None, str | None], cfg: PTQConfig
+) -> str | None:
+    if cfg.skip_first and name == ends[0]:
         return "first layer kept in float (skip_first=True)"
-    if cfg.skip_last and i == n - 1:
+    if cfg.skip_last and name == ends[1]:
         return "last layer kept in float (skip_last=True)"
     if isinstance(module, nn.Conv2d) and (
         isinstance(module.padding, str) or module.padding_mode != "zeros"
@@ -404,9 +421,10 @@ def quantize_(
             info["fold_note"] = folded.reason
     targets, rows = _targets(work, include, exclude)
     blocked = replacement_blockers(work, targets)
+    ends = _ends(work, targets, batches) if config.skip_first or config.skip_last else (None, None)
     chosen: list[str] = []
-    for i, (name, module) in enumerate(targets):
-        reason = blocked.get(name) or _skip_reason(name, module, i, len(targets), config)
+    for name, module in targets:
+        reason = blocked.get(name) or _skip_reason(name, module, ends, config)
         if reason is None:
             chosen.append(name)
         else:
