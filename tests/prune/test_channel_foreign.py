@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -487,3 +488,19 @@ def test_a_submodule_fx_cannot_trace_is_kept_whole_and_the_rest_pruned() -> None
 def test_a_root_forward_fx_cannot_trace_is_still_refused() -> None:
     with pytest.raises(ChannelGraphError, match=r"torch\.fx cannot trace _Gate"):
         prune_channels_(_Gate(), CONFIG, torch.randn(1, 16, 4, 4))
+
+
+def test_a_float64_model_from_load_model_is_pruned(tmp_path: Path) -> None:
+    # load_model gives such a model a pre-hook casting float32 inputs; the traced copy the
+    # shape pass ran had none, so every float64 model directory failed "on example_input"
+    from slimtorch.models import create_model, load_model, save_model
+
+    torch.manual_seed(0)
+    net = create_model("lenet5", in_channels=1, input_size=28).double()
+    save_model(net, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.0], std=[1.0],
+               class_names=list("0123456789"))  # fmt: skip
+    model, _ = load_model(tmp_path / "m")
+    x = torch.randn(4, 1, 28, 28)
+    report = prune_channels_(model, ChannelPruneConfig(ratio=0.5), x)
+    assert "pruned" in {r.action for r in report.rows}
+    assert model(x).dtype == torch.float64 and model(x).shape == (4, 10)

@@ -158,6 +158,13 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) 
     try:
         model.eval()
         with torch.no_grad():
+            # the traced copy drops the root's own pre-hooks (load_model's input cast for a
+            # float64 or half model): run them here, as calling the model would
+            for hook_id, hook in model._forward_pre_hooks.items():
+                if hook_id not in model._forward_pre_hooks_with_kwargs:
+                    out = hook(model, args)
+                    if out is not None:
+                        args = out if isinstance(out, tuple) else (out,)
             ShapeProp(gm).propagate(*args)
     finally:
         for m, mode in modes.items():
