@@ -231,6 +231,25 @@ def test_direct_conv_lowers_the_stem_and_times_it_compiled(trained: Path, tmp_pa
         )
 
 
+def test_direct_conv_on_a_float64_model_skips_the_compiled_check(
+    trained: Path, tmp_path: Path
+) -> None:
+    # inductor's frozen CPU kernels take no float64: the finish step ended the command in a
+    # 120-line BackendCompilerFailed traceback after the transform had run
+    from slimtorch.models import save_model
+    from slimtorch.quant import compile_int8_x86
+
+    model, card = load_model(trained / "model")
+    double = tmp_path / "f64"
+    save_model(model.double(), double / "model", input_shape=card.input_shape, mean=card.mean,
+               std=card.std, class_names=card.class_names, extra=card.extra)  # fmt: skip
+    report = _run(double, tmp_path / "direct", "direct-conv", {})
+    assert report["layers"]["lowered"] == 1
+    assert "float64" in report["finish"]["hint"] and not report["finish"].get("compiled_latency")
+    with pytest.raises(ValueError, match="cannot compile a float64 model"):
+        compile_int8_x86(model)
+
+
 def test_qat_times_the_converted_int8_model_against_the_float_one(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,7 +147,8 @@ def compile_int8_x86(
         A :class:`CompiledInt8` module.
 
     Raises:
-        ValueError: The model is not on the CPU, or ``target`` is unknown.
+        ValueError: The model is not on the CPU or holds float64 weights, or ``target`` is
+            unknown.
 
     Example (inductor compiles for several seconds, hence skipped as a test):
         >>> from slimtorch.models import create_model
@@ -167,6 +168,11 @@ def compile_int8_x86(
         break
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
+    if any(t.dtype == torch.float64 for t in model.parameters()):
+        raise ValueError(
+            "compile_int8_x86 cannot compile a float64 model (inductor's frozen CPU kernels "
+            "take float32, bfloat16 and int8); convert it with model.float() first"
+        )
     _register_x86_passes()
     if max_autotune is None:
         max_autotune = wants_max_autotune(model)
