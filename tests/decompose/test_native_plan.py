@@ -166,3 +166,19 @@ def test_weights_made_in_inference_mode_run_without_a_plan() -> None:
         layer.core.weight.mul_(2.0)  # unseen by any version counter: must still be used
         torch.testing.assert_close(layer(x), reference_of(layer, x, None), atol=ATOL, rtol=RTOL)
     assert len(layer._plans) == 0
+
+
+def test_planned_calls_return_float32_whatever_the_default_dtype() -> None:
+    # the output buffer took the default dtype: under float64 the kernel's float32 values were
+    # read as float64 garbage (off by about 1.2)
+    layer, x = _layer(residual=False), torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        ref = layer(x)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = layer(x)
+        finally:
+            torch.set_default_dtype(old)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)

@@ -115,3 +115,24 @@ def test_saved_int8_model_reloads_without_calibration(tmp_path) -> None:
     assert isinstance(loaded.get_submodule("features.1"), QDQAct)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref)
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic", "static"])
+def test_int8_layers_stay_float32_whatever_the_default_dtype(mode: str) -> None:
+    # their scales and bias took the default dtype: under float64 quantize_ reported every
+    # layer quantized and the model then failed on its next call
+    from slimtorch.models import create_model
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = create_model("lenet5", in_channels=1, input_size=28).float().eval()
+        x = torch.randn(4, 1, 28, 28, dtype=torch.float32)
+        quantize_(model, PTQConfig(mode=mode), calibration=x if mode == "static" else None)
+        out = model(x)
+    finally:
+        torch.set_default_dtype(old)
+    assert out.dtype == torch.float32 and out.shape == (4, 10)
+    assert model.fc1.bias.dtype == model.fc1.weight_scale.dtype == torch.float32

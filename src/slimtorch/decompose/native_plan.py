@@ -164,7 +164,7 @@ class PlanCache:
                 return None
             residual = residual.contiguous()
             res = residual.data_ptr()
-        y = torch.empty(n, co, ho, wo)
+        y = torch.empty(n, co, ho, wo, dtype=torch.float32)  # what the kernel writes
         rc = lib.slimtorch_tucker_run(
             plan.handle, x.data_ptr(), n, y.data_ptr(), res, relu, torch.get_num_threads()
         )

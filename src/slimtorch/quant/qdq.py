@@ -160,7 +160,8 @@ class _QDQLayer(nn.Module):
         self.register_buffer(
             "weight_int8", torch.zeros(weight_shape, dtype=torch.int8, device=device)
         )
-        self.register_buffer("weight_scale", torch.ones(c_out, device=device))
+        # float32 whatever the default dtype: the int8 path computes in float32
+        self.register_buffer("weight_scale", torch.ones(c_out, dtype=torch.float32, device=device))
         # zero points of symmetric weights: always 0, rebuilt on load, never saved
         self.register_buffer(
             "weight_zero_point",
@@ -168,7 +169,7 @@ class _QDQLayer(nn.Module):
             persistent=False,
         )
         self.bias: nn.Parameter | None = (
-            nn.Parameter(torch.zeros(c_out, device=device)) if bias else None
+            nn.Parameter(torch.zeros(c_out, dtype=torch.float32, device=device)) if bias else None
         )
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
