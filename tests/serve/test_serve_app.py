@@ -72,6 +72,22 @@ def test_config_is_derived_for_a_bare_model_directory(repo: Path) -> None:
         assert cfg["labels"] == [str(i) for i in range(10)]
 
 
+@pytest.mark.parametrize(("cast", "datatype"), [("double", "FP64"), ("half", "FP32")])
+def test_a_bare_float64_or_half_model_directory_serves(
+    repo: Path, cast: str, datatype: str
+) -> None:
+    # the derived config said FP32 logits for every model: a float64 one failed to load,
+    # asking for a config the user never wrote
+    save_slimtorch(repo / "wide" / "1", getattr(make_mlp(5), cast)())
+    x = _digits(2)
+    with app_client(repo, api_key=KEY) as c:
+        assert c.get("/v2/models/wide/config").json()["outputs"][0]["datatype"] == datatype
+        r = c.post("/v2/models/wide/infer", json=_v2(x))
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["datatype"] == datatype and out["shape"] == [2, 10]
+
+
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_binary_tensor_extension_in_and_out(repo: Path, fast_path: bool) -> None:
     x = _digits(2)

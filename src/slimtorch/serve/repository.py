@@ -120,10 +120,12 @@ def _slimtorch_derived(path: Path) -> dict[str, Any]:
     from slimtorch.models import read_model_card
 
     card = read_model_card(path)
+    # a float64 model's logits are float64; half, bfloat16 and mixed ones are served as FP32
+    logits = "FP64" if card.dtype == "float64" else "FP32"
     return {
         "format": "slimtorch",
         "inputs": [{"name": "input", "datatype": "FP32", "dims": list(card.input_shape)}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "dims": [len(card.class_names)]}],
+        "outputs": [{"name": "logits", "datatype": logits, "dims": [len(card.class_names)]}],
         "labels": list(card.class_names),
     }
 
