@@ -11,8 +11,8 @@ measured:
   model eagerly on the device at hand, and where the method timed them, both models compiled,
   each int8 runtime, the sparse kernels). Each is called ``faster`` or ``slower`` only when the
   median ratio moved by at least :data:`MATERIAL` *and* a sign test over the paired rounds says
-  the direction is not chance (two-sided p at most :data:`ALPHA`: 9 of 9 or 8 of 9 rounds, 7 of
-  7, 5 of 5); otherwise ``unchanged``. A timing without rounds needs a 10% move.
+  that same direction is not chance (two-sided p at most :data:`ALPHA`: 9 of 9 or 8 of 9
+  rounds, 7 of 7, 5 of 5); otherwise ``unchanged``. A timing without rounds needs a 10% move.
 
 Example:
     >>> v = make_verdict(
@@ -65,16 +65,25 @@ def classify_speed(speedup: float, faster_rounds: int | None, rounds: int | None
         ('faster', 'unchanged', 'unchanged')
         >>> classify_speed(0.5, 0, 7), classify_speed(0.5, None, None)
         ('slower', 'slower')
+
+    The rounds must lean the way the median moved: a median 0.84x with 8 of 9 rounds faster
+    (the two measures disagree: noise) is ``unchanged``.
+
+        >>> classify_speed(0.84, 8, 9), classify_speed(1.2, 0, 7)
+        ('unchanged', 'unchanged')
     """
     if not math.isfinite(speedup) or speedup <= 0:
         return "unchanged"
     if faster_rounds is None or rounds is None:
-        material, direction_ok = UNROUNDED_MATERIAL, True
+        material, faster_ok, slower_ok = UNROUNDED_MATERIAL, True, True
     else:
-        material, direction_ok = MATERIAL, sign_test_p(faster_rounds, rounds) <= ALPHA
-    if direction_ok and speedup >= 1 + material:
+        lopsided = sign_test_p(faster_rounds, rounds) <= ALPHA
+        material = MATERIAL
+        faster_ok = lopsided and 2 * faster_rounds > rounds
+        slower_ok = lopsided and 2 * faster_rounds < rounds
+    if faster_ok and speedup >= 1 + material:
         return "faster"
-    if direction_ok and speedup <= 1 / (1 + material):
+    if slower_ok and speedup <= 1 / (1 + material):
         return "slower"
     return "unchanged"
 
