@@ -160,12 +160,17 @@ def test_compress_keeps_a_model_unless_overwrite(
         f"slimtorch compress: error: --out {out} already holds a model (model/); pass "
         "--overwrite to replace it, or choose another --out"
     )
-    for stale in ("history.json", "checkpoint.pt", "report.refused.json"):
+    refused = ("checkpoint.refused.pt", "history.refused.json", "train_config.refused.json")
+    for stale in ("history.json", "checkpoint.pt", "report.refused.json", *refused):
         (out / stale).write_text("old run")
     assert main([*args, "--overwrite"]) == 0
     assert calls == [str(out), str(out)]
-    # the replaced run's fine-tune and refusal files go; the new report stays
-    removed = "checkpoint.pt, history.json, report.refused.json"
+    # the replaced run's fine-tune and refusal files go (a refused run's fine-tune files too);
+    # the new report stays
+    removed = (
+        "checkpoint.pt, history.json, report.refused.json, checkpoint.refused.pt, "
+        "history.refused.json, train_config.refused.json"
+    )
     assert f"removed from the replaced run: {removed}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["model", "report.json"]
     assert json.loads((out / "report.json").read_text()) == {"new": True}

@@ -137,6 +137,9 @@ RUN_FILES = (
     "report.txt",
     "report.refused.json",
     "report.refused.txt",
+    "checkpoint.refused.pt",  # a refused compress run's fine-tune files, beside a kept model
+    "history.refused.json",
+    "train_config.refused.json",
     "model.compact.safetensors",
 )
 """The files train and compress write in ``--out`` beside ``model/``."""
