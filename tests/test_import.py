@@ -52,3 +52,15 @@ def test_loading_a_transformed_model_does_not_import_the_compiler() -> None:
         mods = _modules_after(f"import slimtorch.models, {package}")["mods"]
         assert isinstance(mods, list)
         assert "torch._dynamo" not in mods, package
+
+
+def test_every_subpackage_is_reached_on_first_use() -> None:
+    # slimtorch.quant, .sparse and .serve raised AttributeError after a bare `import slimtorch`
+    code = (
+        "import slimtorch\n"
+        "names = ['core', 'data', 'models', 'train', 'decompose', 'prune', 'distill', 'quant',\n"
+        "         'sparse', 'pipeline', 'serve', 'cli']\n"
+        "got = [getattr(slimtorch, n).__name__ for n in names]\n"
+        "assert got == ['slimtorch.' + n for n in names], got"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

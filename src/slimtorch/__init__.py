@@ -19,7 +19,10 @@ _SUBMODULES = {
     "decompose",
     "prune",
     "distill",
+    "quant",
+    "sparse",
     "pipeline",
+    "serve",
     "cli",
 }
 
