@@ -43,6 +43,13 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
         ServeSettings.from_env(env)
 
 
+def test_pinned_as_a_plain_string_is_refused() -> None:
+    # ServeSettings(pinned="demo") pinned the models "d", "e", "m" and "o"
+    with pytest.raises(ValueError, match=r"pinned must be a tuple of model names.*\('demo',\)"):
+        ServeSettings(pinned="demo")  # type: ignore[arg-type]
+    assert ServeSettings(pinned=["demo"]).pinned == ("demo",)  # type: ignore[arg-type]
+
+
 def test_model_config_defaults_and_errors() -> None:
     s = ServeSettings(max_batch_size=8, max_queue_delay_ms=1.0)
     base = {

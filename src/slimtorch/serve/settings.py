@@ -112,6 +112,11 @@ class ServeSettings(Config):
                 "ServeSettings.api_key must be at least 8 characters (or unset to disable the "
                 f"management endpoints), got {len(self.api_key)} characters"
             )
+        if isinstance(self.pinned, str):  # one name, not its letters
+            raise ValueError(
+                f"ServeSettings.pinned must be a tuple of model names, got the string "
+                f"{self.pinned!r}; write ({self.pinned!r},)"
+            )
         if not isinstance(self.pinned, tuple):
             object.__setattr__(self, "pinned", tuple(self.pinned))
 
