@@ -53,6 +53,8 @@ def test_config_needs_exactly_one_budget() -> None:
         MixedPrecisionConfig(size_ratio=4.0, budget_bytes=1000)
     with pytest.raises(ValueError, match="candidates"):
         MixedPrecisionConfig(size_ratio=4.0, candidates=("int2",))
+    with pytest.raises(ValueError, match=r"profile must be one of .*got 'rx999'"):
+        MixedPrecisionConfig(size_ratio=4.0, profile="rx999")  # before any model or data loads
     cfg = MixedPrecisionConfig(size_ratio=4.0, candidates=["int8", "int4"])  # type: ignore[arg-type]
     assert MixedPrecisionConfig.from_dict(cfg.to_dict()) == cfg
 

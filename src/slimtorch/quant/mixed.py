@@ -53,6 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
 from slimtorch.core.measure import estimate_latency, model_size_bytes
+from slimtorch.core.profiles import list_profiles
 from slimtorch.core.surgery import (
     refuse_sparse_kernels,
     require_float32,
@@ -141,6 +142,7 @@ class MixedPrecisionConfig(Config):
                 f"{self.candidates!r}"
             )
         object.__setattr__(self, "candidates", cands)
+        check_choice(self, "profile", self.profile, tuple(list_profiles()))
         check_choice(self, "metric", self.metric, ("output_error", "accuracy"))
         check_choice(self, "first_last", self.first_last, (*CANDIDATES, None))
         for field in ("include", "exclude"):
