@@ -203,3 +203,13 @@ def test_a_fused_tucker_layer_is_cast_as_one_unit() -> None:
         out = net(x)
     assert out.dtype == torch.float32
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_precision_gain_takes_only_the_cast_dtypes() -> None:
+    # 'int8' and 'fp32' were explained as halving the bytes moved
+    from slimtorch.quant.lowp import precision_gain
+
+    assert precision_gain("rx580", "fp16")[0] == "memory"
+    for dtype in ("fp32", "int8"):
+        with pytest.raises(ValueError, match=f"'fp16' or 'bf16' with fp32, got '{dtype}'"):
+            precision_gain("h100-sxm", dtype)

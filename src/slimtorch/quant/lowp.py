@@ -186,6 +186,8 @@ def precision_gain(profile: DeviceProfile | str, dtype: str) -> tuple[str, str]:
         >>> precision_gain("rx580", "fp16")[0], precision_gain("h100-sxm", "bf16")[0]
         ('memory', 'speed')
     """
+    if dtype not in ("fp16", "bf16"):
+        raise ValueError(f"precision_gain compares 'fp16' or 'bf16' with fp32, got {dtype!r}")
     prof = get_profile(profile)
     ratio = prof.peak_rate(dtype) / prof.peak_rate("fp32")
     if ratio > 1.05:
