@@ -227,7 +227,7 @@ def compress_run(
         include: Dotted-name globs of the layers to consider (all when None).
         exclude: Dotted-name globs to leave alone.
         strict: Raise instead of recording skipped layers.
-        finetune: Fine-tuning settings; None or ``epochs=0`` skips fine-tuning.
+        finetune: Fine-tuning settings; None skips fine-tuning.
         batch_size: Fine-tuning batch size.
         device: Where to fine-tune and measure.
         data_root: Dataset folder (else ``SLIMTORCH_DATA``, the cache, download).

@@ -168,7 +168,8 @@ def make_verdict(
     """The verdict of one run (see the module docstring); ``text`` is its one-line form.
 
     ``headline`` is ``smaller and faster``, ``smaller, not faster``, ``faster, not smaller``,
-    ``neither smaller nor faster`` or ``slower`` (no timing faster, one slower). "Faster" needs
+    ``neither smaller nor faster``, or ``smaller, but slower`` / ``slower`` (no timing faster,
+    one slower). "Faster" needs
     one timing called faster: a method whose int8 model only runs fast in a compiled runtime is
     faster there, and the line says where. ``size_what`` names what ``size_after`` counts when it
     is not the saved state dict (``"compact file"`` for pruned models).

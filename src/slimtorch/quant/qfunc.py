@@ -51,8 +51,8 @@ def quantize_weight(
 
     Per channel means one scale per output channel (dim 0). Symmetric weights have zero point
     0 and ``scale = max|w| / qmax``; affine ones map ``[min(w, 0), max(w, 0)]`` onto the full
-    integer range. ``q`` is an int8 tensor of ``w``'s shape (4-bit values lie in ``[-8, 7]``
-    (symmetric) or ``[0, 15]`` (affine, stored as uint8)); ``scale`` is float32 and
+    integer range. ``q`` has ``w``'s shape: int8 when symmetric (4-bit values in ``[-8, 7]``),
+    uint8 when affine (``[0, 255]``, or ``[0, 15]`` at 4 bits); ``scale`` is float32 and
     ``zero_point`` int64, both of shape ``(C_out,)`` per channel or ``()`` per tensor.
 
     Raises:
