@@ -106,9 +106,16 @@ def test_missing_config_says_it_is_missing_and_what_to_write(tmp_path: Path) -> 
         assert r.json()["reason"].startswith(
             f"{tmp_path}/fixed/config.json is missing, and cannot read the serving config from "
             f"{tmp_path}/fixed/1/model.onnx: input 'x' has a fixed first dimension 1 instead of "
-            'a dynamic batch; write config.json, e.g. {"format": "onnx", "inputs": '
+            "a dynamic batch (with max_batch_size 1 in config.json it is read as the batch); "
+            'write config.json, e.g. {"format": "onnx", "inputs": '
         )
-    # the config that the message asks for makes it serve
+    # max_batch_size 1 alone is enough: the tensors are read from the graph
+    write_config(tmp_path / "fixed", format="onnx", max_batch_size=1)
+    with app_client(tmp_path, api_key=KEY) as c:
+        assert c.get("/v2/models/fixed/ready").status_code == 200
+        cfg = c.get("/v2/models/fixed/config").json()
+        assert cfg["inputs"][0]["dims"] == [4] and cfg["outputs"][0]["dims"] == [3]
+    # so is the config that the message shows
     write_config(
         tmp_path / "fixed",
         format="onnx",

@@ -199,8 +199,10 @@ def _config_template() -> str:
     )
 
 
-def derive_onnx_config(path: Path) -> dict[str, Any]:
-    """``inputs`` and ``outputs`` of a serving config, read from the ONNX graph.
+def derive_onnx_config(path: Path, *, batch_one: bool = False) -> dict[str, Any]:
+    """``inputs`` and ``outputs`` of a serving config, read from the ONNX graph (a first
+    dimension fixed at 1 is taken as the batch when ``batch_one``: the config's
+    ``max_batch_size`` is 1).
 
     Raises:
         ModelLoadError: The file is unreadable, or a tensor has no dynamic first dimension (the
@@ -208,14 +210,20 @@ def derive_onnx_config(path: Path) -> dict[str, Any]:
             says what ``config.json`` to write instead.
     """
     inputs, outputs = read_signature(path)
-    return config_from_signature(path, inputs, outputs, _config_template())
+    return config_from_signature(path, inputs, outputs, _config_template(), batch_one=batch_one)
 
 
 def config_from_signature(
-    path: Path, inputs: list[GraphTensor], outputs: list[GraphTensor], template: str
+    path: Path,
+    inputs: list[GraphTensor],
+    outputs: list[GraphTensor],
+    template: str,
+    *,
+    batch_one: bool = False,
 ) -> dict[str, Any]:
     """``inputs`` and ``outputs`` of a serving config from a model file's tensors (ONNX graph
-    or torch.export program): the dynamic first dimension is the batch, the rest are ``dims``.
+    or torch.export program): the dynamic first dimension is the batch (or, with
+    ``batch_one``, a first dimension fixed at 1), the rest are ``dims``.
 
     Raises:
         ModelLoadError: A tensor the server cannot serve that way; the message names it and
@@ -232,8 +240,10 @@ def config_from_signature(
                 why = "has no shape in the graph"
             elif not t.shape:
                 why = "is a scalar, without the batch dimension the server needs"
-            elif t.shape[0] is not None:
+            elif t.shape[0] is not None and not (batch_one and t.shape[0] == 1):
                 why = f"has a fixed first dimension {t.shape[0]} instead of a dynamic batch"
+                if t.shape[0] == 1:
+                    why += " (with max_batch_size 1 in config.json it is read as the batch)"
             if why:
                 raise ModelLoadError(
                     f"cannot read the serving config from {path}: {label[:-1]} {t.name!r} {why}; "

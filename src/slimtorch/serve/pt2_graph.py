@@ -130,7 +130,7 @@ def _config_template() -> str:
     )
 
 
-def derive_pt2_config(path: Path) -> dict[str, Any]:
+def derive_pt2_config(path: Path, *, batch_one: bool = False) -> dict[str, Any]:
     """``inputs`` and ``outputs`` of a serving config, read from the ``.pt2`` program.
 
     Raises:
@@ -139,7 +139,7 @@ def derive_pt2_config(path: Path) -> dict[str, Any]:
             serve; the message says what ``config.json`` to write instead.
     """
     inputs, outputs = read_pt2_signature(path)
-    return config_from_signature(path, inputs, outputs, _config_template())
+    return config_from_signature(path, inputs, outputs, _config_template(), batch_one=batch_one)
 
 
 def check_pt2_config(path: Path, config: ModelConfig) -> None:

@@ -130,9 +130,12 @@ def _slimtorch_derived(path: Path) -> dict[str, Any]:
     }
 
 
-def _tensors_derived(fmt: str, newest: Path, config_file: Path, has_config: bool) -> dict[str, Any]:
+def _tensors_derived(
+    fmt: str, newest: Path, config_file: Path, has_config: bool, batch_one: bool
+) -> dict[str, Any]:
     """The inputs and outputs of an ONNX graph or a torch.export program, for a config that
-    leaves them out (or none)."""
+    leaves them out (or none); ``batch_one``: the config sets ``max_batch_size`` 1, so a first
+    dimension fixed at 1 is the batch."""
     where = (
         f"{config_file} lacks 'inputs' or 'outputs'" if has_config else f"{config_file} is missing"
     )
@@ -140,7 +143,7 @@ def _tensors_derived(fmt: str, newest: Path, config_file: Path, has_config: bool
     if derive is None:
         return {}
     try:
-        return derive(model_path(newest, fmt))
+        return derive(model_path(newest, fmt), batch_one=batch_one)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{where}, and {exc}") from None
 
@@ -274,7 +277,8 @@ class Repository:
                 derived = _slimtorch_derived(model_path(newest, "slimtorch"))
             elif "inputs" not in data or "outputs" not in data:
                 has_config = (folder / CONFIG_FILE).is_file()
-                derived.update(_tensors_derived(fmt, newest, folder / CONFIG_FILE, has_config))
+                one = data.get("max_batch_size") == 1 and data.get("max_batch_size") is not True
+                derived.update(_tensors_derived(fmt, newest, folder / CONFIG_FILE, has_config, one))
             try:
                 config = parse_model_config(
                     data, name=name, settings=self.settings, derived=derived
