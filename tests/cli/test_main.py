@@ -325,3 +325,19 @@ def test_models_registered_by_the_users_module_load_with_import(
     capsys.readouterr()
     assert main(["--import", "no_such_module_here", "devices"]) == 2
     assert "--import no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
+    # its models are --model choices too (they were refused as "invalid choice")
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    args = ["--import", "usermodels", "train", "--model", "test-only-cli-user", "--dataset"]
+    args += ["digits", "--epochs", "1", "--out", "t", "--device", "cpu"]
+    assert main(args) == 0
+    assert (
+        json.loads((tmp_path / "t" / "model" / "config.json").read_text())["architecture"]["name"]
+        == "test-only-cli-user"
+    )
+    monkeypatch.setattr(REGISTRY, "_items", dict(builtin))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    monkeypatch.delenv("SLIMTORCH_IMPORT")
+    with pytest.raises(SystemExit):  # not imported: not a choice
+        main(["profile", "--model", "test-only-cli-user"])
+    assert "invalid choice: 'test-only-cli-user'" in capsys.readouterr().err

@@ -41,10 +41,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-# Choices are listed statically so that `--help` and bad-argument errors need no heavy imports;
-# a test checks them against the registries.
+# The zoo's and catalog's names, listed statically (a test checks them against the registries);
+# --model also takes models registered by --import modules (model_choices).
 MODELS = ("lenet5", "mlp", "mobilenetv2", "resnet20", "resnet32", "resnet56", "vgg11-bn")
 DATASETS = ("cifar10", "digits", "fashion-mnist", "kmnist", "mnist")
+
+
+def model_choices() -> list[str]:
+    """``--model`` choices: the zoo plus models registered by ``--import`` modules."""
+    from slimtorch.models.registry import list_models
+
+    return sorted({*MODELS, *list_models()})
+
+
 NARROW_CONVS = ("measure", "int8", "float")  # slimtorch.quant.ort_graph.NARROW_CONV_MODES
 DATASET_HELP = (
     f"{', '.join(DATASETS)}, or an image folder's path (<folder>/train/<class>/<images> and "

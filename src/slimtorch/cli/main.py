@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import a Python module (a name, found from the current directory too, or a .py "
         "file) before the command runs: one that registers your own models with "
-        "register_model, so model directories of them load; repeatable; also "
+        "register_model, so model directories of them load and train --model takes them; "
+        "repeatable; also "
         f"${IMPORT_ENV} (comma-separated)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimtorch`` console script; returns the exit status."""
+    # modules named by --import first: the models they register are --model choices
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --in is not --import
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    try:
+        import_user_modules([*_env_imports(), *pre.parse_known_args(argv)[0].imports])
+    except ValueError as exc:
+        print(f"slimtorch: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     # our progress at INFO; other libraries' INFO chatter (the ONNX exporter's passes, ...)
@@ -152,7 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor\.")
     handler: Handler = args.handler
     try:
-        import_user_modules([*_env_imports(), *args.imports])
         return handler(args)
     except (SlimtorchError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a file where a folder is needed (or the reverse), a

@@ -6,11 +6,11 @@ import argparse
 from typing import Any
 
 from slimtorch.cli.common import (
-    MODELS,
     add_device_args,
     apply_threads,
     check_not_in_source,
     check_output_path,
+    model_choices,
     model_dir_arg,
     parse_shape,
     profile_names,
@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--in", dest="model_dir", help="a saved model or run directory")
-    src.add_argument("--model", choices=MODELS, help="a zoo model with random weights")
+    src.add_argument("--model", choices=model_choices(), help="a zoo model with random weights")
     src.add_argument(
         "--exported",
         help="your own model: a torch.export program (.pt2) with one image input",

@@ -8,12 +8,12 @@ from typing import Any
 
 from slimtorch.cli.common import (
     DATASET_HELP,
-    MODELS,
     add_device_args,
     apply_threads,
     check_output_path,
     check_run_output,
     dataset_arg,
+    model_choices,
     model_dir_arg,
     options_that_need,
     remove_stale_outputs,
@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
         "already holds a run is refused unless --resume or --overwrite is given. Under torchrun "
         "(python -m torch.distributed.run -m slimtorch.cli train ...) it trains data-parallel.",
     )
-    p.add_argument("--model", required=True, choices=MODELS, help="architecture")
+    p.add_argument("--model", required=True, choices=model_choices(), help="architecture")
     p.add_argument(
         "--dataset", default="digits", type=dataset_arg, help=f"{DATASET_HELP} (default digits)"
     )
