@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimtorch.cli.main import main
 
@@ -331,3 +332,21 @@ def test_eval_checks_the_dataset_against_the_model_before_reading_it(
     monkeypatch.setenv("XDG_CACHE_HOME", str(model_dir / "cache"))
     assert main([*base, "--dataset", "mnist", "--no-download"]) == 2
     assert "Downloading is off" in capsys.readouterr().err  # the search, listed over lines
+
+
+def test_profile_of_a_hand_mixed_half_model_names_the_dtypes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # model.half() with the batch norms set back to float32: profile blamed the input shape
+    from slimtorch.models import create_model, save_model
+
+    model = create_model("resnet20", in_channels=1, input_size=8).half()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.float()
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+               class_names=list("0123456789"))  # fmt: skip
+    assert main(["profile", "--in", str(tmp_path / "m"), "--profiles", "none"]) == 2
+    err = _error(capsys)
+    assert "does not run on float32 inputs" in err and "mix float16, float32" in err
+    assert "input_shape" not in err

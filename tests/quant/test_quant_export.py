@@ -42,6 +42,13 @@ class _Res(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def _hand_mixed() -> nn.Module:
+    """model.half() with its batch norm set back to float32 by hand: no casts between them."""
+    m = _model().half()
+    m.bn1.float()
+    return m
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     m = _Res()
@@ -135,6 +142,7 @@ def test_cast_models_export_only_in_the_precision_they_have(tmp_path: Path) -> N
     # a whole model in float16 or float64, or an empty example batch: named, nothing written
     for model, example, what in (
         (_model().half(), x, r"every weight of the model is float16 \(model\.half\(\)\)"),
+        (_hand_mixed(), x, r"mixes float16 and float32 weights without the casts cast_ records"),
         (_model().double(), x, r"the model holds float64 weights; export model\.float\(\)"),
         (_model(), x[:0], r"example_input has no rows \(shape \(0, 1, 10, 10\)\)"),
     ):

@@ -272,7 +272,8 @@ if TRANSFORM_NAME not in ARCH_TRANSFORMS:
 def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
     """Refuse, by name, what ONNX export cannot write or the exporter would fail on deep inside:
     an example batch with no rows, float64 weights, a whole model in float16 (``half()``, whose
-    float16 inputs the export's float32 example does not fit), bfloat16 layers (ONNX Runtime has
+    float16 inputs the export's float32 example does not fit) or float16 and float32 layers
+    mixed by hand (no casts between them), bfloat16 layers (ONNX Runtime has
     no bfloat16 convolution or GEMM kernels on the CPU, so the file would not load there).
 
     Example:
@@ -300,6 +301,13 @@ def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
         raise ValueError(
             "every weight of the model is float16 (model.half()); export the float32 model with "
             "dtype='fp16', or cast it with cast_ (which keeps sensitive layers in float32)"
+        )
+    if {torch.float16, torch.float32} <= kinds and not layer_precisions(model):
+        raise ValueError(
+            "the model mixes float16 and float32 weights without the casts cast_ records "
+            "between them (model.half() with some layers set back to float), so its graph "
+            "would not type-check; export the float32 model with dtype='fp16', or cast it with "
+            "cast_"
         )
     bf16 = [name or "(model)" for name, d in dtypes.items() if torch.bfloat16 in d]
     if bf16:
