@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -175,3 +176,27 @@ def test_integer_fields_refuse_fractions() -> None:
         GemmConvConfig(min_k=8.5)
     with pytest.raises(ValueError, match=r"DirectConvConfig\.max_taps must be an int in \[1, 4096"):
         DirectConvConfig(max_taps=8.5)
+
+
+def test_replacements_keep_a_channels_last_model_channels_last() -> None:
+    # decomposed and channel-pruned layers came back NCHW inside a channels-last model, so
+    # every one of them paid a layout conversion on each call
+    from slimtorch.decompose import TuckerConfig, decompose_
+    from slimtorch.models import create_model
+    from slimtorch.prune import ChannelPruneConfig, prune_channels_
+
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    base = create_model("resnet20", in_channels=1, input_size=16).eval()
+    x = torch.randn(2, 1, 16, 16)
+    for transform in (
+        lambda m, x: decompose_(m, TuckerConfig(rank=0.5)),
+        lambda m, x: prune_channels_(m, ChannelPruneConfig(ratio=0.5), x),
+    ):
+        laid = copy.deepcopy(base).to(memory_format=cl)
+        transform(laid, x.contiguous(memory_format=cl))
+        weights = [p for p in laid.parameters() if p.dim() == 4 and p.shape[1] > 1]
+        assert weights and all(p.is_contiguous(memory_format=cl) for p in weights)
+        plain = copy.deepcopy(laid).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            torch.testing.assert_close(laid(x), plain(x), atol=1e-5, rtol=1e-5)

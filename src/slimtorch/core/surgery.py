@@ -185,7 +185,28 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
             name,
             type(module).__name__,
         )
+    if old is not None and old is not module and _channels_last(old):
+        _to_channels_last(module)
     setattr(parent, child, module)
+
+
+def _channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` holds a 4-D weight laid out channels-last (and not also NCHW)."""
+    return any(
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+        for t in (*module.parameters(), *module.buffers())
+    )
+
+
+def _to_channels_last(module: nn.Module) -> None:
+    """Lay out the torch layers of a replacement channels-last, as the layer it replaces was
+    (a ``model.to(memory_format=torch.channels_last)`` model keeps its layout through
+    transforms). Only torch's own leaf layers: custom kernels may read their weights raw."""
+    for sub in module.modules():
+        if type(sub).__module__.startswith("torch.nn.modules.") and not any(sub.children()):
+            sub.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def _hooked(module: nn.Module, name: str) -> list[str]:
