@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -50,3 +52,17 @@ def test_batch_norm_storage() -> None:
 def test_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match=r"model must be an nn\.Module, got Tensor"):
         count_params(torch.ones(2))  # type: ignore[arg-type]
+
+
+def test_an_exported_int8_program_counts_its_int8_weights(tmp_path: Path) -> None:
+    # profile --in counted 9,770 weights of an int8 model and profile --exported of its
+    # program 90: the program's modules no longer carry the weight_buffers attribute
+    from slimtorch.models import create_model, load_exported, save_exported
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    x = torch.randn(8, 1, 28, 28)
+    quantize_(model, PTQConfig(mode="static"), calibration=x)
+    program = load_exported(save_exported(model, x, tmp_path / "m.pt2"))
+    assert count_params(program) == count_params(model) == 61706

@@ -27,7 +27,8 @@ def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
 
     Parameters count, and so do the buffers a layer names in its ``weight_buffers`` class
     attribute (quantized layers keep their weights as int8 buffers: a quantized model has as
-    many weights as its float original, in fewer bytes).
+    many weights as its float original, in fewer bytes), or, in a torch.export program, the
+    buffers of :data:`EXPORTED_WEIGHT_BUFFERS` names.
 
     Args:
         model: The module.
@@ -54,12 +55,20 @@ def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
         return total
     seen: set[int] = set()
     for module in model.modules():
-        for name in getattr(type(module), WEIGHT_BUFFERS_ATTR, ()):
+        names = getattr(type(module), WEIGHT_BUFFERS_ATTR, None)
+        if names is None:  # a torch.export program's modules keep the buffers' names only
+            names = [n for n in module._buffers if n.rpartition(".")[2] in EXPORTED_WEIGHT_BUFFERS]
+        for name in names:
             buf = module._buffers.get(name)
             if buf is not None and id(buf) not in seen:
                 seen.add(id(buf))
                 total += buf.numel()
     return total
+
+
+EXPORTED_WEIGHT_BUFFERS = ("weight_int8",)
+"""Buffer names that hold a layer's weights in a torch.export program of a quantized model
+(whose modules no longer carry the ``weight_buffers`` attribute of their classes)."""
 
 
 def weight_buffer_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int, str, int]]:
