@@ -37,10 +37,11 @@ from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, dataset_record
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.models.io import saved_bytes
-from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options
+from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options, file_bytes
 from slimtorch.pipeline.report_table import finish_rows, report_table
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
+from slimtorch.prune import MaskCallback
+from slimtorch.prune.buffers import masked_params
 from slimtorch.train import BatchNormRecalibration, Callback, TrainConfig, Trainer
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
@@ -368,6 +369,8 @@ def compress_run(
     if distill is not None and not will_finetune:
         logger.info("distillation needs fine-tuning epochs; none were asked for")
     callbacks: list[Callback] = list(applied.callbacks)
+    if masked_params(model) and not any(isinstance(c, MaskCallback) for c in callbacks):
+        callbacks.append(MaskCallback())  # a pruned input's zeros stay zero through the fine-tune
     if teacher is not None and distill is not None:
         callbacks.append(DistillationCallback(teacher, distill))
     recal = BatchNormRecalibration(bn_recalibration) if bn_recalibration else None
@@ -395,10 +398,11 @@ def compress_run(
         threads=threads,
     )
     side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
-    saved_before = saved_bytes(original)  # the files' sizes, headers included
+    saved_before = file_bytes(original)  # the files' sizes, headers included
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
-    saved_after = storage["compact_bytes"] if storage else saved_bytes(model)
+    saved_after = storage["compact_bytes"] if storage else file_bytes(model)
+    storage = storage or ({"compact_bytes": saved_after} if masked_params(model) else None)
     timings = [
         speed_entry(
             f"{device.type} batch {profile_batch}",

@@ -234,6 +234,16 @@ def _compact_sizes(model: nn.Module) -> dict[str, int]:
     return {"dense_bytes": saved_bytes(model), "compact_bytes": compact}
 
 
+def file_bytes(model: nn.Module) -> int:
+    """The size compress reports a model at: a pruned one's (with masks) compact file, as the
+    run that pruned it reported it, so a chained run's "before" is that run's "after"; any
+    other model's saved file. Headers included."""
+    from slimtorch.models.io import saved_bytes
+    from slimtorch.prune.buffers import masked_params
+
+    return _compact_sizes(model)["compact_bytes"] if masked_params(model) else saved_bytes(model)
+
+
 SPARSE_CHECK = "sparse_check"
 """Option of the unstructured and N:M pruning methods (default on): time sparse kernels."""
 

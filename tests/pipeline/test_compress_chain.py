@@ -1,0 +1,50 @@
+"""A compress run whose input an earlier run pruned: the zeros and the sizes carry over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtorch.models import load_model
+from slimtorch.pipeline import compress_run
+from slimtorch.prune.buffers import masked_params
+from slimtorch.train import TrainConfig
+from slimtorch.train.classifier import train_classifier
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("chain")
+    cfg = TrainConfig(epochs=4, lr=0.05, progress=False)
+    train_classifier(model="lenet5", dataset="digits", out_dir=base / "base", train_config=cfg)
+    _run(base / "base", base / "pruned", "prune", {"sparsity": 0.7, "sparse_check": False})
+    return base / "pruned"
+
+
+def _run(src: Path, out: Path, method: str, options: dict[str, object]) -> dict[str, object]:
+    compress_run(in_dir=src, out_dir=out, method=method, method_options=options,
+                 finetune=TrainConfig(epochs=1, lr=0.01, progress=False), batch_size=64,
+                 profile_batch=4, profiles=(), threads=1)  # fmt: skip
+    return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("method", "options"), [("svd", {"rank": 0.5}), ("channel-prune", {})])
+def test_the_next_method_keeps_a_pruned_models_zeros_and_reports_its_size(
+    pruned: Path, tmp_path: Path, method: str, options: dict[str, object]
+) -> None:
+    # the fine-tune after svd or channel-prune regrew every pruned weight of the layers it kept,
+    # with the old masks still stored; and "before" was the dense file, not the compact one the
+    # pruning run reported as its "after"
+    first = json.loads((pruned / "report.json").read_text())
+    report = _run(pruned, tmp_path / method, method, options)
+    model, _ = load_model(tmp_path / method / "model")
+    masked = list(masked_params(model))
+    assert masked
+    for _, p, mask in masked:
+        assert int((p.detach()[~mask] != 0).sum()) == 0
+    assert report["saved_bytes"]["before"] == first["saved_bytes"]["after"]  # type: ignore[index]
+    assert "compact file" in report["verdict"]["text"]  # type: ignore[index]
+    assert torch.isfinite(torch.tensor(report["accuracy"]["after_finetune"]))  # type: ignore[index]
