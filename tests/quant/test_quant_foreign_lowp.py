@@ -363,3 +363,35 @@ def test_token_id_inputs_calibrate_static_ptq_casts_and_mixed_precision() -> Non
         assert out.dtype == torch.float32 and rel_error([out], [ref]) < 0.05
     with pytest.raises(ValueError, match=r"torch.uint8; expected float inputs .* token ids"):
         cast_(copy.deepcopy(model), LowPrecisionConfig(dtype="fp16"), check_inputs=ids.byte())
+
+
+def test_mixed_precision_budgets_a_pruned_model_without_its_masks() -> None:
+    # the bool masks counted as weights: a size_ratio=4 budget on a pruned model was refused
+    # with the masks as bytes "outside the allocated layers"
+    from slimtorch.models import create_model
+    from slimtorch.prune import MagnitudeConfig, prune_
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    x = torch.randn(16, 1, 28, 28)
+    plain = copy.deepcopy(model)
+    prune_(model, MagnitudeConfig(sparsity=0.7))
+    with torch.no_grad():
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "_mask" not in k})
+    cfg = MixedPrecisionConfig(size_ratio=4.0)
+    pruned, dense = mixed_precision_(model, cfg, x), mixed_precision_(plain, cfg, x)
+    assert pruned.size_fp32 == dense.size_fp32 and pruned.size_after == dense.size_after
+
+
+def test_mixed_precision_of_an_int8_model_says_it_is_int8() -> None:
+    # it said "no Conv2d/Linear layer matches include=None, exclude=()"
+    from slimtorch.models import create_model
+    from slimtorch.quant import PTQConfig, quantize_
+
+    model, x = (
+        create_model("lenet5", in_channels=1, input_size=28).eval(),
+        torch.randn(8, 1, 28, 28),
+    )
+    quantize_(model, PTQConfig(mode="static"), calibration=x)
+    with pytest.raises(ValueError, match=r"5 layer\(s\) of LeNet5 .* hold int8 weights already"):
+        mixed_precision_(model, MixedPrecisionConfig(size_ratio=2.0), x)

@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_choice, check_range
-from slimtorch.core.measure import estimate_latency, model_size_bytes
+from slimtorch.core.measure import estimate_latency, model_size_bytes, storage_bytes
+from slimtorch.core.measure.params import weight_buffer_layers
 from slimtorch.core.profiles import list_profiles
 from slimtorch.core.surgery import (
     refuse_sparse_kernels,
@@ -225,6 +226,14 @@ def _targets(model: nn.Module, cfg: MixedPrecisionConfig) -> list[str]:
             continue
         out.append(name)
     if not out:
+        stored = weight_buffer_layers(model)
+        if stored:  # an int8 model: its layers are no Conv2d/Linear any more
+            name, (module, _, dtype, _) = next(iter(stored.items()))
+            raise ValueError(
+                f"{len(stored)} layer(s) of {type(model).__name__} ({name}, ...) hold "
+                f"{dtype} weights already ({type(module).__name__}); run mixed precision on "
+                "the float model"
+            )
         raise ValueError(
             f"no Conv2d/Linear layer of {type(model).__name__} matches include={cfg.include!r}, "
             f"exclude={cfg.exclude!r}"
@@ -294,6 +303,12 @@ def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
     return min(cost, key=lambda o: (loss[o], cost[o]))
 
 
+def _weights_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, a pruned model's bool masks left out: the budget is
+    the weights' (the masks only keep the zeros through training)."""
+    return model_size_bytes(model) - storage_bytes(model).get("bool", 0)
+
+
 def mixed_precision_(
     model: nn.Module, config: MixedPrecisionConfig, calibration: Any
 ) -> MixedPrecisionReport:
@@ -338,7 +353,7 @@ def mixed_precision_(
     if not isinstance(config, MixedPrecisionConfig):
         raise TypeError(f"config must be a MixedPrecisionConfig, got {type(config).__name__}")
     batches = _calib.as_batches(calibration, "calibration", config.max_batches)
-    size_fp32 = model_size_bytes(model)
+    size_fp32 = _weights_bytes(model)
     work = copy.deepcopy(model)
     fold = fold_bn_(work) if config.fold_bn else None
     names = _targets(work, config)
@@ -373,7 +388,7 @@ def mixed_precision_(
     all_cands = tuple(dict.fromkeys(c for n in names for c in allowed[n]))
     modules = {n: work.get_submodule(n) for n in names}
     sizes = {n: {c: float(layer_bytes(modules[n], c)) for c in allowed[n]} for n in names}
-    rest_bytes = model_size_bytes(work) - sum(int(layer_bytes(modules[n], "fp32")) for n in names)
+    rest_bytes = _weights_bytes(work) - sum(int(layer_bytes(modules[n], "fp32")) for n in names)
     lat, rest_s, total_s = latency_costs(work, names, example, config.profile, all_cands)
     if config.latency_s is not None:
         kind, limit = "latency_s", float(config.latency_s)
