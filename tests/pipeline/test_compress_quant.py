@@ -92,12 +92,13 @@ def test_int8_runtime_check_is_an_option(trained: Path) -> None:
         compress_run(
             in_dir=trained, out_dir=None, method="ptq", method_options={"runtime_check": "yes"}
         )
-    # nothing quantized (every layer excluded): the check says so instead of failing the run
+    # nothing quantized (every layer excluded): no change, so nothing is timed
     res = compress_run(
         in_dir=trained, out_dir=None, method="ptq", method_options={"mode": "static"},
         exclude=["*"], profile_batch=2, threads=1, profiles=(),
     )  # fmt: skip
-    assert "no layer holds int8 weights" in res.report["finish"]["runtimes_skipped"]
+    assert res.report["finish"] is None
+    assert all(t["note"] == "no layer changed" for t in res.report["verdict"]["speed"])
 
 
 def test_int8_runtimes_are_timed_by_the_main_process_only(
@@ -248,6 +249,17 @@ def test_direct_conv_on_a_float64_model_skips_the_compiled_check(
     assert "float64" in report["finish"]["hint"] and not report["finish"].get("compiled_latency")
     with pytest.raises(ValueError, match="cannot compile a float64 model"):
         compile_int8_x86(model)
+
+
+def test_ptq_of_an_int8_model_changes_nothing_and_times_nothing(
+    trained: Path, tmp_path: Path
+) -> None:
+    # every layer was skipped as int8 already, yet the run counted as a change and its
+    # runtime check timed the int8 model against itself
+    _run(trained, tmp_path / "q1", "ptq", {"runtime_check": False})
+    report = _run(tmp_path / "q1", tmp_path / "q2", "ptq", {})
+    assert report["finish"] is None
+    assert all(t["note"] == "no layer changed" for t in report["verdict"]["speed"])
 
 
 def test_qat_times_the_converted_int8_model_against_the_float_one(

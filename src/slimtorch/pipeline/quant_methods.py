@@ -171,13 +171,17 @@ def _simulated_int8(
 ) -> Applied:
     """What ptq and mixed return: a deployable model whose int8 runs simulated here, timed in
     the int8 runtimes by its ``finish`` step."""
+    # an int8 input: every layer skipped, nothing changed to time int8 against
+    changed = bool(getattr(report, "quantized", True)) or bool(
+        getattr(report, "info", {}).get("folded_bn")
+    )
     return Applied(
         config={**config.to_dict(), RUNTIME_CHECK: check},
         report=report.to_dict(),
         table=report.to_table(),
-        changed=True,
+        changed=changed,
         trainable=False,
-        finish=lambda m: _int8_report(m, request, before, check),
+        finish=(lambda m: _int8_report(m, request, before, check)) if changed else None,
     )
 
 
