@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slimtorch import __version__
-from slimtorch.core.errors import SlimtorchError, is_out_of_memory
+from slimtorch.core.errors import SlimtorchError, is_onnxruntime_error, is_out_of_memory
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -183,6 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slimtorch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # ONNX Runtime refusing a graph it loaded: its own error types
+        if not is_onnxruntime_error(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"slimtorch {args.command}: error: ONNX Runtime cannot run the model "
+            f"({type(exc).__name__}: {first})",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

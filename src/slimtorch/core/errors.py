@@ -49,6 +49,17 @@ class DecompositionError(SlimtorchError):
     """A tensor decomposition failed (NaN/Inf, divergence or no convergence within its budget)."""
 
 
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of ONNX Runtime's own errors (``Fail``, ``RuntimeException``,
+    ``InvalidArgument`` ...), which derive from ``Exception`` only.
+
+    Example:
+        >>> is_onnxruntime_error(ValueError("x"))
+        False
+    """
+    return type(exc).__module__.startswith("onnxruntime")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed allocation: torch on a CPU or GPU, ONNX Runtime, Python.
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.devices import cpu_threads
+from slimtorch.core.errors import is_onnxruntime_error
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.export import export_onnx, is_qdq_model, ort_int8_ops, ort_session, run_onnx
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
@@ -233,7 +234,11 @@ def time_int8_runtimes(
             with cpu_threads(n_threads):
                 built = _BUILDERS[name](fp32, int8, x, n_threads, calibration)
             fast_fp32, fast_int8, kernels = built
-        except (ImportError, RuntimeError, ValueError, OSError) as exc:
+        except Exception as exc:  # ONNX Runtime's own errors derive from Exception only
+            if not isinstance(exc, ImportError | RuntimeError | ValueError | OSError) and not (
+                is_onnxruntime_error(exc)
+            ):
+                raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             logger.warning("int8 in %s not timed (%s)", name, reason)
             out[name] = dataclasses.replace(base, skipped=reason)

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.core.errors import is_onnxruntime_error
 from slimtorch.core.surgery import some_of
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_layout import cpu_session, ort_channels_last
@@ -291,10 +292,20 @@ def time_graphs(
     """
     x = example.detach().cpu().float().numpy()
     runs: dict[str, Callable[[], Any]] = {}
+    refused: list[str] = []
     for key, proto in graphs.items():
-        sess = cpu_session(proto, threads=1)
-        runs[key] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: x})
-        runs[key]()  # the first call allocates
+        try:
+            sess = cpu_session(proto, threads=1)
+            runs[key] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: x})
+            runs[key]()  # the first call allocates
+        except Exception as exc:  # a graph ORT will not run (a scale out of its range)
+            if not is_onnxruntime_error(exc):
+                raise
+            runs.pop(key, None)
+            refused.append(f"{key}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}")
+            logger.warning("ONNX Runtime cannot run the %s graph (%s)", key, refused[-1])
+    if not runs:
+        raise ValueError(f"ONNX Runtime cannot run the exported graph ({'; '.join(refused)})")
     samples: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for key, fn in runs.items():
@@ -349,6 +360,8 @@ def ort_graph(
         times = {k: statistics.median(v) for k, v in time_graphs(graphs, example).items()}
     except ImportError:
         return graphs["int8"]
+    if len(times) == 1:
+        return graphs[next(iter(times))]  # the other one ORT would not run
     best = min(times, key=lambda k: times[k])
     logger.info(
         "ONNX Runtime narrow convolutions: %s (%s)",
