@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from serve_helpers import make_mlp, save_slimtorch, write_config
@@ -44,3 +46,23 @@ def test_folder_name_of_digits_int_refuses_is_not_a_version(tmp_path: Path) -> N
     repo = Repository(tmp_path, ServeSettings())
     assert repo.scan() == {"m"}
     assert repo.models["m"].error == "" and list(repo.models["m"].versions) == [1]
+
+
+def test_dynamic_image_sizes_warm_up_at_the_size_the_model_was_trained_on(tmp_path: Path) -> None:
+    # the warm-up ran a 1x1 image, which vgg11-bn's pooling cannot take, so a config with
+    # dims [1, -1, -1] made the model unavailable although it serves every size it was built for
+    from slimtorch.models import create_model, save_model
+    from slimtorch.serve.model_config import ModelConfig, TensorSpec
+    from slimtorch.serve.runners import load_runner
+
+    torch.manual_seed(0)
+    vgg = create_model("vgg11-bn", in_channels=1, input_size=16).eval()
+    save_model(vgg, tmp_path / "1", input_shape=(1, 16, 16), mean=[0.5], std=[0.5],
+               class_names=list("0123456789"))  # fmt: skip
+    config = ModelConfig(name="vgg", format="slimtorch",
+                         inputs=(TensorSpec(name="input", dims=(1, -1, -1)),),
+                         outputs=(TensorSpec(name="logits", dims=(10,)),))  # fmt: skip
+    runner = load_runner(tmp_path / "1", config, "cpu")
+    out = runner.run({"input": np.zeros((2, 1, 32, 32), np.float32)})
+    assert out["logits"].shape == (2, 10)
+    runner.close()

@@ -354,10 +354,12 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     runner: Runner
+    trained: tuple[int, ...] | None = None  # the shape a slimtorch model was trained on
     if config.format == "slimtorch":
         from slimtorch.models import load_model
 
-        module, _ = load_model(path, device=dev)
+        module, card = load_model(path, device=dev)
+        trained = tuple(card.input_shape)
         _warn_if_simulated_int8(module, config.name)
         runner = TorchRunner(module, config, dev)
     elif config.format == "torch_export":
@@ -368,7 +370,7 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         runner = OnnxRunner(path, config, dev)
     batch = config.max_batch_size if on_gpu else min(2, config.max_batch_size)
     try:
-        check_outputs(runner, config, batch)
+        check_outputs(runner, config, batch, trained)
     except ModelLoadError:
         runner.close()
         raise
@@ -385,15 +387,28 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
     return runner
 
 
-def check_outputs(runner: Runner, config: ModelConfig, batch: int) -> None:
+def _warm_dims(dims: tuple[int, ...], trained: tuple[int, ...] | None) -> list[int]:
+    """``dims`` with each dynamic size taken from ``trained`` (same rank), else 1."""
+    same = trained is not None and len(trained) == len(dims)
+    return [d if d > 0 else (trained[i] if same and trained else 1) for i, d in enumerate(dims)]
+
+
+def check_outputs(
+    runner: Runner, config: ModelConfig, batch: int, trained: tuple[int, ...] | None = None
+) -> None:
     """Run zeros through ``runner`` and compare outputs with the config.
+
+    A dynamic (``-1``) dimension is given the size of ``trained`` (the input shape a slimtorch
+    model directory records) where the config has one input of that rank, else 1: a model
+    whose pooling needs a few pixels takes the warm-up its training size fits.
 
     Raises:
         ModelLoadError: The model fails on inputs of the configured shape, or an output has
             another shape or datatype than configured.
     """
+    one = len(config.inputs) == 1 and trained is not None
     inputs = {
-        s.name: np.zeros((batch, *[max(d, 1) for d in s.dims]), dtype=s.dtype)
+        s.name: np.zeros((batch, *_warm_dims(s.dims, trained if one else None)), dtype=s.dtype)
         for s in config.inputs
     }
     try:
