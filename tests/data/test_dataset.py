@@ -85,6 +85,16 @@ def test_split_stratified_counts_and_disjoint() -> None:
     assert train.name == "toy/train" and val.name == "toy/val"
 
 
+def test_split_keeps_every_class_in_training() -> None:
+    # at val_fraction 0.6 a class of one image went wholly to validation: never learned
+    ds = ImageDataset(name="toy", images=torch.zeros(11, 1, 2, 2, dtype=torch.uint8),
+                      labels=torch.tensor([0] * 5 + [1] * 5 + [2]), classes=("a", "b", "c"),
+                      mean=(0.5,), std=(0.25,))  # fmt: skip
+    train, val = split_dataset(ds, 0.6, seed=0)
+    assert torch.bincount(train.labels, minlength=3).tolist() == [2, 2, 1]
+    assert torch.bincount(val.labels, minlength=3).tolist() == [3, 3, 0]
+
+
 def test_split_is_deterministic_by_seed() -> None:
     ds = _ds(n=60, classes=3)
     a = split_dataset(ds, 0.25, seed=1)[1]

@@ -165,7 +165,8 @@ def split_dataset(
     """Split ``ds`` into ``(train, val)``, deterministically for a given ``seed``.
 
     With ``stratify=True`` each class contributes ``round(n_class * val_fraction)`` samples to
-    the validation set, so class proportions are kept; otherwise ``round(N * val_fraction)``
+    the validation set (leaving it one training sample at least), so class proportions are
+    kept; otherwise ``round(N * val_fraction)``
     samples are drawn at random. Both subsets keep the original sample order.
 
     Args:
@@ -195,8 +196,10 @@ def split_dataset(
         labels = ds.labels.cpu()
         for c in range(len(ds.classes)):
             members = (labels == c).nonzero().flatten()
-            k = round(members.numel() * val_fraction)
-            if k:
+            # every class keeps one training sample at least: a class that only validation
+            # sees is never learned
+            k = min(round(members.numel() * val_fraction), members.numel() - 1)
+            if k > 0:
                 pick = torch.randperm(members.numel(), generator=gen)[:k]
                 is_val[members[pick]] = True
     else:
