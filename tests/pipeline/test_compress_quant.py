@@ -262,6 +262,18 @@ def test_ptq_of_an_int8_model_changes_nothing_and_times_nothing(
     assert all(t["note"] == "no layer changed" for t in report["verdict"]["speed"])
 
 
+def test_calibration_alone_takes_a_training_split_smaller_than_the_batch(trained: Path) -> None:
+    # ptq, fp16 and mixed only calibrate, yet a 2,000 batch refused the 1,438 digits images
+    res = compress_run(in_dir=trained, out_dir=None, method="ptq",
+                       method_options={"runtime_check": False}, finetune=None, batch_size=2000,
+                       profile_batch=2, threads=1, profiles=())  # fmt: skip
+    assert res.report["layers"]["totals"]["quantized"] == 5
+    with pytest.raises(ValueError, match="batch_size 2000 is larger than the 1438 training"):
+        compress_run(in_dir=trained, out_dir=None, method="prune", method_options={},
+                     finetune=TrainConfig(epochs=1, progress=False), batch_size=2000,
+                     profile_batch=2, threads=1, profiles=())  # fmt: skip
+
+
 def test_qat_times_the_converted_int8_model_against_the_float_one(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

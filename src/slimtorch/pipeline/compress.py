@@ -312,10 +312,11 @@ def compress_run(
     def both_loaders() -> tuple[DeviceLoader, DeviceLoader]:
         nonlocal loaders
         if loaders is None:  # sharded across DDP ranks (batch_size is the global batch)
+            train = card.load_split("train", dataset=name, root=data_root)
             loaders = make_loaders(
-                card.load_split("train", dataset=name, root=data_root),
-                test_ds,
-                batch_size=batch_size,
+                train,
+                test_ds,  # only calibrating (no fine-tune): a small split is one short batch
+                batch_size=batch_size if will_finetune else min(batch_size, len(train)),
                 device=device,
                 augment=default_augment(name, shape[1]),
                 seed=seed,
