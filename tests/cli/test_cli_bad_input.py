@@ -350,3 +350,17 @@ def test_profile_of_a_hand_mixed_half_model_names_the_dtypes(
     err = _error(capsys)
     assert "does not run on float32 inputs" in err and "mix float16, float32" in err
     assert "input_shape" not in err
+
+
+def test_profile_of_an_onnx_file_says_exported_takes_pt2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it advised --input-shape, which then failed with "is not a torch.export archive"
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not read")
+    for extra in ([], ["--input-shape", "1,8,8"]):
+        assert main(["profile", "--exported", str(onnx_file), *extra]) == 2
+        assert _error(capsys) == (
+            f"slimtorch profile: error: --exported takes a torch.export program (.pt2), not the "
+            f"ONNX file {onnx_file}; profile the model it was exported from with --in"
+        )

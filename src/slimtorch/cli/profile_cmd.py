@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
 
         if not Path(args.exported).is_file():
             raise ValueError(f"--exported {args.exported} does not exist or is not a file")
+        if Path(args.exported).suffix.lower() == ".onnx":
+            raise ValueError(
+                f"--exported takes a torch.export program (.pt2), not the ONNX file "
+                f"{args.exported}; profile the model it was exported from with --in"
+            )
         shape = (
             parse_shape(args.input_shape) if args.input_shape else _exported_shape(args.exported)
         )
