@@ -160,7 +160,7 @@ def test_a_budget_the_dense_model_meets_keeps_every_layer_and_says_why() -> None
     net = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
     report = decompose_(net, TuckerConfig(rank="budget:params=1.0"))
     assert [r.action for r in report.rows] == ["skipped", "skipped"]
-    assert all("budget is met without factorising it" in str(r.reason) for r in report.rows)
+    assert all("plan meets the budget by factorising other" in str(r.reason) for r in report.rows)
 
 
 def test_ladder_errors_match_the_built_truncations() -> None:

@@ -370,8 +370,9 @@ def build_option(module: nn.Module, config: DecomposeConfig, option: RankOption)
     """
     if not option.ranks:
         raise SkipLayer(
-            "budget kept the layer dense: the budget is met without factorising it, at less "
-            "estimated error"
+            "budget kept the layer dense: the plan meets the budget by factorising other "
+            "layers, at less estimated error (if a speed gate or build keeps those dense, "
+            "the budget outcome says so)"
         )
     result = find_ladder(config, module).build(module, config, option.ranks)
     result.info = {**result.info, "budget_error_estimate": option.error}
