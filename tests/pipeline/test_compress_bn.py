@@ -52,3 +52,18 @@ def test_recalibrated_statistics_keep_a_short_fine_tune_accurate(
     assert acc > 0.7 and acc > stale["accuracy"]["after_finetune"] + 0.3
     with pytest.raises(ValueError, match="bn_recalibration must be an int >= 0"):
         _gradual_prune(trained_resnet, None, -1)
+
+
+def test_fine_tuning_a_model_whose_batch_norms_were_folded_warns(
+    trained_resnet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # fold-bn then tucker lost 48 points in one fine-tuning epoch, without a word beforehand
+    compress_run(in_dir=trained_resnet, out_dir=tmp_path / "folded", method="fold-bn",
+                 profile_batch=4, profiles=(), threads=1)  # fmt: skip
+    with caplog.at_level("WARNING", logger="slimtorch.pipeline.methods"):
+        compress_run(in_dir=tmp_path / "folded", out_dir=None, method="prune",
+                     method_options={"sparsity": 0.3, "sparse_check": False},
+                     finetune=TrainConfig(epochs=1, lr=0.01, progress=False), profile_batch=4,
+                     profiles=(), threads=1)  # fmt: skip
+    said = [r.getMessage() for r in caplog.records]
+    assert any("batch norms were folded away (quant.fold_bn)" in m for m in said)

@@ -37,8 +37,15 @@ from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, dataset_record
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
-from slimtorch.pipeline.methods import COMPRESS_METHODS, MethodRequest, check_options, file_bytes
+from slimtorch.pipeline.methods import (
+    COMPRESS_METHODS,
+    MethodRequest,
+    check_options,
+    file_bytes,
+    warn_folded,
+)
 from slimtorch.pipeline.report_table import finish_rows, report_table
+from slimtorch.pipeline.side_by_side import side_by_side
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.prune import MaskCallback
 from slimtorch.prune.buffers import masked_params
@@ -113,10 +120,6 @@ def _guard(acc_before: float, acc_after: float, max_drop: float | None) -> dict[
     return {"max_drop_points": float(max_drop), "drop_points": drop, "passed": drop <= max_drop}
 
 
-SIDE_BY_SIDE_ROUNDS = 9
-"""Alternating rounds of the final before/after latency (each the median of 5 calls)."""
-
-
 FINETUNE_STAGE = ".finetune"
 """Folder of the run directory the fine-tune writes its checkpoint and history into; they move
 up beside the model once the accuracy guard has passed."""
@@ -134,62 +137,6 @@ def _land_finetune_files(out: Path, suffix: str) -> None:
         os.replace(f, out / f"{f.stem}{suffix}{f.suffix}")
     stage.rmdir()
     fsync_dir(out)
-
-
-MEMORY_ROUNDS = 5
-"""Alternating peak-memory measurements of the two models in the compress report."""
-
-
-def _side_by_side(
-    before: nn.Module,
-    after: nn.Module,
-    shape: Sequence[int],
-    device: torch.device,
-    threads: int | None,
-) -> dict[str, Any]:
-    """Both models timed in alternating rounds on one input, so drift on a shared machine hits
-    both alike (:func:`~slimtorch.decompose.speed.layer_speedup` on whole models)."""
-    from slimtorch.decompose.speed import layer_speedup
-
-    before.eval()
-    after.eval()
-    check = layer_speedup(
-        before, after, tuple(shape), device=device, threads=threads,
-        repeats=SIDE_BY_SIDE_ROUNDS, calls=5,
-    )  # fmt: skip
-    return {
-        "before_s": check.original_s,
-        "after_s": check.factorised_s,
-        "speedup": check.speedup,
-        "rounds": SIDE_BY_SIDE_ROUNDS,
-        "faster_rounds": check.faster_rounds,
-        "source": check.source,
-        "memory": _memory_side_by_side(before, after, shape, device),
-    }
-
-
-def _memory_side_by_side(
-    before: nn.Module, after: nn.Module, shape: Sequence[int], device: torch.device
-) -> dict[str, Any]:
-    """Peak memory of both models' forward passes, measured in alternating rounds: on the CPU
-    the resident set a call adds depends on the process's heap at the time, so two profiles
-    taken minutes apart differ for the same model (lenet5 0.250 against 0.279 MB)."""
-    from slimtorch.core.measure import measure_peak_memory
-
-    dtype = next((p.dtype for p in before.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    x_after = x.to(next((p.dtype for p in after.parameters() if p.is_floating_point()), dtype))
-    peaks: dict[str, list[int]] = {"before": [], "after": []}
-    with torch.inference_mode():
-        for _ in range(MEMORY_ROUNDS):
-            peaks["before"].append(measure_peak_memory(before, x, device=device).peak_bytes)
-            peaks["after"].append(measure_peak_memory(after, x_after, device=device).peak_bytes)
-    b, a = (sorted(peaks[k])[(MEMORY_ROUNDS - 1) // 2] for k in ("before", "after"))
-    overlap = max(min(peaks["before"]), min(peaks["after"])) <= min(
-        max(peaks["before"]), max(peaks["after"])
-    )
-    return {"before_bytes": b, "after_bytes": a, "rounds": MEMORY_ROUNDS,
-            "samples": peaks, "overlap": overlap}  # fmt: skip
 
 
 def compress_run(
@@ -338,7 +285,8 @@ def compress_run(
         profiles=profiles,
         threads=threads,
     )
-    will_finetune = finetune is not None and finetune.epochs > 0
+    if will_finetune := finetune is not None and finetune.epochs > 0:
+        warn_folded(card.transforms)
 
     steps_per_epoch = len(train_batches()) if will_finetune else 0
     teacher = copy.deepcopy(model) if distill is not None and will_finetune else None
@@ -398,7 +346,7 @@ def compress_run(
         profiles=profiles,
         threads=threads,
     )
-    side = _side_by_side(original, model, (profile_batch, *shape), device, threads)
+    side = side_by_side(original, model, (profile_batch, *shape), device, threads)
     saved_before = file_bytes(original)  # the files' sizes, headers included
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
