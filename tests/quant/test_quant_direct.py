@@ -195,3 +195,19 @@ def test_compiled_lowered_model_matches_eager(device: str, tol: float) -> None:
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), before, rtol=tol, atol=tol)
+
+
+def test_lowerings_of_an_int8_model_say_its_convolutions_are_int8() -> None:
+    # direct-conv and conv-gemm on a quantized model exited with an empty table and no reason
+    from slimtorch.models import create_model
+    from slimtorch.quant import PTQConfig, lower_conv_gemm_, lower_direct_conv_, quantize_
+
+    model, x = (
+        create_model("lenet5", in_channels=1, input_size=28).eval(),
+        torch.randn(8, 1, 28, 28),
+    )
+    quantize_(model, PTQConfig(mode="static"), calibration=x)
+    for report in (lower_direct_conv_(model), lower_conv_gemm_(model)):
+        assert [(r.conv, r.action) for r in report.rows] == [
+            ("features.0", "skipped"), ("features.3", "skipped")]  # fmt: skip
+        assert all("stored as int8 (QDQConv2d)" in str(r.reason) for r in report.rows)

@@ -62,6 +62,7 @@ from slimtorch.quant.lowering import (
     conv_output_size,
     int_padding,
     layer_entries,
+    stored_weight_skips,
 )
 
 logger = logging.getLogger(__name__)
@@ -381,6 +382,8 @@ def lower_direct_conv_(
                 mod, max_taps=config.max_taps, max_in_channels=config.max_in_channels
             )
             rows[name] = DirectRow(name, "skipped" if reason else "direct", taps, reason=reason)
+    for name, stored in stored_weight_skips(model, include, exclude):
+        rows[name] = DirectRow(name, "skipped", 0, reason=stored)
     graph = _trace(model)
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     for name, row in rows.items():

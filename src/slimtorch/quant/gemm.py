@@ -57,7 +57,13 @@ from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
-from slimtorch.quant.lowering import LoweringReport, as_pair, conv_output_size, int_padding
+from slimtorch.quant.lowering import (
+    LoweringReport,
+    as_pair,
+    conv_output_size,
+    int_padding,
+    stored_weight_skips,
+)
 from slimtorch.quant.qdq import _INPUT_RANGES, _QD, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -311,6 +317,10 @@ def lower_conv_gemm_(
         if reason is None and k < config.min_k:
             reason = f"patch length {k} < min_k={config.min_k}; lower it with lower_direct_conv_"
         rows.append(GemmRow(name, "skipped" if reason else "gemm", k, reason))
+    rows += [
+        GemmRow(name, "skipped", 0, why)
+        for name, why in stored_weight_skips(model, include, exclude)
+    ]
     GemmReport(rows=rows).check_strict(strict, "lower_conv_gemm_")
     names = [r.conv for r in rows if r.action == "gemm"]
     folded: list[str] = []

@@ -56,6 +56,20 @@ def conv_output_size(
     return h_out, w_out
 
 
+def stored_weight_skips(model: nn.Module, include: Any, exclude: Any) -> list[tuple[str, str]]:
+    """``(name, reason)`` for each selected convolution that keeps its weights as int8 (a
+    quantized model): a lowering of float convolutions leaves it, and says why."""
+    from slimtorch.core.globs import selected
+    from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
+
+    return [
+        (name, stored_weights_reason(module, dtype, "lower"))
+        for name, (module, _, dtype, _) in weight_buffer_layers(model).items()
+        if selected(name, include, exclude)
+        and any(b.dim() == 4 for b in module.buffers(recurse=False))  # a conv's weights
+    ]
+
+
 def as_pair(v: Any) -> tuple[int, int]:
     """``(v, v)`` for an int, else the first two entries as ints (``nn.Conv2d`` arguments)."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
