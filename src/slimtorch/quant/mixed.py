@@ -57,6 +57,7 @@ from slimtorch.core.measure.params import weight_buffer_layers
 from slimtorch.core.profiles import list_profiles
 from slimtorch.core.surgery import (
     refuse_sparse_kernels,
+    replacement_blockers,
     require_float32,
     require_submodules,
     require_values,
@@ -304,8 +305,7 @@ def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
 
 
 def _weights_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers, a pruned model's bool masks left out: the budget is
-    the weights' (the masks only keep the zeros through training)."""
+    """Bytes of parameters and buffers but a pruned model's bool masks (training aids)."""
     return model_size_bytes(model) - storage_bytes(model).get("bool", 0)
 
 
@@ -357,6 +357,8 @@ def mixed_precision_(
     work = copy.deepcopy(model)
     fold = fold_bn_(work) if config.fold_bn else None
     names = _targets(work, config)
+    blocked = replacement_blockers(work, [(n, work.get_submodule(n)) for n in names])
+    names = [n for n in names if n not in blocked]  # a fused kernel reads their weights: kept
     example = batches[0][0].to(_calib.model_device(work))
     with _calib.track_calls(work, {n: work.get_submodule(n) for n in names}) as runs:
         refs = _calib.run_batches(work, batches, "calibration")
