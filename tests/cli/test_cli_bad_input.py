@@ -364,3 +364,16 @@ def test_profile_of_an_onnx_file_says_exported_takes_pt2(
             f"slimtorch profile: error: --exported takes a torch.export program (.pt2), not the "
             f"ONNX file {onnx_file}; profile the model it was exported from with --in"
         )
+
+
+def test_batch_size_one_on_a_1x1_map_says_what_to_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # torch's "Expected more than 1 value per channel when training" alone did not say that
+    # batch size 1 cannot train this model's batch norms
+    args = ["train", "--model", "vgg11-bn", "--dataset", "digits", "--epochs", "1"]
+    args += ["--batch-size", "1", "--out", str(tmp_path / "r"), "--device", "cpu", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Expected more than 1 value per channel when training" in err
+    assert "use a --batch-size of 2 or more per process" in err

@@ -33,6 +33,11 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 """Libraries' loggers held at ERROR unless ``--verbose`` (their warnings are about internals)."""
 
 
+ONE_VALUE_HINT = (
+    "a batch norm saw one value per channel in training: batches of one sample (per process) "
+    "reach a 1x1 map in this model; use a --batch-size of 2 or more per process"
+)
+
 IMPORT_ENV = "SLIMTORCH_IMPORT"
 """Environment variable of modules to import first, comma-separated (as ``--import``)."""
 
@@ -167,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folder that cannot be written, a full disk; its message names the path.
         # FloatingPointError: a training run that diverged (the message says what to change)
         print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
+        if str(exc).startswith("Expected more than 1 value per channel when training"):
+            print(f"  {ONE_VALUE_HINT}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):  # e.g. which batch of which loader
             print(f"  {note}", file=sys.stderr)
         return 2
