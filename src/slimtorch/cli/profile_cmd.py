@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 from slimtorch.cli.common import (
@@ -98,6 +97,8 @@ def _check_runs(model: Any, example: Any, subject: str, fix: str) -> None:
     """Run ``model`` once on ``example``, turning a shape it refuses into one clear error."""
     import torch
 
+    from slimtorch.quant.precision import hand_mixed_dtypes
+
     try:
         with torch.no_grad():
             model(example)
@@ -106,8 +107,8 @@ def _check_runs(model: Any, example: Any, subject: str, fix: str) -> None:
             raise
         lines = str(exc).strip().splitlines()
         why = lines[0] if lines else type(exc).__name__
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-        if len(dtypes) > 1 and _DTYPE_CLASH.search(why):  # not the shape: mixed weights
+        # torch's dtype clashes all say "type" ("Input type (float) and bias type (c10::Half)")
+        if "type" in why.lower() and (dtypes := hand_mixed_dtypes(model)):
             raise ValueError(
                 f"{subject} does not run on {str(example.dtype).removeprefix('torch.')} inputs "
                 f"({why}): its weights mix {', '.join(dtypes)} with no casts between the "
@@ -117,12 +118,6 @@ def _check_runs(model: Any, example: Any, subject: str, fix: str) -> None:
         raise ValueError(
             f"{subject} does not run on inputs of shape {tuple(example.shape)} ({why}); {fix}"
         ) from None
-
-
-# torch's wording when two operands' dtypes differ ("Input type (float) and bias type
-# (c10::Half) should be the same", "expected scalar type Half but found Float", "mat1 and mat2
-# must have the same dtype")
-_DTYPE_CLASH = re.compile(r"type .* should be the same|expected scalar type|same dtype", re.I)
 
 
 def run(args: argparse.Namespace) -> int:

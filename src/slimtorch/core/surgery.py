@@ -177,16 +177,17 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
             f"has no child {child!r}); list valid names with model.named_modules()"
         )
     old = parent._modules[child]
-    if old is not None and old is not module and (hooked := _hooked(old, name)):
-        logger.warning(
-            "hooks on %s are not carried over to %s's replacement (%s); register them again "
-            "on the new layer if they are still wanted",
-            ", ".join(hooked),
-            name,
-            type(module).__name__,
-        )
-    if old is not None and old is not module and _channels_last(old):
-        _to_channels_last(module)
+    if old is not None and old is not module:  # a replacement: what the old layer had
+        if hooked := _hooked(old, name):
+            logger.warning(
+                "hooks on %s are not carried over to %s's replacement (%s); register them "
+                "again on the new layer if they are still wanted",
+                ", ".join(hooked),
+                name,
+                type(module).__name__,
+            )
+        if _channels_last(old):
+            _to_channels_last(module)
     setattr(parent, child, module)
 
 

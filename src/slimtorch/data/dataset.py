@@ -166,8 +166,8 @@ def split_dataset(
 
     With ``stratify=True`` each class contributes ``round(n_class * val_fraction)`` samples to
     the validation set (leaving it one training sample at least), so class proportions are
-    kept; otherwise ``round(N * val_fraction)``
-    samples are drawn at random. Both subsets keep the original sample order.
+    kept; otherwise ``round(N * val_fraction)`` samples are drawn at random. Both subsets keep
+    the original sample order.
 
     Args:
         ds: The dataset to split.

@@ -351,7 +351,7 @@ def compress_run(
     del original
     storage = (finished or {}).get("storage")  # pruned: zeros cost nothing in the compact file
     saved_after = storage["compact_bytes"] if storage else file_bytes(model)
-    storage = storage or ({"compact_bytes": saved_after} if masked_params(model) else None)
+    compact = bool(storage) or bool(masked_params(model))  # a pruned input still holds masks
     timings = [
         speed_entry(
             f"{device.type} batch {profile_batch}",
@@ -367,7 +367,7 @@ def compress_run(
     verdict = make_verdict(
         size_before=saved_before,
         size_after=saved_after,
-        size_what="compact file" if storage else None,
+        size_what="compact file" if compact else None,
         acc_before=acc0,
         acc_after=acc1,
         timings=timings,
@@ -380,7 +380,7 @@ def compress_run(
                 prof0,
                 prof1,
                 side,
-                ("saved, compact (MB)" if storage else "saved (MB)", saved_before, saved_after),
+                ("saved, compact (MB)" if compact else "saved (MB)", saved_before, saved_after),
             ),
             *finish_rows(finished),
             "(latency and peak memory: the model before and after, measured side by side in "

@@ -226,13 +226,18 @@ def _fuse_tucker(model: nn.Module, request: MethodRequest) -> Applied:
     )
 
 
+def _compact_bytes(model: nn.Module) -> int:
+    """Bytes of the model's compact file (zeros stored sparsely), headers included."""
+    from slimtorch.prune import compact_file_bytes
+
+    return compact_file_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
 def _compact_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of the model's weights file and of its compact file, headers included."""
     from slimtorch.models.io import saved_bytes
-    from slimtorch.prune import compact_file_bytes
 
-    compact = compact_file_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return {"dense_bytes": saved_bytes(model), "compact_bytes": compact}
+    return {"dense_bytes": saved_bytes(model), "compact_bytes": _compact_bytes(model)}
 
 
 def warn_folded(transforms: Sequence[Mapping[str, Any]]) -> None:
@@ -258,7 +263,7 @@ def file_bytes(model: nn.Module) -> int:
     from slimtorch.models.io import saved_bytes
     from slimtorch.prune.buffers import masked_params
 
-    return _compact_sizes(model)["compact_bytes"] if masked_params(model) else saved_bytes(model)
+    return _compact_bytes(model) if masked_params(model) else saved_bytes(model)
 
 
 SPARSE_CHECK = "sparse_check"

@@ -169,10 +169,10 @@ def make_verdict(
 
     ``headline`` is ``smaller and faster``, ``smaller, not faster``, ``faster, not smaller``,
     ``neither smaller nor faster``, or ``smaller, but slower`` / ``slower`` (no timing faster,
-    one slower). "Faster" needs
-    one timing called faster: a method whose int8 model only runs fast in a compiled runtime is
-    faster there, and the line says where. ``size_what`` names what ``size_after`` counts when it
-    is not the saved state dict (``"compact file"`` for pruned models).
+    one slower). "Faster" needs one timing called faster: a method whose int8 model only runs
+    fast in a compiled runtime is faster there, and the line says where. ``size_what`` names
+    what ``size_after`` counts when it is not the saved state dict (``"compact file"`` for
+    pruned models).
     """
     size_ratio = size_after / size_before if size_before > 0 else float("nan")
     smaller = size_ratio < 1 - MATERIAL

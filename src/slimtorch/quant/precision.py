@@ -269,6 +269,22 @@ if TRANSFORM_NAME not in ARCH_TRANSFORMS:
     ARCH_TRANSFORMS.add(TRANSFORM_NAME, _replay)
 
 
+def hand_mixed_dtypes(model: nn.Module) -> list[str]:
+    """The floating dtypes of ``model``'s weights when it mixes several without the casts
+    :func:`set_precision_` records between them (``model.half()`` with some layers set back to
+    float), sorted; empty otherwise.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2).half(), nn.Linear(2, 2))
+        >>> hand_mixed_dtypes(net), hand_mixed_dtypes(nn.Linear(2, 2))
+        (['float16', 'float32'], [])
+    """
+    kinds = {
+        str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()
+    }
+    return sorted(kinds) if len(kinds) > 1 and not layer_precisions(model) else []
+
+
 def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
     """Refuse, by name, what ONNX export cannot write or the exporter would fail on deep inside:
     an example batch with no rows, float64 weights, a whole model in float16 (``half()``, whose
@@ -302,7 +318,7 @@ def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
             "every weight of the model is float16 (model.half()); export the float32 model with "
             "dtype='fp16', or cast it with cast_ (which keeps sensitive layers in float32)"
         )
-    if {torch.float16, torch.float32} <= kinds and not layer_precisions(model):
+    if {"float16", "float32"} <= set(hand_mixed_dtypes(model)):
         raise ValueError(
             "the model mixes float16 and float32 weights without the casts cast_ records "
             "between them (model.half() with some layers set back to float), so its graph "
