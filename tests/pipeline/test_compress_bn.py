@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimtorch.pipeline.compress import compress_run
 from slimtorch.train import TrainConfig
@@ -67,3 +68,52 @@ def test_fine_tuning_a_model_whose_batch_norms_were_folded_warns(
                      profiles=(), threads=1)  # fmt: skip
     said = [r.getMessage() for r in caplog.records]
     assert any("batch norms were folded away (quant.fold_bn)" in m for m in said)
+
+
+def test_batch_of_one_on_a_1x1_map_is_refused_before_the_transform(tmp_path: Path) -> None:
+    # the fine-tune failed on its first step with torch's bare message, after the channel
+    # pruning had run; the check now comes first and names the batch norm
+    cfg = TrainConfig(epochs=1, lr=0.05, progress=False)
+    train_classifier(
+        model="vgg11-bn", dataset="digits", out_dir=tmp_path / "v", train_config=cfg, batch_size=32
+    )
+    applied: list[str] = []
+    import slimtorch.prune as prune
+
+    real = prune.prune_channels_
+
+    def spy(*args: object, **kwargs: object) -> object:
+        applied.append("channel-prune")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune, "prune_channels_", spy)
+        with pytest.raises(ValueError, match=r"batches of one sample cannot train this model: "
+                           r"the batch norm features\.\d+ sees one value per channel "
+                           r"\(its input is 1x1\)"):  # fmt: skip
+            compress_run(
+                in_dir=tmp_path / "v",
+                out_dir=tmp_path / "c",
+                method="channel-prune",
+                method_options={"ratio": 0.5},
+                finetune=TrainConfig(epochs=1, lr=0.01, progress=False),
+                batch_size=1,
+                profile_batch=4,
+                profiles=(),
+                threads=1,
+            )
+    assert applied == [] and not (tmp_path / "c" / "model").exists()
+
+
+def test_batch_of_one_check_passes_maps_larger_than_1x1_and_leaves_the_model(
+    trained_resnet: Path,
+) -> None:
+    from slimtorch.models import load_model
+    from slimtorch.train import check_trains_on_one_sample
+
+    model, _ = load_model(trained_resnet / "model")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    check_trains_on_one_sample(model, torch.rand(3, 1, 8, 8))  # resnet20 ends at 2x2
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

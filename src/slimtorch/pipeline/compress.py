@@ -49,7 +49,13 @@ from slimtorch.pipeline.side_by_side import side_by_side
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.prune import MaskCallback
 from slimtorch.prune.buffers import masked_params
-from slimtorch.train import BatchNormRecalibration, Callback, TrainConfig, Trainer
+from slimtorch.train import (
+    BatchNormRecalibration,
+    Callback,
+    TrainConfig,
+    Trainer,
+    check_trains_on_one_sample,
+)
 from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
 from slimtorch.train.distributed import (
     data_parallel,
@@ -287,6 +293,8 @@ def compress_run(
     )
     if will_finetune := finetune is not None and finetune.epochs > 0:
         warn_folded(card.transforms)
+        if batch_size // get_world_size() == 1:  # fails on its first step, after the transform
+            check_trains_on_one_sample(model, example_images(test_ds, 1, device))
 
     steps_per_epoch = len(train_batches()) if will_finetune else 0
     teacher = copy.deepcopy(model) if distill is not None and will_finetune else None

@@ -22,7 +22,11 @@ Example:
 from __future__ import annotations
 
 from slimtorch.train.amp import AmpPlan, resolve_amp
-from slimtorch.train.batchnorm import BatchNormRecalibration, recalibrate_batchnorm_
+from slimtorch.train.batchnorm import (
+    BatchNormRecalibration,
+    check_trains_on_one_sample,
+    recalibrate_batchnorm_,
+)
 from slimtorch.train.callbacks import Callback, EarlyStopping
 from slimtorch.train.checkpoint import load_checkpoint, save_checkpoint
 from slimtorch.train.config import TrainConfig
@@ -62,6 +66,7 @@ __all__ = [
     "broadcast_buffers_",
     "build_optimizer",
     "build_scheduler",
+    "check_trains_on_one_sample",
     "cleanup",
     "data_parallel",
     "get_device_index",

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,61 @@ def recalibrate_batchnorm_(
             for buf in _stats(m)[:2]:  # mean and variance
                 buf.copy_(all_reduce_sum(buf.float()).div_(world).to(buf.dtype))
     return {"layers": len(norms), "batches": n_batches, "samples": samples}
+
+
+ONE_VALUE_ERROR = "Expected more than 1 value per channel when training"
+"""How torch's batch norm refuses a training batch with one value per channel."""
+
+
+@torch.no_grad()
+def check_trains_on_one_sample(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise before any work when a batch of one sample cannot train ``model``.
+
+    A batch norm in train mode needs more than one value per channel; a model whose maps reach
+    1x1 (vgg11-bn at 28x28) fails on the first step of a batch-1 run, after whatever ran before
+    it (a compress run's transform). One training-mode forward of one sample on a copy finds
+    that out first; the model itself is not touched.
+
+    Args:
+        model: The model to fine-tune.
+        example: Inputs of the model (the first sample is used).
+
+    Raises:
+        ValueError: A batch norm sees one value per channel, naming it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        >>> check_trains_on_one_sample(net, torch.randn(1, 1, 3, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: batches of one sample cannot train this model: the batch norm 1 sees one ...
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    probe = copy.deepcopy(model).train()
+    seen: list[tuple[str, str]] = []  # (batch norm, its input's map) where one value arrived
+
+    def hook(name: str) -> Any:
+        def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x[0].numel() == x.shape[1]:
+                seen.append((name, "x".join(map(str, x.shape[2:])) or "one value"))
+
+        return pre
+
+    for name, mod in probe.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.register_forward_pre_hook(hook(name))
+    try:
+        probe(example[:1])
+    except Exception as exc:  # anything else is met, and reported, by the run itself
+        if not str(exc).startswith(ONE_VALUE_ERROR) or not seen:
+            return
+        name, size = seen[-1]
+        raise ValueError(
+            f"batches of one sample cannot train this model: the batch norm {name} sees one "
+            f"value per channel (its input is {size}); use a batch size of 2 or more per process"
+        ) from exc
 
 
 class BatchNormRecalibration(Callback):
