@@ -61,6 +61,29 @@ def test_pool_and_relu_fold_into_the_direct_conv(pool: int, stride: int, size: i
         torch.testing.assert_close(direct(x), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("pool", [None, 2])
+def test_counters_see_a_convolution(pool: int | None) -> None:
+    # its slices-times-weights products were counted as elementwise ops: the reported GFLOPs
+    # fell by the stem's share after lowering
+    from slimtorch.core.measure import count_flops
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(1, 6, 3, padding=1)
+    ref = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(pool)) if pool else conv
+    x = torch.randn(2, 1, 12, 12)
+    want = count_flops(ref, x)
+    for channels_last in (False, True):
+        direct = DirectConv2d.from_conv(
+            conv, pool=pool, relu=bool(pool), channels_last=channels_last
+        )
+        got = count_flops(direct, x)
+        assert got.total_flops == want.total_flops == 2 * 6 * 12 * 12 * 9 * 2
+        assert got.elementwise_flops <= want.elementwise_flops + 6 * 12 * 12 * 2
+        out = direct(x)  # and computes as before outside the counters
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_gradients_match_conv2d() -> None:
     torch.manual_seed(2)
     conv = nn.Conv2d(1, 4, 3, padding=1).double()

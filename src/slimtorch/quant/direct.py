@@ -53,6 +53,7 @@ from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
+from slimtorch.core.measure.trace import recording_ops
 from slimtorch.core.surgery import own_forward_reason, require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.quant.fold import fold_bn_
@@ -175,6 +176,11 @@ class DirectConv2d(nn.Module):
             x, "DirectConv2d", c_in, (kh, kw), self.stride, self.padding, self.dilation, k
         )
         h_out, w_out = size[0], size[1]
+        if recording_ops():  # counted as what it computes: a convolution, then pool and ReLU
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            y = F.max_pool2d(y, k) if self.pool else y
+            y = torch.relu(y) if self.relu else y
+            return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
         xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         weight: torch.Tensor = self.weight
         if self.channels_last:  # taps (N, h, w, 1) times weights along the last dimension
