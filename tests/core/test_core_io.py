@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -71,3 +72,58 @@ def test_a_folder_that_cannot_be_opened_for_the_flush_does_not_fail_the_write(
     monkeypatch.setattr(os, "open", no_read)
     atomic_write_text(tmp_path / "a.txt", "x")
     assert (tmp_path / "a.txt").read_text() == "x"
+
+
+_WRITES = r"""
+import resource, sys, torch
+from torch import nn
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # writes past 4 KiB fail (EFBIG)
+out = sys.argv[1]
+model = nn.Linear(64, 64)
+what = sys.argv[2]
+try:
+    if what == "checkpoint":
+        from slimtorch.train.checkpoint import save_checkpoint
+        save_checkpoint(out + "/checkpoint.pt", {"model": model.state_dict()})
+    elif what == "model":
+        from slimtorch.models import create_model, save_model
+        net = create_model("mlp", in_channels=1, input_size=8)
+        save_model(net, out + "/m", input_shape=(1, 8, 8), mean=[0.5], std=[0.5],
+                   class_names=[str(i) for i in range(10)])
+    else:
+        from slimtorch.models import save_exported
+        save_exported(model, torch.randn(2, 64), out + "/m.pt2")
+except OSError as exc:
+    print("OSError", exc.errno, exc)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("what", ["checkpoint", "model", "exported"])
+def test_a_write_that_runs_out_of_room_is_an_oserror_naming_the_file(
+    tmp_path: Path, what: str
+) -> None:
+    # torch's writer said only "unexpected pos 704 vs 598", safetensors raised its own error
+    # type, and torch.export.save aborted the whole process
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _WRITES, str(tmp_path), what],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    first = run.stdout.strip().splitlines()[-1]
+    assert re.match(rf"OSError (\d+) \[Errno \1\] could not write {tmp_path}/\S+ \(", first), first
+    assert "free disk space" in first
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # nothing left
+
+
+def test_write_errors_of_other_kinds_pass_through(tmp_path: Path) -> None:
+    def bad(tmp: str) -> None:
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_write(tmp_path / "x.pt", bad)

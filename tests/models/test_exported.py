@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -245,3 +246,21 @@ def test_a_gpu_that_is_not_there_is_named(exported: tuple[torch.nn.Module, Path]
     with pytest.raises(ValueError, match="asked for a CUDA/ROCm GPU"):
         load_exported(path, device="cuda")
     assert next(load_exported(path, device="auto").parameters()).device.type in ("cpu", "mps")
+
+
+def test_a_flipped_bit_in_a_weight_is_refused(
+    exported: tuple[torch.nn.Module, Path], tmp_path: Path
+) -> None:
+    # torch's archive reader checks no CRC: the damaged weight loaded and the outputs moved
+    _, path = exported
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest weight
+        assert info.compress_type == zipfile.ZIP_STORED
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x40
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"bad\.pt2 is corrupt: its entry '.+' does not match"):
+        load_exported(bad)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,37 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# torch's archive writer reports a failed write only as a position mismatch
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def _write_failure(exc: Exception, path: Path) -> OSError | None:
+    """The ``OSError`` naming the file and the free space that a failed write stands for: an
+    ``OSError`` that names no file (``[Errno 28] No space left on device``), or a writer
+    library's own error (safetensors' "I/O error: ... (os error 28)", torch's "unexpected
+    pos"); None for other errors, and for an ``OSError`` that already names its file."""
+    if isinstance(exc, OSError):
+        if exc.filename is not None or exc.errno is None:
+            return None
+        err, text = exc.errno, exc.strerror or str(exc)
+    else:
+        text = str(exc)
+        code = _OS_ERROR.search(text)
+        if code is None and not any(s in text for s in _TORCH_WRITE_FAILED):
+            return None
+        err = int(code.group(1)) if code is not None else errno.EIO
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return OSError(
+        err,
+        f"could not write {path} ({text.strip().splitlines()[0]}; {free}); free disk space, "
+        "raise the file-size limit, or write elsewhere",
+    )
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
@@ -61,9 +94,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = _write_failure(exc, path) if isinstance(exc, Exception) else None
+        if failed is not None:
+            raise failed from exc
         raise
     fsync_dir(path.parent)  # the rename itself survives a power loss
     return path

@@ -99,6 +99,15 @@ def _check_archive(path: Path, data: bytes) -> None:
         names.append(rest)
     if len(roots) != 1:
         raise _refuse(path, f"expected one archive root folder, found {sorted(roots)}")
+    try:  # torch's reader checks no CRC: a flipped bit in a weight would load as another value
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        bad = f"? ({exc})"
+    if bad is not None:
+        raise ModelLoadError(
+            f"{path} is corrupt: its entry {bad!r} does not match its stored CRC (a damaged disk "
+            "or copy); export the model again"
+        )
     _check_entries(path, names, lambda name: archive.read(entries[name]))
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
@@ -330,8 +339,12 @@ def save_exported(
         model.train(was_training)
 
     def write(tmp: str) -> None:
+        # through memory: torch's archive writer aborts the process when a write fails (a full
+        # disk); Python's own write raises OSError instead
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
         with open(tmp, "wb") as fh:
-            torch.export.save(program, fh)
+            fh.write(buffer.getbuffer())
 
     out = atomic_write(path, write)
     logger.info("exported %s to %s", type(model).__name__, out)
