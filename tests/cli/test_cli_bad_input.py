@@ -377,3 +377,17 @@ def test_batch_size_one_on_a_1x1_map_says_what_to_change(
     err = capsys.readouterr().err
     assert "Expected more than 1 value per channel when training" in err
     assert "use a --batch-size of 2 or more per process" in err
+
+
+def test_a_memory_error_is_one_line(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python's MemoryError (a gzip buffer, a numpy array) came out as a traceback
+    import safetensors.torch
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("Unable to allocate output buffer")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
+    assert main(["eval", "--in", str(model_dir), "--device", "cpu"]) == 2
+    assert _error(capsys).startswith("slimtorch eval: error: out of memory (out of memory reading ")

@@ -183,6 +183,32 @@ def test_corrupt_weights_file(tmp_path: Path) -> None:
         load_model(out)
 
 
+def test_running_out_of_memory_while_loading_is_not_called_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a sound model was reported as "corrupt or truncated; restore it or re-save the model"
+    # (and config.json as "malformed") when memory ran out while reading it
+    import safetensors.torch
+
+    import slimtorch.models.registry as registry
+
+    out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise safetensors.SafetensorError("Error while deserializing: Cannot allocate memory "
+                                          "(os error 12)")  # fmt: skip
+
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors.torch, "load_file", no_memory)
+        with pytest.raises(MemoryError, match=r"out of memory reading .*model\.safetensors"):
+            load_model(out)
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "create_model", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(MemoryError):
+            load_model(out)
+    assert load_model(out)[1].architecture["name"] == "lenet5"  # and nothing was changed
+
+
 def test_missing_or_bad_config(tmp_path: Path) -> None:
     out = _save(create_model("lenet5", in_channels=3, input_size=32), tmp_path / "l")
     (out / "config.json").write_text("{not json")

@@ -75,5 +75,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(
-        s in text for s in ("out of memory", "failed to allocate memory", "can't allocate memory")
+        s in text
+        for s in (
+            "out of memory",
+            "failed to allocate memory",
+            "can't allocate memory",
+            "cannot allocate memory",  # ENOMEM's text (safetensors: "(os error 12)")
+        )
     )

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.core.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -327,7 +327,9 @@ def shape_misfit(name: str, kwargs: dict[str, Any], shape: Sequence[int]) -> str
     try:
         with torch.device("meta"):
             model = create_model(name, **kwargs)
-    except Exception:
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
         return None  # not buildable here: the rebuild on load says why
     try:
         with torch.no_grad():
@@ -335,6 +337,8 @@ def shape_misfit(name: str, kwargs: dict[str, Any], shape: Sequence[int]) -> str
     except NotImplementedError:
         return None  # an op without a meta kernel: the shape cannot be judged here
     except Exception as exc:  # a shape error, in whatever type the layer raises it
+        if is_out_of_memory(exc):
+            raise
         if "meta" in str(exc):  # .item() or a branch on values, a tensor made on another
             return None  # device: the forward needs real values, which says nothing of shapes
         return (

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.devices import read_meminfo, resolve_device
-from slimtorch.core.errors import ModelLoadError
+from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.core.io import atomic_write, atomic_write_json, fsync_dir, read_json
 from slimtorch.core.surgery import require_values, sparse_kernel_layers
 from slimtorch.models.card import (
@@ -446,6 +446,8 @@ def load_model(
     try:
         tensors = load_file(weights, device="cpu")
     except Exception as exc:  # safetensors raises its own error types and OSError
+        if is_out_of_memory(exc):  # a sound file that did not fit: not "corrupt"
+            raise MemoryError(f"out of memory reading {weights} ({exc})") from exc
         raise ModelLoadError(
             f"{weights} is corrupt or truncated ({exc}); restore it or re-save the model"
         ) from None
