@@ -48,3 +48,21 @@ def test_the_next_method_keeps_a_pruned_models_zeros_and_reports_its_size(
     assert report["saved_bytes"]["before"] == first["saved_bytes"]["after"]  # type: ignore[index]
     assert "compact file" in report["verdict"]["text"]  # type: ignore[index]
     assert torch.isfinite(torch.tensor(report["accuracy"]["after_finetune"]))  # type: ignore[index]
+
+
+def test_a_run_whose_model_save_was_interrupted_is_read_from_its_copy(
+    pruned: Path, tmp_path: Path
+) -> None:
+    # between save_model's two renames only model/'s copy .model.old exists; eval, export and
+    # profile read it, while compress and a --teacher refused the run as having no config.json
+    import shutil
+
+    from slimtorch.distill.teacher import load_teacher
+
+    run = tmp_path / "run"
+    shutil.copytree(pruned, run)
+    (run / "model").rename(run / ".model.old")
+    _run(run, tmp_path / "next", "fold-bn", {})
+    assert (tmp_path / "next" / "model" / "config.json").is_file()
+    teacher = load_teacher(run, input_shape=(1, 8, 8), num_classes=10)
+    assert not teacher.training

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from slimtorch.models import load_model
+from slimtorch.models.card import model_root
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def load_teacher(
         )
     if any(d < 1 for d in dims):
         raise ValueError(f"input_shape must hold positive sizes, got {tuple(input_shape)}")
-    root = Path(path)
-    if not (root / "config.json").is_file() and (root / "model" / "config.json").is_file():
-        root = root / "model"
+    root = model_root(path)
     model, card = load_model(root, device=device)
     shape = tuple(int(d) for d in dims)
     problems = []

@@ -129,6 +129,24 @@ def holds_model(path: str | os.PathLike[str]) -> bool:
     )
 
 
+def model_root(path: str | os.PathLike[str]) -> Path:
+    """``path``, or its ``model/`` folder (a run's ``--out``) when that one holds the model;
+    either counts as holding it when an interrupted save left only its copy (see
+    :func:`holds_model`). ``path`` itself when neither does: the loader then says what is
+    missing.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> model_root(d) == d
+        True
+    """
+    root = Path(path)
+    if not holds_model(root) and holds_model(root / "model"):
+        return root / "model"
+    return root
+
+
 def _resolve_dir(path: Path) -> Path:
     if path.is_dir():
         return path

@@ -37,6 +37,7 @@ from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, dataset_record
 from slimtorch.distill import DistillationCallback, DistillConfig
 from slimtorch.models import load_model, save_model
+from slimtorch.models.card import model_root
 from slimtorch.pipeline.methods import (
     COMPRESS_METHODS,
     MethodRequest,
@@ -243,9 +244,7 @@ def compress_run(
     device = resolve_device(device, any_index=data_parallel())  # DDP maps it below
     if device.type == "cuda" and data_parallel():
         device = torch.device("cuda", get_device_index())  # one GPU per DDP process
-    in_path = Path(in_dir)
-    if not (in_path / "config.json").is_file() and (in_path / MODEL_SUBDIR).is_dir():
-        in_path = in_path / MODEL_SUBDIR
+    in_path = model_root(in_dir)
     model, card = load_model(in_path, device=device)
     name = dataset_record(dataset) if dataset else card.dataset
     if not name:

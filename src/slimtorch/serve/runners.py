@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
+from slimtorch.models.card import model_root
 from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,7 @@ def model_path(version_dir: Path, fmt: str) -> Path:
         PosixPath('repo/m/1/model.onnx')
     """
     if fmt == "slimtorch":
-        if not (version_dir / "config.json").is_file() and (version_dir / "model").is_dir():
-            return version_dir / "model"
-        return version_dir
+        return model_root(version_dir)
     return version_dir / FILES[fmt]
 
 
