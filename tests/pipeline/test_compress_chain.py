@@ -66,3 +66,29 @@ def test_a_run_whose_model_save_was_interrupted_is_read_from_its_copy(
     assert (tmp_path / "next" / "model" / "config.json").is_file()
     teacher = load_teacher(run, input_shape=(1, 8, 8), num_classes=10)
     assert not teacher.training
+
+
+def test_a_run_that_fails_after_its_model_landed_leaves_no_report_of_the_replaced_one(
+    pruned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a full disk while writing the report left the new model beside the replaced prune run's
+    # report.json, checkpoint and compact file, which described another model
+    import errno
+    import shutil
+
+    import slimtorch.pipeline.compress as compress
+
+    run = tmp_path / "run"
+    shutil.copytree(pruned, run)
+    assert (run / "model.compact.safetensors").is_file() and (run / "checkpoint.pt").is_file()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compress, "atomic_write_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        compress_run(in_dir=pruned, out_dir=run, method="fold-bn", profile_batch=4, profiles=(),
+                     threads=1)  # fmt: skip
+    assert load_model(run / "model")[1].extra["method"] == "fold-bn"  # the new model landed
+    left = sorted(p.name for p in run.iterdir())
+    assert left == ["model"], left

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slimtorch.models.card import holds_model
+from slimtorch.train.classifier import run_files
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -138,22 +139,6 @@ def model_dir_arg(path: str, option: str = "--in") -> Path:
     )
 
 
-RUN_FILES = (
-    "checkpoint.pt",
-    "history.json",
-    "train_config.json",
-    "report.json",
-    "report.txt",
-    "report.refused.json",
-    "report.refused.txt",
-    "checkpoint.refused.pt",  # a refused compress run's fine-tune files, beside a kept model
-    "history.refused.json",
-    "train_config.refused.json",
-    "model.compact.safetensors",
-)
-"""The files train and compress write in ``--out`` beside ``model/``."""
-
-
 def check_run_output(
     path: str, *, overwrite: bool, resume: bool | None = None, checkpoint: bool = False
 ) -> dict[Path, tuple[int, int]]:
@@ -163,10 +148,10 @@ def check_run_output(
     ``--out/checkpoint.pt``. ``resume`` is None for commands without ``--resume``.
 
     Returns:
-        With ``overwrite``, the run files (:data:`RUN_FILES`) already in ``--out`` with their
-        identity; :func:`remove_stale_outputs` removes, after a successful run, those the run
-        did not write again, so no report or checkpoint of the replaced run stays beside the
-        new model. Empty otherwise.
+        With ``overwrite``, the run files (``slimtorch.train.classifier.RUN_FILES``) already
+        in ``--out`` with their identity; ``remove_stale_outputs`` (same module) removes, after
+        a successful run, those the run did not write again, so no report or checkpoint of the
+        replaced run stays beside the new model. Empty otherwise.
 
     Example:
         >>> import tempfile
@@ -207,7 +192,7 @@ def check_run_output(
         if there
     ]
     if overwrite:
-        return {p: _identity(p) for p in (out / name for name in RUN_FILES) if p.is_file()}
+        return run_files(out)
     if not found:
         return {}
     if resume is None:
@@ -228,27 +213,8 @@ def check_run_output(
     return {}
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns
-
-
-def remove_stale_outputs(before: dict[Path, tuple[int, int]]) -> list[str]:
-    """Remove the run files of a replaced run that the new run left as they were.
-
-    ``before`` is what :func:`check_run_output` returned. A file the new run wrote again (the
-    atomic writes give it a new inode) is kept. Returns the names removed.
-    """
-    removed = []
-    for path, identity in before.items():
-        if path.is_file() and _identity(path) == identity:
-            path.unlink()
-            removed.append(path.name)
-    return removed
-
-
 def report_removed(names: Sequence[str]) -> None:
-    """Say which files of a replaced run :func:`remove_stale_outputs` removed (if any)."""
+    """Say which files of a replaced run ``remove_stale_outputs`` removed (if any)."""
     if names:
         print(f"removed from the replaced run: {', '.join(names)}")
 

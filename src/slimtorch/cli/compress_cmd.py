@@ -26,9 +26,9 @@ from slimtorch.cli.common import (
     options_that_need,
     profile_names,
     quiet_autotune,
-    remove_stale_outputs,
     report_removed,
 )
+from slimtorch.train.classifier import remove_stale_outputs
 
 # defaults of the options that act only with --distill (parsed as None so that giving one
 # without --distill can be refused)

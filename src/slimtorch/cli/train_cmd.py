@@ -16,9 +16,9 @@ from slimtorch.cli.common import (
     model_choices,
     model_dir_arg,
     options_that_need,
-    remove_stale_outputs,
     report_removed,
 )
+from slimtorch.train.classifier import remove_stale_outputs
 
 # defaults of the options that act only with --teacher / --sparse (parsed as None so that
 # giving one without its switch can be refused)

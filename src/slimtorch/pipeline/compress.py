@@ -57,7 +57,13 @@ from slimtorch.train import (
     Trainer,
     check_trains_on_one_sample,
 )
-from slimtorch.train.classifier import MODEL_SUBDIR, default_augment, make_loaders
+from slimtorch.train.classifier import (
+    MODEL_SUBDIR,
+    default_augment,
+    make_loaders,
+    remove_stale_outputs,
+    run_files,
+)
 from slimtorch.train.distributed import (
     data_parallel,
     get_device_index,
@@ -427,6 +433,7 @@ def compress_run(
         )  # fmt: skip
     if out_dir is not None and is_main_process():
         out = Path(out_dir)
+        earlier = run_files(out)
         if not refused:
             model_dir = save_model(
                 model,
@@ -438,14 +445,19 @@ def compress_run(
                 metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
                 extra={**card.extra, "compressed_from": str(in_path), "method": method},
             )
-            if applied.artifacts is not None:
+        try:
+            if model_dir is not None and applied.artifacts is not None:
                 result["artifacts"] = applied.artifacts(model, out)
-        # A refused run never replaces the reports of a model an earlier run wrote there.
-        stem = "report.refused" if refused and (out / MODEL_SUBDIR).exists() else "report"
-        _land_finetune_files(out, ".refused" if stem == "report.refused" else "")
-        report_path = out / f"{stem}.json"
-        atomic_write_json(report_path, result)  # with the guard's verdict if refused
-        atomic_write_text(out / f"{stem}.txt", applied.table + "\n\n" + table + "\n")
+            # A refused run never replaces the reports of a model an earlier run wrote there.
+            stem = "report.refused" if refused and (out / MODEL_SUBDIR).exists() else "report"
+            _land_finetune_files(out, ".refused" if stem == "report.refused" else "")
+            report_path = out / f"{stem}.json"
+            atomic_write_json(report_path, result)  # with the guard's verdict if refused
+            atomic_write_text(out / f"{stem}.txt", applied.table + "\n\n" + table + "\n")
+        except BaseException:
+            if model_dir is not None:  # the replaced run's files describe another model
+                remove_stale_outputs(earlier)
+            raise
     else:
         report_path = None
     return CompressResult(

@@ -57,6 +57,47 @@ logger = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"
 """A run directory keeps its model directory here (beside checkpoint.pt and history.json)."""
 
+RUN_FILES = (
+    "checkpoint.pt",
+    "history.json",
+    "train_config.json",
+    "report.json",
+    "report.txt",
+    "report.refused.json",
+    "report.refused.txt",
+    "checkpoint.refused.pt",  # a refused compress run's fine-tune files, beside a kept model
+    "history.refused.json",
+    "train_config.refused.json",
+    "model.compact.safetensors",
+)
+"""The files train and compress write in ``--out`` beside ``model/``."""
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """``(inode, mtime)``: an atomic write of the same name gives a new one."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def run_files(out: Path) -> dict[Path, tuple[int, int]]:
+    """The run files (:data:`RUN_FILES`) in ``out`` with their :func:`file_identity`."""
+    return {p: file_identity(p) for p in (out / name for name in RUN_FILES) if p.is_file()}
+
+
+def remove_stale_outputs(before: dict[Path, tuple[int, int]]) -> list[str]:
+    """Remove the run files of a replaced run that the new run left as they were.
+
+    ``before`` is what :func:`run_files` returned before the new run. A file the new run wrote
+    again (the atomic writes give it a new inode) is kept. Returns the names removed.
+    """
+    removed = []
+    for path, identity in before.items():
+        if path.is_file() and file_identity(path) == identity:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 # Augmentation that suits each dataset: digits and letters must not be mirrored; clothing and
 # CIFAR objects may be. The 8x8 digits are too small to crop.
 _DEFAULT_AUGMENT: dict[str, AugmentConfig | None] = {
