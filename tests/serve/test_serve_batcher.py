@@ -11,7 +11,8 @@ import pytest
 
 from serve_helpers import logged_request_ids, pair_config
 from slimtorch.serve.batcher import Batcher
-from slimtorch.serve.errors import Overloaded
+from slimtorch.serve.errors import InputFailed, Overloaded
+from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
 
 
@@ -128,6 +129,46 @@ def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> No
         await bb.close()
 
     asyncio.run(main())
+
+
+def test_requests_rerun_one_by_one_count_in_the_batch_metrics() -> None:
+    # the runs of a failed batch's requests on their own used to be left out of the
+    # batch_size / batch_duration histograms and of the batch time behind Retry-After
+    gate = threading.Event()
+
+    def picky(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(10)
+        if (inputs["x"] == 99).any():
+            raise InputFailed("model 'm' could not run on this input")
+        return {"y": inputs["x"] * 2}
+
+    async def main() -> list[object]:
+        b = Batcher("m", pair_config(max_batch_size=8), picky, metrics)
+        b.start()
+        first = asyncio.create_task(b.submit(_x(0), 1))  # runs alone, holds the model
+        await asyncio.sleep(0.2)
+        values = [1, 99, 2, 3]
+        rest = [
+            asyncio.create_task(b.submit(_x(v, rows=1 + i % 2), 1 + i % 2))
+            for i, v in enumerate(values)
+        ]
+        await asyncio.sleep(0.2)
+        gate.set()  # the four queued requests (6 rows) fail as a batch, then run one by one
+        await first
+        results = await asyncio.gather(*rest, return_exceptions=True)
+        await b.close()
+        return results
+
+    metrics = ServeMetrics()
+    results = asyncio.run(main())
+    assert [isinstance(r, InputFailed) for r in results] == [False, True, False, False]
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"slimtorch_serve_{name}", {"model": "m"})
+
+    # the first request, then the three requests that ran on their own (1, 1 and 2 rows)
+    assert sample("batch_size_count") == 4 and sample("batch_size_sum") == 5
+    assert sample("batch_duration_seconds_count") == 4
 
 
 def test_cancelled_request_is_skipped() -> None:

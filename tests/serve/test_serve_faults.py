@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,73 @@ def test_integer_inputs_out_of_range_or_fractional_are_refused(
     with pytest.raises(BadRequest) as info:
         parse_request(json.dumps(body).encode(), None)
     assert message in info.value.message
+
+
+def _parse_one(datatype: str, data: list[float], shape: list[int] | None = None) -> np.ndarray:
+    x = {"name": "x", "shape": shape or [len(data)], "datatype": datatype, "data": data}
+    return parse_request(json.dumps({"inputs": [x]}).encode(), None).tensors["x"]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("INT64", [2**63, 1, 2], "in [1, 9223372036854775808], outside the range of int64"),
+        ("INT64", [-(2**63) - 1, 1], "in [-9223372036854775809, 1], outside the range of int64"),
+        ("UINT64", [2**64, 1, 2], "in [1, 18446744073709551616], outside the range of uint64"),
+    ],
+)
+def test_integers_beyond_64_bits_get_the_out_of_range_message(
+    datatype: str, data: list[int], message: str
+) -> None:
+    # numpy parses these as float64 or Python objects: they used to be refused as
+    # "non-integer numbers" or "values of mixed types"
+    with pytest.raises(BadRequest) as info:
+        _parse_one(datatype, data)
+    assert message in info.value.message
+
+
+def test_integers_beyond_64_bits_are_read_as_floats_by_float_datatypes() -> None:
+    # valid FP32 / FP64 values used to be refused as "values of mixed types"
+    assert _parse_one("FP32", [2**70, 1, 2]).tolist() == [2.0**70, 1.0, 2.0]
+    assert _parse_one("FP64", [[2**64], [3]], [2, 1]).tolist() == [[2.0**64], [3.0]]
+    with pytest.raises(BadRequest, match="holds an integer of 1329 bits, outside the range of"):
+        _parse_one("FP64", [10**400])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("FP16", [70000, 1, 2], "holds 70000, outside the range of datatype FP16 "),
+        ("FP16", [1.5, -65520.0], "holds -65520.0, outside the range of datatype FP16 "),
+        ("FP32", [1e39], "holds 1e+39, outside the range of datatype FP32 "),
+    ],
+)
+def test_finite_values_beyond_a_float_datatype_are_refused(
+    datatype: str, data: list[float], message: str
+) -> None:
+    # the cast used to turn them into infinity (with a numpy overflow warning), refused as
+    # "NaN or infinite" or, with allow_nan, passed to the model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadRequest) as info:
+            _parse_one(datatype, data)
+    assert info.value.message.startswith("inputs[0].data of input 'x' holds")
+    assert message in info.value.message and "largest finite value" in info.value.message
+    # a value that rounds to the largest finite one is in range; infinities stay for allow_nan
+    assert _parse_one("FP16", [65519.0]).tolist() == [65504.0]
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP16", "data": [Infinity]}]}'
+    assert np.isinf(parse_request(body, None).tensors["x"]).all()
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_refused() -> None:
+    # numpy kept any byte as a BOOL element: bytes [2, 0, 1] came back as output bytes [2, 0, 1]
+    x = {"name": "flags", "shape": [1, 3], "datatype": "BOOL"}
+    head = json.dumps({"inputs": [{**x, "parameters": {"binary_data_size": 3}}]}).encode()
+    with pytest.raises(BadRequest) as info:
+        parse_request(head + bytes([1, 0, 2]), str(len(head)))
+    assert info.value.message.startswith("inputs[0] ('flags') of datatype BOOL has byte 2 at")
+    ok = parse_request(head + bytes([1, 0, 1]), str(len(head))).tensors["flags"]
+    assert ok.tolist() == [[True, False, True]]
 
 
 def test_an_empty_dimension_of_any_size_is_a_400(tmp_path: Path) -> None:

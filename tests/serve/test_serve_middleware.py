@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.middleware import ServeMiddleware
 from slimtorch.serve.server import ModelServer
 from slimtorch.serve.settings import ServeSettings
@@ -52,3 +53,32 @@ def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
     assert sent[0]["status"] == 400
     error = json.loads(sent[1]["body"])["error"]
     assert error.startswith("Inference-Header-Content-Length is '\u00ff' but the body has")
+
+
+def test_a_streamed_body_over_the_limit_is_refused_with_a_readable_413() -> None:
+    # without a Content-Length the size is not known: the message used to read
+    # "request body of more exceeds the limit of 2048 bytes"
+    chunks = [b"x" * 500] * 10
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        raise AssertionError("the middleware stops a body over the limit")
+
+    async def receive() -> dict[str, Any]:
+        body = chunks.pop()
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "http", "method": "POST", "path": "/upload", "headers": []}
+    middleware = ServeMiddleware(app, metrics=ServeMetrics(), max_bytes=2048, access_log=False)
+    asyncio.run(middleware(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"] == (
+        "request body exceeds the limit of 2048 bytes; send smaller batches or raise "
+        "SLIMTORCH_SERVE_MAX_REQUEST_BYTES"
+    )

@@ -257,10 +257,7 @@ class Batcher:
                     raise
                 await self._run_alone(batch)
                 return
-            self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
-            if self._metric_children is not None:
-                self._metric_children[1].observe(rows)
-                self._metric_children[2].observe(seconds)
+            self._record(rows, seconds)
             offset = 0
             for p in batch:
                 if not p.future.done():
@@ -275,6 +272,13 @@ class Batcher:
         finally:
             self._slots.release()
 
+    def _record(self, rows: int, seconds: float) -> None:
+        """Count a batch that ran in the metrics and in the batch time behind Retry-After."""
+        self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
+        if self._metric_children is not None:
+            self._metric_children[1].observe(rows)
+            self._metric_children[2].observe(seconds)
+
     async def _run_alone(self, batch: list[_Pending]) -> None:
         """Run each request of a batch that failed on its own, so that only the requests the
         model cannot run fail (:class:`~slimtorch.serve.errors.InputFailed`)."""
@@ -288,13 +292,14 @@ class Batcher:
             if p.future.done():
                 continue
             try:
-                outputs, _ = await loop.run_in_executor(
+                outputs, seconds = await loop.run_in_executor(
                     self._executor, self._call, p.request_id, p.inputs, p.rows
                 )
             except Exception as exc:
                 if not p.future.done():
                     p.future.set_exception(exc)
             else:
+                self._record(p.rows, seconds)  # a batch of its own
                 if not p.future.done():
                     p.future.set_result(outputs)
 

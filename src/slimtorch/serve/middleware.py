@@ -58,10 +58,10 @@ class _TooLarge(Exception):
 
 
 def _too_large(limit: int, size: int | None) -> bytes:
-    got = f"{size} bytes" if size is not None else "more"
+    body = f"request body of {size} bytes" if size is not None else "request body"
     return json.dumps(
         {
-            "error": f"request body of {got} exceeds the limit of {limit} bytes; "
+            "error": f"{body} exceeds the limit of {limit} bytes; "
             "send smaller batches or raise SLIMTORCH_SERVE_MAX_REQUEST_BYTES"
         }
     ).encode()

@@ -32,6 +32,7 @@ HEADER_LENGTH = "inference-header-content-length"
 #: numpy kinds a JSON array may parse to, per kind of the tensor's datatype (JSON integers
 #: parse as int64 whatever their sign; the range check below then applies).
 _KINDS = {"b": "b", "u": "biu", "i": "biu", "f": "biuf"}
+_DATATYPE_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 @dataclasses.dataclass
@@ -78,26 +79,78 @@ def _first_bad(arr: np.ndarray, dtype: np.dtype[Any]) -> Any:
     return bad.item() if isinstance(bad, np.generic) else bad
 
 
-def _uint64_from_json(data: list[Any], where: str) -> np.ndarray | None:
-    """JSON integers up to 2**64 - 1 for a UINT64 tensor (numpy parses a mix of values above
-    and below 2**63 as float64); ``None`` when ``data`` holds anything but integers."""
+def _check_int_range(lo: Any, hi: Any, dtype: np.dtype[Any], where: str) -> None:
+    info = np.iinfo(dtype)
+    if lo < info.min or hi > info.max:
+        raise BadRequest(
+            f"{where}.data has values in [{lo}, {hi}], outside the range of {dtype} "
+            f"[{info.min}, {info.max}]"
+        )
+
+
+def _exact_ints(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray | None:
+    """JSON integers for an integer tensor that numpy parsed as float64 (values on both sides
+    of 2**63) or as Python objects (a value beyond 64 bits), range-checked exactly; ``None``
+    when ``data`` holds anything but integers."""
     obj = np.asarray(data, dtype=object)
     if not all(type(v) is int for v in obj.flat):
         return None
-    if obj.size and (min(obj.flat) < 0 or max(obj.flat) > np.iinfo(np.uint64).max):
-        raise BadRequest(
-            f"{where}.data has values in [{min(obj.flat)}, {max(obj.flat)}], outside the range "
-            f"of uint64 [0, {np.iinfo(np.uint64).max}]"
-        )
-    return obj.astype(np.uint64)
+    _check_int_range(min(obj.flat), max(obj.flat), dtype, where)
+    return obj.astype(dtype)
 
 
-def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
+def _float_range_error(value: str, dtype: np.dtype[Any], where: str, name: str) -> BadRequest:
+    return BadRequest(
+        f"{where}.data of input {name!r} holds {value}, outside the range of datatype "
+        f"{_DATATYPE_NAMES[dtype]} (largest finite value {np.finfo(dtype).max!s}); send values "
+        "within that range"
+    )
+
+
+def _big_ints_as_floats(
+    data: list[Any], dtype: np.dtype[Any], where: str, name: str
+) -> np.ndarray | None:
+    """JSON numbers for a float tensor that numpy parsed as Python objects (an integer beyond
+    64 bits) as float64; ``None`` when ``data`` holds anything but numbers."""
+    obj = np.asarray(data, dtype=object)
+    if not all(isinstance(v, int | float) for v in obj.flat):
+        return None
+    values = []
+    for v in obj.flat:
+        try:
+            values.append(float(v))
+        except OverflowError:  # an integer beyond float64, too long to quote
+            shown = f"an integer of {v.bit_length()} bits"
+            raise _float_range_error(shown, dtype, where, name) from None
+    return np.array(values, dtype=np.float64).reshape(obj.shape)
+
+
+def _as_float(arr: np.ndarray, dtype: np.dtype[Any], where: str, name: str) -> np.ndarray:
+    """``arr`` cast to the float ``dtype``; a finite value the cast makes infinite is refused."""
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype, copy=False)
+    if out is not arr and arr.dtype.kind in "iuf" and not np.isfinite(out).all():
+        over = np.flatnonzero(np.isinf(out) & np.isfinite(arr))
+        if over.size:
+            bad = arr.reshape(-1)[over[0]].item()
+            raise _float_range_error(repr(bad), dtype, where, name)
+    return out
+
+
+def _from_json(data: list[Any], dtype: np.dtype[Any], where: str, name: str) -> np.ndarray:
+    """The JSON ``data`` of input ``name`` (at ``where`` in the request) as ``dtype``.
+
+    Raises:
+        BadRequest: Ragged lists, values of another kind, or values outside ``dtype``'s range.
+    """
     try:
         arr = np.asarray(data)
-        if dtype == np.uint64 and arr.dtype.kind == "f":
-            exact = _uint64_from_json(data, where)
+        if arr.size and dtype.kind in "iu" and arr.dtype.kind in "fO":
+            exact = _exact_ints(data, dtype, where)
             arr = arr if exact is None else exact
+        elif arr.size and dtype.kind == "f" and arr.dtype.kind == "O":
+            floats = _big_ints_as_floats(data, dtype, where, name)
+            arr = arr if floats is None else floats
     except (ValueError, TypeError) as exc:
         raise BadRequest(
             f"{where}.data is not a regular (rectangular) array of numbers ({exc}); send a flat "
@@ -112,13 +165,9 @@ def _from_json(data: list[Any], dtype: np.dtype[Any], where: str) -> np.ndarray:
             f"{_KIND_NAMES.get(arr.dtype.kind, arr.dtype.kind)} such as {_first_bad(arr, dtype)!r}"
         )
     if arr.size and dtype.kind in "iu" and arr.dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        lo, hi = arr.min(), arr.max()
-        if lo < info.min or hi > info.max:
-            raise BadRequest(
-                f"{where}.data has values in [{lo}, {hi}], outside the range of {dtype} "
-                f"[{info.min}, {info.max}]"
-            )
+        _check_int_range(arr.min(), arr.max(), dtype, where)
+    if dtype.kind == "f":
+        return _as_float(arr, dtype, where, name)
     return arr.astype(dtype, copy=False)
 
 
@@ -144,7 +193,7 @@ def predict_batch(data: list[Any], spec: TensorSpec) -> np.ndarray:
         ...
         slimtorch.serve.errors.BadRequest: request.data must be a list of items of shape ...
     """
-    arr = _from_json(data, spec.dtype, "request")
+    arr = _from_json(data, spec.dtype, "request", spec.name)
     dims = spec.dims
     accepted = [dims[k:] for k in range(len(dims) + 1) if all(d == 1 for d in dims[:k])]
     item = arr.shape[1:]
@@ -187,16 +236,29 @@ def _tensor(inp: Any, index: int, binary: memoryview, offset: int) -> tuple[np.n
                 f"{where} needs {size} bytes of binary data at offset {offset}, but the binary "
                 f"part holds {len(binary)}; check Inference-Header-Content-Length"
             )
+        if dtype.kind == "b":
+            _check_bool_bytes(np.frombuffer(binary[offset : offset + size], np.uint8), where, inp)
         arr = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<"))
         return _reshape(arr.astype(dtype, copy=False), shape, where), offset + size
     if inp.data is None:
         raise BadRequest(f"{where} has no data; send data or parameters.binary_data_size")
-    arr = _from_json(inp.data, dtype, where)
+    arr = _from_json(inp.data, dtype, where, inp.name)
     if arr.size != count:
         raise BadRequest(
             f"{where}.data holds {arr.size} values but shape {list(shape)} needs {count}"
         )
     return _reshape(arr, shape, where), offset
+
+
+def _check_bool_bytes(raw: np.ndarray, where: str, inp: Any) -> None:
+    """Binary BOOL data is one byte per element, 0 or 1; numpy would keep any other byte."""
+    bad = np.flatnonzero(raw > 1)
+    if bad.size:
+        raise BadRequest(
+            f"{where} ({inp.name!r}) of datatype BOOL has byte {raw[bad[0]]} at element "
+            f"{bad[0]} of its binary data; send each BOOL element as one byte, 0 (false) or "
+            "1 (true)"
+        )
 
 
 def _reshape(arr: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
