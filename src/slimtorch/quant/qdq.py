@@ -223,11 +223,18 @@ class _QDQLayer(nn.Module):
 
     @property
     def roofline_kernel(self) -> str | None:
-        """How a runtime with int8 kernels runs this layer, for the roofline estimate: ``"int8"``
-        when its input is quantized as well (one int8 GEMM or convolution, the Q/DQ steps fused
-        into it); None when only the weights are (dequantized, then a float kernel)."""
-        quantized_input = self.input_dynamic or self.input_scale is not None
-        return "int8" if self.weight_bits == 8 and quantized_input else None
+        """How a runtime with int8 kernels runs this layer, for the roofline estimate.
+
+        ``"int8"`` when its input is quantized as well (one int8 GEMM or convolution, the Q/DQ
+        steps fused into it) with a statically quantized output, ``"int8>fp32"`` with a float
+        output, and ``"int8-dynamic>fp32"`` when the input's range is measured on each call (a
+        quantize pass over the float input first); None when only the weights are quantized
+        (dequantized, then a float kernel).
+        """
+        if self.weight_bits != 8 or not (self.input_dynamic or self.input_scale is not None):
+            return None
+        kind = "int8-dynamic" if self.input_dynamic else "int8"
+        return kind if self.output_scale is not None else f"{kind}>fp32"
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the static (or per-call dynamic) input parameters."""

@@ -13,10 +13,12 @@ and the model's estimate is the sum of its layers. Ops come from one traced forw
 output once. Matmul/conv ops are timed at the profile's rate for their dtype; elementwise and
 normalisation ops (one FLOP per output element) at the fp32 rate, because PyTorch computes
 half-precision elementwise maths in fp32 registers. An int8 Q/DQ layer (its input quantized
-too: ``roofline_kernel == "int8"``) is priced as the one int8 kernel a runtime runs it as (its
-product at the profile's int8 rate, one byte per element moved), not as the eager simulation
-of quantize, dequantize and a float kernel; on the RX 580, which has no int8 dot product, the
-int8 rate is its fp32 rate, so there only the bytes shrink.
+too: ``roofline_kernel`` starting with ``"int8"``) is priced as the int8 kernel a runtime runs
+it as (its product at the profile's int8 rate; int8 input and weights at one byte per element,
+a float output at four), not as the eager simulation of quantize, dequantize and a float
+kernel; a dynamically quantized input adds its quantize kernel (the float input read twice,
+written once as int8). On the RX 580, which has no int8 dot product, the int8 rate is its fp32
+rate, so there only the bytes shrink, and dynamic int8 is slower than fp32.
 
 What the estimate misses: caches (a layer whose weights stay in L2 reads less DRAM), kernel
 efficiency (small or odd-shaped GEMMs reach a fraction of peak; treat the estimate as a lower
@@ -40,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slimtorch.core.measure.trace import OpTrace, trace_ops
+from slimtorch.core.measure.trace import ModuleRecord, OpRecord, OpTrace, trace_ops
 from slimtorch.core.profiles import DeviceProfile, get_profile
 
 
@@ -186,6 +188,28 @@ def estimate_latency(
     return roofline_from_trace(trace_ops(model, example_input), prof, dtype=dtype)
 
 
+def _add_int8_op(row: list[float], op: OpRecord, record: ModuleRecord, prof: DeviceProfile) -> None:
+    """Price an op of an int8 Q/DQ layer as what a runtime runs (the eager quantize and
+    dequantize steps are not priced). The product is one int8 kernel: int8 input and weights
+    (one byte per element; the bias, ``C_out`` values, too), the output at one byte when
+    quantized and four when float (``roofline_kernel`` ``"...>fp32"``). A dynamic input's
+    range pass (``amin``) stands for the quantize kernel: the float input read twice (its
+    range, then its values) and written as int8."""
+    kernel = record.kernel or ""
+    if op.kind == "matmul":
+        out_size = 4 if kernel.endswith(">fp32") else 1
+        row[0] += op.flops
+        row[1] += sum(n for n, _ in op.reads) + sum(n * out_size for n, _ in op.writes)
+        row[2] += op.flops / prof.peak_rate(torch.int8)
+        row[3] += 1
+    elif kernel.startswith("int8-dynamic") and op.op.startswith("aten.amin") and op.reads:
+        x = op.reads[0][0]
+        row[0] += 2 * x
+        row[1] += 2 * 4 * x + x
+        row[2] += 2 * x / prof.peak_rate(torch.float32)
+        row[3] += 1
+
+
 def roofline_from_trace(
     trace: OpTrace, profile: DeviceProfile | str, *, dtype: torch.dtype | None = None
 ) -> RooflineEstimate:
@@ -204,15 +228,8 @@ def roofline_from_trace(
         if op.kind == "free":
             continue
         record = trace.modules.get(op.module)
-        if record is not None and record.kernel == "int8":
-            # an int8 Q/DQ layer runs as one int8 kernel: its product at the int8 rate, one
-            # byte per element moved; the eager quantize/dequantize steps are not priced
-            if op.kind == "matmul":
-                row = acc.setdefault(op.module, [0, 0, 0.0, 0])
-                row[0] += op.flops
-                row[1] += sum(n for n, _ in op.reads + op.writes)
-                row[2] += op.flops / prof.peak_rate(torch.int8)
-                row[3] += 1
+        if record is not None and (record.kernel or "").startswith("int8"):
+            _add_int8_op(acc.setdefault(op.module, [0, 0, 0.0, 0]), op, record, prof)
             continue
         if op.kind == "matmul":
             op_dtype = dtype if dtype is not None and op.dtype.is_floating_point else op.dtype
