@@ -215,3 +215,31 @@ def test_int8_outputs_in_float_and_dynamic_inputs_are_priced_as_they_run() -> No
     # int8 input, weights and bias, the float output, and the quantize pass (2 reads, 1 write)
     assert dr["features.1"].bytes == n_in + 784 * 256 + 256 + out + 9 * n_in
     assert dr["features.1"].kernels == 2
+
+
+def test_a_batch_that_cannot_fit_the_profiles_memory_is_flagged() -> None:
+    # vgg11-bn at batch 65536 needs a 17 GB activation on an 8 GB card; the estimate gave a
+    # plain time and said nothing
+    from slimtorch.models import create_model
+
+    with torch.device("meta"):
+        model = create_model("vgg11-bn", in_channels=3, input_size=32).eval()
+        x = torch.randn(65536, 3, 32, 32)
+    big = estimate_latency(model, x, "rx580")
+    assert not big.fits and big.memory_bytes == 8 * 2**30
+    assert big.memory_needed_bytes >= 65536 * 64 * 32 * 32 * 4 * 2  # the first BN's in and out
+    note = big.fit_note()
+    assert note is not None and note.startswith("does not fit rx580: needs at least 34.36 GB")
+    assert note in big.to_table() and big.to_dict()["fits"] is False
+    small = estimate_latency(model, x[:256], "rx580")
+    assert small.fits and small.fit_note() is None
+    # the weights count: 1e9 float32 parameters need 4 GB before any activation
+    lin = estimate_latency(nn.Linear(50_000, 20_000, device="meta"),
+                           torch.randn(1, 50_000, device="meta"), "rx580")  # fmt: skip
+    assert lin.memory_needed_bytes >= 4 * 50_000 * 20_000
+    assert (
+        lin.fits
+        and not estimate_latency(
+            nn.Linear(50_000, 50_000, device="meta"), torch.randn(1, 50_000, device="meta"), "rx580"
+        ).fits
+    )

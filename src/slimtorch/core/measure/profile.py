@@ -132,6 +132,7 @@ class ModelProfile:
                 lines.append(
                     f"{name:<16} {est.total_s * 1e3:>10.4f} {est.kernels:>8d}  {est.bound}"
                 )
+            lines += [f"note: {n}" for e in self.estimates.values() if (n := e.fit_note())]
         return "\n".join(lines)
 
 
@@ -319,4 +320,6 @@ def compare_profiles(before: ModelProfile, after: ModelProfile) -> str:
             f"note: latency measured on {before.latency.device} before and "
             f"{after.latency.device} after; the ratio compares different devices"
         )
+    for when, prof in (("before", before), ("after", after)):
+        lines += [f"note ({when}): {n}" for e in prof.estimates.values() if (n := e.fit_note())]
     return "\n".join(lines)

@@ -87,6 +87,25 @@ class RooflineEstimate:
     dtype: str | None
     rows: tuple[LayerEstimate, ...]
     total_s: float
+    memory_needed_bytes: int = 0
+    memory_bytes: int = 0
+
+    @property
+    def fits(self) -> bool:
+        """Whether the profile's memory holds :attr:`memory_needed_bytes`: a lower bound of
+        what the forward pass needs resident at once (the weights and buffers with the largest
+        op output, or the largest op's inputs and outputs together), so a False is certain."""
+        return self.memory_bytes <= 0 or self.memory_needed_bytes <= self.memory_bytes
+
+    def fit_note(self) -> str | None:
+        """One line saying the model does not fit the profile's memory (None when it fits)."""
+        if self.fits:
+            return None
+        return (
+            f"does not fit {self.profile}: needs at least {self.memory_needed_bytes / 1e9:.2f} "
+            f"GB of its {self.memory_bytes / 1e9:.2f} GB at this batch; the time estimate "
+            "assumes it did"
+        )
 
     @property
     def flops(self) -> int:
@@ -124,6 +143,9 @@ class RooflineEstimate:
             "bytes": self.bytes,
             "kernels": self.kernels,
             "bound": self.bound,
+            "memory_needed_bytes": self.memory_needed_bytes,
+            "memory_bytes": self.memory_bytes,
+            "fits": self.fits,
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -145,6 +167,8 @@ class RooflineEstimate:
             f"{'':>11} {'':>10} {self.kernels:>5d} {self.total_s * 1e6:>9.2f}  "
             f"{self.bound}"
         )
+        if (note := self.fit_note()) is not None:
+            lines.append(note)
         return "\n".join(lines)
 
 
@@ -270,4 +294,21 @@ def roofline_from_trace(
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         rows=tuple(rows),
         total_s=sum(r.total_s for r in rows),
+        memory_needed_bytes=_memory_needed(trace, dtype),
+        memory_bytes=prof.memory_bytes,
     )
+
+
+def _memory_needed(trace: OpTrace, dtype: torch.dtype | None) -> int:
+    """A lower bound of the memory the forward pass holds at once: the weights and buffers
+    with the largest op output (outputs are new tensors), or the largest op's inputs and
+    outputs together."""
+
+    def size(n: int, dt: torch.dtype) -> int:
+        return n * (dtype if dtype is not None and dt.is_floating_point else dt).itemsize
+
+    state = sum(size(n, dt) for n, dt in trace.state)
+    ops = [op for op in trace.ops if op.kind != "free"]
+    out = max((sum(size(n, dt) for n, dt in op.writes) for op in ops), default=0)
+    whole = max((op.bytes_moved(dtype) for op in ops), default=0)
+    return max(state + out, whole)

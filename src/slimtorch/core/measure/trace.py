@@ -119,6 +119,8 @@ class OpTrace:
     ops: list[OpRecord] = dataclasses.field(default_factory=list)
     modules: dict[str, ModuleRecord] = dataclasses.field(default_factory=dict)
     param_ids: set[int] = dataclasses.field(default_factory=set)  # parameters counted so far
+    # the model's parameters and buffers, each storage once: (elements, dtype)
+    state: tuple[tuple[int, torch.dtype], ...] = ()
 
 
 def _distinct_elements(t: torch.Tensor) -> int:
@@ -295,6 +297,24 @@ def call_with(model: Callable[..., Any], example_input: Any) -> Any:
     return model(example_input)
 
 
+def _state_elements(model: nn.Module) -> tuple[tuple[int, torch.dtype], ...]:
+    """The model's parameters and buffers as ``(elements, dtype)``, each storage once."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.layout != torch.strided:
+            continue  # sparse formats: left out, which keeps the sum a lower bound
+        try:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes()) if not t.is_meta else (id(t), 0)
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
+            key = (id(t), 0)
+        if key not in seen:
+            seen.add(key)
+            out.append((t.numel(), t.dtype))
+    return tuple(out)
+
+
 def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -> OpTrace:
     """Run ``model`` once under ``torch.no_grad`` and record its aten ops and modules.
 
@@ -311,7 +331,7 @@ def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    trace = OpTrace()
+    trace = OpTrace(state=_state_elements(model))
     stack: list[str] = []
     handles = []
     for name, mod in model.named_modules():
