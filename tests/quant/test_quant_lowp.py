@@ -213,3 +213,16 @@ def test_precision_gain_takes_only_the_cast_dtypes() -> None:
     for dtype in ("fp32", "int8"):
         with pytest.raises(ValueError, match=f"'fp16' or 'bf16' with fp32, got '{dtype}'"):
             precision_gain("h100-sxm", dtype)
+
+
+def test_the_slower_estimate_names_its_batch() -> None:
+    # compress printed this note beside its own before/after table, taken at another batch
+    # and on the model before batch-norm folding, with no word of either
+    from slimtorch.models import create_model
+
+    model = create_model("resnet20", in_channels=1, input_size=8).eval()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    report = cast_(model, LowPrecisionConfig(dtype="fp16"), check_inputs=(x, y),
+                   device_profile="rx580")  # fmt: skip
+    slower = [n for n in report.notes if n.startswith("estimated slower on rx580")]
+    assert len(slower) == 1 and " ms at batch 6, the model as cast_ got it)" in slower[0]

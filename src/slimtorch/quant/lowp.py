@@ -21,9 +21,11 @@ float32 (a note says so; it costs a cast kernel after each such layer).
 
 Whether the cast is a speed win depends on the device: the report reads the profile's peak rates
 (:mod:`slimtorch.core.profiles`). On the RX 580 fp16 computes at the fp32 rate (no packed fp16),
-so a cast saves memory and bandwidth only; on tensor-core GPUs it also saves arithmetic time; on
-a GTX 1060 fp16 arithmetic is 64x slower. Estimated latencies before and after on the profile
-come from :func:`slimtorch.core.measure.estimate_latency`.
+so a cast saves memory and bandwidth only; on tensor-core GPUs it also saves arithmetic time; a
+GTX 1060's native fp16 arithmetic runs at 1/64 of its fp32 rate, but PyTorch's fp16 kernels
+there multiply in the fp32 units, so its profile, too, gives fp16 the fp32 rate. Estimated
+latencies before and after on the profile come from
+:func:`slimtorch.core.measure.estimate_latency`, at the first check batch.
 
 Example:
     >>> from slimtorch.models import create_model
@@ -409,7 +411,8 @@ def cast_(
         ):
             report.notes.append(
                 f"estimated slower on {prof.name} ({report.est_latency_before_s * 1e3:.3g} -> "
-                f"{report.est_latency_after_s * 1e3:.3g} ms): each fp32/{config.dtype} boundary "
+                f"{report.est_latency_after_s * 1e3:.3g} ms at batch {len(example)}, the "
+                f"model as cast_ got it): each fp32/{config.dtype} boundary "
                 "adds a cast kernel; fold batch norms first (slimtorch.quant.fold.fold_bn_) or "
                 "keep fewer layers in fp32"
             )
