@@ -92,3 +92,12 @@ def test_estimate_dtype_must_be_a_storage_dtype() -> None:
             estimate_latency(nn.Linear(4, 2), torch.randn(3, 4), "rx580", dtype=bad)
     est = estimate_latency(nn.Linear(4, 2), torch.randn(3, 4), "rx580", dtype=torch.int8)
     assert est.dtype == "int8"
+
+
+def test_an_empty_batch_is_refused() -> None:
+    # estimate_latency gave 10 us (one launch) and count_flops 0 for a batch of zero samples
+    from slimtorch.core.measure import count_flops
+
+    for measure in (lambda m, x: estimate_latency(m, x, "rx580"), count_flops):
+        with pytest.raises(ValueError, match=r"empty tensor of shape \(0, 2\).*batch >= 1"):
+            measure(nn.Linear(2, 3), torch.randn(0, 2))

@@ -331,6 +331,12 @@ def trace_ops(model: nn.Module, example_input: Any, *, eval_mode: bool = True) -
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    empty = [tuple(t.shape) for t in _tensors(example_input) if t.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"example_input holds an empty tensor of shape {empty[0]}: nothing would be counted "
+            "or estimated; pass at least one sample (batch >= 1)"
+        )
     trace = OpTrace(state=_state_elements(model))
     stack: list[str] = []
     handles = []
