@@ -127,3 +127,37 @@ def test_write_errors_of_other_kinds_pass_through(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
         atomic_write(tmp_path / "x.pt", bad)
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    # a SIGKILL mid-write (the OOM killer) left full-size temporary copies that no later run
+    # removed; a live writer's temporary file must stay
+    import subprocess
+    import sys
+
+    from slimtorch.core.io import temp_name
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    target = tmp_path / "checkpoint.pt"
+    stale = tmp_path / f".checkpoint.pt.{pid}.0a1b2c.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / temp_name(target)  # this process's own, as if mid-write
+    live.write_bytes(b"y")
+    other = tmp_path / f".history.json.{pid}.0a1b2c.tmp"  # another file's: not this write's
+    other.write_bytes(b"z")
+    atomic_write_text(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["checkpoint.pt", live.name, other.name]
+    )
+    # a model directory's save sweeps the folders a killed save left
+    from slimtorch.models import create_model, save_model
+
+    stale_dir = tmp_path / f".m.{pid}.0a1b2c.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"w" * 1000)
+    net = create_model("mlp", in_channels=1, input_size=8)
+    names = list("0123456789")
+    save_model(net, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.5], class_names=names)
+    assert not stale_dir.exists()

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,57 @@ def _write_failure(exc: Exception, path: Path) -> OSError | None:
     )
 
 
+def temp_name(path: Path) -> str:
+    """The name of a temporary sibling of ``path`` (``.<name>.<pid>.<random>.tmp``): the
+    writing process's id lets a later write remove what a killed one left (see
+    :func:`remove_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or no way to tell: keep its file
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary siblings of ``path`` that a process killed mid-write left (a
+    SIGKILL, the OOM killer: no cleanup ran). Only files and folders named by
+    :func:`temp_name` whose process no longer runs on this machine are removed; returns their
+    names.
+
+    Example:
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / ".m.json.999999999.0123.tmp").write_text("left by a killed writer")
+        >>> remove_stale_temps(d / "m.json")
+        ['.m.json.999999999.0123.tmp']
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+    removed: list[str] = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry.name)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
@@ -86,13 +137,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale_temps(path)
+    tmp = str(path.parent / temp_name(path))
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp, 0o666 & ~_umask())  # created 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,14 @@ from torch import nn
 
 from slimtorch.core.devices import read_meminfo, resolve_device
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
-from slimtorch.core.io import atomic_write, atomic_write_json, fsync_dir, read_json
+from slimtorch.core.io import (
+    atomic_write,
+    atomic_write_json,
+    fsync_dir,
+    read_json,
+    remove_stale_temps,
+    temp_name,
+)
 from slimtorch.core.surgery import require_values, sparse_kernel_layers
 from slimtorch.models.card import (
     CONFIG_FILE,
@@ -270,7 +276,8 @@ def save_model(
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    remove_stale_temps(path)  # what a killed save left
+    tmp = path.with_name(temp_name(path))
     tmp.mkdir()  # unlike mkdtemp, honours the umask like any other directory
     try:
         atomic_write(
