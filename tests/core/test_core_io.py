@@ -161,3 +161,17 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
     names = list("0123456789")
     save_model(net, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.5], std=[0.5], class_names=names)
     assert not stale_dir.exists()
+
+
+def test_a_write_refused_for_another_reason_is_named_without_the_disk_advice(
+    tmp_path: Path,
+) -> None:
+    import errno
+
+    def denied(tmp: str) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "x.json", denied)
+    path = tmp_path / "x.json"
+    assert str(info.value) == f"[Errno 13] could not write {path} (Permission denied)"

@@ -44,6 +44,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # torch's archive writer reports a failed write only as a position mismatch
 _TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing")
+# no room: a full disk, the file-size limit, a quota (EIO: torch's writer, which says nothing)
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
 
 
 def _write_failure(exc: Exception, path: Path) -> OSError | None:
@@ -61,14 +63,17 @@ def _write_failure(exc: Exception, path: Path) -> OSError | None:
         if code is None and not any(s in text for s in _TORCH_WRITE_FAILED):
             return None
         err = int(code.group(1)) if code is not None else errno.EIO
+    first = text.strip().splitlines()[0] if text.strip() else os.strerror(err)
+    if err not in _NO_ROOM:
+        return OSError(err, f"could not write {path} ({first})")
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "free space unknown"
     return OSError(
         err,
-        f"could not write {path} ({text.strip().splitlines()[0]}; {free}); free disk space, "
-        "raise the file-size limit, or write elsewhere",
+        f"could not write {path} ({first}; {free}); free disk space, raise the file-size "
+        "limit, or write elsewhere",
     )
 
 
