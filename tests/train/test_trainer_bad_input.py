@@ -189,3 +189,24 @@ def test_empty_batches_fail_training_by_index_and_add_nothing_to_evaluation() ->
     assert with_empty == full and math.isfinite(with_empty["loss"])
     with pytest.raises(ValueError, match="train_loader batch 3 is empty"):
         trainer.fit([*batches, (x[:0], y[:0])])
+
+
+def test_labels_are_checked_in_every_batch_not_only_the_first() -> None:
+    # the default loss, made on the first batch, then counted as a custom one: a bad label in
+    # batch 1 gave torch's bare IndexError, and -100 a NaN loss with only a warning
+    for label in (4, -100):
+        bad = [*_loader(1), (torch.randn(8, 4), torch.full((8,), label))]
+        with pytest.raises(ValueError, match=f"batch 1 of train_loader holds label {label}, "):
+            Trainer(nn.Linear(4, 2), CFG).fit(bad)
+    trainer = Trainer(nn.Linear(4, 2), TrainConfig(epochs=1, progress=False))
+    trainer.fit(_loader())
+    with pytest.raises(ValueError, match="batch 0 of loader holds label -100"):
+        trainer.evaluate([(torch.randn(8, 4), torch.full((8,), -100))])
+
+
+def test_a_diverged_run_names_the_batch_whose_loss_first_went_non_finite() -> None:
+    # the check runs at the end of the epoch: the message named the last step only
+    bad = [*_loader(1), (torch.full((8, 4), float("nan")), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match=r"at epoch 1, step 5 \(its loss was first "
+                       r"non-finite at batch 1 of the epoch\)"):  # fmt: skip
+        Trainer(nn.Linear(4, 2), CFG).fit([*bad, *_loader(3)])

@@ -63,6 +63,7 @@ class Meter:
         self.correct = torch.zeros((), dtype=dtype, device=self.device)
         self.n = 0
         self.n_acc = 0
+        self.first_bad = torch.full((), -1.0, dtype=dtype, device=self.device)
         self.elapsed_before = 0.0
         self.t0 = time.perf_counter()
 
@@ -70,8 +71,12 @@ class Meter:
         """Seconds since :meth:`reset` plus any time restored from a checkpoint."""
         return self.elapsed_before + time.perf_counter() - self.t0
 
-    def update(self, outputs: Any, loss: torch.Tensor, targets: Any) -> None:
-        """Add one batch (``loss`` is the batch mean); an empty batch is ignored.
+    def update(
+        self, outputs: Any, loss: torch.Tensor, targets: Any, batch_idx: int | None = None
+    ) -> None:
+        """Add one batch (``loss`` is the batch mean); an empty batch is ignored. With
+        ``batch_idx``, the first batch whose loss is not finite is remembered on the device
+        (no synchronisation; see :meth:`first_nonfinite_batch`).
 
         Example:
             >>> meter = Meter(torch.device("cpu"))
@@ -85,6 +90,9 @@ class Meter:
             return  # an empty batch adds nothing (its mean loss is NaN)
         self.loss_sum += loss.detach().to(self.loss_sum.dtype) * bs
         self.n += bs
+        if batch_idx is not None:
+            first = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+            self.first_bad = torch.where(first, float(batch_idx), self.first_bad)
         if (
             isinstance(outputs, torch.Tensor)
             and isinstance(targets, torch.Tensor)
@@ -96,6 +104,20 @@ class Meter:
             hits = (outputs.detach().argmax(dim=1) == targets).sum()
             self.correct += hits.to(self.correct.dtype)
             self.n_acc += bs
+
+    def first_nonfinite_batch(self) -> int | None:
+        """Index of the first batch since :meth:`reset` whose loss was NaN or infinite (this
+        rank's; None: none was).
+
+        Example:
+            >>> meter = Meter(torch.device("cpu"))
+            >>> for i, v in enumerate([0.5, float("nan"), 0.4]):
+            ...     meter.update(torch.zeros(2, 1), torch.tensor(v), torch.zeros(2, 1), i)
+            >>> meter.first_nonfinite_batch()
+            1
+        """
+        value = int(self.first_bad.item())
+        return None if value < 0 else value
 
     def _sums(self, reduce: bool) -> tuple[float, float, float, float]:
         dtype = self.loss_sum.dtype

@@ -132,6 +132,7 @@ class Trainer:
         self.callbacks: list[Callback] = list(callbacks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn
+        self._default_loss: LossFn | None = None  # the cross-entropy made when none was given
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.scaler: torch.amp.GradScaler | None = None
@@ -203,6 +204,7 @@ class Trainer:
     def _criterion(self) -> LossFn:
         if self.loss_fn is None:
             self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+            self._default_loss = self.loss_fn
         return self.loss_fn
 
     def _to_device(self, obj: Any) -> Any:
@@ -249,7 +251,8 @@ class Trainer:
     def _label_range(self, batch: Any) -> tuple[int, int] | None:
         """:func:`label_range` of the batch with the default loss; a custom loss may use other
         targets or an ``ignore_index``, so its labels are not checked."""
-        return label_range(batch) if self.loss_fn is None else None
+        default = self.loss_fn is None or self.loss_fn is self._default_loss
+        return label_range(batch) if default else None
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -292,7 +295,7 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch = batch_idx + 1
         loss = loss.detach()
-        self._meter.update(outputs, loss, targets)
+        self._meter.update(outputs, loss, targets, batch_idx)
         self._call("on_train_batch_end", outputs.detach(), loss, batch_idx)
 
     def _train_epoch(

@@ -64,6 +64,9 @@ def check_not_diverged(trainer: Trainer, loss: float) -> None:
     model = trainer.model
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     where = f"epoch {trainer.epoch + 1}, step {trainer.global_step}"
+    first = trainer._meter.first_nonfinite_batch() if trainer._meter is not None else None
+    if first is not None and first + 1 < trainer.step_in_epoch:  # not the batch just run
+        where += f" (its loss was first non-finite at batch {first} of the epoch)"
     scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
     if not bad and not math.isfinite(loss) and scale is not None and scale < 1.0:
         raise FloatingPointError(
