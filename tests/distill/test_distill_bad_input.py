@@ -191,3 +191,43 @@ def test_a_teacher_built_for_other_inputs_is_named_and_leaves_no_hooks() -> None
     with pytest.raises(RuntimeError, match="boom"):
         Trainer(student, cfg, callbacks=callbacks).fit(loader)
     assert not student[0]._forward_hooks and not good[0]._forward_hooks
+
+
+def test_hint_features_are_taken_before_an_in_place_op_changes_them() -> None:
+    # the hook kept a reference; the ReLU(inplace=True) after the layer then overwrote it, so
+    # the hint compared relu(student) with relu(teacher) instead of the layers' outputs
+    def net(seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+
+    teacher, student = net(1), net(2)
+    cb = DistillationCallback(teacher, DistillConfig(alpha=0.0, hints=(("0", "0"),)))
+    trainer = Trainer(student, TrainConfig(epochs=1, progress=False))
+    cb.on_fit_start(trainer)
+    x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 0])
+    out = student(x)
+    total = cb.compute_loss(trainer, x, out, y, torch.zeros(()))
+    with torch.no_grad():
+        want = hint_loss(student[0](x), teacher[0](x))
+    torch.testing.assert_close(total.detach(), want)
+    cb.teardown(trainer)
+
+
+@pytest.mark.parametrize(
+    ("teacher_dtype", "amp"), [(torch.float16, "bf16"), (torch.bfloat16, "fp16")]
+)
+def test_a_half_teacher_runs_in_its_own_dtype_under_the_other_amp(
+    teacher_dtype: torch.dtype, amp: str
+) -> None:
+    # autocast to the other half dtype fed the teacher's batch norms inputs of another dtype
+    # than their weights, and the error blamed the input shape
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 4))
+    teacher.eval().to(teacher_dtype)
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 4))
+    loader = [(torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    cfg = TrainConfig(epochs=1, lr=0.05, amp=amp, progress=False, eval_every_epochs=0)
+    cb = DistillationCallback(teacher, DistillConfig(alpha=0.5))
+    history = Trainer(student, cfg, callbacks=[cb]).fit(loader)
+    assert math.isfinite(history.train_loss[0])

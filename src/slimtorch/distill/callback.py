@@ -1,7 +1,8 @@
 """Distillation as a Trainer callback: a frozen teacher's soft targets and feature hints.
 
 The student is the trainer's model. The teacher runs on the same inputs inside the trainer's
-autocast region under ``torch.no_grad()``; the loss becomes
+autocast region under ``torch.no_grad()`` (one kept in fp16 or bf16 runs in its own dtype,
+outside it); the loss becomes
 ``(1 - alpha) * hard + alpha * T^2 * KL(teacher || student) + hint_weight * mean(hints)``
 (Hinton, Vinyals & Dean 2015, arXiv:1503.02531; FitNets, Romero et al. 2014, arXiv:1412.6550).
 
@@ -36,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,7 +130,8 @@ class DistillationCallback(Callback):
                     f"hint layer {name!r} returns {type(output).__name__}, not a tensor; "
                     "pick a layer whose output is a single tensor"
                 )
-            store[name] = output
+            # a copy: an in-place op after the layer (ReLU(inplace=True)) would change it
+            store[name] = output.clone()
 
         return hook
 
@@ -195,12 +198,16 @@ class DistillationCallback(Callback):
         cfg = self.config
         if cfg.alpha == 0.0 and not cfg.hints:
             return loss
-        # called inside the trainer's autocast region: the teacher runs in the same precision
+        # called inside the trainer's autocast region: a float32 teacher runs in the same
+        # precision; one kept in fp16/bf16 runs in its own, outside it (autocast to the other
+        # half dtype would feed its batch norms inputs of another dtype than their weights)
         teacher_in = inputs
         dtype = self._teacher_dtype
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and dtype is not None:
             teacher_in = inputs.to(dtype)
-        with torch.no_grad():
+        own = dtype is not None and dtype != torch.float32
+        region = torch.autocast(trainer.device.type, enabled=False) if own else nullcontext()
+        with torch.no_grad(), region:
             try:
                 teacher_out = self.teacher(teacher_in)
             except torch.OutOfMemoryError:
