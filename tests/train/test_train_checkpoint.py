@@ -412,3 +412,35 @@ def test_resume_keeps_a_custom_eval_name_and_ignores_momentum_for_adamw(tmp_path
     # AdamW has no momentum: a changed momentum/nesterov changes nothing, so it is allowed
     again = run(True, epochs=2, optimizer="adamw", lr=0.01, momentum=0.5, nesterov=False)
     assert again.history.epoch == [1, 2] and again.history.eval_split == "dev"
+
+
+def test_a_run_killed_after_its_last_checkpoint_gets_its_history_on_resume(
+    tmp_path: Path,
+) -> None:
+    # the checkpoint is written before history.json: a kill between them left history.json an
+    # epoch short, and a resume with nothing left to train never wrote it again
+    import json
+
+    cfg = TrainConfig(epochs=2, lr=0.1, progress=False)
+    torch.manual_seed(0)
+    Trainer(make_mlp(), cfg, out_dir=tmp_path).fit(ListLoader(X, Y, 16))
+    full = json.loads((tmp_path / "history.json").read_text())
+    short = {k: v[:1] if isinstance(v, list) else v for k, v in full.items()}
+    (tmp_path / "history.json").write_text(json.dumps(short))  # as the kill left it
+    torch.manual_seed(0)
+    Trainer(make_mlp(), cfg, out_dir=tmp_path).fit(ListLoader(X, Y, 16), resume=True)
+    assert json.loads((tmp_path / "history.json").read_text()) == full
+
+
+def test_a_resume_with_another_seed_is_refused(tmp_path: Path) -> None:
+    # it was accepted with a warning and the run then recorded seed 7, though its initial
+    # weights and first epochs came from seed 0 (a resume continues the saved random streams)
+    torch.manual_seed(0)
+    Trainer(make_mlp(), TrainConfig(epochs=1, progress=False), out_dir=tmp_path).fit(
+        ListLoader(X, Y, 16)
+    )
+    more = TrainConfig(epochs=2, progress=False, seed=7)
+    with pytest.raises(CheckpointError, match=r"written with seed=0 \(now 7\).*--seed 0"):
+        Trainer(make_mlp(), more, out_dir=tmp_path).fit(ListLoader(X, Y, 16), resume=True)
+    same = TrainConfig(epochs=2, progress=False, seed=0)
+    Trainer(make_mlp(), same, out_dir=tmp_path).fit(ListLoader(X, Y, 16), resume=True)

@@ -416,8 +416,9 @@ class Trainer:
         model: nn.Module = self.model
         if self.is_distributed:
             model = wrap_ddp(self.model, self.device)  # buffers synced once per epoch
-        if self.out_dir is not None and is_main_process():
+        if self.out_dir is not None and is_main_process():  # history: a kill may have beaten it
             self.config.save(self.out_dir / "train_config.json")
+            atomic_write_json(self.out_dir / "history.json", self.history.to_dict())
         try:  # teardown runs however this ends, on_fit_start raising included
             self._call("on_fit_start")
             self._fit_start = time.perf_counter()

@@ -208,6 +208,13 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             f"whose learning rate is fixed by that length; resume with epochs={saved_epochs}, "
             "or start a new run (a cosine or step schedule can be extended)"
         )
+    seed = saved_config.get("seed", trainer.config.seed)
+    if seed != trainer.config.seed:
+        raise CheckpointError(
+            f"checkpoint {path} was written with seed={seed!r} (now {trainer.config.seed!r}); "
+            "a resumed run continues its saved random streams, so its seed cannot change: "
+            f"resume with seed={seed!r} (--seed {seed}), or start a new run"
+        )
     used = _OPTIMIZER_FIELDS if trainer.config.optimizer == "sgd" else _ADAMW_FIELDS
     fixed = [
         f"{k}={saved_config[k]!r} (now {v!r})"
