@@ -92,3 +92,32 @@ def test_a_run_that_fails_after_its_model_landed_leaves_no_report_of_the_replace
     assert load_model(run / "model")[1].extra["method"] == "fold-bn"  # the new model landed
     left = sorted(p.name for p in run.iterdir())
     assert left == ["model"], left
+
+
+def test_the_seed_decides_the_calibration_without_fine_tuning_and_is_recorded(
+    pruned: Path,
+) -> None:
+    # with no fine-tune the seed was taken from a missing TrainConfig (always 0): ptq with
+    # seed 7 calibrated on the same batches as seed 0, and no seed was recorded anywhere;
+    # the model's config.json carried the source model's training config as its own
+    base = pruned.parent / "base"
+
+    def scales(seed: int) -> tuple[dict[str, object], list[float]]:
+        options = {"calibration_batches": 1, "runtime_check": False}
+        result = compress_run(in_dir=base, out_dir=None, method="ptq", method_options=options,
+                              seed=seed, batch_size=16, profile_batch=4, profiles=(),
+                              threads=1)  # fmt: skip
+        layers = result.model.modules()
+        return result.report, [m.input_scale for m in layers if hasattr(m, "input_scale")]
+
+    report0, s0 = scales(0)
+    report7, s7 = scales(7)
+    assert report0["seed"] == 0 and report7["seed"] == 7 and report0["batch_size"] == 16
+    assert s0 != s7 and s0 == scales(0)[1]
+    with pytest.raises(ValueError, match=r"seed=7 differs from finetune\.seed=0"):
+        compress_run(in_dir=base, out_dir=None, method="ptq", seed=7,
+                     finetune=TrainConfig(epochs=1, progress=False))  # fmt: skip
+    card = load_model(pruned / "model")[1]
+    assert card.extra["method"] == "prune" and card.extra["batch_size"] == 64
+    assert card.extra["finetune"]["epochs"] == 1 and "train_config" not in card.extra
+    assert card.extra["source"]["train_config"]["epochs"] == 4  # the base model's training

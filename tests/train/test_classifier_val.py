@@ -79,3 +79,17 @@ def test_resume_with_another_split_or_augmentation_is_refused(tmp_path):
     kw["augment"] = AugmentConfig(random_crop_padding=2)
     with pytest.raises(CheckpointError, match=r"augment: null then, \{"):
         train_classifier(train_config=more, val_fraction=0.1, resume=True, **kw)
+
+
+def test_the_model_records_what_shaped_its_weights_beyond_the_train_config(tmp_path):
+    # sparse training, distillation and batch-norm recalibration were recorded only inside
+    # checkpoint.pt: a run could not be rebuilt from its JSON files
+    from slimtorch.models import read_model_card
+    from slimtorch.train import BatchNormRecalibration
+
+    cfg = TrainConfig(epochs=1, lr=0.05, progress=False)
+    train_classifier(model="resnet20", dataset="digits", out_dir=tmp_path, train_config=cfg,
+                     batch_size=64, callbacks=[BatchNormRecalibration(3)])  # fmt: skip
+    run = read_model_card(tmp_path / "model").extra["run"]
+    assert run["batch_size"] == 64 and run["dataset"] == "digits"
+    assert run["callbacks"] == {"BatchNormRecalibration": {"max_batches": 3}}

@@ -357,6 +357,7 @@ def _run(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             strict=args.strict,
             finetune=finetune,
+            seed=args.seed,
             batch_size=args.batch_size,
             device=resolve_device(args.device),
             data_root=args.data_root,

@@ -173,6 +173,7 @@ def compress_run(
     distill: DistillConfig | None = None,
     max_drop: float | None = None,
     bn_recalibration: int = 100,
+    seed: int | None = None,
 ) -> CompressResult:
     """Compress the model in ``in_dir`` with ``method``, fine-tune it, measure before and after.
 
@@ -210,6 +211,9 @@ def compress_run(
             (:class:`~slimtorch.train.BatchNormRecalibration`; a short fine-tune of a freshly
             compressed model otherwise leaves statistics of weights that no longer exist). 0
             turns it off; ``report.json`` records what ran under ``"bn_recalibration"``.
+        seed: Seed of the data order, the calibration batches and the fine-tune (None:
+            ``finetune.seed``, else 0); recorded in ``report.json``. Given with ``finetune``,
+            the two must agree.
 
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
@@ -264,7 +268,10 @@ def compress_run(
     # read at the model's input shape, normalised as the model was trained
     test_ds: ImageDataset = card.load_split("test", dataset=name, root=data_root)
     shape = tuple(card.input_shape)
-    seed = 0 if finetune is None else finetune.seed
+    if seed is None:
+        seed = 0 if finetune is None else finetune.seed
+    elif finetune is not None and finetune.seed != seed:
+        raise ValueError(f"seed={seed} differs from finetune.seed={finetune.seed}; give one")
     loaders: tuple[DeviceLoader, DeviceLoader] | None = None
 
     def both_loaders() -> tuple[DeviceLoader, DeviceLoader]:
@@ -419,6 +426,8 @@ def compress_run(
         "layers": applied.report,
         "finish": finished,
         "finetune": None if finetune is None else finetune.to_dict(),
+        "seed": seed,
+        "batch_size": batch_size,
         "history": history,
         "distill": None if history is None or distill is None else distill.to_dict(),
         "bn_recalibration": None if recal is None else recal.result,
@@ -443,7 +452,15 @@ def compress_run(
                 std=card.std,
                 class_names=card.class_names,
                 metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
-                extra={**card.extra, "compressed_from": str(in_path), "method": method},
+                extra={
+                    "dataset": card.extra.get("dataset"),
+                    "compressed_from": str(in_path),
+                    "method": method,
+                    "seed": seed,
+                    "batch_size": batch_size,
+                    "finetune": None if finetune is None else finetune.to_dict(),
+                    "source": card.extra,  # how the model compressed here was made
+                },
             )
         try:
             if model_dir is not None and applied.artifacts is not None:

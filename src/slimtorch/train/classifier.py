@@ -51,6 +51,7 @@ from slimtorch.train.distributed import (
 )
 from slimtorch.train.seeding import seed_everything
 from slimtorch.train.trainer import Trainer
+from slimtorch.train.trainer_state import run_record
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,9 @@ def train_classifier(
                 "world_size": get_world_size(),
                 "val_fraction": val_fraction,
                 "val_seed": val_seed if val_fraction is not None else None,
+                # what shaped the weights beyond train_config: sparse training, distillation
+                # and its teacher, batch-norm recalibration ... (as the checkpoint records it)
+                "run": run_record(trainer),
             },
         )
     return ClassifierRun(
