@@ -139,6 +139,7 @@ def test_profile_copies_pickles_and_serialises() -> None:
         "fp16": 6.17e12,
         "bf16": 6.17e12,
         "int8": 6.17e12,
+        "fp64": 0.386e12,
     }
     assert DeviceProfile.from_dict(p.to_dict()) == p
 

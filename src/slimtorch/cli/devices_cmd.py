@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             f"{p.peak_flops['fp16'] / 1e12:.2f}",
             f"{p.peak_flops['bf16'] / 1e12:.2f}",
             f"{p.peak_flops['int8'] / 1e12:.2f}",
+            f"{p.peak_flops['fp64'] / 1e12:.2f}" if "fp64" in p.peak_flops else "-",
             f"{p.memory_bandwidth / 1e9:.0f}",
             _gib(p.memory_bytes),
             ",".join(
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("Device profiles (peak rates in TFLOP/s or TOP/s, bandwidth GB/s)")
     print(
-        format_table(["profile", "fp32", "fp16", "bf16", "int8", "GB/s", "mem GiB", "flags"], prow)
+        format_table(
+            ["profile", "fp32", "fp16", "bf16", "int8", "fp64", "GB/s", "mem GiB", "flags"], prow
+        )
     )
     return 0

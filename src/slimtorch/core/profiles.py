@@ -42,11 +42,12 @@ _DTYPE_KEYS = {
     torch.bfloat16: "bf16",
     torch.int8: "int8",
     torch.uint8: "int8",
+    torch.float64: "fp64",  # optional in a profile: the fp32 rate where it has none
 }
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:
-    """The ``peak_flops`` key for a dtype: fp32, fp16, bf16 or int8 (others map to fp32).
+    """The ``peak_flops`` key for a dtype: fp32, fp16, bf16, int8 or fp64 (others map to fp32).
 
     Example:
         >>> dtype_key(torch.bfloat16)
@@ -55,7 +56,7 @@ def dtype_key(dtype: torch.dtype | str) -> str:
     if not isinstance(dtype, str | torch.dtype):  # numpy types, None: not a silent fp32
         raise TypeError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
     if isinstance(dtype, str):
-        if dtype in REQUIRED_DTYPES:
+        if dtype in (*REQUIRED_DTYPES, "fp64"):
             return dtype
         resolved = getattr(torch, dtype, None)  # "float16" -> torch.float16
         if not isinstance(resolved, torch.dtype):
@@ -150,14 +151,16 @@ class DeviceProfile(Config):
         check_range(self, "launch_overhead_s", self.launch_overhead_s, low=0.0, high=1.0)
 
     def peak_rate(self, dtype: torch.dtype | str) -> float:
-        """Matmul/conv rate in FLOP/s for ``dtype`` (unknown dtypes get the fp32 rate).
+        """Matmul/conv rate in FLOP/s for ``dtype`` (unknown dtypes, and fp64 on a profile
+        that gives no fp64 rate, get the fp32 rate).
 
         Example:
             >>> rx580 = get_profile("rx580")  # fp16 at the fp32 rate on Polaris
             >>> rx580.peak_rate(torch.float16) == rx580.peak_rate("fp32")
             True
         """
-        return float(self.peak_flops[dtype_key(dtype)])
+        key = dtype_key(dtype)
+        return float(self.peak_flops.get(key, self.peak_flops["fp32"]))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
@@ -233,7 +236,14 @@ register_profile(
         # 2304 lanes x 2 FLOP (FMA) x 1.340 GHz. Polaris has no packed FP16: fp16 runs at the fp32
         # rate. No int8 dot product: int8 runs at best at the fp32 rate (saves memory, not time).
         # No native bf16: emulated through fp32 at best, so the fp32 rate is an upper bound.
-        peak_flops={"fp32": 6.17e12, "fp16": 6.17e12, "bf16": 6.17e12, "int8": 6.17e12},
+        # fp64 at 1/16 of the fp32 rate.
+        peak_flops={
+            "fp32": 6.17e12,
+            "fp16": 6.17e12,
+            "bf16": 6.17e12,
+            "int8": 6.17e12,
+            "fp64": 0.386e12,
+        },
         memory_bandwidth=256 * _GB,
         memory_bytes=8 * _GIB,
         packed_fp16=False,
@@ -241,9 +251,9 @@ register_profile(
         tensor_cores=False,
         launch_overhead_s=10e-6,
         source=(
-            "AMD Radeon RX 580 product specifications (amd.com): 6.17 TFLOPS peak FP32, 8 GB "
-            "GDDR5, 256 GB/s; Polaris ISA has no packed FP16 or int8 dot instructions; launch "
-            "overhead ~10 us is an estimate for ROCm/HIP eager launches"
+            "AMD Radeon RX 580 product specifications (amd.com): 6.17 TFLOPS peak FP32, 386 "
+            "GFLOPS FP64, 8 GB GDDR5, 256 GB/s; Polaris ISA has no packed FP16 or int8 dot "
+            "instructions; launch overhead ~10 us is an estimate for ROCm/HIP eager launches"
         ),
     )
 )
@@ -257,7 +267,14 @@ register_profile(
         # read and write fp16 and multiply in the fp32 units: fp16 runs at the fp32 rate and
         # only halves the bytes. dp4a gives int8 at 4x fp32. bf16 is not native on Pascal: the
         # fp32 rate is an upper bound.
-        peak_flops={"fp32": 4.375e12, "fp16": 4.375e12, "bf16": 4.375e12, "int8": 17.5e12},
+        # fp64 at 1/32 of the fp32 rate.
+        peak_flops={
+            "fp32": 4.375e12,
+            "fp16": 4.375e12,
+            "bf16": 4.375e12,
+            "int8": 17.5e12,
+            "fp64": 0.137e12,
+        },
         memory_bandwidth=192 * _GB,
         memory_bytes=6 * _GIB,
         packed_fp16=False,
@@ -267,9 +284,9 @@ register_profile(
         source=(
             "NVIDIA GeForce GTX 1060 specifications (nvidia.com): 1280 CUDA cores, 1708 MHz boost, "
             "192 GB/s GDDR5; CUDA C++ Programming Guide throughput table for compute capability "
-            "6.1 (native fp16 1/64 of fp32, dp4a 4x); PyTorch's cuDNN convolution descriptor "
-            "(float math type for half data) and half GEMM (CUBLAS_COMPUTE_32F) compute fp16 "
-            "models in fp32; launch overhead ~5 us is an estimate"
+            "6.1 (native fp16 1/64 of fp32, fp64 1/32, dp4a 4x); PyTorch's cuDNN convolution "
+            "descriptor (float math type for half data) and half GEMM (CUBLAS_COMPUTE_32F) "
+            "compute fp16 models in fp32; launch overhead ~5 us is an estimate"
         ),
     )
 )
@@ -282,7 +299,14 @@ register_profile(
         # convolutions use TF32 by default, so fp32 convs can beat this estimate); fp16/bf16 on
         # tensor cores with fp32 accumulation (GeForce Ampere runs that at half the
         # fp16-accumulate rate); int8 on tensor cores; all dense (no 2:4 sparsity).
-        peak_flops={"fp32": 12.74e12, "fp16": 25.4e12, "bf16": 25.4e12, "int8": 101.6e12},
+        # fp64 at 1/64 of the fp32 rate.
+        peak_flops={
+            "fp32": 12.74e12,
+            "fp16": 25.4e12,
+            "bf16": 25.4e12,
+            "int8": 101.6e12,
+            "fp64": 0.199e12,
+        },
         memory_bandwidth=360 * _GB,
         memory_bytes=12 * _GIB,
         packed_fp16=True,
@@ -292,7 +316,8 @@ register_profile(
         source=(
             "NVIDIA GeForce RTX 3060 specifications (nvidia.com) and NVIDIA Ampere GA102 GPU "
             "architecture whitepaper (GA10x tensor core rates): 12.7 TFLOPS fp32, 25.4 TFLOPS "
-            "fp16/bf16 dense with fp32 accumulate, 101.6 TOPS int8 dense, 360 GB/s GDDR6; "
+            "fp16/bf16 dense with fp32 accumulate, 101.6 TOPS int8 dense, fp64 at 1/64 of fp32, "
+            "360 GB/s GDDR6; "
             "launch overhead ~5 us is an estimate"
         ),
     )
@@ -302,7 +327,8 @@ register_profile(
     DeviceProfile(
         name="h100-sxm",
         description="NVIDIA H100 SXM5 80 GB (Hopper GH100, sm_90)",
-        peak_flops={"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "int8": 1979e12},
+        # fp64 without its tensor cores (34 TFLOPS; 67 on them, which cuBLAS uses for DGEMM)
+        peak_flops={"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "int8": 1979e12, "fp64": 34e12},
         memory_bandwidth=3.35e12,
         memory_bytes=80 * _GIB,
         packed_fp16=True,
@@ -312,6 +338,7 @@ register_profile(
         source=(
             "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, SXM5): 67 TFLOPS fp32, "
             "989 TFLOPS fp16/bf16 tensor dense (1979 with sparsity), 1979 TOPS int8 dense, "
+            "34 TFLOPS fp64 (67 on tensor cores), "
             "80 GB HBM3 at 3.35 TB/s; "
             "launch overhead ~4 us is an estimate"
         ),
@@ -407,6 +434,7 @@ def measure_cpu_profile(
             except RuntimeError as exc:  # dtype not implemented on this CPU build
                 logger.info("cpu %s matmul probe failed (%s); using the fp32 rate", key, exc)
                 rates[key] = rates["fp32"]
+        rates["fp64"] = _gemm_rate(torch.float64, 256, 0.05 * seconds)
         try:
             rates["int8"] = _gemm_rate(torch.int8, 512, 0.1 * seconds)
         except (RuntimeError, AttributeError) as exc:

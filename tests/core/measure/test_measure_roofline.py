@@ -243,3 +243,23 @@ def test_a_batch_that_cannot_fit_the_profiles_memory_is_flagged() -> None:
             nn.Linear(50_000, 50_000, device="meta"), torch.randn(1, 50_000, device="meta"), "rx580"
         ).fits
     )
+
+
+def test_float64_matmuls_are_timed_at_the_profiles_fp64_rate() -> None:
+    # profiles held no fp64 rate, so a float64 model was timed at the fp32 rate: the RX 580
+    # runs fp64 at 1/16 of it
+    model = nn.Linear(2048, 2048).double()
+    x = torch.randn(4096, 2048, dtype=torch.float64)
+    rx580 = get_profile("rx580")
+    assert rx580.peak_rate(torch.float64) == pytest.approx(
+        rx580.peak_rate(torch.float32) / 16, rel=0.01
+    )
+    est = estimate_latency(model, x, "rx580")
+    row = est.rows[0]
+    assert row.compute_s == pytest.approx(2 * 4096 * 2048 * 2048 / 0.386e12)
+    assert row.bound == "compute"
+    # a profile without an fp64 rate keeps the fp32 one
+    toy = DeviceProfile(name="toy-fp64", description="", memory_bytes=2**30,
+                        peak_flops={"fp32": 1e12, "fp16": 1e12, "bf16": 1e12, "int8": 1e12},
+                        memory_bandwidth=1e11)  # fmt: skip
+    assert toy.peak_rate(torch.float64) == toy.peak_rate("fp64") == 1e12
