@@ -367,3 +367,22 @@ def test_a_model_saved_in_half_takes_float32_inputs(tmp_path: Path, dtype: torch
         torch.testing.assert_close(loaded(x), model(x.to(dtype)), rtol=0, atol=0)
         torch.testing.assert_close(loaded(x.to(dtype)), model(x.to(dtype)), rtol=0, atol=0)
         assert loaded.float()(x).dtype == torch.float32  # cast back, it takes float32 as is
+
+
+def test_a_channels_last_model_loads_channels_last(tmp_path: Path) -> None:
+    # the file holds NCHW tensors; load_model returned NCHW weights whatever layout the model
+    # was trained and saved in, so each convolution paid a layout conversion per call
+    model = create_model("resnet20", in_channels=3, input_size=32).to(
+        memory_format=torch.channels_last
+    )
+    out = _save(model, tmp_path / "cl")
+    loaded, card = load_model(out)
+    assert card.memory_format == "channels_last"
+    conv = loaded.get_submodule("layer1.0.conv1").weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    _, card = load_model(_save(create_model("lenet5", in_channels=3, input_size=32),
+                                   tmp_path / "nchw"))  # fmt: skip
+    assert card.memory_format == "contiguous"
+    assert "memory_format" not in json.loads((tmp_path / "nchw" / "config.json").read_text())

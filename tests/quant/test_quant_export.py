@@ -353,3 +353,14 @@ def test_a_failed_export_names_torch_exports_reason_quietly(
         export_onnx(_ValueBranch().eval(), tmp_path / "branch.onnx", torch.randn(2, 8))
     assert "def forward" not in capfd.readouterr().err
     assert not (tmp_path / "branch.onnx").exists()
+
+
+def test_a_channels_last_model_exports(tmp_path: Path) -> None:
+    # the dynamo exporter failed on channels-last weights ("Invalid ranges [2:1]"), which every
+    # model trained with channels_last and loaded back now has
+    model = create_model("resnet20", in_channels=1, input_size=12).eval()
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.randn(4, 1, 12, 12)
+    path = export_onnx(model, tmp_path / "cl.onnx", x[:1])  # batch 1: where it failed
+    assert compare_onnx(model, path, x) <= 1e-4
+    assert model.get_submodule("conv1").weight.is_contiguous(memory_format=torch.channels_last)

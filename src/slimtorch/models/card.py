@@ -57,6 +57,8 @@ class ModelCard:
         tied: Weight names saved once for several state-dict keys (alias -> saved key).
         extra: Free-form JSON data given to ``save_model``.
         metrics: Contents of ``metrics.json`` (empty if absent).
+        memory_format: ``"channels_last"`` when the model was saved with its convolution
+            weights in that layout (``load_model`` restores it), else ``"contiguous"``.
     """
 
     architecture: dict[str, Any]
@@ -71,6 +73,7 @@ class ModelCard:
     tied: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    memory_format: str = "contiguous"
 
     @property
     def dataset(self) -> str | None:
@@ -173,6 +176,16 @@ def _read_json_file(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object; re-save the model")
     return data
+
+
+MEMORY_FORMATS = ("contiguous", "channels_last")
+
+
+def _memory_format(cfg: dict[str, Any]) -> str:
+    value = cfg.get("memory_format", "contiguous")
+    if value not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {value!r}")
+    return str(value)
 
 
 def _check_card(cfg: dict[str, Any], kwargs: dict[str, Any], shape: list[int]) -> None:
@@ -288,6 +301,7 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
             tied=dict(cfg.get("tied", {})),
             extra=dict(cfg.get("extra", {})),
             metrics=metrics,
+            memory_format=_memory_format(cfg),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(

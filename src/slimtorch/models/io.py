@@ -272,6 +272,8 @@ def save_model(
         "tied": tied,
         "extra": extra or {},
     }
+    if _channels_last(model):
+        config["memory_format"] = "channels_last"
 
     from safetensors.torch import save_file
 
@@ -300,6 +302,18 @@ def save_model(
         raise
     logger.info("saved %s (%d tensors) to %s", arch["name"], len(tensors), path)
     return path
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D weights are in channels-last layout (those for which the two
+    layouts differ: not 1x1 kernels, not single-channel ones)."""
+    fmt = torch.channels_last
+    weights = [
+        p
+        for p in model.parameters()
+        if p.dim() == 4 and not (p.is_contiguous() and p.is_contiguous(memory_format=fmt))
+    ]
+    return bool(weights) and all(p.is_contiguous(memory_format=fmt) for p in weights)
 
 
 def _dtypes_as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -470,6 +484,8 @@ def load_model(
     _check_weights(model, tensors, weights)
     model.load_state_dict(tensors, strict=True)
     model.to(dev)
+    if card.memory_format == "channels_last":  # as it was saved (the file holds NCHW)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     logger.info("loaded %s from %s", card.architecture["name"], root)
     return model, card

@@ -308,8 +308,8 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).cpu().eval()
+def _cpu_copy(model: nn.Module) -> nn.Module:  # NCHW: the exporter fails on channels-last
+    return copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 def ort_session(
