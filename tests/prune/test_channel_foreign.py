@@ -504,3 +504,48 @@ def test_a_float64_model_from_load_model_is_pruned(tmp_path: Path) -> None:
     report = prune_channels_(model, ChannelPruneConfig(ratio=0.5), x)
     assert "pruned" in {r.action for r in report.rows}
     assert model(x).dtype == torch.float64 and model(x).shape == (4, 10)
+
+
+class _PoolOverFeatures(nn.Module):
+    """A 1-d pool on (N, C) features pools over C itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 32), nn.Linear(16, 3)
+        self.pool = nn.AdaptiveAvgPool1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.pool(F.relu(self.fc1(x))))
+
+
+class _MeanBehindMT(nn.Module):
+    """A channel mean behind ``.mT``; ``y.mean(1)`` itself is blocked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c1(x).flatten(2).mT.mean(-1)
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "layer", "reason"),
+    [
+        (_PoolOverFeatures, torch.randn(4, 12), "fc1", "AdaptiveAvgPool1d module 'pool' pools "
+         "over the channel axis (input (4, 32))"),
+        (_MeanBehindMT, torch.randn(2, 3, 8, 8), "c1", "channels flow into the attribute .mT"),
+    ],
+)  # fmt: skip
+def test_ops_that_move_the_channel_axis_block_its_group(
+    model: Callable[[], nn.Module], x: torch.Tensor, layer: str, reason: str
+) -> None:
+    # the pool was taken as keeping channels and .mT (any tensor attribute) as a constant: both
+    # groups were pruned, and the outputs changed (all of them doubled behind .mT)
+    torch.manual_seed(0)
+    net = model().eval()
+    ref = net(x)
+    report = prune_channels_(net, CONFIG, x)
+    row = next(r for r in report.rows if r.name == layer)
+    assert row.action == "skipped" and reason in (row.reason or "")
+    torch.testing.assert_close(net(x), ref)

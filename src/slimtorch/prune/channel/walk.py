@@ -200,9 +200,19 @@ class ChannelWalker:
         self._set(node, t.space, t.cdim)
 
     def pool(self, node: fx.Node) -> None:
+        """Keeps the axis C of ``(N, C, *spatial)``; a ``...1d`` pool on ``(N, C)`` pools C."""
         t = self._first(node)
+        out = _shape(node)
         if t is None:
             self._unsupported(node)
+            return
+        op = self.modules[str(node.target)] if node.op == "call_module" else node.target
+        name = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", "")
+        dims = int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else None
+        kept = out is not None and len(out) == len(t.shape) and out[t.cdim] == t.shape[t.cdim]
+        if t.space is not None and (not kept or (dims is not None and len(t.shape) != dims + 2)):
+            self._opaque(node, f"{self._describe(node)} pools over the channel axis (input "
+                               f"{tuple(t.shape)})")  # fmt: skip
         elif self._channel_first(node, t):
             self._set(node, t.space, 1)
 
@@ -416,10 +426,23 @@ class ChannelWalker:
             self.cat(node)
         elif f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             self.softmax(node, _arg(node, 1, "dim", None))
-        elif f is getattr or not self._inputs(node):
+        elif f is getattr:
+            self.attribute(node)
+        elif not self._inputs(node):
             self._set(node, None, 0)
         else:
             self._unsupported(node)
+
+    def attribute(self, node: fx.Node) -> None:
+        """``x.data`` is ``x``; ``.T``, ``.mT`` block the channels; ``.shape`` is untracked."""
+        t = self._first(node)
+        attr = node.args[1] if len(node.args) > 1 else None
+        if t is None or t.space is None or _shape(node) is None:
+            self._set(node, None, 0)
+        elif attr in ("data", "real"):
+            self._set(node, t.space, t.cdim)
+        else:
+            self._opaque(node, f"channels flow into the attribute .{attr} (node {node.name!r})")
 
     def method(self, node: fx.Node) -> None:
         m = str(node.target)
