@@ -18,6 +18,7 @@ from slimtorch.pipeline import compress_run
         ),
         ({"profiles": "rx580"}, TypeError, "got the string 'rx580'"),
         ({"device": "gpu"}, ValueError, r"invalid device 'gpu'"),
+        ({"seed": "3"}, ValueError, r"seed must be an int or None, got '3'"),
     ],
 )
 def test_bad_argument_is_refused_by_name(tmp_path, kwargs, exc, fragment):

@@ -236,6 +236,8 @@ def compress_run(
         raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
     if finetune is not None and not isinstance(finetune, TrainConfig):
         raise TypeError(f"finetune must be a TrainConfig or None, got {type(finetune).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
     if method_options is not None and not isinstance(method_options, dict):
         raise TypeError(
             f"method_options must be a dict of option names to values or None, got "
