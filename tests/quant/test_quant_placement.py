@@ -210,3 +210,37 @@ def test_inductor_fuses_residual_adds_into_qconv() -> None:
     with torch.no_grad():
         ref = placed(x)
     torch.testing.assert_close(fast(x), ref, atol=0.05 * float(ref.abs().max()), rtol=0.05)
+
+
+class _SharedAddInput(nn.Module):
+    """``a`` feeds both ``b`` and the add; ``double`` adds a conv output to itself."""
+
+    def __init__(self, double: bool = False) -> None:
+        super().__init__()
+        self.double = double
+        self.stem, self.a, self.b = (nn.Conv2d(c, 16, 3, padding=1) for c in (3, 16, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(self.stem(x))
+        y = self.b(a + a) if self.double else a + self.b(a)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def test_inductor_placement_drops_the_output_qdq_of_a_conv_only_the_add_reads() -> None:
+    # it took the add's first conv: a's output, which b reads too, lost its Q/DQ and no
+    # conv + add kernel formed; and y + y lost its only operand's Q/DQ, which failed to compile
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    model = _SharedAddInput().eval()
+    quantize_(model, PTQConfig(mode="static"), calibration=calib)
+    assert place_qdq_(copy.deepcopy(model), "inductor").changes == {
+        "b": "output Q/DQ dropped: conv + add (+ ReLU) fuse into one qconv"
+    }
+    double = _SharedAddInput(double=True).eval()
+    quantize_(double, PTQConfig(mode="static"), calibration=calib)
+    assert place_qdq_(copy.deepcopy(double), "inductor").changes == {}
+    from slimtorch.quant.runtime import cpu_int8_support, int8_kernels
+
+    if cpu_int8_support()["onednn"]:
+        assert int8_kernels(model, calib[0][:2]).get("qconv2d_pointwise.binary") == 1

@@ -80,6 +80,18 @@ def _back(node: Any, modules: dict[str, nn.Module]) -> Any:
     return node
 
 
+def _only_feeds(src: torch.fx.Node, add: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``src``'s output reaches nothing but ``add`` (through Identity modules)."""
+    node = src
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node is add:
+            return True
+        if not isinstance(_mod(node, modules), nn.Identity):
+            return False
+    return False
+
+
 def _static(m: nn.Module | None) -> bool:
     return isinstance(m, QDQConv2d | QDQLinear) and m.input_scale is not None
 
@@ -122,10 +134,14 @@ def _for_inductor(model: nn.Module, graph: torch.fx.Graph, out: Placement) -> No
         srcs = [_mod(_back(a, modules), modules) for a in node.args[:2]]
         if any(isinstance(m, QDQConv2d) and m.output_scale is None for m in srcs):
             continue  # one input already comes straight from a conv: the fused one
+        ins = [_back(a, modules) for a in node.args[:2]]
+        if len(ins) == 2 and ins[0] is ins[1]:
+            continue  # y + y: the fused kernel needs a second operand
+        # a conv whose output the add alone reads: any other reader needs it quantized
         convs = [
             src
-            for src in (_back(a, modules) for a in node.args[:2])
-            if isinstance(_mod(src, modules), QDQConv2d)
+            for src in ins
+            if isinstance(_mod(src, modules), QDQConv2d) and _only_feeds(src, node, modules)
         ]
         if convs:  # the other input stays int8: it is the fused kernel's second operand
             name = str(convs[0].target)
