@@ -218,3 +218,28 @@ def test_unfolded_batch_norms_and_an_explicit_layer_list_keep_the_residual_qdq()
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     assert default > 0 and wrapped(include=layers) == default  # include picks layers only
     assert wrapped(cfg={"fold_bn": False}) > 0  # a batch norm before the add is no layer
+
+
+def test_layer_names_with_glob_characters_fold_and_quantize() -> None:
+    # the batch-norm fold took the exact names of conv + BN pairs as globs: a ModuleDict key
+    # 'stage[1]' matched no module and static PTQ failed
+    from slimtorch.quant.direct import DirectConvConfig, lower_direct_conv_
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            conv_bn = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+            self.blk = nn.ModuleDict({"stage[1]": nn.Sequential(*conv_bn)})
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.blk["stage[1]"](x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    for lower in (False, True):
+        model = Keyed().eval()
+        if lower:
+            assert lower_direct_conv_(model, DirectConvConfig()).rows[0].action == "direct"
+            continue
+        report = quantize_(model, PTQConfig(mode="static"), calibration=[torch.randn(8, 3, 8, 8)])
+        assert report.info["folded_bn"] == [["blk.stage[1].0", "blk.stage[1].1"]]

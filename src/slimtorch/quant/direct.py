@@ -45,6 +45,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from glob import escape
 from typing import Any, ClassVar
 
 import torch
@@ -402,7 +403,7 @@ def lower_direct_conv_(
     DirectReport(rows=list(rows.values())).check_strict(strict, "lower_direct_conv_")
     folded: list[str] = []
     if config.fold_bn and candidates:
-        folded = [r.bn for r in fold_bn_(model, include=candidates).folded]
+        folded = [r.bn for r in fold_bn_(model, include=[escape(n) for n in candidates]).folded]
         modules = dict(model.named_modules())
         graph = _trace(model)
         calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from glob import escape
 from typing import Any, ClassVar
 
 import torch
@@ -325,7 +326,7 @@ def lower_conv_gemm_(
     names = [r.conv for r in rows if r.action == "gemm"]
     folded: list[str] = []
     if config.fold_bn and names:
-        folded = [r.bn for r in fold_bn_(model, include=names).folded]
+        folded = [r.bn for r in fold_bn_(model, include=[escape(n) for n in names]).folded]
     for name in names:
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from glob import escape
 from typing import Any
 
 import torch
@@ -476,7 +477,7 @@ def quantize_(
     # everything is validated and calibrated: now change the real model
     if config.fold_bn and config.mode != "weight_only" and info["folded_bn"]:
         pairs = {c for c, _ in info["folded_bn"]}
-        fold_bn_(model, include=sorted(pairs))
+        fold_bn_(model, include=[escape(n) for n in sorted(pairs)])  # exact names
     report = to_qdq_(model, qparams, activations=activations, method=f"ptq:{config.mode}")
     report.config = {"type": "PTQConfig", **config.to_dict()}
     order = [n for n, _ in work.named_modules()]
