@@ -9,9 +9,10 @@ cast with boundary casts (:mod:`slimtorch.quant.precision`).
 
 Allocation: predicted loss is the sum of the per-layer losses (the usual additivity assumption of
 sensitivity-based mixed precision; exact for independent rounding noises under the output-error
-metric). Choosing one option per layer under a budget is a multiple-choice knapsack, solved
-exactly by dynamic programming over the budget cut into ``dp_bins`` steps (costs rounded up, so
-the result always fits the real budget).
+metric). Choosing one option per layer under a budget is a multiple-choice knapsack
+(:func:`~slimtorch.quant.knapsack.allocate`): solved exactly over whole bytes for a size budget,
+and over ``dp_bins`` steps of the budget for a latency one (costs rounded up, so the result
+always fits the real budget).
 
 Sizes are deployed bytes: int4 weights packed two per byte (see
 :func:`~slimtorch.quant.mixed_sensitivity.layer_bytes`). The report also gives the bytes the
@@ -47,7 +48,6 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +65,7 @@ from slimtorch.core.surgery import (
 from slimtorch.models.io import saved_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.knapsack import allocate
 from slimtorch.quant.lowp import PrecisionCheckError
 from slimtorch.quant.mixed_sensitivity import (
     BITS,
@@ -98,7 +99,8 @@ class MixedPrecisionConfig(Config):
         exclude: Globs of layers to leave in float32.
         fold_bn: Fold Conv2d+BatchNorm2d pairs first (exact; removes the batch norms' bytes).
         scale_method: Weight scales, ``"mse"`` or ``"minmax"``.
-        dp_bins: Budget resolution of the knapsack (>= 100).
+        dp_bins: Budget resolution of the knapsack for a latency budget (>= 100); a size
+            budget is solved over whole bytes.
         max_batches: Calibration batches used at most.
     """
 
@@ -242,68 +244,6 @@ def _targets(model: nn.Module, cfg: MixedPrecisionConfig) -> list[str]:
     return out
 
 
-def allocate(
-    losses: dict[str, dict[str, float]],
-    costs: dict[str, dict[str, float]],
-    budget: float,
-    bins: int = 2000,
-) -> dict[str, str]:
-    """The choice per layer with the least total loss whose total cost fits ``budget``.
-
-    Exact multiple-choice knapsack by dynamic programming over ``bins`` budget steps (costs
-    rounded up). Each layer's options are the keys of ``costs[layer]``.
-
-    Raises:
-        ValueError: No choice fits (the cheapest options together exceed ``budget``).
-
-    Example:
-        >>> allocate({"a": {"x": 0.0, "y": 1.0}}, {"a": {"x": 10.0, "y": 5.0}}, 6.0)
-        {'a': 'y'}
-    """
-    names = list(costs)
-    cheapest = sum(min(costs[n].values()) for n in names)
-    if cheapest > budget:
-        raise ValueError(
-            f"no allocation fits: the cheapest options cost {cheapest:.6g} together, over the "
-            f"budget of {budget:.6g}"
-        )
-    best = {n: _least_loss(losses[n], costs[n]) for n in names}
-    if sum(costs[n][best[n]] for n in names) <= budget:  # each layer's least loss fits: optimal
-        return best  # (the rounded-up costs below could push this exact fit over the budget)
-    unit = budget / bins if budget > 0 else 1.0
-    dp = np.full(bins + 1, np.inf)
-    dp[0] = 0.0
-    picks: list[tuple[list[str], np.ndarray, list[int]]] = []
-    for n in names:
-        opts = list(costs[n])
-        icost = [min(bins + 1, math.ceil(costs[n][o] / unit - 1e-9)) for o in opts]
-        new = np.full(bins + 1, np.inf)
-        arg = np.full(bins + 1, -1, dtype=np.int64)
-        for i, (o, c) in enumerate(zip(opts, icost, strict=True)):
-            if c > bins:
-                continue
-            shifted = np.full(bins + 1, np.inf)
-            shifted[c:] = dp[: bins + 1 - c] + losses[n][o]
-            better = shifted < new
-            new[better], arg[better] = shifted[better], i
-        dp = new
-        picks.append((opts, arg, icost))
-    if not np.isfinite(dp).any():  # rounding up pushed a barely feasible set over: cheapest all
-        return {n: min(costs[n], key=costs[n].__getitem__) for n in names}
-    b = int(np.argmin(dp))
-    choice: dict[str, str] = {}
-    for n, (opts, arg, icost) in zip(reversed(names), reversed(picks), strict=True):
-        i = int(arg[b])
-        choice[n] = opts[i]
-        b -= icost[i]
-    return {n: choice[n] for n in names}
-
-
-def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
-    """The option of least loss (the cheaper one on a tie)."""
-    return min(cost, key=lambda o: (loss[o], cost[o]))
-
-
 def _weights_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers but a pruned model's bool masks (training aids)."""
     return model_size_bytes(model) - storage_bytes(model).get("bool", 0)
@@ -360,7 +300,9 @@ def mixed_precision_(
     blocked = replacement_blockers(work, [(n, work.get_submodule(n)) for n in names])
     names = [n for n in names if n not in blocked]  # a fused kernel reads their weights: kept
     example = batches[0][0].to(_calib.model_device(work))
-    with _calib.track_calls(work, {n: work.get_submodule(n) for n in names}) as runs:
+    # every Conv2d/Linear of the model, so that first/last are the model's, not the targets'
+    layers = {n: m for n, m in work.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    with _calib.track_calls(work, {**layers, **{n: work.get_submodule(n) for n in names}}) as runs:
         refs = _calib.run_batches(work, batches, "calibration")
     missing = [n for n in names if not any(n in run for run in runs)]
     if missing:
@@ -369,7 +311,8 @@ def mixed_precision_(
             "each precision cannot be measured; exclude them (MixedPrecisionConfig(exclude=...)) "
             "or give inputs that reach them. The model is unchanged"
         )
-    floor = {run[i] for run in runs if run for i in (0, -1)} if config.first_last else set()
+    ends = {run[i] for run in runs if run for i in (0, -1)} if config.first_last else set()
+    floor = ends & set(names)  # the model's first/last layers, where they are allocated
     units = precision_units(work)
     allowed: dict[str, tuple[str, ...]] = {}
     notes = dict.fromkeys(names, "")
@@ -391,11 +334,14 @@ def mixed_precision_(
     modules = {n: work.get_submodule(n) for n in names}
     sizes = {n: {c: float(layer_bytes(modules[n], c)) for c in allowed[n]} for n in names}
     rest_bytes = _weights_bytes(work) - sum(int(layer_bytes(modules[n], "fp32")) for n in names)
-    lat, rest_s, total_s = latency_costs(work, names, example, config.profile, all_cands)
+    lat, rest_s, rest_low, total_s = latency_costs(work, names, example, config.profile, all_cands)
     if config.latency_s is not None:
         kind, limit = "latency_s", float(config.latency_s)
         costs = {n: {c: lat[n][c] for c in allowed[n]} for n in names}
-        rest = rest_s
+        cheapest = sum(min(costs[n].values()) for n in names)
+        # the rest as it is in fp32, or (where only fp16 activations make it fit) the least it
+        # can be; the estimate of the converted model below decides either way
+        rest = rest_s if rest_s + cheapest <= limit else rest_low
     else:
         kind = "bytes"
         ratio_limit = size_fp32 / config.size_ratio if config.size_ratio else 0.0

@@ -222,8 +222,9 @@ def measure_sensitivity(
 
 def latency_costs(
     model: nn.Module, names: list[str], example: torch.Tensor, profile: str, cands: tuple[str, ...]
-) -> tuple[dict[str, dict[str, float]], float, float]:
-    """Per-layer roofline time per candidate, the rest of the model's time, the fp32 total.
+) -> tuple[dict[str, dict[str, float]], float, float, float]:
+    """Per-layer roofline time per candidate, the rest of the model's time (as it is in fp32,
+    and the least it can be: with fp16 activations, when fp16 is a candidate), the fp32 total.
 
     Each layer's time at a candidate is ``max(flops / rate, bytes / bandwidth) + launch`` on
     ``profile`` with the activations and weight in the candidate's dtype (fp16 at the profile's
@@ -234,8 +235,8 @@ def latency_costs(
     Example:
         >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> x = torch.randn(4, 16)
-        >>> per_layer, rest, total = latency_costs(net, ["0"], x, "rx580", ("fp16", "int8"))
-        >>> sorted(per_layer["0"]), 0.0 < rest < total
+        >>> per_layer, rest, least, total = latency_costs(net, ["0"], x, "rx580", ("fp16", "int8"))
+        >>> sorted(per_layer["0"]), 0.0 < least <= rest < total
         (['fp16', 'int8'], True)
         >>> per_layer["0"]["int8"] > per_layer["0"]["fp16"]  # int8 adds a dequantize kernel
         True
@@ -254,6 +255,12 @@ def latency_costs(
         h.remove()
     rows = {r.name: r.total_s for r in est.rows}
     rest = est.total_s - sum(rows.get(n, 0.0) for n in names)
+    if "fp16" in cands:  # the rest runs on fp16 activations where fp16 layers feed it
+        half = estimate_latency(model, example, prof, dtype=torch.float16)
+        low = {r.name: r.total_s for r in half.rows}
+        rest_low = min(rest, half.total_s - sum(low.get(n, 0.0) for n in names))
+    else:
+        rest_low = rest
     out: dict[str, dict[str, float]] = {}
     for n in names:
         weight = model.get_submodule(n).weight
@@ -270,7 +277,7 @@ def latency_costs(
             if c in ("int8", "int4"):  # weight-only: a dequantize kernel before the fp32 op
                 t += w * (BITS[c] / 8 + 4) / prof.memory_bandwidth + prof.launch_overhead_s
             out[n][c] = t
-    return out, max(rest, 0.0), est.total_s
+    return out, max(rest, 0.0), max(rest_low, 0.0), est.total_s
 
 
 def choice_reason(
