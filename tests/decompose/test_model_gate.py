@@ -132,3 +132,28 @@ def test_compiled_whole_model_timing() -> None:
     )
     assert report.rows[0].action == "decomposed"
     assert report.rows[0].speed_source == "measured-model:cpu,compiled"
+
+
+def test_the_model_gate_times_channels_last_inputs_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # it converted the model but timed NCHW inputs: a layout that is neither the model's nor
+    # the deployment's, and its source label dropped ",channels_last"
+    import slimtorch.decompose.speed as speed
+
+    seen: set[tuple[bool, bool]] = set()
+    real = speed.measure_latency
+
+    def spy(module: nn.Module, x: torch.Tensor, **kw: object) -> object:
+        w = next(module.parameters())
+        fmt = torch.channels_last
+        seen.add((x.is_contiguous(memory_format=fmt), w.is_contiguous(memory_format=fmt)))
+        return real(module, x, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(speed, "measure_latency", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    cfg = TuckerConfig(rank=0.25, min_speedup=0.01, speed_scope="model", speed_channels_last=True)
+    report = decompose_(net, cfg, example_input=torch.randn(2, 8, 8, 8))
+    assert report.rows[0].speed_source == "measured-model:cpu,channels_last"
+    assert seen == {(True, True)}

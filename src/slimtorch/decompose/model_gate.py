@@ -115,7 +115,10 @@ def model_gate(
             trial = build([n for n in kept if n != name])
             worst = None
             for shape in shapes:
-                check = layer_speedup(trial, current, shape, repeats=5, calls=3, warmup=2)
+                check = layer_speedup(
+                    trial, current, shape, repeats=5, calls=3, warmup=2,
+                    channels_last="input" if layout is not None else False,
+                )  # fmt: skip
                 if worst is None or check.speedup < worst.speedup:
                     worst = check
             assert worst is not None

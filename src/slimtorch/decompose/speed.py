@@ -108,7 +108,7 @@ def layer_speedup(
     calls: int = 3,
     warmup: int = 2,
     seed: int = 0,
-    channels_last: bool = False,
+    channels_last: bool | str = False,
 ) -> SpeedCheck:
     """Time ``original`` and ``factorised`` on one random input of shape ``input_shape``.
 
@@ -128,6 +128,7 @@ def layer_speedup(
         seed: Seed of the random input.
         channels_last: Time on copies of both layers, and an input, in ``torch.channels_last``
             (NHWC) layout; only for 4-D inputs (ignored otherwise and by roofline estimates).
+            ``"input"``: only the input (the modules are in that layout already).
 
     Returns:
         A :class:`SpeedCheck`.
@@ -175,8 +176,9 @@ def layer_speedup(
         if channels_last and x.ndim == 4:
             fmt = torch.channels_last
             x = x.contiguous(memory_format=fmt)
-            a_mod = copy.deepcopy(a_mod).to(memory_format=fmt)  # type: ignore[call-overload]
-            b_mod = copy.deepcopy(b_mod).to(memory_format=fmt)  # type: ignore[call-overload]
+            if channels_last != "input":
+                a_mod = copy.deepcopy(a_mod).to(memory_format=fmt)  # type: ignore[call-overload]
+                b_mod = copy.deepcopy(b_mod).to(memory_format=fmt)  # type: ignore[call-overload]
             source_tag = ",channels_last"
         else:
             source_tag = ""
