@@ -147,3 +147,18 @@ def test_truncated_or_foreign_file_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a tensor file")
     with pytest.raises(ValueError, match=r"notes.txt' is not a readable safetensors file"):
         load_compact(tmp_path / "notes.txt")
+
+
+def test_compact_size_of_tied_weights_left_dense(tmp_path: Path) -> None:
+    # save_compact copies the tensors it writes; the size function did not, and failed on two
+    # tied weights left dense ("Some tensors share memory"), which compress's report calls
+    from slimtorch.prune import compact_file_bytes
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    b.weight = a.weight
+    net = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(16, 4))
+    prune_(net, MagnitudeConfig(sparsity=0.9), exclude=["0", "2"])
+    sd = {k: v.detach() for k, v in net.state_dict().items()}
+    path = save_compact(sd, tmp_path / "tied.safetensors")
+    assert compact_file_bytes(sd) == path.stat().st_size

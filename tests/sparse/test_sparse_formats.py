@@ -214,7 +214,7 @@ def test_unpack_names_the_damaged_entry_and_formats_must_be_a_list() -> None:
     sd = {"a.weight": _sparse((16, 16), 0.1)}
     packed = pack_state_dict(sd, ("dense", "bitmask"))
     key = "a.weight::bitmask::values"
-    with pytest.raises(ValueError, match=r"packed entry 'a.weight' \(bitmask\): .* is corrupt: "):
+    with pytest.raises(ValueError, match=r"packed entry 'a.weight' \(bitmask\): .* are corrupt: "):
         unpack_state_dict({**packed, key: packed[key][:-1]})
     with pytest.raises(ValueError, match="formats must be a list of format names, got the string"):
         pack_state_dict(sd, "csr")  # type: ignore[arg-type]
@@ -236,3 +236,25 @@ def test_masks_pack_to_a_bit_a_flag_and_empty_tensors_stay_dense(tmp_path: Path)
     damaged["0.weight_mask::bits::bits"] = damaged["0.weight_mask::bits::bits"][:-1]
     with pytest.raises(ValueError, match=r"holds 8191 torch\.uint8 values, expected 8192"):
         unpack_state_dict(damaged)
+
+
+def test_a_damaged_entry_names_the_file_and_its_own_format(tmp_path: Path) -> None:
+    # the error named neither the file nor the packed entry's own parts: "compact entry
+    # 'tensor' ... not written by compact_state_dict", a key and a writer the file never had
+    from safetensors.torch import load_file, save_file
+
+    w = torch.zeros(4, 8)
+    w[0, :3] = 1.0
+    path = tmp_path / "sparse.safetensors"
+    save_packed({"fc.weight": w}, path, ("bitmask",))
+    parts = load_file(path)
+    key = next(k for k in parts if k.endswith("values"))
+    parts[key] = parts[key][:-1]  # one value short of the mask
+    save_file(parts, path)
+    with pytest.raises(ValueError) as info:
+        load_packed(path)
+    text = str(info.value)
+    assert text.startswith(f"{str(path)!r}: packed entry 'fc.weight' (bitmask): bitmask parts")
+    assert "'tensor'" not in text and "compact_state_dict" not in text
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_packed(tmp_path)  # a folder: a bare "No such device (os error 19)" before

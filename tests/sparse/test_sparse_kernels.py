@@ -151,3 +151,39 @@ def test_exports_and_quantizers_name_sparse_kernels_instead_of_failing_inside_to
             call()
     assert not list(tmp_path.iterdir())
     assert type(net[2]) is nn.Linear and net[2].weight.dtype == torch.float32  # untouched
+
+
+@pytest.mark.gpu
+def test_a_strict_refusal_on_another_device_leaves_the_model_where_it_was() -> None:
+    # the model was moved to the GPU for the measurement and stayed there after the strict
+    # refusal, though the docstring promises it unchanged
+    from slimtorch.core.errors import TransformSkipError
+
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    prune_(net, MagnitudeConfig(sparsity=0.9))  # the grouped conv has no sparse kernel
+    with pytest.raises(TransformSkipError):
+        sparsify_(net, torch.randn(2, 8, 8, 8), device="cuda", strict=True, min_time_s=0.0)
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
+
+
+def test_training_a_model_with_sparse_kernels_is_refused() -> None:
+    # the sparse layers hold no trainable parameter: fit ran, and silently left them as they were
+    from slimtorch.sparse import build_sparse_layer
+    from slimtorch.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    prune_(model, MagnitudeConfig(sparsity=0.9))
+    model[0] = build_sparse_layer(model[0], "csr")
+    loader = [(torch.randn(8, 64), torch.randint(0, 4, (8,)))]
+    refused = r"layer\(s\) .*0.* run a sparse kernel from sparsify_, whose weights do not train"
+    with pytest.raises(ValueError, match=refused):
+        Trainer(model, TrainConfig(epochs=1, progress=False)).fit(loader)
+
+
+def test_to_semi_structured_refuses_a_meta_model_by_name() -> None:
+    # it failed inside torch with "Tensor.item() cannot be called on meta tensors"
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="to_semi_structured_ needs the model's values"):
+        to_semi_structured_(net)

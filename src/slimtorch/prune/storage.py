@@ -297,7 +297,9 @@ def compact_file_bytes(state_dict: Mapping[str, torch.Tensor], *, format: str = 
     """
     from safetensors.torch import save
 
-    compact = {k: v.contiguous() for k, v in compact_state_dict(state_dict, format=format).items()}
+    # copies, as save_compact writes them: tied weights left dense share memory, which
+    # safetensors refuses
+    compact = {k: v.clone() for k, v in compact_state_dict(state_dict, format=format).items()}
     return len(save(compact, metadata=_COMPACT_METADATA))
 
 
@@ -331,7 +333,11 @@ def load_compact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Example:
         >>> model.load_state_dict(load_compact("out/pruned.safetensors"))  # doctest: +SKIP
     """
-    return expand_state_dict(read_safetensors(path))
+    tensors = read_safetensors(path)
+    try:
+        return expand_state_dict(tensors)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -345,7 +351,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(os.fspath(path), device="cpu")
-    except SafetensorError as exc:
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as exc:  # a folder: "No such device (os error 19)"
         raise ValueError(
             f"{os.fspath(path)!r} is not a readable safetensors file ({exc}); it is truncated "
             "or not a safetensors file: write it again"

@@ -350,7 +350,12 @@ def decode(parts: Mapping[str, torch.Tensor], fmt: str) -> torch.Tensor:
     if fmt == "dense":
         return parts["dense"]
     if fmt in ("bitmask", "csr"):
-        return expand_state_dict({f"tensor{SEP}{k}": v for k, v in parts.items()})["tensor"]
+        try:
+            return expand_state_dict({f"tensor{SEP}{k}": v for k, v in parts.items()})["tensor"]
+        except ValueError as exc:  # worded for a compact file's entry: say it of these parts
+            detail = str(exc).partition(" is corrupt: ")[2] or str(exc)
+            detail = detail.replace("compact_state_dict", "encode")
+            raise ValueError(f"{fmt} parts are corrupt: {detail}") from None
     if fmt == "bsr":
         return decode_bsr(parts)
     if fmt == "nm24":

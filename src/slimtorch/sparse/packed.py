@@ -112,4 +112,8 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Example:
         >>> model.load_state_dict(load_packed("out/sparse.safetensors"))  # doctest: +SKIP
     """
-    return unpack_state_dict(read_safetensors(path))
+    tensors = read_safetensors(path)
+    try:
+        return unpack_state_dict(tensors)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)!r}: {exc}") from None

@@ -144,7 +144,7 @@ def _try_candidate(
     fmt: str,
     module: nn.Module,
     x: torch.Tensor,
-    dense_out: torch.Tensor,
+    ref: torch.Tensor,
     dense_s: float,
     device: torch.device,
     tol: tuple[float, float],
@@ -163,9 +163,9 @@ def _try_candidate(
             out = layer(x)
     except (ValueError, RuntimeError, NotImplementedError, TypeError) as exc:
         return Candidate(fmt, "error", reason=f"{type(exc).__name__}: {exc}"[:300]), None
-    err = float((out.float() - dense_out.float()).abs().max()) if out.numel() else 0.0
-    if out.shape != dense_out.shape or not torch.allclose(
-        out.float(), dense_out.float(), atol=tol[0], rtol=tol[1]
+    err = float((out.float() - ref.float()).abs().max()) if out.numel() else 0.0
+    if out.shape != ref.shape or not torch.allclose(
+        out.float(), ref.float(), atol=tol[0], rtol=tol[1]
     ):
         why = f"outputs differ from dense (max abs error {err:.3g}, atol {tol[0]}, rtol {tol[1]})"
         return Candidate(fmt, "mismatch", max_abs_err=err, reason=why), None
@@ -355,80 +355,80 @@ def sparsify_(
         model.to(target)
         example_input = _to_device(example_input, target)
     dev = _model_device(model)
-    try:
+    try:  # on any failure the model goes back where it was (the docstring's "unchanged")
         inputs = _capture_inputs(model, layers, example_input)
-    except ValueError:
+        timing: dict[str, Any] = {"threads": threads, "min_time_s": min_time_s, "warmup": 3}
+        rows: list[SparsifyRow] = []
+        swaps: dict[str, nn.Module] = {}
+        loosest = (0.0, 0.0)  # the loosest tolerance any layer was held to
+        for name, module in layers:
+            w = layer_weight(module).detach()
+            row = SparsifyRow(name, type(module).__name__, "dense")
+            row.sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
+            rows.append(row)
+            x = inputs.get(name)  # (the layer's real input during example_input)
+            if x is None:
+                row.action, row.reason = "skipped", "not called by example_input: nothing to time"
+                continue
+            row.input_shape = list(x.shape)
+            if name in blocked:
+                row.action, row.reason = "skipped", blocked[name]
+                continue
+            if isinstance(module, nn.Conv2d) and conv_lowering_skip(module):
+                row.action = "skipped"
+                row.reason = f"no sparse conv kernel on {dev}: {conv_lowering_skip(module)}"
+                continue
+            if row.sparsity < min_sparsity:
+                row.reason = (
+                    f"weight sparsity {row.sparsity:.3f} < min_sparsity {min_sparsity:.3f}: a "
+                    "sparse kernel cannot pay; lower min_sparsity to measure anyway"
+                )
+                continue
+            default = _default_tolerance(module, w.dtype, dev)
+            tol = (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
+            loosest = (max(loosest[0], tol[0]), max(loosest[1], tol[1]))
+            with torch.inference_mode():
+                ref = module(x)
+            row.dense_s = measure_latency(module, x, device=dev, **timing).median_s
+            best: tuple[float, nn.Module] | None = None
+            for fmt in formats:
+                cand, layer = _try_candidate(fmt, module, x, ref, row.dense_s, dev, tol, timing)
+                row.candidates.append(cand)
+                if layer is not None and cand.median_s is not None:
+                    if best is None or cand.median_s < best[0]:
+                        best = (cand.median_s, layer)
+            if best is None:
+                why = "; ".join(f"{c.fmt} {c.status}: {c.reason}" for c in row.candidates)
+                row.reason = f"no sparse kernel ran with the dense outputs on {dev} ({why})"
+                continue
+            layer = best[1]
+            speedup = row.dense_s / best[0] if best[0] > 0 else 0.0
+            fmt = layer.fmt  # type: ignore[assignment]
+            if speedup >= min_speedup:
+                row.action, row.choice = "sparse", str(fmt)
+                row.reason = f"{fmt} measured {speedup:.2f}x faster than dense"
+                swaps[name] = layer
+            else:
+                row.reason = f"fastest sparse kernel ({fmt}): {speedup:.2f}x dense < {min_speedup}"
+        n_threads = threads if threads is not None else torch.get_num_threads()
+        report = SparsifyReport(str(dev), n_threads, float(min_speedup), list(formats), rows)
+        if "semi_structured" in formats and semi_structured_support(dev) is not None:
+            report.notes.append(str(semi_structured_support(dev)))
+        if strict and report.skipped:
+            listing = "; ".join(f"{r.name}: {r.reason}" for r in report.skipped)
+            raise TransformSkipError(
+                f"sparsify_ (strict) skipped {len(report.skipped)} layer(s), model left unchanged: "
+                f"{listing}. Exclude these layers or run without strict"
+            )
+        originals = {name: model.get_submodule(name) for name in swaps}
+        _swap(model, swaps)
+        if swaps:
+            _check_outputs(model, example_input, originals, loosest)
+        if swaps and check_model:
+            _check_whole_model(model, example_input, originals, report, dev, timing)
+    except BaseException:
         model.to(home)
         raise
-    timing: dict[str, Any] = {"threads": threads, "min_time_s": min_time_s, "warmup": 3}
-    rows: list[SparsifyRow] = []
-    swaps: dict[str, nn.Module] = {}
-    loosest = (0.0, 0.0)  # the loosest tolerance any layer was held to
-    for name, module in layers:
-        w = layer_weight(module).detach()
-        row = SparsifyRow(name, type(module).__name__, "dense")
-        row.sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
-        rows.append(row)
-        x = inputs.get(name)  # (the layer's real input during example_input)
-        if x is None:
-            row.action, row.reason = "skipped", "not called by example_input; nothing to measure"
-            continue
-        row.input_shape = list(x.shape)
-        if name in blocked:
-            row.action, row.reason = "skipped", blocked[name]
-            continue
-        if isinstance(module, nn.Conv2d) and conv_lowering_skip(module):
-            row.action = "skipped"
-            row.reason = f"no sparse conv kernel on {dev}: {conv_lowering_skip(module)}"
-            continue
-        if row.sparsity < min_sparsity:
-            row.reason = (
-                f"weight sparsity {row.sparsity:.3f} < min_sparsity {min_sparsity:.3f}: a "
-                "sparse kernel cannot pay; lower min_sparsity to measure anyway"
-            )
-            continue
-        default = _default_tolerance(module, w.dtype, dev)
-        tol = (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
-        loosest = (max(loosest[0], tol[0]), max(loosest[1], tol[1]))
-        with torch.inference_mode():
-            dense_out = module(x)
-        row.dense_s = measure_latency(module, x, device=dev, **timing).median_s
-        best: tuple[float, nn.Module] | None = None
-        for fmt in formats:
-            cand, layer = _try_candidate(fmt, module, x, dense_out, row.dense_s, dev, tol, timing)
-            row.candidates.append(cand)
-            if layer is not None and cand.median_s is not None:
-                if best is None or cand.median_s < best[0]:
-                    best = (cand.median_s, layer)
-        if best is None:
-            why = "; ".join(f"{c.fmt} {c.status}: {c.reason}" for c in row.candidates)
-            row.reason = f"no sparse kernel ran with the dense outputs on {dev} ({why})"
-            continue
-        layer = best[1]
-        speedup = row.dense_s / best[0] if best[0] > 0 else 0.0
-        fmt = layer.fmt  # type: ignore[assignment]
-        if speedup >= min_speedup:
-            row.action, row.choice = "sparse", str(fmt)
-            row.reason = f"{fmt} measured {speedup:.2f}x faster than dense"
-            swaps[name] = layer
-        else:
-            row.reason = f"fastest sparse kernel ({fmt}) is {speedup:.2f}x dense < {min_speedup}"
-    n_threads = threads if threads is not None else torch.get_num_threads()
-    report = SparsifyReport(str(dev), n_threads, float(min_speedup), list(formats), rows)
-    if "semi_structured" in formats and semi_structured_support(dev) is not None:
-        report.notes.append(str(semi_structured_support(dev)))
-    if strict and report.skipped:
-        listing = "; ".join(f"{r.name}: {r.reason}" for r in report.skipped)
-        raise TransformSkipError(
-            f"sparsify_ (strict) skipped {len(report.skipped)} layer(s), model left unchanged: "
-            f"{listing}. Exclude these layers or run without strict"
-        )
-    originals = {name: model.get_submodule(name) for name in swaps}
-    _swap(model, swaps)
-    if swaps:
-        _check_outputs(model, example_input, originals, loosest)
-    if swaps and check_model:
-        _check_whole_model(model, example_input, originals, report, dev, timing)
     for r in rows:
         logger.info("sparsify %s: %s (%s)", r.name, r.action, r.reason)
     return report
@@ -452,6 +452,7 @@ def to_semi_structured_(
         >>> to_semi_structured_(net).rows[0].reason.startswith("2:4 is storage-only on cpu")
         True
     """
+    require_values(model, "to_semi_structured_")
     dev = _model_device(model)
     rows: list[SparsifyRow] = []
     for name, module in select_layers(model, include, exclude):

@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import some_of, sparse_kernel_layers
 from slimtorch.train.config import TrainConfig
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -98,6 +99,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         >>> type(opt).__name__
         'AdamW'
     """
+    found = sparse_kernel_layers(model)
+    if found:  # CSR/BSR/2:4 weights hold no trainable parameter: they would be skipped silently
+        raise ValueError(
+            f"layer(s) {some_of(found)} run a sparse kernel from sparsify_, whose weights do not "
+            "train; call slimtorch.sparse.densify_(model) first (the dense layers keep the "
+            "pruned zeros, and MaskCallback keeps them zero), train, then sparsify_ again"
+        )
     groups = param_groups(model, config.weight_decay, config.decay_norm_and_bias)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
