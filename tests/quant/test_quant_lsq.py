@@ -111,3 +111,22 @@ def test_lsq_linear_state_dict_keys_extend_the_float_ones() -> None:
     assert {"weight_quant.step", "input_quant.step", "input_quant.signed"} <= keys
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         LSQLinear.from_float(q)  # already an LSQ layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_quantize_and_learn_as_in_float32(dtype: torch.dtype) -> None:
+    # under AMP the activations reach the quantizer in half precision: x / s rounded to other
+    # levels, and the step's gradient, a sum over the tensor, came out as -4.0 in bf16 and NaN
+    # in fp16 against 0.145 in float32
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 256, generator=g) * 3).to(dtype)
+    grads, outs = [], []
+    for inp in (x.float(), x):
+        step = torch.tensor(0.05, requires_grad=True)
+        out = lsq_fake_quantize(inp, step, -128, 127, 1.0 / math.sqrt(inp.numel() * 127))
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        assert step.grad is not None and out.dtype == inp.dtype
+        grads.append(float(step.grad))
+        outs.append(out.float())
+    assert grads[1] == pytest.approx(grads[0], rel=1e-2)  # (the incoming gradient is half)
+    torch.testing.assert_close(outs[1], outs[0].to(dtype).float())

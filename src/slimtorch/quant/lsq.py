@@ -81,6 +81,10 @@ def lsq_fake_quantize(
         >>> lsq_fake_quantize(torch.tensor([0.26, 9.0]), torch.tensor(0.5), -8, 7, 1.0).tolist()
         [0.5, 3.5]
     """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # under AMP: in half precision x / s rounds to other levels and the step's gradient
+        # (a sum over the whole tensor) loses its sign or overflows; compute in float32
+        return lsq_fake_quantize(x.float(), step.float(), qmin, qmax, g).to(x.dtype)
     s = grad_scale(step, g)
     return round_ste(torch.clamp(x / s, qmin, qmax)) * s
 
