@@ -41,3 +41,11 @@ def test_cast_dtype_comes_from_method(method, other):
     with pytest.raises(ValueError, match=f"method {method} casts to {method}"):
         check_options(method, {"dtype": other})
     check_options(method, {"dtype": method})
+
+
+def test_qat_with_4bit_activations_is_refused_before_the_fine_tune():
+    # it trained the whole fine-tune, then failed in the conversion and wrote no model
+    with pytest.raises(ValueError, match="act_bits=4 converts to int8 only with --set widen_4bit"):
+        check_options("qat", {"act_bits": 4})
+    check_options("qat", {"act_bits": 4, "widen_4bit_activations": True})
+    check_options("qat", {"act_bits": 8})

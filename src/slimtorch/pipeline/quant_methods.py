@@ -2,11 +2,11 @@
 
 ``ptq`` (post-training int8), ``qat`` (LSQ fine-tuning, then int8), ``fp16``/``bf16`` (casts with an
 accuracy check), ``fold-bn`` (batch norms folded into convolutions), ``direct-conv`` (stems
-fused with their pooling for compiled inference), ``conv-gemm`` (convolutions as im2col +
-linear for small-batch compiled CPU inference) and ``mixed`` (per-layer
-precision under a budget). They register into
-:data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` when :mod:`slimtorch.pipeline.methods`
-is imported; the shapes of a method and of its request and result are described there.
+fused with their pooling for compiled inference), ``conv-gemm`` (convolutions as im2col + linear
+for small-batch compiled CPU inference) and ``mixed`` (per-layer precision under a budget). They
+register into :data:`~slimtorch.pipeline.methods.COMPRESS_METHODS` when
+:mod:`slimtorch.pipeline.methods` is imported; the shapes of a method and of its request and
+result are described there.
 
 Example:
     >>> from slimtorch.pipeline.methods import COMPRESS_METHODS, check_options
@@ -201,11 +201,13 @@ def _qat_options(options: dict[str, Any]) -> tuple[bool, bool, Any]:
 
     widen, rest = _pop_flag(options, "qat", "widen_4bit_activations")
     check, rest = _runtime_check(rest, "qat")
-    return (
-        widen,
-        check,
-        _config_from(QATConfig, rest, "qat", "widen_4bit_activations", RUNTIME_CHECK),
-    )
+    config = _config_from(QATConfig, rest, "qat", "widen_4bit_activations", RUNTIME_CHECK)
+    if config.act_bits == 4 and not widen:  # the conversion after the fine-tune would refuse it
+        raise ValueError(
+            "qat with act_bits=4 converts to int8 only with --set widen_4bit_activations=true "
+            "(an 8-bit grid on the learned step); train with act_bits=8 for a deployable model"
+        )
+    return widen, check, config
 
 
 @COMPRESS_METHODS.register("qat")
