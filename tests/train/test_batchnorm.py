@@ -143,3 +143,20 @@ def test_ranks_end_with_the_average_of_their_statistics(tmp_path: Path) -> None:
         recalibrate_batchnorm_(net, r["batches"])
         expected.append(net[1].running_mean.clone())
     torch.testing.assert_close(r0["state"]["running_mean"], (expected[0] + expected[1]) / 2)
+
+
+def test_frozen_batch_norms_keep_their_statistics() -> None:
+    # compress's recalibration after a QAT fine-tune re-estimated the batch norms that QAT's
+    # freeze_bn_epoch had frozen (eval mode, running statistics fixed)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8))
+    net.train()
+    net[3].eval()  # frozen
+    frozen = [b.clone() for b in (net[3].running_mean, net[3].running_var)]
+    batches = [torch.randn(16, 4) * 3 + 1 for _ in range(3)]
+    result = recalibrate_batchnorm_(net, batches)
+    assert result["layers"] == 1
+    assert torch.equal(net[3].running_mean, frozen[0])
+    assert torch.equal(net[3].running_var, frozen[1])
+    assert not torch.equal(net[1].running_mean, torch.zeros(8))
+    assert net.training and net[1].training and not net[3].training

@@ -71,7 +71,9 @@ def recalibrate_batchnorm_(
 
     The model runs in train mode without gradients; nothing but the batch norms' running mean,
     running variance and batch count changes (pruning masks, quantizer steps and weights are
-    left alone). The model's train/eval mode and each layer's momentum are restored.
+    left alone). The model's train/eval mode and each layer's momentum are restored. A batch
+    norm in eval mode while the model is in train mode counts as frozen (QAT's
+    ``freeze_bn_epoch``) and keeps its statistics.
 
     Args:
         model: The model, changed in place.
@@ -91,6 +93,9 @@ def recalibrate_batchnorm_(
     ):
         raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
     norms = _tracked_norms(model)
+    # in eval mode while the model trains: frozen (QAT's freeze_bn_epoch), left as they are
+    frozen = [m for m in norms if model.training and not m.training]
+    norms = [m for m in norms if m not in frozen]
     if not norms:
         return {"layers": 0, "batches": 0, "samples": 0}
     was_training = model.training
@@ -103,6 +108,8 @@ def recalibrate_batchnorm_(
     n_batches = samples = 0
     try:
         model.train()
+        for m in frozen:
+            m.eval()
         for batch in batches:
             if max_batches is not None and n_batches >= max_batches:
                 break
@@ -120,10 +127,14 @@ def recalibrate_batchnorm_(
             for buf, value in zip(_stats(m), old, strict=True):
                 buf.copy_(value)
         model.train(was_training)
+        for m in frozen:
+            m.eval()
         raise
     for m, momentum, _ in saved:
         m.momentum = momentum
     model.train(was_training)
+    for m in frozen:
+        m.eval()
     world = get_world_size()
     if world > 1:  # equal shards: the mean of the ranks' averages is the average over all
         for m in norms:
