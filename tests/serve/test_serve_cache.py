@@ -85,6 +85,31 @@ def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
     assert runner is not None
 
 
+def test_a_load_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
+    # the idle models were evicted first, and then the load failed anyway
+    repo = _repo(tmp_path, ["a", "bb"], memory=1000, pinned=("a",))
+    write_config(
+        tmp_path / "huge",
+        format="onnx",
+        memory_bytes=2500,
+        inputs=[{"name": "x", "dims": [4]}],
+        outputs=[{"name": "y", "dims": [3]}],
+    )
+    write_onnx(tmp_path / "huge" / "1" / "model.onnx", W, B)
+    repo.scan()
+    metrics = ServeMetrics()
+    cache = ModelCache(3000, metrics)
+    _use(cache, repo, "a")
+    _use(cache, repo, "bb")
+    for _ in range(2):
+        with pytest.raises(Overloaded, match="pinned or busy") as info:
+            _use(cache, repo, "huge")
+        assert info.value.retry_after == 1
+        assert cache.resident() == [("a", 1), ("bb", 1)]
+    assert "slimtorch_serve_model_evictions_total{" not in metrics.render()[0].decode()
+    assert repo.models["bb"].versions[1].state is State.READY
+
+
 def test_model_larger_than_budget_is_not_ready(tmp_path: Path) -> None:
     repo = _repo(tmp_path, ["a"], memory=10_000)
     cache = ModelCache(5000)

@@ -22,7 +22,9 @@ from serve_helpers import (
     write_onnx,
 )
 from slimtorch.core.errors import ModelLoadError
-from slimtorch.serve.onnx_graph import GraphTensor, read_signature
+from slimtorch.serve import ServeSettings
+from slimtorch.serve.onnx_graph import GraphTensor, external_data_files, read_signature
+from slimtorch.serve.repository import Repository
 
 
 def _digits(n: int) -> np.ndarray:
@@ -211,3 +213,70 @@ def test_signature_skips_initializers_and_refuses_other_files(tmp_path: Path) ->
         (tmp_path / f"{name}.onnx").write_bytes(data)
         with pytest.raises(ModelLoadError, match="is not a readable ONNX model"):
             read_signature(tmp_path / f"{name}.onnx")
+
+
+def _external(path: Path, weight: np.ndarray, **save: object) -> None:
+    """``write_onnx``'s graph with its weights saved as external data (``save``: onnx.save's)."""
+    import onnx
+
+    write_onnx(path, weight, np.zeros(weight.shape[1], np.float32))
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, size_threshold=0, **save)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        {"all_tensors_to_one_file": True, "location": "weights.bin"},
+        {"all_tensors_to_one_file": False},  # one file per tensor, named after it
+    ],
+)
+def test_onnx_external_data_in_any_file_counts_against_the_budget(
+    tmp_path: Path, save: dict[str, object]
+) -> None:
+    # weights in external-data files not named *.data were not counted against the budget
+    from slimtorch.serve.runners import allowance_bytes, estimate_memory, load_runner
+
+    weight = np.ones((4, 3000), np.float32)
+    _external(tmp_path / "m" / "1" / "model.onnx", weight, **save)
+    write_config(tmp_path / "m", format="onnx", max_batch_size=1)
+    assert not list((tmp_path / "m" / "1").glob("*.data"))
+    with app_client(tmp_path, api_key=KEY, memory_budget_bytes=40_000) as c:
+        r = c.get("/v2/models/m/ready")
+        assert r.status_code == 503 and "but the memory budget is 40000" in r.json()["reason"]
+    folder = tmp_path / "m" / "1"
+    on_disk = sum(f.stat().st_size for f in folder.iterdir())
+    repo = Repository(tmp_path, ServeSettings())
+    repo.scan()
+    config = repo.models["m"].config
+    assert config is not None
+    assert estimate_memory(folder, config) == on_disk + allowance_bytes(config)
+    runner = load_runner(folder, config, "cpu")
+    assert runner.memory_bytes == on_disk + allowance_bytes(config)
+    runner.close()
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/hostname", "a/../../x.bin"])
+def test_onnx_external_data_outside_the_version_folder_is_refused(
+    tmp_path: Path, location: str
+) -> None:
+    # a graph could make the server read (and size) any file on the machine
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    path = tmp_path / "m" / "1" / "model.onnx"
+    write_onnx(path, ONNX_W, ONNX_B)
+    model = onnx.load(str(path))
+    weight = model.graph.initializer[0]
+    set_external_data(weight, location=location)
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    onnx.save(model, str(path))
+    (tmp_path / "outside.bin").write_bytes(ONNX_W.tobytes())
+    with app_client(tmp_path, api_key=KEY) as c:
+        r = c.get("/v2/models/m/ready")
+        assert r.status_code == 503
+        assert f"stores weights in external data at {location!r}, outside" in r.json()["reason"]
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        external_data_files(path)

@@ -9,7 +9,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import make_mlp, save_slimtorch, write_config
+from serve_helpers import (
+    KEY,
+    ONNX_B,
+    ONNX_W,
+    app_client,
+    make_mlp,
+    save_slimtorch,
+    write_config,
+    write_onnx,
+)
 from slimtorch.serve import ServeSettings, create_app
 from slimtorch.serve.repository import Repository
 
@@ -66,3 +75,21 @@ def test_dynamic_image_sizes_warm_up_at_the_size_the_model_was_trained_on(tmp_pa
     out = runner.run({"input": np.zeros((2, 1, 32, 32), np.float32)})
     assert out["logits"].shape == (2, 10)
     runner.close()
+
+
+def test_a_model_unloaded_through_the_api_stays_unloaded_across_rescans(tmp_path: Path) -> None:
+    # a rescan that re-read an unloaded model (any file written into its folder) made it ready
+    write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    key = {"X-API-Key": KEY}
+    with app_client(tmp_path, api_key=KEY) as c:
+        assert c.post("/v2/repository/models/lin/unload", headers=key).status_code == 200
+        (tmp_path / "lin" / "README.txt").write_text("notes")
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        r = c.get("/v2/models/lin/ready")
+        assert r.status_code == 503 and "unloaded" in r.json()["reason"], r.text
+        index = c.post("/v2/repository/index", headers=key).json()
+        assert [row["state"] for row in index] == ["UNLOADED"]
+        assert c.post("/v2/repository/models/lin/load", headers=key).status_code == 200
+        (tmp_path / "lin" / "README.txt").write_text("more notes")
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        assert c.get("/v2/models/lin/ready").status_code == 200

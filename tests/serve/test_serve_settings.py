@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from serve_helpers import KEY, ONNX_B, ONNX_W, app_client, write_config, write_onnx
 from slimtorch.serve.model_config import parse_model_config
 from slimtorch.serve.settings import ServeSettings
 
@@ -71,6 +74,22 @@ def test_model_config_defaults_and_errors() -> None:
     ):
         with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             parse_model_config(bad, name="m", settings=s)
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1, None])
+def test_allow_nan_that_is_not_a_bool_is_refused_naming_file_and_field(
+    tmp_path: Path, value: object
+) -> None:
+    # "allow_nan": "false" (a string) turned NaN acceptance on
+    write_onnx(tmp_path / "m" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    inputs = [{"name": "x", "datatype": "FP32", "dims": [4], "allow_nan": value}]
+    write_config(tmp_path / "m", format="onnx", inputs=inputs, outputs=[{"name": "y", "dims": [3]}])
+    with app_client(tmp_path, api_key=KEY) as c:
+        r = c.get("/v2/models/m/ready")
+        assert r.status_code == 503, r.text
+        reason = r.json()["reason"]
+        assert f"{tmp_path}/m/config.json: inputs[0]: allow_nan must be true or false" in reason
+        assert repr(value) in reason
 
 
 def test_python_m_slimtorch_serve_reports_a_bad_option_like_the_command(capsys, tmp_path) -> None:

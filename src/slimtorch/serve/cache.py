@@ -126,12 +126,17 @@ class ModelCache:
         logger.info("evicted %s version %d (%s)", key[0], key[1], reason)
 
     def _make_room_locked(self, need: int, exclude: Key) -> bool:
-        for key in list(self._slots):
+        """Evict idle unpinned versions, least recently used first, until ``need`` bytes fit;
+        evicts nothing when even evicting all of them would not make room."""
+        evictable = [
+            k for k, s in self._slots.items() if k != exclude and not s.pinned and s.in_use == 0
+        ]
+        if self._used() - sum(self._slots[k].nbytes for k in evictable) + need > self.budget_bytes:
+            return False
+        for key in evictable:
             if self._used() + need <= self.budget_bytes:
                 break
-            slot = self._slots[key]
-            if key != exclude and not slot.pinned and slot.in_use == 0:
-                self._evict_locked(key, f"evicted to make room for {exclude[0]}")
+            self._evict_locked(key, f"evicted to make room for {exclude[0]}")
         return self._used() + need <= self.budget_bytes
 
     def evict_idle(self, exclude: Key | None = None) -> int:
@@ -258,8 +263,8 @@ class ModelCache:
                 raise Overloaded(
                     f"model {key[0]!r} needs {need} bytes but only "
                     f"{self.budget_bytes - self._used()} of the {self.budget_bytes}-byte budget "
-                    f"are free, and the other resident models {busy} are pinned or busy; "
-                    "retry later",
+                    f"are free, and evicting the idle models would not make room: the pinned or "
+                    f"busy models {busy} hold the rest; retry later",
                     retry_after=1,
                 )
             self._reserved += need

@@ -195,12 +195,17 @@ def _tensors(data: Any, where: str) -> tuple[TensorSpec, ...]:
             dims = item.get("dims", ())
             if not isinstance(dims, list | tuple):
                 raise ValueError(f"dims must be a list of integers, got {dims!r}")
+            allow_nan = item.get("allow_nan", False)
+            if not isinstance(allow_nan, bool):
+                raise ValueError(
+                    f"allow_nan must be true or false, got {allow_nan!r}; write it without quotes"
+                )
             out.append(
                 TensorSpec(
                     name=item.get("name", ""),
                     datatype=item.get("datatype", "FP32"),
                     dims=tuple(dims),
-                    allow_nan=bool(item.get("allow_nan", False)),
+                    allow_nan=allow_nan,
                 )
             )
         except ValueError as exc:

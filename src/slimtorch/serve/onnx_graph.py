@@ -13,6 +13,8 @@ What it is used for:
   other dimensions become ``dims`` (``-1`` where dynamic).
 * :func:`check_onnx_config`: a config's tensor names, input datatypes and input dims against the
   graph, so a mismatch marks the model not ready at the scan rather than at its first request.
+* :func:`external_data_files`: the files the graph's external data names (counted against the
+  memory budget), refusing locations outside the model file's folder.
 * :func:`config_from_signature` and :func:`check_input_tensors` are the format-free halves of
   those two, shared with :mod:`slimtorch.serve.pt2_graph` (torch.export programs).
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,10 @@ class GraphTensor:
 
 class _Malformed(Exception):
     pass
+
+
+class ExternalDataError(ModelLoadError):
+    """An external-data location of a graph that is outside its folder, or missing."""
 
 
 def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
@@ -189,6 +196,86 @@ def read_signature(path: Path) -> tuple[list[GraphTensor], list[GraphTensor]]:
             "copy the ONNX file again or re-export it"
         ) from None
     return [t for t in inputs if t.name not in initializers], outputs
+
+
+def _graph_tensors(buf: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``(a, b)`` of every TensorProto of a graph: initializers and node attribute tensors,
+    subgraphs (``If``, ``Loop`` ...) included."""
+    for f, a, b in _fields(buf, start, end):
+        if b < 0:
+            continue
+        if f == 5:  # GraphProto.initializer
+            yield a, b
+        elif f == 1:  # GraphProto.node: NodeProto, attribute = 5
+            for f2, a2, b2 in _fields(buf, a, b):
+                if f2 != 5 or b2 < 0:
+                    continue
+                for f3, a3, b3 in _fields(buf, a2, b2):  # AttributeProto
+                    if b3 < 0:
+                        continue
+                    if f3 in (5, 10):  # t, tensors
+                        yield a3, b3
+                    elif f3 in (6, 11):  # g, graphs
+                        yield from _graph_tensors(buf, a3, b3)
+
+
+def _external_location(buf: Any, start: int, end: int) -> str | None:
+    """The external-data ``location`` of a TensorProto, or ``None`` when its data is inline."""
+    location, external = None, False
+    for f, a, b in _fields(buf, start, end):
+        if f == 14 and b < 0:  # data_location: 1 = EXTERNAL
+            external = a == 1
+        elif f == 13 and b >= 0:  # external_data: StringStringEntryProto (key 1, value 2)
+            entry = {f2: _text(buf, a2, b2) for f2, a2, b2 in _fields(buf, a, b) if b2 >= 0}
+            if entry.get(1) == "location":
+                location = entry.get(2, "")
+    return location if external else None
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files that the graph's tensors stored as external data name, each once.
+
+    A ``location`` is relative to the folder of the ``.onnx`` file, and must stay inside it: a
+    repository never reads files outside its version folders.
+
+    Raises:
+        ModelLoadError: The file is not a readable ONNX model.
+        ExternalDataError: A location is absolute, leaves the model file's folder or names a
+            file that is missing.
+    """
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graphs = [(a, b) for f, a, b in _fields(buf, 0, len(buf)) if f == 7 and b >= 0]
+            if not graphs:
+                raise _Malformed
+            locations = [
+                loc
+                for a, b in _graph_tensors(buf, *graphs[-1])
+                if (loc := _external_location(buf, a, b)) is not None
+            ]
+    except (OSError, ValueError, _Malformed):
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model (empty, truncated or another kind of file); "
+            "copy the ONNX file again or re-export it"
+        ) from None
+    files: list[Path] = []
+    for loc in dict.fromkeys(locations):
+        normal = os.path.normpath(loc) if loc else ""
+        if not normal or os.path.isabs(normal) or normal == ".." or normal.startswith("../"):
+            raise ExternalDataError(
+                f"{path} stores weights in external data at {loc!r}, outside the model's "
+                f"folder {path.parent}; a repository reads only its own folders, so save the "
+                "external data next to model.onnx with a relative location (e.g. "
+                "'model.onnx.data')"
+            )
+        file = path.parent / normal
+        if not file.is_file():
+            raise ExternalDataError(
+                f"{path} stores weights in external data at {loc!r}, but {file} is missing; "
+                "copy it next to model.onnx"
+            )
+        files.append(file)
+    return files
 
 
 def _config_template() -> str:

@@ -47,7 +47,11 @@ from typing import Any
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.serve.errors import NotFound, NotReady
 from slimtorch.serve.model_config import ModelConfig, parse_model_config
-from slimtorch.serve.onnx_graph import check_onnx_config, derive_onnx_config
+from slimtorch.serve.onnx_graph import (
+    check_onnx_config,
+    derive_onnx_config,
+    external_data_files,
+)
 from slimtorch.serve.pt2_graph import check_pt2_config, derive_pt2_config
 from slimtorch.serve.runners import describe, model_path
 from slimtorch.serve.settings import ServeSettings
@@ -55,6 +59,7 @@ from slimtorch.serve.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+UNLOADED_REASON = "unloaded through the management API"
 
 
 class State(enum.StrEnum):
@@ -197,6 +202,7 @@ def check_version(version_dir: Path, config: ModelConfig) -> None:
         raise ModelLoadError(f"{path} is empty; copy the ONNX file again")
     else:
         check_onnx_config(path, config)
+        external_data_files(path)
 
 
 class Repository:
@@ -211,6 +217,8 @@ class Repository:
         self.root = root
         self.settings = settings
         self.models: dict[str, ModelEntry] = {}
+        # versions unloaded through the management API: they stay so across re-reads
+        self.unloaded: set[tuple[str, int]] = set()
 
     def _folders(self) -> list[tuple[str, Path, bool]]:
         """``(name, folder, embedded)`` of every candidate model."""
@@ -320,7 +328,8 @@ class Repository:
     def scan(self) -> set[str]:
         """Re-read the repository; returns the names of models added, changed or removed.
 
-        Unchanged models keep their entries (and their states).
+        Unchanged models keep their entries (and their states); a version unloaded through the
+        management API stays unloaded when its model is re-read, until it is loaded again.
         """
         found = {name: (folder, emb) for name, folder, emb in self._folders()}
         changed = set(self.models) - set(found)
@@ -330,8 +339,13 @@ class Repository:
             if old is not None and old.fingerprint == describe(folder):
                 models[name] = old
                 continue
-            models[name] = self._read(name, folder, embedded)
+            entry = self._read(name, folder, embedded)
+            for ver in entry.versions.values():
+                if ver.state is State.AVAILABLE and (name, ver.version) in self.unloaded:
+                    ver.state, ver.reason = State.UNLOADED, UNLOADED_REASON
+            models[name] = entry
             changed.add(name)
+        self.unloaded = {k for k in self.unloaded if k[0] in models}
         self.models = models
         return changed
 

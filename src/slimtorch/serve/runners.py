@@ -7,7 +7,8 @@ which refuses pickled entries) and ONNX files (ONNX Runtime, imported when first
 Memory rule (bytes a model needs, used by the cache):
 
 * ``memory_bytes`` from the model config when given;
-* else, before loading, :func:`estimate_memory`: the bytes of the weight files on disk plus an
+* else, before loading, :func:`estimate_memory`: the bytes of the weight files on disk (for
+  ONNX: the ``.onnx`` file and the external-data files its graph names) plus an
   activation allowance of ``8 x max_batch_size x (bytes of one input item + one output item)``;
 * after loading, the measured figure replaces the estimate: on a GPU the peak allocated during
   loading and a warm-up batch of ``max_batch_size``; on the CPU the parameter and buffer bytes
@@ -40,6 +41,7 @@ from torch import nn
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.models.card import model_root
 from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
+from slimtorch.serve.onnx_graph import ExternalDataError, external_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,11 @@ def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
         weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
     else:
         weights = path.stat().st_size if path.exists() else 0
-        weights += sum(f.stat().st_size for f in path.parent.glob("*.data"))
+        if config.format == "onnx" and path.exists():
+            try:
+                weights += sum(f.stat().st_size for f in external_data_files(path))
+            except ModelLoadError:
+                pass  # the load refuses the model with this reason
     return weights + allowance_bytes(config)
 
 
@@ -215,6 +221,12 @@ class OnnxRunner:
             providers = (
                 [(gpu[0], {"device_id": device.index or 0}), *providers] if gpu else (providers)
             )
+        try:  # refuses external data outside the model's folder before ONNX Runtime reads it
+            external = external_data_files(path)
+        except ExternalDataError:
+            raise
+        except ModelLoadError:
+            external = []  # not a readable graph: ONNX Runtime says why below
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -236,7 +248,7 @@ class OnnxRunner:
             )
         self.config = config
         self.device = str(device)
-        size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob("*.data"))
+        size = path.stat().st_size + sum(f.stat().st_size for f in external)
         self.memory_bytes = size + allowance_bytes(config)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

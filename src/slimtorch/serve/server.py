@@ -38,6 +38,7 @@ from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig
 from slimtorch.serve.protocol.codec import DecodedRequest, check_inputs
 from slimtorch.serve.repository import (
+    UNLOADED_REASON,
     ModelEntry,
     Repository,
     State,
@@ -321,6 +322,7 @@ class ModelServer:
                     raise NotReady(f"model {name!r} cannot be loaded: {exc}") from None
             if ver.state in (State.UNLOADED, State.UNAVAILABLE):
                 ver.state, ver.reason = State.AVAILABLE, ""
+            self.repository.unloaded.discard((name, ver.version))
             if (name, ver.version) not in self.batchers:
                 self._add_batcher(entry, ver)
                 if (name, ver.version) not in self.batchers:
@@ -334,5 +336,6 @@ class ModelServer:
         assert self.cache is not None
         for ver in entry.versions.values():
             self.cache.unload((name, ver.version))
-            ver.state, ver.reason = State.UNLOADED, "unloaded through the management API"
+            ver.state, ver.reason = State.UNLOADED, UNLOADED_REASON
+            self.repository.unloaded.add((name, ver.version))
         return list(entry.versions.values())
