@@ -235,3 +235,36 @@ def test_unload_during_a_load_is_not_undone_by_the_load(tmp_path: Path) -> None:
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_rescan_of_a_changed_model_keeps_a_batcher_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the rescan closed the old batcher (draining its queue) before adding the new one, and
+    # requests in between got "not being served" 503s without Retry-After
+    from slimtorch.serve.batcher import Batcher
+
+    _repo(tmp_path, ["a"], memory=100)
+    real_close = Batcher.close
+
+    async def slow_close(self: Batcher) -> None:
+        await asyncio.sleep(0.3)  # a queue still draining
+        await real_close(self)
+
+    monkeypatch.setattr(Batcher, "close", slow_close)
+
+    async def main() -> None:
+        server = ModelServer(ServeSettings(repository=str(tmp_path), device="cpu", threads=1))
+        await server.start()
+        try:
+            old = server.batchers[("a", 1)]
+            (tmp_path / "a" / "notes.txt").write_text("changed")
+            rescan = asyncio.create_task(server.rescan())
+            await asyncio.sleep(0.15)  # the old batcher is closing now
+            assert not rescan.done()
+            assert ("a", 1) in server.batchers and server.batchers[("a", 1)] is not old
+            assert await rescan == {"a"}
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

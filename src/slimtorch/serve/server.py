@@ -153,17 +153,19 @@ class ModelServer:
             loop = asyncio.get_running_loop()
             old = dict(self.repository.models)
             changed = await loop.run_in_executor(None, self.repository.scan)
-            for name in changed:
-                stale = [k for k in self.batchers if k[0] == name]
-                await asyncio.gather(*(self.batchers.pop(k).close() for k in stale))
-                if name in old and self.cache is not None:
-                    for v in old[name].versions:
-                        self.cache.unload((name, v))
+            retired = []
+            for name in changed:  # no await in here: a request sees the old or the new batcher
+                retired += [self.batchers.pop(k) for k in list(self.batchers) if k[0] == name]
                 entry = self.repository.models.get(name)
                 if entry is not None and entry.config is not None:
                     for ver in entry.versions.values():
                         self._add_batcher(entry, ver)
                         self._check_fits(entry, ver)
+            await asyncio.gather(*(b.close() for b in retired))  # their queued requests run
+            for name in changed:  # then the old runners go: the next request loads the new files
+                if name in old and self.cache is not None:
+                    for v in old[name].versions:
+                        self.cache.unload((name, v))
             await self._startup_loads(changed)
             return changed
 
@@ -287,10 +289,11 @@ class ModelServer:
         assert entry.config is not None
         rows = check_inputs(request, entry.config)
         batcher = self.batchers.get((name, ver.version))
-        if batcher is None or not self.ready:
+        if batcher is None or not self.ready:  # (or a rescan is starting a new version's)
             raise NotReady(
                 f"model {name!r} is not being served (the server is starting or "
-                "stopping); retry shortly"
+                "stopping); retry shortly",
+                retry_after=1,
             )
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
