@@ -125,13 +125,14 @@ def run_gloo_ranks(
     timeout: float = 120,
     nproc: int = 2,
     env: dict[str, str] | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``script`` under ``torch.distributed.run`` as ``nproc`` gloo processes on this host
     (extra environment variables in ``env``).
 
     The ranks import ``train_helpers`` too (the tests folder is put on ``PYTHONPATH``); one
-    OpenMP thread each. Fails the test with the tail of stderr when a rank fails; returns the
-    finished process (its stderr holds both ranks' logs).
+    OpenMP thread each. With ``check``, fails the test with the tail of stderr when a rank
+    fails; returns the finished process (its stderr holds both ranks' logs).
     """
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     full = {k: v for k, v in os.environ.items() if k not in drop} | (env or {})
@@ -144,5 +145,5 @@ def run_gloo_ranks(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]  # fmt: skip
     proc = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc

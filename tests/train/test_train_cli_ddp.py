@@ -44,3 +44,17 @@ def test_batch_norm_statistics_are_rank_0s_on_every_rank_after_each_epoch(tmp_pa
     proc = run_gloo_ranks(str(HERE / "cli_train_worker.py"), *args, timeout=300)
     metrics = json.loads((tmp_path / "bn" / "model" / "metrics.json").read_text())
     assert metrics["ranks_consistent"] is True, proc.stderr[-2000:]
+
+
+def test_a_rank_that_fails_ends_the_job_with_its_error(tmp_path: Path) -> None:
+    # the failing rank waited in cleanup's barrier while the other waited in its own
+    # collective: the job hung until the timeout, and the error was never printed
+    import time
+
+    started = time.perf_counter()
+    proc = run_gloo_ranks(str(HERE / "cli_train_worker.py"), *_args(tmp_path / "run"),
+                          env={"SLIMTORCH_IMPORT": str(HERE / "fail_rank1.py")},
+                          timeout=110, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "slimtorch train: error: injected failure on rank 1" in proc.stderr
+    assert time.perf_counter() - started < 100

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -311,11 +312,14 @@ def cleanup() -> None:
     """Wait for every rank, then leave and destroy the process group, if any.
 
     The barrier keeps a fast rank from tearing its connections down while a slower one is still
-    in a collective operation.
+    in a collective operation. Called while an exception propagates (from a ``finally``), it
+    skips the barrier: the other ranks are in some other collective, so waiting would hang the
+    job until its timeout with the error unprinted; leaving makes their collective fail too.
 
     Example:
         >>> cleanup()
     """
     if is_initialized():
-        barrier()
+        if sys.exc_info()[0] is None:
+            barrier()
         dist.destroy_process_group()
