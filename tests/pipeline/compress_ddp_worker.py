@@ -30,7 +30,10 @@ def main() -> None:
             threads=1,
         )
         state = {k: v.detach().cpu() for k, v in res.model.state_dict().items()}
+        out.mkdir(parents=True, exist_ok=True)  # (rank 0 writes the run; it may not be there)
         torch.save(state, out / f"rank{get_rank()}.pt")
+        transforms = getattr(res.model, "slimtorch_arch", {}).get("transforms", [])
+        (out / f"rank{get_rank()}.json").write_text(json.dumps(transforms, default=str))
     finally:
         cleanup()
 

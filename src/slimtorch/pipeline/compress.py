@@ -293,6 +293,16 @@ def compress_run(
     def train_batches() -> DeviceLoader:
         return both_loaders()[0]
 
+    def calibration_batches() -> DeviceLoader:
+        """Every rank sees the same batches: calibration scales, importance scores and the
+        like then agree across ranks (each rank's own shard made them differ)."""
+        loader = train_batches()
+        if loader.world_size == 1:
+            return loader
+        whole = copy.copy(loader)  # (shares the device-resident images once loaded)
+        whole.rank, whole.world_size = 0, 1
+        return whole
+
     test_loader = DeviceLoader(
         test_ds, 1024, device=device, rank=get_rank(), world_size=get_world_size()
     )
@@ -319,7 +329,7 @@ def compress_run(
         exclude=exclude,
         strict=strict,
         example_input=example,
-        calibration=train_batches,
+        calibration=calibration_batches,
         finetune_steps=steps_per_epoch * (finetune.epochs if finetune is not None else 0),
         steps_per_epoch=steps_per_epoch,
         threads=threads,
