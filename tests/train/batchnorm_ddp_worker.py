@@ -21,8 +21,11 @@ def main() -> None:
         net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
         g = torch.Generator().manual_seed(10 + rank)  # different data on each rank
         batches = [torch.randn(8, 4, generator=g) * (1 + rank) + rank for _ in range(3)]
-        recalibrate_batchnorm_(net, batches)
-        torch.save({"state": net[1].state_dict(), "batches": batches}, out / f"rank{rank}.pt")
+        result = recalibrate_batchnorm_(net, batches)
+        torch.save(
+            {"state": net[1].state_dict(), "batches": batches, "result": result},
+            out / f"rank{rank}.pt",
+        )
     finally:
         cleanup()
 

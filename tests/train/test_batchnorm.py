@@ -136,6 +136,9 @@ def test_ranks_end_with_the_average_of_their_statistics(tmp_path: Path) -> None:
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in ("running_mean", "running_var"):
         assert torch.equal(r0["state"][key], r1["state"][key]), key
+    # the samples of every rank's shard (one rank's count was reported)
+    total = sum(len(x) for r in (r0, r1) for x in r["batches"])
+    assert r0["result"]["samples"] == r1["result"]["samples"] == total
     expected = []
     for r in (r0, r1):  # what each rank would hold alone
         torch.manual_seed(0)

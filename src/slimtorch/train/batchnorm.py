@@ -140,6 +140,8 @@ def recalibrate_batchnorm_(
         for m in norms:
             for buf in _stats(m)[:2]:  # mean and variance
                 buf.copy_(all_reduce_sum(buf.float()).div_(world).to(buf.dtype))
+        count = torch.tensor([float(samples)], device=_stats(norms[0])[0].device)
+        samples = int(all_reduce_sum(count).item())  # over every rank's shard
     return {"layers": len(norms), "batches": n_batches, "samples": samples}
 
 
