@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from slimtorch.models.card import holds_model
+from slimtorch.models.card import holds_model, model_root
 from slimtorch.train.classifier import run_files
 
 
@@ -125,10 +125,9 @@ def model_dir_arg(path: str, option: str = "--in") -> Path:
     """
     p = Path(path)
     what = "a model directory, or the --out folder of slimtorch train or slimtorch compress"
-    if holds_model(p):
-        return p
-    if holds_model(p / "model"):
-        return p / "model"
+    root = model_root(p)
+    if holds_model(root):
+        return root
     if not p.exists():
         raise ValueError(f"{option} {path} does not exist; pass {what}")
     if not p.is_dir():

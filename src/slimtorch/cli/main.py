@@ -25,7 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slimtorch import __version__
-from slimtorch.core.errors import SlimtorchError, is_onnxruntime_error, is_out_of_memory
+from slimtorch.core.errors import (
+    ONE_VALUE_ERROR,
+    SlimtorchError,
+    is_onnxruntime_error,
+    is_out_of_memory,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -172,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folder that cannot be written, a full disk; its message names the path.
         # FloatingPointError: a training run that diverged (the message says what to change)
         print(f"slimtorch {args.command}: error: {exc}", file=sys.stderr)
-        if str(exc).startswith("Expected more than 1 value per channel when training"):
+        if str(exc).startswith(ONE_VALUE_ERROR):
             print(f"  {ONE_VALUE_HINT}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):  # e.g. which batch of which loader
             print(f"  {note}", file=sys.stderr)

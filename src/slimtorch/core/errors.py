@@ -60,6 +60,10 @@ def is_onnxruntime_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("onnxruntime")
 
 
+ONE_VALUE_ERROR = "Expected more than 1 value per channel when training"
+"""How torch's batch norm refuses a training batch with one value per channel."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed allocation: torch on a CPU or GPU, ONNX Runtime, Python.
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimtorch.core.errors import ONE_VALUE_ERROR
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.distributed import all_reduce_sum, get_world_size
 from slimtorch.train.loader import split_batch
@@ -143,10 +144,6 @@ def recalibrate_batchnorm_(
         count = torch.tensor([float(samples)], device=_stats(norms[0])[0].device)
         samples = int(all_reduce_sum(count).item())  # over every rank's shard
     return {"layers": len(norms), "batches": n_batches, "samples": samples}
-
-
-ONE_VALUE_ERROR = "Expected more than 1 value per channel when training"
-"""How torch's batch norm refuses a training batch with one value per channel."""
 
 
 @torch.no_grad()
