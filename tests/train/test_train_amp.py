@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
+from slimtorch.core.devices import native_bf16
 from slimtorch.train import Callback, TrainConfig, Trainer, resolve_amp
 from train_helpers import ListLoader, make_blobs, make_mlp
 
@@ -24,6 +26,38 @@ def test_resolve_amp_on_cpu() -> None:
     assert (fp16.dtype, fp16.use_scaler) == (torch.float16, True)
     with pytest.raises(ValueError, match="amp must be one of"):
         resolve_amp("int8", cpu)
+
+
+@pytest.mark.parametrize(
+    ("hip", "major", "gfx", "auto"),
+    [
+        ("6.0.32830", 8, "gfx803:xnack-", "fp16"),  # RX 580: torch says bf16 "supported"
+        ("6.0.32830", 9, "gfx90a:sramecc+:xnack-", "bf16"),  # MI200
+        (None, 6, "", "fp16"),  # GTX 1060: bf16 only by emulation
+        (None, 8, "", "bf16"),  # A100
+    ],
+)
+def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    hip: str | None,
+    major: int,
+    gfx: str,
+    auto: str,
+) -> None:
+    props = SimpleNamespace(major=major, minor=0, gcnArchName=gfx)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    plan = resolve_amp("auto", torch.device("cuda:0"))
+    assert plan.name == auto and plan.use_scaler == (auto == "fp16")
+    with caplog.at_level("WARNING", logger="slimtorch.train.amp"):
+        assert resolve_amp("bf16", torch.device("cuda:0")).name == "bf16"  # asked for: kept
+    assert ("no native bfloat16" in caplog.text) == (auto == "fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    if auto == "fp16":
+        with pytest.raises(ValueError, match="does not support bfloat16"):
+            resolve_amp("bf16", torch.device("cuda:0"))
 
 
 class _Spy(Callback):
@@ -74,7 +108,7 @@ def test_channels_last_converts_model_and_inputs() -> None:
 @pytest.mark.gpu
 def test_auto_amp_on_cuda_picks_bf16_or_fp16_with_scaler() -> None:
     trainer, spy, history = _fit("auto", "cuda")
-    if torch.cuda.is_bf16_supported():
+    if native_bf16(torch.cuda.current_device()):
         assert trainer.amp is not None and trainer.amp.name == "bf16"
         assert set(spy.dtypes) == {torch.bfloat16} and trainer.scaler is None
     else:
@@ -96,8 +130,8 @@ def test_fp16_on_cuda_uses_grad_scaler_and_learns() -> None:
 
 @pytest.mark.gpu
 def test_bf16_on_cuda_matches_fp32_closely() -> None:
-    if not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bfloat16")
+    if not native_bf16(torch.cuda.current_device()):
+        pytest.skip("this GPU has no native bfloat16")
     _, spy, h_bf16 = _fit("bf16", "cuda")
     _, _, h_fp32 = _fit("off", "cuda")
     assert set(spy.dtypes) == {torch.bfloat16}

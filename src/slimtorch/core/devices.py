@@ -152,13 +152,35 @@ def _cpu_info() -> DeviceInfo:
 _ROCM_BF16_PREFIXES = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
 
 
+def _gfx_arch(props: Any) -> str | None:
+    # "gfx803" or "gfx90a:sramecc+:xnack-": keep the architecture only
+    return str(getattr(props, "gcnArchName", "") or "").split(":")[0] or None
+
+
+def native_bf16(index: int) -> bool:
+    """Whether CUDA/ROCm GPU ``index`` computes in bfloat16 natively.
+
+    Not ``torch.cuda.is_bf16_supported()``: that answers whether bfloat16 tensors can be made at
+    all, which is true on any ROCm GPU and, by emulation, on NVIDIA GPUs before Ampere, so it
+    says yes for the RX 580 (gfx803) and the GTX 1060 (sm_61), where bfloat16 runs emulated or
+    not at all.
+
+    Example (on a machine with a GPU; an RX 580 answers ``False``, an H100 ``True``)::
+
+        use_bf16 = native_bf16(torch.cuda.current_device())
+    """
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        gfx = _gfx_arch(props)
+        return gfx is not None and gfx.startswith(_ROCM_BF16_PREFIXES)
+    return int(props.major) >= 8
+
+
 def _gpu_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     hip = torch.version.hip
     major, minor = int(props.major), int(props.minor)
-    gfx: str | None = None
-    if hip:  # "gfx803" or "gfx90a:sramecc+:xnack-": keep the architecture only
-        gfx = str(getattr(props, "gcnArchName", "") or "").split(":")[0] or None
+    gfx = _gfx_arch(props) if hip else None
     free: int | None = None
     total = int(props.total_memory)
     try:
@@ -166,12 +188,9 @@ def _gpu_info(index: int) -> DeviceInfo:
         free, total = int(free_b), int(total_b)
     except RuntimeError as exc:  # pragma: no cover - depends on the driver
         logger.debug("mem_get_info(%d) failed: %s", index, exc)
-    if hip:
-        fp16 = True  # every GCN/CDNA/RDNA GPU has 16-bit ALU instructions
-        bf16 = gfx is not None and gfx.startswith(_ROCM_BF16_PREFIXES)
-    else:
-        fp16 = (major, minor) >= (5, 3)
-        bf16 = major >= 8
+    # every GCN/CDNA/RDNA GPU has 16-bit ALU instructions
+    fp16 = True if hip else (major, minor) >= (5, 3)
+    bf16 = native_bf16(index)
     return DeviceInfo(
         kind="rocm" if hip else "cuda",
         index=index,

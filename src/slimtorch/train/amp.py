@@ -1,7 +1,8 @@
 """Mixed-precision plan: which autocast dtype a run uses and whether it needs a gradient scaler.
 
-``"auto"`` picks bfloat16 on CUDA/ROCm devices that support it, float16 with a
-:class:`torch.amp.GradScaler` on those that do not (Micikevicius et al. 2017, arXiv:1710.03740),
+``"auto"`` picks bfloat16 on CUDA/ROCm GPUs that compute in it natively (NVIDIA Ampere and
+later; AMD CDNA and RDNA 3 and later), float16 with a :class:`torch.amp.GradScaler` on the others,
+such as the RX 580 and the GTX 1060 (Micikevicius et al. 2017, arXiv:1710.03740),
 and full precision on the CPU (bfloat16 matmuls are slow on CPUs without AMX/AVX512-BF16).
 ``"bf16"`` and ``"fp16"`` force the dtype on any device.
 
@@ -24,6 +25,8 @@ import logging
 from typing import Any
 
 import torch
+
+from slimtorch.core.devices import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,16 @@ class AmpPlan:
         return torch.amp.GradScaler(device.type)
 
 
-def _cuda_bf16() -> bool:
+def _cuda_bf16(device: torch.device) -> bool:
+    """Native bfloat16 on ``device`` (see :func:`slimtorch.core.devices.native_bf16`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return native_bf16(index)
+    except (RuntimeError, AssertionError):  # pragma: no cover - broken driver set-ups
+        return False
+
+
+def _cuda_bf16_at_all() -> bool:
     try:
         return bool(torch.cuda.is_bf16_supported())
     except (RuntimeError, AssertionError):  # pragma: no cover - broken driver set-ups
@@ -97,10 +109,16 @@ def resolve_amp(amp: str, device: torch.device) -> AmpPlan:
     if amp == "off":
         return AmpPlan(None, False)
     if amp == "bf16":
-        if device.type == "cuda" and not _cuda_bf16():
-            raise ValueError(
-                f"amp='bf16' was asked for but {device} does not support bfloat16; "
-                "use amp='fp16' or amp='auto' on this GPU"
+        if device.type == "cuda" and not _cuda_bf16(device):
+            if not _cuda_bf16_at_all():
+                raise ValueError(
+                    f"amp='bf16' was asked for but {device} does not support bfloat16; "
+                    "use amp='fp16' or amp='auto' on this GPU"
+                )
+            logger.warning(
+                "amp='bf16': %s has no native bfloat16 arithmetic, so it runs emulated (slow) "
+                "or fails in some kernels; amp='auto' picks fp16 with loss scaling here",
+                device,
             )
         return AmpPlan(torch.bfloat16, False)
     if amp == "fp16":
@@ -109,7 +127,7 @@ def resolve_amp(amp: str, device: torch.device) -> AmpPlan:
         return AmpPlan(torch.float16, True)
     if amp == "auto":
         if device.type == "cuda":
-            if _cuda_bf16():
+            if _cuda_bf16(device):
                 return AmpPlan(torch.bfloat16, False)
             return AmpPlan(torch.float16, True)
         return AmpPlan(None, False)
