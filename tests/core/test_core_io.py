@@ -175,3 +175,20 @@ def test_a_write_refused_for_another_reason_is_named_without_the_disk_advice(
         atomic_write(tmp_path / "x.json", denied)
     path = tmp_path / "x.json"
     assert str(info.value) == f"[Errno 13] could not write {path} (Permission denied)"
+
+
+def test_stale_temp_sweep_never_signals_on_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.kill(pid, 0) on Windows sends CTRL_C_EVENT to the pid's process group
+    from slimtorch.core import io
+
+    def kill(pid: int, sig: int) -> None:
+        raise AssertionError("os.kill called")
+
+    monkeypatch.setattr(io, "_WINDOWS", True)
+    monkeypatch.setattr(io.os, "kill", kill)
+    stale = tmp_path / ".checkpoint.pt.999999999.0a1b2c.tmp"
+    stale.write_bytes(b"x")
+    assert io.remove_stale_temps(tmp_path / "checkpoint.pt") == []
+    assert stale.exists()

@@ -84,7 +84,12 @@ def temp_name(path: Path) -> str:
     return f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
 
 
+_WINDOWS = os.name == "nt"
+
+
 def _alive(pid: int) -> bool:
+    if _WINDOWS:  # signal 0 there is CTRL_C_EVENT, sent to the pid's process group
+        return True  # no safe probe: keep the file
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
