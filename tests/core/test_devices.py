@@ -199,3 +199,32 @@ def test_run_info_records_command_device_and_versions() -> None:
     assert info["device"] == "cpu" and info["device_name"]
     assert info["torch"] == torch.__version__ and info["threads"] == torch.get_num_threads()
     assert info["date"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("hip", "major", "gfx", "problem"),
+    [
+        (None, 6, "", "compute capability 7.0 or newer; NVIDIA GeForce GTX 1060 6GB has 6.1"),
+        (None, 7, "", None),
+        ("6.0.32830", 8, "gfx803:xnack-", "does not support NVIDIA GeForce GTX 1060 6GB (gfx803)"),
+        ("6.0.32830", 9, "gfx90a:sramecc+:xnack-", None),
+    ],
+)
+def test_gpu_compile_problem_names_gpus_inductor_cannot_compile_for(
+    monkeypatch: pytest.MonkeyPatch, hip: str | None, major: int, gfx: str, problem: str | None
+) -> None:
+    # inductor lets a GTX 1060 trace and fails at code generation; on ROCm it lets every GPU
+    # through to Triton, whose AMD backend has no gfx803
+    import torch.utils._triton as triton_utils
+
+    props = SimpleNamespace(name="NVIDIA GeForce GTX 1060 6GB", major=major, minor=1,
+                            gcnArchName=gfx)  # fmt: skip
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(triton_utils, "has_triton_package", lambda: True)
+    found = devices.gpu_compile_problem("cuda:0")
+    assert found is None if problem is None else problem in str(found)
+    assert devices.gpu_compile_problem("cpu") is None
+    monkeypatch.setattr(triton_utils, "has_triton_package", lambda: False)
+    if problem is None:
+        assert devices.gpu_compile_problem("cuda:0") == "the triton package is not installed"

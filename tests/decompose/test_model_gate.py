@@ -121,6 +121,22 @@ def test_config_and_input_errors() -> None:
     assert type(net[0]).__name__ == "Linear"  # nothing applied
 
 
+def test_compiled_timing_on_a_gpu_inductor_cannot_compile_for_is_refused_upfront(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # on a GTX 1060 it failed in torch.compile after every layer had been factorised
+    import slimtorch.decompose.model_gate as gate
+
+    monkeypatch.setattr(gate, "gpu_compile_problem", lambda d: "a GPU too old for Triton")
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = SVDConfig(rank=0.25, min_speedup=0.01, speed_scope="model", speed_compile=True)
+    with pytest.raises(ValueError, match="cannot compile for cpu: a GPU too old for Triton"):
+        decompose_(net, cfg, example_input=torch.randn(8, 256))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert type(net[0]).__name__ == "Linear"
+
+
 @pytest.mark.slow
 def test_compiled_whole_model_timing() -> None:
     net = _net()

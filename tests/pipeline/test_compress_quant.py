@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from slimtorch.models import load_model
 from slimtorch.pipeline import compress_run
@@ -249,6 +250,20 @@ def test_direct_conv_on_a_float64_model_skips_the_compiled_check(
     assert "float64" in report["finish"]["hint"] and not report["finish"].get("compiled_latency")
     with pytest.raises(ValueError, match="cannot compile a float64 model"):
         compile_int8_x86(model)
+
+
+def test_the_compiled_check_is_skipped_on_a_gpu_inductor_cannot_compile_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # direct-conv and conv-gemm compiled both models on any GPU: on a GTX 1060 the run failed
+    # with GPUTooOldForTriton after its transform, writing nothing
+    import slimtorch.core.devices as devices
+    from slimtorch.pipeline.side_by_side import compiled_side_by_side
+
+    monkeypatch.setattr(devices, "gpu_compile_problem", lambda d: "a GPU too old for Triton")
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    out = compiled_side_by_side(net, net, torch.randn(1, 1, 8, 8), max_autotune=False)
+    assert out == {"hint": "compiled check skipped: a GPU too old for Triton"}
 
 
 def test_ptq_of_an_int8_model_changes_nothing_and_times_nothing(

@@ -176,6 +176,48 @@ def native_bf16(index: int) -> bool:
     return int(props.major) >= 8
 
 
+# ROCm architectures Triton's AMD backend (inductor's GPU code generator) supports: CDNA and
+# RDNA 3 and later. Older ones (the RX 580's gfx803, gfx900, gfx906, RDNA 2) are not supported.
+_ROCM_TRITON_PREFIXES = _ROCM_BF16_PREFIXES
+
+
+def gpu_compile_problem(device: str | torch.device) -> str | None:
+    """Why ``torch.compile`` (inductor, which generates Triton kernels for GPUs) cannot compile
+    for ``device``, or ``None`` where it can or where the device is not a CUDA/ROCm GPU.
+
+    Inductor refuses NVIDIA GPUs below compute capability 7.0 (the GTX 1060 is 6.1) only when it
+    generates code, after tracing; on ROCm it lets every GPU through to Triton, whose AMD backend
+    supports only CDNA and RDNA 3 and later. Callers check first, so a run does not fail after
+    its work is done.
+
+    Example:
+        >>> gpu_compile_problem("cpu") is None
+        True
+    """
+    device = as_device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        gfx = _gfx_arch(props)
+        if gfx is None or not gfx.startswith(_ROCM_TRITON_PREFIXES):
+            return (
+                f"Triton's AMD backend does not support {props.name} ({gfx or 'unknown arch'}); "
+                "it supports CDNA and RDNA 3 or newer GPUs"
+            )
+    elif int(props.major) < 7:
+        return (
+            f"inductor's Triton kernels need compute capability 7.0 or newer; {props.name} has "
+            f"{props.major}.{props.minor}"
+        )
+    from torch.utils._triton import has_triton_package
+
+    if not has_triton_package():
+        return "the triton package is not installed"
+    return None
+
+
 def _gpu_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     hip = torch.version.hip

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import gpu_compile_problem
 from slimtorch.core.surgery import set_submodule
 from slimtorch.decompose.speed import layer_speedup
 
@@ -49,6 +50,28 @@ def _saving(row: LayerReport) -> float:
     if row.flops_before is None or row.flops_after is None:
         return float(row.params_before - row.params_after)
     return float(row.flops_before - row.flops_after)
+
+
+def check_speed_request(model: nn.Module, config: DecomposeConfig, example_input: Any) -> None:
+    """Refuse, before any work, a speed gate that cannot run: ``min_speedup`` without
+    ``example_input``, or ``speed_compile`` (whole-model timing under ``torch.compile``) on a
+    GPU inductor cannot compile for (:func:`~slimtorch.core.devices.gpu_compile_problem`), which
+    would otherwise fail after every layer was factorised."""
+    if config.min_speedup is None:
+        return
+    if example_input is None:
+        raise ValueError(
+            f"{type(config).__name__}.min_speedup={config.min_speedup} needs example_input (one "
+            "batch of real inputs) to know each layer's input shape; pass example_input or set "
+            "min_speedup=None"
+        )
+    if config.speed_scope == "model" and config.speed_compile:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if (problem := gpu_compile_problem(device)) is not None:
+            raise ValueError(
+                f"speed_compile=True times the models under torch.compile, which cannot compile "
+                f"for {device}: {problem}; set speed_compile=False to time them eagerly"
+            )
 
 
 def model_gate(

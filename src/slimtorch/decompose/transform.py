@@ -41,7 +41,7 @@ from slimtorch.decompose.handlers import (
     find_handler,
 )
 from slimtorch.decompose.layers import LAYER_KINDS
-from slimtorch.decompose.model_gate import model_gate
+from slimtorch.decompose.model_gate import check_speed_request, model_gate
 from slimtorch.decompose.speed import layer_speedup
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
@@ -237,12 +237,7 @@ def decompose_(
             isinstance(value, str) or not all(isinstance(p, str) for p in value)
         ):
             raise TypeError(f"{arg} must be a list of glob strings or None, got {value!r}")
-    if config.min_speedup is not None and example_input is None:
-        raise ValueError(
-            f"{type(config).__name__}.min_speedup={config.min_speedup} needs example_input (one "
-            "batch of real inputs) to know each layer's input shape; pass example_input or set "
-            "min_speedup=None"
-        )
+    check_speed_request(model, config, example_input)
     budget = config.rank_spec.kind == "budget"
     if sensitivity is not None and not budget:
         raise ValueError(

@@ -35,6 +35,7 @@ from slimtorch.pipeline.methods import (
     _parses_options,
     _pop_flag,
 )
+from slimtorch.pipeline.side_by_side import compiled_side_by_side
 
 
 def _batches(request: MethodRequest, what: str) -> Iterable[Any]:
@@ -343,34 +344,6 @@ def _direct_conv_options(options: dict[str, Any]) -> tuple[bool, Any]:
     return compiled, _config_from(DirectConvConfig, rest, "direct-conv", "compiled_check")
 
 
-def _compiled_latency(
-    before: nn.Module, after: nn.Module, x: torch.Tensor, *, max_autotune: bool
-) -> dict[str, Any]:
-    """Both models compiled and timed side by side on ``x``'s shape and device (CPU: through
-    :func:`~slimtorch.quant.compile_int8_x86`, with freezing and optionally ``max_autotune``)."""
-    from slimtorch.decompose.speed import layer_speedup
-    from slimtorch.quant import compile_int8_x86
-
-    if x.device.type == "cpu" and any(p.dtype == torch.float64 for p in after.parameters()):
-        return {"hint": "compiled check skipped: inductor's frozen CPU kernels take no float64"}
-
-    def compiled(m: nn.Module) -> nn.Module:
-        m = copy.deepcopy(m).eval()
-        if x.device.type == "cpu":
-            return compile_int8_x86(m, max_autotune=max_autotune)
-        mode = "max-autotune-no-cudagraphs" if max_autotune else None
-        return torch.compile(m, dynamic=False, mode=mode)  # type: ignore[return-value]
-
-    check = layer_speedup(
-        compiled(before), compiled(after), tuple(x.shape), device=x.device, repeats=5, calls=5
-    )
-    torch._dynamo.reset()  # the two graphs would count against the recompile limit later
-    source = f"{check.source},compiled" + (",max_autotune" if max_autotune else "")
-    timed = {"before_s": check.original_s, "after_s": check.factorised_s, "source": source}
-    return {"compiled_latency": {**timed, "speedup": check.speedup, "rounds": check.rounds,
-                                 "faster_rounds": check.faster_rounds}}  # fmt: skip
-
-
 @COMPRESS_METHODS.register("direct-conv")
 def _direct_conv(model: nn.Module, request: MethodRequest) -> Applied:
     """Few-tap convolutions (stems) as direct sums, with their batch norm, ReLU and max-pool.
@@ -395,7 +368,7 @@ def _direct_conv(model: nn.Module, request: MethodRequest) -> Applied:
         if before is None or not report.lowered:
             return None
         assert isinstance(x, torch.Tensor)
-        return _compiled_latency(before, m, x, max_autotune=False)
+        return compiled_side_by_side(before, m, x, max_autotune=False)
 
     config_dict = {**config.to_dict(), "compiled_check": compiled}
     return Applied(
@@ -465,7 +438,7 @@ def _conv_gemm(model: nn.Module, request: MethodRequest) -> Applied:
         if before is None or not changed:
             return None
         assert isinstance(x, torch.Tensor)
-        return _compiled_latency(before, m, x, max_autotune=True)
+        return compiled_side_by_side(before, m, x, max_autotune=True)
 
     return Applied(
         config={**config.to_dict(), "compiled_check": compiled, "direct_stem": direct_stem},

@@ -7,6 +7,7 @@ reads only such paired measurements.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,3 +72,40 @@ def _memory_side_by_side(
     )
     return {"before_bytes": b, "after_bytes": a, "rounds": MEMORY_ROUNDS,
             "samples": peaks, "overlap": overlap}  # fmt: skip
+
+
+def compiled_side_by_side(
+    before: nn.Module, after: nn.Module, x: torch.Tensor, *, max_autotune: bool
+) -> dict[str, Any]:
+    """Both models compiled and timed side by side on ``x``'s shape and device (CPU: through
+    :func:`~slimtorch.quant.compile_int8_x86`, with freezing and optionally ``max_autotune``).
+
+    Returns ``{"compiled_latency": {...}}``, or ``{"hint": ...}`` saying why the check was
+    skipped: float64 on the CPU, or a GPU inductor cannot compile for
+    (:func:`~slimtorch.core.devices.gpu_compile_problem`: the GTX 1060, the RX 580), which would
+    otherwise fail the run after its transform.
+    """
+    from slimtorch.core.devices import gpu_compile_problem
+    from slimtorch.decompose.speed import layer_speedup
+    from slimtorch.quant import compile_int8_x86
+
+    if x.device.type == "cpu" and any(p.dtype == torch.float64 for p in after.parameters()):
+        return {"hint": "compiled check skipped: inductor's frozen CPU kernels take no float64"}
+    if (problem := gpu_compile_problem(x.device)) is not None:
+        return {"hint": f"compiled check skipped: {problem}"}
+
+    def compiled(m: nn.Module) -> nn.Module:
+        m = copy.deepcopy(m).eval()
+        if x.device.type == "cpu":
+            return compile_int8_x86(m, max_autotune=max_autotune)
+        mode = "max-autotune-no-cudagraphs" if max_autotune else None
+        return torch.compile(m, dynamic=False, mode=mode)  # type: ignore[return-value]
+
+    check = layer_speedup(
+        compiled(before), compiled(after), tuple(x.shape), device=x.device, repeats=5, calls=5
+    )
+    torch._dynamo.reset()  # the two graphs would count against the recompile limit later
+    source = f"{check.source},compiled" + (",max_autotune" if max_autotune else "")
+    timed = {"before_s": check.original_s, "after_s": check.factorised_s, "source": source}
+    return {"compiled_latency": {**timed, "speedup": check.speedup, "rounds": check.rounds,
+                                 "faster_rounds": check.faster_rounds}}  # fmt: skip
