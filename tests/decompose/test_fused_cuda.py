@@ -110,6 +110,35 @@ def test_launcher_is_none_without_cuda_or_when_disabled(monkeypatch: pytest.Monk
         cuda_kernel.launcher.cache_clear()
 
 
+def test_a_missing_nvrtc_library_falls_back_instead_of_failing_the_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch raises OSError("Could not find any NVRTC library"), which escaped the build's
+    # RuntimeError handler into the layer's forward pass
+    import contextlib
+
+    def no_nvrtc(*args: object, **kwargs: object) -> None:
+        raise OSError("Could not find any NVRTC library")
+
+    monkeypatch.setattr(cuda_kernel, "_disabled_reason", lambda: None)
+    monkeypatch.setattr(cuda_kernel, "_pdl_supported", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", no_nvrtc, raising=False)
+    monkeypatch.setattr(cuda_kernel, "_failed", {})
+    shape = ((16, 28, 28), 4, (4, 4, 3, 3), 16, (1, 1), (1, 1), (1, 1), (28, 28), True, True)
+    assert cuda_kernel._build(0, shape, 1) is None
+    assert "NVRTC" in next(iter(cuda_kernel._failed.values()))
+
+
+def test_fuse_report_names_the_kernel_of_the_models_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on ROCm (and any GPU) it reported the CPU's C kernel as available and warned of nothing,
+    # while the fused layers ran library convolutions
+    monkeypatch.setattr(torch.version, "cuda", None)  # a ROCm build
+    status = fused._kernel_status(torch.device("cuda:0"))
+    assert not status.available and status.detail == "CUDA kernel: not a CUDA build of PyTorch"
+    assert not fused._kernel_status(torch.device("mps")).available
+
+
 def test_source_uses_every_constant_the_launcher_defines() -> None:
     source = cuda_kernel._source()
     assert 'extern "C" __global__' in source and cuda_kernel.SYMBOL in source

@@ -250,7 +250,7 @@ def _build(device: int, shape: tuple[Any, ...], split: int) -> _Launch | None:
     try:
         with _lock, torch.cuda.device(device):
             fn = torch.cuda._compile_kernel(header + _source(), SYMBOL)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: no NVRTC library found
         _failed[(device, *defines)] = str(exc)
         logger.warning("fused Tucker CUDA kernel unavailable for %s: %s", defines, exc)
         return None

@@ -381,6 +381,19 @@ def _apply(model: nn.Module, layer: dict[str, Any]) -> None:
             model.set_submodule(name, nn.Identity())
 
 
+def _kernel_status(device: torch.device) -> native.KernelStatus:
+    """The kernel the fused layers run on ``device``: the C kernel on the CPU, the NVRTC one on
+    NVIDIA GPUs; there is none on ROCm or MPS, where they run library convolutions."""
+    if device.type == "cpu":
+        return native.kernel_status()
+    if device.type != "cuda":
+        return native.KernelStatus(False, f"no fused kernel for {device.type} devices")
+    from slimtorch.decompose.cuda_kernel import cuda_status
+
+    detail = cuda_status()
+    return native.KernelStatus(detail.startswith("available"), f"CUDA kernel: {detail}")
+
+
 def fuse_tucker_(
     model: nn.Module,
     *,
@@ -421,7 +434,7 @@ def fuse_tucker_(
             rows[name].action = "skipped"
             rows[name].reason = f"padding={mod.core.padding!r}; the kernel takes integer padding"
     _plan(model, [n for n, r in rows.items() if r.action == "fused"], rows)
-    status = native.kernel_status()
+    status = _kernel_status(next((p.device for p in model.parameters()), torch.device("cpu")))
     report = FuseReport(rows=list(rows.values()), kernel=status.detail)
     report.check_strict(strict, "fuse_tucker_")
     layers = []
