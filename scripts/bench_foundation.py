@@ -31,10 +31,10 @@ from slimtorch.cli.common import format_table
 from slimtorch.core.devices import detect_devices, resolve_device, synchronize
 from slimtorch.core.io import atomic_write_json
 from slimtorch.core.measure import estimate_latency, measure_latency
-from slimtorch.core.profiles import get_profile
+from slimtorch.core.profiles import get_profile, list_profiles
 from slimtorch.data import DeviceLoader, SyntheticLoader, load_dataset
 from slimtorch.models import create_model
-from slimtorch.train import TrainConfig
+from slimtorch.train import TrainConfig, resolve_amp
 from slimtorch.train.classifier import default_augment, train_classifier
 
 
@@ -79,7 +79,8 @@ def _train_throughput(loader: Any, device: torch.device, steps: int) -> float:
     model = create_model("resnet20", num_classes=10, in_channels=1, input_size=28).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    amp = device.type == "cuda"
+    amp = resolve_amp("auto", device)  # bf16 only where the GPU computes in it natively
+    scaler = amp.make_scaler(device)
     it = iter(loader)
 
     def step() -> int:
@@ -89,11 +90,16 @@ def _train_throughput(loader: Any, device: torch.device, steps: int) -> float:
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with amp.autocast(device):
             loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         return x.shape[0]
 
     for _ in range(10):
@@ -139,8 +145,10 @@ def part_loader(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def part_roofline(device: torch.device, threads: int | None, quick: bool) -> list[dict[str, Any]]:
-    profile = get_profile("h100-sxm" if device.type == "cuda" else "cpu")
+def part_roofline(
+    device: torch.device, threads: int | None, quick: bool, profile_name: str | None = None
+) -> list[dict[str, Any]]:
+    profile = get_profile(profile_name or ("h100-sxm" if device.type == "cuda" else "cpu"))
     rows = []
     for name, shape in (("resnet20", (1, 28, 28)), ("vgg11-bn", (3, 32, 32))):
         model = create_model(name, num_classes=10, in_channels=shape[0], input_size=shape[1])
@@ -204,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("accuracy", "loader", "roofline", "all"), default="all")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        choices=list_profiles(),
+        help="device profile the roofline part estimates on (default: h100-sxm on a GPU, cpu "
+        "on the CPU); name the profile of the GPU at hand, e.g. rx580 or gtx1060-6gb",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs-dir", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script runs")
@@ -229,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     parts = ("accuracy", "loader", "roofline") if args.part == "all" else (args.part,)
     if "roofline" in parts:
-        result["roofline"] = part_roofline(device, args.threads, args.quick)
+        result["roofline"] = part_roofline(device, args.threads, args.quick, args.profile)
     if "loader" in parts:
         result["loader"] = part_loader(device, args.quick)
     if "accuracy" in parts:

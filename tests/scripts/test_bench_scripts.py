@@ -337,6 +337,23 @@ def test_foundation_accuracy_results_render(tmp_path: Path, monkeypatch, capsys)
     assert "old" not in text and f"`{command}`" in text and "90.00%" in text
 
 
+def test_foundation_roofline_estimates_on_the_named_profile(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # it compared every GPU with the H100 profile; the GPU at hand's profile can now be named
+    foundation = load_script("bench_foundation")
+    timed = SimpleNamespace(median_s=1e-3, p10_s=1e-3, p90_s=1e-3)
+    monkeypatch.setattr(foundation, "measure_latency", lambda *a, **k: timed)
+    out = tmp_path / "roof.json"
+    argv = ["--part", "roofline", "--device", "cpu", "--quick", "--profile", "rx580"]
+    assert foundation.main([*argv, "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert {r["profile"] for r in saved["roofline"]} == {"rx580"}
+    with pytest.raises(SystemExit):
+        foundation.main(["--part", "roofline", "--profile", "rx9999", "--out", str(out)])
+    assert "invalid choice: 'rx9999'" in capsys.readouterr().err
+
+
 def test_render_names_the_file_and_key_it_lacks(tmp_path: Path, capsys) -> None:
     render = load_script("render_benchmarks")
     results = tmp_path / "results"
