@@ -187,6 +187,23 @@ def test_torchao_cuda_linear_int8() -> None:
         assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max()) + 0.05
 
 
+def test_int_mm_problem_names_gpus_without_an_int8_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch._int_mm checks no GPU generation: on the RX 580 (no hipBLASLt) dynamic int8 failed
+    # in the first forward, after the model had been changed
+    from slimtorch.quant import runtime
+
+    assert runtime.int_mm_problem(torch.device("cpu")) is None
+
+    def no_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: HIPBLAS_STATUS_NOT_SUPPORTED\nmore")
+
+    monkeypatch.setattr(torch, "_int_mm", no_gemm)
+    problem = runtime.int_mm_problem(torch.device("cpu"))
+    assert problem == "fails on cpu: CUDA error: HIPBLAS_STATUS_NOT_SUPPORTED"
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: torch.zeros(32, 8, dtype=torch.int32))
+    assert "wrong results" in str(runtime.int_mm_problem(torch.device("cpu")))
+
+
 def _static_int8(name: str, *, seed: int) -> nn.Module:
     """A fresh 28x28 grey zoo model, static int8 on random calibration batches."""
     torch.manual_seed(seed)

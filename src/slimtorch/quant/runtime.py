@@ -275,6 +275,27 @@ def kernel_counts(codes: list[str]) -> dict[str, int]:
     return counts
 
 
+def int_mm_problem(device: torch.device) -> str | None:
+    """Why ``torch._int_mm`` (int8 x int8 -> int32) fails or errs on ``device``, or ``None``.
+
+    PyTorch checks no GPU generation before calling cuBLASLt/hipBLASLt, whose int8 GEMM many
+    GPUs lack (hipBLASLt supports only CDNA and RDNA 3 or newer: not the RX 580), so one small
+    product is run and checked first.
+
+    Example:
+        >>> int_mm_problem(torch.device("cpu")) is None
+        True
+    """
+    a = torch.ones(32, 8, dtype=torch.int8, device=device)
+    try:
+        out = torch._int_mm(a, torch.ones(8, 8, dtype=torch.int8, device=device))
+    except RuntimeError as exc:
+        return f"fails on {device}: {str(exc).strip().splitlines()[0]}"
+    if not bool((out == 8).all()):
+        return f"gives wrong results on {device} (32x8 by 8x8 ones: not all 8)"
+    return None
+
+
 def torchao_cuda_(model: nn.Module, mode: str = "dynamic") -> list[str]:
     """Quantize the ``nn.Linear`` layers of a CUDA model with torchao's int8 kernels, in place.
 
@@ -305,6 +326,11 @@ def torchao_cuda_(model: nn.Module, mode: str = "dynamic") -> list[str]:
         raise ValueError(
             f"torchao_cuda_ needs a model on CUDA, got parameters on {sorted(devices)}; move "
             "it with model.cuda() (on x86 CPUs use compile_int8_x86)"
+        )
+    if mode == "dynamic" and (problem := int_mm_problem(next(model.parameters()).device)):
+        raise ValueError(
+            f"torchao_cuda_(mode='dynamic') runs torch._int_mm (cuBLASLt/hipBLASLt int8 GEMM), "
+            f"which {problem}; use mode='weight_only' on this GPU"
         )
     from torchao.quantization import (
         Int8DynamicActivationInt8WeightConfig,
