@@ -68,6 +68,7 @@ from slimtorch.decompose.fused_op import check_shapes, reference, run_native, tu
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
 from slimtorch.decompose.native_plan import PlanCache
 from slimtorch.models.transforms import ARCH_TRANSFORMS
+from slimtorch.prune.buffers import carry_masks_, forget_bias_masks_, rerecord_masks_
 from slimtorch.quant.fold import fold_conv_bn
 from slimtorch.quant.lowering import LoweringReport, layer_entries
 
@@ -367,18 +368,26 @@ def _plan(model: nn.Module, names: list[str], rows: dict[str, FuseRow]) -> None:
                 row.residual, row.relu = True, relu_name
 
 
-def _apply(model: nn.Module, layer: dict[str, Any]) -> None:
-    """Swap in the fused layer (weights as they are) and drop the modules it took in."""
+def _apply(model: nn.Module, layer: dict[str, Any]) -> list[str]:
+    """Swap in the fused layer (weights as they are) and drop the modules it took in; returns
+    the names of its factors that carried pruning masks over."""
     conv = model.get_submodule(layer["conv"])
     if not isinstance(conv, TuckerConv2d):
         raise ValueError(f"{layer['conv']!r} is a {type(conv).__name__}, expected a TuckerConv2d")
     fused = FusedTuckerConv2d.from_tucker(
         conv, relu=layer["relu"] is not None, residual=bool(layer["residual"])
-    )
+    ).train(conv.training)
+    moved = []
+    for part in ("first", "core", "last"):
+        src, dst = getattr(conv, part), getattr(fused, part)
+        dst.weight.requires_grad_(src.weight.requires_grad)
+        if carry_masks_(src, dst):
+            moved.append(f"{layer['conv']}.{part}")
     model.set_submodule(layer["conv"], fused)
     for name in (layer["bn"], layer["relu"]):
         if name:
             model.set_submodule(name, nn.Identity())
+    return moved
 
 
 def _kernel_status(device: torch.device) -> native.KernelStatus:
@@ -437,11 +446,12 @@ def fuse_tucker_(
     status = _kernel_status(next((p.device for p in model.parameters()), torch.device("cpu")))
     report = FuseReport(rows=list(rows.values()), kernel=status.detail)
     report.check_strict(strict, "fuse_tucker_")
-    layers = []
+    layers, moved = [], []
     for row in report.lowered:
         conv = model.get_submodule(row.conv)
         assert isinstance(conv, TuckerConv2d)
         if row.bn is not None:
+            forget_bias_masks_(model, [f"{row.conv}.last"])
             bn = model.get_submodule(row.bn)
             assert isinstance(bn, nn.BatchNorm2d)
             assert bn.running_mean is not None and bn.running_var is not None
@@ -458,10 +468,11 @@ def fuse_tucker_(
                 conv.last.weight.copy_(w)
                 conv.last.bias = nn.Parameter(b, requires_grad=conv.last.weight.requires_grad)
         layer = {"conv": row.conv, "bn": row.bn, "relu": row.relu, "residual": row.residual}
-        _apply(model, layer)
+        moved += _apply(model, layer)
         layers.append(layer)
     if layers:
         report.record(model, TRANSFORM_NAME, {"layers": layers})
+        rerecord_masks_(model, {n: n for n in moved})
     if not status.available:
         logger.warning(
             "fuse_tucker_: the kernel is unavailable (%s); the fused layers run "

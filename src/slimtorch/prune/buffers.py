@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -143,6 +144,105 @@ def remove_masks_(model: nn.Module) -> list[str]:
     if isinstance(arch, dict) and "transforms" in arch:
         arch["transforms"] = [t for t in arch["transforms"] if t.get("name") != TRANSFORM_NAME]
     return done
+
+
+@torch.no_grad()
+def carry_masks_(
+    src: nn.Module,
+    dst: nn.Module,
+    weight_layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> bool:
+    """Give ``dst`` (a rewritten form of ``src``, holding the same weights) the pruning masks of
+    ``src``, reapplied to its parameters; ``weight_layout`` maps the weight mask the way the
+    weight was rearranged. Returns whether there was any mask to carry.
+
+    Rewrites that swap a layer for an equivalent one (GEMM or direct convolutions, fused
+    Tucker blocks) must carry the masks, or a fine-tune afterwards grows the pruned weights
+    back. Call :func:`rerecord_masks_` after the rewrite is recorded.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1))
+        >>> _ = prune_(net, MagnitudeConfig(sparsity=0.5))
+        >>> lin = nn.Linear(1, 2)
+        >>> carry_masks_(net[0], lin, lambda m: m.reshape(2, 1)), lin.weight_mask.shape
+        (True, torch.Size([2, 1]))
+    """
+    carried = False
+    for param in PARAMS:
+        mask = get_mask(src, param)
+        if mask is None:
+            continue
+        if param == "weight" and weight_layout is not None:
+            mask = weight_layout(mask)
+        set_mask_(dst, param, mask.contiguous())
+        carried = True
+    return carried
+
+
+def rerecord_masks_(model: nn.Module, moved: Mapping[str, str]) -> None:
+    """Re-record masks a rewrite moved (``{old layer name: new layer name}``): the old names
+    leave the earlier ``"prune.masks"`` records, and a new record, replayed after the rewrite's
+    own, names the new ones, so ``load_model`` re-adds the buffers where the saved model has
+    them.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> net.slimtorch_arch = {"transforms": [{"name": TRANSFORM_NAME,
+        ...                                        "params": {"layers": ["0"]}}]}
+        >>> net[0] = nn.Sequential(nn.Linear(4, 4))  # a rewrite nesting the layer
+        >>> net[0][0].register_buffer("weight_mask", torch.ones(4, 4, dtype=torch.bool))
+        >>> rerecord_masks_(net, {"0": "0.0"})
+        >>> net.slimtorch_arch["transforms"]
+        [{'name': 'prune.masks', 'params': {'layers': ['0.0']}}]
+    """
+    arch = getattr(model, "slimtorch_arch", None)
+    if not moved or not isinstance(arch, dict):
+        return
+    kept = []
+    for entry in arch.get("transforms", []):
+        if entry.get("name") == TRANSFORM_NAME and isinstance(entry.get("params"), dict):
+            params = {
+                key: [n for n in names if n not in moved]
+                for key, names in entry["params"].items()
+                if isinstance(names, list)
+            }
+            if not params.get("layers") and not params.get("bias"):
+                continue
+            entry = {**entry, "params": {k: v for k, v in params.items() if v or k == "layers"}}
+        kept.append(entry)
+    new: dict[str, list[str]] = {"layers": [], "bias": []}
+    for name in moved.values():
+        module = model.get_submodule(name)
+        for key, param in (("layers", "weight"), ("bias", "bias")):
+            if get_mask(module, param) is not None:
+                new[key].append(name)
+    if new["layers"] or new["bias"]:
+        kept.append(
+            {"name": TRANSFORM_NAME, "params": {k: v for k, v in new.items() if v or k == "layers"}}
+        )
+    arch["transforms"] = kept
+
+
+def forget_bias_masks_(model: nn.Module, names: list[str]) -> list[str]:
+    """Drop the bias masks of the named layers, from the modules and the ``"prune.masks"``
+    records; returns the layers that had one. For a batch-norm fold: the folded bias holds the
+    batch norm's shift, which was never pruned, so a pruned bias's mask no longer applies.
+
+    Example:
+        >>> conv = nn.Sequential(nn.Conv2d(1, 2, 1))
+        >>> conv[0].register_buffer("bias_mask", torch.tensor([True, False]))
+        >>> forget_bias_masks_(conv, ["0"]), hasattr(conv[0], "bias_mask")
+        (['0'], False)
+    """
+    had = [n for n in names if get_mask(model.get_submodule(n), "bias") is not None]
+    for name in had:
+        del model.get_submodule(name)._buffers["bias_mask"]
+    arch = getattr(model, "slimtorch_arch", None)
+    for entry in arch.get("transforms", []) if isinstance(arch, dict) and had else []:
+        params = entry.get("params")
+        if entry.get("name") == TRANSFORM_NAME and isinstance(params, dict) and "bias" in params:
+            params["bias"] = [n for n in params["bias"] if n not in had]
+    return had
 
 
 def add_mask_buffers_(model: nn.Module, params: dict[str, Any]) -> None:

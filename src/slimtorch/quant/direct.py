@@ -57,6 +57,7 @@ from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
 from slimtorch.core.surgery import own_forward_reason, require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
+from slimtorch.prune.buffers import carry_masks_, rerecord_masks_
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import (
     LoweringReport,
@@ -409,6 +410,7 @@ def lower_direct_conv_(
         calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     nodes = {str(n.target): n for n in graph.nodes if n.op == "call_module"}
     layers: list[dict[str, Any]] = []
+    moved: dict[str, str] = {}
     for name in candidates:
         row, node = rows[name], nodes[name]
         relu_name = pool_name = None
@@ -422,13 +424,15 @@ def lower_direct_conv_(
         layer = {"conv": name, "pool": pool, "relu": relu_name, "pool_module": pool_name}
         if config.channels_last:
             layer["channels_last"] = True
-        _apply(model, conv, layer)
+        if _apply(model, conv, layer):
+            moved[name] = name
         row.action = "direct+pool" if pool else "direct"
         row.fused = [n for n in (relu_name, pool_name) if n]
         layers.append(layer)
     report = DirectReport(rows=list(rows.values()), folded=folded)
     if layers:
         report.record(model, TRANSFORM_NAME, {"layers": layers})
+        rerecord_masks_(model, moved)
     logger.info("lower_direct_conv_: lowered %d of %d conv(s)", len(layers), len(rows))
     return report
 
@@ -448,17 +452,20 @@ def _skip_identity(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.
     return node
 
 
-def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any]) -> None:
+def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any]) -> bool:
+    """Swap in the direct form; returns whether it carried pruning masks."""
     direct = DirectConv2d.from_conv(
         conv,
         pool=layer["pool"],
         relu=layer["relu"] is not None,
         channels_last=bool(layer.get("channels_last", False)),
-    )
+    ).train(conv.training)
+    carried = carry_masks_(conv, direct)
     model.set_submodule(layer["conv"], direct)
     for name in (layer["relu"], layer["pool_module"]):
         if name:
             model.set_submodule(name, nn.Identity())
+    return carried
 
 
 def _replay(model: nn.Module, params: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import parameter_sharing, require_values
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
+from slimtorch.prune.buffers import forget_bias_masks_
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ def fold_bn_(
         raise TransformSkipError(
             f"fold_bn_ (strict) skipped {len(skipped)} pair(s), model left unchanged: {listing}"
         )
+    forget_bias_masks_(model, [conv_name for conv_name, _ in todo])
     for conv_name, bn_name in todo:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)

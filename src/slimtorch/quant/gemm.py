@@ -57,6 +57,7 @@ from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
+from slimtorch.prune.buffers import carry_masks_, rerecord_masks_
 from slimtorch.quant.fold import fold_bn_
 from slimtorch.quant.lowering import (
     LoweringReport,
@@ -71,6 +72,11 @@ logger = logging.getLogger(__name__)
 
 TRANSFORM_NAME = "quant.conv_gemm"
 """Architecture-transform name recorded by :func:`lower_conv_gemm_`."""
+
+
+def _gemm_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight ``(O, C, kh, kw)`` as the GEMM's ``(O, kh * kw * C)`` matrix."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 class GemmConv2d(nn.Module):
@@ -127,10 +133,12 @@ class GemmConv2d(nn.Module):
             c_in * kh * kw, c_out, bias=conv.bias is not None, device=w.device, dtype=w.dtype
         )
         with torch.no_grad():
-            linear.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(c_out, -1))
+            linear.weight.copy_(_gemm_layout(conv.weight))
             if conv.bias is not None and linear.bias is not None:
                 linear.bias.copy_(conv.bias)
-        linear.train(conv.training)
+        linear.weight.requires_grad_(w.requires_grad)
+        if conv.bias is not None and linear.bias is not None:
+            linear.bias.requires_grad_(conv.bias.requires_grad)
         return cls(
             c_in,
             linear,
@@ -138,7 +146,7 @@ class GemmConv2d(nn.Module):
             stride=as_pair(conv.stride),
             padding=as_pair(int_padding(conv)),
             dilation=as_pair(conv.dilation),
-        )
+        ).train(conv.training)
 
     @property
     def out_channels(self) -> int:
@@ -327,13 +335,18 @@ def lower_conv_gemm_(
     folded: list[str] = []
     if config.fold_bn and names:
         folded = [r.bn for r in fold_bn_(model, include=[escape(n) for n in names]).folded]
+    moved: dict[str, str] = {}
     for name in names:
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
-        model.set_submodule(name, GemmConv2d.from_conv(conv))
+        gemm = GemmConv2d.from_conv(conv)
+        if carry_masks_(conv, gemm.linear, _gemm_layout):
+            moved[name] = f"{name}.linear"
+        model.set_submodule(name, gemm)
     report = GemmReport(rows=rows, folded=folded)
     if names:
         report.record(model, TRANSFORM_NAME, {"convs": names})
+        rerecord_masks_(model, moved)
     logger.info("lower_conv_gemm_: lowered %d of %d conv(s)", len(names), len(rows))
     return report
 
