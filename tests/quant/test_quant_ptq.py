@@ -243,3 +243,19 @@ def test_layer_names_with_glob_characters_fold_and_quantize() -> None:
             continue
         report = quantize_(model, PTQConfig(mode="static"), calibration=[torch.randn(8, 3, 8, 8)])
         assert report.info["folded_bn"] == [["blk.stage[1].0", "blk.stage[1].1"]]
+
+
+def test_pruning_masks_are_not_counted_as_weight_bytes_saved() -> None:
+    # a pruned lenet5 read 308294 -> 63358 bytes (4.87x) against the dense one's 246824 (3.90x)
+    # for the same weights: the bool masks, which the int8 layers drop, counted as weights
+    from slimtorch.prune import MagnitudeConfig, prune_
+    from slimtorch.quant import PTQConfig, quantize_
+
+    totals = []
+    for pruned in (False, True):
+        torch.manual_seed(0)
+        model = create_model("lenet5", in_channels=1, input_size=28).eval()
+        if pruned:
+            prune_(model, MagnitudeConfig(sparsity=0.5))
+        totals.append(quantize_(model, PTQConfig(mode="weight_only")).to_dict()["totals"])
+    assert totals[0]["bytes_before"] == totals[1]["bytes_before"] == 246824

@@ -185,6 +185,16 @@ def build_qdq(name: str, module: nn.Module, qp: LayerQParams) -> QDQConv2d | QDQ
     )
 
 
+def _mask_bytes(module: nn.Module) -> int:
+    """Bytes of the pruning masks ``module`` holds: training aids its int8 form drops (the
+    zeros stay in the weights), so not weight bytes the quantization saved."""
+    return sum(
+        b.numel()
+        for n, b in module.named_buffers(recurse=False)
+        if n.endswith("_mask") and b.dtype == torch.bool
+    )
+
+
 def to_qdq_(
     model: nn.Module,
     qparams: Mapping[str, LayerQParams],
@@ -249,7 +259,7 @@ def to_qdq_(
                 "quantized",
                 mode=_mode(qp),
                 weight_bits=qp.weight_bits,
-                bytes_before=state_bytes(old),
+                bytes_before=state_bytes(old) - _mask_bytes(old),
                 bytes_after=state_bytes(layer),
                 info={"input_scale": qp.input_scale, "input_zero_point": qp.input_zero_point}
                 if qp.input_scale is not None
