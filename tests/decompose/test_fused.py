@@ -998,3 +998,24 @@ def test_library_without_the_symbol(fresh_native: pytest.MonkeyPatch, tmp_path: 
     status = native.kernel_status()
     assert status.available is False
     assert native.SYMBOL in status.detail
+
+
+def test_a_quantized_tucker_layer_is_skipped_with_its_reason() -> None:
+    # Tucker -> quantize_ -> fuse_tucker_ failed with AttributeError: 'QDQConv2d' object has
+    # no attribute 'weight'
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28).eval()
+    decompose_(model, TuckerConfig(rank=0.5), include=["layer1.0.conv1"])
+    quantize_(model, PTQConfig(mode="weight_only"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    report = fuse_tucker_(model)
+    assert [(r.conv, r.action) for r in report.rows] == [("layer1.0.conv1", "skipped")]
+    assert "QDQConv2d" in str(report.rows[0].reason)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    with pytest.raises(TransformSkipError, match="fuse, then quantize"):
+        fuse_tucker_(model, strict=True)

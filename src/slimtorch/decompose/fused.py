@@ -438,10 +438,16 @@ def fuse_tucker_(
             continue
         if not selected(name, include, exclude):
             continue
-        rows[name] = FuseRow(name, "fused")
-        if isinstance(mod.core.padding, str):
-            rows[name].action = "skipped"
-            rows[name].reason = f"padding={mod.core.padding!r}; the kernel takes integer padding"
+        row = rows[name] = FuseRow(name, "fused")
+        odd = [
+            type(f).__name__ for f in (mod.first, mod.core, mod.last) if type(f) is not nn.Conv2d
+        ]
+        if odd:
+            row.reason = f"its factors are {', '.join(odd)}, not float Conv2d: fuse, then quantize"
+        elif isinstance(mod.core.padding, str):
+            row.reason = f"padding={mod.core.padding!r}; the kernel takes integer padding"
+        if row.reason:
+            row.action = "skipped"
     _plan(model, [n for n, r in rows.items() if r.action == "fused"], rows)
     status = _kernel_status(next((p.device for p in model.parameters()), torch.device("cpu")))
     report = FuseReport(rows=list(rows.values()), kernel=status.detail)
