@@ -90,7 +90,9 @@ def test_include_exclude_globs_and_type_skips(net: TinyNet) -> None:
     assert by["head"].flops_before == 2 * 3072 * 64 and by["head"].flops_after == 2 * 16 * 3136
     report = decompose_(net, SVDConfig(), include=["features.0"])
     assert "1x1 convs only" in report.rows[0].reason
-    assert decompose_(net, SVDConfig(), include=["head*"]).rows == []  # parts are not targets
+    again = decompose_(net, SVDConfig(), include=["head*"]).rows  # parts are not targets
+    assert [(r.name, r.action) for r in again] == [("head", "skipped")]
+    assert "already factorised" in str(again[0].reason)
     report = decompose_(TinyNet(), TuckerConfig(), include=["out"])
     assert "does not handle Linear" in report.rows[0].reason
 
@@ -366,3 +368,16 @@ def test_a_trainable_bias_stays_trainable_when_the_weight_is_frozen(net: TinyNet
 def test_a_model_that_is_a_single_layer_is_refused() -> None:
     with pytest.raises(ValueError, match=r"decompose_ changes the layers .* Linear has none"):
         decompose_(nn.Linear(64, 64), SVDConfig(rank=0.25))
+
+
+def test_a_layer_factorised_before_gets_a_skip_row() -> None:
+    # decomposing an SVD'd layer again returned an empty report, which strict=True passed
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    decompose_(net, SVDConfig(rank=0.25), include=["0"])
+    report = decompose_(net, SVDConfig(rank=0.25))
+    rows = {r.name: (r.action, r.reason) for r in report.rows}
+    assert rows["0"][0] == "skipped" and "already factorised (LowRankLinear)" in str(rows["0"][1])
+    assert rows["2"][0] == "decomposed"
+    with pytest.raises(TransformSkipError, match="already factorised"):
+        decompose_(net, SVDConfig(rank=0.25), include=["0"], strict=True)

@@ -152,7 +152,7 @@ class DecomposeReport:
 
 def _targets(
     model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
-) -> list[tuple[str, nn.Module]]:
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     factorised = tuple(LAYER_KINDS.get(k) for k in LAYER_KINDS.names())
     inside: list[str] = []
     out: list[tuple[str, nn.Module]] = []
@@ -166,7 +166,7 @@ def _targets(
             out.append((name, module))
     check_globs(model, include, exclude, "decompose_")
     check_include_hits(model, include, [n for n, _ in out] + inside, "nn.Conv2d/nn.Linear")
-    return out
+    return out, inside  # and the layers factorised before
 
 
 def decompose_(
@@ -244,7 +244,7 @@ def decompose_(
             f"sensitivity weights only a budget rank spec, but {type(config).__name__}.rank is "
             f"{config.rank!r}; use rank='budget:params=<x>' or drop sensitivity"
         )
-    targets = _targets(model, include, exclude)
+    targets, done = _targets(model, include, exclude)
     if not any(p.is_meta for p in model.parameters()):
         require_float32(model, "decompose_", "factorise, then cast", also=(torch.float64,))
     meta = [n for n, m in targets if any(p.is_meta for p in m.parameters())]
@@ -266,9 +266,14 @@ def decompose_(
     replacements: dict[str, nn.Module] = {}
     with prefactor.batch_results(_prefactor(work, config, plan)):
         _factorise_all(targets, config, plan, shapes, batch, rows, replacements, blocked)
-    for name, (module, count, dtype, _) in weight_buffer_layers(model).items():
-        if selected(name, include, exclude):  # quantized: nothing to factorise, say so
-            reason = stored_weights_reason(module, dtype, "factorise")
+    skips = {n: (m, c, stored_weights_reason(m, d, "factorise"))  # quantized: say so
+             for n, (m, c, d, _) in weight_buffer_layers(model).items()}  # fmt: skip
+    for name in done:  # factorised before: its parts are never factorised again
+        module = model.get_submodule(name)
+        why = f"already factorised ({type(module).__name__}); decompose the original layer"
+        skips[name] = (module, count_params(module), why)
+    for name, (module, count, reason) in skips.items():
+        if selected(name, include, exclude):
             rows.append(LayerReport(name, type(module).__name__, "skipped", reason,
                                     params_before=count, params_after=count))  # fmt: skip
     if config.min_speedup is not None and config.speed_scope == "model" and replacements:
