@@ -259,3 +259,19 @@ def test_pruning_masks_are_not_counted_as_weight_bytes_saved() -> None:
             prune_(model, MagnitudeConfig(sparsity=0.5))
         totals.append(quantize_(model, PTQConfig(mode="weight_only")).to_dict()["totals"])
     assert totals[0]["bytes_before"] == totals[1]["bytes_before"] == 246824
+
+
+def test_a_layer_with_its_own_weight_tensors_gets_a_kept_in_float_row() -> None:
+    # a Tensor-Train layer (weights in a ParameterList) was passed over without a row, so
+    # strict=True passed while the layer stayed float
+    from slimtorch.decompose import TTConfig, decompose_
+    from slimtorch.quant import PTQConfig, quantize_
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, input_size=28).eval()
+    decompose_(model, TTConfig(rank=0.5), include=["fc1"])
+    kind = type(model.fc1).__name__
+    with pytest.raises(TransformSkipError, match=rf"fc1: no int8 form of {kind}"):
+        quantize_(model, PTQConfig(mode="weight_only"), strict=True)
+    rows = quantize_(model, PTQConfig(mode="weight_only")).rows
+    assert [r.name for r in rows if r.action == "skipped"] == ["fc1"]

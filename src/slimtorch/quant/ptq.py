@@ -118,6 +118,7 @@ _NO_INT8 = (
     nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase,
     nn.Bilinear, nn.MultiheadAttention,
 )  # fmt: skip
+_PARAM_HOLDERS = (nn.ParameterList, nn.ParameterDict)
 
 
 def _not_targeted_reason(module: nn.Module) -> str | None:
@@ -138,6 +139,11 @@ def _not_targeted_reason(module: nn.Module) -> str | None:
         )
     if isinstance(module, _NO_INT8):
         return f"no int8 kernel for {kind} here; kept in float"
+    if isinstance(module, _PARAM_HOLDERS):  # their owner is reported
+        return None
+    holders = [module, *(c for c in module.children() if isinstance(c, _PARAM_HOLDERS))]
+    if any(p.is_floating_point() and p.ndim >= 2 for h in holders for p in h.parameters(False)):
+        return f"no int8 form of {kind} (it holds its own weight tensors); kept in float"
     return None
 
 
