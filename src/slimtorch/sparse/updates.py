@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from slimtorch.prune.masks import lowest_k
+
 
 def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
     """The fraction of active weights replaced at ``step``: ``alpha/2 (1 + cos(pi t / T_end))``.
@@ -80,12 +82,9 @@ def drop_and_grow(
         return mask.clone()
     inf = torch.tensor(float("inf"), device=weight.device)
     drop_scores = torch.where(flat_mask, weight.detach().reshape(-1).abs().float(), inf)
-    drop = torch.sort(drop_scores, stable=True).indices[:n]  # lowest magnitudes first
-    after = flat_mask.clone()
-    after[drop] = False
+    after = flat_mask & ~lowest_k(drop_scores, n)  # lowest magnitudes; ties: lower index
     big = torch.finfo(torch.float32).max
     candidates = torch.nan_to_num(grow_scores.detach().reshape(-1).float(), -big, big, -big)
     scores = torch.where(after, -inf, candidates)  # every inactive entry beats every active one
-    grow = torch.sort(scores, descending=True, stable=True).indices[:n]
-    after[grow] = True
+    after |= lowest_k(-scores, n)  # highest scores; ties: lower index
     return after.view(mask.shape)
