@@ -30,6 +30,7 @@ from slimtorch.decompose.linalg import (
     check_float_tensor,
     check_rank,
     leading_left_singular_vectors,
+    norm64,
     unfold,
 )
 
@@ -252,7 +253,8 @@ def cp_als(
         )
     factors = init_factors(tensor, rank, init, seed)
     weights = torch.ones(rank, dtype=tensor.dtype, device=tensor.device)
-    norm_x = torch.linalg.vector_norm(tensor)
+    norm_x64 = norm64(tensor)
+    norm_x = norm_x64.to(tensor.dtype)
     if not bool(norm_x > 0):
         zeros = torch.zeros_like(weights)
         return CPResult(zeros, factors, 0, 0.0, True, [0.0])
@@ -260,7 +262,6 @@ def cp_als(
     every = _default_check_every(device) if check_every is None else check_every
     exact_below = 1e3 * torch.finfo(tensor.dtype).eps ** 0.5
     exact = False  # measure each sweep's error from the reconstruction
-    norm_x64 = norm_x.double()
     x0 = tensor.reshape(tensor.shape[0], -1)  # (I_0, prod others), a view
     eye = torch.eye(rank, dtype=tensor.dtype, device=device)
     grams = [f.mT @ f for f in factors]  # each (R, R)
@@ -300,7 +301,7 @@ def cp_als(
                 partial = partial.reshape(rank, *tensor.shape[mode + 1 :])
         if exact:
             full = cp_to_full(weights, factors)
-            error_t = torch.linalg.vector_norm(full - tensor).double() / norm_x64
+            error_t = norm64(full - tensor) / norm_x64
         else:
             # <X, X_hat> = sum(M_last * A_last * w); ||X_hat||^2 = w^T (V_last * G_last) w.
             inner = (m.double() * new.double()).sum()
@@ -331,14 +332,14 @@ def cp_als(
                     f"{rank}; expected finite factors; raise reg (e.g. 1e-2) or lower the rank"
                 )
             errors.append(error)
-            stalled = error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol)
-            if stalled and (exact or error >= exact_below):
+            flat = error < tol or (len(errors) > 1 and abs(errors[-2] - error) < tol)
+            if flat and (exact or error >= exact_below):
                 converged, it = True, sweep
                 break
         if converged:
             break
         exact = exact or errors[-1] < exact_below
-    rel_error = float(torch.linalg.vector_norm(cp_to_full(weights, factors) - tensor) / norm_x)
+    rel_error = float(norm64(cp_to_full(weights, factors) - tensor) / norm_x)
     errors[-1] = rel_error
     if rel_error != rel_error or rel_error > 1.0 + 1e-6:
         raise DecompositionError(

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from slimtorch.core.errors import DecompositionError
-from slimtorch.decompose.linalg import check_float_tensor
+from slimtorch.decompose.linalg import check_float_tensor, norm64
 
 
 def _max_ranks(max_rank: int | Sequence[int] | None, d: int) -> list[int | None]:
@@ -83,7 +83,7 @@ def tt_svd(
     shape = list(tensor.shape)
     d = len(shape)
     caps = _max_ranks(max_rank, d)
-    delta = 0.0 if eps is None else eps / math.sqrt(d - 1) * float(torch.linalg.vector_norm(tensor))
+    delta = 0.0 if eps is None else eps / math.sqrt(d - 1) * float(norm64(tensor))
     cores: list[torch.Tensor] = []
     rank = 1
     rest = tensor.reshape(shape[0], -1)  # (r_0 n_1, n_2 ... n_d)
