@@ -108,3 +108,13 @@ def test_taylor_on_real_mnist_batches(shared_data: Path) -> None:
     assert {r.importance for r in report.pruned} == {"taylor"}
     assert model.fc1.out_features == 64 and model.fc2.out_features == 40
     assert torch.isfinite(model(x)).all()
+
+
+def test_row_norms_are_the_same_in_chunks() -> None:
+    # rows are reduced a chunk at a time (a float64 copy of a whole VGG fc6 took 1.5 GB)
+    from slimtorch.prune.channel.importance import _reduce_rows
+
+    w = torch.randn(10, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    for p in (1, 2):
+        whole = w.double().reshape(10, -1).norm(p=p, dim=1)
+        torch.testing.assert_close(_reduce_rows(w, p, chunk=3), whole)

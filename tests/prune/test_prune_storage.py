@@ -162,3 +162,16 @@ def test_compact_size_of_tied_weights_left_dense(tmp_path: Path) -> None:
     sd = {k: v.detach() for k, v in net.state_dict().items()}
     path = save_compact(sd, tmp_path / "tied.safetensors")
     assert compact_file_bytes(sd) == path.stat().st_size
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_pack_bits_matches_numpys_little_endian_packing(n: int) -> None:
+    import numpy as np
+
+    from slimtorch.prune.storage import pack_bits, unpack_bits
+
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert torch.equal(unpack_bits(packed, n), mask)

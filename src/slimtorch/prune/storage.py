@@ -70,9 +70,11 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         [5]
     """
     flat = mask.flatten().to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    weights = (2 ** torch.arange(8, device=flat.device)).to(torch.int32)
-    return (flat.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)  # (ceil(N/8),)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8)
+    packed = flat[:, 0].clone()  # uint8 shifts and ors: no int32 copies of the flags
+    for bit in range(1, 8):
+        packed |= flat[:, bit] << bit
+    return packed  # (ceil(N/8),)
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -82,8 +84,8 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
         >>> unpack_bits(torch.tensor([5], dtype=torch.uint8), 3).tolist()
         [True, False, True]
     """
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    bits = (packed.to(torch.int32).unsqueeze(1) >> shifts) & 1  # (B, 8)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.to(torch.uint8).unsqueeze(1) >> shifts) & 1  # (B, 8), no int32 copies
     return bits.flatten()[:numel].bool()
 
 
