@@ -2,7 +2,8 @@
 
 :func:`allocate` solves it by dynamic programming over the budget. When every cost is a whole
 number (bytes) and the budget in units of their greatest common divisor is at most
-:data:`EXACT_STEPS`, the steps are those units and the result is exact. Otherwise (seconds of a
+:data:`EXACT_STEPS` (and the layers times those units at most :data:`EXACT_CELLS`), the steps
+are those units and the result is exact. Otherwise (seconds of a
 latency budget) the budget is cut into ``bins`` steps and each cost rounded up to a whole step,
 so the result always fits the real budget but can miss a plan that fits it only to within the
 rounding (up to one step per layer).
@@ -23,6 +24,10 @@ EXACT_STEPS = 8_000_000
 """Largest budget, in units of the costs' common divisor, solved exactly (about 8 MB of choices
 per layer at most)."""
 
+EXACT_CELLS = 128_000_000
+"""Largest layers x budget units solved exactly: the work and the choices kept grow with both
+(300 layers at 4.8M units took 41 s and 1.5 GB; this bound keeps it to a few seconds)."""
+
 
 def _least_loss(loss: dict[str, float], cost: dict[str, float]) -> str:
     """The option of least loss (the cheaper one on a tie)."""
@@ -34,7 +39,7 @@ def _steps(costs: dict[str, dict[str, float]], budget: float, bins: int) -> tupl
     values = [c for opts in costs.values() for c in opts.values()]
     if all(float(c).is_integer() and c >= 0 for c in values) and budget >= 0:
         unit = reduce(math.gcd, (int(c) for c in values), 0) or 1
-        if budget // unit <= EXACT_STEPS:
+        if budget // unit <= min(EXACT_STEPS, EXACT_CELLS // max(1, len(costs))):
             return float(unit), int(budget // unit)
     return (budget / bins if budget > 0 else 1.0), bins
 
