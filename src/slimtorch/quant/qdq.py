@@ -269,8 +269,9 @@ class _QDQLayer(nn.Module):
     def load_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Quantize the float ``weight`` with the stored ``weight_scale`` and copy ``bias``."""
         shape = (-1,) + (1,) * (weight.ndim - 1)
-        q = torch.round(weight.detach().float() / self.weight_scale.reshape(shape).float())
-        self.weight_int8.copy_(q.clamp(self.weight_qmin, self.weight_qmax).to(torch.int8))
+        q = weight.detach().float() / self.weight_scale.reshape(shape).float()
+        q.round_().clamp_(self.weight_qmin, self.weight_qmax)  # in place: one float temporary
+        self.weight_int8.copy_(q)
         if self.bias is not None and bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias.detach().float())
