@@ -187,3 +187,52 @@ def test_to_semi_structured_refuses_a_meta_model_by_name() -> None:
         net = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="to_semi_structured_ needs the model's values"):
         to_semi_structured_(net)
+
+
+def test_a_swap_keeps_precision_casts_training_mode_and_frozen_weights() -> None:
+    # to_semi_structured_ after cast_ dropped the layer's input cast (the next forward failed
+    # on float32 inputs), and densify_ gave back trainable, training-mode layers
+    from slimtorch.quant.precision import layer_precisions, set_precision_
+    from slimtorch.sparse import densify_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    set_precision_(net, ["0"], torch.float16)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(3, 8)
+    before, hooks = net(x), len(net[2]._forward_pre_hooks)
+    net[2] = build_sparse_layer(net[2], "csr")
+    assert len(net[2]._forward_pre_hooks) == hooks and not net[2].training
+    torch.testing.assert_close(net(x), before)
+    assert densify_(net) == ["2"]
+    assert len(net[2]._forward_pre_hooks) == hooks and not net[2].training
+    assert not any(p.requires_grad for p in net[2].parameters())
+    assert layer_precisions(net) == {"0": "float16", "2": "float32"}
+    torch.testing.assert_close(net(x), before)
+
+
+@pytest.mark.gpu
+def test_semi_structured_after_cast_runs_and_densifies_on_cuda() -> None:
+    from slimtorch.quant import LowPrecisionConfig, cast_
+    from slimtorch.sparse import densify_, to_semi_structured_
+
+    dev = torch.device("cuda")
+    if semi_structured_support(dev) is not None:
+        pytest.skip(str(semi_structured_support(dev)))
+    torch.manual_seed(0)
+    lin = nn.Linear
+    net = nn.Sequential(lin(256, 256), nn.ReLU(), lin(256, 256), nn.ReLU(), lin(256, 10))
+    net = net.to(dev).eval()
+    prune_(net, NMConfig(n=2, m=4))
+    x = torch.randn(64, 256, device=dev)
+    cast_(net, LowPrecisionConfig(dtype="fp16", max_output_error=1.0), check_inputs=x)
+    with torch.inference_mode():
+        ref = net(x)
+    report = to_semi_structured_(net)
+    assert "2" in [r.name for r in report.rows if r.action == "sparse"]  # the fp16 layer
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref, atol=2e-2, rtol=2e-2)
+    densify_(net)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref, atol=2e-2, rtol=2e-2)

@@ -169,6 +169,29 @@ def layer_precisions(model: nn.Module) -> dict[str, str]:
     }
 
 
+def carry_precision_(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a layer swapped in for ``old``) the boundary casts and precision record
+    :func:`set_precision_` put on ``old``: without its input cast a half-precision layer meets
+    float32 inputs.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = set_precision_(net, ["0"], torch.float16)
+        >>> twin = nn.Linear(8, 8).half()
+        >>> carry_precision_(net[0], twin)
+        >>> twin.slimtorch_precision, twin(torch.randn(1, 8)).dtype  # float32 in, cast
+        ('float16', torch.float16)
+    """
+    for hook in old._forward_pre_hooks.values():
+        if isinstance(hook, InputCast):
+            new.register_forward_pre_hook(hook)
+    for hook in old._forward_hooks.values():
+        if isinstance(hook, OutputCast):
+            new.register_forward_hook(hook)
+    if isinstance(getattr(old, _ATTR, None), str):
+        setattr(new, _ATTR, getattr(old, _ATTR))
+
+
 def clear_precision_hooks_(module: nn.Module) -> None:
     """Remove the boundary-cast hooks :func:`set_precision_` put on ``module`` (not a cast back)."""
     for hooks in (module._forward_pre_hooks, module._forward_hooks):

@@ -156,6 +156,7 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         _carry_masks(self, lin, persistent=True)
+        _carry_state(self, lin)
         return lin
 
     def extra_repr(self) -> str:
@@ -287,6 +288,7 @@ class SparseConv2d(nn.Module):
             if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias)
         _carry_masks(self, conv, persistent=True)
+        _carry_state(self, conv)
         return conv
 
     def extra_repr(self) -> str:
@@ -323,4 +325,22 @@ def build_sparse_layer(
     else:
         raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
     _carry_masks(module, layer, persistent=False)
+    _carry_state(module, layer)
     return layer
+
+
+def _carry_state(old: nn.Module, new: nn.Module) -> None:
+    """What a swap must keep besides the weights: ``cast_``'s boundary casts (a half layer
+    without its input cast fails on float32 inputs), the training mode and which parameters
+    were frozen (kept on the sparse layer to give back to its dense form)."""
+    from slimtorch.quant.precision import carry_precision_
+
+    carry_precision_(old, new)
+    new.train(old.training)
+    frozen = getattr(old, "slimtorch_frozen", None)
+    if frozen is None:
+        frozen = [n for n, p in old.named_parameters(recurse=False) if not p.requires_grad]
+    if isinstance(new, SparseLinear | SparseConv2d):
+        new.slimtorch_frozen = frozen  # type: ignore[assignment]
+    for name, param in new.named_parameters(recurse=False):
+        param.requires_grad_(name not in frozen)
