@@ -479,7 +479,8 @@ def test_a_submodule_fx_cannot_trace_is_kept_whole_and_the_rest_pruned() -> None
     report = prune_channels_(model, CONFIG, x)
     rows = {r.name: r for r in report.rows}
     assert rows["c1"].action == "skipped" and "_Gate module 'gate'" in rows["c1"].reason
-    assert "gate.conv" not in rows  # inside the opaque call: never sliced
+    assert rows["gate.conv"].action == "skipped"  # inside the opaque call: never sliced
+    assert "not a layer of the traced graph" in str(rows["gate.conv"].reason)
     assert model.gate.conv.weight.shape == (16, 16, 3, 3)
     assert rows["c2"].action == "pruned" and model.c2.out_channels == 16
     assert model(x).shape == before.shape
@@ -549,3 +550,32 @@ def test_ops_that_move_the_channel_axis_block_its_group(
     row = next(r for r in report.rows if r.name == layer)
     assert row.action == "skipped" and reason in (row.reason or "")
     torch.testing.assert_close(net(x), ref)
+
+
+def test_a_sequential_holding_an_untraceable_layer_keeps_its_other_layers_open() -> None:
+    # the whole Sequential became one opaque call: its plain Linear got no row and was never
+    # pruned, and strict=True passed; layers the graph cannot see now get a skipped row
+    from slimtorch.core.errors import TransformSkipError
+
+    class Loop(nn.Module):  # fx cannot trace a loop over a tensor's values
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(int(x.abs().sum() > 0)):
+                x = self.lin(x)
+            return x
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 16), Loop(), nn.Linear(16, 32), nn.ReLU())
+    model = nn.Sequential(inner, nn.Linear(32, 4))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(TransformSkipError, match=r"0\.1\.lin: Linear is not a layer"):
+        prune_channels_(model, CONFIG, x, strict=True)
+    report = prune_channels_(model, CONFIG, x)
+    rows = {r.name: r.action for r in report.rows}
+    assert rows["0.2"] == "pruned" and inner[2].out_features == 16
+    assert rows["0.1.lin"] == "skipped" and model(x).shape == before.shape

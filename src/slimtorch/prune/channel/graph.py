@@ -115,16 +115,16 @@ class _OpaqueTracer(fx.Tracer):
     TT layer's loop over its cores, a block with data-dependent control flow): the channels
     flowing into it are then blocked by name and the rest of the model is still pruned."""
 
-    def __init__(self) -> None:
+    def __init__(self, opaque: dict[int, bool] | None = None) -> None:
         super().__init__()
-        self._opaque: dict[int, bool] = {}
+        self._opaque: dict[int, bool] = {} if opaque is None else opaque
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if super().is_leaf_module(m, module_qualified_name):
             return True
         if id(m) not in self._opaque:
-            try:
-                fx.Tracer().trace(m)
+            try:  # with its own untraceable children opaque: a Sequential holding a TT layer
+                _OpaqueTracer(self._opaque).trace(m)  # stays open, its other layers seen
                 self._opaque[id(m)] = False
             except Exception:  # fx raises many error types on untraceable code
                 self._opaque[id(m)] = True

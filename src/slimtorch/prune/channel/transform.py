@@ -53,6 +53,8 @@ from slimtorch.prune.channel.report import ChannelGroupRow, ChannelPruneReport
 
 logger = logging.getLogger(__name__)
 
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -217,6 +219,27 @@ def _new_layers(
     return out
 
 
+def _unseen_rows(
+    model: nn.Module, graph: ChannelGraph, include: Any, exclude: Any, reported: set[str]
+) -> list[ChannelGroupRow]:
+    """Skip rows for selected conv/linear layers the traced graph never saw as layers: inside a
+    module torch.fx cannot trace (kept as one opaque call), or a class the graph does not slice
+    (a QAT layer, a fused kernel's factors). Without them the report said nothing of them."""
+    seen = set(graph.layers) | {m for g in graph.groups for m in g.members} | reported
+    rows = []
+    for name, module in model.named_modules():
+        if name in seen or not isinstance(module, _LAYER_TYPES):
+            continue
+        if selected(name, include, exclude):
+            out = getattr(module, "out_channels", getattr(module, "out_features", 0))
+            reason = (
+                f"{type(module).__name__} is not a layer of the traced graph (inside a module "
+                "torch.fx cannot trace, or a class the graph does not slice); left as it is"
+            )
+            rows.append(ChannelGroupRow(name, [name], [name], out, out, None, "skipped", reason))
+    return rows
+
+
 def prune_channels_(
     model: nn.Module,
     config: ChannelPruneConfig,
@@ -303,6 +326,7 @@ def prune_channels_(
             reason = stored_weights_reason(module, dtype, "channel-prune")
             rows.append(ChannelGroupRow(name, [name], [name], channels, channels, None,
                                         "skipped", reason))  # fmt: skip
+    rows += _unseen_rows(model, graph, include, exclude, {r.name for r in rows})
     config_dict = {"type": type(config).__name__, **config.to_dict()}
     skipped = [r for r in rows if r.action == "skipped"]
     if strict and skipped:
