@@ -275,3 +275,27 @@ def test_a_layer_with_its_own_weight_tensors_gets_a_kept_in_float_row() -> None:
         quantize_(model, PTQConfig(mode="weight_only"), strict=True)
     rows = quantize_(model, PTQConfig(mode="weight_only")).rows
     assert [r.name for r in rows if r.action == "skipped"] == ["fc1"]
+
+
+def test_a_channels_last_model_stays_channels_last_through_quantize_and_a_reload(
+    tmp_path,
+) -> None:
+    # its int8 weights came out NCHW and, being buffers, were not looked at by save_model,
+    # which recorded no layout: the reloaded model ran NCHW
+    import json
+
+    from slimtorch.models import load_model, save_model
+    from slimtorch.quant import PTQConfig, quantize_
+
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28).eval().to(memory_format=cl)
+    quantize_(model, PTQConfig(), calibration=[torch.randn(8, 1, 28, 28)])
+    assert model.layer1[0].conv1.weight_int8.is_contiguous(memory_format=cl)
+    save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.5], std=[0.5],
+               class_names=list("0123456789"))  # fmt: skip
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["memory_format"] == (
+        "channels_last"
+    )
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.layer1[0].conv1.weight_int8.is_contiguous(memory_format=cl)

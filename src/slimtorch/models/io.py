@@ -305,12 +305,13 @@ def save_model(
 
 
 def _channels_last(model: nn.Module) -> bool:
-    """Whether the model's 4-D weights are in channels-last layout (those for which the two
-    layouts differ: not 1x1 kernels, not single-channel ones)."""
+    """Whether the model's 4-D weights (parameters, and int8 weight buffers) are in
+    channels-last layout (those for which the two layouts differ: not 1x1 kernels, not
+    single-channel ones)."""
     fmt = torch.channels_last
     weights = [
         p
-        for p in model.parameters()
+        for p in [*model.parameters(), *model.buffers()]
         if p.dim() == 4 and not (p.is_contiguous() and p.is_contiguous(memory_format=fmt))
     ]
     return bool(weights) and all(p.is_contiguous(memory_format=fmt) for p in weights)

@@ -399,6 +399,8 @@ class QDQConv2d(_QDQLayer):
             output_zero_point=qp.output_zero_point, device=conv.weight.device,
         )  # fmt: skip
         new.weight_scale.copy_(qp.weight_scale.reshape(-1).float())
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):  # keep its layout
+            new.weight_int8 = new.weight_int8.contiguous(memory_format=torch.channels_last)
         new.load_weight_(conv.weight, conv.bias)
         return new
 
