@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 import torch
 
@@ -95,12 +96,40 @@ def _decoded_shape(parts: Mapping[str, torch.Tensor], fmt: str) -> list[int]:
     return shape
 
 
-def _check_tensor(t: object) -> torch.Tensor:
+def _check_tensor(t: object, *, copy: bool = True) -> torch.Tensor:
+    """``t`` detached (with ``copy``, on the CPU and contiguous), if it has a sparse format."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() == 0 or t.numel() == 0:
         raise ValueError(f"a tensor of shape {tuple(t.shape)} has no sparse format; store it dense")
-    return t.detach().cpu().contiguous()
+    return t.detach().cpu().contiguous() if copy else t.detach()
+
+
+def _fitting_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    return [b for b in BLOCKS if rows % b[0] == 0 and cols % b[1] == 0]
+
+
+def _bsr_nbytes(nz: torch.Tensor, itemsize: int) -> dict[tuple[int, int], int]:
+    """Bytes of :func:`encode_bsr` at each block of :data:`BLOCKS` that divides the 2-D view of
+    ``nz`` (a nonzero mask), from counts of nonzero blocks: nothing is encoded.
+
+    Each block's map (which blocks hold a nonzero) is reduced from the coarsest map already made
+    whose block divides it (4x4 from 2x2, not from the mask), so only the first pass reads it all.
+    """
+    rows, cols = _as_2d(nz.shape)
+    maps = {(1, 1): nz.reshape(rows, cols)}
+    out = {}
+    for bh, bw in _fitting_blocks(rows, cols):
+        (ph, pw), finer = max(
+            ((p, m) for p, m in maps.items() if bh % p[0] == 0 and bw % p[1] == 0),
+            key=lambda pm: pm[0][0] * pm[0][1],
+        )
+        m = finer.reshape(rows // bh, bh // ph, cols // bw, bw // pw).any(3).any(1)
+        maps[(bh, bw)] = m
+        k = int(m.count_nonzero())  # crow, col (one a block), values, block, shape
+        crow, col = _index_dtype(k).itemsize, _index_dtype(cols // bw).itemsize
+        out[(bh, bw)] = (rows // bh + 1) * crow + k * (col + bh * bw * itemsize) + 16 + 8 * nz.dim()
+    return out
 
 
 def encode_bsr(t: torch.Tensor, block: tuple[int, int] | None = None) -> Parts:
@@ -108,8 +137,8 @@ def encode_bsr(t: torch.Tensor, block: tuple[int, int] | None = None) -> Parts:
 
     Args:
         t: Any tensor with at least one dimension.
-        block: ``(bh, bw)``; both must divide the 2-D view. ``None`` tries :data:`BLOCKS` and
-            keeps the smallest encoding.
+        block: ``(bh, bw)``; both must divide the 2-D view. ``None`` keeps the smallest
+            encoding of :data:`BLOCKS`' (sized by counting nonzero blocks; only it is built).
 
     Returns:
         ``{"crow", "col", "values" (nblocks, bh, bw), "block", "shape"}``.
@@ -124,13 +153,13 @@ def encode_bsr(t: torch.Tensor, block: tuple[int, int] | None = None) -> Parts:
     t = _check_tensor(t)
     rows, cols = _as_2d(t.shape)
     if block is None:
-        fits = [b for b in BLOCKS if rows % b[0] == 0 and cols % b[1] == 0]
-        if not fits:
+        if not _fitting_blocks(rows, cols):
             raise ValueError(
                 f"no block size of {BLOCKS} divides the {rows}x{cols} view of shape "
                 f"{tuple(t.shape)}; pass block= explicitly or use csr"
             )
-        return min((encode_bsr(t, b) for b in fits), key=_nbytes)
+        sizes = _bsr_nbytes(nonzero_mask(t), t.element_size())
+        return encode_bsr(t, min(sizes, key=sizes.__getitem__))  # the first of the smallest
     bh, bw = (int(b) for b in block)
     if bh < 1 or bw < 1 or rows % bh or cols % bw:
         raise ValueError(
@@ -211,6 +240,13 @@ def _groups(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(1, -1).reshape(-1, 4)
 
 
+def _at_most_2_of_4(nz: torch.Tensor) -> bool:
+    """Whether each group of 4 along dim 1 of the mask ``nz`` (dim 1 divides by 4) has <= 2 set."""
+    shape = nz.shape
+    groups = nz.view(torch.uint8).reshape(shape[0], shape[1] // 4, 4, math.prod(shape[2:]))
+    return bool((groups.sum(2, dtype=torch.uint8) <= 2).all())
+
+
 def is_2to4(t: torch.Tensor, *, bitwise: bool = True) -> bool:
     """Whether every group of 4 along dim 1 has at most 2 nonzeros (and dim 1 divides by 4).
 
@@ -228,9 +264,8 @@ def is_2to4(t: torch.Tensor, *, bitwise: bool = True) -> bool:
     """
     if t.dim() < 2 or t.shape[1] % 4:
         return False
-    groups = _groups(t.detach())
-    nz = nonzero_mask(groups) if bitwise else groups != 0
-    return bool((nz.sum(1) <= 2).all())
+    t = t.detach()
+    return _at_most_2_of_4(nonzero_mask(t) if bitwise else t != 0)
 
 
 def encode_nm24(t: torch.Tensor) -> Parts:
@@ -372,8 +407,49 @@ def decode(parts: Mapping[str, torch.Tensor], fmt: str) -> torch.Tensor:
     raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
+class _Counts:
+    """What the sizes of ``t``'s encodings depend on, each counted once and only when asked: its
+    nonzero mask (one bool tensor), the mask's count and nonzero blocks; no encoding is made."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = _check_tensor(t, copy=False)  # encode's refusals: not a tensor, or empty
+        self.header = 8 * self.t.dim()  # the int64 "shape" part
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        return nonzero_mask(self.t)
+
+    @cached_property
+    def nnz(self) -> int:
+        return int(self.mask.count_nonzero())
+
+    def nbytes(self, fmt: str) -> int | None:
+        """``_nbytes(encode(t, fmt))``, or ``None`` where encode raises ValueError."""
+        t, n, item = self.t, self.t.numel(), self.t.element_size()
+        if fmt == "bits":
+            return (n + 7) // 8 + self.header if t.dtype == torch.bool else None
+        if fmt in ("bitmask", "csr"):
+            if not t.is_floating_point():
+                return None
+            if fmt == "bitmask":  # packed mask, values, shape
+                return (n + 7) // 8 + self.nnz * item + self.header
+            rows, cols = _as_2d(t.shape)  # crow, col (one a value), values, shape
+            crow, col = _index_dtype(self.nnz).itemsize, _index_dtype(cols).itemsize
+            return (rows + 1) * crow + self.nnz * (col + item) + self.header
+        if fmt == "bsr":
+            if not _fitting_blocks(*_as_2d(t.shape)):
+                return None
+            return min(_bsr_nbytes(self.mask, item).values())
+        if fmt == "nm24":  # values (G, 2), 4-bit codes two a byte, shape
+            if t.dim() < 2 or t.shape[1] % 4 or not _at_most_2_of_4(self.mask):
+                return None
+            return n // 4 * 2 * item + (n // 4 + 1) // 2 + self.header
+        return n * item  # dense
+
+
 def format_nbytes(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> dict[str, int]:
-    """Bytes of ``t`` in each format of ``formats`` that applies to it.
+    """Bytes of ``t`` in each format of ``formats`` that applies to it: ``_nbytes(encode(t, f))``,
+    counted from the nonzero mask (computed once) without encoding.
 
     Example:
         >>> format_nbytes(torch.zeros(4, 8), ("dense", "csr"))
@@ -381,14 +457,21 @@ def format_nbytes(t: torch.Tensor, formats: Sequence[str] = FORMATS) -> dict[str
     """
     if isinstance(formats, str):
         raise ValueError(f"formats must be a list of format names, got the string {formats!r}")
-    out = {}
+    out: dict[str, int] = {}
+    counts = None
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {fmt!r}")
+        if fmt == "dense" and isinstance(t, torch.Tensor) and t.dim():
+            out[fmt] = t.numel() * t.element_size()  # empty tensors too, as encode
+            continue
         try:
-            out[fmt] = _nbytes(encode(t, fmt))
+            counts = counts or _Counts(t)
         except ValueError:
             continue
+        size = counts.nbytes(fmt)
+        if size is not None:
+            out[fmt] = size
     return out
 
 
