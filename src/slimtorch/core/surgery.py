@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -20,6 +21,31 @@ _READ_DIRECTLY: dict[type[nn.Module], tuple[str, ...]] = {
 
 # What a torch layer computes with: a subclass overriding one of them computes something else.
 _FORWARDS = ("forward", "_conv_forward")
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in train (or eval) mode, then give every submodule back its
+    own mode. ``model.train(was)`` would not: it sets every submodule to the root's flag, so a
+    batch norm the user froze in eval mode inside a training model came back in train mode and
+    its running statistics moved on the next forward.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with kept_modes(net):
+        ...     net[1].training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def require_values(model: nn.Module, verb: str) -> None:

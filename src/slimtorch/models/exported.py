@@ -44,7 +44,7 @@ from torch import nn
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write
-from slimtorch.core.surgery import refuse_sparse_kernels
+from slimtorch.core.surgery import kept_modes, refuse_sparse_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -325,9 +325,7 @@ def save_exported(
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
         raise ValueError("example_input must be a tensor with a batch dimension")
     refuse_sparse_kernels(model, "torch.export")
-    was_training = model.training
-    model.eval()
-    try:
+    with kept_modes(model):
         x = example_input
         dynamic_shapes = None
         if dynamic_batch:
@@ -335,8 +333,6 @@ def save_exported(
                 x = x.repeat(2, *([1] * (x.dim() - 1)))
             dynamic_shapes = ({0: torch.export.Dim.DYNAMIC},)
         program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(was_training)
 
     def write(tmp: str) -> None:
         # through memory: torch's archive writer aborts the process when a write fails (a full

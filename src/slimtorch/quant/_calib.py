@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import SlimtorchError
+from slimtorch.core.surgery import kept_modes
 from slimtorch.quant.lsq import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
@@ -177,10 +178,8 @@ def run_batches(
         CalibrationError: An output holds NaN/Inf.
     """
     device = model_device(model)
-    was = model.training
-    model.eval()
     outs = []
-    try:
+    with kept_modes(model):
         for i, (x, _) in enumerate(batches):
             try:
                 y = model(x.to(device))
@@ -203,8 +202,6 @@ def run_batches(
                     "and the weights (activations overflow or the model is broken)"
                 )
             outs.append(y)
-    finally:
-        model.train(was)
     return outs
 
 

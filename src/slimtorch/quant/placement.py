@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.surgery import set_submodule
+from slimtorch.core.surgery import kept_modes, set_submodule
 from slimtorch.quant.convert import TRANSFORM_NAME, ActQParams, QDQAct
 from slimtorch.quant.gemm import GemmConv2d
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
@@ -169,16 +169,13 @@ def _observe(
         for n, o in obs.items()
     ]
     device = _calib.model_device(model)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), kept_modes(model):
             for x, _ in batches:
                 model(x.to(device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     out = {}
     for n, o in obs.items():
         scale, zp = o.qparams()

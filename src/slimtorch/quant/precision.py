@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import kept_modes
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 
 TRANSFORM_NAME = "quant.lowp"
@@ -142,12 +143,10 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
                 order.append(name)
 
         handles.append(unit.register_forward_pre_hook(pre))
-    was = model.training
-    model.eval()
     try:
-        model(example)
+        with kept_modes(model):
+            model(example)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return order

@@ -40,7 +40,7 @@ from slimtorch.core.config import check_bool
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
-from slimtorch.core.surgery import replacement_blockers, require_values
+from slimtorch.core.surgery import kept_modes, replacement_blockers, require_values
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.formats import is_2to4
 from slimtorch.sparse.kernels import (
@@ -98,10 +98,8 @@ def _capture_inputs(
                 seen[name] = args[0].detach().clone()
 
         handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), kept_modes(model):
             if isinstance(example_input, tuple | list):
                 model(*example_input)
             else:
@@ -112,7 +110,6 @@ def _capture_inputs(
             f"{exc}); pass one batch the model accepts, on its device"
         ) from exc
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return seen
@@ -188,10 +185,9 @@ def _check_outputs(
     torch.fx could not trace it to see so). ``tol`` is the loosest per-layer (atol, rtol) the
     swaps were accepted with; the whole model may drift ten times that."""
     swapped = {name: model.get_submodule(name) for name in originals}
-    was_training, why = model.training, ""
-    model.eval()
+    why = ""
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), kept_modes(model):
             _swap(model, originals)
             ref = _run(model, example_input)
             _swap(model, swapped)
@@ -203,8 +199,6 @@ def _check_outputs(
                 why = f"gives outputs off by {err:.3g} (bound {bound:.3g})"
     except Exception as exc:  # whatever the user's forward raises with the sparse layers in it
         why = f"fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    finally:
-        model.train(was_training)
     if why:
         _swap(model, originals)
         raise ValueError(
@@ -230,15 +224,13 @@ def _check_whole_model(
 ) -> None:
     """Time the model with and without the swaps, alternately; undo them if not faster."""
     swapped = {name: model.get_submodule(name) for name in originals}
-    was_training = model.training
-    model.eval()
 
     def call() -> Any:
         with torch.inference_mode():
             return _run(model, example_input)
 
     dense_s, sparse_s, ratios = [], [], []
-    try:
+    with kept_modes(model):
         for _ in range(3):
             _swap(model, originals)
             a = measure_latency(call, device=device, **timing).median_s
@@ -247,8 +239,6 @@ def _check_whole_model(
             dense_s.append(a)
             sparse_s.append(b)
             ratios.append(a / b if b > 0 else 0.0)
-    finally:
-        model.train(was_training)
     ratio = statistics.median(ratios)
     report.model = {
         "dense_s": statistics.median(dense_s),

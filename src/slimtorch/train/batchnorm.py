@@ -99,7 +99,7 @@ def recalibrate_batchnorm_(
     norms = [m for m in norms if m not in frozen]
     if not norms:
         return {"layers": 0, "batches": 0, "samples": 0}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each given back its own mode
     # copies to put back if the loop fails; the buffers themselves are reset in place, so
     # anything holding them (a compiled graph, a DDP wrapper) keeps seeing the same tensors
     saved = [(m, m.momentum, [b.clone() for b in _stats(m)]) for m in norms]
@@ -127,15 +127,13 @@ def recalibrate_batchnorm_(
             m.momentum = momentum
             for buf, value in zip(_stats(m), old, strict=True):
                 buf.copy_(value)
-        model.train(was_training)
-        for m in frozen:
-            m.eval()
+        for mod, mode in modes:
+            mod.training = mode
         raise
     for m, momentum, _ in saved:
         m.momentum = momentum
-    model.train(was_training)
-    for m in frozen:
-        m.eval()
+    for mod, mode in modes:
+        mod.training = mode
     world = get_world_size()
     if world > 1:  # equal shards: the mean of the ranks' averages is the average over all
         for m in norms:

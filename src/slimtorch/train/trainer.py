@@ -36,6 +36,7 @@ from torch import nn
 
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.io import atomic_write_json
+from slimtorch.core.surgery import kept_modes
 from slimtorch.train.amp import AmpPlan, resolve_amp
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
@@ -475,9 +476,7 @@ class Trainer:
         self._prepare()
         assert self.amp is not None
         meter = Meter(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with kept_modes(self.model):
             for batch_idx, batch in enumerate(loader):
                 labels = self._label_range(batch)
                 inputs, targets = split_batch(self._to_device(batch), f"loader batch {batch_idx}")
@@ -489,8 +488,6 @@ class Trainer:
                     check_labels(labels, outputs, "loader", batch_idx)
                     loss = self._criterion()(outputs, targets)
                 meter.update(outputs, loss, targets)
-        finally:
-            self.model.train(was_training)
         result = meter.result(reduce=True)
         if result["n"] == 0:
             raise ValueError(
