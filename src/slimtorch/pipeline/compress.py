@@ -213,7 +213,7 @@ def compress_run(
             turns it off; ``report.json`` records what ran under ``"bn_recalibration"``.
         seed: Seed of the data order, the calibration batches and the fine-tune (None:
             ``finetune.seed``, else 0); recorded in ``report.json``. Given with ``finetune``,
-            the two must agree.
+            the two must agree. A fine-tune seeds the process's generators with it.
 
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.

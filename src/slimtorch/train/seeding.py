@@ -48,7 +48,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        if not torch.are_deterministic_algorithms_enabled():  # a strict setting stays strict
+            torch.use_deterministic_algorithms(True, warn_only=True)
         logger.debug("deterministic algorithms on")
 
 

@@ -372,6 +372,9 @@ class Trainer:
     def fit(self, train_loader: Any, val_loader: Any = None, *, resume: bool = False) -> History:
         """Train for ``config.epochs`` epochs (or until a callback sets ``should_stop``).
 
+        Seeds the process's torch, numpy and ``random`` generators with ``config.seed`` first
+        (and with ``config.deterministic`` turns deterministic algorithms on for the process).
+
         Args:
             train_loader: Training batches (see the module docstring for the protocol).
             val_loader: Validation batches, evaluated every ``eval_every_epochs`` epochs.
