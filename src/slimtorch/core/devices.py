@@ -19,18 +19,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import platform
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DeviceKind = Literal["cpu", "cuda", "rocm", "mps"]
 
@@ -411,6 +414,42 @@ def cpu_threads(n: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def kept_rng() -> Iterator[None]:
+    """Run the body without moving the process's torch generators (the CPU's, and each CUDA
+    device's once CUDA is initialised): layers a transform builds and then overwrites, or a
+    timed dropout, would otherwise shift every random draw the caller makes afterwards.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> expected = torch.rand(1)
+        >>> _ = torch.manual_seed(0)
+        >>> with kept_rng():
+        ...     _ = torch.nn.Linear(64, 64)  # its initial weights draw from the generator
+        >>> torch.equal(torch.rand(1), expected)
+        True
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def keeps_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate ``fn`` to run under :func:`kept_rng`.
+
+    Example:
+        >>> keeps_rng(lambda: torch.rand(1))().shape
+        torch.Size([1])
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with kept_rng():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def run_info(device: str | torch.device, argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -131,9 +131,9 @@ class FusedTuckerConv2d(TuckerConv2d):
             dilation=core.dilation,
             relu=relu,
             residual=residual,
-            device=core.weight.device,
+            device="meta",  # built empty, not initialised: no draw from the caller's generator
             dtype=core.weight.dtype,
-        )
+        ).to_empty(device=core.weight.device)
         with torch.no_grad():
             fused.first.weight.copy_(layer.first.weight)
             fused.core.weight.copy_(core.weight)

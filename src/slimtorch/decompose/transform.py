@@ -23,6 +23,7 @@ from torch import nn
 
 from slimtorch.core import surgery
 from slimtorch.core.config import check_bool
+from slimtorch.core.devices import keeps_rng
 from slimtorch.core.errors import ModelLoadError, TransformSkipError
 from slimtorch.core.globs import check_globs, check_include_hits, selected
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
@@ -104,15 +105,13 @@ class DecomposeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: method, config, rows, totals and the recorded transform entry."""
-        before = sum(r.params_before for r in self.rows)
-        after = sum(r.params_after for r in self.rows)
         return {
             "method": self.method,
             "config": self.config,
             "layers": [dataclasses.asdict(r) for r in self.rows],
             "totals": {
-                "params_before": before,
-                "params_after": after,
+                "params_before": sum(r.params_before for r in self.rows),
+                "params_after": sum(r.params_after for r in self.rows),
                 "decomposed": len(self.decomposed),
                 "skipped": len(self.skipped),
             },
@@ -169,6 +168,7 @@ def _targets(
     return out, inside  # and the layers factorised before
 
 
+@keeps_rng  # the factorised layers' own initial weights are overwritten
 def decompose_(
     model: nn.Module,
     config: DecomposeConfig,

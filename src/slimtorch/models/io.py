@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.core.devices import read_meminfo, resolve_device
+from slimtorch.core.devices import keeps_rng, read_meminfo, resolve_device
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.core.io import (
     atomic_write,
@@ -397,6 +397,7 @@ class _InputsTo:
         )
 
 
+@keeps_rng  # the rebuilt model's initial weights are overwritten by the file's
 def load_model(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard]:

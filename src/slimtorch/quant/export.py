@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.devices import kept_rng
 from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
@@ -218,7 +219,7 @@ def export_onnx(
     )
 
     def to_onnx(module: nn.Module) -> Any:
-        with _quiet_exporter():
+        with _quiet_exporter(), kept_rng():  # the exporter's own sample inputs draw from it
             try:
                 program = torch.onnx.export(
                     module, (x,), dynamo=True, dynamic_shapes=dynamic_shapes,
@@ -239,8 +240,7 @@ def export_onnx(
 
     if target == "onnxruntime":
         warn_signed_activations(work)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    (out := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     if target == "onnxruntime" and is_qdq_model(work):
         import onnx
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.config import Config, check_bool, check_int
+from slimtorch.core.devices import keeps_rng
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.surgery import require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
@@ -277,6 +278,7 @@ class GemmReport(LoweringReport[GemmRow]):
     method: ClassVar[str] = "conv_gemm"
 
 
+@keeps_rng  # the GEMM layers' own initial weights are overwritten
 def lower_conv_gemm_(
     model: nn.Module,
     config: GemmConvConfig | None = None,

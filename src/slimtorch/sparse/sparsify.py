@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import check_bool
-from slimtorch.core.devices import resolve_device
+from slimtorch.core.devices import keeps_rng, resolve_device
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.measure import measure_latency
 from slimtorch.core.surgery import kept_modes, replacement_blockers, require_values
@@ -467,6 +467,7 @@ def to_semi_structured_(
     return report
 
 
+@keeps_rng  # the dense layers' own initial weights are overwritten
 def densify_(model: nn.Module) -> list[str]:
     """Turn every sparse-kernel layer back into ``nn.Linear``/``nn.Conv2d`` (e.g. to save it).
 

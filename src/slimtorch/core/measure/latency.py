@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.core.devices import as_device, cpu_threads, synchronize
+from slimtorch.core.devices import as_device, cpu_threads, keeps_rng, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def summarize(times: list[float], device: str, threads: int) -> LatencyResult:
     )
 
 
+@keeps_rng  # a train-mode dropout would draw once per timed call
 def measure_latency(
     fn_or_model: Callable[..., Any],
     *inputs: Any,

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from slimtorch.core.devices import as_device, synchronize
+from slimtorch.core.devices import as_device, keeps_rng, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def _cpu_peak(call: Callable[[], Any]) -> tuple[int, int, MemoryMethod]:
     return max(0, peak - baseline), baseline, "rss-sampled"
 
 
+@keeps_rng  # a train-mode dropout would draw once per call
 def measure_peak_memory(
     fn: Callable[..., Any], *args: Any, device: str | torch.device
 ) -> MemoryResult:

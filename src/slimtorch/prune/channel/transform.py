@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import check_bool
+from slimtorch.core.devices import keeps_rng
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import check_include_hits, selected
@@ -240,6 +241,7 @@ def _unseen_rows(
     return rows
 
 
+@keeps_rng  # the narrowed layers' own initial weights are overwritten
 def prune_channels_(
     model: nn.Module,
     config: ChannelPruneConfig,
