@@ -205,3 +205,22 @@ def test_a_gemm_layout_model_is_compiled_for_inductors_gemm_templates(
     assert set(ind.int8_kernels) <= {runtime.CPP_INT8_GEMM, "qlinear_pointwise"}
     assert sum(ind.int8_kernels.values()) == 2, ind.int8_kernels
     assert ind.max_abs_diff is not None and ind.max_abs_diff < 1e-3
+
+
+def test_the_x86_passes_leave_the_users_pre_grad_pass_in_place() -> None:
+    # importing torchao's x86 quantizer set inductor's process-wide pre_grad_custom_pass to
+    # its own, replacing the user's; a fresh process, as the import happens once
+    import subprocess
+    import sys
+
+    code = (
+        "from torch._inductor import config as c\n"
+        "def mine(graph): return None\n"
+        "c.pre_grad_custom_pass = mine\n"
+        "from slimtorch.quant import runtime\n"
+        "runtime._register_x86_passes()\n"
+        "assert c.pre_grad_custom_pass is mine, c.pre_grad_custom_pass\n"
+        "assert type(runtime._LIFT_UP[0]).__name__ == 'QuantLiftUp', runtime._LIFT_UP\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -268,3 +268,22 @@ def test_a_rescan_of_a_changed_model_keeps_a_batcher_in_place(
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_the_server_gives_the_thread_count_back_when_it_stops(tmp_path: Path) -> None:
+    # start() set torch's thread count for the process and stop() left it there
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+
+    async def main() -> int:
+        server = ModelServer(ServeSettings(repository=str(tmp_path), device="cpu", threads=want))
+        await server.start()
+        running = torch.get_num_threads()
+        await server.stop()
+        return running
+
+    try:
+        assert asyncio.run(main()) == want
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -53,7 +53,8 @@ class DecomposeConfig(Config):
             layer moves the whole model by a few percent at most, so ``min_speedup`` 1.0-1.01
             is the useful range there.
         speed_compile: With ``speed_scope="model"``, time the models under ``torch.compile``
-            (static shapes), the way a GPU deployment runs them.
+            (static shapes), the way a GPU deployment runs them. It ends with
+            ``torch._dynamo.reset()``, which also drops the caller's own compiled code.
     """
 
     RANK_KINDS: ClassVar[tuple[RankKind, ...]] = ("fraction", "int", "vbmf", "energy", "budget")

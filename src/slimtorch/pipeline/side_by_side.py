@@ -83,7 +83,7 @@ def compiled_side_by_side(
     Returns ``{"compiled_latency": {...}}``, or ``{"hint": ...}`` saying why the check was
     skipped: float64 on the CPU, or a GPU inductor cannot compile for
     (:func:`~slimtorch.core.devices.gpu_compile_problem`: the GTX 1060, the RX 580), which would
-    otherwise fail the run after its transform.
+    otherwise fail the run after its transform. Ends with ``torch._dynamo.reset()``.
     """
     from slimtorch.core.devices import gpu_compile_problem
     from slimtorch.decompose.speed import layer_speedup

@@ -170,6 +170,9 @@ def time_int8_runtimes(
 ) -> dict[str, RuntimeTiming]:
     """Time ``quantized`` against its float original ``reference`` in each int8 CPU runtime.
 
+    The compiled runtimes end with ``torch._dynamo.reset()``, which also drops the caller's own
+    compiled code (it recompiles on its next call).
+
     Args:
         reference: The float model (as it was before quantization).
         quantized: Its Q/DQ int8 form (``quantize_``, ``convert_qat_``, ``mixed_precision_``).

@@ -83,13 +83,26 @@ def cpu_int8_support() -> dict[str, Any]:
     }
 
 
+_LIFT_UP: list[Any] = []  # torchao's pre-grad pass, applied only while our models compile
+
+
 def _register_x86_passes() -> None:
+    """Import torchao's x86 inductor passes (its int8 lowerings register on import). The import
+    also sets inductor's process-wide ``pre_grad_custom_pass``, replacing any of the user's: it
+    is put back, and :class:`CompiledInt8` applies torchao's pass to its own compiles only."""
+    if _LIFT_UP:
+        return
+    from torch._inductor import config as inductor_config
+
+    before = inductor_config.pre_grad_custom_pass
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     except ImportError as exc:  # pragma: no cover - torchao is a dependency
         raise ImportError(
             f"the x86 int8 path needs torchao ({exc}); install it with `pip install torchao`"
         ) from None
+    _LIFT_UP.append(inductor_config.pre_grad_custom_pass)
+    inductor_config.pre_grad_custom_pass = before
 
 
 class CompiledInt8(nn.Module):
@@ -110,7 +123,11 @@ class CompiledInt8(nn.Module):
     def forward(self, *args: Any) -> Any:
         from torch._inductor import config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True, max_autotune=self.max_autotune):
+        _register_x86_passes()
+        patch = inductor_config.patch(
+            freezing=True, max_autotune=self.max_autotune, pre_grad_custom_pass=_LIFT_UP[0]
+        )
+        with torch.no_grad(), patch:
             return self._compiled(*args)
 
 

@@ -104,11 +104,13 @@ class ModelServer:
         self.ready = False
         self._poll: asyncio.Task[None] | None = None
         self._scan_lock = asyncio.Lock()
+        self._threads_before: int | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Scan the repository, start the batchers, load pinned/start-up models."""
         if self.settings.threads is not None:
+            self._threads_before = torch.get_num_threads()  # given back by stop()
             torch.set_num_threads(self.settings.threads)
         self.cache = ModelCache(memory_budget(self.settings), self.metrics)
         await self.rescan()
@@ -138,6 +140,9 @@ class ModelServer:
         self.batchers.clear()
         if self.cache is not None:
             self.cache.close()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     async def _poll_loop(self) -> None:
         while True:
