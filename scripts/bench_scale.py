@@ -87,7 +87,9 @@ def _ladders(n: int) -> list[LayerLadder]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes to check the script runs")
     args = ap.parse_args(argv)
+    div = 64 if args.quick else 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         old = "-" if old_s is None else f"{old_s:.2f} s"
         print(f"{step:<34} new {new_s:7.2f} s  old {old:>9}  same: {same}  {note}", flush=True)
 
-    scores = torch.rand(50_000_000)
+    scores = torch.rand(50_000_000 // div**2)
     k = int(0.9 * scores.numel())
     new_s, picked = _timed(lowest_k, scores, k)
     old_s, order = _timed(torch.sort, scores, stable=True)
@@ -106,17 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     same = bool(picked.sum() == k) and bool(picked[order].all())
     row("k lowest of 50M (sparsity 0.9)", new_s, old_s, same, "threshold vs stable sort")
 
-    w = torch.randn(1024, 6272)
-    new_s, (a, b) = _timed(truncated_svd, w, 256)
+    w = torch.randn(1024 // div, 6272 // div)
+    new_s, (a, b) = _timed(truncated_svd, w, 256 // div)
     old_s, (_, s, _) = _timed(torch.linalg.svd, w, full_matrices=False)
     w64 = w.double()
     err = float(((a @ b).double() - w64).norm() / w64.norm())
-    best = float(s.double()[256:].norm() / s.double().norm())
+    best = float(s.double()[256 // div :].norm() / s.double().norm())
     row("SVD 1024x6272, rank 256", new_s, old_s, abs(err - best) < 1e-6,
         f"error {err:.6f}, optimum {best:.6f}")  # fmt: skip
 
-    keep = torch.rand(4096, 25088) < 0.1
-    weight = torch.where(keep, torch.randn(4096, 25088), 0.0)  # +0.0: -0.0 counts as stored
+    shape = (4096 // div, 25088 // div)
+    keep = torch.rand(shape) < 0.1
+    weight = torch.where(keep, torch.randn(shape), 0.0)  # +0.0: -0.0 counts as stored
     new_s, sizes = _timed(format_nbytes, weight)
     old_s, encoded = _timed(_encoded_sizes, weight)
     row("format sizes 4096x25088 at 10%", new_s, old_s, sizes == encoded, str(sizes))
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     row("bitmask pack 4096x25088", new_s, old_s, bool(np.array_equal(packed.numpy(), ref)),
         "old: numpy's packbits, which the CPU path now calls")  # fmt: skip
 
-    for n in (100, 300, 600):
+    for n in (10,) if args.quick else (100, 300, 600):
         layers = _ladders(n)
         dense = sum(layer.options[0].params for layer in layers)
         new_s, _ = _timed(select_ranks_for_budget, layers, target=0.4 * dense)
@@ -134,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(0)
     costs, losses = {}, {}
-    for i in range(300):
+    for i in range(max(1, 300 // div)):
         n = rng.choice([16, 32, 64]) * rng.choice([16, 32, 64]) * 9 + 2 * rng.randrange(50)
         costs[f"l{i}"] = {"fp16": 2.0 * n, "int8": float(n), "int4": n / 2}  # gcd 1 byte
         losses[f"l{i}"] = {"fp16": 0.0, "int8": rng.random() * 0.01, "int4": rng.random()}
     budget = sum(c["int8"] for c in costs.values()) * 0.8
     new_s, _ = _timed(allocate, losses, costs, budget)
     units = int(budget)
-    row("mixed-precision knapsack, 300", new_s, None, None,
-        f"{units:,} byte units x 300 layers: binned above 128M cells")  # fmt: skip
+    row(f"mixed-precision knapsack, {len(costs)}", new_s, None, None,
+        f"{units:,} byte units x {len(costs)} layers (binned above 128M cells)")  # fmt: skip
 
     result = {"command": command_line("scripts/bench_scale.py", argv), "device": cpu_name(),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": 1,

@@ -424,3 +424,11 @@ def test_ddp_keeps_earlier_results_when_a_later_run_fails(tmp_path: Path, monkey
     first = saved["throughput"][0]
     assert first["world_size"] == 1 and first["images_per_s_median"] == 12.0
     assert first["speedup"] == pytest.approx(1.0)
+
+
+def test_bench_scale_quick_runs_and_agrees_with_the_earlier_methods(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    assert load_script("bench_scale").main(["--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["same"] for r in rows if r["same"] is not None] == [True] * 4
+    assert all(r["new_s"] >= 0 for r in rows)
