@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from model_helpers import grey_zoo_model, tucker_resnet20
 from slimtorch.core.measure import measure_latency, measure_peak_memory
 from slimtorch.decompose import TuckerConfig, decompose_, fuse_tucker_
-from slimtorch.models import create_model, load_model, save_model
+from slimtorch.models import load_model, save_model
 from slimtorch.prune import ChannelPruneConfig, NMConfig, prune_, prune_channels_
 from slimtorch.quant import lower_conv_gemm_
 from slimtorch.quant.export import export_onnx
@@ -20,15 +21,11 @@ from slimtorch.sparse import build_sparse_layer, densify_
 
 
 def _lenet() -> nn.Module:
-    torch.manual_seed(1)
-    return create_model("lenet5", in_channels=1, input_size=28).eval()
+    return grey_zoo_model("lenet5", 1)
 
 
 def _resnet_tucker() -> nn.Module:
-    torch.manual_seed(1)
-    model = create_model("resnet20", in_channels=1, input_size=28).eval()
-    decompose_(model, TuckerConfig(rank=0.5), include=["layer1.0.conv1"])
-    return model
+    return tucker_resnet20(1)
 
 
 def _sparse() -> nn.Module:

@@ -8,23 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from slimtorch.decompose import TuckerConfig, decompose_, fuse_tucker_
-from slimtorch.models import create_model, load_model, save_model
+from model_helpers import grey_zoo_model, tucker_resnet20
+from slimtorch.decompose import fuse_tucker_
+from slimtorch.models import load_model, save_model
 from slimtorch.prune import MagnitudeConfig, MaskCallback, masked_params, prune_
 from slimtorch.quant import fold_bn_, lower_conv_gemm_, lower_direct_conv_
 from slimtorch.train import TrainConfig, Trainer
 
 
 def _lenet() -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("lenet5", in_channels=1, input_size=28).eval()
+    return grey_zoo_model("lenet5", 0)
 
 
 def _tucker_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    model = create_model("resnet20", in_channels=1, input_size=28).eval()
-    decompose_(model, TuckerConfig(rank=0.5), include=["layer1.0.conv1"])
-    return model
+    return tucker_resnet20(0)
 
 
 CASES = {
