@@ -287,3 +287,17 @@ def test_the_server_gives_the_thread_count_back_when_it_stops(tmp_path: Path) ->
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_changed_version_does_not_get_the_runner_of_its_old_files(tmp_path: Path) -> None:
+    # a rescan installs the new version's batcher before the old runner is unloaded; looked up
+    # by (name, version) only, the new batcher's requests were answered by the old model
+    repo = _repo(tmp_path, ["a"], memory=1000)
+    cache = ModelCache(10_000)
+    old = _use(cache, repo, "a")
+    write_onnx(tmp_path / "a" / "1" / "model.onnx", W * 7, B)  # new weights, same version
+    repo.scan()
+    new = _use(cache, repo, "a")
+    np.testing.assert_allclose(new, np.ones((1, 4), np.float32) @ (W * 7))
+    assert not np.allclose(new, old)
+    assert cache.resident() == [("a", 1)]

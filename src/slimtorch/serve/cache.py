@@ -179,9 +179,12 @@ class ModelCache:
             "memory_bytes or max_batch_size"
         )
 
-    def _acquire_resident(self, key: Key) -> Runner | None:
+    def _acquire_resident(self, key: Key, entry: VersionEntry) -> Runner | None:
         slot = self._slots.get(key)
         if slot is None:
+            return None
+        if slot.entry.generation < entry.generation:  # loaded from the files a rescan replaced
+            self._evict_locked(key, "its files changed on disk")
             return None
         self._slots.move_to_end(key)
         slot.in_use += 1
@@ -216,13 +219,13 @@ class ModelCache:
         """
         key = (entry.model, entry.version)
         with self._lock:
-            runner = self._acquire_resident(key)
+            runner = self._acquire_resident(key, entry)
             if runner is not None:
                 return runner
             lock = self._load_locks.setdefault(key, threading.Lock())
         with lock:
             with self._lock:
-                runner = self._acquire_resident(key)
+                runner = self._acquire_resident(key, entry)
                 if runner is not None:
                     return runner
             if entry.state in (State.UNAVAILABLE, State.UNLOADED):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import zipfile
@@ -72,6 +73,9 @@ class State(enum.StrEnum):
     UNLOADED = "UNLOADED"  # unloaded by the management API until loaded again
 
 
+_GENERATIONS = itertools.count()
+
+
 @dataclasses.dataclass(eq=False)
 class VersionEntry:
     """One version of a model and where it stands."""
@@ -81,6 +85,8 @@ class VersionEntry:
     path: Path
     state: State = State.AVAILABLE
     reason: str = ""
+    # scan order: a rescan of a changed model makes new entries, later than the old ones
+    generation: int = dataclasses.field(default_factory=lambda: next(_GENERATIONS))
 
     @property
     def servable(self) -> bool:
