@@ -192,3 +192,24 @@ def test_stale_temp_sweep_never_signals_on_windows(
     stale.write_bytes(b"x")
     assert io.remove_stale_temps(tmp_path / "checkpoint.pt") == []
     assert stale.exists()
+
+
+def test_another_machines_temporary_files_are_left_alone(tmp_path: Path) -> None:
+    # a pid means a process only on the machine (and pid namespace) that took it: a live
+    # writer on another NFS client or in a container looked dead here, and the sweep deleted
+    # its file mid-write (a save_model there then installed a folder without its weights)
+    import subprocess
+    import sys
+
+    from slimtorch.core import io
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    ours = tmp_path / f".m.json.{pid}-{io._HOST}.0a1b2c.tmp"
+    theirs = tmp_path / f".m.json.{pid}-{'0' * 8 if io._HOST != '0' * 8 else '1' * 8}.0a1b2c.tmp"
+    ours.write_text("killed here")
+    theirs.write_text("still being written elsewhere")
+    assert io.remove_stale_temps(tmp_path / "m.json") == [ours.name]
+    assert theirs.exists()
+    assert io.temp_name(tmp_path / "m.json").startswith(f".m.json.{os.getpid()}-{io._HOST}.")

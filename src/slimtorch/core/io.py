@@ -6,10 +6,12 @@ A reader never sees a half-written file, and a crash mid-write leaves the old fi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -77,11 +79,24 @@ def _write_failure(exc: Exception, path: Path) -> OSError | None:
     )
 
 
+def _host_token() -> str:
+    """This machine and pid namespace, hashed: a pid means a process only where it was taken
+    (another NFS client, a container sharing the folder, has its own pids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_token()
+
+
 def temp_name(path: Path) -> str:
-    """The name of a temporary sibling of ``path`` (``.<name>.<pid>.<random>.tmp``): the
-    writing process's id lets a later write remove what a killed one left (see
-    :func:`remove_stale_temps`)."""
-    return f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    """The name of a temporary sibling of ``path`` (``.<name>.<pid>-<host>.<random>.tmp``):
+    the writing process's id and its machine let a later write on the same machine remove what
+    a killed one left (see :func:`remove_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}-{_HOST}.{uuid.uuid4().hex[:12]}.tmp"
 
 
 _WINDOWS = os.name == "nt"
@@ -112,7 +127,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
         ['.m.json.999999999.0123.tmp']
     """
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+    # a pid, with this machine's token or none (names written before the token existed)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)(?:-([0-9a-f]{{8}}))?\.[0-9a-f]+\.tmp")
     removed: list[str] = []
     try:
         entries = list(path.parent.iterdir())
@@ -120,8 +136,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
         return removed
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
+        if match is None or match.group(2) not in (None, _HOST) or _alive(int(match.group(1))):
+            continue  # another machine's writer cannot be checked from here: its file stays
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
