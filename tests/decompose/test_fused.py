@@ -46,9 +46,9 @@ def fresh_native(monkeypatch: pytest.MonkeyPatch):
     """Forget the loaded kernel before and after, so env changes (via monkeypatch) take effect
     and later tests see the normal state again (monkeypatch restores the env after this)."""
     monkeypatch.delenv("SLIMTORCH_NO_NATIVE", raising=False)
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     yield monkeypatch
-    native._load.cache_clear()
+    native._load_once.cache_clear()
 
 
 @pytest.fixture
@@ -374,7 +374,7 @@ def test_parametrised_weight_is_read_through_its_parametrisation() -> None:
 def test_no_native_env_disables_the_kernel(fresh_native: pytest.MonkeyPatch) -> None:
     layer, x, res, expected = _sample_layer()
     fresh_native.setenv("SLIMTORCH_NO_NATIVE", "1")
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()
     assert status.available is False
     assert "SLIMTORCH_NO_NATIVE" in status.detail
@@ -383,19 +383,41 @@ def test_no_native_env_disables_the_kernel(fresh_native: pytest.MonkeyPatch) -> 
         torch.testing.assert_close(layer(x, res), expected, atol=ATOL, rtol=RTOL)
 
 
+def test_threads_asking_at_once_build_the_kernel_once(fresh_native: pytest.MonkeyPatch) -> None:
+    # functools.cache let every thread's first call run the build: 8 threads, 8 compiles
+    import threading
+    import time
+
+    builds = []
+    real = native._build
+
+    def slow_build(*args: object) -> object:
+        builds.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    fresh_native.setattr(native, "_build", slow_build)
+    threads = [threading.Thread(target=native.kernel_status) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+
+
 def test_no_native_zero_does_not_disable(fresh_native: pytest.MonkeyPatch) -> None:
     fresh_native.delenv("SLIMTORCH_NO_NATIVE", raising=False)
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     normal = native.kernel_status()
     fresh_native.setenv("SLIMTORCH_NO_NATIVE", "0")
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     assert native.kernel_status() == normal
 
 
 def test_missing_compiler_is_reported_and_falls_back(fresh_native: pytest.MonkeyPatch) -> None:
     layer, x, res, expected = _sample_layer()
     fresh_native.setenv("SLIMTORCH_CC", "/nonexistent")
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()
     assert status.available is False
     assert "compiler" in status.detail and "/nonexistent" in status.detail
@@ -407,7 +429,7 @@ def test_missing_compiler_is_reported_and_falls_back(fresh_native: pytest.Monkey
 def test_fallback_state_does_not_leak_into_other_tests() -> None:
     # runs after the env tests above: what is cached now is what the real env gives
     cached = native.kernel_status()
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     assert native.kernel_status() == cached
 
 
@@ -907,7 +929,7 @@ def test_second_load_reuses_the_cached_library(fresh_native: pytest.MonkeyPatch)
     lib = Path(status.detail)
     assert lib.parent == native.cache_dir() and lib.name.startswith("tucker_block-")
     mtime = lib.stat().st_mtime_ns
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     assert native.kernel_status() == status
     source = (Path(native.__file__).parent / "kernels" / native.SOURCE).read_bytes()
     cc = os.environ.get("SLIMTORCH_CC", "cc")
@@ -927,7 +949,7 @@ def test_build_into_a_fresh_cache_dir(fresh_native: pytest.MonkeyPatch, tmp_path
     if not kernel_available():
         pytest.skip(f"fused kernel unavailable: {native.kernel_status().detail}")
     fresh_native.setenv("SLIMTORCH_CACHE", str(tmp_path))
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()  # compiles once more
     assert status.available, status.detail
     lib = Path(status.detail)
@@ -937,7 +959,7 @@ def test_build_into_a_fresh_cache_dir(fresh_native: pytest.MonkeyPatch, tmp_path
     layer, x, res, expected = _sample_layer()
     with torch.no_grad():
         torch.testing.assert_close(layer(x, res), expected, atol=ATOL, rtol=RTOL)
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     assert native.kernel_status() == status
     assert lib.stat().st_mtime_ns == mtime
 
@@ -953,7 +975,7 @@ def test_compiler_that_always_fails(fresh_native: pytest.MonkeyPatch, tmp_path: 
     cc = _script(tmp_path, "badcc", "echo 'broken compiler' >&2\nexit 1\n")
     fresh_native.setenv("SLIMTORCH_CC", str(cc))
     fresh_native.setenv("SLIMTORCH_CACHE", str(tmp_path / "cache"))
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()
     assert status.available is False
     assert "C compiler" in status.detail and str(cc) in status.detail
@@ -973,7 +995,7 @@ def test_compile_errors_are_reported(fresh_native: pytest.MonkeyPatch, tmp_path:
     )
     fresh_native.setenv("SLIMTORCH_CC", str(cc))
     fresh_native.setenv("SLIMTORCH_CACHE", str(tmp_path / "cache"))
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()
     assert status.available is False
     assert "compiling the fused Tucker kernel failed" in status.detail
@@ -994,7 +1016,7 @@ def test_library_without_the_symbol(fresh_native: pytest.MonkeyPatch, tmp_path: 
     )
     fresh_native.setenv("SLIMTORCH_CC", str(cc))
     fresh_native.setenv("SLIMTORCH_CACHE", str(tmp_path / "cache"))
-    native._load.cache_clear()
+    native._load_once.cache_clear()
     status = native.kernel_status()
     assert status.available is False
     assert native.SYMBOL in status.detail

@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -130,8 +131,16 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()  # threads asking at once build once (8 threads built 8 times)
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("SLIMTORCH_NO_NATIVE", "") not in ("", "0"):
         return None, "disabled by SLIMTORCH_NO_NATIVE"
     cc = os.environ.get("SLIMTORCH_CC", "cc")

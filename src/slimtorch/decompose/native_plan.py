@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -91,6 +92,7 @@ class PlanCache:
 
     def __init__(self) -> None:
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._lock = threading.Lock()  # two threads building at once kept one plan only
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -112,11 +114,12 @@ class PlanCache:
             return None
         out = check_shapes(x, *weights, res, *geo)
         key = (x.shape[2], x.shape[3])
-        plans = dict(self._plans)  # replaced whole: a concurrent reader sees old or new
-        if len(plans) >= MAX_PLANS and key not in plans:
-            del plans[next(iter(plans))]
-        plan = plans[key] = _Plan(lib, x, weights, geo, out)
-        self._plans = plans
+        with self._lock:
+            plans = dict(self._plans)  # replaced whole: a concurrent reader sees old or new
+            if len(plans) >= MAX_PLANS and key not in plans:
+                del plans[next(iter(plans))]
+            plan = plans[key] = _Plan(lib, x, weights, geo, out)
+            self._plans = plans
         return plan
 
     def run(
