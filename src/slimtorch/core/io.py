@@ -5,6 +5,7 @@ A reader never sees a half-written file, and a crash mid-write leaves the old fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,7 +14,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,37 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
             continue
         removed.append(entry.name)
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike[str], *, shared: bool) -> Iterator[None]:
+    """Hold an advisory lock for the folder ``path``, taken on its parent directory (no lock
+    file is left behind): exclusive for a writer that swaps the folder, shared for readers of
+    several of its files, so a reader never pairs one save's config with another's weights and
+    two saves never undo each other's swap. Where no lock can be taken (no ``fcntl`` on
+    Windows, a file system without locks, a missing parent) the body runs unlocked.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with folder_lock(pathlib.Path(tempfile.mkdtemp()) / "model", shared=True):
+        ...     pass
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: run unlocked
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:

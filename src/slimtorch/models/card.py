@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
-from slimtorch.core.io import atomic_write_json, read_json
+from slimtorch.core.io import atomic_write_json, folder_lock, read_json
 
 if TYPE_CHECKING:
     from slimtorch.data import ImageDataset
@@ -248,7 +248,13 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         >>> read_model_card(d / "lenet").class_names[:2]
         ('0', '1')
     """
-    root = _resolve_dir(Path(path))
+    folder = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    with folder_lock(folder, shared=True):  # a save's swap waits: one save's files only
+        return _read_card(Path(path))
+
+
+def _read_card(path: Path) -> ModelCard:
+    root = _resolve_dir(path)
     cfg = _read_json_file(
         root / CONFIG_FILE,
         "it is not a slimtorch model directory (save_model writes config.json); re-save it",

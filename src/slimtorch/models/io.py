@@ -42,6 +42,7 @@ from slimtorch.core.errors import ModelLoadError, is_out_of_memory
 from slimtorch.core.io import (
     atomic_write,
     atomic_write_json,
+    folder_lock,
     fsync_dir,
     read_json,
     remove_stale_temps,
@@ -246,60 +247,61 @@ def save_model(
     path = Path(path)
     if path.is_symlink():  # latest -> run-3: save into run-3, the link stays
         path = path.resolve()
-    backup = _backup_dir(path)
-    if backup.is_symlink():  # left by an earlier version that renamed a link
-        backup.unlink()
-    if not path.exists() and _is_model_dir(backup):
-        os.replace(backup, path)  # finish undoing a swap interrupted by a crash
-    if path.exists() and not _is_model_dir(path):
-        raise ValueError(
-            f"{path} exists and is not a slimtorch model directory; choose a new or empty "
-            "directory (save_model replaces the whole directory)"
-        )
-
-    tensors, tied = _unshared_state_dict(model)
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "architecture": {"name": arch["name"], "kwargs": kwargs},
-        "transforms": list(arch.get("transforms", [])),
-        "input_shape": list(shape),
-        "mean": mean_l,
-        "std": std_l,
-        "class_names": names,
-        "dtype": _weights_dtype(model),
-        "torch_version": torch.__version__,
-        "tied": tied,
-        "extra": extra or {},
-    }
-    if _channels_last(model):
-        config["memory_format"] = "channels_last"
-
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)  # what a killed save left
-    tmp = path.with_name(temp_name(path))
-    tmp.mkdir()  # unlike mkdtemp, honours the umask like any other directory
-    try:
-        atomic_write(
-            tmp / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=_WEIGHTS_METADATA)
-        )
-        if metrics is not None:
-            atomic_write_json(tmp / METRICS_FILE, metrics)
-        atomic_write_json(tmp / CONFIG_FILE, config)
-        if path.exists():
-            if backup.exists():
+    with folder_lock(path, shared=False):  # one save at a time; loads wait for the swap
+        backup = _backup_dir(path)
+        if backup.is_symlink():  # left by an earlier version that renamed a link
+            backup.unlink()
+        if not path.exists() and _is_model_dir(backup):
+            os.replace(backup, path)  # finish undoing a swap interrupted by a crash
+        if path.exists() and not _is_model_dir(path):
+            raise ValueError(
+                f"{path} exists and is not a slimtorch model directory; choose a new or empty "
+                "directory (save_model replaces the whole directory)"
+            )
+
+        tensors, tied = _unshared_state_dict(model)
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "architecture": {"name": arch["name"], "kwargs": kwargs},
+            "transforms": list(arch.get("transforms", [])),
+            "input_shape": list(shape),
+            "mean": mean_l,
+            "std": std_l,
+            "class_names": names,
+            "dtype": _weights_dtype(model),
+            "torch_version": torch.__version__,
+            "tied": tied,
+            "extra": extra or {},
+        }
+        if _channels_last(model):
+            config["memory_format"] = "channels_last"
+
+        from safetensors.torch import save_file
+
+        remove_stale_temps(path)  # what a killed save left
+        tmp = path.with_name(temp_name(path))
+        tmp.mkdir()  # unlike mkdtemp, honours the umask like any other directory
+        try:
+            atomic_write(
+                tmp / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=_WEIGHTS_METADATA)
+            )
+            if metrics is not None:
+                atomic_write_json(tmp / METRICS_FILE, metrics)
+            atomic_write_json(tmp / CONFIG_FILE, config)
+            if path.exists():
+                if backup.exists():
+                    shutil.rmtree(backup)
+                os.replace(path, backup)
+                os.replace(tmp, path)
                 shutil.rmtree(backup)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            else:
+                os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     logger.info("saved %s (%d tensors) to %s", arch["name"], len(tensors), path)
     return path
 
@@ -431,63 +433,65 @@ def load_model(
         ((1, 28, 28), False, device(type='cpu'))
     """
     dev = resolve_device(device)  # an unavailable device is named before anything is read
-    card = read_model_card(path)
-    root = _resolve_dir(Path(path))
-    weights = root / WEIGHTS_FILE
-    why = load_misfit(card, root, read_meminfo().get("MemAvailable"))
-    if why is not None:  # before the model is allocated
-        raise ModelLoadError(why)
-    try:
-        model = create_model(card.architecture["name"], **card.architecture["kwargs"])
-    except (ValueError, TypeError) as exc:
-        raise ModelLoadError(
-            f"cannot rebuild the architecture recorded in {root / CONFIG_FILE}: {exc}; import "
-            "the module that registers the model (on the command line: slimtorch --import "
-            "MODULE ...), or re-save it"
-        ) from exc
-    try:
-        replay_transforms(model, card.transforms)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{root / CONFIG_FILE}: {exc}") from exc.__cause__
-    if card.dtype != "mixed":
-        dtype = getattr(torch, card.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    folder = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    with folder_lock(folder, shared=True):  # a save's swap waits: one save's files only
+        card = read_model_card(path)
+        root = _resolve_dir(Path(path))
+        weights = root / WEIGHTS_FILE
+        why = load_misfit(card, root, read_meminfo().get("MemAvailable"))
+        if why is not None:  # before the model is allocated
+            raise ModelLoadError(why)
+        try:
+            model = create_model(card.architecture["name"], **card.architecture["kwargs"])
+        except (ValueError, TypeError) as exc:
             raise ModelLoadError(
-                f"{root / CONFIG_FILE} records dtype {card.dtype!r}, not a floating dtype; "
-                "re-save the model"
-            )
-        model.to(dtype)
-        if dtype != torch.float32:  # a model.half() one: takes the float32 inputs loaders give
-            model.register_forward_pre_hook(_InputsTo(dtype))
+                f"cannot rebuild the architecture recorded in {root / CONFIG_FILE}: {exc}; import "
+                "the module that registers the model (on the command line: slimtorch --import "
+                "MODULE ...), or re-save it"
+            ) from exc
+        try:
+            replay_transforms(model, card.transforms)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{root / CONFIG_FILE}: {exc}") from exc.__cause__
+        if card.dtype != "mixed":
+            dtype = getattr(torch, card.dtype, None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ModelLoadError(
+                    f"{root / CONFIG_FILE} records dtype {card.dtype!r}, not a floating dtype; "
+                    "re-save the model"
+                )
+            model.to(dtype)
+            if dtype != torch.float32:  # a model.half() one: takes the float32 inputs loaders give
+                model.register_forward_pre_hook(_InputsTo(dtype))
 
-    if not weights.is_file():
-        raise ModelLoadError(
-            f"{WEIGHTS_FILE} is missing from {root}; restore it or re-save the model"
-        )
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(weights, device="cpu")
-    except Exception as exc:  # safetensors raises its own error types and OSError
-        if is_out_of_memory(exc):  # a sound file that did not fit: not "corrupt"
-            raise MemoryError(f"out of memory reading {weights} ({exc})") from exc
-        raise ModelLoadError(
-            f"{weights} is corrupt or truncated ({exc}); restore it or re-save the model"
-        ) from None
-    for alias, key in card.tied.items():
-        if key not in tensors:
+        if not weights.is_file():
             raise ModelLoadError(
-                f"{root / CONFIG_FILE} ties {alias!r} to {key!r}, which {WEIGHTS_FILE} lacks; "
-                "re-save the model"
+                f"{WEIGHTS_FILE} is missing from {root}; restore it or re-save the model"
             )
-        tensors[alias] = tensors[key]
-    if card.dtype == "mixed":
-        _dtypes_as_saved(model, tensors)
-    _check_weights(model, tensors, weights)
-    model.load_state_dict(tensors, strict=True)
-    model.to(dev)
-    if card.memory_format == "channels_last":  # as it was saved (the file holds NCHW)
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.eval()
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(weights, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types and OSError
+            if is_out_of_memory(exc):  # a sound file that did not fit: not "corrupt"
+                raise MemoryError(f"out of memory reading {weights} ({exc})") from exc
+            raise ModelLoadError(
+                f"{weights} is corrupt or truncated ({exc}); restore it or re-save the model"
+            ) from None
+        for alias, key in card.tied.items():
+            if key not in tensors:
+                raise ModelLoadError(
+                    f"{root / CONFIG_FILE} ties {alias!r} to {key!r}, which {WEIGHTS_FILE} lacks; "
+                    "re-save the model"
+                )
+            tensors[alias] = tensors[key]
+        if card.dtype == "mixed":
+            _dtypes_as_saved(model, tensors)
+        _check_weights(model, tensors, weights)
+        model.load_state_dict(tensors, strict=True)
+        model.to(dev)
+        if card.memory_format == "channels_last":  # as it was saved (the file holds NCHW)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.eval()
     logger.info("loaded %s from %s", card.architecture["name"], root)
     return model, card
