@@ -267,3 +267,34 @@ def test_root_that_is_a_file_names_the_option_too(shared_data: Path, isolated: P
         f"root {str(given)!r} is a file, not a folder; pass the folder that holds the dataset's "
         f"files as root= / --data-root (e.g. {str(given.parent)!r})"
     )
+
+
+def test_processes_fetching_one_dataset_at_once_fetch_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every data-parallel rank (or command) missing the files downloaded the whole dataset
+    import threading
+    import time
+
+    from slimtorch.data import resolve
+    from slimtorch.data.catalog import dataset_info
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fetched: list[str] = []
+
+    def slow_fetch(urls: list[str], dest: Path, spec: object) -> Path:
+        fetched.append(dest.name)
+        time.sleep(0.2)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"x")
+        return dest
+
+    monkeypatch.setattr(resolve, "download_file", slow_fetch)
+    info = dataset_info("mnist")
+    runs = [threading.Thread(target=resolve._download, args=(info, "test", ["file:///m"]))
+            for _ in range(2)]  # fmt: skip
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sorted(fetched) == sorted(f.name for f in info.layouts["test"][0].files)

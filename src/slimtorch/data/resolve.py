@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
+from slimtorch.core.io import folder_lock
 from slimtorch.data.catalog import (
     IDX_CONTENTS,
     DatasetInfo,
@@ -130,6 +131,13 @@ def _dataset_files(
 
 def _download(info: DatasetInfo, split: str, mirrors: Sequence[str]) -> None:
     target = data_cache_dir() / info.subdirs[0]
+    target.mkdir(parents=True, exist_ok=True)
+    # one process fetches; others (data-parallel ranks, two commands) wait, then find the files
+    with folder_lock(target, shared=False):
+        _fetch(info, split, mirrors, target)
+
+
+def _fetch(info: DatasetInfo, split: str, mirrors: Sequence[str], target: Path) -> None:
     if info.archive is None:
         for spec in info.layouts[split][0].files:
             dest = target / spec.name
@@ -138,7 +146,8 @@ def _download(info: DatasetInfo, split: str, mirrors: Sequence[str]) -> None:
         return
     # One archive holds every split: fetch it once, extract the files, drop the archive.
     members = [f for s in info.layouts for f in info.layouts[s][0].files]
-    target.mkdir(parents=True, exist_ok=True)
+    if all((target / f.name).is_file() for f in members):  # another process fetched it
+        return
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         archive = Path(tmp) / info.archive.name
         download_file([m.rstrip("/") + "/" + info.archive.name for m in mirrors], archive,
