@@ -368,7 +368,7 @@ def _plan(model: nn.Module, names: list[str], rows: dict[str, FuseRow]) -> None:
                 row.residual, row.relu = True, relu_name
 
 
-def _apply(model: nn.Module, layer: dict[str, Any]) -> list[str]:
+def _apply(model: nn.Module, layer: dict[str, Any], carry: bool = True) -> list[str]:
     """Swap in the fused layer (weights as they are) and drop the modules it took in; returns
     the names of its factors that carried pruning masks over."""
     conv = model.get_submodule(layer["conv"])
@@ -381,7 +381,7 @@ def _apply(model: nn.Module, layer: dict[str, Any]) -> list[str]:
     for part in ("first", "core", "last"):
         src, dst = getattr(conv, part), getattr(fused, part)
         dst.weight.requires_grad_(src.weight.requires_grad)
-        if carry_masks_(src, dst):
+        if carry and carry_masks_(src, dst):
             moved.append(f"{layer['conv']}.{part}")
     model.set_submodule(layer["conv"], fused)
     for name in (layer["bn"], layer["relu"]):
@@ -491,7 +491,7 @@ def fuse_tucker_(
 
 def _replay(model: nn.Module, params: dict[str, Any]) -> None:
     for layer in layer_entries(params, TRANSFORM_NAME, {"conv", "bn", "relu", "residual"}):
-        _apply(model, layer)
+        _apply(model, layer, carry=False)
 
 
 if TRANSFORM_NAME not in ARCH_TRANSFORMS:

@@ -452,15 +452,16 @@ def _skip_identity(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.
     return node
 
 
-def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any]) -> bool:
-    """Swap in the direct form; returns whether it carried pruning masks."""
+def _apply(model: nn.Module, conv: nn.Conv2d, layer: dict[str, Any], carry: bool = True) -> bool:
+    """Swap in the direct form; returns whether it carried pruning masks (``carry``: not in a
+    load's replay, where the masks' own record, replayed after, puts them back)."""
     direct = DirectConv2d.from_conv(
         conv,
         pool=layer["pool"],
         relu=layer["relu"] is not None,
         channels_last=bool(layer.get("channels_last", False)),
     ).train(conv.training)
-    carried = carry_masks_(conv, direct)
+    carried = carry and carry_masks_(conv, direct)
     model.set_submodule(layer["conv"], direct)
     for name in (layer["relu"], layer["pool_module"]):
         if name:
@@ -473,7 +474,7 @@ def _replay(model: nn.Module, params: dict[str, Any]) -> None:
         conv = model.get_submodule(layer["conv"])
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{layer['conv']!r} is a {type(conv).__name__}, expected a Conv2d")
-        _apply(model, conv, layer)
+        _apply(model, conv, layer, carry=False)
 
 
 if TRANSFORM_NAME not in ARCH_TRANSFORMS:
