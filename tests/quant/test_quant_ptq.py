@@ -299,3 +299,21 @@ def test_a_channels_last_model_stays_channels_last_through_quantize_and_a_reload
     )
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.layer1[0].conv1.weight_int8.is_contiguous(memory_format=cl)
+
+
+def test_a_pruned_channels_last_model_keeps_its_layout_record(tmp_path) -> None:
+    # its NCHW bool masks, now read with the buffers, made the layout check fail
+    import json
+
+    from slimtorch.models import save_model
+    from slimtorch.prune import MagnitudeConfig, prune_
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28).to(
+        memory_format=torch.channels_last
+    )
+    prune_(model, MagnitudeConfig(sparsity=0.5))
+    save_model(model, tmp_path / "m", input_shape=(1, 28, 28), mean=[0.5], std=[0.5],
+               class_names=list("0123456789"))  # fmt: skip
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["memory_format"] == "channels_last"

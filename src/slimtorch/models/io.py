@@ -313,7 +313,7 @@ def _channels_last(model: nn.Module) -> bool:
     fmt = torch.channels_last
     weights = [
         p
-        for p in [*model.parameters(), *model.buffers()]
+        for p in [*model.parameters(), *(b for b in model.buffers() if b.dtype != torch.bool)]
         if p.dim() == 4 and not (p.is_contiguous() and p.is_contiguous(memory_format=fmt))
     ]
     return bool(weights) and all(p.is_contiguous(memory_format=fmt) for p in weights)
