@@ -579,3 +579,20 @@ def test_a_sequential_holding_an_untraceable_layer_keeps_its_other_layers_open()
     rows = {r.name: r.action for r in report.rows}
     assert rows["0.2"] == "pruned" and inner[2].out_features == 16
     assert rows["0.1.lin"] == "skipped" and model(x).shape == before.shape
+
+
+def test_a_layer_the_forward_never_calls_gets_no_skip_row() -> None:
+    # a spare layer (a head used elsewhere) made strict=True fail with "not a layer of the
+    # traced graph"
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+            self.spare = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = WithSpare().eval()
+    report = prune_channels_(model, CONFIG, torch.randn(4, 8), strict=True)
+    assert "spare" not in {r.name for r in report.rows}

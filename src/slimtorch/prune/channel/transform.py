@@ -32,13 +32,18 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import check_bool
-from slimtorch.core.devices import keeps_rng
+from slimtorch.core.devices import keeps_rng, kept_rng
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import check_include_hits, selected
 from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
-from slimtorch.core.surgery import parameter_sharing, require_float32, require_values
+from slimtorch.core.surgery import (
+    kept_modes,
+    parameter_sharing,
+    require_float32,
+    require_values,
+)
 from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.check import check_nm_masks, reference_outputs, swap_and_check
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
@@ -221,17 +226,38 @@ def _new_layers(
 
 
 def _unseen_rows(
-    model: nn.Module, graph: ChannelGraph, include: Any, exclude: Any, reported: set[str]
+    model: nn.Module,
+    graph: ChannelGraph,
+    example_input: Any,
+    include: Any,
+    exclude: Any,
+    reported: set[str],
 ) -> list[ChannelGroupRow]:
-    """Skip rows for selected conv/linear layers the traced graph never saw as layers: inside a
-    module torch.fx cannot trace (kept as one opaque call), or a class the graph does not slice
-    (a QAT layer, a fused kernel's factors). Without them the report said nothing of them."""
+    """Skip rows for selected conv/linear layers the forward calls but the traced graph never
+    saw as layers: inside a module torch.fx cannot trace (kept as one opaque call), or a class
+    the graph does not slice (a QAT layer, a fused kernel's factors). Without them the report
+    said nothing of them. Layers the forward never calls get no row."""
     seen = set(graph.layers) | {m for g in graph.groups for m in g.members} | reported
+    unseen = {
+        name: module
+        for name, module in model.named_modules()
+        if name not in seen
+        and isinstance(module, _LAYER_TYPES)
+        and selected(name, include, exclude)
+    }
+    if not unseen:
+        return []
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n)) for n, m in unseen.items()]
+    try:
+        with torch.no_grad(), kept_modes(model), kept_rng():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
     rows = []
-    for name, module in model.named_modules():
-        if name in seen or not isinstance(module, _LAYER_TYPES):
-            continue
-        if selected(name, include, exclude):
+    for name, module in unseen.items():
+        if name in called:
             out = getattr(module, "out_channels", getattr(module, "out_features", 0))
             reason = (
                 f"{type(module).__name__} is not a layer of the traced graph (inside a module "
@@ -328,7 +354,7 @@ def prune_channels_(
             reason = stored_weights_reason(module, dtype, "channel-prune")
             rows.append(ChannelGroupRow(name, [name], [name], channels, channels, None,
                                         "skipped", reason))  # fmt: skip
-    rows += _unseen_rows(model, graph, include, exclude, {r.name for r in rows})
+    rows += _unseen_rows(model, graph, example_input, include, exclude, {r.name for r in rows})
     config_dict = {"type": type(config).__name__, **config.to_dict()}
     skipped = [r for r in rows if r.action == "skipped"]
     if strict and skipped:
