@@ -82,3 +82,12 @@ def test_relative_error_sums_in_float64() -> None:
     ref, approx = torch.rand(10_000_000, generator=g), torch.rand(10_000_000, generator=g)
     want = (approx.double() - ref.double()).norm() / ref.double().norm()
     assert float(relative_error(approx, ref)) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_relative_error_of_half_tensors_does_not_overflow() -> None:
+    # squaring in float16 overflowed at values near 300 (and underflowed near 1e-4): error 0
+    from slimtorch.decompose.linalg import relative_error
+
+    ref = torch.full((100,), 300.0, dtype=torch.float16)
+    approx = ref * 1.01
+    assert float(relative_error(approx, ref)) == pytest.approx(0.01, rel=0.05)

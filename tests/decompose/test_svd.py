@@ -61,3 +61,13 @@ def test_long_matrices_take_the_gram_route_at_the_optimal_error(shape: tuple[int
         err = (a @ b - w).norm() / w.norm()
         assert float(err) == pytest.approx(float(s[rank:].norm() / s.norm()), abs=1e-12)
         torch.testing.assert_close(b @ b.mT, torch.eye(rank, dtype=w.dtype))
+
+
+def test_a_matrix_with_zero_rows_leaves_no_dead_factor_rows() -> None:
+    # through the Gram matrix, zero singular values became all-zero rows of the first factor,
+    # which no gradient can revive; such matrices take the plain SVD
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    w[24:] = 0.0  # rank 24
+    a, b = truncated_svd(w, 32)
+    assert int((a.abs().sum(1) == 0).sum()) <= 64 - 32  # only rows of w that are zero
+    torch.testing.assert_close(b @ b.mT, torch.eye(32), atol=1e-4, rtol=0)

@@ -317,3 +317,22 @@ def test_a_pruned_channels_last_model_keeps_its_layout_record(tmp_path) -> None:
                class_names=list("0123456789"))  # fmt: skip
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["memory_format"] == "channels_last"
+
+
+def test_a_container_holding_a_parameter_and_layers_gets_no_row() -> None:
+    # a block with a position table beside its Linear layers was reported skipped (its bytes
+    # counted twice) and failed strict mode, though its layers were quantized
+    from slimtorch.quant import PTQConfig, quantize_
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 4, 32))
+            self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x + self.pos)))
+
+    model = nn.Sequential(Block()).eval()
+    rows = quantize_(model, PTQConfig(mode="weight_only"), strict=True).rows
+    assert [(r.name, r.action) for r in rows] == [("0.fc1", "quantized"), ("0.fc2", "quantized")]

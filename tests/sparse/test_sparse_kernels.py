@@ -236,3 +236,12 @@ def test_semi_structured_after_cast_runs_and_densifies_on_cuda() -> None:
     densify_(net)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_sparse_layers_stay_inference_only_and_dense_forms_trainable() -> None:
+    # the frozen-flag carry made a sparse layer's bias trainable (every forward outside no_grad
+    # built a graph) and froze the bias of a dense form made from a sparse layer built directly
+    sparse = build_sparse_layer(nn.Linear(8, 8), "csr")
+    assert not any(p.requires_grad for p in sparse.parameters())
+    dense = SparseLinear(torch.eye(8), torch.zeros(8), "csr").to_dense_module()
+    assert all(p.requires_grad for p in dense.parameters())

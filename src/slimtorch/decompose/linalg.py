@@ -231,7 +231,7 @@ def norm64(x: torch.Tensor) -> torch.Tensor:
         >>> float(norm64(torch.full((4,), 0.5)))
         1.0
     """
-    return x.square().sum(dtype=torch.float64).sqrt()
+    return torch.linalg.vector_norm(x, dtype=torch.float64)  # upcast before squaring
 
 
 def check_each(

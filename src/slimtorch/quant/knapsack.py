@@ -39,8 +39,10 @@ def _steps(costs: dict[str, dict[str, float]], budget: float, bins: int) -> tupl
     values = [c for opts in costs.values() for c in opts.values()]
     if all(float(c).is_integer() and c >= 0 for c in values) and budget >= 0:
         unit = reduce(math.gcd, (int(c) for c in values), 0) or 1
-        if budget // unit <= min(EXACT_STEPS, EXACT_CELLS // max(1, len(costs))):
+        cap = min(EXACT_STEPS, EXACT_CELLS // max(1, len(costs)))
+        if budget // unit <= cap:
             return float(unit), int(budget // unit)
+        bins = max(bins, cap)  # as fine as the work bound allows: far finer than the default
     return (budget / bins if budget > 0 else 1.0), bins
 
 

@@ -139,9 +139,12 @@ def _not_targeted_reason(module: nn.Module) -> str | None:
         )
     if isinstance(module, _NO_INT8):
         return f"no int8 kernel for {kind} here; kept in float"
-    if isinstance(module, _PARAM_HOLDERS):  # their owner is reported
+    children = list(module.children())
+    if isinstance(module, _PARAM_HOLDERS) or any(
+        not isinstance(c, _PARAM_HOLDERS) for c in children
+    ):  # a holder's owner is reported; a container's layers are reported themselves
         return None
-    holders = [module, *(c for c in module.children() if isinstance(c, _PARAM_HOLDERS))]
+    holders = [module, *children]
     if any(p.is_floating_point() and p.ndim >= 2 for h in holders for p in h.parameters(False)):
         return f"no int8 form of {kind} (it holds its own weight tensors); kept in float"
     return None

@@ -337,10 +337,11 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
 
     carry_precision_(old, new)
     new.train(old.training)
-    frozen = getattr(old, "slimtorch_frozen", None)
-    if frozen is None:
+    if isinstance(new, SparseLinear | SparseConv2d):  # inference only: its own flags stay
         frozen = [n for n, p in old.named_parameters(recurse=False) if not p.requires_grad]
-    if isinstance(new, SparseLinear | SparseConv2d):
         new.slimtorch_frozen = frozen  # type: ignore[assignment]
-    for name, param in new.named_parameters(recurse=False):
-        param.requires_grad_(name not in frozen)
+        return
+    for name in getattr(old, "slimtorch_frozen", []):  # a dense form: as before the swap
+        param = getattr(new, name, None)
+        if isinstance(param, nn.Parameter):
+            param.requires_grad_(False)
