@@ -139,12 +139,11 @@ def _not_targeted_reason(module: nn.Module) -> str | None:
         )
     if isinstance(module, _NO_INT8):
         return f"no int8 kernel for {kind} here; kept in float"
-    children = list(module.children())
+    holders = [module, *module.children()]  # a holder's owner, a container's layers: reported
     if isinstance(module, _PARAM_HOLDERS) or any(
-        not isinstance(c, _PARAM_HOLDERS) for c in children
-    ):  # a holder's owner is reported; a container's layers are reported themselves
+        not isinstance(c, _PARAM_HOLDERS) for c in holders[1:]
+    ):
         return None
-    holders = [module, *children]
     if any(p.is_floating_point() and p.ndim >= 2 for h in holders for p in h.parameters(False)):
         return f"no int8 form of {kind} (it holds its own weight tensors); kept in float"
     return None
