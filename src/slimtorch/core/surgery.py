@@ -24,11 +24,12 @@ _FORWARDS = ("forward", "_conv_forward")
 
 
 @contextlib.contextmanager
-def kept_modes(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
-    """Run the block with ``model`` in train (or eval) mode, then give every submodule back its
-    own mode. ``model.train(was)`` would not: it sets every submodule to the root's flag, so a
-    batch norm the user froze in eval mode inside a training model came back in train mode and
-    its running statistics moved on the next forward.
+def kept_modes(model: nn.Module, training: bool | None = False) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in train (or eval) mode (``None``: with the modules' own
+    flags), then give every submodule back its own mode. ``model.train(was)`` would not: it
+    sets every submodule to the root's flag, so a batch norm the user froze in eval mode inside
+    a training model came back in train mode and its running statistics moved on the next
+    forward.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
@@ -40,7 +41,8 @@ def kept_modes(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
         (True, False)
     """
     modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    if training is not None:
+        model.train(training)
     try:
         yield model
     finally:

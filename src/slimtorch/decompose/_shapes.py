@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import kept_modes
 from slimtorch.decompose.layers._common import conv_out_hw
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...]]
@@ -35,11 +36,9 @@ def record_shapes(
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
 
         hooks.append(module.register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
-        model.eval()
-        with torch.no_grad():
+        with kept_modes(model), torch.no_grad():
             model(*inputs)
     except torch.OutOfMemoryError:
         raise
@@ -56,8 +55,6 @@ def record_shapes(
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
     return shapes
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.core.surgery import kept_modes
 from slimtorch.decompose.ranks import rank_from_fraction
 from slimtorch.decompose.svd import truncated_svd
 from slimtorch.decompose.tucker import tucker2, tucker2_to_full
@@ -149,26 +150,20 @@ def measure_sensitivity(
             ) from None
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    modes = {m: m.training for m in model.modules()}
     out: dict[str, float] = {}
-    try:
-        model.eval()
-        with torch.no_grad():
-            base = _mean_loss(model, loader_or_batch, loss_fn, device, max_batches)
-            for name, module in modules.items():
-                approx = approximate_weight(module, fraction)
-                weight = module.get_parameter("weight")
-                saved = weight.detach().clone()
-                try:
-                    weight.copy_(approx)
-                    loss = _mean_loss(model, loader_or_batch, loss_fn, device, max_batches)
-                finally:
-                    weight.copy_(saved)
-                out[name] = loss - base
-                logger.info("sensitivity %s: loss %.5g -> %.5g", name, base, loss)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    with kept_modes(model), torch.no_grad():
+        base = _mean_loss(model, loader_or_batch, loss_fn, device, max_batches)
+        for name, module in modules.items():
+            approx = approximate_weight(module, fraction)
+            weight = module.get_parameter("weight")
+            saved = weight.detach().clone()
+            try:
+                weight.copy_(approx)
+                loss = _mean_loss(model, loader_or_batch, loss_fn, device, max_batches)
+            finally:
+                weight.copy_(saved)
+            out[name] = loss - base
+            logger.info("sensitivity %s: loss %.5g -> %.5g", name, base, loss)
     return out
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ONE_VALUE_ERROR
+from slimtorch.core.surgery import kept_modes
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.distributed import all_reduce_sum, get_world_size
 from slimtorch.train.loader import split_batch
@@ -99,7 +100,6 @@ def recalibrate_batchnorm_(
     norms = [m for m in norms if m not in frozen]
     if not norms:
         return {"layers": 0, "batches": 0, "samples": 0}
-    modes = [(m, m.training) for m in model.modules()]  # each given back its own mode
     # copies to put back if the loop fails; the buffers themselves are reset in place, so
     # anything holding them (a compiled graph, a DDP wrapper) keeps seeing the same tensors
     saved = [(m, m.momentum, [b.clone() for b in _stats(m)]) for m in norms]
@@ -108,18 +108,18 @@ def recalibrate_batchnorm_(
         m.momentum = None  # a cumulative average over the batches that follow
     n_batches = samples = 0
     try:
-        model.train()
-        for m in frozen:
-            m.eval()
-        for batch in batches:
-            if max_batches is not None and n_batches >= max_batches:
-                break
-            inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
-            if device is not None:
-                inputs = inputs.to(device, non_blocking=True)
-            model(inputs)
-            n_batches += 1
-            samples += int(inputs.shape[0])
+        with kept_modes(model, training=True):  # each module given back its own mode
+            for m in frozen:
+                m.eval()
+            for batch in batches:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
+                if device is not None:
+                    inputs = inputs.to(device, non_blocking=True)
+                model(inputs)
+                n_batches += 1
+                samples += int(inputs.shape[0])
         if n_batches == 0:
             raise ValueError("batches yielded no batch; pass training batches")
     except BaseException:
@@ -127,13 +127,9 @@ def recalibrate_batchnorm_(
             m.momentum = momentum
             for buf, value in zip(_stats(m), old, strict=True):
                 buf.copy_(value)
-        for mod, mode in modes:
-            mod.training = mode
         raise
     for m, momentum, _ in saved:
         m.momentum = momentum
-    for mod, mode in modes:
-        mod.training = mode
     world = get_world_size()
     if world > 1:  # equal shards: the mean of the ranks' averages is the average over all
         for m in norms:

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
@@ -26,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from slimtorch.core.surgery import set_submodule
+from slimtorch.core.devices import kept_rng
+from slimtorch.core.surgery import kept_modes, set_submodule
 from slimtorch.prune.channel.graph import ChannelGraphError
 from slimtorch.prune.channel.layers import is_nm, nm_pattern
 
@@ -52,22 +52,16 @@ def forward_outputs(model: nn.Module, example_input: Any, *, training: bool) -> 
         [(1, 3)]
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    modes = {m: m.training for m in model.modules()}
     saved = [
         (m, name, b, b.detach().clone())
         for m in model.modules()
         for name, b in m._buffers.items()
         if b is not None
     ]
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    devices = sorted({t.get_device() for t in tensors if t.device.type == "cuda"})
     try:
-        model.train(training)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), kept_modes(model, training), kept_rng():
             out = model(*args)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         with torch.no_grad():
             for m, name, b, value in saved:
                 m._buffers[name] = b

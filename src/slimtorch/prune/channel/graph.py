@@ -49,6 +49,7 @@ import torch
 from torch import fx, nn
 
 from slimtorch.core.errors import SlimtorchError
+from slimtorch.core.surgery import kept_modes
 from slimtorch.prune.channel.spaces import SpaceSet
 from slimtorch.prune.channel.walk import BN_TYPES, CONV_TYPES, ChannelWalker, LayerUse
 
@@ -135,40 +136,28 @@ def _trace(model: nn.Module, training: bool | None) -> fx.GraphModule:
     """``fx.symbolic_trace`` of ``model`` with every module in train (or eval) mode, or with the
     modules' own flags (``None``); the flags are restored. When that fails, submodules that
     cannot be traced on their own become single calls (:class:`_OpaqueTracer`)."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        if training is not None:
-            model.train(training)
+    with kept_modes(model, training):
         try:
             return fx.symbolic_trace(model)
         except Exception:  # fx raises many error types on untraceable code
             tracer = _OpaqueTracer()
             graph = tracer.trace(model)
             return fx.GraphModule(tracer.root, graph)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            # the traced copy drops the root's own pre-hooks (load_model's input cast for a
-            # float64 or half model): run them here, as calling the model would
-            for hook_id, hook in model._forward_pre_hooks.items():
-                if hook_id not in model._forward_pre_hooks_with_kwargs:
-                    out = hook(model, args)
-                    if out is not None:
-                        args = out if isinstance(out, tuple) else (out,)
-            ShapeProp(gm).propagate(*args)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with kept_modes(model), torch.no_grad():
+        # the traced copy drops the root's own pre-hooks (load_model's input cast for a
+        # float64 or half model): run them here, as calling the model would
+        for hook_id, hook in model._forward_pre_hooks.items():
+            if hook_id not in model._forward_pre_hooks_with_kwargs:
+                out = hook(model, args)
+                if out is not None:
+                    args = out if isinstance(out, tuple) else (out,)
+        ShapeProp(gm).propagate(*args)
 
 
 def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.core.surgery import kept_modes
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGroup, LayerUse
 
 logger = logging.getLogger(__name__)
@@ -101,49 +102,46 @@ def _taylor(
         pairs.append((use, [t for t in tensors if isinstance(t, nn.Parameter)]))
     params = [p for _, ps in pairs for p in ps]
     flags = [p.requires_grad for p in params]
-    modes = {m: m.training for m in model.modules()}
     scores: dict[int, torch.Tensor] = {}
     batches = 0
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        for batch in calibration:
-            if max_batches is not None and batches >= max_batches:
-                break
-            if not isinstance(batch, Sequence) or len(batch) < 2:
-                raise ValueError(
-                    "calibration must yield (inputs, targets) batches, got "
-                    f"{type(batch).__name__}; pass e.g. a DeviceLoader over training data"
-                )
-            inputs, targets = batch[0], batch[1]
-            with torch.enable_grad():
-                args = inputs if isinstance(inputs, tuple) else (inputs,)
-                loss = loss_fn(model(*args), targets)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
-            step: dict[int, torch.Tensor] = {}
-            for use, ps in pairs:
-                t: torch.Tensor | None = None
-                for p in ps:
-                    g = grad_of[id(p)]
-                    if g is None:
+    with kept_modes(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for batch in calibration:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                if not isinstance(batch, Sequence) or len(batch) < 2:
+                    raise ValueError(
+                        "calibration must yield (inputs, targets) batches, got "
+                        f"{type(batch).__name__}; pass e.g. a DeviceLoader over training data"
+                    )
+                inputs, targets = batch[0], batch[1]
+                with torch.enable_grad():
+                    args = inputs if isinstance(inputs, tuple) else (inputs,)
+                    loss = loss_fn(model(*args), targets)
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
+                step: dict[int, torch.Tensor] = {}
+                for use, ps in pairs:
+                    t: torch.Tensor | None = None
+                    for p in ps:
+                        g = grad_of[id(p)]
+                        if g is None:
+                            continue
+                        row = (g.detach() * p.detach()).double().reshape(p.shape[0], -1).sum(1)
+                        t = row if t is None else t + row
+                    if t is None:
                         continue
-                    row = (g.detach() * p.detach()).double().reshape(p.shape[0], -1).sum(1)
-                    t = row if t is None else t + row
-                if t is None:
-                    continue
-                for root, v in graph.spaces.scatter(use.out_space, t.cpu()):
-                    if root in roots:
-                        step[root] = step.get(root, 0) + v
-            for root, v in step.items():
-                scores[root] = scores.get(root, 0) + v.pow(2)
-            batches += 1
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
+                    for root, v in graph.spaces.scatter(use.out_space, t.cpu()):
+                        if root in roots:
+                            step[root] = step.get(root, 0) + v
+                for root, v in step.items():
+                    scores[root] = scores.get(root, 0) + v.pow(2)
+                batches += 1
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
     if batches == 0:
         raise ValueError(
             "taylor importance got no calibration batches; pass calibration= an iterable of "
