@@ -62,7 +62,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from slimtorch.core.config import check_bool
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
-from slimtorch.core.surgery import require_float32
+from slimtorch.core.surgery import carry_frozen, require_float32
 from slimtorch.decompose import native
 from slimtorch.decompose.fused_op import check_shapes, reference, run_native, tucker_block
 from slimtorch.decompose.layers.tucker_conv import TuckerConv2d
@@ -380,7 +380,7 @@ def _apply(model: nn.Module, layer: dict[str, Any], carry: bool = True) -> list[
     moved = []
     for part in ("first", "core", "last"):
         src, dst = getattr(conv, part), getattr(fused, part)
-        dst.weight.requires_grad_(src.weight.requires_grad)
+        carry_frozen(src, dst)
         if carry and carry_masks_(src, dst):
             moved.append(f"{layer['conv']}.{part}")
     model.set_submodule(layer["conv"], fused)

@@ -56,7 +56,7 @@ from torch import nn
 from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.devices import keeps_rng
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import require_float32, require_values
+from slimtorch.core.surgery import carry_frozen, require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.prune.buffers import carry_masks_, rerecord_masks_
 from slimtorch.quant.fold import fold_bn_
@@ -137,9 +137,7 @@ class GemmConv2d(nn.Module):
             linear.weight.copy_(_gemm_layout(conv.weight))
             if conv.bias is not None and linear.bias is not None:
                 linear.bias.copy_(conv.bias)
-        linear.weight.requires_grad_(w.requires_grad)
-        if conv.bias is not None and linear.bias is not None:
-            linear.bias.requires_grad_(conv.bias.requires_grad)
+        carry_frozen(conv, linear)
         return cls(
             c_in,
             linear,
