@@ -168,8 +168,9 @@ def folder_lock(path: str | os.PathLike[str], *, shared: bool) -> Iterator[None]
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    try:
-        fd = os.open(Path(path).parent, os.O_RDONLY)
+    path = Path(path)
+    try:  # a link (latest -> run-3) is saved into its target: lock the target's folder
+        fd = os.open((path.resolve() if path.is_symlink() else path).parent, os.O_RDONLY)
     except OSError:
         yield
         return

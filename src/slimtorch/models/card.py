@@ -248,8 +248,7 @@ def read_model_card(path: str | os.PathLike[str]) -> ModelCard:
         >>> read_model_card(d / "lenet").class_names[:2]
         ('0', '1')
     """
-    folder = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-    with folder_lock(folder, shared=True):  # a save's swap waits: one save's files only
+    with folder_lock(path, shared=True):  # a save's swap waits: one save's files only
         return _read_card(Path(path))
 
 

@@ -433,8 +433,7 @@ def load_model(
         ((1, 28, 28), False, device(type='cpu'))
     """
     dev = resolve_device(device)  # an unavailable device is named before anything is read
-    folder = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-    with folder_lock(folder, shared=True):  # a save's swap waits: one save's files only
+    with folder_lock(path, shared=True):  # a save's swap waits: one save's files only
         card = read_model_card(path)
         root = _resolve_dir(Path(path))
         weights = root / WEIGHTS_FILE
