@@ -320,3 +320,30 @@ def test_progress_bar_redraws_on_a_terminal() -> None:
     assert "\r\x1b[Kepoch 1/1 [##..] 1/2" in out
     assert "[####] 2/2" in out
     assert "epoch 1/1 done" in out
+
+
+def _bn_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_fit_keeps_a_batch_norm_frozen_before_it_in_eval_mode() -> None:
+    """A batch norm put in eval mode inside a training model (frozen for a small-batch
+    fine-tune) keeps its running statistics through every epoch and its validation."""
+    x, y = make_blobs(128, seed=0)
+    model = _bn_mlp()
+    model[1].eval()
+    before = model[1].running_mean.clone()
+    val = ListLoader(x[:32], y[:32], 32, shuffle=False)
+    Trainer(model, _cfg(epochs=2)).fit(ListLoader(x, y, 32), val)
+    assert torch.equal(model[1].running_mean, before)
+    assert not model[1].training and model.training and model[0].training
+
+
+def test_fit_trains_a_model_in_eval_mode_whole() -> None:
+    """A model handed over in eval mode (as load_model returns it) trains every module."""
+    x, y = make_blobs(128, seed=0)
+    model = _bn_mlp().eval()
+    before = model[1].running_mean.clone()
+    Trainer(model, _cfg(epochs=1)).fit(ListLoader(x, y, 32))
+    assert not torch.equal(model[1].running_mean, before)
+    assert all(m.training for m in model.modules())

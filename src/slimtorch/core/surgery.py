@@ -50,6 +50,39 @@ def kept_modes(model: nn.Module, training: bool | None = False) -> Iterator[nn.M
             m.training = mode
 
 
+def eval_held(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules a training-mode ``model`` holds in eval mode, by name: a batch norm the
+    user froze for a small-batch fine-tune, a dropout switched off. :func:`train_keeping` leaves
+    them in eval mode. A model in eval mode as a whole (as ``load_model`` returns it) holds
+    none: it trains whole.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> list(eval_held(net)), eval_held(net.eval())
+        (['1'], {})
+    """
+    if not model.training:
+        return {}
+    return {n: m for n, m in model.named_modules() if not m.training}
+
+
+def train_keeping(model: nn.Module, held: dict[str, nn.Module]) -> None:
+    """``model.train()``, then the ``held`` modules (from :func:`eval_held`) back to eval mode.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> held = eval_held(net)
+        >>> train_keeping(net.eval(), held)  # an evaluation left every module in eval mode
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
+    """
+    model.train()
+    for m in held.values():
+        m.eval()
+
+
 def require_values(model: nn.Module, verb: str) -> None:
     """Raise ``ValueError`` when ``model`` holds meta-device tensors: they have shapes but no
     values, and every transform reads the values. Anything that is not a module is left to the

@@ -154,3 +154,25 @@ def check_labels(labels: tuple[int, int] | None, outputs: Any, name: str, batch_
             f"model outputs {classes} classes, so labels must be in [0, {classes}); "
             "check the dataset's labels and the model's num_classes"
         )
+
+
+def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move the tensors of a batch (nested in tuples, lists and dicts) to ``device``; with
+    ``channels_last``, 4-D ones in that memory format.
+
+    Example:
+        >>> batch = (torch.zeros(2, 3, 4, 4), {"y": torch.zeros(2)})
+        >>> batch = to_device(batch, torch.device("cpu"), channels_last=True)
+        >>> batch[0].is_contiguous(memory_format=torch.channels_last), batch[1]["y"].shape
+        (True, torch.Size([2]))
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.dim() == 4:
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device, channels_last) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
+    return obj

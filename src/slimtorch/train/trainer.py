@@ -36,7 +36,7 @@ from torch import nn
 
 from slimtorch.core.devices import resolve_device
 from slimtorch.core.io import atomic_write_json
-from slimtorch.core.surgery import kept_modes
+from slimtorch.core.surgery import eval_held, kept_modes, train_keeping
 from slimtorch.train.amp import AmpPlan, resolve_amp
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
@@ -58,6 +58,7 @@ from slimtorch.train.loader import (
     iter_from,
     label_range,
     split_batch,
+    to_device,
 )
 from slimtorch.train.meter import Meter, batch_size_of
 from slimtorch.train.optim import build_optimizer, build_scheduler
@@ -165,6 +166,7 @@ class Trainer:
         self._fit_seconds = 0.0
         self._meter: Meter | None = None
         self._prepared = False
+        self._held: dict[str, nn.Module] = {}  # eval-mode modules kept so in training
 
     # ------------------------------------------------------------------ set-up
 
@@ -209,16 +211,7 @@ class Trainer:
         return self.loss_fn
 
     def _to_device(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            obj = obj.to(self.device, non_blocking=True)
-            if self.config.channels_last and obj.dim() == 4:
-                obj = obj.contiguous(memory_format=torch.channels_last)
-            return obj
-        if isinstance(obj, tuple | list):
-            return type(obj)(self._to_device(o) for o in obj)
-        if isinstance(obj, dict):
-            return {k: self._to_device(v) for k, v in obj.items()}
-        return obj
+        return to_device(obj, self.device, self.config.channels_last)
 
     def _callback_keys(self) -> list[str]:
         keys: list[str] = []
@@ -310,7 +303,7 @@ class Trainer:
             loader.set_epoch(self.epoch)
         if start == 0:
             self._meter.reset()
-        self.model.train()
+        train_keeping(self.model, self._held)  # modules the user froze stay frozen
         self._call("on_train_epoch_start")
         if start == 0:
             self.epoch_rng = get_rng_state()  # what a shuffling loader's iter() draws from
@@ -374,6 +367,8 @@ class Trainer:
 
         Seeds the process's torch, numpy and ``random`` generators with ``config.seed`` first
         (and with ``config.deterministic`` turns deterministic algorithms on for the process).
+        Submodules that a model in train mode holds in eval mode (a batch norm frozen for a
+        small-batch fine-tune) stay in eval mode; a model in eval mode trains whole.
 
         Args:
             train_loader: Training batches (see the module docstring for the protocol).
@@ -415,8 +410,11 @@ class Trainer:
         if self.config.progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
         rng = resume_trainer_state(self) if resume else None
+        self._held = eval_held(self.model)
         if is_main_process():
             logger.info("training on %s, precision %s", self.device, self.amp.name)
+            if self._held:
+                logger.info("kept in eval mode, as set before fit: %s", ", ".join(self._held))
         model: nn.Module = self.model
         if self.is_distributed:
             model = wrap_ddp(self.model, self.device)  # buffers synced once per epoch
