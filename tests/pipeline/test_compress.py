@@ -287,3 +287,14 @@ def test_an_interrupted_runs_fine_tune_files_are_not_taken_as_this_runs(
     assert res.model_dir is not None and res.report["history"] is None
     assert not stage.exists()
     assert not (run / "history.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_compress_without_finetune_leaves_the_callers_generator(trained_mlp: Path) -> None:
+    """No fine-tune, no seeding: the run draws nothing from the process's generator (the
+    profiling batch comes from a generator of its own)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    compress_run(in_dir=trained_mlp, out_dir=None, method="svd", rank=0.5, profile_batch=4,
+                 threads=1)  # fmt: skip
+    assert torch.equal(torch.rand(3), expected)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.config import check_bool
-from slimtorch.core.devices import resolve_device
+from slimtorch.core.devices import keeps_rng, resolve_device
 from slimtorch.core.io import atomic_write_json, atomic_write_text, fsync_dir
 from slimtorch.core.measure import ModelProfile, profile_model
 from slimtorch.data import DeviceLoader, ImageDataset, dataset_record
@@ -152,6 +152,7 @@ def _land_finetune_files(out: Path, suffix: str) -> None:
     fsync_dir(out)
 
 
+@keeps_rng  # the caller's torch generators are given back as they were
 def compress_run(
     *,
     in_dir: str | Path,
@@ -213,7 +214,8 @@ def compress_run(
             turns it off; ``report.json`` records what ran under ``"bn_recalibration"``.
         seed: Seed of the data order, the calibration batches and the fine-tune (None:
             ``finetune.seed``, else 0); recorded in ``report.json``. Given with ``finetune``,
-            the two must agree. A fine-tune seeds the process's generators with it.
+            the two must agree. A fine-tune seeds the process's generators with it; torch's
+            are given back as they were when the run returns.
 
     Raises:
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
