@@ -93,6 +93,11 @@ def test_include_exclude_globs_and_type_skips(net: TinyNet) -> None:
     again = decompose_(net, SVDConfig(), include=["head*"]).rows  # parts are not targets
     assert [(r.name, r.action) for r in again] == [("head", "skipped")]
     assert "already factorised" in str(again[0].reason)
+    # a glob naming only the parts (head.first, head.last) is answered by the same row; it
+    # raised "select no nn.Conv2d/nn.Linear layer (they match only head.first (Linear) ...)"
+    parts = decompose_(net, SVDConfig(), include=["head.*"]).rows
+    assert [(r.name, r.action) for r in parts] == [("head", "skipped")]
+    assert "already factorised" in str(parts[0].reason)
     report = decompose_(TinyNet(), TuckerConfig(), include=["out"])
     assert "does not handle Linear" in report.rows[0].reason
 

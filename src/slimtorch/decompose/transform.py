@@ -154,17 +154,17 @@ def _targets(
 ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     factorised = tuple(LAYER_KINDS.get(k) for k in LAYER_KINDS.names())
     inside: list[str] = []
+    parts: list[str] = []  # a glob naming one is answered by its layer's skip row
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, factorised):
+        if any(name.startswith(p + ".") for p in inside):
+            parts.append(name)
+        elif name and isinstance(module, factorised):
             inside.append(name)  # never re-factorise the parts of a factorised layer
-            continue
-        if isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
+        elif name and isinstance(module, _TARGET_TYPES) and selected(name, include, exclude):
             out.append((name, module))
     check_globs(model, include, exclude, "decompose_")
-    check_include_hits(model, include, [n for n, _ in out] + inside, "nn.Conv2d/nn.Linear")
+    check_include_hits(model, include, [n for n, _ in out] + inside + parts, "nn.Conv2d/nn.Linear")
     return out, inside  # and the layers factorised before
 
 
@@ -273,7 +273,7 @@ def decompose_(
         why = f"already factorised ({type(module).__name__}); decompose the original layer"
         skips[name] = (module, count_params(module), why)
     for name, (module, count, reason) in skips.items():
-        if selected(name, include, exclude):
+        if any(selected(n, include, exclude) for n, _ in module.named_modules(prefix=name)):
             rows.append(LayerReport(name, type(module).__name__, "skipped", reason,
                                     params_before=count, params_after=count))  # fmt: skip
     if config.min_speedup is not None and config.speed_scope == "model" and replacements:
