@@ -318,3 +318,32 @@ def test_qat_times_the_converted_int8_model_against_the_float_one(
         line.startswith("latency onnxruntime (ms)") and line.endswith("0.50x")
         for line in table.splitlines()
     )
+
+
+def _qdq_linear_model(device: str) -> tuple[nn.Module, torch.Tensor]:
+    from slimtorch.quant import PTQConfig, quantize_
+
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(8, 32)
+    quantize_(net, PTQConfig(mode="static"), x)
+    return net.to(device), x.to(device)
+
+
+def test_the_cuda_int8_pointer_is_given_only_where_it_would_run() -> None:
+    from slimtorch.pipeline.methods import MethodRequest
+    from slimtorch.pipeline.quant_methods import _int8_report
+
+    q, x = _qdq_linear_model("cpu")
+    skipped = _int8_report(q, MethodRequest({}, example_input=x), None, True)["runtimes_skipped"]
+    assert "torchao_cuda_" not in skipped  # measured on the CPU: no GPU to point at
+
+
+@pytest.mark.gpu
+def test_the_cuda_int8_pointer_names_torchao_on_a_gpu_with_an_int8_gemm() -> None:
+    from slimtorch.pipeline.methods import MethodRequest
+    from slimtorch.pipeline.quant_methods import _int8_report
+    from slimtorch.quant.runtime import int_mm_problem
+
+    q, x = _qdq_linear_model("cuda")
+    skipped = _int8_report(q, MethodRequest({}, example_input=x), None, True)["runtimes_skipped"]
+    assert ("torchao_cuda_" in skipped) == (int_mm_problem(x.device) is None), skipped

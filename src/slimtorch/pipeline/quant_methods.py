@@ -69,6 +69,21 @@ def _float_copy(model: nn.Module, request: MethodRequest, check: bool) -> nn.Mod
     return copy.deepcopy(model).eval()
 
 
+def _cuda_int8_hint(m: nn.Module, x: Any) -> str:
+    """A pointer to :func:`~slimtorch.quant.torchao_cuda_` where it would run: the model has
+    Linear layers and ``x``'s GPU an int8 GEMM (not every GPU has one: not the RX 580)."""
+    from slimtorch.quant import QDQLinear
+    from slimtorch.quant.runtime import int_mm_problem
+
+    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+        return ""
+    if not any(isinstance(layer, nn.Linear | QDQLinear) for layer in m.modules()):
+        return ""
+    if int_mm_problem(x.device) is not None:
+        return ""
+    return " (torchao_cuda_ runs the float model's Linear layers in int8 on this GPU)"
+
+
 def _int8_report(
     m: nn.Module, request: MethodRequest, before: nn.Module | None, check: bool
 ) -> dict[str, Any]:
@@ -93,7 +108,7 @@ def _int8_report(
         where = x.device if isinstance(x, torch.Tensor) else "no example batch"
         out["runtimes_skipped"] = (
             f"the int8 runtimes timed here run on the CPU and this run measured on {where}; "
-            "compress with --device cpu to time them (torchao_cuda_ runs int8 on CUDA)"
+            f"compress with --device cpu to time them{_cuda_int8_hint(m, x)}"
         )
         return out
     calib = []
