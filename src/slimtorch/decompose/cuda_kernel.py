@@ -251,7 +251,8 @@ def _build(device: int, shape: tuple[Any, ...], split: int) -> _Launch | None:
         with _lock, torch.cuda.device(device):
             fn = torch.cuda._compile_kernel(header + _source(), SYMBOL)
     except (RuntimeError, OSError) as exc:  # OSError: no NVRTC library found
-        _failed[(device, *defines)] = str(exc)
+        with _lock:
+            _failed[(device, *defines)] = str(exc)
         logger.warning("fused Tucker CUDA kernel unavailable for %s: %s", defines, exc)
         return None
     return _Launch(fn, device, plan)
@@ -383,4 +384,6 @@ def cuda_status() -> str:
         return reason
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return "available" + "".join(f"; {dict(k[1:])} failed: {v}" for k, v in _failed.items())
+    with _lock:  # another thread may be recording a failed build
+        failed = list(_failed.items())
+    return "available" + "".join(f"; {dict(k[1:])} failed: {v}" for k, v in failed)
