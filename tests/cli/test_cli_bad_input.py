@@ -391,3 +391,36 @@ def test_a_memory_error_is_one_line(
     monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
     assert main(["eval", "--in", str(model_dir), "--device", "cpu"]) == 2
     assert _error(capsys).startswith("slimtorch eval: error: out of memory (out of memory reading ")
+
+
+def test_a_missing_optional_dependency_names_its_extra(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """One line naming the slimtorch[...] extra to install, not a traceback (or, for the
+    ONNX exporter's own package, a claim that the model is not exportable)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails, find_spec says None
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--in", str(model_dir), "--format", "onnx", "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "ONNX export needs onnxscript" in err and "pip install 'slimtorch[onnx]'" in err
+    assert not out.exists()
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["serve", "--repository", str(tmp_path), "--port", "18089"]) == 2
+    assert "pip install 'slimtorch[serve]'" in _error(capsys)
+
+    for name in ("sklearn", "sklearn.datasets"):
+        monkeypatch.setitem(sys.modules, name, None)
+    train = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--no-progress"]
+    assert main([*train, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    assert "pip install 'slimtorch[data]'" in _error(capsys)
+
+
+def test_an_import_error_without_a_hint_gets_the_extra() -> None:
+    from slimtorch.core.errors import missing_module_message
+
+    exc = ModuleNotFoundError("No module named 'torchao'", name="torchao")
+    assert missing_module_message(exc).endswith("pip install 'slimtorch[quant]'")

@@ -30,6 +30,7 @@ from slimtorch.core.errors import (
     SlimtorchError,
     is_onnxruntime_error,
     is_out_of_memory,
+    missing_module_message,
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -191,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "input shape or model, or another --device",
             file=sys.stderr,
         )
+        return 2
+    except ImportError as exc:  # an optional dependency is missing: say which extra has it
+        print(f"slimtorch {args.command}: error: {missing_module_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slimtorch {args.command}: interrupted", file=sys.stderr)

@@ -93,9 +93,11 @@ def check_settings(settings: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from slimtorch.core.errors import require_modules
     from slimtorch.serve.logs import configure_logging
     from slimtorch.serve.run import run_server
 
+    require_modules("fastapi", "uvicorn", "prometheus_client", purpose="slimtorch serve")
     settings = settings_from_args(args)
     check_settings(settings)
     configure_logging(

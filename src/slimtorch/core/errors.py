@@ -5,6 +5,8 @@ Every message says what was wrong, what was expected, and what to do.
 
 from __future__ import annotations
 
+import re
+
 
 class SlimtorchError(Exception):
     """Base class of every slimtorch-specific error."""
@@ -87,3 +89,73 @@ def is_out_of_memory(exc: BaseException) -> bool:
             "cannot allocate memory",  # ENOMEM's text (safetensors: "(os error 12)")
         )
     )
+
+
+EXTRAS = {
+    "sklearn": "data", "PIL": "data",
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+    "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+    "torchao": "quant",
+}  # fmt: skip
+"""The optional dependencies by top-level module, and the ``slimtorch[...]`` extra of each."""
+
+
+def install_hint(module: str) -> str:
+    """How to install the optional dependency that provides ``module`` (its extra).
+
+    Example:
+        >>> install_hint("uvicorn.config")
+        "pip install 'slimtorch[serve]'"
+        >>> install_hint("somewhere_else")
+        'pip install somewhere_else'
+    """
+    top = module.split(".")[0]
+    return f"pip install 'slimtorch[{EXTRAS[top]}]'" if top in EXTRAS else f"pip install {top}"
+
+
+def require_modules(*modules: str, purpose: str) -> None:
+    """Raise ``ImportError`` naming the extra to install unless every module can be imported.
+
+    Example:
+        >>> require_modules("json", purpose="reading reports")
+        >>> require_modules("onnx_not_here", purpose="a test")
+        Traceback (most recent call last):
+        ...
+        ImportError: a test needs onnx_not_here, which is not installed: pip install onnx_not_here
+    """
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"{purpose} needs {', '.join(missing)}, which is not installed: "
+            f"{install_hint(missing[0])}",
+            name=missing[0],
+        )
+
+
+def missing_module_message(exc: ImportError) -> str:
+    """``exc``'s message, with the install command when it names a module and has none.
+
+    Example:
+        >>> missing_module_message(ModuleNotFoundError("No module named 'onnx'", name="onnx"))
+        "No module named 'onnx'; install it with pip install 'slimtorch[onnx]'"
+    """
+    text = str(exc)
+    if exc.name and "pip install" not in text:
+        text += f"; install it with {install_hint(exc.name)}"
+    return text
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    r"""The first non-blank line of an error's message, terminal colour codes removed.
+
+    Example:
+        >>> first_line(RuntimeError("\x1b[96mstep 3/3\x1b[0m failed\nmore"))
+        'step 3/3 failed'
+    """
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return lines[0] if lines else ""

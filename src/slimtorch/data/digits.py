@@ -66,7 +66,8 @@ def load_digits_dataset(split: str = "train") -> ImageDataset:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the 'digits' dataset needs scikit-learn; install it with `pip install scikit-learn`"
+            "the 'digits' dataset needs scikit-learn; install it with "
+            "`pip install 'slimtorch[data]'` (or `pip install scikit-learn`)"
         ) from exc
     bunch = load_digits()
     pixels = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0))

@@ -35,7 +35,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.devices import kept_rng
+from slimtorch.core.errors import first_line, require_modules
 from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
@@ -85,20 +85,6 @@ def qdq_activation_kinds(model: nn.Module) -> dict[str, int]:
                     else "static")  # fmt: skip
             kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    r"""The first line of an exporter error with terminal colour codes removed.
-
-    Example:
-        >>> _first_line(RuntimeError("\x1b[96mstep 3/3\x1b[0m failed\nmore"))
-        'step 3/3 failed'
-    """
-    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def export_onnx(
@@ -147,6 +133,7 @@ def export_onnx(
             model already cast, bfloat16 layers, a model with
             :class:`~slimtorch.quant.gemm.GemmConv2d` layers, or the export failed (the
             message carries the exporter's reason).
+        ImportError: onnx or onnxscript is not installed (the message names the extra).
 
     Example:
         >>> import pathlib, tempfile
@@ -158,6 +145,7 @@ def export_onnx(
     """
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be 'fp32' or 'fp16', got {dtype!r}")
+    require_modules("onnx", "onnxscript", purpose="ONNX export")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     check_export_dtypes(model, example_input)
@@ -226,13 +214,15 @@ def export_onnx(
                     opset_version=opset, input_names=["input"], output_names=["output"],
                     external_data=False,
                 )  # fmt: skip
+            except ImportError:  # onnxscript's own imports: a missing package, not the model
+                raise
             except Exception as exc:  # the exporter raises many error types
                 root: BaseException = exc
                 while root.__cause__ is not None:  # torch.export's own reason, not "step 1/3"
                     root = root.__cause__
                 raise ValueError(
                     f"ONNX export of {type(model).__name__} failed ({type(root).__name__}: "
-                    f"{_first_line(root)}); check that the model runs on example_input and "
+                    f"{first_line(root)}); check that the model runs on example_input and "
                     "uses exportable operations (no Python control flow on tensor values)"
                 ) from exc
         assert program is not None

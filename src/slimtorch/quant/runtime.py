@@ -99,7 +99,8 @@ def _register_x86_passes() -> None:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     except ImportError as exc:  # pragma: no cover - torchao is a dependency
         raise ImportError(
-            f"the x86 int8 path needs torchao ({exc}); install it with `pip install torchao`"
+            f"the x86 int8 path needs torchao ({exc}); install it with "
+            "`pip install 'slimtorch[quant]'`"
         ) from None
     _LIFT_UP.append(inductor_config.pre_grad_custom_pass)
     inductor_config.pre_grad_custom_pass = before
