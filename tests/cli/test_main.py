@@ -29,6 +29,17 @@ def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str])
     assert f"usage: slimtorch {command}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module", ["slimtorch", "slimtorch.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "usage: slimtorch" in out.stdout and "compress" in out.stdout
+
+
 def test_bad_choice_is_one_line_listing_choices(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["train", "--model", "resnet9000", "--out", "x"])
