@@ -94,6 +94,33 @@ def test_a_run_that_fails_after_its_model_landed_leaves_no_report_of_the_replace
     assert left == ["model"], left
 
 
+def test_an_interrupt_after_the_models_swap_leaves_no_report_of_the_replaced_one(
+    pruned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a Ctrl-C while save_model removed the replaced model's copy (after the new model had
+    # landed) left the new model beside the prune run's report, checkpoint and compact file
+    import shutil
+
+    import slimtorch.models.io as model_io
+
+    run = tmp_path / "run"
+    shutil.copytree(pruned, run)
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path: object, *args: object, **kwargs: object) -> None:
+        if Path(str(path)).name == ".model.old":
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_io.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress_run(in_dir=pruned, out_dir=run, method="fold-bn", profile_batch=4, profiles=(),
+                     threads=1)  # fmt: skip
+    monkeypatch.setattr(model_io.shutil, "rmtree", real_rmtree)
+    assert load_model(run / "model")[1].extra["method"] == "fold-bn"  # the new model landed
+    assert not (run / "report.json").exists() and not (run / "checkpoint.pt").exists()
+
+
 def test_the_seed_decides_the_calibration_without_fine_tuning_and_is_recorded(
     pruned: Path,
 ) -> None:

@@ -61,6 +61,7 @@ from slimtorch.train.classifier import (
     MODEL_SUBDIR,
     default_augment,
     make_loaders,
+    model_identity,
     remove_stale_outputs,
     run_files,
 )
@@ -456,27 +457,27 @@ def compress_run(
         )  # fmt: skip
     if out_dir is not None and is_main_process():
         out = Path(out_dir)
-        earlier = run_files(out)
-        if not refused:
-            model_dir = save_model(
-                model,
-                out / MODEL_SUBDIR,
-                input_shape=shape,  # type: ignore[arg-type]
-                mean=card.mean,
-                std=card.std,
-                class_names=card.class_names,
-                metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
-                extra={
-                    "dataset": card.extra.get("dataset"),
-                    "compressed_from": str(in_path),
-                    "method": method,
-                    "seed": seed,
-                    "batch_size": batch_size,
-                    "finetune": None if finetune is None else finetune.to_dict(),
-                    "source": card.extra,  # how the model compressed here was made
-                },
-            )
+        earlier, landed = run_files(out), model_identity(out)
         try:
+            if not refused:
+                model_dir = save_model(
+                    model,
+                    out / MODEL_SUBDIR,
+                    input_shape=shape,  # type: ignore[arg-type]
+                    mean=card.mean,
+                    std=card.std,
+                    class_names=card.class_names,
+                    metrics={"test_accuracy": acc1, "test_accuracy_before": acc0},
+                    extra={
+                        "dataset": card.extra.get("dataset"),
+                        "compressed_from": str(in_path),
+                        "method": method,
+                        "seed": seed,
+                        "batch_size": batch_size,
+                        "finetune": None if finetune is None else finetune.to_dict(),
+                        "source": card.extra,  # how the model compressed here was made
+                    },
+                )
             if model_dir is not None and applied.artifacts is not None:
                 result["artifacts"] = applied.artifacts(model, out)
             # A refused run never replaces the reports of a model an earlier run wrote there.
@@ -485,8 +486,8 @@ def compress_run(
             report_path = out / f"{stem}.json"
             atomic_write_json(report_path, result)  # with the guard's verdict if refused
             atomic_write_text(out / f"{stem}.txt", applied.table + "\n\n" + table + "\n")
-        except BaseException:
-            if model_dir is not None:  # the replaced run's files describe another model
+        except BaseException:  # a save interrupted after its swap included:
+            if model_identity(out) != landed:  # the replaced run's files describe another model
                 remove_stale_outputs(earlier)
             raise
     else:

@@ -40,6 +40,7 @@ from slimtorch.data import (
     split_dataset,
 )
 from slimtorch.models import create_model, save_model
+from slimtorch.models.card import WEIGHTS_FILE
 from slimtorch.train.callbacks import Callback
 from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
@@ -83,6 +84,13 @@ def file_identity(path: Path) -> tuple[int, int]:
 def run_files(out: Path) -> dict[Path, tuple[int, int]]:
     """The run files (:data:`RUN_FILES`) in ``out`` with their :func:`file_identity`."""
     return {p: file_identity(p) for p in (out / name for name in RUN_FILES) if p.is_file()}
+
+
+def model_identity(out: Path) -> tuple[int, int] | None:
+    """The :func:`file_identity` of the weights in ``out``'s model directory (None: none),
+    which changes when a save's swap has landed a new model there."""
+    weights = out / MODEL_SUBDIR / WEIGHTS_FILE
+    return file_identity(weights) if weights.is_file() else None
 
 
 def remove_stale_outputs(before: dict[Path, tuple[int, int]]) -> list[str]:
