@@ -209,6 +209,10 @@ def test_cifar_archive_download(
         archive=FileSpec("cifar-10-python.tar.gz", md5=archive_md5),
     )
     monkeypatch.setitem(DATASETS._items, "cifar10", fake)
+    # what a fetch killed by SIGTERM left: its folder with a partial archive (dead process)
+    killed = isolated / "cifar10" / ".cifar-10-python.tar.gz.999999999.0123abcd.tmp"
+    killed.mkdir(parents=True)
+    (killed / "cifar-10-python.tar.gz").write_bytes(b"partial")
     ds = load_dataset("cifar10", "train", mirrors=[mirror.as_uri() + "/"])
     assert ds.images.shape == (20, 3, 32, 32)
     target = isolated / "cifar10" / "cifar-10-batches-py"

@@ -1041,3 +1041,20 @@ def test_a_quantized_tucker_layer_is_skipped_with_its_reason() -> None:
         torch.testing.assert_close(model(x), before)
     with pytest.raises(TransformSkipError, match="fuse, then quantize"):
         fuse_tucker_(model, strict=True)
+
+
+def test_a_build_sweeps_what_a_killed_build_left(
+    fresh_native: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if not kernel_available():
+        pytest.skip(f"fused kernel unavailable: {native.kernel_status().detail}")
+    fresh_native.setenv("SLIMTORCH_CACHE", str(tmp_path))
+    native._load_once.cache_clear()
+    lib = Path(native.kernel_status().detail)
+    lib.unlink()
+    killed = lib.parent / f".{lib.name}.999999999.0123abcd.tmp"  # a dead process's build folder
+    killed.mkdir()
+    (killed / native.SOURCE).write_text("/* half written */")
+    native._load_once.cache_clear()
+    assert native.kernel_status().available
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]

@@ -115,6 +115,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def scratch_dir(beside: Path) -> Iterator[Path]:
+    """A temporary folder next to ``beside``, named by :func:`temp_name` (so that what a killed
+    process left is swept: :func:`remove_stale_temps` runs first), removed when the block ends.
+
+    Example:
+        >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
+        >>> with scratch_dir(d / "archive.tar.gz") as tmp:
+        ...     _ = (tmp / "part").write_bytes(b"..")
+        >>> list(d.iterdir())
+        []
+    """
+    remove_stale_temps(beside)
+    path = beside.parent / temp_name(beside)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     """Remove the temporary siblings of ``path`` that a process killed mid-write left (a
     SIGKILL, the OOM killer: no cleanup ran). Only files and folders named by

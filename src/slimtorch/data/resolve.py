@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from slimtorch.core.errors import ChecksumError, DataFormatError, DataNotFoundError
-from slimtorch.core.io import folder_lock
+from slimtorch.core.io import folder_lock, scratch_dir
 from slimtorch.data.catalog import (
     IDX_CONTENTS,
     DatasetInfo,
@@ -148,8 +147,9 @@ def _fetch(info: DatasetInfo, split: str, mirrors: Sequence[str], target: Path) 
     members = [f for s in info.layouts for f in info.layouts[s][0].files]
     if all((target / f.name).is_file() for f in members):  # another process fetched it
         return
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        archive = Path(tmp) / info.archive.name
+    # (a fetch killed by SIGTERM left its partial archive in such a folder: swept first)
+    with scratch_dir(target.parent / info.archive.name) as tmp:
+        archive = tmp / info.archive.name
         download_file([m.rstrip("/") + "/" + info.archive.name for m in mirrors], archive,
                       info.archive)  # fmt: skip
         extract_tar_members(archive, info.archive_prefix, members, target)

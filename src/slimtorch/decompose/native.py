@@ -28,10 +28,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
+
+from slimtorch.core.io import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,10 @@ def _build(source: bytes, cc: str, target_dir: Path) -> Path:
         if lib.is_file():
             return lib
         target_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-            src = Path(tmp) / SOURCE
+        with scratch_dir(lib) as tmp:  # (what a killed build left is swept first)
+            src = tmp / SOURCE
             src.write_bytes(source)
-            out = Path(tmp) / lib.name
+            out = tmp / lib.name
             cmd = [cc, *flags, *_BASE_FLAGS, str(src), "-o", str(out)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
