@@ -213,6 +213,32 @@ def test_a_failed_check_keeps_the_earlier_export(
     assert load_exported(pt2) is not None
 
 
+def test_an_interrupted_export_is_not_called_a_failed_check_and_its_leftovers_are_swept(
+    models: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a SIGTERM'd export left its complete but unchecked file beside --out, for good; a Ctrl-C
+    # was reported as "did not pass its check"
+    import slimtorch.quant
+
+    base = models[0]
+    out = tmp_path / "m.onnx"
+    killed = tmp_path / ".m.onnx.999999999.0123abcd.tmp"  # a dead process's export folder
+    killed.mkdir()
+    (killed / "m.onnx").write_bytes(b"unchecked")
+
+    def interrupted(*args: object, **kwargs: object) -> dict[str, float]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slimtorch.quant, "check_onnx", interrupted)
+    assert main(["export", "--in", str(base), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "did not pass its check" not in err and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # neither the unchecked file nor the killed one's
+
+
 def test_weight_only_int8_export_says_so_and_reads_no_calibration_data(
     models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from slimtorch.cli.common import (
     check_output_path,
     model_dir_arg,
 )
-from slimtorch.core.io import fsync_dir
+from slimtorch.core.io import fsync_dir, scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -204,16 +204,16 @@ def _checked_output(out: Path) -> Iterator[Path]:
     """A sibling temporary path to export to and check; it replaces ``out`` only once the
     check has passed. A file already at ``out`` (an earlier export) is kept when the export or
     its check fails, and no file that failed is left to be used."""
-    tmp = out.with_name(f".{out.stem}.unchecked-{os.getpid()}{out.suffix}")
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-            kept = " (the file already there is unchanged)" if out.exists() else ""
-            print(f"the export did not pass its check and was removed{kept}", file=sys.stderr)
-        raise
-    os.replace(tmp, out)
+    with scratch_dir(out) as scratch:  # (what a killed export left is swept first)
+        tmp = scratch / out.name
+        try:
+            yield tmp
+        except Exception:
+            if tmp.exists():
+                kept = " (the file already there is unchanged)" if out.exists() else ""
+                print(f"the export did not pass its check and was removed{kept}", file=sys.stderr)
+            raise
+        os.replace(tmp, out)
     fsync_dir(out.parent)
 
 
