@@ -50,7 +50,7 @@ from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph, warn_signed_activations
-from slimtorch.quant.precision import check_export_dtypes, layer_precisions
+from slimtorch.quant.precision import beyond_range, check_export_dtypes, layer_precisions
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,9 @@ def export_onnx(
                 "fp16 export of an int8 Q/DQ model is not supported (its scales and quantize "
                 "steps are float32); export it with dtype='fp32' (it still runs int8)"
             )
+        if big := beyond_range(work, torch.float16):
+            raise ValueError(f"fp16 export: {big}, which the cast would make Inf; export fp32, "
+                             "or cast_ the model (it keeps such layers in float32)")  # fmt: skip
         work, x = work.half(), (x.half() if x.is_floating_point() else x)
     if dynamic_batch and x.shape[0] > MAX_DYNAMIC_BATCH:
         raise ValueError(

@@ -63,6 +63,7 @@ from slimtorch.core.surgery import (
 from slimtorch.quant import _calib
 from slimtorch.quant.precision import (
     DTYPES,
+    beyond_range,
     layer_precisions,
     precision_units,
     root_float_parameters,
@@ -359,6 +360,9 @@ def cast_(
         order, runs = list(units), [list(units)]
         logger.warning("cast_ without check_inputs: the %s cast is not checked", config.dtype)
     kept = _rules(units, runs, config.keep_fp32)
+    for n, unit in units.items():  # with or without check data: Inf is never a cast's result
+        if n not in kept and (why := beyond_range(unit, dtype)):
+            kept[n] = f"{why}: kept float32"
     for n in unreached:
         kept.setdefault(
             n, "never ran on the check data: kept float32, as the check cannot vouch for it "

@@ -76,7 +76,12 @@ from slimtorch.quant.mixed_sensitivity import (
     measure_sensitivity,
     weight_scales,
 )
-from slimtorch.quant.precision import precision_units, root_float_parameters, set_precision_
+from slimtorch.quant.precision import (
+    beyond_range,
+    precision_units,
+    root_float_parameters,
+    set_precision_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +334,9 @@ def mixed_precision_(
                 f"; fp16 not offered: {n} sits in {owner}, which owns parameters of its own and "
                 "is cast only as a whole"
             )
+        elif "fp16" in opts and (why := beyond_range(units[n], torch.float16)):
+            opts = tuple(c for c in opts if c != "fp16") or ("fp32",)
+            notes[n] = f"; fp16 not offered: {why}"
         allowed[n] = opts
     all_cands = tuple(dict.fromkeys(c for n in names for c in allowed[n]))
     modules = {n: work.get_submodule(n) for n in names}

@@ -125,6 +125,31 @@ def precision_units(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
+def beyond_range(module: nn.Module, dtype: torch.dtype) -> str | None:
+    """Which of ``module``'s floating parameters/buffers hold finite values beyond ``dtype``'s
+    largest (float16's 65504: a batch norm's running variance of a raw 0-255 input, say), which
+    a cast would turn into Inf; None when all fit (and for meta tensors, which have no values).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> _ = bn.running_var.fill_(1e5)
+        >>> beyond_range(bn, torch.float16)
+        "running_var holds 1e+05, beyond float16's largest value 65504"
+        >>> beyond_range(bn, torch.bfloat16) is None
+        True
+    """
+    limit = torch.finfo(dtype).max
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and t.numel():
+            finite = t.detach()[torch.isfinite(t.detach())]
+            peak = float(finite.abs().max()) if finite.numel() else 0.0
+            if peak > limit:
+                what = str(dtype).removeprefix("torch.")
+                return f"{name} holds {peak:.3g}, beyond {what}'s largest value {limit:.6g}"
+    return None
+
+
+@torch.no_grad()
 def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Unit names in the order one forward pass on ``example`` calls them (eval mode).
 
@@ -225,8 +250,8 @@ def set_precision_(
         The transform entry ``{"name": "quant.lowp", "params": {...}}``.
 
     Raises:
-        ValueError: A name is not a unit, ``dtype`` is not fp16/bf16, or the model already
-            carries boundary casts.
+        ValueError: A name is not a unit, ``dtype`` is not fp16/bf16, a unit to cast holds
+            values beyond ``dtype``'s range, or the model already carries boundary casts.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -250,6 +275,12 @@ def set_precision_(
             f"units are the modules owning float parameters: {', '.join(list(units)[:6])}, ..."
         )
     low_set = set(low)
+    big = {n: why for n in units if n in low_set and (why := beyond_range(units[n], dtype))}
+    if big:
+        raise ValueError(
+            f"{'; '.join(f'{n!r}: {w}' for n, w in big.items())}: the cast would make them Inf; "
+            "leave those layers in float32"
+        )
     for name, unit in units.items():
         target = dtype if name in low_set else torch.float32
         if name in low_set:
