@@ -196,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # an optional dependency is missing: say which extra has it
         print(f"slimtorch {args.command}: error: {missing_module_message(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"slimtorch {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a training run says where its checkpoint is
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"slimtorch {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as exc:  # ONNX Runtime refusing a graph it loaded: its own error types
         if not is_onnxruntime_error(exc):

@@ -323,3 +323,18 @@ def cleanup() -> None:
         if sys.exc_info()[0] is None:
             barrier()
         dist.destroy_process_group()
+
+
+def check_replicas(model: torch.nn.Module) -> list[str]:
+    """:func:`replica_mismatches` once training is over (every rank calls it), logged: an error
+    naming the tensors when the replicas have diverged."""
+    names = replica_mismatches(model)
+    if names:
+        logger.error(
+            "ranks disagree after training on %d tensor(s) (%s%s): the replicas have diverged, "
+            "so the saved rank-0 model is only one of them",
+            len(names), ", ".join(names[:5]), " ..." if len(names) > 5 else "",
+        )  # fmt: skip
+    elif is_main_process():
+        logger.info("all ranks hold identical parameters and buffers")
+    return names

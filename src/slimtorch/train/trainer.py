@@ -43,14 +43,15 @@ from slimtorch.train.config import TrainConfig
 from slimtorch.train.distributed import (
     all_reduce_sum,
     broadcast_buffers_,
+    check_replicas,
     data_parallel,
     get_device_index,
     get_world_size,
     is_main_process,
-    replica_mismatches,
     wrap_ddp,
 )
 from slimtorch.train.history import History, format_row
+from slimtorch.train.interrupt import StopRequest, interrupted, stop_requests
 from slimtorch.train.loader import (
     batch_note,
     check_labels,
@@ -167,6 +168,7 @@ class Trainer:
         self._meter: Meter | None = None
         self._prepared = False
         self._held: dict[str, nn.Module] = {}  # eval-mode modules kept so in training
+        self._stop = StopRequest()  # SIGINT/SIGTERM during fit
 
     # ------------------------------------------------------------------ set-up
 
@@ -319,6 +321,9 @@ class Trainer:
             if every and self.global_step % every == 0 and mid_epoch:
                 check_not_diverged(self, self._meter.result(reduce=True)["loss"])
                 save_trainer_state(self)
+            if mid_epoch and self._stop.signum is not None:  # SIGINT/SIGTERM: resumable
+                save_trainer_state(self)
+                raise interrupted(self._stop, self.checkpoint_path, self.global_step)
             if self.should_stop and not self.is_distributed:
                 break
         if self.step_in_epoch < self.steps_per_epoch and not self.should_stop:
@@ -424,11 +429,14 @@ class Trainer:
         try:  # teardown runs however this ends, on_fit_start raising included
             self._call("on_fit_start")
             self._fit_start = time.perf_counter()
-            while self.epoch < self.config.epochs and not self.should_stop:
-                self._train_epoch(model, train_loader, val_loader, rng)
-                rng = None
+            with stop_requests(enabled=not self.is_distributed) as self._stop:
+                while self.epoch < self.config.epochs and not self.should_stop:
+                    self._train_epoch(model, train_loader, val_loader, rng)
+                    rng = None
+                    if self._stop.signum is not None:  # the epoch's checkpoint is written
+                        raise interrupted(self._stop, self.checkpoint_path, self.global_step)
             if self.is_distributed:
-                self._check_replicas()
+                self.replica_mismatches = check_replicas(self.model)
         finally:
             self._call("teardown")  # whether the run ended or raised
             self._fit_seconds, self._fit_start = self.train_seconds - self.seconds_before, None
@@ -446,21 +454,6 @@ class Trainer:
         if self._fit_start is not None:
             return self.seconds_before + time.perf_counter() - self._fit_start
         return self.seconds_before + self._fit_seconds
-
-    def _check_replicas(self) -> None:
-        """Compare every rank's parameters and buffers once training is over (all ranks call it)."""
-        self.replica_mismatches = replica_mismatches(self.model)
-        if self.replica_mismatches:
-            names = self.replica_mismatches
-            logger.error(
-                "ranks disagree after training on %d tensor(s) (%s%s): the replicas have "
-                "diverged, so the saved rank-0 model is only one of them",
-                len(names),
-                ", ".join(names[:5]),
-                " ..." if len(names) > 5 else "",
-            )
-        elif is_main_process():
-            logger.info("all ranks hold identical parameters and buffers")
 
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, Any]:
