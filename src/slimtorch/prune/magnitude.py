@@ -160,8 +160,8 @@ def _skip_reason(module: nn.Module, params: Sequence[str], config: PruneConfig) 
         p = getattr(module, param)
         if not p.is_floating_point():
             return f"{param} is {p.dtype}, not floating point"
-        if bool(torch.isnan(p).any()):
-            return f"{param} holds NaN values"
+        if not bool(torch.isfinite(p).all()):
+            return f"{param} holds {'NaN' if bool(torch.isnan(p).any()) else 'Inf'} values"
     w: torch.Tensor = getattr(module, "weight")  # noqa: B009  (typed as a tensor)
     if isinstance(config, MagnitudeConfig) and w.numel() < config.min_params:
         return f"{w.numel()} weights < min_params {config.min_params}"
@@ -189,7 +189,7 @@ def prune_(
     Targets are the layers whose dotted names match a glob of ``include`` (all when ``None``)
     and none of ``exclude``; a glob that matches no module, or an ``include`` glob that selects
     no conv/linear layer, raises. A layer is skipped, untouched and with its reason, when its
-    weights hold NaN, are not floating point or are stored quantized (an int8 layer), it has
+    weights hold NaN/Inf, are not floating point or are stored quantized (an int8 layer), it has
     fewer than ``min_params`` weights, or (N:M) its input dimension is not divisible by ``m``.
     Pruning an already pruned layer only adds zeros: new masks are combined with the old ones.
 

@@ -57,6 +57,23 @@ def _reduce_rows(t: torch.Tensor, p: int, chunk: int = 256) -> torch.Tensor:
     return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float64)
 
 
+def calibration_error(message: str) -> Exception:
+    """A :class:`~slimtorch.quant.lsq.CalibrationError` (imported here: ``slimtorch.prune``
+    does not import ``slimtorch.quant`` otherwise)."""
+    from slimtorch.quant.lsq import CalibrationError
+
+    return CalibrationError(message)
+
+
+def _nonfinite(batch: int, what: str) -> Exception:
+    return calibration_error(
+        f"taylor importance: calibration batch {batch} gives {what}, so the channel scores would "
+        "be NaN/Inf and which channels are kept arbitrary; the model is unchanged. Remove or "
+        "clean that batch (check its inputs and targets for NaN/Inf), or use importance 'l1', "
+        "'l2' or 'bn_scale'"
+    )
+
+
 def _writers(model: nn.Module, graph: ChannelGraph, roots: set[int]) -> list[LayerUse]:
     return [u for u in graph.layers.values() if graph.spaces.roots_of(u.out_space) & roots]
 
@@ -120,6 +137,8 @@ def _taylor(
                 with torch.enable_grad():
                     args = inputs if isinstance(inputs, tuple) else (inputs,)
                     loss = loss_fn(model(*args), targets)
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        raise _nonfinite(batches, f"a NaN/Inf loss ({loss.detach().tolist()})")
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
                 step: dict[int, torch.Tensor] = {}
@@ -133,11 +152,15 @@ def _taylor(
                         t = row if t is None else t + row
                     if t is None:
                         continue
+                    if not bool(torch.isfinite(t).all()):
+                        raise _nonfinite(batches, f"NaN/Inf gradients in layer {use.name}")
                     for root, v in graph.spaces.scatter(use.out_space, t.cpu()):
                         if root in roots:
                             step[root] = step.get(root, 0) + v
                 for root, v in step.items():
                     scores[root] = scores.get(root, 0) + v.pow(2)
+                    if not bool(torch.isfinite(scores[root]).all()):
+                        raise _nonfinite(batches, "scores that overflow float64")
                 batches += 1
         finally:
             for p, flag in zip(params, flags, strict=True):
@@ -176,6 +199,8 @@ def channel_scores(
 
     Raises:
         ValueError: Unknown ``method``, or ``"taylor"`` without calibration batches.
+        CalibrationError: ``"taylor"`` and a calibration batch gives a NaN/Inf loss or
+            gradients (the message names the batch); nothing is changed.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))

@@ -48,7 +48,7 @@ from slimtorch.models.transforms import record_transform
 from slimtorch.prune.channel.check import check_nm_masks, reference_outputs, swap_and_check
 from slimtorch.prune.channel.config import ChannelPruneConfig, round_channels
 from slimtorch.prune.channel.graph import ChannelGraph, ChannelGraphError, ChannelGroup, build_graph
-from slimtorch.prune.channel.importance import LossFn, channel_scores
+from slimtorch.prune.channel.importance import LossFn, calibration_error, channel_scores
 from slimtorch.prune.channel.layers import (
     TRANSFORM_NAME,
     layer_widths,
@@ -82,11 +82,12 @@ def _row(
     excluded = [p for p in group.writers or group.producers if exclude and _match(p, exclude)]
     extra = {n: unknown_tensors(model.get_submodule(n)) for n in group.members}
     extra = {n: t for n, t in extra.items() if t}
-    nonfinite = [
-        f"{n}.{pname}"
+    nonfinite = [  # buffers too: a NaN batch-norm running_var
+        f"{n}.{tname}"
         for n in group.members
-        for pname, p in model.get_submodule(n).named_parameters(recurse=False)
-        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        for m in (model.get_submodule(n),)
+        for tname, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     tied = {n: shared for n in group.members if (shared := shared_with(n))}
     if group.fixed:
@@ -107,7 +108,7 @@ def _row(
     elif nonfinite:
         row.reason = (
             f"{', '.join(nonfinite)} hold NaN/Inf values, so channel importance is undefined; "
-            "fix the weights or exclude these layers"
+            "fix the weights or running statistics, or exclude these layers"
         )
     else:
         row.action = "unchanged"
@@ -160,6 +161,14 @@ def _plan(
     config: ChannelPruneConfig,
 ) -> tuple[dict[int, int], dict[int, float]]:
     """Channels each group keeps, and the ratio aimed at."""
+    for g in groups:
+        s, used = scores[g.root]
+        if not bool(torch.isfinite(s).all()):
+            raise calibration_error(
+                f"channel importance {used!r} gave NaN/Inf scores for group {g.name!r} (layers "
+                f"{', '.join(g.members)}), so which channels to keep is undefined; the model is "
+                "unchanged. Check the calibration data and these layers' weights, or exclude them"
+            )
     counts: dict[int, int] = {}
     target: dict[int, float] = {}
     pool = []
@@ -286,9 +295,9 @@ def prune_channels_(
     ``include`` (all when ``None``). It is skipped, with the reason, when ``exclude`` matches
     a layer whose output channels it is (see ``exclude`` below), when its channels reach an op
     the graph does not resolve (named in the reason), when a member holds tensors slicing does
-    not know or is quantized (int8), or when a member's weights hold NaN/Inf (the channel
-    scores would be meaningless). Channels of the model's input and output (the classifier's
-    outputs) are ``fixed``: never pruned.
+    not know or is quantized (int8), or when a member's weights or running statistics hold
+    NaN/Inf (the channel scores would be meaningless). Channels of the model's input and output
+    (the classifier's outputs) are ``fixed``: never pruned.
 
     Args:
         model: The model, changed in place (layers are replaced by smaller ones; rebuild
@@ -316,6 +325,8 @@ def prune_channels_(
             selects no layer that produces channels; Taylor without calibration batches; a
             layer whose input would be cut holds an N:M weight mask (channel-prune first,
             then apply N:M).
+        CalibrationError: Taylor and a calibration batch gives a NaN/Inf loss or gradients,
+            or any channel scores are NaN/Inf (the model is unchanged).
         ChannelGraphError: the model cannot be traced (in train or eval mode), or the pruned
             model failed its check in either mode (it is restored).
         TransformSkipError: ``strict`` and a targeted group was skipped.
