@@ -100,13 +100,9 @@ class PTQConfig(Config):
         check_range(self, "percentile", self.percentile, low=50.0, high=100.0, low_inclusive=False)
         check_choice(self, "weight_bits", self.weight_bits, (8, 4))
         check_choice(self, "weight_observer", self.weight_observer, ("minmax", "mse"))
-        if isinstance(self.calibration_batches, bool) or not isinstance(
-            self.calibration_batches, int
-        ):
-            raise ValueError(
-                f"PTQConfig.calibration_batches must be an int >= 1, got "
-                f"{self.calibration_batches!r}"
-            )
+        cb = self.calibration_batches
+        if isinstance(cb, bool) or not isinstance(cb, int):
+            raise ValueError(f"PTQConfig.calibration_batches must be an int >= 1, got {cb!r}")
         check_range(self, "calibration_batches", self.calibration_batches, low=1)
         for name in ("per_channel", "symmetric", "skip_first", "skip_last", "fold_bn",
                      "quantize_residuals"):  # fmt: skip
@@ -194,9 +190,11 @@ def _skip_reason(
             f"padding={module.padding!r}/padding_mode={module.padding_mode!r}: the Q/DQ conv "
             "takes numeric zero padding only; kept in float"
         )
-    weight = getattr(module, "weight", None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not isinstance(weight, torch.Tensor) or not bool(torch.isfinite(weight).all()):
         return "weights hold NaN/Inf; fix or re-initialise the layer first"
+    if isinstance(bias, torch.Tensor) and not bool(torch.isfinite(bias).all()):
+        return "bias holds NaN/Inf; fix or re-initialise the layer first"
     return None
 
 
