@@ -320,8 +320,8 @@ def _bn_reason(bn: nn.Module, channels: int) -> str | None:
         return "not a BatchNorm2d over the conv's outputs"
     if bn.running_mean is None or bn.running_var is None:
         return "the batch norm tracks no running statistics"
-    if not all(bool(torch.isfinite(t).all()) for t in (bn.running_mean, bn.running_var)):
-        return "the batch norm's running statistics hold NaN/Inf"
+    if not all(bool(torch.isfinite(t).all()) for t in (*bn.parameters(), *bn.buffers())):
+        return "the batch norm's weights or running statistics hold NaN/Inf"
     return None
 
 
