@@ -140,7 +140,13 @@ def test_cp_and_tt_decompose_and_record(net: TinyNet) -> None:
 
 
 def test_rebuild_loads_saved_weights_strictly(net: TinyNet, tmp_path) -> None:
-    decompose_(net, TuckerConfig(rank="vbmf", round_to=4), include=["features.3"])
+    conv = net.features[3]
+    with torch.no_grad():  # low multilinear rank plus noise: EVBMF finds components to keep
+        low = torch.einsum("oa,ab,bi->oi", torch.randn(conv.out_channels, 3), torch.randn(3, 3),
+                           torch.randn(3, conv.weight[0].numel()))  # fmt: skip
+        conv.weight.copy_(low.reshape(conv.weight.shape) + 0.01 * torch.randn_like(conv.weight))
+    report = decompose_(net, TuckerConfig(rank="vbmf", round_to=4), include=["features.3"])
+    assert report.rows[0].action == "decomposed", report.rows[0].reason
     decompose_(net, SVDConfig(rank="energy:0.8"), include=["head", "features.6"])
     decompose_(net, TTConfig(rank=0.5, n_cores=2), include=["out"], strict=True)
     path = tmp_path / "model.safetensors"

@@ -4,7 +4,8 @@ A rank spec is what a config's ``rank`` field holds: a float fraction in ``(0, 1
 string ``"vbmf"`` / ``"energy:0.9"`` / ``"budget:params=0.33"``. :func:`parse_rank_spec` validates
 it once; :func:`select_mode_rank` turns it into a rank for one mode of one weight (a budget spec is
 resolved across layers by ``decompose_``, see :mod:`slimtorch.decompose.budget_mode`). Every rank
-returned is clamped to ``[1, full]``.
+returned is clamped to ``[1, full]``; where EVBMF finds no rank for a nonzero weight,
+:class:`NoRankError` says so instead.
 
 Example:
     >>> spec = parse_rank_spec(0.25, field="TuckerConfig.rank")
@@ -26,6 +27,15 @@ from slimtorch.decompose.vbmf import evbmf
 RankKind = Literal["fraction", "int", "vbmf", "energy", "budget"]
 BUDGET_METRICS = ("params", "flops")
 RankSpecInput = float | int | str
+
+
+class NoRankError(ValueError):
+    """EVBMF found no component above its noise threshold in a nonzero unfolding.
+
+    A flat singular-value spectrum (an identity, orthogonal or freshly random initialisation)
+    looks like pure noise to EVBMF; rank 1 would throw almost all of such a weight away, so
+    ``decompose_`` skips the layer with this message as its reason.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +194,13 @@ def select_mode_rank(spec: RankSpec, unfolding: torch.Tensor, *, round_to: int =
     """Rank for one mode, from its unfolding ``(I_mode, rest)``: the rows are the mode's size.
 
     ``fraction`` and ``int`` use only the size; ``energy`` the unfolding's singular values;
-    ``vbmf`` runs :func:`~slimtorch.decompose.vbmf.evbmf` (a rank of 0 becomes 1).
+    ``vbmf`` runs :func:`~slimtorch.decompose.vbmf.evbmf` (a rank of 0 becomes 1 for the zero
+    matrix, which rank 1 reproduces exactly).
+
+    Raises:
+        NoRankError: ``vbmf`` found rank 0 for a nonzero unfolding (all of it below the noise
+            threshold).
+        ValueError: a budget spec, which has no per-mode rank.
 
     Example:
         >>> select_mode_rank(RankSpec("int", 4.0), torch.randn(16, 9))
@@ -204,4 +220,12 @@ def select_mode_rank(spec: RankSpec, unfolding: torch.Tensor, *, round_to: int =
         rank = rank_from_energy(torch.linalg.svdvals(unfolding), spec.value)
     else:
         rank = evbmf(unfolding).rank
+        if rank == 0 and bool((unfolding != 0).any()):
+            rows, cols = unfolding.shape
+            raise NoRankError(
+                f"EVBMF found no component above its noise threshold in the {rows} x {cols} "
+                "unfolding of the weight (a flat singular-value spectrum, as from an identity, "
+                "orthogonal or random initialisation), and rank 1 would discard almost all of "
+                "it; give an int, a fraction or 'energy:<x>' rank instead, or exclude the layer"
+            )
     return round_rank(clamp_rank(rank, full), full, round_to)
