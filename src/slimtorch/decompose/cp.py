@@ -32,6 +32,7 @@ from slimtorch.decompose.linalg import (
     leading_left_singular_vectors,
     norm64,
     unfold,
+    unit_scale,
 )
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,10 @@ def cp_als(
     matrices (Kolda and Bader, 2009, "Tensor decompositions and applications", SIAM Review
     51(3)). That identity loses accuracy when the error nears ``sqrt(eps)`` of the dtype; once
     a check sees the error below ``1e3 * sqrt(eps)`` the remaining sweeps measure it from the
-    reconstruction. The returned ``rel_error`` always comes from the reconstruction.
+    reconstruction. The returned ``rel_error`` always comes from the reconstruction. ALS runs
+    on the tensor divided by its :func:`~slimtorch.decompose.linalg.unit_scale` (a power of
+    two) and the weights are multiplied by it at the end, so the result does not depend on the
+    tensor's scale (float32 Gram matrices of weights near 1e19 overflow, near 1e-20 underflow).
 
     Args:
         tensor: 3-D or higher float32/float64 tensor on any device.
@@ -251,13 +255,15 @@ def cp_als(
             "cp_als: the tensor holds NaN or Inf values; expected finite values; fix or "
             "re-initialise the layer before decomposing it"
         )
+    unit = unit_scale(tensor)  # exact: ALS on tensor / unit, the weights scaled back at the end
+    tensor = tensor / unit
     factors = init_factors(tensor, rank, init, seed)
     weights = torch.ones(rank, dtype=tensor.dtype, device=tensor.device)
-    norm_x64 = norm64(tensor)
-    norm_x = norm_x64.to(tensor.dtype)
-    if not bool(norm_x > 0):
+    if not bool((tensor != 0).any()):  # the zero tensor (a norm of tiny values could underflow)
         zeros = torch.zeros_like(weights)
         return CPResult(zeros, factors, 0, 0.0, True, [0.0])
+    norm_x64 = norm64(tensor)
+    norm_x = norm_x64.to(tensor.dtype)
     ndim, device = tensor.ndim, tensor.device
     every = _default_check_every(device) if check_every is None else check_every
     exact_below = 1e3 * torch.finfo(tensor.dtype).eps ** 0.5
@@ -354,4 +360,4 @@ def cp_als(
         if require_convergence:
             raise DecompositionError(msg + "; raise n_iter or tol, or lower the rank")
         logger.warning("%s; returning the last iterate", msg)
-    return CPResult(weights, factors, it, rel_error, converged, errors)
+    return CPResult(weights * unit, factors, it, rel_error, converged, errors)

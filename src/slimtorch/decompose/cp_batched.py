@@ -33,7 +33,13 @@ from slimtorch.decompose.cp import (
     check_cp_options,
     init_factors,
 )
-from slimtorch.decompose.linalg import check_each, check_float_tensor, check_rank, stack_groups
+from slimtorch.decompose.linalg import (
+    check_each,
+    check_float_tensor,
+    check_rank,
+    stack_groups,
+    unit_scale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +329,11 @@ def cp_als_many(
     below ``tol``; its factors are frozen from then on and its ``iterations`` is that sweep. A
     group stops when all its items are done (read on the host every ``check_every`` sweeps) or
     after ``n_iter`` sweeps. Results therefore match :func:`cp_als` per tensor up to rounding
-    (batched and single products may round differently).
+    (batched and single products may round differently). As in :func:`cp_als`, each tensor is
+    divided by its :func:`~slimtorch.decompose.linalg.unit_scale` (a power of two) and its
+    weights multiplied by it at the end, so no result depends on its tensor's scale; an
+    all-zero tensor (tested value by value, not by a norm that tiny values underflow) gets
+    zero weights.
 
     Args:
         tensors: 3-D or higher float32/float64 tensors on any devices.
@@ -370,14 +380,15 @@ def cp_als_many(
     check_cp_options(n_iter, tol, init, reg, check_every)
     rank_list = check_each("cp_als_many", ("tensors", "ranks"), tensors, ranks, _check_item)
     groups = stack_groups("cp_als_many", "tensors", tensors, rank_list)
-    nonzero = {  # one host read per group
-        key: (torch.linalg.vector_norm(stack.flatten(1), dim=1) > 0).tolist()
-        for key, (_, stack) in groups.items()
+    nonzero = {  # one host read per group; a norm of tiny values would underflow to 0
+        key: (stack != 0).flatten(1).any(1).tolist() for key, (_, stack) in groups.items()
     }
     results: list[CPResult | None] = [None] * len(tensors)
     for key, (idx, stack) in groups.items():
         rank, device = key[1], key[3]
-        starts = [init_factors(tensors[i], rank, init, seed) for i in idx]  # as cp_als does
+        units = unit_scale(stack, per_item=True)  # (B,) powers of two, as in cp_als
+        stack = stack / units.reshape(-1, *[1] * (stack.ndim - 1))  # exact
+        starts = [init_factors(stack[b], rank, init, seed) for b in range(len(idx))]
         for b in (b for b, nz in enumerate(nonzero[key]) if not nz):  # the zero tensor
             zeros = torch.zeros(rank, dtype=key[2], device=device)
             results[idx[b]] = CPResult(zeros, starts[b], 0, 0.0, True, [0.0])
@@ -415,7 +426,7 @@ def cp_als_many(
             sweep, errors = converged_at[b], history[b]
             errors[-1] = rel[b]
             results[i] = CPResult(
-                weights[b],
+                weights[b] * units[live[b]],
                 [f[b] for f in factors],
                 n_iter if sweep is None else sweep,
                 rel[b],

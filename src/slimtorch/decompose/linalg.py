@@ -61,6 +61,44 @@ def check_rank(rank: object, name: str, *, full: int | None = None) -> int:
     return rank
 
 
+# Per float dtype: the integer type of its width, its mantissa bits and its exponent bias.
+_FLOAT_BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def unit_scale(x: torch.Tensor, *, per_item: bool = False) -> torch.Tensor:
+    """The power of two ``s`` with ``max|x| / s`` in ``[1, 2)``, so dividing by it is exact.
+
+    The factorisations divide a weight by it first and multiply one factor (or the core) by it
+    after, so their result does not depend on the weight's scale: the Gram matrices they form
+    square the values, which overflows float32 for weights near 1e19 and underflows it for
+    weights near 1e-20. ``s`` is 1 for an all-zero or non-finite ``x`` and stays a normal
+    number of the dtype (so ``x / s`` is exact for every normal value); it is built from the
+    exponent bits on the device, without a host read.
+
+    Args:
+        x: A float32/float64 tensor.
+        per_item: One scale per index of the first dimension, shape ``(B,)``, instead of one
+            for the whole tensor (0-d).
+
+    Returns:
+        The scale(s), on ``x``'s device and dtype.
+
+    Example:
+        >>> unit_scale(torch.tensor([0.3, -5.0])).item(), unit_scale(torch.zeros(2)).item()
+        (4.0, 1.0)
+    """
+    itype, mantissa, bias = _FLOAT_BITS[x.dtype]
+    size = (x.shape[0],) if per_item else ()
+    if x.numel() == 0:
+        return torch.ones(size, dtype=x.dtype, device=x.device)
+    flat = x.detach().abs().reshape(*size, -1)
+    peak = flat.amax(-1)
+    _, exp = torch.frexp(peak)  # peak = m * 2**exp with m in [0.5, 1)
+    usable = (peak > 0) & torch.isfinite(peak)
+    exp = torch.where(usable, exp - 1, torch.zeros_like(exp)).clamp(1 - bias, bias)
+    return ((exp.to(itype) + bias) << mantissa).view(x.dtype)
+
+
 def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     """Mode-``mode`` unfolding: the mode's fibres become the rows, ``(I_mode, prod(others))``.
 
@@ -109,7 +147,8 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tens
     (a tall matrix has at most ``cols`` singular vectors, e.g. the projected unfolding of a 1x1
     kernel in HOOI) the basis is completed with orthonormal columns orthogonal to the singular
     vectors; they carry no energy, so the approximation is unchanged. ``rank`` must not exceed
-    the row count.
+    the row count. The Gram matrix is that of ``M`` divided by :func:`unit_scale`, so any finite
+    scale of ``M`` gives the same vectors.
 
     Example:
         >>> leading_left_singular_vectors(torch.randn(4, 50), 2).shape
@@ -119,8 +158,8 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tens
     if rank > rows:
         raise ValueError(f"rank must be <= the number of rows ({rows}), got {rank}")
     if 2 * rows <= cols:
-        gram = matrix @ matrix.mT  # (rows, rows)
-        _, vecs = sym_eigh(gram)  # ascending eigenvalues
+        unit = matrix / unit_scale(matrix)  # exact: its Gram neither overflows nor underflows
+        _, vecs = sym_eigh(unit @ unit.mT)  # (rows, rows), ascending eigenvalues
         return vecs[:, -rank:].flip(-1)
     u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
     if rank > u.shape[1]:
@@ -137,7 +176,8 @@ def leading_singular_subspaces(
     vectors (say ``cols <= rows``); the left ones are an orthonormalisation (QR) of ``M V_k``,
     which spans the same leading left subspace without a second decomposition. Columns beyond
     the matrix's rank are completed orthonormally (they carry no energy), so ``left_rank`` may
-    reach the row count even when it exceeds the column count.
+    reach the row count even when it exceeds the column count. ``M`` is divided by
+    :func:`unit_scale` first, so any finite scale of it gives the same bases.
 
     Args:
         matrix: ``(rows, cols)`` float32/float64 matrix.
@@ -162,6 +202,7 @@ def leading_singular_subspaces(
     if rows < cols:
         right, left = leading_singular_subspaces(matrix.mT, right_rank, left_rank)
         return left, right
+    matrix = matrix / unit_scale(matrix)  # exact: its Gram neither overflows nor underflows
     _, vecs = sym_eigh(matrix.mT @ matrix)  # (cols, cols), ascending eigenvalues
     vecs = vecs.flip(-1)  # leading first
     k = min(left_rank, cols)

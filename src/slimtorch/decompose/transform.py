@@ -33,6 +33,7 @@ from slimtorch.decompose import prefactor
 from slimtorch.decompose._shapes import layer_flops, record_shapes
 from slimtorch.decompose.budget_mode import BudgetPlan, budget_outcome, build_option, plan_budget
 from slimtorch.decompose.config import CPConfig, DecomposeConfig, TuckerConfig
+from slimtorch.decompose.finite import checked, prefactor_tucker
 from slimtorch.decompose.handlers import (
     Factorised,
     SkipLayer,
@@ -327,7 +328,7 @@ def _prefactor(
     if isinstance(config, CPConfig):
         return prefactor.prefactor(requests, **cp_options(config))
     assert isinstance(config, TuckerConfig)
-    return prefactor.prefactor(requests, n_iter=config.n_iter, tol=config.tol)
+    return prefactor_tucker(requests, n_iter=config.n_iter, tol=config.tol)
 
 
 def _factorise_all(
@@ -384,15 +385,14 @@ def _factorise_all(
 def _factorise(
     name: str, module: nn.Module, config: DecomposeConfig, plan: BudgetPlan | None
 ) -> Factorised:
-    """The factorised layer, by the budget plan or the registered handler (``SkipLayer``: keep)."""
+    """The factorised layer, by the budget plan or the registered handler, :func:`checked`
+    (``SkipLayer``: keep the layer)."""
     if plan is not None:
         if name in plan.reasons:
             raise SkipLayer(plan.reasons[name])
-        return build_option(module, config, plan.choices[name])
+        return checked(module, lambda: build_option(module, config, plan.choices[name]))
     handler = find_handler(config, module)
-    if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-        raise SkipLayer("weights hold NaN/Inf; fix or re-initialise the layer first")
-    return handler(module, config, name)
+    return checked(module, lambda: handler(module, config, name))
 
 
 def _check_speed(

@@ -30,6 +30,7 @@ from slimtorch.decompose.linalg import (
     leading_left_singular_vectors,
     leading_singular_subspaces,
     sym_eigh,
+    unit_scale,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,10 @@ def tucker2(
     so each projection is one matrix product; the first sweep's output factor depends only on the
     input factor, so the HOSVD output factor is computed only when ``n_iter=0``. A 1x1 kernel is
     a matrix, whose truncated HOSVD already is the best rank-``(r_out, r_in)`` approximation: it
-    takes one Gram eigen-decomposition and a QR (no sweeps).
+    takes one Gram eigen-decomposition and a QR (no sweeps). The kernel is divided by its
+    :func:`~slimtorch.decompose.linalg.unit_scale` (a power of two) before and the core
+    multiplied by it after, so the factors do not depend on the kernel's scale: its Gram
+    matrices would overflow float32 for weights near 1e19 and underflow it near 1e-20.
 
     Args:
         weight: Kernel of shape ``(C_out, C_in, *spatial)`` (2-D and higher), float32/float64,
@@ -142,11 +146,12 @@ def tucker2(
             "re-initialise the layer before decomposing it"
         )
     spatial = weight.shape[2:]
-    w = weight.reshape(c_out, c_in, -1)  # (C_out, C_in, k)
+    unit = unit_scale(weight)  # exact: factorise weight / unit, then scale the core back
+    w = (weight / unit).reshape(c_out, c_in, -1)  # (C_out, C_in, k)
     k = w.shape[2]
     if k == 1:
         u_out, u_in = leading_singular_subspaces(w[:, :, 0], r_out, r_in)
-        core = u_out.mT @ w[:, :, 0] @ u_in  # (r_out, r_in)
+        core = u_out.mT @ w[:, :, 0] @ u_in * unit  # (r_out, r_in)
         return Tucker2Factors(core.reshape(r_out, r_in, *spatial), u_out, u_in)
     w_out = w.transpose(1, 2).reshape(c_out * k, c_in)  # (C_out * k, C_in), rows (o, k)
     w_in = w.permute(1, 2, 0).reshape(c_in * k, c_out)  # (C_in * k, C_out), rows (i, k)
@@ -193,5 +198,5 @@ def tucker2(
                 logger.debug("tucker2 converged after %d sweeps", len(errors) + 1)
                 break
     y_in = (w_in @ u_out).reshape(c_in, k, r_out)  # (C_in, k, r_out)
-    core = torch.einsum("ib,ika->abk", u_in, y_in)  # (r_out, r_in, k)
+    core = torch.einsum("ib,ika->abk", u_in, y_in) * unit  # (r_out, r_in, k)
     return Tucker2Factors(core.reshape(r_out, r_in, *spatial), u_out, u_in)
