@@ -45,3 +45,22 @@ def test_a_non_finite_weight_is_still_reported_as_the_weight(mode: str) -> None:
         "skipped",
         "weights hold NaN/Inf; fix or re-initialise the layer first",
     )
+
+
+def test_nan_activations_from_a_broken_weight_name_the_weight() -> None:
+    """Calibration sees NaN only downstream of a NaN weight (the input of the next layer): the
+    message names the weight too."""
+    from slimtorch.quant import MixedPrecisionConfig, PTQConfig, mixed_precision_, quantize_
+    from slimtorch.quant.observers import CalibrationError
+
+    def broken() -> nn.Sequential:
+        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        with torch.no_grad():
+            net[2].bias[0] = float("nan")
+        return net.eval()
+
+    x = torch.randn(16, 8)
+    with pytest.raises(CalibrationError, match=r"in 2\.bias$"):
+        quantize_(broken(), PTQConfig(mode="static", skip_first=False, skip_last=False), x)
+    with pytest.raises(CalibrationError, match=r"in 2\.bias$"):
+        mixed_precision_(broken(), MixedPrecisionConfig(size_ratio=2.0), x)

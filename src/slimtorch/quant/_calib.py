@@ -160,6 +160,24 @@ def track_calls(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[lis
 
 
 @torch.no_grad()
+def broken_tensors(model: nn.Module) -> str:
+    """A note naming the model's floating parameters/buffers that hold NaN/Inf (the cause of
+    NaN activations, which are seen only downstream of them), or ``""``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+        >>> _ = net[2].bias.data.fill_(float("nan"))
+        >>> broken_tensors(net)
+        '; the model itself holds NaN/Inf in 2.bias'
+    """
+    bad = [
+        n for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
+    ]  # fmt: skip
+    more = f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""
+    return f"; the model itself holds NaN/Inf in {', '.join(bad[:6])}{more}" if bad else ""
+
+
 def run_batches(
     model: nn.Module, batches: list[Batch], what: str = "calibration data", *, trial: bool = False
 ) -> list[torch.Tensor]:
@@ -199,7 +217,8 @@ def run_batches(
             if not bool(torch.isfinite(y).all()):
                 raise CalibrationError(
                     f"the model produced NaN/Inf outputs on {what} batch {i}; check the inputs "
-                    "and the weights (activations overflow or the model is broken)"
+                    f"and the weights (activations overflow or the model is broken)"
+                    f"{broken_tensors(model)}"
                 )
             outs.append(y)
     return outs

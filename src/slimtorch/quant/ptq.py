@@ -342,7 +342,8 @@ def _calibrate(
             try:
                 work(x.to(device))
             except CalibrationError as exc:
-                raise CalibrationError(f"calibration batch {i}: {exc}") from None
+                note = _calib.broken_tensors(work)
+                raise CalibrationError(f"calibration batch {i}: {exc}{note}") from None
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 raise ValueError(
                     f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model; "
