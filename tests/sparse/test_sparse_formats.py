@@ -108,6 +108,15 @@ def test_nm24_round_trip_matches_prune_nm_masks(shape: tuple[int, ...], dtype: t
     assert bytes_ == groups * 2 * w.element_size() + (groups + 1) // 2
 
 
+def test_nm24_keeps_a_bfloat16_nan_payload() -> None:
+    # torch's CPU gather/scatter on bfloat16 rewrote the NaN bit pattern 0x7FC0 as 0xFFFF
+    w = torch.tensor([[0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]], dtype=torch.bfloat16)
+    w.view(torch.int16)[0, 1] = 0x7FC0
+    w.view(torch.int16)[1, 2] = 0x7F81  # a signalling-NaN pattern
+    back = decode_nm24(encode_nm24(w))
+    assert torch.equal(back.view(torch.int16), w.view(torch.int16))
+
+
 def test_nm24_of_a_pruned_layer_and_errors() -> None:
     lin = torch.nn.Linear(24, 8)
     prune_(torch.nn.Sequential(lin), NMConfig(n=2, m=4))

@@ -297,10 +297,17 @@ def encode_nm24(t: torch.Tensor) -> Parts:
     codes = (pos[:, 0] | (pos[:, 1] << 2)).to(torch.uint8)  # 4 bits a group
     codes = torch.cat([codes, codes.new_zeros(codes.numel() % 2)]).view(-1, 2)
     return {
-        "values": torch.gather(groups, 1, pos).contiguous(),
+        "values": torch.gather(_as_bits(groups), 1, pos).view(groups.dtype).contiguous(),
         "index": (codes[:, 0] | (codes[:, 1] << 4)).contiguous(),
         "shape": _shape_tensor(t),
     }
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bits as integers of its size (gather and scatter then move bit patterns;
+    on bfloat16 they rewrote NaN payloads); other tensors as they are."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
 def decode_nm24(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -335,7 +342,7 @@ def decode_nm24(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
             "ascending positions; the data is damaged or was not written by encode_nm24"
         )
     out = values.new_zeros(groups, 4)
-    out.scatter_(1, pos, values)
+    _as_bits(out).scatter_(1, pos, _as_bits(values))  # bit patterns: bf16 NaN payloads too
     moved = [shape[0], *shape[2:], shape[1]]
     return out.view(moved).movedim(-1, 1).contiguous()
 
