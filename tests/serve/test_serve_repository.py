@@ -93,3 +93,22 @@ def test_a_model_unloaded_through_the_api_stays_unloaded_across_rescans(tmp_path
         (tmp_path / "lin" / "README.txt").write_text("more notes")
         assert c.post("/v2/repository/rescan", headers=key).status_code == 200
         assert c.get("/v2/models/lin/ready").status_code == 200
+
+
+def test_a_deleted_versions_unload_mark_goes_with_it(tmp_path: Path) -> None:
+    # the marks of deleted versions piled up (one per version rotated out), and a new folder of
+    # a deleted version's number came back UNLOADED
+    import shutil
+
+    write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    key = {"X-API-Key": KEY}
+    with app_client(tmp_path, api_key=KEY) as c:
+        assert c.post("/v2/repository/models/lin/unload", headers=key).status_code == 200
+        shutil.rmtree(tmp_path / "lin" / "1")
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        assert c.app.state.server.repository.unloaded == set()  # type: ignore[attr-defined]
+        write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        index = c.post("/v2/repository/index", headers=key).json()
+        assert [row["state"] for row in index] != ["UNLOADED"], index
+        assert c.get("/v2/models/lin/ready").status_code == 200

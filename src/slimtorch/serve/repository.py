@@ -351,7 +351,10 @@ class Repository:
                     ver.state, ver.reason = State.UNLOADED, UNLOADED_REASON
             models[name] = entry
             changed.add(name)
-        self.unloaded = {k for k in self.unloaded if k[0] in models}
+        # a deleted version's mark goes too (it would also mark a new folder of its number)
+        self.unloaded = {
+            (m, v) for m, v in self.unloaded if m in models and v in models[m].versions
+        }
         self.models = models
         return changed
 
