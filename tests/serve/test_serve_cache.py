@@ -68,6 +68,15 @@ def test_least_recently_used_is_evicted(tmp_path: Path) -> None:
     assert ("bb", 1) in cache.resident()
 
 
+def test_loading_keeps_no_lock_per_version_ever_loaded(tmp_path: Path) -> None:
+    # a lock was kept for every (model, version) loaded since the server started
+    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    cache = ModelCache(1500, None)  # one resident at a time: every use loads
+    for name in ["a", "bb", "ccc", "a", "bb"]:
+        _use(cache, repo, name)
+    assert len(cache._load_locks) == 0
+
+
 def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
     repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000, pinned=("a",))
     assert repo.models["a"].config is not None and repo.models["a"].config.pinned

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,7 +91,10 @@ class ModelCache:
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()
         self._draining: list[_Slot] = []  # unloaded while batches still run them
         self._reserved = 0
-        self._load_locks: dict[Key, threading.Lock] = {}
+        # one per version being loaded: an entry goes once no caller holds its lock
+        self._load_locks: weakref.WeakValueDictionary[Key, threading.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         if metrics is not None:
             metrics.memory_budget.set(budget_bytes)
 
