@@ -191,3 +191,24 @@ def test_fold_bn_refuses_globs_that_select_nothing_or_are_not_lists() -> None:
     with pytest.raises(ValueError, match="'nope' match no module"):
         fold_bn_(model, exclude=["nope"])
     assert [r.conv for r in fold_bn_(model, include=["10"]).folded] == ["10"]
+
+
+def test_transforms_that_read_the_traced_graph_leave_no_generated_source_behind() -> None:
+    # each call built a GraphModule only to read its graph; torch keeps every GraphModule's
+    # generated source for the life of the process (~20 KB a call)
+    import linecache
+
+    from slimtorch.models import create_model
+    from slimtorch.quant import PTQConfig, quantize_
+    from slimtorch.quant.direct import lower_direct_conv_
+
+    def generated() -> int:
+        return sum(k.startswith("<eval_with_key>") for k in linecache.cache)
+
+    x = torch.randn(2, 1, 28, 28)
+    before = generated()
+    for _ in range(2):
+        fold_bn_(create_model("resnet20").eval())
+        quantize_(create_model("lenet5").eval(), PTQConfig(mode="static"), x)
+        lower_direct_conv_(create_model("lenet5").eval())
+    assert generated() == before

@@ -55,7 +55,7 @@ from torch import nn
 from slimtorch.core.config import Config, check_bool, check_int
 from slimtorch.core.globs import check_globs, selected
 from slimtorch.core.measure.trace import recording_ops
-from slimtorch.core.surgery import own_forward_reason, require_float32, require_values
+from slimtorch.core.surgery import fx_graph, own_forward_reason, require_float32, require_values
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.prune.buffers import carry_masks_, rerecord_masks_
 from slimtorch.quant.fold import fold_bn_
@@ -301,7 +301,7 @@ class DirectReport(LoweringReport[DirectRow]):
 
 def _trace(model: nn.Module) -> torch.fx.Graph:
     try:
-        return torch.fx.symbolic_trace(model).graph
+        return fx_graph(model)
     except Exception as exc:  # fx raises many error types on untraceable code
         raise TypeError(
             f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "

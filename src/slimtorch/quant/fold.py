@@ -36,7 +36,7 @@ from torch import nn
 from slimtorch.core.config import check_bool
 from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs, selected
-from slimtorch.core.surgery import parameter_sharing, require_values
+from slimtorch.core.surgery import fx_graph, parameter_sharing, require_values
 from slimtorch.core.table import text_table
 from slimtorch.models.transforms import ARCH_TRANSFORMS
 from slimtorch.prune.buffers import forget_bias_masks_
@@ -155,7 +155,7 @@ def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Counter[str]
     """The pairs, and how often the traced forward calls each module (a module called twice
     is shared: folding it would change its other uses)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = fx_graph(model)
     except Exception as exc:  # fx raises many error types on untraceable code
         raise TypeError(
             f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "

@@ -40,6 +40,7 @@ from slimtorch.core.errors import TransformSkipError
 from slimtorch.core.globs import check_globs as _check_globs
 from slimtorch.core.globs import selected
 from slimtorch.core.surgery import (
+    fx_graph,
     refuse_sparse_kernels,
     replacement_blockers,
     require_float32,
@@ -255,7 +256,7 @@ def residual_points(
         ({'layer1.0.conv2'}, True, '')
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = fx_graph(model)
     except Exception as exc:  # fx raises many error types on untraceable code
         return set(), set(), f"not traced by torch.fx ({type(exc).__name__}); adds stay float"
     modules = dict(model.named_modules())
