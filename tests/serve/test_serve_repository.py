@@ -112,3 +112,31 @@ def test_a_deleted_versions_unload_mark_goes_with_it(tmp_path: Path) -> None:
         index = c.post("/v2/repository/index", headers=key).json()
         assert [row["state"] for row in index] != ["UNLOADED"], index
         assert c.get("/v2/models/lin/ready").status_code == 200
+
+
+def test_the_series_of_retired_versions_and_removed_models_leave_the_metrics(
+    tmp_path: Path,
+) -> None:
+    # every version a rescan retired, and every model deleted, kept its series in every scrape
+    import shutil
+
+    io = {"inputs": [{"name": "x", "dims": [4]}], "outputs": [{"name": "y", "dims": [3]}]}
+    write_config(tmp_path / "lin", format="onnx", versions="all", **io)
+    for v in ("1", "2"):
+        write_onnx(tmp_path / "lin" / v / "model.onnx", ONNX_W, ONNX_B)
+    write_onnx(tmp_path / "other" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    key = {"X-API-Key": KEY}
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}
+    with app_client(tmp_path, api_key=KEY) as c:
+        for path in ("lin/versions/1", "lin/versions/2", "other"):
+            assert c.post(f"/v2/models/{path}/infer", json={"inputs": [x]}).status_code == 200
+        text = c.get("/metrics").text
+        assert 'model="lin:1"' in text and 'model="lin:2"' in text and 'model="other"' in text
+        shutil.rmtree(tmp_path / "lin" / "1")  # one version left: its batcher is "lin"
+        shutil.rmtree(tmp_path / "other")
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        assert c.post("/v2/models/lin/infer", json={"inputs": [x]}).status_code == 200
+        text = c.get("/metrics").text
+        assert 'model="lin:1"' not in text and 'model="lin:2"' not in text
+        assert 'model="other' not in text
+        assert 'slimtorch_serve_batch_size_count{model="lin"}' in text

@@ -9,6 +9,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,6 +39,8 @@ _LATENCY_BUCKETS = (
     30.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_RESULTS = ("ok", "error", "oom")
+"""The ``result`` label values of ``model_loads``."""
 
 
 class ServeMetrics:
@@ -92,6 +97,44 @@ class ServeMetrics:
         self.evictions = Counter(
             p + "model_evictions", "Models evicted to make room", ["model"], registry=r
         )
+        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency (each series' children looked up once)."""
+        key = (model, endpoint, str(status))
+        pair = self._request_series.get(key)
+        if pair is None:
+            pair = (self.requests.labels(*key), self.latency.labels(*key))
+            self._request_series[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def forget_batchers(self, labels: Iterable[str]) -> None:
+        """Drop the series of batchers that no longer run (a version retired by a rescan):
+        they would stay in every scrape for the life of the server."""
+        for label in labels:
+            for family in (self.queue_depth, self.batch_size, self.batch_seconds):
+                family.remove(label)
+
+    def forget_models(self, names: Iterable[str]) -> None:
+        """Drop every series of models gone from the repository.
+
+        Example:
+            >>> m = ServeMetrics()
+            >>> m.observe_request("mlp", "infer", 200, 0.01)
+            >>> m.forget_models(["mlp"])
+            >>> b'model="mlp"' in m.render()[0]
+            False
+        """
+        gone = set(names)
+        for key in [k for k in self._request_series if k[0] in gone]:
+            del self._request_series[key]
+            self.requests.remove(*key)
+            self.latency.remove(*key)
+        for name in gone:
+            for result in LOAD_RESULTS:
+                self.loads.remove(name, result)
+            self.evictions.remove(name)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -89,17 +89,6 @@ class ServeMiddleware:
         self.max_bytes = max_bytes
         self.access_log = access_log
         self.server = server
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-
-    def _observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        key = (model, endpoint, str(status))
-        pair = self._children.get(key)
-        if pair is None:
-            labels = {"model": model, "endpoint": endpoint, "status": key[2]}
-            pair = (self.metrics.requests.labels(**labels), self.metrics.latency.labels(**labels))
-            self._children[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
 
     async def _infer(
         self,
@@ -215,7 +204,7 @@ class ServeMiddleware:
             seconds = time.perf_counter() - start
             model = str(state.get("model", ""))
             endpoint = str(state.get("endpoint", "other"))
-            self._observe(model, endpoint, status, seconds)
+            self.metrics.observe_request(model, endpoint, status, seconds)
             if self.access_log:
                 access.info(
                     "%s %s %d %.2f ms",

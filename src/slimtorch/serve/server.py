@@ -171,6 +171,9 @@ class ModelServer:
                 if name in old and self.cache is not None:
                     for v in old[name].versions:
                         self.cache.unload((name, v))
+            live = {b.label for b in self.batchers.values()}  # series of what no longer runs
+            self.metrics.forget_batchers({b.label for b in retired} - live)
+            self.metrics.forget_models(set(old) - set(self.repository.models))
             await self._startup_loads(changed)
             return changed
 
