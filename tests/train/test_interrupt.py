@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from slimtorch.train import Callback, TrainConfig, Trainer, load_checkpoint
-from slimtorch.train.interrupt import TrainingInterrupted
+from slimtorch.train import Callback, TrainConfig, Trainer, TrainingInterrupted, load_checkpoint
 from train_helpers import ListLoader, make_blobs, make_mlp
 
 X, Y = make_blobs(64, seed=3)  # 8 steps per epoch at batch 8

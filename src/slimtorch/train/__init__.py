@@ -45,6 +45,7 @@ from slimtorch.train.distributed import (
     replica_mismatches,
 )
 from slimtorch.train.history import History
+from slimtorch.train.interrupt import TrainingInterrupted
 from slimtorch.train.meter import Meter
 from slimtorch.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from slimtorch.train.progress import ProgressBar
@@ -61,6 +62,7 @@ __all__ = [
     "ProgressBar",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "all_reduce_sum",
     "barrier",
     "broadcast_buffers_",

@@ -385,6 +385,8 @@ class Trainer:
 
         Raises:
             CheckpointError: ``resume=True`` and the checkpoint is corrupt or does not match.
+            TrainingInterrupted: SIGINT/SIGTERM arrived; the step ended and its checkpoint was
+                written (see :mod:`slimtorch.train.interrupt`).
 
         Example:
             >>> _ = torch.manual_seed(0)
