@@ -39,6 +39,34 @@ def test_sampling_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert abs(r.peak_bytes - MB200) < 0.1 * MB200
 
 
+def test_without_proc_or_psutil_the_peak_is_unavailable_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    # macOS and Windows have no /proc: the lifetime ru_maxrss read 0 for any call smaller than
+    # an earlier peak, and on Windows `import resource` (and ctypes.CDLL(None)) failed
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(memory_mod, "_STATUS", Path(str(tmp_path)) / "no-status")
+    monkeypatch.setattr(memory_mod, "_STATM", Path(str(tmp_path)) / "no-statm")
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setitem(sys.modules, "resource", None)
+    calls = []
+    r = measure_peak_memory(lambda: calls.append(1), device="cpu")
+    assert calls == [1] and (r.peak_bytes, r.method) == (0, "unavailable")
+
+
+def test_malloc_trim_is_looked_up_on_linux_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    memory_mod._malloc_trim.cache_clear()
+    monkeypatch.setattr(sys, "platform", "win32")  # where ctypes.CDLL(None) raises TypeError
+    try:
+        assert memory_mod._malloc_trim() is None and not memory_mod._release_free_heap()
+    finally:
+        memory_mod._malloc_trim.cache_clear()
+
+
 def test_fn_runs_once_even_if_the_peak_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
     if not memory_mod._reset_hwm():
         pytest.skip("this kernel does not let a process reset VmHWM")

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from slimtorch.core.devices import as_device, keeps_rng, synchronize
 
 logger = logging.getLogger(__name__)
 
-MemoryMethod = Literal["cuda-allocator", "rss", "rss-sampled"]
+MemoryMethod = Literal["cuda-allocator", "rss", "rss-sampled", "unavailable"]
 
 _STATUS = Path("/proc/self/status")
 _STATM = Path("/proc/self/statm")
@@ -77,7 +78,10 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def _rss_now() -> int:
+def _rss_now() -> int | None:
+    """The process's resident set now: from /proc, else psutil (macOS, Windows), else None
+    (``ru_maxrss`` is the lifetime peak, not the current size: a call smaller than an earlier
+    peak would read 0)."""
     rss = _status_bytes("VmRSS")
     if rss is not None:
         return rss
@@ -85,18 +89,22 @@ def _rss_now() -> int:
         return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         pass
-    import resource  # no /proc (macOS): max RSS so far is the best there is
-
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(usage) if os.uname().sysname == "Darwin" else int(usage) * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
 
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None under other C libraries."""
+    """glibc's ``malloc_trim``, or None under other C libraries (and off Linux, where
+    ``ctypes.CDLL(None)`` raises TypeError on Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -124,24 +132,36 @@ def _reset_hwm() -> bool:
         return False
 
 
+@functools.cache
+def _warn_unmeasured() -> None:
+    logger.warning(
+        "CPU peak memory is not measured here (no /proc and no psutil): reported as 0 with "
+        "method 'unavailable'; pip install psutil to measure it"
+    )
+
+
 def _cpu_peak(call: Callable[[], Any]) -> tuple[int, int, MemoryMethod]:
     _release_free_heap()
-    if _reset_hwm():
-        baseline = _rss_now()
+    if _reset_hwm():  # /proc is there: so is VmRSS
+        baseline = _rss_now() or 0
         call()  # run once only: fn may have side effects
         hwm = _status_bytes("VmHWM")
         if hwm is not None:
             return max(0, hwm - baseline), baseline, "rss"
         logger.warning("VmHWM unreadable after the call; reporting the RSS after it instead")
-        return max(0, _rss_now() - baseline), baseline, "rss-sampled"
-    baseline = _rss_now()
-    peak = baseline
+        return max(0, (_rss_now() or 0) - baseline), baseline, "rss-sampled"
+    start = _rss_now()
+    if start is None:
+        _warn_unmeasured()
+        call()
+        return 0, 0, "unavailable"
+    baseline = peak = start
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _rss_now())
+            peak = max(peak, _rss_now() or 0)
             stop.wait(0.001)
 
     sampler = threading.Thread(target=sample, name="slimtorch-rss-sampler", daemon=True)
@@ -149,7 +169,7 @@ def _cpu_peak(call: Callable[[], Any]) -> tuple[int, int, MemoryMethod]:
     try:
         call()
     finally:
-        peak = max(peak, _rss_now())
+        peak = max(peak, _rss_now() or 0)
         stop.set()
         sampler.join()
     return max(0, peak - baseline), baseline, "rss-sampled"
