@@ -109,8 +109,8 @@ def launch(
 
 def read_run(out: Path) -> dict[str, Any]:
     """Images/s per epoch, test accuracy and the replica check of one finished run."""
-    history = json.loads((out / "history.json").read_text())
-    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    metrics = json.loads((out / "model" / "metrics.json").read_text(encoding="utf-8"))
     per_epoch = [v for v in history["images_per_s"] if v is not None]
     steady = per_epoch[1:] or per_epoch  # the first epoch includes warm-up
     return {

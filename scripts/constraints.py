@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torch_floor() -> tuple[int, int]:
     """The ``torch>=X.Y`` of pyproject.toml's dependencies."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "dependencies"
+    ]
     for dep in deps:
         found = re.fullmatch(r"torch>=(\d+)\.(\d+)", dep.replace(" ", ""))
         if found:
@@ -29,7 +31,7 @@ def torch_floor() -> tuple[int, int]:
 
 def main() -> None:
     lines = [
-        ln for ln in (ROOT / "constraints.txt").read_text().splitlines()
+        ln for ln in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
         if ln and not ln.startswith("#")
     ]  # fmt: skip
     try:

@@ -120,7 +120,7 @@ def render(name: str, d: dict[str, Any]) -> str:
 def render_file(path: Path) -> str:
     """The table of one results file; :class:`RenderError` names the file and what is wrong."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RenderError(f"{path}: cannot read it as JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--doc {args.doc} is not a file")
     if not args.results.is_dir():
         ap.error(f"--results {args.results} is not a folder")
-    old = args.doc.read_text()
+    old = args.doc.read_text(encoding="utf-8")
     try:
         new = render_doc(old, args.results)
     except RenderError as exc:

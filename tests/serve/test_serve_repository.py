@@ -140,3 +140,29 @@ def test_the_series_of_retired_versions_and_removed_models_leave_the_metrics(
         assert 'model="lin:1"' not in text and 'model="lin:2"' not in text
         assert 'model="other' not in text
         assert 'slimtorch_serve_batch_size_count{model="lin"}' in text
+
+
+def test_config_json_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # read_text() without an encoding reads the locale's code page (cp1252 on Windows, ASCII
+    # under LC_ALL=C): a hand-written config with "Zürich" in its labels was "not valid JSON"
+    import json
+    import os
+    import subprocess
+    import sys
+
+    write_config(tmp_path / "m", format="slimtorch", inputs=_IN8, outputs=_OUT10,
+                 labels=["Zürich", "東京", *map(str, range(8))])  # fmt: skip
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()), ensure_ascii=False), "utf-8")
+    save_slimtorch(tmp_path / "m" / "1", make_mlp(1))
+    probe = (
+        "import sys; from slimtorch.serve import ServeSettings; "
+        "from slimtorch.serve.repository import Repository; from pathlib import Path; "
+        f"r = Repository(Path({str(tmp_path)!r}), ServeSettings()); r.scan(); e = r.models['m']; "
+        "print(ascii([e.error, list(e.config.labels or [])[:2] if e.config else None]))"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ascii(["", ["Zürich", "東京"]]), out.stdout

@@ -135,7 +135,11 @@ _lock = threading.Lock()
 
 @functools.cache
 def _source() -> str:
-    return resources.files("slimtorch.decompose").joinpath("kernels", SOURCE).read_text()
+    return (
+        resources.files("slimtorch.decompose")
+        .joinpath("kernels", SOURCE)
+        .read_text(encoding="utf-8")
+    )
 
 
 def _disabled_reason() -> str | None:

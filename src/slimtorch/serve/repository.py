@@ -272,7 +272,7 @@ class Repository:
                 data = {}
                 if (folder / CONFIG_FILE).is_file():
                     try:
-                        data = json.loads((folder / CONFIG_FILE).read_text())
+                        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
                     except (ValueError, UnicodeDecodeError) as exc:
                         raise ModelLoadError(
                             f"{folder / CONFIG_FILE} is not valid JSON ({exc})"
