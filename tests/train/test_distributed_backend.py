@@ -46,6 +46,7 @@ def test_processes_share_gpus_round_robin(monkeypatch: pytest.MonkeyPatch) -> No
 def test_nccl_with_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     _torchrun(monkeypatch)
     _gpus(monkeypatch, 1)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     monkeypatch.delenv("SLIMTORCH_DIST_BACKEND", raising=False)
     started: list[Any] = []
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: started.append(kw))
@@ -64,3 +65,19 @@ def test_backend_override_shares_the_gpu(monkeypatch: pytest.MonkeyPatch) -> Non
     D.init_distributed()
     assert started[0]["backend"] == "gloo"
     assert chosen == [0]  # rank 1 on the only GPU
+
+
+def test_a_cuda_build_without_nccl_takes_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows builds have CUDA but no NCCL: init_process_group failed with "Distributed package
+    # doesn't have NCCL built in"
+    _torchrun(monkeypatch)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    _gpus(monkeypatch, 1)
+    monkeypatch.delenv("SLIMTORCH_DIST_BACKEND", raising=False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    started: list[Any] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: started.append(kw))
+    monkeypatch.setattr(D, "is_initialized", lambda: False)
+    D.init_distributed()
+    assert started[0]["backend"] == "gloo"

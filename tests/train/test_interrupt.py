@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ class _SignalAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, outputs: Any, loss: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             for sig in self.signals:
-                os.kill(os.getpid(), sig)
+                signal.raise_signal(sig)  # (os.kill would terminate the process on Windows)
 
 
 def _fit(out: Path, callbacks: list[Callback], resume: bool = False) -> Trainer:

@@ -139,7 +139,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
 
     Args:
         backend: ``"nccl"``, ``"gloo"``...; ``None``: ``$SLIMTORCH_DIST_BACKEND`` if set, else
-            NCCL when CUDA is available, else gloo.
+            NCCL when CUDA is available and the build has it (Windows builds do not), else gloo.
         timeout_s: How long collective operations wait for the other ranks.
 
     Returns:
@@ -172,7 +172,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> b
         )
     use_cuda = torch.cuda.is_available()
     if backend is None:
-        backend = os.environ.get("SLIMTORCH_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
+        nccl = use_cuda and dist.is_nccl_available()  # Windows builds have no NCCL: gloo
+        backend = os.environ.get("SLIMTORCH_DIST_BACKEND") or ("nccl" if nccl else "gloo")
     if use_cuda and backend == "nccl":
         local_world = _env_int("LOCAL_WORLD_SIZE", 1)
         if local_world > torch.cuda.device_count():
