@@ -82,3 +82,43 @@ def test_a_streamed_body_over_the_limit_is_refused_with_a_readable_413() -> None
         "request body exceeds the limit of 2048 bytes; send smaller batches or raise "
         "SLIMTORCH_SERVE_MAX_REQUEST_BYTES"
     )
+
+
+def test_a_request_cancelled_by_the_shutdown_gets_a_503_to_retry_elsewhere(
+    repo: Path, monkeypatch: Any
+) -> None:
+    # past the graceful timeout uvicorn cancels the requests still running: they got its bare
+    # plain-text 500 and a traceback each in the log
+    import slimtorch.serve.middleware as middleware
+
+    async def cancelled(*args: Any, **kwargs: Any) -> Any:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(middleware, "run_infer", cancelled)
+    body = b'{"inputs": []}'
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/mlp/infer",
+             "headers": [(b"content-length", str(len(body)).encode())]}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    async def main() -> int:
+        server = ModelServer(ServeSettings(repository=str(repo), device="cpu", threads=1))
+        await server.start()
+        try:
+            app = ServeMiddleware(
+                _no_app, metrics=server.metrics, max_bytes=1 << 20, access_log=False, server=server
+            )
+            await app(scope, receive, send)
+            task = asyncio.current_task()
+            return task.cancelling() if task is not None else -1  # answered: no cancel pending
+        finally:
+            await server.stop()
+
+    assert asyncio.run(main()) == 0
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert "shutting down" in json.loads(sent[1]["body"])["error"]

@@ -28,6 +28,7 @@ Example (on a bare FastAPI app, without the inference fast path):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from slimtorch.serve.errors import ServeError
+from slimtorch.serve.errors import NotReady, ServeError
 from slimtorch.serve.infer import INFER_PATH, run_infer
 from slimtorch.serve.logs import request_id
 from slimtorch.serve.metrics import ServeMetrics
@@ -51,6 +52,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _uncancel() -> None:
+    """Clear the current task's cancellation request once it has been answered (Python 3.11+
+    counts them; a count left behind would cancel the next ``asyncio.timeout`` in the task)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 class _TooLarge(Exception):
@@ -122,7 +131,12 @@ class ServeMiddleware:
             content, out_headers = await run_infer(
                 server, name, version, b"".join(chunks), header_length, encoding
             )
-        except ServeError as exc:
+        except (ServeError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):  # the shutdown's grace period ran out
+                _uncancel()  # (answered here: uvicorn would send a bare 500)
+                exc = NotReady(
+                    "the server is shutting down; retry on another server", retry_after=1
+                )
             status = exc.status
             content = json.dumps({"error": exc.message}).encode()
             out_headers = {"content-type": "application/json"}
