@@ -104,7 +104,10 @@ def test_train_keeps_a_run_unless_resume_or_overwrite(
     assert json.loads((out / "history.json").read_text())["epoch"] == [1]
     after = _files(out)
     assert after["model/model.safetensors"] != before["model/model.safetensors"]
-    assert "removed from the replaced run: report.json" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "removed from the replaced run: report.json" in printed.err
+    assert len(printed.out.strip().splitlines()) == 1  # stdout: the JSON summary alone
+    json.loads(printed.out)
     assert not (out / "report.json").exists() and (out / "notes.txt").read_text() == "mine"
     assert {"checkpoint.pt", "history.json", "train_config.json"} <= set(after)
 
@@ -171,7 +174,7 @@ def test_compress_keeps_a_model_unless_overwrite(
         "checkpoint.pt, history.json, report.refused.json, checkpoint.refused.pt, "
         "history.refused.json, train_config.refused.json"
     )
-    assert f"removed from the replaced run: {removed}" in capsys.readouterr().out
+    assert f"removed from the replaced run: {removed}" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["model", "report.json"]
     assert json.loads((out / "report.json").read_text()) == {"new": True}
 

@@ -98,6 +98,7 @@ def test_train_eval_profile_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*comp, "--out", str(tmp_path / "g"), "--max-drop", "0.5"]) == 3
     captured = capsys.readouterr()
     assert "accuracy guard" in captured.err and "not written" in captured.err
+    assert "-> refused: not written" in captured.out and "/g/model" not in captured.out
     assert not (tmp_path / "g" / "model").exists() and (tmp_path / "g" / "report.json").is_file()
     # without the guard the model is written, and the table says what was lost and why
     assert main([*comp, "--out", str(tmp_path / "n")]) == 0

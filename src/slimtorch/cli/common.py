@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def check_run_output(
 def report_removed(names: Sequence[str]) -> None:
     """Say which files of a replaced run ``remove_stale_outputs`` removed (if any)."""
     if names:
-        print(f"removed from the replaced run: {', '.join(names)}")
+        # stderr: stdout holds the command's JSON summary alone
+        print(f"removed from the replaced run: {', '.join(names)}", file=sys.stderr)
 
 
 @contextlib.contextmanager

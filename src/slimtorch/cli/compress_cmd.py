@@ -372,10 +372,13 @@ def _run(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     layers = result.report["layers"]
-    print(f"{args.method} on {args.model_dir} -> {args.out}/model")
+    guard = result.report.get("accuracy_guard")
+    refused = guard is not None and not guard["passed"]
+    where = "refused: not written" if refused else f"{args.out}/model"
+    print(f"{args.method} on {args.model_dir} -> {where}")
     print(_summary(layers))
     finished = result.report.get("finish") or {}
-    if "storage" in finished:
+    if "storage" in finished and not refused:
         st = finished["storage"]
         original = result.report["saved_bytes"]["before"]
         ratio = original / max(1, st["compact_bytes"])
@@ -385,8 +388,8 @@ def _run(args: argparse.Namespace) -> int:
             f"masks: {st['dense_bytes']})"
         )
     print(result.table)
-    guard = result.report.get("accuracy_guard")
-    if guard is not None and not guard["passed"]:
+    if refused:
+        assert guard is not None
         print(
             f"slimtorch compress: accuracy guard: {guard['drop_points']:.2f} points lost > "
             f"--max-drop {guard['max_drop_points']:g}; the model was not written (see "
