@@ -424,3 +424,34 @@ def test_an_import_error_without_a_hint_gets_the_extra() -> None:
 
     exc = ModuleNotFoundError("No module named 'torchao'", name="torchao")
     assert missing_module_message(exc).endswith("pip install 'slimtorch[quant]'")
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [("train", "rerun the same command with --resume"), ("compress", "does not resume")],
+)
+def test_an_interrupted_fit_tells_the_user_what_to_do_on_the_command_line(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, command: str, hint: str,
+) -> None:  # fmt: skip
+    # the message spoke of resume=True (an API argument), and told compress to --resume
+    import slimtorch.pipeline
+    import slimtorch.train.classifier
+    from slimtorch.train import TrainingInterrupted
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted(
+            "stopped by SIGINT after step 3; checkpoint c.pt written (Trainer.fit(..., "
+            "resume=True) continues it)"
+        )
+
+    monkeypatch.setattr(slimtorch.train.classifier, "train_classifier", stopped)
+    monkeypatch.setattr(slimtorch.pipeline, "compress_run", stopped)
+    args = {
+        "train": ["train", "--model", "mlp", "--epochs", "1", "--no-progress"],
+        "compress": ["compress", "--in", str(model_dir), "--method", "svd", "--rank", "0.5"],
+    }[command]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path / "run")]) == 130
+    err = _error(capsys)
+    assert "stopped by SIGINT after step 3; checkpoint c.pt written" in err and hint in err
+    assert "resume=True" not in err

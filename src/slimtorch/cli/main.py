@@ -35,6 +35,12 @@ from slimtorch.core.errors import (
 
 Handler = Callable[[argparse.Namespace], int]
 
+RESUME_HINTS = {
+    "train": "; rerun the same command with --resume to continue from it",
+    "compress": "; compress does not resume a fine-tune: rerun the command",
+}
+"""What a command interrupted during a fit tells the user to do next."""
+
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 """Libraries' loggers held at ERROR unless ``--verbose`` (their warnings are about internals)."""
 
@@ -197,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slimtorch {args.command}: error: {missing_module_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where its checkpoint is
-        detail = f" ({exc})" if str(exc) else ""
+        from slimtorch.train.interrupt import TrainingInterrupted
+
+        detail = f" ({str(exc).split(' (Trainer.fit')[0]})" if str(exc) else ""
+        if isinstance(exc, TrainingInterrupted):
+            detail += RESUME_HINTS.get(args.command, "")
         print(f"slimtorch {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as exc:  # ONNX Runtime refusing a graph it loaded: its own error types

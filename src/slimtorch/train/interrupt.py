@@ -77,7 +77,7 @@ def interrupted(request: StopRequest, checkpoint: Any, step: int) -> TrainingInt
     """The error a fit stopped by ``request`` after global step ``step`` raises (``checkpoint``:
     the path written, or None when the run keeps none)."""
     where = (
-        f"; checkpoint {checkpoint} written: resume with resume=True (--resume)"
+        f"; checkpoint {checkpoint} written (Trainer.fit(..., resume=True) continues it)"
         if checkpoint is not None
         else "; the run keeps no checkpoint (no out_dir)"
     )
