@@ -294,3 +294,12 @@ def test_an_export_that_disagrees_with_the_model_is_not_written(
     assert main(["export", "--in", str(src), "--out", str(tmp_path / "x.pt2")]) == 2
     assert "the exported program fails on random normal, 8 inputs" in capsys.readouterr().err
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_export_makes_a_missing_parent_folder_as_train_and_compress_do(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it failed after loading the model, naming an internal temporary file
+    out = tmp_path / "nodir" / "sub" / "m.onnx"
+    assert _export(capsys, "--in", str(models[0]), "--out", str(out))["out"] == str(out)
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["m.onnx"]

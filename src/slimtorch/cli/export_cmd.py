@@ -204,6 +204,7 @@ def _checked_output(out: Path) -> Iterator[Path]:
     """A sibling temporary path to export to and check; it replaces ``out`` only once the
     check has passed. A file already at ``out`` (an earlier export) is kept when the export or
     its check fails, and no file that failed is left to be used."""
+    out.parent.mkdir(parents=True, exist_ok=True)  # as train and compress make their --out
     with scratch_dir(out) as scratch:  # (what a killed export left is swept first)
         tmp = scratch / out.name
         try:

@@ -343,5 +343,5 @@ def save_exported(
             fh.write(buffer.getbuffer())
 
     out = atomic_write(path, write)
-    logger.info("exported %s to %s", type(model).__name__, out)
+    logger.debug("exported %s to %s", type(model).__name__, out)
     return out

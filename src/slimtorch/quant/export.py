@@ -242,7 +242,7 @@ def export_onnx(
     else:
         program = to_onnx(work)
         atomic_write(out, lambda p: program.save(p, external_data=False))
-    logger.info("exported %s (%s) to %s", type(model).__name__, export_precision(work, dtype), out)
+    logger.debug("exported %s (%s) to %s", type(model).__name__, export_precision(work, dtype), out)
     return out
 
 
