@@ -280,6 +280,20 @@ def test_progress_option_adds_a_bar_that_writes_lines(capsys: pytest.CaptureFixt
     assert "epoch 1/1 step 1/4" not in err
 
 
+def test_the_epoch_line_is_logged_once_whether_or_not_a_bar_shows_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # with a progress bar the epoch's figures were printed twice: by the bar (in %) and in an
+    # INFO line (as fractions)
+    x, y = make_blobs(64)
+    for progress, expected in ((True, 0), (False, 1)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="slimtorch.train.trainer"):
+            Trainer(make_mlp(), _cfg(progress=progress)).fit(ListLoader(x, y, 16))
+        lines = [r for r in caplog.records if r.getMessage().startswith("epoch 1/1:")]
+        assert len(lines) == expected, progress
+
+
 def test_bad_loaders_and_batches_raise() -> None:
     trainer = Trainer(make_mlp(), _cfg())
     with pytest.raises(TypeError, match="__len__"):

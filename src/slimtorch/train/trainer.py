@@ -356,8 +356,10 @@ class Trainer:
         self.history.eval_split = self.eval_name
         self.history.append(row)
         if is_main_process():
-            shown = format_row(row, self.eval_name)
-            logger.info("epoch %d/%d: %s", self.epoch + 1, self.config.epochs, shown)
+            shown = format_row(row, self.eval_name)  # a progress bar shows it already
+            bar = any(isinstance(c, ProgressBar) for c in self.callbacks)
+            level = logging.DEBUG if bar else logging.INFO
+            logger.log(level, "epoch %d/%d: %s", self.epoch + 1, self.config.epochs, shown)
         if self.is_distributed:  # every rank stops if any rank asked to
             flag = torch.tensor([float(self.should_stop)], device=self.device)
             self.should_stop = bool(all_reduce_sum(flag).item() > 0)
