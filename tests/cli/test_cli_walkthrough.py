@@ -301,8 +301,9 @@ def test_per_epoch_evaluation_is_labelled_with_its_split(
         bar = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 1/1 ")]
         return [m for m in logged if m.startswith("epoch 1/1: ")], bar
 
-    caplog.set_level(logging.INFO, logger="slimtorch")
-    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "t")]) == 0
+    # (with the progress bar on, the epoch line is debug-level: the bar shows the figures)
+    caplog.set_level(logging.DEBUG, logger="slimtorch")
+    assert main(["--verbose", *TRAIN, "--epochs", "1", "--out", str(tmp_path / "t")]) == 0
     logged, bar = epoch_lines()
     # no --val-fraction: the per-epoch figures are the test split's
     assert len(logged) == 1 and "  test_loss " in logged[0] and "  test_accuracy " in logged[0]
@@ -316,7 +317,16 @@ def test_per_epoch_evaluation_is_labelled_with_its_split(
         json.loads((tmp_path / "t" / "model" / "metrics.json").read_text())["test_accuracy"]
     )
 
-    val = [*TRAIN, "--epochs", "1", "--val-fraction", "0.2", "--out", str(tmp_path / "v")]
+    val = [
+        "--verbose",
+        *TRAIN,
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0.2",
+        "--out",
+        str(tmp_path / "v"),
+    ]
     assert main(val) == 0
     logged, bar = epoch_lines()
     assert len(logged) == 1 and "  val_loss " in logged[0] and "test_" not in logged[0]
