@@ -361,3 +361,21 @@ def test_fit_trains_a_model_in_eval_mode_whole() -> None:
     Trainer(model, _cfg(epochs=1)).fit(ListLoader(x, y, 32))
     assert not torch.equal(model[1].running_mean, before)
     assert all(m.training for m in model.modules())
+
+
+def test_a_log_record_after_a_drawn_bar_starts_on_its_own_line() -> None:
+    # on a terminal the CLI's log lines were glued to the end of the progress bar's line
+    import logging
+
+    from slimtorch.cli.main import _AfterProgress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = ProgressBar(stream=out)  # (held, as the trainer's callbacks hold it)
+    bar._write("epoch 1/1 [###.....]", redraw=True)
+    record = logging.LogRecord("slimtorch.x", logging.INFO, __file__, 1, "pruned", None, None)
+    _AfterProgress(out).emit(record)
+    assert out.getvalue() == "\r\x1b[Kepoch 1/1 [###.....]\npruned\n"

@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _AfterProgress(logging.StreamHandler):
+    """Log records on a line of their own: a terminal progress bar's open line is ended first."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from slimtorch.train.progress import end_progress_line
+
+        end_progress_line()
+        super().emit(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimtorch`` console script; returns the exit status."""
     # modules named by --import first: the models they register are --model choices
@@ -166,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[_AfterProgress(sys.stderr)],
     )
     logging.getLogger("slimtorch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # notes about library internals nobody running a command can act on, shown only with

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,26 @@ if TYPE_CHECKING:
 
 def _fmt_acc(acc: float | None) -> str:
     return "-" if acc is None else f"{100.0 * acc:.2f}%"
+
+
+_OPEN: weakref.WeakSet[ProgressBar] = weakref.WeakSet()
+"""Bars that may have a line open on their terminal."""
+
+
+def end_progress_line() -> None:
+    """End the line a terminal progress bar is drawing, so that the next write (a log record)
+    starts on a line of its own instead of being glued to the bar.
+
+    Example:
+        >>> end_progress_line()  # nothing drawn: nothing written
+    """
+    for bar in list(_OPEN):
+        if bar._drawn:
+            bar._drawn = False
+            out = bar._out()
+            out.write("\n")
+            out.flush()
+    _OPEN.clear()
 
 
 class ProgressBar(Callback):
@@ -79,6 +100,7 @@ class ProgressBar(Callback):
         if redraw:
             out.write("\r\x1b[K" + text)
             self._drawn = True
+            _OPEN.add(self)
         else:
             if self._drawn:
                 out.write("\n")
