@@ -17,19 +17,11 @@ async def _no_app(scope: Any, receive: Any, send: Any) -> None:
     raise AssertionError("the fast path answers inference requests itself")
 
 
-def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
-    # HTTP header values are bytes; a client may send any of them (a TestClient sends UTF-8 only)
-    x = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
-    body = json.dumps({"inputs": [x]}).encode()
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v2/models/mlp/infer",
-        "headers": [
-            (b"content-length", str(len(body)).encode()),
-            (b"inference-header-content-length", b"\xff"),
-        ],
-    }
+def _infer_once(repo: Path, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+    """Run one inference request through the middleware of a started server; returns the
+    messages sent and the cancellation requests left pending on the task afterwards."""
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/mlp/infer",
+             "headers": [(b"content-length", str(len(body)).encode()), *headers]}  # fmt: skip
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -38,7 +30,7 @@ def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(dict(message))
 
-    async def main() -> None:
+    async def main() -> int:
         server = ModelServer(ServeSettings(repository=str(repo), device="cpu", threads=1))
         await server.start()
         try:
@@ -46,10 +38,20 @@ def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
                 _no_app, metrics=server.metrics, max_bytes=1 << 20, access_log=False, server=server
             )
             await app(scope, receive, send)
+            task = asyncio.current_task()
+            return task.cancelling() if task is not None else -1
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    pending = asyncio.run(main())
+    return sent, pending
+
+
+def test_non_utf8_header_length_is_a_bad_request(repo: Path) -> None:
+    # HTTP header values are bytes; a client may send any of them (a TestClient sends UTF-8 only)
+    x = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    body = json.dumps({"inputs": [x]}).encode()
+    sent, _ = _infer_once(repo, body, [(b"inference-header-content-length", b"\xff")])
     assert sent[0]["status"] == 400
     error = json.loads(sent[1]["body"])["error"]
     assert error.startswith("Inference-Header-Content-Length is '\u00ff' but the body has")
@@ -95,30 +97,7 @@ def test_a_request_cancelled_by_the_shutdown_gets_a_503_to_retry_elsewhere(
         raise asyncio.CancelledError
 
     monkeypatch.setattr(middleware, "run_infer", cancelled)
-    body = b'{"inputs": []}'
-    scope = {"type": "http", "method": "POST", "path": "/v2/models/mlp/infer",
-             "headers": [(b"content-length", str(len(body)).encode())]}  # fmt: skip
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(dict(message))
-
-    async def main() -> int:
-        server = ModelServer(ServeSettings(repository=str(repo), device="cpu", threads=1))
-        await server.start()
-        try:
-            app = ServeMiddleware(
-                _no_app, metrics=server.metrics, max_bytes=1 << 20, access_log=False, server=server
-            )
-            await app(scope, receive, send)
-            task = asyncio.current_task()
-            return task.cancelling() if task is not None else -1  # answered: no cancel pending
-        finally:
-            await server.stop()
-
-    assert asyncio.run(main()) == 0
+    sent, pending = _infer_once(repo, b'{"inputs": []}', [])
+    assert pending == 0  # answered: no cancellation left to hit the task's next await
     assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
     assert "shutting down" in json.loads(sent[1]["body"])["error"]
