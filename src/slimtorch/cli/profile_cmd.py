@@ -48,6 +48,43 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _int8_note(model: Any) -> str | None:
+    """What the latency measured here means for a Q/DQ int8 model (``None`` for others): int8
+    kernels exist only for calibrated (static) int8 activations; weight-only int8 is
+    dequantized to float by every runtime.
+
+    Example:
+        >>> from slimtorch.quant import PTQConfig, quantize_
+        >>> from slimtorch.models import create_model
+        >>> model = create_model("lenet5")
+        >>> _ = quantize_(model, PTQConfig(mode="weight_only"))
+        >>> print(_int8_note(model))
+        note: this model's int8 layers are weight-only: ...
+    """
+    from slimtorch.quant.export import is_qdq_model, qdq_activation_kinds
+
+    if not is_qdq_model(model):
+        return None
+    kinds = qdq_activation_kinds(model)
+    if "static" in kinds:
+        return (
+            "note: this model's int8 layers run simulated in float here (slower than the float "
+            "model); its int8 kernels run compiled (slimtorch.quant.compile_int8_x86) or in ONNX "
+            "Runtime (slimtorch export --format onnx), and `compress --method ptq` reports both"
+        )
+    if set(kinds) <= {"float"}:
+        return (
+            "note: this model's int8 layers are weight-only: their weights are stored int8 and "
+            "every runtime (here, compiled or ONNX Runtime) dequantizes them to float, so int8 "
+            "saves memory, not time"
+        )
+    return (
+        "note: this model's int8 layers run simulated in float here (slower than the float "
+        "model); they quantize their inputs per batch (dynamic), with no calibrated int8 "
+        "activations"
+    )
+
+
 def _check_sources(args: argparse.Namespace) -> None:
     """Refuse the shape options where they would be ignored, and require them where needed."""
     if args.model_dir:
@@ -190,14 +227,10 @@ def run(args: argparse.Namespace) -> int:
     result = profile_model(model, example, device=device, profiles=names, threads=args.threads)
     print(f"{name}: batch {args.batch_size}, input {tuple(shape)}")
     print(result.to_table())
-    from slimtorch.quant.export import is_qdq_model
-
-    if isinstance(model, torch.nn.Module) and is_qdq_model(model):
-        print(
-            "note: this model's int8 layers run simulated in float here (slower than the float "
-            "model); its int8 kernels run compiled (slimtorch.quant.compile_int8_x86) or in ONNX "
-            "Runtime (slimtorch export --format onnx), and `compress --method ptq` reports both"
-        )
+    if isinstance(model, torch.nn.Module):
+        note = _int8_note(model)
+        if note:
+            print(note)
     if args.json_out:
         atomic_write_json(args.json_out, result.to_dict())
     return 0

@@ -373,7 +373,7 @@ def _factorise_all(
             row.params_after = count_params(new)
             row.flops_after = layer_flops(new, shapes.get(name), batch)
             row.info = result.info
-        logger.info(
+        logger.debug(  # the report's table has every row
             "decompose %s: %s%s",
             name,
             row.action,

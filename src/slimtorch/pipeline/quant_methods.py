@@ -35,6 +35,7 @@ from slimtorch.pipeline.methods import (
     _parses_options,
     _pop_flag,
 )
+from slimtorch.pipeline.report_table import mixed_layer_table
 from slimtorch.pipeline.side_by_side import compiled_side_by_side
 
 
@@ -167,23 +168,30 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
     simulated and is slower than float.
     """
     from slimtorch.quant import quantize_
+    from slimtorch.quant.fold import repeats_at_debug
 
     check, config = _ptq_options(request.options)
     calibration = _batches(request, "static PTQ") if config.mode == "static" else None
     before = _float_copy(model, request, check)
-    report = quantize_(
-        model,
-        config,
-        calibration=calibration,
-        include=request.include,
-        exclude=request.exclude,
-        strict=request.strict,
-    )
+    with repeats_at_debug():  # quantize_ folds its scratch copy, then the model: one line
+        report = quantize_(
+            model,
+            config,
+            calibration=calibration,
+            include=request.include,
+            exclude=request.exclude,
+            strict=request.strict,
+        )
     return _simulated_int8(config, report, request, before, check)
 
 
 def _simulated_int8(
-    config: Any, report: Any, request: MethodRequest, before: nn.Module | None, check: bool
+    config: Any,
+    report: Any,
+    request: MethodRequest,
+    before: nn.Module | None,
+    check: bool,
+    table: str | None = None,
 ) -> Applied:
     """What ptq and mixed return: a deployable model whose int8 runs simulated here, timed in
     the int8 runtimes by its ``finish`` step."""
@@ -194,7 +202,7 @@ def _simulated_int8(
     return Applied(
         config={**config.to_dict(), RUNTIME_CHECK: check},
         report=report.to_dict(),
-        table=report.to_table(),
+        table=report.to_table() if table is None else table,
         changed=changed,
         trainable=False,
         finish=(lambda m: _int8_report(m, request, before, check)) if changed else None,
@@ -485,4 +493,4 @@ def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
     check, config = _mixed_options(_with_globs(request))
     before = _float_copy(model, request, check)
     report = mixed_precision_(model, config, _batches(request, "mixed precision"))
-    return _simulated_int8(config, report, request, before, check)
+    return _simulated_int8(config, report, request, before, check, mixed_layer_table(report))

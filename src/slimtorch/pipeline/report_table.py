@@ -1,4 +1,5 @@
-"""The compress report's before/after table and the rows of what a method's finish step timed.
+"""The compress report's before/after table, the rows of what a method's finish step timed, and
+the per-layer table of ``mixed`` with its header.
 
 Example:
     >>> _row("latency cpu (ms)", 0.002, 0.001)
@@ -11,6 +12,7 @@ from typing import Any
 
 from slimtorch.core.measure import ModelProfile, compare_profiles
 from slimtorch.core.measure.profile import format_ratio
+from slimtorch.core.table import text_table
 
 
 def report_table(
@@ -49,6 +51,10 @@ def report_table(
         row = f"{label:<26} {b0 / 1e6:>12.3f} {b1 / 1e6:>12.3f} {format_ratio(b0, b1):>8}"
         lines.insert(at, row)
     return "\n".join([head, acc, *lines])
+
+
+_REASON_WIDTH = 60
+"""The longest skip reason kept in its table row; a longer one goes in a note below."""
 
 
 def _row(name: str, before_s: float, after_s: float) -> str:
@@ -90,16 +96,21 @@ def finish_rows(finished: dict[str, Any] | None) -> list[str]:
     timed = finished.get("compiled_latency")
     if timed:
         rows.append(_row("latency compiled (ms)", timed["before_s"], timed["after_s"]))
-    for name, t in (finished.get("runtimes") or {}).items():
+    untimed: dict[str, list[str]] = {}  # a reason too long for its row -> the runtimes
+    runtimes = finished.get("runtimes") or {}
+    for name, t in runtimes.items():
         label = f"latency {name} (ms)"
-        if t["skipped"]:
-            reason = t["skipped"] if len(t["skipped"]) <= 60 else t["skipped"][:57] + "..."
-            rows.append(f"{label:<26} skipped: {reason}")
-        else:
+        if not t["skipped"]:
             rows.append(_row(label, t["fp32_s"], t["int8_s"]))
+        elif len(t["skipped"]) <= _REASON_WIDTH:
+            rows.append(f"{label:<26} skipped: {t['skipped']}")
+        else:  # the whole reason in a note under the table, never cut
+            rows.append(f"{label:<26} skipped (see below)")
+            untimed.setdefault(t["skipped"], []).append(name)
     if finished.get("sparse_kernels"):
         rows += _sparse_rows(finished["sparse_kernels"])
-    if finished.get("runtimes"):
+    rows += [f"({' and '.join(names)} not timed: {why})" for why, names in untimed.items()]
+    if any(not t["skipped"] for t in runtimes.values()):
         rows.append(
             "(the eager latency row simulates int8 in float; a runtime row times the float and "
             "the int8 model in that runtime, int8 kernels running)"
@@ -107,3 +118,14 @@ def finish_rows(finished: dict[str, Any] | None) -> list[str]:
     if finished.get("hint"):
         rows.append(f"({finished['hint']})")
     return rows
+
+
+def mixed_layer_table(report: Any) -> str:
+    """A :class:`~slimtorch.quant.mixed.MixedPrecisionReport`'s table with a header row: one
+    line per layer (name, precision, bytes, why), then the report's own totals lines."""
+    rows = [("layer", "dtype", "bytes", "reason")]
+    rows += [
+        (r.name, r.choice, f"{r.bytes_fp32:,} -> {r.bytes_after:,}", r.reason) for r in report.rows
+    ]
+    totals = report.to_table().splitlines()[len(report.rows) :]
+    return "\n".join([text_table(rows), *totals])

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slimtorch.prune.buffers import apply_masks_, mask_grads_, masked_params
-from slimtorch.prune.magnitude import MagnitudeConfig, prune_
+from slimtorch.prune.magnitude import MagnitudeConfig, prune_, summary_at_debug
 from slimtorch.prune.masks import check_sparsity
 from slimtorch.train.callbacks import Callback
 
@@ -216,20 +216,25 @@ class GradualPruning(MaskCallback):
             return
         target = self.sparsity_at(step)
         model = trainer.unwrapped_model
-        report = prune_(
-            model, self.config.replace(sparsity=target), include=self.include, exclude=self.exclude
-        )
+        with summary_at_debug():  # the line below says it, with the step and target
+            report = prune_(
+                model,
+                self.config.replace(sparsity=target),
+                include=self.include,
+                exclude=self.exclude,
+            )
         self.mask_model(trainer)  # clear the optimiser state of newly pruned weights
         self.last_step, self.sparsity = step, target
         self.history.append((step, target))
         total = report.to_dict()["totals"]
         logger.info(
-            "gradual pruning at step %d: target %.4f, %d/%d zeros in %d layer(s)",
+            "gradual pruning at step %d: target %.4f, %d/%d zeros in %d layer(s)%s",
             step,
             target,
             total["zeros_after"],
             total["params"],
             total["pruned"],
+            f" ({total['skipped']} skipped)" if total["skipped"] else "",
         )
 
     def on_fit_end(self, trainer: Trainer) -> None:

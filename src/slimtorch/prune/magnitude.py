@@ -24,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -136,6 +138,21 @@ def _targets(
 
 
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+_SUMMARY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "prune_summary_level", default=logging.INFO
+)
+
+
+@contextlib.contextmanager
+def summary_at_debug() -> Iterator[None]:
+    """Within it, :func:`prune_` logs its one-line summary at debug level: for a caller that
+    logs the same counts itself (:class:`~slimtorch.prune.callbacks.GradualPruning`)."""
+    token = _SUMMARY_LEVEL.set(logging.DEBUG)
+    try:
+        yield
+    finally:
+        _SUMMARY_LEVEL.reset(token)
 
 
 def _zeros(t: torch.Tensor) -> int:
@@ -304,7 +321,7 @@ def prune_(
     # target already reached) says so at debug level only
     zeroed = any(r.zeros_after > r.zeros_before for r in rows)
     logger.log(
-        logging.INFO if zeroed else logging.DEBUG,
+        _SUMMARY_LEVEL.get() if zeroed else logging.DEBUG,
         "prune_ (%s): %d layer(s) pruned, %d skipped; %d of %d weights zero",
         method, len(chosen), len(rows) - len(chosen),
         sum(r.zeros_after for r in rows), sum(r.params for r in rows),

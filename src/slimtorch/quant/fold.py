@@ -24,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +47,29 @@ logger = logging.getLogger(__name__)
 
 TRANSFORM_NAME = "quant.fold_bn"
 """Architecture-transform name recorded by :func:`fold_bn_` and replayed by ``load_model``."""
+
+_LOGGED: contextvars.ContextVar[set[tuple[Any, ...]] | None] = contextvars.ContextVar(
+    "fold_bn_logged", default=None
+)
+
+
+@contextlib.contextmanager
+def repeats_at_debug() -> Iterator[None]:
+    """Within it, :func:`fold_bn_` logs its summary at debug level where an earlier call in the
+    block logged the same pairs: static PTQ folds a scratch copy to calibrate it, then the
+    model, and the second line would only repeat the first.
+
+    Example:
+        >>> nets = [nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval() for _ in "ab"]
+        >>> with repeats_at_debug():  # the second summary is logged at debug level
+        ...     [len(fold_bn_(net).folded) for net in nets]
+        [1, 1]
+    """
+    token = _LOGGED.set(set())
+    try:
+        yield
+    finally:
+        _LOGGED.reset(token)
 
 
 def fold_conv_bn(
@@ -296,7 +321,11 @@ def fold_bn_(
         arch = getattr(model, "slimtorch_arch", None)
         if isinstance(arch, dict):
             arch.setdefault("transforms", []).append(report.entry)
-    logger.info("fold_bn_: folded %d of %d conv+bn pair(s)", len(todo), len(rows))
+    logged, key = _LOGGED.get(), (tuple(todo), len(rows))
+    level = logging.DEBUG if logged is not None and key in logged else logging.INFO
+    if logged is not None:
+        logged.add(key)
+    logger.log(level, "fold_bn_: folded %d of %d conv+bn pair(s)", len(todo), len(rows))
     return report
 
 

@@ -60,6 +60,7 @@ from slimtorch.core.surgery import (
     require_submodules,
     require_values,
 )
+from slimtorch.core.table import text_table
 from slimtorch.quant import _calib
 from slimtorch.quant.precision import (
     DTYPES,
@@ -172,11 +173,14 @@ class LowPrecisionReport:
         return out
 
     def to_table(self) -> str:
-        """One line per layer, then the totals."""
-        lines = [f"{r.name:<32} {r.module_type:<14} {r.dtype:<9} {r.reason}" for r in self.rows]
-        lines.append(f"size {self.size_before:,} -> {self.size_after:,} bytes")
+        """A header and one line per layer, then the totals."""
+        table = [("layer", "type", "dtype", "reason")]
+        table += [(r.name, r.module_type, r.dtype, r.reason) for r in self.rows]
+        lines = [text_table(table), f"size {self.size_before:,} -> {self.size_after:,} bytes"]
         if self.checked:
-            lines.append(f"output error {self.output_error:.3g}, agreement {self.agreement}")
+            error = "not measured" if self.output_error is None else f"{self.output_error:.3g}"
+            agree = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
+            lines.append(f"output error {error}{agree}")
         if self.profile:
             lines.append(f"{self.profile}: {self.gain} ({self.gain_reason})")
         return "\n".join(lines)

@@ -164,8 +164,9 @@ def float_narrow_convs(model: nn.Module) -> list[str]:
     return changed
 
 
-def ort_rewrites(proto: Any) -> list[str]:
-    """Exact rewrites of an exported Q/DQ graph for ONNX Runtime, in place; returns what changed.
+def ort_rewrites(proto: Any, *, log_level: int = logging.INFO) -> list[str]:
+    """Exact rewrites of an exported Q/DQ graph for ONNX Runtime, in place; returns what changed
+    (and logs it at ``log_level``).
 
     - ``ReduceMean`` over the two spatial axes of a 4-D map (what ``AdaptiveAvgPool2d(1)``
       exports to) becomes ``GlobalAveragePool``, which ORT fuses with its Q/DQ into
@@ -252,7 +253,7 @@ def ort_rewrites(proto: Any) -> list[str]:
     unused = [i for i in graph.initializer if i.name in folded and i.name not in read]
     for init in unused:  # the int8 copy of weights now stored dequantized
         graph.initializer.remove(init)
-    logger.info("ONNX Runtime rewrites: %s", changes)
+    logger.log(log_level, "ONNX Runtime rewrites: %s", changes)
     return changes
 
 
@@ -344,29 +345,36 @@ def ort_graph(
     check_narrow_convs(narrow_convs)
     modes = ["int8", "float"] if narrow_convs == "measure" else [narrow_convs]
     graphs: dict[str, Any] = {}
+    notes: dict[str, list[tuple[str, Any]]] = {}  # each variant's log lines, for the one kept
     for mode in modes:
         work = copy.deepcopy(model)
         changed = (widen_narrow_convs if mode == "int8" else float_narrow_convs)(work)
         proto = export(work)
-        ort_rewrites(proto)
-        graphs[mode], changes = ort_channels_last(proto, example)
+        # logged at debug level here; the variant kept is logged once below
+        rewrites = ort_rewrites(proto, log_level=logging.DEBUG)
+        graphs[mode], changes = ort_channels_last(proto, example, log_level=logging.DEBUG)
+        notes[mode] = [("ONNX Runtime rewrites: %s", rewrites)]
         if graphs[mode] is proto:
-            logger.info("ONNX Runtime graph (%s stem): %s", mode, changes[0])
+            notes[mode].append((f"ONNX Runtime graph ({mode} stem): %s", changes[0]))
+            logger.debug(*notes[mode][-1])
+        else:
+            notes[mode].append(("ONNX Runtime channels-last: %d changes", len(changes)))
         if not changed:
             break  # no narrow convolution: the variants are the same graph
-    if len(graphs) == 1:
-        return next(iter(graphs.values()))
-    try:
-        times = {k: statistics.median(v) for k, v in time_graphs(graphs, example).items()}
-    except ImportError:
-        return graphs["int8"]
-    if len(times) == 1:
-        return graphs[next(iter(times))]  # the other one ORT would not run
-    best = min(times, key=lambda k: times[k])
-    logger.info(
-        "ONNX Runtime narrow convolutions: %s (%s)",
-        best, ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
-    )  # fmt: skip
+    best = next(iter(graphs))
+    if len(graphs) > 1:
+        try:
+            times = {k: statistics.median(v) for k, v in time_graphs(graphs, example).items()}
+        except ImportError:
+            times = {"int8": 0.0}
+        best = min(times, key=lambda k: times[k])  # one time: the other one ORT would not run
+        if len(times) > 1:
+            logger.info(
+                "ONNX Runtime narrow convolutions: %s (%s)",
+                best, ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+            )  # fmt: skip
+    for fmt, value in notes[best]:
+        logger.info(fmt, value)
     return graphs[best]
 
 

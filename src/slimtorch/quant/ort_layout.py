@@ -181,12 +181,16 @@ def _same_outputs(a: Any, b: Any, example: torch.Tensor) -> float:
     return max(float(np.abs(ya - yb).max()) for ya, yb in zip(*outs, strict=True))
 
 
-def ort_channels_last(proto: Any, example: torch.Tensor) -> tuple[Any, list[str]]:
+def ort_channels_last(
+    proto: Any, example: torch.Tensor, *, log_level: int = logging.INFO
+) -> tuple[Any, list[str]]:
     """The exported Q/DQ graph with ORT's fusions applied and its int8 maps channels-last.
 
     Args:
         proto: The exported ONNX model (not changed).
         example: An input batch; the rewritten graph must give the original's outputs on it.
+        log_level: The level of the log line that counts the changes (``logging.DEBUG`` for a
+            graph that may not be kept).
 
     Returns:
         ``(graph, changes)``: the rewritten graph, or ``proto`` itself with one entry naming why
@@ -220,5 +224,5 @@ def ort_channels_last(proto: Any, example: torch.Tensor) -> tuple[Any, list[str]
         return proto, [f"left as Q/DQ: {type(exc).__name__}: {str(exc).splitlines()[0]}"]
     if diff > 1e-5:
         return proto, [f"left as Q/DQ: the channels-last graph differs by {diff:.3g}"]
-    logger.info("ONNX Runtime channels-last: %d changes", len(changes))
+    logger.log(log_level, "ONNX Runtime channels-last: %d changes", len(changes))
     return fused, changes

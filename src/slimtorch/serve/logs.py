@@ -25,6 +25,38 @@ import time
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# uvicorn's copy of the message with terminal colours: the JSON records leave it out
+_DROPPED = {"color_message"}
+
+
+def logger_name(name: str) -> str:
+    """The name a record's logger is shown by: uvicorn logs its start-up and shutdown lines
+    under ``uvicorn.error``, which reads like an error, so that one shows as ``uvicorn``.
+
+    Example:
+        >>> logger_name("uvicorn.error"), logger_name("slimtorch.serve.server")
+        ('uvicorn', 'slimtorch.serve.server')
+    """
+    return "uvicorn" if name == "uvicorn.error" else name
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL logger [request id]: message``, with :func:`logger_name`.
+
+    Example:
+        >>> rec = logging.makeLogRecord({"msg": "Started", "levelname": "INFO",
+        ...                              "name": "uvicorn.error", "request_id": "-"})
+        >>> TextFormatter().format(rec)
+        'INFO uvicorn [-]: Started'
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s [%(request_id)s]: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        shown = logging.makeLogRecord(vars(record))  # a copy: other handlers see the record as is
+        shown.name = logger_name(record.name)
+        return super().format(shown)
 
 
 class RequestIdFilter(logging.Filter):
@@ -36,7 +68,8 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id and any extras.
+    """One JSON object per line: time, level, logger (by :func:`logger_name`), message, request id
+    and any extras, less those holding terminal escapes (uvicorn's ``color_message``).
 
     Example:
         >>> rec = logging.makeLogRecord({"msg": "hi", "levelname": "INFO", "name": "x"})
@@ -49,13 +82,16 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
-            "logger": record.name,
+            "logger": logger_name(record.name),
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", request_id.get()),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                doc[key] = value
+            if key in _STANDARD or key in _DROPPED or key.startswith("_"):
+                continue
+            if isinstance(value, str) and "\x1b" in value:  # terminal escapes: for a console
+                continue
+            doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
@@ -81,11 +117,7 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(levelname)s %(name)s [%(request_id)s]: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

@@ -76,6 +76,22 @@ def memory_budget(settings: ServeSettings) -> int:
     return max(1, int(total * settings.memory_fraction))
 
 
+def human_bytes(n: int) -> str:
+    """A byte count for people: binary units with one decimal, then the exact count (the
+    memory-budget flag takes bytes).
+
+    Example:
+        >>> human_bytes(20221208166), human_bytes(512)
+        ('18.8 GiB (20,221,208,166 bytes)', '512 bytes')
+    """
+    size, unit = float(n), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, name
+    return f"{n:,} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n:,} bytes)"
+
+
 def _failure(model: str, exc: Exception) -> str:
     """What a client is told when the model raised on its input: the error's first line."""
     lines = str(exc).strip().splitlines()
@@ -124,9 +140,9 @@ class ModelServer:
             self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
         self.ready = True
         logger.info(
-            "serving %d model(s); memory budget %d bytes",
+            "serving %d model(s); memory budget %s",
             len(self.repository.models),
-            self.cache.budget_bytes,
+            human_bytes(self.cache.budget_bytes),
         )
 
     async def stop(self) -> None:

@@ -420,8 +420,8 @@ def sparsify_(
     except BaseException:
         model.to(home)
         raise
-    for r in rows:
-        logger.info("sparsify %s: %s (%s)", r.name, r.action, r.reason)
+    for r in rows:  # the report has every row: the log only when debugging
+        logger.debug("sparsify %s: %s (%s)", r.name, r.action, r.reason)
     return report
 
 

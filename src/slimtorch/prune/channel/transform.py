@@ -416,8 +416,8 @@ def prune_channels_(
         report.entry = {"name": TRANSFORM_NAME, "params": params}
         if isinstance(getattr(model, "slimtorch_arch", None), dict):
             record_transform(model, TRANSFORM_NAME, params)
-    for row in rows:
-        logger.info(
+    for row in rows:  # the report's table has every row: the log only when debugging
+        logger.debug(
             "prune channels %s: %s %d -> %d%s",
             row.name,
             row.action,
