@@ -209,7 +209,7 @@ def test_mixed_reasons_give_bytes_as_whole_bytes_and_latency_in_microseconds() -
         "fp16", losses, sizes, None, ""
     )
     seconds = {"fp16": 3.5e-5, "int4": 2.25e-5}
-    assert "int4 saves 12.5 us more" in choice_reason("fp16", losses, seconds, None, "")
+    assert "int4 saves 12.5 us more" in choice_reason("fp16", losses, seconds, None, "", unit="s")
 
 
 # -- 10: fp16 and mixed tables: a header row; agreement in percent --------------------------

@@ -439,7 +439,12 @@ def mixed_precision_(
                 module_type=type(modules[n]).__name__,
                 choice=c,
                 reason=choice_reason(
-                    c, losses[n], costs[n], config.first_last if n in floor else None, notes[n]
+                    c,
+                    losses[n],
+                    costs[n],
+                    config.first_last if n in floor else None,
+                    notes[n],
+                    unit="s" if config.latency_s is not None else "bytes",
                 ),
                 bytes_fp32=int(layer_bytes(modules[n], "fp32")),
                 bytes_after=int(sizes[n][c]),

@@ -280,19 +280,22 @@ def latency_costs(
     return out, max(rest, 0.0), max(rest_low, 0.0), est.total_s
 
 
-def _saving(costs: dict[str, float], delta: float) -> str:
-    """``delta`` of the budget's unit: whole bytes for a size budget (every cost a whole number
-    of bytes), else microseconds (latency costs are seconds)."""
-    if all(float(c).is_integer() for c in costs.values()):
-        return f"{round(delta):,} bytes"
-    return f"{delta * 1e6:.3g} us"
+def _saving(delta: float, unit: str) -> str:
+    """``delta`` of the budget's unit: whole bytes, or seconds shown in microseconds."""
+    return f"{round(delta):,} bytes" if unit == "bytes" else f"{delta * 1e6:.3g} us"
 
 
 def choice_reason(
-    choice: str, losses: dict[str, float], costs: dict[str, float], floor: str | None, note: str
+    choice: str,
+    losses: dict[str, float],
+    costs: dict[str, float],
+    floor: str | None,
+    note: str,
+    unit: str = "bytes",
 ) -> str:
     """Why a layer got ``choice``: its loss, the next cheaper option, the first/last floor and
-    the options ruled out by NaN/Inf outputs, then ``note``.
+    the options ruled out by NaN/Inf outputs, then ``note``; ``costs`` are in ``unit``
+    (``"bytes"`` for a size budget, ``"s"`` for a latency one).
 
     Example:
         >>> losses, sizes = {"fp16": 1e-8, "int4": 2e-3}, {"fp16": 18496.0, "int4": 4866.0}
@@ -303,7 +306,7 @@ def choice_reason(
     text = f"{choice}: predicted loss {losses[choice]:.3g}"
     if cheaper:
         alt = cheaper[0]
-        text += f"; {alt} saves {_saving(costs, costs[choice] - costs[alt])} more but adds loss "
+        text += f"; {alt} saves {_saving(costs[choice] - costs[alt], unit)} more but adds loss "
         text += f"{losses[alt] - losses[choice]:.3g}, not worth it within the budget"
     else:
         text += "; cheapest allowed option"
