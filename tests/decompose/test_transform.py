@@ -98,6 +98,8 @@ def test_include_exclude_globs_and_type_skips(net: TinyNet) -> None:
     parts = decompose_(net, SVDConfig(), include=["head.*"]).rows
     assert [(r.name, r.action) for r in parts] == [("head", "skipped")]
     assert "already factorised" in str(parts[0].reason)
+    # excluding the factorised layer itself leaves it out of the report (strict passes)
+    assert decompose_(net, SVDConfig(), include=["head*"], exclude=["head"], strict=True).rows == []
     report = decompose_(TinyNet(), TuckerConfig(), include=["out"])
     assert "does not handle Linear" in report.rows[0].reason
 

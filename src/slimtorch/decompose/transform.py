@@ -274,7 +274,8 @@ def decompose_(
         why = f"already factorised ({type(module).__name__}); decompose the original layer"
         skips[name] = (module, count_params(module), why)
     for name, (module, count, reason) in skips.items():
-        if any(selected(n, include, exclude) for n, _ in module.named_modules(prefix=name)):
+        parts = [n for n, _ in module.named_modules(prefix=name)]  # include: it or a part
+        if selected(name, None, exclude) and any(selected(n, include, None) for n in parts):
             rows.append(LayerReport(name, type(module).__name__, "skipped", reason,
                                     params_before=count, params_after=count))  # fmt: skip
     if config.min_speedup is not None and config.speed_scope == "model" and replacements:
@@ -385,8 +386,7 @@ def _factorise_all(
 def _factorise(
     name: str, module: nn.Module, config: DecomposeConfig, plan: BudgetPlan | None
 ) -> Factorised:
-    """The factorised layer, by the budget plan or the registered handler, :func:`checked`
-    (``SkipLayer``: keep the layer)."""
+    """The factorised layer, by the budget plan or the handler, :func:`checked` (or SkipLayer)."""
     if plan is not None:
         if name in plan.reasons:
             raise SkipLayer(plan.reasons[name])
