@@ -166,3 +166,23 @@ def test_config_json_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == ascii(["", ["Zürich", "東京"]]), out.stdout
+
+
+def test_forgetting_series_never_recorded_works_with_older_prometheus_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # prometheus-client before 0.22 raises KeyError removing a label set never recorded: a
+    # rescan that removed a model then failed before its start-up loads
+    from slimtorch.serve.metrics import ServeMetrics
+
+    m = ServeMetrics()
+    m.observe_request("mlp", "infer", 200, 0.01)
+
+    def strict(*labels: str) -> None:
+        raise KeyError(labels)
+
+    for family in (m.loads, m.evictions, m.queue_depth, m.batch_size, m.batch_seconds):
+        monkeypatch.setattr(family, "remove", strict)
+    m.forget_models(["mlp"])
+    m.forget_batchers(["mlp:1"])
+    assert b'model="mlp"' not in m.render()[0]

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +42,12 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LOAD_RESULTS = ("ok", "error", "oom")
 """The ``result`` label values of ``model_loads``."""
+
+
+def _remove(family: Any, *labels: str) -> None:
+    """Drop one series; prometheus-client before 0.22 raises KeyError for one never recorded."""
+    with contextlib.suppress(KeyError):
+        family.remove(*labels)
 
 
 class ServeMetrics:
@@ -114,7 +121,7 @@ class ServeMetrics:
         they would stay in every scrape for the life of the server."""
         for label in labels:
             for family in (self.queue_depth, self.batch_size, self.batch_seconds):
-                family.remove(label)
+                _remove(family, label)
 
     def forget_models(self, names: Iterable[str]) -> None:
         """Drop every series of models gone from the repository.
@@ -129,12 +136,12 @@ class ServeMetrics:
         gone = set(names)
         for key in [k for k in self._request_series if k[0] in gone]:
             del self._request_series[key]
-            self.requests.remove(*key)
-            self.latency.remove(*key)
+            _remove(self.requests, *key)
+            _remove(self.latency, *key)
         for name in gone:
             for result in LOAD_RESULTS:
-                self.loads.remove(name, result)
-            self.evictions.remove(name)
+                _remove(self.loads, name, result)
+            _remove(self.evictions, name)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
