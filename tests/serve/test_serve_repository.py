@@ -186,3 +186,19 @@ def test_forgetting_series_never_recorded_works_with_older_prometheus_clients(
     m.forget_models(["mlp"])
     m.forget_batchers(["mlp:1"])
     assert b'model="mlp"' not in m.render()[0]
+
+
+def test_an_unload_mark_survives_a_briefly_broken_config(tmp_path: Path) -> None:
+    # a scan that read the model with an error (a half-written config) dropped the mark, and
+    # the unloaded version came back ready once the config was whole again
+    write_onnx(tmp_path / "lin" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    key = {"X-API-Key": KEY}
+    with app_client(tmp_path, api_key=KEY) as c:
+        assert c.post("/v2/repository/models/lin/unload", headers=key).status_code == 200
+        (tmp_path / "lin" / "config.json").write_text("{")  # an editor's half-written save
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        (tmp_path / "lin" / "config.json").write_text("{}")  # the edit lands
+        assert c.post("/v2/repository/rescan", headers=key).status_code == 200
+        index = c.post("/v2/repository/index", headers=key).json()
+        assert [row["state"] for row in index] == ["UNLOADED"], index
+        assert c.get("/v2/models/lin/ready").status_code == 503

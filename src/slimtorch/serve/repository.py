@@ -112,6 +112,19 @@ class ModelEntry:
         return max(pool, key=lambda v: v.version) if pool else None
 
 
+def _still_there(models: dict[str, ModelEntry], name: str, version: int) -> bool:
+    """Whether version ``version`` of model ``name`` is read, or at least its folder exists."""
+    if name not in models:
+        return False
+    if version in models[name].versions:
+        return True
+    try:
+        return any(p.is_dir() and version_number(p.name) == version
+                   for p in models[name].root.iterdir())  # fmt: skip
+    except OSError:
+        return False
+
+
 def version_number(text: str) -> int | None:
     """The version number written in ``text`` (a URL part or a folder name), else ``None``.
 
@@ -351,10 +364,10 @@ class Repository:
                     ver.state, ver.reason = State.UNLOADED, UNLOADED_REASON
             models[name] = entry
             changed.add(name)
-        # a deleted version's mark goes too (it would also mark a new folder of its number)
-        self.unloaded = {
-            (m, v) for m, v in self.unloaded if m in models and v in models[m].versions
-        }
+        # a deleted version's mark goes too (it would also mark a new folder of its number);
+        # one whose folder is still there keeps it (its model read with an error: a config
+        # being rewritten)
+        self.unloaded = {(m, v) for m, v in self.unloaded if _still_there(models, m, v)}
         self.models = models
         return changed
 
