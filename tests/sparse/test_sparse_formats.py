@@ -115,6 +115,8 @@ def test_nm24_keeps_a_bfloat16_nan_payload() -> None:
     w.view(torch.int16)[1, 2] = 0x7F81  # a signalling-NaN pattern
     back = decode_nm24(encode_nm24(w))
     assert torch.equal(back.view(torch.int16), w.view(torch.int16))
+    f8 = torch.tensor([[0.0, 1.5, 0.0, -2.0]]).to(torch.float8_e4m3fn)  # one-byte floats too
+    assert torch.equal(decode_nm24(encode_nm24(f8)).view(torch.int8), f8.view(torch.int8))
 
 
 def test_nm24_of_a_pruned_layer_and_errors() -> None:

@@ -72,8 +72,9 @@ def unit_scale(x: torch.Tensor, *, per_item: bool = False) -> torch.Tensor:
     after, so their result does not depend on the weight's scale: the Gram matrices they form
     square the values, which overflows float32 for weights near 1e19 and underflows it for
     weights near 1e-20. ``s`` is 1 for an all-zero or non-finite ``x`` and stays a normal
-    number of the dtype (so ``x / s`` is exact for every normal value); it is built from the
-    exponent bits on the device, without a host read.
+    number of the dtype, so ``x / s`` is exact for every value within about 2^126 (float32) of
+    the peak (smaller ones become subnormal and may round); it is built from the exponent bits
+    on the device, without a host read.
 
     Args:
         x: A float32/float64 tensor.

@@ -306,7 +306,7 @@ def encode_nm24(t: torch.Tensor) -> Parts:
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
     """A float tensor's bits as integers of its size (gather and scatter then move bit patterns;
     on bfloat16 they rewrote NaN payloads); other tensors as they are."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
