@@ -35,7 +35,6 @@ from slimtorch.pipeline.methods import (
     _parses_options,
     _pop_flag,
 )
-from slimtorch.pipeline.report_table import mixed_layer_table
 from slimtorch.pipeline.side_by_side import compiled_side_by_side
 
 
@@ -186,12 +185,7 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
 
 
 def _simulated_int8(
-    config: Any,
-    report: Any,
-    request: MethodRequest,
-    before: nn.Module | None,
-    check: bool,
-    table: str | None = None,
+    config: Any, report: Any, request: MethodRequest, before: nn.Module | None, check: bool
 ) -> Applied:
     """What ptq and mixed return: a deployable model whose int8 runs simulated here, timed in
     the int8 runtimes by its ``finish`` step."""
@@ -202,7 +196,7 @@ def _simulated_int8(
     return Applied(
         config={**config.to_dict(), RUNTIME_CHECK: check},
         report=report.to_dict(),
-        table=report.to_table() if table is None else table,
+        table=report.to_table(),
         changed=changed,
         trainable=False,
         finish=(lambda m: _int8_report(m, request, before, check)) if changed else None,
@@ -493,4 +487,4 @@ def _mixed(model: nn.Module, request: MethodRequest) -> Applied:
     check, config = _mixed_options(_with_globs(request))
     before = _float_copy(model, request, check)
     report = mixed_precision_(model, config, _batches(request, "mixed precision"))
-    return _simulated_int8(config, report, request, before, check, mixed_layer_table(report))
+    return _simulated_int8(config, report, request, before, check)

@@ -12,7 +12,6 @@ from typing import Any
 
 from slimtorch.core.measure import ModelProfile, compare_profiles
 from slimtorch.core.measure.profile import format_ratio
-from slimtorch.core.table import text_table
 
 
 def report_table(
@@ -118,14 +117,3 @@ def finish_rows(finished: dict[str, Any] | None) -> list[str]:
     if finished.get("hint"):
         rows.append(f"({finished['hint']})")
     return rows
-
-
-def mixed_layer_table(report: Any) -> str:
-    """A :class:`~slimtorch.quant.mixed.MixedPrecisionReport`'s table with a header row: one
-    line per layer (name, precision, bytes, why), then the report's own totals lines."""
-    rows = [("layer", "dtype", "bytes", "reason")]
-    rows += [
-        (r.name, r.choice, f"{r.bytes_fp32:,} -> {r.bytes_after:,}", r.reason) for r in report.rows
-    ]
-    totals = report.to_table().splitlines()[len(report.rows) :]
-    return "\n".join([text_table(rows), *totals])

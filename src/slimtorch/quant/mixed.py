@@ -62,6 +62,7 @@ from slimtorch.core.surgery import (
     require_submodules,
     require_values,
 )
+from slimtorch.core.table import text_table
 from slimtorch.models.io import saved_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.fold import fold_bn_
@@ -211,11 +212,11 @@ class MixedPrecisionReport:
         return out
 
     def to_table(self) -> str:
-        """One line per layer, then the totals."""
-        lines = [
-            f"{r.name:<28} {r.choice:<5} {r.bytes_fp32:>10,} -> {r.bytes_after:>9,}  {r.reason}"
-            for r in self.rows
-        ]
+        """A header, one line per layer (name, precision, bytes, why), then the totals."""
+        rows = [("layer", "dtype", "bytes", "reason")]
+        rows += [(r.name, r.choice, f"{r.bytes_fp32:,} -> {r.bytes_after:,}", r.reason)
+                 for r in self.rows]  # fmt: skip
+        lines = [text_table(rows)]
         ratio = self.size_fp32 / max(self.size_after, 1)
         lines.append(f"size {self.size_fp32:,} -> {self.size_after:,} bytes ({ratio:.2f}x)")
         error = "not measured" if self.output_error is None else f"{self.output_error:.3g}"
