@@ -210,7 +210,7 @@ def test_run_info_records_command_device_and_versions() -> None:
         ("6.0.32830", 9, "gfx90a:sramecc+:xnack-", None),
     ],
 )
-def test_gpu_compile_problem_names_gpus_inductor_cannot_compile_for(
+def test_compile_problem_names_gpus_inductor_cannot_compile_for(
     monkeypatch: pytest.MonkeyPatch, hip: str | None, major: int, gfx: str, problem: str | None
 ) -> None:
     # inductor lets a GTX 1060 trace and fails at code generation; on ROCm it lets every GPU
@@ -222,9 +222,24 @@ def test_gpu_compile_problem_names_gpus_inductor_cannot_compile_for(
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     monkeypatch.setattr(triton_utils, "has_triton_package", lambda: True)
-    found = devices.gpu_compile_problem("cuda:0")
+    found = devices.compile_problem("cuda:0")
     assert found is None if problem is None else problem in str(found)
-    assert devices.gpu_compile_problem("cpu") is None
+    assert devices.compile_problem("meta") is None
     monkeypatch.setattr(triton_utils, "has_triton_package", lambda: False)
     if problem is None:
-        assert devices.gpu_compile_problem("cuda:0") == "the triton package is not installed"
+        assert devices.compile_problem("cuda:0") == "the triton package is not installed"
+
+
+def test_compile_problem_names_a_missing_cpu_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    # inductor's CPU code is C++: without a compiler (Windows without MSVC) the compiled speed
+    # check failed with InvalidCxxCompiler after every layer had been factorised
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def missing() -> str:
+        raise InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    assert "needs a C++ compiler, and none was found" in str(devices.compile_problem("cpu"))
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    assert devices.compile_problem("cpu") is None

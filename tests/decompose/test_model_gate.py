@@ -127,7 +127,7 @@ def test_compiled_timing_on_a_gpu_inductor_cannot_compile_for_is_refused_upfront
     # on a GTX 1060 it failed in torch.compile after every layer had been factorised
     import slimtorch.decompose.model_gate as gate
 
-    monkeypatch.setattr(gate, "gpu_compile_problem", lambda d: "a GPU too old for Triton")
+    monkeypatch.setattr(gate, "compile_problem", lambda d: "a GPU too old for Triton")
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     cfg = SVDConfig(rank=0.25, min_speedup=0.01, speed_scope="model", speed_compile=True)

@@ -260,7 +260,7 @@ def test_the_compiled_check_is_skipped_on_a_gpu_inductor_cannot_compile_for(
     import slimtorch.core.devices as devices
     from slimtorch.pipeline.side_by_side import compiled_side_by_side
 
-    monkeypatch.setattr(devices, "gpu_compile_problem", lambda d: "a GPU too old for Triton")
+    monkeypatch.setattr(devices, "compile_problem", lambda d: "a GPU too old for Triton")
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
     out = compiled_side_by_side(net, net, torch.randn(1, 1, 8, 8), max_autotune=False)
     assert out == {"hint": "compiled check skipped: a GPU too old for Triton"}

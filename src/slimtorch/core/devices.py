@@ -184,20 +184,32 @@ def native_bf16(index: int) -> bool:
 _ROCM_TRITON_PREFIXES = _ROCM_BF16_PREFIXES
 
 
-def gpu_compile_problem(device: str | torch.device) -> str | None:
-    """Why ``torch.compile`` (inductor, which generates Triton kernels for GPUs) cannot compile
-    for ``device``, or ``None`` where it can or where the device is not a CUDA/ROCm GPU.
+def compile_problem(device: str | torch.device) -> str | None:
+    """Why ``torch.compile`` (inductor: C++ for the CPU, Triton kernels for GPUs) cannot compile
+    for ``device``, or ``None`` where it can or where the device is neither the CPU nor a
+    CUDA/ROCm GPU.
 
-    Inductor refuses NVIDIA GPUs below compute capability 7.0 (the GTX 1060 is 6.1) only when it
+    Inductor fails without a C++ compiler (Windows without MSVC, macOS without its command-line
+    tools) and refuses NVIDIA GPUs below compute capability 7.0 (the GTX 1060 is 6.1) only when it
     generates code, after tracing; on ROCm it lets every GPU through to Triton, whose AMD backend
     supports only CDNA and RDNA 3 and later. Callers check first, so a run does not fail after
     its work is done.
 
     Example:
-        >>> gpu_compile_problem("cpu") is None
+        >>> compile_problem("meta") is None
         True
     """
     device = as_device(device)
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except ImportError:  # another torch layout: let inductor say
+            return None
+        except Exception as exc:  # InvalidCxxCompiler, or a check of its own on Windows
+            return f"inductor's CPU code needs a C++ compiler, and none was found ({exc!r})"
+        return None
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimtorch.core.devices import gpu_compile_problem
+from slimtorch.core.devices import compile_problem
 from slimtorch.core.surgery import set_submodule
 from slimtorch.decompose.speed import layer_speedup
 
@@ -54,9 +54,9 @@ def _saving(row: LayerReport) -> float:
 
 def check_speed_request(model: nn.Module, config: DecomposeConfig, example_input: Any) -> None:
     """Refuse, before any work, a speed gate that cannot run: ``min_speedup`` without
-    ``example_input``, or ``speed_compile`` (whole-model timing under ``torch.compile``) on a
-    GPU inductor cannot compile for (:func:`~slimtorch.core.devices.gpu_compile_problem`), which
-    would otherwise fail after every layer was factorised."""
+    ``example_input``, or ``speed_compile`` (whole-model timing under ``torch.compile``) where
+    inductor cannot compile (:func:`~slimtorch.core.devices.compile_problem`: a CPU without a
+    C++ compiler, an old GPU), which would otherwise fail after every layer was factorised."""
     if config.min_speedup is None:
         return
     if example_input is None:
@@ -67,7 +67,7 @@ def check_speed_request(model: nn.Module, config: DecomposeConfig, example_input
         )
     if config.speed_scope == "model" and config.speed_compile:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if (problem := gpu_compile_problem(device)) is not None:
+        if (problem := compile_problem(device)) is not None:
             raise ValueError(
                 f"speed_compile=True times the models under torch.compile, which cannot compile "
                 f"for {device}: {problem}; set speed_compile=False to time them eagerly"

@@ -81,17 +81,18 @@ def compiled_side_by_side(
     :func:`~slimtorch.quant.compile_int8_x86`, with freezing and optionally ``max_autotune``).
 
     Returns ``{"compiled_latency": {...}}``, or ``{"hint": ...}`` saying why the check was
-    skipped: float64 on the CPU, or a GPU inductor cannot compile for
-    (:func:`~slimtorch.core.devices.gpu_compile_problem`: the GTX 1060, the RX 580), which would
+    skipped: float64 on the CPU, or a device inductor cannot compile for
+    (:func:`~slimtorch.core.devices.compile_problem`: a CPU without a C++ compiler, the GTX
+    1060, the RX 580), which would
     otherwise fail the run after its transform. Ends with ``torch._dynamo.reset()``.
     """
-    from slimtorch.core.devices import gpu_compile_problem
+    from slimtorch.core.devices import compile_problem
     from slimtorch.decompose.speed import layer_speedup
     from slimtorch.quant import compile_int8_x86
 
     if x.device.type == "cpu" and any(p.dtype == torch.float64 for p in after.parameters()):
         return {"hint": "compiled check skipped: inductor's frozen CPU kernels take no float64"}
-    if (problem := gpu_compile_problem(x.device)) is not None:
+    if (problem := compile_problem(x.device)) is not None:
         return {"hint": f"compiled check skipped: {problem}"}
 
     def compiled(m: nn.Module) -> nn.Module:
