@@ -95,6 +95,23 @@ def fx_graph(model: nn.Module) -> torch.fx.Graph:
     return torch.fx.Tracer().trace(model)
 
 
+def nonfinite_tensors(module: nn.Module, *, recurse: bool = True) -> list[str]:
+    """Names of ``module``'s floating parameters and buffers that hold NaN/Inf (meta tensors,
+    which have no values, are left out).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> _ = bn.running_var.fill_(float("nan"))
+        >>> nonfinite_tensors(bn)
+        ['running_var']
+    """
+    named = (*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse))
+    return [
+        n for n, t in named
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
+    ]  # fmt: skip
+
+
 def require_values(model: nn.Module, verb: str) -> None:
     """Raise ``ValueError`` when ``model`` holds meta-device tensors: they have shapes but no
     values, and every transform reads the values. Anything that is not a module is left to the

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import SlimtorchError
-from slimtorch.core.surgery import kept_modes
+from slimtorch.core.surgery import kept_modes, nonfinite_tensors
 from slimtorch.quant.lsq import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
@@ -170,10 +170,7 @@ def broken_tensors(model: nn.Module) -> str:
         >>> broken_tensors(net)
         '; the model itself holds NaN/Inf in 2.bias'
     """
-    bad = [
-        n for n, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
-    ]  # fmt: skip
+    bad = nonfinite_tensors(model)
     more = f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""
     return f"; the model itself holds NaN/Inf in {', '.join(bad[:6])}{more}" if bad else ""
 

@@ -40,6 +40,7 @@ from slimtorch.core.measure import count_flops, count_params
 from slimtorch.core.measure.params import stored_weights_reason, weight_buffer_layers
 from slimtorch.core.surgery import (
     kept_modes,
+    nonfinite_tensors,
     parameter_sharing,
     require_float32,
     require_values,
@@ -83,11 +84,9 @@ def _row(
     extra = {n: unknown_tensors(model.get_submodule(n)) for n in group.members}
     extra = {n: t for n, t in extra.items() if t}
     nonfinite = [  # buffers too: a NaN batch-norm running_var
-        f"{n}.{tname}"
+        f"{n}.{t}"
         for n in group.members
-        for m in (model.get_submodule(n),)
-        for tname, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in nonfinite_tensors(model.get_submodule(n), recurse=False)
     ]
     tied = {n: shared for n in group.members if (shared := shared_with(n))}
     if group.fixed:
