@@ -112,6 +112,13 @@ class ModelEntry:
         return max(pool, key=lambda v: v.version) if pool else None
 
 
+def version_dirs(folder: Path) -> dict[int, Path]:
+    """A model folder's numbered version folders, by version number (OSError: unreadable)."""
+    return {
+        n: p for p in folder.iterdir() if p.is_dir() and (n := version_number(p.name)) is not None
+    }
+
+
 def _still_there(models: dict[str, ModelEntry], name: str, version: int) -> bool:
     """Whether version ``version`` of model ``name`` is read, or at least its folder exists."""
     if name not in models:
@@ -119,8 +126,7 @@ def _still_there(models: dict[str, ModelEntry], name: str, version: int) -> bool
     if version in models[name].versions:
         return True
     try:
-        return any(p.is_dir() and version_number(p.name) == version
-                   for p in models[name].root.iterdir())  # fmt: skip
+        return version in version_dirs(models[name].root)
     except OSError:
         return False
 
@@ -273,11 +279,7 @@ class Repository:
                 dirs = {1: folder}
                 data: dict[str, Any] = {}
             else:
-                dirs = {
-                    n: p
-                    for p in folder.iterdir()
-                    if p.is_dir() and (n := version_number(p.name)) is not None
-                }
+                dirs = version_dirs(folder)
                 if not dirs:
                     raise ModelLoadError(
                         f"{folder} has no numbered version folders; put the model in {folder}/1"
