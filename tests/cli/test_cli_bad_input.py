@@ -441,8 +441,8 @@ def test_an_interrupted_fit_tells_the_user_what_to_do_on_the_command_line(
 
     def stopped(*args: object, **kwargs: object) -> None:
         raise TrainingInterrupted(
-            "stopped by SIGINT after step 3; checkpoint c.pt written (Trainer.fit(..., "
-            "resume=True) continues it)"
+            "stopped by SIGINT after step 3; checkpoint c.pt written",
+            " (Trainer.fit(..., resume=True) continues it)",
         )
 
     monkeypatch.setattr(slimtorch.train.classifier, "train_classifier", stopped)

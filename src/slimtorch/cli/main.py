@@ -215,9 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a training run says where its checkpoint is
         from slimtorch.train.interrupt import TrainingInterrupted
 
-        detail = f" ({str(exc).split(' (Trainer.fit')[0]})" if str(exc) else ""
+        detail = f" ({exc})" if str(exc) else ""
         if isinstance(exc, TrainingInterrupted):
-            detail += RESUME_HINTS.get(args.command, "")
+            detail = f" ({exc.summary}{RESUME_HINTS.get(args.command, '')})"
         print(f"slimtorch {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as exc:  # ONNX Runtime refusing a graph it loaded: its own error types

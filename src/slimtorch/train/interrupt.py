@@ -27,7 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A fit stopped by SIGINT/SIGTERM after a step, its checkpoint written (if it keeps one)."""
+    """A fit stopped by SIGINT/SIGTERM after a step, its checkpoint written (if it keeps one);
+    ``summary`` says so without the Python hint of the message (a command line gives its own)."""
+
+    def __init__(self, summary: str, hint: str = "") -> None:
+        super().__init__(summary + hint)
+        self.summary = summary
 
 
 class StopRequest:
@@ -76,9 +81,11 @@ def stop_requests(enabled: bool) -> Iterator[StopRequest]:
 def interrupted(request: StopRequest, checkpoint: Any, step: int) -> TrainingInterrupted:
     """The error a fit stopped by ``request`` after global step ``step`` raises (``checkpoint``:
     the path written, or None when the run keeps none)."""
-    where = (
-        f"; checkpoint {checkpoint} written (Trainer.fit(..., resume=True) continues it)"
-        if checkpoint is not None
-        else "; the run keeps no checkpoint (no out_dir)"
+    if checkpoint is None:
+        return TrainingInterrupted(
+            f"stopped by {request.name} after step {step}; the run keeps no checkpoint (no out_dir)"
+        )
+    return TrainingInterrupted(
+        f"stopped by {request.name} after step {step}; checkpoint {checkpoint} written",
+        " (Trainer.fit(..., resume=True) continues it)",
     )
-    return TrainingInterrupted(f"stopped by {request.name} after step {step}{where}")
