@@ -354,3 +354,15 @@ def test_profile_says_which_int8_runs_int8_kernels(
     else:
         assert "int8 kernels" not in notes[0] and "ONNX Runtime (slimtorch export" not in notes[0]
         assert "weights are stored int8" in notes[0] and "dequantizes them to float" in notes[0]
+
+
+def test_quantize_logs_its_bn_fold_once(caplog: pytest.LogCaptureFixture) -> None:
+    """quantize_ folds a scratch copy to calibrate it, then the model: one summary line, also
+    when called directly (not only under compress)."""
+    from slimtorch.quant import PTQConfig, quantize_
+
+    net = _net()
+    with caplog.at_level(logging.DEBUG, logger="slimtorch.quant.fold"):
+        quantize_(net, PTQConfig(mode="static"), calibration=torch.randn(8, 1, 8, 8))
+    lines = [r for r in caplog.records if r.name == "slimtorch.quant.fold"]
+    assert [r.levelno for r in lines] == [logging.INFO, logging.DEBUG], lines

@@ -167,20 +167,18 @@ def _ptq(model: nn.Module, request: MethodRequest) -> Applied:
     simulated and is slower than float.
     """
     from slimtorch.quant import quantize_
-    from slimtorch.quant.fold import repeats_at_debug
 
     check, config = _ptq_options(request.options)
     calibration = _batches(request, "static PTQ") if config.mode == "static" else None
     before = _float_copy(model, request, check)
-    with repeats_at_debug():  # quantize_ folds its scratch copy, then the model: one line
-        report = quantize_(
-            model,
-            config,
-            calibration=calibration,
-            include=request.include,
-            exclude=request.exclude,
-            strict=request.strict,
-        )
+    report = quantize_(
+        model,
+        config,
+        calibration=calibration,
+        include=request.include,
+        exclude=request.exclude,
+        strict=request.strict,
+    )
     return _simulated_int8(config, report, request, before, check)
 
 

@@ -65,6 +65,9 @@ def repeats_at_debug() -> Iterator[None]:
         ...     [len(fold_bn_(net).folded) for net in nets]
         [1, 1]
     """
+    if _LOGGED.get() is not None:  # nested: the outer block's record holds
+        yield
+        return
     token = _LOGGED.set(set())
     try:
         yield

@@ -49,7 +49,7 @@ from slimtorch.core.surgery import (
 from slimtorch.models.io import state_bytes
 from slimtorch.quant import _calib
 from slimtorch.quant.convert import ActQParams, QuantReport, QuantRow, build_qdq, to_qdq_
-from slimtorch.quant.fold import fold_bn_
+from slimtorch.quant.fold import fold_bn_, repeats_at_debug
 from slimtorch.quant.lsq import LSQConv2d, LSQLinear
 from slimtorch.quant.observers import CalibrationError, Observer, make_observer
 from slimtorch.quant.qdq import LayerQParams, QDQConv2d, QDQLinear
@@ -111,10 +111,8 @@ class PTQConfig(Config):
 
 
 # weight layers quantize_ has no int8 form for: reported as kept in float, never passed over
-_NO_INT8 = (
-    nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase,
-    nn.Bilinear, nn.MultiheadAttention,
-)  # fmt: skip
+_NO_INT8 = (nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase,
+            nn.Bilinear, nn.MultiheadAttention)  # fmt: skip
 _PARAM_HOLDERS = (nn.ParameterList, nn.ParameterDict)
 
 
@@ -368,6 +366,7 @@ def _scalar(qp: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
     return float(qp[0]), int(qp[1])
 
 
+@repeats_at_debug()  # the scratch copy's fold and the model's: one summary line
 def quantize_(
     model: nn.Module,
     config: PTQConfig,
