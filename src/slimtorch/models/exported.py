@@ -45,6 +45,7 @@ from slimtorch.core.devices import resolve_device
 from slimtorch.core.errors import ModelLoadError
 from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import kept_modes, refuse_sparse_kernels
+from slimtorch.models.pt2_program import program_problem
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,16 @@ def _check_entries(path: Path, names: list[str], read: Callable[[str], bytes]) -
     for name in names:
         if not (name.startswith("models/") and name.endswith(".json")):
             continue
+        try:  # loading runs the strings it names through eval and exec: see pt2_program
+            problem = program_problem(json.loads(read(name)))
+        except (ValueError, RecursionError) as exc:
+            why = type(exc).__name__
+            raise ModelLoadError(f"{path}: {name} is not valid JSON ({why})") from None
+        if problem is not None:
+            raise ModelLoadError(
+                f"{path} is refused: {name} {problem}. torch.export.load would evaluate it as "
+                "Python; slimtorch loads programs of registered operators and size arithmetic"
+            )
         program = name[len("models/") : -len(".json")]
         for legacy in (f"data/weights/{program}.pt", f"data/constants/{program}.pt"):
             if legacy in names:
