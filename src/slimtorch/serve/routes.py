@@ -18,11 +18,10 @@ from pydantic import ValidationError
 from slimtorch import __version__
 from slimtorch.serve.deps import AdminDep, ServerDep
 from slimtorch.serve.errors import BadRequest
-from slimtorch.serve.infer import run_infer
+from slimtorch.serve.infer import OFF_LOOP_BYTES, off_loop, read_body_off_loop, run_infer
 from slimtorch.serve.protocol.codec import (
     HEADER_LENGTH,
     DecodedRequest,
-    decode_body,
     predict_batch,
 )
 from slimtorch.serve.protocol.schemas import (
@@ -274,13 +273,15 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> Respo
     JSON whatever its Content-Type says (``curl -d`` sends a form type), after its
     Content-Encoding (gzip, deflate) as on ``/v2``.
     """
-    raw = decode_body(
-        await request.body(),
-        request.headers.get("content-encoding"),
-        server.settings.max_request_bytes,
+    cfg = server.repository.get(model_name).config
+    if cfg is None:  # a broken model: the version lookup below says why
+        server.repository.version(model_name, None)
+    assert cfg is not None
+    raw = await read_body_off_loop(
+        server, await request.body(), request.headers.get("content-encoding"), cfg
     )
     try:
-        body = PredictRequest.model_validate_json(raw)
+        body = await off_loop(len(raw) > OFF_LOOP_BYTES, PredictRequest.model_validate_json, raw)
     except ValidationError as exc:
         raise BadRequest(format_validation_error(exc)) from None
     entry, ver = server.repository.version(model_name, body.version)
@@ -293,7 +294,7 @@ async def predict(model_name: str, request: Request, server: ServerDep) -> Respo
             f"/v2/models/{model_name}/infer"
         )
     spec = cfg.inputs[0]
-    arr = predict_batch(body.data, spec)
+    arr = await off_loop(len(raw) > OFF_LOOP_BYTES, predict_batch, body.data, spec)
     decoded = DecodedRequest(None, {spec.name: arr}, {spec.name: spec.datatype}, None, False)
     entry, ver, outputs = await server.infer(model_name, str(ver.version), decoded)
     out: dict[str, Any] = {
