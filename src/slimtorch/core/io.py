@@ -281,5 +281,5 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # nested too deep
         raise ValueError(f"{path} is not valid JSON ({exc}); fix or regenerate the file") from exc

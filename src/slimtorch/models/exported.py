@@ -169,7 +169,7 @@ def _check_entries(path: Path, names: list[str], read: Callable[[str], bytes]) -
             try:
                 config = json.loads(read(name))["config"]
                 items = list(config.items())
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise ModelLoadError(f"{path}: {name} is malformed ({exc!r})") from None
             for key, meta in items:
                 if not isinstance(meta, dict) or meta.get("use_pickle") is not False:

@@ -108,7 +108,7 @@ def read_pt2_signature(path: Path) -> tuple[list[GraphTensor], list[GraphTensor]
         for i, spec in enumerate(user_outputs):
             label = "output" if len(user_outputs) == 1 else f"output_{i}"
             outputs.append(_tensor(label, values[spec["user_output"]["arg"]["as_tensor"]["name"]]))
-    except (OSError, zipfile.BadZipFile, _Unreadable) as exc:
+    except (OSError, zipfile.BadZipFile, _Unreadable, RecursionError) as exc:
         raise ModelLoadError(
             f"{path} is not a readable torch.export archive ({type(exc).__name__}); save it "
             "again with torch.export.save (slimtorch export --format pt2)"

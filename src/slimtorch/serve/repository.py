@@ -160,6 +160,49 @@ def _slimtorch_derived(path: Path) -> dict[str, Any]:
     }
 
 
+def _served(data: dict[str, Any], dirs: dict[int, Path]) -> list[int]:
+    """The versions a config's ``versions`` serves, oldest first, read before the config is
+    checked (a bad value is reported by the check): the model's inputs and outputs are taken
+    from these, never from a newer folder the config leaves out."""
+    listed = data.get("versions", "latest")
+    if listed == "all":
+        return sorted(dirs)
+    if isinstance(listed, list):
+        known = sorted({v for v in listed if type(v) is int and v in dirs})
+        if known:
+            return known
+    return [max(dirs)]
+
+
+def _slimtorch_source(dirs: dict[int, Path], served: list[int]) -> tuple[int, dict[str, Any]]:
+    """The newest served version whose model card reads, and the config it gives: a newer
+    version that is broken (or of a newer format) is then unavailable alone, not the model."""
+    first: ModelLoadError | None = None
+    for v in reversed(served):
+        try:
+            return v, _slimtorch_derived(model_path(dirs[v], "slimtorch"))
+        except ModelLoadError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _same_as_source(
+    dirs: dict[int, Path], v: int, source: int, derived: dict[str, Any], data: dict[str, Any]
+) -> None:
+    """Refuse a version whose card gives other inputs, outputs or labels than the version the
+    config was derived from (where the config does not set them): it would be served with the
+    other version's class names."""
+    own = _slimtorch_derived(model_path(dirs[v], "slimtorch"))
+    diff = [k for k in ("inputs", "outputs", "labels") if k not in data and own[k] != derived[k]]
+    if diff:
+        raise ModelLoadError(
+            f"version {v} has other {' and '.join(diff)} than version {source}, which the "
+            f"served config is taken from ({', '.join(f'{k}: {own[k]}' for k in diff)}); set "
+            f"them in {CONFIG_FILE} or serve one version"
+        )
+
+
 def _tensors_derived(
     fmt: str, newest: Path, config_file: Path, has_config: bool, batch_one: bool
 ) -> dict[str, Any]:
@@ -288,13 +331,14 @@ class Repository:
                 if (folder / CONFIG_FILE).is_file():
                     try:
                         data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-                    except (ValueError, UnicodeDecodeError) as exc:
+                    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                         raise ModelLoadError(
-                            f"{folder / CONFIG_FILE} is not valid JSON ({exc})"
+                            f"{folder / CONFIG_FILE} is not valid JSON ({type(exc).__name__})"
                         ) from None
                     if not isinstance(data, dict):
                         raise ModelLoadError(f"{folder / CONFIG_FILE} must hold a JSON object")
-            newest = dirs[max(dirs)]
+            served = _served(data, dirs)
+            source, newest = served[-1], dirs[served[-1]]
             fmt = data.get("format") or _detect_format(newest)
             if fmt is None:
                 raise ModelLoadError(
@@ -303,7 +347,7 @@ class Repository:
                 )
             derived: dict[str, Any] = {"format": fmt}
             if fmt == "slimtorch":
-                derived = _slimtorch_derived(model_path(newest, "slimtorch"))
+                source, derived = _slimtorch_source(dirs, served)
             elif "inputs" not in data or "outputs" not in data:
                 has_config = (folder / CONFIG_FILE).is_file()
                 one = data.get("max_batch_size") == 1 and data.get("max_batch_size") is not True
@@ -332,6 +376,8 @@ class Repository:
                 ver = VersionEntry(name, v, dirs[v])
                 try:
                     check_version(dirs[v], config)
+                    if fmt == "slimtorch" and v != source:
+                        _same_as_source(dirs, v, source, derived, data)
                 except (ModelLoadError, OSError) as exc:
                     ver.state, ver.reason = State.UNAVAILABLE, str(exc)
                 entry.versions[v] = ver

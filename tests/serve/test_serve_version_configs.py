@@ -1,0 +1,79 @@
+"""Which version a served config is taken from, and versions that do not match it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serve_helpers import make_mlp, write_config
+from slimtorch.models import save_model
+from slimtorch.serve import ServeSettings
+from slimtorch.serve.repository import Repository, State
+
+
+def _save(folder: Path, names: list[str], seed: int = 0) -> None:
+    save_model(make_mlp(seed), folder, input_shape=(1, 8, 8), mean=[0.0], std=[1.0],
+               class_names=names)  # fmt: skip
+
+
+DIGITS = [f"digit{i}" for i in range(10)]
+ANIMALS = ["cat", "dog", "car", "ship", "frog", "horse", "bird", "deer", "truck", "plane"]
+
+
+def _scan(root: Path) -> Repository:
+    repo = Repository(root, ServeSettings(repository=str(root)))
+    repo.scan()
+    return repo
+
+
+def test_an_older_version_with_other_classes_is_not_served_with_the_newer_labels(
+    tmp_path: Path,
+) -> None:
+    _save(tmp_path / "clf" / "1", DIGITS)
+    _save(tmp_path / "clf" / "2", ANIMALS)
+    write_config(tmp_path / "clf", versions="all")
+    entry = _scan(tmp_path).get("clf")
+    assert entry.config is not None and entry.config.labels == tuple(ANIMALS)
+    assert entry.versions[2].state is not State.UNAVAILABLE
+    v1 = entry.versions[1]
+    assert v1.state is State.UNAVAILABLE and "other labels than version 2" in v1.reason
+    # labels set in the config apply to every version: both served
+    write_config(tmp_path / "clf", versions="all", labels=[str(i) for i in range(10)])
+    entry = _scan(tmp_path).get("clf")
+    assert all(v.state is not State.UNAVAILABLE for v in entry.versions.values())
+
+
+def test_a_pinned_version_is_served_whatever_a_newer_folder_holds(tmp_path: Path) -> None:
+    _save(tmp_path / "clf" / "1", DIGITS)
+    _save(tmp_path / "clf" / "2", ANIMALS)
+    card = tmp_path / "clf" / "2" / "config.json"
+    doc = json.loads(card.read_text())
+    doc["format_version"] = 99  # written by a newer release
+    card.write_text(json.dumps(doc))
+    write_config(tmp_path / "clf", versions=[1])
+    entry = _scan(tmp_path).get("clf")
+    assert entry.error == "" and entry.config is not None
+    assert entry.config.labels == tuple(DIGITS) and list(entry.versions) == [1]
+    # served alongside: the newer one alone is unavailable, with the card's reason
+    write_config(tmp_path / "clf", versions="all")
+    entry = _scan(tmp_path).get("clf")
+    assert entry.error == "" and entry.config is not None
+    assert entry.versions[1].state is not State.UNAVAILABLE
+    assert entry.versions[2].state is State.UNAVAILABLE
+    assert "format_version" in entry.versions[2].reason
+
+
+def test_a_deeply_nested_json_file_breaks_only_its_model(tmp_path: Path) -> None:
+    """json raises RecursionError, not ValueError, on deep nesting: one such file stopped the
+    whole scan, so the server did not start."""
+    deep = "[" * 100_000 + "]" * 100_000
+    _save(tmp_path / "good" / "1", DIGITS)
+    _save(tmp_path / "config" / "1", DIGITS)
+    (tmp_path / "config" / "config.json").write_text(f'{{"labels": {deep}}}')
+    _save(tmp_path / "card" / "1", DIGITS)
+    (tmp_path / "card" / "1" / "config.json").write_text(f'{{"x": {deep}}}')
+    repo = _scan(tmp_path)
+    assert repo.get("good").error == ""
+    assert "not valid JSON" in repo.get("config").error
+    card = repo.get("card")
+    assert "not valid JSON" in card.error or "not valid JSON" in card.versions[1].reason
