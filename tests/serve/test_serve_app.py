@@ -267,7 +267,7 @@ def test_malformed_json_nan_and_size_limit(repo: Path, fast_path: bool) -> None:
 def test_unknown_model_and_version(repo: Path) -> None:
     with app_client(repo, api_key=KEY) as c:
         r = c.post("/v2/models/nope/infer", json=_v2(_digits(1)))
-        assert r.status_code == 404 and "mlp" in r.json()["error"]
+        assert r.status_code == 404 and "repository index lists them" in r.json()["error"]
         assert c.get("/v2/models/mlp/versions/9").status_code == 404
         assert c.get("/v2/models/nope/ready").status_code == 404
 

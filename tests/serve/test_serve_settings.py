@@ -88,7 +88,7 @@ def test_allow_nan_that_is_not_a_bool_is_refused_naming_file_and_field(
         r = c.get("/v2/models/m/ready")
         assert r.status_code == 503, r.text
         reason = r.json()["reason"]
-        assert f"{tmp_path}/m/config.json: inputs[0]: allow_nan must be true or false" in reason
+        assert reason.startswith("m/config.json: inputs[0]: allow_nan must be true or false")
         assert repr(value) in reason
 
 

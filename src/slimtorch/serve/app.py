@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimtorch import __version__
-from slimtorch.serve.errors import ServeError
+from slimtorch.serve.errors import ServeError, for_client
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.middleware import ServeMiddleware
 from slimtorch.serve.protocol.schemas import InferenceRequest
@@ -38,7 +38,9 @@ async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     if exc.status >= 500:
         logger.warning("%d: %s", exc.status, exc.message)
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+    settings = request.app.state.settings
+    message = for_client(exc.message, (settings.repository, settings.runs_dir))
+    return JSONResponse({"error": message}, status_code=exc.status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -71,7 +73,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error handling %s %s", request.method, request.url.path)
     return JSONResponse(
         {
-            "error": f"internal error ({type(exc).__name__}: {exc}); see the server log for the "
+            "error": f"internal error ({type(exc).__name__}); see the server log for the "
             "request id in X-Request-ID"
         },
         status_code=500,

@@ -8,6 +8,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
 from slimtorch.core.errors import SlimtorchError
 
 
@@ -77,3 +81,33 @@ class Overloaded(ServeError):
     """The queue is full, the request timed out, or memory ran out (503 with Retry-After)."""
 
     status = 503
+
+
+def for_client(text: str, roots: Iterable[str | None]) -> str:
+    """``text`` with the path of each repository folder in ``roots`` cut off the paths in it,
+    for an answer to a client: it learns which file of a model is wrong (``mlp/2/config.json``),
+    not where the server keeps its files.
+
+    Example:
+        >>> for_client("/srv/models/mlp/2/config.json is not valid JSON", ["/srv/models"])
+        'mlp/2/config.json is not valid JSON'
+    """
+    for root in roots:
+        if not root:
+            continue
+        for form in sorted({str(Path(root)), str(Path(root).resolve())}, key=len, reverse=True):
+            text = text.replace(form + os.sep, "")
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n`` for a newline): a client's URL in a
+    text log line cannot start a forged line of its own.
+
+    Example:
+        >>> printable("/v2/models/x\\nINFO forged")
+        '/v2/models/x\\\\nINFO forged'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

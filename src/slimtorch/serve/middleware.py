@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from slimtorch.serve.errors import NotReady, ServeError
+from slimtorch.serve.errors import NotReady, ServeError, for_client, printable
 from slimtorch.serve.infer import INFER_PATH, run_infer
 from slimtorch.serve.logs import request_id
 from slimtorch.serve.metrics import ServeMetrics
@@ -138,7 +138,8 @@ class ServeMiddleware:
                     "the server is shutting down; retry on another server", retry_after=1
                 )
             status = exc.status
-            content = json.dumps({"error": exc.message}).encode()
+            roots = (server.settings.repository, server.settings.runs_dir)
+            content = json.dumps({"error": for_client(exc.message, roots)}).encode()
             out_headers = {"content-type": "application/json"}
             if exc.retry_after is not None:
                 out_headers["retry-after"] = str(exc.retry_after)
@@ -147,7 +148,7 @@ class ServeMiddleware:
             status = 500
             content = json.dumps(
                 {
-                    "error": f"internal error ({type(exc).__name__}: {exc}); "
+                    "error": f"internal error ({type(exc).__name__}); "
                     "see the server log for this X-Request-ID"
                 }
             ).encode()
@@ -220,15 +221,16 @@ class ServeMiddleware:
             endpoint = str(state.get("endpoint", "other"))
             self.metrics.observe_request(model, endpoint, status, seconds)
             if self.access_log:
+                path = printable(str(scope.get("path")))  # the client's: no forged log lines
                 access.info(
                     "%s %s %d %.2f ms",
                     scope.get("method"),
-                    scope.get("path"),
+                    path,
                     status,
                     seconds * 1000,
                     extra={
                         "method": scope.get("method"),
-                        "path": scope.get("path"),
+                        "path": path,
                         "status": status,
                         "duration_ms": round(seconds * 1000, 3),
                         "model": model,

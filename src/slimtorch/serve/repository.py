@@ -412,9 +412,8 @@ class Repository:
                     ver.state, ver.reason = State.UNLOADED, UNLOADED_REASON
             models[name] = entry
             changed.add(name)
-        # a deleted version's mark goes too (it would also mark a new folder of its number);
-        # one whose folder is still there keeps it (its model read with an error: a config
-        # being rewritten)
+        # a deleted version's mark goes too (it would also mark a new folder of its number); one
+        # whose folder is still there keeps it (its model read with an error: a config rewritten)
         self.unloaded = {(m, v) for m, v in self.unloaded if _still_there(models, m, v)}
         self.models = models
         return changed
@@ -423,10 +422,13 @@ class Repository:
         """The model called ``name``.
 
         Raises:
-            NotFound: No such model; the message lists the models there are.
+            NotFound: No such model; the message lists the models there are, unless the
+                repository index is kept behind an API key.
         """
         entry = self.models.get(name)
         if entry is None:
+            if self.settings.api_key:
+                raise NotFound(f"no model named {name!r}; the repository index lists them")
             names = sorted(self.models)
             shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
             raise NotFound(f"no model named {name!r}; the repository has: {shown or 'none'}")

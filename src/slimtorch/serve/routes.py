@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from slimtorch import __version__
 from slimtorch.serve.deps import AdminDep, ServerDep
-from slimtorch.serve.errors import BadRequest
+from slimtorch.serve.errors import BadRequest, for_client
 from slimtorch.serve.infer import OFF_LOOP_BYTES, off_loop, read_body_off_loop, run_infer
 from slimtorch.serve.protocol.codec import (
     HEADER_LENGTH,
@@ -154,9 +154,9 @@ def _ready(server: Any, request: Request, name: str, version: str | None) -> Any
     reason = not_ready_reason(entry, ver)
     if reason is None and server.ready:
         return {"name": name, "ready": True}
-    return JSONResponse(
-        {"name": name, "ready": False, "reason": reason or "server not ready"}, status_code=503
-    )
+    roots = (server.settings.repository, server.settings.runs_dir)
+    reason = for_client(reason or "server not ready", roots)
+    return JSONResponse({"name": name, "ready": False, "reason": reason}, status_code=503)
 
 
 @router.get(
