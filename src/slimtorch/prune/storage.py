@@ -289,7 +289,18 @@ def expand_state_dict(compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: out[k] for k in order}
 
 
-_COMPACT_METADATA = {"format": "slimtorch.compact", "version": "1"}
+COMPACT_FORMAT = "slimtorch.compact"
+COMPACT_VERSION = 1
+_COMPACT_METADATA = {"format": COMPACT_FORMAT, "version": str(COMPACT_VERSION)}
+# The safetensors files slimtorch writes: the ``format`` each names in its metadata, what it is
+# and the loader that reads it. ``"version"`` counts up when a file layout changes.
+FILE_FORMATS = {
+    COMPACT_FORMAT: ("a compact pruned file", "slimtorch.prune.load_compact"),
+    "slimtorch.sparse.packed": ("a packed sparse file", "slimtorch.sparse.load_packed"),
+}
+# ``"format": "pt"`` is the torch tag other writers (transformers) put on a plain state dict:
+# no slimtorch marker, read as a file from before the marker
+_PLAIN_FORMATS = frozenset({"pt"})
 
 
 def compact_file_bytes(state_dict: Mapping[str, torch.Tensor], *, format: str = "auto") -> int:
@@ -334,29 +345,39 @@ def load_compact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is not a complete safetensors file (truncated, not safetensors),
-            or a compact entry in it is corrupt (see :func:`expand_state_dict`).
+            is another format (a packed sparse file: the message names its loader) or from a
+            newer slimtorch, or a compact entry in it is corrupt (see :func:`expand_state_dict`).
 
     Example:
         >>> model.load_state_dict(load_compact("out/pruned.safetensors"))  # doctest: +SKIP
     """
-    tensors = read_safetensors(path)
+    tensors = read_safetensors(path, format=COMPACT_FORMAT, version=COMPACT_VERSION)
     try:
         return expand_state_dict(tensors)
     except ValueError as exc:
         raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike[str], *, format: str | None = None, version: int = 1
+) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (CPU); an unreadable file raises ``ValueError``.
+
+    With ``format`` (a key of :data:`FILE_FORMATS`), the file's metadata must name that format
+    at a version up to ``version``, or name none (a file from before the marker): a file of
+    another format raises ``ValueError`` naming the loader it needs, one written by a newer
+    slimtorch one saying to upgrade. The metadata is checked before any tensor is read.
 
     Example:
         >>> read_safetensors("out/pruned.safetensors")  # doctest: +SKIP
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(os.fspath(path), device="cpu")
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            if format is not None:
+                check_file_format(path, f.metadata() or {}, format, version)
+            return {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise
     except (SafetensorError, OSError) as exc:  # a folder: "No such device (os error 19)"
@@ -364,3 +385,57 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"{os.fspath(path)!r} is not a readable safetensors file ({exc}); it is truncated "
             "or not a safetensors file: write it again"
         ) from None
+
+
+def check_file_format(
+    path: str | os.PathLike[str], metadata: Mapping[str, str], format: str, version: int
+) -> None:
+    """Refuse a file whose safetensors ``metadata`` is not ``format`` up to ``version``.
+
+    No ``"format"`` key (or the plain torch tag ``"pt"``) passes: such a file predates the
+    marker or holds a plain state dict. No ``"version"`` key reads as version 1.
+
+    Raises:
+        ValueError: another slimtorch format (names its loader), an unknown format, a version
+            newer than ``version`` or one that is not a whole number. The message names the file.
+
+    Example:
+        >>> meta = {"format": "slimtorch.sparse.packed", "version": "1"}
+        >>> check_file_format("w.safetensors", meta, "slimtorch.compact", 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: 'w.safetensors' is a packed sparse file ...; load it with ...load_packed
+    """
+    found = metadata.get("format")
+    if found is None or found in _PLAIN_FORMATS:
+        return
+    what, loader = FILE_FORMATS[format]
+    name = repr(os.fspath(path))
+    if found != format:
+        if found in FILE_FORMATS:
+            other, other_loader = FILE_FORMATS[found]
+            raise ValueError(
+                f"{name} is {other} (format {found!r}), not {what}; load it with {other_loader}"
+            )
+        hint = (
+            "written by a newer slimtorch: upgrade slimtorch"
+            if found.startswith("slimtorch.")
+            else "not written by slimtorch: read it with the tool that wrote it"
+        )
+        raise ValueError(
+            f"{name} is in format {found!r}, not {what} (format {format!r}), so {loader} "
+            f"cannot read it; it was {hint}"
+        )
+    raw = metadata.get("version", "1")
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name} has format version {raw!r}, not a whole number; the file is damaged or "
+            f"was not written by slimtorch: write it again"
+        ) from None
+    if number > version:
+        raise ValueError(
+            f"{name} was written by a newer slimtorch (format version {number}, this one reads "
+            f"up to {version}); upgrade slimtorch"
+        )

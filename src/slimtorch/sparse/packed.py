@@ -21,6 +21,9 @@ from slimtorch.core.io import atomic_write
 from slimtorch.prune.storage import checked_items, read_safetensors
 from slimtorch.sparse.formats import FORMATS, PARTS, SEP, decode, encode, smallest_format
 
+PACKED_FORMAT = "slimtorch.sparse.packed"  # a key of slimtorch.prune.storage.FILE_FORMATS
+PACKED_VERSION = 1
+
 
 def pack_state_dict(
     state_dict: Mapping[str, torch.Tensor], formats: Sequence[str] = FORMATS
@@ -98,7 +101,7 @@ def save_packed(
     from safetensors.torch import save_file
 
     packed = {k: v.clone() for k, v in pack_state_dict(state_dict, formats).items()}
-    meta = {"format": "slimtorch.sparse.packed", "version": "1"}
+    meta = {"format": PACKED_FORMAT, "version": str(PACKED_VERSION)}
     return atomic_write(path, lambda p: save_file(packed, p, metadata=meta))
 
 
@@ -106,13 +109,14 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_packed` as a dense state dict (CPU).
 
     Raises:
-        ValueError: ``path`` is not a complete safetensors file, or an entry in it is corrupt
-            (the message names the entry).
+        ValueError: ``path`` is not a complete safetensors file, is another format (a compact
+            file: the message names its loader) or from a newer slimtorch, or an entry in it
+            is corrupt (the message names the entry).
 
     Example:
         >>> model.load_state_dict(load_packed("out/sparse.safetensors"))  # doctest: +SKIP
     """
-    tensors = read_safetensors(path)
+    tensors = read_safetensors(path, format=PACKED_FORMAT, version=PACKED_VERSION)
     try:
         return unpack_state_dict(tensors)
     except ValueError as exc:
