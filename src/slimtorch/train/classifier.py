@@ -320,6 +320,8 @@ def train_classifier(
     trainer = Trainer(net, train_config, device=device, callbacks=cbs, out_dir=out_dir)
     trainer.run_info = {
         "model": model if isinstance(model, str) else type(model).__name__,
+        # the architecture as built (defaults included): another width or dropout is refused
+        "model_kwargs": dict(getattr(net, "slimtorch_arch", {}).get("kwargs", {})),
         "dataset": dataset,
         "input_shape": [c, h, w],  # an image folder is read at the size asked for
         "mean": list(train_ds.mean),

@@ -6,7 +6,8 @@ weights-only-loadable file (:mod:`slimtorch.train.checkpoint`), written atomical
 Resuming checks that the loader has the same number of steps per epoch, that the run is the
 same one (``Trainer.run_info``: data, batch size, augmentation ...; each callback's
 ``run_info``: sparse training, distillation with its teacher ...) and that the states fit the
-model and optimiser, and names what does not.
+model and optimiser, and names what does not. The checkpoint also keeps the torch version
+that wrote it: a resume under another major.minor version warns (its kernels may differ).
 
 Example:
     >>> import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp())
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,9 +88,10 @@ def check_not_diverged(trainer: Trainer, loss: float) -> None:
     )
 
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 """Version of :func:`run_record`'s contents. A record of an older version (none: 1) lacks
-fields that later versions added, so only the fields both records hold are compared."""
+fields that later versions added, so only the fields both records hold are compared
+(3 added the classifier's ``model_kwargs``)."""
 
 
 def run_record(trainer: Trainer) -> dict[str, Any]:
@@ -171,6 +174,7 @@ def save_trainer_state(trainer: Trainer) -> None:
             "config": trainer.config.to_dict(),
             "train_seconds": trainer.train_seconds,
             "run": run_record(trainer),
+            "torch_version": str(torch.__version__),
         }
         save_checkpoint(path, state)
         logger.debug("checkpoint written to %s at step %d", path, trainer.global_step)
@@ -192,6 +196,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
         logger.warning("resume=True but %s does not exist; starting from scratch", path)
         return None
     state = load_checkpoint(path, required=_REQUIRED)
+    _warn_torch_version(state.get("torch_version"), path)
     _check_same_run(trainer, state.get("run"), path)
     if state.get("steps_per_epoch") != trainer.steps_per_epoch:
         raise CheckpointError(
@@ -242,6 +247,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     try:
         if trainer.scaler is not None and state.get("scaler"):
             trainer.scaler.load_state_dict(state["scaler"])
+        dropped = trainer.scaler is None and bool(state.get("scaler"))  # e.g. fp16 -> auto on CPU
         saved = state.get("callbacks", {})
         for key, cb in zip(trainer._callback_keys(), trainer.callbacks, strict=True):
             if key in saved:
@@ -269,8 +275,12 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             "with the same callbacks and TrainConfig, or use a new out_dir"
         ) from exc
     changed = sorted(k for k, v in trainer.config.to_dict().items() if saved_config.get(k) != v)
+    note = "the checkpoint's fp16 gradient-scaler state is dropped: this run scales no losses"
     if changed:
-        logger.warning("resuming with changed config fields: %s", ", ".join(changed))
+        extra = f"; {note}" if dropped else ""
+        logger.warning("resuming with changed config fields: %s%s", ", ".join(changed), extra)
+    elif dropped:
+        logger.warning("resuming %s: %s", path, note)
     trainer.epoch, trainer.step_in_epoch, trainer.global_step = epoch, step_in_epoch, global_step
     trainer.seconds_before, trainer.history, trainer._meter = seconds_before, history, meter
     trainer.epoch_rng = state.get("epoch_rng")  # absent before it was saved: as before
@@ -284,6 +294,24 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
             trainer.epoch,
         )
     return rng
+
+
+def _major_minor(version: Any) -> str | None:
+    """``"2.11"`` of ``"2.11.0+cu128"`` (None: no version, as in older checkpoints)."""
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return f"{match[1]}.{match[2]}" if match else None
+
+
+def _warn_torch_version(saved: Any, path: Any) -> None:
+    """Warn when the checkpoint was written under another torch major.minor version."""
+    then, now = _major_minor(saved), _major_minor(str(torch.__version__))
+    if then is not None and now is not None and then != now:
+        logger.warning(
+            "checkpoint %s was written by torch %s, resuming under %s: results may differ slightly",
+            path,
+            then,
+            now,
+        )
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
