@@ -166,3 +166,17 @@ def test_a_deeply_nested_program_is_a_clear_error(sizes: Path, tmp_path: Path) -
             zout.writestr(info.filename, data)
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         load_exported(tmp_path / "d.pt2")
+
+
+def test_a_program_of_another_schema_names_the_cause(
+    sizes: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """torch logs why it cannot read a program (to the console, through its own handler) and
+    raises "check the warnings above": the error now carries the cause itself."""
+
+    def newer(doc: dict) -> None:
+        doc["schema_version"]["major"] += 1
+
+    with pytest.raises(ModelLoadError, match="does not match our current schema version"):
+        load_exported(_edit(sizes, tmp_path / "newer.pt2", newer))
+    assert "deserializing" not in capfd.readouterr().err

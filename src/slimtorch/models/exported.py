@@ -238,15 +238,17 @@ def load_exported(path: str | os.PathLike[str], *, device: str | torch.device = 
             module = program.module()
         except Exception as exc:
             # torch logs the operator it cannot resolve, then raises a generic error
-            op = re.search(r"torch\.ops\.[\w.]+", " ".join([str(exc), *said.texts()]))
+            texts = said.texts()
+            op = re.search(r"torch\.ops\.[\w.]+", " ".join([str(exc), *texts]))
             said.drop()  # the error below says it; no torch traceback on the console
             if op is not None:
                 raise ModelLoadError(
                     f"{path} calls the operator {op.group(0)}, which is not registered in this "
                     "process; import the module that defines it before loading"
                 ) from exc
+            cause = texts[-1] if texts else str(exc)  # torch logs the cause, raises a generic one
             raise ModelLoadError(
-                f"{path} could not be deserialised by torch {torch.__version__} ({exc}); "
+                f"{path} could not be deserialised by torch {torch.__version__} ({cause}); "
                 "export it again with this torch version"
             ) from exc
     return module.to(dev)
@@ -277,12 +279,17 @@ class _TorchExportLog(logging.Handler):
 
     def __enter__(self) -> _TorchExportLog:
         self._propagate = self._log.propagate
+        self._handlers = self._log.handlers[:]  # torch's own console handler among them
+        for handler in self._handlers:
+            self._log.removeHandler(handler)
         self._log.addHandler(self)
         self._log.propagate = False
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._log.removeHandler(self)
+        for handler in self._handlers:
+            self._log.addHandler(handler)
         self._log.propagate = self._propagate
         for record in self.records:
             self._log.handle(record)
