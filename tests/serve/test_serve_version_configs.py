@@ -77,3 +77,21 @@ def test_a_deeply_nested_json_file_breaks_only_its_model(tmp_path: Path) -> None
     assert "not valid JSON" in repo.get("config").error
     card = repo.get("card")
     assert "not valid JSON" in card.error or "not valid JSON" in card.versions[1].reason
+
+
+def test_an_onnx_file_newer_than_onnxruntime_says_to_upgrade(tmp_path: Path) -> None:
+    import onnx
+    import pytest
+
+    from serve_helpers import ONNX_B, ONNX_W, write_onnx
+    from slimtorch.core.errors import ModelLoadError
+    from slimtorch.serve.runners import load_runner
+
+    write_onnx(tmp_path / "m" / "1" / "model.onnx", ONNX_W, ONNX_B)
+    entry = _scan(tmp_path).get("m")
+    assert entry.config is not None
+    proto = onnx.load(str(tmp_path / "m" / "1" / "model.onnx"))
+    proto.ir_version = 99  # written by a newer onnx than this onnxruntime reads
+    onnx.save(proto, str(tmp_path / "m" / "1" / "model.onnx"))
+    with pytest.raises(ModelLoadError, match=r"newer than onnxruntime .* upgrade onnxruntime"):
+        load_runner(tmp_path / "m" / "1", entry.config, "cpu")

@@ -31,6 +31,7 @@ Example (a slimtorch model directory saved into a temporary folder):
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -230,9 +231,14 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelLoadError(
-                f"ONNX Runtime cannot load {path} ({exc}); re-export the model"
-            ) from None
+            newer = re.search(r"IR version|opset", str(exc), re.IGNORECASE)
+            hint = (
+                f"the file is newer than onnxruntime {ort.__version__} reads: upgrade "
+                "onnxruntime, or export with the opset it supports"
+                if newer
+                else "re-export the model"
+            )
+            raise ModelLoadError(f"ONNX Runtime cannot load {path} ({exc}); {hint}") from None
         names = [i.name for i in self.session.get_inputs()]
         wanted = [s.name for s in config.inputs]
         if sorted(names) != sorted(wanted):
