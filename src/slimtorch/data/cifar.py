@@ -81,6 +81,10 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 _MAX_PICKLE_BYTES = 512 * 1024 * 1024
+# Most images a CIFAR-10 .npz may declare: its split's size by the catalog's file names, else
+# the whole set (50000 train + 10000 test).
+_NPZ_MAX_IMAGES: dict[str, int] = {"cifar10-train.npz": 50000, "cifar10-test.npz": 10000}
+_NPZ_DEFAULT_MAX_IMAGES = 60000
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -240,16 +244,70 @@ def read_cifar_batches(
     return torch.cat(xs), torch.cat(ys)
 
 
+def _npy_header(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[Any, np.dtype]:
+    """The shape and dtype an ``.npz`` member declares in its ``.npy`` header (no data read)."""
+    fmt = np.lib.format
+    try:
+        with archive.open(name) as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise DataFormatError(
+            f"{path} is not a readable .npz: member {name} has no valid .npy header ({exc}); "
+            "save it with np.savez(path, x=images_uint8_nhwc, y=labels)"
+        ) from exc
+    if dtype.hasobject:
+        raise DataFormatError(
+            f"{path} is not a readable .npz without pickled objects: member {name} declares "
+            f"{dtype} data; save it with np.savez(path, x=images_uint8_nhwc, y=labels)"
+        )
+    return shape, dtype
+
+
+def _check_npz_members(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse, from the members' ``.npy`` headers and before any data is read, an ``x`` or
+    ``y`` whose shape or dtype is not CIFAR's, or that holds more images than the split."""
+    names = set(archive.namelist())
+    member = {k: k if k in names else f"{k}.npy" for k in ("x", "y")}  # as np.load finds them
+    shape, dtype = _npy_header(path, archive, member["x"])
+    if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != (32, 32, 3):
+        raise DataFormatError(
+            f"{path}: 'x' must be uint8 of shape (N, 32, 32, 3), got {dtype} {shape} (as "
+            f"declared by member {member['x']}; not loaded)"
+        )
+    n, limit = shape[0], _NPZ_MAX_IMAGES.get(path.name, _NPZ_DEFAULT_MAX_IMAGES)
+    if n > limit:
+        raise DataFormatError(
+            f"{path}: member {member['x']} declares {n} images, more than the {limit} of "
+            f"this CIFAR-10 split; refused before loading: the file is not CIFAR-10"
+        )
+    shape, dtype = _npy_header(path, archive, member["y"])
+    if dtype.kind not in "iu" or tuple(shape) not in ((n,), (n, 1)):
+        raise DataFormatError(
+            f"{path}: 'y' must hold {n} integer labels of shape (N,), got {dtype} {shape} (as "
+            f"declared by member {member['y']}; not loaded)"
+        )
+
+
 def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Read CIFAR-10 from an ``.npz`` holding ``x`` uint8 ``(N, 32, 32, 3)`` and ``y`` ``(N,)``.
 
-    The file is opened with ``allow_pickle=False``, so it cannot run code.
+    The file is opened with ``allow_pickle=False``, so it cannot run code. The shape and dtype
+    each member declares in its ``.npy`` header are checked before its data is read (a small
+    compressed file can declare gigabytes): at most the split's images (50000 in
+    ``cifar10-train.npz``, 10000 in ``cifar10-test.npz``, 60000 under another name).
 
     Returns:
         ``images`` uint8 ``(N, 3, 32, 32)`` and ``labels`` int64 ``(N,)``.
 
     Raises:
-        DataFormatError: Missing keys, wrong dtype or shape, labels outside 0..9.
+        DataFormatError: Missing keys, wrong dtype or shape, more images than the split,
+            labels outside 0..9.
 
     Example:
         >>> import pathlib, tempfile
@@ -262,6 +320,10 @@ def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Te
     """
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would read it as a .npy
+            raise ValueError(f"not a zip archive: it starts with {magic!r}")
         with np.load(path, allow_pickle=False) as npz:
             missing = {"x", "y"} - set(npz.files)
             if missing:
@@ -269,6 +331,7 @@ def read_cifar_npz(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Te
                     f"{path} lacks the array(s) {', '.join(sorted(missing))}; expected 'x' "
                     f"(N, 32, 32, 3) uint8 and 'y' (N,), found {', '.join(npz.files) or 'none'}"
                 )
+            _check_npz_members(path, npz.zip)
             x, y = npz["x"], npz["y"]
     except DataFormatError:
         raise

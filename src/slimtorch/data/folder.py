@@ -4,6 +4,15 @@ Class names are the sub-folder names, sorted; images inside a class are read in 
 order, so the same folder always gives the same dataset. Pillow is imported only when a folder
 is read.
 
+Decompression bombs (a PNG of a few KB can declare 10000x10000 pixels) are refused from the file
+header, before any pixel is decoded: an image of more than :data:`MAX_IMAGE_PIXELS` pixels (64 M,
+or Pillow's ``Image.MAX_IMAGE_PIXELS`` when that is lower) is a
+:class:`~slimtorch.core.errors.DataFormatError` naming the file and its size, and Pillow's
+``DecompressionBombWarning`` is an error while the loader decodes. Every image is resized to the
+model's input size (or kept at its own size), so real photos need far less: a 24 MP or 61 MP
+camera image still loads. Raise the limit, if you must, with
+``slimtorch.data.folder.MAX_IMAGE_PIXELS = ...``.
+
 Example:
     >>> import pathlib, tempfile
     >>> from PIL import Image
@@ -21,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +43,14 @@ from slimtorch.data.dataset import ImageDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "class_folders", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "class_folders", "load_image_folder"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+# Most pixels (width x height) one image may declare; checked from the header before decoding.
+# 64 M: above every common camera (24 MP, 45 MP, 61 MP), below Pillow's warning level (~89.5 M).
+MAX_IMAGE_PIXELS = 64_000_000
+# Pixels per channel counted at once by _channel_stats (uint8: at most this many bytes copied).
+_STATS_CHUNK = 1 << 24
 
 
 def _import_pil() -> Any:
@@ -80,11 +95,32 @@ def _to_8bit(img: Any, image_mod: Any, path: Path) -> Any:
 GRAY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
+def _open_checked(path: Path, image_mod: Any) -> Any:
+    """Open an image (its header only) and refuse it, before any pixel is decoded, when it
+    declares more than :data:`MAX_IMAGE_PIXELS` pixels (or Pillow's own limit, if lower)."""
+    with warnings.catch_warnings():
+        # Pillow's warning is judged here by the limit below, which is at least as strict
+        warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
+        img = image_mod.open(path)
+    limit = MAX_IMAGE_PIXELS
+    if image_mod.MAX_IMAGE_PIXELS is not None:
+        limit = min(limit, image_mod.MAX_IMAGE_PIXELS)
+    width, height = img.size
+    if width * height > limit:
+        img.close()
+        raise DataFormatError(
+            f"image {path} declares {width}x{height} pixels ({width * height}), more than the "
+            f"limit of {limit} (slimtorch.data.folder.MAX_IMAGE_PIXELS); refused before "
+            "decoding, as a possible decompression bomb: shrink or remove it"
+        )
+    return img
+
+
 def _is_gray(path: Path, image_mod: Any) -> bool:
     """Whether an image is grayscale, from its header (no pixels decoded); a file that
     cannot be opened counts as colour here and is reported when it is read."""
     try:
-        with image_mod.open(path) as img:
+        with _open_checked(path, image_mod) as img:
             return img.mode in GRAY_MODES
     except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError):
         return False
@@ -92,14 +128,17 @@ def _is_gray(path: Path, image_mod: Any) -> bool:
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units, from exact
-    integer sums over chunks (a float64 copy of the whole set would take 8x its memory)."""
-    total = torch.zeros(images.shape[1], dtype=torch.int64)
-    squares = torch.zeros(images.shape[1], dtype=torch.int64)
-    for chunk in images.split(64):
-        wide = chunk.to(torch.int32)  # squares of 0..255 fit; the sums are taken in int64
-        total += wide.sum(dim=(0, 2, 3), dtype=torch.int64)
-        squares += (wide * wide).sum(dim=(0, 2, 3), dtype=torch.int64)
-    n = images.shape[0] * images.shape[2] * images.shape[3]
+    integer sums: a histogram of the 256 values per channel, counted over chunks of at most
+    ``_STATS_CHUNK`` pixels, so no wider copy of the images is ever made."""
+    n_img, n_ch, height, width = images.shape
+    counts = torch.zeros((n_ch, 256), dtype=torch.int64)
+    for chunk in images.split(max(1, _STATS_CHUNK // max(1, height * width))):
+        for c in range(n_ch):  # one image's channel is a view; several are a uint8 copy
+            counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.int64)
+    total = (counts * values).sum(dim=1)  # exact: at most 255**2 * pixels, far below 2**63
+    squares = (counts * values * values).sum(dim=1)
+    n = n_img * height * width
     mean = total.double() / (n * 255.0)
     var = (squares.double() / (n * 255.0**2) - mean * mean).clamp(min=0)
     return tuple(mean.tolist()), tuple(max(s, 1e-6) for s in var.sqrt().tolist())
@@ -168,8 +207,10 @@ def load_image_folder(
 
     Raises:
         DataNotFoundError: ``path`` is not a folder or holds no images.
-        DataFormatError: A file cannot be decoded or has 32-bit pixels (the message names it),
-            sizes differ and ``size`` was not given, or a sub-folder is not one of ``classes``.
+        DataFormatError: A file cannot be decoded, has 32-bit pixels or declares more than
+            :data:`MAX_IMAGE_PIXELS` pixels (the message names it; refused from the header,
+            before decoding), sizes differ and ``size`` was not given, or a sub-folder is not
+            one of ``classes``.
 
     Example:
         >>> import pathlib, tempfile
@@ -247,17 +288,20 @@ def load_image_folder(
     if channels is None:
         channels = 1 if all(_is_gray(p, image_mod) for p, _ in files) else 3
     mode = "L" if channels == 1 else "RGB"
+    bomb = (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning)
     images: torch.Tensor | None = None  # (N, C, H, W), filled one image at a time
     for i, (p, _) in enumerate(files):
         try:
-            with image_mod.open(p) as img:
-                img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
-                img = _to_8bit(img, image_mod, p).convert(mode)
-                if hw is not None and (img.height, img.width) != hw:
-                    img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
-            # DecompressionBombError: more pixels than PIL's limit (a decompression bomb)
+            with warnings.catch_warnings():  # here only: a bomb warning while decoding is fatal
+                warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+                with _open_checked(p, image_mod) as img:  # the size is checked before decoding
+                    img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
+                    img = _to_8bit(img, image_mod, p).convert(mode)
+                    if hw is not None and (img.height, img.width) != hw:
+                        img = img.resize((hw[1], hw[0]), image_mod.Resampling.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, *bomb) as exc:
+            # DecompressionBomb*: more pixels than PIL's limit (a decompression bomb)
             raise DataFormatError(
                 f"cannot read image {p} ({type(exc).__name__}: {exc}); expected a valid "
                 f"{'/'.join(exts)} file: fix or remove it"

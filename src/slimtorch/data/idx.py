@@ -6,6 +6,12 @@ gzip-compressed (detected from the gzip magic bytes, not the file name). The rea
 magic number, the dtype code, the dimensions and that the payload size matches the header
 exactly, so a truncated or padded file never loads partially.
 
+Gzip data is inflated in bounded steps: the header first, then at most the payload it declares
+plus one byte (to tell a longer stream), straight into the array; nothing beyond that (and one
+8 KiB read buffer) is ever inflated. A gzip file that declares more than 64 MiB of payload and
+more than :data:`MAX_GZIP_RATIO` times its own size is refused from its header, before
+inflating (the published files shrink 2-5x; a decompression bomb ~1000x).
+
 Format: LeCun, Cortes and Burges, "The MNIST database of handwritten digits" (1998).
 
 Example:
@@ -28,6 +34,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,20 +55,126 @@ _DTYPES: dict[int, str] = {
     0x0E: ">f8",
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+# A gzip IDX file may declare at most this many times its own size of payload (beyond
+# _RATIO_FREE_BYTES, which is always allowed); the published files shrink 2-5x.
+MAX_GZIP_RATIO = 100
+_RATIO_FREE_BYTES = 64 << 20
+_CHUNK = 16 << 20  # payload bytes inflated (or read) per step
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DataFormatError(
-            f"{path} is a damaged gzip file ({exc}); expected a complete gzip stream: delete "
-            "the file and download it again"
-        ) from exc
+def _damaged(path: Path, exc: BaseException) -> DataFormatError:
+    return DataFormatError(
+        f"{path} is a damaged gzip file ({exc}); expected a complete gzip stream: delete "
+        "the file and download it again"
+    )
+
+
+class _IdxSource:
+    """An open IDX file whose header has been read and checked, payload not yet read.
+
+    ``dims`` and ``dtype`` (big-endian) come from the header; :meth:`payload` reads the rest.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = open(path, "rb")  # closed by close()
+        try:
+            self.file_size = os.fstat(self._fh.fileno()).st_size
+            self.gz = self._fh.read(2) == _GZIP_MAGIC
+            self._fh.seek(0)
+            if self.gz:
+                # GzipFile.read(n) inflates at most n bytes (past its 8 KiB buffer): it calls
+                # zlib's decompressobj().decompress(data, max_length=n), member by member
+                self._fh = gzip.GzipFile(fileobj=self._fh, mode="rb")
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> _IdxSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fileobj = getattr(self._fh, "fileobj", None)  # a GzipFile does not close its file
+        self._fh.close()
+        if fileobj is not None:
+            fileobj.close()
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return bytes(self._fh.read(n))
+        except (EOFError, OSError, zlib.error) as exc:
+            if not self.gz:
+                raise
+            raise _damaged(self.path, exc) from exc
+
+    def _read_header(self) -> None:
+        path, data = self.path, self._read(4)
+        if len(data) < 4 or data[0] != 0 or data[1] != 0:
+            raise DataFormatError(
+                f"{path} is not an IDX file: the first two bytes are "
+                f"{data[:2].hex() or 'missing'}, expected 0000 (the IDX magic number); check "
+                "that the file is an MNIST-style *-ubyte(.gz) file"
+            )
+        code, ndim = data[2], data[3]
+        if code not in _DTYPES:
+            raise DataFormatError(
+                f"{path} has IDX dtype code 0x{code:02x}, expected one of "
+                f"{', '.join(f'0x{c:02x}' for c in _DTYPES)}; the file is corrupt or not IDX"
+            )
+        if ndim < 1:
+            raise DataFormatError(f"{path} declares {ndim} dimensions, expected at least 1")
+        self.header = 4 + 4 * ndim
+        data += self._read(4 * ndim)
+        if len(data) < self.header:
+            raise DataFormatError(
+                f"{path} is truncated inside its header: {len(data)} bytes, expected at least "
+                f"{self.header}; delete the file and download it again"
+            )
+        self.dims: tuple[int, ...] = struct.unpack(f">{ndim}I", data[4:])
+        self.dtype = np.dtype(_DTYPES[code])
+        # Python ints: no overflow on a bad header
+        self.nbytes = math.prod(self.dims) * self.dtype.itemsize
+        size = self.file_size
+        if not self.gz:
+            self._check_size(size - self.header)
+        elif self.nbytes > max(_RATIO_FREE_BYTES, MAX_GZIP_RATIO * size):
+            raise DataFormatError(
+                f"{path} declares {self.nbytes} payload bytes (shape {tuple(self.dims)}) in a "
+                f"gzip file of {size} bytes, more than {MAX_GZIP_RATIO}x its size; refused "
+                "before inflating, as a possible decompression bomb: delete the file"
+            )
+
+    def _check_size(self, actual: int, longer: str | None = None) -> None:
+        if actual != self.nbytes:
+            what = "truncated" if actual < self.nbytes else "longer than its header says"
+            holds = longer if longer is not None and actual > self.nbytes else str(actual)
+            raise DataFormatError(
+                f"{self.path} is {what}: the header {tuple(self.dims)} promises {self.nbytes} "
+                f"payload bytes, the file holds {holds}; delete the file and download it again"
+            )
+
+    def payload(self) -> np.ndarray:
+        """The payload, read (or inflated) in steps straight into the array, native order."""
+        arr = np.empty(self.dims, dtype=self.dtype)
+        view = arr.reshape(-1).view(np.uint8).data  # a memoryview of the array's bytes
+        done = 0
+        while done < self.nbytes:
+            try:
+                n = self._fh.readinto(view[done : done + _CHUNK])
+            except (EOFError, OSError, zlib.error) as exc:
+                if not self.gz:
+                    raise
+                raise _damaged(self.path, exc) from exc
+            if not n:
+                break
+            done += n
+        extra = len(self._read(1))  # at most one byte past the payload is inflated
+        self._check_size(done + extra, longer=f"more than {self.nbytes}")
+        return arr.astype(self.dtype.newbyteorder("="), copy=False)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -74,8 +187,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         The array with the shape given by the header.
 
     Raises:
-        DataFormatError: Bad magic number, unknown dtype code, zero dimensions or a payload
-            whose size differs from the header (the message gives both byte counts).
+        DataFormatError: Bad magic number, unknown dtype code, zero dimensions, a payload
+            whose size differs from the header (the message gives both byte counts), or a gzip
+            file declaring far more payload than it could hold (:data:`MAX_GZIP_RATIO`).
 
     Example:
         >>> import pathlib, struct, tempfile
@@ -90,40 +204,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         ...
         slimtorch.core.errors.DataFormatError: ... is truncated: the header (3,) promises 3 ...
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataFormatError(
-            f"{path} is not an IDX file: the first two bytes are {data[:2].hex() or 'missing'}, "
-            "expected 0000 (the IDX magic number); check that the file is an MNIST-style "
-            "*-ubyte(.gz) file"
-        )
-    code, ndim = data[2], data[3]
-    if code not in _DTYPES:
-        raise DataFormatError(
-            f"{path} has IDX dtype code 0x{code:02x}, expected one of "
-            f"{', '.join(f'0x{c:02x}' for c in _DTYPES)}; the file is corrupt or not IDX"
-        )
-    if ndim < 1:
-        raise DataFormatError(f"{path} declares {ndim} dimensions, expected at least 1")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataFormatError(
-            f"{path} is truncated inside its header: {len(data)} bytes, expected at least "
-            f"{header}; delete the file and download it again"
-        )
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_DTYPES[code])
-    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on a bad header
-    actual = len(data) - header
-    if actual != expected:
-        what = "truncated" if actual < expected else "longer than its header says"
-        raise DataFormatError(
-            f"{path} is {what}: the header {tuple(dims)} promises {expected} payload bytes, the "
-            f"file holds {actual}; delete the file and download it again"
-        )
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=False)
+    with _IdxSource(Path(path)) as src:
+        return src.payload()
 
 
 def load_idx_pair(
@@ -139,7 +221,8 @@ def load_idx_pair(
         ``images`` uint8 ``(N, C, H, W)`` and ``labels`` int64 ``(N,)``.
 
     Raises:
-        DataFormatError: Wrong dtypes, ranks, or different sample counts.
+        DataFormatError: Wrong dtypes, ranks, or different sample counts (the image file's
+            header is checked against the labels before its payload is read).
 
     Example:
         >>> import pathlib, struct, tempfile
@@ -152,24 +235,26 @@ def load_idx_pair(
         >>> x.shape, x.dtype, y.tolist(), y.dtype
         (torch.Size([2, 1, 4, 4]), torch.uint8, [5, 0], torch.int64)
     """
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataFormatError(
-            f"{images_path} holds {images.dtype} data of shape {images.shape}, expected uint8 "
-            "images of shape (N, H, W) or (N, C, H, W)"
-        )
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataFormatError(
-            f"{labels_path} holds {labels.dtype} data of shape {labels.shape}, expected "
-            "integer labels of shape (N,)"
-        )
-    if labels.shape[0] != images.shape[0]:
-        raise DataFormatError(
-            f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-            f"{labels.shape[0]} labels; the two files must come from the same split"
-        )
-    x = torch.from_numpy(images.copy())
+    with _IdxSource(Path(images_path)) as src:
+        dtype, dims = src.dtype.newbyteorder("="), tuple(src.dims)
+        if dtype != np.uint8 or len(dims) not in (3, 4):
+            raise DataFormatError(
+                f"{images_path} holds {dtype} data of shape {dims}, expected uint8 "
+                "images of shape (N, H, W) or (N, C, H, W)"
+            )
+        labels = read_idx(labels_path)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataFormatError(
+                f"{labels_path} holds {labels.dtype} data of shape {labels.shape}, expected "
+                "integer labels of shape (N,)"
+            )
+        if labels.shape[0] != dims[0]:
+            raise DataFormatError(
+                f"{images_path} holds {dims[0]} images but {labels_path} holds "
+                f"{labels.shape[0]} labels; the two files must come from the same split"
+            )
+        images = src.payload()  # a fresh, writable array: no copy needed
+    x = torch.from_numpy(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)  # (N, 1, H, W)
     y = torch.from_numpy(labels.astype(np.int64))
