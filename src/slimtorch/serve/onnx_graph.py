@@ -199,24 +199,53 @@ def read_signature(path: Path) -> tuple[list[GraphTensor], list[GraphTensor]]:
 
 
 def _graph_tensors(buf: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """``(a, b)`` of every TensorProto of a graph: initializers and node attribute tensors,
-    subgraphs (``If``, ``Loop`` ...) included."""
+    """``(a, b)`` of every TensorProto of a graph: initializers (sparse ones too) and node
+    attribute tensors, subgraphs (``If``, ``Loop`` ...) included."""
     for f, a, b in _fields(buf, start, end):
         if b < 0:
             continue
         if f == 5:  # GraphProto.initializer
             yield a, b
-        elif f == 1:  # GraphProto.node: NodeProto, attribute = 5
+        elif f == 15:  # GraphProto.sparse_initializer
+            yield from _sparse_tensors(buf, a, b)
+        elif f == 1:  # GraphProto.node
+            yield from _node_tensors(buf, a, b)
+
+
+def _sparse_tensors(buf: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The values and indices TensorProtos of a SparseTensorProto."""
+    yield from ((a, b) for f, a, b in _fields(buf, start, end) if f in (1, 2) and b >= 0)
+
+
+def _node_tensors(buf: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The TensorProtos of a NodeProto's attributes (attribute = 5), subgraphs included."""
+    for f2, a2, b2 in _fields(buf, start, end):
+        if f2 != 5 or b2 < 0:
+            continue
+        for f3, a3, b3 in _fields(buf, a2, b2):  # AttributeProto
+            if b3 < 0:
+                continue
+            if f3 in (5, 10):  # t, tensors
+                yield a3, b3
+            elif f3 in (22, 23):  # sparse_tensor, sparse_tensors
+                yield from _sparse_tensors(buf, a3, b3)
+            elif f3 in (6, 11):  # g, graphs
+                yield from _graph_tensors(buf, a3, b3)
+
+
+def _model_tensors(buf: Any) -> Iterator[tuple[int, int]]:
+    """Every TensorProto of a ModelProto: of each ``graph`` field (a parser merges repeated
+    ones, so all count) and of the nodes of its local functions (``functions`` = 25,
+    FunctionProto ``node`` = 7)."""
+    for f, a, b in _fields(buf, 0, len(buf)):
+        if b < 0:
+            continue
+        if f == 7:
+            yield from _graph_tensors(buf, a, b)
+        elif f == 25:
             for f2, a2, b2 in _fields(buf, a, b):
-                if f2 != 5 or b2 < 0:
-                    continue
-                for f3, a3, b3 in _fields(buf, a2, b2):  # AttributeProto
-                    if b3 < 0:
-                        continue
-                    if f3 in (5, 10):  # t, tensors
-                        yield a3, b3
-                    elif f3 in (6, 11):  # g, graphs
-                        yield from _graph_tensors(buf, a3, b3)
+                if f2 == 7 and b2 >= 0:
+                    yield from _node_tensors(buf, a2, b2)
 
 
 def _external_location(buf: Any, start: int, end: int) -> str | None:
@@ -245,12 +274,11 @@ def external_data_files(path: Path) -> list[Path]:
     """
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graphs = [(a, b) for f, a, b in _fields(buf, 0, len(buf)) if f == 7 and b >= 0]
-            if not graphs:
+            if not any(f == 7 and b >= 0 for f, a, b in _fields(buf, 0, len(buf))):
                 raise _Malformed
             locations = [
                 loc
-                for a, b in _graph_tensors(buf, *graphs[-1])
+                for a, b in _model_tensors(buf)
                 if (loc := _external_location(buf, a, b)) is not None
             ]
     except (OSError, ValueError, _Malformed):
@@ -269,6 +297,13 @@ def external_data_files(path: Path) -> list[Path]:
                 "'model.onnx.data')"
             )
         file = path.parent / normal
+        real, folder = os.path.realpath(file), os.path.realpath(path.parent)
+        if os.path.commonpath([real, folder]) != folder:  # a symlink out of the folder
+            raise ExternalDataError(
+                f"{path} stores weights in external data at {loc!r}, which links to {real}, "
+                f"outside the model's folder {path.parent}; copy the file itself next to "
+                "model.onnx"
+            )
         if not file.is_file():
             raise ExternalDataError(
                 f"{path} stores weights in external data at {loc!r}, but {file} is missing; "
