@@ -95,3 +95,25 @@ def test_an_onnx_file_newer_than_onnxruntime_says_to_upgrade(tmp_path: Path) -> 
     onnx.save(proto, str(tmp_path / "m" / "1" / "model.onnx"))
     with pytest.raises(ModelLoadError, match=r"newer than onnxruntime .* upgrade onnxruntime"):
         load_runner(tmp_path / "m" / "1", entry.config, "cpu")
+
+
+def test_a_warm_up_batch_beyond_the_admitted_memory_is_refused_before_it_is_made(
+    tmp_path: Path,
+) -> None:
+    """A card's input shape fills a dynamic config dim at warm-up: a crafted one made the
+    server allocate whatever it said, past the memory_bytes the model was admitted with."""
+    import pytest
+
+    from slimtorch.core.errors import ModelLoadError
+    from slimtorch.models import create_model
+    from slimtorch.serve.runners import load_runner
+
+    save_model(create_model("resnet20", in_channels=1).eval(), tmp_path / "m" / "1",
+               input_shape=(1, 600, 600), mean=[0.0], std=[1.0], class_names=DIGITS)  # fmt: skip
+    inputs = [{"name": "input", "datatype": "FP32", "dims": [1, -1, -1]}]
+    outputs = [{"name": "logits", "datatype": "FP32", "dims": [10]}]
+    write_config(tmp_path / "m", inputs=inputs, outputs=outputs, memory_bytes=1_000_000)
+    entry = _scan(tmp_path).get("m")
+    assert entry.config is not None, entry.error
+    with pytest.raises(ModelLoadError, match="warm-up batch of model 'm' needs 2880000 bytes"):
+        load_runner(tmp_path / "m" / "1", entry.config, "cpu")

@@ -31,6 +31,7 @@ Example (a slimtorch model directory saved into a temporary folder):
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -387,6 +388,14 @@ def load_runner(version_dir: Path, config: ModelConfig, device: str) -> Runner:
         runner = OnnxRunner(path, config, dev)
     batch = config.max_batch_size if on_gpu else min(2, config.max_batch_size)
     try:
+        shapes = _warm_shapes(config, batch, trained)
+        warm = sum(math.prod(shape) * s.dtype.itemsize for s, shape in shapes)
+        if warm > (admitted := estimate_memory(version_dir, config)):
+            raise ModelLoadError(
+                f"the warm-up batch of model {config.name!r} needs {warm} bytes of inputs alone, "
+                f"more than the {admitted} bytes it is admitted with (its memory_bytes, or the "
+                "estimate); fix the model's input shape, memory_bytes or max_batch_size"
+            )
         check_outputs(runner, config, batch, trained)
     except ModelLoadError:
         runner.close()
@@ -410,6 +419,14 @@ def _warm_dims(dims: tuple[int, ...], trained: tuple[int, ...] | None) -> list[i
     return [d if d > 0 else (trained[i] if same and trained else 1) for i, d in enumerate(dims)]
 
 
+def _warm_shapes(
+    config: ModelConfig, batch: int, trained: tuple[int, ...] | None
+) -> list[tuple[TensorSpec, tuple[int, ...]]]:
+    """Each input with its warm-up shape (see :func:`check_outputs`)."""
+    one = len(config.inputs) == 1 and trained is not None
+    return [(s, (batch, *_warm_dims(s.dims, trained if one else None))) for s in config.inputs]
+
+
 def check_outputs(
     runner: Runner, config: ModelConfig, batch: int, trained: tuple[int, ...] | None = None
 ) -> None:
@@ -423,11 +440,8 @@ def check_outputs(
         ModelLoadError: The model fails on inputs of the configured shape, or an output has
             another shape or datatype than configured.
     """
-    one = len(config.inputs) == 1 and trained is not None
-    inputs = {
-        s.name: np.zeros((batch, *_warm_dims(s.dims, trained if one else None)), dtype=s.dtype)
-        for s in config.inputs
-    }
+    shapes = _warm_shapes(config, batch, trained)
+    inputs = {s.name: np.zeros(shape, dtype=s.dtype) for s, shape in shapes}
     try:
         outputs = runner.run(inputs)
     except ModelLoadError:
