@@ -91,3 +91,28 @@ def test_failing_or_malformed_replay_raises_model_load_error(narrow_name: str) -
         replay_transforms(model, [{"name": narrow_name, "params": {"width": 2}}])
     with pytest.raises(ModelLoadError, match="transform record 0 is malformed"):
         replay_transforms(model, [{"params": {}}])
+
+
+def test_a_transform_of_a_newer_version_is_refused_not_replayed_differently(
+    tmp_path: Path, narrow_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose params mean something this slimtorch does not know (a newer release
+    changed them) was replayed as if it were the old form."""
+    from slimtorch.models import transforms
+
+    monkeypatch.setitem(transforms.TRANSFORM_VERSIONS, narrow_name, 2)
+    model = create_model("mlp", input_size=8, hidden=[16, 8])
+    _narrow_hidden(model, {"width": 4})
+    record_transform(model, narrow_name, {"width": 4})
+    assert model.slimtorch_arch["transforms"][-1]["version"] == 2
+    save_model(model, tmp_path / "m", input_shape=(1, 8, 8), mean=[0.0], std=[1.0],
+               class_names=[str(i) for i in range(10)])  # fmt: skip
+    assert load_model(tmp_path / "m")[0].features[1].out_features == 4  # same version: fine
+    monkeypatch.setitem(transforms.TRANSFORM_VERSIONS, narrow_name, 1)  # an older slimtorch
+    with pytest.raises(ModelLoadError, match="is of version 2, written by a newer slimtorch"):
+        load_model(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["transforms"][0]["version"] = "2"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="is of version '2'"):
+        load_model(tmp_path / "m")

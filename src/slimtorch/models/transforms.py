@@ -47,6 +47,12 @@ ArchTransform = Callable[[nn.Module, dict[str, Any]], None]
 
 ARCH_TRANSFORMS: Registry[ArchTransform] = Registry("architecture transform")
 
+TRANSFORM_VERSIONS: dict[str, int] = {}
+"""Version of each transform's params (absent: 1). A transform whose params change meaning, or
+gain one an older replay would ignore, sets a higher version here: its records then carry it
+(``"version"``, written above 1), and a slimtorch that replays only older versions refuses
+them instead of rebuilding another model."""
+
 
 def _arch(model: nn.Module) -> dict[str, Any]:
     arch = getattr(model, "slimtorch_arch", None)
@@ -103,7 +109,10 @@ def record_transform(model: nn.Module, name: str, params: dict[str, Any]) -> Non
             f"params of transform {name!r} must be JSON-serialisable ({exc}); store numbers, "
             "strings, lists and dicts only"
         ) from None
-    arch.setdefault("transforms", []).append({"name": name, "params": params})
+    record: dict[str, Any] = {"name": name, "params": params}
+    if TRANSFORM_VERSIONS.get(name, 1) > 1:
+        record["version"] = TRANSFORM_VERSIONS[name]
+    arch.setdefault("transforms", []).append(record)
 
 
 def replay_transforms(model: nn.Module, transforms: Sequence[dict[str, Any]]) -> None:
@@ -138,6 +147,13 @@ def replay_transforms(model: nn.Module, transforms: Sequence[dict[str, Any]]) ->
                 f"the model was saved after architecture transform {name!r}, which is not "
                 f"registered here ({exc}); import the module that registers it before loading"
             ) from None
+        version, known = record.get("version", 1), TRANSFORM_VERSIONS.get(name, 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version > known:
+            raise ModelLoadError(
+                f"architecture transform {name!r} (record {i}) is of version {version!r}, "
+                f"written by a newer slimtorch; this one replays up to version {known}: "
+                "upgrade slimtorch"
+            )
         try:
             fn(model, copy.deepcopy(params))
         except Exception as exc:
@@ -145,5 +161,5 @@ def replay_transforms(model: nn.Module, transforms: Sequence[dict[str, Any]]) ->
                 f"replaying architecture transform {name!r} (record {i}) failed: {exc}; check "
                 "that the saved params match this version of the transform"
             ) from exc
-        arch.setdefault("transforms", []).append({"name": name, "params": copy.deepcopy(params)})
+        arch.setdefault("transforms", []).append({**record, "params": copy.deepcopy(params)})
         logger.debug("replayed architecture transform %s", name)
