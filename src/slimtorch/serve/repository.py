@@ -332,9 +332,9 @@ class Repository:
                     try:
                         data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
                     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                        raise ModelLoadError(
-                            f"{folder / CONFIG_FILE} is not valid JSON ({type(exc).__name__})"
-                        ) from None
+                        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                        bad = f"{folder / CONFIG_FILE} is not valid JSON ({why})"
+                        raise ModelLoadError(bad) from None
                     if not isinstance(data, dict):
                         raise ModelLoadError(f"{folder / CONFIG_FILE} must hold a JSON object")
             served = _served(data, dirs)
