@@ -128,7 +128,7 @@ def test_train_keeps_a_run_unless_resume_or_overwrite(
     assert f"--out {other} already holds a model (model/); pass --resume" in _error(capsys)
     assert main([*run, "--resume"]) == 2
     assert _error(capsys) == (
-        f"slimtorch train: error: --resume: --out {other} holds a model but no checkpoint.pt to "
+        f"slimtorch train: error: --resume: --out {other} holds no checkpoint.pt to "
         "continue from; pass --overwrite to train a new model there, or choose another --out"
     )
 
@@ -175,7 +175,7 @@ def test_compress_keeps_a_model_unless_overwrite(
         "history.refused.json, train_config.refused.json"
     )
     assert f"removed from the replaced run: {removed}" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".slimtorch-run", "model", "report.json"]
     assert json.loads((out / "report.json").read_text()) == {"new": True}
 
 
@@ -222,7 +222,7 @@ def test_train_writes_what_its_help_lists(
     text = " ".join(capsys.readouterr().out.split())
     run = sorted(p.name for p in out.iterdir())
     model = sorted(p.name for p in (out / "model").iterdir())
-    assert run == ["checkpoint.pt", "history.json", "model", "train_config.json"]
+    assert run == [".slimtorch-run", "checkpoint.pt", "history.json", "model", "train_config.json"]
     assert model == ["config.json", "metrics.json", "model.safetensors"]
     listed = text.split("--out/model (", 1)[1].split(")", 1)[0]  # the model directory's files
     assert sorted(listed.replace(";", ",").split(", ")[:3]) == model

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slimtorch.models.card import holds_model, model_root
-from slimtorch.train.classifier import run_files
+from slimtorch.train.classifier import RUN_FILES, run_files
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -180,6 +182,14 @@ def check_run_output(
                 f"--out {path}: {target} exists and is not a slimtorch model directory, so the "
                 "model cannot be written there; choose another --out or move it away"
             )
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    ours = holds_model(target) or (out / RUN_MARKER).is_file() or slimtorch_checkpoint(out)
+    if present and not ours:
+        raise ValueError(
+            f"--out {path} holds {', '.join(present)}: the names of files a run writes, but no "
+            "slimtorch run wrote them there, so they would be replaced or removed; choose "
+            "another --out or move them away"
+        )
     found = [
         name
         for name, there in (
@@ -191,6 +201,8 @@ def check_run_output(
         )
         if there
     ]
+    if present and not found:
+        found = [f"the files of an earlier run ({', '.join(present)})"]
     if overwrite:
         return run_files(out)
     if not found:
@@ -207,10 +219,80 @@ def check_run_output(
         )
     if not (out / "checkpoint.pt").exists():
         raise ValueError(
-            f"--resume: --out {path} holds a model but no checkpoint.pt to continue from; pass "
+            f"--resume: --out {path} holds no checkpoint.pt to continue from; pass "
             "--overwrite to train a new model there, or choose another --out"
         )
     return {}
+
+
+RUN_MARKER = ".slimtorch-run"
+"""The file train and compress keep in ``--out``: it marks the folder as a slimtorch run's, and
+the process writing there holds a lock on it."""
+
+
+def slimtorch_checkpoint(out: Path) -> bool:
+    """Whether ``out/checkpoint.pt`` is a training checkpoint slimtorch wrote: its format name
+    is in the pickle's bytes (read, never unpickled)."""
+    from slimtorch.train.checkpoint import CHECKPOINT_FORMAT
+
+    try:
+        with zipfile.ZipFile(out / "checkpoint.pt") as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return len(names) == 1 and CHECKPOINT_FORMAT.encode() in archive.read(names[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+@contextlib.contextmanager
+def claim_run_folder(path: str) -> Iterator[None]:
+    """Hold ``--out`` for this command: a second slimtorch process writing there (a second
+    train, a compress into a folder still training) fails at once instead of replacing this
+    run's model and removing its checkpoint. The lock is an ``flock`` on :data:`RUN_MARKER`,
+    released when the process ends however it ends; data-parallel ranks other than 0 do not
+    take it. Where ``fcntl`` or locks are missing the body runs unlocked.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> with claim_run_folder(out):
+        ...     with claim_run_folder(out):
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        ValueError: --out ... is being written by another slimtorch process (pid ...); ...
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out = Path(path)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / RUN_MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "pid unknown"
+            raise ValueError(
+                f"--out {path} is being written by another slimtorch process ({holder}); wait "
+                "for it to finish, or choose another --out"
+            ) from None
+        except (ImportError, OSError):  # Windows, or a file system without locks
+            pass
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    except BaseException:
+        if created and [e.name for e in out.iterdir()] == [RUN_MARKER]:  # a bad option: as
+            with contextlib.suppress(OSError):  # if the command had never run
+                (out / RUN_MARKER).unlink()
+                out.rmdir()
+        raise
+    finally:
+        os.close(fd)
 
 
 def report_removed(names: Sequence[str]) -> None:
@@ -239,11 +321,15 @@ def quiet_autotune(verbose: bool) -> Iterator[None]:
         yield
 
 
-def check_output_path(path: str, option: str, *, folder: bool) -> None:
+def check_output_path(
+    path: str, option: str, *, folder: bool, replaces: tuple[str, ...] = ()
+) -> None:
     """Fail before any work when ``path`` cannot be written as ``option`` asks.
 
     A run directory (``folder=True``) cannot be a file, an output file cannot be a folder, and
-    no existing part of the path above it may be a file.
+    no existing part of the path above it may be a file. An existing output file is replaced
+    only when its suffix is one of ``replaces`` (an earlier output of the command): a path
+    mistyped onto notes, a photo or a training checkpoint is refused, not overwritten.
 
     Example:
         >>> import tempfile
@@ -261,6 +347,12 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
         raise ValueError(f"{option} {path} is a file; give a folder (a run directory is written)")
     if not folder and p.is_dir():
         raise ValueError(f"{option} {path} is a folder; give the path of the file to write")
+    if not folder and p.exists() and p.suffix.lower() not in replaces:
+        kinds = "/".join(replaces) or "output"
+        raise ValueError(
+            f"{option} {path} exists and is not a {kinds} file this command writes, so writing "
+            "would destroy it; give another path, or remove the file first"
+        )
     above = next((q for q in p.parents if q.exists()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"{option} {path} cannot be written: {above} is a file, not a folder")

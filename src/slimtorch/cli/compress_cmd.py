@@ -21,6 +21,7 @@ from slimtorch.cli.common import (
     check_not_in_source,
     check_output_path,
     check_run_output,
+    claim_run_folder,
     dataset_arg,
     model_dir_arg,
     options_that_need,
@@ -46,7 +47,8 @@ def add_parser(sub: Any) -> None:
         "and the before/after table (accuracy, params, FLOPs, measured latency, estimated "
         "latency on the target profiles); a fine-tune adds checkpoint.pt, history.json and "
         "train_config.json, prune and nm add model.compact.safetensors. An --out that already "
-        "holds a model is refused unless --overwrite is given.",
+        "holds a run is refused unless --overwrite is given, and one that another slimtorch "
+        "command is writing is refused (the file .slimtorch-run marks and locks the folder).",
     )
     p.add_argument("--in", dest="model_dir", required=True, help="model or run directory")
     p.add_argument("--out", required=True, help="run directory to write (the model in --out/model)")
@@ -329,80 +331,81 @@ def _run(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", folder=True)
     check_not_in_source(args.out, "--out", model_dir_arg(args.model_dir), run=True)
     replaced = check_run_output(args.out, overwrite=args.overwrite)
-    apply_threads(args)
-    finetune = (
-        TrainConfig(
-            epochs=args.finetune_epochs,
-            lr=args.lr,
-            amp=args.amp,
-            seed=args.seed,
-            warmup_epochs=0.0,
-            progress=not args.no_progress,
+    with claim_run_folder(args.out):  # a second process writing --out fails at once
+        apply_threads(args)
+        finetune = (
+            TrainConfig(
+                epochs=args.finetune_epochs,
+                lr=args.lr,
+                amp=args.amp,
+                seed=args.seed,
+                warmup_epochs=0.0,
+                progress=not args.no_progress,
+            )
+            if args.finetune_epochs > 0
+            else None
         )
-        if args.finetune_epochs > 0
-        else None
-    )
-    distill = (
-        DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha)
-        if args.distill
-        else None
-    )
-    with quiet_autotune(args.verbose):
-        result = compress_run(
-            in_dir=args.model_dir,
-            out_dir=args.out,
-            method=args.method,
-            method_options=options,
-            include=args.include,
-            exclude=args.exclude,
-            strict=args.strict,
-            finetune=finetune,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=resolve_device(args.device),
-            data_root=args.data_root,
-            dataset=args.dataset,
-            profile_batch=args.profile_batch,
-            profiles=profile_names(args.profiles),
-            threads=args.threads,
-            distill=distill,
-            max_drop=args.max_drop,
-            bn_recalibration=args.bn_recalibration,
+        distill = (
+            DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha)
+            if args.distill
+            else None
         )
-    if not is_main_process():
+        with quiet_autotune(args.verbose):
+            result = compress_run(
+                in_dir=args.model_dir,
+                out_dir=args.out,
+                method=args.method,
+                method_options=options,
+                include=args.include,
+                exclude=args.exclude,
+                strict=args.strict,
+                finetune=finetune,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                device=resolve_device(args.device),
+                data_root=args.data_root,
+                dataset=args.dataset,
+                profile_batch=args.profile_batch,
+                profiles=profile_names(args.profiles),
+                threads=args.threads,
+                distill=distill,
+                max_drop=args.max_drop,
+                bn_recalibration=args.bn_recalibration,
+            )
+        if not is_main_process():
+            return 0
+        layers = result.report["layers"]
+        guard = result.report.get("accuracy_guard")
+        refused = guard is not None and not guard["passed"]
+        where = "refused: not written" if refused else f"{args.out}/model"
+        print(f"{args.method} on {args.model_dir} -> {where}")
+        print(_summary(layers))
+        finished = result.report.get("finish") or {}
+        if "storage" in finished and not refused:
+            st = finished["storage"]
+            original = result.report["saved_bytes"]["before"]
+            ratio = original / max(1, st["compact_bytes"])
+            print(
+                f"compact file: {st['compact_bytes']} bytes, {ratio:.2f}x smaller than the "
+                f"original model's weights file ({original}; the model directory keeps dense "
+                f"weights and masks: {st['dense_bytes']})"
+            )
+        print(result.table)
+        if refused:
+            assert guard is not None
+            print(
+                f"slimtorch compress: accuracy guard: {guard['drop_points']:.2f} points lost > "
+                f"--max-drop {guard['max_drop_points']:g}; the model was not written (see "
+                f"{result.report_path})",
+                file=sys.stderr,
+            )
+            return 3
+        acc = result.report.get("accuracy") or {}
+        drop = 100 * (acc.get("before", 0.0) - acc.get("after_finetune", 0.0))
+        if guard is None and drop > 1.0 and result.report.get("history") is None:
+            print(
+                f"(accuracy fell {drop:.2f} points and nothing was fine-tuned: --finetune-epochs N "
+                "recovers it where the method allows; --max-drop refuses such a result)"
+            )
+        report_removed(remove_stale_outputs(replaced))
         return 0
-    layers = result.report["layers"]
-    guard = result.report.get("accuracy_guard")
-    refused = guard is not None and not guard["passed"]
-    where = "refused: not written" if refused else f"{args.out}/model"
-    print(f"{args.method} on {args.model_dir} -> {where}")
-    print(_summary(layers))
-    finished = result.report.get("finish") or {}
-    if "storage" in finished and not refused:
-        st = finished["storage"]
-        original = result.report["saved_bytes"]["before"]
-        ratio = original / max(1, st["compact_bytes"])
-        print(
-            f"compact file: {st['compact_bytes']} bytes, {ratio:.2f}x smaller than the original "
-            f"model's weights file ({original}; the model directory keeps dense weights and "
-            f"masks: {st['dense_bytes']})"
-        )
-    print(result.table)
-    if refused:
-        assert guard is not None
-        print(
-            f"slimtorch compress: accuracy guard: {guard['drop_points']:.2f} points lost > "
-            f"--max-drop {guard['max_drop_points']:g}; the model was not written (see "
-            f"{result.report_path})",
-            file=sys.stderr,
-        )
-        return 3
-    acc = result.report.get("accuracy") or {}
-    drop = 100 * (acc.get("before", 0.0) - acc.get("after_finetune", 0.0))
-    if guard is None and drop > 1.0 and result.report.get("history") is None:
-        print(
-            f"(accuracy fell {drop:.2f} points and nothing was fine-tuned: --finetune-epochs N "
-            "recovers it where the method allows; --max-drop refuses such a result)"
-        )
-    report_removed(remove_stale_outputs(replaced))
-    return 0

@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slimtorch.models import load_model
 
-    check_output_path(args.out, "--out", folder=False)
+    check_output_path(args.out, "--out", folder=False, replaces=tuple(FORMATS))
     args.format = output_format(args.out, args.format)
     model_dir = model_dir_arg(args.model_dir)
     check_not_in_source(args.out, "--out", model_dir, run=False)

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_sources(args)
     if args.json_out is not None:
-        check_output_path(args.json_out, "--json", folder=False)
+        check_output_path(args.json_out, "--json", folder=False, replaces=(".json",))
         if args.model_dir:
             check_not_in_source(args.json_out, "--json", model_dir_arg(args.model_dir), run=False)
     device = resolve_device(args.device)

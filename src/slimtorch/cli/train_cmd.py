@@ -12,6 +12,7 @@ from slimtorch.cli.common import (
     apply_threads,
     check_output_path,
     check_run_output,
+    claim_run_folder,
     dataset_arg,
     model_choices,
     model_dir_arg,
@@ -41,7 +42,9 @@ def add_parser(sub: Any) -> None:
         "(model.safetensors, config.json, metrics.json; what eval, profile, compress, export and "
         "serve read) and, in --out, history.json (per-epoch figures), train_config.json and a "
         "resumable checkpoint.pt; prints one JSON line with the test accuracy. An --out that "
-        "already holds a run is refused unless --resume or --overwrite is given. Under torchrun "
+        "already holds a run is refused unless --resume or --overwrite is given, and one that "
+        "another slimtorch command is writing is refused (the file .slimtorch-run marks and locks "
+        "the folder). Under torchrun "
         "(python -m torch.distributed.run -m slimtorch.cli train ...) it trains data-parallel.",
     )
     p.add_argument("--model", required=True, choices=model_choices(), help="architecture")
@@ -236,74 +239,75 @@ def run(args: argparse.Namespace) -> int:
     replaced = check_run_output(
         args.out, overwrite=args.overwrite, resume=args.resume, checkpoint=True
     )
-    if args.teacher is not None:
-        model_dir_arg(args.teacher, "--teacher")
-    distributed = init_distributed()
-    try:
-        apply_threads(args)
-        device = resolve_device(args.device)
-        lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
-        config = TrainConfig(
-            epochs=args.epochs,
-            optimizer=args.optimizer,
-            lr=lr,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing,
-            grad_clip_norm=args.grad_clip,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            seed=args.seed,
-            checkpoint_every_steps=args.checkpoint_every,
-            progress=not args.no_progress,
-        )
-        teacher = _teacher_callbacks(args, device) if args.teacher else None
-        sparse = _sparse_callbacks(args)
+    with claim_run_folder(args.out):  # a second process writing --out fails at once
+        if args.teacher is not None:
+            model_dir_arg(args.teacher, "--teacher")
+        distributed = init_distributed()
+        try:
+            apply_threads(args)
+            device = resolve_device(args.device)
+            lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
+            config = TrainConfig(
+                epochs=args.epochs,
+                optimizer=args.optimizer,
+                lr=lr,
+                schedule=args.schedule,
+                warmup_epochs=args.warmup_epochs,
+                weight_decay=args.weight_decay,
+                label_smoothing=args.label_smoothing,
+                grad_clip_norm=args.grad_clip,
+                amp=args.amp,
+                channels_last=args.channels_last,
+                seed=args.seed,
+                checkpoint_every_steps=args.checkpoint_every,
+                progress=not args.no_progress,
+            )
+            teacher = _teacher_callbacks(args, device) if args.teacher else None
+            sparse = _sparse_callbacks(args)
 
-        recal = [BatchNormRecalibration(args.bn_recalibration)] if args.bn_recalibration else []
+            recal = [BatchNormRecalibration(args.bn_recalibration)] if args.bn_recalibration else []
 
-        def callbacks(train_ds: Any) -> list[Any]:
-            return [*(teacher(train_ds) if teacher else ()), *sparse, *recal]
+            def callbacks(train_ds: Any) -> list[Any]:
+                return [*(teacher(train_ds) if teacher else ()), *sparse, *recal]
 
-        result = train_classifier(
-            model=args.model,
-            dataset=args.dataset,
-            out_dir=args.out,
-            train_config=config,
-            batch_size=args.batch_size,
-            device=device,
-            data_root=args.data_root,
-            augment=_augment(args.augment, args.dataset),
-            resume=args.resume,
-            download=not args.no_download,
-            callbacks=callbacks,
-            val_fraction=args.val_fraction,
-            channels=args.channels,
-            image_size=args.image_size,
-        )
-        if is_main_process():
-            summary = {
-                "model": args.model,
-                "dataset": dataset_record(args.dataset),
-                "test_accuracy": round(result.test_metrics["accuracy"], 4),
-                "test_loss": round(result.test_metrics["loss"], 4),
-                "train_seconds": round(result.train_seconds, 1),
-                **(
-                    {"val_accuracy": round(result.val_metrics["accuracy"], 4)}
-                    if result.val_metrics
-                    else {}
-                ),
-                "model_dir": str(result.model_dir),
-                "distributed": distributed,
-                **(
-                    {"ranks_consistent": not result.replica_mismatches}
-                    if result.replica_mismatches is not None
-                    else {}
-                ),
-            }
-            print(json.dumps(summary))
-            report_removed(remove_stale_outputs(replaced))
-    finally:
-        cleanup()
+            result = train_classifier(
+                model=args.model,
+                dataset=args.dataset,
+                out_dir=args.out,
+                train_config=config,
+                batch_size=args.batch_size,
+                device=device,
+                data_root=args.data_root,
+                augment=_augment(args.augment, args.dataset),
+                resume=args.resume,
+                download=not args.no_download,
+                callbacks=callbacks,
+                val_fraction=args.val_fraction,
+                channels=args.channels,
+                image_size=args.image_size,
+            )
+            if is_main_process():
+                summary = {
+                    "model": args.model,
+                    "dataset": dataset_record(args.dataset),
+                    "test_accuracy": round(result.test_metrics["accuracy"], 4),
+                    "test_loss": round(result.test_metrics["loss"], 4),
+                    "train_seconds": round(result.train_seconds, 1),
+                    **(
+                        {"val_accuracy": round(result.val_metrics["accuracy"], 4)}
+                        if result.val_metrics
+                        else {}
+                    ),
+                    "model_dir": str(result.model_dir),
+                    "distributed": distributed,
+                    **(
+                        {"ranks_consistent": not result.replica_mismatches}
+                        if result.replica_mismatches is not None
+                        else {}
+                    ),
+                }
+                print(json.dumps(summary))
+                report_removed(remove_stale_outputs(replaced))
+        finally:
+            cleanup()
     return 0
