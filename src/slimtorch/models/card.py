@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -459,3 +459,23 @@ def load_misfit(card: ModelCard, root: Path, available: int | None) -> str | Non
         f"the weights in {weights} do not fit the architecture {config} records; {problems}. "
         "One of the two was changed after saving: restore it or re-save the model"
     )
+
+
+def _check_nothing_else(path: Path, backup: Path, is_model_dir: Callable[[Path], bool]) -> None:
+    """Refuse to replace a model directory holding files of the user's (notes, exports), which
+    the replaced directory takes with it, or to delete a ``backup`` folder that is not a model
+    a crash left (a hand-made backup of that name)."""
+    if path.is_dir():
+        own = {CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE}
+        temp = [e for e in path.iterdir() if e.name.startswith(".") and e.name.endswith(".tmp")]
+        extra = sorted(e.name for e in path.iterdir() if e.name not in own and e not in temp)
+        if extra:
+            raise ValueError(
+                f"{path} holds {', '.join(extra)} besides the model, which saving over it "
+                "would delete with the directory it replaces; move them out of it first"
+            )
+    if backup.exists() and not is_model_dir(backup):
+        raise ValueError(
+            f"{backup} exists and is not a slimtorch model directory; save_model keeps the "
+            "model it replaces under that name for a moment: move the folder away"
+        )

@@ -57,6 +57,7 @@ from slimtorch.models.card import (
     WEIGHTS_FILE,
     ModelCard,
     _backup_dir,
+    _check_nothing_else,
     _resolve_dir,
     load_misfit,
     read_model_card,
@@ -259,6 +260,7 @@ def save_model(
                 f"{path} exists and is not a slimtorch model directory; choose a new or empty "
                 "directory (save_model replaces the whole directory)"
             )
+        _check_nothing_else(path, backup, _is_model_dir)
 
         tensors, tied = _unshared_state_dict(model)
         config = {
@@ -291,7 +293,7 @@ def save_model(
                 atomic_write_json(tmp / METRICS_FILE, metrics)
             atomic_write_json(tmp / CONFIG_FILE, config)
             if path.exists():
-                if backup.exists():
+                if backup.exists():  # a model a crash left there (checked above)
                     shutil.rmtree(backup)
                 os.replace(path, backup)
                 os.replace(tmp, path)
