@@ -121,7 +121,7 @@ def test_channel_stats_make_no_wide_copies() -> None:
     images = torch.randint(0, 256, (16, 3, 1024, 1024), dtype=torch.uint8, generator=gen)
     with peak_growth_mib() as peak:  # 48 MiB of images: int32 copies and squares took 384 MiB
         mean, std = _channel_stats(images)
-    assert peak["mib"] < 40, f"peak RSS rose by {peak['mib']:.0f} MiB"
+    assert peak["mib"] < 64, f"peak RSS rose by {peak['mib']:.0f} MiB"  # 12 MiB alone
     x = images[:2].double() / 255  # the statistics are exact: compare on a part, recomputed
     part_mean, part_std = _channel_stats(images[:2])
     torch.testing.assert_close(torch.tensor(part_mean, dtype=torch.float64), x.mean((0, 2, 3)))

@@ -50,7 +50,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 # 64 M: above every common camera (24 MP, 45 MP, 61 MP), below Pillow's warning level (~89.5 M).
 MAX_IMAGE_PIXELS = 64_000_000
 # Pixels per channel counted at once by _channel_stats (uint8: at most this many bytes copied).
-_STATS_CHUNK = 1 << 24
+_STATS_CHUNK = 1 << 22
 
 
 def _import_pil() -> Any:
