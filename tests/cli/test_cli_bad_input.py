@@ -271,7 +271,7 @@ def test_serve_checks_repository_and_device_before_starting(
 
     monkeypatch.setattr(slimtorch.serve.run, "run_server", started)
     assert main(["serve", "--repository", str(tmp_path / "nope")]) == 2
-    assert f"model repository {tmp_path / 'nope'} is not a folder" in _error(capsys)
+    assert f"model repository {tmp_path / 'nope'} (from --repository or " in _error(capsys)
     assert main(["serve", "--repository", str(tmp_path), "--device", "cpux"]) == 2
     assert "invalid device 'cpux'" in _error(capsys)
 

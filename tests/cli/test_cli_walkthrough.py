@@ -129,7 +129,8 @@ def test_train_keeps_a_run_unless_resume_or_overwrite(
     assert main([*run, "--resume"]) == 2
     assert _error(capsys) == (
         f"slimtorch train: error: --resume: --out {other} holds no checkpoint.pt to "
-        "continue from; pass --overwrite to train a new model there, or choose another --out"
+        "continue from; rerun without --resume, with --overwrite, to train a new model there, "
+        "or choose another --out"
     )
 
 

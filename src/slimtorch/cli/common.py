@@ -219,8 +219,8 @@ def check_run_output(
         )
     if not (out / "checkpoint.pt").exists():
         raise ValueError(
-            f"--resume: --out {path} holds no checkpoint.pt to continue from; pass "
-            "--overwrite to train a new model there, or choose another --out"
+            f"--resume: --out {path} holds no checkpoint.pt to continue from; rerun without "
+            "--resume, with --overwrite, to train a new model there, or choose another --out"
         )
     return {}
 

@@ -139,7 +139,8 @@ def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] |
     Only local files are used (no download): an export must not reach the network.
     """
     from slimtorch.core.errors import DataError
-    from slimtorch.data import DeviceLoader
+    from slimtorch.data import DATA_ENV_VAR, DeviceLoader
+    from slimtorch.data.resolve import DOWNLOAD_OFF
 
     name = card.dataset
     if n <= 0:
@@ -152,9 +153,13 @@ def calibration_batches(card: Any, n: int, data_root: str | None) -> list[Any] |
     try:
         train = card.load_split("train", root=data_root, download=False)
     except (FileNotFoundError, ValueError, DataError) as exc:  # missing, or damaged
+        why = str(exc)
+        if DOWNLOAD_OFF in why:  # its "what to do" names the download, which export never does
+            why = (f"{why.split(DOWNLOAD_OFF)[0]}export reads local files only: pass --data-root "
+                   f"DIR or set {DATA_ENV_VAR}=DIR")  # fmt: skip
         logger.warning(
             "no readable local %s training data (%s): int8 ONNX export without calibration",
-            name, exc,
+            name, why,
         )  # fmt: skip
         return None
     if len(train) == 0:

@@ -170,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slimtorch: error: {exc}", file=sys.stderr)
         return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # left over by the sub-command's parser: its --help lists what it takes
+        prog = f"{parser.prog} {args.command}"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} "
+                    f"(see {prog} --help)\n")  # fmt: skip
     # our progress at INFO; other libraries' INFO chatter (the ONNX exporter's passes, ...)
     # only with --verbose
     logging.basicConfig(
@@ -203,9 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        batch = "--batch" if hasattr(args, "batch") else "batch"  # export's example batch
+        device = ", or another --device" if hasattr(args, "device") else ""
         print(
-            f"slimtorch {args.command}: error: out of memory ({first}); use a smaller batch, "
-            "input shape or model, or another --device",
+            f"slimtorch {args.command}: error: out of memory ({first}); use a smaller {batch}, "
+            f"input shape or model{device}",
             file=sys.stderr,
         )
         return 2

@@ -107,6 +107,7 @@ def _check_sources(args: argparse.Namespace) -> None:
 
 def _exported_shape(path: str) -> tuple[int, ...]:
     """The C,H,W of a program's one image input, read from the archive (no weights loaded)."""
+    import zipfile
     from pathlib import Path
 
     from slimtorch.core.errors import ModelLoadError
@@ -115,7 +116,10 @@ def _exported_shape(path: str) -> tuple[int, ...]:
     try:
         inputs, _ = read_pt2_signature(Path(path))
     except ModelLoadError as exc:
-        raise ValueError(f"--exported {path}: {exc}; or pass --input-shape C,H,W") from None
+        # --input-shape helps only where the archive opens but is laid out otherwise: a file
+        # that is no zip (or a corrupt one) fails to load with it too
+        other = "; or pass --input-shape C,H,W" if zipfile.is_zipfile(path) else ""
+        raise ValueError(f"--exported {path}: {exc}{other}") from None
     shape = inputs[0].shape if len(inputs) == 1 else None
     if shape is None or len(shape) != 4 or any(d is None for d in shape[1:]):
         what = (
@@ -149,8 +153,8 @@ def _check_runs(model: Any, example: Any, subject: str, fix: str) -> None:
             raise ValueError(
                 f"{subject} does not run on {str(example.dtype).removeprefix('torch.')} inputs "
                 f"({why}): its weights mix {', '.join(dtypes)} with no casts between the "
-                "layers; cast it with slimtorch compress --method fp16 (or model.float()) and "
-                "save it again"
+                "layers; load it, call model.float() and save it again (then `slimtorch "
+                "compress --method fp16` casts it with the needed casts)"
             ) from None
         raise ValueError(
             f"{subject} does not run on inputs of shape {tuple(example.shape)} ({why}); {fix}"

@@ -83,9 +83,9 @@ def check_settings(settings: Any) -> None:
 
     if settings.repository is not None and not Path(settings.repository).is_dir():
         raise ValueError(
-            f"model repository {settings.repository} is not a folder; pass --repository DIR "
-            "holding one folder per model (or leave it out to serve the model directories "
-            "under --runs-dir)"
+            f"model repository {settings.repository} (from --repository or "
+            "SLIMTORCH_SERVE_REPOSITORY) is not a folder; pass --repository DIR holding one "
+            "folder per model (or unset both to serve the model directories under --runs-dir)"
         )
     resolve_device(settings.device)
 

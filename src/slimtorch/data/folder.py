@@ -273,9 +273,10 @@ def load_image_folder(
         files.extend((p, label) for p in members)
     if passed_over:
         logger.warning(
-            "%s: %d entries in class folders were not read (%s); pass extensions= to read "
-            "other suffixes", root, sum(passed_over.values()),
-            ", ".join(f"{n} {why}" for why, n in sorted(passed_over.items())),
+            "%s: %d entries in class folders were not read (%s); call "
+            "slimtorch.data.folder.load_image_folder(path, extensions=...) to read other "
+            "suffixes, or convert them to %s", root, sum(passed_over.values()),
+            ", ".join(f"{n} {why}" for why, n in sorted(passed_over.items())), "/".join(exts),
         )  # fmt: skip
     if not files:
         raise DataNotFoundError(

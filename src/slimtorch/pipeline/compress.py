@@ -50,6 +50,7 @@ from slimtorch.pipeline.side_by_side import side_by_side
 from slimtorch.pipeline.verdict import finish_timings, make_verdict, speed_entry
 from slimtorch.prune import MaskCallback
 from slimtorch.prune.buffers import masked_params
+from slimtorch.quant.precision import hand_mixed_dtypes
 from slimtorch.train import (
     BatchNormRecalibration,
     Callback,
@@ -99,9 +100,14 @@ def measure_model(
 ) -> tuple[float, ModelProfile]:
     """Test accuracy plus the measurement profile at ``batch_size`` (one call, one device)."""
     model.eval()
-    acc = Trainer(model, TrainConfig(epochs=1, progress=False), device=device).evaluate(
-        test_loader
-    )["accuracy"]
+    trainer = Trainer(model, TrainConfig(epochs=1, progress=False), device=device)
+    try:
+        acc = trainer.evaluate(test_loader)["accuracy"]
+    except RuntimeError as exc:  # torch's dtype clashes all say "type" (as profile reads them)
+        if "type" not in str(exc).lower() or not (mixed := hand_mixed_dtypes(model)):
+            raise
+        why = f"the model's weights mix {', '.join(mixed)} with no casts between the layers"
+        raise ValueError(f"{why}; load it, call model.float() and save it again") from None
     x = torch.randn(batch_size, *input_shape, device=device)
     prof = profile_model(model, x, device=device, profiles=list(profiles), threads=threads)
     return float(acc if acc is not None else float("nan")), prof
@@ -222,15 +228,10 @@ def compress_run(
         ValueError: Unknown method (the message lists the valid ones) or a bad option.
     """
     check_bool("compress_run", "strict", strict)
-    for arg, value in (("profile_batch", profile_batch), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
-    if (
-        isinstance(bn_recalibration, bool)
-        or not isinstance(bn_recalibration, int)
-        or (bn_recalibration < 0)
-    ):
-        raise ValueError(f"bn_recalibration must be an int >= 0, got {bn_recalibration!r}")
+    for arg, value, low in (("profile_batch", profile_batch, 1), ("batch_size", batch_size, 1),
+                            ("bn_recalibration", bn_recalibration, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
     if max_drop is not None and (
         isinstance(max_drop, bool) or not isinstance(max_drop, int | float) or not max_drop >= 0
     ):

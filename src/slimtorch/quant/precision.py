@@ -382,6 +382,6 @@ def check_export_dtypes(model: nn.Module, example_input: torch.Tensor) -> None:
     if bf16:
         raise ValueError(
             f"layer(s) {', '.join(bf16[:4])}{' ...' if len(bf16) > 4 else ''} hold bfloat16 "
-            "weights, which ONNX Runtime has no CPU kernels for; export this model with "
-            "--format pt2 (torch.export), or cast the float model with --method fp16 for ONNX"
+            "weights, which ONNX Runtime has no CPU kernels for; export it to a .pt2 file "
+            "(--out FILE.pt2, torch.export), or cast the float model with --method fp16 for ONNX"
         )

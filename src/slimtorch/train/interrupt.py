@@ -62,8 +62,8 @@ def stop_requests(enabled: bool) -> Iterator[StopRequest]:
             raise KeyboardInterrupt
         request.signum = signum
         logger.warning(
-            "%s: stopping after this step with a checkpoint to resume from; send it again to "
-            "stop at once", signal.Signals(signum).name,
+            "%s: stopping after this step and writing a checkpoint if the run keeps one; send "
+            "it again to stop at once", signal.Signals(signum).name,
         )  # fmt: skip
 
     if enabled and threading.current_thread() is threading.main_thread():

@@ -142,7 +142,7 @@ def _check_same_run(trainer: Trainer, saved: Any, path: Any) -> None:
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written by another run ({'; '.join(diffs)}); resume with "
-            "the same options, or use a new out_dir"
+            "the same options, or use a new out_dir (--out)"
         )
 
 
@@ -202,7 +202,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
         raise CheckpointError(
             f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
             f"epoch but the training loader has {trainer.steps_per_epoch}; resume with the same "
-            "data, batch size and world size, or use a new out_dir"
+            "data, batch size and world size, or use a new out_dir (--out)"
         )
     saved_config = state.get("config")
     saved_config = saved_config if isinstance(saved_config, dict) else {}
@@ -210,8 +210,9 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     if trainer.config.schedule == "onecycle" and saved_epochs not in (None, trainer.config.epochs):
         raise CheckpointError(
             f"checkpoint {path} was written for {saved_epochs} epochs of a one-cycle schedule, "
-            f"whose learning rate is fixed by that length; resume with epochs={saved_epochs}, "
-            "or start a new run (a cosine or step schedule can be extended)"
+            f"whose learning rate is fixed by that length; resume with epochs={saved_epochs} "
+            f"(--epochs {saved_epochs}), or start a new run (a cosine or constant schedule can "
+            "be extended)"
         )
     seed = saved_config.get("seed", trainer.config.seed)
     if seed != trainer.config.seed:
@@ -242,7 +243,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {path} does not match this model/optimiser ({exc}); resume with "
-            "the same model and TrainConfig, or use a new out_dir"
+            "the same model and TrainConfig, or use a new out_dir (--out)"
         ) from exc
     try:
         if trainer.scaler is not None and state.get("scaler"):
@@ -272,7 +273,7 @@ def resume_trainer_state(trainer: Trainer) -> dict[str, Any] | None:
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} holds a malformed field ({type(exc).__name__}: {exc}); resume "
-            "with the same callbacks and TrainConfig, or use a new out_dir"
+            "with the same callbacks and TrainConfig, or use a new out_dir (--out)"
         ) from exc
     changed = sorted(k for k, v in trainer.config.to_dict().items() if saved_config.get(k) != v)
     note = "the checkpoint's fp16 gradient-scaler state is dropped: this run scales no losses"

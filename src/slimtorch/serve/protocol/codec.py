@@ -414,7 +414,8 @@ def check_inputs(req: DecodedRequest, config: ModelConfig) -> int:
         ):
             raise BadRequest(
                 f"input {spec.name!r} of model {config.name!r} holds NaN or infinite values; "
-                "send finite numbers (or set allow_nan in the model config)"
+                f'send finite numbers (or set "allow_nan": true on input {spec.name!r} in the '
+                "inputs list of the model's config.json)"
             )
     assert batch is not None
     if batch < 1:
