@@ -40,7 +40,7 @@ SYM_TARGETS = frozenset(
 REFUSED_NAMESPACES = frozenset(
     ["c10d", "_c10d_functional", "_c10d_functional_autograd", "symm_mem", "_dtensor", "prim",
      "debugprims", "debug_mode_ops", "profiler", "static_runtime", "_test", "export", "inductor",
-     "inductor_prims", "_native", "onnx"]
+     "inductor_prims", "_native"]
 )  # fmt: skip
 """torch's operator namespaces for communication, debugging, profiling, tests and compiler
 internals: no exported model computes with them. Namespaces of users' own operators are
@@ -69,17 +69,28 @@ SIZE_METHODS = frozenset(["size", "stride", "storage_offset", "dim", "numel"])
 """Tensor methods a guard may call on an input."""
 
 GUARD_FUNCS = frozenset(["max", "min", "abs", "int", "float", "Max", "Min", "Abs"])
-MATH_FUNCS = frozenset(["floor", "ceil", "trunc", "sqrt"])
-"""Functions a guard may call on sizes (``math.<name>`` for the second)."""
+MODULE_FUNCS = {
+    "math": frozenset(["floor", "ceil", "trunc", "sqrt"]),
+    "torch": frozenset(["sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "_sym_sqrt"]),
+}
+"""Functions a guard may call on sizes (``math.floor(...)``, ``torch.sym_float(...)``)."""
 
 _OPERATOR = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
-_KEY = re.compile(r"\w+")
+_KEY = re.compile(r"[^'\"\\\x00-\x1f]+")  # no quote, backslash or control character: torch
+# pastes a guard's input keys into a string literal of the code it builds
 _SYMBOL = re.compile(r"[A-Za-z_]+\d+")  # a size symbol written bare: s0, u3, ps12
 _ARITHMETIC = (
     ast.Expression, ast.Load, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp,
     ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
     ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+    ast.BitAnd, ast.BitOr, ast.BitXor, ast.LShift, ast.RShift, ast.Invert,
 )  # fmt: skip
+
+
+def _is_math_constant(node: ast.Attribute) -> bool:
+    return isinstance(node.value, ast.Name) and node.value.id == "math" and (
+        node.attr in ("inf", "nan", "pi", "e")
+    )
 
 
 def target_problem(target: str) -> str | None:
@@ -158,11 +169,9 @@ def guard_problem(text: str) -> str | None:
             func = node.func
             if isinstance(func, ast.Attribute) and func.attr in SIZE_METHODS:
                 ok = not node.args and not node.keywords
-            elif isinstance(func, ast.Attribute):
-                ok = (
-                    isinstance(func.value, ast.Name)
-                    and func.value.id == "math"
-                    and (func.attr in MATH_FUNCS)
+            elif isinstance(func, ast.Attribute):  # math.floor(...), torch.sym_float(...)
+                ok = isinstance(func.value, ast.Name) and func.attr in MODULE_FUNCS.get(
+                    func.value.id, ()
                 )
                 calls.add(id(func.value))
             else:
@@ -170,6 +179,8 @@ def guard_problem(text: str) -> str | None:
             if not ok or node.keywords:
                 return bad
             calls.add(id(func))
+        elif isinstance(node, ast.Attribute) and _is_math_constant(node):
+            calls.add(id(node.value))  # math.inf, math.nan
         elif isinstance(node, ast.Attribute | ast.Name):
             if id(node) not in calls and not (isinstance(node, ast.Name) and node.id == "L"):
                 return bad
