@@ -127,3 +127,32 @@ def test_saving_over_a_model_keeps_what_the_user_put_beside_it(tmp_path: Path) -
     assert (backup / "best-run.txt").exists()
     shutil.rmtree(backup)
     _save(path)  # nothing of the user's in the way: replaced as before
+
+
+def test_os_clutter_is_replaced_and_a_users_file_is_refused_before_the_work(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A .DS_Store in a model directory failed the save after the whole run; a user's own file
+    must be named before any work, not after it."""
+    out = tmp_path / "run"
+    args = [*COMPRESS, "--in", str(model_dir), "--out", str(out)]
+    assert main(args) == 0
+    (out / "model" / ".DS_Store").write_bytes(b"finder")
+    (out / "model" / ".ipynb_checkpoints").mkdir()
+    assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    (out / "model" / "NOTES.md").write_text("mine")
+    assert main([*args, "--overwrite"]) == 2
+    assert "holds NOTES.md besides the model" in capsys.readouterr().err
+    assert not (out / "report.json").is_file() or (out / "model" / "NOTES.md").exists()
+
+
+def test_a_run_folder_from_before_the_marker_is_still_recognised(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A refused compress of an earlier version left only its report (no model, no marker)."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "report.json").write_text('{"method": "svd", "layers": [], "before": {}}')
+    (out / "report.txt").write_text("table")
+    assert main([*COMPRESS, "--in", str(model_dir), "--out", str(out), "--overwrite"]) == 0

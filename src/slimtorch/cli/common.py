@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -12,7 +13,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from slimtorch.models.card import holds_model, model_root
+from slimtorch.models.card import foreign_files, holds_model, model_root
 from slimtorch.train.classifier import RUN_FILES, run_files
 
 
@@ -182,8 +183,14 @@ def check_run_output(
                 f"--out {path}: {target} exists and is not a slimtorch model directory, so the "
                 "model cannot be written there; choose another --out or move it away"
             )
+    if extra := foreign_files(target):  # refused before the work, not when saving after it
+        raise ValueError(
+            f"--out {path}: {target} holds {', '.join(extra)} besides the model, which "
+            "replacing it would delete; move them out of it first"
+        )
     present = [name for name in RUN_FILES if (out / name).exists()]
     ours = holds_model(target) or (out / RUN_MARKER).is_file() or slimtorch_checkpoint(out)
+    ours = ours or any(_slimtorch_json(out / name) for name in present)
     if present and not ours:
         raise ValueError(
             f"--out {path} holds {', '.join(present)}: the names of files a run writes, but no "
@@ -228,6 +235,21 @@ def check_run_output(
 RUN_MARKER = ".slimtorch-run"
 """The file train and compress keep in ``--out``: it marks the folder as a slimtorch run's, and
 the process writing there holds a lock on it."""
+
+
+def _slimtorch_json(path: Path) -> bool:
+    """Whether a run file is JSON slimtorch wrote (a run from before :data:`RUN_MARKER`): a
+    compress report, a training config or history."""
+    if path.suffix != ".json":
+        return False
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    keys = set(doc) if isinstance(doc, dict) else set()
+    return {"method", "layers", "before"} <= keys or keys == {"type", "config"} or (
+        {"epoch", "train_loss", "lr"} <= keys
+    )
 
 
 def slimtorch_checkpoint(out: Path) -> bool:

@@ -461,19 +461,33 @@ def load_misfit(card: ModelCard, root: Path, available: int | None) -> str | Non
     )
 
 
+CLUTTER = frozenset([".DS_Store", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini"])
+"""What file managers and notebooks leave in any folder: replaced with a model directory."""
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Names in the model directory ``path`` that a save did not write (the user's notes or
+    exports), which replacing the directory would delete; OS clutter and temporaries aside."""
+    if not path.is_dir():
+        return []
+    own = {CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE}
+    return sorted(
+        e.name
+        for e in path.iterdir()
+        if e.name not in own and e.name not in CLUTTER and not e.name.startswith("._")
+        and not (e.name.startswith(".") and e.name.endswith(".tmp"))
+    )  # fmt: skip
+
+
 def _check_nothing_else(path: Path, backup: Path, is_model_dir: Callable[[Path], bool]) -> None:
     """Refuse to replace a model directory holding files of the user's (notes, exports), which
     the replaced directory takes with it, or to delete a ``backup`` folder that is not a model
     a crash left (a hand-made backup of that name)."""
-    if path.is_dir():
-        own = {CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE}
-        temp = [e for e in path.iterdir() if e.name.startswith(".") and e.name.endswith(".tmp")]
-        extra = sorted(e.name for e in path.iterdir() if e.name not in own and e not in temp)
-        if extra:
-            raise ValueError(
-                f"{path} holds {', '.join(extra)} besides the model, which saving over it "
-                "would delete with the directory it replaces; move them out of it first"
-            )
+    if extra := foreign_files(path):
+        raise ValueError(
+            f"{path} holds {', '.join(extra)} besides the model, which saving over it "
+            "would delete with the directory it replaces; move them out of it first"
+        )
     if backup.exists() and not is_model_dir(backup):
         raise ValueError(
             f"{backup} exists and is not a slimtorch model directory; save_model keeps the "
