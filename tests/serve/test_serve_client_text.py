@@ -53,3 +53,5 @@ def test_helpers() -> None:
         for_client("/a/b/m/config.json: bad; /a/b/n/1", ["/a/b", None]) == "m/config.json: bad; n/1"
     )
     assert printable("a\r\nb\x1b[2J") == "a\\r\\nb\\x1b[2J"
+    # a relative root only at a path's start: runs/ in myruns/ belongs to another name
+    assert for_client("runs/myruns/model/x and 'runs/y'", ["runs"]) == "myruns/model/x and 'y'"

@@ -82,3 +82,17 @@ def test_every_graph_field_and_sparse_initializers_are_checked(
     for path in (two, sparse):
         with pytest.raises(ExternalDataError, match="outside the model's"):
             external_data_files(path)
+
+
+def test_a_model_linked_from_a_shared_store_reads_its_data_there(
+    tmp_path: Path, secret: Path
+) -> None:
+    """ONNX Runtime reads external data beside the model file's real location: a version
+    folder of links into a store (as a download cache makes) is a valid layout."""
+    store = tmp_path / "store"
+    real = _model(store, _graph([_external("W", "model.onnx.data")]))
+    (store / "model.onnx.data").write_bytes(secret.read_bytes())
+    (tmp_path / "v").mkdir()
+    os.symlink(real, tmp_path / "v" / "model.onnx")
+    os.symlink(store / "model.onnx.data", tmp_path / "v" / "model.onnx.data")
+    assert external_data_files(tmp_path / "v" / "model.onnx") == [store / "model.onnx.data"]

@@ -117,3 +117,22 @@ def test_a_warm_up_batch_beyond_the_admitted_memory_is_refused_before_it_is_made
     assert entry.config is not None, entry.error
     with pytest.raises(ModelLoadError, match="warm-up batch of model 'm' needs 2880000 bytes"):
         load_runner(tmp_path / "m" / "1", entry.config, "cpu")
+
+
+def test_dynamic_dims_are_admitted_at_the_size_the_warm_up_uses(tmp_path: Path) -> None:
+    """The estimate counted a dynamic dimension as 1 while the warm-up used the trained size,
+    so the warm-up bound refused an ordinary model configured with dynamic dims."""
+    from slimtorch.models import create_model
+    from slimtorch.serve.runners import estimate_memory, load_runner
+
+    save_model(create_model("resnet20", in_channels=1).eval(), tmp_path / "m" / "1",
+               input_shape=(1, 64, 64), mean=[0.0], std=[1.0], class_names=DIGITS)  # fmt: skip
+    inputs = [{"name": "input", "datatype": "FP32", "dims": [1, -1, -1]}]
+    outputs = [{"name": "logits", "datatype": "FP32", "dims": [10]}]
+    write_config(tmp_path / "m", inputs=inputs, outputs=outputs)
+    entry = _scan(tmp_path).get("m")
+    assert entry.config is not None, entry.error
+    weights = (tmp_path / "m" / "1" / "model.safetensors").stat().st_size
+    need = estimate_memory(tmp_path / "m" / "1", entry.config)
+    assert need == weights + 8 * entry.config.max_batch_size * (64 * 64 * 4 + 10 * 4)
+    load_runner(tmp_path / "m" / "1", entry.config, "cpu").close()

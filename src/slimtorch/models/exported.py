@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -277,7 +278,10 @@ class _TorchExportLog(logging.Handler):
     def drop(self) -> None:
         self.records.clear()
 
+    _LOCK = threading.Lock()  # one load at a time swaps the logger's handlers (server threads)
+
     def __enter__(self) -> _TorchExportLog:
+        self._LOCK.acquire()
         self._propagate = self._log.propagate
         self._handlers = self._log.handlers[:]  # torch's own console handler among them
         for handler in self._handlers:
@@ -287,10 +291,13 @@ class _TorchExportLog(logging.Handler):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._log.removeHandler(self)
-        for handler in self._handlers:
-            self._log.addHandler(handler)
-        self._log.propagate = self._propagate
+        try:
+            self._log.removeHandler(self)
+            for handler in self._handlers:
+                self._log.addHandler(handler)
+            self._log.propagate = self._propagate
+        finally:
+            self._LOCK.release()
         for record in self.records:
             self._log.handle(record)
 

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def for_client(text: str, roots: Iterable[str | None]) -> str:
         if not root:
             continue
         for form in sorted({str(Path(root)), str(Path(root).resolve())}, key=len, reverse=True):
-            text = text.replace(form + os.sep, "")
+            # a whole path's start only: runs/ in "myruns/m" is part of another folder's name
+            text = re.sub(rf"(?<![\w.~/-]){re.escape(form + os.sep)}", "", text)
     return text
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -116,22 +116,25 @@ async def read_body_off_loop(
     return await off_loop(big, read_body, body, encoding, config, limit)
 
 
-_BIG_WORK = threading.BoundedSemaphore(2)
+BIG_WORK = 2
 """Big bodies parsed (and responses encoded) at once: a JSON parse holds 15-25 times the body in
 Python objects, so their number is bounded as when the event loop did them one at a time."""
 
-
-def _bounded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    with _BIG_WORK:  # waits on a worker thread, never on the event loop
-        return fn(*args, **kwargs)
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def off_loop(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``, on a worker thread when ``big`` (see :data:`OFF_LOOP_BYTES`),
-    at most two such at a time."""
-    if big:
-        return await asyncio.to_thread(_bounded, fn, *args, **kwargs)
-    return fn(*args, **kwargs)
+    at most :data:`BIG_WORK` such at a time. The others wait on the event loop, not in the
+    thread pool, where model loads and rescans would queue behind them."""
+    if not big:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    slots = _SLOTS.setdefault(loop, asyncio.Semaphore(BIG_WORK))
+    async with slots:
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 async def run_infer(

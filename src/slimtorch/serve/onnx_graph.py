@@ -297,19 +297,22 @@ def external_data_files(path: Path) -> list[Path]:
                 "'model.onnx.data')"
             )
         file = path.parent / normal
-        real, folder = os.path.realpath(file), os.path.realpath(path.parent)
+        # as ONNX Runtime reads it: beside the model file's real location (a model linked from
+        # a shared store takes its data from there), never outside that folder
+        folder = os.path.dirname(os.path.realpath(path))
+        real = os.path.realpath(os.path.join(folder, normal))
         if os.path.commonpath([real, folder]) != folder:  # a symlink out of the folder
             raise ExternalDataError(
                 f"{path} stores weights in external data at {loc!r}, which links to {real}, "
                 f"outside the model's folder {path.parent}; copy the file itself next to "
                 "model.onnx"
             )
-        if not file.is_file():
+        if not os.path.isfile(real):
             raise ExternalDataError(
                 f"{path} stores weights in external data at {loc!r}, but {file} is missing; "
                 "copy it next to model.onnx"
             )
-        files.append(file)
+        files.append(Path(real))
     return files
 
 

@@ -30,6 +30,7 @@ Example (a slimtorch model directory saved into a temporary folder):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ModelLoadError, is_out_of_memory
-from slimtorch.models.card import model_root
+from slimtorch.models.card import model_root, read_model_card
 from slimtorch.serve.model_config import DATATYPES, ModelConfig, TensorSpec
 from slimtorch.serve.onnx_graph import ExternalDataError, external_data_files
 
@@ -77,13 +78,15 @@ def model_path(version_dir: Path, fmt: str) -> Path:
     return version_dir / FILES[fmt]
 
 
-def _item_bytes(specs: tuple[TensorSpec, ...]) -> int:
-    return sum(int(np.prod([max(d, 1) for d in s.dims])) * s.dtype.itemsize for s in specs)
+def _item_bytes(specs: tuple[TensorSpec, ...], trained: tuple[int, ...] | None = None) -> int:
+    return sum(math.prod(_warm_dims(s.dims, trained)) * s.dtype.itemsize for s in specs)
 
 
-def allowance_bytes(config: ModelConfig) -> int:
-    """Activation allowance: ``8 x max_batch_size x (input item + output item bytes)``."""
-    return 8 * config.max_batch_size * (_item_bytes(config.inputs) + _item_bytes(config.outputs))
+def allowance_bytes(config: ModelConfig, trained: tuple[int, ...] | None = None) -> int:
+    """Activation allowance: ``8 x max_batch_size x (input item + output item bytes)``, a
+    dynamic input size taken from ``trained`` (the warm-up's shape, see :func:`check_outputs`)."""
+    item = _item_bytes(config.inputs, trained if len(config.inputs) == 1 else None)
+    return 8 * config.max_batch_size * (item + _item_bytes(config.outputs))
 
 
 def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
@@ -101,16 +104,17 @@ def estimate_memory(version_dir: Path, config: ModelConfig) -> int:
     if config.memory_bytes is not None:
         return config.memory_bytes
     path = model_path(version_dir, config.format)
+    trained = None
     if path.is_dir():
         weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+        with contextlib.suppress(ModelLoadError, OSError, ValueError):  # the load says why
+            trained = tuple(read_model_card(path).input_shape)
     else:
         weights = path.stat().st_size if path.exists() else 0
         if config.format == "onnx" and path.exists():
-            try:
+            with contextlib.suppress(ModelLoadError):  # the load refuses it with the reason
                 weights += sum(f.stat().st_size for f in external_data_files(path))
-            except ModelLoadError:
-                pass  # the load refuses the model with this reason
-    return weights + allowance_bytes(config)
+    return weights + allowance_bytes(config, trained)
 
 
 def _module_bytes(module: nn.Module) -> int:
