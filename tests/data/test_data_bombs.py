@@ -74,7 +74,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     ("width", "height", "channels"),
     [
         (10000, 10000, 3),  # the review's probe: 100 M pixels, only a warning to Pillow
-        (9000, 8000, 3),  # 72 M: above the loader's limit, below Pillow's warning level
+        (10000, 9000, 3),  # 90 M: above Pillow's limit (89.5 M), below its error level
         (10000, 10000, None),  # channels read from the headers first
     ],
 )
@@ -88,7 +88,7 @@ def test_image_folder_refuses_a_png_bomb_from_its_header(
     with pytest.raises(
         DataFormatError,
         match=rf"image .*cat/bomb\.png declares {width}x{height} pixels \({width * height}\), "
-        r"more than the limit of 64000000 .*refused before decoding",
+        r"more than the limit of 89478485 .*refused before decoding",
     ):
         load_image_folder(tmp_path / "pets", channels=channels, size=32)
 

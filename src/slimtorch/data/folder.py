@@ -5,8 +5,8 @@ order, so the same folder always gives the same dataset. Pillow is imported only
 is read.
 
 Decompression bombs (a PNG of a few KB can declare 10000x10000 pixels) are refused from the file
-header, before any pixel is decoded: an image of more than :data:`MAX_IMAGE_PIXELS` pixels (64 M,
-or Pillow's ``Image.MAX_IMAGE_PIXELS`` when that is lower) is a
+header, before any pixel is decoded: an image of more than :data:`MAX_IMAGE_PIXELS` pixels (by
+default Pillow's own ``Image.MAX_IMAGE_PIXELS``, about 89.5 M; ``None`` in both: no limit) is a
 :class:`~slimtorch.core.errors.DataFormatError` naming the file and its size, and Pillow's
 ``DecompressionBombWarning`` is an error while the loader decodes. Every image is resized to the
 model's input size (or kept at its own size), so real photos need far less: a 24 MP or 61 MP
@@ -47,8 +47,8 @@ __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "class_folders", "load_image_
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 # Most pixels (width x height) one image may declare; checked from the header before decoding.
-# 64 M: above every common camera (24 MP, 45 MP, 61 MP), below Pillow's warning level (~89.5 M).
-MAX_IMAGE_PIXELS = 64_000_000
+# None: Pillow's Image.MAX_IMAGE_PIXELS (~89.5 M, above every common camera: 24, 45, 61 MP).
+MAX_IMAGE_PIXELS: int | None = None
 # Pixels per channel counted at once by _channel_stats (uint8: at most this many bytes copied).
 _STATS_CHUNK = 1 << 22
 
@@ -97,21 +97,19 @@ GRAY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N"})
 
 def _open_checked(path: Path, image_mod: Any) -> Any:
     """Open an image (its header only) and refuse it, before any pixel is decoded, when it
-    declares more than :data:`MAX_IMAGE_PIXELS` pixels (or Pillow's own limit, if lower)."""
+    declares more than :data:`MAX_IMAGE_PIXELS` pixels (None: Pillow's own limit)."""
     with warnings.catch_warnings():
         # Pillow's warning is judged here by the limit below, which is at least as strict
         warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
         img = image_mod.open(path)
-    limit = MAX_IMAGE_PIXELS
-    if image_mod.MAX_IMAGE_PIXELS is not None:
-        limit = min(limit, image_mod.MAX_IMAGE_PIXELS)
+    limit = MAX_IMAGE_PIXELS if MAX_IMAGE_PIXELS is not None else image_mod.MAX_IMAGE_PIXELS
     width, height = img.size
-    if width * height > limit:
+    if limit is not None and width * height > limit:
         img.close()
         raise DataFormatError(
             f"image {path} declares {width}x{height} pixels ({width * height}), more than the "
-            f"limit of {limit} (slimtorch.data.folder.MAX_IMAGE_PIXELS); refused before "
-            "decoding, as a possible decompression bomb: shrink or remove it"
+            f"limit of {limit} (slimtorch.data.folder.MAX_IMAGE_PIXELS, else Pillow's); refused "
+            "before decoding, as a possible decompression bomb: shrink or remove it"
         )
     return img
 
