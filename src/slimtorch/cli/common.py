@@ -247,8 +247,10 @@ def _slimtorch_json(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     keys = set(doc) if isinstance(doc, dict) else set()
-    return {"method", "layers", "before"} <= keys or keys == {"type", "config"} or (
-        {"epoch", "train_loss", "lr"} <= keys
+    return (
+        {"method", "layers", "before"} <= keys
+        or keys == {"type", "config"}
+        or ({"epoch", "train_loss", "lr"} <= keys)
     )
 
 

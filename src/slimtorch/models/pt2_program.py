@@ -88,8 +88,10 @@ _ARITHMETIC = (
 
 
 def _is_math_constant(node: ast.Attribute) -> bool:
-    return isinstance(node.value, ast.Name) and node.value.id == "math" and (
-        node.attr in ("inf", "nan", "pi", "e")
+    return (
+        isinstance(node.value, ast.Name)
+        and node.value.id == "math"
+        and (node.attr in ("inf", "nan", "pi", "e"))
     )
 
 
