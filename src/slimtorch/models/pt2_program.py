@@ -101,8 +101,8 @@ def target_problem(target: str) -> str | None:
     Example:
         >>> target_problem("torch.ops.aten.conv2d.default") is None
         True
-        >>> print(target_problem("torch.os.system"))
-        calls 'torch.os.system', which is not a registered operator
+        >>> target_problem("torch.os.system").endswith("which is not a registered operator")
+        True
     """
     if target in SYM_TARGETS:
         return None
@@ -129,8 +129,8 @@ def sym_expr_problem(text: str) -> str | None:
 
     Example:
         >>> sym_expr_problem("Mul(Integer(2), Symbol('s77', positive=True, integer=True))")
-        >>> print(sym_expr_problem("__import__('os').getcwd()"))
-        symbolic size "__import__('os').getcwd()" is not a shape expression
+        >>> sym_expr_problem("__import__('os').getcwd()").endswith("is not a shape expression")
+        True
     """
     tree = _expression(text)
     bad = f"symbolic size {text[:80]!r} is not a shape expression"
@@ -158,8 +158,8 @@ def guard_problem(text: str) -> str | None:
 
     Example:
         >>> guard_problem("1 + (L['x'].size()[0] // 2) <= L['x'].size()[0]")
-        >>> print(guard_problem("__import__('os').system('true') == 0"))
-        guard "__import__('os').system('true') == 0" is not a comparison of input sizes
+        >>> guard_problem("__import__('os').system('true') == 0").endswith("of input sizes")
+        True
     """
     tree = _expression(text)
     bad = f"guard {text[:80]!r} is not a comparison of input sizes"
@@ -212,8 +212,8 @@ def program_problem(program: Any) -> str | None:
         >>> program_problem({"graph_module": {"graph": {"nodes": [
         ...     {"target": "torch.ops.aten.relu.default", "inputs": [], "outputs": []}]}},
         ...     "guards_code": []})
-        >>> print(program_problem({"guards_code": ["__import__('os') == 0"]}))
-        guard "__import__('os') == 0" is not a comparison of input sizes
+        >>> program_problem({"guards_code": ["__import__('os') == 0"]}).startswith("guard ")
+        True
     """
     if not isinstance(program, dict):
         return "the program is not a JSON object"
