@@ -38,8 +38,7 @@ async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     if exc.status >= 500:
         logger.warning("%d: %s", exc.status, exc.message)
-    settings = request.app.state.settings
-    message = for_client(exc.message, (settings.repository, settings.runs_dir))
+    message = for_client(exc.message, request.app.state.settings.folders)
     return JSONResponse({"error": message}, status_code=exc.status, headers=headers)
 
 

@@ -138,8 +138,8 @@ class ServeMiddleware:
                     "the server is shutting down; retry on another server", retry_after=1
                 )
             status = exc.status
-            roots = (server.settings.repository, server.settings.runs_dir)
-            content = json.dumps({"error": for_client(exc.message, roots)}).encode()
+            text = for_client(exc.message, server.settings.folders)
+            content = json.dumps({"error": text}).encode()
             out_headers = {"content-type": "application/json"}
             if exc.retry_after is not None:
                 out_headers["retry-after"] = str(exc.retry_after)

@@ -154,8 +154,7 @@ def _ready(server: Any, request: Request, name: str, version: str | None) -> Any
     reason = not_ready_reason(entry, ver)
     if reason is None and server.ready:
         return {"name": name, "ready": True}
-    roots = (server.settings.repository, server.settings.runs_dir)
-    reason = for_client(reason or "server not ready", roots)
+    reason = for_client(reason or "server not ready", server.settings.folders)
     return JSONResponse({"name": name, "ready": False, "reason": reason}, status_code=503)
 
 

@@ -120,6 +120,12 @@ class ServeSettings(Config):
         if not isinstance(self.pinned, tuple):
             object.__setattr__(self, "pinned", tuple(self.pinned))
 
+    @property
+    def folders(self) -> tuple[str | None, str]:
+        """The folders models are read from (``repository``, ``runs_dir``): cut from the paths
+        in answers to clients (:func:`slimtorch.serve.errors.for_client`)."""
+        return (self.repository, self.runs_dir)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
         """Settings from ``SLIMTORCH_SERVE_*`` variables, then ``overrides`` on top.
