@@ -204,6 +204,21 @@ def test_unrecognized_arguments_point_to_the_sub_commands_help(
     assert info.value.code == 0 and "--finetune-epochs" in capsys.readouterr().out
 
 
+def test_an_unknown_option_before_the_command_is_the_top_level_parsers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "slimtorch devices: error: ... --bogus" blamed a command the option was never given to
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus", "devices"])
+    assert info.value.code == 2
+    assert _error(capsys) == (
+        "slimtorch: error: unrecognized arguments: --bogus (see slimtorch --help)"
+    )
+    with pytest.raises(SystemExit):
+        main(["--verbose", "devices", "--bogus"])
+    assert _error(capsys).startswith("slimtorch devices: error: unrecognized arguments: --bogus")
+
+
 def test_a_bfloat16_model_is_told_to_export_to_a_pt2_file() -> None:
     # "--format pt2" with --out x.onnx is refused: the suffix names the format
     from slimtorch.quant.precision import check_export_dtypes

@@ -172,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # left over by the sub-command's parser: its --help lists what it takes
-        prog = f"{parser.prog} {args.command}"
+        given = list(sys.argv[1:] if argv is None else argv)
+        at = given.index(args.command) if args.command in given else len(given)
+        # options before the command are the top-level parser's to name (slimtorch --bogus x)
+        prog = parser.prog if set(unknown) & set(given[:at]) else f"{parser.prog} {args.command}"
         parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} "
                     f"(see {prog} --help)\n")  # fmt: skip
     # our progress at INFO; other libraries' INFO chatter (the ONNX exporter's passes, ...)
