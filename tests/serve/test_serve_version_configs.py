@@ -136,3 +136,32 @@ def test_dynamic_dims_are_admitted_at_the_size_the_warm_up_uses(tmp_path: Path) 
     need = estimate_memory(tmp_path / "m" / "1", entry.config)
     assert need == weights + 8 * entry.config.max_batch_size * (64 * 64 * 4 + 10 * 4)
     load_runner(tmp_path / "m" / "1", entry.config, "cpu").close()
+
+
+def test_a_version_a_crashed_save_left_at_its_backup_is_still_served(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from serve_helpers import app_client
+
+    _save(tmp_path / "clf" / "1", DIGITS)
+    # a save into clf/1 crashed between its two renames: only the old model, at .1.old
+    (tmp_path / "clf" / "1").rename(tmp_path / "clf" / ".1.old")
+    entry = _scan(tmp_path).get("clf")
+    assert entry.error == "" and entry.config is not None
+    assert entry.config.labels == tuple(DIGITS)
+    assert list(entry.versions) == [1] and entry.versions[1].state is State.AVAILABLE
+    x = torch.randn(1, 1, 8, 8)
+    want = make_mlp(0)(x).detach().numpy().ravel()
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    with app_client(tmp_path) as client:
+        r = client.post("/v2/models/clf/versions/1/infer", json=body)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, atol=1e-5)
+    # the next save finishes the swap: folder 1 again, and no second version from the backup
+    _save(tmp_path / "clf" / "1", ANIMALS, seed=1)
+    assert not (tmp_path / "clf" / ".1.old").exists()
+    entry = _scan(tmp_path).get("clf")
+    assert entry.config is not None and entry.config.labels == tuple(ANIMALS)
+    assert entry.versions[1].path == tmp_path / "clf" / "1"

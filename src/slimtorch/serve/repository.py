@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtorch.core.errors import ModelLoadError
+from slimtorch.models.card import holds_model
 from slimtorch.serve.errors import NotFound, NotReady
 from slimtorch.serve.model_config import ModelConfig, parse_model_config
 from slimtorch.serve.onnx_graph import (
@@ -113,10 +114,17 @@ class ModelEntry:
 
 
 def version_dirs(folder: Path) -> dict[int, Path]:
-    """A model folder's numbered version folders, by version number (OSError: unreadable)."""
-    return {
-        n: p for p in folder.iterdir() if p.is_dir() and (n := version_number(p.name)) is not None
-    }
+    """A model folder's numbered version folders, by version number (OSError: unreadable).
+
+    A save into folder ``N`` that crashed between its two renames (see
+    :func:`slimtorch.models.save_model`) leaves the old model at ``.N.old``, served as ``N``.
+    """
+    dirs = {n: p for p in folder.iterdir() if (n := version_number(p.name)) is not None}
+    for p in folder.glob(".*.old"):
+        n = version_number(p.name[1:-4])
+        if n is not None and n not in dirs and holds_model(folder / p.name[1:-4]):
+            dirs[n] = p
+    return {n: p for n, p in dirs.items() if p.is_dir()}
 
 
 def _still_there(models: dict[str, ModelEntry], name: str, version: int) -> bool:
@@ -374,6 +382,8 @@ class Repository:
                 chosen = sorted(int(v) for v in config.versions)
             for v in chosen:
                 ver = VersionEntry(name, v, dirs[v])
+                if dirs[v].name != str(v):
+                    logger.warning("%s/%d is missing; serving the copy at %s", name, v, dirs[v])
                 try:
                     check_version(dirs[v], config)
                     if fmt == "slimtorch" and v != source:
@@ -468,25 +478,15 @@ class Repository:
         rows = []
         for entry in self.models.values():
             if entry.config is None or not entry.versions:
-                rows.append(
-                    {
-                        "name": entry.name,
-                        "version": "",
-                        "state": "UNAVAILABLE",
-                        "reason": entry.error,
-                    }
-                )
+                rows.append(_row(entry.name, "", "UNAVAILABLE", entry.error))
                 continue
             for ver in sorted(entry.versions.values(), key=lambda v: v.version):
-                rows.append(
-                    {
-                        "name": entry.name,
-                        "version": str(ver.version),
-                        "state": ver.state.value,
-                        "reason": ver.reason,
-                    }
-                )
+                rows.append(_row(entry.name, str(ver.version), ver.state.value, ver.reason))
         return rows
+
+
+def _row(name: str, version: str, state: str, reason: str) -> dict[str, str]:
+    return {"name": name, "version": version, "state": state, "reason": reason}
 
 
 def not_ready_reason(entry: ModelEntry, ver: VersionEntry | None) -> str | None:
