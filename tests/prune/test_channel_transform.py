@@ -222,6 +222,30 @@ def test_global_scope_hits_the_total_ratio_with_caps() -> None:
     assert len(sizes) > 1  # not uniform
 
 
+def test_global_bn_scale_prunes_groups_without_batchnorm_locally() -> None:
+    # |gamma| (0.05-0.5 after training) and a BN-less group's mean-normalised l1 scores (about
+    # 1) do not share a scale: pooled together, the BN groups lost everything the ratio asked
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[1].weight.uniform_(0.05, 0.1)  # the first BN group holds the 16 smallest scales
+        net[4].weight.uniform_(0.4, 0.5)
+    cfg = ChannelPruneConfig(
+        ratio=0.4, importance="bn_scale", scope="global", round_to=1, max_layer_ratio=0.9
+    )
+    report = prune_channels_(net, cfg, torch.randn(2, 3, 8, 8))
+    # the pool is the 32 BN channels: floor(0.4 * 32) = 12 leave, all from the first group
+    assert (net[0].out_channels, net[3].out_channels) == (16 - 12, 16)
+    # the hidden linear loses floor(0.4 * 64) = 25 of its own, by l1
+    assert net[8].out_features == 64 - 25
+    rows = {r.name: r for r in report.rows}
+    assert rows["8"].channels_after == 39
+
+
 def test_layer_ratios_override() -> None:
     model, x = _zoo("vgg11-bn")
     cfg = ChannelPruneConfig(ratio=0.0, round_to=1, layer_ratios={"features.0": 0.75})

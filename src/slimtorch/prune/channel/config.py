@@ -39,7 +39,9 @@ class ChannelPruneConfig(Config):
         importance: ``"l1"``, ``"l2"`` (filter norms), ``"bn_scale"`` (``|gamma|``, network
             slimming) or ``"taylor"`` (first-order Taylor; needs calibration batches).
         scope: ``"local"`` (every group loses ``ratio``) or ``"global"`` (one threshold on
-            normalised scores across groups; each group capped by ``max_layer_ratio``).
+            normalised scores across groups; each group capped by ``max_layer_ratio``). With
+            ``"bn_scale"``, a group without a BatchNorm is scored by ``"l1"`` and pruned
+            locally at ``ratio``: filter norms and ``|gamma|`` share no scale.
         round_to: Kept channel counts are rounded to the nearest multiple of this (never below
             it unless the group has fewer channels); ``1`` disables rounding. 8 suits GPU
             tensor cores and vector units.

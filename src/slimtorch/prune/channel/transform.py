@@ -173,7 +173,9 @@ def _plan(
     pool = []
     for g in groups:
         r = _group_ratio(g, config)
-        if r is None and config.scope == "global":
+        # a group scored by a fallback ("bn_scale" without a BatchNorm: l1) is pruned locally:
+        # its scores are on another scale than the rest of the pool's
+        if r is None and config.scope == "global" and scores[g.root][1] == config.importance:
             pool.append(g)
             continue
         r = config.ratio if r is None else r
