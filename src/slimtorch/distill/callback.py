@@ -4,7 +4,9 @@ The student is the trainer's model. The teacher runs on the same inputs inside t
 autocast region under ``torch.no_grad()`` (one kept in fp16 or bf16 runs in its own dtype,
 outside it); the loss becomes
 ``(1 - alpha) * hard + alpha * T^2 * KL(teacher || student) + hint_weight * mean(hints)``
-(Hinton, Vinyals & Dean 2015, arXiv:1503.02531; FitNets, Romero et al. 2014, arXiv:1412.6550).
+(Hinton, Vinyals & Dean 2015, arXiv:1503.02531). The hint term is FitNets-style (Romero et al.
+2014, arXiv:1412.6550) but trained jointly with the soft targets in one stage; FitNets trains
+the hints first, in a stage of their own, through a learned regressor.
 
 Hint layers must produce outputs of the same shape in both models: no adapter (FitNets'
 regressor) is created, because an adapter would be a trained module outside the model, missing

@@ -9,6 +9,8 @@ and learns ``s`` by gradient descent. The rounding passes gradients straight thr
 straight-through estimator, STE); the step's gradient is scaled by ``g = 1 / sqrt(N * Q_P)``
 (``N``: elements the step covers per sample) so that steps and weights learn at similar relative
 rates. Steps are initialised to ``2 * mean(|v|) / sqrt(Q_P)``: per output channel for weights
+(the paper learns one step per layer; a step per channel follows its gradient-scale argument
+with ``N`` the channel's fan-in, and tracks channels of very different ranges)
 (``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``), per tensor for activations from the first batch seen.
 Activations that are never negative on that batch (inputs after a ReLU) get the unsigned range
 ``[0, 2^b - 1]``, others the signed one.
@@ -129,7 +131,8 @@ class LSQWeightQuantizer(nn.Module):
     Args:
         weight: The weight it will quantize (used for the initial step only).
         bits: 4 or 8.
-        init: ``"lsq"`` (``2 mean|w| / sqrt(Q_P)`` per channel, the paper's choice) or
+        init: ``"lsq"`` (``2 mean|w| / sqrt(Q_P)``, the paper's initialisation, here per
+            output channel where the paper has one step per layer) or
             ``"minmax"`` (``max|w| / Q_P``: no clipping at the start, the usual post-training
             choice; often a better start when fine-tuning a trained model at 8 bits).
     """

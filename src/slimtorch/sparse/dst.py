@@ -4,8 +4,9 @@
   baseline that tells whether moving the masks helps at all).
 - :class:`SET`: every ``delta_t`` steps drop the active weights of smallest magnitude and regrow
   as many at random (Mocanu et al. 2018, "Scalable training of artificial neural networks with
-  adaptive sparse connectivity", arXiv:1707.04780). It uses RigL's cosine drop schedule so the
-  two differ only in how they regrow, as in the comparisons of Evci et al.
+  adaptive sparse connectivity", arXiv:1707.04780). It uses RigL's cosine drop schedule and
+  drops by ``|w|`` (Mocanu et al. drop a fraction of each sign separately), so the two differ
+  only in how they regrow, as in the comparisons of Evci et al.
 - :class:`RigL`: the same, but regrow where the dense gradient is largest (Evci et al. 2020,
   "Rigging the Lottery: Making All Tickets Winners", arXiv:1911.11134).
 
