@@ -35,6 +35,17 @@ def test_eps_bound_holds(gen: torch.Generator, eps: float) -> None:
     assert kept < everything if eps >= 0.2 else kept <= everything  # it truncated
 
 
+def test_eps_zero_keeps_no_rounding_noise(gen: torch.Generator) -> None:
+    # singular values of 1e-7 left by float rounding used to count: ones(4, 5, 6) got ranks 2, 3
+    for dtype in (torch.float32, torch.float64):
+        x = torch.ones(4, 5, 6, dtype=dtype)
+        cores = tt_svd(x, eps=0.0)
+        assert [c.shape[2] for c in cores] == [1, 1, 1]
+        assert float(relative_error(tt_to_full(cores), x)) < 1e-6
+    y = exact_tt(gen, (5, 6, 7, 4), (3, 4, 2))  # an exact TT tensor keeps exactly its ranks
+    assert [c.shape[2] for c in tt_svd(y, eps=0.0)] == [3, 4, 2, 1]
+
+
 def test_no_eps_keeps_everything(gen: torch.Generator) -> None:
     x = randn(gen, 3, 4, 5, dtype=torch.float32)
     cores = tt_svd(x)

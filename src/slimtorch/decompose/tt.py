@@ -55,7 +55,8 @@ def tt_svd(
         tensor: A float32/float64 tensor of order ``d >= 2`` with shape ``(n_1, ..., n_d)``.
         eps: Relative error bound in ``[0, 1)``: each unfolding drops the smallest singular
             values whose norm stays within ``eps / sqrt(d - 1) * ||tensor||``, which guarantees
-            ``||tensor - TT|| <= eps ||tensor||``. ``None`` keeps every singular value.
+            ``||tensor - TT|| <= eps ||tensor||``; ``0`` keeps those above rounding noise (a
+            rank-1 tensor gets ranks 1). ``None`` keeps every singular value.
         max_rank: Cap on the TT ranks (an int, or one per bond, ``d - 1`` of them). The ``eps``
             guarantee holds only when the cap does not bind.
 
@@ -91,7 +92,11 @@ def tt_svd(
         u, s, vh = torch.linalg.svd(rest, full_matrices=False)
         # tail[j] = norm of the singular values from index j on; keep the fewest with tail <= delta
         tail = torch.flip(torch.cumsum(torch.flip(s**2, (0,)), 0), (0,)).sqrt()
-        new_rank = int((tail > delta).sum()) if eps is not None else s.numel()
+        if eps is None:
+            new_rank = s.numel()
+        else:  # singular values at rounding noise (numpy's matrix_rank floor) count as zeros
+            noise = float(s[0]) * max(rest.shape) * torch.finfo(s.dtype).eps
+            new_rank = min(int((tail > delta).sum()), int((s > noise).sum()))
         new_rank = max(1, new_rank)
         cap = caps[k]
         if cap is not None:
