@@ -361,12 +361,23 @@ def parse_request(body: bytes, header_length: str | None) -> DecodedRequest:
     return DecodedRequest(req.id, tensors, datatypes, outputs, binary_default)
 
 
+def _check_requested(requested: dict[str, bool] | None, config: ModelConfig) -> None:
+    unknown = [n for n in requested or () if config.output(n) is None]
+    if unknown:
+        raise BadRequest(
+            f"outputs {unknown} are not outputs of model {config.name!r}; it has "
+            f"{[s.name for s in config.outputs]}"
+        )
+
+
 def check_inputs(req: DecodedRequest, config: ModelConfig) -> int:
-    """Check names, datatypes, shapes and NaN against the model config; return the batch size.
+    """Check names, datatypes, shapes and NaN against the model config, and that the outputs
+    asked for exist; return the batch size.
 
     Raises:
-        BadRequest: The message names the input and what the model expects.
+        BadRequest: The message names the input (or output) and what the model has.
     """
+    _check_requested(req.outputs, config)  # before the model runs, not after
     expected = [s.name for s in config.inputs]
     missing = [n for n in expected if n not in req.tensors]
     extra = [n for n in req.tensors if config.input(n) is None]
@@ -443,16 +454,8 @@ def encode_response(
     Raises:
         BadRequest: An output was asked for that the model does not have.
     """
-    if requested is None:
-        wanted = {s.name: binary_default for s in config.outputs}
-    else:
-        unknown = [n for n in requested if config.output(n) is None]
-        if unknown:
-            raise BadRequest(
-                f"outputs {unknown} are not outputs of model {config.name!r}; it has "
-                f"{[s.name for s in config.outputs]}"
-            )
-        wanted = requested
+    _check_requested(requested, config)
+    wanted = {s.name: binary_default for s in config.outputs} if requested is None else requested
     items = []
     chunks: list[bytes] = []
     for name, as_binary in wanted.items():
