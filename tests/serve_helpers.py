@@ -102,6 +102,46 @@ OUT10 = [{"name": "logits", "datatype": "FP32", "dims": [10]}]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
 
 
+class GatedModel:
+    """Doubles its first input as ``y``; records batch sizes; held busy while its gate is clear."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        first = next(iter(inputs.values()))
+        self.sizes.append(first.shape[0])
+        return {"y": first * 2}
+
+
+def onnx_repo(
+    root: Path, names: list[str], memory: int = 1000, pinned: tuple[str, ...] = ()
+) -> Any:
+    """A scanned repository of ONNX models ``x`` (4) -> ``y`` (3) declaring ``memory`` bytes each;
+    model ``name``'s weights are ``eye(4, 3) * (1 + len(name))``."""
+    from slimtorch.serve.repository import Repository
+    from slimtorch.serve.settings import ServeSettings
+
+    for name in names:
+        write_config(
+            root / name,
+            format="onnx",
+            memory_bytes=memory,
+            inputs=[{"name": "x", "dims": [4]}],
+            outputs=[{"name": "y", "dims": [3]}],
+        )
+        weight = np.eye(4, 3, dtype=np.float32) * (1 + len(name))
+        write_onnx(root / name / "1" / "model.onnx", weight, np.zeros(3, np.float32))
+    repo = Repository(root, ServeSettings(pinned=pinned))
+    repo.scan()
+    return repo
+
+
 def docs_blocks(lang: str) -> list[str]:
     """The fenced code blocks of docs/serve.md in language ``lang``, in order."""
     import re

@@ -9,27 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from serve_helpers import logged_request_ids, pair_config
+from serve_helpers import GatedModel, logged_request_ids, pair_config
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.errors import InputFailed, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
-
-
-class _Model:
-    """Doubles its input; records batch sizes; can be held busy by a gate."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.sizes: list[int] = []
-        self.delay = delay
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.gate.wait(10)
-        time.sleep(self.delay)
-        self.sizes.append(inputs["x"].shape[0])
-        return {"y": inputs["x"] * 2}
 
 
 def _x(i: float, rows: int = 1) -> dict[str, np.ndarray]:
@@ -38,7 +22,7 @@ def _x(i: float, rows: int = 1) -> dict[str, np.ndarray]:
 
 def test_lone_request_runs_at_once_and_concurrent_ones_batch_in_order() -> None:
     async def main() -> None:
-        model = _Model()
+        model = GatedModel()
         b = Batcher("m", pair_config(max_batch_size=8, max_queue_delay_ms=500), model)
         b.start()
         t0 = time.perf_counter()
@@ -65,7 +49,7 @@ def test_lone_request_runs_at_once_and_concurrent_ones_batch_in_order() -> None:
 
 def test_full_queue_is_refused_with_retry_after_and_nothing_is_lost() -> None:
     async def main() -> None:
-        model = _Model()
+        model = GatedModel()
         b = Batcher("m", pair_config(max_batch_size=2, max_queue_size=4), model)
         b.start()
         model.gate.clear()
@@ -85,7 +69,7 @@ def test_full_queue_is_refused_with_retry_after_and_nothing_is_lost() -> None:
 
 def test_slow_model_does_not_stall_another() -> None:
     async def main() -> None:
-        slow, fast = _Model(), _Model()
+        slow, fast = GatedModel(), GatedModel()
         slow.gate.clear()
         bs = Batcher("slow", pair_config(), slow)
         bf = Batcher("fast", pair_config(), fast)
@@ -107,7 +91,7 @@ def test_slow_model_does_not_stall_another() -> None:
 
 def test_close_finishes_accepted_requests_and_errors_reach_every_request() -> None:
     async def main() -> None:
-        model = _Model(delay=0.01)
+        model = GatedModel(delay=0.01)
         b = Batcher("m", pair_config(max_batch_size=2), model)
         b.start()
         tasks = [asyncio.create_task(b.submit(_x(i), 1)) for i in range(6)]
@@ -173,7 +157,7 @@ def test_requests_rerun_one_by_one_count_in_the_batch_metrics() -> None:
 
 def test_cancelled_request_is_skipped() -> None:
     async def main() -> None:
-        model = _Model()
+        model = GatedModel()
         b = Batcher("m", pair_config(), model)
         b.start()
         model.gate.clear()

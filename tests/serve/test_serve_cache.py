@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_helpers import write_config, write_onnx
+from serve_helpers import onnx_repo, write_config, write_onnx
 from slimtorch.serve.cache import ModelCache
 from slimtorch.serve.errors import NotReady, Overloaded
 from slimtorch.serve.metrics import ServeMetrics
@@ -25,23 +25,6 @@ W = np.eye(4, 3, dtype=np.float32)
 B = np.zeros(3, np.float32)
 
 
-def _repo(
-    tmp_path: Path, names: list[str], memory: int, pinned: tuple[str, ...] = ()
-) -> Repository:
-    for name in names:
-        write_config(
-            tmp_path / name,
-            format="onnx",
-            memory_bytes=memory,
-            inputs=[{"name": "x", "dims": [4]}],
-            outputs=[{"name": "y", "dims": [3]}],
-        )
-        write_onnx(tmp_path / name / "1" / "model.onnx", W * (1 + len(name)), B)
-    repo = Repository(tmp_path, ServeSettings(pinned=pinned))
-    repo.scan()
-    return repo
-
-
 def _use(cache: ModelCache, repo: Repository, name: str) -> np.ndarray:
     entry = repo.models[name]
     assert entry.config is not None
@@ -50,7 +33,7 @@ def _use(cache: ModelCache, repo: Repository, name: str) -> np.ndarray:
 
 
 def test_least_recently_used_is_evicted(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    repo = onnx_repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
     metrics = ServeMetrics()
     cache = ModelCache(2500, metrics)
     _use(cache, repo, "a")
@@ -70,7 +53,7 @@ def test_least_recently_used_is_evicted(tmp_path: Path) -> None:
 
 def test_loading_keeps_no_lock_per_version_ever_loaded(tmp_path: Path) -> None:
     # a lock was kept for every (model, version) loaded since the server started
-    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    repo = onnx_repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
     cache = ModelCache(1500, None)  # one resident at a time: every use loads
     for name in ["a", "bb", "ccc", "a", "bb"]:
         _use(cache, repo, name)
@@ -78,7 +61,7 @@ def test_loading_keeps_no_lock_per_version_ever_loaded(tmp_path: Path) -> None:
 
 
 def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000, pinned=("a",))
+    repo = onnx_repo(tmp_path, ["a", "bb", "ccc"], memory=1000, pinned=("a",))
     assert repo.models["a"].config is not None and repo.models["a"].config.pinned
     cache = ModelCache(2000)
     _use(cache, repo, "a")
@@ -96,7 +79,7 @@ def test_pinned_and_busy_models_stay(tmp_path: Path) -> None:
 
 def test_a_load_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
     # the idle models were evicted first, and then the load failed anyway
-    repo = _repo(tmp_path, ["a", "bb"], memory=1000, pinned=("a",))
+    repo = onnx_repo(tmp_path, ["a", "bb"], memory=1000, pinned=("a",))
     write_config(
         tmp_path / "huge",
         format="onnx",
@@ -120,7 +103,7 @@ def test_a_load_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
 
 
 def test_model_larger_than_budget_is_not_ready(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a"], memory=10_000)
+    repo = onnx_repo(tmp_path, ["a"], memory=10_000)
     cache = ModelCache(5000)
     with pytest.raises(NotReady, match="memory budget"):
         _use(cache, repo, "a")
@@ -128,7 +111,7 @@ def test_model_larger_than_budget_is_not_ready(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_while_loading_evicts_and_retries_once(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb"], memory=100)
+    repo = onnx_repo(tmp_path, ["a", "bb"], memory=100)
     failures = {"left": 1}
 
     def loader(path: Path, config: ModelConfig, device: str) -> Runner:
@@ -149,7 +132,7 @@ def test_out_of_memory_while_loading_evicts_and_retries_once(tmp_path: Path) -> 
 
 
 def test_corrupt_onnx_is_reported(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a"], memory=100)
+    repo = onnx_repo(tmp_path, ["a"], memory=100)
     (tmp_path / "a" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     cache = ModelCache(10_000)
     with pytest.raises(NotReady, match="ONNX Runtime cannot load"):
@@ -197,7 +180,7 @@ def test_a_simulated_int8_directory_is_served_with_a_warning(
 
 
 def test_unload_while_a_batch_runs_keeps_its_runner_until_released(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
+    repo = onnx_repo(tmp_path, ["a", "bb", "ccc"], memory=1000)
     cache = ModelCache(2500)
     e = repo.models["a"]
     assert e.config is not None
@@ -216,7 +199,7 @@ def test_unload_while_a_batch_runs_keeps_its_runner_until_released(tmp_path: Pat
 
 
 def test_unload_during_a_load_is_not_undone_by_the_load(tmp_path: Path) -> None:
-    _repo(tmp_path, ["a"], memory=100)
+    onnx_repo(tmp_path, ["a"], memory=100)
     started, go = threading.Event(), threading.Event()
 
     def slow_loader(path: Path, config: ModelConfig, device: str) -> Runner:
@@ -253,7 +236,7 @@ def test_a_rescan_of_a_changed_model_keeps_a_batcher_in_place(
     # requests in between got "not being served" 503s without Retry-After
     from slimtorch.serve.batcher import Batcher
 
-    _repo(tmp_path, ["a"], memory=100)
+    onnx_repo(tmp_path, ["a"], memory=100)
     real_close = Batcher.close
 
     async def slow_close(self: Batcher) -> None:
@@ -301,7 +284,7 @@ def test_the_server_gives_the_thread_count_back_when_it_stops(tmp_path: Path) ->
 def test_a_changed_version_does_not_get_the_runner_of_its_old_files(tmp_path: Path) -> None:
     # a rescan installs the new version's batcher before the old runner is unloaded; looked up
     # by (name, version) only, the new batcher's requests were answered by the old model
-    repo = _repo(tmp_path, ["a"], memory=1000)
+    repo = onnx_repo(tmp_path, ["a"], memory=1000)
     cache = ModelCache(10_000)
     old = _use(cache, repo, "a")
     write_onnx(tmp_path / "a" / "1" / "model.onnx", W * 7, B)  # new weights, same version

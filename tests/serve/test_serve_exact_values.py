@@ -18,7 +18,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from serve_helpers import app_client, pair_config, write_config, write_onnx
+from serve_helpers import GatedModel, app_client, onnx_repo, pair_config, write_config, write_onnx
 from slimtorch.serve.batcher import Batcher
 from slimtorch.serve.cache import ModelCache
 from slimtorch.serve.errors import NotReady, Overloaded
@@ -26,24 +26,6 @@ from slimtorch.serve.metrics import ServeMetrics
 from slimtorch.serve.middleware import ServeMiddleware
 from slimtorch.serve.model_config import ModelConfig, TensorSpec
 from slimtorch.serve.repository import Repository, State, VersionEntry
-from slimtorch.serve.settings import ServeSettings
-
-
-class _Model:
-    """Doubles ``x``; records batch sizes; held busy while its gate is clear."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.sizes: list[int] = []
-        self.delay = delay
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.gate.wait(10)
-        time.sleep(self.delay)
-        first = next(iter(inputs.values()))
-        self.sizes.append(first.shape[0])
-        return {"y": first * 2}
 
 
 def _x() -> dict[str, np.ndarray]:
@@ -55,7 +37,7 @@ def _x() -> dict[str, np.ndarray]:
 
 def test_a_queue_of_one_holds_exactly_one_waiting_request() -> None:
     async def main() -> None:
-        model = _Model()
+        model = GatedModel()
         model.gate.clear()
         b = Batcher("m", pair_config(max_queue_size=1), model)
         b.start()
@@ -74,7 +56,7 @@ def test_a_queue_of_one_holds_exactly_one_waiting_request() -> None:
 
 @pytest.mark.parametrize(("instances", "expected"), [(1, 3), (2, 2)])
 def test_retry_after_is_the_time_to_drain_the_queue(instances: int, expected: int) -> None:
-    b = Batcher("m", pair_config(max_batch_size=2, instances=instances), _Model())
+    b = Batcher("m", pair_config(max_batch_size=2, instances=instances), GatedModel())
     b._batch_s = 1.0
     b._queue.extend([None] * 4)
     # 4 waiting / 2 per batch + the running one = 3 batches of 1 s, over `instances` runners
@@ -83,7 +65,7 @@ def test_retry_after_is_the_time_to_drain_the_queue(instances: int, expected: in
 
 def test_the_batch_time_behind_retry_after_follows_the_model() -> None:
     async def main() -> None:
-        b = Batcher("m", pair_config(), _Model(delay=0.3))
+        b = Batcher("m", pair_config(), GatedModel(delay=0.3))
         b.start()
         await b.submit(_x(), 1)
         # 0.8 * 0.001 (the start value) + 0.2 * (at least 0.3 s)
@@ -95,7 +77,7 @@ def test_the_batch_time_behind_retry_after_follows_the_model() -> None:
 
 def test_a_request_that_waited_for_a_busy_model_is_not_held_for_the_batching_delay() -> None:
     async def main() -> None:
-        model = _Model()
+        model = GatedModel()
         b = Batcher("m", pair_config(max_batch_size=8, max_queue_delay_ms=500), model)
         b.start()
         model.gate.clear()
@@ -125,7 +107,7 @@ def test_inputs_named_in_another_dict_order_share_a_batch() -> None:
             inputs=(TensorSpec(name="a", dims=(2,)), TensorSpec(name="b", dims=(2,))),
             outputs=(TensorSpec(name="y", dims=(2,)),),
         )
-        model = _Model()
+        model = GatedModel()
         b = Batcher("m", config, model)
         b.start()
         z = np.zeros((1, 2), np.float32)
@@ -160,27 +142,6 @@ class _Runner:
         self.closed = True
 
 
-def _repo(
-    tmp_path: Path, names: list[str], memory: int = 1000, pinned: tuple[str, ...] = ()
-) -> Repository:
-    for name in names:
-        write_config(
-            tmp_path / name,
-            format="onnx",
-            memory_bytes=memory,
-            inputs=[{"name": "x", "dims": [4]}],
-            outputs=[{"name": "y", "dims": [3]}],
-        )
-        write_onnx(
-            tmp_path / name / "1" / "model.onnx",
-            np.eye(4, 3, dtype=np.float32),
-            np.zeros(3, np.float32),
-        )
-    repo = Repository(tmp_path, ServeSettings(pinned=pinned))
-    repo.scan()
-    return repo
-
-
 def _version(repo: Repository, name: str) -> tuple[VersionEntry, ModelConfig]:
     entry = repo.models[name]
     assert entry.config is not None
@@ -201,7 +162,7 @@ def test_a_model_of_exactly_the_budget_fits() -> None:
 
 
 def test_two_concurrent_loads_cannot_both_take_the_budget(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb"])
+    repo = onnx_repo(tmp_path, ["a", "bb"])
     entered, gate = threading.Event(), threading.Event()
 
     def loader(path: object, config: object, device: str) -> _Runner:
@@ -234,7 +195,7 @@ def test_two_concurrent_loads_cannot_both_take_the_budget(tmp_path: Path) -> Non
 
 
 def test_a_load_that_cannot_fit_leaves_a_busy_model_resident(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb", "ccc"], pinned=("a",))
+    repo = onnx_repo(tmp_path, ["a", "bb", "ccc"], pinned=("a",))
     cache = ModelCache(2000, loader=lambda p, c, d: _Runner(1000))
     va, ca = _version(repo, "a")
     cache.release(va, cache.acquire(va, ca, "cpu", pinned=True))
@@ -248,7 +209,7 @@ def test_a_load_that_cannot_fit_leaves_a_busy_model_resident(tmp_path: Path) -> 
 
 
 def test_an_unloaded_runner_closes_only_after_its_last_batch(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a"])
+    repo = onnx_repo(tmp_path, ["a"])
     cache = ModelCache(5000, loader=lambda p, c, d: _Runner(1000))
     v, c = _version(repo, "a")
     r1 = cache.acquire(v, c, "cpu")
@@ -264,7 +225,7 @@ def test_an_unloaded_runner_closes_only_after_its_last_batch(tmp_path: Path) -> 
 
 
 def test_a_version_whose_load_failed_is_not_reloaded_on_every_request(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a"])
+    repo = onnx_repo(tmp_path, ["a"])
     calls: list[int] = []
 
     def loader(path: object, config: object, device: str) -> _Runner:
@@ -280,7 +241,7 @@ def test_a_version_whose_load_failed_is_not_reloaded_on_every_request(tmp_path: 
 
 
 def test_a_failed_load_gives_back_its_reserved_bytes(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb"])
+    repo = onnx_repo(tmp_path, ["a", "bb"])
 
     def loader(path: object, config: object, device: str) -> _Runner:
         if _is(path, "bb"):
@@ -298,7 +259,7 @@ def test_a_failed_load_gives_back_its_reserved_bytes(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_while_loading_keeps_a_pinned_model(tmp_path: Path) -> None:
-    repo = _repo(tmp_path, ["a", "bb"], pinned=("a",))
+    repo = onnx_repo(tmp_path, ["a", "bb"], pinned=("a",))
     left = [1]
 
     def loader(path: object, config: object, device: str) -> _Runner:
