@@ -183,7 +183,6 @@ def compile_int8_x86(
                 f"compile_int8_x86 targets x86 CPUs but the model is on {t.device}; move it "
                 "with model.cpu() (on CUDA use torchao_cuda_)"
             )
-        break
     if target not in QDQ_TARGETS:
         raise ValueError(f"target must be one of {', '.join(QDQ_TARGETS)}, got {target!r}")
     if any(t.dtype == torch.float64 for t in model.parameters()):
