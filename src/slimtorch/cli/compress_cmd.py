@@ -251,6 +251,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.speed_batch is not None:
         try:
             batches = [int(b) for b in args.speed_batch.split(",") if b.strip()]
+            if not batches:
+                raise ValueError
         except ValueError:
             raise ValueError(
                 f"--speed-batch must be integers like 1,32,256, got {args.speed_batch!r}"
