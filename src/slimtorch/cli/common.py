@@ -9,11 +9,11 @@ import json
 import os
 import socket
 import sys
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slimtorch.models.card import foreign_files, holds_model, model_root
+from slimtorch.train.checkpoint import is_checkpoint
 from slimtorch.train.classifier import RUN_FILES, run_files
 
 
@@ -189,7 +189,8 @@ def check_run_output(
             "replacing it would delete; move them out of it first"
         )
     present = [name for name in RUN_FILES if (out / name).exists()]
-    ours = holds_model(target) or (out / RUN_MARKER).is_file() or slimtorch_checkpoint(out)
+    ours = holds_model(target) or (out / RUN_MARKER).is_file()
+    ours = ours or is_checkpoint(out / "checkpoint.pt")
     ours = ours or any(_slimtorch_json(out / name) for name in present)
     if present and not ours:
         raise ValueError(
@@ -252,19 +253,6 @@ def _slimtorch_json(path: Path) -> bool:
         or keys == {"type", "config"}
         or ({"epoch", "train_loss", "lr"} <= keys)
     )
-
-
-def slimtorch_checkpoint(out: Path) -> bool:
-    """Whether ``out/checkpoint.pt`` is a training checkpoint slimtorch wrote: its format name
-    is in the pickle's bytes (read, never unpickled)."""
-    from slimtorch.train.checkpoint import CHECKPOINT_FORMAT
-
-    try:
-        with zipfile.ZipFile(out / "checkpoint.pt") as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            return len(names) == 1 and CHECKPOINT_FORMAT.encode() in archive.read(names[0])
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 @contextlib.contextmanager

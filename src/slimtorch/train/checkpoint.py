@@ -130,3 +130,15 @@ def _check_crc(path: Path) -> None:
             f"checkpoint {path} is corrupt: the CRC of its entry {bad!r} does not match its "
             f"bytes (a damaged disk or copy); {_WHAT_TO_DO}"
         )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a training checkpoint slimtorch wrote, told without unpickling it:
+    the format name is in the bytes of its pickle (a file of the user's named checkpoint.pt is
+    not, so commands refuse to replace it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return len(names) == 1 and CHECKPOINT_FORMAT.encode() in archive.read(names[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
