@@ -50,6 +50,7 @@ from slimtorch.core.io import atomic_write
 from slimtorch.core.surgery import refuse_sparse_kernels, some_of
 from slimtorch.quant.convert import QDQAct
 from slimtorch.quant.ort_graph import check_narrow_convs, ort_graph, warn_signed_activations
+from slimtorch.quant.ort_run import ort_session, run_onnx
 from slimtorch.quant.precision import beyond_range, check_export_dtypes, layer_precisions
 from slimtorch.quant.qdq import QDQConv2d, QDQLinear
 
@@ -303,95 +304,6 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _cpu_copy(model: nn.Module) -> nn.Module:  # NCHW: the exporter fails on channels-last
     return copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-
-
-def ort_session(
-    path: str | os.PathLike[str],
-    threads: int = 1,
-    *,
-    optimized_path: str | None = None,
-    spin: bool = False,
-) -> Any:
-    """An ONNX Runtime CPU session with fixed threads and all graph optimisations.
-
-    Args:
-        path: The ``.onnx`` file.
-        threads: Intra-op threads (inter-op is 1, sequential execution).
-        optimized_path: If given, ORT writes the optimised graph there.
-        spin: Let the intra-op workers spin between runs (ORT's default). Off here: two
-            sessions timed in alternating rounds on few cores then fight for them. resnet20's
-            fp32 and int8 graphs at batch 32 with 2 threads on a 2-core VM read per-round ratios
-            of 0.8-4.1x with spinning (int8 3 of 9 rounds slower) and 1.7-2.0x without, and
-            int8 ran 3.6 instead of 4.9 ms. With 1 thread there is no worker to spin.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> from slimtorch.models import create_model
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
-        >>> _ = export_onnx(create_model("lenet5"), path, torch.randn(1, 1, 28, 28))
-        >>> sess = ort_session(path, threads=2)
-        >>> x = torch.randn(1, 1, 28, 28)
-        >>> sess.run(None, {"input": x.numpy()})[0].shape
-        (1, 10)
-    """
-    import onnxruntime as ort
-
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if optimized_path is not None:
-        opts.optimized_model_filepath = optimized_path
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}; export one with export_onnx first")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own error types
-        raise ValueError(
-            f"ONNX Runtime cannot load {path} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is corrupt or not an "
-            "ONNX model: export it again"
-        ) from None
-
-
-def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
-    """Run a session on one tensor input (cast to the model's input type) and return a tensor.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> from slimtorch.models import create_model
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
-        >>> _ = export_onnx(create_model("lenet5"), path, torch.randn(1, 1, 28, 28))
-        >>> run_onnx(ort_session(path), torch.randn(2, 1, 28, 28)).shape  # dynamic batch
-        torch.Size([2, 10])
-    """
-    import numpy as np
-
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    inp = session.get_inputs()[0]
-    want = list(inp.shape)  # ints, or names/None for dynamic dimensions
-    if x.ndim != len(want) or any(
-        isinstance(w, int) and w != n for w, n in zip(want, x.shape, strict=True)
-    ):
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not fit the ONNX model's input "
-            f"{inp.name!r} of shape {tuple(want)}; give inputs of that shape"
-        )
-    outputs = [o.name for o in session.get_outputs()]
-    if len(outputs) != 1:  # the first alone would pass for the model's answer
-        raise ValueError(
-            f"the ONNX model has {len(outputs)} outputs ({', '.join(outputs)}); run_onnx and "
-            "check_onnx compare models with one output tensor"
-        )
-    kinds = {"tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-    arr = np.ascontiguousarray(x.detach().cpu().numpy(), kinds.get(inp.type, np.float32))
-    return torch.from_numpy(np.asarray(session.run(None, {inp.name: arr})[0])).float()
 
 
 def compare_onnx(
