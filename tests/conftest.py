@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler during the test, restored after it.
+
+    A process started with SIGINT ignored (a shell's background job, ``nohup ... &``) keeps it
+    ignored, and the trainer rightly leaves an ignored signal alone; the tests of what a SIGINT
+    does to a run need the handler a terminal's Ctrl-C would meet.
+    """
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

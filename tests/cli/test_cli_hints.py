@@ -257,6 +257,7 @@ def test_a_onecycle_resume_names_the_option_and_the_schedules_that_extend(
                 ).fit(ListLoader(x, y, 4), resume=True)  # fmt: skip
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_the_first_stop_signal_does_not_promise_a_resumable_checkpoint(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

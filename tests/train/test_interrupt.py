@@ -13,6 +13,7 @@ from slimtorch.train import Callback, TrainConfig, Trainer, TrainingInterrupted,
 from train_helpers import ListLoader, make_blobs, make_mlp
 
 X, Y = make_blobs(64, seed=3)  # 8 steps per epoch at batch 8
+pytestmark = pytest.mark.usefixtures("python_sigint")
 
 
 class _SignalAt(Callback):
@@ -76,3 +77,17 @@ def test_a_callers_own_handler_is_left_alone(tmp_path: Path) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [signal.SIGTERM] and trainer.global_step == 24
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    # a run started as a background job (SIGINT ignored) must not start reacting to it
+    from slimtorch.train.interrupt import stop_requests
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # python_sigint puts Python's handler back
+    with stop_requests(enabled=True) as request:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM is still taken
+        signal.raise_signal(signal.SIGINT)
+    assert request.signum is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
