@@ -413,7 +413,8 @@ def _conv_gemm(model: nn.Module, request: MethodRequest) -> Applied:
     With ``direct_stem`` (default on) the few-tap stem becomes a channels-last direct
     convolution first (``direct-conv``), the rest im2col + linear (``lower_conv_gemm_``). On
     an AVX-512/AMX CPU with one thread, resnet20's int8 forward at batch 1 then runs 2.4x
-    faster than the same rewritten fp32 model (1.1-1.2x as convolutions); at batch 32 the
+    faster than the same rewritten fp32 model (1.1-1.2x as convolutions; 2.2x on an AVX-512
+    VNNI CPU without AMX); at batch 32 the
     rewrite is slower than oneDNN's convolutions (docs/benchmarks.md). So it is a choice for
     the batch you serve: ``compiled_check`` (default on) adds both models compiled with
     ``max_autotune`` and timed side by side on the example batch (``compiled_latency``).

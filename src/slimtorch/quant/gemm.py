@@ -19,9 +19,11 @@ Measured (docs/benchmarks.md): trained resnet20 on Fashion-MNIST, stem lowered w
 :func:`~slimtorch.quant.lower_direct_conv_` (channels-last), the other 20 convolutions lowered
 here, one pinned thread of an AVX-512/AMX Xeon, compiled with ``max_autotune``: int8 at batch 1
 runs 2.4x faster than the same rewritten fp32 model (0.92 -> 0.39 ms; 1.15x with
-convolutions). At batch 32 the rewritten int8 model is 2x slower than int8 convolutions (7.6
-against 3.8 ms), so it is a batch-1 deployment choice: measure the batch you will serve
-(``scripts/bench_quant.py --gemm-layout``, ``slimtorch compress --method conv-gemm``).
+convolutions); on an AMD EPYC (Zen 5: AVX-512 VNNI, no AMX), where the GEMM template uses its
+VNNI micro-kernel, 2.2x (0.86 -> 0.39 ms). At batch 32 the rewritten int8 model is 2x slower
+than int8 convolutions on the Xeon (7.6 against 3.8 ms), so it is a batch-1 deployment
+choice: measure the batch you will serve (``scripts/bench_quant.py --gemm-layout``,
+``slimtorch compress --method conv-gemm``).
 
 The change is recorded (``"quant.conv_gemm"``) so :func:`slimtorch.models.load_model` rebuilds
 it; run it before :func:`~slimtorch.quant.quantize_` (which then quantizes the linears) and after
