@@ -375,13 +375,25 @@ def test_devices_table_gives_gib_gb_per_s_and_flags(
         peak_flops={"fp32": 6e12, "fp16": 12e12, "bf16": 1.5e12, "int8": 24e12},
         memory_bandwidth=256e9, memory_bytes=4 * 2**30, int8_dot=True, tensor_cores=False,
     )  # fmt: skip
+    slow = DeviceProfile(  # a CPU that emulates fp16: a few GFLOP/s, not "0.00"
+        name="slow", description="emulated fp16",
+        peak_flops={"fp32": 2.2e11, "fp16": 2.87e9, "bf16": 9e11, "int8": 1.8e12, "fp64": 1e11},
+        memory_bandwidth=39e9, memory_bytes=2**30,
+    )  # fmt: skip
     asked: list[str] = []
     monkeypatch.setattr(slimtorch.core.devices, "detect_devices", lambda: [gpu])
-    monkeypatch.setattr(slimtorch.core.profiles, "list_profiles", lambda: ["cpu", "mine"])
-    monkeypatch.setattr(slimtorch.core.profiles, "get_profile", lambda n: asked.append(n) or prof)
+    monkeypatch.setattr(slimtorch.core.profiles, "list_profiles", lambda: ["cpu", "slow", "mine"])
+    monkeypatch.setattr(
+        slimtorch.core.profiles,
+        "get_profile",
+        lambda n: asked.append(n) or (slow if n == "slow" else prof),
+    )
     assert main(["devices", "--no-probe"]) == 0
-    assert asked == ["mine"]  # the cpu profile is measured: skipped with --no-probe
+    assert asked == ["slow", "mine"]  # the cpu profile is measured: skipped with --no-probe
     lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split() == [
+        "slow", "0.22", "0.0029", "0.90", "1.80", "0.10", "39", "1.0", "-"
+    ]  # fmt: skip
     # 8 GiB total, 1.5 GiB free; native fp16 but not bf16
     assert lines[3].split() == ["cuda:0", "cuda", "Card", "8.0", "1.5", "8.6", "yes", "no"]
     # TFLOP/s with two decimals, no fp64, 256e9 B/s = 256 GB/s, 4 GiB, only int8-dot set
@@ -390,4 +402,4 @@ def test_devices_table_gives_gib_gb_per_s_and_flags(
     ]  # fmt: skip
     asked.clear()
     assert main(["devices"]) == 0
-    assert asked == ["cpu", "mine"]
+    assert asked == ["cpu", "slow", "mine"]

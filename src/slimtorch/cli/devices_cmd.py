@@ -29,6 +29,19 @@ def _gib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
+def _tera(rate: float) -> str:
+    """A peak rate in TFLOP/s (TOP/s) with two decimals; one under 0.01 with two significant
+    digits, since "0.00" would read as missing (a CPU without native fp16 runs fp16 matmuls at a
+    few GFLOP/s).
+
+    Example:
+        >>> _tera(6.17e12), _tera(2.87e9), _tera(0.0)
+        ('6.17', '0.0029', '0.00')
+    """
+    t = rate / 1e12
+    return f"{t:.2f}" if t >= 0.01 or t == 0 else f"{t:.2g}"
+
+
 def run(args: argparse.Namespace) -> int:
     from slimtorch.core.devices import detect_devices
     from slimtorch.core.profiles import get_profile, list_profiles
@@ -72,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     prow = [
         [
             p.name,
-            f"{p.peak_flops['fp32'] / 1e12:.2f}",
-            f"{p.peak_flops['fp16'] / 1e12:.2f}",
-            f"{p.peak_flops['bf16'] / 1e12:.2f}",
-            f"{p.peak_flops['int8'] / 1e12:.2f}",
-            f"{p.peak_flops['fp64'] / 1e12:.2f}" if "fp64" in p.peak_flops else "-",
+            _tera(p.peak_flops["fp32"]),
+            _tera(p.peak_flops["fp16"]),
+            _tera(p.peak_flops["bf16"]),
+            _tera(p.peak_flops["int8"]),
+            _tera(p.peak_flops["fp64"]) if "fp64" in p.peak_flops else "-",
             f"{p.memory_bandwidth / 1e9:.0f}",
             _gib(p.memory_bytes),
             ",".join(
