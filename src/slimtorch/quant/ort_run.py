@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slimtorch.core.errors import is_onnxruntime_error
@@ -91,8 +92,6 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
         >>> run_onnx(ort_session(path), torch.randn(2, 1, 28, 28)).shape  # dynamic batch
         torch.Size([2, 10])
     """
-    import numpy as np
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     name, dtype, outputs = _session_io(session)
@@ -116,7 +115,11 @@ def run_onnx(session: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(out)).float()
 
 
-_NUMPY: dict[torch.dtype, Any] = {}  # filled on first use: numpy is imported lazily
+_ORT_TYPES = {"tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+              "tensor(int32)": torch.int32}  # fmt: skip
+"""Input types run_onnx feeds as they are; every other input is fed as float32."""
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+          torch.int32: np.int32}  # fmt: skip
 _SESSION_IO: weakref.WeakKeyDictionary[Any, tuple[str, torch.dtype, list[str]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -128,15 +131,9 @@ def _session_io(session: Any) -> tuple[str, torch.dtype, list[str]]:
         return _SESSION_IO[session]
     except (KeyError, TypeError):  # TypeError: not weak-referenceable (a stand-in session)
         pass
-    import numpy as np
-
-    if not _NUMPY:
-        _NUMPY.update({torch.float32: np.float32, torch.float16: np.float16,
-                       torch.int64: np.int64, torch.int32: np.int32})  # fmt: skip
-    kinds = {"tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
-             "tensor(int32)": torch.int32}  # fmt: skip
     inp = session.get_inputs()[0]
-    io = (inp.name, kinds.get(inp.type, torch.float32), [o.name for o in session.get_outputs()])
+    outputs = [o.name for o in session.get_outputs()]
+    io = (inp.name, _ORT_TYPES.get(inp.type, torch.float32), outputs)
     with contextlib.suppress(TypeError):
         _SESSION_IO[session] = io
     return io
