@@ -4,7 +4,8 @@ Each method trains the same architecture from the same seed with the same ``Trai
 through ``slimtorch.train.classifier.train_classifier``; the sparse ones add their callback
 (ERK distribution, masks updated every ``--delta-t`` steps until ``--t-end`` of the run). Writes
 one JSON file (``--out``, atomically) with, per method: test accuracy, per-epoch validation
-accuracy and epoch time, total training time, and the final per-layer active-weight counts.
+accuracy and epoch time, total training time, the final per-layer active-weight counts and, for
+SET and RigL, every mask update's record (explored fraction, share of grown weights kept).
 Run from the repository root:
 
     python scripts/train_sparse.py --epochs 30 --batch-size 128 --device cuda \
@@ -99,6 +100,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
             sparsity=1 - active / total,
             layers=summary,
             updates=len(getattr(cb, "updates", [])),
+            # per update: step, drop fraction, swaps, explored fraction, grown share kept
+            update_log=list(getattr(cb, "updates", [])),
             skipped_updates=list(getattr(cb, "skipped_updates", [])),
         )
     log.warning(

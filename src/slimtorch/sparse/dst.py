@@ -26,7 +26,11 @@ How an update works, at optimiser step ``t`` with ``t % delta_t == 0``, ``0 < t 
    the gradients were not finite, the update is skipped too. Otherwise each layer swaps
    ``floor(f(t) * k)`` weights; grown weights start at zero and their optimiser state (SGD
    ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``) is reset; dropped weights and their
-   state are zeroed.
+   state are zeroed. The update's record in ``updates`` holds its step, drop fraction and swap
+   count, the fraction of the sparse layers' weights active at any time so far (``explored``,
+   the in-time over-parameterisation rate of Liu et al. 2021, arXiv:2102.02887) and the share
+   of the previous update's grown weights still active after this one (``grown_kept``; see
+   :class:`~slimtorch.sparse.updates.Exploration`).
 
 Between updates the only work is the masking every static mask needs. SET draws its random
 numbers from a CPU ``torch.Generator`` seeded by ``config.seed``, identical on every rank.
@@ -60,7 +64,12 @@ from slimtorch.prune.magnitude import MagnitudeConfig, prune_
 from slimtorch.sparse._select import layer_weight, select_layers
 from slimtorch.sparse.config import SparseTrainingConfig
 from slimtorch.sparse.distribution import exact_nonzeros, random_mask, scale_to_active_fan_in_
-from slimtorch.sparse.updates import cosine_drop_fraction, drop_and_grow, drop_count
+from slimtorch.sparse.updates import (
+    Exploration,
+    cosine_drop_fraction,
+    drop_and_grow,
+    drop_count,
+)
 
 if TYPE_CHECKING:
     from slimtorch.train.trainer import Trainer
@@ -348,9 +357,23 @@ class SET(StaticSparse):
         self._pending: dict[str, torch.Tensor | None] | None = None
         self._scale_before: float | None = None
         self._finite: torch.Tensor | None = None
+        self.exploration = Exploration()
+
+    def init_masks_(self, model: nn.Module) -> dict[str, int]:
+        out = super().init_masks_(model)
+        self.exploration = Exploration()  # a new run
+        return out
 
     def is_update_step(self, step: int) -> bool:
         return 0 < step < self.step_end and step % self.config.delta_t == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "exploration": self.exploration.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.exploration = Exploration()
+        self.exploration.load_state_dict(state.get("exploration", {}))
 
     def collect(self, model: nn.Module) -> dict[str, torch.Tensor | None]:
         """What the update needs from before the optimiser step (nothing for SET)."""
@@ -405,6 +428,7 @@ class SET(StaticSparse):
             scores = self.grow_scores(name, module, pending)
             n = drop_count(target, fraction)
             if scores is None or n == 0:
+                self.exploration.record(name, mask, None)
                 continue
             weight = layer_weight(module)
             new = drop_and_grow(weight, mask, scores, n)
@@ -414,9 +438,11 @@ class SET(StaticSparse):
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == grown.shape:
                     value.masked_fill_(grown, 0.0)
+            self.exploration.record(name, mask, new)
             mask.copy_(new)
             swapped += int(grown.sum())
-        self.updates.append({"step": step, "fraction": fraction, "swapped": swapped})
+        record = {"step": step, "fraction": fraction, "swapped": swapped}
+        self.updates.append({**record, **self.exploration.close()})
         logger.debug("step %d: %s swapped %d weights (f=%.4f)", step, self.kind, swapped, fraction)
         return swapped
 

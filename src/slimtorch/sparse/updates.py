@@ -11,6 +11,13 @@ just dropped may be grown back (they compete like any inactive weight), so the n
 weights never changes. Ties are broken deterministically (lower flat index first), so equal
 inputs give equal masks on every DDP rank.
 
+:class:`Exploration` keeps two figures of how the masks move, for reading a run rather than
+steering it: the in-time over-parameterisation rate of Liu et al. 2021 ("Do We Actually Need
+Dense Over-Parameterization? In-Time Over-Parameterization in Sparse Training",
+arXiv:2102.02887), the fraction of weights that were active at any time so far, and the share
+of the weights grown at one update that are still active after the next (regrowth that picks
+useful connections keeps more of them).
+
 Example:
     >>> round(cosine_drop_fraction(0, 0.3, 100), 3), round(cosine_drop_fraction(50, 0.3, 100), 3)
     (0.3, 0.15)
@@ -23,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -88,3 +96,63 @@ def drop_and_grow(
     scores = torch.where(after, -inf, candidates)  # every inactive entry beats every active one
     after |= lowest_k(-scores, n)  # highest scores; ties: lower index
     return after.view(mask.shape)
+
+
+class Exploration:
+    """Which weights were ever active, and how many of the last grown ones survive.
+
+    Call :meth:`record` for every sparse layer at every update, with its old and new mask
+    (``new=None`` for a layer the update left alone: it counts towards the explored fraction,
+    and its last grown weights are not compared), then :meth:`close` once; it returns the
+    update's figures.
+
+    Example:
+        >>> ex = Exploration()
+        >>> ex.record("fc", torch.tensor([True, True, False, False]),
+        ...           torch.tensor([True, False, True, False]))
+        >>> ex.close()
+        {'explored': 0.75, 'grown_kept': None}
+        >>> ex.record("fc", torch.tensor([True, False, True, False]),
+        ...           torch.tensor([False, False, True, True]))
+        >>> ex.close()
+        {'explored': 1.0, 'grown_kept': 1.0}
+    """
+
+    def __init__(self) -> None:
+        self.explored: dict[str, torch.Tensor] = {}
+        self.last_grown: dict[str, torch.Tensor] = {}
+        self._kept = 0
+        self._compared = 0
+
+    def record(self, name: str, old: torch.Tensor, new: torch.Tensor | None) -> None:
+        """Note one layer's masks before and after the current update (``None``: unchanged)."""
+        explored = self.explored.get(name)
+        explored = old.clone() if explored is None else explored.to(old.device)
+        previous = self.last_grown.pop(name, None)
+        if new is not None:
+            explored |= new
+            if previous is not None:
+                previous = previous.to(new.device)
+                self._kept += int((previous & new).sum())
+                self._compared += int(previous.sum())
+            self.last_grown[name] = new & ~old
+        self.explored[name] = explored
+
+    def close(self) -> dict[str, float | None]:
+        """End the update: the explored fraction over all recorded layers, the grown share kept.
+
+        ``grown_kept`` is ``None`` when no layer compared had grown weights at its previous
+        update.
+        """
+        numel = sum(m.numel() for m in self.explored.values())
+        ever = sum(int(m.sum()) for m in self.explored.values())
+        kept = self._kept / self._compared if self._compared else None
+        self._kept = self._compared = 0
+        return {"explored": ever / numel if numel else None, "grown_kept": kept}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"explored": dict(self.explored), "last_grown": dict(self.last_grown)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.explored = dict(state.get("explored", {}))
+        self.last_grown = dict(state.get("last_grown", {}))
