@@ -28,7 +28,7 @@ def _fake_train(seen: dict[str, Any], tmp_path: Path) -> Any:
         metrics = {"accuracy": 0.123456, "loss": 2.345678}
         return SimpleNamespace(
             test_metrics=metrics, val_metrics=None, train_seconds=1.26, model_dir=tmp_path,
-            replica_mismatches=None,
+            replica_mismatches=None, model=None,
         )  # fmt: skip
 
     return fake
@@ -61,13 +61,21 @@ def test_train_teacher_without_distill_options_uses_temperature_4_and_alpha_0_9(
 
 
 def test_train_sparse_without_its_options_passes_the_documented_defaults(
-    train_seen: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_seen: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import slimtorch.sparse
 
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    sp = SimpleNamespace(  # what the summary line reads of the callback after training
+        kind="rigl",
+        updates=[{"explored": 0.123456}],
+        summary=lambda model: {"fc": {"active": 1, "numel": 8}},
+    )
     monkeypatch.setattr(
-        slimtorch.sparse, "make_sparse_callback", lambda *a, **k: calls.append((a, k)) or "sp"
+        slimtorch.sparse, "make_sparse_callback", lambda *a, **k: calls.append((a, k)) or sp
     )
     assert main([*TRAIN, "--out", str(tmp_path / "a"), "--sparse", "rigl"]) == 0
     assert calls[-1] == (
@@ -75,7 +83,11 @@ def test_train_sparse_without_its_options_passes_the_documented_defaults(
         {"distribution": "erk", "delta_t": 100, "alpha": 0.3, "t_end": 0.75, "seed": 0,
          "scale_init": True},
     )  # fmt: skip
-    assert train_seen["callback_list"] == ["sp"]
+    assert train_seen["callback_list"] == [sp]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sparse"] == {
+        "method": "rigl", "sparsity": 0.875, "mask_updates": 1, "explored": 0.1235
+    }  # fmt: skip
     assert main([*TRAIN, "--out", str(tmp_path / "b"), "--sparse", "set", "--dense-init"]) == 0
     assert calls[-1][1]["scale_init"] is False
 

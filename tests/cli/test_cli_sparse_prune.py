@@ -25,6 +25,11 @@ def test_train_rigl_then_prune_and_nm(tmp_path: Path, capsys: pytest.CaptureFixt
          "--sparse", "rigl", "--sparsity", "0.8", "--delta-t", "5"]
     )  # fmt: skip
     assert code == 0
+    sparse = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sparse"]
+    # 2 epochs of 23 steps, updates every 5 steps until 0.75 of them: steps 5, 10, ..., 30
+    assert sparse["method"] == "rigl" and sparse["mask_updates"] == 6
+    assert sparse["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert 0.2 < sparse["explored"] <= 1.0  # the masks moved beyond the first 20%
     model, _ = load_model(out / "model")
     assert _linear_sparsity(model) == pytest.approx(0.8, abs=0.01)  # ERK: exact total
     assert any(k.endswith("weight_mask") for k in model.state_dict())
@@ -93,3 +98,19 @@ def test_compress_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "--rank applies to svd, tucker, cp, tt, not prune" in capsys.readouterr().err
     assert main([*args, "--method", "nm", "--set", "n"]) == 2
     assert "--set expects KEY=VALUE, got 'n'" in capsys.readouterr().err
+
+
+def test_the_summary_of_fixed_masks_gives_their_density_as_explored() -> None:
+    from types import SimpleNamespace
+
+    from slimtorch.cli.train_cmd import _sparse_record
+    from slimtorch.sparse import SparseTrainingConfig, StaticSparse
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    cb = StaticSparse(SparseTrainingConfig(sparsity=0.75, distribution="uniform"))
+    cb.init_masks_(net)
+    record = _sparse_record([cb], SimpleNamespace(model=net))
+    assert record == {
+        "sparse": {"method": "static", "sparsity": 0.75, "mask_updates": 0, "explored": 0.25}
+    }
+    assert _sparse_record([], SimpleNamespace()) == {}

@@ -184,6 +184,21 @@ def _augment(choice: str, dataset: str) -> Any:
     return make
 
 
+def _sparse_record(callbacks: list[Any], result: Any) -> dict[str, Any]:
+    """What a sparse run ends with, for the summary line: method, sparsity of the sparse
+    layers, mask updates made, and the fraction of their weights ever active (the masks'
+    exploration; for fixed masks, their density)."""
+    if not callbacks:
+        return {}
+    cb = callbacks[0]
+    rows = cb.summary(result.model).values()
+    density = sum(r["active"] for r in rows) / sum(r["numel"] for r in rows)
+    updates = getattr(cb, "updates", [])
+    explored = updates[-1]["explored"] if updates else density
+    record = {"method": cb.kind, "sparsity": round(1 - density, 4), "mask_updates": len(updates)}
+    return {"sparse": {**record, "explored": round(explored, 4)}}
+
+
 def _sparse_callbacks(args: argparse.Namespace) -> list[Any]:
     if args.sparse is None:
         return []
@@ -298,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
                         if result.val_metrics
                         else {}
                     ),
+                    **_sparse_record(sparse, result),
                     "model_dir": str(result.model_dir),
                     "distributed": distributed,
                     **(
