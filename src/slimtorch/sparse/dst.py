@@ -24,7 +24,8 @@ How an update works, at optimiser step ``t`` with ``t % delta_t == 0``, ``0 < t 
    copies ``|grad|`` of each sparse weight. The weights are masked by zeroing, not by a
    multiplication in the forward pass, so this gradient is dense; it is read before the masked
    entries of the gradient are zeroed.
-2. The optimiser steps with the old masks.
+2. The optimiser steps with the old masks (the authors' reference implementation skips the
+   optimiser step at an update step: one step in ``delta_t`` differs).
 3. ``on_after_optimizer_step``: if the step was skipped (fp16 gradient scaler found inf/NaN) or
    the gradients were not finite, the update is skipped too. Otherwise each layer swaps
    ``floor(f(t) * k)`` weights; grown weights start at zero and their optimiser state (SGD
